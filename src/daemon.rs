@@ -1,0 +1,423 @@
+//! Mounting: option parsing, checks on the mountpoint, daemonizing, signal handling,
+//! the background flusher and the control socket through which the CLI reaches a
+//! running daemon.
+
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+
+use crate::fs::Fs;
+use crate::fuse::SnapFuse;
+use crate::store::StoreConfig;
+
+/// The control socket inside a store.
+pub const SOCKET: &str = "snapfs.sock";
+
+/// Parsed `-o` options.
+#[derive(Debug, Default)]
+pub struct MountOptions {
+    /// The mount source shown in /proc/mounts (`source=` or `fsname=`).
+    pub fsname: Option<String>,
+    /// FUSE request threads.
+    pub threads: usize,
+    /// Kernel flags passed through.
+    pub flags: Vec<fuser::MountOption>,
+    /// Mount read-only.
+    pub read_only: bool,
+}
+
+impl MountOptions {
+    /// Parses a list of comma-separated option strings.
+    pub fn parse(opts: &[String]) -> anyhow::Result<Self> {
+        use fuser::MountOption as M;
+        let mut o = MountOptions {
+            threads: 1,
+            ..Default::default()
+        };
+        for opt in opts
+            .iter()
+            .flat_map(|s| s.split(','))
+            .filter(|s| !s.is_empty())
+        {
+            let (key, val) = match opt.split_once('=') {
+                Some((k, v)) => (k, Some(v)),
+                None => (opt, None),
+            };
+            match (key, val) {
+                ("source" | "fsname", Some(v)) => o.fsname = Some(v.to_string()),
+                ("threads", Some(v)) => {
+                    o.threads = v
+                        .parse()
+                        .ok()
+                        .filter(|n| (1..=64).contains(n))
+                        .with_context(|| {
+                            format!("mount option threads={v}: want a number from 1 to 64")
+                        })?
+                }
+                ("ro", None) => {
+                    o.read_only = true;
+                    o.flags.push(M::RO);
+                }
+                ("rw", None) => o.flags.push(M::RW),
+                ("dev", None) => o.flags.push(M::Dev),
+                ("nodev", None) => o.flags.push(M::NoDev),
+                ("suid", None) => o.flags.push(M::Suid),
+                ("nosuid", None) => o.flags.push(M::NoSuid),
+                ("exec", None) => o.flags.push(M::Exec),
+                ("noexec", None) => o.flags.push(M::NoExec),
+                ("atime", None) => o.flags.push(M::Atime),
+                ("noatime", None) => o.flags.push(M::NoAtime),
+                ("dirsync", None) => o.flags.push(M::DirSync),
+                ("sync", None) => o.flags.push(M::Sync),
+                ("async", None) => o.flags.push(M::Async),
+                // Always on; accepted for fstab lines that spell them out.
+                ("default_permissions" | "allow_other" | "defaults", None) => {}
+                _ => bail!("unknown mount option {opt:?}"),
+            }
+        }
+        Ok(o)
+    }
+}
+
+/// Whether `path` is a mount point, from /proc/self/mountinfo.
+pub fn is_mounted(path: &Path) -> bool {
+    let Ok(info) = std::fs::read_to_string("/proc/self/mountinfo") else {
+        return false;
+    };
+    info.lines().any(|l| {
+        l.split(' ')
+            .nth(4)
+            .is_some_and(|mp| Path::new(&unescape_mount(mp)) == path)
+    })
+}
+
+fn unescape_mount(s: &str) -> String {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'\\'
+            && i + 3 < b.len()
+            && b[i + 1..i + 4].iter().all(|c| (b'0'..=b'7').contains(c))
+        {
+            out.push((b[i + 1] - b'0') * 64 + (b[i + 2] - b'0') * 8 + (b[i + 3] - b'0'));
+            i += 4;
+        } else {
+            out.push(b[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// Sets up tracing, filtered by `SNAPFS_LOG` (EnvFilter syntax, default `warn`).
+pub fn init_logging(to_file: Option<&Path>) {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("SNAPFS_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter);
+    let file = to_file.and_then(|p| {
+        std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(p)
+            .ok()
+    });
+    let _ = match file {
+        Some(f) => builder.with_ansi(false).with_writer(Arc::new(f)).try_init(),
+        None => builder.with_writer(std::io::stderr).try_init(),
+    };
+}
+
+/// `snapfs mount`: opens (or creates) the store, mounts it, and serves until
+/// unmounted or signalled. Without `foreground`, returns in the parent once the
+/// mount is live while a child serves it.
+pub fn mount(
+    store: &Path,
+    mountpoint: &Path,
+    opts: &[String],
+    foreground: bool,
+) -> anyhow::Result<()> {
+    let options = MountOptions::parse(opts)?;
+    let mp = match std::fs::canonicalize(mountpoint) {
+        Ok(p) => p,
+        Err(e) => bail!("mountpoint {}: {e}", mountpoint.display()),
+    };
+    if !mp.is_dir() {
+        bail!("mountpoint {} is not a directory", mp.display());
+    }
+    if is_mounted(&mp) {
+        bail!("{} is already a mount point", mp.display());
+    }
+    let store = absolute(store)?;
+    if store.starts_with(&mp) {
+        bail!(
+            "the store {} may not lie inside the mountpoint {}",
+            store.display(),
+            mp.display()
+        );
+    }
+    if foreground {
+        init_logging(None);
+    }
+    let fs = Arc::new(
+        Fs::open(&store, Some(&StoreConfig::default()))
+            .with_context(|| format!("cannot open store {}", store.display()))?,
+    );
+    let mut config = fuser::Config::default();
+    config.mount_options = options.flags.clone();
+    config
+        .mount_options
+        .push(fuser::MountOption::DefaultPermissions);
+    config.mount_options.push(fuser::MountOption::FSName(
+        options
+            .fsname
+            .clone()
+            .unwrap_or_else(|| store.display().to_string()),
+    ));
+    // SAFETY: geteuid cannot fail.
+    if unsafe { libc::geteuid() } == 0 {
+        config.acl = fuser::SessionACL::All;
+    }
+    config.n_threads = Some(options.threads);
+    config.clone_fd = options.threads > 1;
+    let mut session = fuser::Session::new(SnapFuse::new(fs.clone()), &mp, &config)
+        .with_context(|| format!("cannot mount on {}", mp.display()))?;
+    if !foreground {
+        daemonize(&store)?;
+    }
+    tracing::info!(store = %store.display(), mountpoint = %mp.display(), "mounted");
+
+    // Signals: block them here so every thread inherits the mask, and wait for them in
+    // one thread that unmounts; the session then ends and we flush below.
+    let signals = block_signals();
+    let mut unmounter = session.unmount_callable();
+    let mp2 = mp.clone();
+    std::thread::Builder::new()
+        .name("signals".into())
+        .spawn(move || {
+            let mut sig = 0;
+            // SAFETY: `signals` is an initialised set and `sig` a valid out pointer.
+            unsafe { libc::sigwait(&signals, &mut sig) };
+            tracing::info!(sig, "signal received, unmounting");
+            if unmounter.unmount().is_err() {
+                let _ = std::process::Command::new("umount")
+                    .arg("-l")
+                    .arg(&mp2)
+                    .status();
+            }
+        })?;
+    let stop = Arc::new(AtomicBool::new(false));
+    let flusher = spawn_flusher(fs.clone(), stop.clone());
+    let control = serve_control(&store, fs.clone());
+
+    let res = session.run();
+    stop.store(true, Ordering::Relaxed);
+    let _ = flusher.join();
+    if let Some(path) = control {
+        let _ = std::fs::remove_file(path);
+    }
+    fs.lock().sync_all().context("final flush")?;
+    tracing::info!("unmounted cleanly");
+    res.context("FUSE session failed")
+}
+
+fn absolute(p: &Path) -> anyhow::Result<PathBuf> {
+    if p.exists() {
+        return Ok(std::fs::canonicalize(p)?);
+    }
+    let parent = p
+        .parent()
+        .filter(|x| !x.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    let parent = std::fs::canonicalize(parent).with_context(|| {
+        format!(
+            "store {}: parent directory {}",
+            p.display(),
+            parent.display()
+        )
+    })?;
+    Ok(parent.join(p.file_name().context("store path has no name")?))
+}
+
+fn block_signals() -> libc::sigset_t {
+    // SAFETY: sigset operations on a zeroed, then emptied, set we own.
+    unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        libc::sigaddset(&mut set, libc::SIGTERM);
+        libc::sigaddset(&mut set, libc::SIGINT);
+        libc::sigaddset(&mut set, libc::SIGHUP);
+        libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
+        set
+    }
+}
+
+/// Forks: the parent exits 0 (the mount is live), the child carries on detached.
+fn daemonize(store: &Path) -> anyhow::Result<()> {
+    // SAFETY: no other thread exists yet (the session's threads start in `run`), so
+    // the child is a faithful copy; the parent leaves with `_exit`, running no
+    // destructors that would unmount.
+    match unsafe { libc::fork() } {
+        -1 => bail!("fork: {}", std::io::Error::last_os_error()),
+        0 => {}
+        _ => unsafe { libc::_exit(0) },
+    }
+    // SAFETY: plain syscalls on descriptors we own.
+    unsafe {
+        libc::setsid();
+        let null = libc::open(c"/dev/null".as_ptr(), libc::O_RDWR);
+        if null >= 0 {
+            libc::dup2(null, 0);
+            libc::dup2(null, 1);
+            libc::dup2(null, 2);
+            if null > 2 {
+                libc::close(null);
+            }
+        }
+    }
+    init_logging(Some(&store.join("snapfs.log")));
+    Ok(())
+}
+
+/// Flushes buffered data every second and commits durably every five.
+fn spawn_flusher(fs: Arc<Fs>, stop: Arc<AtomicBool>) -> std::thread::JoinHandle<()> {
+    std::thread::Builder::new()
+        .name("flusher".into())
+        .spawn(move || {
+            let mut n = 0u64;
+            while !stop.load(Ordering::Relaxed) {
+                std::thread::sleep(Duration::from_millis(200));
+                n += 1;
+                if n % 5 == 0 {
+                    if let Err(e) = fs.lock().tick(n % 25 == 0) {
+                        tracing::error!(error = %e, "background flush failed");
+                    }
+                }
+            }
+        })
+        .expect("spawning the flusher thread")
+}
+
+/// Listens on `STORE/snapfs.sock` for CLI commands; returns the socket path.
+fn serve_control(store: &Path, fs: Arc<Fs>) -> Option<PathBuf> {
+    let path = store.join(SOCKET);
+    let _ = std::fs::remove_file(&path);
+    let listener = match UnixListener::bind(&path) {
+        Ok(l) => l,
+        Err(e) => {
+            tracing::warn!(error = %e, "no control socket; CLI commands need the store unmounted");
+            return None;
+        }
+    };
+    std::thread::Builder::new()
+        .name("control".into())
+        .spawn(move || {
+            for conn in listener.incoming().flatten() {
+                let fs = fs.clone();
+                let _ = std::thread::Builder::new()
+                    .name("control-conn".into())
+                    .spawn(move || {
+                        if let Err(e) = handle_control(conn, &fs) {
+                            tracing::debug!(error = %e, "control connection failed");
+                        }
+                    });
+            }
+        })
+        .ok()?;
+    Some(path)
+}
+
+fn handle_control(conn: UnixStream, fs: &Fs) -> anyhow::Result<()> {
+    let mut line = String::new();
+    BufReader::new(&conn).read_line(&mut line)?;
+    let args: Vec<&str> = line.split_whitespace().collect();
+    let (out, code) = run_command(fs, &args);
+    let mut w = &conn;
+    write!(w, "{out}")?;
+    if !out.is_empty() && !out.ends_with('\n') {
+        writeln!(w)?;
+    }
+    writeln!(w, "\0exit {code}")?;
+    Ok(())
+}
+
+/// Runs a CLI command against an open core; returns its output and exit code.
+pub fn run_command(fs: &Fs, args: &[&str]) -> (String, i32) {
+    let mut core = fs.lock();
+    match args {
+        ["status"] => match core
+            .flush_all()
+            .map_err(anyhow::Error::from)
+            .and_then(|_| Ok(crate::check::status(core.store())?))
+        {
+            Ok(st) => (st.render(), 0),
+            Err(e) => (format!("error: {e:#}"), 2),
+        },
+        ["fsck", rest @ ..] => {
+            let read_data = rest.contains(&"--read-data");
+            let res = core
+                .sync_all()
+                .map_err(anyhow::Error::from)
+                .and_then(|_| Ok(crate::check::fsck(core.store(), read_data, &mut |_, _| {})?));
+            match res {
+                Ok(rep) => (rep.summary(), if rep.clean() { 0 } else { 1 }),
+                Err(e) => (format!("error: {e:#}"), 2),
+            }
+        }
+        _ => (format!("error: unknown control command {args:?}"), 2),
+    }
+}
+
+/// Sends `cmd` to the daemon serving `store`, if one is listening: `Some((output, code))`.
+pub fn ask_daemon(store: &Path, cmd: &str) -> Option<(String, i32)> {
+    let mut conn = UnixStream::connect(store.join(SOCKET)).ok()?;
+    writeln!(conn, "{cmd}").ok()?;
+    let mut out = String::new();
+    let mut code = 2;
+    for line in BufReader::new(conn).lines() {
+        let line = line.ok()?;
+        if let Some(c) = line.strip_prefix("\0exit ") {
+            code = c.trim().parse().unwrap_or(2);
+        } else {
+            out.push_str(&line);
+            out.push('\n');
+        }
+    }
+    Some((out, code))
+}
+
+/// Finds the store behind a path that is either a store or a snapfs mountpoint.
+pub fn resolve_store(path: &Path) -> anyhow::Result<PathBuf> {
+    if crate::store::Store::exists(path) {
+        return Ok(std::fs::canonicalize(path)?);
+    }
+    let canon = std::fs::canonicalize(path).with_context(|| format!("{}", path.display()))?;
+    if let Ok(info) = std::fs::read_to_string("/proc/self/mountinfo") {
+        for l in info.lines() {
+            let fields: Vec<&str> = l.split(' ').collect();
+            let Some(sep) = fields.iter().position(|f| *f == "-") else {
+                continue;
+            };
+            if fields.len() > sep + 2
+                && Path::new(&unescape_mount(fields[4])) == canon
+                && fields[sep + 1].starts_with("fuse")
+            {
+                // The source of a snapfs mount is the store path unless `source=` renamed it;
+                // then the daemon's socket is not findable from here.
+                let src = PathBuf::from(unescape_mount(fields[sep + 2]));
+                if crate::store::Store::exists(&src) {
+                    return Ok(src);
+                }
+            }
+        }
+    }
+    bail!(
+        "{} is neither a snapfs store nor a mounted snapfs volume",
+        path.display()
+    )
+}

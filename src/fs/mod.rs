@@ -1,0 +1,1000 @@
+//! The filesystem core: POSIX semantics over the versioned store, with no FUSE types.
+//!
+//! [`Fs`] is shared by every FUSE request thread and the background flusher. All state
+//! sits behind one mutex ([`Inner`]): an operation takes it, runs one redb write
+//! transaction (or reads), and releases it. Data writes are buffered per inode in
+//! memory ([`Dirty`]) and become extents on flush, fsync, release, memory pressure or
+//! the background tick. See `docs/ARCHITECTURE.md` for the concurrency model.
+
+mod acl;
+mod data;
+mod xattr;
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::Path;
+use std::sync::{Mutex, MutexGuard};
+
+use crate::store::schema::*;
+use crate::store::{RecKey, Store, StoreConfig, StoreError, Writer, scan_visible};
+
+pub use data::SeekWhence;
+
+/// Live inode numbers stay below this; higher bits name snapshots.
+pub const MAX_LIVE_INO: u64 = 1 << 48;
+/// Most hard links one inode may have (as ext4).
+pub const LINK_MAX: u32 = 65000;
+/// Longest name, in bytes.
+pub const NAME_MAX: usize = 255;
+
+/// Errors of filesystem operations; each knows its errno.
+#[derive(Debug, thiserror::Error)]
+pub enum FsError {
+    /// A POSIX error with no further cause.
+    #[error("{}", std::io::Error::from_raw_os_error(*.0))]
+    Errno(i32),
+    /// The store failed underneath.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+impl FsError {
+    /// The errno to answer with.
+    pub fn errno(&self) -> i32 {
+        match self {
+            FsError::Errno(e) => *e,
+            FsError::Store(e) => e.errno(),
+        }
+    }
+}
+
+impl From<std::io::Error> for FsError {
+    fn from(e: std::io::Error) -> Self {
+        FsError::Store(StoreError::Io(e))
+    }
+}
+
+impl From<redb::StorageError> for FsError {
+    fn from(e: redb::StorageError) -> Self {
+        FsError::Store(e.into())
+    }
+}
+
+/// Shorthand for a POSIX error.
+pub fn err<T>(errno: i32) -> Result<T, FsError> {
+    Err(FsError::Errno(errno))
+}
+
+/// Result of filesystem operations.
+pub type FsResult<T> = Result<T, FsError>;
+
+/// Who is asking: the credentials of the calling process.
+#[derive(Clone, Copy, Debug)]
+pub struct Caller {
+    /// Effective uid.
+    pub uid: u32,
+    /// Effective gid.
+    pub gid: u32,
+}
+
+/// An inode and its attributes as the kernel should see them.
+#[derive(Clone, Debug)]
+pub struct Attr {
+    /// Inode number.
+    pub ino: u64,
+    /// The record.
+    pub rec: InodeRec,
+    /// Preferred I/O size.
+    pub blksize: u32,
+}
+
+impl Attr {
+    /// 512-byte blocks the file occupies (logical, rounded up).
+    pub fn blocks(&self) -> u64 {
+        self.rec.size.div_ceil(512)
+    }
+}
+
+/// Which attributes a setattr changes.
+#[derive(Clone, Debug, Default)]
+pub struct SetAttr {
+    /// New permission bits (file type bits ignored).
+    pub mode: Option<u32>,
+    /// New owner.
+    pub uid: Option<u32>,
+    /// New group.
+    pub gid: Option<u32>,
+    /// New size.
+    pub size: Option<u64>,
+    /// New access time (`Some(None)` = now).
+    pub atime: Option<Option<Ts>>,
+    /// New modification time (`Some(None)` = now).
+    pub mtime: Option<Option<Ts>>,
+}
+
+/// One entry of a directory listing.
+#[derive(Clone, Debug)]
+pub struct DirEntry {
+    /// Inode.
+    pub ino: u64,
+    /// Kind.
+    pub kind: FileKind,
+    /// Name.
+    pub name: Vec<u8>,
+}
+
+/// Buffered, not yet stored changes of one inode.
+#[derive(Debug, Default)]
+struct Dirty {
+    /// Attributes changed by writes (size, times), newer than the stored record.
+    attr: Option<InodeRec>,
+    /// Whole blocks (block_size bytes each) by index.
+    blocks: BTreeMap<u64, Vec<u8>>,
+}
+
+#[derive(Debug)]
+enum Handle {
+    File { ino: u64, append: bool },
+    Dir { entries: Vec<DirEntry> },
+}
+
+/// The state behind the lock.
+pub struct Inner {
+    store: Store,
+    dirty: HashMap<u64, Dirty>,
+    dirty_bytes: usize,
+    handles: HashMap<u64, Handle>,
+    next_fh: u64,
+    open_count: HashMap<u64, u32>,
+    /// Commits since the last durable one.
+    undurable: bool,
+}
+
+/// The filesystem core.
+pub struct Fs {
+    inner: Mutex<Inner>,
+}
+
+/// Dirty data above which a write flushes its inode.
+const DIRTY_INODE_LIMIT: usize = 32 << 20;
+/// Dirty data above which a write flushes everything.
+const DIRTY_TOTAL_LIMIT: usize = 128 << 20;
+
+fn check_name(name: &[u8]) -> FsResult<()> {
+    if name.len() > NAME_MAX {
+        return err(libc::ENAMETOOLONG);
+    }
+    if name.is_empty() || name.contains(&b'/') || name == b"." || name == b".." {
+        return err(libc::EINVAL);
+    }
+    Ok(())
+}
+
+impl Fs {
+    /// Opens (or with `create`, creates) the store at `path` and makes sure it has a root.
+    pub fn open(path: &Path, create: Option<&StoreConfig>) -> Result<Fs, FsError> {
+        let store = Store::open(path, create)?;
+        let mut inner = Inner {
+            store,
+            dirty: HashMap::new(),
+            dirty_bytes: 0,
+            handles: HashMap::new(),
+            next_fh: 1,
+            open_count: HashMap::new(),
+            undurable: false,
+        };
+        inner.ensure_root()?;
+        inner.reap_orphans()?;
+        Ok(Fs {
+            inner: Mutex::new(inner),
+        })
+    }
+
+    /// Locks the core. A poisoned lock (a panicking request) is taken anyway: every
+    /// change is a transaction, so the stored state is whole.
+    pub fn lock(&self) -> MutexGuard<'_, Inner> {
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+impl Inner {
+    /// The store underneath.
+    pub fn store(&mut self) -> &mut Store {
+        &mut self.store
+    }
+
+    fn ensure_root(&mut self) -> FsResult<()> {
+        let root = self.store.read_txn()?;
+        let t = root.open_table(VERSIONS).map_err(StoreError::from)?;
+        if crate::store::visible(&t, RecKey::inode(ROOT_INO), self.store.live_epoch)?.is_some() {
+            return Ok(());
+        }
+        drop(t);
+        drop(root);
+        let now = Ts::now();
+        // SAFETY: getuid/getgid cannot fail.
+        let (uid, gid) = unsafe { (libc::getuid(), libc::getgid()) };
+        let rec = InodeRec {
+            kind: FileKind::Dir,
+            perm: 0o755,
+            uid,
+            gid,
+            nlink: 2,
+            size: 0,
+            atime: now,
+            mtime: now,
+            ctime: now,
+            crtime: now,
+            rdev: 0,
+            parent: ROOT_INO,
+            target: Vec::new(),
+        };
+        self.store.write(true, |w| put_inode(w, ROOT_INO, &rec))
+    }
+
+    /// Frees inodes left unlinked-but-open by a daemon that stopped.
+    fn reap_orphans(&mut self) -> FsResult<()> {
+        let txn = self.store.read_txn()?;
+        let t = txn.open_table(ORPHANS).map_err(StoreError::from)?;
+        let mut inos = Vec::new();
+        for row in redb::ReadableTable::iter(&t).map_err(StoreError::from)? {
+            inos.push(row.map_err(StoreError::from)?.0.value());
+        }
+        drop(t);
+        drop(txn);
+        for ino in inos {
+            self.store.write(false, |w| {
+                w.orphans.remove(ino)?;
+                free_inode(w, ino)
+            })?;
+        }
+        Ok(())
+    }
+
+    fn blksize(&self) -> u32 {
+        self.store.block_size
+    }
+
+    /// The current record of `ino`, including buffered writes.
+    pub fn inode(&mut self, ino: u64) -> FsResult<InodeRec> {
+        if let Some(a) = self.dirty.get(&ino).and_then(|d| d.attr.clone()) {
+            return Ok(a);
+        }
+        let txn = self.store.read_txn()?;
+        let t = txn.open_table(VERSIONS).map_err(StoreError::from)?;
+        match crate::store::visible(&t, RecKey::inode(ino), self.store.live_epoch)? {
+            Some(b) => Ok(InodeRec::decode(&b)?),
+            None => err(libc::ENOENT),
+        }
+    }
+
+    fn attr(&self, ino: u64, rec: InodeRec) -> Attr {
+        Attr {
+            ino,
+            rec,
+            blksize: self.blksize(),
+        }
+    }
+
+    /// Attributes of `ino`.
+    pub fn getattr(&mut self, ino: u64) -> FsResult<Attr> {
+        let rec = self.inode(ino)?;
+        Ok(self.attr(ino, rec))
+    }
+
+    /// Looks `name` up in directory `parent`.
+    pub fn lookup(&mut self, parent: u64, name: &[u8]) -> FsResult<Attr> {
+        if name.len() > NAME_MAX {
+            return err(libc::ENAMETOOLONG);
+        }
+        let dir = self.inode(parent)?;
+        if dir.kind != FileKind::Dir {
+            return err(libc::ENOTDIR);
+        }
+        let txn = self.store.read_txn()?;
+        let t = txn.open_table(VERSIONS).map_err(StoreError::from)?;
+        let ent =
+            match crate::store::visible(&t, RecKey::dirent(parent, name), self.store.live_epoch)? {
+                Some(b) => DirentRec::decode(&b)?,
+                None => return err(libc::ENOENT),
+            };
+        drop(t);
+        drop(txn);
+        self.getattr(ent.ino)
+    }
+
+    /// Applies `f` to the stored (and buffered) record of `ino` inside a write.
+    fn modify_inode(
+        &mut self,
+        ino: u64,
+        f: impl FnOnce(&mut InodeRec) -> FsResult<()>,
+    ) -> FsResult<Attr> {
+        let mut rec = self.inode(ino)?;
+        f(&mut rec)?;
+        let rec2 = rec.clone();
+        self.store.write(false, |w| put_inode(w, ino, &rec2))?;
+        if let Some(d) = self.dirty.get_mut(&ino) {
+            d.attr = None;
+        }
+        self.undurable = true;
+        Ok(self.attr(ino, rec))
+    }
+
+    /// Changes attributes.
+    pub fn setattr(&mut self, ino: u64, caller: Caller, set: SetAttr) -> FsResult<Attr> {
+        let _ = caller;
+        if let Some(size) = set.size {
+            let rec = self.inode(ino)?;
+            match rec.kind {
+                FileKind::Dir => return err(libc::EISDIR),
+                FileKind::File => {}
+                _ => return err(libc::EINVAL),
+            }
+            self.truncate(ino, size)?;
+        }
+        if let Some(mode) = set.mode {
+            self.chmod_acl(ino, mode & 0o7777)?;
+        }
+        let now = Ts::now();
+        self.modify_inode(ino, |r| {
+            if let Some(mode) = set.mode {
+                r.perm = mode & 0o7777;
+            }
+            if let Some(uid) = set.uid {
+                r.uid = uid;
+            }
+            if let Some(gid) = set.gid {
+                r.gid = gid;
+            }
+            if set.size.is_some() && set.mtime.is_none() {
+                r.mtime = now;
+            }
+            if let Some(t) = set.atime {
+                r.atime = t.unwrap_or(now);
+            }
+            if let Some(t) = set.mtime {
+                r.mtime = t.unwrap_or(now);
+            }
+            r.ctime = now;
+            Ok(())
+        })
+    }
+
+    /// The target of symlink `ino`.
+    pub fn readlink(&mut self, ino: u64) -> FsResult<Vec<u8>> {
+        let rec = self.inode(ino)?;
+        if rec.kind != FileKind::Symlink {
+            return err(libc::EINVAL);
+        }
+        Ok(rec.target)
+    }
+
+    /// Creates a node of any kind: file, directory, symlink, fifo, socket or device.
+    /// `mode` carries the type bits; `umask` applies unless the parent has a default ACL.
+    pub fn mknod(
+        &mut self,
+        parent: u64,
+        name: &[u8],
+        mode: u32,
+        umask: u32,
+        rdev: u32,
+        target: &[u8],
+        caller: Caller,
+    ) -> FsResult<Attr> {
+        check_name(name)?;
+        let kind = FileKind::from_mode(mode).ok_or(FsError::Errno(libc::EINVAL))?;
+        if kind == FileKind::Symlink && (target.is_empty() || target.len() > 4095) {
+            return err(if target.is_empty() {
+                libc::ENOENT
+            } else {
+                libc::ENAMETOOLONG
+            });
+        }
+        let dir = self.inode(parent)?;
+        if dir.kind != FileKind::Dir {
+            return err(libc::ENOTDIR);
+        }
+        if kind == FileKind::Dir && dir.nlink >= LINK_MAX {
+            return err(libc::EMLINK);
+        }
+        let default_acl = if kind == FileKind::Symlink {
+            None
+        } else {
+            self.default_acl(parent)?
+        };
+        let mut perm = if kind == FileKind::Symlink {
+            0o777
+        } else {
+            mode & 0o7777
+        };
+        let mut gid = caller.gid;
+        if dir.perm & libc::S_ISGID != 0 {
+            gid = dir.gid;
+            if kind == FileKind::Dir {
+                perm |= libc::S_ISGID;
+            }
+        }
+        let access_acl = match (&default_acl, kind) {
+            (_, FileKind::Symlink) => None,
+            (Some(def), _) => acl::create_masq(def, &mut perm)?,
+            (None, _) => {
+                perm &= !umask;
+                None
+            }
+        };
+        let now = Ts::now();
+        let rec = InodeRec {
+            kind,
+            perm,
+            uid: caller.uid,
+            gid,
+            nlink: if kind == FileKind::Dir { 2 } else { 1 },
+            size: if kind == FileKind::Symlink {
+                target.len() as u64
+            } else {
+                0
+            },
+            atime: now,
+            mtime: now,
+            ctime: now,
+            crtime: now,
+            rdev: if matches!(kind, FileKind::CharDev | FileKind::BlockDev) {
+                rdev
+            } else {
+                0
+            },
+            parent: if kind == FileKind::Dir { parent } else { 0 },
+            target: if kind == FileKind::Symlink {
+                target.to_vec()
+            } else {
+                Vec::new()
+            },
+        };
+        let mut dir = dir;
+        let rec2 = rec.clone();
+        let dirty = &mut self.dirty;
+        let ino = self.store.write(false, |w| {
+            if w.get(RecKey::dirent(parent, name))?.is_some() {
+                return err(libc::EEXIST);
+            }
+            let ino = w.alloc_ino()?;
+            put_inode(w, ino, &rec2)?;
+            put_dirent(w, parent, name, Some(DirentRec { ino, kind }))?;
+            if let Some(a) = &access_acl {
+                w.put(RecKey::xattr(ino, acl::ACCESS.as_bytes()), Some(a))?;
+            }
+            if kind == FileKind::Dir {
+                if let Some(d) = &default_acl {
+                    w.put(RecKey::xattr(ino, acl::DEFAULT.as_bytes()), Some(d))?;
+                }
+                dir.nlink += 1;
+            }
+            dir.mtime = now;
+            dir.ctime = now;
+            put_inode(w, parent, &dir)?;
+            Ok(ino)
+        })?;
+        if let Some(d) = dirty.get_mut(&parent) {
+            d.attr = None;
+        }
+        self.undurable = true;
+        Ok(self.attr(ino, rec))
+    }
+
+    /// Makes a hard link to `ino` as `parent/name`.
+    pub fn link(&mut self, ino: u64, parent: u64, name: &[u8]) -> FsResult<Attr> {
+        check_name(name)?;
+        let mut rec = self.inode(ino)?;
+        if rec.kind == FileKind::Dir {
+            return err(libc::EPERM);
+        }
+        if rec.nlink >= LINK_MAX {
+            return err(libc::EMLINK);
+        }
+        let mut dir = self.inode(parent)?;
+        if dir.kind != FileKind::Dir {
+            return err(libc::ENOTDIR);
+        }
+        let now = Ts::now();
+        rec.nlink += 1;
+        rec.ctime = now;
+        dir.mtime = now;
+        dir.ctime = now;
+        let rec2 = rec.clone();
+        self.store.write(false, |w| {
+            if w.get(RecKey::dirent(parent, name))?.is_some() {
+                return err(libc::EEXIST);
+            }
+            put_dirent(
+                w,
+                parent,
+                name,
+                Some(DirentRec {
+                    ino,
+                    kind: rec2.kind,
+                }),
+            )?;
+            put_inode(w, ino, &rec2)?;
+            put_inode(w, parent, &dir)
+        })?;
+        self.settle(&[ino, parent]);
+        Ok(self.attr(ino, rec))
+    }
+
+    /// Drops buffered attributes of inodes whose record a write just stored.
+    fn settle(&mut self, inos: &[u64]) {
+        for ino in inos {
+            if let Some(d) = self.dirty.get_mut(ino) {
+                d.attr = None;
+            }
+        }
+        self.undurable = true;
+    }
+
+    fn entry(&mut self, parent: u64, name: &[u8]) -> FsResult<Option<DirentRec>> {
+        let txn = self.store.read_txn()?;
+        let t = txn.open_table(VERSIONS).map_err(StoreError::from)?;
+        Ok(
+            match crate::store::visible(&t, RecKey::dirent(parent, name), self.store.live_epoch)? {
+                Some(b) => Some(DirentRec::decode(&b)?),
+                None => None,
+            },
+        )
+    }
+
+    fn is_empty_dir(&mut self, ino: u64) -> FsResult<bool> {
+        let txn = self.store.read_txn()?;
+        let t = txn.open_table(VERSIONS).map_err(StoreError::from)?;
+        let mut empty = true;
+        scan_visible(
+            &t,
+            ino,
+            KIND_DIRENT,
+            0..=0,
+            self.store.live_epoch,
+            |_, _, _| {
+                empty = false;
+                Ok(false)
+            },
+        )?;
+        Ok(empty)
+    }
+
+    /// Removes `parent/name`; `dir` selects rmdir semantics.
+    pub fn remove(&mut self, parent: u64, name: &[u8], dir: bool) -> FsResult<()> {
+        if name.len() > NAME_MAX {
+            return err(libc::ENAMETOOLONG);
+        }
+        if name == b"." {
+            return err(libc::EINVAL);
+        }
+        if name == b".." {
+            return err(libc::ENOTEMPTY);
+        }
+        let mut pdir = self.inode(parent)?;
+        if pdir.kind != FileKind::Dir {
+            return err(libc::ENOTDIR);
+        }
+        let ent = self
+            .entry(parent, name)?
+            .ok_or(FsError::Errno(libc::ENOENT))?;
+        let mut rec = self.inode(ent.ino)?;
+        if dir {
+            if rec.kind != FileKind::Dir {
+                return err(libc::ENOTDIR);
+            }
+            if !self.is_empty_dir(ent.ino)? {
+                return err(libc::ENOTEMPTY);
+            }
+        } else if rec.kind == FileKind::Dir {
+            return err(libc::EISDIR);
+        }
+        let now = Ts::now();
+        pdir.mtime = now;
+        pdir.ctime = now;
+        rec.ctime = now;
+        if rec.kind == FileKind::Dir {
+            pdir.nlink -= 1;
+            rec.nlink = 0;
+        } else {
+            rec.nlink = rec.nlink.saturating_sub(1);
+        }
+        let open = self.open_count.get(&ent.ino).copied().unwrap_or(0) > 0;
+        if rec.nlink == 0 && !open {
+            self.dirty_drop(ent.ino);
+        }
+        self.store.write(false, |w| {
+            put_dirent(w, parent, name, None)?;
+            put_inode(w, parent, &pdir)?;
+            unlink_inode(w, ent.ino, &rec, open)
+        })?;
+        self.settle(&[parent, ent.ino]);
+        Ok(())
+    }
+
+    /// Renames `parent/name` to `newparent/newname` with `RENAME_*` `flags`.
+    pub fn rename(
+        &mut self,
+        parent: u64,
+        name: &[u8],
+        newparent: u64,
+        newname: &[u8],
+        flags: u32,
+    ) -> FsResult<()> {
+        check_name(newname)?;
+        if name.len() > NAME_MAX {
+            return err(libc::ENAMETOOLONG);
+        }
+        let exchange = flags & libc::RENAME_EXCHANGE != 0;
+        let noreplace = flags & libc::RENAME_NOREPLACE != 0;
+        if flags & !(libc::RENAME_EXCHANGE | libc::RENAME_NOREPLACE) != 0 || (exchange && noreplace)
+        {
+            return err(libc::EINVAL);
+        }
+        let src = self
+            .entry(parent, name)?
+            .ok_or(FsError::Errno(libc::ENOENT))?;
+        let dst = self.entry(newparent, newname)?;
+        if self.inode(newparent)?.kind != FileKind::Dir {
+            return err(libc::ENOTDIR);
+        }
+        if exchange && dst.is_none() {
+            return err(libc::ENOENT);
+        }
+        if noreplace && dst.is_some() {
+            return err(libc::EEXIST);
+        }
+        if let Some(d) = dst {
+            if d.ino == src.ino {
+                return Ok(());
+            }
+        }
+        // A directory may not move under itself.
+        if src.kind == FileKind::Dir
+            && parent != newparent
+            && self.is_ancestor(src.ino, newparent)?
+        {
+            return err(libc::EINVAL);
+        }
+        if exchange {
+            let d = dst.expect("checked above");
+            if d.kind == FileKind::Dir && parent != newparent && self.is_ancestor(d.ino, parent)? {
+                return err(libc::EINVAL);
+            }
+            return self.exchange(parent, name, src, newparent, newname, d);
+        }
+        let mut victim = None;
+        if let Some(d) = dst {
+            let drec = self.inode(d.ino)?;
+            if src.kind == FileKind::Dir {
+                if drec.kind != FileKind::Dir {
+                    return err(libc::ENOTDIR);
+                }
+                if !self.is_empty_dir(d.ino)? {
+                    return err(libc::ENOTEMPTY);
+                }
+            } else if drec.kind == FileKind::Dir {
+                return err(libc::EISDIR);
+            }
+            victim = Some((d.ino, drec));
+        }
+        let now = Ts::now();
+        let mut srec = self.inode(src.ino)?;
+        srec.ctime = now;
+        let mut pold = self.inode(parent)?;
+        pold.mtime = now;
+        pold.ctime = now;
+        let mut pnew = if newparent == parent {
+            pold.clone()
+        } else {
+            self.inode(newparent)?
+        };
+        pnew.mtime = now;
+        pnew.ctime = now;
+        if src.kind == FileKind::Dir && parent != newparent {
+            srec.parent = newparent;
+            pold.nlink -= 1;
+            pnew.nlink += 1;
+        }
+        let mut victim_open = false;
+        if let Some((vino, vrec)) = victim.as_mut() {
+            vrec.ctime = now;
+            if vrec.kind == FileKind::Dir {
+                vrec.nlink = 0;
+                pnew.nlink -= 1;
+            } else {
+                vrec.nlink -= 1;
+            }
+            victim_open = self.open_count.get(vino).copied().unwrap_or(0) > 0;
+            if vrec.nlink == 0 && !victim_open {
+                self.dirty_drop(*vino);
+            }
+        }
+        self.store.write(false, |w| {
+            put_dirent(w, parent, name, None)?;
+            put_dirent(w, newparent, newname, Some(src))?;
+            put_inode(w, src.ino, &srec)?;
+            if newparent == parent {
+                put_inode(w, parent, &pnew)?;
+            } else {
+                put_inode(w, parent, &pold)?;
+                put_inode(w, newparent, &pnew)?;
+            }
+            if let Some((vino, vrec)) = &victim {
+                unlink_inode(w, *vino, vrec, victim_open)?;
+            }
+            Ok(())
+        })?;
+        let mut touched = vec![parent, newparent, src.ino];
+        if let Some((vino, _)) = victim {
+            touched.push(vino);
+        }
+        self.settle(&touched);
+        Ok(())
+    }
+
+    fn exchange(
+        &mut self,
+        parent: u64,
+        name: &[u8],
+        a: DirentRec,
+        newparent: u64,
+        newname: &[u8],
+        b: DirentRec,
+    ) -> FsResult<()> {
+        let now = Ts::now();
+        let mut arec = self.inode(a.ino)?;
+        let mut brec = self.inode(b.ino)?;
+        arec.ctime = now;
+        brec.ctime = now;
+        let mut pa = self.inode(parent)?;
+        pa.mtime = now;
+        pa.ctime = now;
+        let mut pb = if parent == newparent {
+            pa.clone()
+        } else {
+            self.inode(newparent)?
+        };
+        pb.mtime = now;
+        pb.ctime = now;
+        if parent != newparent {
+            if a.kind == FileKind::Dir {
+                arec.parent = newparent;
+                pa.nlink -= 1;
+                pb.nlink += 1;
+            }
+            if b.kind == FileKind::Dir {
+                brec.parent = parent;
+                pb.nlink -= 1;
+                pa.nlink += 1;
+            }
+        }
+        self.store.write(false, |w| {
+            put_dirent(w, parent, name, Some(b))?;
+            put_dirent(w, newparent, newname, Some(a))?;
+            put_inode(w, a.ino, &arec)?;
+            put_inode(w, b.ino, &brec)?;
+            put_inode(w, parent, &pa)?;
+            if parent != newparent {
+                put_inode(w, newparent, &pb)?;
+            }
+            Ok(())
+        })?;
+        self.settle(&[parent, newparent, a.ino, b.ino]);
+        Ok(())
+    }
+
+    /// Whether directory `dir` is `ino` or one of its ancestors.
+    fn is_ancestor(&mut self, ancestor: u64, mut dir: u64) -> FsResult<bool> {
+        for _ in 0..1_000_000 {
+            if dir == ancestor {
+                return Ok(true);
+            }
+            if dir == ROOT_INO {
+                return Ok(false);
+            }
+            dir = self.inode(dir)?.parent;
+        }
+        Err(StoreError::Corrupt("directory parent chain does not end at the root".into()).into())
+    }
+
+    /// Opens a file; returns a handle.
+    pub fn open(&mut self, ino: u64, flags: i32) -> FsResult<u64> {
+        let rec = self.inode(ino)?;
+        if rec.kind == FileKind::Dir && flags & libc::O_ACCMODE != libc::O_RDONLY {
+            return err(libc::EISDIR);
+        }
+        let fh = self.next_fh;
+        self.next_fh += 1;
+        self.handles.insert(
+            fh,
+            Handle::File {
+                ino,
+                append: flags & libc::O_APPEND != 0,
+            },
+        );
+        *self.open_count.entry(ino).or_insert(0) += 1;
+        Ok(fh)
+    }
+
+    /// Closes a file handle; frees the inode if it was the last reference.
+    pub fn release(&mut self, fh: u64) -> FsResult<()> {
+        let ino = match self.handles.remove(&fh) {
+            Some(Handle::File { ino, .. }) => ino,
+            _ => return Ok(()),
+        };
+        let left = {
+            let c = self.open_count.entry(ino).or_insert(1);
+            *c -= 1;
+            *c
+        };
+        if left == 0 {
+            self.open_count.remove(&ino);
+            let gone = matches!(self.inode(ino), Ok(r) if r.nlink == 0);
+            if gone {
+                self.dirty_drop(ino);
+                self.store.write(false, |w| {
+                    w.orphans.remove(ino)?;
+                    free_inode(w, ino)
+                })?;
+                self.undurable = true;
+            } else {
+                self.flush_inode(ino)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Opens a directory: takes a listing that later readdir calls page through.
+    pub fn opendir(&mut self, ino: u64) -> FsResult<u64> {
+        let rec = self.inode(ino)?;
+        if rec.kind != FileKind::Dir {
+            return err(libc::ENOTDIR);
+        }
+        let mut entries = vec![
+            DirEntry {
+                ino,
+                kind: FileKind::Dir,
+                name: b".".to_vec(),
+            },
+            DirEntry {
+                ino: rec.parent.max(1),
+                kind: FileKind::Dir,
+                name: b"..".to_vec(),
+            },
+        ];
+        {
+            let txn = self.store.read_txn()?;
+            let t = txn.open_table(VERSIONS).map_err(StoreError::from)?;
+            scan_visible(
+                &t,
+                ino,
+                KIND_DIRENT,
+                0..=0,
+                self.store.live_epoch,
+                |_, name, v| {
+                    let d = DirentRec::decode(v)?;
+                    entries.push(DirEntry {
+                        ino: d.ino,
+                        kind: d.kind,
+                        name: name.to_vec(),
+                    });
+                    Ok(true)
+                },
+            )?;
+        }
+        let fh = self.next_fh;
+        self.next_fh += 1;
+        self.handles.insert(fh, Handle::Dir { entries });
+        Ok(fh)
+    }
+
+    /// Entries of directory handle `fh` from position `offset` on.
+    pub fn readdir(&self, fh: u64, offset: u64) -> FsResult<&[DirEntry]> {
+        match self.handles.get(&fh) {
+            Some(Handle::Dir { entries }) => Ok(entries.get(offset as usize..).unwrap_or_default()),
+            _ => err(libc::EBADF),
+        }
+    }
+
+    /// Closes a directory handle.
+    pub fn releasedir(&mut self, fh: u64) {
+        self.handles.remove(&fh);
+    }
+
+    /// Filesystem statistics: the space of the disk under the store.
+    pub fn statfs(&mut self) -> FsResult<libc::statvfs> {
+        let path = std::ffi::CString::new(self.store.path.as_os_str().as_encoded_bytes())
+            .map_err(|_| FsError::Errno(libc::EINVAL))?;
+        // SAFETY: all-zero is a valid statvfs; the kernel fills it.
+        let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+        // SAFETY: `path` is NUL-terminated and `st` is a valid out pointer.
+        if unsafe { libc::statvfs(path.as_ptr(), &mut st) } != 0 {
+            return Err(std::io::Error::last_os_error().into());
+        }
+        Ok(st)
+    }
+
+    /// Makes everything durable: buffered data, then a durable commit.
+    pub fn sync_all(&mut self) -> FsResult<()> {
+        self.flush_all()?;
+        self.store.sync()?;
+        self.undurable = false;
+        Ok(())
+    }
+
+    /// The background tick: flushes buffered data, and makes it durable every `durable`
+    /// call.
+    pub fn tick(&mut self, durable: bool) -> FsResult<()> {
+        self.flush_all()?;
+        if durable && self.undurable {
+            self.store.sync()?;
+            self.undurable = false;
+        }
+        Ok(())
+    }
+}
+
+/// Stores the live inode record of `ino`.
+fn put_inode(w: &mut Writer<'_>, ino: u64, rec: &InodeRec) -> FsResult<()> {
+    let mut b = Vec::with_capacity(80);
+    rec.encode(&mut b);
+    w.put(RecKey::inode(ino), Some(&b))?;
+    Ok(())
+}
+
+/// Stores (or with `None`, deletes) a live directory entry.
+fn put_dirent(w: &mut Writer<'_>, dir: u64, name: &[u8], ent: Option<DirentRec>) -> FsResult<()> {
+    match ent {
+        Some(e) => {
+            let mut b = Vec::with_capacity(9);
+            e.encode(&mut b);
+            w.put(RecKey::dirent(dir, name), Some(&b))?;
+        }
+        None => w.put(RecKey::dirent(dir, name), None)?,
+    }
+    Ok(())
+}
+
+/// Stores `rec` after one of its links went away; frees it when no link and no open
+/// handle is left, or records it as an orphan when handles remain.
+fn unlink_inode(w: &mut Writer<'_>, ino: u64, rec: &InodeRec, open: bool) -> FsResult<()> {
+    if rec.nlink > 0 {
+        put_inode(w, ino, rec)
+    } else if open {
+        w.orphans.insert(ino, ())?;
+        put_inode(w, ino, rec)
+    } else {
+        free_inode(w, ino)
+    }
+}
+
+/// Deletes every live record of `ino` (releasing its extents).
+fn free_inode(w: &mut Writer<'_>, ino: u64) -> FsResult<()> {
+    for kind in [KIND_BLOCK, KIND_XATTR, KIND_DIRENT] {
+        let mut keys: Vec<(u64, Vec<u8>)> = Vec::new();
+        scan_visible(
+            &w.versions,
+            ino,
+            kind,
+            0..=u64::MAX,
+            w.live,
+            |sub, name, _| {
+                keys.push((sub, name.to_vec()));
+                Ok(true)
+            },
+        )?;
+        for (sub, name) in keys {
+            w.put(
+                RecKey {
+                    ino,
+                    kind,
+                    sub,
+                    name: &name,
+                },
+                None,
+            )?;
+        }
+    }
+    w.put(RecKey::inode(ino), None)?;
+    Ok(())
+}

@@ -1,0 +1,645 @@
+//! The FUSE adapter: links fuser callbacks to the filesystem core.
+//!
+//! Each callback locks the core, calls one core method and replies; every error goes
+//! through [`fail`], which logs it at a level fitting its errno and replies with it.
+//! Nothing else lives here.
+
+use std::ffi::OsStr;
+use std::os::unix::ffi::OsStrExt;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use fuser::{
+    AccessFlags, CopyFileRangeFlags, Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags,
+    Generation, INodeNo, InitFlags, KernelConfig, LockOwner, OpenFlags, RenameFlags, ReplyAttr,
+    ReplyCreate, ReplyData, ReplyDirectory, ReplyEmpty, ReplyEntry, ReplyLseek, ReplyOpen,
+    ReplyStatfs, ReplyWrite, ReplyXattr, Request, TimeOrNow, WriteFlags,
+};
+
+use crate::fs::{Attr, Caller, Fs, FsError, SeekWhence, SetAttr};
+use crate::store::schema::{FileKind, Ts};
+
+/// How long the kernel may cache entries and attributes.
+const TTL: Duration = Duration::from_secs(1);
+
+/// The fuser `Filesystem` of a mounted store.
+pub struct SnapFuse {
+    fs: Arc<Fs>,
+}
+
+impl SnapFuse {
+    /// Wraps a core for mounting.
+    pub fn new(fs: Arc<Fs>) -> Self {
+        SnapFuse { fs }
+    }
+}
+
+fn kind(k: FileKind) -> FileType {
+    match k {
+        FileKind::File => FileType::RegularFile,
+        FileKind::Dir => FileType::Directory,
+        FileKind::Symlink => FileType::Symlink,
+        FileKind::Fifo => FileType::NamedPipe,
+        FileKind::Socket => FileType::Socket,
+        FileKind::CharDev => FileType::CharDevice,
+        FileKind::BlockDev => FileType::BlockDevice,
+    }
+}
+
+fn fattr(a: &Attr) -> FileAttr {
+    let r = &a.rec;
+    FileAttr {
+        ino: INodeNo(a.ino),
+        size: r.size,
+        blocks: a.blocks(),
+        atime: r.atime.to_system(),
+        mtime: r.mtime.to_system(),
+        ctime: r.ctime.to_system(),
+        crtime: r.crtime.to_system(),
+        kind: kind(r.kind),
+        perm: r.perm as u16,
+        nlink: r.nlink,
+        uid: r.uid,
+        gid: r.gid,
+        rdev: r.rdev,
+        blksize: a.blksize,
+        flags: 0,
+    }
+}
+
+fn caller(req: &Request) -> Caller {
+    Caller {
+        uid: req.uid(),
+        gid: req.gid(),
+    }
+}
+
+fn time(t: TimeOrNow) -> Option<Ts> {
+    match t {
+        TimeOrNow::Now => None,
+        TimeOrNow::SpecificTime(t) => Some(Ts::from_system(t)),
+    }
+}
+
+/// Logs a failed operation at a level fitting its errno and returns the errno.
+fn fail(op: &str, e: FsError) -> Errno {
+    let errno = e.errno();
+    match errno {
+        libc::EIO | libc::ENOSPC | libc::EDQUOT => {
+            tracing::error!(op, error = %e, "operation failed")
+        }
+        _ => tracing::debug!(op, errno, "operation refused"),
+    }
+    Errno::from_i32(errno)
+}
+
+macro_rules! reply {
+    ($reply:expr, $op:literal, $res:expr, |$v:ident| $ok:expr) => {
+        match $res {
+            Ok($v) => $ok,
+            Err(e) => $reply.error(fail($op, e)),
+        }
+    };
+}
+
+impl Filesystem for SnapFuse {
+    fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> std::io::Result<()> {
+        // The kernel enforces POSIX ACLs; the core applies umask and default ACLs itself.
+        for flag in [InitFlags::FUSE_POSIX_ACL, InitFlags::FUSE_DONT_MASK] {
+            if let Err(missing) = config.add_capabilities(flag) {
+                tracing::warn!(?missing, "kernel lacks a FUSE capability");
+            }
+        }
+        let _ = config.set_max_write(1 << 20);
+        Ok(())
+    }
+
+    fn destroy(&mut self) {
+        if let Err(e) = self.fs.lock().sync_all() {
+            tracing::error!(error = %e, "final flush failed");
+        }
+    }
+
+    fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
+        let _s = tracing::trace_span!("lookup", ino = parent.0, ?name).entered();
+        reply!(
+            reply,
+            "lookup",
+            self.fs.lock().lookup(parent.0, name.as_bytes()),
+            |a| reply.entry(&TTL, &fattr(&a), Generation(0))
+        )
+    }
+
+    fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
+        let _s = tracing::trace_span!("getattr", ino = ino.0).entered();
+        reply!(reply, "getattr", self.fs.lock().getattr(ino.0), |a| reply
+            .attr(&TTL, &fattr(&a)))
+    }
+
+    fn setattr(
+        &self,
+        req: &Request,
+        ino: INodeNo,
+        mode: Option<u32>,
+        uid: Option<u32>,
+        gid: Option<u32>,
+        size: Option<u64>,
+        atime: Option<TimeOrNow>,
+        mtime: Option<TimeOrNow>,
+        _ctime: Option<std::time::SystemTime>,
+        fh: Option<FileHandle>,
+        _crtime: Option<std::time::SystemTime>,
+        _chgtime: Option<std::time::SystemTime>,
+        _bkuptime: Option<std::time::SystemTime>,
+        _flags: Option<fuser::BsdFileFlags>,
+        reply: ReplyAttr,
+    ) {
+        let _s = tracing::trace_span!("setattr", ino = ino.0, fh = fh.map(|f| f.0)).entered();
+        let set = SetAttr {
+            mode,
+            uid,
+            gid,
+            size,
+            atime: atime.map(time),
+            mtime: mtime.map(time),
+        };
+        reply!(
+            reply,
+            "setattr",
+            self.fs.lock().setattr(ino.0, caller(req), set),
+            |a| reply.attr(&TTL, &fattr(&a))
+        )
+    }
+
+    fn readlink(&self, _req: &Request, ino: INodeNo, reply: ReplyData) {
+        reply!(reply, "readlink", self.fs.lock().readlink(ino.0), |t| reply
+            .data(&t))
+    }
+
+    fn mknod(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        mode: u32,
+        umask: u32,
+        rdev: u32,
+        reply: ReplyEntry,
+    ) {
+        let _s = tracing::trace_span!("mknod", ino = parent.0, ?name).entered();
+        let res = self.fs.lock().mknod(
+            parent.0,
+            name.as_bytes(),
+            mode,
+            umask,
+            rdev,
+            &[],
+            caller(req),
+        );
+        reply!(reply, "mknod", res, |a| reply.entry(
+            &TTL,
+            &fattr(&a),
+            Generation(0)
+        ))
+    }
+
+    fn mkdir(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        mode: u32,
+        umask: u32,
+        reply: ReplyEntry,
+    ) {
+        let _s = tracing::trace_span!("mkdir", ino = parent.0, ?name).entered();
+        let mode = (mode & 0o7777) | libc::S_IFDIR;
+        let res = self
+            .fs
+            .lock()
+            .mknod(parent.0, name.as_bytes(), mode, umask, 0, &[], caller(req));
+        reply!(reply, "mkdir", res, |a| reply.entry(
+            &TTL,
+            &fattr(&a),
+            Generation(0)
+        ))
+    }
+
+    fn unlink(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        let _s = tracing::trace_span!("unlink", ino = parent.0, ?name).entered();
+        reply!(
+            reply,
+            "unlink",
+            self.fs.lock().remove(parent.0, name.as_bytes(), false),
+            |_v| reply.ok()
+        )
+    }
+
+    fn rmdir(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        let _s = tracing::trace_span!("rmdir", ino = parent.0, ?name).entered();
+        reply!(
+            reply,
+            "rmdir",
+            self.fs.lock().remove(parent.0, name.as_bytes(), true),
+            |_v| reply.ok()
+        )
+    }
+
+    fn symlink(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        link_name: &OsStr,
+        target: &Path,
+        reply: ReplyEntry,
+    ) {
+        let _s = tracing::trace_span!("symlink", ino = parent.0, name = ?link_name).entered();
+        let res = self.fs.lock().mknod(
+            parent.0,
+            link_name.as_bytes(),
+            libc::S_IFLNK | 0o777,
+            0,
+            0,
+            target.as_os_str().as_bytes(),
+            caller(req),
+        );
+        reply!(reply, "symlink", res, |a| reply.entry(
+            &TTL,
+            &fattr(&a),
+            Generation(0)
+        ))
+    }
+
+    fn rename(
+        &self,
+        _req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        newparent: INodeNo,
+        newname: &OsStr,
+        flags: RenameFlags,
+        reply: ReplyEmpty,
+    ) {
+        let _s = tracing::trace_span!("rename", ino = parent.0, ?name, ?newname).entered();
+        let res = self.fs.lock().rename(
+            parent.0,
+            name.as_bytes(),
+            newparent.0,
+            newname.as_bytes(),
+            flags.bits(),
+        );
+        reply!(reply, "rename", res, |_v| reply.ok())
+    }
+
+    fn link(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        newparent: INodeNo,
+        newname: &OsStr,
+        reply: ReplyEntry,
+    ) {
+        let _s = tracing::trace_span!("link", ino = ino.0, name = ?newname).entered();
+        reply!(
+            reply,
+            "link",
+            self.fs.lock().link(ino.0, newparent.0, newname.as_bytes()),
+            |a| reply.entry(&TTL, &fattr(&a), Generation(0))
+        )
+    }
+
+    fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
+        let _s = tracing::trace_span!("open", ino = ino.0).entered();
+        reply!(reply, "open", self.fs.lock().open(ino.0, flags.0), |fh| {
+            reply.opened(FileHandle(fh), FopenFlags::empty())
+        })
+    }
+
+    fn read(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        size: u32,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        reply: ReplyData,
+    ) {
+        let _s = tracing::trace_span!("read", ino = ino.0, fh = fh.0, offset, size).entered();
+        reply!(
+            reply,
+            "read",
+            self.fs.lock().read(ino.0, offset, size),
+            |d| reply.data(&d)
+        )
+    }
+
+    fn write(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        data: &[u8],
+        _write_flags: WriteFlags,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        reply: ReplyWrite,
+    ) {
+        let _s = tracing::trace_span!("write", ino = ino.0, fh = fh.0, offset, len = data.len())
+            .entered();
+        reply!(
+            reply,
+            "write",
+            self.fs.lock().write(fh.0, ino.0, offset, data),
+            |n| reply.written(n)
+        )
+    }
+
+    fn flush(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        fh: FileHandle,
+        _lock_owner: LockOwner,
+        reply: ReplyEmpty,
+    ) {
+        let _s = tracing::trace_span!("flush", ino = ino.0, fh = fh.0).entered();
+        reply!(reply, "flush", self.fs.lock().flush_inode(ino.0), |_v| {
+            reply.ok()
+        })
+    }
+
+    fn release(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        fh: FileHandle,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        _flush: bool,
+        reply: ReplyEmpty,
+    ) {
+        let _s = tracing::trace_span!("release", ino = ino.0, fh = fh.0).entered();
+        reply!(reply, "release", self.fs.lock().release(fh.0), |_v| reply
+            .ok())
+    }
+
+    fn fsync(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        fh: FileHandle,
+        datasync: bool,
+        reply: ReplyEmpty,
+    ) {
+        let _s = tracing::trace_span!("fsync", ino = ino.0, fh = fh.0).entered();
+        reply!(
+            reply,
+            "fsync",
+            self.fs.lock().fsync(ino.0, datasync),
+            |_v| reply.ok()
+        )
+    }
+
+    fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
+        let _s = tracing::trace_span!("opendir", ino = ino.0).entered();
+        reply!(reply, "opendir", self.fs.lock().opendir(ino.0), |fh| reply
+            .opened(FileHandle(fh), FopenFlags::empty()))
+    }
+
+    fn readdir(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        mut reply: ReplyDirectory,
+    ) {
+        let _s = tracing::trace_span!("readdir", ino = ino.0, fh = fh.0, offset).entered();
+        let core = self.fs.lock();
+        match core.readdir(fh.0, offset) {
+            Ok(entries) => {
+                for (i, e) in entries.iter().enumerate() {
+                    let next = offset + i as u64 + 1;
+                    if reply.add(
+                        INodeNo(e.ino),
+                        next,
+                        kind(e.kind),
+                        OsStr::from_bytes(&e.name),
+                    ) {
+                        break;
+                    }
+                }
+                reply.ok()
+            }
+            Err(e) => reply.error(fail("readdir", e)),
+        }
+    }
+
+    fn releasedir(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        _flags: OpenFlags,
+        reply: ReplyEmpty,
+    ) {
+        self.fs.lock().releasedir(fh.0);
+        reply.ok()
+    }
+
+    fn fsyncdir(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        _datasync: bool,
+        reply: ReplyEmpty,
+    ) {
+        let _s = tracing::trace_span!("fsyncdir", ino = ino.0).entered();
+        reply!(reply, "fsyncdir", self.fs.lock().sync_all(), |_v| reply
+            .ok())
+    }
+
+    fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
+        reply!(reply, "statfs", self.fs.lock().statfs(), |st| reply.statfs(
+            st.f_blocks,
+            st.f_bfree,
+            st.f_bavail,
+            u64::from(u32::MAX),
+            u64::from(u32::MAX),
+            st.f_bsize as u32,
+            crate::fs::NAME_MAX as u32,
+            st.f_frsize as u32,
+        ))
+    }
+
+    fn setxattr(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        name: &OsStr,
+        value: &[u8],
+        flags: i32,
+        _position: u32,
+        reply: ReplyEmpty,
+    ) {
+        let _s = tracing::trace_span!("setxattr", ino = ino.0, ?name).entered();
+        reply!(
+            reply,
+            "setxattr",
+            self.fs
+                .lock()
+                .setxattr(ino.0, name.as_bytes(), value, flags),
+            |_v| reply.ok()
+        )
+    }
+
+    fn getxattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
+        let _s = tracing::trace_span!("getxattr", ino = ino.0, ?name).entered();
+        reply!(
+            reply,
+            "getxattr",
+            self.fs.lock().getxattr(ino.0, name.as_bytes()),
+            |v| xattr_reply(reply, &v, size)
+        )
+    }
+
+    fn listxattr(&self, _req: &Request, ino: INodeNo, size: u32, reply: ReplyXattr) {
+        let _s = tracing::trace_span!("listxattr", ino = ino.0).entered();
+        reply!(reply, "listxattr", self.fs.lock().listxattr(ino.0), |v| {
+            xattr_reply(reply, &v, size)
+        })
+    }
+
+    fn removexattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        let _s = tracing::trace_span!("removexattr", ino = ino.0, ?name).entered();
+        reply!(
+            reply,
+            "removexattr",
+            self.fs.lock().removexattr(ino.0, name.as_bytes()),
+            |_v| reply.ok()
+        )
+    }
+
+    fn access(&self, _req: &Request, ino: INodeNo, _mask: AccessFlags, reply: ReplyEmpty) {
+        // default_permissions: the kernel checks modes and ACLs; only existence is ours.
+        reply!(reply, "access", self.fs.lock().getattr(ino.0), |_v| reply
+            .ok())
+    }
+
+    fn create(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        mode: u32,
+        umask: u32,
+        flags: i32,
+        reply: ReplyCreate,
+    ) {
+        let _s = tracing::trace_span!("create", ino = parent.0, ?name).entered();
+        let mut core = self.fs.lock();
+        let res = core
+            .mknod(
+                parent.0,
+                name.as_bytes(),
+                (mode & 0o7777) | libc::S_IFREG,
+                umask,
+                0,
+                &[],
+                caller(req),
+            )
+            .and_then(|a| core.open(a.ino, flags).map(|fh| (a, fh)));
+        reply!(reply, "create", res, |v| reply.created(
+            &TTL,
+            &fattr(&v.0),
+            Generation(0),
+            FileHandle(v.1),
+            FopenFlags::empty()
+        ))
+    }
+
+    fn fallocate(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        length: u64,
+        mode: i32,
+        reply: ReplyEmpty,
+    ) {
+        let _s = tracing::trace_span!("fallocate", ino = ino.0, fh = fh.0, offset, length, mode)
+            .entered();
+        reply!(
+            reply,
+            "fallocate",
+            self.fs.lock().fallocate(ino.0, offset, length, mode),
+            |_v| reply.ok()
+        )
+    }
+
+    fn lseek(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        fh: FileHandle,
+        offset: i64,
+        whence: i32,
+        reply: ReplyLseek,
+    ) {
+        let _s = tracing::trace_span!("lseek", ino = ino.0, fh = fh.0, offset, whence).entered();
+        let whence = match whence {
+            libc::SEEK_DATA => SeekWhence::Data,
+            libc::SEEK_HOLE => SeekWhence::Hole,
+            _ => return reply.error(Errno::EINVAL),
+        };
+        if offset < 0 {
+            return reply.error(Errno::ENXIO);
+        }
+        reply!(
+            reply,
+            "lseek",
+            self.fs.lock().lseek(ino.0, offset as u64, whence),
+            |o| reply.offset(o as i64)
+        )
+    }
+
+    fn copy_file_range(
+        &self,
+        _req: &Request,
+        ino_in: INodeNo,
+        _fh_in: FileHandle,
+        offset_in: u64,
+        ino_out: INodeNo,
+        _fh_out: FileHandle,
+        offset_out: u64,
+        len: u64,
+        _flags: CopyFileRangeFlags,
+        reply: ReplyWrite,
+    ) {
+        let _s =
+            tracing::trace_span!("copy_file_range", ino = ino_in.0, out = ino_out.0, len).entered();
+        // The reply counts bytes in a u32.
+        let len = len.min(1 << 30);
+        let res = self
+            .fs
+            .lock()
+            .copy_range(ino_in.0, offset_in, ino_out.0, offset_out, len);
+        reply!(reply, "copy_file_range", res, |n| reply.written(n as u32))
+    }
+}
+
+fn xattr_reply(reply: ReplyXattr, v: &[u8], size: u32) {
+    if size == 0 {
+        reply.size(v.len() as u32)
+    } else if v.len() > size as usize {
+        reply.error(Errno::ERANGE)
+    } else {
+        reply.data(v)
+    }
+}

@@ -1,0 +1,14 @@
+//! snapfs: a FUSE-mounted, copy-on-write, snapshotting filesystem.
+//!
+//! Layers, top to bottom (see `docs/ARCHITECTURE.md`):
+//! - [`daemon`]: mounting, daemonizing, signals, the control socket;
+//! - [`fuse`]: the thin fuser adapter;
+//! - [`fs`]: POSIX semantics over the versioned store (no FUSE types);
+//! - [`check`]: fsck and status;
+//! - [`store`]: the redb schema, extent segments and reference counts.
+
+pub mod check;
+pub mod daemon;
+pub mod fs;
+pub mod fuse;
+pub mod store;

@@ -1,0 +1,628 @@
+//! The store: one directory holding a volume's redb metadata and its extent segments.
+//!
+//! ```text
+//! STORE/
+//!   snapfs.redb        metadata (tables in `schema`)
+//!   segments/*.seg     extent bytes (format in `segment`)
+//!   snapfs.sock        control socket of a running daemon
+//! ```
+//!
+//! Writes go through [`Store::write`], which opens one redb write transaction and the
+//! tables an operation needs, and commits with `Durability::None` (grouped, cheap) or,
+//! at durable points, `Durability::Immediate` after `fdatasync` of the segments, so
+//! extents are durable before any metadata that names them.
+
+pub mod schema;
+pub mod segment;
+
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+
+use redb::{Database, Durability, ReadableDatabase, ReadableTable, Table};
+
+use schema::*;
+use segment::Segments;
+
+/// Errors of the storage layer.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// The metadata database failed.
+    #[error("metadata database: {0}")]
+    Db(#[from] redb::Error),
+    /// A segment or store file failed.
+    #[error("{0}")]
+    Io(#[from] std::io::Error),
+    /// Something on disk does not decode or does not match its hash.
+    #[error("store is damaged: {0}")]
+    Corrupt(String),
+    /// Another daemon holds the store.
+    #[error("store is in use by another snapfs process (is it mounted?)")]
+    Locked,
+    /// The path is not a snapfs store.
+    #[error("{0} is not a snapfs store (no snapfs.redb, and the directory is not empty)")]
+    NotAStore(PathBuf),
+    /// Written by a newer snapfs.
+    #[error("store format {0} is not supported by this snapfs (it reads format {FORMAT_VERSION})")]
+    Format(u32),
+}
+
+impl StoreError {
+    /// The errno a filesystem call should answer with.
+    pub fn errno(&self) -> i32 {
+        match self {
+            StoreError::Io(e) => match e.raw_os_error() {
+                Some(libc::ENOSPC) => libc::ENOSPC,
+                Some(libc::EDQUOT) => libc::EDQUOT,
+                _ => libc::EIO,
+            },
+            StoreError::Db(redb::Error::Io(e)) if e.raw_os_error() == Some(libc::ENOSPC) => {
+                libc::ENOSPC
+            }
+            _ => libc::EIO,
+        }
+    }
+}
+
+macro_rules! redb_from {
+    ($($t:ty),*) => {$(
+        impl From<$t> for StoreError {
+            fn from(e: $t) -> Self {
+                StoreError::Db(e.into())
+            }
+        }
+    )*};
+}
+redb_from!(
+    redb::TransactionError,
+    redb::TableError,
+    redb::StorageError,
+    redb::CommitError,
+    redb::DatabaseError,
+    redb::SetDurabilityError
+);
+
+/// Settings fixed when a store is created.
+#[derive(Clone, Debug)]
+pub struct StoreConfig {
+    /// Logical block size, a power of two between 4 KiB and 1 MiB.
+    pub block_size: u32,
+}
+
+impl Default for StoreConfig {
+    fn default() -> Self {
+        StoreConfig {
+            block_size: 64 * 1024,
+        }
+    }
+}
+
+/// An open store.
+pub struct Store {
+    /// The store directory.
+    pub path: PathBuf,
+    db: Database,
+    /// Segment files.
+    pub segs: Segments,
+    /// Logical block size.
+    pub block_size: u32,
+    /// Random volume identity.
+    pub volume_id: [u8; 16],
+    /// The epoch the live tree is written in.
+    pub live_epoch: u64,
+    /// Epochs frozen by snapshots (including ones held for sync).
+    pub snapshot_epochs: BTreeSet<u64>,
+}
+
+impl std::fmt::Debug for Store {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Store").field("path", &self.path).finish()
+    }
+}
+
+/// The database file inside a store.
+pub const DB_FILE: &str = "snapfs.redb";
+
+fn random_bytes<const N: usize>() -> [u8; N] {
+    let mut b = [0u8; N];
+    // SAFETY: the pointer and length describe `b`, which lives across the call.
+    let n = unsafe { libc::getrandom(b.as_mut_ptr().cast(), N, 0) };
+    if n != N as isize {
+        // Fall back to something unique enough for an identity, never for keys.
+        let seed = format!("{:?}{}", std::time::SystemTime::now(), std::process::id());
+        b.copy_from_slice(&blake3::hash(seed.as_bytes()).as_bytes()[..N]);
+    }
+    b
+}
+
+impl Store {
+    /// Whether `path` holds a snapfs store.
+    pub fn exists(path: &Path) -> bool {
+        path.join(DB_FILE).is_file()
+    }
+
+    /// Opens the store at `path`; creates it when `create` is set and the directory is
+    /// missing or empty. Never modifies a directory that is not a store.
+    pub fn open(path: &Path, create: Option<&StoreConfig>) -> Result<Store, StoreError> {
+        let db_path = path.join(DB_FILE);
+        let fresh = !db_path.exists();
+        if fresh {
+            let empty = match std::fs::read_dir(path) {
+                Ok(mut it) => it.next().is_none(),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => true,
+                Err(e) => return Err(e.into()),
+            };
+            if create.is_none() || !empty {
+                return Err(StoreError::NotAStore(path.to_path_buf()));
+            }
+            std::fs::create_dir_all(path)?;
+        } else if !path.is_dir() {
+            return Err(StoreError::NotAStore(path.to_path_buf()));
+        }
+        let db = if fresh {
+            Database::create(&db_path)?
+        } else {
+            match Database::open(&db_path) {
+                Ok(db) => db,
+                Err(redb::DatabaseError::DatabaseAlreadyOpen) => return Err(StoreError::Locked),
+                Err(redb::DatabaseError::Storage(redb::StorageError::Io(e)))
+                    if e.raw_os_error() == Some(libc::EWOULDBLOCK) =>
+                {
+                    return Err(StoreError::Locked);
+                }
+                Err(e) => {
+                    return Err(StoreError::Corrupt(format!(
+                        "cannot open {}: {e}",
+                        db_path.display()
+                    )));
+                }
+            }
+        };
+        if fresh {
+            let cfg = create.cloned().unwrap_or_default();
+            let txn = db.begin_write()?;
+            {
+                let mut meta = txn.open_table(META)?;
+                meta.insert(meta::FORMAT, &FORMAT_VERSION.to_le_bytes()[..])?;
+                meta.insert(meta::VOLUME_ID, &random_bytes::<16>()[..])?;
+                meta.insert(meta::BLOCK_SIZE, &cfg.block_size.to_le_bytes()[..])?;
+                meta.insert(meta::LIVE_EPOCH, &1u64.to_le_bytes()[..])?;
+                meta.insert(meta::NEXT_INO, &(ROOT_INO + 1).to_le_bytes()[..])?;
+                meta.insert(meta::CREATED, &Ts::now().sec.to_le_bytes()[..])?;
+                txn.open_table(VERSIONS)?;
+                txn.open_table(EXTENTS)?;
+                txn.open_table(SEGMENTS)?;
+                txn.open_table(CHANGES)?;
+                txn.open_table(ORPHANS)?;
+                txn.open_table(SNAPSHOTS)?;
+            }
+            txn.commit()?;
+        }
+        let segs = Segments::open(&path.join("segments"), fresh)?;
+        let (block_size, volume_id, live_epoch, snapshot_epochs) = {
+            let txn = db.begin_read()?;
+            let meta = txn
+                .open_table(META)
+                .map_err(|e| StoreError::Corrupt(format!("metadata has no meta table ({e})")))?;
+            let get = |k: &str| -> Result<Vec<u8>, StoreError> {
+                meta.get(k)?
+                    .map(|v| v.value().to_vec())
+                    .ok_or_else(|| StoreError::Corrupt(format!("meta row {k} is missing")))
+            };
+            let format = le_u32(&get(meta::FORMAT)?)?;
+            if format != FORMAT_VERSION {
+                return Err(StoreError::Format(format));
+            }
+            let block_size = le_u32(&get(meta::BLOCK_SIZE)?)?;
+            if !block_size.is_power_of_two() || !(4096..=1 << 20).contains(&block_size) {
+                return Err(StoreError::Corrupt(format!("block size {block_size}")));
+            }
+            let vid = get(meta::VOLUME_ID)?;
+            let volume_id: [u8; 16] = vid
+                .as_slice()
+                .try_into()
+                .map_err(|_| StoreError::Corrupt("volume id".into()))?;
+            let live_epoch = le_u64(&get(meta::LIVE_EPOCH)?)?;
+            let mut epochs = BTreeSet::new();
+            for row in txn.open_table(SNAPSHOTS)?.iter()? {
+                let (_, v) = row?;
+                epochs.insert(SnapshotRec::decode(v.value())?.epoch);
+            }
+            (block_size, volume_id, live_epoch, epochs)
+        };
+        Ok(Store {
+            path: path.to_path_buf(),
+            db,
+            segs,
+            block_size,
+            volume_id,
+            live_epoch,
+            snapshot_epochs,
+        })
+    }
+
+    /// Runs `f` in one write transaction and commits it. With `durable`, segments are
+    /// synced first and the commit is `Durability::Immediate`; otherwise `None`.
+    pub fn write<R>(
+        &mut self,
+        durable: bool,
+        f: impl FnOnce(&mut Writer<'_>) -> Result<R, crate::fs::FsError>,
+    ) -> Result<R, crate::fs::FsError> {
+        let mut txn = self.db.begin_write().map_err(StoreError::from)?;
+        let res = {
+            let mut w = Writer {
+                versions: txn.open_table(VERSIONS).map_err(StoreError::from)?,
+                extents: txn.open_table(EXTENTS).map_err(StoreError::from)?,
+                segments: txn.open_table(SEGMENTS).map_err(StoreError::from)?,
+                changes: txn.open_table(CHANGES).map_err(StoreError::from)?,
+                orphans: txn.open_table(ORPHANS).map_err(StoreError::from)?,
+                meta: txn.open_table(META).map_err(StoreError::from)?,
+                segs: &mut self.segs,
+                live: self.live_epoch,
+                snaps: &self.snapshot_epochs,
+            };
+            f(&mut w)
+        };
+        match res {
+            Ok(r) => {
+                if durable {
+                    self.segs.sync()?;
+                    txn.set_durability(Durability::Immediate)
+                        .map_err(StoreError::from)?;
+                } else {
+                    txn.set_durability(Durability::None)
+                        .map_err(StoreError::from)?;
+                }
+                txn.commit().map_err(StoreError::from)?;
+                Ok(r)
+            }
+            Err(e) => {
+                // Nothing of a failed operation is kept.
+                let _ = txn.abort();
+                Err(e)
+            }
+        }
+    }
+
+    /// Makes everything committed so far durable.
+    pub fn sync(&mut self) -> Result<(), StoreError> {
+        self.segs.sync()?;
+        let mut txn = self.db.begin_write()?;
+        txn.set_durability(Durability::Immediate)?;
+        txn.commit()?;
+        Ok(())
+    }
+
+    /// A read transaction over the committed state.
+    pub fn read_txn(&self) -> Result<redb::ReadTransaction, StoreError> {
+        Ok(self.db.begin_read()?)
+    }
+
+    /// The database, for checks that walk whole tables.
+    pub fn db(&self) -> &Database {
+        &self.db
+    }
+
+    /// Reads the bytes of extent `rec`, re-verifying its hash.
+    pub fn read_extent(&mut self, hash: &[u8; 32], rec: &ExtentRec) -> Result<Vec<u8>, StoreError> {
+        let data = self.segs.read(rec.segment, rec.offset, rec.len)?;
+        if blake3::hash(&data).as_bytes() != hash {
+            return Err(StoreError::Corrupt(format!(
+                "extent {} in segment {:016x} at {} does not match its hash",
+                hex(hash),
+                rec.segment,
+                rec.offset
+            )));
+        }
+        Ok(data)
+    }
+}
+
+/// Lower-case hex of `b`.
+pub fn hex(b: &[u8]) -> String {
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+/// The identity of a versioned record: `(ino, kind, sub, name)`.
+#[derive(Clone, Copy, Debug)]
+pub struct RecKey<'a> {
+    /// Inode.
+    pub ino: u64,
+    /// Record kind (`KIND_*`).
+    pub kind: u8,
+    /// Block index for block records, else 0.
+    pub sub: u64,
+    /// Entry or xattr name, else empty.
+    pub name: &'a [u8],
+}
+
+impl<'a> RecKey<'a> {
+    /// The inode record of `ino`.
+    pub fn inode(ino: u64) -> Self {
+        RecKey {
+            ino,
+            kind: KIND_INODE,
+            sub: 0,
+            name: &[],
+        }
+    }
+    /// Entry `name` of directory `dir`.
+    pub fn dirent(dir: u64, name: &'a [u8]) -> Self {
+        RecKey {
+            ino: dir,
+            kind: KIND_DIRENT,
+            sub: 0,
+            name,
+        }
+    }
+    /// Block `idx` of `ino`.
+    pub fn block(ino: u64, idx: u64) -> Self {
+        RecKey {
+            ino,
+            kind: KIND_BLOCK,
+            sub: idx,
+            name: &[],
+        }
+    }
+    /// Xattr `name` of `ino`.
+    pub fn xattr(ino: u64, name: &'a [u8]) -> Self {
+        RecKey {
+            ino,
+            kind: KIND_XATTR,
+            sub: 0,
+            name,
+        }
+    }
+    fn at(&self, epoch: u64) -> (u64, u8, u64, &'a [u8], u64) {
+        (self.ino, self.kind, self.sub, self.name, epoch)
+    }
+}
+
+type VKey = (u64, u8, u64, &'static [u8], u64);
+
+/// The newest version of `key` at or below `epoch`: `(its epoch, payload)`, where a
+/// tombstone's payload is `None`.
+pub fn newest<T: ReadableTable<VKey, &'static [u8]>>(
+    t: &T,
+    key: RecKey<'_>,
+    epoch: u64,
+) -> Result<Option<(u64, Option<Vec<u8>>)>, StoreError> {
+    let mut it = t.range(key.at(0)..=key.at(epoch))?;
+    match it.next_back() {
+        None => Ok(None),
+        Some(row) => {
+            let (k, v) = row?;
+            let e = k.value().4;
+            let v = v.value();
+            match v.first() {
+                Some(&TAG_PRESENT) => Ok(Some((e, Some(v[1..].to_vec())))),
+                Some(&TAG_TOMBSTONE) => Ok(Some((e, None))),
+                _ => Err(StoreError::Corrupt(format!(
+                    "record of ino {} has no tag",
+                    key.ino
+                ))),
+            }
+        }
+    }
+}
+
+/// The payload of `key` visible at `epoch`, `None` if absent or deleted.
+pub fn visible<T: ReadableTable<VKey, &'static [u8]>>(
+    t: &T,
+    key: RecKey<'_>,
+    epoch: u64,
+) -> Result<Option<Vec<u8>>, StoreError> {
+    Ok(newest(t, key, epoch)?.and_then(|(_, v)| v))
+}
+
+/// Calls `f(sub, name, payload)` for every record of `kind` under `ino` visible at
+/// `epoch`, in key order, within `sub` range `subs`.
+pub fn scan_visible<T: ReadableTable<VKey, &'static [u8]>>(
+    t: &T,
+    ino: u64,
+    kind: u8,
+    subs: std::ops::RangeInclusive<u64>,
+    epoch: u64,
+    mut f: impl FnMut(u64, &[u8], &[u8]) -> Result<bool, StoreError>,
+) -> Result<(), StoreError> {
+    let lo: VKey = (ino, kind, *subs.start(), &[], 0);
+    let mut pending: Option<(u64, Vec<u8>, Vec<u8>)> = None;
+    let flush = |p: Option<(u64, Vec<u8>, Vec<u8>)>,
+                 f: &mut dyn FnMut(u64, &[u8], &[u8]) -> Result<bool, StoreError>|
+     -> Result<bool, StoreError> {
+        if let Some((sub, name, v)) = p {
+            if v.first() == Some(&TAG_PRESENT) {
+                return f(sub, &name, &v[1..]);
+            }
+        }
+        Ok(true)
+    };
+    for row in t.range(lo..)? {
+        let (k, v) = row?;
+        let (kino, kkind, ksub, kname, kepoch) = k.value();
+        if kino != ino || kkind != kind || ksub > *subs.end() {
+            break;
+        }
+        if kepoch > epoch {
+            continue;
+        }
+        let same = matches!(&pending, Some((s, n, _)) if *s == ksub && n.as_slice() == kname);
+        if same {
+            if let Some(p) = pending.as_mut() {
+                p.2 = v.value().to_vec();
+            }
+        } else {
+            let prev = pending.replace((ksub, kname.to_vec(), v.value().to_vec()));
+            if !flush(prev, &mut f)? {
+                return Ok(());
+            }
+        }
+    }
+    flush(pending, &mut f)?;
+    Ok(())
+}
+
+/// One write transaction with its tables open.
+pub struct Writer<'t> {
+    /// `versions`.
+    pub versions: Table<'t, VKey, &'static [u8]>,
+    /// `extents`.
+    pub extents: Table<'t, [u8; 32], &'static [u8]>,
+    /// `segments`.
+    pub segments: Table<'t, u64, u64>,
+    /// `changes`.
+    pub changes: Table<'t, (u64, u64), ()>,
+    /// `orphans`.
+    pub orphans: Table<'t, u64, ()>,
+    /// `meta`.
+    pub meta: Table<'t, &'static str, &'static [u8]>,
+    /// Segment files.
+    pub segs: &'t mut Segments,
+    /// The live epoch.
+    pub live: u64,
+    /// Snapshot epochs.
+    pub snaps: &'t BTreeSet<u64>,
+}
+
+impl Writer<'_> {
+    /// The live payload of `key`.
+    pub fn get(&self, key: RecKey<'_>) -> Result<Option<Vec<u8>>, StoreError> {
+        visible(&self.versions, key, self.live)
+    }
+
+    /// Whether some snapshot can see a version written at `epoch` and superseded at
+    /// the live epoch.
+    fn held(&self, epoch: u64) -> bool {
+        self.snaps.range(epoch..self.live).next().is_some()
+    }
+
+    /// Writes `payload` (or a tombstone for `None`) as the live version of `key`:
+    /// overwrites a version of the live epoch, drops a previous version no snapshot
+    /// can see, and records the change.
+    pub fn put(&mut self, key: RecKey<'_>, payload: Option<&[u8]>) -> Result<(), StoreError> {
+        let live = self.live;
+        if let Some((e, old)) = newest(&self.versions, key, live)? {
+            if e == live || !self.held(e) {
+                self.versions.remove(key.at(e))?;
+                if let Some(old) = old {
+                    self.release(key, &old)?;
+                }
+            }
+        }
+        match payload {
+            Some(p) => {
+                let mut v = Vec::with_capacity(p.len() + 1);
+                v.push(TAG_PRESENT);
+                v.extend_from_slice(p);
+                self.versions.insert(key.at(live), v.as_slice())?;
+            }
+            None => {
+                // A tombstone is needed only to hide an older version some snapshot keeps.
+                if newest(&self.versions, key, live)?.is_some() {
+                    self.versions.insert(key.at(live), &[TAG_TOMBSTONE][..])?;
+                }
+            }
+        }
+        self.changes.insert((live, key.ino), ())?;
+        Ok(())
+    }
+
+    /// Releases what a dropped version held: block records hold an extent reference.
+    fn release(&mut self, key: RecKey<'_>, payload: &[u8]) -> Result<(), StoreError> {
+        if key.kind == KIND_BLOCK {
+            let b = BlockRec::decode(payload)?;
+            self.decref(&b.hash)?;
+        }
+        Ok(())
+    }
+
+    /// Stores `data` as an extent (or finds it stored) and takes a reference to it.
+    pub fn put_extent(&mut self, data: &[u8]) -> Result<BlockRec, StoreError> {
+        self.put_extent_hashed(*blake3::hash(data).as_bytes(), data)
+    }
+
+    /// [`Writer::put_extent`] for a caller that has hashed `data` already.
+    pub fn put_extent_hashed(
+        &mut self,
+        hash: [u8; 32],
+        data: &[u8],
+    ) -> Result<BlockRec, StoreError> {
+        let existing = self
+            .extents
+            .get(hash)?
+            .map(|v| ExtentRec::decode(v.value()));
+        let rec = match existing {
+            Some(rec) => {
+                let mut rec = rec?;
+                rec.refs += 1;
+                rec
+            }
+            None => {
+                let (segment, offset) = self.segs.append(&hash, data)?;
+                ExtentRec {
+                    segment,
+                    offset,
+                    len: data.len() as u32,
+                    refs: 1,
+                }
+            }
+        };
+        self.extents.insert(hash, &rec.encode()[..])?;
+        Ok(BlockRec {
+            hash,
+            len: data.len() as u32,
+        })
+    }
+
+    /// Takes one more reference to a stored extent.
+    pub fn incref(&mut self, hash: &[u8; 32]) -> Result<(), StoreError> {
+        let mut rec = self.extent(hash)?;
+        rec.refs += 1;
+        self.extents.insert(*hash, &rec.encode()[..])?;
+        Ok(())
+    }
+
+    /// Drops one reference; the last one frees the extent (its bytes count as dead in
+    /// their segment until compaction).
+    pub fn decref(&mut self, hash: &[u8; 32]) -> Result<(), StoreError> {
+        let mut rec = self.extent(hash)?;
+        rec.refs = rec.refs.saturating_sub(1);
+        if rec.refs == 0 {
+            self.extents.remove(*hash)?;
+            let dead = self
+                .segments
+                .get(rec.segment)?
+                .map(|v| v.value())
+                .unwrap_or(0);
+            self.segments
+                .insert(rec.segment, dead + rec.len as u64 + segment::EXTENT_HEADER)?;
+        } else {
+            self.extents.insert(*hash, &rec.encode()[..])?;
+        }
+        Ok(())
+    }
+
+    /// The extent row of `hash`.
+    pub fn extent(&self, hash: &[u8; 32]) -> Result<ExtentRec, StoreError> {
+        match self.extents.get(*hash)? {
+            Some(v) => ExtentRec::decode(v.value()),
+            None => Err(StoreError::Corrupt(format!(
+                "extent {} is not in the index",
+                hex(hash)
+            ))),
+        }
+    }
+
+    /// Hands out a new inode number.
+    pub fn alloc_ino(&mut self) -> Result<u64, StoreError> {
+        let next = match self.meta.get(meta::NEXT_INO)? {
+            Some(v) => le_u64(v.value())?,
+            None => return Err(StoreError::Corrupt("meta row next_ino is missing".into())),
+        };
+        if next >= crate::fs::MAX_LIVE_INO {
+            return Err(StoreError::Corrupt("inode numbers exhausted".into()));
+        }
+        self.meta
+            .insert(meta::NEXT_INO, &(next + 1).to_le_bytes()[..])?;
+        Ok(next)
+    }
+}

@@ -1,0 +1,499 @@
+//! Every redb table of a snapfs store and the byte encoding of its values.
+//!
+//! This header is the layout table; `docs/FORMAT.md` repeats it with prose. All
+//! integers inside values are little-endian (`to_le_bytes`). Keys are redb tuples, whose
+//! integer elements redb itself encodes little-endian and orders numerically.
+//!
+//! | table       | key                                          | value                                   |
+//! |-------------|----------------------------------------------|-----------------------------------------|
+//! | `meta`      | `&str` name                                  | bytes, per name (see [`meta`])          |
+//! | `versions`  | `(ino u64, kind u8, sub u64, name &[u8], epoch u64)` | tag u8 (0 tombstone, 1 present) + payload |
+//! | `extents`   | `[u8; 32]` blake3 hash                        | segment u64, offset u64, len u32, refs u64 |
+//! | `segments`  | segment id u64                               | dead bytes u64                          |
+//! | `changes`   | `(epoch u64, ino u64)`                       | `()`: ino changed in that epoch         |
+//! | `orphans`   | ino u64                                      | `()`: nlink 0 but still open            |
+//! | `snapshots` | `&str` name                                  | epoch u64, created secs i64, nsec u32   |
+//!
+//! `versions` holds every versioned metadata record. `kind` says which:
+//!
+//! | kind | record       | sub         | name        | payload                         |
+//! |------|--------------|-------------|-------------|---------------------------------|
+//! | 0    | inode        | 0           | empty       | [`InodeRec`] encoding           |
+//! | 1    | dir entry    | 0           | entry name  | child ino u64, file kind u8     |
+//! | 2    | block map    | block index | empty       | blake3 hash [32], length u32    |
+//! | 3    | xattr        | 0           | xattr name  | the value bytes                 |
+//!
+//! A reader at epoch `S` sees, for each `(ino, kind, sub, name)`, the row with the
+//! greatest epoch `<= S`; a tombstone there means "absent".
+
+use redb::TableDefinition;
+
+use crate::store::StoreError;
+
+/// Versioned metadata records; see the module header.
+pub const VERSIONS: TableDefinition<'static, (u64, u8, u64, &[u8], u64), &[u8]> =
+    TableDefinition::new("versions");
+/// Extent index: blake3 hash to location and reference count.
+pub const EXTENTS: TableDefinition<'static, [u8; 32], &[u8]> = TableDefinition::new("extents");
+/// Per-segment dead byte counts (bytes of freed extents), for compaction.
+pub const SEGMENTS: TableDefinition<'static, u64, u64> = TableDefinition::new("segments");
+/// Change index: which inodes changed in which epoch.
+pub const CHANGES: TableDefinition<'static, (u64, u64), ()> = TableDefinition::new("changes");
+/// Inodes whose last link is gone while a handle is still open.
+pub const ORPHANS: TableDefinition<'static, u64, ()> = TableDefinition::new("orphans");
+/// Snapshot catalog.
+pub const SNAPSHOTS: TableDefinition<'static, &str, &[u8]> = TableDefinition::new("snapshots");
+/// Store-wide settings and counters.
+pub const META: TableDefinition<'static, &str, &[u8]> = TableDefinition::new("meta");
+
+/// Names of the rows in `meta`.
+pub mod meta {
+    /// u32: the format version, [`super::FORMAT_VERSION`].
+    pub const FORMAT: &str = "format";
+    /// 16 bytes: random volume identity.
+    pub const VOLUME_ID: &str = "volume_id";
+    /// u32: logical block size in bytes.
+    pub const BLOCK_SIZE: &str = "block_size";
+    /// u64: the epoch the live tree is written in.
+    pub const LIVE_EPOCH: &str = "live_epoch";
+    /// u64: the next inode number to hand out.
+    pub const NEXT_INO: &str = "next_ino";
+    /// i64: creation time, seconds since the Unix epoch.
+    pub const CREATED: &str = "created";
+}
+
+/// The on-disk format this build writes and reads.
+pub const FORMAT_VERSION: u32 = 1;
+
+/// Record kinds in `versions`.
+pub const KIND_INODE: u8 = 0;
+/// Directory entry.
+pub const KIND_DIRENT: u8 = 1;
+/// Block map entry.
+pub const KIND_BLOCK: u8 = 2;
+/// Extended attribute.
+pub const KIND_XATTR: u8 = 3;
+
+/// Value tag of a tombstone.
+pub const TAG_TOMBSTONE: u8 = 0;
+/// Value tag of a present record.
+pub const TAG_PRESENT: u8 = 1;
+
+/// The inode number of the volume root.
+pub const ROOT_INO: u64 = 1;
+
+/// File kinds as stored (the `kind` byte of inodes and entries).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[repr(u8)]
+pub enum FileKind {
+    /// Regular file.
+    File = 1,
+    /// Directory.
+    Dir = 2,
+    /// Symbolic link.
+    Symlink = 3,
+    /// Named pipe.
+    Fifo = 4,
+    /// Unix socket.
+    Socket = 5,
+    /// Character device.
+    CharDev = 6,
+    /// Block device.
+    BlockDev = 7,
+}
+
+impl FileKind {
+    /// Decodes a stored kind byte.
+    pub fn from_u8(v: u8) -> Result<Self, StoreError> {
+        Ok(match v {
+            1 => Self::File,
+            2 => Self::Dir,
+            3 => Self::Symlink,
+            4 => Self::Fifo,
+            5 => Self::Socket,
+            6 => Self::CharDev,
+            7 => Self::BlockDev,
+            _ => return Err(StoreError::Corrupt(format!("unknown file kind {v}"))),
+        })
+    }
+
+    /// The `S_IFMT` bits of this kind.
+    pub fn mode_bits(self) -> u32 {
+        match self {
+            Self::File => libc::S_IFREG,
+            Self::Dir => libc::S_IFDIR,
+            Self::Symlink => libc::S_IFLNK,
+            Self::Fifo => libc::S_IFIFO,
+            Self::Socket => libc::S_IFSOCK,
+            Self::CharDev => libc::S_IFCHR,
+            Self::BlockDev => libc::S_IFBLK,
+        }
+    }
+
+    /// The kind named by the `S_IFMT` bits of `mode`.
+    pub fn from_mode(mode: u32) -> Option<Self> {
+        Some(match mode & libc::S_IFMT {
+            libc::S_IFREG | 0 => Self::File,
+            libc::S_IFDIR => Self::Dir,
+            libc::S_IFLNK => Self::Symlink,
+            libc::S_IFIFO => Self::Fifo,
+            libc::S_IFSOCK => Self::Socket,
+            libc::S_IFCHR => Self::CharDev,
+            libc::S_IFBLK => Self::BlockDev,
+            _ => return None,
+        })
+    }
+}
+
+/// A timestamp: seconds and nanoseconds since the Unix epoch.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default, PartialOrd, Ord)]
+pub struct Ts {
+    /// Seconds (may be negative).
+    pub sec: i64,
+    /// Nanoseconds, below 1e9.
+    pub nsec: u32,
+}
+
+impl Ts {
+    /// The current wall-clock time.
+    pub fn now() -> Self {
+        let d = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default();
+        Ts {
+            sec: d.as_secs() as i64,
+            nsec: d.subsec_nanos(),
+        }
+    }
+
+    /// Converts to `SystemTime`.
+    pub fn to_system(self) -> std::time::SystemTime {
+        use std::time::{Duration, UNIX_EPOCH};
+        if self.sec >= 0 {
+            UNIX_EPOCH + Duration::new(self.sec as u64, self.nsec)
+        } else {
+            UNIX_EPOCH - Duration::from_secs(self.sec.unsigned_abs()) + Duration::new(0, self.nsec)
+        }
+    }
+
+    /// Converts from `SystemTime`.
+    pub fn from_system(t: std::time::SystemTime) -> Self {
+        match t.duration_since(std::time::UNIX_EPOCH) {
+            Ok(d) => Ts {
+                sec: d.as_secs() as i64,
+                nsec: d.subsec_nanos(),
+            },
+            Err(e) => {
+                let d = e.duration();
+                let mut sec = -(d.as_secs() as i64);
+                let mut nsec = d.subsec_nanos();
+                if nsec > 0 {
+                    sec -= 1;
+                    nsec = 1_000_000_000 - nsec;
+                }
+                Ts { sec, nsec }
+            }
+        }
+    }
+}
+
+/// An inode record: attributes plus, for symlinks, the target.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct InodeRec {
+    /// File kind.
+    pub kind: FileKind,
+    /// Permission bits including setuid, setgid and sticky (`0o7777`).
+    pub perm: u32,
+    /// Owner.
+    pub uid: u32,
+    /// Group.
+    pub gid: u32,
+    /// Hard link count.
+    pub nlink: u32,
+    /// Size in bytes.
+    pub size: u64,
+    /// Access time.
+    pub atime: Ts,
+    /// Modification time.
+    pub mtime: Ts,
+    /// Status change time.
+    pub ctime: Ts,
+    /// Creation time.
+    pub crtime: Ts,
+    /// Device number for device nodes.
+    pub rdev: u32,
+    /// Parent directory (directories only; 0 otherwise).
+    pub parent: u64,
+    /// Symlink target (symlinks only).
+    pub target: Vec<u8>,
+}
+
+const INODE_FIXED: usize = 1 + 4 * 4 + 8 + 4 * 12 + 4 + 8;
+
+impl InodeRec {
+    /// Encodes the record (payload only, without the tag byte).
+    pub fn encode(&self, out: &mut Vec<u8>) {
+        out.push(self.kind as u8);
+        for v in [self.perm, self.uid, self.gid, self.nlink] {
+            out.extend_from_slice(&v.to_le_bytes());
+        }
+        out.extend_from_slice(&self.size.to_le_bytes());
+        for t in [self.atime, self.mtime, self.ctime, self.crtime] {
+            out.extend_from_slice(&t.sec.to_le_bytes());
+            out.extend_from_slice(&t.nsec.to_le_bytes());
+        }
+        out.extend_from_slice(&self.rdev.to_le_bytes());
+        out.extend_from_slice(&self.parent.to_le_bytes());
+        out.extend_from_slice(&self.target);
+    }
+
+    /// Decodes a payload written by [`InodeRec::encode`].
+    pub fn decode(b: &[u8]) -> Result<Self, StoreError> {
+        if b.len() < INODE_FIXED {
+            return Err(StoreError::Corrupt(format!(
+                "inode record of {} bytes",
+                b.len()
+            )));
+        }
+        let mut r = Reader(b);
+        let kind = FileKind::from_u8(r.u8())?;
+        let perm = r.u32();
+        let uid = r.u32();
+        let gid = r.u32();
+        let nlink = r.u32();
+        let size = r.u64();
+        let mut ts = [Ts::default(); 4];
+        for t in &mut ts {
+            t.sec = r.u64() as i64;
+            t.nsec = r.u32();
+        }
+        let rdev = r.u32();
+        let parent = r.u64();
+        Ok(InodeRec {
+            kind,
+            perm,
+            uid,
+            gid,
+            nlink,
+            size,
+            atime: ts[0],
+            mtime: ts[1],
+            ctime: ts[2],
+            crtime: ts[3],
+            rdev,
+            parent,
+            target: r.0.to_vec(),
+        })
+    }
+}
+
+/// A directory entry's payload.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DirentRec {
+    /// The inode the name points at.
+    pub ino: u64,
+    /// Its kind (kept here so readdir needs no inode lookups).
+    pub kind: FileKind,
+}
+
+impl DirentRec {
+    /// Encodes the payload.
+    pub fn encode(&self, out: &mut Vec<u8>) {
+        out.extend_from_slice(&self.ino.to_le_bytes());
+        out.push(self.kind as u8);
+    }
+
+    /// Decodes the payload.
+    pub fn decode(b: &[u8]) -> Result<Self, StoreError> {
+        if b.len() != 9 {
+            return Err(StoreError::Corrupt(format!("dirent of {} bytes", b.len())));
+        }
+        let mut r = Reader(b);
+        Ok(DirentRec {
+            ino: r.u64(),
+            kind: FileKind::from_u8(r.u8())?,
+        })
+    }
+}
+
+/// A block map entry's payload: which extent holds the block.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct BlockRec {
+    /// The extent's hash.
+    pub hash: [u8; 32],
+    /// The extent's length (the block's stored length; a short tail is short).
+    pub len: u32,
+}
+
+impl BlockRec {
+    /// Encodes the payload.
+    pub fn encode(&self, out: &mut Vec<u8>) {
+        out.extend_from_slice(&self.hash);
+        out.extend_from_slice(&self.len.to_le_bytes());
+    }
+
+    /// Decodes the payload.
+    pub fn decode(b: &[u8]) -> Result<Self, StoreError> {
+        if b.len() != 36 {
+            return Err(StoreError::Corrupt(format!(
+                "block entry of {} bytes",
+                b.len()
+            )));
+        }
+        let mut hash = [0u8; 32];
+        hash.copy_from_slice(&b[..32]);
+        Ok(BlockRec {
+            hash,
+            len: u32::from_le_bytes([b[32], b[33], b[34], b[35]]),
+        })
+    }
+}
+
+/// Where an extent lives and how many block map records name it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ExtentRec {
+    /// Segment id.
+    pub segment: u64,
+    /// Offset of the extent's data (after its header) in the segment file.
+    pub offset: u64,
+    /// Data length.
+    pub len: u32,
+    /// Number of block map records (of any epoch) naming this extent.
+    pub refs: u64,
+}
+
+impl ExtentRec {
+    /// Encodes the value.
+    pub fn encode(&self) -> [u8; 28] {
+        let mut out = [0u8; 28];
+        out[..8].copy_from_slice(&self.segment.to_le_bytes());
+        out[8..16].copy_from_slice(&self.offset.to_le_bytes());
+        out[16..20].copy_from_slice(&self.len.to_le_bytes());
+        out[20..28].copy_from_slice(&self.refs.to_le_bytes());
+        out
+    }
+
+    /// Decodes the value.
+    pub fn decode(b: &[u8]) -> Result<Self, StoreError> {
+        if b.len() != 28 {
+            return Err(StoreError::Corrupt(format!(
+                "extent row of {} bytes",
+                b.len()
+            )));
+        }
+        let mut r = Reader(b);
+        Ok(ExtentRec {
+            segment: r.u64(),
+            offset: r.u64(),
+            len: r.u32(),
+            refs: r.u64(),
+        })
+    }
+}
+
+/// A snapshot catalog row.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SnapshotRec {
+    /// The epoch the snapshot froze.
+    pub epoch: u64,
+    /// When it was taken.
+    pub created: Ts,
+}
+
+impl SnapshotRec {
+    /// Encodes the value.
+    pub fn encode(&self) -> [u8; 20] {
+        let mut out = [0u8; 20];
+        out[..8].copy_from_slice(&self.epoch.to_le_bytes());
+        out[8..16].copy_from_slice(&self.created.sec.to_le_bytes());
+        out[16..20].copy_from_slice(&self.created.nsec.to_le_bytes());
+        out
+    }
+
+    /// Decodes the value.
+    pub fn decode(b: &[u8]) -> Result<Self, StoreError> {
+        if b.len() != 20 {
+            return Err(StoreError::Corrupt(format!(
+                "snapshot row of {} bytes",
+                b.len()
+            )));
+        }
+        let mut r = Reader(b);
+        Ok(SnapshotRec {
+            epoch: r.u64(),
+            created: Ts {
+                sec: r.u64() as i64,
+                nsec: r.u32(),
+            },
+        })
+    }
+}
+
+/// Little-endian cursor over a byte slice whose length the caller checked.
+struct Reader<'a>(&'a [u8]);
+
+impl Reader<'_> {
+    fn take<const N: usize>(&mut self) -> [u8; N] {
+        let mut a = [0u8; N];
+        a.copy_from_slice(&self.0[..N]);
+        self.0 = &self.0[N..];
+        a
+    }
+    fn u8(&mut self) -> u8 {
+        self.take::<1>()[0]
+    }
+    fn u32(&mut self) -> u32 {
+        u32::from_le_bytes(self.take())
+    }
+    fn u64(&mut self) -> u64 {
+        u64::from_le_bytes(self.take())
+    }
+}
+
+/// Reads a little-endian u64 from a `meta` value.
+pub fn le_u64(b: &[u8]) -> Result<u64, StoreError> {
+    b.try_into()
+        .map(u64::from_le_bytes)
+        .map_err(|_| StoreError::Corrupt(format!("meta value of {} bytes, want 8", b.len())))
+}
+
+/// Reads a little-endian u32 from a `meta` value.
+pub fn le_u32(b: &[u8]) -> Result<u32, StoreError> {
+    b.try_into()
+        .map(u32::from_le_bytes)
+        .map_err(|_| StoreError::Corrupt(format!("meta value of {} bytes, want 4", b.len())))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn inode_round_trip() {
+        let rec = InodeRec {
+            kind: FileKind::Symlink,
+            perm: 0o4755,
+            uid: 1000,
+            gid: 100,
+            nlink: 1,
+            size: 1 << 40,
+            atime: Ts { sec: -5, nsec: 7 },
+            mtime: Ts::now(),
+            ctime: Ts::now(),
+            crtime: Ts::now(),
+            rdev: 0x0801,
+            parent: 0,
+            target: b"../target".to_vec(),
+        };
+        let mut b = Vec::new();
+        rec.encode(&mut b);
+        assert_eq!(InodeRec::decode(&b).unwrap(), rec);
+        assert!(InodeRec::decode(&b[..10]).is_err());
+    }
+
+    #[test]
+    fn ts_negative_round_trip() {
+        let t = Ts { sec: -3, nsec: 250 };
+        assert_eq!(Ts::from_system(t.to_system()), t);
+    }
+}

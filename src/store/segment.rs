@@ -1,0 +1,197 @@
+//! Append-only segment files that hold extent bytes.
+//!
+//! A segment is `segments/<id as 16 hex digits>.seg`: a 16-byte header
+//! (`b"SNAPFSG1"`, then the segment id as u64 LE) followed by extents, each a 40-byte
+//! header (`b"SXT1"`, data length u32 LE, blake3 hash of the data) and the data. The
+//! `extents` table points at the data, not at its header; the headers let `fsck` walk a
+//! segment on its own. Bytes past the last extent that redb knows of are the leftovers
+//! of a crash before a commit: harmless, and overwritten by nothing (appends go to the
+//! end of the file).
+
+use std::collections::HashMap;
+use std::fs::{File, OpenOptions};
+use std::io;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+
+use crate::store::StoreError;
+
+/// Magic at the start of every segment file.
+pub const SEGMENT_MAGIC: &[u8; 8] = b"SNAPFSG1";
+/// Bytes of the segment header.
+pub const SEGMENT_HEADER: u64 = 16;
+/// Magic at the start of every extent header.
+pub const EXTENT_MAGIC: &[u8; 4] = b"SXT1";
+/// Bytes of an extent header.
+pub const EXTENT_HEADER: u64 = 40;
+/// A segment is closed and a new one started past this size.
+pub const SEGMENT_TARGET: u64 = 1 << 30;
+
+/// The set of segment files of a store, with one open for appending.
+#[derive(Debug)]
+pub struct Segments {
+    dir: PathBuf,
+    files: HashMap<u64, File>,
+    active: u64,
+    active_len: u64,
+    /// Segments written since the last `sync`.
+    unsynced: Vec<u64>,
+}
+
+/// The path of segment `id` under `dir`.
+pub fn segment_path(dir: &Path, id: u64) -> PathBuf {
+    dir.join(format!("{id:016x}.seg"))
+}
+
+impl Segments {
+    /// Opens the segment directory, creating it if `create`, and picks the newest
+    /// segment to append to.
+    pub fn open(dir: &Path, create: bool) -> Result<Self, StoreError> {
+        if create {
+            std::fs::create_dir_all(dir)?;
+        }
+        let mut newest = 0u64;
+        for entry in std::fs::read_dir(dir)? {
+            let name = entry?.file_name();
+            let name = name.to_string_lossy();
+            if let Some(id) = name
+                .strip_suffix(".seg")
+                .and_then(|h| u64::from_str_radix(h, 16).ok())
+            {
+                newest = newest.max(id);
+            }
+        }
+        let mut segs = Segments {
+            dir: dir.to_path_buf(),
+            files: HashMap::new(),
+            active: 0,
+            active_len: 0,
+            unsynced: Vec::new(),
+        };
+        if newest == 0 {
+            segs.start(1)?;
+        } else {
+            let len = segs.file(newest)?.metadata()?.len();
+            segs.active = newest;
+            segs.active_len = len.max(SEGMENT_HEADER);
+        }
+        Ok(segs)
+    }
+
+    /// Ids of all segment files present.
+    pub fn ids(&self) -> Result<Vec<u64>, StoreError> {
+        let mut ids = Vec::new();
+        for entry in std::fs::read_dir(&self.dir)? {
+            let name = entry?.file_name();
+            if let Some(id) = name
+                .to_string_lossy()
+                .strip_suffix(".seg")
+                .and_then(|h| u64::from_str_radix(h, 16).ok())
+            {
+                ids.push(id);
+            }
+        }
+        ids.sort_unstable();
+        Ok(ids)
+    }
+
+    fn start(&mut self, id: u64) -> Result<(), StoreError> {
+        let path = segment_path(&self.dir, id);
+        let f = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(&path)?;
+        let mut header = [0u8; SEGMENT_HEADER as usize];
+        header[..8].copy_from_slice(SEGMENT_MAGIC);
+        header[8..].copy_from_slice(&id.to_le_bytes());
+        f.write_all_at(&header, 0)?;
+        self.files.insert(id, f);
+        self.active = id;
+        self.active_len = SEGMENT_HEADER;
+        self.unsynced.push(id);
+        Ok(())
+    }
+
+    /// The open file of segment `id`.
+    pub fn file(&mut self, id: u64) -> Result<&File, StoreError> {
+        if !self.files.contains_key(&id) {
+            let path = segment_path(&self.dir, id);
+            let f = OpenOptions::new()
+                .read(true)
+                .write(true)
+                .open(&path)
+                .map_err(|e| {
+                    if e.kind() == io::ErrorKind::NotFound {
+                        StoreError::Corrupt(format!("segment {id:016x} is missing"))
+                    } else {
+                        e.into()
+                    }
+                })?;
+            self.files.insert(id, f);
+        }
+        Ok(&self.files[&id])
+    }
+
+    /// Appends one extent; returns (segment, offset of its data).
+    pub fn append(&mut self, hash: &[u8; 32], data: &[u8]) -> Result<(u64, u64), StoreError> {
+        if self.active_len + EXTENT_HEADER + data.len() as u64 > SEGMENT_TARGET
+            && self.active_len > SEGMENT_HEADER
+        {
+            let next = self.active + 1;
+            self.start(next)?;
+        }
+        let id = self.active;
+        let at = self.active_len;
+        let mut buf = Vec::with_capacity(EXTENT_HEADER as usize + data.len());
+        buf.extend_from_slice(EXTENT_MAGIC);
+        buf.extend_from_slice(&(data.len() as u32).to_le_bytes());
+        buf.extend_from_slice(hash);
+        buf.extend_from_slice(data);
+        self.file(id)?.write_all_at(&buf, at)?;
+        self.active_len = at + buf.len() as u64;
+        if self.unsynced.last() != Some(&id) {
+            self.unsynced.push(id);
+        }
+        Ok((id, at + EXTENT_HEADER))
+    }
+
+    /// Reads `len` bytes of extent data at `offset` of segment `id`.
+    pub fn read(&mut self, id: u64, offset: u64, len: u32) -> Result<Vec<u8>, StoreError> {
+        let mut buf = vec![0u8; len as usize];
+        let f = self.file(id)?;
+        f.read_exact_at(&mut buf, offset).map_err(|e| {
+            if e.kind() == io::ErrorKind::UnexpectedEof {
+                StoreError::Corrupt(format!(
+                    "extent at {offset}+{len} is past the end of segment {id:016x}"
+                ))
+            } else {
+                e.into()
+            }
+        })?;
+        Ok(buf)
+    }
+
+    /// Makes every appended extent durable (`fdatasync`), and the directory entries of
+    /// new segment files.
+    pub fn sync(&mut self) -> Result<(), StoreError> {
+        if self.unsynced.is_empty() {
+            return Ok(());
+        }
+        for id in std::mem::take(&mut self.unsynced) {
+            self.file(id)?.sync_data()?;
+        }
+        File::open(&self.dir)?.sync_all()?;
+        Ok(())
+    }
+
+    /// Bytes used on disk by all segment files.
+    pub fn disk_bytes(&self) -> Result<u64, StoreError> {
+        let mut total = 0;
+        for id in self.ids()? {
+            total += std::fs::metadata(segment_path(&self.dir, id))?.len();
+        }
+        Ok(total)
+    }
+}
