@@ -18,6 +18,9 @@ use crate::store::StoreConfig;
 /// The control socket inside a store.
 pub const SOCKET: &str = "snapfs.sock";
 
+/// The daemon's process id, inside the store, while it runs.
+pub const PIDFILE: &str = "snapfs.pid";
+
 /// Parsed `-o` options.
 #[derive(Debug, Default)]
 pub struct MountOptions {
@@ -191,6 +194,8 @@ pub fn mount(
         daemonize(&store)?;
     }
     tracing::info!(store = %store.display(), mountpoint = %mp.display(), "mounted");
+    let pidfile = store.join(PIDFILE);
+    let _ = std::fs::write(&pidfile, format!("{}\n", std::process::id()));
 
     // Signals: block them here so every thread inherits the mask, and wait for them in
     // one thread that unmounts; the session then ends and we flush below.
@@ -221,7 +226,10 @@ pub fn mount(
     if let Some(path) = control {
         let _ = std::fs::remove_file(path);
     }
-    fs.lock().sync_all().context("final flush")?;
+    let flushed = fs.lock().sync_all();
+    drop(fs);
+    let _ = std::fs::remove_file(&pidfile);
+    flushed.context("final flush")?;
     tracing::info!("unmounted cleanly");
     res.context("FUSE session failed")
 }

@@ -1,0 +1,482 @@
+//! POSIX behaviour of a real snapfs mount, driven with real syscalls.
+
+mod common;
+
+use std::ffi::CString;
+use std::fs::{self, File, OpenOptions};
+use std::io::{ErrorKind, Read, Seek, SeekFrom, Write};
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::{FileExt, MetadataExt, PermissionsExt};
+use std::os::unix::io::AsRawFd;
+use std::path::Path;
+use std::process::Command;
+
+use common::*;
+
+fn cpath(p: &Path) -> CString {
+    CString::new(p.as_os_str().as_bytes()).unwrap()
+}
+
+fn errno() -> i32 {
+    std::io::Error::last_os_error().raw_os_error().unwrap()
+}
+
+fn rename2(a: &Path, b: &Path, flags: u32) -> Result<(), i32> {
+    let (a, b) = (cpath(a), cpath(b));
+    // SAFETY: valid NUL-terminated paths.
+    let r = unsafe { libc::renameat2(libc::AT_FDCWD, a.as_ptr(), libc::AT_FDCWD, b.as_ptr(), flags) };
+    if r == 0 { Ok(()) } else { Err(errno()) }
+}
+
+fn rename_err(a: &Path, b: &Path) -> i32 {
+    fs::rename(a, b).unwrap_err().raw_os_error().unwrap()
+}
+
+#[test]
+fn random_offset_writes_match_a_model_and_survive_remount() {
+    let mut m = Mount::new();
+    let p = m.path("f");
+    let mut model = vec![0u8; 0];
+    let f = OpenOptions::new().create(true).read(true).write(true).open(&p).unwrap();
+    let mut x = 12345u64;
+    for i in 0..400 {
+        x = x.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        let off = (x >> 20) % (3 << 20);
+        let len = 1 + ((x >> 8) % 200_000) as usize;
+        let data = pattern(i, len);
+        f.write_all_at(&data, off).unwrap();
+        let end = off as usize + len;
+        if model.len() < end {
+            model.resize(end, 0);
+        }
+        model[off as usize..end].copy_from_slice(&data);
+        if i % 50 == 0 {
+            let mut back = vec![0u8; model.len()];
+            f.read_exact_at(&mut back, 0).unwrap();
+            assert!(back == model, "content differs after write {i}");
+        }
+    }
+    drop(f);
+    m.remount();
+    let back = fs::read(&p).unwrap();
+    assert_eq!(back.len(), model.len());
+    assert!(back == model, "content differs after remount");
+    assert!(m.fsck().status.success());
+}
+
+#[test]
+fn sparse_files_read_zeros_and_seek_data_hole() {
+    let m = Mount::new();
+    let p = m.path("sparse");
+    let f = OpenOptions::new().create(true).read(true).write(true).open(&p).unwrap();
+    let tib = 1u64 << 40;
+    f.write_all_at(b"head", 0).unwrap();
+    f.write_all_at(b"tail", tib).unwrap();
+    let md = f.metadata().unwrap();
+    assert_eq!(md.len(), tib + 4);
+    let mut buf = vec![1u8; 4096];
+    f.read_exact_at(&mut buf, tib / 2).unwrap();
+    assert!(buf.iter().all(|&b| b == 0), "a hole reads as zeros");
+    let mut tail = [0u8; 4];
+    f.read_exact_at(&mut tail, tib).unwrap();
+    assert_eq!(&tail, b"tail");
+    let fd = f.as_raw_fd();
+    // SAFETY: lseek on an open descriptor.
+    let hole = unsafe { libc::lseek(fd, 0, libc::SEEK_HOLE) };
+    assert!(hole > 0 && (hole as u64) < tib, "first hole after the head block: {hole}");
+    // SAFETY: as above.
+    let data = unsafe { libc::lseek(fd, 1 << 20, libc::SEEK_DATA) };
+    assert!(data as u64 <= tib && data as u64 > tib - (1 << 20), "next data near the tail: {data}");
+    // SAFETY: as above.
+    let past = unsafe { libc::lseek(fd, (tib + 10) as i64, libc::SEEK_DATA) };
+    assert_eq!(past, -1);
+    assert_eq!(errno(), libc::ENXIO);
+    // Truncating down and up again leaves zeros, not old bytes.
+    f.set_len(2).unwrap();
+    f.set_len(4096).unwrap();
+    let mut b = vec![0u8; 4096];
+    f.read_exact_at(&mut b, 0).unwrap();
+    assert_eq!(&b[..2], b"he");
+    assert!(b[2..].iter().all(|&x| x == 0));
+}
+
+#[test]
+fn one_gib_file_round_trips() {
+    let mut m = Mount::new();
+    let p = m.path("big");
+    let chunk = 1 << 20;
+    let mut h = blake3::Hasher::new();
+    {
+        let mut f = File::create(&p).unwrap();
+        for i in 0..1024u64 {
+            let data = pattern(i, chunk);
+            h.update(&data);
+            f.write_all(&data).unwrap();
+        }
+        f.sync_all().unwrap();
+    }
+    let want = h.finalize();
+    m.remount();
+    let mut f = File::open(&p).unwrap();
+    assert_eq!(f.metadata().unwrap().len(), 1 << 30);
+    let mut h = blake3::Hasher::new();
+    let mut buf = vec![0u8; chunk];
+    loop {
+        let n = f.read(&mut buf).unwrap();
+        if n == 0 {
+            break;
+        }
+        h.update(&buf[..n]);
+    }
+    assert_eq!(h.finalize(), want);
+}
+
+#[test]
+fn open_flags_append_trunc_excl() {
+    let m = Mount::new();
+    let p = m.path("f");
+    fs::write(&p, b"abc").unwrap();
+    let mut f = OpenOptions::new().append(true).open(&p).unwrap();
+    f.write_all(b"def").unwrap();
+    drop(f);
+    assert_eq!(fs::read(&p).unwrap(), b"abcdef");
+    let e = OpenOptions::new().write(true).create_new(true).open(&p).unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::AlreadyExists);
+    let mut f = OpenOptions::new().write(true).truncate(true).open(&p).unwrap();
+    f.write_all(b"x").unwrap();
+    drop(f);
+    assert_eq!(fs::read(&p).unwrap(), b"x");
+    // Names: 255 bytes work, 256 do not.
+    let long = "n".repeat(255);
+    fs::write(m.path(&long), b"1").unwrap();
+    assert_eq!(fs::read(m.path(&long)).unwrap(), b"1");
+    let e = fs::write(m.path(&"n".repeat(256)), b"1").unwrap_err();
+    assert_eq!(e.raw_os_error(), Some(libc::ENAMETOOLONG));
+}
+
+#[test]
+fn hard_links_share_data_and_count() {
+    let mut m = Mount::new();
+    fs::write(m.path("a"), b"shared").unwrap();
+    fs::create_dir(m.path("d")).unwrap();
+    fs::hard_link(m.path("a"), m.path("d/b")).unwrap();
+    let (ma, mb) = (fs::metadata(m.path("a")).unwrap(), fs::metadata(m.path("d/b")).unwrap());
+    assert_eq!(ma.ino(), mb.ino());
+    assert_eq!(ma.nlink(), 2);
+    fs::write(m.path("d/b"), b"changed").unwrap();
+    assert_eq!(fs::read(m.path("a")).unwrap(), b"changed");
+    // rename over another link of the same inode does nothing
+    fs::rename(m.path("a"), m.path("d/b")).unwrap();
+    assert!(m.path("a").exists());
+    fs::remove_file(m.path("a")).unwrap();
+    assert_eq!(fs::metadata(m.path("d/b")).unwrap().nlink(), 1);
+    assert_eq!(fs::hard_link(m.path("d"), m.path("d2")).unwrap_err().raw_os_error(), Some(libc::EPERM));
+    m.remount();
+    assert_eq!(fs::read(m.path("d/b")).unwrap(), b"changed");
+    assert_eq!(fs::metadata(m.path("d/b")).unwrap().nlink(), 1);
+    assert!(m.fsck().status.success());
+}
+
+#[test]
+fn unlinked_open_file_stays_readable_until_closed() {
+    let m = Mount::new();
+    fs::write(m.path("f"), pattern(3, 300_000)).unwrap();
+    let mut f = File::open(m.path("f")).unwrap();
+    fs::remove_file(m.path("f")).unwrap();
+    assert!(!m.path("f").exists());
+    let mut back = Vec::new();
+    f.read_to_end(&mut back).unwrap();
+    assert_eq!(back, pattern(3, 300_000));
+    drop(f);
+    let st = snapfs(&["status", m.store.to_str().unwrap()]);
+    let out = String::from_utf8_lossy(&st.stdout);
+    assert!(out.contains("stored bytes:     0"), "data freed after close:\n{out}");
+}
+
+#[test]
+fn rename_every_case() {
+    let m = Mount::new();
+    let p = |s: &str| m.path(s);
+    fs::create_dir_all(p("a/sub")).unwrap();
+    fs::create_dir(p("b")).unwrap();
+    fs::write(p("a/f"), b"f").unwrap();
+    fs::write(p("b/g"), b"g").unwrap();
+
+    // replace a file
+    fs::rename(p("a/f"), p("b/g")).unwrap();
+    assert_eq!(fs::read(p("b/g")).unwrap(), b"f");
+    assert!(!p("a/f").exists());
+
+    // directory across parents: link counts follow
+    let (na, nb) = (fs::metadata(p("a")).unwrap().nlink(), fs::metadata(p("b")).unwrap().nlink());
+    fs::rename(p("a/sub"), p("b/sub")).unwrap();
+    assert_eq!(fs::metadata(p("a")).unwrap().nlink(), na - 1);
+    assert_eq!(fs::metadata(p("b")).unwrap().nlink(), nb + 1);
+
+    // a directory under itself
+    fs::create_dir(p("b/sub/deep")).unwrap();
+    assert_eq!(rename_err(&p("b/sub"), &p("b/sub/deep/x")), libc::EINVAL);
+    assert_eq!(rename_err(&p("b"), &p("b/sub/deep/x")), libc::EINVAL);
+
+    // replace an empty directory; refuse a non-empty one
+    fs::create_dir(p("empty")).unwrap();
+    fs::rename(p("b/sub/deep"), p("empty")).unwrap();
+    assert!(p("empty").is_dir() && !p("b/sub/deep").exists());
+    fs::create_dir(p("full")).unwrap();
+    fs::write(p("full/x"), b"").unwrap();
+    assert_eq!(rename_err(&p("empty"), &p("full")), libc::ENOTEMPTY);
+
+    // kinds must agree
+    assert_eq!(rename_err(&p("b/g"), &p("empty")), libc::EISDIR);
+    assert_eq!(rename_err(&p("empty"), &p("b/g")), libc::ENOTDIR);
+    assert_eq!(rename_err(&p("nonexistent"), &p("x")), libc::ENOENT);
+
+    // RENAME_NOREPLACE
+    fs::write(p("n1"), b"1").unwrap();
+    fs::write(p("n2"), b"2").unwrap();
+    assert_eq!(rename2(&p("n1"), &p("n2"), libc::RENAME_NOREPLACE), Err(libc::EEXIST));
+    rename2(&p("n1"), &p("n3"), libc::RENAME_NOREPLACE).unwrap();
+    assert_eq!(fs::read(p("n3")).unwrap(), b"1");
+
+    // RENAME_EXCHANGE: a file and a directory in different parents
+    let (ne, nb) = (fs::metadata(p("empty")).unwrap().ino(), fs::metadata(p("b")).unwrap().nlink());
+    rename2(&p("b/g"), &p("empty"), libc::RENAME_EXCHANGE).unwrap();
+    assert_eq!(fs::read(p("empty")).unwrap(), b"f");
+    assert_eq!(fs::metadata(p("b/g")).unwrap().ino(), ne);
+    assert!(p("b/g").is_dir());
+    assert_eq!(fs::metadata(p("b")).unwrap().nlink(), nb + 1, "b gained a subdirectory");
+    assert_eq!(rename2(&p("n3"), &p("missing"), libc::RENAME_EXCHANGE), Err(libc::ENOENT));
+    assert_eq!(rename2(&p("b"), &p("b/sub/x"), libc::RENAME_EXCHANGE), Err(libc::ENOENT));
+    fs::create_dir(p("b/sub/y")).unwrap();
+    assert_eq!(rename2(&p("b"), &p("b/sub/y"), libc::RENAME_EXCHANGE), Err(libc::EINVAL));
+    assert!(m.fsck().status.success(), "{}", String::from_utf8_lossy(&m.fsck().stdout));
+}
+
+fn xattr_set(p: &Path, name: &str, v: &[u8], flags: i32) -> Result<(), i32> {
+    let (p, n) = (cpath(p), CString::new(name).unwrap());
+    // SAFETY: valid pointers for the call.
+    let r = unsafe { libc::setxattr(p.as_ptr(), n.as_ptr(), v.as_ptr().cast(), v.len(), flags) };
+    if r == 0 { Ok(()) } else { Err(errno()) }
+}
+
+fn xattr_get(p: &Path, name: &str) -> Result<Vec<u8>, i32> {
+    let (p, n) = (cpath(p), CString::new(name).unwrap());
+    let mut buf = vec![0u8; 70000];
+    // SAFETY: valid pointers for the call.
+    let r = unsafe { libc::getxattr(p.as_ptr(), n.as_ptr(), buf.as_mut_ptr().cast(), buf.len()) };
+    if r < 0 {
+        return Err(errno());
+    }
+    buf.truncate(r as usize);
+    Ok(buf)
+}
+
+fn xattr_list(p: &Path) -> Vec<String> {
+    let p = cpath(p);
+    let mut buf = vec![0u8; 65536];
+    // SAFETY: valid pointers for the call.
+    let r = unsafe { libc::listxattr(p.as_ptr(), buf.as_mut_ptr().cast(), buf.len()) };
+    assert!(r >= 0);
+    buf[..r as usize]
+        .split(|&b| b == 0)
+        .filter(|s| !s.is_empty())
+        .map(|s| String::from_utf8_lossy(s).into_owned())
+        .collect()
+}
+
+#[test]
+fn xattrs_set_get_list_remove_with_flags() {
+    let mut m = Mount::new();
+    let f = m.path("f");
+    fs::write(&f, b"").unwrap();
+    xattr_set(&f, "user.a", b"1", 0).unwrap();
+    xattr_set(&f, "trusted.b", b"", 0).unwrap();
+    let big = pattern(9, 65536);
+    xattr_set(&f, "security.big", &big, 0).unwrap();
+    assert_eq!(xattr_set(&f, "user.a", b"2", libc::XATTR_CREATE), Err(libc::EEXIST));
+    assert_eq!(xattr_set(&f, "user.none", b"2", libc::XATTR_REPLACE), Err(libc::ENODATA));
+    xattr_set(&f, "user.a", b"3", libc::XATTR_REPLACE).unwrap();
+    assert_eq!(xattr_get(&f, "user.a").unwrap(), b"3");
+    assert_eq!(xattr_get(&f, "trusted.b").unwrap(), b"");
+    assert_eq!(xattr_get(&f, "user.none"), Err(libc::ENODATA));
+    assert_eq!(xattr_set(&f, "bogus.x", b"1", 0), Err(libc::EOPNOTSUPP));
+    let mut names = xattr_list(&f);
+    names.sort();
+    assert_eq!(names, ["security.big", "trusted.b", "user.a"]);
+    m.remount();
+    assert_eq!(xattr_get(&f, "security.big").unwrap(), big);
+    let c = cpath(&f);
+    let n = CString::new("user.a").unwrap();
+    // SAFETY: valid pointers.
+    assert_eq!(unsafe { libc::removexattr(c.as_ptr(), n.as_ptr()) }, 0);
+    assert_eq!(xattr_get(&f, "user.a"), Err(libc::ENODATA));
+    // SAFETY: valid pointers.
+    assert_eq!(unsafe { libc::removexattr(c.as_ptr(), n.as_ptr()) }, -1);
+    assert_eq!(errno(), libc::ENODATA);
+}
+
+#[test]
+fn permissions_hold_for_an_unprivileged_user() {
+    let m = Mount::new();
+    fs::set_permissions(&m.mnt, fs::Permissions::from_mode(0o755)).unwrap();
+    fs::create_dir(m.path("private")).unwrap();
+    fs::set_permissions(m.path("private"), fs::Permissions::from_mode(0o700)).unwrap();
+    fs::write(m.path("private/secret"), b"s").unwrap();
+    fs::create_dir(m.path("open")).unwrap();
+    fs::set_permissions(m.path("open"), fs::Permissions::from_mode(0o1777)).unwrap();
+    fs::write(m.path("open/rootfile"), b"r").unwrap();
+    fs::write(m.path("ro"), b"r").unwrap();
+    fs::set_permissions(m.path("ro"), fs::Permissions::from_mode(0o644)).unwrap();
+    fs::write(m.path("open/suid"), b"s").unwrap();
+    fs::set_permissions(m.path("open/suid"), fs::Permissions::from_mode(0o6777)).unwrap();
+
+    let q = |s: &str| m.path(s).display().to_string();
+    let denied = as_nobody(&format!("cat {}", q("private/secret")));
+    assert!(!denied.status.success(), "0700 directory of root is closed to nobody");
+    assert!(!as_nobody(&format!("echo x >> {}", q("ro"))).status.success());
+    assert!(!as_nobody(&format!("chmod 777 {}", q("ro"))).status.success());
+    assert!(!as_nobody(&format!("rm -f {}", q("open/rootfile"))).status.success(), "sticky bit");
+    let ok = as_nobody(&format!("echo mine > {0} && chmod 600 {0}", q("open/mine")));
+    assert!(ok.status.success(), "{}", String::from_utf8_lossy(&ok.stderr));
+    let md = fs::metadata(m.path("open/mine")).unwrap();
+    assert_eq!((md.uid(), md.gid(), md.mode() & 0o7777), (65534, 65534, 0o600));
+    // a write by another user clears setuid and setgid
+    let w = as_nobody(&format!("echo more >> {}", q("open/suid")));
+    assert!(w.status.success());
+    assert_eq!(fs::metadata(m.path("open/suid")).unwrap().mode() & 0o6000, 0);
+}
+
+#[test]
+fn default_acls_are_inherited_and_enforced() {
+    let m = Mount::new();
+    let d = m.path("shared");
+    fs::create_dir(&d).unwrap();
+    fs::set_permissions(&d, fs::Permissions::from_mode(0o750)).unwrap();
+    let run = |args: &[&str]| {
+        let out = Command::new(args[0]).args(&args[1..]).output().expect("acl tools (apt-get install acl)");
+        assert!(out.status.success(), "{args:?}: {}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let ds = d.display().to_string();
+    assert!(!as_nobody(&format!("ls {ds}")).status.success());
+    run(&["setfacl", "-m", "u:nobody:rx", &ds]);
+    assert!(as_nobody(&format!("ls {ds}")).status.success(), "named-user ACL grants access");
+    run(&["setfacl", "-d", "-m", "u:nobody:rw", &ds]);
+    fs::write(d.join("child"), b"c").unwrap();
+    let acl = run(&["getfacl", "-c", &d.join("child").display().to_string()]);
+    assert!(acl.contains("user:nobody:rw-"), "inherited ACL:\n{acl}");
+    fs::create_dir(d.join("subdir")).unwrap();
+    let acl = run(&["getfacl", "-c", &d.join("subdir").display().to_string()]);
+    assert!(acl.contains("default:user:nobody:rw-"), "subdirectories inherit the default:\n{acl}");
+    assert!(as_nobody(&format!("echo n >> {ds}/child")).status.success());
+    // chmod narrows the mask
+    run(&["chmod", "600", &d.join("child").display().to_string()]);
+    assert!(!as_nobody(&format!("echo n >> {ds}/child")).status.success());
+}
+
+#[test]
+fn special_files_and_symlinks() {
+    let mut m = Mount::new();
+    let c = |s: &str| cpath(&m.path(s));
+    // SAFETY: valid paths.
+    unsafe {
+        assert_eq!(libc::mknod(c("fifo").as_ptr(), libc::S_IFIFO | 0o644, 0), 0);
+        assert_eq!(libc::mknod(c("chr").as_ptr(), libc::S_IFCHR | 0o644, libc::makedev(1, 3)), 0);
+        assert_eq!(libc::mknod(c("blk").as_ptr(), libc::S_IFBLK | 0o644, libc::makedev(8, 1)), 0);
+        assert_eq!(libc::mknod(c("sock").as_ptr(), libc::S_IFSOCK | 0o644, 0), 0);
+    }
+    std::os::unix::fs::symlink("target/../x", m.path("link")).unwrap();
+    m.remount();
+    let md = fs::symlink_metadata(m.path("chr")).unwrap();
+    assert_eq!(md.mode() & libc::S_IFMT, libc::S_IFCHR);
+    assert_eq!(md.rdev(), libc::makedev(1, 3));
+    assert_eq!(fs::symlink_metadata(m.path("fifo")).unwrap().mode() & libc::S_IFMT, libc::S_IFIFO);
+    assert_eq!(fs::symlink_metadata(m.path("sock")).unwrap().mode() & libc::S_IFMT, libc::S_IFSOCK);
+    assert_eq!(fs::read_link(m.path("link")).unwrap(), Path::new("target/../x"));
+}
+
+#[test]
+fn fallocate_punch_hole_and_copy_file_range_sharing() {
+    let m = Mount::new();
+    let src = m.path("src");
+    let data = pattern(5, 8 << 20);
+    fs::write(&src, &data).unwrap();
+    let stored = |m: &Mount| -> u64 {
+        let out = snapfs(&["status", m.mnt.to_str().unwrap()]);
+        let s = String::from_utf8_lossy(&out.stdout).into_owned();
+        s.lines()
+            .find_map(|l| l.strip_prefix("stored bytes:"))
+            .unwrap_or_else(|| panic!("no stored bytes in {s}"))
+            .trim()
+            .parse()
+            .unwrap()
+    };
+    let before = stored(&m);
+    assert_eq!(before, 8 << 20);
+    let fin = File::open(&src).unwrap();
+    let fout = File::create(m.path("dst")).unwrap();
+    let mut copied = 0usize;
+    while copied < data.len() {
+        // SAFETY: valid descriptors, null offsets use the file positions.
+        let n = unsafe {
+            libc::copy_file_range(fin.as_raw_fd(), std::ptr::null_mut(), fout.as_raw_fd(), std::ptr::null_mut(), data.len() - copied, 0)
+        };
+        assert!(n > 0, "copy_file_range: {}", std::io::Error::last_os_error());
+        copied += n as usize;
+    }
+    drop(fout);
+    assert!(fs::read(m.path("dst")).unwrap() == data);
+    assert_eq!(stored(&m), before, "the copy shares extents");
+
+    // punch a hole in the copy: zeros there, the source untouched, size unchanged
+    let f = OpenOptions::new().read(true).write(true).open(m.path("dst")).unwrap();
+    // SAFETY: valid descriptor.
+    let r = unsafe {
+        libc::fallocate(f.as_raw_fd(), libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE, 100_000, 1_000_000)
+    };
+    assert_eq!(r, 0);
+    let back = fs::read(m.path("dst")).unwrap();
+    assert_eq!(back.len(), data.len());
+    assert!(back[100_000..1_100_000].iter().all(|&b| b == 0));
+    assert!(back[..100_000] == data[..100_000] && back[1_100_000..] == data[1_100_000..]);
+    assert!(fs::read(&src).unwrap() == data);
+    // plain fallocate extends the size
+    // SAFETY: valid descriptor.
+    assert_eq!(unsafe { libc::fallocate(f.as_raw_fd(), 0, 0, 10 << 20) }, 0);
+    assert_eq!(f.metadata().unwrap().len(), 10 << 20);
+}
+
+#[test]
+fn statfs_reports_the_disk_under_the_store() {
+    let m = Mount::new();
+    let vfs = |p: &Path| {
+        // SAFETY: zeroed statvfs is valid; the path is NUL-terminated.
+        let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+        assert_eq!(unsafe { libc::statvfs(cpath(p).as_ptr(), &mut st) }, 0);
+        st
+    };
+    let (a, b) = (vfs(&m.mnt), vfs(&m.store));
+    assert_eq!(a.f_blocks * a.f_frsize, b.f_blocks * b.f_frsize);
+    assert!(a.f_bavail > 0);
+}
+
+#[test]
+fn seek_positions_and_directory_listing() {
+    let m = Mount::new();
+    fs::create_dir(m.path("d")).unwrap();
+    for i in 0..500 {
+        fs::write(m.path(&format!("d/file-{i:04}")), b"").unwrap();
+    }
+    let mut names: Vec<String> = fs::read_dir(m.path("d"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    assert_eq!(names.len(), 500);
+    assert_eq!(names[0], "file-0000");
+    assert_eq!(fs::remove_dir(m.path("d")).unwrap_err().raw_os_error(), Some(libc::ENOTEMPTY));
+    let mut f = File::create(m.path("s")).unwrap();
+    f.seek(SeekFrom::Start(70_000)).unwrap();
+    f.write_all(b"z").unwrap();
+    assert_eq!(f.metadata().unwrap().len(), 70_001);
+}
