@@ -1,0 +1,128 @@
+//! The command line on bad input: one clear line, a non-zero exit, nothing changed.
+
+mod common;
+
+use std::fs;
+
+use common::*;
+
+fn fails_with(args: &[&str], needle: &str) {
+    let out = snapfs(args);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{args:?} succeeded");
+    assert!(
+        err.contains(needle),
+        "{args:?}: stderr {err:?} lacks {needle:?}"
+    );
+    assert_eq!(err.trim().lines().count(), 1, "one line: {err:?}");
+    assert!(!err.contains("panicked"));
+}
+
+#[test]
+fn mount_refuses_bad_mountpoints_and_stores() {
+    let m = Mount::new();
+    let d = m.dir.path();
+    let s = |p: &str| d.join(p).display().to_string();
+    fs::write(d.join("file"), b"x").unwrap();
+    fs::create_dir(d.join("notastore")).unwrap();
+    fs::write(d.join("notastore/keep"), b"data").unwrap();
+    fs::create_dir(d.join("mnt2")).unwrap();
+
+    fails_with(&["mount", &s("new"), &s("missing")], "missing");
+    fails_with(&["mount", &s("new"), &s("file")], "not a directory");
+    fails_with(
+        &["mount", &s("new"), m.mnt.to_str().unwrap()],
+        "already a mount point",
+    );
+    fails_with(
+        &["mount", &s("notastore"), &s("mnt2")],
+        "not a snapfs store",
+    );
+    assert_eq!(fs::read(d.join("notastore/keep")).unwrap(), b"data");
+    assert_eq!(
+        fs::read_dir(d.join("notastore")).unwrap().count(),
+        1,
+        "nothing added"
+    );
+    fails_with(&["mount", m.store.to_str().unwrap(), &s("mnt2")], "in use");
+    fails_with(
+        &["mount", &s("new"), &s("mnt2"), "-o", "bogus"],
+        "unknown mount option",
+    );
+    fails_with(&["fsck", &s("notastore")], "neither a snapfs store");
+}
+
+#[test]
+fn a_corrupt_database_is_refused_cleanly() {
+    let mut m = Mount::new();
+    fs::write(m.path("f"), b"data").unwrap();
+    m.unmount();
+    let db = m.store.join("snapfs.redb");
+    let mut bytes = fs::read(&db).unwrap();
+    for b in bytes.iter_mut().take(4096) {
+        *b ^= 0x5a;
+    }
+    fs::write(&db, &bytes).unwrap();
+    let mnt2 = m.dir.path().join("mnt2");
+    fs::create_dir(&mnt2).unwrap();
+    fails_with(
+        &["mount", m.store.to_str().unwrap(), mnt2.to_str().unwrap()],
+        "cannot open store",
+    );
+    assert_eq!(fs::read(&db).unwrap(), bytes, "the store is left as it was");
+    fails_with(&["fsck", m.store.to_str().unwrap()], "cannot open store");
+}
+
+#[test]
+fn fsck_finds_a_damaged_extent() {
+    let mut m = Mount::new();
+    fs::write(m.path("f"), pattern(7, 200_000)).unwrap();
+    m.unmount();
+    assert!(m.fsck().status.success());
+    let seg = fs::read_dir(m.store.join("segments"))
+        .unwrap()
+        .next()
+        .unwrap()
+        .unwrap()
+        .path();
+    let mut bytes = fs::read(&seg).unwrap();
+    let n = bytes.len();
+    bytes[n - 100] ^= 0xff;
+    fs::write(&seg, &bytes).unwrap();
+    let out = m.fsck();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("does not match its hash"));
+    // Reading the damaged block answers EIO, not wrong bytes.
+    m.mount(&[]);
+    let e = fs::read(m.path("f")).unwrap_err();
+    assert_eq!(e.raw_os_error(), Some(libc::EIO));
+}
+
+#[test]
+fn status_and_fsck_work_mounted_and_unmounted() {
+    let mut m = Mount::new();
+    fs::write(m.path("a"), pattern(1, 100_000)).unwrap();
+    let mounted = snapfs(&["status", m.mnt.to_str().unwrap()]);
+    assert!(mounted.status.success());
+    let text = String::from_utf8_lossy(&mounted.stdout).into_owned();
+    assert!(text.contains("files:            1"), "{text}");
+    assert!(text.contains("logical bytes:    100000"), "{text}");
+    let f = snapfs(&["fsck", m.mnt.to_str().unwrap()]);
+    assert!(f.status.success(), "{}", String::from_utf8_lossy(&f.stdout));
+    m.unmount();
+    let st = snapfs(&["status", m.store.to_str().unwrap()]);
+    assert_eq!(String::from_utf8_lossy(&st.stdout), text);
+}
+
+#[test]
+fn sigterm_flushes_and_exits_cleanly() {
+    let mut m = Mount::new();
+    fs::write(m.path("f"), b"written before SIGTERM").unwrap();
+    let pid = m.pid();
+    // SAFETY: plain kill(2).
+    unsafe { libc::kill(pid, libc::SIGTERM) };
+    wait_exit(pid);
+    assert!(!snapfs::daemon::is_mounted(&m.mnt));
+    m.mount(&[]);
+    assert_eq!(fs::read(m.path("f")).unwrap(), b"written before SIGTERM");
+}
