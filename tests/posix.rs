@@ -24,7 +24,15 @@ fn errno() -> i32 {
 fn rename2(a: &Path, b: &Path, flags: u32) -> Result<(), i32> {
     let (a, b) = (cpath(a), cpath(b));
     // SAFETY: valid NUL-terminated paths.
-    let r = unsafe { libc::renameat2(libc::AT_FDCWD, a.as_ptr(), libc::AT_FDCWD, b.as_ptr(), flags) };
+    let r = unsafe {
+        libc::renameat2(
+            libc::AT_FDCWD,
+            a.as_ptr(),
+            libc::AT_FDCWD,
+            b.as_ptr(),
+            flags,
+        )
+    };
     if r == 0 { Ok(()) } else { Err(errno()) }
 }
 
@@ -37,10 +45,17 @@ fn random_offset_writes_match_a_model_and_survive_remount() {
     let mut m = Mount::new();
     let p = m.path("f");
     let mut model = vec![0u8; 0];
-    let f = OpenOptions::new().create(true).read(true).write(true).open(&p).unwrap();
+    let f = OpenOptions::new()
+        .create(true)
+        .read(true)
+        .write(true)
+        .open(&p)
+        .unwrap();
     let mut x = 12345u64;
     for i in 0..400 {
-        x = x.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        x = x
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
         let off = (x >> 20) % (3 << 20);
         let len = 1 + ((x >> 8) % 200_000) as usize;
         let data = pattern(i, len);
@@ -68,7 +83,12 @@ fn random_offset_writes_match_a_model_and_survive_remount() {
 fn sparse_files_read_zeros_and_seek_data_hole() {
     let m = Mount::new();
     let p = m.path("sparse");
-    let f = OpenOptions::new().create(true).read(true).write(true).open(&p).unwrap();
+    let f = OpenOptions::new()
+        .create(true)
+        .read(true)
+        .write(true)
+        .open(&p)
+        .unwrap();
     let tib = 1u64 << 40;
     f.write_all_at(b"head", 0).unwrap();
     f.write_all_at(b"tail", tib).unwrap();
@@ -83,10 +103,16 @@ fn sparse_files_read_zeros_and_seek_data_hole() {
     let fd = f.as_raw_fd();
     // SAFETY: lseek on an open descriptor.
     let hole = unsafe { libc::lseek(fd, 0, libc::SEEK_HOLE) };
-    assert!(hole > 0 && (hole as u64) < tib, "first hole after the head block: {hole}");
+    assert!(
+        hole > 0 && (hole as u64) < tib,
+        "first hole after the head block: {hole}"
+    );
     // SAFETY: as above.
     let data = unsafe { libc::lseek(fd, 1 << 20, libc::SEEK_DATA) };
-    assert!(data as u64 <= tib && data as u64 > tib - (1 << 20), "next data near the tail: {data}");
+    assert!(
+        data as u64 <= tib && data as u64 > tib - (1 << 20),
+        "next data near the tail: {data}"
+    );
     // SAFETY: as above.
     let past = unsafe { libc::lseek(fd, (tib + 10) as i64, libc::SEEK_DATA) };
     assert_eq!(past, -1);
@@ -140,9 +166,17 @@ fn open_flags_append_trunc_excl() {
     f.write_all(b"def").unwrap();
     drop(f);
     assert_eq!(fs::read(&p).unwrap(), b"abcdef");
-    let e = OpenOptions::new().write(true).create_new(true).open(&p).unwrap_err();
+    let e = OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(&p)
+        .unwrap_err();
     assert_eq!(e.kind(), ErrorKind::AlreadyExists);
-    let mut f = OpenOptions::new().write(true).truncate(true).open(&p).unwrap();
+    let mut f = OpenOptions::new()
+        .write(true)
+        .truncate(true)
+        .open(&p)
+        .unwrap();
     f.write_all(b"x").unwrap();
     drop(f);
     assert_eq!(fs::read(&p).unwrap(), b"x");
@@ -160,7 +194,10 @@ fn hard_links_share_data_and_count() {
     fs::write(m.path("a"), b"shared").unwrap();
     fs::create_dir(m.path("d")).unwrap();
     fs::hard_link(m.path("a"), m.path("d/b")).unwrap();
-    let (ma, mb) = (fs::metadata(m.path("a")).unwrap(), fs::metadata(m.path("d/b")).unwrap());
+    let (ma, mb) = (
+        fs::metadata(m.path("a")).unwrap(),
+        fs::metadata(m.path("d/b")).unwrap(),
+    );
     assert_eq!(ma.ino(), mb.ino());
     assert_eq!(ma.nlink(), 2);
     fs::write(m.path("d/b"), b"changed").unwrap();
@@ -170,7 +207,12 @@ fn hard_links_share_data_and_count() {
     assert!(m.path("a").exists());
     fs::remove_file(m.path("a")).unwrap();
     assert_eq!(fs::metadata(m.path("d/b")).unwrap().nlink(), 1);
-    assert_eq!(fs::hard_link(m.path("d"), m.path("d2")).unwrap_err().raw_os_error(), Some(libc::EPERM));
+    assert_eq!(
+        fs::hard_link(m.path("d"), m.path("d2"))
+            .unwrap_err()
+            .raw_os_error(),
+        Some(libc::EPERM)
+    );
     m.remount();
     assert_eq!(fs::read(m.path("d/b")).unwrap(), b"changed");
     assert_eq!(fs::metadata(m.path("d/b")).unwrap().nlink(), 1);
@@ -190,7 +232,10 @@ fn unlinked_open_file_stays_readable_until_closed() {
     drop(f);
     let st = snapfs(&["status", m.store.to_str().unwrap()]);
     let out = String::from_utf8_lossy(&st.stdout);
-    assert!(out.contains("stored bytes:     0"), "data freed after close:\n{out}");
+    assert!(
+        out.contains("stored bytes:     0"),
+        "data freed after close:\n{out}"
+    );
 }
 
 #[test]
@@ -208,7 +253,10 @@ fn rename_every_case() {
     assert!(!p("a/f").exists());
 
     // directory across parents: link counts follow
-    let (na, nb) = (fs::metadata(p("a")).unwrap().nlink(), fs::metadata(p("b")).unwrap().nlink());
+    let (na, nb) = (
+        fs::metadata(p("a")).unwrap().nlink(),
+        fs::metadata(p("b")).unwrap().nlink(),
+    );
     fs::rename(p("a/sub"), p("b/sub")).unwrap();
     assert_eq!(fs::metadata(p("a")).unwrap().nlink(), na - 1);
     assert_eq!(fs::metadata(p("b")).unwrap().nlink(), nb + 1);
@@ -234,22 +282,45 @@ fn rename_every_case() {
     // RENAME_NOREPLACE
     fs::write(p("n1"), b"1").unwrap();
     fs::write(p("n2"), b"2").unwrap();
-    assert_eq!(rename2(&p("n1"), &p("n2"), libc::RENAME_NOREPLACE), Err(libc::EEXIST));
+    assert_eq!(
+        rename2(&p("n1"), &p("n2"), libc::RENAME_NOREPLACE),
+        Err(libc::EEXIST)
+    );
     rename2(&p("n1"), &p("n3"), libc::RENAME_NOREPLACE).unwrap();
     assert_eq!(fs::read(p("n3")).unwrap(), b"1");
 
     // RENAME_EXCHANGE: a file and a directory in different parents
-    let (ne, nb) = (fs::metadata(p("empty")).unwrap().ino(), fs::metadata(p("b")).unwrap().nlink());
+    let (ne, nb) = (
+        fs::metadata(p("empty")).unwrap().ino(),
+        fs::metadata(p("b")).unwrap().nlink(),
+    );
     rename2(&p("b/g"), &p("empty"), libc::RENAME_EXCHANGE).unwrap();
     assert_eq!(fs::read(p("empty")).unwrap(), b"f");
     assert_eq!(fs::metadata(p("b/g")).unwrap().ino(), ne);
     assert!(p("b/g").is_dir());
-    assert_eq!(fs::metadata(p("b")).unwrap().nlink(), nb + 1, "b gained a subdirectory");
-    assert_eq!(rename2(&p("n3"), &p("missing"), libc::RENAME_EXCHANGE), Err(libc::ENOENT));
-    assert_eq!(rename2(&p("b"), &p("b/sub/x"), libc::RENAME_EXCHANGE), Err(libc::ENOENT));
+    assert_eq!(
+        fs::metadata(p("b")).unwrap().nlink(),
+        nb + 1,
+        "b gained a subdirectory"
+    );
+    assert_eq!(
+        rename2(&p("n3"), &p("missing"), libc::RENAME_EXCHANGE),
+        Err(libc::ENOENT)
+    );
+    assert_eq!(
+        rename2(&p("b"), &p("b/sub/x"), libc::RENAME_EXCHANGE),
+        Err(libc::ENOENT)
+    );
     fs::create_dir(p("b/sub/y")).unwrap();
-    assert_eq!(rename2(&p("b"), &p("b/sub/y"), libc::RENAME_EXCHANGE), Err(libc::EINVAL));
-    assert!(m.fsck().status.success(), "{}", String::from_utf8_lossy(&m.fsck().stdout));
+    assert_eq!(
+        rename2(&p("b"), &p("b/sub/y"), libc::RENAME_EXCHANGE),
+        Err(libc::EINVAL)
+    );
+    assert!(
+        m.fsck().status.success(),
+        "{}",
+        String::from_utf8_lossy(&m.fsck().stdout)
+    );
 }
 
 fn xattr_set(p: &Path, name: &str, v: &[u8], flags: i32) -> Result<(), i32> {
@@ -293,8 +364,14 @@ fn xattrs_set_get_list_remove_with_flags() {
     xattr_set(&f, "trusted.b", b"", 0).unwrap();
     let big = pattern(9, 65536);
     xattr_set(&f, "security.big", &big, 0).unwrap();
-    assert_eq!(xattr_set(&f, "user.a", b"2", libc::XATTR_CREATE), Err(libc::EEXIST));
-    assert_eq!(xattr_set(&f, "user.none", b"2", libc::XATTR_REPLACE), Err(libc::ENODATA));
+    assert_eq!(
+        xattr_set(&f, "user.a", b"2", libc::XATTR_CREATE),
+        Err(libc::EEXIST)
+    );
+    assert_eq!(
+        xattr_set(&f, "user.none", b"2", libc::XATTR_REPLACE),
+        Err(libc::ENODATA)
+    );
     xattr_set(&f, "user.a", b"3", libc::XATTR_REPLACE).unwrap();
     assert_eq!(xattr_get(&f, "user.a").unwrap(), b"3");
     assert_eq!(xattr_get(&f, "trusted.b").unwrap(), b"");
@@ -332,18 +409,44 @@ fn permissions_hold_for_an_unprivileged_user() {
 
     let q = |s: &str| m.path(s).display().to_string();
     let denied = as_nobody(&format!("cat {}", q("private/secret")));
-    assert!(!denied.status.success(), "0700 directory of root is closed to nobody");
-    assert!(!as_nobody(&format!("echo x >> {}", q("ro"))).status.success());
-    assert!(!as_nobody(&format!("chmod 777 {}", q("ro"))).status.success());
-    assert!(!as_nobody(&format!("rm -f {}", q("open/rootfile"))).status.success(), "sticky bit");
+    assert!(
+        !denied.status.success(),
+        "0700 directory of root is closed to nobody"
+    );
+    assert!(
+        !as_nobody(&format!("echo x >> {}", q("ro")))
+            .status
+            .success()
+    );
+    assert!(
+        !as_nobody(&format!("chmod 777 {}", q("ro")))
+            .status
+            .success()
+    );
+    assert!(
+        !as_nobody(&format!("rm -f {}", q("open/rootfile")))
+            .status
+            .success(),
+        "sticky bit"
+    );
     let ok = as_nobody(&format!("echo mine > {0} && chmod 600 {0}", q("open/mine")));
-    assert!(ok.status.success(), "{}", String::from_utf8_lossy(&ok.stderr));
+    assert!(
+        ok.status.success(),
+        "{}",
+        String::from_utf8_lossy(&ok.stderr)
+    );
     let md = fs::metadata(m.path("open/mine")).unwrap();
-    assert_eq!((md.uid(), md.gid(), md.mode() & 0o7777), (65534, 65534, 0o600));
+    assert_eq!(
+        (md.uid(), md.gid(), md.mode() & 0o7777),
+        (65534, 65534, 0o600)
+    );
     // a write by another user clears setuid and setgid
     let w = as_nobody(&format!("echo more >> {}", q("open/suid")));
     assert!(w.status.success());
-    assert_eq!(fs::metadata(m.path("open/suid")).unwrap().mode() & 0o6000, 0);
+    assert_eq!(
+        fs::metadata(m.path("open/suid")).unwrap().mode() & 0o6000,
+        0
+    );
 }
 
 #[test]
@@ -353,21 +456,34 @@ fn default_acls_are_inherited_and_enforced() {
     fs::create_dir(&d).unwrap();
     fs::set_permissions(&d, fs::Permissions::from_mode(0o750)).unwrap();
     let run = |args: &[&str]| {
-        let out = Command::new(args[0]).args(&args[1..]).output().expect("acl tools (apt-get install acl)");
-        assert!(out.status.success(), "{args:?}: {}", String::from_utf8_lossy(&out.stderr));
+        let out = Command::new(args[0])
+            .args(&args[1..])
+            .output()
+            .expect("acl tools (apt-get install acl)");
+        assert!(
+            out.status.success(),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         String::from_utf8_lossy(&out.stdout).into_owned()
     };
     let ds = d.display().to_string();
     assert!(!as_nobody(&format!("ls {ds}")).status.success());
     run(&["setfacl", "-m", "u:nobody:rx", &ds]);
-    assert!(as_nobody(&format!("ls {ds}")).status.success(), "named-user ACL grants access");
+    assert!(
+        as_nobody(&format!("ls {ds}")).status.success(),
+        "named-user ACL grants access"
+    );
     run(&["setfacl", "-d", "-m", "u:nobody:rw", &ds]);
     fs::write(d.join("child"), b"c").unwrap();
     let acl = run(&["getfacl", "-c", &d.join("child").display().to_string()]);
     assert!(acl.contains("user:nobody:rw-"), "inherited ACL:\n{acl}");
     fs::create_dir(d.join("subdir")).unwrap();
     let acl = run(&["getfacl", "-c", &d.join("subdir").display().to_string()]);
-    assert!(acl.contains("default:user:nobody:rw-"), "subdirectories inherit the default:\n{acl}");
+    assert!(
+        acl.contains("default:user:nobody:rw-"),
+        "subdirectories inherit the default:\n{acl}"
+    );
     assert!(as_nobody(&format!("echo n >> {ds}/child")).status.success());
     // chmod narrows the mask
     run(&["chmod", "600", &d.join("child").display().to_string()]);
@@ -381,18 +497,44 @@ fn special_files_and_symlinks() {
     // SAFETY: valid paths.
     unsafe {
         assert_eq!(libc::mknod(c("fifo").as_ptr(), libc::S_IFIFO | 0o644, 0), 0);
-        assert_eq!(libc::mknod(c("chr").as_ptr(), libc::S_IFCHR | 0o644, libc::makedev(1, 3)), 0);
-        assert_eq!(libc::mknod(c("blk").as_ptr(), libc::S_IFBLK | 0o644, libc::makedev(8, 1)), 0);
-        assert_eq!(libc::mknod(c("sock").as_ptr(), libc::S_IFSOCK | 0o644, 0), 0);
+        assert_eq!(
+            libc::mknod(
+                c("chr").as_ptr(),
+                libc::S_IFCHR | 0o644,
+                libc::makedev(1, 3)
+            ),
+            0
+        );
+        assert_eq!(
+            libc::mknod(
+                c("blk").as_ptr(),
+                libc::S_IFBLK | 0o644,
+                libc::makedev(8, 1)
+            ),
+            0
+        );
+        assert_eq!(
+            libc::mknod(c("sock").as_ptr(), libc::S_IFSOCK | 0o644, 0),
+            0
+        );
     }
     std::os::unix::fs::symlink("target/../x", m.path("link")).unwrap();
     m.remount();
     let md = fs::symlink_metadata(m.path("chr")).unwrap();
     assert_eq!(md.mode() & libc::S_IFMT, libc::S_IFCHR);
     assert_eq!(md.rdev(), libc::makedev(1, 3));
-    assert_eq!(fs::symlink_metadata(m.path("fifo")).unwrap().mode() & libc::S_IFMT, libc::S_IFIFO);
-    assert_eq!(fs::symlink_metadata(m.path("sock")).unwrap().mode() & libc::S_IFMT, libc::S_IFSOCK);
-    assert_eq!(fs::read_link(m.path("link")).unwrap(), Path::new("target/../x"));
+    assert_eq!(
+        fs::symlink_metadata(m.path("fifo")).unwrap().mode() & libc::S_IFMT,
+        libc::S_IFIFO
+    );
+    assert_eq!(
+        fs::symlink_metadata(m.path("sock")).unwrap().mode() & libc::S_IFMT,
+        libc::S_IFSOCK
+    );
+    assert_eq!(
+        fs::read_link(m.path("link")).unwrap(),
+        Path::new("target/../x")
+    );
 }
 
 #[test]
@@ -419,9 +561,20 @@ fn fallocate_punch_hole_and_copy_file_range_sharing() {
     while copied < data.len() {
         // SAFETY: valid descriptors, null offsets use the file positions.
         let n = unsafe {
-            libc::copy_file_range(fin.as_raw_fd(), std::ptr::null_mut(), fout.as_raw_fd(), std::ptr::null_mut(), data.len() - copied, 0)
+            libc::copy_file_range(
+                fin.as_raw_fd(),
+                std::ptr::null_mut(),
+                fout.as_raw_fd(),
+                std::ptr::null_mut(),
+                data.len() - copied,
+                0,
+            )
         };
-        assert!(n > 0, "copy_file_range: {}", std::io::Error::last_os_error());
+        assert!(
+            n > 0,
+            "copy_file_range: {}",
+            std::io::Error::last_os_error()
+        );
         copied += n as usize;
     }
     drop(fout);
@@ -429,10 +582,19 @@ fn fallocate_punch_hole_and_copy_file_range_sharing() {
     assert_eq!(stored(&m), before, "the copy shares extents");
 
     // punch a hole in the copy: zeros there, the source untouched, size unchanged
-    let f = OpenOptions::new().read(true).write(true).open(m.path("dst")).unwrap();
+    let f = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(m.path("dst"))
+        .unwrap();
     // SAFETY: valid descriptor.
     let r = unsafe {
-        libc::fallocate(f.as_raw_fd(), libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE, 100_000, 1_000_000)
+        libc::fallocate(
+            f.as_raw_fd(),
+            libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+            100_000,
+            1_000_000,
+        )
     };
     assert_eq!(r, 0);
     let back = fs::read(m.path("dst")).unwrap();
@@ -474,7 +636,10 @@ fn seek_positions_and_directory_listing() {
     names.sort();
     assert_eq!(names.len(), 500);
     assert_eq!(names[0], "file-0000");
-    assert_eq!(fs::remove_dir(m.path("d")).unwrap_err().raw_os_error(), Some(libc::ENOTEMPTY));
+    assert_eq!(
+        fs::remove_dir(m.path("d")).unwrap_err().raw_os_error(),
+        Some(libc::ENOTEMPTY)
+    );
     let mut f = File::create(m.path("s")).unwrap();
     f.seek(SeekFrom::Start(70_000)).unwrap();
     f.write_all(b"z").unwrap();

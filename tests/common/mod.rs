@@ -17,7 +17,10 @@ pub struct Mount {
 }
 
 pub fn snapfs(args: &[&str]) -> Output {
-    Command::new(SNAPFS).args(args).output().expect("running snapfs")
+    Command::new(SNAPFS)
+        .args(args)
+        .output()
+        .expect("running snapfs")
 }
 
 impl Mount {
@@ -27,17 +30,29 @@ impl Mount {
     }
 
     pub fn with_options(opts: &[&str]) -> Mount {
-        let dir = tempfile::Builder::new().prefix("snapfs-test").tempdir().expect("tempdir");
+        let dir = tempfile::Builder::new()
+            .prefix("snapfs-test")
+            .tempdir()
+            .expect("tempdir");
         let store = dir.path().join("store");
         let mnt = dir.path().join("mnt");
         std::fs::create_dir(&mnt).unwrap();
-        let mut m = Mount { dir, store, mnt, mounted: false };
+        let mut m = Mount {
+            dir,
+            store,
+            mnt,
+            mounted: false,
+        };
         m.mount(opts);
         m
     }
 
     pub fn mount(&mut self, opts: &[&str]) {
-        let mut args = vec!["mount", self.store.to_str().unwrap(), self.mnt.to_str().unwrap()];
+        let mut args = vec![
+            "mount",
+            self.store.to_str().unwrap(),
+            self.mnt.to_str().unwrap(),
+        ];
         for o in opts {
             args.push("-o");
             args.push(o);
@@ -123,7 +138,13 @@ pub fn wait_exit(pid: i32) {
         let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"));
         match stat {
             Err(_) => return,
-            Ok(s) if s.rsplit(')').next().is_some_and(|r| r.trim_start().starts_with('Z')) => return,
+            Ok(s)
+                if s.rsplit(')')
+                    .next()
+                    .is_some_and(|r| r.trim_start().starts_with('Z')) =>
+            {
+                return;
+            }
             Ok(_) => {}
         }
         assert!(Instant::now() < deadline, "daemon {pid} did not exit");
