@@ -645,3 +645,36 @@ fn seek_positions_and_directory_listing() {
     f.write_all(b"z").unwrap();
     assert_eq!(f.metadata().unwrap().len(), 70_001);
 }
+
+#[test]
+fn several_request_threads_serve_parallel_writers_correctly() {
+    let mut m = Mount::with_options(&["threads=4"]);
+    let handles: Vec<_> = (0..8u64)
+        .map(|t| {
+            let dir = m.mnt.join(format!("t{t}"));
+            std::thread::spawn(move || {
+                fs::create_dir(&dir).unwrap();
+                for i in 0..40u64 {
+                    let p = dir.join(format!("f{i}"));
+                    fs::write(&p, pattern(t * 1000 + i, 70_000 + i as usize)).unwrap();
+                    if i % 3 == 0 {
+                        fs::rename(&p, dir.join(format!("r{i}"))).unwrap();
+                    }
+                }
+            })
+        })
+        .collect();
+    for h in handles {
+        h.join().unwrap();
+    }
+    m.remount();
+    for t in 0..8u64 {
+        for i in 0..40u64 {
+            let name = if i % 3 == 0 { format!("r{i}") } else { format!("f{i}") };
+            let back = fs::read(m.path(&format!("t{t}/{name}"))).unwrap();
+            assert!(back == pattern(t * 1000 + i, 70_000 + i as usize), "t{t}/{name}");
+        }
+    }
+    m.unmount();
+    assert!(m.fsck().status.success());
+}
