@@ -168,8 +168,7 @@ pub fn mount(
         init_logging(None);
     }
     let fs = Arc::new(
-        Fs::open(&store, Some(&StoreConfig::default()))
-            .with_context(|| format!("cannot open store {}", store.display()))?,
+        open_waiting(&store).with_context(|| format!("cannot open store {}", store.display()))?,
     );
     let mut config = fuser::Config::default();
     config.mount_options = options.flags.clone();
@@ -190,12 +189,23 @@ pub fn mount(
     config.clone_fd = options.threads > 1;
     let mut session = fuser::Session::new(SnapFuse::new(fs.clone()), &mp, &config)
         .with_context(|| format!("cannot mount on {}", mp.display()))?;
-    if !foreground {
-        daemonize(&store)?;
-    }
+    let ready = if foreground {
+        None
+    } else {
+        Some(daemonize(&store)?)
+    };
     tracing::info!(store = %store.display(), mountpoint = %mp.display(), "mounted");
     let pidfile = store.join(PIDFILE);
-    let _ = std::fs::write(&pidfile, format!("{}\n", std::process::id()));
+    std::fs::write(&pidfile, format!("{}\n", std::process::id()))
+        .context("writing the pid file")?;
+    if let Some(fd) = ready {
+        // Tell the waiting parent that the daemon is up; it exits 0 on this byte.
+        // SAFETY: `fd` is the write end of the pipe made in `daemonize`, owned here.
+        unsafe {
+            libc::write(fd, b"1".as_ptr().cast(), 1);
+            libc::close(fd);
+        }
+    }
 
     // Signals: block them here so every thread inherits the mask, and wait for them in
     // one thread that unmounts; the session then ends and we flush below.
@@ -218,7 +228,7 @@ pub fn mount(
         })?;
     let stop = Arc::new(AtomicBool::new(false));
     let flusher = spawn_flusher(fs.clone(), stop.clone());
-    let control = serve_control(&store, fs.clone());
+    let control = serve_control(&store, Arc::downgrade(&fs));
 
     let res = session.run();
     stop.store(true, Ordering::Relaxed);
@@ -227,11 +237,31 @@ pub fn mount(
         let _ = std::fs::remove_file(path);
     }
     let flushed = fs.lock().sync_all();
-    drop(fs);
+    // Close the database before the pid file goes, so a waiter that sees it gone can
+    // open the store. Every other holder of the core has let go by now.
+    if Arc::try_unwrap(fs).is_err() {
+        tracing::warn!("the core is still shared at exit");
+    }
     let _ = std::fs::remove_file(&pidfile);
     flushed.context("final flush")?;
     tracing::info!("unmounted cleanly");
     res.context("FUSE session failed")
+}
+
+/// Opens (or creates) the store; while it is locked by a daemon that is still exiting
+/// after an unmount (its pid file present), waits up to five seconds for it.
+fn open_waiting(store: &Path) -> Result<Fs, crate::fs::FsError> {
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        match Fs::open(store, Some(&StoreConfig::default())) {
+            Err(crate::fs::FsError::Store(crate::store::StoreError::Locked))
+                if store.join(PIDFILE).exists() && std::time::Instant::now() < deadline =>
+            {
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            res => return res,
+        }
+    }
 }
 
 fn absolute(p: &Path) -> anyhow::Result<PathBuf> {
@@ -265,18 +295,38 @@ fn block_signals() -> libc::sigset_t {
     }
 }
 
-/// Forks: the parent exits 0 (the mount is live), the child carries on detached.
-fn daemonize(store: &Path) -> anyhow::Result<()> {
+/// Forks: the child carries on detached and returns the write end of a pipe on which
+/// it reports readiness; the parent waits for that byte and exits 0 (1 if the child
+/// died first; its error is in `STORE/snapfs.log`).
+fn daemonize(store: &Path) -> anyhow::Result<i32> {
+    let mut fds = [0i32; 2];
+    // SAFETY: `fds` is a valid out array of two descriptors.
+    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
+        bail!("pipe: {}", std::io::Error::last_os_error());
+    }
     // SAFETY: no other thread exists yet (the session's threads start in `run`), so
     // the child is a faithful copy; the parent leaves with `_exit`, running no
     // destructors that would unmount.
     match unsafe { libc::fork() } {
         -1 => bail!("fork: {}", std::io::Error::last_os_error()),
         0 => {}
-        _ => unsafe { libc::_exit(0) },
+        _ => unsafe {
+            libc::close(fds[1]);
+            let mut b = 0u8;
+            let n = libc::read(fds[0], (&mut b as *mut u8).cast(), 1);
+            if n != 1 {
+                eprintln!(
+                    "snapfs: the daemon exited during start-up; see {}",
+                    store.join("snapfs.log").display()
+                );
+                libc::_exit(1);
+            }
+            libc::_exit(0)
+        },
     }
     // SAFETY: plain syscalls on descriptors we own.
     unsafe {
+        libc::close(fds[0]);
         libc::setsid();
         let null = libc::open(c"/dev/null".as_ptr(), libc::O_RDWR);
         if null >= 0 {
@@ -289,7 +339,7 @@ fn daemonize(store: &Path) -> anyhow::Result<()> {
         }
     }
     init_logging(Some(&store.join("snapfs.log")));
-    Ok(())
+    Ok(fds[1])
 }
 
 /// Flushes buffered data every second and commits durably every five.
@@ -301,10 +351,10 @@ fn spawn_flusher(fs: Arc<Fs>, stop: Arc<AtomicBool>) -> std::thread::JoinHandle<
             while !stop.load(Ordering::Relaxed) {
                 std::thread::sleep(Duration::from_millis(200));
                 n += 1;
-                if n % 5 == 0 {
-                    if let Err(e) = fs.lock().tick(n % 25 == 0) {
-                        tracing::error!(error = %e, "background flush failed");
-                    }
+                if n.is_multiple_of(5)
+                    && let Err(e) = fs.lock().tick(n.is_multiple_of(25))
+                {
+                    tracing::error!(error = %e, "background flush failed");
                 }
             }
         })
@@ -312,7 +362,7 @@ fn spawn_flusher(fs: Arc<Fs>, stop: Arc<AtomicBool>) -> std::thread::JoinHandle<
 }
 
 /// Listens on `STORE/snapfs.sock` for CLI commands; returns the socket path.
-fn serve_control(store: &Path, fs: Arc<Fs>) -> Option<PathBuf> {
+fn serve_control(store: &Path, fs: std::sync::Weak<Fs>) -> Option<PathBuf> {
     let path = store.join(SOCKET);
     let _ = std::fs::remove_file(&path);
     let listener = match UnixListener::bind(&path) {
@@ -326,7 +376,7 @@ fn serve_control(store: &Path, fs: Arc<Fs>) -> Option<PathBuf> {
         .name("control".into())
         .spawn(move || {
             for conn in listener.incoming().flatten() {
-                let fs = fs.clone();
+                let Some(fs) = fs.upgrade() else { break };
                 let _ = std::thread::Builder::new()
                     .name("control-conn".into())
                     .spawn(move || {

@@ -47,6 +47,7 @@ fn random_offset_writes_match_a_model_and_survive_remount() {
     let mut model = vec![0u8; 0];
     let f = OpenOptions::new()
         .create(true)
+        .truncate(true)
         .read(true)
         .write(true)
         .open(&p)
@@ -85,6 +86,7 @@ fn sparse_files_read_zeros_and_seek_data_hole() {
     let p = m.path("sparse");
     let f = OpenOptions::new()
         .create(true)
+        .truncate(true)
         .read(true)
         .write(true)
         .open(&p)
@@ -670,9 +672,16 @@ fn several_request_threads_serve_parallel_writers_correctly() {
     m.remount();
     for t in 0..8u64 {
         for i in 0..40u64 {
-            let name = if i % 3 == 0 { format!("r{i}") } else { format!("f{i}") };
+            let name = if i % 3 == 0 {
+                format!("r{i}")
+            } else {
+                format!("f{i}")
+            };
             let back = fs::read(m.path(&format!("t{t}/{name}"))).unwrap();
-            assert!(back == pattern(t * 1000 + i, 70_000 + i as usize), "t{t}/{name}");
+            assert!(
+                back == pattern(t * 1000 + i, 70_000 + i as usize),
+                "t{t}/{name}"
+            );
         }
     }
     m.unmount();

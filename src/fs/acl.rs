@@ -30,7 +30,7 @@ struct Entry {
 }
 
 fn parse(b: &[u8]) -> FsResult<Vec<Entry>> {
-    if b.len() < 4 || (b.len() - 4) % 8 != 0 {
+    if b.len() < 4 || !(b.len() - 4).is_multiple_of(8) {
         return err(libc::EINVAL);
     }
     if u32::from_le_bytes([b[0], b[1], b[2], b[3]]) != VERSION {

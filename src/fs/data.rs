@@ -205,7 +205,7 @@ impl Inner {
                 let dropped = d.blocks.split_off(&keep);
                 self.dirty_bytes -= dropped.len() * bs as usize;
             }
-            if size % bs != 0 {
+            if !size.is_multiple_of(bs) {
                 // Zero the cut block's tail, so growing again reads zeros.
                 let idx = size / bs;
                 let within = (size % bs) as usize;

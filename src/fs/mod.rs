@@ -370,6 +370,7 @@ impl Inner {
 
     /// Creates a node of any kind: file, directory, symlink, fifo, socket or device.
     /// `mode` carries the type bits; `umask` applies unless the parent has a default ACL.
+    #[allow(clippy::too_many_arguments)]
     pub fn mknod(
         &mut self,
         parent: u64,
@@ -643,10 +644,8 @@ impl Inner {
         if noreplace && dst.is_some() {
             return err(libc::EEXIST);
         }
-        if let Some(d) = dst {
-            if d.ino == src.ino {
-                return Ok(());
-            }
+        if dst.is_some_and(|d| d.ino == src.ino) {
+            return Ok(());
         }
         // A directory may not move under itself.
         if src.kind == FileKind::Dir

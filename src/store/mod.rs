@@ -377,7 +377,10 @@ impl<'a> RecKey<'a> {
     }
 }
 
-type VKey = (u64, u8, u64, &'static [u8], u64);
+use schema::VersionKey as VKey;
+
+/// A version found: its epoch and payload (`None` for a tombstone).
+pub type Version = (u64, Option<Vec<u8>>);
 
 /// The newest version of `key` at or below `epoch`: `(its epoch, payload)`, where a
 /// tombstone's payload is `None`.
@@ -385,7 +388,7 @@ pub fn newest<T: ReadableTable<VKey, &'static [u8]>>(
     t: &T,
     key: RecKey<'_>,
     epoch: u64,
-) -> Result<Option<(u64, Option<Vec<u8>>)>, StoreError> {
+) -> Result<Option<Version>, StoreError> {
     let mut it = t.range(key.at(0)..=key.at(epoch))?;
     match it.next_back() {
         None => Ok(None),
@@ -425,17 +428,8 @@ pub fn scan_visible<T: ReadableTable<VKey, &'static [u8]>>(
     mut f: impl FnMut(u64, &[u8], &[u8]) -> Result<bool, StoreError>,
 ) -> Result<(), StoreError> {
     let lo: VKey = (ino, kind, *subs.start(), &[], 0);
+    // The newest row at or below `epoch` of the identity being read: (sub, name, value).
     let mut pending: Option<(u64, Vec<u8>, Vec<u8>)> = None;
-    let flush = |p: Option<(u64, Vec<u8>, Vec<u8>)>,
-                 f: &mut dyn FnMut(u64, &[u8], &[u8]) -> Result<bool, StoreError>|
-     -> Result<bool, StoreError> {
-        if let Some((sub, name, v)) = p {
-            if v.first() == Some(&TAG_PRESENT) {
-                return f(sub, &name, &v[1..]);
-            }
-        }
-        Ok(true)
-    };
     for row in t.range(lo..)? {
         let (k, v) = row?;
         let (kino, kkind, ksub, kname, kepoch) = k.value();
@@ -445,19 +439,24 @@ pub fn scan_visible<T: ReadableTable<VKey, &'static [u8]>>(
         if kepoch > epoch {
             continue;
         }
-        let same = matches!(&pending, Some((s, n, _)) if *s == ksub && n.as_slice() == kname);
-        if same {
-            if let Some(p) = pending.as_mut() {
-                p.2 = v.value().to_vec();
-            }
-        } else {
-            let prev = pending.replace((ksub, kname.to_vec(), v.value().to_vec()));
-            if !flush(prev, &mut f)? {
-                return Ok(());
+        match pending.as_mut() {
+            Some(p) if p.0 == ksub && p.1.as_slice() == kname => p.2 = v.value().to_vec(),
+            _ => {
+                if let Some((s, n, val)) =
+                    pending.replace((ksub, kname.to_vec(), v.value().to_vec()))
+                    && val.first() == Some(&TAG_PRESENT)
+                    && !f(s, &n, &val[1..])?
+                {
+                    return Ok(());
+                }
             }
         }
     }
-    flush(pending, &mut f)?;
+    if let Some((s, n, val)) = pending
+        && val.first() == Some(&TAG_PRESENT)
+    {
+        f(s, &n, &val[1..])?;
+    }
     Ok(())
 }
 
@@ -500,12 +499,12 @@ impl Writer<'_> {
     /// can see, and records the change.
     pub fn put(&mut self, key: RecKey<'_>, payload: Option<&[u8]>) -> Result<(), StoreError> {
         let live = self.live;
-        if let Some((e, old)) = newest(&self.versions, key, live)? {
-            if e == live || !self.held(e) {
-                self.versions.remove(key.at(e))?;
-                if let Some(old) = old {
-                    self.release(key, &old)?;
-                }
+        if let Some((e, old)) = newest(&self.versions, key, live)?
+            && (e == live || !self.held(e))
+        {
+            self.versions.remove(key.at(e))?;
+            if let Some(old) = old {
+                self.release(key, &old)?;
             }
         }
         match payload {

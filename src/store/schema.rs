@@ -31,8 +31,10 @@ use redb::TableDefinition;
 use crate::store::StoreError;
 
 /// Versioned metadata records; see the module header.
-pub const VERSIONS: TableDefinition<'static, (u64, u8, u64, &[u8], u64), &[u8]> =
-    TableDefinition::new("versions");
+pub const VERSIONS: TableDefinition<'static, VersionKey, &[u8]> = TableDefinition::new("versions");
+
+/// The key of `versions`: `(ino, kind, sub, name, epoch)`.
+pub type VersionKey = (u64, u8, u64, &'static [u8], u64);
 /// Extent index: blake3 hash to location and reference count.
 pub const EXTENTS: TableDefinition<'static, [u8; 32], &[u8]> = TableDefinition::new("extents");
 /// Per-segment dead byte counts (bytes of freed extents), for compaction.

@@ -136,15 +136,17 @@ pub fn wait_exit(pid: i32) {
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
         let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"));
+        // A zombie leader may still have threads finishing their exit (and holding the
+        // store's files); it is gone once only the leader is left.
+        let threads = std::fs::read_dir(format!("/proc/{pid}/task")).map_or(0, |d| d.count());
+        let zombie = |s: &str| {
+            s.rsplit(')')
+                .next()
+                .is_some_and(|r| r.trim_start().starts_with('Z'))
+        };
         match stat {
             Err(_) => return,
-            Ok(s)
-                if s.rsplit(')')
-                    .next()
-                    .is_some_and(|r| r.trim_start().starts_with('Z')) =>
-            {
-                return;
-            }
+            Ok(s) if zombie(&s) && threads <= 1 => return,
             Ok(_) => {}
         }
         assert!(Instant::now() < deadline, "daemon {pid} did not exit");
