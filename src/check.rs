@@ -278,6 +278,8 @@ pub struct Status {
     pub referenced_bytes: u64,
     /// Bytes of unique extents stored.
     pub stored_bytes: u64,
+    /// Bytes all block records (live and snapshots) name, counting shared ones each time.
+    pub named_bytes: u64,
     /// Bytes on disk: segments plus metadata.
     pub disk_bytes: u64,
     /// Snapshot names.
@@ -290,7 +292,7 @@ impl Status {
     /// The human form.
     pub fn render(&self) -> String {
         let ratio = if self.stored_bytes > 0 {
-            self.referenced_bytes as f64 / self.stored_bytes as f64
+            self.named_bytes as f64 / self.stored_bytes as f64
         } else {
             1.0
         };
@@ -367,7 +369,9 @@ pub fn status(store: &Store) -> Result<Status, StoreError> {
     }
     for row in txn.open_table(EXTENTS)?.iter()? {
         let (_, v) = row?;
-        st.stored_bytes += ExtentRec::decode(v.value())?.len as u64;
+        let e = ExtentRec::decode(v.value())?;
+        st.stored_bytes += e.len as u64;
+        st.named_bytes += e.len as u64 * e.refs;
     }
     for row in txn.open_table(SNAPSHOTS)?.iter()? {
         st.snapshots.push(row?.0.value().to_string());

@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use anyhow::{Context, bail};
 
-use crate::fs::Fs;
+use crate::fs::{Fs, Inval};
 use crate::fuse::SnapFuse;
 use crate::store::StoreConfig;
 
@@ -32,6 +32,12 @@ pub struct MountOptions {
     pub flags: Vec<fuser::MountOption>,
     /// Mount read-only.
     pub read_only: bool,
+    /// Leave `.snapshots` out of the root's listing.
+    pub hide_snapdir: bool,
+    /// Take a scheduled snapshot this often.
+    pub snapshot_every: Option<Duration>,
+    /// Retention for scheduled snapshots.
+    pub keep: Option<crate::policy::Keep>,
 }
 
 impl MountOptions {
@@ -78,6 +84,15 @@ impl MountOptions {
                 ("dirsync", None) => o.flags.push(M::DirSync),
                 ("sync", None) => o.flags.push(M::Sync),
                 ("async", None) => o.flags.push(M::Async),
+                ("snapdir", Some("hidden")) => o.hide_snapdir = true,
+                ("snapdir", Some("visible")) => o.hide_snapdir = false,
+                ("snapshot_every", Some(v)) => {
+                    o.snapshot_every =
+                        Some(crate::policy::parse_duration(v).map_err(anyhow::Error::msg)?)
+                }
+                ("keep", Some(v)) => {
+                    o.keep = Some(crate::policy::Keep::parse(v).map_err(anyhow::Error::msg)?)
+                }
                 // Always on; accepted for fstab lines that spell them out.
                 ("default_permissions" | "allow_other" | "defaults", None) => {}
                 _ => bail!("unknown mount option {opt:?}"),
@@ -170,6 +185,20 @@ pub fn mount(
     let fs = Arc::new(
         open_waiting(&store).with_context(|| format!("cannot open store {}", store.display()))?,
     );
+    // STORE/snapfs.toml gives defaults; -o options win.
+    let mut options = options;
+    let file_opts =
+        crate::policy::read_config(&store.join("snapfs.toml")).map_err(anyhow::Error::msg)?;
+    let file_args: Vec<String> = file_opts.iter().map(|(k, v)| format!("{k}={v}")).collect();
+    let from_file = MountOptions::parse(&file_args).context("snapfs.toml")?;
+    options.snapshot_every = options.snapshot_every.or(from_file.snapshot_every);
+    options.keep = options.keep.take().or(from_file.keep);
+    options.hide_snapdir |= from_file.hide_snapdir;
+    {
+        let mut core = fs.lock();
+        core.hide_snapdir = options.hide_snapdir;
+        core.keep = options.keep.clone();
+    }
     let mut config = fuser::Config::default();
     config.mount_options = options.flags.clone();
     config
@@ -226,13 +255,30 @@ pub fn mount(
                     .status();
             }
         })?;
+    let notifier = session.notifier();
+    fs.set_invalidator(Box::new(move |i| {
+        use std::os::unix::ffi::OsStrExt;
+        // The kernel may not hold what we name; that is fine.
+        let _ = match i {
+            Inval::Inode(ino) => notifier.inval_inode(fuser::INodeNo(*ino), 0, 0),
+            Inval::Entry(dir, name) => {
+                notifier.inval_entry(fuser::INodeNo(*dir), std::ffi::OsStr::from_bytes(name))
+            }
+        };
+    }));
     let stop = Arc::new(AtomicBool::new(false));
     let flusher = spawn_flusher(fs.clone(), stop.clone());
+    let scheduler = options
+        .snapshot_every
+        .map(|every| spawn_scheduler(Arc::downgrade(&fs), every, stop.clone()));
     let control = serve_control(&store, Arc::downgrade(&fs));
 
     let res = session.run();
     stop.store(true, Ordering::Relaxed);
     let _ = flusher.join();
+    if let Some(s) = scheduler {
+        let _ = s.join();
+    }
     if let Some(path) = control {
         let _ = std::fs::remove_file(path);
     }
@@ -361,6 +407,50 @@ fn spawn_flusher(fs: Arc<Fs>, stop: Arc<AtomicBool>) -> std::thread::JoinHandle<
         .expect("spawning the flusher thread")
 }
 
+/// Takes `auto-<UTC time>` snapshots every `every` and prunes by the mount's policy.
+fn spawn_scheduler(
+    fs: std::sync::Weak<Fs>,
+    every: Duration,
+    stop: Arc<AtomicBool>,
+) -> std::thread::JoinHandle<()> {
+    std::thread::Builder::new()
+        .name("scheduler".into())
+        .spawn(move || {
+            let mut next = std::time::Instant::now() + every;
+            while !stop.load(Ordering::Relaxed) {
+                std::thread::sleep(Duration::from_millis(200));
+                if std::time::Instant::now() < next {
+                    continue;
+                }
+                next += every;
+                let Some(fs) = fs.upgrade() else { return };
+                let name = crate::policy::auto_name(crate::store::schema::Ts::now().sec);
+                let mut core = fs.lock();
+                if let Err(e) =
+                    core.snapshot_create(name.as_bytes(), crate::store::schema::Ts::now())
+                {
+                    tracing::error!(error = %e, name, "scheduled snapshot failed");
+                    continue;
+                }
+                if let Some(keep) = core.keep.clone() {
+                    let list: Vec<(String, i64)> = match core.snapshots() {
+                        Ok(s) => s.into_iter().map(|s| (s.name, s.created.sec)).collect(),
+                        Err(e) => {
+                            tracing::error!(error = %e, "listing snapshots failed");
+                            continue;
+                        }
+                    };
+                    for doomed in crate::policy::plan_prune(&list, &keep) {
+                        if let Err(e) = core.snapshot_delete(doomed.as_bytes()) {
+                            tracing::error!(error = %e, name = doomed, "pruning failed");
+                        }
+                    }
+                }
+            }
+        })
+        .expect("spawning the scheduler thread")
+}
+
 /// Listens on `STORE/snapfs.sock` for CLI commands; returns the socket path.
 fn serve_control(store: &Path, fs: std::sync::Weak<Fs>) -> Option<PathBuf> {
     let path = store.join(SOCKET);
@@ -393,60 +483,40 @@ fn serve_control(store: &Path, fs: std::sync::Weak<Fs>) -> Option<PathBuf> {
 fn handle_control(conn: UnixStream, fs: &Fs) -> anyhow::Result<()> {
     let mut line = String::new();
     BufReader::new(&conn).read_line(&mut line)?;
-    let args: Vec<&str> = line.split_whitespace().collect();
-    let (out, code) = run_command(fs, &args);
+    let args: Vec<String> = line
+        .trim_end_matches('\n')
+        .split('\0')
+        .map(str::to_string)
+        .collect();
+    let out = crate::commands::run(fs, &args, false);
     let mut w = &conn;
-    write!(w, "{out}")?;
-    if !out.is_empty() && !out.ends_with('\n') {
+    write!(w, "{}", out.text)?;
+    if !out.text.is_empty() && !out.text.ends_with('\n') {
         writeln!(w)?;
     }
-    writeln!(w, "\0exit {code}")?;
+    writeln!(w, "\0exit {} {}", out.code, u8::from(out.error))?;
     Ok(())
 }
 
-/// Runs a CLI command against an open core; returns its output and exit code.
-pub fn run_command(fs: &Fs, args: &[&str]) -> (String, i32) {
-    let mut core = fs.lock();
-    match args {
-        ["status"] => match core
-            .flush_all()
-            .map_err(anyhow::Error::from)
-            .and_then(|_| Ok(crate::check::status(core.store())?))
-        {
-            Ok(st) => (st.render(), 0),
-            Err(e) => (format!("error: {e:#}"), 2),
-        },
-        ["fsck", rest @ ..] => {
-            let read_data = rest.contains(&"--read-data");
-            let res = core
-                .sync_all()
-                .map_err(anyhow::Error::from)
-                .and_then(|_| Ok(crate::check::fsck(core.store(), read_data, &mut |_, _| {})?));
-            match res {
-                Ok(rep) => (rep.summary(), if rep.clean() { 0 } else { 1 }),
-                Err(e) => (format!("error: {e:#}"), 2),
-            }
-        }
-        _ => (format!("error: unknown control command {args:?}"), 2),
-    }
-}
-
-/// Sends `cmd` to the daemon serving `store`, if one is listening: `Some((output, code))`.
-pub fn ask_daemon(store: &Path, cmd: &str) -> Option<(String, i32)> {
+/// Sends `args` to the daemon serving `store`, if one is listening. Arguments may not
+/// contain NUL or newline (the CLI checks).
+pub fn ask_daemon(store: &Path, args: &[String]) -> Option<crate::commands::Outcome> {
     let mut conn = UnixStream::connect(store.join(SOCKET)).ok()?;
-    writeln!(conn, "{cmd}").ok()?;
-    let mut out = String::new();
-    let mut code = 2;
+    writeln!(conn, "{}", args.join("\0")).ok()?;
+    let mut text = String::new();
+    let (mut code, mut error) = (2, true);
     for line in BufReader::new(conn).lines() {
         let line = line.ok()?;
-        if let Some(c) = line.strip_prefix("\0exit ") {
-            code = c.trim().parse().unwrap_or(2);
+        if let Some(rest) = line.strip_prefix("\0exit ") {
+            let mut it = rest.split(' ');
+            code = it.next().and_then(|c| c.parse().ok()).unwrap_or(2);
+            error = it.next() == Some("1");
         } else {
-            out.push_str(&line);
-            out.push('\n');
+            text.push_str(&line);
+            text.push('\n');
         }
     }
-    Some((out, code))
+    Some(crate::commands::Outcome { text, code, error })
 }
 
 /// Finds the store behind a path that is either a store or a snapfs mountpoint.

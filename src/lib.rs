@@ -8,7 +8,9 @@
 //! - [`store`]: the redb schema, extent segments and reference counts.
 
 pub mod check;
+pub mod commands;
 pub mod daemon;
 pub mod fs;
 pub mod fuse;
+pub mod policy;
 pub mod store;

@@ -4,7 +4,7 @@ use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
-use anyhow::Context;
+use anyhow::{Context, bail};
 use clap::{Parser, Subcommand};
 
 use snapfs::daemon;
@@ -26,12 +26,33 @@ enum Cmd {
         store: PathBuf,
         /// Where to mount it.
         mountpoint: PathBuf,
-        /// Mount options, comma-separated (source=NAME, threads=N, ro, noatime, ...).
+        /// Mount options, comma-separated: source=NAME, threads=N, snapdir=hidden,
+        /// snapshot_every=15m, keep=hourly:24+daily:7, ro, noatime, ...
         #[arg(short = 'o')]
         options: Vec<String>,
         /// Stay in the foreground instead of returning once the mount is live.
         #[arg(short, long)]
         foreground: bool,
+    },
+    /// Create, list, delete, roll back to, or prune snapshots.
+    Snapshot {
+        #[command(subcommand)]
+        cmd: SnapCmd,
+    },
+    /// What changed between snapshot OLD and NEW (a snapshot or `live`).
+    Diff {
+        /// A store, or the mountpoint of a mounted one.
+        target: PathBuf,
+        /// The older snapshot.
+        old: String,
+        /// The newer snapshot, or `live`.
+        new: String,
+        /// Also print the changed byte ranges of modified files.
+        #[arg(long)]
+        blocks: bool,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
     },
     /// Verify a store; exits 1 if anything is damaged.
     Fsck {
@@ -41,10 +62,54 @@ enum Cmd {
         #[arg(long)]
         read_data: bool,
     },
-    /// Show files, space and dedup figures.
+    /// Show files, space, dedup ratio and snapshots.
     Status {
         /// A store, or the mountpoint of a mounted one.
         target: PathBuf,
+    },
+}
+
+#[derive(Subcommand)]
+enum SnapCmd {
+    /// Take a snapshot of the live tree.
+    Create {
+        /// A store, or the mountpoint of a mounted one.
+        target: PathBuf,
+        /// The snapshot's name.
+        name: String,
+    },
+    /// List snapshots with their creation time, referenced and exclusive bytes.
+    List {
+        /// A store, or the mountpoint of a mounted one.
+        target: PathBuf,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Delete a snapshot; the space only it held comes back.
+    Delete {
+        /// A store, or the mountpoint of a mounted one.
+        target: PathBuf,
+        /// The snapshot's name.
+        name: String,
+    },
+    /// Make the live tree equal to a snapshot (newer snapshots are kept).
+    Rollback {
+        /// A store, or the mountpoint of a mounted one.
+        target: PathBuf,
+        /// The snapshot's name.
+        name: String,
+    },
+    /// Delete scheduled (`auto-…`) snapshots the retention policy does not keep.
+    Prune {
+        /// A store, or the mountpoint of a mounted one.
+        target: PathBuf,
+        /// Only print what would be deleted.
+        #[arg(long)]
+        dry_run: bool,
+        /// The policy, e.g. hourly:24+daily:7+weekly:4 (default: the mount's or snapfs.toml's).
+        #[arg(long)]
+        keep: Option<String>,
     },
 }
 
@@ -59,8 +124,12 @@ fn main() -> ExitCode {
     }
 }
 
+fn s(v: &str) -> String {
+    v.to_string()
+}
+
 fn run(cli: Cli) -> anyhow::Result<ExitCode> {
-    match cli.cmd {
+    let (target, args) = match cli.cmd {
         Cmd::Mount {
             store,
             mountpoint,
@@ -68,53 +137,86 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             foreground,
         } => {
             daemon::mount(&store, &mountpoint, &options, foreground)?;
-            Ok(ExitCode::SUCCESS)
+            return Ok(ExitCode::SUCCESS);
         }
         Cmd::Fsck { store, read_data } => {
-            let cmd = if read_data {
-                "fsck --read-data"
-            } else {
-                "fsck"
-            };
-            with_store(&store, cmd, |fs| {
-                let tty = std::io::stderr().is_terminal();
-                let mut core = fs.lock();
-                let rep = snapfs::check::fsck(core.store(), read_data, &mut |done, total| {
-                    if tty {
-                        eprint!("\rchecking extents: {done}/{total}");
-                    }
-                })?;
-                if tty {
-                    eprintln!();
-                }
-                Ok((rep.summary(), if rep.clean() { 0 } else { 1 }))
-            })
+            let mut a = vec![s("fsck")];
+            if read_data {
+                a.push(s("--read-data"));
+            }
+            (store, a)
         }
-        Cmd::Status { target } => with_store(&target, "status", |fs| {
-            let mut core = fs.lock();
-            Ok((snapfs::check::status(core.store())?.render(), 0))
-        }),
+        Cmd::Status { target } => (target, vec![s("status")]),
+        Cmd::Diff {
+            target,
+            old,
+            new,
+            blocks,
+            json,
+        } => {
+            let mut a = vec![s("diff"), old, new];
+            if blocks {
+                a.push(s("--blocks"));
+            }
+            if json {
+                a.push(s("--json"));
+            }
+            (target, a)
+        }
+        Cmd::Snapshot { cmd } => match cmd {
+            SnapCmd::Create { target, name } => (target, vec![s("snapshot"), s("create"), name]),
+            SnapCmd::Delete { target, name } => (target, vec![s("snapshot"), s("delete"), name]),
+            SnapCmd::Rollback { target, name } => {
+                (target, vec![s("snapshot"), s("rollback"), name])
+            }
+            SnapCmd::List { target, json } => {
+                let mut a = vec![s("snapshot"), s("list")];
+                if json {
+                    a.push(s("--json"));
+                }
+                (target, a)
+            }
+            SnapCmd::Prune {
+                target,
+                dry_run,
+                keep,
+            } => {
+                let mut a = vec![s("snapshot"), s("prune")];
+                if dry_run {
+                    a.push(s("--dry-run"));
+                }
+                if let Some(k) = keep {
+                    a.push(s("--keep"));
+                    a.push(k);
+                }
+                (target, a)
+            }
+        },
+    };
+    if args.iter().any(|a| a.contains('\0') || a.contains('\n')) {
+        bail!("arguments may not contain NUL or newline");
     }
+    with_store(&target, &args)
 }
 
 /// Runs a command through the daemon serving the store, or on the store opened here.
-fn with_store(
-    path: &Path,
-    cmd: &str,
-    local: impl FnOnce(&Fs) -> anyhow::Result<(String, i32)>,
-) -> anyhow::Result<ExitCode> {
+fn with_store(path: &Path, args: &[String]) -> anyhow::Result<ExitCode> {
     let store = daemon::resolve_store(path)?;
-    let (out, code) = match daemon::ask_daemon(&store, cmd) {
+    let out = match daemon::ask_daemon(&store, args) {
         Some(answer) => answer,
         None => {
             let fs = Fs::open(&store, None)
                 .with_context(|| format!("cannot open store {}", store.display()))?;
-            local(&fs)?
+            snapfs::commands::run(&fs, args, std::io::stderr().is_terminal())
         }
     };
-    print!("{out}");
-    if !out.is_empty() && !out.ends_with('\n') {
-        println!();
+    if out.error {
+        eprintln!("snapfs: {}", out.text.trim_end());
+    } else {
+        print!("{}", out.text);
+        if !out.text.is_empty() && !out.text.ends_with('\n') {
+            println!();
+        }
     }
-    Ok(ExitCode::from(code as u8))
+    Ok(ExitCode::from(out.code as u8))
 }

@@ -26,17 +26,28 @@ impl Inner {
     /// The bytes of block `idx` of `ino` (dirty or stored), `None` for a hole. A stored
     /// block may be shorter than a block.
     fn block(&mut self, ino: u64, idx: u64) -> FsResult<Option<Vec<u8>>> {
-        if let Some(b) = self.dirty.get(&ino).and_then(|d| d.blocks.get(&idx)) {
+        self.block_at(self.store.live_epoch, ino, idx)
+    }
+
+    /// Block `idx` of `ino` in the tree at `epoch` (buffered data only in the live tree).
+    fn block_at(&mut self, epoch: u64, ino: u64, idx: u64) -> FsResult<Option<Vec<u8>>> {
+        if epoch == self.store.live_epoch
+            && let Some(b) = self.dirty.get(&ino).and_then(|d| d.blocks.get(&idx))
+        {
             return Ok(Some(b.clone()));
         }
-        self.stored_block(ino, idx)
+        self.stored_block_at(epoch, ino, idx)
     }
 
     fn stored_block(&mut self, ino: u64, idx: u64) -> FsResult<Option<Vec<u8>>> {
+        self.stored_block_at(self.store.live_epoch, ino, idx)
+    }
+
+    fn stored_block_at(&mut self, epoch: u64, ino: u64, idx: u64) -> FsResult<Option<Vec<u8>>> {
         let (hash, ext) = {
             let txn = self.store.read_txn()?;
             let t = txn.open_table(VERSIONS).map_err(StoreError::from)?;
-            let b = match visible(&t, RecKey::block(ino, idx), self.store.live_epoch)? {
+            let b = match visible(&t, RecKey::block(ino, idx), epoch)? {
                 Some(b) => BlockRec::decode(&b)?,
                 None => return Ok(None),
             };
@@ -56,8 +67,9 @@ impl Inner {
     }
 
     /// Reads up to `size` bytes at `offset`.
-    pub fn read(&mut self, ino: u64, offset: u64, size: u32) -> FsResult<Vec<u8>> {
-        let rec = self.inode(ino)?;
+    pub fn read(&mut self, fino: u64, offset: u64, size: u32) -> FsResult<Vec<u8>> {
+        let (epoch, ino) = self.at(fino)?;
+        let rec = self.inode_at(epoch, ino)?;
         if rec.kind == FileKind::Dir {
             return err(libc::EISDIR);
         }
@@ -72,7 +84,7 @@ impl Inner {
             let idx = pos / bs;
             let within = (pos % bs) as usize;
             let n = ((bs - within as u64).min(end - pos)) as usize;
-            if let Some(b) = self.block(ino, idx)? {
+            if let Some(b) = self.block_at(epoch, ino, idx)? {
                 let dst = &mut out[(pos - offset) as usize..][..n];
                 if within < b.len() {
                     let avail = (b.len() - within).min(n);
@@ -87,6 +99,7 @@ impl Inner {
     /// Writes `data` at `offset` (at the end of file for an O_APPEND handle); returns
     /// the bytes written.
     pub fn write(&mut self, fh: u64, ino: u64, offset: u64, data: &[u8]) -> FsResult<u32> {
+        let ino = live(ino)?;
         let append = matches!(
             self.handles.get(&fh),
             Some(Handle::File { append: true, .. })
@@ -237,6 +250,7 @@ impl Inner {
     /// fallocate: mode 0 and KEEP_SIZE reserve nothing (extents are written on demand)
     /// but extend the size; PUNCH_HOLE and ZERO_RANGE turn the range into zeros.
     pub fn fallocate(&mut self, ino: u64, offset: u64, len: u64, mode: i32) -> FsResult<()> {
+        let ino = live(ino)?;
         let keep = mode & libc::FALLOC_FL_KEEP_SIZE != 0;
         let punch = mode & libc::FALLOC_FL_PUNCH_HOLE != 0;
         let zero = mode & libc::FALLOC_FL_ZERO_RANGE != 0;
@@ -306,9 +320,12 @@ impl Inner {
     }
 
     /// SEEK_DATA / SEEK_HOLE from `offset`.
-    pub fn lseek(&mut self, ino: u64, offset: u64, whence: SeekWhence) -> FsResult<u64> {
-        self.flush_inode(ino)?;
-        let rec = self.inode(ino)?;
+    pub fn lseek(&mut self, fino: u64, offset: u64, whence: SeekWhence) -> FsResult<u64> {
+        let (epoch, ino) = self.at(fino)?;
+        if epoch == self.store.live_epoch {
+            self.flush_inode(ino)?;
+        }
+        let rec = self.inode_at(epoch, ino)?;
         if offset >= rec.size {
             return err(libc::ENXIO);
         }
@@ -324,7 +341,7 @@ impl Inner {
             ino,
             KIND_BLOCK,
             first..=last,
-            self.store.live_epoch,
+            epoch,
             |idx, _, _| match whence {
                 SeekWhence::Data => {
                     found = Some(idx);
@@ -362,7 +379,10 @@ impl Inner {
         off_out: u64,
         len: u64,
     ) -> FsResult<u64> {
-        let srec = self.inode(src)?;
+        // The source may be a file in a snapshot: restoring from one shares its extents.
+        let (sepoch, sino) = self.at(src)?;
+        let dst = live(dst)?;
+        let srec = self.inode_at(sepoch, sino)?;
         let drec = self.inode(dst)?;
         if srec.kind != FileKind::File || drec.kind != FileKind::File {
             return err(libc::EINVAL);
@@ -375,7 +395,7 @@ impl Inner {
             .checked_add(len)
             .filter(|e| *e <= i64::MAX as u64)
             .ok_or(FsError::Errno(libc::EFBIG))?;
-        self.flush_inode(src)?;
+        self.flush_inode(sino)?;
         self.flush_inode(dst)?;
         let bs = self.bs();
         let mut done = 0u64;
@@ -388,7 +408,7 @@ impl Inner {
             if whole {
                 let (sidx, didx) = (i / bs, o / bs);
                 self.store.write(false, |w| {
-                    let b = w.get(RecKey::block(src, sidx))?;
+                    let b = visible(&w.versions, RecKey::block(sino, sidx), sepoch)?;
                     if let Some(b) = &b {
                         w.incref(&BlockRec::decode(b)?.hash)?;
                     }

@@ -8,6 +8,7 @@
 
 mod acl;
 mod data;
+mod snap;
 mod xattr;
 
 use std::collections::{BTreeMap, HashMap};
@@ -18,9 +19,57 @@ use crate::store::schema::*;
 use crate::store::{RecKey, Store, StoreConfig, StoreError, Writer, scan_visible};
 
 pub use data::SeekWhence;
+pub use snap::{Change, Inval, SnapshotInfo, check_snapshot_name};
 
-/// Live inode numbers stay below this; higher bits name snapshots.
-pub const MAX_LIVE_INO: u64 = 1 << 48;
+/// Inode numbers the kernel sees: the low 40 bits are a live inode, the bits above are
+/// the epoch of the snapshot it is seen through (0 for the live tree). Stable across
+/// remounts, and never equal between the live tree and a snapshot.
+pub const EPOCH_SHIFT: u32 = 40;
+/// Live inode numbers stay below this.
+pub const MAX_LIVE_INO: u64 = 1 << EPOCH_SHIFT;
+/// The `.snapshots` directory at the mount root.
+pub const SNAPDIR_INO: u64 = MAX_LIVE_INO - 1;
+/// Its name.
+pub const SNAPDIR_NAME: &[u8] = b".snapshots";
+
+/// What a kernel inode number names.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Node {
+    /// An inode of the live tree.
+    Live(u64),
+    /// The `.snapshots` directory.
+    SnapDir,
+    /// Inode `ino` as snapshot `epoch` froze it.
+    Snap {
+        /// The snapshot's epoch.
+        epoch: u64,
+        /// The inode.
+        ino: u64,
+    },
+}
+
+/// Decodes a kernel inode number.
+pub fn node(fino: u64) -> Node {
+    let (epoch, ino) = (fino >> EPOCH_SHIFT, fino & (MAX_LIVE_INO - 1));
+    match (epoch, ino) {
+        (0, SNAPDIR_INO) => Node::SnapDir,
+        (0, ino) => Node::Live(ino),
+        (epoch, ino) => Node::Snap { epoch, ino },
+    }
+}
+
+/// The kernel inode number of `ino` seen through the snapshot of `epoch`.
+pub fn snap_ino(epoch: u64, ino: u64) -> u64 {
+    (epoch << EPOCH_SHIFT) | ino
+}
+
+/// The live inode behind `fino`, or EROFS for anything under `.snapshots`.
+fn live(fino: u64) -> FsResult<u64> {
+    match node(fino) {
+        Node::Live(ino) => Ok(ino),
+        _ => err(libc::EROFS),
+    }
+}
 /// Most hard links one inode may have (as ext4).
 pub const LINK_MAX: u32 = 65000;
 /// Longest name, in bytes.
@@ -133,8 +182,18 @@ struct Dirty {
 
 #[derive(Debug)]
 enum Handle {
-    File { ino: u64, append: bool },
-    Dir { entries: Vec<DirEntry> },
+    /// A live file.
+    File {
+        ino: u64,
+        append: bool,
+    },
+    /// A file seen through a snapshot: holds the snapshot while open.
+    SnapFile {
+        epoch: u64,
+    },
+    Dir {
+        entries: Vec<DirEntry>,
+    },
 }
 
 /// The state behind the lock.
@@ -147,11 +206,22 @@ pub struct Inner {
     open_count: HashMap<u64, u32>,
     /// Commits since the last durable one.
     undurable: bool,
+    /// Open files per snapshot epoch (a deleted snapshot stays until they close).
+    snap_open: HashMap<u64, u32>,
+    /// Leave `.snapshots` out of the root's listing (it stays reachable by name).
+    pub hide_snapdir: bool,
+    /// The retention policy `snapshot prune` applies by default.
+    pub keep: Option<crate::policy::Keep>,
 }
+
+/// Tells the kernel to forget cached state (set by the daemon; absent in tests of the
+/// core alone).
+pub type Invalidator = Box<dyn Fn(&Inval) + Send + Sync>;
 
 /// The filesystem core.
 pub struct Fs {
     inner: Mutex<Inner>,
+    invalidator: Mutex<Option<Invalidator>>,
 }
 
 /// Dirty data above which a write flushes its inode.
@@ -181,12 +251,37 @@ impl Fs {
             next_fh: 1,
             open_count: HashMap::new(),
             undurable: false,
+            snap_open: HashMap::new(),
+            hide_snapdir: false,
+            keep: None,
         };
         inner.ensure_root()?;
         inner.reap_orphans()?;
+        inner.reap_deleted_snapshots()?;
         Ok(Fs {
             inner: Mutex::new(inner),
+            invalidator: Mutex::new(None),
         })
+    }
+
+    /// Installs the kernel cache invalidator.
+    pub fn set_invalidator(&self, f: Invalidator) {
+        *self.invalidator.lock().unwrap_or_else(|p| p.into_inner()) = Some(f);
+    }
+
+    /// Tells the kernel to forget `invals`. Call without holding the core lock: the
+    /// kernel may need to send requests to answer.
+    pub fn invalidate(&self, invals: &[Inval]) {
+        if let Some(f) = self
+            .invalidator
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_ref()
+        {
+            for i in invals {
+                f(i);
+            }
+        }
     }
 
     /// Locks the core. A poisoned lock (a panicking request) is taken anyway: every
@@ -242,9 +337,11 @@ impl Inner {
         drop(t);
         drop(txn);
         for ino in inos {
+            // A rollback may have given an orphan its links back; then it stays.
+            let unlinked = matches!(self.inode(ino), Ok(r) if r.nlink == 0);
             self.store.write(false, |w| {
                 w.orphans.remove(ino)?;
-                free_inode(w, ino)
+                if unlinked { free_inode(w, ino) } else { Ok(()) }
             })?;
         }
         Ok(())
@@ -267,6 +364,28 @@ impl Inner {
         }
     }
 
+    /// The epoch and live inode behind kernel inode `fino` (`.snapshots` has none).
+    fn at(&self, fino: u64) -> FsResult<(u64, u64)> {
+        match node(fino) {
+            Node::Live(ino) => Ok((self.store.live_epoch, ino)),
+            Node::Snap { epoch, ino } => Ok((epoch, ino)),
+            Node::SnapDir => err(libc::EISDIR),
+        }
+    }
+
+    /// The record of `ino` as the tree at `epoch` has it.
+    fn inode_at(&mut self, epoch: u64, ino: u64) -> FsResult<InodeRec> {
+        if epoch == self.store.live_epoch {
+            return self.inode(ino);
+        }
+        let txn = self.store.read_txn()?;
+        let t = txn.open_table(VERSIONS).map_err(StoreError::from)?;
+        match crate::store::visible(&t, RecKey::inode(ino), epoch)? {
+            Some(b) => Ok(InodeRec::decode(&b)?),
+            None => err(libc::ENOENT),
+        }
+    }
+
     fn attr(&self, ino: u64, rec: InodeRec) -> Attr {
         Attr {
             ino,
@@ -275,31 +394,48 @@ impl Inner {
         }
     }
 
-    /// Attributes of `ino`.
-    pub fn getattr(&mut self, ino: u64) -> FsResult<Attr> {
-        let rec = self.inode(ino)?;
-        Ok(self.attr(ino, rec))
+    /// Attributes of kernel inode `fino`.
+    pub fn getattr(&mut self, fino: u64) -> FsResult<Attr> {
+        match node(fino) {
+            Node::Live(ino) => {
+                let rec = self.inode(ino)?;
+                Ok(self.attr(ino, rec))
+            }
+            Node::SnapDir => self.snapdir_attr(),
+            Node::Snap { epoch, ino } => {
+                let rec = self.inode_at(epoch, ino)?;
+                Ok(self.attr(fino, rec))
+            }
+        }
     }
 
-    /// Looks `name` up in directory `parent`.
+    /// Looks `name` up in directory `parent` (a kernel inode number).
     pub fn lookup(&mut self, parent: u64, name: &[u8]) -> FsResult<Attr> {
         if name.len() > NAME_MAX {
             return err(libc::ENAMETOOLONG);
         }
-        let dir = self.inode(parent)?;
-        if dir.kind != FileKind::Dir {
+        let (epoch, dir) = match node(parent) {
+            Node::Live(ROOT_INO) if name == SNAPDIR_NAME => return self.snapdir_attr(),
+            Node::Live(ino) => (self.store.live_epoch, ino),
+            Node::SnapDir => {
+                let s = self
+                    .snapshot_named(name)?
+                    .ok_or(FsError::Errno(libc::ENOENT))?;
+                return self.getattr(snap_ino(s.epoch, ROOT_INO));
+            }
+            Node::Snap { epoch, ino } => (epoch, ino),
+        };
+        if self.inode_at(epoch, dir)?.kind != FileKind::Dir {
             return err(libc::ENOTDIR);
         }
-        let txn = self.store.read_txn()?;
-        let t = txn.open_table(VERSIONS).map_err(StoreError::from)?;
-        let ent =
-            match crate::store::visible(&t, RecKey::dirent(parent, name), self.store.live_epoch)? {
-                Some(b) => DirentRec::decode(&b)?,
-                None => return err(libc::ENOENT),
-            };
-        drop(t);
-        drop(txn);
-        self.getattr(ent.ino)
+        let ent = self
+            .entry_at(epoch, dir, name)?
+            .ok_or(FsError::Errno(libc::ENOENT))?;
+        if epoch == self.store.live_epoch {
+            self.getattr(ent.ino)
+        } else {
+            self.getattr(snap_ino(epoch, ent.ino))
+        }
     }
 
     /// Applies `f` to the stored (and buffered) record of `ino` inside a write.
@@ -322,6 +458,7 @@ impl Inner {
     /// Changes attributes.
     pub fn setattr(&mut self, ino: u64, caller: Caller, set: SetAttr) -> FsResult<Attr> {
         let _ = caller;
+        let ino = live(ino)?;
         if let Some(size) = set.size {
             let rec = self.inode(ino)?;
             match rec.kind {
@@ -359,9 +496,9 @@ impl Inner {
         })
     }
 
-    /// The target of symlink `ino`.
-    pub fn readlink(&mut self, ino: u64) -> FsResult<Vec<u8>> {
-        let rec = self.inode(ino)?;
+    /// The target of symlink `fino`.
+    pub fn readlink(&mut self, fino: u64) -> FsResult<Vec<u8>> {
+        let rec = self.getattr(fino)?.rec;
         if rec.kind != FileKind::Symlink {
             return err(libc::EINVAL);
         }
@@ -383,6 +520,17 @@ impl Inner {
     ) -> FsResult<Attr> {
         check_name(name)?;
         let kind = FileKind::from_mode(mode).ok_or(FsError::Errno(libc::EINVAL))?;
+        if node(parent) == Node::SnapDir {
+            if kind != FileKind::Dir {
+                return err(libc::EROFS);
+            }
+            let epoch = self.snapshot_create(name, Ts::now())?;
+            return self.getattr(snap_ino(epoch, ROOT_INO));
+        }
+        let parent = live(parent)?;
+        if parent == ROOT_INO && name == SNAPDIR_NAME {
+            return err(libc::EEXIST);
+        }
         if kind == FileKind::Symlink && (target.is_empty() || target.len() > 4095) {
             return err(if target.is_empty() {
                 libc::ENOENT
@@ -484,6 +632,10 @@ impl Inner {
     /// Makes a hard link to `ino` as `parent/name`.
     pub fn link(&mut self, ino: u64, parent: u64, name: &[u8]) -> FsResult<Attr> {
         check_name(name)?;
+        let (ino, parent) = (live(ino)?, live(parent)?);
+        if parent == ROOT_INO && name == SNAPDIR_NAME {
+            return err(libc::EEXIST);
+        }
         let mut rec = self.inode(ino)?;
         if rec.kind == FileKind::Dir {
             return err(libc::EPERM);
@@ -532,10 +684,14 @@ impl Inner {
     }
 
     fn entry(&mut self, parent: u64, name: &[u8]) -> FsResult<Option<DirentRec>> {
+        self.entry_at(self.store.live_epoch, parent, name)
+    }
+
+    fn entry_at(&mut self, epoch: u64, parent: u64, name: &[u8]) -> FsResult<Option<DirentRec>> {
         let txn = self.store.read_txn()?;
         let t = txn.open_table(VERSIONS).map_err(StoreError::from)?;
         Ok(
-            match crate::store::visible(&t, RecKey::dirent(parent, name), self.store.live_epoch)? {
+            match crate::store::visible(&t, RecKey::dirent(parent, name), epoch)? {
                 Some(b) => Some(DirentRec::decode(&b)?),
                 None => None,
             },
@@ -564,6 +720,13 @@ impl Inner {
     pub fn remove(&mut self, parent: u64, name: &[u8], dir: bool) -> FsResult<()> {
         if name.len() > NAME_MAX {
             return err(libc::ENAMETOOLONG);
+        }
+        if node(parent) == Node::SnapDir && dir {
+            return self.snapshot_delete(name);
+        }
+        let parent = live(parent)?;
+        if parent == ROOT_INO && name == SNAPDIR_NAME {
+            return err(libc::EROFS);
         }
         if name == b"." {
             return err(libc::EINVAL);
@@ -624,6 +787,12 @@ impl Inner {
         check_name(newname)?;
         if name.len() > NAME_MAX {
             return err(libc::ENAMETOOLONG);
+        }
+        let (parent, newparent) = (live(parent)?, live(newparent)?);
+        if (parent == ROOT_INO && name == SNAPDIR_NAME)
+            || (newparent == ROOT_INO && newname == SNAPDIR_NAME)
+        {
+            return err(libc::EROFS);
         }
         let exchange = flags & libc::RENAME_EXCHANGE != 0;
         let noreplace = flags & libc::RENAME_NOREPLACE != 0;
@@ -797,13 +966,25 @@ impl Inner {
     }
 
     /// Opens a file; returns a handle.
-    pub fn open(&mut self, ino: u64, flags: i32) -> FsResult<u64> {
-        let rec = self.inode(ino)?;
+    pub fn open(&mut self, fino: u64, flags: i32) -> FsResult<u64> {
+        let rec = self.getattr(fino)?.rec;
         if rec.kind == FileKind::Dir && flags & libc::O_ACCMODE != libc::O_RDONLY {
             return err(libc::EISDIR);
         }
         let fh = self.next_fh;
         self.next_fh += 1;
+        let ino = match node(fino) {
+            Node::Live(ino) => ino,
+            Node::Snap { epoch, .. } => {
+                if flags & libc::O_ACCMODE != libc::O_RDONLY || flags & libc::O_TRUNC != 0 {
+                    return err(libc::EROFS);
+                }
+                *self.snap_open.entry(epoch).or_insert(0) += 1;
+                self.handles.insert(fh, Handle::SnapFile { epoch });
+                return Ok(fh);
+            }
+            Node::SnapDir => return err(libc::EISDIR),
+        };
         self.handles.insert(
             fh,
             Handle::File {
@@ -819,6 +1000,7 @@ impl Inner {
     pub fn release(&mut self, fh: u64) -> FsResult<()> {
         let ino = match self.handles.remove(&fh) {
             Some(Handle::File { ino, .. }) => ino,
+            Some(Handle::SnapFile { epoch }) => return self.release_snapshot_hold(epoch),
             _ => return Ok(()),
         };
         let left = {
@@ -844,42 +1026,81 @@ impl Inner {
     }
 
     /// Opens a directory: takes a listing that later readdir calls page through.
-    pub fn opendir(&mut self, ino: u64) -> FsResult<u64> {
-        let rec = self.inode(ino)?;
+    pub fn opendir(&mut self, fino: u64) -> FsResult<u64> {
+        let rec = self.getattr(fino)?.rec;
         if rec.kind != FileKind::Dir {
             return err(libc::ENOTDIR);
         }
+        let (epoch, ino, encode) = match node(fino) {
+            Node::Live(ino) => (self.store.live_epoch, ino, 0),
+            Node::Snap { epoch, ino } => (epoch, ino, epoch),
+            Node::SnapDir => {
+                let mut entries = vec![
+                    DirEntry {
+                        ino: SNAPDIR_INO,
+                        kind: FileKind::Dir,
+                        name: b".".to_vec(),
+                    },
+                    DirEntry {
+                        ino: ROOT_INO,
+                        kind: FileKind::Dir,
+                        name: b"..".to_vec(),
+                    },
+                ];
+                for s in self.snapshots()? {
+                    entries.push(DirEntry {
+                        ino: snap_ino(s.epoch, ROOT_INO),
+                        kind: FileKind::Dir,
+                        name: s.name.into_bytes(),
+                    });
+                }
+                let fh = self.next_fh;
+                self.next_fh += 1;
+                self.handles.insert(fh, Handle::Dir { entries });
+                return Ok(fh);
+            }
+        };
+        let up = match (encode, ino) {
+            (0, _) => rec.parent.max(ROOT_INO),
+            (_, ROOT_INO) => SNAPDIR_INO,
+            (e, _) => snap_ino(e, rec.parent),
+        };
         let mut entries = vec![
             DirEntry {
-                ino,
+                ino: fino,
                 kind: FileKind::Dir,
                 name: b".".to_vec(),
             },
             DirEntry {
-                ino: rec.parent.max(1),
+                ino: up,
                 kind: FileKind::Dir,
                 name: b"..".to_vec(),
             },
         ];
+        if fino == ROOT_INO && !self.hide_snapdir {
+            entries.push(DirEntry {
+                ino: SNAPDIR_INO,
+                kind: FileKind::Dir,
+                name: SNAPDIR_NAME.to_vec(),
+            });
+        }
         {
             let txn = self.store.read_txn()?;
             let t = txn.open_table(VERSIONS).map_err(StoreError::from)?;
-            scan_visible(
-                &t,
-                ino,
-                KIND_DIRENT,
-                0..=0,
-                self.store.live_epoch,
-                |_, name, v| {
-                    let d = DirentRec::decode(v)?;
-                    entries.push(DirEntry {
-                        ino: d.ino,
-                        kind: d.kind,
-                        name: name.to_vec(),
-                    });
-                    Ok(true)
-                },
-            )?;
+            scan_visible(&t, ino, KIND_DIRENT, 0..=0, epoch, |_, name, v| {
+                let d = DirentRec::decode(v)?;
+                let ino = if encode == 0 {
+                    d.ino
+                } else {
+                    snap_ino(encode, d.ino)
+                };
+                entries.push(DirEntry {
+                    ino,
+                    kind: d.kind,
+                    name: name.to_vec(),
+                });
+                Ok(true)
+            })?;
         }
         let fh = self.next_fh;
         self.next_fh += 1;
@@ -941,8 +1162,16 @@ fn put_inode(w: &mut Writer<'_>, ino: u64, rec: &InodeRec) -> FsResult<()> {
     Ok(())
 }
 
-/// Stores (or with `None`, deletes) a live directory entry.
+/// Stores (or with `None`, deletes) a live directory entry, and keeps the back
+/// pointers of the inodes it names in step.
 fn put_dirent(w: &mut Writer<'_>, dir: u64, name: &[u8], ent: Option<DirentRec>) -> FsResult<()> {
+    if let Some(old) = w.get(RecKey::dirent(dir, name))? {
+        let old = DirentRec::decode(&old)?;
+        w.put(RecKey::parent(old.ino, dir, name), None)?;
+    }
+    if let Some(e) = ent {
+        w.put(RecKey::parent(e.ino, dir, name), Some(&[]))?;
+    }
     match ent {
         Some(e) => {
             let mut b = Vec::with_capacity(9);
@@ -969,7 +1198,7 @@ fn unlink_inode(w: &mut Writer<'_>, ino: u64, rec: &InodeRec, open: bool) -> FsR
 
 /// Deletes every live record of `ino` (releasing its extents).
 fn free_inode(w: &mut Writer<'_>, ino: u64) -> FsResult<()> {
-    for kind in [KIND_BLOCK, KIND_XATTR, KIND_DIRENT] {
+    for kind in [KIND_BLOCK, KIND_XATTR, KIND_DIRENT, KIND_PARENT] {
         let mut keys: Vec<(u64, Vec<u8>)> = Vec::new();
         scan_visible(
             &w.versions,

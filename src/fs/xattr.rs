@@ -21,25 +21,30 @@ fn check_xattr_name(name: &[u8]) -> FsResult<()> {
 
 impl Inner {
     fn xattr_get(&mut self, ino: u64, name: &[u8]) -> FsResult<Option<Vec<u8>>> {
+        self.xattr_get_at(self.store.live_epoch, ino, name)
+    }
+
+    fn xattr_get_at(&mut self, epoch: u64, ino: u64, name: &[u8]) -> FsResult<Option<Vec<u8>>> {
         let txn = self.store.read_txn()?;
         let t = txn.open_table(VERSIONS).map_err(StoreError::from)?;
-        Ok(crate::store::visible(
-            &t,
-            RecKey::xattr(ino, name),
-            self.store.live_epoch,
-        )?)
+        Ok(crate::store::visible(&t, RecKey::xattr(ino, name), epoch)?)
     }
 
     /// The value of xattr `name`.
-    pub fn getxattr(&mut self, ino: u64, name: &[u8]) -> FsResult<Vec<u8>> {
+    pub fn getxattr(&mut self, fino: u64, name: &[u8]) -> FsResult<Vec<u8>> {
         check_xattr_name(name)?;
-        self.inode(ino)?;
-        self.xattr_get(ino, name)?
+        if node(fino) == Node::SnapDir {
+            return err(libc::ENODATA);
+        }
+        let (epoch, ino) = self.at(fino)?;
+        self.inode_at(epoch, ino)?;
+        self.xattr_get_at(epoch, ino, name)?
             .ok_or(FsError::Errno(libc::ENODATA))
     }
 
     /// Sets xattr `name` (with XATTR_CREATE / XATTR_REPLACE `flags`).
     pub fn setxattr(&mut self, ino: u64, name: &[u8], value: &[u8], flags: i32) -> FsResult<()> {
+        let ino = live(ino)?;
         check_xattr_name(name)?;
         if value.len() > 65536 {
             return err(libc::E2BIG);
@@ -79,28 +84,26 @@ impl Inner {
     }
 
     /// Names of all xattrs, each followed by a NUL.
-    pub fn listxattr(&mut self, ino: u64) -> FsResult<Vec<u8>> {
-        self.inode(ino)?;
+    pub fn listxattr(&mut self, fino: u64) -> FsResult<Vec<u8>> {
+        if node(fino) == Node::SnapDir {
+            return Ok(Vec::new());
+        }
+        let (epoch, ino) = self.at(fino)?;
+        self.inode_at(epoch, ino)?;
         let txn = self.store.read_txn()?;
         let t = txn.open_table(VERSIONS).map_err(StoreError::from)?;
         let mut out = Vec::new();
-        scan_visible(
-            &t,
-            ino,
-            KIND_XATTR,
-            0..=0,
-            self.store.live_epoch,
-            |_, name, _| {
-                out.extend_from_slice(name);
-                out.push(0);
-                Ok(true)
-            },
-        )?;
+        scan_visible(&t, ino, KIND_XATTR, 0..=0, epoch, |_, name, _| {
+            out.extend_from_slice(name);
+            out.push(0);
+            Ok(true)
+        })?;
         Ok(out)
     }
 
     /// Removes xattr `name`.
     pub fn removexattr(&mut self, ino: u64, name: &[u8]) -> FsResult<()> {
+        let ino = live(ino)?;
         check_xattr_name(name)?;
         let mut rec = self.inode(ino)?;
         if self.xattr_get(ino, name)?.is_none() {

@@ -255,6 +255,7 @@ impl Store {
                 segments: txn.open_table(SEGMENTS).map_err(StoreError::from)?,
                 changes: txn.open_table(CHANGES).map_err(StoreError::from)?,
                 orphans: txn.open_table(ORPHANS).map_err(StoreError::from)?,
+                snapshots: txn.open_table(SNAPSHOTS).map_err(StoreError::from)?,
                 meta: txn.open_table(META).map_err(StoreError::from)?,
                 segs: &mut self.segs,
                 live: self.live_epoch,
@@ -290,6 +291,78 @@ impl Store {
         txn.set_durability(Durability::Immediate)?;
         txn.commit()?;
         Ok(())
+    }
+
+    /// Rewrites segments that are mostly dead: their live extents move to the active
+    /// segment, a durable commit points the index at the new copies, and only then is
+    /// the old file deleted. Returns the bytes of disk given back.
+    pub fn compact(&mut self) -> Result<u64, StoreError> {
+        let active = self.segs.active();
+        let mut candidates = Vec::new();
+        {
+            let txn = self.db.begin_read()?;
+            let t = txn.open_table(SEGMENTS)?;
+            for row in t.iter()? {
+                let (k, v) = row?;
+                let (id, dead) = (k.value(), v.value());
+                if id == active {
+                    continue;
+                }
+                let size = match std::fs::metadata(segment::segment_path(self.segs.dir(), id)) {
+                    Ok(m) => m.len(),
+                    Err(_) => continue,
+                };
+                if dead * 2 >= size.saturating_sub(segment::SEGMENT_HEADER) {
+                    candidates.push((id, size));
+                }
+            }
+        }
+        let mut given_back = 0;
+        for (id, size) in candidates {
+            let res: Result<(), crate::fs::FsError> = self.write(true, |w| {
+                let mut at = segment::SEGMENT_HEADER;
+                while at + segment::EXTENT_HEADER <= size {
+                    let h = w.segs.read(id, at, segment::EXTENT_HEADER as u32)?;
+                    if &h[..4] != segment::EXTENT_MAGIC {
+                        break;
+                    }
+                    let len = u32::from_le_bytes([h[4], h[5], h[6], h[7]]);
+                    let mut hash = [0u8; 32];
+                    hash.copy_from_slice(&h[8..40]);
+                    let data_at = at + segment::EXTENT_HEADER;
+                    let row = w.extents.get(hash)?.map(|v| ExtentRec::decode(v.value()));
+                    if let Some(rec) = row {
+                        let mut rec = rec?;
+                        if rec.segment == id && rec.offset == data_at {
+                            let data = w.segs.read(id, data_at, len)?;
+                            if blake3::hash(&data).as_bytes() != &hash {
+                                return Err(StoreError::Corrupt(format!(
+                                    "extent {} in segment {id:016x} does not match its hash",
+                                    hex(&hash)
+                                ))
+                                .into());
+                            }
+                            let (seg, off) = w.segs.append(&hash, &data)?;
+                            rec.segment = seg;
+                            rec.offset = off;
+                            w.extents.insert(hash, &rec.encode()[..])?;
+                        }
+                    }
+                    at = data_at + len as u64;
+                }
+                w.segments.remove(id)?;
+                Ok(())
+            });
+            match res {
+                Ok(()) => {
+                    self.segs.remove(id)?;
+                    given_back += size;
+                }
+                Err(crate::fs::FsError::Store(e)) => return Err(e),
+                Err(e) => return Err(StoreError::Corrupt(e.to_string())),
+            }
+        }
+        Ok(given_back)
     }
 
     /// A read transaction over the committed state.
@@ -361,6 +434,15 @@ impl<'a> RecKey<'a> {
             kind: KIND_BLOCK,
             sub: idx,
             name: &[],
+        }
+    }
+    /// Back pointer: `dir/name` links to `ino`.
+    pub fn parent(ino: u64, dir: u64, name: &'a [u8]) -> Self {
+        RecKey {
+            ino,
+            kind: KIND_PARENT,
+            sub: dir,
+            name,
         }
     }
     /// Xattr `name` of `ino`.
@@ -460,6 +542,9 @@ pub fn scan_visible<T: ReadableTable<VKey, &'static [u8]>>(
     Ok(())
 }
 
+/// A row of `versions` under one inode: kind, sub, name, epoch, value.
+type VersionRow = (u8, u64, Vec<u8>, u64, Vec<u8>);
+
 /// One write transaction with its tables open.
 pub struct Writer<'t> {
     /// `versions`.
@@ -472,6 +557,8 @@ pub struct Writer<'t> {
     pub changes: Table<'t, (u64, u64), ()>,
     /// `orphans`.
     pub orphans: Table<'t, u64, ()>,
+    /// `snapshots`.
+    pub snapshots: Table<'t, &'static str, &'static [u8]>,
     /// `meta`.
     pub meta: Table<'t, &'static str, &'static [u8]>,
     /// Segment files.
@@ -609,6 +696,92 @@ impl Writer<'_> {
                 hex(hash)
             ))),
         }
+    }
+
+    /// Drops every version of `ino` that neither the live tree nor any snapshot in
+    /// `self.snaps` can see, releasing what it holds, and tombstones that hide nothing.
+    /// Returns the bytes of extents this freed. With `dry_run` nothing changes and the
+    /// figure is what would be freed (counted against `pending`, the references already
+    /// planned away by earlier dry calls).
+    pub fn gc_ino(
+        &mut self,
+        ino: u64,
+        dry_run: Option<&mut std::collections::HashMap<[u8; 32], u64>>,
+    ) -> Result<u64, StoreError> {
+        // (kind, sub, name, epoch, value), in key order.
+        let mut rows: Vec<VersionRow> = Vec::new();
+        for row in self.versions.range((ino, 0u8, 0u64, &[][..], 0u64)..)? {
+            let (k, v) = row?;
+            let (kino, kind, sub, name, epoch) = k.value();
+            if kino != ino {
+                break;
+            }
+            rows.push((kind, sub, name.to_vec(), epoch, v.value().to_vec()));
+        }
+        let mut drop: Vec<usize> = Vec::new();
+        let mut start = 0;
+        while start < rows.len() {
+            let mut end = start + 1;
+            while end < rows.len()
+                && rows[end].0 == rows[start].0
+                && rows[end].1 == rows[start].1
+                && rows[end].2 == rows[start].2
+            {
+                end += 1;
+            }
+            let mut kept_any = false;
+            for i in start..end {
+                let e = rows[i].3;
+                let superseded_unseen =
+                    i + 1 < end && self.snaps.range(e..rows[i + 1].3).next().is_none();
+                let useless_tombstone = !kept_any && rows[i].4.first() == Some(&TAG_TOMBSTONE);
+                if superseded_unseen || useless_tombstone {
+                    drop.push(i);
+                } else {
+                    kept_any = true;
+                }
+            }
+            start = end;
+        }
+        let mut freed = 0u64;
+        let mut pending = dry_run;
+        for i in drop {
+            let (kind, sub, name, epoch, value) = &rows[i];
+            let key = RecKey {
+                ino,
+                kind: *kind,
+                sub: *sub,
+                name,
+            };
+            let block = if *kind == KIND_BLOCK && value.first() == Some(&TAG_PRESENT) {
+                Some(BlockRec::decode(&value[1..])?)
+            } else {
+                None
+            };
+            match pending.as_deref_mut() {
+                Some(planned) => {
+                    if let Some(b) = block {
+                        let ext = self.extent(&b.hash)?;
+                        let n = planned.entry(b.hash).or_insert(0);
+                        *n += 1;
+                        if *n == ext.refs {
+                            freed += ext.len as u64;
+                        }
+                    }
+                }
+                None => {
+                    self.versions.remove(key.at(*epoch))?;
+                    if let Some(b) = block {
+                        let ext = self.extent(&b.hash)?;
+                        if ext.refs == 1 {
+                            freed += ext.len as u64;
+                        }
+                        self.decref(&b.hash)?;
+                    }
+                }
+            }
+        }
+        Ok(freed)
     }
 
     /// Hands out a new inode number.

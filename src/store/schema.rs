@@ -12,7 +12,7 @@
 //! | `segments`  | segment id u64                               | dead bytes u64                          |
 //! | `changes`   | `(epoch u64, ino u64)`                       | `()`: ino changed in that epoch         |
 //! | `orphans`   | ino u64                                      | `()`: nlink 0 but still open            |
-//! | `snapshots` | `&str` name                                  | epoch u64, created secs i64, nsec u32   |
+//! | `snapshots` | `&str` name                                  | epoch u64, created secs i64, nsec u32, flags u8 |
 //!
 //! `versions` holds every versioned metadata record. `kind` says which:
 //!
@@ -22,6 +22,7 @@
 //! | 1    | dir entry    | 0           | entry name  | child ino u64, file kind u8     |
 //! | 2    | block map    | block index | empty       | blake3 hash [32], length u32    |
 //! | 3    | xattr        | 0           | xattr name  | the value bytes                 |
+//! | 4    | back pointer | parent ino  | entry name  | empty                           |
 //!
 //! A reader at epoch `S` sees, for each `(ino, kind, sub, name)`, the row with the
 //! greatest epoch `<= S`; a tombstone there means "absent".
@@ -75,6 +76,9 @@ pub const KIND_DIRENT: u8 = 1;
 pub const KIND_BLOCK: u8 = 2;
 /// Extended attribute.
 pub const KIND_XATTR: u8 = 3;
+/// Back pointer: `(ino, 4, parent, name)` says `parent/name` links to `ino`, so that
+/// a path can be found from an inode (diff) without walking the tree.
+pub const KIND_PARENT: u8 = 4;
 
 /// Value tag of a tombstone.
 pub const TAG_TOMBSTONE: u8 = 0;
@@ -400,21 +404,28 @@ pub struct SnapshotRec {
     pub epoch: u64,
     /// When it was taken.
     pub created: Ts,
+    /// [`SNAP_DELETED`] and friends.
+    pub flags: u8,
 }
+
+/// Snapshot flag: deleted by the user, kept only while something still holds it (an
+/// open file in it). Such rows are keyed `"\0<epoch>"`, a name no user can give.
+pub const SNAP_DELETED: u8 = 1;
 
 impl SnapshotRec {
     /// Encodes the value.
-    pub fn encode(&self) -> [u8; 20] {
-        let mut out = [0u8; 20];
+    pub fn encode(&self) -> [u8; 21] {
+        let mut out = [0u8; 21];
         out[..8].copy_from_slice(&self.epoch.to_le_bytes());
         out[8..16].copy_from_slice(&self.created.sec.to_le_bytes());
         out[16..20].copy_from_slice(&self.created.nsec.to_le_bytes());
+        out[20] = self.flags;
         out
     }
 
     /// Decodes the value.
     pub fn decode(b: &[u8]) -> Result<Self, StoreError> {
-        if b.len() != 20 {
+        if b.len() != 21 {
             return Err(StoreError::Corrupt(format!(
                 "snapshot row of {} bytes",
                 b.len()
@@ -427,6 +438,7 @@ impl SnapshotRec {
                 sec: r.u64() as i64,
                 nsec: r.u32(),
             },
+            flags: r.u8(),
         })
     }
 }

@@ -186,6 +186,28 @@ impl Segments {
         Ok(())
     }
 
+    /// The segment appends go to.
+    pub fn active(&self) -> u64 {
+        self.active
+    }
+
+    /// The segment directory.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// Deletes segment `id` (never the active one).
+    pub fn remove(&mut self, id: u64) -> Result<(), StoreError> {
+        if id == self.active {
+            return Ok(());
+        }
+        self.files.remove(&id);
+        self.unsynced.retain(|s| *s != id);
+        std::fs::remove_file(segment_path(&self.dir, id))?;
+        File::open(&self.dir)?.sync_all()?;
+        Ok(())
+    }
+
     /// Bytes used on disk by all segment files.
     pub fn disk_bytes(&self) -> Result<u64, StoreError> {
         let mut total = 0;

@@ -191,3 +191,149 @@ pub fn as_nobody(script: &str) -> Output {
         .output()
         .unwrap()
 }
+
+/// Everything a snapshot must preserve about a tree: per path, the kind, mode, owner,
+/// size, content hash (or link target) and xattrs. `.snapshots` at the top is skipped.
+pub fn tree_digest(root: &Path) -> std::collections::BTreeMap<String, String> {
+    use std::os::unix::fs::MetadataExt;
+    let mut out = std::collections::BTreeMap::new();
+    let mut stack = vec![root.to_path_buf()];
+    while let Some(dir) = stack.pop() {
+        for e in std::fs::read_dir(&dir).unwrap() {
+            let e = e.unwrap();
+            let p = e.path();
+            let rel = p.strip_prefix(root).unwrap().display().to_string();
+            if rel == ".snapshots" {
+                continue;
+            }
+            let md = std::fs::symlink_metadata(&p).unwrap();
+            let body = if md.file_type().is_symlink() {
+                format!("link {}", std::fs::read_link(&p).unwrap().display())
+            } else if md.is_file() {
+                format!(
+                    "file {}",
+                    blake3::hash(&std::fs::read(&p).unwrap()).to_hex()
+                )
+            } else if md.is_dir() {
+                stack.push(p.clone());
+                "dir".to_string()
+            } else {
+                format!("special {}", md.rdev())
+            };
+            let mut xattrs = xattr_names(&p);
+            xattrs.sort();
+            let xv: Vec<String> = xattrs
+                .iter()
+                .map(|n| format!("{n}={}", blake3::hash(&xattr_value(&p, n)).to_hex()))
+                .collect();
+            out.insert(
+                rel,
+                format!(
+                    "{body} mode={:o} uid={} gid={} size={} nlink={} mtime={} xattrs={xv:?}",
+                    md.mode(),
+                    md.uid(),
+                    md.gid(),
+                    if md.is_dir() { 0 } else { md.size() },
+                    md.nlink(),
+                    md.mtime_nsec() + md.mtime() * 1_000_000_000,
+                ),
+            );
+        }
+    }
+    out
+}
+
+fn cstr(p: &Path) -> std::ffi::CString {
+    use std::os::unix::ffi::OsStrExt;
+    std::ffi::CString::new(p.as_os_str().as_bytes()).unwrap()
+}
+
+pub fn xattr_names(p: &Path) -> Vec<String> {
+    let c = cstr(p);
+    let mut buf = vec![0u8; 65536];
+    // SAFETY: valid pointers.
+    let n = unsafe { libc::llistxattr(c.as_ptr(), buf.as_mut_ptr().cast(), buf.len()) };
+    assert!(n >= 0, "listxattr {}", p.display());
+    buf[..n as usize]
+        .split(|&b| b == 0)
+        .filter(|s| !s.is_empty())
+        .map(|s| String::from_utf8_lossy(s).into_owned())
+        .collect()
+}
+
+pub fn xattr_value(p: &Path, name: &str) -> Vec<u8> {
+    let c = cstr(p);
+    let n = std::ffi::CString::new(name).unwrap();
+    let mut buf = vec![0u8; 65536];
+    // SAFETY: valid pointers.
+    let r = unsafe { libc::lgetxattr(c.as_ptr(), n.as_ptr(), buf.as_mut_ptr().cast(), buf.len()) };
+    assert!(r >= 0, "getxattr {} {name}", p.display());
+    buf.truncate(r as usize);
+    buf
+}
+
+/// Builds a varied tree under `root`: files of several sizes, a sparse file, hard
+/// links, symlinks, xattrs, modes and owners.
+pub fn populate(root: &Path, seed: u64) {
+    use std::os::unix::fs::PermissionsExt;
+    let p = |s: &str| root.join(s);
+    std::fs::create_dir_all(p("docs/deep/er")).unwrap();
+    std::fs::create_dir_all(p("bin")).unwrap();
+    for i in 0..20u64 {
+        std::fs::write(
+            p(&format!("docs/f{i}")),
+            pattern(seed + i, (i as usize * 37_123) % 300_000),
+        )
+        .unwrap();
+    }
+    std::fs::write(p("docs/deep/er/big"), pattern(seed + 99, 3 << 20)).unwrap();
+    let f = std::fs::File::create(p("sparse")).unwrap();
+    use std::os::unix::fs::FileExt;
+    f.write_all_at(b"end", 50 << 20).unwrap();
+    std::fs::hard_link(p("docs/f3"), p("bin/f3-link")).unwrap();
+    std::os::unix::fs::symlink("../docs/f1", p("bin/link")).unwrap();
+    std::fs::set_permissions(p("bin/f3-link"), std::fs::Permissions::from_mode(0o751)).unwrap();
+    std::os::unix::fs::chown(p("docs/f2"), Some(1234), Some(5678)).unwrap();
+    let c = cstr(&p("docs/f4"));
+    let n = std::ffi::CString::new("user.tag").unwrap();
+    // SAFETY: valid pointers.
+    assert_eq!(
+        unsafe { libc::setxattr(c.as_ptr(), n.as_ptr(), b"v1".as_ptr().cast(), 2, 0) },
+        0
+    );
+}
+
+/// Heavy changes: rewrite, truncate, delete, rename, chmod, new files, xattr changes.
+pub fn churn(root: &Path, seed: u64) {
+    use std::os::unix::fs::PermissionsExt;
+    let p = |s: &str| root.join(s);
+    for i in 0..20u64 {
+        let f = p(&format!("docs/f{i}"));
+        if !f.exists() {
+            std::fs::write(&f, pattern(seed * 7 + i, 5000)).unwrap();
+            continue;
+        }
+        match i % 4 {
+            0 => std::fs::write(&f, pattern(seed * 1000 + i, 100_000)).unwrap(),
+            1 => std::fs::OpenOptions::new()
+                .write(true)
+                .open(&f)
+                .unwrap()
+                .set_len(10)
+                .unwrap(),
+            2 => std::fs::remove_file(&f).unwrap(),
+            _ => std::fs::rename(&f, p(&format!("docs/deep/moved{i}-{seed}"))).unwrap(),
+        }
+    }
+    if p("docs/deep/er/big").exists() {
+        let f = std::fs::OpenOptions::new()
+            .write(true)
+            .open(p("docs/deep/er/big"))
+            .unwrap();
+        use std::os::unix::fs::FileExt;
+        f.write_all_at(&pattern(seed, 70_000), 1 << 20).unwrap();
+    }
+    std::fs::set_permissions(p("bin"), std::fs::Permissions::from_mode(0o700)).unwrap();
+    std::fs::write(p(&format!("new-{seed}")), pattern(seed, 12345)).unwrap();
+    let _ = std::fs::remove_file(p("bin/link"));
+}

@@ -1,0 +1,261 @@
+//! The commands the CLI runs against a store, the same whether the store is mounted
+//! (they arrive through the daemon's control socket) or opened by the CLI itself.
+
+use crate::fs::{Fs, FsError, check_snapshot_name};
+use crate::policy::{self, Keep};
+use crate::store::schema::Ts;
+
+/// A command's result: its output, exit code, and whether the output is an error line.
+#[derive(Debug)]
+pub struct Outcome {
+    /// Text for stdout (or the error line for stderr).
+    pub text: String,
+    /// Exit code.
+    pub code: i32,
+    /// `text` is an error message.
+    pub error: bool,
+}
+
+fn ok(text: String) -> Outcome {
+    Outcome {
+        text,
+        code: 0,
+        error: false,
+    }
+}
+
+fn fail(text: String) -> Outcome {
+    Outcome {
+        text,
+        code: 2,
+        error: true,
+    }
+}
+
+/// Escapes a string for JSON.
+pub fn json_str(s: &str) -> String {
+    let mut out = String::with_capacity(s.len() + 2);
+    out.push('"');
+    for c in s.chars() {
+        match c {
+            '"' => out.push_str("\\\""),
+            '\\' => out.push_str("\\\\"),
+            '\n' => out.push_str("\\n"),
+            c if (c as u32) < 0x20 => out.push_str(&format!("\\u{:04x}", c as u32)),
+            c => out.push(c),
+        }
+    }
+    out.push('"');
+    out
+}
+
+fn snap_error(e: FsError, name: &str) -> Outcome {
+    let msg = match e.errno() {
+        libc::EEXIST => format!("a snapshot named {name:?} already exists"),
+        libc::ENOENT => format!("no snapshot named {name:?}"),
+        libc::EINVAL | libc::ENAMETOOLONG => match check_snapshot_name(name.as_bytes()) {
+            Err((_, rule)) => format!("invalid snapshot name {name:?}: {rule}"),
+            Ok(_) => format!("{name:?}: {e}"),
+        },
+        _ => format!("{name:?}: {e}"),
+    };
+    fail(msg)
+}
+
+fn fmt_time(t: Ts) -> String {
+    let name = policy::auto_name(t.sec);
+    name.trim_start_matches(policy::AUTO_PREFIX)
+        .replace('T', " ")
+        .replace('Z', " UTC")
+}
+
+/// Runs `args` (for example `["snapshot", "create", "x"]`) against `fs`. `progress`
+/// draws progress on the terminal for long work.
+pub fn run(fs: &Fs, args: &[String], progress: bool) -> Outcome {
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let flag = |f: &str| args.contains(&f);
+    let opt = |f: &str| {
+        args.iter()
+            .position(|a| *a == f)
+            .and_then(|i| args.get(i + 1).copied())
+    };
+    let mut core = fs.lock();
+    match args.as_slice() {
+        ["status", ..] => match core.flush_all().map_err(anyhow::Error::from).and_then(|_| {
+            let mut st = crate::check::status(core.store())?;
+            st.snapshots = core.snapshots()?.into_iter().map(|s| s.name).collect();
+            Ok(st)
+        }) {
+            Ok(st) => ok(st.render()),
+            Err(e) => fail(format!("{e:#}")),
+        },
+        ["fsck", ..] => {
+            let read_data = flag("--read-data");
+            let res = core.sync_all().map_err(anyhow::Error::from).and_then(|_| {
+                Ok(crate::check::fsck(
+                    core.store(),
+                    read_data,
+                    &mut |done, total| {
+                        if progress {
+                            eprint!("\rchecking extents: {done}/{total}");
+                            if done == total {
+                                eprintln!();
+                            }
+                        }
+                    },
+                )?)
+            });
+            match res {
+                Ok(rep) => Outcome {
+                    text: rep.summary(),
+                    code: if rep.clean() { 0 } else { 1 },
+                    error: false,
+                },
+                Err(e) => fail(format!("{e:#}")),
+            }
+        }
+        ["snapshot", "create", name, ..] => {
+            match core.snapshot_create(name.as_bytes(), Ts::now()) {
+                Ok(epoch) => ok(format!("created snapshot {name} (epoch {epoch})")),
+                Err(e) => snap_error(e, name),
+            }
+        }
+        ["snapshot", "delete", name, ..] => match core.snapshot_delete(name.as_bytes()) {
+            Ok(()) => ok(format!("deleted snapshot {name}")),
+            Err(e) => snap_error(e, name),
+        },
+        ["snapshot", "rollback", name, ..] => {
+            let res = core.rollback(name.as_bytes());
+            drop(core);
+            match res {
+                Ok(invals) => {
+                    fs.invalidate(&invals);
+                    ok(format!(
+                        "rolled back to snapshot {name} ({} records restored)",
+                        invals.len()
+                    ))
+                }
+                Err(e) => snap_error(e, name),
+            }
+        }
+        ["snapshot", "list", ..] => {
+            let res = core
+                .snapshots()
+                .and_then(|mut s| core.snapshot_sizes(&mut s).map(|_| s));
+            match res {
+                Ok(snaps) if flag("--json") => {
+                    let rows: Vec<String> = snaps
+                        .iter()
+                        .map(|s| {
+                            format!(
+                                "{{\"name\":{},\"created\":{},\"epoch\":{},\"referenced\":{},\"exclusive\":{}}}",
+                                json_str(&s.name),
+                                s.created.sec,
+                                s.epoch,
+                                s.referenced,
+                                s.exclusive
+                            )
+                        })
+                        .collect();
+                    ok(format!("[{}]", rows.join(",")))
+                }
+                Ok(snaps) => {
+                    let mut t = format!(
+                        "{:<32} {:<24} {:>14} {:>14}\n",
+                        "NAME", "CREATED", "REFERENCED", "EXCLUSIVE"
+                    );
+                    for s in snaps {
+                        t.push_str(&format!(
+                            "{:<32} {:<24} {:>14} {:>14}\n",
+                            s.name,
+                            fmt_time(s.created),
+                            s.referenced,
+                            s.exclusive
+                        ));
+                    }
+                    ok(t)
+                }
+                Err(e) => fail(format!("{e}")),
+            }
+        }
+        ["snapshot", "prune", ..] => {
+            let keep = match opt("--keep").map(Keep::parse).or_else(|| core.keep.clone().map(Ok)) {
+                Some(Ok(k)) => k,
+                Some(Err(e)) => return fail(e),
+                None => return fail("no retention policy: pass --keep, mount with -o keep=..., or set keep in snapfs.toml".into()),
+            };
+            let snaps = match core.snapshots() {
+                Ok(s) => s,
+                Err(e) => return fail(e.to_string()),
+            };
+            let list: Vec<(String, i64)> = snaps
+                .iter()
+                .map(|s| (s.name.clone(), s.created.sec))
+                .collect();
+            let doomed = policy::plan_prune(&list, &keep);
+            let mut text = String::new();
+            for name in &doomed {
+                if !flag("--dry-run") {
+                    if let Err(e) = core.snapshot_delete(name.as_bytes()) {
+                        return snap_error(e, name);
+                    }
+                    text.push_str(&format!("pruned {name}\n"));
+                } else {
+                    text.push_str(&format!("would prune {name}\n"));
+                }
+            }
+            text.push_str(&format!(
+                "{} of {} snapshots pruned by the policy",
+                doomed.len(),
+                snaps.len()
+            ));
+            ok(text)
+        }
+        ["diff", old, new, ..] => match core.diff(old, new, flag("--blocks")) {
+            Ok(changes) if flag("--json") => {
+                let rows: Vec<String> = changes
+                    .iter()
+                    .map(|c| {
+                        let mut r =
+                            format!("{{\"change\":\"{}\",\"path\":{}", c.kind, json_str(&c.path));
+                        if let Some(n) = &c.new_path {
+                            r.push_str(&format!(",\"new_path\":{}", json_str(n)));
+                        }
+                        if flag("--blocks") && c.kind == 'M' {
+                            let ranges: Vec<String> =
+                                c.ranges.iter().map(|(s, e)| format!("[{s},{e}]")).collect();
+                            r.push_str(&format!(",\"ranges\":[{}]", ranges.join(",")));
+                        }
+                        r.push('}');
+                        r
+                    })
+                    .collect();
+                ok(format!("[{}]", rows.join(",")))
+            }
+            Ok(changes) => {
+                let mut t = String::new();
+                for c in changes {
+                    match &c.new_path {
+                        Some(n) => t.push_str(&format!("R\t{}\t->\t{}\n", c.path, n)),
+                        None => t.push_str(&format!("{}\t{}\n", c.kind, c.path)),
+                    }
+                    for (s, e) in &c.ranges {
+                        t.push_str(&format!("\t\t{s}-{e}\n"));
+                    }
+                }
+                ok(t)
+            }
+            Err(e) if e.errno() == libc::EINVAL => fail(format!("{old} is not older than {new}")),
+            Err(e) if e.errno() == libc::ENOENT => {
+                let missing = if core.snapshot_named(old.as_bytes()).ok().flatten().is_none() {
+                    old
+                } else {
+                    new
+                };
+                fail(format!("no snapshot named {missing:?}"))
+            }
+            Err(e) => fail(e.to_string()),
+        },
+        _ => fail(format!("unknown command {args:?}")),
+    }
+}

@@ -1,0 +1,602 @@
+//! Snapshots: the catalog, O(1) creation, deletion that gives space back, rollback
+//! and diff, all over the versioned records and the change index.
+//!
+//! A snapshot is a name and the epoch it froze. Creating one flushes buffered data,
+//! records `(name, E)` and moves the live tree to `E+1`: nothing is copied. Deleting
+//! one drops the versions only it could see (found through the change index: a version
+//! only snapshot `S` sees was superseded in `(S, next]`, where `next` is the next
+//! snapshot or the live epoch), releases their extents and compacts segments.
+
+use std::collections::{BTreeSet, HashMap};
+
+use redb::ReadableTable as _;
+
+use super::*;
+use crate::store::visible;
+
+/// What a kernel cache must forget after the tree changed under it (rollback).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Inval {
+    /// Attributes and cached pages of a live inode.
+    Inode(u64),
+    /// A (possibly negative) directory entry: parent and name.
+    Entry(u64, Vec<u8>),
+}
+
+/// A snapshot as `snapshot list` shows it.
+#[derive(Clone, Debug)]
+pub struct SnapshotInfo {
+    /// Name.
+    pub name: String,
+    /// The epoch it froze.
+    pub epoch: u64,
+    /// When it was taken.
+    pub created: Ts,
+    /// Bytes of data its files name.
+    pub referenced: u64,
+    /// Bytes deleting it would give back.
+    pub exclusive: u64,
+}
+
+/// One line of a diff.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Change {
+    /// `+` added, `-` removed, `M` modified, `R` renamed.
+    pub kind: char,
+    /// The path (the old path for `R`).
+    pub path: String,
+    /// The new path, for `R`.
+    pub new_path: Option<String>,
+    /// Changed byte ranges `[start, end)`, for `M` on files when asked.
+    pub ranges: Vec<(u64, u64)>,
+}
+
+/// Validates a snapshot name; on failure, the errno and which rule it broke.
+pub fn check_snapshot_name(name: &[u8]) -> Result<&str, (i32, &'static str)> {
+    if name.is_empty() {
+        return Err((libc::EINVAL, "a snapshot name may not be empty"));
+    }
+    if name.len() > NAME_MAX {
+        return Err((libc::ENAMETOOLONG, "a snapshot name is at most 255 bytes"));
+    }
+    if name == b"." || name == b".." {
+        return Err((libc::EINVAL, "a snapshot may not be named '.' or '..'"));
+    }
+    if name.contains(&b'/') {
+        return Err((libc::EINVAL, "a snapshot name may not contain '/'"));
+    }
+    if name.contains(&0) || name.contains(&b'\n') {
+        return Err((
+            libc::EINVAL,
+            "a snapshot name may not contain NUL or newline",
+        ));
+    }
+    std::str::from_utf8(name).map_err(|_| (libc::EINVAL, "a snapshot name must be UTF-8"))
+}
+
+/// The catalog key of a deleted snapshot kept for its holders.
+fn held_key(epoch: u64) -> String {
+    format!("\0{epoch}")
+}
+
+impl Inner {
+    /// The catalog row of snapshot `name` (deleted ones are not found).
+    pub fn snapshot_named(&mut self, name: &[u8]) -> FsResult<Option<SnapshotRec>> {
+        let Ok(name) = std::str::from_utf8(name) else {
+            return Ok(None);
+        };
+        if name.starts_with('\0') {
+            return Ok(None);
+        }
+        let txn = self.store.read_txn()?;
+        let t = txn.open_table(SNAPSHOTS).map_err(StoreError::from)?;
+        Ok(
+            match redb::ReadableTable::get(&t, name).map_err(StoreError::from)? {
+                Some(v) => Some(SnapshotRec::decode(v.value())?),
+                None => None,
+            },
+        )
+    }
+
+    /// Every snapshot, oldest first (sizes not computed).
+    pub fn snapshots(&mut self) -> FsResult<Vec<SnapshotInfo>> {
+        let txn = self.store.read_txn()?;
+        let t = txn.open_table(SNAPSHOTS).map_err(StoreError::from)?;
+        let mut out = Vec::new();
+        for row in redb::ReadableTable::iter(&t).map_err(StoreError::from)? {
+            let (k, v) = row.map_err(StoreError::from)?;
+            let rec = SnapshotRec::decode(v.value())?;
+            if rec.flags & SNAP_DELETED != 0 {
+                continue;
+            }
+            out.push(SnapshotInfo {
+                name: k.value().to_string(),
+                epoch: rec.epoch,
+                created: rec.created,
+                referenced: 0,
+                exclusive: 0,
+            });
+        }
+        out.sort_by_key(|s| s.epoch);
+        Ok(out)
+    }
+
+    /// Fills in `referenced` and `exclusive` for `snaps`.
+    pub fn snapshot_sizes(&mut self, snaps: &mut [SnapshotInfo]) -> FsResult<()> {
+        // referenced: one pass over all versions, picking per identity the row each
+        // snapshot sees.
+        {
+            let txn = self.store.read_txn()?;
+            let t = txn.open_table(VERSIONS).map_err(StoreError::from)?;
+            let epochs: Vec<u64> = snaps.iter().map(|s| s.epoch).collect();
+            let mut totals = vec![0u64; epochs.len()];
+            let mut group: Vec<(u64, u32)> = Vec::new(); // (epoch, len or 0) of one block identity
+            let mut ident: Option<(u64, u64)> = None;
+            let settle = |group: &mut Vec<(u64, u32)>, totals: &mut Vec<u64>| {
+                for (i, &s) in epochs.iter().enumerate() {
+                    if let Some(&(_, len)) = group.iter().rev().find(|(e, _)| *e <= s) {
+                        totals[i] += len as u64;
+                    }
+                }
+                group.clear();
+            };
+            for row in redb::ReadableTable::iter(&t).map_err(StoreError::from)? {
+                let (k, v) = row.map_err(StoreError::from)?;
+                let (ino, kind, sub, _, epoch) = k.value();
+                if kind != KIND_BLOCK {
+                    continue;
+                }
+                if ident != Some((ino, sub)) {
+                    settle(&mut group, &mut totals);
+                    ident = Some((ino, sub));
+                }
+                let v = v.value();
+                let len = if v.first() == Some(&TAG_PRESENT) {
+                    BlockRec::decode(&v[1..])?.len
+                } else {
+                    0
+                };
+                group.push((epoch, len));
+            }
+            settle(&mut group, &mut totals);
+            for (s, total) in snaps.iter_mut().zip(totals) {
+                s.referenced = total;
+            }
+        }
+        // exclusive: a dry run of the deletion.
+        for s in snaps.iter_mut() {
+            s.exclusive = self.drop_epoch_inner(s.epoch, true)?;
+        }
+        Ok(())
+    }
+
+    /// Attributes of the `.snapshots` directory (owned like the root, read and search
+    /// for all, writable by whoever may write the root: mkdir there takes a snapshot).
+    pub(super) fn snapdir_attr(&mut self) -> FsResult<Attr> {
+        let mut rec = self.inode(ROOT_INO)?;
+        rec.perm &= 0o777;
+        rec.nlink = 2;
+        rec.size = 0;
+        rec.parent = ROOT_INO;
+        Ok(self.attr(SNAPDIR_INO, rec))
+    }
+
+    /// Takes snapshot `name` of the live tree; returns its epoch.
+    pub fn snapshot_create(&mut self, name: &[u8], now: Ts) -> FsResult<u64> {
+        let name = check_snapshot_name(name)
+            .map_err(|(e, _)| FsError::Errno(e))?
+            .to_string();
+        if self.snapshot_named(name.as_bytes())?.is_some() {
+            return err(libc::EEXIST);
+        }
+        let epoch = self.store.live_epoch;
+        if epoch >= (1 << (64 - EPOCH_SHIFT)) - 1 {
+            return err(libc::EOVERFLOW);
+        }
+        // Everything written so far belongs to the snapshot.
+        self.flush_all()?;
+        let rec = SnapshotRec {
+            epoch,
+            created: now,
+            flags: 0,
+        };
+        self.store.write(true, |w| {
+            w.snapshots.insert(name.as_str(), &rec.encode()[..])?;
+            w.meta
+                .insert(meta::LIVE_EPOCH, &(epoch + 1).to_le_bytes()[..])?;
+            Ok(())
+        })?;
+        self.store.live_epoch = epoch + 1;
+        self.store.snapshot_epochs.insert(epoch);
+        self.undurable = false;
+        tracing::info!(name, epoch, "snapshot taken");
+        Ok(epoch)
+    }
+
+    /// Deletes snapshot `name`. While files opened in it are open, it only leaves the
+    /// listing; its space comes back when the last one closes.
+    pub fn snapshot_delete(&mut self, name: &[u8]) -> FsResult<()> {
+        let rec = self
+            .snapshot_named(name)?
+            .ok_or(FsError::Errno(libc::ENOENT))?;
+        let name = String::from_utf8_lossy(name).into_owned();
+        let held = self.snap_open.get(&rec.epoch).copied().unwrap_or(0) > 0;
+        self.store.write(true, |w| {
+            w.snapshots.remove(name.as_str())?;
+            if held {
+                let kept = SnapshotRec {
+                    flags: SNAP_DELETED,
+                    ..rec
+                };
+                w.snapshots
+                    .insert(held_key(rec.epoch).as_str(), &kept.encode()[..])?;
+            }
+            Ok(())
+        })?;
+        if !held {
+            self.drop_epoch(rec.epoch)?;
+        }
+        tracing::info!(name, epoch = rec.epoch, held, "snapshot deleted");
+        Ok(())
+    }
+
+    /// A file opened in snapshot `epoch` closed.
+    pub(super) fn release_snapshot_hold(&mut self, epoch: u64) -> FsResult<()> {
+        let left = match self.snap_open.get_mut(&epoch) {
+            Some(n) => {
+                *n -= 1;
+                *n
+            }
+            None => 0,
+        };
+        if left > 0 {
+            return Ok(());
+        }
+        self.snap_open.remove(&epoch);
+        let key = held_key(epoch);
+        let pending = {
+            let txn = self.store.read_txn()?;
+            let t = txn.open_table(SNAPSHOTS).map_err(StoreError::from)?;
+            redb::ReadableTable::get(&t, key.as_str())
+                .map_err(StoreError::from)?
+                .is_some()
+        };
+        if pending {
+            self.store.write(true, |w| {
+                Ok(w.snapshots.remove(key.as_str()).map(|_| ())?)
+            })?;
+            self.drop_epoch(epoch)?;
+        }
+        Ok(())
+    }
+
+    /// At mount: finishes deletions whose holders are gone (they were open files).
+    pub(super) fn reap_deleted_snapshots(&mut self) -> FsResult<()> {
+        let mut epochs = Vec::new();
+        {
+            let txn = self.store.read_txn()?;
+            let t = txn.open_table(SNAPSHOTS).map_err(StoreError::from)?;
+            for row in redb::ReadableTable::iter(&t).map_err(StoreError::from)? {
+                let (_, v) = row.map_err(StoreError::from)?;
+                let rec = SnapshotRec::decode(v.value())?;
+                if rec.flags & SNAP_DELETED != 0 {
+                    epochs.push(rec.epoch);
+                }
+            }
+        }
+        for epoch in epochs {
+            let key = held_key(epoch);
+            self.store.write(true, |w| {
+                Ok(w.snapshots.remove(key.as_str()).map(|_| ())?)
+            })?;
+            self.drop_epoch(epoch)?;
+        }
+        Ok(())
+    }
+
+    /// Forgets epoch `epoch`: drops what only it could see, then compacts.
+    fn drop_epoch(&mut self, epoch: u64) -> FsResult<u64> {
+        let freed = self.drop_epoch_inner(epoch, false)?;
+        self.store.compact()?;
+        Ok(freed)
+    }
+
+    /// With `dry_run`, only computes the bytes that dropping `epoch` would free.
+    fn drop_epoch_inner(&mut self, epoch: u64, dry_run: bool) -> FsResult<u64> {
+        let was_held = self.store.snapshot_epochs.remove(&epoch);
+        let next = self
+            .store
+            .snapshot_epochs
+            .range(epoch + 1..)
+            .next()
+            .copied()
+            .unwrap_or(self.store.live_epoch);
+        let oldest = self.store.snapshot_epochs.first().copied();
+        let res = self.store.write(!dry_run, |w| {
+            let mut inos = BTreeSet::new();
+            for row in w.changes.range((epoch + 1, 0)..=(next, u64::MAX))? {
+                inos.insert(row?.0.value().1);
+            }
+            let mut planned = HashMap::new();
+            let mut freed = 0;
+            for ino in inos {
+                freed += w.gc_ino(ino, dry_run.then_some(&mut planned))?;
+            }
+            if !dry_run {
+                // No diff or deletion ever needs changes at or below the oldest snapshot.
+                let cutoff = oldest.unwrap_or(u64::MAX);
+                let mut old = Vec::new();
+                for row in w.changes.range(..=(cutoff, u64::MAX))? {
+                    old.push(row?.0.value());
+                }
+                for k in old {
+                    w.changes.remove(k)?;
+                }
+            }
+            Ok(freed)
+        });
+        if dry_run && was_held {
+            self.store.snapshot_epochs.insert(epoch);
+        }
+        res
+    }
+
+    /// Makes the live tree equal to snapshot `name`, at a cost of O(changes since it).
+    /// Newer snapshots stay. Returns what kernel caches must forget.
+    pub fn rollback(&mut self, name: &[u8]) -> FsResult<Vec<Inval>> {
+        let snap = self
+            .snapshot_named(name)?
+            .ok_or(FsError::Errno(libc::ENOENT))?
+            .epoch;
+        self.flush_all()?;
+        let live = self.store.live_epoch;
+        let mut invals = Vec::new();
+        self.store.write(true, |w| {
+            let mut inos = BTreeSet::new();
+            for row in w.changes.range((snap + 1, 0)..=(live, u64::MAX))? {
+                inos.insert(row?.0.value().1);
+            }
+            for ino in inos {
+                let mut idents: BTreeSet<(u8, u64, Vec<u8>)> = BTreeSet::new();
+                for row in w.versions.range((ino, 0u8, 0u64, &[][..], 0u64)..)? {
+                    let (k, _) = row?;
+                    let (kino, kind, sub, name, epoch) = k.value();
+                    if kino != ino {
+                        break;
+                    }
+                    if epoch > snap {
+                        idents.insert((kind, sub, name.to_vec()));
+                    }
+                }
+                for (kind, sub, name) in idents {
+                    let key = RecKey {
+                        ino,
+                        kind,
+                        sub,
+                        name: &name,
+                    };
+                    let then = visible(&w.versions, key, snap)?;
+                    if then == visible(&w.versions, key, live)? {
+                        continue;
+                    }
+                    if let (KIND_BLOCK, Some(p)) = (kind, &then) {
+                        w.incref(&BlockRec::decode(p)?.hash)?;
+                    }
+                    w.put(key, then.as_deref())?;
+                    match kind {
+                        KIND_DIRENT => invals.push(Inval::Entry(ino, name.clone())),
+                        KIND_INODE | KIND_BLOCK => invals.push(Inval::Inode(ino)),
+                        _ => {}
+                    }
+                }
+            }
+            Ok(())
+        })?;
+        invals.dedup();
+        self.undurable = false;
+        tracing::info!(name = %String::from_utf8_lossy(name), epoch = snap, "rolled back");
+        Ok(invals)
+    }
+
+    /// The epoch a diff endpoint names: a snapshot, or `live`.
+    fn diff_epoch(&mut self, name: &str) -> FsResult<u64> {
+        if name == "live" {
+            self.flush_all()?;
+            return Ok(self.store.live_epoch);
+        }
+        Ok(self
+            .snapshot_named(name.as_bytes())?
+            .ok_or(FsError::Errno(libc::ENOENT))?
+            .epoch)
+    }
+
+    /// Paths of `ino` in the tree at `epoch`, from the back pointers.
+    fn paths_at(&mut self, epoch: u64, ino: u64, depth: u32) -> FsResult<Vec<String>> {
+        if ino == ROOT_INO {
+            return Ok(vec![String::new()]);
+        }
+        if depth > 4096 {
+            return Err(StoreError::Corrupt(format!(
+                "path of inode {ino} does not reach the root"
+            ))
+            .into());
+        }
+        let mut links = Vec::new();
+        {
+            let txn = self.store.read_txn()?;
+            let t = txn.open_table(VERSIONS).map_err(StoreError::from)?;
+            scan_visible(&t, ino, KIND_PARENT, 0..=u64::MAX, epoch, |dir, name, _| {
+                links.push((dir, String::from_utf8_lossy(name).into_owned()));
+                Ok(true)
+            })?;
+        }
+        let mut out = Vec::new();
+        for (dir, name) in links {
+            for p in self.paths_at(epoch, dir, depth + 1)? {
+                out.push(format!("{p}/{name}"));
+            }
+        }
+        out.sort();
+        Ok(out)
+    }
+
+    /// What changed from snapshot `old` to `new` (a snapshot or `live`), from the change
+    /// index: O(changes), never a tree walk. With `blocks`, modified files carry their
+    /// changed byte ranges.
+    pub fn diff(&mut self, old: &str, new: &str, blocks: bool) -> FsResult<Vec<Change>> {
+        let (a_e, b_e) = (self.diff_epoch(old)?, self.diff_epoch(new)?);
+        if a_e >= b_e {
+            return err(libc::EINVAL);
+        }
+        let mut inos = BTreeSet::new();
+        {
+            let txn = self.store.read_txn()?;
+            let t = txn.open_table(CHANGES).map_err(StoreError::from)?;
+            for row in redb::ReadableTable::range(&t, (a_e + 1, 0)..=(b_e, u64::MAX))
+                .map_err(StoreError::from)?
+            {
+                inos.insert(row.map_err(StoreError::from)?.0.value().1);
+            }
+        }
+        let bs = self.bs_u64();
+        let mut out = Vec::new();
+        for ino in inos {
+            let (a, b) = (self.inode_at(a_e, ino).ok(), self.inode_at(b_e, ino).ok());
+            let (pa, pb) = (self.paths_at(a_e, ino, 0)?, self.paths_at(b_e, ino, 0)?);
+            let show = |p: &str| {
+                if p.is_empty() {
+                    "/".to_string()
+                } else {
+                    p.to_string()
+                }
+            };
+            match (&a, &b) {
+                (None, None) => {}
+                (None, Some(_)) => out.extend(pb.iter().map(|p| Change {
+                    kind: '+',
+                    path: show(p),
+                    new_path: None,
+                    ranges: vec![],
+                })),
+                (Some(_), None) => out.extend(pa.iter().map(|p| Change {
+                    kind: '-',
+                    path: show(p),
+                    new_path: None,
+                    ranges: vec![],
+                })),
+                (Some(ra), Some(rb)) => {
+                    if pa != pb {
+                        if pa.len() == 1 && pb.len() == 1 {
+                            out.push(Change {
+                                kind: 'R',
+                                path: show(&pa[0]),
+                                new_path: Some(show(&pb[0])),
+                                ranges: vec![],
+                            });
+                        } else {
+                            for p in pa.iter().filter(|p| !pb.contains(p)) {
+                                out.push(Change {
+                                    kind: '-',
+                                    path: show(p),
+                                    new_path: None,
+                                    ranges: vec![],
+                                });
+                            }
+                            for p in pb.iter().filter(|p| !pa.contains(p)) {
+                                out.push(Change {
+                                    kind: '+',
+                                    path: show(p),
+                                    new_path: None,
+                                    ranges: vec![],
+                                });
+                            }
+                        }
+                    }
+                    let (changed_rows, block_idx) = self.changed_rows(ino, a_e, b_e)?;
+                    let mut na = ra.clone();
+                    na.ctime = rb.ctime;
+                    na.atime = rb.atime;
+                    if (na != *rb || changed_rows)
+                        && let Some(p) = pb.first()
+                    {
+                        let mut ranges = Vec::new();
+                        if blocks && rb.kind == FileKind::File {
+                            for idx in block_idx {
+                                let s = idx * bs;
+                                if s < rb.size.max(ra.size) {
+                                    ranges.push((s, (s + bs).min(rb.size.max(ra.size))));
+                                }
+                            }
+                            if ra.size != rb.size {
+                                ranges.push((ra.size.min(rb.size), ra.size.max(rb.size)));
+                            }
+                            ranges = merge(ranges);
+                        }
+                        out.push(Change {
+                            kind: 'M',
+                            path: show(p),
+                            new_path: None,
+                            ranges,
+                        });
+                    }
+                }
+            }
+        }
+        out.sort_by(|x, y| x.path.cmp(&y.path).then(x.kind.cmp(&y.kind)));
+        Ok(out)
+    }
+
+    fn bs_u64(&self) -> u64 {
+        self.store.block_size as u64
+    }
+
+    /// Whether block, xattr or entry rows of `ino` differ between `a` and `b`, and the
+    /// indexes of the blocks that do.
+    fn changed_rows(&mut self, ino: u64, a: u64, b: u64) -> FsResult<(bool, Vec<u64>)> {
+        let txn = self.store.read_txn()?;
+        let t = txn.open_table(VERSIONS).map_err(StoreError::from)?;
+        let mut idents: BTreeSet<(u8, u64, Vec<u8>)> = BTreeSet::new();
+        for row in redb::ReadableTable::range(&t, (ino, KIND_DIRENT, 0u64, &[][..], 0u64)..)
+            .map_err(StoreError::from)?
+        {
+            let (k, _) = row.map_err(StoreError::from)?;
+            let (kino, kind, sub, name, epoch) = k.value();
+            if kino != ino {
+                break;
+            }
+            if kind != KIND_PARENT && epoch > a && epoch <= b {
+                idents.insert((kind, sub, name.to_vec()));
+            }
+        }
+        let mut any = false;
+        let mut blocks = Vec::new();
+        for (kind, sub, name) in idents {
+            let key = RecKey {
+                ino,
+                kind,
+                sub,
+                name: &name,
+            };
+            if visible(&t, key, a)? != visible(&t, key, b)? {
+                any = true;
+                if kind == KIND_BLOCK {
+                    blocks.push(sub);
+                }
+            }
+        }
+        Ok((any, blocks))
+    }
+}
+
+/// Sorts and joins overlapping or touching ranges.
+fn merge(mut r: Vec<(u64, u64)>) -> Vec<(u64, u64)> {
+    r.sort_unstable();
+    let mut out: Vec<(u64, u64)> = Vec::new();
+    for (s, e) in r {
+        match out.last_mut() {
+            Some(last) if s <= last.1 => last.1 = last.1.max(e),
+            _ => out.push((s, e)),
+        }
+    }
+    out
+}
