@@ -59,6 +59,9 @@ impl MountOptions {
             };
             match (key, val) {
                 ("source" | "fsname", Some(v)) => o.fsname = Some(v.to_string()),
+                // The type then reads fuse.NAME (default: plain fuse, as xfstests'
+                // FSTYP=fuse expects; fuse.snapfs lets mount(8) find our helper on remount).
+                ("subtype", Some(v)) => o.flags.push(M::Subtype(v.to_string())),
                 ("threads", Some(v)) => {
                     o.threads = v
                         .parse()

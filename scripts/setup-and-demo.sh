@@ -1,0 +1,85 @@
+#!/usr/bin/env bash
+# scripts/setup-and-demo.sh: first-run setup and a short snapfs demo.
+# Installs what is missing (fuse3 and a C toolchain via apt-get when run as
+# root; Rust must already be installed), builds snapfs in release mode, then
+# mounts a fresh store in a temporary directory, writes a file, shows
+# `ls -la`, `snapfs status` and the .snapshots directory, and unmounts.
+#
+# usage: scripts/setup-and-demo.sh        (root recommended: apt-get, FUSE)
+set -euo pipefail
+
+repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+cd "$repo"
+export PATH="${CARGO_HOME:-$HOME/.cargo}/bin:$PATH"
+
+say() { printf '\n>>> %s\n' "$*"; }
+
+# --- prerequisites ------------------------------------------------------------
+missing=()
+command -v fusermount3 >/dev/null || missing+=(fuse3)
+command -v cc >/dev/null || missing+=(build-essential)
+command -v pkg-config >/dev/null || missing+=(pkg-config)
+command -v mountpoint >/dev/null || missing+=(util-linux)
+if [ ${#missing[@]} -gt 0 ]; then
+    if [ "$(id -u)" -eq 0 ] && command -v apt-get >/dev/null; then
+        say "installing ${missing[*]}"
+        export DEBIAN_FRONTEND=noninteractive
+        apt-get update -q
+        apt-get install -y -q --no-install-recommends "${missing[@]}"
+    else
+        echo "error: missing packages: ${missing[*]}" >&2
+        echo "       install them, e.g.: sudo apt-get install ${missing[*]}" >&2
+        exit 1
+    fi
+fi
+if ! command -v cargo >/dev/null; then
+    cat >&2 <<'EOF'
+error: cargo (Rust) is not installed.
+       Install a current Rust toolchain with rustup (https://rustup.rs), then
+       run this script again. Debian 12's apt package "cargo" is too old to
+       build snapfs.
+EOF
+    exit 1
+fi
+[ -e /dev/fuse ] || {
+    echo "error: /dev/fuse does not exist (modprobe fuse?)" >&2
+    exit 1
+}
+
+# --- build ----------------------------------------------------------------------
+say "cargo build --release"
+cargo build --release
+SNAPFS=$(readlink -m "${CARGO_TARGET_DIR:-target}/release/snapfs")
+export SNAPFS
+
+# --- demo: mount helpers and cleanup trap from the peer test harness --------------
+# shellcheck source=tests/peer/common.sh
+. tests/peer/common.sh
+peer_init demo
+peer_resolve_snapfs
+store="$PEER_WORK/store"
+mnt="$PEER_WORK/mnt"
+
+say "snapfs mount $store $mnt"
+peer_mount "$store" "$mnt"
+
+say "writing files"
+echo "hello from snapfs, $(date -u)" >"$mnt/hello.txt"
+mkdir -p "$mnt/docs"
+printf 'line %d\n' 1 2 3 >"$mnt/docs/notes.txt"
+sync -f "$mnt"
+cat "$mnt/hello.txt"
+
+say "ls -la $mnt"
+ls -la "$mnt"
+
+say "snapfs status $mnt"
+"$SNAPFS" status "$mnt"
+
+say "ls -la $mnt/.snapshots/"
+ls -la "$mnt/.snapshots/" 2>/dev/null || echo "(no .snapshots directory yet)"
+
+say "umount $mnt"
+peer_unmount "$mnt"
+
+say "demo complete (the temporary store is removed on exit)"

@@ -1,0 +1,162 @@
+#!/usr/bin/env bash
+# scripts/test-all.sh: the full snapfs check, as CI runs it (.ci/run execs
+# this). Installs what the checks need (Debian packages when run as root,
+# pjdfstest and fsx via cargo install), then runs the stages
+#
+#   fmt             cargo fmt --all -- --check
+#   clippy          cargo clippy --all-targets -- -D warnings
+#   build           cargo build --release
+#   test            cargo test --release    (mounts real snapfs file systems)
+#   pjdfstest-root  tests/peer/pjdfstest.sh root
+#   pjdfstest-user  tests/peer/pjdfstest.sh user
+#   fsx             tests/peer/fsx.sh
+#
+# It keeps going after a failed stage (stages that need the release build are
+# marked failed if the build fails), prints each stage's time and a summary,
+# ends with the line "stages: N passed, N failed" and exits non-zero if any
+# stage failed. Must run as root (FUSE mounts, pjdfstest's user switching).
+#
+# Environment: SKIP_APT=1 skips apt-get; STAGES="fmt clippy ..." runs only
+# those stages; the tests/peer scripts' variables (FSX_*, PJDFSTEST_*, PEER_*)
+# pass through.
+set -euo pipefail
+
+repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+cd "$repo"
+export PATH="${CARGO_HOME:-$HOME/.cargo}/bin:$PATH"
+export SNAPFS=${SNAPFS:-$(readlink -m "${CARGO_TARGET_DIR:-target}/release/snapfs")}
+
+all_stages=(fmt clippy build test pjdfstest-root pjdfstest-user fsx)
+read -r -a stages <<<"${STAGES:-${all_stages[*]}}"
+
+apt_packages=(
+    fuse3 libfuse3-dev pkg-config build-essential # FUSE, C toolchain for crates
+    attr acl libacl1-dev e2fsprogs                # xattr/ACL tools, pjdfstest's acl dependency
+    util-linux mount passwd coreutils findutils   # mountpoint, findmnt, setpriv, useradd, timeout
+)
+
+section() { printf '\n===== %s =====\n' "$*"; }
+
+install_packages() {
+    if [ "${SKIP_APT:-0}" = 1 ]; then
+        echo "SKIP_APT=1: not installing Debian packages"
+    elif [ "$(id -u)" -ne 0 ] || ! command -v apt-get >/dev/null; then
+        echo "not root or no apt-get: not installing Debian packages"
+    else
+        export DEBIAN_FRONTEND=noninteractive
+        if ! { apt-get update -q && apt-get install -y -q --no-install-recommends "${apt_packages[@]}"; }; then
+            echo "warning: apt-get failed; continuing with what is installed" >&2
+        fi
+    fi
+    local missing=() c
+    for c in cargo cc fusermount3 mountpoint findmnt setpriv useradd timeout; do
+        command -v "$c" >/dev/null || missing+=("$c")
+    done
+    [ ${#missing[@]} -eq 0 ] || echo "warning: missing commands: ${missing[*]}" >&2
+}
+
+install_cargo_tools() {
+    # shellcheck source=tests/peer/common.sh
+    (. tests/peer/common.sh && PEER_NAME=setup &&
+        peer_ensure_cargo_tool pjdfstest pjdfstest 0.2.2 >/dev/null &&
+        peer_ensure_cargo_tool fsx fsx 0.3.2 >/dev/null) ||
+        echo "warning: installing pjdfstest/fsx failed; their stages will fail" >&2
+}
+
+names=()
+results=()
+times=()
+build_ok=1
+
+record() {
+    names+=("$1")
+    results+=("$2")
+    times+=("$3")
+}
+
+run_stage() {
+    local name=$1 rc=0 start
+    shift
+    section "stage $name: $*"
+    start=$(date +%s)
+    "$@" || rc=$?
+    local secs=$(($(date +%s) - start))
+    if [ "$rc" -eq 0 ]; then
+        record "$name" PASS "$secs"
+        section "stage $name: PASS (${secs}s)"
+    else
+        record "$name" "FAIL (exit $rc)" "$secs"
+        section "stage $name: FAIL, exit status $rc (${secs}s)"
+    fi
+    return "$rc"
+}
+
+wants() {
+    local s
+    for s in "${stages[@]}"; do
+        [ "$s" = "$1" ] && return 0
+    done
+    return 1
+}
+
+needs_build() {
+    local name=$1
+    shift
+    if [ "$build_ok" -eq 1 ]; then
+        run_stage "$name" "$@" || true
+    else
+        record "$name" "FAIL (not run: release build failed)" 0
+        section "stage $name: not run, the release build failed"
+    fi
+}
+
+total_start=$(date +%s)
+section "snapfs test-all: $(date -u '+%Y-%m-%d %H:%M:%S UTC') on $(uname -sr)"
+
+prep_start=$(date +%s)
+section "prerequisites"
+install_packages
+install_cargo_tools
+echo "toolchain: $(cargo --version 2>/dev/null || echo 'cargo missing'); $(rustc --version 2>/dev/null || true)"
+echo "pjdfstest: $(pjdfstest --version 2>/dev/null || echo missing); fsx: $(fsx --version 2>/dev/null || echo missing)"
+prep_secs=$(($(date +%s) - prep_start))
+echo "prerequisites took ${prep_secs}s"
+
+for s in "${stages[@]}"; do
+    case " ${all_stages[*]} " in
+    *" $s "*) ;;
+    *) echo "unknown stage '$s' (known: ${all_stages[*]})" >&2 && exit 2 ;;
+    esac
+done
+
+if wants fmt; then run_stage fmt cargo fmt --all -- --check || true; fi
+if wants clippy; then run_stage clippy cargo clippy --all-targets -- -D warnings || true; fi
+if wants build || wants test || wants pjdfstest-root || wants pjdfstest-user || wants fsx; then
+    if wants build; then
+        run_stage build cargo build --release || build_ok=0
+    else
+        # Not reported as a stage, but the later ones need the binary.
+        cargo build --release || build_ok=0
+    fi
+fi
+if wants test; then needs_build test cargo test --release; fi
+if wants pjdfstest-root; then needs_build pjdfstest-root bash tests/peer/pjdfstest.sh root; fi
+if wants pjdfstest-user; then needs_build pjdfstest-user bash tests/peer/pjdfstest.sh user; fi
+if wants fsx; then needs_build fsx bash tests/peer/fsx.sh; fi
+
+passed=0
+failed=0
+section "summary"
+printf '%-16s %-42s %8s\n' stage result time
+printf '%-16s %-42s %7ss\n' prerequisites "done" "$prep_secs"
+for i in "${!names[@]}"; do
+    printf '%-16s %-42s %7ss\n' "${names[$i]}" "${results[$i]}" "${times[$i]}"
+    if [ "${results[$i]}" = PASS ]; then
+        passed=$((passed + 1))
+    else
+        failed=$((failed + 1))
+    fi
+done
+echo "total time: $(($(date +%s) - total_start))s"
+echo "stages: $passed passed, $failed failed"
+[ "$failed" -eq 0 ]
