@@ -2,8 +2,9 @@
 # scripts/setup-and-demo.sh: first-run setup and a short snapfs demo.
 # Installs what is missing (fuse3 and a C toolchain via apt-get when run as
 # root; Rust must already be installed), builds snapfs in release mode, then
-# mounts a fresh store in a temporary directory, writes a file, shows
-# `ls -la`, `snapfs status` and the .snapshots directory, and unmounts.
+# mounts a fresh store in a temporary directory, writes files, shows
+# `ls -la` and `snapfs status`, takes a snapshot, changes the live tree, shows
+# the snapshot, `snapfs diff` and a rollback, and unmounts.
 #
 # usage: scripts/setup-and-demo.sh        (root recommended: apt-get, FUSE)
 set -euo pipefail
@@ -76,8 +77,23 @@ ls -la "$mnt"
 say "snapfs status $mnt"
 "$SNAPFS" status "$mnt"
 
-say "ls -la $mnt/.snapshots/"
-ls -la "$mnt/.snapshots/" 2>/dev/null || echo "(no .snapshots directory yet)"
+say "mkdir $mnt/.snapshots/demo   (take a snapshot)"
+mkdir "$mnt/.snapshots/demo"
+ls -la "$mnt/.snapshots/"
+
+say "change the live tree, then compare with the snapshot"
+echo "changed after the snapshot" >"$mnt/hello.txt"
+rm "$mnt/docs/notes.txt"
+echo "live:     $(cat "$mnt/hello.txt")"
+echo "snapshot: $(cat "$mnt/.snapshots/demo/hello.txt")"
+"$SNAPFS" snapshot list "$mnt"
+say "snapfs diff $mnt demo live"
+"$SNAPFS" diff "$mnt" demo live
+
+say "snapfs snapshot rollback $mnt demo"
+"$SNAPFS" snapshot rollback "$mnt" demo
+echo "live:     $(cat "$mnt/hello.txt")"
+ls -la "$mnt/docs"
 
 say "umount $mnt"
 peer_unmount "$mnt"

@@ -10,6 +10,7 @@
 #   pjdfstest-root  tests/peer/pjdfstest.sh root
 #   pjdfstest-user  tests/peer/pjdfstest.sh user
 #   fsx             tests/peer/fsx.sh
+#   fsx-snapshots   tests/peer/fsx.sh, one more seed, a snapshot every second
 #
 # It keeps going after a failed stage (stages that need the release build are
 # marked failed if the build fails), prints each stage's time and a summary,
@@ -26,7 +27,7 @@ cd "$repo"
 export PATH="${CARGO_HOME:-$HOME/.cargo}/bin:$PATH"
 export SNAPFS=${SNAPFS:-$(readlink -m "${CARGO_TARGET_DIR:-target}/release/snapfs")}
 
-all_stages=(fmt clippy build test pjdfstest-root pjdfstest-user fsx)
+all_stages=(fmt clippy build test pjdfstest-root pjdfstest-user fsx fsx-snapshots)
 read -r -a stages <<<"${STAGES:-${all_stages[*]}}"
 
 apt_packages=(
@@ -131,7 +132,7 @@ done
 
 if wants fmt; then run_stage fmt cargo fmt --all -- --check || true; fi
 if wants clippy; then run_stage clippy cargo clippy --all-targets -- -D warnings || true; fi
-if wants build || wants test || wants pjdfstest-root || wants pjdfstest-user || wants fsx; then
+if wants build || wants test || wants pjdfstest-root || wants pjdfstest-user || wants fsx || wants fsx-snapshots; then
     if wants build; then
         run_stage build cargo build --release || build_ok=0
     else
@@ -143,6 +144,7 @@ if wants test; then needs_build test cargo test --release; fi
 if wants pjdfstest-root; then needs_build pjdfstest-root bash tests/peer/pjdfstest.sh root; fi
 if wants pjdfstest-user; then needs_build pjdfstest-user bash tests/peer/pjdfstest.sh user; fi
 if wants fsx; then needs_build fsx bash tests/peer/fsx.sh; fi
+if wants fsx-snapshots; then needs_build fsx-snapshots env FSX_SEEDS=4 FSX_SNAPSHOT_EVERY=1 bash tests/peer/fsx.sh; fi
 
 passed=0
 failed=0

@@ -13,6 +13,10 @@
 #   FSX_OPS       operations per seed (default 100000)
 #   FSX_CONFIG    fsx config file (default tests/peer/fsx.toml)
 #   FSX_TIMEOUT   time limit per seed, timeout(1) syntax (default 20m)
+#   FSX_SNAPSHOT_EVERY  seconds; when set, a snapshot of the mount is taken
+#                 this often while fsx runs, and afterwards every snapshot's
+#                 copy of the fsx file must read back whole (no EIO) and the
+#                 store's fsck must stay clean
 # Exits non-zero if any seed fails (or the store's fsck fails afterwards);
 # failure logs and fsx's expected-contents file are saved under
 # ${PEER_ARTIFACTS_DIR:-${TMPDIR:-/tmp}/snapfs-peer-artifacts}.
@@ -55,8 +59,36 @@ for seed in $seeds; do
     peer_log "seed $seed: ${cmd[*]}"
     start=$SECONDS
     rc=0
+    snapper=""
+    if [ -n "${FSX_SNAPSHOT_EVERY:-}" ] && [ -n "${PEER_MNT:-}" ]; then
+        (
+            n=0
+            while :; do
+                sleep "$FSX_SNAPSHOT_EVERY"
+                n=$((n + 1))
+                mkdir "$PEER_MNT/.snapshots/fsx-$seed-$n" || exit 1
+            done
+        ) &
+        snapper=$!
+    fi
     peer_run --quiet "$log" "${cmd[@]}" || rc=$?
     elapsed=$((SECONDS - start))
+    if [ -n "$snapper" ]; then
+        kill "$snapper" 2>/dev/null || true
+        wait "$snapper" 2>/dev/null || true
+        taken=0
+        for snap in "$PEER_MNT/.snapshots/fsx-$seed-"*; do
+            [ -d "$snap" ] || continue
+            taken=$((taken + 1))
+            copy="$snap/fsx/fsx-$seed.dat"
+            if [ -e "$copy" ] && ! cat "$copy" >/dev/null; then
+                echo "snapshot $snap: the fsx file does not read back"
+                rc=1
+            fi
+        done
+        peer_log "seed $seed: $taken snapshots taken while fsx ran, all readable"
+        [ "$taken" -gt 0 ] || { echo "no snapshot was taken during fsx"; rc=1; }
+    fi
     if [ "$rc" -eq 0 ] && grep -q 'All operations completed A-OK!' "$log"; then
         line="fsx seed $seed: PASS ($ops ops, ${elapsed}s)"
         passed=$((passed + 1))
