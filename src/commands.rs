@@ -1,7 +1,7 @@
 //! The commands the CLI runs against a store, the same whether the store is mounted
 //! (they arrive through the daemon's control socket) or opened by the CLI itself.
 
-use crate::fs::{Fs, FsError, check_snapshot_name};
+use crate::fs::{Fs, FsError, Inval, SNAPDIR_INO, check_snapshot_name};
 use crate::policy::{self, Keep};
 use crate::store::schema::Ts;
 
@@ -69,6 +69,14 @@ fn fmt_time(t: Ts) -> String {
         .replace('Z', " UTC")
 }
 
+/// What the kernel must forget when a snapshot appears or goes outside its view.
+fn snapdir_invals(name: &str) -> [Inval; 2] {
+    [
+        Inval::Entry(SNAPDIR_INO, name.as_bytes().to_vec()),
+        Inval::Inode(SNAPDIR_INO),
+    ]
+}
+
 /// Runs `args` (for example `["snapshot", "create", "x"]`) against `fs`. `progress`
 /// draws progress on the terminal for long work.
 pub fn run(fs: &Fs, args: &[String], progress: bool) -> Outcome {
@@ -115,15 +123,27 @@ pub fn run(fs: &Fs, args: &[String], progress: bool) -> Outcome {
             }
         }
         ["snapshot", "create", name, ..] => {
-            match core.snapshot_create(name.as_bytes(), Ts::now()) {
-                Ok(epoch) => ok(format!("created snapshot {name} (epoch {epoch})")),
+            let res = core.snapshot_create(name.as_bytes(), Ts::now());
+            drop(core);
+            match res {
+                Ok(epoch) => {
+                    fs.invalidate(&snapdir_invals(name));
+                    ok(format!("created snapshot {name} (epoch {epoch})"))
+                }
                 Err(e) => snap_error(e, name),
             }
         }
-        ["snapshot", "delete", name, ..] => match core.snapshot_delete(name.as_bytes()) {
-            Ok(()) => ok(format!("deleted snapshot {name}")),
-            Err(e) => snap_error(e, name),
-        },
+        ["snapshot", "delete", name, ..] => {
+            let res = core.snapshot_delete(name.as_bytes());
+            drop(core);
+            match res {
+                Ok(()) => {
+                    fs.invalidate(&snapdir_invals(name));
+                    ok(format!("deleted snapshot {name}"))
+                }
+                Err(e) => snap_error(e, name),
+            }
+        }
         ["snapshot", "rollback", name, ..] => {
             let res = core.rollback(name.as_bytes());
             drop(core);
@@ -194,11 +214,13 @@ pub fn run(fs: &Fs, args: &[String], progress: bool) -> Outcome {
                 .collect();
             let doomed = policy::plan_prune(&list, &keep);
             let mut text = String::new();
+            let mut invals = Vec::new();
             for name in &doomed {
                 if !flag("--dry-run") {
                     if let Err(e) = core.snapshot_delete(name.as_bytes()) {
                         return snap_error(e, name);
                     }
+                    invals.extend(snapdir_invals(name));
                     text.push_str(&format!("pruned {name}\n"));
                 } else {
                     text.push_str(&format!("would prune {name}\n"));
@@ -209,6 +231,8 @@ pub fn run(fs: &Fs, args: &[String], progress: bool) -> Outcome {
                 doomed.len(),
                 snaps.len()
             ));
+            drop(core);
+            fs.invalidate(&invals);
             ok(text)
         }
         ["diff", old, new, ..] => match core.diff(old, new, flag("--blocks")) {

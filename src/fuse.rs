@@ -13,15 +13,27 @@ use std::time::Duration;
 use fuser::{
     AccessFlags, CopyFileRangeFlags, Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags,
     Generation, INodeNo, InitFlags, KernelConfig, LockOwner, OpenFlags, RenameFlags, ReplyAttr,
-    ReplyCreate, ReplyData, ReplyDirectory, ReplyEmpty, ReplyEntry, ReplyLseek, ReplyOpen,
-    ReplyStatfs, ReplyWrite, ReplyXattr, Request, TimeOrNow, WriteFlags,
+    ReplyCreate, ReplyData, ReplyDirectory, ReplyDirectoryPlus, ReplyEmpty, ReplyEntry, ReplyLseek,
+    ReplyOpen, ReplyStatfs, ReplyWrite, ReplyXattr, Request, TimeOrNow, WriteFlags,
 };
 
 use crate::fs::{Attr, Caller, Fs, FsError, SeekWhence, SetAttr};
 use crate::store::schema::{FileKind, Ts};
 
-/// How long the kernel may cache entries and attributes.
-const TTL: Duration = Duration::from_secs(1);
+/// How long the kernel may cache live entries and attributes. The daemon is the only
+/// writer and every change passes through the kernel (which updates or drops what it
+/// cached); rollback invalidates explicitly.
+const LIVE_TTL: Duration = Duration::from_secs(10);
+/// Snapshots never change: the kernel may keep what it learnt of them.
+const SNAP_TTL: Duration = Duration::from_secs(86_400);
+
+/// The cache lifetime of kernel inode `ino`.
+fn ttl(ino: u64) -> Duration {
+    match crate::fs::node(ino) {
+        crate::fs::Node::Snap { .. } => SNAP_TTL,
+        _ => LIVE_TTL,
+    }
+}
 
 /// The fuser `Filesystem` of a mounted store.
 pub struct SnapFuse {
@@ -106,7 +118,13 @@ macro_rules! reply {
 impl Filesystem for SnapFuse {
     fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> std::io::Result<()> {
         // The kernel enforces POSIX ACLs; the core applies umask and default ACLs itself.
-        for flag in [InitFlags::FUSE_POSIX_ACL, InitFlags::FUSE_DONT_MASK] {
+        for flag in [
+            InitFlags::FUSE_POSIX_ACL,
+            InitFlags::FUSE_DONT_MASK,
+            InitFlags::FUSE_DO_READDIRPLUS,
+            InitFlags::FUSE_READDIRPLUS_AUTO,
+            InitFlags::FUSE_CACHE_SYMLINKS,
+        ] {
             if let Err(missing) = config.add_capabilities(flag) {
                 tracing::warn!(?missing, "kernel lacks a FUSE capability");
             }
@@ -127,14 +145,14 @@ impl Filesystem for SnapFuse {
             reply,
             "lookup",
             self.fs.lock().lookup(parent.0, name.as_bytes()),
-            |a| reply.entry(&TTL, &fattr(&a), Generation(0))
+            |a| reply.entry(&ttl(a.ino), &fattr(&a), Generation(0))
         )
     }
 
     fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
         let _s = tracing::trace_span!("getattr", ino = ino.0).entered();
         reply!(reply, "getattr", self.fs.lock().getattr(ino.0), |a| reply
-            .attr(&TTL, &fattr(&a)))
+            .attr(&ttl(a.ino), &fattr(&a)))
     }
 
     fn setattr(
@@ -168,7 +186,7 @@ impl Filesystem for SnapFuse {
             reply,
             "setattr",
             self.fs.lock().setattr(ino.0, caller(req), set),
-            |a| reply.attr(&TTL, &fattr(&a))
+            |a| reply.attr(&ttl(a.ino), &fattr(&a))
         )
     }
 
@@ -198,7 +216,7 @@ impl Filesystem for SnapFuse {
             caller(req),
         );
         reply!(reply, "mknod", res, |a| reply.entry(
-            &TTL,
+            &ttl(a.ino),
             &fattr(&a),
             Generation(0)
         ))
@@ -220,7 +238,7 @@ impl Filesystem for SnapFuse {
             .lock()
             .mknod(parent.0, name.as_bytes(), mode, umask, 0, &[], caller(req));
         reply!(reply, "mkdir", res, |a| reply.entry(
-            &TTL,
+            &ttl(a.ino),
             &fattr(&a),
             Generation(0)
         ))
@@ -265,7 +283,7 @@ impl Filesystem for SnapFuse {
             caller(req),
         );
         reply!(reply, "symlink", res, |a| reply.entry(
-            &TTL,
+            &ttl(a.ino),
             &fattr(&a),
             Generation(0)
         ))
@@ -305,14 +323,16 @@ impl Filesystem for SnapFuse {
             reply,
             "link",
             self.fs.lock().link(ino.0, newparent.0, newname.as_bytes()),
-            |a| reply.entry(&TTL, &fattr(&a), Generation(0))
+            |a| reply.entry(&ttl(a.ino), &fattr(&a), Generation(0))
         )
     }
 
     fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
         let _s = tracing::trace_span!("open", ino = ino.0).entered();
+        // Every change to file data passes through the kernel's page cache (rollback
+        // invalidates explicitly), so cached pages stay valid across opens.
         reply!(reply, "open", self.fs.lock().open(ino.0, flags.0), |fh| {
-            reply.opened(FileHandle(fh), FopenFlags::empty())
+            reply.opened(FileHandle(fh), FopenFlags::FOPEN_KEEP_CACHE)
         })
     }
 
@@ -439,6 +459,42 @@ impl Filesystem for SnapFuse {
         }
     }
 
+    fn readdirplus(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        mut reply: ReplyDirectoryPlus,
+    ) {
+        let _s = tracing::trace_span!("readdirplus", ino = ino.0, fh = fh.0, offset).entered();
+        let mut core = self.fs.lock();
+        // A reply holds a few hundred entries at most; look up only what may fit.
+        let batch: Vec<crate::fs::DirEntry> = match core.readdir(fh.0, offset) {
+            Ok(entries) => entries.iter().take(512).cloned().collect(),
+            Err(e) => return reply.error(fail("readdirplus", e)),
+        };
+        for (i, e) in batch.iter().enumerate() {
+            let next = offset + i as u64 + 1;
+            let attr = match core.getattr(e.ino) {
+                Ok(a) => a,
+                // Gone since opendir took the listing: leave it out.
+                Err(_) => continue,
+            };
+            if reply.add(
+                INodeNo(e.ino),
+                next,
+                OsStr::from_bytes(&e.name),
+                &ttl(e.ino),
+                &fattr(&attr),
+                Generation(0),
+            ) {
+                break;
+            }
+        }
+        reply.ok()
+    }
+
     fn releasedir(
         &self,
         _req: &Request,
@@ -555,11 +611,11 @@ impl Filesystem for SnapFuse {
             )
             .and_then(|a| core.open(a.ino, flags).map(|fh| (a, fh)));
         reply!(reply, "create", res, |v| reply.created(
-            &TTL,
+            &ttl(v.0.ino),
             &fattr(&v.0),
             Generation(0),
             FileHandle(v.1),
-            FopenFlags::empty()
+            FopenFlags::FOPEN_KEEP_CACHE
         ))
     }
 

@@ -384,7 +384,10 @@ impl Inner {
                     }
                     w.put(key, then.as_deref())?;
                     match kind {
-                        KIND_DIRENT => invals.push(Inval::Entry(ino, name.clone())),
+                        KIND_DIRENT => {
+                            invals.push(Inval::Entry(ino, name.clone()));
+                            invals.push(Inval::Inode(ino));
+                        }
                         KIND_INODE | KIND_BLOCK => invals.push(Inval::Inode(ino)),
                         _ => {}
                     }

@@ -131,9 +131,17 @@ pub fn du(p: &Path) -> u64 {
     total
 }
 
-/// Waits for `pid` to exit (or become a zombie), at most 30 s.
+/// Waits for `pid` to exit (or become a zombie), at most 30 s; panics if it does not.
 pub fn wait_exit(pid: i32) {
-    let deadline = Instant::now() + Duration::from_secs(30);
+    assert!(
+        exited_within(pid, Duration::from_secs(30)),
+        "daemon {pid} did not exit"
+    );
+}
+
+/// Whether `pid` exits (or becomes a zombie with no threads left) within `limit`.
+pub fn exited_within(pid: i32, limit: Duration) -> bool {
+    let deadline = Instant::now() + limit;
     loop {
         let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"));
         // A zombie leader may still have threads finishing their exit (and holding the
@@ -145,22 +153,32 @@ pub fn wait_exit(pid: i32) {
                 .is_some_and(|r| r.trim_start().starts_with('Z'))
         };
         match stat {
-            Err(_) => return,
-            Ok(s) if zombie(&s) && threads <= 1 => return,
+            Err(_) => return true,
+            Ok(s) if zombie(&s) && threads <= 1 => return true,
             Ok(_) => {}
         }
-        assert!(Instant::now() < deadline, "daemon {pid} did not exit");
+        if Instant::now() >= deadline {
+            return false;
+        }
         std::thread::sleep(Duration::from_millis(20));
     }
 }
 
 impl Drop for Mount {
+    /// Never panics (it may run while a failed test unwinds): a busy mount is detached
+    /// lazily and the daemon given time to go.
     fn drop(&mut self) {
         if self.mounted {
             let pid = std::fs::read_to_string(self.store.join("snapfs.pid")).ok();
-            let _ = Command::new("umount").arg(&self.mnt).status();
+            let clean = Command::new("umount")
+                .arg(&self.mnt)
+                .status()
+                .is_ok_and(|s| s.success());
+            if !clean {
+                let _ = Command::new("umount").arg("-l").arg(&self.mnt).status();
+            }
             if let Some(pid) = pid.and_then(|p| p.trim().parse().ok()) {
-                wait_exit(pid);
+                let _ = exited_within(pid, Duration::from_secs(30));
             }
         }
     }
