@@ -473,3 +473,70 @@ fn prune_follows_the_policy_and_spares_named_snapshots() {
     left.sort();
     assert_eq!(left, ["auto-2026-01-01T00:30:00Z", "mine"]);
 }
+
+#[test]
+fn snapshot_commands_work_on_an_unmounted_store() {
+    let mut m = Mount::new();
+    fs::write(m.path("f"), b"first").unwrap();
+    m.unmount();
+    let store = m.store.to_str().unwrap().to_string();
+    let run = |args: &[&str]| {
+        let out = snapfs(args);
+        assert!(
+            out.status.success(),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    run(&["snapshot", "create", &store, "offline"]);
+    assert!(run(&["snapshot", "list", &store]).contains("offline"));
+    m.mount(&[]);
+    fs::write(m.path("f"), b"second").unwrap();
+    m.unmount();
+    run(&["snapshot", "rollback", &store, "offline"]);
+    assert!(run(&["diff", &store, "offline", "live"]).is_empty());
+    m.mount(&[]);
+    assert_eq!(fs::read(m.path("f")).unwrap(), b"first");
+    assert_eq!(fs::read(m.path(".snapshots/offline/f")).unwrap(), b"first");
+    m.unmount();
+    run(&["snapshot", "delete", &store, "offline"]);
+    assert!(!run(&["snapshot", "list", &store]).contains("offline"));
+}
+
+#[test]
+fn scheduled_snapshots_are_taken_and_pruned() {
+    let m = Mount::with_options(&["snapshot_every=1s,keep=hourly:1"]);
+    fs::write(m.path("f"), b"x").unwrap();
+    snap(&m, &["create", "named"]);
+    // Wait (bounded) for the scheduler to have run at least three times.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    let list = || -> Vec<String> {
+        fs::read_dir(m.path(".snapshots"))
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect()
+    };
+    let mut seen = std::collections::BTreeSet::new();
+    while seen.len() < 3 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the scheduler took {} snapshots in 30 s",
+            seen.len()
+        );
+        for n in list() {
+            if n.starts_with("auto-") {
+                seen.insert(n);
+            }
+        }
+        std::thread::yield_now();
+    }
+    // keep=hourly:1 leaves at most the newest auto- snapshot (two if the hour just
+    // turned), and never the named one's absence.
+    let now: Vec<String> = list();
+    assert!(now.contains(&"named".to_string()));
+    assert!(
+        now.iter().filter(|n| n.starts_with("auto-")).count() <= 2,
+        "{now:?}"
+    );
+}
