@@ -148,6 +148,7 @@ pub fn fsck(
     read_data: bool,
     progress: &mut dyn FnMut(u64, u64),
 ) -> Result<Report, StoreError> {
+    store.commit_group(false)?;
     let mut rep = Report::default();
     let txn = store.db().begin_read()?;
     let versions = txn.open_table(VERSIONS)?;
@@ -317,7 +318,8 @@ impl Status {
 }
 
 /// Gathers [`Status`].
-pub fn status(store: &Store) -> Result<Status, StoreError> {
+pub fn status(store: &mut Store) -> Result<Status, StoreError> {
+    store.commit_group(false)?;
     let mut st = Status {
         block_size: store.block_size,
         ..Default::default()

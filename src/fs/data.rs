@@ -443,16 +443,26 @@ fn store_dirty(w: &mut Writer<'_>, ino: u64, d: &Dirty, bs: u64) -> FsResult<()>
             None => return Ok(()), // deleted meanwhile
         },
     };
+    enum Plan {
+        Hole,
+        Keep,
+        Extent([u8; 32], u32),
+    }
+    // Phase 1: decide each block's fate and append the new extents. This is the I/O
+    // that can fail (a full disk); it fails before any metadata is written, so the
+    // operation is refused cleanly and the buffered data stays for a retry.
+    let mut plans = Vec::with_capacity(d.blocks.len());
+    let mut staged = std::collections::HashMap::new();
     for (&idx, buf) in &d.blocks {
         let start = idx * bs;
-        if start >= size {
-            w.put(RecKey::block(ino, idx), None)?;
-            continue;
-        }
-        let n = ((size - start).min(bs)) as usize;
+        let n = if start >= size {
+            0
+        } else {
+            ((size - start).min(bs)) as usize
+        };
         let data = &buf[..n];
-        if data.iter().all(|&b| b == 0) {
-            w.put(RecKey::block(ino, idx), None)?;
+        if n == 0 || data.iter().all(|&b| b == 0) {
+            plans.push((idx, Plan::Hole));
             continue;
         }
         let hash = *blake3::hash(data).as_bytes();
@@ -462,13 +472,31 @@ fn store_dirty(w: &mut Writer<'_>, ino: u64, d: &Dirty, bs: u64) -> FsResult<()>
         {
             let old = BlockRec::decode(&old)?;
             if old.len as usize == n && old.hash == hash {
+                plans.push((idx, Plan::Keep));
                 continue;
             }
         }
-        let rec = w.put_extent_hashed(hash, data)?;
-        let mut b = Vec::with_capacity(36);
-        rec.encode(&mut b);
-        w.put(RecKey::block(ino, idx), Some(&b))?;
+        if !staged.contains_key(&hash) && redb::ReadableTable::get(&w.extents, hash)?.is_none() {
+            let at = w
+                .segs
+                .append(&hash, data)
+                .map_err(|e| FsError::Errno(e.errno()))?;
+            staged.insert(hash, at);
+        }
+        plans.push((idx, Plan::Extent(hash, n as u32)));
+    }
+    // Phase 2: metadata only.
+    for (idx, plan) in plans {
+        match plan {
+            Plan::Keep => {}
+            Plan::Hole => w.put(RecKey::block(ino, idx), None)?,
+            Plan::Extent(hash, len) => {
+                let rec = w.put_staged_extent(hash, len, &mut staged)?;
+                let mut b = Vec::with_capacity(36);
+                rec.encode(&mut b);
+                w.put(RecKey::block(ino, idx), Some(&b))?;
+            }
+        }
     }
     if let Some(a) = &d.attr {
         put_inode(w, ino, a)?;

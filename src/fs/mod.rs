@@ -1149,8 +1149,19 @@ impl Inner {
         if durable && self.undurable {
             self.store.sync()?;
             self.undurable = false;
+        } else {
+            self.store.commit_group(false)?;
         }
         Ok(())
+    }
+}
+
+impl Drop for Inner {
+    /// A core opened by the CLI (store not mounted) leaves nothing uncommitted.
+    fn drop(&mut self) {
+        if let Err(e) = self.sync_all() {
+            tracing::error!(error = %e, "final commit failed");
+        }
     }
 }
 

@@ -111,6 +111,12 @@ pub struct Store {
     pub live_epoch: u64,
     /// Epochs frozen by snapshots (including ones held for sync).
     pub snapshot_epochs: BTreeSet<u64>,
+    /// The open transaction group: operations since the last commit.
+    txn: std::cell::RefCell<Option<redb::WriteTransaction>>,
+    /// Operations in the open group.
+    pending: u32,
+    /// Set when answered operations were lost to a failed commit: writes then fail.
+    failed: Option<String>,
 }
 
 impl std::fmt::Debug for Store {
@@ -237,18 +243,34 @@ impl Store {
             volume_id,
             live_epoch,
             snapshot_epochs,
+            txn: std::cell::RefCell::new(None),
+            pending: 0,
+            failed: None,
         })
     }
 
-    /// Runs `f` in one write transaction and commits it. With `durable`, segments are
-    /// synced first and the commit is `Durability::Immediate`; otherwise `None`.
+    /// Runs `f` as one operation of the open transaction group, and commits the group
+    /// when it is large enough, or at once with `durable` (segments synced first, then
+    /// `Durability::Immediate`). Commits between durable points use `Durability::None`.
+    ///
+    /// An operation refused with an errno (`FsError::Errno`) must not have written
+    /// anything; the group goes on. Any other failure aborts the group: if it held
+    /// operations already answered, the store goes into an error state (writes answer
+    /// EIO until remount) rather than pretend they happened.
     pub fn write<R>(
         &mut self,
         durable: bool,
         f: impl FnOnce(&mut Writer<'_>) -> Result<R, crate::fs::FsError>,
     ) -> Result<R, crate::fs::FsError> {
-        let mut txn = self.db.begin_write().map_err(StoreError::from)?;
+        if let Some(why) = &self.failed {
+            tracing::error!(why, "store is in an error state; remount to recover");
+            return Err(crate::fs::FsError::Errno(libc::EIO));
+        }
+        if self.txn.get_mut().is_none() {
+            *self.txn.get_mut() = Some(self.db.begin_write().map_err(StoreError::from)?);
+        }
         let res = {
+            let txn = self.txn.get_mut().as_ref().expect("begun above");
             let mut w = Writer {
                 versions: txn.open_table(VERSIONS).map_err(StoreError::from)?,
                 extents: txn.open_table(EXTENTS).map_err(StoreError::from)?,
@@ -265,32 +287,63 @@ impl Store {
         };
         match res {
             Ok(r) => {
+                self.pending += 1;
                 if durable {
-                    self.segs.sync()?;
-                    txn.set_durability(Durability::Immediate)
-                        .map_err(StoreError::from)?;
-                } else {
-                    txn.set_durability(Durability::None)
-                        .map_err(StoreError::from)?;
+                    self.commit_group(true)?;
+                } else if self.pending >= GROUP_OPS {
+                    self.commit_group(false)?;
                 }
-                txn.commit().map_err(StoreError::from)?;
                 Ok(r)
             }
+            Err(crate::fs::FsError::Errno(e)) => Err(crate::fs::FsError::Errno(e)),
             Err(e) => {
-                // Nothing of a failed operation is kept.
-                let _ = txn.abort();
+                if let Some(txn) = self.txn.get_mut().take() {
+                    let _ = txn.abort();
+                }
+                if self.pending > 0 {
+                    let why = format!("an operation failed inside a transaction group: {e}");
+                    tracing::error!(lost = self.pending, "{why}");
+                    self.failed = Some(why);
+                }
+                self.pending = 0;
                 Err(e)
             }
         }
     }
 
-    /// Makes everything committed so far durable.
+    /// Commits the open transaction group, if any; with `durable`, makes everything
+    /// committed so far durable (even with no group open).
+    pub fn commit_group(&mut self, durable: bool) -> Result<(), StoreError> {
+        let txn = self.txn.get_mut().take();
+        let pending = std::mem::take(&mut self.pending);
+        let mut txn = match (txn, durable) {
+            (Some(t), _) => t,
+            (None, true) => self.db.begin_write()?,
+            (None, false) => return Ok(()),
+        };
+        let res = (|| {
+            if durable {
+                self.segs.sync()?;
+                txn.set_durability(Durability::Immediate)?;
+            } else {
+                txn.set_durability(Durability::None)?;
+            }
+            txn.commit()?;
+            Ok::<(), StoreError>(())
+        })();
+        if let Err(e) = &res
+            && pending > 0
+        {
+            let why = format!("committing {pending} operations failed: {e}");
+            tracing::error!("{why}");
+            self.failed = Some(why);
+        }
+        res
+    }
+
+    /// Makes everything written so far durable.
     pub fn sync(&mut self) -> Result<(), StoreError> {
-        self.segs.sync()?;
-        let mut txn = self.db.begin_write()?;
-        txn.set_durability(Durability::Immediate)?;
-        txn.commit()?;
-        Ok(())
+        self.commit_group(true)
     }
 
     /// Rewrites segments that are mostly dead: their live extents move to the active
@@ -299,6 +352,8 @@ impl Store {
     pub fn compact(&mut self) -> Result<u64, StoreError> {
         let active = self.segs.active();
         let mut candidates = Vec::new();
+        // Compaction runs in transactions of its own, so a failure loses nothing else.
+        self.commit_group(false)?;
         {
             let txn = self.db.begin_read()?;
             let t = txn.open_table(SEGMENTS)?;
@@ -365,12 +420,17 @@ impl Store {
         Ok(given_back)
     }
 
-    /// A read transaction over the committed state.
-    pub fn read_txn(&self) -> Result<redb::ReadTransaction, StoreError> {
-        Ok(self.db.begin_read()?)
+    /// A view of the current state, including the open transaction group (it begins
+    /// one if none is open). Hold it briefly: a table may be open once at a time.
+    pub fn read_txn(&self) -> Result<View<'_>, StoreError> {
+        if self.txn.borrow().is_none() {
+            let txn = self.db.begin_write()?;
+            *self.txn.borrow_mut() = Some(txn);
+        }
+        Ok(View(self.txn.borrow()))
     }
 
-    /// The database, for checks that walk whole tables.
+    /// The database, for checks that walk whole tables (commit the group first).
     pub fn db(&self) -> &Database {
         &self.db
     }
@@ -387,6 +447,26 @@ impl Store {
             )));
         }
         Ok(data)
+    }
+}
+
+/// Operations per transaction group before it is committed (the background tick
+/// also commits it every second).
+const GROUP_OPS: u32 = 512;
+
+/// A view of the store's current state through the open transaction group.
+pub struct View<'s>(std::cell::Ref<'s, Option<redb::WriteTransaction>>);
+
+impl View<'_> {
+    /// Opens a table for reading.
+    pub fn open_table<K: redb::Key + 'static, V: redb::Value + 'static>(
+        &self,
+        def: redb::TableDefinition<'_, K, V>,
+    ) -> Result<Table<'_, K, V>, redb::TableError> {
+        self.0
+            .as_ref()
+            .expect("read_txn begins a transaction")
+            .open_table(def)
     }
 }
 
@@ -657,6 +737,43 @@ impl Writer<'_> {
             hash,
             len: data.len() as u32,
         })
+    }
+
+    /// Takes a reference to extent `hash`: an indexed one, or one appended to a
+    /// segment earlier in this operation (`staged`: hash to segment and offset).
+    pub fn put_staged_extent(
+        &mut self,
+        hash: [u8; 32],
+        len: u32,
+        staged: &mut std::collections::HashMap<[u8; 32], (u64, u64)>,
+    ) -> Result<BlockRec, StoreError> {
+        let rec = match self
+            .extents
+            .get(hash)?
+            .map(|v| ExtentRec::decode(v.value()))
+        {
+            Some(rec) => {
+                let mut rec = rec?;
+                rec.refs += 1;
+                rec
+            }
+            None => {
+                let (segment, offset) = staged.remove(&hash).ok_or_else(|| {
+                    StoreError::Corrupt(format!(
+                        "extent {} was neither stored nor staged",
+                        hex(&hash)
+                    ))
+                })?;
+                ExtentRec {
+                    segment,
+                    offset,
+                    len,
+                    refs: 1,
+                }
+            }
+        };
+        self.extents.insert(hash, &rec.encode()[..])?;
+        Ok(BlockRec { hash, len })
     }
 
     /// Takes one more reference to a stored extent.
