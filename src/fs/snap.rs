@@ -12,7 +12,7 @@ use std::collections::{BTreeSet, HashMap};
 use redb::ReadableTable as _;
 
 use super::*;
-use crate::store::visible;
+use crate::store::changed_between;
 
 /// What a kernel cache must forget after the tree changed under it (rollback).
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -357,28 +357,13 @@ impl Inner {
                 inos.insert(row?.0.value().1);
             }
             for ino in inos {
-                let mut idents: BTreeSet<(u8, u64, Vec<u8>)> = BTreeSet::new();
-                for row in w.versions.range((ino, 0u8, 0u64, &[][..], 0u64)..)? {
-                    let (k, _) = row?;
-                    let (kino, kind, sub, name, epoch) = k.value();
-                    if kino != ino {
-                        break;
-                    }
-                    if epoch > snap {
-                        idents.insert((kind, sub, name.to_vec()));
-                    }
-                }
-                for (kind, sub, name) in idents {
+                for (kind, sub, name, then) in changed_between(&w.versions, ino, snap, live)? {
                     let key = RecKey {
                         ino,
                         kind,
                         sub,
                         name: &name,
                     };
-                    let then = visible(&w.versions, key, snap)?;
-                    if then == visible(&w.versions, key, live)? {
-                        continue;
-                    }
                     if let (KIND_BLOCK, Some(p)) = (kind, &then) {
                         w.incref(&BlockRec::decode(p)?.hash)?;
                     }
@@ -558,33 +543,16 @@ impl Inner {
     fn changed_rows(&mut self, ino: u64, a: u64, b: u64) -> FsResult<(bool, Vec<u64>)> {
         let txn = self.store.read_txn()?;
         let t = txn.open_table(VERSIONS).map_err(StoreError::from)?;
-        let mut idents: BTreeSet<(u8, u64, Vec<u8>)> = BTreeSet::new();
-        for row in redb::ReadableTable::range(&t, (ino, KIND_DIRENT, 0u64, &[][..], 0u64)..)
-            .map_err(StoreError::from)?
-        {
-            let (k, _) = row.map_err(StoreError::from)?;
-            let (kino, kind, sub, name, epoch) = k.value();
-            if kino != ino {
-                break;
-            }
-            if kind != KIND_PARENT && epoch > a && epoch <= b {
-                idents.insert((kind, sub, name.to_vec()));
-            }
-        }
         let mut any = false;
         let mut blocks = Vec::new();
-        for (kind, sub, name) in idents {
-            let key = RecKey {
-                ino,
-                kind,
-                sub,
-                name: &name,
-            };
-            if visible(&t, key, a)? != visible(&t, key, b)? {
-                any = true;
-                if kind == KIND_BLOCK {
-                    blocks.push(sub);
-                }
+        for (kind, sub, _, _) in changed_between(&t, ino, a, b)? {
+            // Back pointers are names, reported as renames, not as modifications.
+            if kind == KIND_INODE || kind == KIND_PARENT {
+                continue;
+            }
+            any = true;
+            if kind == KIND_BLOCK {
+                blocks.push(sub);
             }
         }
         Ok((any, blocks))

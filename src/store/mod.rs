@@ -625,6 +625,45 @@ pub fn scan_visible<T: ReadableTable<VKey, &'static [u8]>>(
 /// A row of `versions` under one inode: kind, sub, name, epoch, value.
 type VersionRow = (u8, u64, Vec<u8>, u64, Vec<u8>);
 
+/// A record of one inode that reads differently at two epochs: kind, sub, name, and
+/// its payload at the older epoch (`None` if absent then).
+pub type Changed = (u8, u64, Vec<u8>, Option<Vec<u8>>);
+
+/// The records of `ino` that read differently at epoch `a` and at epoch `b > a`
+/// (only identities written in `(a, b]` can), in key order.
+pub fn changed_between<T: ReadableTable<VKey, &'static [u8]>>(
+    t: &T,
+    ino: u64,
+    a: u64,
+    b: u64,
+) -> Result<Vec<Changed>, StoreError> {
+    let mut idents: BTreeSet<(u8, u64, Vec<u8>)> = BTreeSet::new();
+    for row in t.range((ino, 0u8, 0u64, &[][..], 0u64)..)? {
+        let (k, _) = row?;
+        let (kino, kind, sub, name, epoch) = k.value();
+        if kino != ino {
+            break;
+        }
+        if epoch > a && epoch <= b {
+            idents.insert((kind, sub, name.to_vec()));
+        }
+    }
+    let mut out = Vec::new();
+    for (kind, sub, name) in idents {
+        let key = RecKey {
+            ino,
+            kind,
+            sub,
+            name: &name,
+        };
+        let then = visible(t, key, a)?;
+        if then != visible(t, key, b)? {
+            out.push((kind, sub, name, then));
+        }
+    }
+    Ok(out)
+}
+
 /// One write transaction with its tables open.
 pub struct Writer<'t> {
     /// `versions`.
