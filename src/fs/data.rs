@@ -476,7 +476,7 @@ fn store_dirty(w: &mut Writer<'_>, ino: u64, d: &Dirty, bs: u64) -> FsResult<()>
                 continue;
             }
         }
-        if !staged.contains_key(&hash) && redb::ReadableTable::get(&w.extents, hash)?.is_none() {
+        if !staged.contains_key(&hash) && redb::ReadableTable::get(w.extents()?, hash)?.is_none() {
             let at = w
                 .segs
                 .append(&hash, data)

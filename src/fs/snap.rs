@@ -201,8 +201,8 @@ impl Inner {
             flags: 0,
         };
         self.store.write(true, |w| {
-            w.snapshots.insert(name.as_str(), &rec.encode()[..])?;
-            w.meta
+            w.snapshots()?.insert(name.as_str(), &rec.encode()[..])?;
+            w.meta()?
                 .insert(meta::LIVE_EPOCH, &(epoch + 1).to_le_bytes()[..])?;
             Ok(())
         })?;
@@ -222,13 +222,13 @@ impl Inner {
         let name = String::from_utf8_lossy(name).into_owned();
         let held = self.snap_open.get(&rec.epoch).copied().unwrap_or(0) > 0;
         self.store.write(true, |w| {
-            w.snapshots.remove(name.as_str())?;
+            w.snapshots()?.remove(name.as_str())?;
             if held {
                 let kept = SnapshotRec {
                     flags: SNAP_DELETED,
                     ..rec
                 };
-                w.snapshots
+                w.snapshots()?
                     .insert(held_key(rec.epoch).as_str(), &kept.encode()[..])?;
             }
             Ok(())
@@ -263,7 +263,7 @@ impl Inner {
         };
         if pending {
             self.store.write(true, |w| {
-                Ok(w.snapshots.remove(key.as_str()).map(|_| ())?)
+                Ok(w.snapshots()?.remove(key.as_str()).map(|_| ())?)
             })?;
             self.drop_epoch(epoch)?;
         }
@@ -287,7 +287,7 @@ impl Inner {
         for epoch in epochs {
             let key = held_key(epoch);
             self.store.write(true, |w| {
-                Ok(w.snapshots.remove(key.as_str()).map(|_| ())?)
+                Ok(w.snapshots()?.remove(key.as_str()).map(|_| ())?)
             })?;
             self.drop_epoch(epoch)?;
         }

@@ -272,13 +272,14 @@ impl Store {
         let res = {
             let txn = self.txn.get_mut().as_ref().expect("begun above");
             let mut w = Writer {
+                txn,
                 versions: txn.open_table(VERSIONS).map_err(StoreError::from)?,
-                extents: txn.open_table(EXTENTS).map_err(StoreError::from)?,
-                segments: txn.open_table(SEGMENTS).map_err(StoreError::from)?,
                 changes: txn.open_table(CHANGES).map_err(StoreError::from)?,
-                orphans: txn.open_table(ORPHANS).map_err(StoreError::from)?,
-                snapshots: txn.open_table(SNAPSHOTS).map_err(StoreError::from)?,
-                meta: txn.open_table(META).map_err(StoreError::from)?,
+                extents: None,
+                segments: None,
+                orphans: None,
+                snapshots: None,
+                meta: None,
                 segs: &mut self.segs,
                 live: self.live_epoch,
                 snaps: &self.snapshot_epochs,
@@ -385,7 +386,10 @@ impl Store {
                     let mut hash = [0u8; 32];
                     hash.copy_from_slice(&h[8..40]);
                     let data_at = at + segment::EXTENT_HEADER;
-                    let row = w.extents.get(hash)?.map(|v| ExtentRec::decode(v.value()));
+                    let row = w
+                        .extents()?
+                        .get(hash)?
+                        .map(|v| ExtentRec::decode(v.value()));
                     if let Some(rec) = row {
                         let mut rec = rec?;
                         if rec.segment == id && rec.offset == data_at {
@@ -400,12 +404,12 @@ impl Store {
                             let (seg, off) = w.segs.append(&hash, &data)?;
                             rec.segment = seg;
                             rec.offset = off;
-                            w.extents.insert(hash, &rec.encode()[..])?;
+                            w.extents()?.insert(hash, &rec.encode()[..])?;
                         }
                     }
                     at = data_at + len as u64;
                 }
-                w.segments.remove(id)?;
+                w.segments()?.remove(id)?;
                 Ok(())
             });
             match res {
@@ -664,28 +668,50 @@ pub fn changed_between<T: ReadableTable<VKey, &'static [u8]>>(
     Ok(out)
 }
 
-/// One write transaction with its tables open.
+/// One write transaction with its tables open. `versions` and `changes`, which every
+/// operation touches, are opened up front; the others when first used (opening a
+/// table costs about as much as a small operation).
 pub struct Writer<'t> {
+    txn: &'t redb::WriteTransaction,
     /// `versions`.
     pub versions: Table<'t, VKey, &'static [u8]>,
-    /// `extents`.
-    pub extents: Table<'t, [u8; 32], &'static [u8]>,
-    /// `segments`.
-    pub segments: Table<'t, u64, u64>,
     /// `changes`.
     pub changes: Table<'t, (u64, u64), ()>,
-    /// `orphans`.
-    pub orphans: Table<'t, u64, ()>,
-    /// `snapshots`.
-    pub snapshots: Table<'t, &'static str, &'static [u8]>,
-    /// `meta`.
-    pub meta: Table<'t, &'static str, &'static [u8]>,
+    extents: Option<Table<'t, [u8; 32], &'static [u8]>>,
+    segments: Option<Table<'t, u64, u64>>,
+    orphans: Option<Table<'t, u64, ()>>,
+    snapshots: Option<Table<'t, &'static str, &'static [u8]>>,
+    meta: Option<Table<'t, &'static str, &'static [u8]>>,
     /// Segment files.
     pub segs: &'t mut Segments,
     /// The live epoch.
     pub live: u64,
     /// Snapshot epochs.
     pub snaps: &'t BTreeSet<u64>,
+}
+
+macro_rules! lazy_table {
+    ($($name:ident: $def:ident => $k:ty, $v:ty;)*) => {
+        impl<'t> Writer<'t> {
+            $(
+                #[doc = concat!("The `", stringify!($name), "` table, opened on first use.")]
+                pub fn $name(&mut self) -> Result<&mut Table<'t, $k, $v>, StoreError> {
+                    if self.$name.is_none() {
+                        self.$name = Some(self.txn.open_table($def)?);
+                    }
+                    Ok(self.$name.as_mut().expect("opened above"))
+                }
+            )*
+        }
+    };
+}
+
+lazy_table! {
+    extents: EXTENTS => [u8; 32], &'static [u8];
+    segments: SEGMENTS => u64, u64;
+    orphans: ORPHANS => u64, ();
+    snapshots: SNAPSHOTS => &'static str, &'static [u8];
+    meta: META => &'static str, &'static [u8];
 }
 
 impl Writer<'_> {
@@ -752,7 +778,7 @@ impl Writer<'_> {
         data: &[u8],
     ) -> Result<BlockRec, StoreError> {
         let existing = self
-            .extents
+            .extents()?
             .get(hash)?
             .map(|v| ExtentRec::decode(v.value()));
         let rec = match existing {
@@ -771,7 +797,7 @@ impl Writer<'_> {
                 }
             }
         };
-        self.extents.insert(hash, &rec.encode()[..])?;
+        self.extents()?.insert(hash, &rec.encode()[..])?;
         Ok(BlockRec {
             hash,
             len: data.len() as u32,
@@ -787,7 +813,7 @@ impl Writer<'_> {
         staged: &mut std::collections::HashMap<[u8; 32], (u64, u64)>,
     ) -> Result<BlockRec, StoreError> {
         let rec = match self
-            .extents
+            .extents()?
             .get(hash)?
             .map(|v| ExtentRec::decode(v.value()))
         {
@@ -811,7 +837,7 @@ impl Writer<'_> {
                 }
             }
         };
-        self.extents.insert(hash, &rec.encode()[..])?;
+        self.extents()?.insert(hash, &rec.encode()[..])?;
         Ok(BlockRec { hash, len })
     }
 
@@ -819,7 +845,7 @@ impl Writer<'_> {
     pub fn incref(&mut self, hash: &[u8; 32]) -> Result<(), StoreError> {
         let mut rec = self.extent(hash)?;
         rec.refs += 1;
-        self.extents.insert(*hash, &rec.encode()[..])?;
+        self.extents()?.insert(*hash, &rec.encode()[..])?;
         Ok(())
     }
 
@@ -829,23 +855,23 @@ impl Writer<'_> {
         let mut rec = self.extent(hash)?;
         rec.refs = rec.refs.saturating_sub(1);
         if rec.refs == 0 {
-            self.extents.remove(*hash)?;
+            self.extents()?.remove(*hash)?;
             let dead = self
-                .segments
+                .segments()?
                 .get(rec.segment)?
                 .map(|v| v.value())
                 .unwrap_or(0);
-            self.segments
+            self.segments()?
                 .insert(rec.segment, dead + rec.len as u64 + segment::EXTENT_HEADER)?;
         } else {
-            self.extents.insert(*hash, &rec.encode()[..])?;
+            self.extents()?.insert(*hash, &rec.encode()[..])?;
         }
         Ok(())
     }
 
     /// The extent row of `hash`.
-    pub fn extent(&self, hash: &[u8; 32]) -> Result<ExtentRec, StoreError> {
-        match self.extents.get(*hash)? {
+    pub fn extent(&mut self, hash: &[u8; 32]) -> Result<ExtentRec, StoreError> {
+        match self.extents()?.get(*hash)? {
             Some(v) => ExtentRec::decode(v.value()),
             None => Err(StoreError::Corrupt(format!(
                 "extent {} is not in the index",
@@ -942,14 +968,14 @@ impl Writer<'_> {
 
     /// Hands out a new inode number.
     pub fn alloc_ino(&mut self) -> Result<u64, StoreError> {
-        let next = match self.meta.get(meta::NEXT_INO)? {
+        let next = match self.meta()?.get(meta::NEXT_INO)? {
             Some(v) => le_u64(v.value())?,
             None => return Err(StoreError::Corrupt("meta row next_ino is missing".into())),
         };
         if next >= crate::fs::MAX_LIVE_INO {
             return Err(StoreError::Corrupt("inode numbers exhausted".into()));
         }
-        self.meta
+        self.meta()?
             .insert(meta::NEXT_INO, &(next + 1).to_le_bytes()[..])?;
         Ok(next)
     }
