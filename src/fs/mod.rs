@@ -356,9 +356,7 @@ impl Inner {
         if let Some(a) = self.dirty.get(&ino).and_then(|d| d.attr.clone()) {
             return Ok(a);
         }
-        let txn = self.store.read_txn()?;
-        let t = txn.open_table(VERSIONS).map_err(StoreError::from)?;
-        match crate::store::visible(&t, RecKey::inode(ino), self.store.live_epoch)? {
+        match self.store.live_inode(ino)? {
             Some(b) => Ok(InodeRec::decode(&b)?),
             None => err(libc::ENOENT),
         }

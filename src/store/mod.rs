@@ -117,6 +117,10 @@ pub struct Store {
     pending: u32,
     /// Set when answered operations were lost to a failed commit: writes then fail.
     failed: Option<String>,
+    /// Live inode records by inode (`None`: known absent), kept in step by every
+    /// write: most requests read an inode, and a table lookup costs more than the
+    /// rest of the request.
+    inode_cache: std::collections::HashMap<u64, Option<Vec<u8>>>,
 }
 
 impl std::fmt::Debug for Store {
@@ -246,6 +250,7 @@ impl Store {
             txn: std::cell::RefCell::new(None),
             pending: 0,
             failed: None,
+            inode_cache: std::collections::HashMap::new(),
         })
     }
 
@@ -283,9 +288,23 @@ impl Store {
                 segs: &mut self.segs,
                 live: self.live_epoch,
                 snaps: &self.snapshot_epochs,
+                inode_log: Vec::new(),
             };
-            f(&mut w)
+            let r = f(&mut w);
+            (r, std::mem::take(&mut w.inode_log))
         };
+        let (res, log) = res;
+        match &res {
+            // The group keeps whatever the operation wrote.
+            Ok(_) | Err(crate::fs::FsError::Errno(_)) => {
+                if self.inode_cache.len() > INODE_CACHE_MAX {
+                    self.inode_cache.clear();
+                }
+                self.inode_cache.extend(log);
+            }
+            // An aborted group may have held any record: forget them all.
+            Err(crate::fs::FsError::Store(_)) => self.inode_cache.clear(),
+        }
         match res {
             Ok(r) => {
                 self.pending += 1;
@@ -424,6 +443,23 @@ impl Store {
         Ok(given_back)
     }
 
+    /// The live inode record of `ino` (payload), from the cache or the table.
+    pub fn live_inode(&mut self, ino: u64) -> Result<Option<Vec<u8>>, StoreError> {
+        if let Some(v) = self.inode_cache.get(&ino) {
+            return Ok(v.clone());
+        }
+        let v = {
+            let txn = self.read_txn()?;
+            let t = txn.open_table(VERSIONS)?;
+            visible(&t, RecKey::inode(ino), self.live_epoch)?
+        };
+        if self.inode_cache.len() > INODE_CACHE_MAX {
+            self.inode_cache.clear();
+        }
+        self.inode_cache.insert(ino, v.clone());
+        Ok(v)
+    }
+
     /// A view of the current state, including the open transaction group (it begins
     /// one if none is open). Hold it briefly: a table may be open once at a time.
     pub fn read_txn(&self) -> Result<View<'_>, StoreError> {
@@ -453,6 +489,9 @@ impl Store {
         Ok(data)
     }
 }
+
+/// Inode records the cache holds before it starts over.
+const INODE_CACHE_MAX: usize = 1 << 20;
 
 /// Operations per transaction group before it is committed (the background tick
 /// also commits it every second).
@@ -688,6 +727,8 @@ pub struct Writer<'t> {
     pub live: u64,
     /// Snapshot epochs.
     pub snaps: &'t BTreeSet<u64>,
+    /// Live inode records this operation wrote (`None`: deleted), for the cache.
+    inode_log: Vec<(u64, Option<Vec<u8>>)>,
 }
 
 macro_rules! lazy_table {
@@ -754,6 +795,9 @@ impl Writer<'_> {
             }
         }
         self.changes.insert((live, key.ino), ())?;
+        if key.kind == KIND_INODE {
+            self.inode_log.push((key.ino, payload.map(<[u8]>::to_vec)));
+        }
         Ok(())
     }
 
