@@ -285,7 +285,10 @@ pub fn mount(
     if let Some(path) = control {
         let _ = std::fs::remove_file(path);
     }
-    let flushed = fs.lock().sync_all();
+    let flushed = {
+        let mut core = fs.lock();
+        core.sync_all().and_then(|_| Ok(core.store().compact()?))
+    };
     // Close the database before the pid file goes, so a waiter that sees it gone can
     // open the store. Every other holder of the core has let go by now.
     if Arc::try_unwrap(fs).is_err() {

@@ -90,3 +90,22 @@ fn the_same_100_mib_under_two_names_is_stored_once() {
     m.mount(&[]);
     assert!(fs::read(m.path("two")).unwrap() == data);
 }
+
+#[test]
+fn overwriting_a_file_does_not_grow_the_store_without_bound() {
+    let mut m = Mount::new();
+    // 24 rewrites of 8 MiB: 192 MiB written, 8 MiB live, all in the active segment.
+    for round in 0..24u64 {
+        fs::write(m.path("f"), pattern(round, 8 << 20)).unwrap();
+    }
+    m.unmount();
+    let size = m.store_bytes();
+    assert!(
+        size < 80 << 20,
+        "store holds {size} bytes for 8 MiB of live data"
+    );
+    m.mount(&[]);
+    assert!(fs::read(m.path("f")).unwrap() == pattern(23, 8 << 20));
+    m.unmount();
+    assert!(m.fsck().status.success());
+}

@@ -1147,6 +1147,11 @@ impl Inner {
         if durable && self.undurable {
             self.store.sync()?;
             self.undurable = false;
+            // Give back the space of overwritten and deleted data.
+            let freed = self.store.compact()?;
+            if freed > 0 {
+                tracing::debug!(freed, "segments compacted");
+            }
         } else {
             self.store.commit_group(false)?;
         }

@@ -374,23 +374,33 @@ impl Store {
         let mut candidates = Vec::new();
         // Compaction runs in transactions of its own, so a failure loses nothing else.
         self.commit_group(false)?;
+        let mut roll = false;
         {
             let txn = self.db.begin_read()?;
             let t = txn.open_table(SEGMENTS)?;
             for row in t.iter()? {
                 let (k, v) = row?;
                 let (id, dead) = (k.value(), v.value());
-                if id == active {
-                    continue;
-                }
                 let size = match std::fs::metadata(segment::segment_path(self.segs.dir(), id)) {
                     Ok(m) => m.len(),
                     Err(_) => continue,
                 };
-                if dead * 2 >= size.saturating_sub(segment::SEGMENT_HEADER) {
-                    candidates.push((id, size));
+                if dead * 2 < size.saturating_sub(segment::SEGMENT_HEADER) {
+                    continue;
                 }
+                // A mostly dead active segment (files rewritten in place) is closed
+                // first, so that overwriting never grows the store without bound.
+                if id == active {
+                    if size < ROLL_DEAD_ACTIVE {
+                        continue;
+                    }
+                    roll = true;
+                }
+                candidates.push((id, size));
             }
+        }
+        if roll {
+            self.segs.roll()?;
         }
         let mut given_back = 0;
         for (id, size) in candidates {
@@ -489,6 +499,9 @@ impl Store {
         Ok(data)
     }
 }
+
+/// An active segment at least this large and half dead is closed and compacted.
+const ROLL_DEAD_ACTIVE: u64 = 64 << 20;
 
 /// Inode records the cache holds before it starts over.
 const INODE_CACHE_MAX: usize = 1 << 20;

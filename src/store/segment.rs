@@ -186,6 +186,12 @@ impl Segments {
         Ok(())
     }
 
+    /// Closes the active segment; appends go to a new one.
+    pub fn roll(&mut self) -> Result<(), StoreError> {
+        let next = self.active + 1;
+        self.start(next)
+    }
+
     /// The segment appends go to.
     pub fn active(&self) -> u64 {
         self.active
