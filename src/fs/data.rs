@@ -142,8 +142,20 @@ impl Inner {
                 .dirty
                 .get(&ino)
                 .is_some_and(|d| d.blocks.contains_key(&idx));
+            let chunk = &data[(pos - offset) as usize..][..n];
+            if !have && n as u64 == bs {
+                // A whole block: take the bytes as they are, nothing to merge.
+                self.dirty
+                    .entry(ino)
+                    .or_default()
+                    .blocks
+                    .insert(idx, chunk.to_vec());
+                self.dirty_bytes += bs as usize;
+                pos += n as u64;
+                continue;
+            }
             if !have {
-                let mut buf = if n as u64 == bs || idx * bs >= rec.size {
+                let mut buf = if idx * bs >= rec.size {
                     Vec::new()
                 } else {
                     self.stored_block(ino, idx)?.unwrap_or_default()
@@ -157,7 +169,7 @@ impl Inner {
                 .get_mut(&ino)
                 .and_then(|d| d.blocks.get_mut(&idx))
                 .expect("inserted above");
-            buf[within..within + n].copy_from_slice(&data[(pos - offset) as usize..][..n]);
+            buf[within..within + n].copy_from_slice(chunk);
             pos += n as u64;
         }
         Ok(())

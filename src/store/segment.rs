@@ -38,6 +38,55 @@ pub struct Segments {
     unsynced: Vec<u64>,
 }
 
+/// Writes `head` then `body` at `at` with `pwritev`, without copying them together.
+fn write_all_vectored_at(f: &File, head: &[u8], body: &[u8], at: u64) -> io::Result<()> {
+    use std::os::unix::io::AsRawFd;
+    let total = head.len() + body.len();
+    let mut done = 0usize;
+    while done < total {
+        let (h, b) = if done < head.len() {
+            (&head[done..], body)
+        } else {
+            (&head[..0], &body[done - head.len()..])
+        };
+        let iov = [
+            libc::iovec {
+                iov_base: h.as_ptr() as *mut _,
+                iov_len: h.len(),
+            },
+            libc::iovec {
+                iov_base: b.as_ptr() as *mut _,
+                iov_len: b.len(),
+            },
+        ];
+        // SAFETY: both iovecs describe live slices for the duration of the call, and
+        // pwritev only reads through them.
+        let n = unsafe {
+            libc::pwritev(
+                f.as_raw_fd(),
+                iov.as_ptr(),
+                2,
+                (at + done as u64) as libc::off_t,
+            )
+        };
+        if n < 0 {
+            let e = io::Error::last_os_error();
+            if e.kind() == io::ErrorKind::Interrupted {
+                continue;
+            }
+            return Err(e);
+        }
+        if n == 0 {
+            return Err(io::Error::new(
+                io::ErrorKind::WriteZero,
+                "pwritev wrote nothing",
+            ));
+        }
+        done += n as usize;
+    }
+    Ok(())
+}
+
 /// The path of segment `id` under `dir`.
 pub fn segment_path(dir: &Path, id: u64) -> PathBuf {
     dir.join(format!("{id:016x}.seg"))
@@ -144,13 +193,12 @@ impl Segments {
         }
         let id = self.active;
         let at = self.active_len;
-        let mut buf = Vec::with_capacity(EXTENT_HEADER as usize + data.len());
-        buf.extend_from_slice(EXTENT_MAGIC);
-        buf.extend_from_slice(&(data.len() as u32).to_le_bytes());
-        buf.extend_from_slice(hash);
-        buf.extend_from_slice(data);
-        self.file(id)?.write_all_at(&buf, at)?;
-        self.active_len = at + buf.len() as u64;
+        let mut header = [0u8; EXTENT_HEADER as usize];
+        header[..4].copy_from_slice(EXTENT_MAGIC);
+        header[4..8].copy_from_slice(&(data.len() as u32).to_le_bytes());
+        header[8..].copy_from_slice(hash);
+        write_all_vectored_at(self.file(id)?, &header, data, at)?;
+        self.active_len = at + EXTENT_HEADER + data.len() as u64;
         if self.unsynced.last() != Some(&id) {
             self.unsynced.push(id);
         }
