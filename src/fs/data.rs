@@ -44,6 +44,19 @@ impl Inner {
     }
 
     fn stored_block_at(&mut self, epoch: u64, ino: u64, idx: u64) -> FsResult<Option<Vec<u8>>> {
+        self.stored_range_at(epoch, ino, idx, 0, usize::MAX)
+    }
+
+    /// Bytes `[start, end)` of stored block `idx` (fewer if the block is short), `None`
+    /// for a hole.
+    fn stored_range_at(
+        &mut self,
+        epoch: u64,
+        ino: u64,
+        idx: u64,
+        start: usize,
+        end: usize,
+    ) -> FsResult<Option<Vec<u8>>> {
         let (hash, ext) = {
             let txn = self.store.read_txn()?;
             let t = txn.open_table(VERSIONS).map_err(StoreError::from)?;
@@ -63,7 +76,7 @@ impl Inner {
             };
             (b.hash, ext)
         };
-        Ok(Some(self.store.read_extent(&hash, &ext)?))
+        Ok(Some(self.store.read_extent_range(&hash, &ext, start, end)?))
     }
 
     /// Reads up to `size` bytes at `offset`.
@@ -84,12 +97,15 @@ impl Inner {
             let idx = pos / bs;
             let within = (pos % bs) as usize;
             let n = ((bs - within as u64).min(end - pos)) as usize;
-            if let Some(b) = self.block_at(epoch, ino, idx)? {
-                let dst = &mut out[(pos - offset) as usize..][..n];
-                if within < b.len() {
-                    let avail = (b.len() - within).min(n);
-                    dst[..avail].copy_from_slice(&b[within..within + avail]);
-                }
+            let dst = &mut out[(pos - offset) as usize..][..n];
+            let dirty = (epoch == self.store.live_epoch)
+                .then(|| self.dirty.get(&ino).and_then(|d| d.blocks.get(&idx)))
+                .flatten();
+            if let Some(b) = dirty {
+                dst.copy_from_slice(&b[within..within + n]);
+            } else if let Some(b) = self.stored_range_at(epoch, ino, idx, within, within + n)? {
+                // A short (tail) extent yields fewer bytes; the rest stays zero.
+                dst[..b.len()].copy_from_slice(&b);
             }
             pos += n as u64;
         }
