@@ -287,7 +287,10 @@ pub fn mount(
     }
     let flushed = {
         let mut core = fs.lock();
-        core.sync_all().and_then(|_| Ok(core.store().compact()?))
+        core.sync_all().and_then(|_| {
+            core.store().compact()?;
+            Ok(core.store().compact_metadata()?)
+        })
     };
     // Close the database before the pid file goes, so a waiter that sees it gone can
     // open the store. Every other holder of the core has let go by now.
@@ -431,25 +434,15 @@ fn spawn_scheduler(
                 next += every;
                 let Some(fs) = fs.upgrade() else { return };
                 let name = crate::policy::auto_name(crate::store::schema::Ts::now().sec);
-                let mut core = fs.lock();
-                if let Err(e) =
-                    core.snapshot_create(name.as_bytes(), crate::store::schema::Ts::now())
-                {
-                    tracing::error!(error = %e, name, "scheduled snapshot failed");
-                    continue;
+                // The same paths as the CLI's, which also tell the kernel what changed.
+                let mut steps = vec![vec!["snapshot".to_string(), "create".into(), name]];
+                if fs.lock().keep.is_some() {
+                    steps.push(vec!["snapshot".into(), "prune".into()]);
                 }
-                if let Some(keep) = core.keep.clone() {
-                    let list: Vec<(String, i64)> = match core.snapshots() {
-                        Ok(s) => s.into_iter().map(|s| (s.name, s.created.sec)).collect(),
-                        Err(e) => {
-                            tracing::error!(error = %e, "listing snapshots failed");
-                            continue;
-                        }
-                    };
-                    for doomed in crate::policy::plan_prune(&list, &keep) {
-                        if let Err(e) = core.snapshot_delete(doomed.as_bytes()) {
-                            tracing::error!(error = %e, name = doomed, "pruning failed");
-                        }
+                for args in steps {
+                    let out = crate::commands::run(&fs, &args, false);
+                    if out.error {
+                        tracing::error!(command = ?args, error = out.text.trim_end(), "scheduled work failed");
                     }
                 }
             }

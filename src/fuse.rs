@@ -426,8 +426,13 @@ impl Filesystem for SnapFuse {
 
     fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
         let _s = tracing::trace_span!("opendir", ino = ino.0).entered();
+        // The kernel may keep listings: it drops them itself when it changes a directory,
+        // and rollback invalidates the directories it rewrites.
         reply!(reply, "opendir", self.fs.lock().opendir(ino.0), |fh| reply
-            .opened(FileHandle(fh), FopenFlags::empty()))
+            .opened(
+                FileHandle(fh),
+                FopenFlags::FOPEN_CACHE_DIR | FopenFlags::FOPEN_KEEP_CACHE
+            ))
     }
 
     fn readdir(

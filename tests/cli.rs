@@ -111,7 +111,14 @@ fn status_and_fsck_work_mounted_and_unmounted() {
     assert!(f.status.success(), "{}", String::from_utf8_lossy(&f.stdout));
     m.unmount();
     let st = snapfs(&["status", m.store.to_str().unwrap()]);
-    assert_eq!(String::from_utf8_lossy(&st.stdout), text);
+    // Unmounting compacts the metadata file, so only the bytes on disk may differ.
+    let strip = |t: &str| {
+        t.lines()
+            .filter(|l| !l.starts_with("on disk:"))
+            .collect::<Vec<_>>()
+            .join("\n")
+    };
+    assert_eq!(strip(&String::from_utf8_lossy(&st.stdout)), strip(&text));
 }
 
 #[test]

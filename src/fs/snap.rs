@@ -298,6 +298,7 @@ impl Inner {
     fn drop_epoch(&mut self, epoch: u64) -> FsResult<u64> {
         let freed = self.drop_epoch_inner(epoch, false)?;
         self.store.compact()?;
+        self.store.compact_metadata()?;
         Ok(freed)
     }
 

@@ -79,7 +79,8 @@ redb_from!(
     redb::StorageError,
     redb::CommitError,
     redb::DatabaseError,
-    redb::SetDurabilityError
+    redb::SetDurabilityError,
+    redb::CompactionError
 );
 
 /// Settings fixed when a store is created.
@@ -472,6 +473,14 @@ impl Store {
         }
         self.inode_cache.insert(ino, v.clone());
         Ok(v)
+    }
+
+    /// Shrinks the metadata file after many records went away (snapshot deletion,
+    /// unmount). Commits the open group durably first.
+    pub fn compact_metadata(&mut self) -> Result<(), StoreError> {
+        self.commit_group(true)?;
+        self.db.compact()?;
+        Ok(())
     }
 
     /// A view of the current state, including the open transaction group (it begins
