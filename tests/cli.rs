@@ -79,12 +79,7 @@ fn fsck_finds_a_damaged_extent() {
     fs::write(m.path("f"), pattern(7, 200_000)).unwrap();
     m.unmount();
     assert!(m.fsck().status.success());
-    let seg = fs::read_dir(m.store.join("segments"))
-        .unwrap()
-        .next()
-        .unwrap()
-        .unwrap()
-        .path();
+    let seg = m.first_segment();
     let mut bytes = fs::read(&seg).unwrap();
     let n = bytes.len();
     bytes[n - 100] ^= 0xff;
@@ -161,12 +156,7 @@ fn small_reads_verify_the_leaves_they_touch() {
     assert!(fs::read(m.path("f")).unwrap() == data);
     // Damage one byte of block 2 in place (extents are appended in order: a 16-byte
     // segment header, then a 40-byte header before each 64 KiB extent).
-    let seg = fs::read_dir(m.store.join("segments"))
-        .unwrap()
-        .next()
-        .unwrap()
-        .unwrap()
-        .path();
+    let seg = m.first_segment();
     let at = 16 + 2 * (40 + 65536) + 40 + 5000;
     let f = fs::OpenOptions::new()
         .read(true)

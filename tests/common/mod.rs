@@ -110,6 +110,16 @@ impl Mount {
         snapfs(&["fsck", self.store.to_str().unwrap(), "--read-data"])
     }
 
+    /// The store's first segment file.
+    pub fn first_segment(&self) -> PathBuf {
+        let mut segs: Vec<PathBuf> = std::fs::read_dir(self.store.join("segments"))
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .collect();
+        segs.sort();
+        segs.remove(0)
+    }
+
     /// Bytes used on disk by the store (allocated blocks).
     pub fn store_bytes(&self) -> u64 {
         du(&self.store)
