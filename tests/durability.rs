@@ -109,3 +109,52 @@ fn overwriting_a_file_does_not_grow_the_store_without_bound() {
     m.unmount();
     assert!(m.fsck().status.success());
 }
+
+#[test]
+fn a_full_disk_refuses_new_data_with_enospc_and_loses_nothing_answered() {
+    // A 48 MiB tmpfs under the store.
+    let dir = tempfile::Builder::new()
+        .prefix("snapfs-full")
+        .tempdir()
+        .unwrap();
+    let disk = dir.path().join("disk");
+    fs::create_dir(&disk).unwrap();
+    let st = std::process::Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=48m", "tmpfs"])
+        .arg(&disk)
+        .status()
+        .unwrap();
+    assert!(st.success(), "mounting a tmpfs (needs root)");
+    struct Unmount(std::path::PathBuf);
+    impl Drop for Unmount {
+        fn drop(&mut self) {
+            let _ = std::process::Command::new("umount")
+                .arg("-l")
+                .arg(&self.0)
+                .status();
+        }
+    }
+    let _disk_guard = Unmount(disk.clone());
+    let mut m = Mount::new();
+    m.unmount();
+    m.store = disk.join("store");
+    m.mount(&[]);
+    fs::write(m.path("kept"), b"answered before the disk filled").unwrap();
+    let e = fs::write(m.path("big"), pattern(1, 100 << 20)).unwrap_err();
+    assert_eq!(e.raw_os_error(), Some(libc::ENOSPC), "full disk: {e}");
+    // Metadata still works, and small files written now are kept.
+    fs::write(m.path("after"), b"small").unwrap();
+    fs::remove_file(m.path("big")).unwrap();
+    m.unmount();
+    let f = m.fsck();
+    assert!(f.status.success(), "{}", String::from_utf8_lossy(&f.stdout));
+    m.mount(&[]);
+    assert_eq!(
+        fs::read(m.path("kept")).unwrap(),
+        b"answered before the disk filled"
+    );
+    assert_eq!(fs::read(m.path("after")).unwrap(), b"small");
+    // The space of the removed file came back.
+    fs::write(m.path("again"), pattern(2, 20 << 20)).unwrap();
+    m.unmount();
+}

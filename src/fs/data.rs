@@ -215,13 +215,19 @@ impl Inner {
         res
     }
 
-    /// Stores every buffered block and attribute.
+    /// Stores every buffered block and attribute. One inode failing (a full disk)
+    /// does not keep the others buffered; the first error is returned.
     pub fn flush_all(&mut self) -> FsResult<()> {
         let inos: Vec<u64> = self.dirty.keys().copied().collect();
+        let mut first = Ok(());
         for ino in inos {
-            self.flush_inode(ino)?;
+            if let Err(e) = self.flush_inode(ino)
+                && first.is_ok()
+            {
+                first = Err(e);
+            }
         }
-        Ok(())
+        first
     }
 
     /// fsync: the data (and with `!datasync`, the metadata) of `ino` is durable on
@@ -481,6 +487,14 @@ fn store_dirty(w: &mut Writer<'_>, ino: u64, d: &Dirty, bs: u64) -> FsResult<()>
     // operation is refused cleanly and the buffered data stays for a retry.
     let mut plans = Vec::with_capacity(d.blocks.len());
     let mut staged = std::collections::HashMap::new();
+    let most = d.blocks.len() as u64 * (bs + crate::store::segment::EXTENT_HEADER);
+    if !w
+        .segs
+        .room_for(most)
+        .map_err(|e| FsError::Errno(e.raw_os_error().unwrap_or(libc::EIO)))?
+    {
+        return err(libc::ENOSPC);
+    }
     for (&idx, buf) in &d.blocks {
         let start = idx * bs;
         let n = if start >= size {

@@ -1134,17 +1134,18 @@ impl Inner {
 
     /// Makes everything durable: buffered data, then a durable commit.
     pub fn sync_all(&mut self) -> FsResult<()> {
-        self.flush_all()?;
+        // What could be stored is committed even if some data could not be (ENOSPC).
+        let flushed = self.flush_all();
         self.store.sync()?;
         self.undurable = false;
-        Ok(())
+        flushed
     }
 
     /// The background tick: flushes buffered data, and makes it durable every `durable`
     /// call.
     pub fn tick(&mut self, durable: bool) -> FsResult<()> {
-        self.flush_all()?;
-        if durable && self.undurable {
+        let flushed = self.flush_all();
+        if durable && (self.undurable || flushed.is_err()) {
             self.store.sync()?;
             self.undurable = false;
             // Give back the space of overwritten and deleted data.
@@ -1155,7 +1156,7 @@ impl Inner {
         } else {
             self.store.commit_group(false)?;
         }
-        Ok(())
+        flushed
     }
 }
 

@@ -396,7 +396,10 @@ impl Store {
                 // A mostly dead active segment (files rewritten in place) is closed
                 // first, so that overwriting never grows the store without bound.
                 if id == active {
-                    if size < ROLL_DEAD_ACTIVE {
+                    // Small stores roll too once their disk runs short.
+                    if size < ROLL_DEAD_ACTIVE
+                        && self.segs.room_for(ROLL_DEAD_ACTIVE).unwrap_or(true)
+                    {
                         continue;
                     }
                     roll = true;

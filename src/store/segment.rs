@@ -240,6 +240,27 @@ impl Segments {
         self.start(next)
     }
 
+    /// Whether `bytes` more of extents leave the disk its reserve: the space kept for
+    /// metadata commits, so that a full disk refuses new data (ENOSPC) instead of
+    /// failing a commit of operations already answered. The reserve is 5% of the
+    /// filesystem, at least 8 MiB and at most 256 MiB.
+    pub fn room_for(&self, bytes: u64) -> io::Result<bool> {
+        use std::os::unix::ffi::OsStrExt;
+        let path = std::ffi::CString::new(self.dir.as_os_str().as_bytes())
+            .map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
+        // SAFETY: all-zero is a valid statvfs; the kernel fills it.
+        let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+        // SAFETY: `path` is NUL-terminated and `st` a valid out pointer.
+        if unsafe { libc::statvfs(path.as_ptr(), &mut st) } != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        let unit = st.f_frsize.max(1);
+        let avail = st.f_bavail.saturating_mul(unit);
+        let total = st.f_blocks.saturating_mul(unit);
+        let reserve = (total / 20).clamp(8 << 20, 256 << 20);
+        Ok(avail >= bytes.saturating_add(reserve))
+    }
+
     /// The segment appends go to.
     pub fn active(&self) -> u64 {
         self.active
