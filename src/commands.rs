@@ -122,24 +122,19 @@ pub fn run(fs: &Fs, args: &[String], progress: bool) -> Outcome {
                 Err(e) => fail(format!("{e:#}")),
             }
         }
-        ["snapshot", "create", name, ..] => {
-            let res = core.snapshot_create(name.as_bytes(), Ts::now());
+        ["snapshot", verb @ ("create" | "delete"), name, ..] => {
+            let res = if *verb == "create" {
+                core.snapshot_create(name.as_bytes(), Ts::now())
+                    .map(|epoch| format!("created snapshot {name} (epoch {epoch})"))
+            } else {
+                core.snapshot_delete(name.as_bytes())
+                    .map(|()| format!("deleted snapshot {name}"))
+            };
             drop(core);
             match res {
-                Ok(epoch) => {
+                Ok(msg) => {
                     fs.invalidate(&snapdir_invals(name));
-                    ok(format!("created snapshot {name} (epoch {epoch})"))
-                }
-                Err(e) => snap_error(e, name),
-            }
-        }
-        ["snapshot", "delete", name, ..] => {
-            let res = core.snapshot_delete(name.as_bytes());
-            drop(core);
-            match res {
-                Ok(()) => {
-                    fs.invalidate(&snapdir_invals(name));
-                    ok(format!("deleted snapshot {name}"))
+                    ok(msg)
                 }
                 Err(e) => snap_error(e, name),
             }

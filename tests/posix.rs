@@ -45,13 +45,7 @@ fn random_offset_writes_match_a_model_and_survive_remount() {
     let mut m = Mount::new();
     let p = m.path("f");
     let mut model = vec![0u8; 0];
-    let f = OpenOptions::new()
-        .create(true)
-        .truncate(true)
-        .read(true)
-        .write(true)
-        .open(&p)
-        .unwrap();
+    let f = create_rw(&p);
     let mut x = 12345u64;
     for i in 0..400 {
         x = x
@@ -84,13 +78,7 @@ fn random_offset_writes_match_a_model_and_survive_remount() {
 fn sparse_files_read_zeros_and_seek_data_hole() {
     let m = Mount::new();
     let p = m.path("sparse");
-    let f = OpenOptions::new()
-        .create(true)
-        .truncate(true)
-        .read(true)
-        .write(true)
-        .open(&p)
-        .unwrap();
+    let f = create_rw(&p);
     let tib = 1u64 << 40;
     f.write_all_at(b"head", 0).unwrap();
     f.write_all_at(b"tail", tib).unwrap();

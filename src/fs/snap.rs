@@ -262,11 +262,19 @@ impl Inner {
                 .is_some()
         };
         if pending {
-            self.store.write(true, |w| {
-                Ok(w.snapshots()?.remove(key.as_str()).map(|_| ())?)
-            })?;
-            self.drop_epoch(epoch)?;
+            self.finish_deletion(epoch)?;
         }
+        Ok(())
+    }
+
+    /// Completes a deletion that waited for holders: the hidden row goes, then the
+    /// versions only that epoch saw.
+    fn finish_deletion(&mut self, epoch: u64) -> FsResult<()> {
+        let key = held_key(epoch);
+        self.store.write(true, |w| {
+            Ok(w.snapshots()?.remove(key.as_str()).map(|_| ())?)
+        })?;
+        self.drop_epoch(epoch)?;
         Ok(())
     }
 
@@ -285,11 +293,7 @@ impl Inner {
             }
         }
         for epoch in epochs {
-            let key = held_key(epoch);
-            self.store.write(true, |w| {
-                Ok(w.snapshots()?.remove(key.as_str()).map(|_| ())?)
-            })?;
-            self.drop_epoch(epoch)?;
+            self.finish_deletion(epoch)?;
         }
         Ok(())
     }

@@ -901,44 +901,6 @@ impl Writer<'_> {
         Ok(())
     }
 
-    /// Stores `data` as an extent (or finds it stored) and takes a reference to it.
-    pub fn put_extent(&mut self, data: &[u8]) -> Result<BlockRec, StoreError> {
-        self.put_extent_hashed(*blake3::hash(data).as_bytes(), data)
-    }
-
-    /// [`Writer::put_extent`] for a caller that has hashed `data` already.
-    pub fn put_extent_hashed(
-        &mut self,
-        hash: [u8; 32],
-        data: &[u8],
-    ) -> Result<BlockRec, StoreError> {
-        let existing = self
-            .extents()?
-            .get(hash)?
-            .map(|v| ExtentRec::decode(v.value()));
-        let rec = match existing {
-            Some(rec) => {
-                let mut rec = rec?;
-                rec.refs += 1;
-                rec
-            }
-            None => {
-                let (segment, offset) = self.segs.append(&hash, data)?;
-                ExtentRec {
-                    segment,
-                    offset,
-                    len: data.len() as u32,
-                    refs: 1,
-                }
-            }
-        };
-        self.extents()?.insert(hash, &rec.encode()[..])?;
-        Ok(BlockRec {
-            hash,
-            len: data.len() as u32,
-        })
-    }
-
     /// Takes a reference to extent `hash`: an indexed one, or one appended to a
     /// segment earlier in this operation (`staged`: hash to segment and offset).
     pub fn put_staged_extent(

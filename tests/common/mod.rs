@@ -126,6 +126,17 @@ impl Mount {
     }
 }
 
+/// Creates (or truncates) `p` for reading and writing.
+pub fn create_rw(p: &Path) -> std::fs::File {
+    std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(true)
+        .read(true)
+        .write(true)
+        .open(p)
+        .unwrap()
+}
+
 pub fn du(p: &Path) -> u64 {
     use std::os::unix::fs::MetadataExt;
     let mut total = 0;
