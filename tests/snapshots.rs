@@ -220,9 +220,7 @@ fn an_open_snapshot_file_reads_after_the_snapshot_is_deleted() {
     assert!(back == data);
     drop(f);
     // Once closed, the space goes.
-    let st = snapfs(&["status", m.mnt.to_str().unwrap()]);
-    let text = String::from_utf8_lossy(&st.stdout);
-    assert!(text.contains("stored bytes:     11\n"), "{text}");
+    m.status_with("stored bytes:     11\n");
 }
 
 #[test]

@@ -126,6 +126,27 @@ impl Mount {
     }
 }
 
+impl Mount {
+    /// `snapfs status` once it contains `needle`. The kernel sends RELEASE after
+    /// close(2) has returned, so what a close frees shows up shortly after; this
+    /// waits (at most 10 s) for it, and fails with the last status otherwise.
+    pub fn status_with(&self, needle: &str) -> String {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let out = snapfs(&["status", self.mnt.to_str().unwrap()]);
+            let text = String::from_utf8_lossy(&out.stdout).into_owned();
+            if text.contains(needle) {
+                return text;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "status never showed {needle:?}:\n{text}"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
 /// Creates (or truncates) `p` for reading and writing.
 pub fn create_rw(p: &Path) -> std::fs::File {
     std::fs::OpenOptions::new()
