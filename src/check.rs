@@ -177,7 +177,11 @@ pub fn fsck(
         let v = v.value();
         if v.first() == Some(&TAG_PRESENT) {
             match BlockRec::decode(&v[1..]) {
-                Ok(b) => *refs.entry(b.hash).or_default() += 1,
+                Ok(b) => {
+                    for h in b.extents() {
+                        *refs.entry(*h).or_default() += 1;
+                    }
+                }
                 Err(e) => rep
                     .problems
                     .push(format!("block {idx} of inode {ino} at epoch {epoch}: {e}")),
@@ -346,7 +350,7 @@ pub fn status(store: &mut Store) -> Result<Status, StoreError> {
                         _ => st.others += 1,
                     }
                 }
-                KIND_BLOCK => st.referenced_bytes += BlockRec::decode(&v[1..])?.len as u64,
+                KIND_BLOCK => st.referenced_bytes += BlockRec::decode(&v[1..])?.stored_bytes(),
                 _ => {}
             }
             Ok(())

@@ -87,6 +87,13 @@ pub fn run(fs: &Fs, args: &[String], progress: bool) -> Outcome {
             .position(|a| *a == f)
             .and_then(|i| args.get(i + 1).copied())
     };
+    // Writes the kernel still caches belong to the live tree a command looks at.
+    if matches!(
+        args.as_slice(),
+        ["snapshot", "create" | "rollback", ..] | ["diff", ..]
+    ) {
+        fs.flush_kernel();
+    }
     let mut core = fs.lock();
     match args.as_slice() {
         ["status", ..] => match core.flush_all().map_err(anyhow::Error::from).and_then(|_| {

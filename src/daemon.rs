@@ -34,6 +34,8 @@ pub struct MountOptions {
     pub read_only: bool,
     /// Leave `.snapshots` out of the root's listing.
     pub hide_snapdir: bool,
+    /// Let the kernel cache writes (FUSE writeback cache; `nowriteback` turns it off).
+    pub writeback: bool,
     /// Take a scheduled snapshot this often.
     pub snapshot_every: Option<Duration>,
     /// Retention for scheduled snapshots.
@@ -46,6 +48,7 @@ impl MountOptions {
         use fuser::MountOption as M;
         let mut o = MountOptions {
             threads: 1,
+            writeback: true,
             ..Default::default()
         };
         for opt in opts
@@ -87,6 +90,8 @@ impl MountOptions {
                 ("dirsync", None) => o.flags.push(M::DirSync),
                 ("sync", None) => o.flags.push(M::Sync),
                 ("async", None) => o.flags.push(M::Async),
+                ("writeback", None) => o.writeback = true,
+                ("nowriteback", None) => o.writeback = false,
                 ("snapdir", Some("hidden")) => o.hide_snapdir = true,
                 ("snapdir", Some("visible")) => o.hide_snapdir = false,
                 ("snapshot_every", Some(v)) => {
@@ -219,7 +224,8 @@ pub fn mount(
     }
     config.n_threads = Some(options.threads);
     config.clone_fd = options.threads > 1;
-    let mut session = fuser::Session::new(SnapFuse::new(fs.clone()), &mp, &config)
+    let fuse = SnapFuse::new(fs.clone(), options.writeback);
+    let mut session = fuser::Session::new(fuse, &mp, &config)
         .with_context(|| format!("cannot mount on {}", mp.display()))?;
     let ready = if foreground {
         None
@@ -269,6 +275,26 @@ pub fn mount(
             }
         };
     }));
+    if options.writeback {
+        let mp = mp.clone();
+        fs.set_kernel_flush(Box::new(move |open: &[Vec<u8>]| {
+            use std::os::unix::ffi::OsStrExt;
+            use std::os::unix::fs::OpenOptionsExt;
+            let t = std::time::Instant::now();
+            if let Err(e) = syncfs(&mp) {
+                tracing::warn!(error = %e, "could not write back the kernel's cached writes");
+            }
+            // The kernel may end its write-back before we have seen the data (it
+            // queues it as requests); closing a file waits for that file's writes.
+            for rel in open {
+                let _ = std::fs::OpenOptions::new()
+                    .read(true)
+                    .custom_flags(libc::O_NONBLOCK | libc::O_NOFOLLOW | libc::O_NOATIME)
+                    .open(mp.join(std::ffi::OsStr::from_bytes(rel)));
+            }
+            tracing::debug!(took = ?t.elapsed(), files = open.len(), "kernel wrote back its cached writes");
+        }));
+    }
     let stop = Arc::new(AtomicBool::new(false));
     let flusher = spawn_flusher(fs.clone(), stop.clone());
     let scheduler = options
@@ -414,6 +440,18 @@ fn spawn_flusher(fs: Arc<Fs>, stop: Arc<AtomicBool>) -> std::thread::JoinHandle<
             }
         })
         .expect("spawning the flusher thread")
+}
+
+/// `syncfs(2)` on the filesystem mounted at `mp`: the kernel writes back its dirty
+/// pages (to us, as write requests) and waits for them.
+fn syncfs(mp: &Path) -> std::io::Result<()> {
+    use std::os::unix::io::AsRawFd;
+    let dir = std::fs::File::open(mp)?;
+    // SAFETY: syncfs on an open descriptor.
+    if unsafe { libc::syncfs(dir.as_raw_fd()) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
 }
 
 /// Takes `auto-<UTC time>` snapshots every `every` and prunes by the mount's policy.

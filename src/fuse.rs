@@ -17,7 +17,7 @@ use fuser::{
     ReplyOpen, ReplyStatfs, ReplyWrite, ReplyXattr, Request, TimeOrNow, WriteFlags,
 };
 
-use crate::fs::{Attr, Caller, Fs, FsError, SeekWhence, SetAttr};
+use crate::fs::{Attr, Caller, Fs, FsError, SNAPDIR_INO, SeekWhence, SetAttr};
 use crate::store::schema::{FileKind, Ts};
 
 /// How long the kernel may cache live entries and attributes. The daemon is the only
@@ -38,12 +38,13 @@ fn ttl(ino: u64) -> Duration {
 /// The fuser `Filesystem` of a mounted store.
 pub struct SnapFuse {
     fs: Arc<Fs>,
+    writeback: bool,
 }
 
 impl SnapFuse {
-    /// Wraps a core for mounting.
-    pub fn new(fs: Arc<Fs>) -> Self {
-        SnapFuse { fs }
+    /// Wraps a core for mounting; `writeback` lets the kernel cache writes.
+    pub fn new(fs: Arc<Fs>, writeback: bool) -> Self {
+        SnapFuse { fs, writeback }
     }
 }
 
@@ -129,6 +130,16 @@ impl Filesystem for SnapFuse {
                 tracing::warn!(?missing, "kernel lacks a FUSE capability");
             }
         }
+        if self.writeback
+            && let Err(missing) = config.add_capabilities(InitFlags::FUSE_WRITEBACK_CACHE)
+        {
+            tracing::warn!(
+                ?missing,
+                "kernel lacks the writeback cache; writes go through"
+            );
+            self.writeback = false;
+        }
+        self.fs.lock().kernel_times = self.writeback;
         let _ = config.set_max_write(1 << 20);
         Ok(())
     }
@@ -165,7 +176,7 @@ impl Filesystem for SnapFuse {
         size: Option<u64>,
         atime: Option<TimeOrNow>,
         mtime: Option<TimeOrNow>,
-        _ctime: Option<std::time::SystemTime>,
+        ctime: Option<std::time::SystemTime>,
         fh: Option<FileHandle>,
         _crtime: Option<std::time::SystemTime>,
         _chgtime: Option<std::time::SystemTime>,
@@ -181,6 +192,7 @@ impl Filesystem for SnapFuse {
             size,
             atime: atime.map(time),
             mtime: mtime.map(time),
+            ctime: ctime.map(Ts::from_system),
         };
         reply!(
             reply,
@@ -233,6 +245,29 @@ impl Filesystem for SnapFuse {
     ) {
         let _s = tracing::trace_span!("mkdir", ino = parent.0, ?name).entered();
         let mode = (mode & 0o7777) | libc::S_IFDIR;
+        if parent.0 == SNAPDIR_INO && self.writeback {
+            // A snapshot must hold every write made before it, including those the
+            // kernel still caches. Writing those back takes request threads, so the
+            // snapshot is taken on a thread of its own and answered from there.
+            let (fs, name, caller) = (self.fs.clone(), name.to_owned(), caller(req));
+            let spawned = std::thread::Builder::new()
+                .name("snapshot".into())
+                .spawn(move || {
+                    fs.flush_kernel();
+                    let res =
+                        fs.lock()
+                            .mknod(parent.0, name.as_bytes(), mode, umask, 0, &[], caller);
+                    reply!(reply, "mkdir", res, |a| reply.entry(
+                        &ttl(a.ino),
+                        &fattr(&a),
+                        Generation(0)
+                    ))
+                });
+            if let Err(e) = spawned {
+                tracing::error!(error = %e, "cannot start a snapshot thread");
+            }
+            return;
+        }
         let res = self
             .fs
             .lock()
@@ -654,6 +689,13 @@ impl Filesystem for SnapFuse {
         reply: ReplyLseek,
     ) {
         let _s = tracing::trace_span!("lseek", ino = ino.0, fh = fh.0, offset, whence).entered();
+        if self.writeback {
+            // The kernel may hold written pages we have not seen, and does not write
+            // them back for lseek: a hole we report could hide data. ENOSYS makes it
+            // answer from its own size instead (all data up to the end, which is
+            // always correct), for the rest of the mount.
+            return reply.error(Errno::ENOSYS);
+        }
         let whence = match whence {
             libc::SEEK_DATA => SeekWhence::Data,
             libc::SEEK_HOLE => SeekWhence::Hole,

@@ -129,12 +129,6 @@ fn sigterm_flushes_and_exits_cleanly() {
     assert_eq!(fs::read(m.path("f")).unwrap(), b"written before SIGTERM");
 }
 
-fn drop_caches() {
-    // SAFETY: sync(2) has no preconditions.
-    unsafe { libc::sync() };
-    fs::write("/proc/sys/vm/drop_caches", b"3").expect("dropping caches (needs root)");
-}
-
 fn pread_4k(path: &std::path::Path, at: u64) -> std::io::Result<Vec<u8>> {
     use std::os::unix::fs::FileExt;
     use std::os::unix::io::AsRawFd;

@@ -140,7 +140,15 @@ fn a_full_disk_refuses_new_data_with_enospc_and_loses_nothing_answered() {
     m.store = disk.join("store");
     m.mount(&[]);
     fs::write(m.path("kept"), b"answered before the disk filled").unwrap();
-    let e = fs::write(m.path("big"), pattern(1, 100 << 20)).unwrap_err();
+    // Through the kernel's writeback cache a write may land in the page cache first:
+    // the error then comes at the latest from fsync, as on any writeback filesystem.
+    let e = {
+        use std::io::Write;
+        let mut f = fs::File::create(m.path("big")).unwrap();
+        f.write_all(&pattern(1, 100 << 20))
+            .and_then(|()| f.sync_all())
+            .unwrap_err()
+    };
     assert_eq!(e.raw_os_error(), Some(libc::ENOSPC), "full disk: {e}");
     // Metadata still works, and small files written now are kept.
     fs::write(m.path("after"), b"small").unwrap();

@@ -75,8 +75,156 @@ fn random_offset_writes_match_a_model_and_survive_remount() {
 }
 
 #[test]
-fn sparse_files_read_zeros_and_seek_data_hole() {
+fn small_writes_into_stored_blocks_are_exact_everywhere() {
+    // Small writes into stored blocks are kept as page fragments over the block and
+    // folded into one extent when a block gathers many: the file, its snapshots, a
+    // remount and fsck must all agree with a model.
+    let mut m = Mount::new();
+    let p = m.path("f");
+    let size = 4usize << 20;
+    let mut model = pattern(7, size);
+    let f = create_rw(&p);
+    f.write_all_at(&model, 0).unwrap();
+    f.sync_all().unwrap();
+    let mut snaps = Vec::new();
+    let mut x = 99u64;
+    for i in 0..600u64 {
+        x = x
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        // Mostly page-sized and page-aligned, some odd sizes and offsets, some past
+        // the end (the file grows).
+        let (off, len) = match i % 4 {
+            0 | 1 => (((x >> 16) % (size as u64 / 4096)) * 4096, 4096),
+            2 => ((x >> 16) % (size as u64), 1 + (x >> 40) as usize % 9000),
+            _ => (
+                (x >> 16) % (size as u64 + 200_000),
+                1 + (x >> 40) as usize % 300,
+            ),
+        };
+        let data = pattern(1000 + i, len);
+        f.write_all_at(&data, off).unwrap();
+        let end = off as usize + len;
+        if model.len() < end {
+            model.resize(end, 0);
+        }
+        model[off as usize..end].copy_from_slice(&data);
+        if i % 9 == 0 {
+            f.sync_data().unwrap();
+        }
+        if i % 150 == 149 {
+            // Written pages the kernel still caches belong in the snapshot, by mkdir
+            // or by the CLI alike.
+            let name = format!("s{i}");
+            if i % 300 == 149 {
+                fs::create_dir(m.path(&format!(".snapshots/{name}"))).unwrap();
+            } else {
+                let out = snapfs(&["snapshot", "create", m.mnt.to_str().unwrap(), &name]);
+                assert!(out.status.success());
+            }
+            snaps.push((name, model.clone()));
+        }
+    }
+    f.sync_all().unwrap();
+    drop(f);
+    let same = |got: &[u8], want: &[u8], what: &str| {
+        let first = got.iter().zip(want).position(|(a, b)| a != b);
+        assert!(
+            got.len() == want.len() && first.is_none(),
+            "{what}: {} bytes, want {}; first difference at {first:?}",
+            got.len(),
+            want.len()
+        );
+    };
+    let check = |m: &Mount, when: &str| {
+        same(
+            &fs::read(m.path("f")).unwrap(),
+            &model,
+            &format!("live file {when}"),
+        );
+        for (name, want) in &snaps {
+            let got = fs::read(m.path(&format!(".snapshots/{name}/f"))).unwrap();
+            same(&got, want, &format!("snapshot {name} {when}"));
+        }
+    };
+    drop_caches();
+    check(&m, "read back from the daemon");
+    m.remount();
+    check(&m, "after remount");
+    m.unmount();
+    let out = m.fsck();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+}
+
+#[test]
+fn a_page_written_into_a_stored_block_does_not_rewrite_the_block() {
     let m = Mount::new();
+    let p = m.path("f");
+    let blocks = 128u64; // of 64 KiB: an 8 MiB file
+    let f = create_rw(&p);
+    f.write_all_at(&pattern(3, (blocks << 16) as usize), 0)
+        .unwrap();
+    f.sync_all().unwrap();
+    let before = segment_bytes(&m.store);
+    for b in 0..blocks {
+        f.write_all_at(&pattern(b + 10, 4096), (b << 16) + 8192)
+            .unwrap();
+        if b % 16 == 15 {
+            f.sync_data().unwrap();
+        }
+    }
+    let grown = segment_bytes(&m.store) - before;
+    // One page (plus its header) per block; whole blocks would be 8 MiB.
+    assert!(
+        grown < blocks * 8192,
+        "{blocks} one-page writes appended {grown} bytes"
+    );
+    let mut got = vec![0u8; 4096];
+    f.read_exact_at(&mut got, (5 << 16) + 8192).unwrap();
+    assert!(got == pattern(15, 4096));
+}
+
+#[test]
+fn bytes_one_block_lets_go_of_and_another_takes_in_one_flush_survive() {
+    // Block 0 drops the page fragment C while block 1 takes the same bytes, in one
+    // flush: the shared extent must not be freed in between.
+    let mut m = Mount::new();
+    let p = m.path("f");
+    let f = create_rw(&p);
+    f.write_all_at(&pattern(1, 4 << 16), 0).unwrap();
+    f.sync_all().unwrap();
+    let c = pattern(2, 4096);
+    f.write_all_at(&c, 4096).unwrap();
+    f.sync_all().unwrap();
+    f.write_all_at(&pattern(3, 4096), 4096).unwrap();
+    f.write_all_at(&c, (1 << 16) + 4096).unwrap();
+    f.sync_all().unwrap();
+    let mut got = vec![0u8; 4096];
+    f.read_exact_at(&mut got, (1 << 16) + 4096).unwrap();
+    assert!(got == c);
+    drop(f);
+    m.remount();
+    let back = fs::read(&p).unwrap();
+    assert!(back[(1 << 16) + 4096..][..4096] == c[..]);
+    assert!(back[4096..8192] == pattern(3, 4096)[..]);
+    m.unmount();
+    let out = m.fsck();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+}
+
+#[test]
+fn sparse_files_read_zeros_and_seek_data_hole() {
+    // SEEK_DATA/SEEK_HOLE are answered by the daemon only without the writeback cache
+    // (with it, see the next test).
+    let m = Mount::with_options(&["nowriteback"]);
     let p = m.path("sparse");
     let f = create_rw(&p);
     let tib = 1u64 << 40;
@@ -114,6 +262,30 @@ fn sparse_files_read_zeros_and_seek_data_hole() {
     f.read_exact_at(&mut b, 0).unwrap();
     assert_eq!(&b[..2], b"he");
     assert!(b[2..].iter().all(|&x| x == 0));
+}
+
+#[test]
+fn with_the_writeback_cache_seek_hole_never_hides_data() {
+    // The kernel may hold written pages the daemon has not seen; lseek must not call
+    // them a hole. The whole file then counts as data, up to its end.
+    let m = Mount::new();
+    let f = create_rw(&m.path("sparse"));
+    let mib = 1u64 << 20;
+    f.write_all_at(b"head", 0).unwrap();
+    f.write_all_at(b"tail", 64 * mib).unwrap();
+    let fd = f.as_raw_fd();
+    // SAFETY: lseek on an open descriptor.
+    let hole = unsafe { libc::lseek(fd, 0, libc::SEEK_HOLE) };
+    assert_eq!(hole as u64, 64 * mib + 4, "no hole before the end");
+    // SAFETY: as above.
+    let data = unsafe { libc::lseek(fd, mib as i64, libc::SEEK_DATA) };
+    assert!(
+        data >= 0 && data as u64 <= 64 * mib,
+        "data at or before the tail: {data}"
+    );
+    let mut tail = [0u8; 4];
+    f.read_exact_at(&mut tail, 64 * mib).unwrap();
+    assert_eq!(&tail, b"tail");
 }
 
 #[test]

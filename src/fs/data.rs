@@ -4,10 +4,100 @@
 //! A file is a sequence of `block_size` logical blocks. Block `i` is stored as the
 //! extent of its bytes (a short tail block as a short extent); a block of zeros or a
 //! block never written is a hole and stores nothing. Writes land in [`super::Dirty`]
-//! buffers of whole blocks and reach the store on flush.
+//! block buffers and reach the store on flush. A buffer knows which of its 4 KiB pages
+//! it holds, so a small write into a stored block neither reads the block first nor
+//! rewrites it at flush: the written pages are stored as a fragment over it (see
+//! [`BlockRec`]), and a block that gathers more than [`MAX_FRAGS`] fragments is folded
+//! back into one extent.
 
 use super::*;
-use crate::store::{newest, visible};
+use crate::store::{Staged, newest, visible};
+
+/// Fragments a block may carry before a flush folds it back into one extent.
+pub const MAX_FRAGS: usize = 8;
+
+/// A set of pages of one block (blocks are at most 1 MiB: 256 pages).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub(super) struct Pages([u64; 4]);
+
+impl Pages {
+    fn get(&self, p: usize) -> bool {
+        self.0[p / 64] & (1 << (p % 64)) != 0
+    }
+
+    fn set_range(&mut self, a: usize, b: usize) {
+        for p in a..b {
+            self.0[p / 64] |= 1 << (p % 64);
+        }
+    }
+
+    /// Pages `[0, n)` are all in the set.
+    fn all(&self, n: usize) -> bool {
+        (0..n).all(|p| self.get(p))
+    }
+
+    /// Maximal runs `[a, b)` of pages below `n` that are in the set (`want`) or not.
+    fn runs(&self, n: usize, want: bool) -> Vec<(usize, usize)> {
+        let mut out: Vec<(usize, usize)> = Vec::new();
+        for p in 0..n {
+            if self.get(p) == want {
+                match out.last_mut() {
+                    Some((_, b)) if *b == p => *b = p + 1,
+                    _ => out.push((p, p + 1)),
+                }
+            }
+        }
+        out
+    }
+}
+
+/// A buffered block: `data` is a whole block, of which the pages in `valid` hold the
+/// file's bytes; the others are still read from the store.
+#[derive(Clone, Debug)]
+pub(super) struct DBlock {
+    data: Vec<u8>,
+    valid: Pages,
+}
+
+impl DBlock {
+    /// The pages of a `bs`-byte block.
+    fn pages(bs: u64) -> usize {
+        (bs as usize).div_ceil(PAGE)
+    }
+}
+
+/// `frags` with pages `[at, at + n)` now read from extent `hash` (from its page 0):
+/// fragments under the new one are cut around it.
+fn overlay(frags: &[Frag], at: u16, n: u16, hash: [u8; 32]) -> Vec<Frag> {
+    let (a, b) = (at, at + n);
+    let mut out = Vec::with_capacity(frags.len() + 2);
+    for f in frags {
+        let (fa, fb) = (f.at, f.at + f.n);
+        if fb <= a || fa >= b {
+            out.push(*f);
+            continue;
+        }
+        if fa < a {
+            out.push(Frag { n: a - fa, ..*f });
+        }
+        if fb > b {
+            out.push(Frag {
+                at: b,
+                n: fb - b,
+                from: f.from + (b - fa),
+                hash: f.hash,
+            });
+        }
+    }
+    out.push(Frag {
+        at,
+        n,
+        from: 0,
+        hash,
+    });
+    out.sort_by_key(|f| f.at);
+    out
+}
 
 /// `lseek` whence values the filesystem answers itself.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -23,32 +113,49 @@ impl Inner {
         self.store.block_size as u64
     }
 
-    /// The bytes of block `idx` of `ino` (dirty or stored), `None` for a hole. A stored
-    /// block may be shorter than a block.
+    /// The bytes of block `idx` of `ino` (dirty or stored, a whole block), `None` for a
+    /// hole.
     fn block(&mut self, ino: u64, idx: u64) -> FsResult<Option<Vec<u8>>> {
-        self.block_at(self.store.live_epoch, ino, idx)
-    }
-
-    /// Block `idx` of `ino` in the tree at `epoch` (buffered data only in the live tree).
-    fn block_at(&mut self, epoch: u64, ino: u64, idx: u64) -> FsResult<Option<Vec<u8>>> {
-        if epoch == self.store.live_epoch
-            && let Some(b) = self.dirty.get(&ino).and_then(|d| d.blocks.get(&idx))
-        {
-            return Ok(Some(b.clone()));
+        let bs = self.bs();
+        let Some(valid) = self
+            .dirty
+            .get(&ino)
+            .and_then(|d| d.blocks.get(&idx))
+            .map(|b| b.valid)
+        else {
+            return self.stored_block(ino, idx);
+        };
+        let mut out = if valid.all(DBlock::pages(bs)) {
+            vec![0u8; bs as usize]
+        } else {
+            self.stored_block(ino, idx)?
+                .unwrap_or_else(|| vec![0u8; bs as usize])
+        };
+        let b = &self.dirty[&ino].blocks[&idx];
+        for (p0, p1) in valid.runs(DBlock::pages(bs), true) {
+            let r = p0 * PAGE..(p1 * PAGE).min(bs as usize);
+            out[r.clone()].copy_from_slice(&b.data[r]);
         }
-        self.stored_block_at(epoch, ino, idx)
+        Ok(Some(out))
     }
 
+    /// The whole stored block `idx` of live `ino`, `None` for a hole.
     fn stored_block(&mut self, ino: u64, idx: u64) -> FsResult<Option<Vec<u8>>> {
-        self.stored_block_at(self.store.live_epoch, ino, idx)
+        self.stored_range_at(self.store.live_epoch, ino, idx, 0, usize::MAX)
     }
 
-    fn stored_block_at(&mut self, epoch: u64, ino: u64, idx: u64) -> FsResult<Option<Vec<u8>>> {
-        self.stored_range_at(epoch, ino, idx, 0, usize::MAX)
+    /// The stored record of block `idx` of live `ino`.
+    fn block_rec(&mut self, ino: u64, idx: u64) -> FsResult<Option<BlockRec>> {
+        let txn = self.store.read_txn()?;
+        let t = txn.open_table(VERSIONS).map_err(StoreError::from)?;
+        match visible(&t, RecKey::block(ino, idx), self.store.live_epoch)? {
+            Some(b) => Ok(Some(BlockRec::decode(&b)?)),
+            None => Ok(None),
+        }
     }
 
-    /// Bytes `[start, end)` of stored block `idx` (fewer if the block is short), `None`
-    /// for a hole.
+    /// Bytes `[start, end)` of stored block `idx` (`end` capped at the block size;
+    /// zeros where nothing is stored), `None` for a hole.
     fn stored_range_at(
         &mut self,
         epoch: u64,
@@ -57,7 +164,10 @@ impl Inner {
         start: usize,
         end: usize,
     ) -> FsResult<Option<Vec<u8>>> {
-        let (hash, ext) = {
+        let end = end.min(self.bs() as usize);
+        // (block offset, length, extent hash, extent row, offset in the extent)
+        let mut parts = Vec::new();
+        {
             let txn = self.store.read_txn()?;
             let t = txn.open_table(VERSIONS).map_err(StoreError::from)?;
             let b = match visible(&t, RecKey::block(ino, idx), epoch)? {
@@ -65,18 +175,33 @@ impl Inner {
                 None => return Ok(None),
             };
             let e = txn.open_table(EXTENTS).map_err(StoreError::from)?;
-            let ext = match redb::ReadableTable::get(&e, b.hash).map_err(StoreError::from)? {
-                Some(v) => ExtentRec::decode(v.value())?,
-                None => {
-                    return Err(StoreError::Corrupt(format!(
-                        "block {idx} of inode {ino} names a missing extent"
-                    ))
-                    .into());
-                }
-            };
-            (b.hash, ext)
-        };
-        Ok(Some(self.store.read_extent_range(&hash, &ext, start, end)?))
+            for (off, len, src) in b.pieces(start, end) {
+                let (hash, eoff) = match src {
+                    Some((h, eoff)) => (*h, eoff),
+                    None if b.len > 0 => (b.hash, off),
+                    None => continue,
+                };
+                let ext = match redb::ReadableTable::get(&e, hash).map_err(StoreError::from)? {
+                    Some(v) => ExtentRec::decode(v.value())?,
+                    None => {
+                        return Err(StoreError::Corrupt(format!(
+                            "block {idx} of inode {ino} names a missing extent"
+                        ))
+                        .into());
+                    }
+                };
+                parts.push((off, len, hash, ext, eoff));
+            }
+        }
+        let mut out = vec![0u8; end.saturating_sub(start)];
+        for (off, len, hash, ext, eoff) in parts {
+            // A short extent (a tail) yields fewer bytes; the rest stays zero.
+            let bytes = self
+                .store
+                .read_extent_range(&hash, &ext, eoff, eoff + len)?;
+            out[off - start..][..bytes.len()].copy_from_slice(&bytes);
+        }
+        Ok(Some(out))
     }
 
     /// Reads up to `size` bytes at `offset`.
@@ -98,14 +223,32 @@ impl Inner {
             let within = (pos % bs) as usize;
             let n = ((bs - within as u64).min(end - pos)) as usize;
             let dst = &mut out[(pos - offset) as usize..][..n];
-            let dirty = (epoch == self.store.live_epoch)
+            let valid = (epoch == self.store.live_epoch)
                 .then(|| self.dirty.get(&ino).and_then(|d| d.blocks.get(&idx)))
-                .flatten();
-            if let Some(b) = dirty {
-                dst.copy_from_slice(&b[within..within + n]);
-            } else if let Some(b) = self.stored_range_at(epoch, ino, idx, within, within + n)? {
-                // A short (tail) extent yields fewer bytes; the rest stays zero.
-                dst[..b.len()].copy_from_slice(&b);
+                .flatten()
+                .map(|b| b.valid);
+            match valid {
+                Some(valid) => {
+                    // Buffered pages from the buffer, the others from the store.
+                    let (p0, p1) = (within / PAGE, (within + n).div_ceil(PAGE));
+                    let mut at = within;
+                    for (a, b, held) in page_groups(&valid, p0, p1) {
+                        let (s, e) = (at, (b * PAGE).min(within + n));
+                        debug_assert!(s >= a * PAGE);
+                        if held {
+                            let d = &self.dirty[&ino].blocks[&idx];
+                            dst[s - within..e - within].copy_from_slice(&d.data[s..e]);
+                        } else if let Some(bytes) = self.stored_range_at(epoch, ino, idx, s, e)? {
+                            dst[s - within..e - within].copy_from_slice(&bytes);
+                        }
+                        at = e;
+                    }
+                }
+                None => {
+                    if let Some(b) = self.stored_range_at(epoch, ino, idx, within, within + n)? {
+                        dst.copy_from_slice(&b);
+                    }
+                }
             }
             pos += n as u64;
         }
@@ -130,10 +273,12 @@ impl Inner {
             .filter(|e| *e <= i64::MAX as u64)
             .ok_or(FsError::Errno(libc::EFBIG))?;
         self.buffer(ino, &rec, offset, data)?;
-        let now = Ts::now();
         rec.size = rec.size.max(end);
-        rec.mtime = now;
-        rec.ctime = now;
+        if !self.kernel_times {
+            let now = Ts::now();
+            rec.mtime = now;
+            rec.ctime = now;
+        }
         self.dirty.entry(ino).or_default().attr = Some(rec);
         if self.dirty_bytes > DIRTY_TOTAL_LIMIT {
             self.flush_all()?;
@@ -145,7 +290,8 @@ impl Inner {
         Ok(data.len() as u32)
     }
 
-    /// Copies `data` into dirty block buffers of `ino` at `offset`.
+    /// Copies `data` into dirty block buffers of `ino` at `offset`. Only a page the
+    /// write covers in part is read from the store first.
     fn buffer(&mut self, ino: u64, rec: &InodeRec, offset: u64, data: &[u8]) -> FsResult<()> {
         let bs = self.bs();
         let mut pos = offset;
@@ -154,39 +300,60 @@ impl Inner {
             let idx = pos / bs;
             let within = (pos % bs) as usize;
             let n = ((bs - within as u64).min(end - pos)) as usize;
+            let chunk = &data[(pos - offset) as usize..][..n];
+            pos += n as u64;
             let have = self
                 .dirty
                 .get(&ino)
                 .is_some_and(|d| d.blocks.contains_key(&idx));
-            let chunk = &data[(pos - offset) as usize..][..n];
-            if !have && n as u64 == bs {
-                // A whole block: take the bytes as they are, nothing to merge.
-                self.dirty
-                    .entry(ino)
-                    .or_default()
-                    .blocks
-                    .insert(idx, chunk.to_vec());
-                self.dirty_bytes += bs as usize;
-                pos += n as u64;
-                continue;
-            }
             if !have {
-                let mut buf = if idx * bs >= rec.size {
-                    Vec::new()
-                } else {
-                    self.stored_block(ino, idx)?.unwrap_or_default()
+                let mut b = DBlock {
+                    data: vec![0u8; bs as usize],
+                    valid: Pages::default(),
                 };
-                buf.resize(bs as usize, 0);
-                self.dirty.entry(ino).or_default().blocks.insert(idx, buf);
+                if n as u64 == bs {
+                    // A whole block: take the bytes as they are, nothing to merge.
+                    b.data.copy_from_slice(chunk);
+                    b.valid.set_range(0, DBlock::pages(bs));
+                }
+                self.dirty.entry(ino).or_default().blocks.insert(idx, b);
                 self.dirty_bytes += bs as usize;
+                if n as u64 == bs {
+                    continue;
+                }
             }
-            let buf = self
+            // Pages the write covers in part take the rest of their bytes from the file.
+            let (p0, p1) = (within / PAGE, (within + n).div_ceil(PAGE));
+            for p in [p0, p1 - 1] {
+                let (ps, pe) = (p * PAGE, ((p + 1) * PAGE).min(bs as usize));
+                let covered = within <= ps && within + n >= pe;
+                let valid = self.dirty[&ino].blocks[&idx].valid;
+                if covered || valid.get(p) {
+                    continue;
+                }
+                let bytes = if idx * bs + (ps as u64) < rec.size {
+                    self.stored_range_at(self.store.live_epoch, ino, idx, ps, pe)?
+                } else {
+                    None
+                };
+                let b = self
+                    .dirty
+                    .get_mut(&ino)
+                    .and_then(|d| d.blocks.get_mut(&idx))
+                    .expect("inserted above");
+                match bytes {
+                    Some(bytes) => b.data[ps..pe].copy_from_slice(&bytes),
+                    None => b.data[ps..pe].fill(0),
+                }
+                b.valid.set_range(p, p + 1);
+            }
+            let b = self
                 .dirty
                 .get_mut(&ino)
                 .and_then(|d| d.blocks.get_mut(&idx))
                 .expect("inserted above");
-            buf[within..within + n].copy_from_slice(chunk);
-            pos += n as u64;
+            b.data[within..within + n].copy_from_slice(chunk);
+            b.valid.set_range(p0, p1);
         }
         Ok(())
     }
@@ -200,6 +367,7 @@ impl Inner {
 
     /// Stores the buffered blocks and attributes of `ino`.
     pub fn flush_inode(&mut self, ino: u64) -> FsResult<()> {
+        self.fold_fragmented(ino)?;
         let Some(d) = self.dirty.remove(&ino) else {
             return Ok(());
         };
@@ -213,6 +381,45 @@ impl Inner {
         }
         self.undurable = true;
         res
+    }
+
+    /// Completes from the store each buffered block of `ino` that stored as fragments
+    /// would carry more than [`MAX_FRAGS`]: it is then stored whole.
+    fn fold_fragmented(&mut self, ino: u64) -> FsResult<()> {
+        let Some(d) = self.dirty.get(&ino) else {
+            return Ok(());
+        };
+        let bs = self.bs();
+        let size = match &d.attr {
+            Some(a) => a.size,
+            None => self.inode(ino)?.size,
+        };
+        let partial: Vec<(u64, Pages)> = self.dirty[&ino]
+            .blocks
+            .iter()
+            .filter(|(idx, b)| !b.valid.all(needed_pages(**idx, bs, size)))
+            .map(|(idx, b)| (*idx, b.valid))
+            .collect();
+        for (idx, valid) in partial {
+            let mut frags = match self.block_rec(ino, idx)? {
+                Some(r) => r.frags,
+                None => Vec::new(),
+            };
+            for (a, b) in valid.runs(needed_pages(idx, bs, size), true) {
+                frags = overlay(&frags, a as u16, (b - a) as u16, [0; 32]);
+            }
+            if frags.len() > MAX_FRAGS {
+                let whole = self.block(ino, idx)?.expect("a buffered block");
+                let b = self
+                    .dirty
+                    .get_mut(&ino)
+                    .and_then(|d| d.blocks.get_mut(&idx))
+                    .expect("listed above");
+                b.data = whole;
+                b.valid.set_range(0, DBlock::pages(bs));
+            }
+        }
+        Ok(())
     }
 
     /// Stores every buffered block and attribute. One inode failing (a full disk)
@@ -257,7 +464,6 @@ impl Inner {
                 let idx = size / bs;
                 let within = (size % bs) as usize;
                 if let Some(mut b) = self.block(ino, idx)? {
-                    b.resize(bs as usize, 0);
                     b[within..].fill(0);
                     if !self
                         .dirty
@@ -266,6 +472,9 @@ impl Inner {
                     {
                         self.dirty_bytes += bs as usize;
                     }
+                    let mut valid = Pages::default();
+                    valid.set_range(0, DBlock::pages(bs));
+                    let b = DBlock { data: b, valid };
                     self.dirty.entry(ino).or_default().blocks.insert(idx, b);
                 }
             }
@@ -444,7 +653,9 @@ impl Inner {
                 self.store.write(false, |w| {
                     let b = visible(&w.versions, RecKey::block(sino, sidx), sepoch)?;
                     if let Some(b) = &b {
-                        w.incref(&BlockRec::decode(b)?.hash)?;
+                        for h in BlockRec::decode(b)?.extents() {
+                            w.incref(h)?;
+                        }
                     }
                     w.put(RecKey::block(dst, didx), b.as_deref())?;
                     Ok(())
@@ -468,6 +679,24 @@ impl Inner {
     }
 }
 
+/// Pages of block `idx` below end of file `size`.
+fn needed_pages(idx: u64, bs: u64, size: u64) -> usize {
+    (size.saturating_sub(idx * bs).min(bs) as usize).div_ceil(PAGE)
+}
+
+/// Maximal runs `(a, b, held)` of pages in `[p0, p1)` alike in being held in `valid`.
+fn page_groups(valid: &Pages, p0: usize, p1: usize) -> Vec<(usize, usize, bool)> {
+    let mut out: Vec<(usize, usize, bool)> = Vec::new();
+    for p in p0..p1 {
+        let held = valid.get(p);
+        match out.last_mut() {
+            Some((_, b, h)) if *h == held => *b = p + 1,
+            _ => out.push((p, p + 1, held)),
+        }
+    }
+    out
+}
+
 /// Stores buffered blocks and attributes inside a write.
 fn store_dirty(w: &mut Writer<'_>, ino: u64, d: &Dirty, bs: u64) -> FsResult<()> {
     let size = match &d.attr {
@@ -480,13 +709,13 @@ fn store_dirty(w: &mut Writer<'_>, ino: u64, d: &Dirty, bs: u64) -> FsResult<()>
     enum Plan {
         Hole,
         Keep,
-        Extent([u8; 32], u32),
+        Rec(BlockRec),
     }
     // Phase 1: decide each block's fate and append the new extents. This is the I/O
     // that can fail (a full disk); it fails before any metadata is written, so the
     // operation is refused cleanly and the buffered data stays for a retry.
     let mut plans = Vec::with_capacity(d.blocks.len());
-    let mut staged = std::collections::HashMap::new();
+    let mut staged = Staged::new();
     let most = d.blocks.len() as u64 * (bs + crate::store::segment::EXTENT_HEADER);
     if !w
         .segs
@@ -495,49 +724,68 @@ fn store_dirty(w: &mut Writer<'_>, ino: u64, d: &Dirty, bs: u64) -> FsResult<()>
     {
         return err(libc::ENOSPC);
     }
+    let mut stage = |w: &mut Writer<'_>, data: &[u8]| -> FsResult<[u8; 32]> {
+        let hash = *blake3::hash(data).as_bytes();
+        if !staged.contains_key(&hash) && redb::ReadableTable::get(w.extents()?, hash)?.is_none() {
+            let (seg, off) = w
+                .segs
+                .append(&hash, data)
+                .map_err(|e| FsError::Errno(e.errno()))?;
+            staged.insert(hash, (seg, off, data.len() as u32));
+        }
+        Ok(hash)
+    };
     for (&idx, buf) in &d.blocks {
-        let start = idx * bs;
-        let n = if start >= size {
-            0
-        } else {
-            ((size - start).min(bs)) as usize
+        let n = (size.saturating_sub(idx * bs).min(bs)) as usize;
+        let pages = n.div_ceil(PAGE);
+        let old = match newest(&w.versions, RecKey::block(ino, idx), w.live)? {
+            Some((_, Some(v))) => Some(BlockRec::decode(&v)?),
+            _ => None,
         };
-        let data = &buf[..n];
+        if !buf.valid.all(pages) {
+            // Some pages only: a fragment per run of them over the stored block.
+            let mut rec = old.unwrap_or(BlockRec {
+                hash: [0; 32],
+                len: 0,
+                frags: Vec::new(),
+            });
+            for (a, b) in buf.valid.runs(pages, true) {
+                let hash = stage(w, &buf.data[a * PAGE..(b * PAGE).min(n)])?;
+                rec.frags = overlay(&rec.frags, a as u16, (b - a) as u16, hash);
+            }
+            plans.push((idx, Plan::Rec(rec)));
+            continue;
+        }
+        let data = &buf.data[..n];
         if n == 0 || data.iter().all(|&b| b == 0) {
             plans.push((idx, Plan::Hole));
             continue;
         }
         let hash = *blake3::hash(data).as_bytes();
         // Unchanged content: keep the stored record (and its reference) as it is.
-        if let Some(old) =
-            newest(&w.versions, RecKey::block(ino, idx), w.live)?.and_then(|(_, v)| v)
-        {
-            let old = BlockRec::decode(&old)?;
-            if old.len as usize == n && old.hash == hash {
-                plans.push((idx, Plan::Keep));
-                continue;
-            }
+        if old.is_some_and(|o| o == BlockRec::whole(hash, n as u32)) {
+            plans.push((idx, Plan::Keep));
+            continue;
         }
-        if !staged.contains_key(&hash) && redb::ReadableTable::get(w.extents()?, hash)?.is_none() {
-            let at = w
-                .segs
-                .append(&hash, data)
-                .map_err(|e| FsError::Errno(e.errno()))?;
-            staged.insert(hash, at);
-        }
-        plans.push((idx, Plan::Extent(hash, n as u32)));
+        let hash = stage(w, data)?;
+        plans.push((idx, Plan::Rec(BlockRec::whole(hash, n as u32))));
     }
-    // Phase 2: metadata only.
+    // Phase 2: metadata only. References move for all blocks at once: one block may
+    // let go of an extent another takes.
+    let mut delta = std::collections::HashMap::new();
+    for (idx, plan) in &plans {
+        match plan {
+            Plan::Keep => {}
+            Plan::Hole => w.block_refs(ino, *idx, None, &mut delta)?,
+            Plan::Rec(rec) => w.block_refs(ino, *idx, Some(rec), &mut delta)?,
+        }
+    }
+    w.apply_refs(delta, &mut staged)?;
     for (idx, plan) in plans {
         match plan {
             Plan::Keep => {}
-            Plan::Hole => w.put(RecKey::block(ino, idx), None)?,
-            Plan::Extent(hash, len) => {
-                let rec = w.put_staged_extent(hash, len, &mut staged)?;
-                let mut b = Vec::with_capacity(36);
-                rec.encode(&mut b);
-                w.put(RecKey::block(ino, idx), Some(&b))?;
-            }
+            Plan::Hole => w.put_block(ino, idx, None)?,
+            Plan::Rec(rec) => w.put_block(ino, idx, Some(&rec))?,
         }
     }
     if let Some(a) = &d.attr {
@@ -557,4 +805,82 @@ fn drop_blocks(w: &mut Writer<'_>, ino: u64, range: std::ops::RangeInclusive<u64
         w.put(RecKey::block(ino, idx), None)?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn frag(at: u16, n: u16, from: u16, h: u8) -> Frag {
+        Frag {
+            at,
+            n,
+            from,
+            hash: [h; 32],
+        }
+    }
+
+    #[test]
+    fn a_fragment_cuts_the_ones_under_it() {
+        let old = vec![frag(0, 4, 0, 1), frag(6, 2, 0, 2)];
+        let new = overlay(&old, 2, 5, [3; 32]);
+        assert_eq!(
+            new,
+            vec![frag(0, 2, 0, 1), frag(2, 5, 0, 3), frag(7, 1, 1, 2)]
+        );
+        // Inside one: both ends stay, the far one shifted into its extent.
+        let new = overlay(&[frag(0, 8, 0, 1)], 3, 2, [4; 32]);
+        assert_eq!(
+            new,
+            vec![frag(0, 3, 0, 1), frag(3, 2, 0, 4), frag(5, 3, 5, 1)]
+        );
+        let rec = BlockRec {
+            hash: [9; 32],
+            len: 65536,
+            frags: new,
+        };
+        // The split extent is named twice, and references count namings.
+        assert_eq!(rec.extents().filter(|h| **h == [1; 32]).count(), 2);
+        let mut b = Vec::new();
+        rec.encode(&mut b);
+        assert_eq!(BlockRec::decode(&b).unwrap(), rec);
+    }
+
+    #[test]
+    fn pieces_name_the_source_of_every_byte() {
+        let rec = BlockRec {
+            hash: [9; 32],
+            len: 65536,
+            frags: vec![frag(1, 1, 0, 1), frag(3, 2, 4, 2)],
+        };
+        let p = rec.pieces(100, 5 * PAGE + 10);
+        type Named = (usize, usize, Option<(u8, usize)>);
+        let got: Vec<Named> = p
+            .iter()
+            .map(|(o, l, s)| (*o, *l, s.map(|(h, e)| (h[0], e))))
+            .collect();
+        assert_eq!(
+            got,
+            vec![
+                (100, PAGE - 100, None),
+                (PAGE, PAGE, Some((1, 0))),
+                (2 * PAGE, PAGE, None),
+                (3 * PAGE, 2 * PAGE, Some((2, 4 * PAGE))),
+                (5 * PAGE, 10, None),
+            ]
+        );
+    }
+
+    #[test]
+    fn page_sets_find_their_runs() {
+        let mut p = Pages::default();
+        p.set_range(1, 3);
+        p.set_range(70, 72);
+        assert_eq!(p.runs(100, true), vec![(1, 3), (70, 72)]);
+        assert_eq!(p.runs(4, false), vec![(0, 1), (3, 4)]);
+        assert!(!p.all(3));
+        p.set_range(0, 1);
+        assert!(p.all(3));
+        assert_eq!(page_groups(&p, 2, 5), vec![(2, 3, true), (3, 5, false)]);
+    }
 }

@@ -158,6 +158,9 @@ pub struct SetAttr {
     pub atime: Option<Option<Ts>>,
     /// New modification time (`Some(None)` = now).
     pub mtime: Option<Option<Ts>>,
+    /// New change time: the kernel's own, sent with its cached mtime when it writes
+    /// back (writeback cache); otherwise ctime becomes now.
+    pub ctime: Option<Ts>,
 }
 
 /// One entry of a directory listing.
@@ -176,8 +179,8 @@ pub struct DirEntry {
 struct Dirty {
     /// Attributes changed by writes (size, times), newer than the stored record.
     attr: Option<InodeRec>,
-    /// Whole blocks (block_size bytes each) by index.
-    blocks: BTreeMap<u64, Vec<u8>>,
+    /// Buffered blocks by index.
+    blocks: BTreeMap<u64, data::DBlock>,
 }
 
 #[derive(Debug)]
@@ -212,16 +215,25 @@ pub struct Inner {
     pub hide_snapdir: bool,
     /// The retention policy `snapshot prune` applies by default.
     pub keep: Option<crate::policy::Keep>,
+    /// The kernel caches writes and keeps file times itself (FUSE writeback cache): it
+    /// sends them with setattr, so written data does not set them here.
+    pub kernel_times: bool,
 }
 
 /// Tells the kernel to forget cached state (set by the daemon; absent in tests of the
 /// core alone).
 pub type Invalidator = Box<dyn Fn(&Inval) + Send + Sync>;
 
+/// Makes the kernel write back the pages it holds dirty for the mount and deliver
+/// them, given the paths of the files open now (set by the daemon when the kernel
+/// caches writes).
+pub type KernelFlush = Box<dyn Fn(&[Vec<u8>]) + Send + Sync>;
+
 /// The filesystem core.
 pub struct Fs {
     inner: Mutex<Inner>,
     invalidator: Mutex<Option<Invalidator>>,
+    kernel_flush: Mutex<Option<KernelFlush>>,
 }
 
 /// Dirty data above which a write flushes its inode.
@@ -254,6 +266,7 @@ impl Fs {
             snap_open: HashMap::new(),
             hide_snapdir: false,
             keep: None,
+            kernel_times: false,
         };
         inner.ensure_root()?;
         inner.reap_orphans()?;
@@ -261,12 +274,32 @@ impl Fs {
         Ok(Fs {
             inner: Mutex::new(inner),
             invalidator: Mutex::new(None),
+            kernel_flush: Mutex::new(None),
         })
     }
 
     /// Installs the kernel cache invalidator.
     pub fn set_invalidator(&self, f: Invalidator) {
         *self.invalidator.lock().unwrap_or_else(|p| p.into_inner()) = Some(f);
+    }
+
+    /// Installs the kernel write-back trigger.
+    pub fn set_kernel_flush(&self, f: KernelFlush) {
+        *self.kernel_flush.lock().unwrap_or_else(|p| p.into_inner()) = Some(f);
+    }
+
+    /// Brings the writes the kernel still caches to the core, so a snapshot or a
+    /// rollback covers every write made before it. Call without holding the core lock
+    /// and not from a request thread: the kernel sends the data as requests.
+    pub fn flush_kernel(&self) {
+        let hook = self.kernel_flush.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(f) = hook.as_ref() {
+            let open = self.lock().open_file_paths().unwrap_or_else(|e| {
+                tracing::warn!(error = %e, "cannot name the open files");
+                Vec::new()
+            });
+            f(&open);
+        }
     }
 
     /// Tells the kernel to forget `invals`. Call without holding the core lock: the
@@ -489,7 +522,7 @@ impl Inner {
             if let Some(t) = set.mtime {
                 r.mtime = t.unwrap_or(now);
             }
-            r.ctime = now;
+            r.ctime = set.ctime.unwrap_or(now);
             Ok(())
         })
     }

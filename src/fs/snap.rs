@@ -130,12 +130,12 @@ impl Inner {
             let t = txn.open_table(VERSIONS).map_err(StoreError::from)?;
             let epochs: Vec<u64> = snaps.iter().map(|s| s.epoch).collect();
             let mut totals = vec![0u64; epochs.len()];
-            let mut group: Vec<(u64, u32)> = Vec::new(); // (epoch, len or 0) of one block identity
+            let mut group: Vec<(u64, u64)> = Vec::new(); // (epoch, len or 0) of one block identity
             let mut ident: Option<(u64, u64)> = None;
-            let settle = |group: &mut Vec<(u64, u32)>, totals: &mut Vec<u64>| {
+            let settle = |group: &mut Vec<(u64, u64)>, totals: &mut Vec<u64>| {
                 for (i, &s) in epochs.iter().enumerate() {
                     if let Some(&(_, len)) = group.iter().rev().find(|(e, _)| *e <= s) {
-                        totals[i] += len as u64;
+                        totals[i] += len;
                     }
                 }
                 group.clear();
@@ -152,7 +152,7 @@ impl Inner {
                 }
                 let v = v.value();
                 let len = if v.first() == Some(&TAG_PRESENT) {
-                    BlockRec::decode(&v[1..])?.len
+                    BlockRec::decode(&v[1..])?.stored_bytes()
                 } else {
                     0
                 };
@@ -362,7 +362,27 @@ impl Inner {
                 inos.insert(row?.0.value().1);
             }
             for ino in inos {
-                for (kind, sub, name, then) in changed_between(&w.versions, ino, snap, live)? {
+                let changes = changed_between(&w.versions, ino, snap, live)?;
+                if changes
+                    .iter()
+                    .any(|c| c.0 == KIND_INODE || c.0 == KIND_BLOCK)
+                {
+                    // With the writeback cache the kernel keeps its own size of a file
+                    // and takes none from us: the inode must go, so its entries go too
+                    // (an inode no entry and no open file holds is dropped at once).
+                    scan_visible(
+                        &w.versions,
+                        ino,
+                        KIND_PARENT,
+                        0..=u64::MAX,
+                        live,
+                        |dir, name, _| {
+                            invals.push(Inval::Entry(dir, name.to_vec()));
+                            Ok(true)
+                        },
+                    )?;
+                }
+                for (kind, sub, name, then) in changes {
                     let key = RecKey {
                         ino,
                         kind,
@@ -370,7 +390,9 @@ impl Inner {
                         name: &name,
                     };
                     if let (KIND_BLOCK, Some(p)) = (kind, &then) {
-                        w.incref(&BlockRec::decode(p)?.hash)?;
+                        for h in BlockRec::decode(p)?.extents() {
+                            w.incref(h)?;
+                        }
                     }
                     w.put(key, then.as_deref())?;
                     match kind {
@@ -401,6 +423,47 @@ impl Inner {
             .snapshot_named(name.as_bytes())?
             .ok_or(FsError::Errno(libc::ENOENT))?
             .epoch)
+    }
+
+    /// A path (relative to the root, as bytes) of each live file open now, from the
+    /// first back pointer of each inode up to the root.
+    pub fn open_file_paths(&mut self) -> FsResult<Vec<Vec<u8>>> {
+        let live = self.store.live_epoch;
+        let mut inos: Vec<u64> = self
+            .open_count
+            .iter()
+            .filter(|(ino, n)| **n > 0 && **ino < SNAPDIR_INO)
+            .map(|(ino, _)| *ino)
+            .collect();
+        inos.sort_unstable();
+        let mut out = Vec::new();
+        'files: for ino in inos {
+            let mut parts: Vec<Vec<u8>> = Vec::new();
+            let mut at = ino;
+            while at != ROOT_INO {
+                if parts.len() > 4096 {
+                    continue 'files;
+                }
+                let mut link = None;
+                {
+                    let txn = self.store.read_txn()?;
+                    let t = txn.open_table(VERSIONS).map_err(StoreError::from)?;
+                    scan_visible(&t, at, KIND_PARENT, 0..=u64::MAX, live, |dir, name, _| {
+                        link = Some((dir, name.to_vec()));
+                        Ok(false)
+                    })?;
+                }
+                // Unlinked (open but deleted): nothing a snapshot would show.
+                let Some((dir, name)) = link else {
+                    continue 'files;
+                };
+                parts.push(name);
+                at = dir;
+            }
+            parts.reverse();
+            out.push(parts.join(&b'/'));
+        }
+        Ok(out)
     }
 
     /// Paths of `ino` in the tree at `epoch`, from the back pointers.

@@ -578,6 +578,10 @@ impl Store {
 /// An active segment at least this large and half dead is closed and compacted.
 const ROLL_DEAD_ACTIVE: u64 = 64 << 20;
 
+/// Extents appended to a segment in the current operation and not yet indexed: hash to
+/// segment, offset and length.
+pub type Staged = std::collections::HashMap<[u8; 32], (u64, u64, u32)>;
+
 /// Extents whose leaf values are kept (512 bytes each for 64 KiB blocks).
 const OUTBOARD_MAX: usize = 1 << 16;
 
@@ -860,14 +864,26 @@ impl Writer<'_> {
 
     /// Writes `payload` (or a tombstone for `None`) as the live version of `key`:
     /// overwrites a version of the live epoch, drops a previous version no snapshot
-    /// can see, and records the change.
+    /// can see, and records the change. A block payload's extent references must have
+    /// been taken by the caller; a dropped version's are released.
     pub fn put(&mut self, key: RecKey<'_>, payload: Option<&[u8]>) -> Result<(), StoreError> {
+        self.put_inner(key, payload, true)
+    }
+
+    fn put_inner(
+        &mut self,
+        key: RecKey<'_>,
+        payload: Option<&[u8]>,
+        release: bool,
+    ) -> Result<(), StoreError> {
         let live = self.live;
         if let Some((e, old)) = newest(&self.versions, key, live)?
             && (e == live || !self.held(e))
         {
             self.versions.remove(key.at(e))?;
-            if let Some(old) = old {
+            if let Some(old) = old
+                && release
+            {
                 self.release(key, &old)?;
             }
         }
@@ -892,23 +908,82 @@ impl Writer<'_> {
         Ok(())
     }
 
-    /// Releases what a dropped version held: block records hold an extent reference.
+    /// Releases what a dropped version held: block records hold extent references.
     fn release(&mut self, key: RecKey<'_>, payload: &[u8]) -> Result<(), StoreError> {
         if key.kind == KIND_BLOCK {
             let b = BlockRec::decode(payload)?;
-            self.decref(&b.hash)?;
+            for h in b.extents() {
+                self.decref(h, 1)?;
+            }
         }
         Ok(())
     }
 
-    /// Takes a reference to extent `hash`: an indexed one, or one appended to a
-    /// segment earlier in this operation (`staged`: hash to segment and offset).
-    pub fn put_staged_extent(
+    /// How writing `rec` (`None`: a hole) as the live version of block `idx` of `ino`
+    /// moves extent references: +1 for each extent `rec` names, -1 for each the
+    /// version it drops named. Apply with [`Writer::apply_refs`], then write with
+    /// [`Writer::put_block`].
+    pub fn block_refs(
         &mut self,
-        hash: [u8; 32],
-        len: u32,
-        staged: &mut std::collections::HashMap<[u8; 32], (u64, u64)>,
-    ) -> Result<BlockRec, StoreError> {
+        ino: u64,
+        idx: u64,
+        rec: Option<&BlockRec>,
+        delta: &mut std::collections::HashMap<[u8; 32], i64>,
+    ) -> Result<(), StoreError> {
+        for h in rec.iter().flat_map(|r| r.extents()) {
+            *delta.entry(*h).or_default() += 1;
+        }
+        if let Some((e, Some(old))) = newest(&self.versions, RecKey::block(ino, idx), self.live)?
+            && (e == self.live || !self.held(e))
+        {
+            for h in BlockRec::decode(&old)?.extents() {
+                *delta.entry(*h).or_default() -= 1;
+            }
+        }
+        Ok(())
+    }
+
+    /// Applies reference moves: every increase before any decrease, so an extent one
+    /// block lets go of while another takes it (the same bytes) is never freed in
+    /// between. Extents appended in this operation are in `staged` (hash to segment,
+    /// offset and length).
+    pub fn apply_refs(
+        &mut self,
+        delta: std::collections::HashMap<[u8; 32], i64>,
+        staged: &mut Staged,
+    ) -> Result<(), StoreError> {
+        for (h, d) in &delta {
+            if *d > 0 {
+                self.take_refs(*h, *d as u64, staged)?;
+            }
+        }
+        for (h, d) in &delta {
+            if *d < 0 {
+                self.decref(h, d.unsigned_abs())?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Writes `rec` (`None`: a hole) as the live version of block `idx` of `ino`, its
+    /// references already moved by [`Writer::block_refs`] and [`Writer::apply_refs`].
+    pub fn put_block(
+        &mut self,
+        ino: u64,
+        idx: u64,
+        rec: Option<&BlockRec>,
+    ) -> Result<(), StoreError> {
+        let b = rec.map(|r| {
+            let mut b = Vec::with_capacity(36 + 38 * r.frags.len());
+            r.encode(&mut b);
+            b
+        });
+        self.put_inner(RecKey::block(ino, idx), b.as_deref(), false)
+    }
+
+    /// Takes `n` references to extent `hash`: an indexed one, or one appended to a
+    /// segment earlier in this operation.
+    fn take_refs(&mut self, hash: [u8; 32], n: u64, staged: &mut Staged) -> Result<(), StoreError> {
         let rec = match self
             .extents()?
             .get(hash)?
@@ -916,11 +991,11 @@ impl Writer<'_> {
         {
             Some(rec) => {
                 let mut rec = rec?;
-                rec.refs += 1;
+                rec.refs += n;
                 rec
             }
             None => {
-                let (segment, offset) = staged.remove(&hash).ok_or_else(|| {
+                let (segment, offset, len) = staged.remove(&hash).ok_or_else(|| {
                     StoreError::Corrupt(format!(
                         "extent {} was neither stored nor staged",
                         hex(&hash)
@@ -930,12 +1005,12 @@ impl Writer<'_> {
                     segment,
                     offset,
                     len,
-                    refs: 1,
+                    refs: n,
                 }
             }
         };
         self.extents()?.insert(hash, &rec.encode()[..])?;
-        Ok(BlockRec { hash, len })
+        Ok(())
     }
 
     /// Takes one more reference to a stored extent.
@@ -946,11 +1021,11 @@ impl Writer<'_> {
         Ok(())
     }
 
-    /// Drops one reference; the last one frees the extent (its bytes count as dead in
+    /// Drops `n` references; the last one frees the extent (its bytes count as dead in
     /// their segment until compaction).
-    pub fn decref(&mut self, hash: &[u8; 32]) -> Result<(), StoreError> {
+    pub fn decref(&mut self, hash: &[u8; 32], n: u64) -> Result<(), StoreError> {
         let mut rec = self.extent(hash)?;
-        rec.refs = rec.refs.saturating_sub(1);
+        rec.refs = rec.refs.saturating_sub(n);
         if rec.refs == 0 {
             self.extents()?.remove(*hash)?;
             let dead = self
@@ -1039,9 +1114,9 @@ impl Writer<'_> {
             };
             match pending.as_deref_mut() {
                 Some(planned) => {
-                    if let Some(b) = block {
-                        let ext = self.extent(&b.hash)?;
-                        let n = planned.entry(b.hash).or_insert(0);
+                    for h in block.iter().flat_map(BlockRec::extents) {
+                        let ext = self.extent(h)?;
+                        let n = planned.entry(*h).or_insert(0);
                         *n += 1;
                         if *n == ext.refs {
                             freed += ext.len as u64;
@@ -1050,12 +1125,12 @@ impl Writer<'_> {
                 }
                 None => {
                     self.versions.remove(key.at(*epoch))?;
-                    if let Some(b) = block {
-                        let ext = self.extent(&b.hash)?;
+                    for h in block.iter().flat_map(BlockRec::extents) {
+                        let ext = self.extent(h)?;
                         if ext.refs == 1 {
                             freed += ext.len as u64;
                         }
-                        self.decref(&b.hash)?;
+                        self.decref(h, 1)?;
                     }
                 }
             }

@@ -322,25 +322,71 @@ impl DirentRec {
     }
 }
 
-/// A block map entry's payload: which extent holds the block.
+/// The unit of a block's fragments: small writes are stored page by page.
+pub const PAGE: usize = 4096;
+
+/// Pages of a block overlaid with the pages of another extent: block pages
+/// `[at, at + n)` read extent pages `[from, from + n)`. A fragment extent may end short
+/// (a tail written at end of file); the missing bytes read as zeros.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct BlockRec {
-    /// The extent's hash.
+pub struct Frag {
+    /// First block page covered.
+    pub at: u16,
+    /// Pages covered.
+    pub n: u16,
+    /// First page of the extent used.
+    pub from: u16,
+    /// The fragment extent's hash.
     pub hash: [u8; 32],
-    /// The extent's length (the block's stored length; a short tail is short).
+}
+
+/// Bytes `[offset, offset + len)` of a block and where they come from: `Some((hash,
+/// offset in that extent))` for a fragment, `None` for the base.
+pub type Piece<'a> = (usize, usize, Option<(&'a [u8; 32], usize)>);
+
+/// Bytes of an encoded [`Frag`].
+const FRAG_BYTES: usize = 38;
+
+/// A block map entry's payload: which extent holds the block (its *base*; `len == 0`
+/// for none), overlaid by fragments written since (sorted by `at`, disjoint). A small
+/// write to a stored block adds a fragment instead of rewriting the whole block; a
+/// block with too many fragments is folded back into one extent.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BlockRec {
+    /// The base extent's hash (zeros when there is no base).
+    pub hash: [u8; 32],
+    /// The base extent's length (the block's stored length; a short tail is short;
+    /// 0 = no base, the block reads zeros outside its fragments).
     pub len: u32,
+    /// Fragments over the base.
+    pub frags: Vec<Frag>,
 }
 
 impl BlockRec {
+    /// A block stored whole in one extent.
+    pub fn whole(hash: [u8; 32], len: u32) -> Self {
+        BlockRec {
+            hash,
+            len,
+            frags: Vec::new(),
+        }
+    }
+
     /// Encodes the payload.
     pub fn encode(&self, out: &mut Vec<u8>) {
         out.extend_from_slice(&self.hash);
         out.extend_from_slice(&self.len.to_le_bytes());
+        for f in &self.frags {
+            out.extend_from_slice(&f.at.to_le_bytes());
+            out.extend_from_slice(&f.n.to_le_bytes());
+            out.extend_from_slice(&f.from.to_le_bytes());
+            out.extend_from_slice(&f.hash);
+        }
     }
 
     /// Decodes the payload.
     pub fn decode(b: &[u8]) -> Result<Self, StoreError> {
-        if b.len() != 36 {
+        if b.len() < 36 || !(b.len() - 36).is_multiple_of(FRAG_BYTES) {
             return Err(StoreError::Corrupt(format!(
                 "block entry of {} bytes",
                 b.len()
@@ -348,10 +394,79 @@ impl BlockRec {
         }
         let mut hash = [0u8; 32];
         hash.copy_from_slice(&b[..32]);
-        Ok(BlockRec {
-            hash,
-            len: u32::from_le_bytes([b[32], b[33], b[34], b[35]]),
-        })
+        let len = u32::from_le_bytes([b[32], b[33], b[34], b[35]]);
+        let mut frags = Vec::with_capacity((b.len() - 36) / FRAG_BYTES);
+        let mut end = 0u32;
+        for f in b[36..].chunks(FRAG_BYTES) {
+            let mut h = [0u8; 32];
+            h.copy_from_slice(&f[6..]);
+            let frag = Frag {
+                at: u16::from_le_bytes([f[0], f[1]]),
+                n: u16::from_le_bytes([f[2], f[3]]),
+                from: u16::from_le_bytes([f[4], f[5]]),
+                hash: h,
+            };
+            if frag.n == 0 || u32::from(frag.at) < end {
+                return Err(StoreError::Corrupt(
+                    "block entry with overlapping or empty fragments".into(),
+                ));
+            }
+            end = u32::from(frag.at) + u32::from(frag.n);
+            frags.push(frag);
+        }
+        if len == 0 && frags.is_empty() {
+            return Err(StoreError::Corrupt("block entry naming no extent".into()));
+        }
+        Ok(BlockRec { hash, len, frags })
+    }
+
+    /// The extents this entry holds a reference to, one per naming (a fragment split
+    /// in two names its extent twice).
+    pub fn extents(&self) -> impl Iterator<Item = &[u8; 32]> {
+        (self.len > 0)
+            .then_some(&self.hash)
+            .into_iter()
+            .chain(self.frags.iter().map(|f| &f.hash))
+    }
+
+    /// Bytes of stored data the entry names (fragments counted whole pages).
+    pub fn stored_bytes(&self) -> u64 {
+        self.len as u64
+            + self
+                .frags
+                .iter()
+                .map(|f| f.n as u64 * PAGE as u64)
+                .sum::<u64>()
+    }
+
+    /// Where the bytes of block range `[start, end)` come from, in order.
+    pub fn pieces(&self, start: usize, end: usize) -> Vec<Piece<'_>> {
+        let mut out = Vec::new();
+        let mut pos = start;
+        for f in &self.frags {
+            let (fs, fe) = (f.at as usize * PAGE, (f.at as usize + f.n as usize) * PAGE);
+            if fe <= pos {
+                continue;
+            }
+            if fs >= end {
+                break;
+            }
+            if fs > pos {
+                out.push((pos, fs - pos, None));
+                pos = fs;
+            }
+            let e = fe.min(end);
+            out.push((
+                pos,
+                e - pos,
+                Some((&f.hash, pos - fs + f.from as usize * PAGE)),
+            ));
+            pos = e;
+        }
+        if pos < end {
+            out.push((pos, end - pos, None));
+        }
+        out
     }
 }
 

@@ -148,6 +148,22 @@ impl Mount {
 }
 
 /// Creates (or truncates) `p` for reading and writing.
+/// Writes back every filesystem's dirty pages and drops the kernel's caches, so the
+/// next reads reach the daemon.
+pub fn drop_caches() {
+    // SAFETY: sync(2) has no preconditions.
+    unsafe { libc::sync() };
+    std::fs::write("/proc/sys/vm/drop_caches", b"3").expect("dropping caches (needs root)");
+}
+
+/// Bytes appended to the store's segments so far.
+pub fn segment_bytes(store: &Path) -> u64 {
+    std::fs::read_dir(store.join("segments"))
+        .unwrap()
+        .map(|e| e.unwrap().metadata().unwrap().len())
+        .sum()
+}
+
 pub fn create_rw(p: &Path) -> std::fs::File {
     std::fs::OpenOptions::new()
         .create(true)
