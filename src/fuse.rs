@@ -141,6 +141,10 @@ impl Filesystem for SnapFuse {
         }
         self.fs.lock().kernel_times = self.writeback;
         let _ = config.set_max_write(1 << 20);
+        // Written-back pages arrive as background requests; let enough of them queue
+        // that the request thread never waits for the next one.
+        let _ = config.set_max_background(64);
+        let _ = config.set_congestion_threshold(48);
         Ok(())
     }
 

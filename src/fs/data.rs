@@ -272,12 +272,30 @@ impl Inner {
             .checked_add(data.len() as u64)
             .filter(|e| *e <= i64::MAX as u64)
             .ok_or(FsError::Errno(libc::EFBIG))?;
-        self.buffer(ino, &rec, offset, data)?;
+        let old_rec = rec.clone();
         rec.size = rec.size.max(end);
         if !self.kernel_times {
             let now = Ts::now();
             rec.mtime = now;
             rec.ctime = now;
+        }
+        // Whole blocks no buffer holds go to the store at once, straight from the
+        // request (no copy), with the attributes that cover them; the rest is
+        // buffered. Should storing fail (a full disk), everything is buffered.
+        let bs = self.bs();
+        let (first, last) = (offset.div_ceil(bs), end / bs);
+        let held = |d: &Dirty| d.blocks.range(first..last).next().is_some();
+        if first < last
+            && !self.dirty.get(&ino).is_some_and(held)
+            && self.direct(ino, &rec, offset, data, first..last)?
+        {
+            let head = ((first * bs).min(end) - offset) as usize;
+            let tail = ((last * bs).max(offset) - offset) as usize;
+            self.buffer(ino, &old_rec, offset, &data[..head])?;
+            self.buffer(ino, &old_rec, last * bs, &data[tail..])?;
+            self.undurable = true;
+        } else {
+            self.buffer(ino, &old_rec, offset, data)?;
         }
         self.dirty.entry(ino).or_default().attr = Some(rec);
         if self.dirty_bytes > DIRTY_TOTAL_LIMIT {
@@ -288,6 +306,34 @@ impl Inner {
             self.flush_inode(ino)?;
         }
         Ok(data.len() as u32)
+    }
+
+    /// Stores blocks `idxs` of a write of `data` at `offset` to `ino` (whole blocks),
+    /// with `rec`, the inode record the write leaves. Returns whether they were
+    /// stored; they are not on a full disk (the caller then buffers them).
+    fn direct(
+        &mut self,
+        ino: u64,
+        rec: &InodeRec,
+        offset: u64,
+        data: &[u8],
+        idxs: std::ops::Range<u64>,
+    ) -> FsResult<bool> {
+        let bs = self.bs();
+        let blocks: Vec<_> = idxs
+            .map(|idx| {
+                let at = (idx * bs - offset) as usize;
+                (idx, &data[at..at + bs as usize], None)
+            })
+            .collect();
+        match self
+            .store
+            .write(false, |w| store_blocks(w, ino, Some(rec), &blocks, bs))
+        {
+            Ok(()) => Ok(true),
+            Err(FsError::Errno(_)) => Ok(false),
+            Err(e) => Err(e),
+        }
     }
 
     /// Copies `data` into dirty block buffers of `ino` at `offset`. Only a page the
@@ -307,15 +353,20 @@ impl Inner {
                 .get(&ino)
                 .is_some_and(|d| d.blocks.contains_key(&idx));
             if !have {
-                let mut b = DBlock {
-                    data: vec![0u8; bs as usize],
-                    valid: Pages::default(),
-                };
-                if n as u64 == bs {
+                let b = if n as u64 == bs {
                     // A whole block: take the bytes as they are, nothing to merge.
-                    b.data.copy_from_slice(chunk);
-                    b.valid.set_range(0, DBlock::pages(bs));
-                }
+                    let mut valid = Pages::default();
+                    valid.set_range(0, DBlock::pages(bs));
+                    DBlock {
+                        data: chunk.to_vec(),
+                        valid,
+                    }
+                } else {
+                    DBlock {
+                        data: vec![0u8; bs as usize],
+                        valid: Pages::default(),
+                    }
+                };
                 self.dirty.entry(ino).or_default().blocks.insert(idx, b);
                 self.dirty_bytes += bs as usize;
                 if n as u64 == bs {
@@ -698,8 +749,29 @@ fn page_groups(valid: &Pages, p0: usize, p1: usize) -> Vec<(usize, usize, bool)>
 }
 
 /// Stores buffered blocks and attributes inside a write.
+/// Blocks to store: index, bytes (a whole block) and the pages of them that hold the
+/// file's data (`None`: all of them).
+type BlocksIn<'a> = [(u64, &'a [u8], Option<&'a Pages>)];
+
+/// Stores the buffered blocks and attributes of `d` inside a write.
 fn store_dirty(w: &mut Writer<'_>, ino: u64, d: &Dirty, bs: u64) -> FsResult<()> {
-    let size = match &d.attr {
+    let blocks: Vec<_> = d
+        .blocks
+        .iter()
+        .map(|(idx, b)| (*idx, &b.data[..], Some(&b.valid)))
+        .collect();
+    store_blocks(w, ino, d.attr.as_ref(), &blocks, bs)
+}
+
+/// Stores `blocks` of `ino` and its attributes `attr` (if changed) inside a write.
+fn store_blocks(
+    w: &mut Writer<'_>,
+    ino: u64,
+    attr: Option<&InodeRec>,
+    blocks: &BlocksIn<'_>,
+    bs: u64,
+) -> FsResult<()> {
+    let size = match attr {
         Some(a) => a.size,
         None => match w.get(RecKey::inode(ino))? {
             Some(b) => InodeRec::decode(&b)?.size,
@@ -714,9 +786,9 @@ fn store_dirty(w: &mut Writer<'_>, ino: u64, d: &Dirty, bs: u64) -> FsResult<()>
     // Phase 1: decide each block's fate and append the new extents. This is the I/O
     // that can fail (a full disk); it fails before any metadata is written, so the
     // operation is refused cleanly and the buffered data stays for a retry.
-    let mut plans = Vec::with_capacity(d.blocks.len());
+    let mut plans = Vec::with_capacity(blocks.len());
     let mut staged = Staged::new();
-    let most = d.blocks.len() as u64 * (bs + crate::store::segment::EXTENT_HEADER);
+    let most = blocks.len() as u64 * (bs + crate::store::segment::EXTENT_HEADER);
     if !w
         .segs
         .room_for(most)
@@ -724,8 +796,7 @@ fn store_dirty(w: &mut Writer<'_>, ino: u64, d: &Dirty, bs: u64) -> FsResult<()>
     {
         return err(libc::ENOSPC);
     }
-    let mut stage = |w: &mut Writer<'_>, data: &[u8]| -> FsResult<[u8; 32]> {
-        let hash = *blake3::hash(data).as_bytes();
+    let mut stage = |w: &mut Writer<'_>, data: &[u8], hash: [u8; 32]| -> FsResult<[u8; 32]> {
         if !staged.contains_key(&hash) && redb::ReadableTable::get(w.extents()?, hash)?.is_none() {
             let (seg, off) = w
                 .segs
@@ -735,28 +806,29 @@ fn store_dirty(w: &mut Writer<'_>, ino: u64, d: &Dirty, bs: u64) -> FsResult<()>
         }
         Ok(hash)
     };
-    for (&idx, buf) in &d.blocks {
+    for &(idx, buf, valid) in blocks {
         let n = (size.saturating_sub(idx * bs).min(bs)) as usize;
         let pages = n.div_ceil(PAGE);
         let old = match newest(&w.versions, RecKey::block(ino, idx), w.live)? {
             Some((_, Some(v))) => Some(BlockRec::decode(&v)?),
             _ => None,
         };
-        if !buf.valid.all(pages) {
+        if let Some(valid) = valid.filter(|v| !v.all(pages)) {
             // Some pages only: a fragment per run of them over the stored block.
             let mut rec = old.unwrap_or(BlockRec {
                 hash: [0; 32],
                 len: 0,
                 frags: Vec::new(),
             });
-            for (a, b) in buf.valid.runs(pages, true) {
-                let hash = stage(w, &buf.data[a * PAGE..(b * PAGE).min(n)])?;
+            for (a, b) in valid.runs(pages, true) {
+                let bytes = &buf[a * PAGE..(b * PAGE).min(n)];
+                let hash = stage(w, bytes, *blake3::hash(bytes).as_bytes())?;
                 rec.frags = overlay(&rec.frags, a as u16, (b - a) as u16, hash);
             }
             plans.push((idx, Plan::Rec(rec)));
             continue;
         }
-        let data = &buf.data[..n];
+        let data = &buf[..n];
         if n == 0 || data.iter().all(|&b| b == 0) {
             plans.push((idx, Plan::Hole));
             continue;
@@ -767,7 +839,7 @@ fn store_dirty(w: &mut Writer<'_>, ino: u64, d: &Dirty, bs: u64) -> FsResult<()>
             plans.push((idx, Plan::Keep));
             continue;
         }
-        let hash = stage(w, data)?;
+        let hash = stage(w, data, hash)?;
         plans.push((idx, Plan::Rec(BlockRec::whole(hash, n as u32))));
     }
     // Phase 2: metadata only. References move for all blocks at once: one block may
@@ -788,7 +860,7 @@ fn store_dirty(w: &mut Writer<'_>, ino: u64, d: &Dirty, bs: u64) -> FsResult<()>
             Plan::Rec(rec) => w.put_block(ino, idx, Some(&rec))?,
         }
     }
-    if let Some(a) = &d.attr {
+    if let Some(a) = attr {
         put_inode(w, ino, a)?;
     }
     Ok(())
