@@ -424,7 +424,10 @@ impl Inner {
         };
         let bs = self.bs();
         self.dirty_bytes -= d.blocks.len() * bs as usize;
-        let res = self.store.write(false, |w| store_dirty(w, ino, &d, bs));
+        let mut res = self.store.write(false, |w| store_dirty(w, ino, &d, bs));
+        if matches!(res, Err(FsError::Errno(libc::ENOSPC))) && self.reclaim() {
+            res = self.store.write(false, |w| store_dirty(w, ino, &d, bs));
+        }
         if res.is_err() {
             // Keep the data buffered so a later flush can retry (e.g. after ENOSPC).
             self.dirty_bytes += d.blocks.len() * bs as usize;
@@ -432,6 +435,23 @@ impl Inner {
         }
         self.undurable = true;
         res
+    }
+
+    /// On a full disk: makes what is answered durable and compacts segments, so the
+    /// space of deleted and overwritten data comes back. Returns whether any did.
+    fn reclaim(&mut self) -> bool {
+        let freed = self.store.sync().and_then(|()| self.store.compact());
+        match freed {
+            Ok(n) => {
+                self.undurable = false;
+                tracing::info!(freed = n, "disk full: compacted segments");
+                n > 0
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "disk full, and compaction failed");
+                false
+            }
+        }
     }
 
     /// Completes from the store each buffered block of `ino` that stored as fragments
@@ -809,8 +829,9 @@ fn store_blocks(
     for &(idx, buf, valid) in blocks {
         let n = (size.saturating_sub(idx * bs).min(bs)) as usize;
         let pages = n.div_ceil(PAGE);
-        let old = match newest(&w.versions, RecKey::block(ino, idx), w.live)? {
-            Some((_, Some(v))) => Some(BlockRec::decode(&v)?),
+        let prev = newest(&w.versions, RecKey::block(ino, idx), w.live)?;
+        let old = match &prev {
+            Some((_, Some(v))) => Some(BlockRec::decode(v)?),
             _ => None,
         };
         if let Some(valid) = valid.filter(|v| !v.all(pages)) {
@@ -825,39 +846,39 @@ fn store_blocks(
                 let hash = stage(w, bytes, *blake3::hash(bytes).as_bytes())?;
                 rec.frags = overlay(&rec.frags, a as u16, (b - a) as u16, hash);
             }
-            plans.push((idx, Plan::Rec(rec)));
+            plans.push((idx, prev, Plan::Rec(rec)));
             continue;
         }
         let data = &buf[..n];
         if n == 0 || data.iter().all(|&b| b == 0) {
-            plans.push((idx, Plan::Hole));
+            plans.push((idx, prev, Plan::Hole));
             continue;
         }
         let hash = *blake3::hash(data).as_bytes();
         // Unchanged content: keep the stored record (and its reference) as it is.
         if old.is_some_and(|o| o == BlockRec::whole(hash, n as u32)) {
-            plans.push((idx, Plan::Keep));
+            plans.push((idx, prev, Plan::Keep));
             continue;
         }
         let hash = stage(w, data, hash)?;
-        plans.push((idx, Plan::Rec(BlockRec::whole(hash, n as u32))));
+        plans.push((idx, prev, Plan::Rec(BlockRec::whole(hash, n as u32))));
     }
     // Phase 2: metadata only. References move for all blocks at once: one block may
     // let go of an extent another takes.
     let mut delta = std::collections::HashMap::new();
-    for (idx, plan) in &plans {
+    for (_, prev, plan) in &plans {
         match plan {
             Plan::Keep => {}
-            Plan::Hole => w.block_refs(ino, *idx, None, &mut delta)?,
-            Plan::Rec(rec) => w.block_refs(ino, *idx, Some(rec), &mut delta)?,
+            Plan::Hole => w.block_refs(prev, None, &mut delta)?,
+            Plan::Rec(rec) => w.block_refs(prev, Some(rec), &mut delta)?,
         }
     }
     w.apply_refs(delta, &mut staged)?;
-    for (idx, plan) in plans {
+    for (idx, prev, plan) in plans {
         match plan {
             Plan::Keep => {}
-            Plan::Hole => w.put_block(ino, idx, None)?,
-            Plan::Rec(rec) => w.put_block(ino, idx, Some(&rec))?,
+            Plan::Hole => w.put_block(ino, idx, None, prev)?,
+            Plan::Rec(rec) => w.put_block(ino, idx, Some(&rec), prev)?,
         }
     }
     if let Some(a) = attr {

@@ -294,6 +294,7 @@ impl Store {
                 live: self.live_epoch,
                 snaps: &self.snapshot_epochs,
                 inode_log: Vec::new(),
+                last_change: None,
             };
             let r = f(&mut w);
             (r, std::mem::take(&mut w.inode_log))
@@ -824,6 +825,9 @@ pub struct Writer<'t> {
     pub snaps: &'t BTreeSet<u64>,
     /// Live inode records this operation wrote (`None`: deleted), for the cache.
     inode_log: Vec<(u64, Option<Vec<u8>>)>,
+    /// The change-index row this operation wrote last (a flush writes many records
+    /// of one inode; the row needs writing once).
+    last_change: Option<(u64, u64)>,
 }
 
 macro_rules! lazy_table {
@@ -876,15 +880,32 @@ impl Writer<'_> {
         payload: Option<&[u8]>,
         release: bool,
     ) -> Result<(), StoreError> {
+        let prev = newest(&self.versions, key, self.live)?;
+        self.put_known(key, payload, release, prev)
+    }
+
+    /// [`Writer::put_inner`] with the newest version of `key` already looked up.
+    fn put_known(
+        &mut self,
+        key: RecKey<'_>,
+        payload: Option<&[u8]>,
+        release: bool,
+        prev: Option<Version>,
+    ) -> Result<(), StoreError> {
         let live = self.live;
-        if let Some((e, old)) = newest(&self.versions, key, live)?
-            && (e == live || !self.held(e))
-        {
-            self.versions.remove(key.at(e))?;
-            if let Some(old) = old
-                && release
-            {
-                self.release(key, &old)?;
+        // Whether an older version stays (for a snapshot) that a deletion must hide.
+        let mut older = false;
+        if let Some((e, old)) = prev {
+            if e == live || !self.held(e) {
+                self.versions.remove(key.at(e))?;
+                if let Some(old) = old
+                    && release
+                {
+                    self.release(key, &old)?;
+                }
+                older = payload.is_none() && newest(&self.versions, key, live)?.is_some();
+            } else {
+                older = true;
             }
         }
         match payload {
@@ -896,12 +917,15 @@ impl Writer<'_> {
             }
             None => {
                 // A tombstone is needed only to hide an older version some snapshot keeps.
-                if newest(&self.versions, key, live)?.is_some() {
+                if older {
                     self.versions.insert(key.at(live), &[TAG_TOMBSTONE][..])?;
                 }
             }
         }
-        self.changes.insert((live, key.ino), ())?;
+        if self.last_change != Some((live, key.ino)) {
+            self.changes.insert((live, key.ino), ())?;
+            self.last_change = Some((live, key.ino));
+        }
         if key.kind == KIND_INODE {
             self.inode_log.push((key.ino, payload.map(<[u8]>::to_vec)));
         }
@@ -919,24 +943,23 @@ impl Writer<'_> {
         Ok(())
     }
 
-    /// How writing `rec` (`None`: a hole) as the live version of block `idx` of `ino`
-    /// moves extent references: +1 for each extent `rec` names, -1 for each the
-    /// version it drops named. Apply with [`Writer::apply_refs`], then write with
+    /// How writing `rec` (`None`: a hole) as the live version of a block whose newest
+    /// version is `prev` moves extent references: +1 for each extent `rec` names, -1
+    /// for each the version it drops named. Apply with [`Writer::apply_refs`], then write with
     /// [`Writer::put_block`].
     pub fn block_refs(
         &mut self,
-        ino: u64,
-        idx: u64,
+        prev: &Option<Version>,
         rec: Option<&BlockRec>,
         delta: &mut std::collections::HashMap<[u8; 32], i64>,
     ) -> Result<(), StoreError> {
         for h in rec.iter().flat_map(|r| r.extents()) {
             *delta.entry(*h).or_default() += 1;
         }
-        if let Some((e, Some(old))) = newest(&self.versions, RecKey::block(ino, idx), self.live)?
-            && (e == self.live || !self.held(e))
+        if let Some((e, Some(old))) = prev
+            && (*e == self.live || !self.held(*e))
         {
-            for h in BlockRec::decode(&old)?.extents() {
+            for h in BlockRec::decode(old)?.extents() {
                 *delta.entry(*h).or_default() -= 1;
             }
         }
@@ -965,20 +988,22 @@ impl Writer<'_> {
         Ok(())
     }
 
-    /// Writes `rec` (`None`: a hole) as the live version of block `idx` of `ino`, its
-    /// references already moved by [`Writer::block_refs`] and [`Writer::apply_refs`].
+    /// Writes `rec` (`None`: a hole) as the live version of block `idx` of `ino`
+    /// (newest version `prev`), its references already moved by
+    /// [`Writer::block_refs`] and [`Writer::apply_refs`].
     pub fn put_block(
         &mut self,
         ino: u64,
         idx: u64,
         rec: Option<&BlockRec>,
+        prev: Option<Version>,
     ) -> Result<(), StoreError> {
         let b = rec.map(|r| {
             let mut b = Vec::with_capacity(36 + 38 * r.frags.len());
             r.encode(&mut b);
             b
         });
-        self.put_inner(RecKey::block(ino, idx), b.as_deref(), false)
+        self.put_known(RecKey::block(ino, idx), b.as_deref(), false, prev)
     }
 
     /// Takes `n` references to extent `hash`: an indexed one, or one appended to a
