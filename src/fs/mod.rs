@@ -637,14 +637,20 @@ impl Inner {
                 return err(libc::EEXIST);
             }
             let ino = w.alloc_ino()?;
-            put_inode(w, ino, &rec2)?;
-            put_dirent(w, parent, name, Some(DirentRec { ino, kind }))?;
+            // A new inode has no versions to look up; the entry is known absent.
+            let mut b = Vec::with_capacity(80);
+            rec2.encode(&mut b);
+            w.put_fresh(RecKey::inode(ino), &b)?;
+            w.put_fresh(RecKey::parent(ino, parent, name), &[])?;
+            b.clear();
+            DirentRec { ino, kind }.encode(&mut b);
+            w.put(RecKey::dirent(parent, name), Some(&b))?;
             if let Some(a) = &access_acl {
-                w.put(RecKey::xattr(ino, acl::ACCESS.as_bytes()), Some(a))?;
+                w.put_fresh(RecKey::xattr(ino, acl::ACCESS.as_bytes()), a)?;
             }
             if kind == FileKind::Dir {
                 if let Some(d) = &default_acl {
-                    w.put(RecKey::xattr(ino, acl::DEFAULT.as_bytes()), Some(d))?;
+                    w.put_fresh(RecKey::xattr(ino, acl::DEFAULT.as_bytes()), d)?;
                 }
                 dir.nlink += 1;
             }

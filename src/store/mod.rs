@@ -932,6 +932,12 @@ impl Writer<'_> {
         Ok(())
     }
 
+    /// [`Writer::put`] for a record of an inode allocated in this operation: no
+    /// version of it can exist yet, so none is looked up.
+    pub fn put_fresh(&mut self, key: RecKey<'_>, payload: &[u8]) -> Result<(), StoreError> {
+        self.put_known(key, Some(payload), true, None)
+    }
+
     /// Releases what a dropped version held: block records hold extent references.
     fn release(&mut self, key: RecKey<'_>, payload: &[u8]) -> Result<(), StoreError> {
         if key.kind == KIND_BLOCK {
