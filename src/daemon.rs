@@ -432,8 +432,14 @@ fn spawn_flusher(fs: Arc<Fs>, stop: Arc<AtomicBool>) -> std::thread::JoinHandle<
             while !stop.load(Ordering::Relaxed) {
                 std::thread::sleep(Duration::from_millis(200));
                 n += 1;
+                let durable = n.is_multiple_of(25);
+                if durable {
+                    // The bulk of the fdatasync happens without the lock, so requests
+                    // go on meanwhile.
+                    fs.presync(None);
+                }
                 if n.is_multiple_of(5)
-                    && let Err(e) = fs.lock().tick(n.is_multiple_of(25))
+                    && let Err(e) = fs.lock().tick(durable)
                 {
                     tracing::error!(error = %e, "background flush failed");
                 }

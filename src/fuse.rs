@@ -455,6 +455,7 @@ impl Filesystem for SnapFuse {
         reply: ReplyEmpty,
     ) {
         let _s = tracing::trace_span!("fsync", ino = ino.0, fh = fh.0).entered();
+        self.fs.presync(Some(ino.0));
         reply!(
             reply,
             "fsync",

@@ -288,6 +288,26 @@ impl Fs {
         *self.kernel_flush.lock().unwrap_or_else(|p| p.into_inner()) = Some(f);
     }
 
+    /// Writes buffered data to the segments and `fdatasync`s them without holding the
+    /// core lock, so that a durable point taken next (`fsync`, the durable tick) holds
+    /// the lock only for what arrived meanwhile. `ino`: flush that inode only.
+    pub fn presync(&self, ino: Option<u64>) {
+        let files = {
+            let mut core = self.lock();
+            let flushed = match ino {
+                Some(ino) => core.flush_inode(ino),
+                None => core.flush_all(),
+            };
+            if flushed.is_err() {
+                return; // the durable point reports it
+            }
+            core.store.unsynced_segments()
+        };
+        for f in files {
+            let _ = f.sync_data();
+        }
+    }
+
     /// Brings the writes the kernel still caches to the core, so a snapshot or a
     /// rollback covers every write made before it. Call without holding the core lock
     /// and not from a request thread: the kernel sends the data as requests.

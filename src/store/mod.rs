@@ -372,6 +372,11 @@ impl Store {
         self.commit_group(true)
     }
 
+    /// Handles on the segment files a `sync` would `fdatasync` now.
+    pub fn unsynced_segments(&mut self) -> Vec<std::fs::File> {
+        self.segs.unsynced_handles()
+    }
+
     /// Rewrites segments that are mostly dead: their live extents move to the active
     /// segment, a durable commit points the index at the new copies, and only then is
     /// the old file deleted. Returns the bytes of disk given back.

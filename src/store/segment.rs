@@ -234,6 +234,15 @@ impl Segments {
         Ok(())
     }
 
+    /// Handles on the segments written since the last `sync`, for an `fdatasync`
+    /// outside the store's lock that leaves `sync` little to do.
+    pub fn unsynced_handles(&mut self) -> Vec<File> {
+        let ids = self.unsynced.clone();
+        ids.into_iter()
+            .filter_map(|id| self.file(id).ok()?.try_clone().ok())
+            .collect()
+    }
+
     /// Closes the active segment; appends go to a new one.
     pub fn roll(&mut self) -> Result<(), StoreError> {
         let next = self.active + 1;
