@@ -53,6 +53,9 @@ fn snap_error(e: FsError, name: &str) -> Outcome {
     let msg = match e.errno() {
         libc::EEXIST => format!("a snapshot named {name:?} already exists"),
         libc::ENOENT => format!("no snapshot named {name:?}"),
+        libc::EBUSY => format!(
+            "cannot roll back to {name:?}: files it would change are open; close them and retry"
+        ),
         libc::EINVAL | libc::ENAMETOOLONG => match check_snapshot_name(name.as_bytes()) {
             Err((_, rule)) => format!("invalid snapshot name {name:?}: {rule}"),
             Ok(_) => format!("{name:?}: {e}"),

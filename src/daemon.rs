@@ -287,10 +287,18 @@ pub fn mount(
             // The kernel may end its write-back before we have seen the data (it
             // queues it as requests); closing a file waits for that file's writes.
             for rel in open {
-                let _ = std::fs::OpenOptions::new()
-                    .read(true)
-                    .custom_flags(libc::O_NONBLOCK | libc::O_NOFOLLOW | libc::O_NOATIME)
-                    .open(mp.join(std::ffi::OsStr::from_bytes(rel)));
+                let path = mp.join(std::ffi::OsStr::from_bytes(rel));
+                let open = |flags| {
+                    std::fs::OpenOptions::new()
+                        .read(true)
+                        .custom_flags(libc::O_NONBLOCK | libc::O_NOFOLLOW | flags)
+                        .open(&path)
+                };
+                // O_NOATIME is for the owner (or root) only.
+                if let Err(e) = open(libc::O_NOATIME).or_else(|_| open(0)) {
+                    tracing::warn!(path = %path.display(), error = %e,
+                        "cannot wait for the kernel's cached writes to this file");
+                }
             }
             tracing::debug!(took = ?t.elapsed(), files = open.len(), "kernel wrote back its cached writes");
         }));

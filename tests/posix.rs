@@ -320,6 +320,27 @@ fn one_gib_file_round_trips() {
 }
 
 #[test]
+fn appends_reach_the_store_at_the_end_of_the_file() {
+    // Read back from the daemon, not the page cache: through the writeback cache the
+    // kernel places appends and writes pages back at their own offsets.
+    for opts in [&[][..], &["nowriteback"][..]] {
+        let mut m = Mount::with_options(opts);
+        let p = m.path("log");
+        fs::write(&p, b"abc").unwrap();
+        let mut f = OpenOptions::new().append(true).open(&p).unwrap();
+        f.write_all(b"def").unwrap();
+        f.sync_all().unwrap();
+        f.write_all(b"ghi").unwrap();
+        f.sync_all().unwrap();
+        drop(f);
+        drop_caches();
+        assert_eq!(fs::read(&p).unwrap(), b"abcdefghi", "options {opts:?}");
+        m.remount();
+        assert_eq!(fs::read(&p).unwrap(), b"abcdefghi", "options {opts:?}");
+    }
+}
+
+#[test]
 fn open_flags_append_trunc_excl() {
     let m = Mount::new();
     let p = m.path("f");

@@ -3,7 +3,7 @@
 mod common;
 
 use std::fs::{self, File, OpenOptions};
-use std::io::Read;
+use std::io::{Read, Write};
 use std::os::unix::fs::MetadataExt;
 use std::os::unix::io::AsRawFd;
 use std::path::Path;
@@ -249,6 +249,44 @@ fn names_are_validated_with_the_rule_broken() {
     );
     let out = snapfs(&["snapshot", "delete", m.mnt.to_str().unwrap(), "nope"]);
     assert!(String::from_utf8_lossy(&out.stderr).contains("no snapshot named"));
+}
+
+#[test]
+fn rollback_waits_for_changed_files_to_close_and_keeps_working_directories() {
+    let m = Mount::new();
+    fs::create_dir(m.path("d")).unwrap();
+    fs::write(m.path("d/f"), b"0123456789").unwrap();
+    snap(&m, &["create", "s"]);
+    // An open file the rollback would change: the kernel would keep its size.
+    let mut f = OpenOptions::new().write(true).open(m.path("d/f")).unwrap();
+    f.write_all(&[7u8; 100_000]).unwrap();
+    f.sync_all().unwrap();
+    let out = snapfs(&["snapshot", "rollback", m.mnt.to_str().unwrap(), "s"]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("open"), "{err}");
+    assert_eq!(fs::metadata(m.path("d/f")).unwrap().len(), 100_000);
+    drop(f);
+    // A process inside a directory the rollback changes keeps a working directory.
+    let script = format!(
+        "cd {d} && touch new && {bin} snapshot rollback {mnt} s >/dev/null && /bin/pwd && ls",
+        d = m.path("d").display(),
+        bin = SNAPFS,
+        mnt = m.mnt.display()
+    );
+    let out = std::process::Command::new("sh")
+        .args(["-c", &script])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let lines: Vec<&str> = stdout.lines().collect();
+    assert_eq!(lines[1..], ["f"], "pwd, then the listing: {stdout}");
+    assert_eq!(fs::read(m.path("d/f")).unwrap(), b"0123456789");
 }
 
 #[test]

@@ -1046,7 +1046,10 @@ impl Inner {
             fh,
             Handle::File {
                 ino,
-                append: flags & libc::O_APPEND != 0,
+                // With the writeback cache the kernel places appends itself, and its
+                // write-back of any page comes at that page's offset, whatever the
+                // handle it goes through.
+                append: flags & libc::O_APPEND != 0 && !self.kernel_times,
             },
         );
         *self.open_count.entry(ino).or_insert(0) += 1;

@@ -355,6 +355,35 @@ impl Inner {
             .epoch;
         self.flush_all()?;
         let live = self.store.live_epoch;
+        if self.kernel_times {
+            // The kernel keeps its own size of an open file and takes none from us:
+            // a file the rollback changes must not be open.
+            let open: BTreeSet<u64> = self
+                .open_count
+                .iter()
+                .filter(|(ino, n)| **n > 0 && **ino < SNAPDIR_INO)
+                .map(|(ino, _)| *ino)
+                .collect();
+            let mut busy = Vec::new();
+            if !open.is_empty() {
+                let txn = self.store.read_txn()?;
+                let t = txn.open_table(CHANGES).map_err(StoreError::from)?;
+                for row in t
+                    .range((snap + 1, 0)..=(live, u64::MAX))
+                    .map_err(StoreError::from)?
+                {
+                    let ino = row.map_err(StoreError::from)?.0.value().1;
+                    if open.contains(&ino) {
+                        busy.push(ino);
+                    }
+                }
+            }
+            for ino in busy {
+                if self.inode(ino)?.kind == FileKind::File {
+                    return err(libc::EBUSY);
+                }
+            }
+        }
         let mut invals = Vec::new();
         self.store.write(true, |w| {
             let mut inos = BTreeSet::new();
@@ -363,9 +392,14 @@ impl Inner {
             }
             for ino in inos {
                 let changes = changed_between(&w.versions, ino, snap, live)?;
-                if changes
-                    .iter()
-                    .any(|c| c.0 == KIND_INODE || c.0 == KIND_BLOCK)
+                let file = match w.get(RecKey::inode(ino))? {
+                    Some(b) => InodeRec::decode(&b)?.kind == FileKind::File,
+                    None => false,
+                };
+                if file
+                    && changes
+                        .iter()
+                        .any(|c| c.0 == KIND_INODE || c.0 == KIND_BLOCK)
                 {
                     // With the writeback cache the kernel keeps its own size of a file
                     // and takes none from us: the inode must go, so its entries go too
