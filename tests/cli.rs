@@ -146,8 +146,11 @@ fn small_reads_verify_the_leaves_they_touch() {
     let data = pattern(9, 1 << 20);
     fs::write(m.path("f"), &data).unwrap();
     drop_caches();
-    // A whole read verifies every block whole and keeps their leaf values.
     assert!(fs::read(m.path("f")).unwrap() == data);
+    drop_caches();
+    // A first small read in block 2 verifies the block whole and keeps its leaf values.
+    let block2 = 2 * 65536u64;
+    assert!(pread_4k(&m.path("f"), block2).unwrap() == data[block2 as usize..][..4096]);
     // Damage one byte of block 2 in place (extents are appended in order: a 16-byte
     // segment header, then a 40-byte header before each 64 KiB extent).
     let seg = m.first_segment();
@@ -164,7 +167,6 @@ fn small_reads_verify_the_leaves_they_touch() {
     f.write_all_at(&[b[0] ^ 0xff], at).unwrap();
     drop(f);
     drop_caches();
-    let block2 = 2 * 65536u64;
     let e = pread_4k(&m.path("f"), block2 + 4096).unwrap_err();
     assert_eq!(
         e.raw_os_error(),

@@ -509,6 +509,18 @@ impl Store {
 
     /// Reads the bytes of extent `rec`, re-verifying its hash.
     pub fn read_extent(&mut self, hash: &[u8; 32], rec: &ExtentRec) -> Result<Vec<u8>, StoreError> {
+        self.read_extent_keeping(hash, rec, false)
+    }
+
+    /// [`Store::read_extent`]; with `leaves`, an extent that splits into leaves is
+    /// checked through them and their values are kept for later small reads (four
+    /// times the hashing of a plain check, so only when a small read asks).
+    fn read_extent_keeping(
+        &mut self,
+        hash: &[u8; 32],
+        rec: &ExtentRec,
+        leaves: bool,
+    ) -> Result<Vec<u8>, StoreError> {
         let data = self.segs.read(rec.segment, rec.offset, rec.len)?;
         let mismatch = || {
             StoreError::Corrupt(format!(
@@ -518,7 +530,7 @@ impl Store {
                 rec.offset
             ))
         };
-        if verify::eligible(data.len()) {
+        if leaves && verify::eligible(data.len()) {
             // One pass gives both the check and the leaf values later small reads use.
             let cvs = verify::leaf_cvs(&data);
             if verify::root_of(&cvs) != *hash {
@@ -551,7 +563,7 @@ impl Store {
         let known =
             partial && verify::eligible(rec.len as usize) && self.outboards.contains_key(hash);
         if !known {
-            let whole = self.read_extent(hash, rec)?;
+            let whole = self.read_extent_keeping(hash, rec, partial)?;
             return Ok(if partial {
                 whole[start..end].to_vec()
             } else {
