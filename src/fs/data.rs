@@ -784,11 +784,11 @@ fn store_dirty(w: &mut Writer<'_>, ino: u64, d: &Dirty, bs: u64) -> FsResult<()>
 }
 
 /// Stores `blocks` of `ino` and its attributes `attr` (if changed) inside a write.
-fn store_blocks(
+fn store_blocks<'a>(
     w: &mut Writer<'_>,
     ino: u64,
     attr: Option<&InodeRec>,
-    blocks: &BlocksIn<'_>,
+    blocks: &BlocksIn<'a>,
     bs: u64,
 ) -> FsResult<()> {
     let size = match attr {
@@ -816,13 +816,12 @@ fn store_blocks(
     {
         return err(libc::ENOSPC);
     }
-    let mut stage = |w: &mut Writer<'_>, data: &[u8], hash: [u8; 32]| -> FsResult<[u8; 32]> {
+    // New extents are appended together once every block is planned.
+    let mut new: Vec<([u8; 32], &[u8])> = Vec::new();
+    let mut stage = |w: &mut Writer<'_>, data: &'a [u8], hash: [u8; 32]| -> FsResult<[u8; 32]> {
         if !staged.contains_key(&hash) && redb::ReadableTable::get(w.extents()?, hash)?.is_none() {
-            let (seg, off) = w
-                .segs
-                .append(&hash, data)
-                .map_err(|e| FsError::Errno(e.errno()))?;
-            staged.insert(hash, (seg, off, data.len() as u32));
+            staged.insert(hash, (0, 0, data.len() as u32));
+            new.push((hash, data));
         }
         Ok(hash)
     };
@@ -862,6 +861,13 @@ fn store_blocks(
         }
         let hash = stage(w, data, hash)?;
         plans.push((idx, prev, Plan::Rec(BlockRec::whole(hash, n as u32))));
+    }
+    let at = w
+        .segs
+        .append_many(&new)
+        .map_err(|e| FsError::Errno(e.errno()))?;
+    for ((hash, data), (seg, off)) in new.iter().zip(at) {
+        staged.insert(*hash, (seg, off, data.len() as u32));
     }
     // Phase 2: metadata only. References move for all blocks at once: one block may
     // let go of an extent another takes.
