@@ -358,6 +358,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let f = OpenOptions::new()
             .create(true)
+            .truncate(true)
             .read(true)
             .write(true)
             .open(dir.path().join("f"))
