@@ -62,12 +62,7 @@ fn kill_9_during_heavy_writes_leaves_a_consistent_store() {
     }
     m.kill9();
     let _ = writer.join();
-    let out = m.fsck();
-    assert!(
-        out.status.success(),
-        "fsck: {}",
-        String::from_utf8_lossy(&out.stdout)
-    );
+    m.assert_fsck_clean();
 }
 
 #[test]

@@ -53,13 +53,7 @@ fn random_offset_writes_match_a_model_and_survive_remount() {
             .wrapping_add(1442695040888963407);
         let off = (x >> 20) % (3 << 20);
         let len = 1 + ((x >> 8) % 200_000) as usize;
-        let data = pattern(i, len);
-        f.write_all_at(&data, off).unwrap();
-        let end = off as usize + len;
-        if model.len() < end {
-            model.resize(end, 0);
-        }
-        model[off as usize..end].copy_from_slice(&data);
+        write_modelled(&f, &mut model, off, &pattern(i, len));
         if i % 50 == 0 {
             let mut back = vec![0u8; model.len()];
             f.read_exact_at(&mut back, 0).unwrap();
@@ -102,13 +96,7 @@ fn small_writes_into_stored_blocks_are_exact_everywhere() {
                 1 + (x >> 40) as usize % 300,
             ),
         };
-        let data = pattern(1000 + i, len);
-        f.write_all_at(&data, off).unwrap();
-        let end = off as usize + len;
-        if model.len() < end {
-            model.resize(end, 0);
-        }
-        model[off as usize..end].copy_from_slice(&data);
+        write_modelled(&f, &mut model, off, &pattern(1000 + i, len));
         if i % 9 == 0 {
             f.sync_data().unwrap();
         }
@@ -152,12 +140,7 @@ fn small_writes_into_stored_blocks_are_exact_everywhere() {
     m.remount();
     check(&m, "after remount");
     m.unmount();
-    let out = m.fsck();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stdout)
-    );
+    m.assert_fsck_clean();
 }
 
 #[test]
@@ -212,12 +195,7 @@ fn bytes_one_block_lets_go_of_and_another_takes_in_one_flush_survive() {
     assert!(back[(1 << 16) + 4096..][..4096] == c[..]);
     assert!(back[4096..8192] == pattern(3, 4096)[..]);
     m.unmount();
-    let out = m.fsck();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stdout)
-    );
+    m.assert_fsck_clean();
 }
 
 #[test]

@@ -110,6 +110,16 @@ impl Mount {
         snapfs(&["fsck", self.store.to_str().unwrap(), "--read-data"])
     }
 
+    /// Asserts that `fsck --read-data` finds the store clean, showing its report if not.
+    pub fn assert_fsck_clean(&self) {
+        let out = self.fsck();
+        assert!(
+            out.status.success(),
+            "fsck: {}",
+            String::from_utf8_lossy(&out.stdout)
+        );
+    }
+
     /// The store's first segment file.
     pub fn first_segment(&self) -> PathBuf {
         let mut segs: Vec<PathBuf> = std::fs::read_dir(self.store.join("segments"))
@@ -162,6 +172,17 @@ pub fn segment_bytes(store: &Path) -> u64 {
         .unwrap()
         .map(|e| e.unwrap().metadata().unwrap().len())
         .sum()
+}
+
+/// Writes `data` at `off` both to `f` and to `model`, the bytes the file should hold.
+pub fn write_modelled(f: &std::fs::File, model: &mut Vec<u8>, off: u64, data: &[u8]) {
+    use std::os::unix::fs::FileExt;
+    f.write_all_at(data, off).unwrap();
+    let end = off as usize + data.len();
+    if model.len() < end {
+        model.resize(end, 0);
+    }
+    model[off as usize..end].copy_from_slice(data);
 }
 
 pub fn create_rw(p: &Path) -> std::fs::File {
