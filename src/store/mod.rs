@@ -600,8 +600,8 @@ const ROLL_DEAD_ACTIVE: u64 = 64 << 20;
 /// segment, offset and length.
 pub type Staged = std::collections::HashMap<[u8; 32], (u64, u64, u32)>;
 
-/// Extents whose leaf values are kept (512 bytes each for 64 KiB blocks).
-const OUTBOARD_MAX: usize = 1 << 16;
+/// Extents whose leaf values are kept (128 bytes each for 64 KiB blocks).
+const OUTBOARD_MAX: usize = 1 << 17;
 
 /// Inode records the cache holds before it starts over.
 const INODE_CACHE_MAX: usize = 1 << 20;
