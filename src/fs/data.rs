@@ -231,17 +231,14 @@ impl Inner {
                 Some(valid) => {
                     // Buffered pages from the buffer, the others from the store.
                     let (p0, p1) = (within / PAGE, (within + n).div_ceil(PAGE));
-                    let mut at = within;
                     for (a, b, held) in page_groups(&valid, p0, p1) {
-                        let (s, e) = (at, (b * PAGE).min(within + n));
-                        debug_assert!(s >= a * PAGE);
+                        let (s, e) = ((a * PAGE).max(within), (b * PAGE).min(within + n));
                         if held {
                             let d = &self.dirty[&ino].blocks[&idx];
                             dst[s - within..e - within].copy_from_slice(&d.data[s..e]);
                         } else if let Some(bytes) = self.stored_range_at(epoch, ino, idx, s, e)? {
                             dst[s - within..e - within].copy_from_slice(&bytes);
                         }
-                        at = e;
                     }
                 }
                 None => {
