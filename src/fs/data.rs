@@ -38,13 +38,21 @@ impl Pages {
 
     /// Maximal runs `[a, b)` of pages below `n` that are in the set (`want`) or not.
     fn runs(&self, n: usize, want: bool) -> Vec<(usize, usize)> {
-        let mut out: Vec<(usize, usize)> = Vec::new();
-        for p in 0..n {
-            if self.get(p) == want {
-                match out.last_mut() {
-                    Some((_, b)) if *b == p => *b = p + 1,
-                    _ => out.push((p, p + 1)),
-                }
+        self.groups(0, n)
+            .into_iter()
+            .filter(|g| g.2 == want)
+            .map(|(a, b, _)| (a, b))
+            .collect()
+    }
+
+    /// Maximal runs `(a, b, held)` of pages in `[p0, p1)` alike in being in the set.
+    fn groups(&self, p0: usize, p1: usize) -> Vec<(usize, usize, bool)> {
+        let mut out: Vec<(usize, usize, bool)> = Vec::new();
+        for p in p0..p1 {
+            let held = self.get(p);
+            match out.last_mut() {
+                Some((_, b, h)) if *h == held => *b = p + 1,
+                _ => out.push((p, p + 1, held)),
             }
         }
         out
@@ -231,7 +239,7 @@ impl Inner {
                 Some(valid) => {
                     // Buffered pages from the buffer, the others from the store.
                     let (p0, p1) = (within / PAGE, (within + n).div_ceil(PAGE));
-                    for (a, b, held) in page_groups(&valid, p0, p1) {
+                    for (a, b, held) in valid.groups(p0, p1) {
                         let (s, e) = ((a * PAGE).max(within), (b * PAGE).min(within + n));
                         if held {
                             let d = &self.dirty[&ino].blocks[&idx];
@@ -269,7 +277,7 @@ impl Inner {
             .checked_add(data.len() as u64)
             .filter(|e| *e <= i64::MAX as u64)
             .ok_or(FsError::Errno(libc::EFBIG))?;
-        let old_rec = rec.clone();
+        let old_size = rec.size;
         rec.size = rec.size.max(end);
         if !self.kernel_times {
             let now = Ts::now();
@@ -288,11 +296,11 @@ impl Inner {
         {
             let head = ((first * bs).min(end) - offset) as usize;
             let tail = ((last * bs).max(offset) - offset) as usize;
-            self.buffer(ino, &old_rec, offset, &data[..head])?;
-            self.buffer(ino, &old_rec, last * bs, &data[tail..])?;
+            self.buffer(ino, old_size, offset, &data[..head])?;
+            self.buffer(ino, old_size, last * bs, &data[tail..])?;
             self.undurable = true;
         } else {
-            self.buffer(ino, &old_rec, offset, data)?;
+            self.buffer(ino, old_size, offset, data)?;
         }
         self.dirty.entry(ino).or_default().attr = Some(rec);
         if self.dirty_bytes > DIRTY_TOTAL_LIMIT {
@@ -333,9 +341,10 @@ impl Inner {
         }
     }
 
-    /// Copies `data` into dirty block buffers of `ino` at `offset`. Only a page the
-    /// write covers in part is read from the store first.
-    fn buffer(&mut self, ino: u64, rec: &InodeRec, offset: u64, data: &[u8]) -> FsResult<()> {
+    /// Copies `data` into dirty block buffers of `ino` (of `size` bytes before this
+    /// write) at `offset`. Only a page the write covers in part is read from the
+    /// store first.
+    fn buffer(&mut self, ino: u64, size: u64, offset: u64, data: &[u8]) -> FsResult<()> {
         let bs = self.bs();
         let mut pos = offset;
         let end = offset + data.len() as u64;
@@ -379,7 +388,7 @@ impl Inner {
                 if covered || valid.get(p) {
                     continue;
                 }
-                let bytes = if idx * bs + (ps as u64) < rec.size {
+                let bytes = if idx * bs + (ps as u64) < size {
                     self.stored_range_at(self.store.live_epoch, ino, idx, ps, pe)?
                 } else {
                     None
@@ -624,7 +633,7 @@ impl Inner {
             let whole = s == idx * bs && e == (idx + 1) * bs;
             if !whole && self.block(ino, idx)?.is_some() {
                 let zeros = vec![0u8; (e - s) as usize];
-                self.buffer(ino, rec, s, &zeros)?;
+                self.buffer(ino, rec.size, s, &zeros)?;
             }
         }
         Ok(())
@@ -731,7 +740,7 @@ impl Inner {
                 drec.size = drec.size.max(o + n);
             } else {
                 let data = self.read(src, i, n as u32)?;
-                self.buffer(dst, &drec, o, &data)?;
+                self.buffer(dst, drec.size, o, &data)?;
                 drec.size = drec.size.max(o + n);
                 // `buffer` needs the size that includes earlier chunks.
                 self.dirty.entry(dst).or_default().attr = Some(drec.clone());
@@ -750,19 +759,6 @@ impl Inner {
 /// Pages of block `idx` below end of file `size`.
 fn needed_pages(idx: u64, bs: u64, size: u64) -> usize {
     (size.saturating_sub(idx * bs).min(bs) as usize).div_ceil(PAGE)
-}
-
-/// Maximal runs `(a, b, held)` of pages in `[p0, p1)` alike in being held in `valid`.
-fn page_groups(valid: &Pages, p0: usize, p1: usize) -> Vec<(usize, usize, bool)> {
-    let mut out: Vec<(usize, usize, bool)> = Vec::new();
-    for p in p0..p1 {
-        let held = valid.get(p);
-        match out.last_mut() {
-            Some((_, b, h)) if *h == held => *b = p + 1,
-            _ => out.push((p, p + 1, held)),
-        }
-    }
-    out
 }
 
 /// Stores buffered blocks and attributes inside a write.
@@ -977,6 +973,6 @@ mod tests {
         assert!(!p.all(3));
         p.set_range(0, 1);
         assert!(p.all(3));
-        assert_eq!(page_groups(&p, 2, 5), vec![(2, 3, true), (3, 5, false)]);
+        assert_eq!(p.groups(2, 5), vec![(2, 3, true), (3, 5, false)]);
     }
 }

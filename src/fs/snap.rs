@@ -358,12 +358,7 @@ impl Inner {
         if self.kernel_times {
             // The kernel keeps its own size of an open file and takes none from us:
             // a file the rollback changes must not be open.
-            let open: BTreeSet<u64> = self
-                .open_count
-                .iter()
-                .filter(|(ino, n)| **n > 0 && **ino < SNAPDIR_INO)
-                .map(|(ino, _)| *ino)
-                .collect();
+            let open: BTreeSet<u64> = self.open_live_inos().into_iter().collect();
             let mut busy = Vec::new();
             if !open.is_empty() {
                 let txn = self.store.read_txn()?;
@@ -459,10 +454,8 @@ impl Inner {
             .epoch)
     }
 
-    /// A path (relative to the root, as bytes) of each live file open now, from the
-    /// first back pointer of each inode up to the root.
-    pub fn open_file_paths(&mut self) -> FsResult<Vec<Vec<u8>>> {
-        let live = self.store.live_epoch;
+    /// The live inodes open now, in order.
+    fn open_live_inos(&self) -> Vec<u64> {
         let mut inos: Vec<u64> = self
             .open_count
             .iter()
@@ -470,6 +463,14 @@ impl Inner {
             .map(|(ino, _)| *ino)
             .collect();
         inos.sort_unstable();
+        inos
+    }
+
+    /// A path (relative to the root, as bytes) of each live file open now, from the
+    /// first back pointer of each inode up to the root.
+    pub fn open_file_paths(&mut self) -> FsResult<Vec<Vec<u8>>> {
+        let live = self.store.live_epoch;
+        let inos = self.open_live_inos();
         let mut out = Vec::new();
         'files: for ino in inos {
             let mut parts: Vec<Vec<u8>> = Vec::new();
