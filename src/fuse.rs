@@ -85,6 +85,7 @@ fn caller(req: &Request) -> Caller {
     Caller {
         uid: req.uid(),
         gid: req.gid(),
+        pid: req.pid(),
     }
 }
 
@@ -125,6 +126,9 @@ impl Filesystem for SnapFuse {
             InitFlags::FUSE_DO_READDIRPLUS,
             InitFlags::FUSE_READDIRPLUS_AUTO,
             InitFlags::FUSE_CACHE_SYMLINKS,
+            // Set-id bits are ours to drop on write, truncate and chown. In return the
+            // kernel stops asking for security.capability before every write.
+            InitFlags::FUSE_HANDLE_KILLPRIV_V2,
         ] {
             if let Err(missing) = config.add_capabilities(flag) {
                 tracing::warn!(?missing, "kernel lacks a FUSE capability");
@@ -402,7 +406,7 @@ impl Filesystem for SnapFuse {
         fh: FileHandle,
         offset: u64,
         data: &[u8],
-        _write_flags: WriteFlags,
+        write_flags: WriteFlags,
         _flags: OpenFlags,
         _lock_owner: Option<LockOwner>,
         reply: ReplyWrite,
@@ -412,7 +416,16 @@ impl Filesystem for SnapFuse {
         reply!(
             reply,
             "write",
-            self.fs.lock().write(fh.0, ino.0, offset, data),
+            {
+                let mut fs = self.fs.lock();
+                // The kernel checked the writer's CAP_FSETID before setting the flag.
+                fs.write(fh.0, ino.0, offset, data).and_then(|n| {
+                    if write_flags.contains(WriteFlags::FUSE_WRITE_KILL_SUIDGID) {
+                        fs.drop_setid(ino.0, None)?;
+                    }
+                    Ok(n)
+                })
+            },
             |n| reply.written(n)
         )
     }
@@ -666,7 +679,7 @@ impl Filesystem for SnapFuse {
 
     fn fallocate(
         &self,
-        _req: &Request,
+        req: &Request,
         ino: INodeNo,
         fh: FileHandle,
         offset: u64,
@@ -679,7 +692,11 @@ impl Filesystem for SnapFuse {
         reply!(
             reply,
             "fallocate",
-            self.fs.lock().fallocate(ino.0, offset, length, mode),
+            {
+                let mut fs = self.fs.lock();
+                fs.fallocate(ino.0, offset, length, mode)
+                    .and_then(|()| fs.drop_setid(ino.0, Some(caller(req))))
+            },
             |_v| reply.ok()
         )
     }

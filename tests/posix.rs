@@ -605,6 +605,88 @@ fn permissions_hold_for_an_unprivileged_user() {
     );
 }
 
+/// The kernel leaves set-id bits to snapfs (FUSE_HANDLE_KILLPRIV_V2): a write,
+/// truncate or fallocate by a caller without CAP_FSETID drops them, as does any chown of
+/// a file; set-group-id without group execute and directories keep theirs.
+#[test]
+fn set_id_bits_drop_as_on_a_local_filesystem() {
+    let m = Mount::new();
+    fs::set_permissions(&m.mnt, fs::Permissions::from_mode(0o777)).unwrap();
+    let mode = |n: &str| fs::metadata(m.path(n)).unwrap().mode() & 0o7777;
+    let make = |n: &str, perm: u32, owner: Option<u32>| {
+        fs::write(m.path(n), b"data").unwrap();
+        if let Some(uid) = owner {
+            std::os::unix::fs::chown(m.path(n), Some(uid), None).unwrap();
+        }
+        fs::set_permissions(m.path(n), fs::Permissions::from_mode(perm)).unwrap();
+        assert_eq!(mode(n), perm, "{n} set up");
+    };
+    let nobody = |script: &str| {
+        let o = as_nobody(script);
+        assert!(
+            o.status.success(),
+            "{script}: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+    };
+    let q = |s: &str| m.path(s).display().to_string();
+
+    make("w", 0o4755, Some(65534));
+    nobody(&format!("echo x >> {}", q("w")));
+    assert_eq!(mode("w"), 0o755, "write by the owner, unprivileged");
+    make("rw", 0o6775, None);
+    fs::OpenOptions::new()
+        .append(true)
+        .open(m.path("rw"))
+        .unwrap()
+        .write_all(b"x")
+        .unwrap();
+    assert_eq!(mode("rw"), 0o6775, "root holds CAP_FSETID");
+
+    make("t", 0o6777, None);
+    nobody(&format!("truncate -s 100 {}", q("t")));
+    assert_eq!(mode("t"), 0o777, "truncate by nobody");
+    assert_eq!(fs::metadata(m.path("t")).unwrap().len(), 100);
+    make("rt", 0o6755, None);
+    fs::OpenOptions::new()
+        .write(true)
+        .open(m.path("rt"))
+        .unwrap()
+        .set_len(1)
+        .unwrap();
+    assert_eq!(mode("rt"), 0o6755, "truncate by root");
+    make("o", 0o4777, None);
+    nobody(&format!("echo y > {}", q("o")));
+    assert_eq!(mode("o"), 0o777, "O_TRUNC open by nobody");
+    make("f", 0o4755, Some(65534));
+    nobody(&format!("fallocate -l 8192 {}", q("f")));
+    assert_eq!(mode("f"), 0o755, "fallocate by nobody");
+
+    make("c", 0o6755, None);
+    std::os::unix::fs::chown(m.path("c"), Some(65534), None).unwrap();
+    assert_eq!(mode("c"), 0o755, "chown by root drops both");
+    make("g", 0o2745, None);
+    std::os::unix::fs::chown(m.path("g"), None, Some(65534)).unwrap();
+    assert_eq!(
+        mode("g"),
+        0o2745,
+        "set-group-id without group execute stays"
+    );
+    fs::create_dir(m.path("d")).unwrap();
+    fs::set_permissions(m.path("d"), fs::Permissions::from_mode(0o6775)).unwrap();
+    std::os::unix::fs::chown(m.path("d"), Some(65534), None).unwrap();
+    assert_eq!(mode("d"), 0o6775, "directories keep theirs");
+
+    // All of it is stored, not only cached by the kernel.
+    let mut m = m;
+    m.remount();
+    let mode = |n: &str| fs::metadata(m.path(n)).unwrap().mode() & 0o7777;
+    assert_eq!(
+        ["w", "rw", "t", "rt", "o", "f", "c", "g"].map(mode),
+        [0o755, 0o6775, 0o777, 0o6755, 0o777, 0o755, 0o755, 0o2745]
+    );
+}
+
 #[test]
 fn default_acls_are_inherited_and_enforced() {
     let m = Mount::new();

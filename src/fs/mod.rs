@@ -123,6 +123,38 @@ pub struct Caller {
     pub uid: u32,
     /// Effective gid.
     pub gid: u32,
+    /// The calling thread, for the capability check of [`Caller::has_fsetid`].
+    pub pid: u32,
+}
+
+impl Caller {
+    /// Whether the caller holds CAP_FSETID, which keeps set-id bits through writes and
+    /// truncates. Read from `/proc` only when a set-id file is changed; a caller whose
+    /// entry cannot be read is taken not to hold it, so the bits are dropped.
+    pub fn has_fsetid(&self) -> bool {
+        const CAP_FSETID: u32 = 4;
+        let Ok(status) = std::fs::read_to_string(format!("/proc/{}/status", self.pid)) else {
+            return false;
+        };
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("CapEff:"))
+            .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
+            .is_some_and(|caps| caps & (1 << CAP_FSETID) != 0)
+    }
+}
+
+/// The set-id bits that a write, truncate or chown of a file removes from `perm`:
+/// set-user-id always, set-group-id when group execute is also set (without it, the bit
+/// marks mandatory locking and stays).
+fn killed_setid(perm: u32) -> u32 {
+    let sgid = libc::S_ISGID | libc::S_IXGRP;
+    (perm & libc::S_ISUID)
+        | if perm & sgid == sgid {
+            libc::S_ISGID
+        } else {
+            0
+        }
 }
 
 /// An inode and its attributes as the kernel should see them.
@@ -507,9 +539,23 @@ impl Inner {
     }
 
     /// Changes attributes.
+    ///
+    /// The kernel leaves set-id bits to us (FUSE_HANDLE_KILLPRIV_V2), so a change of
+    /// owner or group drops them, as does a truncate by a caller without CAP_FSETID,
+    /// unless the same call sets the mode.
     pub fn setattr(&mut self, ino: u64, caller: Caller, set: SetAttr) -> FsResult<Attr> {
-        let _ = caller;
         let ino = live(ino)?;
+        let mut kill = 0;
+        if set.mode.is_none() && (set.size.is_some() || set.uid.is_some() || set.gid.is_some()) {
+            let rec = self.inode(ino)?;
+            if rec.kind != FileKind::Dir {
+                kill = killed_setid(rec.perm);
+                let chown = set.uid.is_some() || set.gid.is_some();
+                if kill != 0 && !chown && caller.has_fsetid() {
+                    kill = 0;
+                }
+            }
+        }
         if let Some(size) = set.size {
             let rec = self.inode(ino)?;
             match rec.kind {
@@ -527,6 +573,7 @@ impl Inner {
             if let Some(mode) = set.mode {
                 r.perm = mode & 0o7777;
             }
+            r.perm &= !kill;
             if let Some(uid) = set.uid {
                 r.uid = uid;
             }
@@ -545,6 +592,21 @@ impl Inner {
             r.ctime = set.ctime.unwrap_or(now);
             Ok(())
         })
+    }
+
+    /// Drops the set-id bits of file `ino` after a write or fallocate by a caller without
+    /// CAP_FSETID (the kernel flags such writes; see [`Inner::setattr`]).
+    pub fn drop_setid(&mut self, ino: u64, caller: Option<Caller>) -> FsResult<()> {
+        let ino = live(ino)?;
+        let kill = killed_setid(self.inode(ino)?.perm);
+        if kill != 0 && !caller.is_some_and(|c| c.has_fsetid()) {
+            self.modify_inode(ino, |r| {
+                r.perm &= !kill;
+                r.ctime = Ts::now();
+                Ok(())
+            })?;
+        }
+        Ok(())
     }
 
     /// The target of symlink `fino`.
