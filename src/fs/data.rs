@@ -12,6 +12,8 @@
 
 use super::*;
 use crate::store::{Staged, newest, visible};
+use std::mem::MaybeUninit;
+use std::ops::Range;
 
 /// Fragments a block may carry before a flush folds it back into one extent.
 pub const MAX_FRAGS: usize = 8;
@@ -59,18 +61,97 @@ impl Pages {
     }
 }
 
-/// A buffered block: `data` is a whole block, of which the pages in `valid` hold the
+/// A buffered block: room for a whole block, of which the pages in `valid` hold the
 /// file's bytes; the others are still read from the store.
-#[derive(Clone, Debug)]
+///
+/// Most buffers hold a page or two of a 64 KiB block, so the room is not zeroed: only
+/// the pages in `valid` are initialised, and every method keeps it so.
 pub(super) struct DBlock {
-    data: Vec<u8>,
+    data: Box<[MaybeUninit<u8>]>,
     valid: Pages,
+}
+
+impl std::fmt::Debug for DBlock {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DBlock")
+            .field("len", &self.data.len())
+            .field("valid", &self.valid)
+            .finish()
+    }
 }
 
 impl DBlock {
     /// The pages of a `bs`-byte block.
     fn pages(bs: u64) -> usize {
         (bs as usize).div_ceil(PAGE)
+    }
+
+    /// A buffer of a `bs`-byte block holding no page yet.
+    fn empty(bs: u64) -> DBlock {
+        DBlock {
+            data: Box::new_uninit_slice(bs as usize),
+            valid: Pages::default(),
+        }
+    }
+
+    /// A buffer holding all of `data`, a whole block.
+    fn whole(data: Vec<u8>) -> DBlock {
+        let mut valid = Pages::default();
+        valid.set_range(0, data.len().div_ceil(PAGE));
+        let data = Box::into_raw(data.into_boxed_slice()) as *mut [MaybeUninit<u8>];
+        DBlock {
+            // SAFETY: the pointer comes from a Box of the same length, and
+            // MaybeUninit<u8> has the layout of u8.
+            data: unsafe { Box::from_raw(data) },
+            valid,
+        }
+    }
+
+    /// The pages `[a, b)` that bytes `r` touch.
+    fn pages_of(r: &Range<usize>) -> (usize, usize) {
+        (r.start / PAGE, r.end.div_ceil(PAGE))
+    }
+
+    /// Bytes `r`, all in held pages.
+    fn bytes(&self, r: Range<usize>) -> &[u8] {
+        let (a, b) = Self::pages_of(&r);
+        assert!((a..b).all(|p| self.valid.get(p)), "read of a page not held");
+        let part = &self.data[r];
+        // SAFETY: every page in `valid` is initialised (see the type), and `part` lies
+        // in such pages.
+        unsafe { std::slice::from_raw_parts(part.as_ptr().cast::<u8>(), part.len()) }
+    }
+
+    /// Copies `bytes` in at `at`. A page the copy covers in part must be held already;
+    /// the pages it touches are held afterwards.
+    fn put(&mut self, at: usize, bytes: &[u8]) {
+        let r = at..at + bytes.len();
+        let (a, b) = Self::pages_of(&r);
+        let whole =
+            |p: usize| r.start <= p * PAGE && r.end >= ((p + 1) * PAGE).min(self.data.len());
+        assert!(
+            [a, b - 1].iter().all(|&p| whole(p) || self.valid.get(p)),
+            "partial write into a page not held"
+        );
+        let dst = &mut self.data[r];
+        // SAFETY: `dst` and `bytes` have the same length, and a shared and a mutable
+        // borrow cannot overlap.
+        unsafe {
+            std::ptr::copy_nonoverlapping(bytes.as_ptr(), dst.as_mut_ptr().cast(), bytes.len())
+        };
+        self.valid.set_range(a, b);
+    }
+
+    /// Page `p` holds `bytes` (a whole page), or zeros.
+    fn put_page(&mut self, p: usize, bytes: Option<&[u8]>) {
+        let r = p * PAGE..((p + 1) * PAGE).min(self.data.len());
+        match bytes {
+            Some(b) => self.put(r.start, b),
+            None => {
+                self.data[r].fill(MaybeUninit::new(0));
+                self.valid.set_range(p, p + 1);
+            }
+        }
     }
 }
 
@@ -142,7 +223,7 @@ impl Inner {
         let b = &self.dirty[&ino].blocks[&idx];
         for (p0, p1) in valid.runs(DBlock::pages(bs), true) {
             let r = p0 * PAGE..(p1 * PAGE).min(bs as usize);
-            out[r.clone()].copy_from_slice(&b.data[r]);
+            out[r.clone()].copy_from_slice(b.bytes(r));
         }
         Ok(Some(out))
     }
@@ -243,7 +324,7 @@ impl Inner {
                         let (s, e) = ((a * PAGE).max(within), (b * PAGE).min(within + n));
                         if held {
                             let d = &self.dirty[&ino].blocks[&idx];
-                            dst[s - within..e - within].copy_from_slice(&d.data[s..e]);
+                            dst[s - within..e - within].copy_from_slice(d.bytes(s..e));
                         } else if let Some(bytes) = self.stored_range_at(epoch, ino, idx, s, e)? {
                             dst[s - within..e - within].copy_from_slice(&bytes);
                         }
@@ -328,7 +409,7 @@ impl Inner {
         let blocks: Vec<_> = idxs
             .map(|idx| {
                 let at = (idx * bs - offset) as usize;
-                (idx, &data[at..at + bs as usize], None)
+                (idx, Src::Bytes(&data[at..at + bs as usize]))
             })
             .collect();
         match self
@@ -361,17 +442,9 @@ impl Inner {
             if !have {
                 let b = if n as u64 == bs {
                     // A whole block: take the bytes as they are, nothing to merge.
-                    let mut valid = Pages::default();
-                    valid.set_range(0, DBlock::pages(bs));
-                    DBlock {
-                        data: chunk.to_vec(),
-                        valid,
-                    }
+                    DBlock::whole(chunk.to_vec())
                 } else {
-                    DBlock {
-                        data: vec![0u8; bs as usize],
-                        valid: Pages::default(),
-                    }
+                    DBlock::empty(bs)
                 };
                 self.dirty.entry(ino).or_default().blocks.insert(idx, b);
                 self.dirty_bytes += bs as usize;
@@ -398,19 +471,14 @@ impl Inner {
                     .get_mut(&ino)
                     .and_then(|d| d.blocks.get_mut(&idx))
                     .expect("inserted above");
-                match bytes {
-                    Some(bytes) => b.data[ps..pe].copy_from_slice(&bytes),
-                    None => b.data[ps..pe].fill(0),
-                }
-                b.valid.set_range(p, p + 1);
+                b.put_page(p, bytes.as_deref());
             }
             let b = self
                 .dirty
                 .get_mut(&ino)
                 .and_then(|d| d.blocks.get_mut(&idx))
                 .expect("inserted above");
-            b.data[within..within + n].copy_from_slice(chunk);
-            b.valid.set_range(p0, p1);
+            b.put(within, chunk);
         }
         Ok(())
     }
@@ -492,8 +560,7 @@ impl Inner {
                     .get_mut(&ino)
                     .and_then(|d| d.blocks.get_mut(&idx))
                     .expect("listed above");
-                b.data = whole;
-                b.valid.set_range(0, DBlock::pages(bs));
+                *b = DBlock::whole(whole);
             }
         }
         Ok(())
@@ -549,9 +616,7 @@ impl Inner {
                     {
                         self.dirty_bytes += bs as usize;
                     }
-                    let mut valid = Pages::default();
-                    valid.set_range(0, DBlock::pages(bs));
-                    let b = DBlock { data: b, valid };
+                    let b = DBlock::whole(b);
                     self.dirty.entry(ino).or_default().blocks.insert(idx, b);
                 }
             }
@@ -761,17 +826,24 @@ fn needed_pages(idx: u64, bs: u64, size: u64) -> usize {
     (size.saturating_sub(idx * bs).min(bs) as usize).div_ceil(PAGE)
 }
 
-/// Stores buffered blocks and attributes inside a write.
-/// Blocks to store: index, bytes (a whole block) and the pages of them that hold the
-/// file's data (`None`: all of them).
-type BlocksIn<'a> = [(u64, &'a [u8], Option<&'a Pages>)];
+/// Where the bytes of a block to store come from.
+#[derive(Clone, Copy)]
+enum Src<'a> {
+    /// A whole block, straight from a write request.
+    Bytes(&'a [u8]),
+    /// A buffer, which may hold some pages only.
+    Buf(&'a DBlock),
+}
+
+/// Blocks to store: index and bytes.
+type BlocksIn<'a> = [(u64, Src<'a>)];
 
 /// Stores the buffered blocks and attributes of `d` inside a write.
 fn store_dirty(w: &mut Writer<'_>, ino: u64, d: &Dirty, bs: u64) -> FsResult<()> {
     let blocks: Vec<_> = d
         .blocks
         .iter()
-        .map(|(idx, b)| (*idx, &b.data[..], Some(&b.valid)))
+        .map(|(idx, b)| (*idx, Src::Buf(b)))
         .collect();
     store_blocks(w, ino, d.attr.as_ref(), &blocks, bs)
 }
@@ -818,7 +890,7 @@ fn store_blocks<'a>(
         }
         Ok(hash)
     };
-    for &(idx, buf, valid) in blocks {
+    for &(idx, src) in blocks {
         let n = (size.saturating_sub(idx * bs).min(bs)) as usize;
         let pages = n.div_ceil(PAGE);
         let prev = newest(&w.versions, RecKey::block(ino, idx), w.live)?;
@@ -826,22 +898,27 @@ fn store_blocks<'a>(
             Some((_, Some(v))) => Some(BlockRec::decode(v)?),
             _ => None,
         };
-        if let Some(valid) = valid.filter(|v| !v.all(pages)) {
+        if let Src::Buf(buf) = src
+            && !buf.valid.all(pages)
+        {
             // Some pages only: a fragment per run of them over the stored block.
             let mut rec = old.unwrap_or(BlockRec {
                 hash: [0; 32],
                 len: 0,
                 frags: Vec::new(),
             });
-            for (a, b) in valid.runs(pages, true) {
-                let bytes = &buf[a * PAGE..(b * PAGE).min(n)];
+            for (a, b) in buf.valid.runs(pages, true) {
+                let bytes = buf.bytes(a * PAGE..(b * PAGE).min(n));
                 let hash = stage(w, bytes, *blake3::hash(bytes).as_bytes())?;
                 rec.frags = overlay(&rec.frags, a as u16, (b - a) as u16, hash);
             }
             plans.push((idx, prev, Plan::Rec(rec)));
             continue;
         }
-        let data = &buf[..n];
+        let data = match src {
+            Src::Bytes(b) => &b[..n],
+            Src::Buf(b) => b.bytes(0..n),
+        };
         if n == 0 || data.iter().all(|&b| b == 0) {
             plans.push((idx, prev, Plan::Hole));
             continue;
