@@ -254,6 +254,23 @@ impl Inner {
         end: usize,
     ) -> FsResult<Option<Vec<u8>>> {
         let end = end.min(self.bs() as usize);
+        let mut out = vec![0u8; end.saturating_sub(start)];
+        Ok(self
+            .stored_into(epoch, ino, idx, start, &mut out)?
+            .then_some(out))
+    }
+
+    /// Reads bytes `[start, start + dst.len())` of stored block `idx` of `ino` at
+    /// `epoch` into `dst`, which holds zeros; `false` for a hole (nothing read).
+    fn stored_into(
+        &mut self,
+        epoch: u64,
+        ino: u64,
+        idx: u64,
+        start: usize,
+        dst: &mut [u8],
+    ) -> FsResult<bool> {
+        let end = start + dst.len();
         // (block offset, length, extent hash, extent row, offset in the extent)
         let mut parts = Vec::new();
         {
@@ -261,7 +278,7 @@ impl Inner {
             let t = txn.open_table(VERSIONS).map_err(StoreError::from)?;
             let b = match visible(&t, RecKey::block(ino, idx), epoch)? {
                 Some(b) => BlockRec::decode(&b)?,
-                None => return Ok(None),
+                None => return Ok(false),
             };
             let e = txn.open_table(EXTENTS).map_err(StoreError::from)?;
             for (off, len, src) in b.pieces(start, end) {
@@ -282,15 +299,12 @@ impl Inner {
                 parts.push((off, len, hash, ext, eoff));
             }
         }
-        let mut out = vec![0u8; end.saturating_sub(start)];
         for (off, len, hash, ext, eoff) in parts {
             // A short extent (a tail) yields fewer bytes; the rest stays zero.
-            let bytes = self
-                .store
-                .read_extent_range(&hash, &ext, eoff, eoff + len)?;
-            out[off - start..][..bytes.len()].copy_from_slice(&bytes);
+            self.store
+                .read_extent_into(&hash, &ext, eoff, eoff + len, &mut dst[off - start..])?;
         }
-        Ok(Some(out))
+        Ok(true)
     }
 
     /// Reads up to `size` bytes at `offset`.
@@ -325,15 +339,13 @@ impl Inner {
                         if held {
                             let d = &self.dirty[&ino].blocks[&idx];
                             dst[s - within..e - within].copy_from_slice(d.bytes(s..e));
-                        } else if let Some(bytes) = self.stored_range_at(epoch, ino, idx, s, e)? {
-                            dst[s - within..e - within].copy_from_slice(&bytes);
+                        } else {
+                            self.stored_into(epoch, ino, idx, s, &mut dst[s - within..e - within])?;
                         }
                     }
                 }
                 None => {
-                    if let Some(b) = self.stored_range_at(epoch, ino, idx, within, within + n)? {
-                        dst.copy_from_slice(&b);
-                    }
+                    self.stored_into(epoch, ino, idx, within, dst)?;
                 }
             }
             pos += n as u64;

@@ -522,6 +522,19 @@ impl Store {
         leaves: bool,
     ) -> Result<Vec<u8>, StoreError> {
         let data = self.segs.read(rec.segment, rec.offset, rec.len)?;
+        self.check_extent(hash, rec, &data, leaves)?;
+        Ok(data)
+    }
+
+    /// Checks `data`, read from extent `rec`, against `hash`; see
+    /// [`Store::read_extent_keeping`] for `leaves`.
+    fn check_extent(
+        &mut self,
+        hash: &[u8; 32],
+        rec: &ExtentRec,
+        data: &[u8],
+        leaves: bool,
+    ) -> Result<(), StoreError> {
         let mismatch = || {
             StoreError::Corrupt(format!(
                 "extent {} in segment {:016x} at {} does not match its hash",
@@ -532,7 +545,7 @@ impl Store {
         };
         if leaves && verify::eligible(data.len()) {
             // One pass gives both the check and the leaf values later small reads use.
-            let cvs = verify::leaf_cvs(&data);
+            let cvs = verify::leaf_cvs(data);
             if verify::root_of(&cvs) != *hash {
                 return Err(mismatch());
             }
@@ -540,10 +553,37 @@ impl Store {
                 self.outboards.clear();
             }
             self.outboards.insert(*hash, cvs.into_boxed_slice());
-        } else if blake3::hash(&data).as_bytes() != hash {
+        } else if blake3::hash(data).as_bytes() != hash {
             return Err(mismatch());
         }
-        Ok(data)
+        Ok(())
+    }
+
+    /// Reads bytes `[start, end)` of extent `rec` into the front of `dst`, verified:
+    /// through the leaves that hold them when the extent's leaf values are known, else
+    /// by reading it whole. Returns how many bytes it read (fewer at the extent's end).
+    pub fn read_extent_into(
+        &mut self,
+        hash: &[u8; 32],
+        rec: &ExtentRec,
+        start: usize,
+        end: usize,
+        dst: &mut [u8],
+    ) -> Result<usize, StoreError> {
+        let end = end.min(rec.len as usize);
+        if start >= end {
+            return Ok(0);
+        }
+        let n = end - start;
+        if start == 0 && end == rec.len as usize {
+            // The whole extent, straight into place.
+            let dst = &mut dst[..n];
+            self.segs.read_into(rec.segment, rec.offset, dst)?;
+            self.check_extent(hash, rec, dst, false)?;
+        } else {
+            dst[..n].copy_from_slice(&self.read_extent_range(hash, rec, start, end)?);
+        }
+        Ok(n)
     }
 
     /// Reads bytes `[start, end)` of extent `rec`, verified: through the leaves that

@@ -255,17 +255,23 @@ impl Segments {
     /// Reads `len` bytes of extent data at `offset` of segment `id`.
     pub fn read(&mut self, id: u64, offset: u64, len: u32) -> Result<Vec<u8>, StoreError> {
         let mut buf = vec![0u8; len as usize];
+        self.read_into(id, offset, &mut buf)?;
+        Ok(buf)
+    }
+
+    /// Fills `buf` from segment `id` at `offset`.
+    pub fn read_into(&mut self, id: u64, offset: u64, buf: &mut [u8]) -> Result<(), StoreError> {
         let f = self.file(id)?;
-        f.read_exact_at(&mut buf, offset).map_err(|e| {
+        f.read_exact_at(buf, offset).map_err(|e| {
             if e.kind() == io::ErrorKind::UnexpectedEof {
                 StoreError::Corrupt(format!(
-                    "extent at {offset}+{len} is past the end of segment {id:016x}"
+                    "extent at {offset}+{} is past the end of segment {id:016x}",
+                    buf.len()
                 ))
             } else {
                 e.into()
             }
-        })?;
-        Ok(buf)
+        })
     }
 
     /// Makes every appended extent durable (`fdatasync`), and the directory entries of
