@@ -22,6 +22,11 @@ pub const SOCKET: &str = "snapfs.sock";
 pub const PIDFILE: &str = "snapfs.pid";
 
 /// Parsed `-o` options.
+/// See [`MountOptions::bdi_max_ratio`]. At the kernel's 1% (about 47 MiB of dirty
+/// pages with 24 GiB of memory), a streaming writer is throttled down to the pace of
+/// single requests; 10% measured 1.4x faster sequential writes.
+pub const DEFAULT_BDI_MAX_RATIO: u32 = 10;
+
 #[derive(Debug, Default)]
 pub struct MountOptions {
     /// The mount source shown in /proc/mounts (`source=` or `fsname=`).
@@ -36,6 +41,9 @@ pub struct MountOptions {
     pub hide_snapdir: bool,
     /// Let the kernel cache writes (FUSE writeback cache; `nowriteback` turns it off).
     pub writeback: bool,
+    /// The share, in percent, of the system's dirty-page limit that the kernel may hold
+    /// for this mount (`bdi_max_ratio=`; the kernel gives a FUSE mount 1).
+    pub bdi_max_ratio: u32,
     /// Take a scheduled snapshot this often.
     pub snapshot_every: Option<Duration>,
     /// Retention for scheduled snapshots.
@@ -49,6 +57,7 @@ impl MountOptions {
         let mut o = MountOptions {
             threads: 1,
             writeback: true,
+            bdi_max_ratio: DEFAULT_BDI_MAX_RATIO,
             ..Default::default()
         };
         for opt in opts
@@ -90,6 +99,17 @@ impl MountOptions {
                 ("dirsync", None) => o.flags.push(M::DirSync),
                 ("sync", None) => o.flags.push(M::Sync),
                 ("async", None) => o.flags.push(M::Async),
+                ("bdi_max_ratio", Some(v)) => {
+                    o.bdi_max_ratio = v
+                        .parse()
+                        .ok()
+                        .filter(|n| (1..=100).contains(n))
+                        .with_context(|| {
+                            format!(
+                                "mount option bdi_max_ratio={v}: want a percentage from 1 to 100"
+                            )
+                        })?
+                }
                 ("writeback", None) => o.writeback = true,
                 ("nowriteback", None) => o.writeback = false,
                 ("snapdir", Some("hidden")) => o.hide_snapdir = true,
@@ -112,16 +132,27 @@ impl MountOptions {
 
 /// Whether `path` is a mount point, from /proc/self/mountinfo.
 pub fn is_mounted(path: &Path) -> bool {
-    let Ok(info) = std::fs::read_to_string("/proc/self/mountinfo") else {
-        return false;
-    };
-    info.lines().any(|l| {
-        l.split(' ')
-            .nth(4)
-            .is_some_and(|mp| Path::new(&unescape_mount(mp)) == path)
-    })
+    mounts().iter().any(|(_, mp)| mp == path)
 }
 
+/// Every mount as (device number `major:minor`, mount point), from
+/// /proc/self/mountinfo, in its order (a later mount on a path hides an earlier one).
+fn mounts() -> Vec<(String, PathBuf)> {
+    let Ok(info) = std::fs::read_to_string("/proc/self/mountinfo") else {
+        return Vec::new();
+    };
+    // Fields: id, parent, major:minor, root, mount point, ...
+    info.lines()
+        .filter_map(|l| {
+            let mut f = l.split(' ').skip(2);
+            let dev = f.next()?;
+            let mp = f.nth(1)?;
+            Some((dev.to_string(), PathBuf::from(unescape_mount(mp))))
+        })
+        .collect()
+}
+
+/// A mountinfo path with its octal escapes (`\040` for a space) decoded.
 fn unescape_mount(s: &str) -> String {
     let b = s.as_bytes();
     let mut out = Vec::with_capacity(b.len());
@@ -227,6 +258,11 @@ pub fn mount(
     let fuse = SnapFuse::new(fs.clone(), options.writeback);
     let mut session = fuser::Session::new(fuse, &mp, &config)
         .with_context(|| format!("cannot mount on {}", mp.display()))?;
+    if options.writeback
+        && let Err(e) = set_bdi_max_ratio(&mp, options.bdi_max_ratio)
+    {
+        tracing::warn!(error = %e, "cannot raise the mount's share of dirty pages");
+    }
     let ready = if foreground {
         None
     } else {
@@ -454,6 +490,21 @@ fn spawn_flusher(fs: Arc<Fs>, stop: Arc<AtomicBool>) -> std::thread::JoinHandle<
             }
         })
         .expect("spawning the flusher thread")
+}
+
+/// Sets the `max_ratio` of the kernel's writeback accounting (its "bdi") for the mount
+/// at `mp`: how much of the system's dirty-page limit its cached writes may take. The
+/// mount's device number comes from /proc/self/mountinfo, since a `stat` of the mount
+/// would wait for a session that is not running yet.
+fn set_bdi_max_ratio(mp: &Path, ratio: u32) -> anyhow::Result<()> {
+    let (dev, _) = mounts()
+        .into_iter()
+        .rfind(|(_, p)| p == mp)
+        .with_context(|| format!("{} is not in /proc/self/mountinfo", mp.display()))?;
+    let knob = format!("/sys/class/bdi/{dev}/max_ratio");
+    std::fs::write(&knob, format!("{ratio}\n")).with_context(|| format!("writing {knob}"))?;
+    tracing::debug!(knob, ratio, "mount's share of dirty pages set");
+    Ok(())
 }
 
 /// `syncfs(2)` on the filesystem mounted at `mp`: the kernel writes back its dirty

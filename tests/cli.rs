@@ -179,3 +179,33 @@ fn small_reads_verify_the_leaves_they_touch() {
         "other leaves still read"
     );
 }
+
+/// The mount's share of the kernel's dirty pages: 10% by default, `bdi_max_ratio=`
+/// otherwise, and a bad value refused before anything is mounted.
+#[test]
+fn the_mount_sets_its_share_of_dirty_pages() {
+    use std::os::unix::fs::MetadataExt;
+    let ratio = |m: &Mount| {
+        let dev = std::fs::metadata(&m.mnt).unwrap().dev();
+        let (major, minor) = (libc::major(dev), libc::minor(dev));
+        std::fs::read_to_string(format!("/sys/class/bdi/{major}:{minor}/max_ratio"))
+            .unwrap()
+            .trim()
+            .to_string()
+    };
+    let m = Mount::new();
+    assert_eq!(ratio(&m), "10");
+    drop(m);
+    let m = Mount::with_options(&["bdi_max_ratio=3"]);
+    assert_eq!(ratio(&m), "3");
+    fails_with(
+        &[
+            "mount",
+            "-o",
+            "bdi_max_ratio=0",
+            m.store.to_str().unwrap(),
+            "/nonexistent",
+        ],
+        "bdi_max_ratio=0: want a percentage from 1 to 100",
+    );
+}
