@@ -228,7 +228,9 @@ def section(meta, targets, results, table_md, status, svg_rel):
         "**passthrough_ll** libfuse's low-level passthrough example over an ext4 directory with "
         "`-o writeback,cache=always` (FUSE's own ceiling); **bindfs** `--multithreaded -o big_writes` over an ext4 "
         "directory; **snapfs-ext4** snapfs with its store on ext4; **snapfs-tmpfs** snapfs with its store on a tmpfs "
-        "(its CPU cost alone). Every run of every workload gets a fresh target: mounted anew, empty.",
+        "(its CPU cost alone). Every run of every workload gets a fresh target: mounted anew, empty. "
+        "Runs go in rounds (run 1 of every target, then run 2, ...), so that a slow spell of the machine "
+        "does not fall on every run of one target.",
         "",
         f"Workloads: fio (buffered, `end_fsync=1` on writes, the fsync inside the figure; sequential on a "
         f"{human(cfg['seq_size'])} file, cold = after `echo 3 > drop_caches`; random: {human(cfg['rand_io'])} of 4 KiB I/O over a "
