@@ -34,6 +34,7 @@ apt_packages=(
     fuse3 libfuse3-dev pkg-config build-essential # FUSE, C toolchain for crates
     attr acl libacl1-dev e2fsprogs                # xattr/ACL tools, pjdfstest's acl dependency
     util-linux mount passwd coreutils findutils   # mountpoint, findmnt, setpriv, useradd, timeout
+    python3 libcap2-bin                           # copy_file_range and setcap in the set-id test
 )
 
 section() { printf '\n===== %s =====\n' "$*"; }

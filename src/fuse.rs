@@ -736,7 +736,7 @@ impl Filesystem for SnapFuse {
 
     fn copy_file_range(
         &self,
-        _req: &Request,
+        req: &Request,
         ino_in: INodeNo,
         _fh_in: FileHandle,
         offset_in: u64,
@@ -751,10 +751,14 @@ impl Filesystem for SnapFuse {
             tracing::trace_span!("copy_file_range", ino = ino_in.0, out = ino_out.0, len).entered();
         // The reply counts bytes in a u32.
         let len = len.min(1 << 30);
-        let res = self
-            .fs
-            .lock()
-            .copy_range(ino_in.0, offset_in, ino_out.0, offset_out, len);
+        let res = {
+            let mut fs = self.fs.lock();
+            fs.copy_range(ino_in.0, offset_in, ino_out.0, offset_out, len)
+                .and_then(|n| {
+                    fs.drop_setid(ino_out.0, Some(caller(req)))?;
+                    Ok(n)
+                })
+        };
         reply!(reply, "copy_file_range", res, |n| reply.written(n as u32))
     }
 }

@@ -662,6 +662,28 @@ fn set_id_bits_drop_as_on_a_local_filesystem() {
     nobody(&format!("fallocate -l 8192 {}", q("f")));
     assert_eq!(mode("f"), 0o755, "fallocate by nobody");
 
+    make("cr", 0o4755, Some(65534));
+    nobody(&format!(
+        "/usr/bin/python3 -c 'import os; s = os.open(\"{0}\", os.O_RDONLY); d = os.open(\"{1}\", os.O_WRONLY); os.copy_file_range(s, d, 4)'",
+        q("t"),
+        q("cr")
+    ));
+    assert_eq!(mode("cr"), 0o755, "copy_file_range by nobody");
+
+    // A file capability goes with an unprivileged write too (the kernel drops it).
+    make("cap", 0o755, Some(65534));
+    let o = Command::new("setcap")
+        .args(["cap_net_raw+ep", &q("cap")])
+        .output()
+        .expect("setcap (apt-get install libcap2-bin)");
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(xattr_get(&m.path("cap"), "security.capability").is_ok());
+    nobody(&format!("echo x >> {}", q("cap")));
+    assert_eq!(
+        xattr_get(&m.path("cap"), "security.capability"),
+        Err(libc::ENODATA)
+    );
+
     make("c", 0o6755, None);
     std::os::unix::fs::chown(m.path("c"), Some(65534), None).unwrap();
     assert_eq!(mode("c"), 0o755, "chown by root drops both");
@@ -672,6 +694,10 @@ fn set_id_bits_drop_as_on_a_local_filesystem() {
         0o2745,
         "set-group-id without group execute stays"
     );
+    // ...unless a caller outside the file's group, without CAP_FSETID, changes it.
+    make("gn", 0o2745, Some(65534));
+    nobody(&format!("chgrp 65534 {}", q("gn")));
+    assert_eq!(mode("gn"), 0o745, "chgrp by nobody, outside group 0");
     fs::create_dir(m.path("d")).unwrap();
     fs::set_permissions(m.path("d"), fs::Permissions::from_mode(0o6775)).unwrap();
     std::os::unix::fs::chown(m.path("d"), Some(65534), None).unwrap();
@@ -682,8 +708,10 @@ fn set_id_bits_drop_as_on_a_local_filesystem() {
     m.remount();
     let mode = |n: &str| fs::metadata(m.path(n)).unwrap().mode() & 0o7777;
     assert_eq!(
-        ["w", "rw", "t", "rt", "o", "f", "c", "g"].map(mode),
-        [0o755, 0o6775, 0o777, 0o6755, 0o777, 0o755, 0o755, 0o2745]
+        ["w", "rw", "t", "rt", "o", "f", "cr", "c", "g", "gn"].map(mode),
+        [
+            0o755, 0o6775, 0o777, 0o6755, 0o777, 0o755, 0o755, 0o755, 0o2745, 0o745
+        ]
     );
 }
 

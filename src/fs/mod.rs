@@ -128,19 +128,37 @@ pub struct Caller {
 }
 
 impl Caller {
-    /// Whether the caller holds CAP_FSETID, which keeps set-id bits through writes and
-    /// truncates. Read from `/proc` only when a set-id file is changed; a caller whose
-    /// entry cannot be read is taken not to hold it, so the bits are dropped.
-    pub fn has_fsetid(&self) -> bool {
-        const CAP_FSETID: u32 = 4;
-        let Ok(status) = std::fs::read_to_string(format!("/proc/{}/status", self.pid)) else {
-            return false;
-        };
+    /// The caller's `/proc/PID/status` line `key`, without the key.
+    fn status(&self, key: &str) -> Option<String> {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid)).ok()?;
         status
             .lines()
-            .find_map(|l| l.strip_prefix("CapEff:"))
-            .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
-            .is_some_and(|caps| caps & (1 << CAP_FSETID) != 0)
+            .find_map(|l| l.strip_prefix(key))
+            .map(|v| v.trim().to_string())
+    }
+
+    /// Whether the caller holds CAP_FSETID, which keeps set-id bits through writes and
+    /// truncates. Read from `/proc` only when a set-id file is changed. Only
+    /// capabilities in the daemon's own user namespace count (the kernel asks about the
+    /// initial one), so root in a rootless container does not hold it. A caller that cannot
+    /// be looked up is taken not to hold it, so the bits are dropped.
+    pub fn has_fsetid(&self) -> bool {
+        const CAP_FSETID: u32 = 4;
+        let ns = |pid: &str| std::fs::read_link(format!("/proc/{pid}/ns/user")).ok();
+        let same_ns = ns(&self.pid.to_string()).is_some_and(|n| Some(n) == ns("self"));
+        same_ns
+            && self
+                .status("CapEff:")
+                .and_then(|v| u64::from_str_radix(&v, 16).ok())
+                .is_some_and(|caps| caps & (1 << CAP_FSETID) != 0)
+    }
+
+    /// Whether `gid` is the caller's group or one of its supplementary groups.
+    fn in_group(&self, gid: u32) -> bool {
+        self.gid == gid
+            || self
+                .status("Groups:")
+                .is_some_and(|g| g.split_whitespace().any(|x| x.parse() == Ok(gid)))
     }
 }
 
@@ -542,7 +560,8 @@ impl Inner {
     ///
     /// The kernel leaves set-id bits to us (FUSE_HANDLE_KILLPRIV_V2), so a change of
     /// owner or group drops them, as does a truncate by a caller without CAP_FSETID,
-    /// unless the same call sets the mode.
+    /// unless the same call sets the mode. Set-group-id without group execute survives
+    /// a chown only by a caller in the file's group or holding CAP_FSETID, as in Linux.
     pub fn setattr(&mut self, ino: u64, caller: Caller, set: SetAttr) -> FsResult<Attr> {
         let ino = live(ino)?;
         let mut kill = 0;
@@ -551,7 +570,12 @@ impl Inner {
             if rec.kind != FileKind::Dir {
                 kill = killed_setid(rec.perm);
                 let chown = set.uid.is_some() || set.gid.is_some();
-                if kill != 0 && !chown && caller.has_fsetid() {
+                let lone_sgid = rec.perm & (libc::S_ISGID | libc::S_IXGRP) == libc::S_ISGID;
+                if chown {
+                    if lone_sgid && !caller.in_group(rec.gid) && !caller.has_fsetid() {
+                        kill |= libc::S_ISGID;
+                    }
+                } else if kill != 0 && caller.has_fsetid() {
                     kill = 0;
                 }
             }
@@ -594,8 +618,9 @@ impl Inner {
         })
     }
 
-    /// Drops the set-id bits of file `ino` after a write or fallocate by a caller without
-    /// CAP_FSETID (the kernel flags such writes; see [`Inner::setattr`]).
+    /// Drops the set-id bits of file `ino` after a write, fallocate or copy_file_range
+    /// by a caller without CAP_FSETID (`None`: the kernel flagged the write; see
+    /// [`Inner::setattr`]).
     pub fn drop_setid(&mut self, ino: u64, caller: Option<Caller>) -> FsResult<()> {
         let ino = live(ino)?;
         let kill = killed_setid(self.inode(ino)?.perm);
