@@ -74,15 +74,7 @@ impl MountOptions {
                 // The type then reads fuse.NAME (default: plain fuse, as xfstests'
                 // FSTYP=fuse expects; fuse.snapfs lets mount(8) find our helper on remount).
                 ("subtype", Some(v)) => o.flags.push(M::Subtype(v.to_string())),
-                ("threads", Some(v)) => {
-                    o.threads = v
-                        .parse()
-                        .ok()
-                        .filter(|n| (1..=64).contains(n))
-                        .with_context(|| {
-                            format!("mount option threads={v}: want a number from 1 to 64")
-                        })?
-                }
+                ("threads", Some(v)) => o.threads = number_in(key, v, 1..=64, "a number")?,
                 ("ro", None) => {
                     o.read_only = true;
                     o.flags.push(M::RO);
@@ -100,15 +92,7 @@ impl MountOptions {
                 ("sync", None) => o.flags.push(M::Sync),
                 ("async", None) => o.flags.push(M::Async),
                 ("bdi_max_ratio", Some(v)) => {
-                    o.bdi_max_ratio = v
-                        .parse()
-                        .ok()
-                        .filter(|n| (1..=100).contains(n))
-                        .with_context(|| {
-                            format!(
-                                "mount option bdi_max_ratio={v}: want a percentage from 1 to 100"
-                            )
-                        })?
+                    o.bdi_max_ratio = number_in(key, v, 1..=100, "a percentage")?
                 }
                 ("writeback", None) => o.writeback = true,
                 ("nowriteback", None) => o.writeback = false,
@@ -128,6 +112,28 @@ impl MountOptions {
         }
         Ok(o)
     }
+}
+
+/// The value `v` of mount option `key`, a number in `range` (`what` names it).
+fn number_in<T>(
+    key: &str,
+    v: &str,
+    range: std::ops::RangeInclusive<T>,
+    what: &str,
+) -> anyhow::Result<T>
+where
+    T: std::str::FromStr + PartialOrd + std::fmt::Display,
+{
+    v.parse()
+        .ok()
+        .filter(|n| range.contains(n))
+        .with_context(|| {
+            format!(
+                "mount option {key}={v}: want {what} from {} to {}",
+                range.start(),
+                range.end()
+            )
+        })
 }
 
 /// Whether `path` is a mount point, from /proc/self/mountinfo.
