@@ -125,6 +125,9 @@ impl DBlock {
     /// Copies `bytes` in at `at`. A page the copy covers in part must be held already;
     /// the pages it touches are held afterwards.
     fn put(&mut self, at: usize, bytes: &[u8]) {
+        if bytes.is_empty() {
+            return;
+        }
         let r = at..at + bytes.len();
         let (a, b) = Self::pages_of(&r);
         let whole =
