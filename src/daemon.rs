@@ -205,7 +205,8 @@ pub fn mount(
     opts: &[String],
     foreground: bool,
 ) -> anyhow::Result<()> {
-    let options = MountOptions::parse(opts)?;
+    // Refuse a bad option before anything is opened.
+    MountOptions::parse(opts)?;
     let mp = match std::fs::canonicalize(mountpoint) {
         Ok(p) => p,
         Err(e) => bail!("mountpoint {}: {e}", mountpoint.display()),
@@ -230,15 +231,13 @@ pub fn mount(
     let fs = Arc::new(
         open_waiting(&store).with_context(|| format!("cannot open store {}", store.display()))?,
     );
-    // STORE/snapfs.toml gives defaults; -o options win.
-    let mut options = options;
+    // STORE/snapfs.toml gives defaults; -o options, parsed after them, win.
     let file_opts =
         crate::policy::read_config(&store.join("snapfs.toml")).map_err(anyhow::Error::msg)?;
-    let file_args: Vec<String> = file_opts.iter().map(|(k, v)| format!("{k}={v}")).collect();
-    let from_file = MountOptions::parse(&file_args).context("snapfs.toml")?;
-    options.snapshot_every = options.snapshot_every.or(from_file.snapshot_every);
-    options.keep = options.keep.take().or(from_file.keep);
-    options.hide_snapdir |= from_file.hide_snapdir;
+    let mut args: Vec<String> = file_opts.iter().map(|(k, v)| format!("{k}={v}")).collect();
+    MountOptions::parse(&args).context("snapfs.toml")?;
+    args.extend(opts.iter().cloned());
+    let options = MountOptions::parse(&args)?;
     {
         let mut core = fs.lock();
         core.hide_snapdir = options.hide_snapdir;

@@ -181,7 +181,8 @@ fn small_reads_verify_the_leaves_they_touch() {
 }
 
 /// The mount's share of the kernel's dirty pages: 10% by default, `bdi_max_ratio=`
-/// otherwise, and a bad value refused before anything is mounted.
+/// (from `-o` or snapfs.toml) otherwise, and a bad value refused before anything is
+/// mounted.
 #[test]
 fn the_mount_sets_its_share_of_dirty_pages() {
     use std::os::unix::fs::MetadataExt;
@@ -196,8 +197,16 @@ fn the_mount_sets_its_share_of_dirty_pages() {
     let m = Mount::new();
     assert_eq!(ratio(&m), "10");
     drop(m);
-    let m = Mount::with_options(&["bdi_max_ratio=3"]);
+    let mut m = Mount::with_options(&["bdi_max_ratio=3"]);
     assert_eq!(ratio(&m), "3");
+    // STORE/snapfs.toml sets it too, and -o wins over the file.
+    m.unmount();
+    std::fs::write(m.store.join("snapfs.toml"), "bdi_max_ratio = \"4\"\n").unwrap();
+    m.mount(&[]);
+    assert_eq!(ratio(&m), "4");
+    m.unmount();
+    m.mount(&["bdi_max_ratio=5"]);
+    assert_eq!(ratio(&m), "5");
     fails_with(
         &[
             "mount",
