@@ -21,12 +21,12 @@ pub const SOCKET: &str = "snapfs.sock";
 /// The daemon's process id, inside the store, while it runs.
 pub const PIDFILE: &str = "snapfs.pid";
 
-/// Parsed `-o` options.
 /// See [`MountOptions::bdi_max_ratio`]. At the kernel's 1% (about 47 MiB of dirty
 /// pages with 24 GiB of memory), a streaming writer is throttled down to the pace of
 /// single requests; 10% measured 1.4x faster sequential writes.
 pub const DEFAULT_BDI_MAX_RATIO: u32 = 10;
 
+/// Parsed `-o` options.
 #[derive(Debug, Default)]
 pub struct MountOptions {
     /// The mount source shown in /proc/mounts (`source=` or `fsname=`).
