@@ -239,8 +239,8 @@ impl Inner {
     /// The stored record of block `idx` of live `ino`.
     fn block_rec(&mut self, ino: u64, idx: u64) -> FsResult<Option<BlockRec>> {
         let txn = self.store.read_txn()?;
-        let t = txn.open_table(VERSIONS).map_err(StoreError::from)?;
-        match visible(&t, RecKey::block(ino, idx), self.store.live_epoch)? {
+        let t = txn.versions();
+        match visible(t, RecKey::block(ino, idx), self.store.live_epoch)? {
             Some(b) => Ok(Some(BlockRec::decode(&b)?)),
             None => Ok(None),
         }
@@ -278,19 +278,19 @@ impl Inner {
         let mut parts = Vec::new();
         {
             let txn = self.store.read_txn()?;
-            let t = txn.open_table(VERSIONS).map_err(StoreError::from)?;
-            let b = match visible(&t, RecKey::block(ino, idx), epoch)? {
+            let t = txn.versions();
+            let b = match visible(t, RecKey::block(ino, idx), epoch)? {
                 Some(b) => BlockRec::decode(&b)?,
                 None => return Ok(false),
             };
-            let e = txn.open_table(EXTENTS).map_err(StoreError::from)?;
+            let e = txn.extents();
             for (off, len, src) in b.pieces(start, end) {
                 let (hash, eoff) = match src {
                     Some((h, eoff)) => (*h, eoff),
                     None if b.len > 0 => (b.hash, off),
                     None => continue,
                 };
-                let ext = match redb::ReadableTable::get(&e, hash).map_err(StoreError::from)? {
+                let ext = match redb::ReadableTable::get(e, hash).map_err(StoreError::from)? {
                     Some(v) => ExtentRec::decode(v.value())?,
                     None => {
                         return Err(StoreError::Corrupt(format!(
@@ -733,11 +733,11 @@ impl Inner {
         let first = offset / bs;
         let last = (rec.size - 1) / bs;
         let txn = self.store.read_txn()?;
-        let t = txn.open_table(VERSIONS).map_err(StoreError::from)?;
+        let t = txn.versions();
         let mut expect = first;
         let mut found = None;
         scan_visible(
-            &t,
+            t,
             ino,
             KIND_BLOCK,
             first..=last,
@@ -808,7 +808,7 @@ impl Inner {
             if whole {
                 let (sidx, didx) = (i / bs, o / bs);
                 self.store.write(false, |w| {
-                    let b = visible(&w.versions, RecKey::block(sino, sidx), sepoch)?;
+                    let b = visible(&w.t.versions, RecKey::block(sino, sidx), sepoch)?;
                     if let Some(b) = &b {
                         for h in BlockRec::decode(b)?.extents() {
                             w.incref(h)?;
@@ -908,7 +908,7 @@ fn store_blocks<'a>(
     for &(idx, src) in blocks {
         let n = (size.saturating_sub(idx * bs).min(bs)) as usize;
         let pages = n.div_ceil(PAGE);
-        let prev = newest(&w.versions, RecKey::block(ino, idx), w.live)?;
+        let prev = newest(&w.t.versions, RecKey::block(ino, idx), w.live)?;
         let old = match &prev {
             Some((_, Some(v))) => Some(BlockRec::decode(v)?),
             _ => None,
@@ -981,10 +981,17 @@ fn store_blocks<'a>(
 /// Deletes the live block records of `ino` with index in `range`.
 fn drop_blocks(w: &mut Writer<'_>, ino: u64, range: std::ops::RangeInclusive<u64>) -> FsResult<()> {
     let mut idxs = Vec::new();
-    scan_visible(&w.versions, ino, KIND_BLOCK, range, w.live, |idx, _, _| {
-        idxs.push(idx);
-        Ok(true)
-    })?;
+    scan_visible(
+        &w.t.versions,
+        ino,
+        KIND_BLOCK,
+        range,
+        w.live,
+        |idx, _, _| {
+            idxs.push(idx);
+            Ok(true)
+        },
+    )?;
     for idx in idxs {
         w.put(RecKey::block(ino, idx), None)?;
     }

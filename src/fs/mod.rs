@@ -402,11 +402,10 @@ impl Inner {
 
     fn ensure_root(&mut self) -> FsResult<()> {
         let root = self.store.read_txn()?;
-        let t = root.open_table(VERSIONS).map_err(StoreError::from)?;
-        if crate::store::visible(&t, RecKey::inode(ROOT_INO), self.store.live_epoch)?.is_some() {
+        let t = root.versions();
+        if crate::store::visible(t, RecKey::inode(ROOT_INO), self.store.live_epoch)?.is_some() {
             return Ok(());
         }
-        drop(t);
         drop(root);
         let now = Ts::now();
         // SAFETY: getuid/getgid cannot fail.
@@ -432,12 +431,11 @@ impl Inner {
     /// Frees inodes left unlinked-but-open by a daemon that stopped.
     fn reap_orphans(&mut self) -> FsResult<()> {
         let txn = self.store.read_txn()?;
-        let t = txn.open_table(ORPHANS).map_err(StoreError::from)?;
+        let t = txn.orphans();
         let mut inos = Vec::new();
-        for row in redb::ReadableTable::iter(&t).map_err(StoreError::from)? {
+        for row in redb::ReadableTable::iter(t).map_err(StoreError::from)? {
             inos.push(row.map_err(StoreError::from)?.0.value());
         }
-        drop(t);
         drop(txn);
         for ino in inos {
             // A rollback may have given an orphan its links back; then it stays.
@@ -480,8 +478,8 @@ impl Inner {
             return self.inode(ino);
         }
         let txn = self.store.read_txn()?;
-        let t = txn.open_table(VERSIONS).map_err(StoreError::from)?;
-        match crate::store::visible(&t, RecKey::inode(ino), epoch)? {
+        let t = txn.versions();
+        match crate::store::visible(t, RecKey::inode(ino), epoch)? {
             Some(b) => Ok(InodeRec::decode(&b)?),
             None => err(libc::ENOENT),
         }
@@ -833,9 +831,9 @@ impl Inner {
 
     fn entry_at(&mut self, epoch: u64, parent: u64, name: &[u8]) -> FsResult<Option<DirentRec>> {
         let txn = self.store.read_txn()?;
-        let t = txn.open_table(VERSIONS).map_err(StoreError::from)?;
+        let t = txn.versions();
         Ok(
-            match crate::store::visible(&t, RecKey::dirent(parent, name), epoch)? {
+            match crate::store::visible(t, RecKey::dirent(parent, name), epoch)? {
                 Some(b) => Some(DirentRec::decode(&b)?),
                 None => None,
             },
@@ -844,10 +842,10 @@ impl Inner {
 
     fn is_empty_dir(&mut self, ino: u64) -> FsResult<bool> {
         let txn = self.store.read_txn()?;
-        let t = txn.open_table(VERSIONS).map_err(StoreError::from)?;
+        let t = txn.versions();
         let mut empty = true;
         scan_visible(
-            &t,
+            t,
             ino,
             KIND_DIRENT,
             0..=0,
@@ -1233,8 +1231,8 @@ impl Inner {
         }
         {
             let txn = self.store.read_txn()?;
-            let t = txn.open_table(VERSIONS).map_err(StoreError::from)?;
-            scan_visible(&t, ino, KIND_DIRENT, 0..=0, epoch, |_, name, v| {
+            let t = txn.versions();
+            scan_visible(t, ino, KIND_DIRENT, 0..=0, epoch, |_, name, v| {
                 let d = DirentRec::decode(v)?;
                 let ino = if encode == 0 {
                     d.ino
@@ -1365,7 +1363,7 @@ fn free_inode(w: &mut Writer<'_>, ino: u64) -> FsResult<()> {
     for kind in [KIND_BLOCK, KIND_XATTR, KIND_DIRENT, KIND_PARENT] {
         let mut keys: Vec<(u64, Vec<u8>)> = Vec::new();
         scan_visible(
-            &w.versions,
+            &w.t.versions,
             ino,
             kind,
             0..=u64::MAX,

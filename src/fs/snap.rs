@@ -89,9 +89,9 @@ impl Inner {
             return Ok(None);
         }
         let txn = self.store.read_txn()?;
-        let t = txn.open_table(SNAPSHOTS).map_err(StoreError::from)?;
+        let t = txn.snapshots();
         Ok(
-            match redb::ReadableTable::get(&t, name).map_err(StoreError::from)? {
+            match redb::ReadableTable::get(t, name).map_err(StoreError::from)? {
                 Some(v) => Some(SnapshotRec::decode(v.value())?),
                 None => None,
             },
@@ -101,9 +101,9 @@ impl Inner {
     /// Every snapshot, oldest first (sizes not computed).
     pub fn snapshots(&mut self) -> FsResult<Vec<SnapshotInfo>> {
         let txn = self.store.read_txn()?;
-        let t = txn.open_table(SNAPSHOTS).map_err(StoreError::from)?;
+        let t = txn.snapshots();
         let mut out = Vec::new();
-        for row in redb::ReadableTable::iter(&t).map_err(StoreError::from)? {
+        for row in redb::ReadableTable::iter(t).map_err(StoreError::from)? {
             let (k, v) = row.map_err(StoreError::from)?;
             let rec = SnapshotRec::decode(v.value())?;
             if rec.flags & SNAP_DELETED != 0 {
@@ -127,7 +127,7 @@ impl Inner {
         // snapshot sees.
         {
             let txn = self.store.read_txn()?;
-            let t = txn.open_table(VERSIONS).map_err(StoreError::from)?;
+            let t = txn.versions();
             let epochs: Vec<u64> = snaps.iter().map(|s| s.epoch).collect();
             let mut totals = vec![0u64; epochs.len()];
             let mut group: Vec<(u64, u64)> = Vec::new(); // (epoch, len or 0) of one block identity
@@ -140,7 +140,7 @@ impl Inner {
                 }
                 group.clear();
             };
-            for row in redb::ReadableTable::iter(&t).map_err(StoreError::from)? {
+            for row in redb::ReadableTable::iter(t).map_err(StoreError::from)? {
                 let (k, v) = row.map_err(StoreError::from)?;
                 let (ino, kind, sub, _, epoch) = k.value();
                 if kind != KIND_BLOCK {
@@ -256,8 +256,8 @@ impl Inner {
         let key = held_key(epoch);
         let pending = {
             let txn = self.store.read_txn()?;
-            let t = txn.open_table(SNAPSHOTS).map_err(StoreError::from)?;
-            redb::ReadableTable::get(&t, key.as_str())
+            let t = txn.snapshots();
+            redb::ReadableTable::get(t, key.as_str())
                 .map_err(StoreError::from)?
                 .is_some()
         };
@@ -283,8 +283,8 @@ impl Inner {
         let mut epochs = Vec::new();
         {
             let txn = self.store.read_txn()?;
-            let t = txn.open_table(SNAPSHOTS).map_err(StoreError::from)?;
-            for row in redb::ReadableTable::iter(&t).map_err(StoreError::from)? {
+            let t = txn.snapshots();
+            for row in redb::ReadableTable::iter(t).map_err(StoreError::from)? {
                 let (_, v) = row.map_err(StoreError::from)?;
                 let rec = SnapshotRec::decode(v.value())?;
                 if rec.flags & SNAP_DELETED != 0 {
@@ -319,7 +319,7 @@ impl Inner {
         let oldest = self.store.snapshot_epochs.first().copied();
         let res = self.store.write(!dry_run, |w| {
             let mut inos = BTreeSet::new();
-            for row in w.changes.range((epoch + 1, 0)..=(next, u64::MAX))? {
+            for row in w.t.changes.range((epoch + 1, 0)..=(next, u64::MAX))? {
                 inos.insert(row?.0.value().1);
             }
             let mut planned = HashMap::new();
@@ -331,11 +331,11 @@ impl Inner {
                 // No diff or deletion ever needs changes at or below the oldest snapshot.
                 let cutoff = oldest.unwrap_or(u64::MAX);
                 let mut old = Vec::new();
-                for row in w.changes.range(..=(cutoff, u64::MAX))? {
+                for row in w.t.changes.range(..=(cutoff, u64::MAX))? {
                     old.push(row?.0.value());
                 }
                 for k in old {
-                    w.changes.remove(k)?;
+                    w.t.changes.remove(k)?;
                 }
             }
             Ok(freed)
@@ -362,7 +362,7 @@ impl Inner {
             let mut busy = Vec::new();
             if !open.is_empty() {
                 let txn = self.store.read_txn()?;
-                let t = txn.open_table(CHANGES).map_err(StoreError::from)?;
+                let t = txn.changes();
                 for row in t
                     .range((snap + 1, 0)..=(live, u64::MAX))
                     .map_err(StoreError::from)?
@@ -382,11 +382,11 @@ impl Inner {
         let mut invals = Vec::new();
         self.store.write(true, |w| {
             let mut inos = BTreeSet::new();
-            for row in w.changes.range((snap + 1, 0)..=(live, u64::MAX))? {
+            for row in w.t.changes.range((snap + 1, 0)..=(live, u64::MAX))? {
                 inos.insert(row?.0.value().1);
             }
             for ino in inos {
-                let changes = changed_between(&w.versions, ino, snap, live)?;
+                let changes = changed_between(&w.t.versions, ino, snap, live)?;
                 let file = match w.get(RecKey::inode(ino))? {
                     Some(b) => InodeRec::decode(&b)?.kind == FileKind::File,
                     None => false,
@@ -400,7 +400,7 @@ impl Inner {
                     // and takes none from us: the inode must go, so its entries go too
                     // (an inode no entry and no open file holds is dropped at once).
                     scan_visible(
-                        &w.versions,
+                        &w.t.versions,
                         ino,
                         KIND_PARENT,
                         0..=u64::MAX,
@@ -482,8 +482,8 @@ impl Inner {
                 let mut link = None;
                 {
                     let txn = self.store.read_txn()?;
-                    let t = txn.open_table(VERSIONS).map_err(StoreError::from)?;
-                    scan_visible(&t, at, KIND_PARENT, 0..=u64::MAX, live, |dir, name, _| {
+                    let t = txn.versions();
+                    scan_visible(t, at, KIND_PARENT, 0..=u64::MAX, live, |dir, name, _| {
                         link = Some((dir, name.to_vec()));
                         Ok(false)
                     })?;
@@ -515,8 +515,8 @@ impl Inner {
         let mut links = Vec::new();
         {
             let txn = self.store.read_txn()?;
-            let t = txn.open_table(VERSIONS).map_err(StoreError::from)?;
-            scan_visible(&t, ino, KIND_PARENT, 0..=u64::MAX, epoch, |dir, name, _| {
+            let t = txn.versions();
+            scan_visible(t, ino, KIND_PARENT, 0..=u64::MAX, epoch, |dir, name, _| {
                 links.push((dir, String::from_utf8_lossy(name).into_owned()));
                 Ok(true)
             })?;
@@ -542,8 +542,8 @@ impl Inner {
         let mut inos = BTreeSet::new();
         {
             let txn = self.store.read_txn()?;
-            let t = txn.open_table(CHANGES).map_err(StoreError::from)?;
-            for row in redb::ReadableTable::range(&t, (a_e + 1, 0)..=(b_e, u64::MAX))
+            let t = txn.changes();
+            for row in redb::ReadableTable::range(t, (a_e + 1, 0)..=(b_e, u64::MAX))
                 .map_err(StoreError::from)?
             {
                 inos.insert(row.map_err(StoreError::from)?.0.value().1);
@@ -645,10 +645,10 @@ impl Inner {
     /// indexes of the blocks that do.
     fn changed_rows(&mut self, ino: u64, a: u64, b: u64) -> FsResult<(bool, Vec<u64>)> {
         let txn = self.store.read_txn()?;
-        let t = txn.open_table(VERSIONS).map_err(StoreError::from)?;
+        let t = txn.versions();
         let mut any = false;
         let mut blocks = Vec::new();
-        for (kind, sub, _, _) in changed_between(&t, ino, a, b)? {
+        for (kind, sub, _, _) in changed_between(t, ino, a, b)? {
             // Back pointers are names, reported as renames, not as modifications.
             if kind == KIND_INODE || kind == KIND_PARENT {
                 continue;

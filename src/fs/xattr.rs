@@ -26,8 +26,8 @@ impl Inner {
 
     fn xattr_get_at(&mut self, epoch: u64, ino: u64, name: &[u8]) -> FsResult<Option<Vec<u8>>> {
         let txn = self.store.read_txn()?;
-        let t = txn.open_table(VERSIONS).map_err(StoreError::from)?;
-        Ok(crate::store::visible(&t, RecKey::xattr(ino, name), epoch)?)
+        let t = txn.versions();
+        Ok(crate::store::visible(t, RecKey::xattr(ino, name), epoch)?)
     }
 
     /// The value of xattr `name`.
@@ -91,9 +91,9 @@ impl Inner {
         let (epoch, ino) = self.at(fino)?;
         self.inode_at(epoch, ino)?;
         let txn = self.store.read_txn()?;
-        let t = txn.open_table(VERSIONS).map_err(StoreError::from)?;
+        let t = txn.versions();
         let mut out = Vec::new();
-        scan_visible(&t, ino, KIND_XATTR, 0..=0, epoch, |_, name, _| {
+        scan_visible(t, ino, KIND_XATTR, 0..=0, epoch, |_, name, _| {
             out.extend_from_slice(name);
             out.push(0);
             Ok(true)

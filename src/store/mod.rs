@@ -114,7 +114,7 @@ pub struct Store {
     /// Epochs frozen by snapshots (including ones held for sync).
     pub snapshot_epochs: BTreeSet<u64>,
     /// The open transaction group: operations since the last commit.
-    txn: std::cell::RefCell<Option<redb::WriteTransaction>>,
+    txn: std::cell::RefCell<Option<Group>>,
     /// Operations in the open group.
     pending: u32,
     /// Set when answered operations were lost to a failed commit: writes then fail.
@@ -277,19 +277,12 @@ impl Store {
             return Err(crate::fs::FsError::Errno(libc::EIO));
         }
         if self.txn.get_mut().is_none() {
-            *self.txn.get_mut() = Some(self.db.begin_write().map_err(StoreError::from)?);
+            *self.txn.get_mut() = Some(Group::begin(&self.db)?);
         }
         let res = {
-            let txn = self.txn.get_mut().as_ref().expect("begun above");
+            let group = self.txn.get_mut().as_mut().expect("begun above");
             let mut w = Writer {
-                txn,
-                versions: txn.open_table(VERSIONS).map_err(StoreError::from)?,
-                changes: txn.open_table(CHANGES).map_err(StoreError::from)?,
-                extents: None,
-                segments: None,
-                orphans: None,
-                snapshots: None,
-                meta: None,
+                t: &mut group.tables,
                 segs: &mut self.segs,
                 live: self.live_epoch,
                 snaps: &self.snapshot_epochs,
@@ -323,8 +316,8 @@ impl Store {
             }
             Err(crate::fs::FsError::Errno(e)) => Err(crate::fs::FsError::Errno(e)),
             Err(e) => {
-                if let Some(txn) = self.txn.get_mut().take() {
-                    let _ = txn.abort();
+                if let Some(group) = self.txn.get_mut().take() {
+                    let _ = group.finish().abort();
                 }
                 if self.pending > 0 {
                     let why = format!("an operation failed inside a transaction group: {e}");
@@ -343,7 +336,7 @@ impl Store {
         let txn = self.txn.get_mut().take();
         let pending = std::mem::take(&mut self.pending);
         let mut txn = match (txn, durable) {
-            (Some(t), _) => t,
+            (Some(g), _) => g.finish(),
             (None, true) => self.db.begin_write()?,
             (None, false) => return Ok(()),
         };
@@ -474,8 +467,8 @@ impl Store {
         }
         let v = {
             let txn = self.read_txn()?;
-            let t = txn.open_table(VERSIONS)?;
-            visible(&t, RecKey::inode(ino), self.live_epoch)?
+            let t = txn.versions();
+            visible(t, RecKey::inode(ino), self.live_epoch)?
         };
         if self.inode_cache.len() > INODE_CACHE_MAX {
             self.inode_cache.clear();
@@ -496,10 +489,12 @@ impl Store {
     /// one if none is open). Hold it briefly: a table may be open once at a time.
     pub fn read_txn(&self) -> Result<View<'_>, StoreError> {
         if self.txn.borrow().is_none() {
-            let txn = self.db.begin_write()?;
-            *self.txn.borrow_mut() = Some(txn);
+            let group = Group::begin(&self.db)?;
+            *self.txn.borrow_mut() = Some(group);
         }
-        Ok(View(self.txn.borrow()))
+        Ok(View(std::cell::Ref::map(self.txn.borrow(), |g| {
+            &*g.as_ref().expect("begun above").tables
+        })))
     }
 
     /// The database, for checks that walk whole tables (commit the group first).
@@ -651,18 +646,116 @@ const INODE_CACHE_MAX: usize = 1 << 20;
 const GROUP_OPS: u32 = 512;
 
 /// A view of the store's current state through the open transaction group.
-pub struct View<'s>(std::cell::Ref<'s, Option<redb::WriteTransaction>>);
+pub struct View<'s>(std::cell::Ref<'s, Tables<'static>>);
 
 impl View<'_> {
-    /// Opens a table for reading.
-    pub fn open_table<K: redb::Key + 'static, V: redb::Value + 'static>(
-        &self,
-        def: redb::TableDefinition<'_, K, V>,
-    ) -> Result<Table<'_, K, V>, redb::TableError> {
-        self.0
-            .as_ref()
-            .expect("read_txn begins a transaction")
-            .open_table(def)
+    /// The `versions` table.
+    pub fn versions(&self) -> &Table<'static, VKey, &'static [u8]> {
+        &self.0.versions
+    }
+
+    /// The `changes` table.
+    pub fn changes(&self) -> &Table<'static, (u64, u64), ()> {
+        &self.0.changes
+    }
+
+    /// The `extents` table.
+    pub fn extents(&self) -> &Table<'static, [u8; 32], &'static [u8]> {
+        &self.0.extents
+    }
+
+    /// The `orphans` table.
+    pub fn orphans(&self) -> &Table<'static, u64, ()> {
+        &self.0.orphans
+    }
+
+    /// The `snapshots` table.
+    pub fn snapshots(&self) -> &Table<'static, &'static str, &'static [u8]> {
+        &self.0.snapshots
+    }
+}
+
+/// Every table of the store, open in one write transaction.
+pub struct Tables<'t> {
+    /// `versions`.
+    pub versions: Table<'t, VKey, &'static [u8]>,
+    /// `changes`.
+    pub changes: Table<'t, (u64, u64), ()>,
+    extents: Table<'t, [u8; 32], &'static [u8]>,
+    segments: Table<'t, u64, u64>,
+    orphans: Table<'t, u64, ()>,
+    snapshots: Table<'t, &'static str, &'static [u8]>,
+    meta: Table<'t, &'static str, &'static [u8]>,
+}
+
+/// An open transaction group: a write transaction and its tables, opened once for
+/// all the group's operations (opening a table looks its root up in the table tree
+/// and writes it back on close, which cost more than a small operation's own work).
+///
+/// The tables borrow the transaction, which lives on the heap at a fixed address
+/// until [`Group::finish`] or drop has closed them.
+struct Group {
+    /// Borrows `*txn`; closed before `txn` is freed or handed out.
+    tables: std::mem::ManuallyDrop<Tables<'static>>,
+    /// From `Box::into_raw`; owned by the group.
+    txn: std::ptr::NonNull<redb::WriteTransaction>,
+}
+
+// SAFETY: a group owns its transaction and the tables that borrow it, and they only
+// ever move together; redb's transaction and tables may be used from any one thread.
+unsafe impl Send for Group {}
+
+impl Group {
+    fn begin(db: &Database) -> Result<Group, StoreError> {
+        let txn = std::ptr::NonNull::from(Box::leak(Box::new(db.begin_write()?)));
+        // SAFETY: `txn` came from a live Box just leaked, and stays allocated until
+        // the group frees it after closing every table (`finish`, `drop`); the
+        // reference is only given to the tables.
+        let t: &'static redb::WriteTransaction = unsafe { txn.as_ref() };
+        let open = || -> Result<Tables<'static>, StoreError> {
+            Ok(Tables {
+                versions: t.open_table(VERSIONS)?,
+                changes: t.open_table(CHANGES)?,
+                extents: t.open_table(EXTENTS)?,
+                segments: t.open_table(SEGMENTS)?,
+                orphans: t.open_table(ORPHANS)?,
+                snapshots: t.open_table(SNAPSHOTS)?,
+                meta: t.open_table(META)?,
+            })
+        };
+        match open() {
+            Ok(tables) => Ok(Group {
+                tables: std::mem::ManuallyDrop::new(tables),
+                txn,
+            }),
+            Err(e) => {
+                // SAFETY: the tables opened before the failure were dropped inside
+                // `open`; nothing borrows the transaction any more.
+                drop(unsafe { Box::from_raw(txn.as_ptr()) });
+                Err(e)
+            }
+        }
+    }
+
+    /// Closes the tables and hands out the transaction, to commit or abort.
+    fn finish(self) -> redb::WriteTransaction {
+        let mut me = std::mem::ManuallyDrop::new(self);
+        // SAFETY: `me` is never used or dropped again; the tables are closed before
+        // the transaction they borrow leaves its allocation.
+        unsafe {
+            std::mem::ManuallyDrop::drop(&mut me.tables);
+            *Box::from_raw(me.txn.as_ptr())
+        }
+    }
+}
+
+impl Drop for Group {
+    fn drop(&mut self) {
+        // SAFETY: as in `finish`: tables first, then the transaction they borrow.
+        unsafe {
+            std::mem::ManuallyDrop::drop(&mut self.tables);
+            drop(Box::from_raw(self.txn.as_ptr()));
+        }
     }
 }
 
@@ -864,16 +957,8 @@ pub fn changed_between<T: ReadableTable<VKey, &'static [u8]>>(
 /// operation touches, are opened up front; the others when first used (opening a
 /// table costs about as much as a small operation).
 pub struct Writer<'t> {
-    txn: &'t redb::WriteTransaction,
-    /// `versions`.
-    pub versions: Table<'t, VKey, &'static [u8]>,
-    /// `changes`.
-    pub changes: Table<'t, (u64, u64), ()>,
-    extents: Option<Table<'t, [u8; 32], &'static [u8]>>,
-    segments: Option<Table<'t, u64, u64>>,
-    orphans: Option<Table<'t, u64, ()>>,
-    snapshots: Option<Table<'t, &'static str, &'static [u8]>>,
-    meta: Option<Table<'t, &'static str, &'static [u8]>>,
+    /// The group's tables.
+    pub t: &'t mut Tables<'static>,
     /// Segment files.
     pub segs: &'t mut Segments,
     /// The live epoch.
@@ -887,34 +972,31 @@ pub struct Writer<'t> {
     last_change: Option<(u64, u64)>,
 }
 
-macro_rules! lazy_table {
-    ($($name:ident: $def:ident => $k:ty, $v:ty;)*) => {
-        impl<'t> Writer<'t> {
+macro_rules! table_access {
+    ($($name:ident => $k:ty, $v:ty;)*) => {
+        impl Writer<'_> {
             $(
-                #[doc = concat!("The `", stringify!($name), "` table, opened on first use.")]
-                pub fn $name(&mut self) -> Result<&mut Table<'t, $k, $v>, StoreError> {
-                    if self.$name.is_none() {
-                        self.$name = Some(self.txn.open_table($def)?);
-                    }
-                    Ok(self.$name.as_mut().expect("opened above"))
+                #[doc = concat!("The `", stringify!($name), "` table.")]
+                pub fn $name(&mut self) -> Result<&mut Table<'static, $k, $v>, StoreError> {
+                    Ok(&mut self.t.$name)
                 }
             )*
         }
     };
 }
 
-lazy_table! {
-    extents: EXTENTS => [u8; 32], &'static [u8];
-    segments: SEGMENTS => u64, u64;
-    orphans: ORPHANS => u64, ();
-    snapshots: SNAPSHOTS => &'static str, &'static [u8];
-    meta: META => &'static str, &'static [u8];
+table_access! {
+    extents => [u8; 32], &'static [u8];
+    segments => u64, u64;
+    orphans => u64, ();
+    snapshots => &'static str, &'static [u8];
+    meta => &'static str, &'static [u8];
 }
 
 impl Writer<'_> {
     /// The live payload of `key`.
     pub fn get(&self, key: RecKey<'_>) -> Result<Option<Vec<u8>>, StoreError> {
-        visible(&self.versions, key, self.live)
+        visible(&self.t.versions, key, self.live)
     }
 
     /// Whether some snapshot can see a version written at `epoch` and superseded at
@@ -937,7 +1019,7 @@ impl Writer<'_> {
         payload: Option<&[u8]>,
         release: bool,
     ) -> Result<(), StoreError> {
-        let prev = newest(&self.versions, key, self.live)?;
+        let prev = newest(&self.t.versions, key, self.live)?;
         self.put_known(key, payload, release, prev)
     }
 
@@ -954,13 +1036,13 @@ impl Writer<'_> {
         let mut older = false;
         if let Some((e, old)) = prev {
             if e == live || !self.held(e) {
-                self.versions.remove(key.at(e))?;
+                self.t.versions.remove(key.at(e))?;
                 if let Some(old) = old
                     && release
                 {
                     self.release(key, &old)?;
                 }
-                older = payload.is_none() && newest(&self.versions, key, live)?.is_some();
+                older = payload.is_none() && newest(&self.t.versions, key, live)?.is_some();
             } else {
                 older = true;
             }
@@ -970,17 +1052,17 @@ impl Writer<'_> {
                 let mut v = Vec::with_capacity(p.len() + 1);
                 v.push(TAG_PRESENT);
                 v.extend_from_slice(p);
-                self.versions.insert(key.at(live), v.as_slice())?;
+                self.t.versions.insert(key.at(live), v.as_slice())?;
             }
             None => {
                 // A tombstone is needed only to hide an older version some snapshot keeps.
                 if older {
-                    self.versions.insert(key.at(live), &[TAG_TOMBSTONE][..])?;
+                    self.t.versions.insert(key.at(live), &[TAG_TOMBSTONE][..])?;
                 }
             }
         }
         if self.last_change != Some((live, key.ino)) {
-            self.changes.insert((live, key.ino), ())?;
+            self.t.changes.insert((live, key.ino), ())?;
             self.last_change = Some((live, key.ino));
         }
         if key.kind == KIND_INODE {
@@ -1152,7 +1234,7 @@ impl Writer<'_> {
     ) -> Result<u64, StoreError> {
         // (kind, sub, name, epoch, value), in key order.
         let mut rows: Vec<VersionRow> = Vec::new();
-        for row in self.versions.range((ino, 0u8, 0u64, &[][..], 0u64)..)? {
+        for row in self.t.versions.range((ino, 0u8, 0u64, &[][..], 0u64)..)? {
             let (k, v) = row?;
             let (kino, kind, sub, name, epoch) = k.value();
             if kino != ino {
@@ -1212,7 +1294,7 @@ impl Writer<'_> {
                     }
                 }
                 None => {
-                    self.versions.remove(key.at(*epoch))?;
+                    self.t.versions.remove(key.at(*epoch))?;
                     for h in block.iter().flat_map(BlockRec::extents) {
                         let ext = self.extent(h)?;
                         if ext.refs == 1 {
