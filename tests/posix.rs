@@ -516,7 +516,11 @@ fn xattrs_set_get_list_remove_with_flags() {
     let mut m = Mount::new();
     let f = m.path("f");
     fs::write(&f, b"").unwrap();
+    // A new file has none (answered without a lookup), until one is set.
+    assert_eq!(xattr_list(&f), Vec::<String>::new());
+    assert_eq!(xattr_get(&f, "user.a"), Err(libc::ENODATA));
     xattr_set(&f, "user.a", b"1", 0).unwrap();
+    assert_eq!(xattr_get(&f, "user.a").unwrap(), b"1");
     xattr_set(&f, "trusted.b", b"", 0).unwrap();
     let big = pattern(9, 65536);
     xattr_set(&f, "security.big", &big, 0).unwrap();

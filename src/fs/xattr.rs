@@ -25,6 +25,9 @@ impl Inner {
     }
 
     fn xattr_get_at(&mut self, epoch: u64, ino: u64, name: &[u8]) -> FsResult<Option<Vec<u8>>> {
+        if epoch == self.store.live_epoch && self.store.xattr_free(ino) {
+            return Ok(None);
+        }
         let txn = self.store.read_txn()?;
         let t = txn.versions();
         Ok(crate::store::visible(t, RecKey::xattr(ino, name), epoch)?)
@@ -90,9 +93,12 @@ impl Inner {
         }
         let (epoch, ino) = self.at(fino)?;
         self.inode_at(epoch, ino)?;
+        let mut out = Vec::new();
+        if epoch == self.store.live_epoch && self.store.xattr_free(ino) {
+            return Ok(out);
+        }
         let txn = self.store.read_txn()?;
         let t = txn.versions();
-        let mut out = Vec::new();
         scan_visible(t, ino, KIND_XATTR, 0..=0, epoch, |_, name, _| {
             out.extend_from_slice(name);
             out.push(0);

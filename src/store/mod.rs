@@ -122,7 +122,11 @@ pub struct Store {
     /// Live inode records by inode (`None`: known absent), kept in step by every
     /// write: most requests read an inode, and a table lookup costs more than the
     /// rest of the request.
-    inode_cache: std::collections::HashMap<u64, Option<Vec<u8>>>,
+    inode_cache: std::collections::HashMap<u64, Option<CachedInode>>,
+    /// Live inodes known to have no extended attribute (each was made with none, and
+    /// none was written since), so that the kernel's questions for
+    /// `security.capability` and ACLs cost no lookup. Kept in step by every write.
+    xattr_free: std::collections::HashSet<u64>,
     /// Leaf chaining values of extents verified whole (see [`verify`]).
     outboards: std::collections::HashMap<[u8; 32], Box<[blake3::hazmat::ChainingValue]>>,
 }
@@ -255,6 +259,7 @@ impl Store {
             pending: 0,
             failed: None,
             inode_cache: std::collections::HashMap::new(),
+            xattr_free: std::collections::HashSet::new(),
             outboards: std::collections::HashMap::new(),
         })
     }
@@ -286,13 +291,15 @@ impl Store {
                 segs: &mut self.segs,
                 live: self.live_epoch,
                 snaps: &self.snapshot_epochs,
+                inodes: &self.inode_cache,
                 inode_log: Vec::new(),
+                xattr_log: Vec::new(),
                 last_change: None,
             };
             let r = f(&mut w);
-            (r, std::mem::take(&mut w.inode_log))
+            (r, w.inode_log, w.xattr_log)
         };
-        let (res, log) = res;
+        let (res, log, xlog) = res;
         match &res {
             // The group keeps whatever the operation wrote.
             Ok(_) | Err(crate::fs::FsError::Errno(_)) => {
@@ -300,9 +307,22 @@ impl Store {
                     self.inode_cache.clear();
                 }
                 self.inode_cache.extend(log);
+                if self.xattr_free.len() > INODE_CACHE_MAX {
+                    self.xattr_free.clear();
+                }
+                for (ino, none) in xlog {
+                    if none {
+                        self.xattr_free.insert(ino);
+                    } else {
+                        self.xattr_free.remove(&ino);
+                    }
+                }
             }
             // An aborted group may have held any record: forget them all.
-            Err(crate::fs::FsError::Store(_)) => self.inode_cache.clear(),
+            Err(crate::fs::FsError::Store(_)) => {
+                self.inode_cache.clear();
+                self.xattr_free.clear();
+            }
         }
         match res {
             Ok(r) => {
@@ -463,18 +483,28 @@ impl Store {
     /// The live inode record of `ino` (payload), from the cache or the table.
     pub fn live_inode(&mut self, ino: u64) -> Result<Option<Vec<u8>>, StoreError> {
         if let Some(v) = self.inode_cache.get(&ino) {
-            return Ok(v.clone());
+            return Ok(v.as_ref().map(|c| c.payload.clone()));
         }
         let v = {
             let txn = self.read_txn()?;
             let t = txn.versions();
-            visible(t, RecKey::inode(ino), self.live_epoch)?
+            match newest(t, RecKey::inode(ino), self.live_epoch)? {
+                Some((epoch, Some(payload))) => Some(CachedInode { epoch, payload }),
+                _ => None,
+            }
         };
         if self.inode_cache.len() > INODE_CACHE_MAX {
             self.inode_cache.clear();
         }
-        self.inode_cache.insert(ino, v.clone());
-        Ok(v)
+        let payload = v.as_ref().map(|c| c.payload.clone());
+        self.inode_cache.insert(ino, v);
+        Ok(payload)
+    }
+
+    /// Whether live inode `ino` is known to have no extended attribute (when false,
+    /// it may have some: look).
+    pub fn xattr_free(&self, ino: u64) -> bool {
+        self.xattr_free.contains(&ino)
     }
 
     /// Shrinks the metadata file after many records went away (snapshot deletion,
@@ -644,6 +674,13 @@ const INODE_CACHE_MAX: usize = 1 << 20;
 /// Operations per transaction group before it is committed (the background tick
 /// also commits it every second).
 const GROUP_OPS: u32 = 512;
+
+/// A live inode record in the cache, with the epoch of the version that holds it.
+#[derive(Clone, Debug)]
+struct CachedInode {
+    epoch: u64,
+    payload: Vec<u8>,
+}
 
 /// A view of the store's current state through the open transaction group.
 pub struct View<'s>(std::cell::Ref<'s, Tables<'static>>);
@@ -965,8 +1002,13 @@ pub struct Writer<'t> {
     pub live: u64,
     /// Snapshot epochs.
     pub snaps: &'t BTreeSet<u64>,
+    /// The store's inode cache as it was when the operation began.
+    inodes: &'t std::collections::HashMap<u64, Option<CachedInode>>,
     /// Live inode records this operation wrote (`None`: deleted), for the cache.
-    inode_log: Vec<(u64, Option<Vec<u8>>)>,
+    inode_log: Vec<(u64, Option<CachedInode>)>,
+    /// In order: inodes made without extended attributes (`true`), inodes whose
+    /// attributes were written (`false`).
+    xattr_log: Vec<(u64, bool)>,
     /// The change-index row this operation wrote last (a flush writes many records
     /// of one inode; the row needs writing once).
     last_change: Option<(u64, u64)>,
@@ -1019,7 +1061,17 @@ impl Writer<'_> {
         payload: Option<&[u8]>,
         release: bool,
     ) -> Result<(), StoreError> {
-        let prev = newest(&self.t.versions, key, self.live)?;
+        // An inode record's version is known from the cache (stale only where this
+        // operation replaced it already by one of the live epoch, which `put_known`
+        // treats alike); an inode payload holds no extents to release.
+        let cached = match (key.kind, payload) {
+            (KIND_INODE, Some(_)) => self.inodes.get(&key.ino).and_then(Option::as_ref),
+            _ => None,
+        };
+        let prev = match cached {
+            Some(c) => Some((c.epoch, None)),
+            None => newest(&self.t.versions, key, self.live)?,
+        };
         self.put_known(key, payload, release, prev)
     }
 
@@ -1036,7 +1088,10 @@ impl Writer<'_> {
         let mut older = false;
         if let Some((e, old)) = prev {
             if e == live || !self.held(e) {
-                self.t.versions.remove(key.at(e))?;
+                // A payload of the live epoch is overwritten by the insert below.
+                if e != live || payload.is_none() {
+                    self.t.versions.remove(key.at(e))?;
+                }
                 if let Some(old) = old
                     && release
                 {
@@ -1065,8 +1120,16 @@ impl Writer<'_> {
             self.t.changes.insert((live, key.ino), ())?;
             self.last_change = Some((live, key.ino));
         }
-        if key.kind == KIND_INODE {
-            self.inode_log.push((key.ino, payload.map(<[u8]>::to_vec)));
+        match key.kind {
+            KIND_INODE => self.inode_log.push((
+                key.ino,
+                payload.map(|p| CachedInode {
+                    epoch: live,
+                    payload: p.to_vec(),
+                }),
+            )),
+            KIND_XATTR => self.xattr_log.push((key.ino, false)),
+            _ => {}
         }
         Ok(())
     }
@@ -1074,7 +1137,12 @@ impl Writer<'_> {
     /// [`Writer::put`] for a record of an inode allocated in this operation: no
     /// version of it can exist yet, so none is looked up.
     pub fn put_fresh(&mut self, key: RecKey<'_>, payload: &[u8]) -> Result<(), StoreError> {
-        self.put_known(key, Some(payload), true, None)
+        self.put_known(key, Some(payload), true, None)?;
+        if key.kind == KIND_INODE {
+            // A new inode has no attributes until the operation writes some.
+            self.xattr_log.push((key.ino, true));
+        }
+        Ok(())
     }
 
     /// Releases what a dropped version held: block records hold extent references.
