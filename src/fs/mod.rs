@@ -738,7 +738,8 @@ impl Inner {
         let rec2 = rec.clone();
         let dirty = &mut self.dirty;
         let ino = self.store.write(false, |w| {
-            if w.get(RecKey::dirent(parent, name))?.is_some() {
+            let prev = w.version(RecKey::dirent(parent, name))?;
+            if matches!(prev, Some((_, Some(_)))) {
                 return err(libc::EEXIST);
             }
             let ino = w.alloc_ino()?;
@@ -749,7 +750,7 @@ impl Inner {
             w.put_fresh(RecKey::parent(ino, parent, name), &[])?;
             b.clear();
             DirentRec { ino, kind }.encode(&mut b);
-            w.put(RecKey::dirent(parent, name), Some(&b))?;
+            w.put_after(RecKey::dirent(parent, name), Some(&b), prev)?;
             if let Some(a) = &access_acl {
                 w.put_fresh(RecKey::xattr(ino, acl::ACCESS.as_bytes()), a)?;
             }
@@ -1327,8 +1328,9 @@ fn put_inode(w: &mut Writer<'_>, ino: u64, rec: &InodeRec) -> FsResult<()> {
 /// Stores (or with `None`, deletes) a live directory entry, and keeps the back
 /// pointers of the inodes it names in step.
 fn put_dirent(w: &mut Writer<'_>, dir: u64, name: &[u8], ent: Option<DirentRec>) -> FsResult<()> {
-    if let Some(old) = w.get(RecKey::dirent(dir, name))? {
-        let old = DirentRec::decode(&old)?;
+    let prev = w.version(RecKey::dirent(dir, name))?;
+    if let Some((_, Some(old))) = &prev {
+        let old = DirentRec::decode(old)?;
         w.put(RecKey::parent(old.ino, dir, name), None)?;
     }
     if let Some(e) = ent {
@@ -1338,9 +1340,9 @@ fn put_dirent(w: &mut Writer<'_>, dir: u64, name: &[u8], ent: Option<DirentRec>)
         Some(e) => {
             let mut b = Vec::with_capacity(9);
             e.encode(&mut b);
-            w.put(RecKey::dirent(dir, name), Some(&b))?;
+            w.put_after(RecKey::dirent(dir, name), Some(&b), prev)?;
         }
-        None => w.put(RecKey::dirent(dir, name), None)?,
+        None => w.put_after(RecKey::dirent(dir, name), None, prev)?,
     }
     Ok(())
 }
@@ -1360,30 +1362,43 @@ fn unlink_inode(w: &mut Writer<'_>, ino: u64, rec: &InodeRec, open: bool) -> FsR
 
 /// Deletes every live record of `ino` (releasing its extents).
 fn free_inode(w: &mut Writer<'_>, ino: u64) -> FsResult<()> {
-    for kind in [KIND_BLOCK, KIND_XATTR, KIND_DIRENT, KIND_PARENT] {
-        let mut keys: Vec<(u64, Vec<u8>)> = Vec::new();
-        scan_visible(
-            &w.t.versions,
-            ino,
-            kind,
-            0..=u64::MAX,
-            w.live,
-            |sub, name, _| {
-                keys.push((sub, name.to_vec()));
-                Ok(true)
-            },
-        )?;
-        for (sub, name) in keys {
-            w.put(
-                RecKey {
-                    ino,
-                    kind,
-                    sub,
-                    name: &name,
-                },
-                None,
-            )?;
+    // Every record but the inode's own, in one scan: (kind, sub, name) of those whose
+    // newest version at the live epoch is present.
+    let mut keys: Vec<(u8, u64, Vec<u8>)> = Vec::new();
+    let mut newest_present: Option<bool> = None;
+    let lo: crate::store::schema::VersionKey = (ino, KIND_DIRENT, 0, &[], 0);
+    let hi: crate::store::schema::VersionKey = (ino + 1, 0, 0, &[], 0);
+    for row in redb::ReadableTable::range(&w.t.versions, lo..hi).map_err(StoreError::from)? {
+        let (k, v) = row.map_err(StoreError::from)?;
+        let (_, kind, sub, name, epoch) = k.value();
+        if epoch > w.live {
+            continue;
         }
+        let present = v.value().first() == Some(&TAG_PRESENT);
+        match keys.last() {
+            Some(last) if last.0 == kind && last.1 == sub && last.2 == name => {}
+            _ => {
+                if newest_present == Some(false) {
+                    keys.pop();
+                }
+                keys.push((kind, sub, name.to_vec()));
+            }
+        }
+        newest_present = Some(present);
+    }
+    if newest_present == Some(false) {
+        keys.pop();
+    }
+    for (kind, sub, name) in keys {
+        w.put(
+            RecKey {
+                ino,
+                kind,
+                sub,
+                name: &name,
+            },
+            None,
+        )?;
     }
     w.put(RecKey::inode(ino), None)?;
     Ok(())

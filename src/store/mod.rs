@@ -1041,6 +1041,22 @@ impl Writer<'_> {
         visible(&self.t.versions, key, self.live)
     }
 
+    /// The newest version of `key` at the live epoch, for [`Writer::put_after`].
+    pub fn version(&self, key: RecKey<'_>) -> Result<Option<Version>, StoreError> {
+        newest(&self.t.versions, key, self.live)
+    }
+
+    /// [`Writer::put`] with the newest version of `key` looked up already by
+    /// [`Writer::version`] in this operation, and not written since.
+    pub fn put_after(
+        &mut self,
+        key: RecKey<'_>,
+        payload: Option<&[u8]>,
+        prev: Option<Version>,
+    ) -> Result<(), StoreError> {
+        self.put_known(key, payload, true, prev)
+    }
+
     /// Whether some snapshot can see a version written at `epoch` and superseded at
     /// the live epoch.
     fn held(&self, epoch: u64) -> bool {
