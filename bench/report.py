@@ -230,8 +230,8 @@ def section(meta, targets, results, table_md, status, svg_rel):
         "directory; **snapfs-ext4** snapfs with its store on ext4; **snapfs-tmpfs** snapfs with its store on a tmpfs "
         "(its CPU cost alone). Every run of every workload gets a fresh target: mounted anew, empty. "
         "Runs go in rounds (run 1 of every target, then run 2, ...), so that a slow spell of the machine "
-        "does not fall on every run of one target; each round starts one target further along, so that no "
-        "target always runs right after the same one (a deletion on ext4 slows the disk's next user for "
+        "does not fall on every run of one target; even rounds go through the targets backwards, so that no "
+        "target always runs right after the same one (a deletion on ext4 can slow the disk's next user for "
         "seconds), and every run starts after a `sync`.",
         "",
         f"Workloads: fio (buffered, `end_fsync=1` on writes, the fsync inside the figure; sequential on a "

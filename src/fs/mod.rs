@@ -387,8 +387,9 @@ impl Fs {
         }
     }
 
-    /// Locks the core. A poisoned lock (a panicking request) is taken anyway: every
-    /// change is a transaction, so the stored state is whole.
+    /// Locks the core. A poisoned lock (a panicking request) is taken anyway: an
+    /// operation that panics aborts the open transaction group, so no part of it is
+    /// ever committed (see `Store::write`).
     pub fn lock(&self) -> MutexGuard<'_, Inner> {
         self.inner.lock().unwrap_or_else(|p| p.into_inner())
     }

@@ -296,10 +296,18 @@ impl Store {
                 xattr_log: Vec::new(),
                 last_change: None,
             };
-            let r = f(&mut w);
+            let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| f(&mut w)));
             (r, w.inode_log, w.xattr_log)
         };
         let (res, log, xlog) = res;
+        let res = match res {
+            Ok(r) => r,
+            Err(panic) => {
+                // Part of an operation may be in the group: it must never be committed.
+                self.abort_group("an operation panicked inside a transaction group");
+                std::panic::resume_unwind(panic);
+            }
+        };
         match &res {
             // The group keeps whatever the operation wrote.
             Ok(_) | Err(crate::fs::FsError::Errno(_)) => {
@@ -336,18 +344,28 @@ impl Store {
             }
             Err(crate::fs::FsError::Errno(e)) => Err(crate::fs::FsError::Errno(e)),
             Err(e) => {
-                if let Some(group) = self.txn.get_mut().take() {
-                    let _ = group.finish().abort();
-                }
-                if self.pending > 0 {
-                    let why = format!("an operation failed inside a transaction group: {e}");
-                    tracing::error!(lost = self.pending, "{why}");
-                    self.failed = Some(why);
-                }
-                self.pending = 0;
+                self.abort_group(&format!(
+                    "an operation failed inside a transaction group: {e}"
+                ));
                 Err(e)
             }
         }
+    }
+
+    /// Aborts the open group after a failed operation; if it held answered ones, the
+    /// store goes into the error state with `why`.
+    fn abort_group(&mut self, why: &str) {
+        if let Some(group) = self.txn.get_mut().take() {
+            let _ = group.finish().abort();
+        }
+        // An aborted group may have held any record: forget them all.
+        self.inode_cache.clear();
+        self.xattr_free.clear();
+        if self.pending > 0 {
+            tracing::error!(lost = self.pending, "{why}");
+            self.failed = Some(why.to_string());
+        }
+        self.pending = 0;
     }
 
     /// Commits the open transaction group, if any; with `durable`, makes everything
@@ -1404,5 +1422,61 @@ impl Writer<'_> {
         self.meta()?
             .insert(meta::NEXT_INO, &(next + 1).to_le_bytes()[..])?;
         Ok(next)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn put(s: &mut Store, ino: u64, v: &[u8]) -> Result<(), crate::fs::FsError> {
+        s.write(
+            false,
+            |w| Ok(w.put(RecKey::xattr(ino, b"user.t"), Some(v))?),
+        )
+    }
+
+    fn get(s: &Store, ino: u64) -> Option<Vec<u8>> {
+        let txn = s.read_txn().unwrap();
+        visible(txn.versions(), RecKey::xattr(ino, b"user.t"), s.live_epoch).unwrap()
+    }
+
+    #[test]
+    fn a_panicking_operation_is_never_committed() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s");
+        let mut s = Store::open(&path, Some(&StoreConfig::default())).unwrap();
+        // Alone in its group: the group is dropped and the store goes on.
+        let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            s.write(false, |w| -> Result<(), crate::fs::FsError> {
+                w.put(RecKey::xattr(7, b"user.t"), Some(b"half"))?;
+                panic!("in the middle of an operation");
+            })
+        }));
+        assert!(r.is_err());
+        assert_eq!(get(&s, 7), None, "the half operation is gone");
+        put(&mut s, 8, b"next").unwrap();
+        assert_eq!(get(&s, 8).as_deref(), Some(&b"next"[..]));
+
+        // After an answered operation in the same group: that one is lost with the
+        // group, so the store refuses writes rather than pretend it happened.
+        let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            s.write(false, |w| -> Result<(), crate::fs::FsError> {
+                w.put(RecKey::xattr(9, b"user.t"), Some(b"half"))?;
+                panic!("in the middle of an operation");
+            })
+        }));
+        assert!(r.is_err());
+        assert!(matches!(
+            put(&mut s, 10, b"x"),
+            Err(crate::fs::FsError::Errno(libc::EIO))
+        ));
+        drop(s);
+        let s = Store::open(&path, None).unwrap();
+        assert_eq!(
+            get(&s, 9),
+            None,
+            "nothing of the panicking operation was committed"
+        );
     }
 }
