@@ -414,6 +414,11 @@ fn snapshots_during_writes(opts: &[&str], atomic: bool) {
             v += 1;
         }
     });
+    // Snapshots are to be taken during the writes: wait for the first one (on a loaded
+    // machine the writer can start late, and snapshots before it see no file).
+    while written.load(SeqCst) == 0 && !writer.is_finished() {
+        std::thread::sleep(std::time::Duration::from_millis(1));
+    }
     let mut checked = 0;
     let mut problems = Vec::new();
     for i in 0..20 {
