@@ -899,7 +899,7 @@ fn store_blocks<'a>(
     // New extents are appended together once every block is planned.
     let mut new: Vec<([u8; 32], &[u8])> = Vec::new();
     let mut stage = |w: &mut Writer<'_>, data: &'a [u8], hash: [u8; 32]| -> FsResult<[u8; 32]> {
-        if !staged.contains_key(&hash) && redb::ReadableTable::get(w.extents()?, hash)?.is_none() {
+        if !staged.contains_key(&hash) && redb::ReadableTable::get(&w.t.extents, hash)?.is_none() {
             staged.insert(hash, (0, 0, data.len() as u32));
             new.push((hash, data));
         }

@@ -442,7 +442,7 @@ impl Inner {
             // A rollback may have given an orphan its links back; then it stays.
             let unlinked = matches!(self.inode(ino), Ok(r) if r.nlink == 0);
             self.store.write(false, |w| {
-                w.orphans()?.remove(ino)?;
+                w.t.orphans.remove(ino)?;
                 if unlinked { free_inode(w, ino) } else { Ok(()) }
             })?;
         }
@@ -1161,7 +1161,7 @@ impl Inner {
             if gone {
                 self.dirty_drop(ino);
                 self.store.write(false, |w| {
-                    w.orphans()?.remove(ino)?;
+                    w.t.orphans.remove(ino)?;
                     free_inode(w, ino)
                 })?;
                 self.undurable = true;
@@ -1354,7 +1354,7 @@ fn unlink_inode(w: &mut Writer<'_>, ino: u64, rec: &InodeRec, open: bool) -> FsR
     if rec.nlink > 0 {
         put_inode(w, ino, rec)
     } else if open {
-        w.orphans()?.insert(ino, ())?;
+        w.t.orphans.insert(ino, ())?;
         put_inode(w, ino, rec)
     } else {
         free_inode(w, ino)

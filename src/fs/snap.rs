@@ -201,8 +201,8 @@ impl Inner {
             flags: 0,
         };
         self.store.write(true, |w| {
-            w.snapshots()?.insert(name.as_str(), &rec.encode()[..])?;
-            w.meta()?
+            w.t.snapshots.insert(name.as_str(), &rec.encode()[..])?;
+            w.t.meta
                 .insert(meta::LIVE_EPOCH, &(epoch + 1).to_le_bytes()[..])?;
             Ok(())
         })?;
@@ -222,13 +222,13 @@ impl Inner {
         let name = String::from_utf8_lossy(name).into_owned();
         let held = self.snap_open.get(&rec.epoch).copied().unwrap_or(0) > 0;
         self.store.write(true, |w| {
-            w.snapshots()?.remove(name.as_str())?;
+            w.t.snapshots.remove(name.as_str())?;
             if held {
                 let kept = SnapshotRec {
                     flags: SNAP_DELETED,
                     ..rec
                 };
-                w.snapshots()?
+                w.t.snapshots
                     .insert(held_key(rec.epoch).as_str(), &kept.encode()[..])?;
             }
             Ok(())
@@ -272,7 +272,7 @@ impl Inner {
     fn finish_deletion(&mut self, epoch: u64) -> FsResult<()> {
         let key = held_key(epoch);
         self.store.write(true, |w| {
-            Ok(w.snapshots()?.remove(key.as_str()).map(|_| ())?)
+            Ok(w.t.snapshots.remove(key.as_str()).map(|_| ())?)
         })?;
         self.drop_epoch(epoch)?;
         Ok(())

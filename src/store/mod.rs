@@ -308,28 +308,22 @@ impl Store {
                 std::panic::resume_unwind(panic);
             }
         };
-        match &res {
-            // The group keeps whatever the operation wrote.
-            Ok(_) | Err(crate::fs::FsError::Errno(_)) => {
-                if self.inode_cache.len() > INODE_CACHE_MAX {
-                    self.inode_cache.clear();
-                }
-                self.inode_cache.extend(log);
-                if self.xattr_free.len() > INODE_CACHE_MAX {
-                    self.xattr_free.clear();
-                }
-                for (ino, none) in xlog {
-                    if none {
-                        self.xattr_free.insert(ino);
-                    } else {
-                        self.xattr_free.remove(&ino);
-                    }
-                }
-            }
-            // An aborted group may have held any record: forget them all.
-            Err(crate::fs::FsError::Store(_)) => {
+        // The group keeps whatever the operation wrote (a group that fails is aborted
+        // below, and the caches dropped with it).
+        if let Ok(_) | Err(crate::fs::FsError::Errno(_)) = &res {
+            if self.inode_cache.len() > INODE_CACHE_MAX {
                 self.inode_cache.clear();
+            }
+            self.inode_cache.extend(log);
+            if self.xattr_free.len() > INODE_CACHE_MAX {
                 self.xattr_free.clear();
+            }
+            for (ino, none) in xlog {
+                if none {
+                    self.xattr_free.insert(ino);
+                } else {
+                    self.xattr_free.remove(&ino);
+                }
             }
         }
         match res {
@@ -460,10 +454,7 @@ impl Store {
                     let mut hash = [0u8; 32];
                     hash.copy_from_slice(&h[8..40]);
                     let data_at = at + segment::EXTENT_HEADER;
-                    let row = w
-                        .extents()?
-                        .get(hash)?
-                        .map(|v| ExtentRec::decode(v.value()));
+                    let row = w.t.extents.get(hash)?.map(|v| ExtentRec::decode(v.value()));
                     if let Some(rec) = row {
                         let mut rec = rec?;
                         if rec.segment == id && rec.offset == data_at {
@@ -478,12 +469,12 @@ impl Store {
                             let (seg, off) = w.segs.append(&hash, &data)?;
                             rec.segment = seg;
                             rec.offset = off;
-                            w.extents()?.insert(hash, &rec.encode()[..])?;
+                            w.t.extents.insert(hash, &rec.encode()[..])?;
                         }
                     }
                     at = data_at + len as u64;
                 }
-                w.segments()?.remove(id)?;
+                w.t.segments.remove(id)?;
                 Ok(())
             });
             match res {
@@ -534,7 +525,7 @@ impl Store {
     }
 
     /// A view of the current state, including the open transaction group (it begins
-    /// one if none is open). Hold it briefly: a table may be open once at a time.
+    /// one if none is open). Hold it briefly: a write needs the group back.
     pub fn read_txn(&self) -> Result<View<'_>, StoreError> {
         if self.txn.borrow().is_none() {
             let group = Group::begin(&self.db)?;
@@ -736,11 +727,16 @@ pub struct Tables<'t> {
     pub versions: Table<'t, VKey, &'static [u8]>,
     /// `changes`.
     pub changes: Table<'t, (u64, u64), ()>,
-    extents: Table<'t, [u8; 32], &'static [u8]>,
-    segments: Table<'t, u64, u64>,
-    orphans: Table<'t, u64, ()>,
-    snapshots: Table<'t, &'static str, &'static [u8]>,
-    meta: Table<'t, &'static str, &'static [u8]>,
+    /// `extents`.
+    pub extents: Table<'t, [u8; 32], &'static [u8]>,
+    /// `segments`.
+    pub segments: Table<'t, u64, u64>,
+    /// `orphans`.
+    pub orphans: Table<'t, u64, ()>,
+    /// `snapshots`.
+    pub snapshots: Table<'t, &'static str, &'static [u8]>,
+    /// `meta`.
+    pub meta: Table<'t, &'static str, &'static [u8]>,
 }
 
 /// An open transaction group: a write transaction and its tables, opened once for
@@ -1008,9 +1004,7 @@ pub fn changed_between<T: ReadableTable<VKey, &'static [u8]>>(
     Ok(out)
 }
 
-/// One write transaction with its tables open. `versions` and `changes`, which every
-/// operation touches, are opened up front; the others when first used (opening a
-/// table costs about as much as a small operation).
+/// One operation of the open transaction group, with the group's tables.
 pub struct Writer<'t> {
     /// The group's tables.
     pub t: &'t mut Tables<'static>,
@@ -1030,27 +1024,6 @@ pub struct Writer<'t> {
     /// The change-index row this operation wrote last (a flush writes many records
     /// of one inode; the row needs writing once).
     last_change: Option<(u64, u64)>,
-}
-
-macro_rules! table_access {
-    ($($name:ident => $k:ty, $v:ty;)*) => {
-        impl Writer<'_> {
-            $(
-                #[doc = concat!("The `", stringify!($name), "` table.")]
-                pub fn $name(&mut self) -> Result<&mut Table<'static, $k, $v>, StoreError> {
-                    Ok(&mut self.t.$name)
-                }
-            )*
-        }
-    };
-}
-
-table_access! {
-    extents => [u8; 32], &'static [u8];
-    segments => u64, u64;
-    orphans => u64, ();
-    snapshots => &'static str, &'static [u8];
-    meta => &'static str, &'static [u8];
 }
 
 impl Writer<'_> {
@@ -1257,7 +1230,8 @@ impl Writer<'_> {
     /// segment earlier in this operation.
     fn take_refs(&mut self, hash: [u8; 32], n: u64, staged: &mut Staged) -> Result<(), StoreError> {
         let rec = match self
-            .extents()?
+            .t
+            .extents
             .get(hash)?
             .map(|v| ExtentRec::decode(v.value()))
         {
@@ -1281,7 +1255,7 @@ impl Writer<'_> {
                 }
             }
         };
-        self.extents()?.insert(hash, &rec.encode()[..])?;
+        self.t.extents.insert(hash, &rec.encode()[..])?;
         Ok(())
     }
 
@@ -1289,7 +1263,7 @@ impl Writer<'_> {
     pub fn incref(&mut self, hash: &[u8; 32]) -> Result<(), StoreError> {
         let mut rec = self.extent(hash)?;
         rec.refs += 1;
-        self.extents()?.insert(*hash, &rec.encode()[..])?;
+        self.t.extents.insert(*hash, &rec.encode()[..])?;
         Ok(())
     }
 
@@ -1299,23 +1273,25 @@ impl Writer<'_> {
         let mut rec = self.extent(hash)?;
         rec.refs = rec.refs.saturating_sub(n);
         if rec.refs == 0 {
-            self.extents()?.remove(*hash)?;
+            self.t.extents.remove(*hash)?;
             let dead = self
-                .segments()?
+                .t
+                .segments
                 .get(rec.segment)?
                 .map(|v| v.value())
                 .unwrap_or(0);
-            self.segments()?
+            self.t
+                .segments
                 .insert(rec.segment, dead + rec.len as u64 + segment::EXTENT_HEADER)?;
         } else {
-            self.extents()?.insert(*hash, &rec.encode()[..])?;
+            self.t.extents.insert(*hash, &rec.encode()[..])?;
         }
         Ok(())
     }
 
     /// The extent row of `hash`.
     pub fn extent(&mut self, hash: &[u8; 32]) -> Result<ExtentRec, StoreError> {
-        match self.extents()?.get(*hash)? {
+        match self.t.extents.get(*hash)? {
             Some(v) => ExtentRec::decode(v.value()),
             None => Err(StoreError::Corrupt(format!(
                 "extent {} is not in the index",
@@ -1412,14 +1388,15 @@ impl Writer<'_> {
 
     /// Hands out a new inode number.
     pub fn alloc_ino(&mut self) -> Result<u64, StoreError> {
-        let next = match self.meta()?.get(meta::NEXT_INO)? {
+        let next = match self.t.meta.get(meta::NEXT_INO)? {
             Some(v) => le_u64(v.value())?,
             None => return Err(StoreError::Corrupt("meta row next_ino is missing".into())),
         };
         if next >= crate::fs::MAX_LIVE_INO {
             return Err(StoreError::Corrupt("inode numbers exhausted".into()));
         }
-        self.meta()?
+        self.t
+            .meta
             .insert(meta::NEXT_INO, &(next + 1).to_le_bytes()[..])?;
         Ok(next)
     }
