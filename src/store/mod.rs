@@ -1229,30 +1229,19 @@ impl Writer<'_> {
     /// Takes `n` references to extent `hash`: an indexed one, or one appended to a
     /// segment earlier in this operation.
     fn take_refs(&mut self, hash: [u8; 32], n: u64, staged: &mut Staged) -> Result<(), StoreError> {
-        let rec = match self
-            .t
-            .extents
-            .get(hash)?
-            .map(|v| ExtentRec::decode(v.value()))
-        {
-            Some(rec) => {
-                let mut rec = rec?;
+        let rec = match staged.remove(&hash) {
+            // Staged only when the index lacked it, and nothing indexes it meanwhile:
+            // no need to look again.
+            Some((segment, offset, len)) => ExtentRec {
+                segment,
+                offset,
+                len,
+                refs: n,
+            },
+            None => {
+                let mut rec = self.extent(&hash)?;
                 rec.refs += n;
                 rec
-            }
-            None => {
-                let (segment, offset, len) = staged.remove(&hash).ok_or_else(|| {
-                    StoreError::Corrupt(format!(
-                        "extent {} was neither stored nor staged",
-                        hex(&hash)
-                    ))
-                })?;
-                ExtentRec {
-                    segment,
-                    offset,
-                    len,
-                    refs: n,
-                }
             }
         };
         self.t.extents.insert(hash, &rec.encode()[..])?;
