@@ -9,7 +9,7 @@
 # pid, store) is kept in files there, so that any process can tear it down.
 
 ALL_TARGETS="native tmpfs passthrough_ll bindfs snapfs-ext4 snapfs-tmpfs"
-ALL_WORKLOADS="fio meta untar git cargo rss"
+ALL_WORKLOADS="fio meta metasmall untar git cargo rss"
 
 log() { printf '[bench %s] %s\n' "$(date +%H:%M:%S)" "$*" >&2; }
 
@@ -228,14 +228,20 @@ wl_fio() {
 
 # ---------------------------------------------------------------- metadata
 
-wl_meta() {
-    local t=$1 mnt=$2 r=$3 phase s
+# meta_run TARGET MOUNT RUN PREFIX FILES: bench/meta.c, one record per phase.
+meta_run() {
+    local t=$1 mnt=$2 r=$3 prefix=$4 files=$5 phase s
     drop_caches
-    "$METABIN" "$mnt/meta" "$META_FILES" "$META_DIRS" > "$W/meta.out"
+    "$METABIN" "$mnt/meta" "$files" "$META_DIRS" > "$W/meta.out"
     while read -r phase s; do
-        record "$t" "meta_$phase" "$r" "$s"
+        record "$t" "${prefix}_$phase" "$r" "$s"
     done < "$W/meta.out"
 }
+
+wl_meta() { meta_run "$1" "$2" "$3" meta "$META_FILES"; }
+
+# The same at a scale passthrough_ll can hold open under a 20,000 fd limit.
+wl_metasmall() { meta_run "$1" "$2" "$3" metasmall "$METASMALL_FILES"; }
 
 # ---------------------------------------------------------------- untar
 

@@ -36,6 +36,10 @@ METRICS = [
     ("meta_stat", "meta", "stat {meta_files} files", "s", False),
     ("meta_list", "meta", "readdir {meta_dirs} dirs", "s", False),
     ("meta_unlink", "meta", "unlink {meta_files} files", "s", False),
+    ("metasmall_create", "metasmall", "create {metasmall_files} files in {meta_dirs} dirs", "s", False),
+    ("metasmall_stat", "metasmall", "stat {metasmall_files} files", "s", False),
+    ("metasmall_list", "metasmall", "readdir {meta_dirs} dirs ({metasmall_files} files)", "s", False),
+    ("metasmall_unlink", "metasmall", "unlink {metasmall_files} files", "s", False),
     ("untar", "untar", "untar {untar_src} ({untar_entries} entries, {untar_mib} MiB)", "s", False),
     ("ls_lR_cold", "untar", "ls -lR, cold", "s", False),
     ("ls_lR_warm", "untar", "ls -lR, warm", "s", False),
@@ -130,6 +134,7 @@ def labels(meta):
     for k in ("seq_size", "rand_size", "rand_io", "rss_size"):
         cfg[k] = human(cfg[k])
     cfg["meta_files"] = f"{cfg['meta_files']:,}"
+    cfg["metasmall_files"] = f"{cfg.get('metasmall_files', 0):,}"
     return {k: label.format(**cfg) for k, _w, label, _u, _h in METRICS}
 
 
@@ -237,7 +242,9 @@ def section(meta, targets, results, table_md, status, svg_rel):
         f"Workloads: fio (buffered, `end_fsync=1` on writes, the fsync inside the figure; sequential on a "
         f"{human(cfg['seq_size'])} file, cold = after `echo 3 > drop_caches`; random: {human(cfg['rand_io'])} of 4 KiB I/O over a "
         f"{human(cfg['rand_size'])} file, each block at most once, caches dropped first, capped at "
-        f"{cfg['rand_runtime_cap_s']} s); bench/meta.c (create, stat, readdir, unlink); "
+        f"{cfg['rand_runtime_cap_s']} s); bench/meta.c (create, stat, readdir, unlink), at "
+        f"{cfg['meta_files']:,} files and again at {cfg.get('metasmall_files', 0):,}, few enough for passthrough_ll, which "
+        f"holds an fd per inode, under this machine's fd limit; "
         f"untar of a tarball of {cfg['untar_src']} then `ls -lR` cold and warm, `tar c | cat > /dev/null`, `rm -rf`; "
         f"`git clone --no-hardlinks` of a local repository then `git status`; `cargo build --offline` of a generated "
         f"12-module crate depending on libc and log; the snapfs daemon's VmHWM after a {human(cfg['rss_size'])} sequential "

@@ -26,12 +26,21 @@ pub const PIDFILE: &str = "snapfs.pid";
 /// single requests; 10% measured 1.4x faster sequential writes.
 pub const DEFAULT_BDI_MAX_RATIO: u32 = 10;
 
+/// See [`MountOptions::threads`]. Every request is a round trip: the caller wakes a
+/// request thread, which wakes the caller with the reply. With one request thread,
+/// the scheduler keeps the two on different CPUs, and on a virtual machine whose idle
+/// CPUs halt, each wake-up costs tens of microseconds. Measured on 2 cores: a `stat`
+/// of an uncached file took 68 µs with one thread and 37 with two or four; untar took
+/// 6.5 s against 4.0; four threads created files 15% faster than two.
+pub const DEFAULT_THREADS: usize = 4;
+
 /// Parsed `-o` options.
 #[derive(Debug, Default)]
 pub struct MountOptions {
     /// The mount source shown in /proc/mounts (`source=` or `fsname=`).
     pub fsname: Option<String>,
-    /// FUSE request threads.
+    /// FUSE request threads. Several, by default: a request's round trip costs two
+    /// cross-CPU wake-ups when one thread serves them all (see `DEFAULT_THREADS`).
     pub threads: usize,
     /// Kernel flags passed through.
     pub flags: Vec<fuser::MountOption>,
@@ -55,7 +64,7 @@ impl MountOptions {
     pub fn parse(opts: &[String]) -> anyhow::Result<Self> {
         use fuser::MountOption as M;
         let mut o = MountOptions {
-            threads: 1,
+            threads: DEFAULT_THREADS,
             writeback: true,
             bdi_max_ratio: DEFAULT_BDI_MAX_RATIO,
             ..Default::default()
