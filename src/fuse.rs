@@ -391,12 +391,17 @@ impl Filesystem for SnapFuse {
         reply: ReplyData,
     ) {
         let _s = tracing::trace_span!("read", ino = ino.0, fh = fh.0, offset, size).entered();
-        reply!(
-            reply,
-            "read",
-            self.fs.lock().read(ino.0, offset, size),
-            |d| reply.data(&d)
-        )
+        // Whole extents are read and verified after the lock is released, so that the
+        // kernel's concurrent read-ahead requests use both CPUs and overlap their disk
+        // waits.
+        let planned = self.fs.lock().read_planned(ino.0, offset, size);
+        let read = planned.and_then(|(mut out, fetches)| {
+            for (at, f) in fetches {
+                f.run(&mut out[at..])?;
+            }
+            Ok(out)
+        });
+        reply!(reply, "read", read, |d| reply.data(&d))
     }
 
     fn write(

@@ -611,3 +611,48 @@ fn scheduled_snapshots_are_taken_and_pruned() {
         "{now:?}"
     );
 }
+
+#[test]
+fn reads_stay_right_while_a_snapshot_delete_compacts_their_segment() {
+    // Reads of whole extents run outside the core's lock: here they race a compaction
+    // that moves their extents to a new segment and deletes the old file.
+    let m = Mount::new();
+    let keep = pattern(21, 4 << 20);
+    fs::write(m.path("big"), pattern(22, 64 << 20)).unwrap();
+    fs::write(m.path("keep"), &keep).unwrap();
+    fs::create_dir(m.path(".snapshots/s")).unwrap();
+    fs::remove_file(m.path("big")).unwrap();
+    let before = segment_bytes(&m.store);
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let readers: Vec<_> = (0..3)
+        .map(|_| {
+            let (path, keep, stop) = (m.path("keep"), keep.clone(), stop.clone());
+            std::thread::spawn(move || {
+                let mut rounds = 0u32;
+                while rounds < 2 || !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    let mut f = File::open(&path).unwrap();
+                    // Drop the kernel's pages, so that every read reaches the daemon.
+                    // SAFETY: a valid open fd.
+                    unsafe { libc::posix_fadvise(f.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED) };
+                    let mut back = Vec::new();
+                    f.read_to_end(&mut back).unwrap();
+                    assert!(back == keep, "round {rounds}: wrong bytes");
+                    rounds += 1;
+                }
+                rounds
+            })
+        })
+        .collect();
+    std::thread::sleep(std::time::Duration::from_millis(200));
+    fs::remove_dir(m.path(".snapshots/s")).unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(200));
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    for r in readers {
+        assert!(r.join().unwrap() >= 2);
+    }
+    // The delete compacted: the 64 MiB went, and `keep` moved to a new segment.
+    let after = segment_bytes(&m.store);
+    assert!(after < before / 4, "segments {before} -> {after} bytes");
+    drop_caches();
+    assert!(fs::read(m.path("keep")).unwrap() == keep);
+}

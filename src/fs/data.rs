@@ -11,7 +11,7 @@
 //! back into one extent.
 
 use super::*;
-use crate::store::{Staged, newest, visible};
+use crate::store::{Fetch, Staged, newest, visible};
 use std::mem::MaybeUninit;
 use std::ops::Range;
 
@@ -259,7 +259,7 @@ impl Inner {
         let end = end.min(self.bs() as usize);
         let mut out = vec![0u8; end.saturating_sub(start)];
         Ok(self
-            .stored_into(epoch, ino, idx, start, &mut out)?
+            .stored_into(epoch, ino, idx, start, &mut out, None)?
             .then_some(out))
     }
 
@@ -272,6 +272,7 @@ impl Inner {
         idx: u64,
         start: usize,
         dst: &mut [u8],
+        mut later: Later<'_>,
     ) -> FsResult<bool> {
         let end = start + dst.len();
         // (block offset, length, extent hash, extent row, offset in the extent)
@@ -303,6 +304,14 @@ impl Inner {
             }
         }
         for (off, len, hash, ext, eoff) in parts {
+            if let Some((fetches, base)) = later.as_mut()
+                && eoff == 0
+                && len >= ext.len as usize
+            {
+                // A whole extent: read after the lock is released.
+                fetches.push((*base + off - start, self.store.fetch(&hash, &ext)?));
+                continue;
+            }
             // A short extent (a tail) yields fewer bytes; the rest stays zero.
             self.store
                 .read_extent_into(&hash, &ext, eoff, eoff + len, &mut dst[off - start..])?;
@@ -312,23 +321,37 @@ impl Inner {
 
     /// Reads up to `size` bytes at `offset`.
     pub fn read(&mut self, fino: u64, offset: u64, size: u32) -> FsResult<Vec<u8>> {
+        let (mut out, fetches) = self.read_planned(fino, offset, size)?;
+        for (at, f) in fetches {
+            f.run(&mut out[at..])?;
+        }
+        Ok(out)
+    }
+
+    /// [`Inner::read`], less the whole extents it names: those come back as
+    /// [`Fetch`]es, each with its offset in the returned buffer, for the caller to run
+    /// once it has released the core's lock. Everything else (buffered bytes, parts of
+    /// extents, zeros) is in the buffer already.
+    pub fn read_planned(&mut self, fino: u64, offset: u64, size: u32) -> FsResult<Planned> {
         let (epoch, ino) = self.at(fino)?;
         let rec = self.inode_at(epoch, ino)?;
         if rec.kind == FileKind::Dir {
             return err(libc::EISDIR);
         }
         if offset >= rec.size {
-            return Ok(Vec::new());
+            return Ok((Vec::new(), Vec::new()));
         }
         let end = rec.size.min(offset + size as u64);
         let bs = self.bs();
         let mut out = vec![0u8; (end - offset) as usize];
+        let mut fetches = Vec::new();
         let mut pos = offset;
         while pos < end {
             let idx = pos / bs;
             let within = (pos % bs) as usize;
             let n = ((bs - within as u64).min(end - pos)) as usize;
-            let dst = &mut out[(pos - offset) as usize..][..n];
+            let base = (pos - offset) as usize;
+            let dst = &mut out[base..][..n];
             let valid = (epoch == self.store.live_epoch)
                 .then(|| self.dirty.get(&ino).and_then(|d| d.blocks.get(&idx)))
                 .flatten()
@@ -343,17 +366,19 @@ impl Inner {
                             let d = &self.dirty[&ino].blocks[&idx];
                             dst[s - within..e - within].copy_from_slice(d.bytes(s..e));
                         } else {
-                            self.stored_into(epoch, ino, idx, s, &mut dst[s - within..e - within])?;
+                            let later = Some((&mut fetches, base + s - within));
+                            let dst = &mut dst[s - within..e - within];
+                            self.stored_into(epoch, ino, idx, s, dst, later)?;
                         }
                     }
                 }
                 None => {
-                    self.stored_into(epoch, ino, idx, within, dst)?;
+                    self.stored_into(epoch, ino, idx, within, dst, Some((&mut fetches, base)))?;
                 }
             }
             pos += n as u64;
         }
-        Ok(out)
+        Ok((out, fetches))
     }
 
     /// Writes `data` at `offset` (at the end of file for an O_APPEND handle); returns
@@ -852,6 +877,14 @@ enum Src<'a> {
 
 /// Blocks to store: index and bytes.
 type BlocksIn<'a> = [(u64, Src<'a>)];
+
+/// What [`Inner::read_planned`] returns: the buffer, and the whole extents still to
+/// read into it, each with its offset there.
+pub type Planned = (Vec<u8>, Vec<(usize, Fetch)>);
+
+/// Where [`Inner::stored_into`] leaves whole extents for later instead of reading
+/// them: the list, and the offset in the caller's buffer of the `dst` it was given.
+type Later<'a> = Option<(&'a mut Vec<(usize, Fetch)>, usize)>;
 
 /// Stores the buffered blocks and attributes of `d` inside a write.
 fn store_dirty(w: &mut Writer<'_>, ino: u64, d: &Dirty, bs: u64) -> FsResult<()> {

@@ -560,6 +560,15 @@ impl Store {
         Ok(data)
     }
 
+    /// Extent `rec` whole, to read and verify later without the store (see [`Fetch`]).
+    pub fn fetch(&mut self, hash: &[u8; 32], rec: &ExtentRec) -> Result<Fetch, StoreError> {
+        Ok(Fetch {
+            file: self.segs.shared(rec.segment)?.clone(),
+            hash: *hash,
+            rec: *rec,
+        })
+    }
+
     /// Checks `data`, read from extent `rec`, against `hash`; see
     /// [`Store::read_extent_keeping`] for `leaves`.
     fn check_extent(
@@ -569,14 +578,7 @@ impl Store {
         data: &[u8],
         leaves: bool,
     ) -> Result<(), StoreError> {
-        let mismatch = || {
-            StoreError::Corrupt(format!(
-                "extent {} in segment {:016x} at {} does not match its hash",
-                hex(hash),
-                rec.segment,
-                rec.offset
-            ))
-        };
+        let mismatch = || mismatch(hash, rec);
         if leaves && verify::eligible(data.len()) {
             // One pass gives both the check and the leaf values later small reads use.
             let cvs = verify::leaf_cvs(data);
@@ -664,6 +666,37 @@ impl Store {
             }
         }
         Ok(bytes[start - at..end - at].to_vec())
+    }
+}
+
+fn mismatch(hash: &[u8; 32], rec: &ExtentRec) -> StoreError {
+    StoreError::Corrupt(format!(
+        "extent {} in segment {:016x} at {} does not match its hash",
+        hex(hash),
+        rec.segment,
+        rec.offset
+    ))
+}
+
+/// A whole extent to read and verify outside the core's lock, so that reads use both
+/// CPUs and wait on the disk side by side. It holds its segment's file open: extents
+/// are never overwritten, and a segment that compaction deletes meanwhile stays
+/// readable through the open file.
+pub struct Fetch {
+    file: std::sync::Arc<std::fs::File>,
+    hash: [u8; 32],
+    rec: ExtentRec,
+}
+
+impl Fetch {
+    /// Reads the extent into the front of `dst` and checks it against its hash.
+    pub fn run(&self, dst: &mut [u8]) -> Result<(), StoreError> {
+        let dst = &mut dst[..self.rec.len as usize];
+        segment::read_exact_from(&self.file, self.rec.segment, self.rec.offset, dst)?;
+        if blake3::hash(dst).as_bytes() != &self.hash {
+            return Err(mismatch(&self.hash, &self.rec));
+        }
+        Ok(())
     }
 }
 

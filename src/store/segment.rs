@@ -13,6 +13,7 @@ use std::fs::{File, OpenOptions};
 use std::io;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use crate::store::StoreError;
 
@@ -31,7 +32,9 @@ pub const SEGMENT_TARGET: u64 = 1 << 30;
 #[derive(Debug)]
 pub struct Segments {
     dir: PathBuf,
-    files: HashMap<u64, File>,
+    /// Open segment files, shared with reads that run outside the core's lock (a
+    /// deleted segment stays readable through a handle opened before).
+    files: HashMap<u64, Arc<File>>,
     active: u64,
     active_len: u64,
     /// Segments written since the last `sync`.
@@ -111,6 +114,21 @@ pub fn segment_path(dir: &Path, id: u64) -> PathBuf {
     dir.join(format!("{id:016x}.seg"))
 }
 
+/// Reads `buf.len()` bytes at `offset` of `f`, the file of segment `id`; a short read
+/// is corruption (the extent index names bytes the segment does not hold).
+pub fn read_exact_from(f: &File, id: u64, offset: u64, buf: &mut [u8]) -> Result<(), StoreError> {
+    f.read_exact_at(buf, offset).map_err(|e| {
+        if e.kind() == io::ErrorKind::UnexpectedEof {
+            StoreError::Corrupt(format!(
+                "extent at {offset}+{} is past the end of segment {id:016x}",
+                buf.len()
+            ))
+        } else {
+            e.into()
+        }
+    })
+}
+
 impl Segments {
     /// Opens the segment directory, creating it if `create`, and picks the newest
     /// segment to append to.
@@ -175,7 +193,7 @@ impl Segments {
         header[..8].copy_from_slice(SEGMENT_MAGIC);
         header[8..].copy_from_slice(&id.to_le_bytes());
         f.write_all_at(&header, 0)?;
-        self.files.insert(id, f);
+        self.files.insert(id, Arc::new(f));
         self.active = id;
         self.active_len = SEGMENT_HEADER;
         self.unsynced.push(id);
@@ -184,6 +202,11 @@ impl Segments {
 
     /// The open file of segment `id`.
     pub fn file(&mut self, id: u64) -> Result<&File, StoreError> {
+        Ok(self.shared(id)?)
+    }
+
+    /// The open file of segment `id`, to read from without `self`.
+    pub fn shared(&mut self, id: u64) -> Result<&Arc<File>, StoreError> {
         if !self.files.contains_key(&id) {
             let path = segment_path(&self.dir, id);
             let f = OpenOptions::new()
@@ -197,7 +220,7 @@ impl Segments {
                         e.into()
                     }
                 })?;
-            self.files.insert(id, f);
+            self.files.insert(id, Arc::new(f));
         }
         Ok(&self.files[&id])
     }
@@ -261,17 +284,7 @@ impl Segments {
 
     /// Fills `buf` from segment `id` at `offset`.
     pub fn read_into(&mut self, id: u64, offset: u64, buf: &mut [u8]) -> Result<(), StoreError> {
-        let f = self.file(id)?;
-        f.read_exact_at(buf, offset).map_err(|e| {
-            if e.kind() == io::ErrorKind::UnexpectedEof {
-                StoreError::Corrupt(format!(
-                    "extent at {offset}+{} is past the end of segment {id:016x}",
-                    buf.len()
-                ))
-            } else {
-                e.into()
-            }
-        })
+        read_exact_from(self.file(id)?, id, offset, buf)
     }
 
     /// Makes every appended extent durable (`fdatasync`), and the directory entries of
