@@ -395,12 +395,7 @@ impl Filesystem for SnapFuse {
         // kernel's concurrent read-ahead requests use both CPUs and overlap their disk
         // waits.
         let planned = self.fs.lock().read_planned(ino.0, offset, size);
-        let read = planned.and_then(|(mut out, fetches)| {
-            for (at, f) in fetches {
-                f.run(&mut out[at..])?;
-            }
-            Ok(out)
-        });
+        let read = planned.and_then(crate::fs::finish_read);
         reply!(reply, "read", read, |d| reply.data(&d))
     }
 

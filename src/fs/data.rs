@@ -321,11 +321,7 @@ impl Inner {
 
     /// Reads up to `size` bytes at `offset`.
     pub fn read(&mut self, fino: u64, offset: u64, size: u32) -> FsResult<Vec<u8>> {
-        let (mut out, fetches) = self.read_planned(fino, offset, size)?;
-        for (at, f) in fetches {
-            f.run(&mut out[at..])?;
-        }
-        Ok(out)
+        finish_read(self.read_planned(fino, offset, size)?)
     }
 
     /// [`Inner::read`], less the whole extents it names: those come back as
@@ -881,6 +877,14 @@ type BlocksIn<'a> = [(u64, Src<'a>)];
 /// What [`Inner::read_planned`] returns: the buffer, and the whole extents still to
 /// read into it, each with its offset there.
 pub type Planned = (Vec<u8>, Vec<(usize, Fetch)>);
+
+/// Runs the fetches of a [`Planned`] read into its buffer, and returns the buffer.
+pub fn finish_read((mut out, fetches): Planned) -> FsResult<Vec<u8>> {
+    for (at, f) in fetches {
+        f.run(&mut out[at..])?;
+    }
+    Ok(out)
+}
 
 /// Where [`Inner::stored_into`] leaves whole extents for later instead of reading
 /// them: the list, and the offset in the caller's buffer of the `dst` it was given.

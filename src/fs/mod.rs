@@ -18,7 +18,7 @@ use std::sync::{Mutex, MutexGuard};
 use crate::store::schema::*;
 use crate::store::{RecKey, Store, StoreConfig, StoreError, Writer, scan_visible};
 
-pub use data::SeekWhence;
+pub use data::{SeekWhence, finish_read};
 pub use snap::{Change, Inval, SnapshotInfo, check_snapshot_name};
 
 /// Inode numbers the kernel sees: the low 40 bits are a live inode, the bits above are

@@ -578,19 +578,18 @@ impl Store {
         data: &[u8],
         leaves: bool,
     ) -> Result<(), StoreError> {
-        let mismatch = || mismatch(hash, rec);
         if leaves && verify::eligible(data.len()) {
             // One pass gives both the check and the leaf values later small reads use.
             let cvs = verify::leaf_cvs(data);
             if verify::root_of(&cvs) != *hash {
-                return Err(mismatch());
+                return Err(mismatch(hash, rec));
             }
             if self.outboards.len() >= OUTBOARD_MAX {
                 self.outboards.clear();
             }
             self.outboards.insert(*hash, cvs.into_boxed_slice());
         } else if blake3::hash(data).as_bytes() != hash {
-            return Err(mismatch());
+            return Err(mismatch(hash, rec));
         }
         Ok(())
     }
