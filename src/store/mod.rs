@@ -612,9 +612,7 @@ impl Store {
         let n = end - start;
         if start == 0 && end == rec.len as usize {
             // The whole extent, straight into place.
-            let dst = &mut dst[..n];
-            self.segs.read_into(rec.segment, rec.offset, dst)?;
-            self.check_extent(hash, rec, dst, false)?;
+            self.fetch(hash, rec)?.run(dst)?;
         } else {
             dst[..n].copy_from_slice(&self.read_extent_range(hash, rec, start, end)?);
         }

@@ -278,13 +278,8 @@ impl Segments {
     /// Reads `len` bytes of extent data at `offset` of segment `id`.
     pub fn read(&mut self, id: u64, offset: u64, len: u32) -> Result<Vec<u8>, StoreError> {
         let mut buf = vec![0u8; len as usize];
-        self.read_into(id, offset, &mut buf)?;
+        read_exact_from(self.file(id)?, id, offset, &mut buf)?;
         Ok(buf)
-    }
-
-    /// Fills `buf` from segment `id` at `offset`.
-    pub fn read_into(&mut self, id: u64, offset: u64, buf: &mut [u8]) -> Result<(), StoreError> {
-        read_exact_from(self.file(id)?, id, offset, buf)
     }
 
     /// Makes every appended extent durable (`fdatasync`), and the directory entries of
