@@ -417,9 +417,12 @@ impl Filesystem for SnapFuse {
             reply,
             "write",
             {
+                // Whole blocks are hashed before the lock, so that the kernel's
+                // concurrent writeback requests hash on both CPUs.
+                let digests = crate::fs::digest_blocks(self.fs.block_size(), offset, data);
                 let mut fs = self.fs.lock();
                 // The kernel checked the writer's CAP_FSETID before setting the flag.
-                fs.write(fh.0, ino.0, offset, data).and_then(|n| {
+                fs.write(fh.0, ino.0, offset, data, &digests).and_then(|n| {
                     if write_flags.contains(WriteFlags::FUSE_WRITE_KILL_SUIDGID) {
                         fs.drop_setid(ino.0, None)?;
                     }

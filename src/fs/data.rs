@@ -378,8 +378,16 @@ impl Inner {
     }
 
     /// Writes `data` at `offset` (at the end of file for an O_APPEND handle); returns
-    /// the bytes written.
-    pub fn write(&mut self, fh: u64, ino: u64, offset: u64, data: &[u8]) -> FsResult<u32> {
+    /// the bytes written. `digests` are those of the whole blocks the write covers at
+    /// `offset` (see [`digest_blocks`]), taken before the lock; empty if not known.
+    pub fn write(
+        &mut self,
+        fh: u64,
+        ino: u64,
+        offset: u64,
+        data: &[u8],
+        digests: &[Digest],
+    ) -> FsResult<u32> {
         let ino = live(ino)?;
         let append = matches!(
             self.handles.get(&fh),
@@ -389,7 +397,10 @@ impl Inner {
         if rec.kind != FileKind::File {
             return err(libc::EINVAL);
         }
-        let offset = if append { rec.size } else { offset };
+        let (offset, digests) = match append {
+            true if rec.size != offset => (rec.size, &[][..]),
+            _ => (offset, digests),
+        };
         let end = offset
             .checked_add(data.len() as u64)
             .filter(|e| *e <= i64::MAX as u64)
@@ -409,7 +420,7 @@ impl Inner {
         let held = |d: &Dirty| d.blocks.range(first..last).next().is_some();
         if first < last
             && !self.dirty.get(&ino).is_some_and(held)
-            && self.direct(ino, &rec, offset, data, first..last)?
+            && self.direct(ino, &rec, offset, data, digests, first..last)?
         {
             let head = ((first * bs).min(end) - offset) as usize;
             let tail = ((last * bs).max(offset) - offset) as usize;
@@ -430,22 +441,27 @@ impl Inner {
         Ok(data.len() as u32)
     }
 
-    /// Stores blocks `idxs` of a write of `data` at `offset` to `ino` (whole blocks),
-    /// with `rec`, the inode record the write leaves. Returns whether they were
-    /// stored; they are not on a full disk (the caller then buffers them).
+    /// Stores blocks `idxs` of a write of `data` at `offset` to `ino` (whole blocks,
+    /// with their `digests` if known), with `rec`, the inode record the write leaves.
+    /// Returns whether they were stored; they are not on a full disk (the caller then
+    /// buffers them).
     fn direct(
         &mut self,
         ino: u64,
         rec: &InodeRec,
         offset: u64,
         data: &[u8],
+        digests: &[Digest],
         idxs: std::ops::Range<u64>,
     ) -> FsResult<bool> {
         let bs = self.bs();
+        let known = digests.len() == idxs.clone().count();
         let blocks: Vec<_> = idxs
-            .map(|idx| {
+            .enumerate()
+            .map(|(i, idx)| {
                 let at = (idx * bs - offset) as usize;
-                (idx, Src::Bytes(&data[at..at + bs as usize]))
+                let digest = known.then(|| digests[i]);
+                (idx, Src::Bytes(&data[at..at + bs as usize], digest))
             })
             .collect();
         match self
@@ -865,10 +881,41 @@ fn needed_pages(idx: u64, bs: u64, size: u64) -> usize {
 /// Where the bytes of a block to store come from.
 #[derive(Clone, Copy)]
 enum Src<'a> {
-    /// A whole block, straight from a write request.
-    Bytes(&'a [u8]),
+    /// A whole block, straight from a write request, with its digest if known.
+    Bytes(&'a [u8], Option<Digest>),
     /// A buffer, which may hold some pages only.
     Buf(&'a DBlock),
+}
+
+/// What a whole block's content comes to: all zeros (stored as a hole), or its
+/// blake3 hash.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Digest {
+    Zero,
+    Hash([u8; 32]),
+}
+
+impl Digest {
+    pub fn of(data: &[u8]) -> Digest {
+        if data.iter().all(|&b| b == 0) {
+            Digest::Zero
+        } else {
+            Digest::Hash(*blake3::hash(data).as_bytes())
+        }
+    }
+}
+
+/// The digests of the whole blocks of `bs` bytes that a write of `data` at `offset`
+/// covers, in order. The request threads compute them before taking the core's lock,
+/// so that concurrent writes hash on every CPU.
+pub fn digest_blocks(bs: u64, offset: u64, data: &[u8]) -> Vec<Digest> {
+    let end = offset.saturating_add(data.len() as u64);
+    (offset.div_ceil(bs)..end / bs)
+        .map(|idx| {
+            let at = (idx * bs - offset) as usize;
+            Digest::of(&data[at..at + bs as usize])
+        })
+        .collect()
 }
 
 /// Blocks to store: index and bytes.
@@ -967,15 +1014,15 @@ fn store_blocks<'a>(
             plans.push((idx, prev, Plan::Rec(rec)));
             continue;
         }
-        let data = match src {
-            Src::Bytes(b) => &b[..n],
-            Src::Buf(b) => b.bytes(0..n),
+        let (data, digest) = match src {
+            Src::Bytes(b, Some(d)) if n == b.len() => (b, d),
+            Src::Bytes(b, _) => (&b[..n], Digest::of(&b[..n])),
+            Src::Buf(b) => (b.bytes(0..n), Digest::of(b.bytes(0..n))),
         };
-        if n == 0 || data.iter().all(|&b| b == 0) {
+        let Digest::Hash(hash) = digest else {
             plans.push((idx, prev, Plan::Hole));
             continue;
-        }
-        let hash = *blake3::hash(data).as_bytes();
+        };
         // Unchanged content: keep the stored record (and its reference) as it is.
         if old.is_some_and(|o| o == BlockRec::whole(hash, n as u32)) {
             plans.push((idx, prev, Plan::Keep));
@@ -1046,6 +1093,25 @@ mod tests {
             from,
             hash: [h; 32],
         }
+    }
+
+    #[test]
+    fn digests_cover_the_whole_blocks_of_a_write_only() {
+        // Blocks of 4 bytes; a write of 13 bytes at 3 covers blocks 1, 2 and 3 whole
+        // (bytes 4..16) and parts of blocks 0 and 4.
+        let mut data: Vec<u8> = (1..=13).collect();
+        data[5..9].fill(0); // block 2 (file bytes 8..12) is all zeros
+        let d = digest_blocks(4, 3, &data);
+        assert_eq!(
+            d,
+            vec![
+                Digest::Hash(*blake3::hash(&data[1..5]).as_bytes()),
+                Digest::Zero,
+                Digest::Hash(*blake3::hash(&data[9..13]).as_bytes()),
+            ]
+        );
+        assert!(digest_blocks(4, 5, &data[..2]).is_empty());
+        assert_eq!(digest_blocks(4, 0, &[7; 4]).len(), 1);
     }
 
     #[test]

@@ -18,7 +18,7 @@ use std::sync::{Mutex, MutexGuard};
 use crate::store::schema::*;
 use crate::store::{RecKey, Store, StoreConfig, StoreError, Writer, scan_visible};
 
-pub use data::{SeekWhence, finish_read};
+pub use data::{Digest, SeekWhence, digest_blocks, finish_read};
 pub use snap::{Change, Inval, SnapshotInfo, check_snapshot_name};
 
 /// Inode numbers the kernel sees: the low 40 bits are a live inode, the bits above are
@@ -282,6 +282,7 @@ pub type KernelFlush = Box<dyn Fn(&[Vec<u8>]) + Send + Sync>;
 /// The filesystem core.
 pub struct Fs {
     inner: Mutex<Inner>,
+    block_size: u64,
     invalidator: Mutex<Option<Invalidator>>,
     kernel_flush: Mutex<Option<KernelFlush>>,
 }
@@ -322,6 +323,7 @@ impl Fs {
         inner.reap_orphans()?;
         inner.reap_deleted_snapshots()?;
         Ok(Fs {
+            block_size: inner.store.block_size as u64,
             inner: Mutex::new(inner),
             invalidator: Mutex::new(None),
             kernel_flush: Mutex::new(None),
@@ -392,6 +394,11 @@ impl Fs {
     /// ever committed (see `Store::write`).
     pub fn lock(&self) -> MutexGuard<'_, Inner> {
         self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The store's block size (fixed when it was created).
+    pub fn block_size(&self) -> u64 {
+        self.block_size
     }
 }
 
