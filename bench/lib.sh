@@ -8,7 +8,7 @@
 # CRATE. A target's files all live under $W/t/TARGET; its state (mountpoint, daemon
 # pid, store) is kept in files there, so that any process can tear it down.
 
-ALL_TARGETS="native tmpfs passthrough_ll bindfs snapfs-ext4 snapfs-tmpfs"
+ALL_TARGETS="native tmpfs passthrough_ll passthrough_ll-strict bindfs snapfs-ext4 snapfs-tmpfs"
 ALL_WORKLOADS="fio meta metasmall untar git cargo rss"
 
 log() { printf '[bench %s] %s\n' "$(date +%H:%M:%S)" "$*" >&2; }
@@ -87,11 +87,13 @@ target_up() {
         mkdir -p "$mnt" && echo "$mnt" > "$r/tmpfs.mnt" || return 1
         mount -t tmpfs -o "size=$TMPFS_SIZE,mode=755" bench-tmpfs "$mnt" >&2 || return 1
         ;;
-    passthrough_ll | bindfs)
+    passthrough_ll | passthrough_ll-strict | bindfs)
         mnt=$r/mnt
         mkdir -p "$r/src" "$mnt" && echo "$mnt" > "$r/fuse.mnt" || return 1
         if [ "$t" = passthrough_ll ]; then
             "$PLL" -o "writeback,cache=always,source=$r/src" "$mnt" >&2 || return 1
+        elif [ "$t" = passthrough_ll-strict ]; then
+            "$PLL" -o "writeback,cache=always,default_permissions,xattr,source=$r/src" "$mnt" >&2 || return 1
         else
             bindfs --multithreaded -o big_writes "$r/src" "$mnt" >&2 || return 1
         fi

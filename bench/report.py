@@ -20,7 +20,7 @@ import sys
 
 BEGIN = "<!-- bench/run:begin -->"
 END = "<!-- bench/run:end -->"
-TARGET_ORDER = ["native", "tmpfs", "passthrough_ll", "bindfs", "snapfs-ext4", "snapfs-tmpfs"]
+TARGET_ORDER = ["native", "tmpfs", "passthrough_ll", "passthrough_ll-strict", "bindfs", "snapfs-ext4", "snapfs-tmpfs"]
 REFS = ["native", "passthrough_ll"]
 
 # key, workload, label (formatted with the run's config), unit, higher is better
@@ -173,6 +173,7 @@ def plot(meta, targets, results, path):
         "native": "#555555",
         "tmpfs": "#9e9e9e",
         "passthrough_ll": "#1f77b4",
+        "passthrough_ll-strict": "#9467bd",
         "bindfs": "#ff7f0e",
         "snapfs-ext4": "#2ca02c",
         "snapfs-tmpfs": "#98df8a",
@@ -231,7 +232,9 @@ def section(meta, targets, results, table_md, status, svg_rel):
         "",
         "Targets: **native** a directory on the ext4 disk (the disk's ceiling); **tmpfs** (the CPU's ceiling); "
         "**passthrough_ll** libfuse's low-level passthrough example over an ext4 directory with "
-        "`-o writeback,cache=always` (FUSE's own ceiling); **bindfs** `--multithreaded -o big_writes` over an ext4 "
+        "`-o writeback,cache=always` (FUSE's own ceiling); **passthrough_ll-strict** the same with "
+        "`-o default_permissions,xattr`: the kernel checks permissions and xattrs are served, as snapfs (and any "
+        "multi-user POSIX filesystem) must, so it shows what those two cost FUSE itself; **bindfs** `--multithreaded -o big_writes` over an ext4 "
         "directory; **snapfs-ext4** snapfs with its store on ext4; **snapfs-tmpfs** snapfs with its store on a tmpfs "
         "(its CPU cost alone). Every run of every workload gets a fresh target: mounted anew, empty. "
         "Runs go in rounds (run 1 of every target, then run 2, ...), so that a slow spell of the machine "
