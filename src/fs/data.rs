@@ -896,6 +896,7 @@ pub enum Digest {
 }
 
 impl Digest {
+    /// The digest of a block's bytes.
     pub fn of(data: &[u8]) -> Digest {
         if data.iter().all(|&b| b == 0) {
             Digest::Zero
@@ -909,7 +910,9 @@ impl Digest {
 /// covers, in order. The request threads compute them before taking the core's lock,
 /// so that concurrent writes hash on every CPU.
 pub fn digest_blocks(bs: u64, offset: u64, data: &[u8]) -> Vec<Digest> {
-    let end = offset.saturating_add(data.len() as u64);
+    let Some(end) = offset.checked_add(data.len() as u64) else {
+        return Vec::new();
+    };
     (offset.div_ceil(bs)..end / bs)
         .map(|idx| {
             let at = (idx * bs - offset) as usize;
@@ -1098,7 +1101,7 @@ mod tests {
     #[test]
     fn digests_cover_the_whole_blocks_of_a_write_only() {
         // Blocks of 4 bytes; a write of 13 bytes at 3 covers blocks 1, 2 and 3 whole
-        // (bytes 4..16) and parts of blocks 0 and 4.
+        // (bytes 4..16) and block 0 in part.
         let mut data: Vec<u8> = (1..=13).collect();
         data[5..9].fill(0); // block 2 (file bytes 8..12) is all zeros
         let d = digest_blocks(4, 3, &data);
@@ -1112,6 +1115,8 @@ mod tests {
         );
         assert!(digest_blocks(4, 5, &data[..2]).is_empty());
         assert_eq!(digest_blocks(4, 0, &[7; 4]).len(), 1);
+        // An offset whose end overflows gets no digests (the write refuses it).
+        assert!(digest_blocks(4, u64::MAX - 5, &data).is_empty());
     }
 
     #[test]
