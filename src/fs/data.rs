@@ -397,9 +397,11 @@ impl Inner {
         if rec.kind != FileKind::File {
             return err(libc::EINVAL);
         }
-        let (offset, digests) = match append {
-            true if rec.size != offset => (rec.size, &[][..]),
-            _ => (offset, digests),
+        // An appending write whose end of file moved hashes its blocks anew.
+        let (offset, digests) = if append && rec.size != offset {
+            (rec.size, &[][..])
+        } else {
+            (offset, digests)
         };
         let end = offset
             .checked_add(data.len() as u64)

@@ -459,13 +459,7 @@ impl Store {
                         let mut rec = rec?;
                         if rec.segment == id && rec.offset == data_at {
                             let data = w.segs.read(id, data_at, len)?;
-                            if blake3::hash(&data).as_bytes() != &hash {
-                                return Err(StoreError::Corrupt(format!(
-                                    "extent {} in segment {id:016x} does not match its hash",
-                                    hex(&hash)
-                                ))
-                                .into());
-                            }
+                            check_whole(&hash, &rec, &data)?;
                             let (seg, off) = w.segs.append(&hash, &data)?;
                             rec.segment = seg;
                             rec.offset = off;
@@ -588,8 +582,8 @@ impl Store {
                 self.outboards.clear();
             }
             self.outboards.insert(*hash, cvs.into_boxed_slice());
-        } else if blake3::hash(data).as_bytes() != hash {
-            return Err(mismatch(hash, rec));
+        } else {
+            check_whole(hash, rec, data)?;
         }
         Ok(())
     }
@@ -666,6 +660,14 @@ impl Store {
     }
 }
 
+/// Checks `data`, all of extent `rec`, against its `hash`.
+fn check_whole(hash: &[u8; 32], rec: &ExtentRec, data: &[u8]) -> Result<(), StoreError> {
+    if blake3::hash(data).as_bytes() != hash {
+        return Err(mismatch(hash, rec));
+    }
+    Ok(())
+}
+
 fn mismatch(hash: &[u8; 32], rec: &ExtentRec) -> StoreError {
     StoreError::Corrupt(format!(
         "extent {} in segment {:016x} at {} does not match its hash",
@@ -690,10 +692,7 @@ impl Fetch {
     pub fn run(&self, dst: &mut [u8]) -> Result<(), StoreError> {
         let dst = &mut dst[..self.rec.len as usize];
         segment::read_exact_from(&self.file, self.rec.segment, self.rec.offset, dst)?;
-        if blake3::hash(dst).as_bytes() != &self.hash {
-            return Err(mismatch(&self.hash, &self.rec));
-        }
-        Ok(())
+        check_whole(&self.hash, &self.rec, dst)
     }
 }
 
