@@ -6,9 +6,10 @@
 #   fmt             cargo fmt --all -- --check
 #   clippy          cargo clippy --all-targets -- -D warnings
 #   build           cargo build --release
-#   test            cargo test --release    (mounts real snapfs file systems)
+#   test            cargo test --release    (mounts real snapfs file systems), and
+#                   the vendored fuser's own tests (cargo test -p fuser --lib)
 #   pjdfstest-root  tests/peer/pjdfstest.sh root
-#   pjdfstest-user  tests/peer/pjdfstest.sh user
+#   pjdfstest-user  tests/peer/pjdfstest.sh user, over /dev/fuse (-o nouring)
 #   fsx             tests/peer/fsx.sh
 #   fsx-snapshots   tests/peer/fsx.sh, one more seed, a snapshot every second
 #
@@ -65,6 +66,20 @@ install_cargo_tools() {
         echo "warning: installing pjdfstest/fsx failed; their stages will fail" >&2
 }
 
+# FUSE over io_uring (Linux 6.14+) stays off until the fuse module's enable_uring is
+# set; snapfs uses it whenever the kernel offers it. The tests run with it on where
+# the kernel has it: tests/transport.rs checks that requests do go that way, and the
+# unprivileged pjdfstest run mounts with -o nouring to keep /dev/fuse under a peer suite.
+enable_fuse_uring() {
+    local p=/sys/module/fuse/parameters/enable_uring
+    modprobe fuse 2>/dev/null || true
+    if [ ! -w "$p" ]; then
+        echo "kernel without FUSE over io_uring: every request goes through /dev/fuse"
+        return
+    fi
+    echo Y >"$p" && echo "fuse.enable_uring=$(cat "$p")"
+}
+
 names=()
 results=()
 times=()
@@ -119,6 +134,7 @@ prep_start=$(date +%s)
 section "prerequisites"
 install_packages
 install_cargo_tools
+enable_fuse_uring
 echo "toolchain: $(cargo --version 2>/dev/null || echo 'cargo missing'); $(rustc --version 2>/dev/null || true)"
 echo "pjdfstest: $(pjdfstest --version 2>/dev/null || echo missing); fsx: $(fsx --version 2>/dev/null || echo missing)"
 prep_secs=$(($(date +%s) - prep_start))
@@ -141,9 +157,9 @@ if wants build || wants test || wants pjdfstest-root || wants pjdfstest-user || 
         cargo build --release || build_ok=0
     fi
 fi
-if wants test; then needs_build test cargo test --release; fi
+if wants test; then needs_build test sh -c 'cargo test --release && cargo test --release -p fuser --lib'; fi
 if wants pjdfstest-root; then needs_build pjdfstest-root bash tests/peer/pjdfstest.sh root; fi
-if wants pjdfstest-user; then needs_build pjdfstest-user bash tests/peer/pjdfstest.sh user; fi
+if wants pjdfstest-user; then needs_build pjdfstest-user env PEER_MOUNT_OPTS=nouring bash tests/peer/pjdfstest.sh user; fi
 if wants fsx; then needs_build fsx bash tests/peer/fsx.sh; fi
 if wants fsx-snapshots; then needs_build fsx-snapshots env FSX_SEEDS=4 FSX_SNAPSHOT_EVERY=1 bash tests/peer/fsx.sh; fi
 

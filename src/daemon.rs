@@ -26,6 +26,10 @@ pub const PIDFILE: &str = "snapfs.pid";
 /// single requests; 10% measured 1.4x faster sequential writes.
 pub const DEFAULT_BDI_MAX_RATIO: u32 = 10;
 
+/// Ring entries per CPU queue for FUSE over io_uring. One thread serves a queue, so
+/// more entries only let requests wait in the ring instead of in the kernel's queue.
+pub const DEFAULT_URING_DEPTH: usize = 4;
+
 /// See [`MountOptions::threads`]. Every request is a round trip: the caller wakes a
 /// request thread, which wakes the caller with the reply. With one request thread,
 /// the scheduler keeps the two on different CPUs, and on a virtual machine whose idle
@@ -53,6 +57,9 @@ pub struct MountOptions {
     /// The share, in percent, of the system's dirty-page limit that the kernel may hold
     /// for this mount (`bdi_max_ratio=`; the kernel gives a FUSE mount 1).
     pub bdi_max_ratio: u32,
+    /// Entries per CPU queue for FUSE over io_uring (`uring_depth=`; `nouring` or 0:
+    /// `/dev/fuse` only). Used when the kernel offers it (`fuse.enable_uring=1`).
+    pub uring_depth: usize,
     /// Take a scheduled snapshot this often.
     pub snapshot_every: Option<Duration>,
     /// Retention for scheduled snapshots.
@@ -67,6 +74,7 @@ impl MountOptions {
             threads: DEFAULT_THREADS,
             writeback: true,
             bdi_max_ratio: DEFAULT_BDI_MAX_RATIO,
+            uring_depth: DEFAULT_URING_DEPTH,
             ..Default::default()
         };
         for opt in opts
@@ -103,6 +111,9 @@ impl MountOptions {
                 ("bdi_max_ratio", Some(v)) => {
                     o.bdi_max_ratio = number_in(key, v, 1..=100, "a percentage")?
                 }
+                ("uring", None) => o.uring_depth = DEFAULT_URING_DEPTH,
+                ("nouring", None) => o.uring_depth = 0,
+                ("uring_depth", Some(v)) => o.uring_depth = number_in(key, v, 0..=64, "a number")?,
                 ("writeback", None) => o.writeback = true,
                 ("nowriteback", None) => o.writeback = false,
                 ("snapdir", Some("hidden")) => o.hide_snapdir = true,
@@ -269,7 +280,8 @@ pub fn mount(
     }
     config.n_threads = Some(options.threads);
     config.clone_fd = options.threads > 1;
-    let fuse = SnapFuse::new(fs.clone(), options.writeback);
+    config.uring_depth = Some(options.uring_depth);
+    let fuse = SnapFuse::new(fs.clone(), options.writeback, options.uring_depth > 0);
     let mut session = fuser::Session::new(fuse, &mp, &config)
         .with_context(|| format!("cannot mount on {}", mp.display()))?;
     if options.writeback

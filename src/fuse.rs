@@ -39,12 +39,18 @@ fn ttl(ino: u64) -> Duration {
 pub struct SnapFuse {
     fs: Arc<Fs>,
     writeback: bool,
+    uring: bool,
 }
 
 impl SnapFuse {
-    /// Wraps a core for mounting; `writeback` lets the kernel cache writes.
-    pub fn new(fs: Arc<Fs>, writeback: bool) -> Self {
-        SnapFuse { fs, writeback }
+    /// Wraps a core for mounting; `writeback` lets the kernel cache writes, `uring`
+    /// asks for FUSE over io_uring where the kernel offers it.
+    pub fn new(fs: Arc<Fs>, writeback: bool, uring: bool) -> Self {
+        SnapFuse {
+            fs,
+            writeback,
+            uring,
+        }
     }
 }
 
@@ -144,6 +150,14 @@ impl Filesystem for SnapFuse {
             self.writeback = false;
         }
         self.fs.lock().kernel_times = self.writeback;
+        // Requests then come on a queue per CPU, answered by a thread on that CPU. The
+        // kernel offers it only when `fuse.enable_uring` is set.
+        if self.uring {
+            match config.add_capabilities(InitFlags::FUSE_OVER_IO_URING) {
+                Ok(()) => tracing::info!("serving requests over io_uring"),
+                Err(_) => tracing::debug!("kernel does not offer FUSE over io_uring"),
+            }
+        }
         let _ = config.set_max_write(1 << 20);
         // Written-back pages arrive as background requests; let enough of them queue
         // that the request thread never waits for the next one.
