@@ -8,7 +8,7 @@
 # CRATE. A target's files all live under $W/t/TARGET; its state (mountpoint, daemon
 # pid, store) is kept in files there, so that any process can tear it down.
 
-ALL_TARGETS="native tmpfs passthrough_ll passthrough_ll-strict bindfs snapfs-ext4 snapfs-tmpfs"
+ALL_TARGETS="native tmpfs passthrough_ll passthrough_ll-strict bindfs snapfs-ext4 snapfs-tmpfs snapfs-devfuse"
 ALL_WORKLOADS="fio meta metasmall untar git cargo rss"
 
 log() { printf '[bench %s] %s\n' "$(date +%H:%M:%S)" "$*" >&2; }
@@ -100,7 +100,7 @@ target_up() {
         wait_mounted "$mnt" || return 1
         daemon_pid_of "$mnt" > "$r/daemon.pid" || { log "$t: no daemon found for $mnt"; return 1; }
         ;;
-    snapfs-ext4 | snapfs-tmpfs)
+    snapfs-ext4 | snapfs-tmpfs | snapfs-devfuse)
         mnt=$r/mnt
         store=$r/store
         mkdir -p "$mnt" || return 1
@@ -110,8 +110,10 @@ target_up() {
             store=$r/tmpfs/store
         fi
         echo "$mnt" > "$r/fuse.mnt" && echo "$store" > "$r/store.path" || return 1
+        local opts=$SNAPFS_OPTS
+        [ "$t" != snapfs-devfuse ] || opts=${opts:+$opts,}nouring
         # shellcheck disable=SC2086
-        "$SNAPFS" mount "$store" "$mnt" ${SNAPFS_OPTS:+-o "$SNAPFS_OPTS"} >&2 || return 1
+        "$SNAPFS" mount "$store" "$mnt" ${opts:+-o "$opts"} >&2 || return 1
         wait_mounted "$mnt" || return 1
         cp "$store/snapfs.pid" "$r/daemon.pid" || return 1
         ;;

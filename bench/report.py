@@ -20,7 +20,7 @@ import sys
 
 BEGIN = "<!-- bench/run:begin -->"
 END = "<!-- bench/run:end -->"
-TARGET_ORDER = ["native", "tmpfs", "passthrough_ll", "passthrough_ll-strict", "bindfs", "snapfs-ext4", "snapfs-tmpfs"]
+TARGET_ORDER = ["native", "tmpfs", "passthrough_ll", "passthrough_ll-strict", "bindfs", "snapfs-ext4", "snapfs-tmpfs", "snapfs-devfuse"]
 REFS = ["native", "passthrough_ll"]
 
 # key, workload, label (formatted with the run's config), unit, higher is better
@@ -177,6 +177,7 @@ def plot(meta, targets, results, path):
         "bindfs": "#ff7f0e",
         "snapfs-ext4": "#2ca02c",
         "snapfs-tmpfs": "#98df8a",
+        "snapfs-devfuse": "#bcbd22",
     }
     refs = [r for r in REFS if r in targets]
     if not keys or not refs:
@@ -227,7 +228,8 @@ def section(meta, targets, results, table_md, status, svg_rel):
         "## Against other filesystems",
         "",
         f"Machine: {m['cores']} cores ({m['cpu']}), {m['mem_gib']} GiB RAM, kernel {m['kernel']}; disk filesystem "
-        f"{m['disk_fs']}" + (f" ({m['disk_fs_options']})" if m.get("disk_fs_options") else "") + ".",
+        f"{m['disk_fs']}" + (f" ({m['disk_fs_options']})" if m.get("disk_fs_options") else "")
+        + (f"; fuse.enable_uring={m['fuse_enable_uring']}" if m.get("fuse_enable_uring") else "") + ".",
         f"Command: `{meta['command']}` ({meta['date'][:10]}, took {mins} min {secs} s). snapfs: {meta['snapfs']}; options: {opts}.",
         "",
         "Targets: **native** a directory on the ext4 disk (the disk's ceiling); **tmpfs** (the CPU's ceiling); "
@@ -236,7 +238,8 @@ def section(meta, targets, results, table_md, status, svg_rel):
         "`-o default_permissions,xattr`: the kernel checks permissions and xattrs are served, as snapfs (and any "
         "multi-user POSIX filesystem) must, so it shows what those two cost FUSE itself; **bindfs** `--multithreaded -o big_writes` over an ext4 "
         "directory; **snapfs-ext4** snapfs with its store on ext4; **snapfs-tmpfs** snapfs with its store on a tmpfs "
-        "(its CPU cost alone). Every run of every workload gets a fresh target: mounted anew, empty. "
+        "(its CPU cost alone); **snapfs-devfuse** snapfs with its store on ext4 and `-o nouring`, its requests "
+        "through `/dev/fuse` rather than FUSE over io_uring (which the other two use where the kernel has it). Every run of every workload gets a fresh target: mounted anew, empty. "
         "Runs go in rounds (run 1 of every target, then run 2, ...), so that a slow spell of the machine "
         "does not fall on every run of one target; even rounds go through the targets backwards, so that no "
         "target always runs right after the same one (a deletion on ext4 can slow the disk's next user for "
