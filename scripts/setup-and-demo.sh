@@ -47,6 +47,14 @@ fi
     exit 1
 }
 
+# FUSE over io_uring (Linux 6.14+) answers each request on the caller's CPU; the
+# kernel offers it to snapfs once root sets the fuse module's enable_uring.
+uring=/sys/module/fuse/parameters/enable_uring
+if [ -w "$uring" ] && [ "$(cat "$uring")" != Y ]; then
+    say "echo Y > $uring   (FUSE over io_uring; snapfs -o nouring does without)"
+    echo Y >"$uring"
+fi
+
 # --- build ----------------------------------------------------------------------
 say "cargo build --release"
 cargo build --release

@@ -60,6 +60,9 @@ pub struct MountOptions {
     /// Entries per CPU queue for FUSE over io_uring (`uring_depth=`; `nouring` or 0:
     /// `/dev/fuse` only). Used when the kernel offers it (`fuse.enable_uring=1`).
     pub uring_depth: usize,
+    /// Run the io_uring queue threads under `SCHED_IDLE` (`uring_sched=idle`, the
+    /// default) or the normal policy (`uring_sched=normal`).
+    pub uring_idle: bool,
     /// Take a scheduled snapshot this often.
     pub snapshot_every: Option<Duration>,
     /// Retention for scheduled snapshots.
@@ -75,6 +78,7 @@ impl MountOptions {
             writeback: true,
             bdi_max_ratio: DEFAULT_BDI_MAX_RATIO,
             uring_depth: DEFAULT_URING_DEPTH,
+            uring_idle: true,
             ..Default::default()
         };
         for opt in opts
@@ -114,6 +118,8 @@ impl MountOptions {
                 ("uring", None) => o.uring_depth = DEFAULT_URING_DEPTH,
                 ("nouring", None) => o.uring_depth = 0,
                 ("uring_depth", Some(v)) => o.uring_depth = number_in(key, v, 0..=64, "a number")?,
+                ("uring_sched", Some("idle")) => o.uring_idle = true,
+                ("uring_sched", Some("normal")) => o.uring_idle = false,
                 ("writeback", None) => o.writeback = true,
                 ("nowriteback", None) => o.writeback = false,
                 ("snapdir", Some("hidden")) => o.hide_snapdir = true,
@@ -281,6 +287,7 @@ pub fn mount(
     config.n_threads = Some(options.threads);
     config.clone_fd = options.threads > 1;
     config.uring_depth = Some(options.uring_depth);
+    config.uring_idle_priority = options.uring_idle;
     let fuse = SnapFuse::new(fs.clone(), options.writeback, options.uring_depth > 0);
     let mut session = fuser::Session::new(fuse, &mp, &config)
         .with_context(|| format!("cannot mount on {}", mp.display()))?;

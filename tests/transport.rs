@@ -86,7 +86,14 @@ fn requests_are_served_by_a_thread_per_cpu_over_io_uring() {
     }
     let mut m = Mount::new();
     let pid = m.pid();
-    let rings = threads(pid, "fuser-ring-");
+    // The daemon reports the mount live before its session starts the queue threads
+    // (requests wait in the kernel until every queue has registered).
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    let mut rings = threads(pid, "fuser-ring-");
+    while rings.len() < possible_cpus() && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        rings = threads(pid, "fuser-ring-");
+    }
     assert_eq!(rings.len(), possible_cpus(), "ring threads: {rings:?}");
     let (ring0, dev0) = (switches(pid, "fuser-ring-"), switches(pid, "fuser-"));
     exercise(&m, 300);
@@ -113,6 +120,12 @@ fn requests_are_served_by_a_thread_per_cpu_over_io_uring() {
 fn nouring_serves_everything_through_dev_fuse() {
     let m = Mount::with_options(&["nouring"]);
     let pid = m.pid();
+    // The session starts its queue threads (if any) before its /dev/fuse threads.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while threads(pid, "fuser-0").is_empty() && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    assert!(!threads(pid, "fuser-0").is_empty());
     assert!(threads(pid, "fuser-ring-").is_empty());
     let dev0 = switches(pid, "fuser-");
     exercise(&m, 100);

@@ -139,8 +139,12 @@ pub struct Session<FS: Filesystem> {
     /// The field is set to `Some` when the init message is received.
     pub(crate) proto_version: Option<Version>,
     pub(crate) config: Config,
-    /// The payload size of a ring entry, when INIT agreed on FUSE over io_uring.
-    pub(crate) uring_payload: Option<usize>,
+    /// The io_uring queues, when INIT agreed on FUSE over io_uring.
+    #[cfg(target_os = "linux")]
+    pub(crate) rings: Option<crate::uring::Rings>,
+    /// Where the session is mounted, if it mounted itself (to abort the connection
+    /// should an io_uring queue fail).
+    pub(crate) mountpoint: Option<std::path::PathBuf>,
 }
 
 impl<FS: Filesystem> AsFd for Session<FS> {
@@ -188,7 +192,9 @@ impl<FS: Filesystem> Session<FS> {
             session_owner: geteuid(),
             proto_version: None,
             config: options.clone(),
-            uring_payload: None,
+            #[cfg(target_os = "linux")]
+            rings: None,
+            mountpoint: Some(mountpoint.to_path_buf()),
         };
 
         session.handshake()?;
@@ -217,7 +223,9 @@ impl<FS: Filesystem> Session<FS> {
             session_owner: geteuid(),
             proto_version: None,
             config,
-            uring_payload: None,
+            #[cfg(target_os = "linux")]
+            rings: None,
+            mountpoint: None,
         };
 
         session.handshake()?;
@@ -256,7 +264,9 @@ impl<FS: Filesystem> Session<FS> {
             session_owner,
             proto_version: _,
             config,
-            uring_payload,
+            #[cfg(target_os = "linux")]
+            rings,
+            mountpoint,
         } = self;
 
         let n_threads = config.n_threads.unwrap_or(1);
@@ -291,34 +301,33 @@ impl<FS: Filesystem> Session<FS> {
                 channels.push(ch.clone());
             }
         }
+        // The kernel holds every request until each queue has registered: start them
+        // before anything else.
         #[cfg(target_os = "linux")]
-        let (rings, ring_threads) = match (uring_payload, config.uring_depth) {
-            (Some(payload), Some(depth)) if depth > 0 => {
-                match crate::uring::Rings::new(ch.device(), depth, payload) {
-                    Ok(rings) => {
-                        let spawned = rings.spawn(|thread_name| SessionEventLoop {
-                            thread_name,
-                            filesystem: filesystem.clone(),
-                            ch: ch.clone(),
-                            allowed,
-                            session_owner,
-                        });
-                        match spawned {
-                            Ok(threads) => (Some(rings), threads),
-                            Err(e) => {
-                                rings.stop();
-                                return Err(e);
-                            }
-                        }
-                    }
+        let ring_threads = match &rings {
+            Some(rings) => {
+                let make_loop = |thread_name| SessionEventLoop {
+                    thread_name,
+                    filesystem: filesystem.clone(),
+                    ch: ch.clone(),
+                    allowed,
+                    session_owner,
+                };
+                match rings.spawn(make_loop, mountpoint.clone()) {
+                    Ok(threads) => threads,
                     Err(e) => {
-                        warn!("FUSE over io_uring unavailable, serving /dev/fuse only: {e}");
-                        (None, Vec::new())
+                        error!("cannot start the io_uring queue threads: {e}");
+                        if let Some(mp) = &mountpoint {
+                            crate::uring::abort_connection(mp);
+                        }
+                        return Err(e);
                     }
                 }
             }
-            _ => (None, Vec::new()),
+            None => Vec::new(),
         };
+        #[cfg(not(target_os = "linux"))]
+        let _ = &mountpoint;
         channels.push(ch);
 
         let mut threads = Vec::with_capacity(n_threads);
@@ -477,9 +486,10 @@ impl<FS: Filesystem> Session<FS> {
 
             // Remember the ABI version supported by kernel and mark the session initialized.
             self.proto_version = Some(v);
-            if (init.capabilities() & config.requested).contains(InitFlags::FUSE_OVER_IO_URING) {
-                self.uring_payload = Some(config.uring_payload());
-            }
+            #[cfg(target_os = "linux")]
+            self.set_up_rings(init.capabilities(), &mut config);
+            #[cfg(not(target_os = "linux"))]
+            config.requested.remove(InitFlags::FUSE_OVER_IO_URING);
 
             // Log capability status for debugging
             for bit in 0..64 {
@@ -523,6 +533,36 @@ impl<FS: Filesystem> Session<FS> {
                 .send_ll(&response);
 
             return Ok(());
+        }
+    }
+
+    /// If the filesystem asked for FUSE over io_uring and the kernel offers it, sets up
+    /// the queues before INIT is answered; when that fails (or no queue depth is
+    /// configured) INIT declines io_uring, because once it is agreed the kernel holds
+    /// every request until the queues register.
+    #[cfg(target_os = "linux")]
+    fn set_up_rings(&mut self, offered: InitFlags, config: &mut KernelConfig) {
+        let flag = InitFlags::FUSE_OVER_IO_URING;
+        if !(offered & config.requested).contains(flag) {
+            return;
+        }
+        let depth = self.config.uring_depth.unwrap_or(0);
+        let rings = if depth == 0 {
+            Err(io::Error::other("no queue depth configured"))
+        } else {
+            crate::uring::Rings::new(
+                self.ch.device(),
+                depth,
+                config.uring_payload(),
+                self.config.uring_idle_priority,
+            )
+        };
+        match rings {
+            Ok(rings) => self.rings = Some(rings),
+            Err(e) => {
+                warn!("FUSE over io_uring declined, serving /dev/fuse only: {e}");
+                config.requested.remove(flag);
+            }
         }
     }
 

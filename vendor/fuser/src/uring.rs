@@ -9,24 +9,37 @@
 //! is a header buffer (`struct fuse_uring_req_header`) and a payload buffer, registered
 //! with `FUSE_IO_URING_CMD_REGISTER`. The kernel completes that command when it puts a
 //! request in the entry; we answer with `FUSE_IO_URING_CMD_COMMIT_AND_FETCH`, which
-//! hands the reply over and waits for the next request in one command.
+//! hands the reply over and waits for the next request in one command. Only the queue
+//! thread submits: io_uring cancels a command when the thread that submitted it exits,
+//! so a reply made on another thread is handed to the queue thread (`replied`, and an
+//! eventfd the queue thread polls).
 //!
 //! A request arrives split: its `fuse_in_header` and its opcode's fixed argument in the
 //! header buffer, the rest (names, write data) in the payload. The payload buffer keeps
 //! room in front of it, where we copy the two headers, so that the request lies in one
 //! piece as `/dev/fuse` would deliver it, without copying the payload. A reply goes the
-//! other way: its `fuse_out_header` into the header buffer, its body into the payload.
+//! other way: its `fuse_out_header` into the header buffer, its body into the payload;
+//! a reply made while its request's payload is still borrowed by the handler is staged
+//! in a buffer of its own and copied in once the handler returns.
 //!
-//! Forgets and interrupts still come through `/dev/fuse`, as does everything before the
-//! ring is ready (every queue registered); the ordinary session threads serve those.
+//! Once INIT agrees on io_uring, the kernel holds every request until each queue has
+//! registered an entry, and never moves a request to another queue: so the rings are
+//! set up before INIT is answered (and INIT declines io_uring if that fails), and a
+//! queue thread that fails aborts the connection rather than leave its CPU's callers
+//! waiting forever. Forgets and interrupts still come through `/dev/fuse`.
 
+use std::alloc::Layout;
+use std::cell::Cell;
 use std::fmt;
 use std::io;
 use std::io::IoSlice;
 use std::os::fd::AsRawFd;
+use std::path::Path;
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::AtomicBool;
 use std::sync::atomic::AtomicU32;
+use std::sync::atomic::AtomicUsize;
 use std::sync::atomic::Ordering;
 
 use io_uring::IoUring;
@@ -60,6 +73,8 @@ const COMMIT_ID: usize = 256 + 8;
 const PAYLOAD_SZ: usize = 256 + 16;
 const IN_HEADER_LEN: usize = 40;
 const OUT_HEADER_LEN: usize = 16;
+/// Where `unique` lies in both `fuse_in_header` and `fuse_out_header`.
+const UNIQUE: usize = 8;
 /// Room in front of the payload for the request's two headers.
 const FRONT: usize = 256;
 
@@ -67,19 +82,51 @@ const FRONT: usize = 256;
 /// replies made on other threads).
 const WAKE: u64 = u64::MAX;
 
-/// One ring entry's buffers. The kernel writes them between our command and its
+thread_local! {
+    /// The queue this thread serves (its address), 0 on other threads.
+    static SERVING: Cell<usize> = const { Cell::new(0) };
+}
+
+/// Zeroed memory of a fixed size, aligned to 8, freed on drop. The kernel writes into
+/// it through the pointer we register, so it is only ever reached through `ptr`.
+struct Region {
+    ptr: *mut u8,
+    layout: Layout,
+}
+
+impl Region {
+    fn new(len: usize) -> io::Result<Region> {
+        let layout = Layout::from_size_align(len.max(8), 8).map_err(io::Error::other)?;
+        // SAFETY: the layout has a non-zero size.
+        let ptr = unsafe { std::alloc::alloc_zeroed(layout) };
+        if ptr.is_null() {
+            return Err(io::Error::from(io::ErrorKind::OutOfMemory));
+        }
+        Ok(Region { ptr, layout })
+    }
+}
+
+impl Drop for Region {
+    fn drop(&mut self) {
+        // SAFETY: allocated in `Region::new` with this layout.
+        unsafe { std::alloc::dealloc(self.ptr, self.layout) };
+    }
+}
+
+/// One ring entry. The kernel writes its buffers between our command and its
 /// completion; we touch them only in between.
 struct Entry {
     /// `HEADER_LEN` bytes.
-    header: *mut u8,
+    header: Region,
     /// `FRONT` bytes, then the payload.
-    buf: *mut u8,
+    buf: Region,
     /// The two iovecs `FUSE_IO_URING_CMD_REGISTER` points at.
     iov: Box<[libc::iovec; 2]>,
     /// The command last sent for this entry, to send again if it was not taken.
     last: AtomicU32,
-    /// Owners of the memory above (u64 for alignment).
-    _mem: (Box<[u64]>, Box<[u64]>),
+    /// A whole reply (out header and body) waiting to be copied in and committed by
+    /// the queue thread.
+    staged: Mutex<Option<Vec<u8>>>,
 }
 
 /// One queue: its ring, entries and the CPU it serves.
@@ -87,24 +134,29 @@ pub(crate) struct Queue {
     qid: u16,
     dev: Arc<DevFuse>,
     ring: IoUring<squeue::Entry128, cqueue::Entry>,
-    /// Guards the submission queue (only the queue thread pushes; see `RingReply::send`).
+    /// Guards the submission queue (only the queue thread pushes).
     sq: Mutex<()>,
     entries: Box<[Entry]>,
     payload_len: usize,
-    thread: Mutex<Option<std::thread::ThreadId>>,
+    /// Entry + 1 whose request the queue thread is dispatching while its payload is
+    /// borrowed by the handler (0: none); a reply to it is staged.
+    borrowed: AtomicUsize,
     /// Entries answered on other threads, for the queue thread to commit.
     replied: Mutex<Vec<usize>>,
-    /// An eventfd the queue thread polls: written to stop it or to hand it `replied`.
+    /// An eventfd (non-blocking) the queue thread polls: written to stop it or to hand
+    /// it `replied`.
     wake_fd: libc::c_int,
     stopped: AtomicBool,
+    /// Give the queue thread `SCHED_IDLE` (see `idle_policy`).
+    idle: bool,
 }
 
 // SAFETY: the raw pointers of `entries` point into memory the queue owns; an entry's
 // buffers are touched by one party at a time (the kernel while it holds the entry, the
-// queue thread while it parses the request, the reply's sender while it answers).
+// queue thread from the completion until the commit); other threads only stage.
 unsafe impl Send for Queue {}
-// SAFETY: as above; the submission queue is behind `sq`, the completion queue is read
-// by the queue thread alone.
+// SAFETY: as above; the submission queue is behind `sq` and used by the queue thread
+// alone, as is the completion queue.
 unsafe impl Sync for Queue {}
 
 impl fmt::Debug for Queue {
@@ -132,40 +184,57 @@ impl RingReply {
         &self.queue.dev
     }
 
-    /// Writes the reply into the entry and commits it.
+    /// Answers the request: into the entry at once when the queue thread may write
+    /// there, else staged for it. A reply that does not fit the entry is answered with
+    /// EIO (and reported), so the caller never waits forever.
     pub(crate) fn send(&self, bufs: &[IoSlice<'_>]) -> io::Result<()> {
         let q = &self.queue;
-        let e = &q.entries[self.entry];
+        let i = self.entry;
         let total: usize = bufs.iter().map(|b| b.len()).sum();
-        if total < OUT_HEADER_LEN || total - OUT_HEADER_LEN > q.payload_len {
-            return Err(io::Error::other(format!(
-                "reply of {total} bytes does not fit a ring entry"
-            )));
-        }
-        // SAFETY: the entry is ours until we commit it below: the kernel handed it over
-        // with this request, and each request is answered once.
-        unsafe {
-            let mut at = 0usize;
-            for b in bufs {
-                for chunk in split_at_header(at, b) {
-                    let (dst, off) = if at < OUT_HEADER_LEN {
-                        (e.header, at)
-                    } else {
-                        (e.buf.add(FRONT), at - OUT_HEADER_LEN)
-                    };
-                    std::ptr::copy_nonoverlapping(chunk.as_ptr(), dst.add(off), chunk.len());
-                    at += chunk.len();
-                }
+        let fits = total >= OUT_HEADER_LEN && total - OUT_HEADER_LEN <= q.payload_len;
+        let on_thread = q.on_queue_thread();
+        if on_thread && q.borrowed.load(Ordering::Relaxed) != i + 1 {
+            if fits {
+                // SAFETY: on the queue thread, between the completion that brought the
+                // request and the commit below, with no borrow of the payload alive.
+                unsafe { q.write_reply(i, bufs) };
+            } else {
+                q.write_error(i, libc::EIO);
             }
-            let payload = (total - OUT_HEADER_LEN) as u32;
-            std::ptr::copy_nonoverlapping(
-                payload.to_ne_bytes().as_ptr(),
-                e.header.add(PAYLOAD_SZ),
-                4,
-            );
+            q.commit(i)?;
+        } else {
+            let reply = if fits {
+                let mut v = Vec::with_capacity(total);
+                for b in bufs {
+                    v.extend_from_slice(b);
+                }
+                v
+            } else {
+                error_reply(q.unique(i), libc::EIO)
+            };
+            *q.entries[i].staged.lock() = Some(reply);
+            if !on_thread {
+                q.replied.lock().push(i);
+                q.wake()?;
+            }
         }
-        q.commit(self.entry)
+        if fits {
+            Ok(())
+        } else {
+            Err(io::Error::other(format!(
+                "a reply of {total} bytes does not fit a ring entry; answered EIO"
+            )))
+        }
     }
+}
+
+/// A reply of `errno` alone to request `unique`.
+fn error_reply(unique: u64, errno: i32) -> Vec<u8> {
+    let mut h = Vec::with_capacity(OUT_HEADER_LEN);
+    h.extend_from_slice(&(OUT_HEADER_LEN as u32).to_ne_bytes());
+    h.extend_from_slice(&(-errno).to_ne_bytes());
+    h.extend_from_slice(&unique.to_ne_bytes());
+    h
 }
 
 /// `b`, which starts `at` bytes into a reply, cut where the out header ends.
@@ -175,7 +244,10 @@ fn split_at_header(at: usize, b: &[u8]) -> impl Iterator<Item = &[u8]> {
     [h, rest].into_iter().filter(|c| !c.is_empty())
 }
 
-/// Reads a native-endian integer of `N` bytes at `p`.
+/// Reads `N` bytes at `p`.
+///
+/// # Safety
+/// `p` must point at `N` readable bytes.
 unsafe fn read<const N: usize>(p: *const u8) -> [u8; N] {
     let mut v = [0u8; N];
     // SAFETY: the caller names `N` readable bytes at `p`.
@@ -184,37 +256,41 @@ unsafe fn read<const N: usize>(p: *const u8) -> [u8; N] {
 }
 
 impl Queue {
-    fn new(qid: u16, dev: Arc<DevFuse>, depth: usize, payload_len: usize) -> io::Result<Self> {
+    fn new(
+        qid: u16,
+        dev: Arc<DevFuse>,
+        depth: usize,
+        payload_len: usize,
+        idle: bool,
+    ) -> io::Result<Self> {
         let ring = IoUring::<squeue::Entry128, cqueue::Entry>::builder()
             .setup_cqsize(2 * depth as u32 + 2)
             .build(depth as u32 + 1)?;
         let mut entries = Vec::with_capacity(depth);
         for _ in 0..depth {
-            let mut header = vec![0u64; HEADER_LEN / 8].into_boxed_slice();
-            let mut buf = vec![0u64; (FRONT + payload_len).div_ceil(8)].into_boxed_slice();
-            let hp = header.as_mut_ptr().cast::<u8>();
-            let bp = buf.as_mut_ptr().cast::<u8>();
+            let header = Region::new(HEADER_LEN)?;
+            let buf = Region::new(FRONT + payload_len)?;
             let iov = Box::new([
                 libc::iovec {
-                    iov_base: hp.cast(),
+                    iov_base: header.ptr.cast(),
                     iov_len: HEADER_LEN,
                 },
                 libc::iovec {
                     // SAFETY: `buf` holds FRONT + payload_len bytes.
-                    iov_base: unsafe { bp.add(FRONT) }.cast(),
+                    iov_base: unsafe { buf.ptr.add(FRONT) }.cast(),
                     iov_len: payload_len,
                 },
             ]);
             entries.push(Entry {
-                header: hp,
-                buf: bp,
+                header,
+                buf,
                 iov,
                 last: AtomicU32::new(CMD_REGISTER),
-                _mem: (header, buf),
+                staged: Mutex::new(None),
             });
         }
         // SAFETY: plain syscall.
-        let wake_fd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC) };
+        let wake_fd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK) };
         if wake_fd < 0 {
             return Err(io::Error::last_os_error());
         }
@@ -225,11 +301,75 @@ impl Queue {
             sq: Mutex::new(()),
             entries: entries.into_boxed_slice(),
             payload_len,
-            thread: Mutex::new(None),
+            borrowed: AtomicUsize::new(0),
             replied: Mutex::new(Vec::new()),
             wake_fd,
             stopped: AtomicBool::new(false),
+            idle,
         })
+    }
+
+    fn on_queue_thread(&self) -> bool {
+        SERVING.with(|s| s.get() == self as *const Queue as usize)
+    }
+
+    /// The `unique` of the request in entry `i` (also where a written reply keeps it).
+    fn unique(&self, i: usize) -> u64 {
+        // SAFETY: the header holds HEADER_LEN bytes.
+        u64::from_ne_bytes(unsafe { read::<8>(self.entries[i].header.ptr.add(UNIQUE)) })
+    }
+
+    /// Copies a reply (out header, then body) into entry `i`.
+    ///
+    /// # Safety
+    /// On the queue thread, while the entry is ours (completed, not yet committed),
+    /// with no reference into its payload alive; the reply must fit.
+    unsafe fn write_reply(&self, i: usize, bufs: &[IoSlice<'_>]) {
+        let e = &self.entries[i];
+        let mut at = 0usize;
+        for b in bufs {
+            for chunk in split_at_header(at, b) {
+                // SAFETY: the caller's contract; offsets stay within HEADER_LEN and
+                // FRONT + payload_len because the reply fits.
+                unsafe {
+                    let dst = if at < OUT_HEADER_LEN {
+                        e.header.ptr.add(at)
+                    } else {
+                        e.buf.ptr.add(FRONT + at - OUT_HEADER_LEN)
+                    };
+                    std::ptr::copy_nonoverlapping(chunk.as_ptr(), dst, chunk.len());
+                }
+                at += chunk.len();
+            }
+        }
+        let payload = (at.saturating_sub(OUT_HEADER_LEN)) as u32;
+        // SAFETY: within the header.
+        unsafe {
+            std::ptr::copy_nonoverlapping(
+                payload.to_ne_bytes().as_ptr(),
+                e.header.ptr.add(PAYLOAD_SZ),
+                4,
+            )
+        };
+    }
+
+    /// Puts an `errno` reply in entry `i` (queue thread, entry ours).
+    fn write_error(&self, i: usize, errno: i32) {
+        let r = error_reply(self.unique(i), errno);
+        // SAFETY: on the queue thread with the entry ours (the callers'); the error
+        // reply has no body, so nothing is written into the payload.
+        unsafe { self.write_reply(i, &[IoSlice::new(&r)]) };
+    }
+
+    /// Copies in and commits a reply staged for entry `i`, if there is one.
+    fn commit_staged(&self, i: usize) -> io::Result<()> {
+        let Some(reply) = self.entries[i].staged.lock().take() else {
+            return Ok(());
+        };
+        // SAFETY: on the queue thread (every caller), with the entry ours: a staged
+        // reply is committed once, by whoever takes it; and no handler runs.
+        unsafe { self.write_reply(i, &[IoSlice::new(&reply)]) };
+        self.commit(i)
     }
 
     /// A command for entry `i` of this queue.
@@ -249,8 +389,10 @@ impl Queue {
         }
         // The register command also names how many iovecs `addr` points at, in the SQE's
         // `len` field, which the builder does not set.
-        // SAFETY: `Entry128` is `repr(C)`: a 64-byte `io_uring_sqe` (whose `len` is the
-        // u32 at offset 24) and 64 bytes of command data.
+        // SAFETY: `Entry128` is `repr(C)` (io-uring's squeue.rs): a 64-byte
+        // `io_uring_sqe`, whose `len` is the u32 at offset 24, then 64 bytes of command
+        // data; the builder zeroed every byte it did not set, and any bit pattern is a
+        // valid `Entry128`.
         unsafe {
             let mut raw: [u8; 128] = std::mem::transmute(sqe);
             raw[24..28].copy_from_slice(&2u32.to_ne_bytes());
@@ -258,15 +400,9 @@ impl Queue {
         }
     }
 
-    fn on_queue_thread(&self) -> bool {
-        *self.thread.lock() == Some(std::thread::current().id())
-    }
-
-    /// Pushes `sqe`, for the queue thread's next submit (it submits before it waits).
-    /// Only the queue thread submits: io_uring ties a command to the thread that
-    /// submitted it and cancels it when that thread exits, and a commit is also the
-    /// fetch of the entry's next request.
+    /// Pushes `sqe` for the queue thread's next submit (it submits before it waits).
     fn push(&self, sqe: &squeue::Entry128) -> io::Result<()> {
+        debug_assert!(self.on_queue_thread());
         let _g = self.sq.lock();
         // SAFETY: pushes are serialised by `sq`; only pushes use the submission queue.
         let mut sq = unsafe { self.ring.submission_shared() };
@@ -274,19 +410,12 @@ impl Queue {
         unsafe { sq.push(sqe) }.map_err(|_| io::Error::other("io_uring submission queue full"))
     }
 
-    /// Hands the reply in entry `i` back and asks for the next request: at once on the
-    /// queue thread, else through the queue thread.
+    /// Hands the reply in entry `i` back and asks for the next request (queue thread).
     fn commit(&self, i: usize) -> io::Result<()> {
-        if self.on_queue_thread() {
-            // SAFETY: the entry's header holds the commit id the kernel gave with the
-            // request.
-            let id =
-                u64::from_ne_bytes(unsafe { read::<8>(self.entries[i].header.add(COMMIT_ID)) });
-            self.push(&self.command(i, CMD_COMMIT_AND_FETCH, id))
-        } else {
-            self.replied.lock().push(i);
-            self.wake()
-        }
+        // SAFETY: the header holds the commit id the kernel gave with the request.
+        let id =
+            u64::from_ne_bytes(unsafe { read::<8>(self.entries[i].header.ptr.add(COMMIT_ID)) });
+        self.push(&self.command(i, CMD_COMMIT_AND_FETCH, id))
     }
 
     fn wake(&self) -> io::Result<()> {
@@ -311,11 +440,12 @@ impl Queue {
     /// made on other threads.
     fn woken(&self) -> io::Result<()> {
         let mut n = 0u64;
-        // SAFETY: reading 8 bytes from an eventfd we own into `n`.
+        // SAFETY: reading 8 bytes from an eventfd we own into `n`; non-blocking, so an
+        // empty counter only fails with EAGAIN.
         unsafe { libc::read(self.wake_fd, (&mut n as *mut u64).cast(), 8) };
         let replied = std::mem::take(&mut *self.replied.lock());
         for i in replied {
-            self.commit(i)?;
+            self.commit_staged(i)?;
         }
         self.arm_wake()
     }
@@ -342,13 +472,12 @@ impl fmt::Debug for Rings {
     }
 }
 
-/// Number of the kernel's queues: one per possible CPU (`num_possible_cpus()`), which
-/// may exceed the CPUs present. The ring is used only once every queue has entries.
+/// Number of the kernel's queues: `num_possible_cpus()`, which may exceed the CPUs
+/// present. The kernel uses the ring only once every queue has entries.
 fn possible_cpus() -> usize {
     let from_sysfs = std::fs::read_to_string("/sys/devices/system/cpu/possible")
         .ok()
-        .and_then(|s| last_cpu(&s))
-        .map(|last| last + 1);
+        .and_then(|s| count_cpus(&s));
     from_sysfs.unwrap_or_else(|| {
         // SAFETY: plain libc call.
         let n = unsafe { libc::sysconf(libc::_SC_NPROCESSORS_CONF) };
@@ -356,40 +485,77 @@ fn possible_cpus() -> usize {
     })
 }
 
-/// The highest CPU of a sysfs CPU list such as `0-3,8-11` or `0`.
-fn last_cpu(list: &str) -> Option<usize> {
-    let last = list.trim().rsplit(',').next()?;
-    last.rsplit('-').next()?.parse().ok()
+/// How many CPUs a sysfs CPU list such as `0-3,8-11` or `0` names.
+fn count_cpus(list: &str) -> Option<usize> {
+    let mut n = 0;
+    for part in list.trim().split(',') {
+        n += match part.split_once('-') {
+            Some((a, b)) => b.parse::<usize>().ok()?.checked_sub(a.parse().ok()?)? + 1,
+            None => {
+                part.parse::<usize>().ok()?;
+                1
+            }
+        };
+    }
+    (n > 0).then_some(n)
 }
 
 impl Rings {
-    pub(crate) fn new(dev: &Arc<DevFuse>, depth: usize, payload_len: usize) -> io::Result<Self> {
+    /// Sets up every queue, before INIT is answered: if this fails, INIT declines
+    /// io_uring and everything goes through `/dev/fuse`.
+    pub(crate) fn new(
+        dev: &Arc<DevFuse>,
+        depth: usize,
+        payload_len: usize,
+        idle: bool,
+    ) -> io::Result<Self> {
         let queues = (0..possible_cpus())
             .map(|q| {
                 let qid = u16::try_from(q).map_err(|_| io::Error::other("too many CPUs"))?;
-                Queue::new(qid, dev.clone(), depth, payload_len).map(Arc::new)
+                Queue::new(qid, dev.clone(), depth, payload_len, idle).map(Arc::new)
             })
             .collect::<io::Result<Vec<_>>>()?;
         Ok(Rings { queues })
     }
 
-    /// Starts a thread per queue; each serves `event_loop`'s filesystem.
+    /// Starts a thread per queue; each serves `make_loop`'s filesystem. A thread that
+    /// fails aborts the connection of `mountpoint` (without one, it only logs). If a
+    /// thread cannot be started, the ones started are stopped and joined.
     pub(crate) fn spawn<FS: Filesystem>(
         &self,
         make_loop: impl Fn(String) -> SessionEventLoop<FS>,
+        mountpoint: Option<PathBuf>,
     ) -> io::Result<Vec<std::thread::JoinHandle<io::Result<()>>>> {
         let mut threads = Vec::new();
         for q in &self.queues {
             let name = format!("fuser-ring-{}", q.qid);
             let ev = make_loop(name.clone());
-            let q = q.clone();
-            threads.push(std::thread::Builder::new().name(name).spawn(move || {
+            let (q, mp) = (q.clone(), mountpoint.clone());
+            let spawned = std::thread::Builder::new().name(name).spawn(move || {
                 let res = serve(&q, &ev);
                 if let Err(e) = &res {
-                    error!("io_uring queue {} stopped: {e}", q.qid);
+                    error!("io_uring queue {} failed: {e}", q.qid);
+                    // The kernel sends this CPU's requests to this queue alone: with it
+                    // gone they would wait forever. Fail them instead.
+                    match &mp {
+                        Some(mp) => abort_connection(mp),
+                        None => {
+                            error!("no mountpoint known; requests from CPU {} will hang", q.qid)
+                        }
+                    }
                 }
                 res
-            })?);
+            });
+            match spawned {
+                Ok(t) => threads.push(t),
+                Err(e) => {
+                    self.stop();
+                    for t in threads {
+                        let _ = t.join();
+                    }
+                    return Err(e);
+                }
+            }
         }
         Ok(threads)
     }
@@ -399,6 +565,69 @@ impl Rings {
             q.stop();
         }
     }
+}
+
+/// Aborts the FUSE connection mounted on `mountpoint` (through
+/// `/sys/fs/fuse/connections/N/abort`, found from `/proc/self/mountinfo`, so that no
+/// request is made of the filesystem): its requests fail with ENOTCONN.
+pub(crate) fn abort_connection(mountpoint: &Path) {
+    let res = (|| -> io::Result<()> {
+        // Not canonicalize(): looking the mountpoint up may itself wait on the
+        // filesystem.
+        let want = if mountpoint.is_absolute() {
+            mountpoint.to_path_buf()
+        } else {
+            std::env::current_dir()?.join(mountpoint)
+        };
+        let info = std::fs::read_to_string("/proc/self/mountinfo")?;
+        let line = info
+            .lines()
+            .rev()
+            .find(|l| {
+                let f: Vec<&str> = l.split(' ').collect();
+                f.len() > 4 && Path::new(&unescape(f[4])) == want
+            })
+            .ok_or_else(|| io::Error::other("not in /proc/self/mountinfo"))?;
+        let dev = line.split(' ').nth(2).unwrap_or("");
+        let (major, minor) = dev
+            .split_once(':')
+            .and_then(|(a, b)| Some((a.parse::<u32>().ok()?, b.parse::<u32>().ok()?)))
+            .ok_or_else(|| io::Error::other(format!("device {dev:?}")))?;
+        let id = (major << 20) | minor;
+        std::fs::write(format!("/sys/fs/fuse/connections/{id}/abort"), "1")
+    })();
+    match res {
+        Ok(()) => error!("aborted the FUSE connection of {}", mountpoint.display()),
+        Err(e) => error!(
+            "cannot abort the FUSE connection of {}: {e}",
+            mountpoint.display()
+        ),
+    }
+}
+
+/// A mountinfo path field with its octal escapes (`\040` for a space) undone.
+fn unescape(s: &str) -> String {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        let octal = b
+            .get(i + 1..i + 4)
+            .filter(|d| d.iter().all(|c| (b'0'..=b'7').contains(c)));
+        if b[i] == b'\\'
+            && let Some(d) = octal
+        {
+            out.push(
+                d.iter()
+                    .fold(0u8, |v, c| v.wrapping_mul(8).wrapping_add(c - b'0')),
+            );
+            i += 4;
+        } else {
+            out.push(b[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
 }
 
 /// Pins the calling thread to `cpu`.
@@ -417,7 +646,7 @@ fn pin(cpu: usize) {
     }
 }
 
-/// Puts the calling thread under `SCHED_IDLE`.
+/// Puts the calling thread under `SCHED_IDLE`, keeping its disk I/O best-effort.
 ///
 /// When the thread answers a request, the kernel wakes the caller; a CPU running only
 /// idle-policy threads counts as idle, so the caller stays on this CPU (and preempts
@@ -426,7 +655,8 @@ fn pin(cpu: usize) {
 /// thread still runs whenever its CPU has nothing else to do, and a caller waiting for
 /// its reply leaves its CPU with nothing else to do; under CPU load (measured with
 /// sixteen busy loops on two CPUs) requests were still answered faster than by the
-/// `/dev/fuse` threads.
+/// `/dev/fuse` threads. Without an I/O priority of its own, an idle-policy thread's
+/// disk I/O would be of the idle class, served only when the disk has nothing else.
 fn idle_policy() {
     let p = libc::sched_param { sched_priority: 0 };
     // SAFETY: plain syscall on the calling thread with a valid parameter.
@@ -436,14 +666,26 @@ fn idle_policy() {
             io::Error::last_os_error()
         );
     }
+    // ioprio_set(IOPRIO_WHO_PROCESS, this thread, IOPRIO_PRIO_VALUE(IOPRIO_CLASS_BE, 4))
+    const IOPRIO_WHO_PROCESS: libc::c_long = 1;
+    const BEST_EFFORT_4: libc::c_long = (2 << 13) | 4;
+    // SAFETY: plain syscall on the calling thread.
+    if unsafe { libc::syscall(libc::SYS_ioprio_set, IOPRIO_WHO_PROCESS, 0, BEST_EFFORT_4) } != 0 {
+        warn!(
+            "cannot keep ring thread's I/O best-effort: {}",
+            io::Error::last_os_error()
+        );
+    }
 }
 
 /// The queue thread: registers the entries, then answers requests until the
 /// connection ends or the session stops it.
 fn serve<FS: Filesystem>(q: &Arc<Queue>, ev: &SessionEventLoop<FS>) -> io::Result<()> {
-    *q.thread.lock() = Some(std::thread::current().id());
+    SERVING.with(|s| s.set(Arc::as_ptr(q) as usize));
     pin(q.qid as usize);
-    idle_policy();
+    if q.idle {
+        idle_policy();
+    }
     q.arm_wake()?;
     for i in 0..q.entries.len() {
         q.push(&q.command(i, CMD_REGISTER, 0))?;
@@ -466,16 +708,23 @@ fn serve<FS: Filesystem>(q: &Arc<Queue>, ev: &SessionEventLoop<FS>) -> io::Resul
                 if q.stopped.load(Ordering::Acquire) {
                     return Ok(());
                 }
+                if res < 0 {
+                    return Err(io::Error::other(format!(
+                        "wake-up poll failed: {}",
+                        io::Error::from_raw_os_error(-res)
+                    )));
+                }
                 q.woken()?;
                 continue;
             }
             let i = data as usize;
             if i >= q.entries.len() {
-                error!("ring {}: completion for unknown entry {data}", q.qid);
-                continue;
+                return Err(io::Error::other(format!(
+                    "completion for unknown entry {data}"
+                )));
             }
             match res {
-                0 => handle(q, i, ev),
+                0 => handle(q, i, ev)?,
                 r if r == -libc::EINTR || r == -libc::EAGAIN => {
                     // Not taken: send it again.
                     warn!("ring {}: entry {i} command returned {r}; retrying", q.qid);
@@ -484,14 +733,20 @@ fn serve<FS: Filesystem>(q: &Arc<Queue>, ev: &SessionEventLoop<FS>) -> io::Resul
                         _ => q.commit(i)?,
                     }
                 }
-                r if r == -libc::ENOTCONN || r == -libc::ECANCELED || r == -libc::ENODEV => {
+                r if [
+                    libc::ENOTCONN,
+                    libc::ECONNABORTED,
+                    libc::ECANCELED,
+                    libc::ENODEV,
+                ]
+                .contains(&-r) =>
+                {
                     debug!("ring {}: connection closed", q.qid);
                     return Ok(());
                 }
                 r => {
                     return Err(io::Error::other(format!(
-                        "ring {} entry {i}: {}",
-                        q.qid,
+                        "entry {i}: {}",
                         io::Error::from_raw_os_error(-r)
                     )));
                 }
@@ -501,69 +756,84 @@ fn serve<FS: Filesystem>(q: &Arc<Queue>, ev: &SessionEventLoop<FS>) -> io::Resul
 }
 
 /// Puts the request in entry `i` back in one piece and dispatches it.
-fn handle<FS: Filesystem>(q: &Arc<Queue>, i: usize, ev: &SessionEventLoop<FS>) {
+fn handle<FS: Filesystem>(q: &Arc<Queue>, i: usize, ev: &SessionEventLoop<FS>) -> io::Result<()> {
     let e = &q.entries[i];
     // SAFETY: the kernel has completed the entry's command: its buffers are ours until
     // we commit. Offsets are within the header (HEADER_LEN) and buffer (FRONT + payload).
+    let (len, payload) = unsafe {
+        (
+            u32::from_ne_bytes(read::<4>(e.header.ptr)) as usize,
+            u32::from_ne_bytes(read::<4>(e.header.ptr.add(PAYLOAD_SZ))) as usize,
+        )
+    };
+    let op = len
+        .checked_sub(IN_HEADER_LEN + payload)
+        .filter(|&op| op <= OP_IN_MAX && payload <= q.payload_len);
+    let Some(op) = op else {
+        error!(
+            "ring {}: malformed request (len {len}, payload {payload})",
+            q.qid
+        );
+        q.write_error(i, libc::EIO);
+        return q.commit(i);
+    };
+    let start = FRONT - IN_HEADER_LEN - op;
+    // SAFETY: as above; `start + len` = FRONT + payload lies within the buffer.
     unsafe {
-        let len = u32::from_ne_bytes(read::<4>(e.header)) as usize;
-        let unique = u64::from_ne_bytes(read::<8>(e.header.add(8)));
-        let payload = u32::from_ne_bytes(read::<4>(e.header.add(PAYLOAD_SZ))) as usize;
-        let op = len
-            .checked_sub(IN_HEADER_LEN + payload)
-            .filter(|&op| op <= OP_IN_MAX && payload <= q.payload_len);
-        let Some(op) = op else {
-            error!(
-                "ring {}: malformed request (len {len}, payload {payload})",
-                q.qid
-            );
-            fail(q, i, unique, libc::EIO);
-            return;
-        };
-        let start = FRONT - IN_HEADER_LEN - op;
-        std::ptr::copy_nonoverlapping(e.header, e.buf.add(start), IN_HEADER_LEN);
-        std::ptr::copy_nonoverlapping(e.header.add(OP_IN), e.buf.add(start + IN_HEADER_LEN), op);
-        let mut aligned;
-        let data: &[u8] = if start % 8 == 0 {
-            std::slice::from_raw_parts(e.buf.add(start), len)
-        } else {
-            // Every fixed argument is a multiple of 8 bytes long; should one not be, the
-            // request is copied to where fuser's parser can read it.
-            aligned = vec![0u64; len.div_ceil(8)];
-            let p = aligned.as_mut_ptr().cast::<u8>();
-            std::ptr::copy_nonoverlapping(e.buf.add(start), p, len);
-            std::slice::from_raw_parts(p, len)
-        };
-        let sender = ChannelSender::Ring(RingReply {
-            queue: q.clone(),
-            entry: i,
-        });
-        match RequestWithSender::new(sender, data) {
-            Some(req) => {
-                if let Ok(Operation::Destroy(_)) = req.request.operation() {
-                    req.reply::<ReplyEmpty>().ok();
-                } else {
-                    req.dispatch(ev);
-                }
-            }
-            None => fail(q, i, unique, libc::EIO),
-        }
+        std::ptr::copy_nonoverlapping(e.header.ptr, e.buf.ptr.add(start), IN_HEADER_LEN);
+        std::ptr::copy_nonoverlapping(
+            e.header.ptr.add(OP_IN),
+            e.buf.ptr.add(start + IN_HEADER_LEN),
+            op,
+        );
     }
-}
-
-/// Answers the request in entry `i` with `errno`.
-fn fail(q: &Arc<Queue>, i: usize, unique: u64, errno: i32) {
-    let mut h = [0u8; OUT_HEADER_LEN];
-    h[0..4].copy_from_slice(&(OUT_HEADER_LEN as u32).to_ne_bytes());
-    h[4..8].copy_from_slice(&(-errno).to_ne_bytes());
-    h[8..16].copy_from_slice(&unique.to_ne_bytes());
-    let r = RingReply {
+    let mut aligned;
+    let data: &[u8] = if start % 8 == 0 {
+        // SAFETY: as above; replies to this entry are staged while `data` lives when
+        // it covers the payload (`borrowed`), and otherwise never touch bytes before
+        // FRONT, where `data` ends.
+        unsafe { std::slice::from_raw_parts(e.buf.ptr.add(start), len) }
+    } else {
+        // Every fixed argument is a multiple of 8 bytes long; should one not be, the
+        // request is copied to where fuser's parser can read it.
+        aligned = vec![0u64; len.div_ceil(8)];
+        let p = aligned.as_mut_ptr().cast::<u8>();
+        // SAFETY: both ranges hold `len` bytes.
+        unsafe {
+            std::ptr::copy_nonoverlapping(e.buf.ptr.add(start), p, len);
+            std::slice::from_raw_parts(p, len)
+        }
+    };
+    let borrows_payload = payload > 0 && start % 8 == 0;
+    q.borrowed
+        .store(if borrows_payload { i + 1 } else { 0 }, Ordering::Relaxed);
+    let sender = ChannelSender::Ring(RingReply {
         queue: q.clone(),
         entry: i,
-    };
-    if let Err(e) = r.send(&[IoSlice::new(&h)]) {
-        error!("ring {}: cannot answer a request: {e}", q.qid);
+    });
+    let dispatched =
+        std::panic::catch_unwind(std::panic::AssertUnwindSafe(
+            || match RequestWithSender::new(sender, data) {
+                Some(req) => {
+                    if let Ok(Operation::Destroy(_)) = req.request.operation() {
+                        req.reply::<ReplyEmpty>().ok();
+                    } else {
+                        req.dispatch(ev);
+                    }
+                    true
+                }
+                None => false,
+            },
+        ));
+    q.borrowed.store(0, Ordering::Relaxed);
+    match dispatched {
+        Ok(true) => {}
+        // fuser could not parse it: answer, or the caller waits forever.
+        Ok(false) => *e.staged.lock() = Some(error_reply(q.unique(i), libc::EIO)),
+        // The reply, dropped unanswered while unwinding, has answered EIO.
+        Err(_) => error!("ring {}: a request handler panicked", q.qid),
     }
+    q.commit_staged(i)
 }
 
 #[cfg(test)]
@@ -571,12 +841,13 @@ mod tests {
     use super::*;
 
     #[test]
-    fn last_cpu_of_sysfs_lists() {
-        assert_eq!(last_cpu("0\n"), Some(0));
-        assert_eq!(last_cpu("0-1\n"), Some(1));
-        assert_eq!(last_cpu("0-3,8-11"), Some(11));
-        assert_eq!(last_cpu("0,2,5"), Some(5));
-        assert_eq!(last_cpu(""), None);
+    fn count_cpus_of_sysfs_lists() {
+        assert_eq!(count_cpus("0\n"), Some(1));
+        assert_eq!(count_cpus("0-1\n"), Some(2));
+        assert_eq!(count_cpus("0-3,8-11"), Some(8));
+        assert_eq!(count_cpus("0,2,5"), Some(3));
+        assert_eq!(count_cpus(""), None);
+        assert_eq!(count_cpus("3-1"), None);
     }
 
     #[test]
@@ -587,5 +858,24 @@ mod tests {
         assert_eq!(tail.iter().map(|c| c.len()).collect::<Vec<_>>(), [6, 14]);
         let body: Vec<&[u8]> = split_at_header(16, &[1u8; 3]).collect();
         assert_eq!(body.iter().map(|c| c.len()).collect::<Vec<_>>(), [3]);
+    }
+
+    #[test]
+    fn error_replies_carry_unique_and_negative_errno() {
+        let r = error_reply(0x1122_3344_5566_7788, libc::EIO);
+        assert_eq!(r.len(), OUT_HEADER_LEN);
+        assert_eq!(u32::from_ne_bytes(r[0..4].try_into().unwrap()), 16);
+        assert_eq!(i32::from_ne_bytes(r[4..8].try_into().unwrap()), -libc::EIO);
+        assert_eq!(
+            u64::from_ne_bytes(r[UNIQUE..16].try_into().unwrap()),
+            0x1122_3344_5566_7788
+        );
+    }
+
+    #[test]
+    fn mountinfo_escapes_are_undone() {
+        assert_eq!(unescape("/mnt/a\\040b"), "/mnt/a b");
+        assert_eq!(unescape("/plain"), "/plain");
+        assert_eq!(unescape("/x\\134y"), "/x\\y");
     }
 }
