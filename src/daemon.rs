@@ -26,9 +26,15 @@ pub const PIDFILE: &str = "snapfs.pid";
 /// single requests; 10% measured 1.4x faster sequential writes.
 pub const DEFAULT_BDI_MAX_RATIO: u32 = 10;
 
-/// Ring entries per CPU queue for FUSE over io_uring. One thread serves a queue, so
-/// more entries only let requests wait in the ring instead of in the kernel's queue.
+/// Ring entries per CPU queue for FUSE over io_uring, spread over the queue's
+/// threads: requests beyond them wait in the kernel's queue.
 pub const DEFAULT_URING_DEPTH: usize = 4;
+
+/// Threads per CPU serving its io_uring queue (the queue's entries are spread over
+/// them): a request waits for a free thread of its CPU, not behind one that sleeps.
+/// With one, a `stat` on the CPU of a process calling `fsync` in a loop waited up to
+/// 184 ms; with two, 3.3 ms at most (BENCHMARKS.md).
+pub const DEFAULT_URING_THREADS: usize = 2;
 
 /// See [`MountOptions::threads`]. Every request is a round trip: the caller wakes a
 /// request thread, which wakes the caller with the reply. With one request thread,
@@ -63,6 +69,8 @@ pub struct MountOptions {
     /// Run the io_uring queue threads under `SCHED_IDLE` (`uring_sched=idle`, the
     /// default) or the normal policy (`uring_sched=normal`).
     pub uring_idle: bool,
+    /// Threads per CPU serving its io_uring queue (`uring_threads=`).
+    pub uring_threads: usize,
     /// Take a scheduled snapshot this often.
     pub snapshot_every: Option<Duration>,
     /// Retention for scheduled snapshots.
@@ -79,6 +87,7 @@ impl MountOptions {
             bdi_max_ratio: DEFAULT_BDI_MAX_RATIO,
             uring_depth: DEFAULT_URING_DEPTH,
             uring_idle: true,
+            uring_threads: DEFAULT_URING_THREADS,
             ..Default::default()
         };
         for opt in opts
@@ -118,6 +127,9 @@ impl MountOptions {
                 ("uring", None) => o.uring_depth = DEFAULT_URING_DEPTH,
                 ("nouring", None) => o.uring_depth = 0,
                 ("uring_depth", Some(v)) => o.uring_depth = number_in(key, v, 0..=64, "a number")?,
+                ("uring_threads", Some(v)) => {
+                    o.uring_threads = number_in(key, v, 1..=16, "a number")?
+                }
                 ("uring_sched", Some("idle")) => o.uring_idle = true,
                 ("uring_sched", Some("normal")) => o.uring_idle = false,
                 ("writeback", None) => o.writeback = true,
@@ -288,6 +300,7 @@ pub fn mount(
     config.clone_fd = options.threads > 1;
     config.uring_depth = Some(options.uring_depth);
     config.uring_idle_priority = options.uring_idle;
+    config.uring_threads = options.uring_threads;
     let fuse = SnapFuse::new(fs.clone(), options.writeback, options.uring_depth > 0);
     let mut session = fuser::Session::new(fuse, &mp, &config)
         .with_context(|| format!("cannot mount on {}", mp.display()))?;

@@ -89,12 +89,13 @@ fn requests_are_served_by_a_thread_per_cpu_over_io_uring() {
     // The daemon reports the mount live before its session starts the queue threads
     // (requests wait in the kernel until every queue has registered).
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    let want = possible_cpus() * snapfs::daemon::DEFAULT_URING_THREADS;
     let mut rings = threads(pid, "fuser-ring-");
-    while rings.len() < possible_cpus() && std::time::Instant::now() < deadline {
+    while rings.len() < want && std::time::Instant::now() < deadline {
         std::thread::sleep(std::time::Duration::from_millis(20));
         rings = threads(pid, "fuser-ring-");
     }
-    assert_eq!(rings.len(), possible_cpus(), "ring threads: {rings:?}");
+    assert_eq!(rings.len(), want, "ring threads: {rings:?}");
     let (ring0, dev0) = (switches(pid, "fuser-ring-"), switches(pid, "fuser-"));
     exercise(&m, 300);
     let ring = switches(pid, "fuser-ring-") - ring0;
@@ -114,6 +115,23 @@ fn requests_are_served_by_a_thread_per_cpu_over_io_uring() {
     assert!(m.fsck().status.success());
     m.mount(&[]);
     assert!(fs::read(m.path("big")).unwrap() == pattern(99, 3 << 20));
+}
+
+#[test]
+fn uring_threads_sets_the_threads_per_cpu() {
+    if !uring_enabled() {
+        eprintln!("skipped: the kernel does not offer FUSE over io_uring (fuse.enable_uring)");
+        return;
+    }
+    let m = Mount::with_options(&["uring_threads=3", "uring_depth=3"]);
+    let pid = m.pid();
+    let want = possible_cpus() * 3;
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while threads(pid, "fuser-ring-").len() < want && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    assert_eq!(threads(pid, "fuser-ring-").len(), want);
+    exercise(&m, 50);
 }
 
 #[test]

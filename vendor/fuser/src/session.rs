@@ -553,6 +553,7 @@ impl<FS: Filesystem> Session<FS> {
             crate::uring::Rings::new(
                 self.ch.device(),
                 depth,
+                self.config.uring_threads,
                 config.uring_payload(),
                 self.config.uring_idle_priority,
             )

@@ -503,18 +503,33 @@ fn count_cpus(list: &str) -> Option<usize> {
 impl Rings {
     /// Sets up every queue, before INIT is answered: if this fails, INIT declines
     /// io_uring and everything goes through `/dev/fuse`.
+    ///
+    /// Each CPU's queue gets `depth` entries, spread over `threads` threads (each with
+    /// a ring of its own). The kernel gives a request to whichever entry of the queue
+    /// is free, so a request need not wait behind one that sleeps (on the disk, on an
+    /// fsync) when another thread of its CPU is free.
     pub(crate) fn new(
         dev: &Arc<DevFuse>,
         depth: usize,
+        threads: usize,
         payload_len: usize,
         idle: bool,
     ) -> io::Result<Self> {
-        let queues = (0..possible_cpus())
-            .map(|q| {
-                let qid = u16::try_from(q).map_err(|_| io::Error::other("too many CPUs"))?;
-                Queue::new(qid, dev.clone(), depth, payload_len, idle).map(Arc::new)
-            })
-            .collect::<io::Result<Vec<_>>>()?;
+        let threads = threads.clamp(1, depth.max(1));
+        let per_thread = depth.div_ceil(threads);
+        let mut queues = Vec::new();
+        for q in 0..possible_cpus() {
+            let qid = u16::try_from(q).map_err(|_| io::Error::other("too many CPUs"))?;
+            for _ in 0..threads {
+                queues.push(Arc::new(Queue::new(
+                    qid,
+                    dev.clone(),
+                    per_thread,
+                    payload_len,
+                    idle,
+                )?));
+            }
+        }
         Ok(Rings { queues })
     }
 
@@ -527,8 +542,9 @@ impl Rings {
         mountpoint: Option<PathBuf>,
     ) -> io::Result<Vec<std::thread::JoinHandle<io::Result<()>>>> {
         let mut threads = Vec::new();
-        for q in &self.queues {
-            let name = format!("fuser-ring-{}", q.qid);
+        for (n, q) in self.queues.iter().enumerate() {
+            let first = self.queues.iter().position(|o| o.qid == q.qid).unwrap_or(n);
+            let name = format!("fuser-ring-{}.{}", q.qid, n - first);
             let ev = make_loop(name.clone());
             let (q, mp) = (q.clone(), mountpoint.clone());
             let spawned = std::thread::Builder::new().name(name).spawn(move || {

@@ -22,6 +22,9 @@ pub struct Config {
     /// kernel offers it (Linux 6.14+, `fuse.enable_uring=1`) and the filesystem asks for
     /// `FUSE_OVER_IO_URING` in `init`. `None` or 0: `/dev/fuse` only.
     pub uring_depth: Option<usize>,
+    /// Threads serving each CPU's io_uring queue (0 counts as 1); the queue's entries
+    /// are spread over them.
+    pub uring_threads: usize,
     /// Run the io_uring queue threads under `SCHED_IDLE`, so that a caller woken by a
     /// reply stays on its CPU (see `uring.rs`).
     pub uring_idle_priority: bool,
