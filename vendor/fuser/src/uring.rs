@@ -668,11 +668,11 @@ fn pin(cpu: usize) {
 /// idle-policy threads counts as idle, so the caller stays on this CPU (and preempts
 /// us) instead of being sent to whichever other CPU is idle, which costs a cross-CPU
 /// wake-up on every request and takes the next request to another queue. An idle-policy
-/// thread still runs whenever its CPU has nothing else to do, and a caller waiting for
-/// its reply leaves its CPU with nothing else to do; under CPU load (measured with
-/// sixteen busy loops on two CPUs) requests were still answered faster than by the
-/// `/dev/fuse` threads. Without an I/O priority of its own, an idle-policy thread's
-/// disk I/O would be of the idle class, served only when the disk has nothing else.
+/// thread still runs whenever its CPU has nothing else to do, which a caller waiting
+/// for its reply mostly ensures; when other work keeps the CPU busy, requests wait for
+/// it (snapfs's BENCHMARKS.md measures how much). Without an I/O priority of its own,
+/// an idle-policy thread's disk I/O would be of the idle class, served only when the
+/// disk has nothing else.
 fn idle_policy() {
     let p = libc::sched_param { sched_priority: 0 };
     // SAFETY: plain syscall on the calling thread with a valid parameter.
