@@ -1,5 +1,5 @@
-//! How requests reach the daemon: FUSE over io_uring (a queue per CPU, each served by a
-//! thread on that CPU) when the kernel offers it, `/dev/fuse` otherwise.
+//! How requests reach the daemon: FUSE over io_uring (a queue per CPU, served by
+//! threads on that CPU) when the kernel offers it, `/dev/fuse` otherwise.
 
 mod common;
 
@@ -45,11 +45,16 @@ fn switches(pid: i32, prefix: &str) -> u64 {
     threads(pid, prefix).iter().map(|t| t.1).sum()
 }
 
-/// The kernel's queues: one per possible CPU.
+/// The kernel's queues: one per possible CPU (a list such as `0-3,8-11`).
 fn possible_cpus() -> usize {
     let s = fs::read_to_string("/sys/devices/system/cpu/possible").unwrap();
-    let last = s.trim().rsplit(',').next().unwrap();
-    last.rsplit('-').next().unwrap().parse::<usize>().unwrap() + 1
+    s.trim()
+        .split(',')
+        .map(|part| match part.split_once('-') {
+            Some((a, b)) => b.parse::<usize>().unwrap() - a.parse::<usize>().unwrap() + 1,
+            None => 1,
+        })
+        .sum()
 }
 
 /// Lookups, creates, writes, a snapshot by mkdir (answered from another thread), reads
@@ -79,7 +84,7 @@ fn exercise(m: &Mount, n: usize) {
 }
 
 #[test]
-fn requests_are_served_by_a_thread_per_cpu_over_io_uring() {
+fn requests_are_served_by_threads_pinned_per_cpu_over_io_uring() {
     if !uring_enabled() {
         eprintln!("skipped: the kernel does not offer FUSE over io_uring (fuse.enable_uring)");
         return;
