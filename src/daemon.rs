@@ -33,7 +33,7 @@ pub const DEFAULT_URING_DEPTH: usize = 4;
 /// Threads per CPU serving its io_uring queue (the queue's entries are spread over
 /// them): a request waits for a free thread of its CPU, not behind one that sleeps.
 /// With one, a `stat` on the CPU of a process calling `fsync` in a loop waited up to
-/// 184 ms; with two, 3.3 ms at most (BENCHMARKS.md).
+/// 61-429 ms; with two, a few ms at most (BENCHMARKS.md, `bench/latency.sh`).
 pub const DEFAULT_URING_THREADS: usize = 2;
 
 /// See [`MountOptions::threads`]. Every request is a round trip: the caller wakes a
