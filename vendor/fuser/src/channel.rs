@@ -22,12 +22,13 @@ impl Channel {
     /// Create a new communication channel to the kernel driver by mounting the
     /// given path. The kernel driver will delegate filesystem operations of
     /// the given path to the channel.
-    pub(crate) fn device(&self) -> &Arc<DevFuse> {
-        &self.0
-    }
-
     pub(crate) fn new(device: Arc<DevFuse>) -> Self {
         Self(device)
+    }
+
+    /// The `/dev/fuse` file this channel reads and writes.
+    pub(crate) fn device(&self) -> &Arc<DevFuse> {
+        &self.0
     }
 
     /// Receives data up to the capacity of the given buffer (can block).

@@ -134,8 +134,6 @@ pub(crate) struct Queue {
     qid: u16,
     dev: Arc<DevFuse>,
     ring: IoUring<squeue::Entry128, cqueue::Entry>,
-    /// Guards the submission queue (only the queue thread pushes).
-    sq: Mutex<()>,
     entries: Box<[Entry]>,
     payload_len: usize,
     /// Entry + 1 whose request the queue thread is dispatching while its payload is
@@ -155,8 +153,8 @@ pub(crate) struct Queue {
 // buffers are touched by one party at a time (the kernel while it holds the entry, the
 // queue thread from the completion until the commit); other threads only stage.
 unsafe impl Send for Queue {}
-// SAFETY: as above; the submission queue is behind `sq` and used by the queue thread
-// alone, as is the completion queue.
+// SAFETY: as above; the submission and completion queues are used by the queue thread
+// alone (`push` checks it).
 unsafe impl Sync for Queue {}
 
 impl fmt::Debug for Queue {
@@ -298,7 +296,6 @@ impl Queue {
             qid,
             dev,
             ring,
-            sq: Mutex::new(()),
             entries: entries.into_boxed_slice(),
             payload_len,
             borrowed: AtomicUsize::new(0),
@@ -402,9 +399,10 @@ impl Queue {
 
     /// Pushes `sqe` for the queue thread's next submit (it submits before it waits).
     fn push(&self, sqe: &squeue::Entry128) -> io::Result<()> {
-        debug_assert!(self.on_queue_thread());
-        let _g = self.sq.lock();
-        // SAFETY: pushes are serialised by `sq`; only pushes use the submission queue.
+        if !self.on_queue_thread() {
+            return Err(io::Error::other("io_uring push off the queue thread"));
+        }
+        // SAFETY: only the queue thread (checked above) touches the submission queue.
         let mut sq = unsafe { self.ring.submission_shared() };
         // SAFETY: what the SQE points at (an entry's iovecs) lives as long as the queue.
         unsafe { sq.push(sqe) }.map_err(|_| io::Error::other("io_uring submission queue full"))
