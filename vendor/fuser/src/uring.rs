@@ -585,38 +585,75 @@ impl Rings {
 /// `/sys/fs/fuse/connections/N/abort`, found from `/proc/self/mountinfo`, so that no
 /// request is made of the filesystem): its requests fail with ENOTCONN.
 pub(crate) fn abort_connection(mountpoint: &Path) {
-    let res = (|| -> io::Result<()> {
-        // Not canonicalize(): looking the mountpoint up may itself wait on the
-        // filesystem.
-        let want = if mountpoint.is_absolute() {
-            mountpoint.to_path_buf()
-        } else {
-            std::env::current_dir()?.join(mountpoint)
-        };
-        let info = std::fs::read_to_string("/proc/self/mountinfo")?;
-        let line = info
-            .lines()
-            .rev()
-            .find(|l| {
-                let f: Vec<&str> = l.split(' ').collect();
-                f.len() > 4 && Path::new(&unescape(f[4])) == want
-            })
-            .ok_or_else(|| io::Error::other("not in /proc/self/mountinfo"))?;
-        let dev = line.split(' ').nth(2).unwrap_or("");
-        let (major, minor) = dev
-            .split_once(':')
-            .and_then(|(a, b)| Some((a.parse::<u32>().ok()?, b.parse::<u32>().ok()?)))
-            .ok_or_else(|| io::Error::other(format!("device {dev:?}")))?;
-        let id = (major << 20) | minor;
-        std::fs::write(format!("/sys/fs/fuse/connections/{id}/abort"), "1")
-    })();
-    match res {
+    match try_abort(mountpoint) {
         Ok(()) => error!("aborted the FUSE connection of {}", mountpoint.display()),
         Err(e) => error!(
             "cannot abort the FUSE connection of {}: {e}",
             mountpoint.display()
         ),
     }
+}
+
+fn try_abort(mountpoint: &Path) -> io::Result<()> {
+    // Not canonicalize(): looking the mountpoint up may itself wait on the
+    // filesystem.
+    let want = if mountpoint.is_absolute() {
+        mountpoint.to_path_buf()
+    } else {
+        std::env::current_dir()?.join(mountpoint)
+    };
+    let info = std::fs::read_to_string("/proc/self/mountinfo")?;
+    let line = info
+        .lines()
+        .rev()
+        .find(|l| {
+            let f: Vec<&str> = l.split(' ').collect();
+            f.len() > 4 && Path::new(&unescape(f[4])) == want
+        })
+        .ok_or_else(|| io::Error::other("not in /proc/self/mountinfo"))?;
+    let dev = line.split(' ').nth(2).unwrap_or("");
+    let (major, minor) = dev
+        .split_once(':')
+        .and_then(|(a, b)| Some((a.parse::<u32>().ok()?, b.parse::<u32>().ok()?)))
+        .ok_or_else(|| io::Error::other(format!("device {dev:?}")))?;
+    let id = (major << 20) | minor;
+    let abort = format!("{FUSECTL}/{id}/abort");
+    if !Path::new(&abort).exists() {
+        // fusectl is mounted by systemd, not by the kernel: without it (a
+        // container, a minimal VM) there is no connection to abort.
+        mount_fusectl()?;
+    }
+    std::fs::write(abort, "1")
+}
+
+const FUSECTL: &str = "/sys/fs/fuse/connections";
+
+/// Mounts the FUSE control filesystem on [`FUSECTL`] (needs CAP_SYS_ADMIN).
+fn mount_fusectl() -> io::Result<()> {
+    let fstype = c"fusectl";
+    let target = c"/sys/fs/fuse/connections";
+    // SAFETY: every pointer is a NUL-terminated string that outlives the call, and
+    // fusectl takes no mount data.
+    let rc = unsafe {
+        libc::mount(
+            fstype.as_ptr(),
+            target.as_ptr(),
+            fstype.as_ptr(),
+            0,
+            std::ptr::null(),
+        )
+    };
+    if rc == 0 {
+        return Ok(());
+    }
+    let e = io::Error::last_os_error();
+    if e.raw_os_error() == Some(libc::EBUSY) {
+        return Ok(()); // mounted meanwhile
+    }
+    Err(io::Error::new(
+        e.kind(),
+        format!("mounting fusectl on {FUSECTL}: {e}"),
+    ))
 }
 
 /// A mountinfo path field with its octal escapes (`\040` for a space) undone.
@@ -853,6 +890,44 @@ fn handle<FS: Filesystem>(q: &Arc<Queue>, i: usize, ev: &SessionEventLoop<FS>) -
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The path a failed queue takes: requests that wait on a connection nobody will
+    /// answer (here one whose INIT is never read) fail with ENOTCONN once it is
+    /// aborted, and fusectl is mounted first if it is not.
+    #[test]
+    fn abort_fails_the_requests_that_wait() {
+        use std::mem::ManuallyDrop;
+        use std::sync::mpsc;
+        use std::time::Duration;
+
+        // SAFETY: geteuid has no preconditions.
+        if unsafe { libc::geteuid() } != 0 {
+            eprintln!("skipped: mounting needs root");
+            return;
+        }
+        // Leaked if the test fails: removing a live mountpoint could hang.
+        let tmp = ManuallyDrop::new(tempfile::tempdir().unwrap());
+        let mp = tmp.path().to_path_buf();
+        let (dev, mount) = crate::mnt::Mount::new(&mp, &[], crate::SessionACL::default()).unwrap();
+        let (tx, rx) = mpsc::channel();
+        let p = mp.clone();
+        std::thread::spawn(move || {
+            let _ = tx.send(std::fs::metadata(&p).map(|_| ()));
+        });
+        let early = rx.recv_timeout(Duration::from_millis(300));
+        let aborted = try_abort(&mp);
+        let res = rx.recv_timeout(Duration::from_secs(10));
+        drop(mount);
+        // Closing the last /dev/fuse file aborts too: a failed test does not hang.
+        drop(dev);
+        assert!(early.is_err(), "stat answered before the abort: {early:?}");
+        aborted.unwrap();
+        let err = res
+            .expect("stat still waiting 10 s after the abort")
+            .unwrap_err();
+        assert_eq!(err.raw_os_error(), Some(libc::ENOTCONN), "{err}");
+        drop(ManuallyDrop::into_inner(tmp));
+    }
 
     #[test]
     fn count_cpus_of_sysfs_lists() {
