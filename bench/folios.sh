@@ -12,8 +12,9 @@
 #
 # Targets: native (a directory under BENCH_DIR), passthrough_ll (compiled from
 # libfuse3-dev's examples, -o writeback,cache=always, when they are installed),
-# snapfs (defaults) and snapfs-nowb (-o nowriteback: Linux's patch that enables large
-# folios for FUSE enables them only without the writeback cache).
+# snapfs (defaults) and snapfs-nowb (-o nowriteback: the first version of the Linux
+# patch that enables large folios for FUSE enables them only without the writeback
+# cache).
 #
 # usage: bench/folios.sh        Environment: SIZE=2g ROUNDS=3 BENCH_DIR=/var/tmp
 #        SNAPFS=path (default: cargo build --release)  NO_INSTALL=1 (skip apt-get)
