@@ -390,7 +390,7 @@ pub fn mount(
     let scheduler = options
         .snapshot_every
         .map(|every| spawn_scheduler(Arc::downgrade(&fs), every, stop.clone()));
-    let control = serve_control(&store, Arc::downgrade(&fs));
+    let control = serve_control(&store, Arc::downgrade(&fs), options.uring_depth > 0);
 
     let res = session.run();
     stop.store(true, Ordering::Relaxed);
@@ -599,8 +599,9 @@ fn spawn_scheduler(
         .expect("spawning the scheduler thread")
 }
 
-/// Listens on `STORE/snapfs.sock` for CLI commands; returns the socket path.
-fn serve_control(store: &Path, fs: std::sync::Weak<Fs>) -> Option<PathBuf> {
+/// Listens on `STORE/snapfs.sock` for CLI commands; returns the socket path. `uring`:
+/// the mount asked for FUSE over io_uring (for `status`).
+fn serve_control(store: &Path, fs: std::sync::Weak<Fs>, uring: bool) -> Option<PathBuf> {
     let path = store.join(SOCKET);
     let _ = std::fs::remove_file(&path);
     let listener = match UnixListener::bind(&path) {
@@ -618,7 +619,7 @@ fn serve_control(store: &Path, fs: std::sync::Weak<Fs>) -> Option<PathBuf> {
                 let _ = std::thread::Builder::new()
                     .name("control-conn".into())
                     .spawn(move || {
-                        if let Err(e) = handle_control(conn, &fs) {
+                        if let Err(e) = handle_control(conn, &fs, uring) {
                             tracing::debug!(error = %e, "control connection failed");
                         }
                     });
@@ -628,7 +629,7 @@ fn serve_control(store: &Path, fs: std::sync::Weak<Fs>) -> Option<PathBuf> {
     Some(path)
 }
 
-fn handle_control(conn: UnixStream, fs: &Fs) -> anyhow::Result<()> {
+fn handle_control(conn: UnixStream, fs: &Fs, uring: bool) -> anyhow::Result<()> {
     let mut line = String::new();
     BufReader::new(&conn).read_line(&mut line)?;
     let args: Vec<String> = line
@@ -636,7 +637,10 @@ fn handle_control(conn: UnixStream, fs: &Fs) -> anyhow::Result<()> {
         .split('\0')
         .map(str::to_string)
         .collect();
-    let out = crate::commands::run(fs, &args, false);
+    let mut out = crate::commands::run(fs, &args, false);
+    if args.first().is_some_and(|a| a == "status") && !out.error {
+        out.text.push_str(&requests_line(uring));
+    }
     let mut w = &conn;
     write!(w, "{}", out.text)?;
     if !out.text.is_empty() && !out.text.ends_with('\n') {
@@ -645,6 +649,57 @@ fn handle_control(conn: UnixStream, fs: &Fs) -> anyhow::Result<()> {
     writeln!(w, "\0exit {} {}", out.code, u8::from(out.error))?;
     Ok(())
 }
+
+/// The `status` line that says how the kernel's requests reach this daemon, read off
+/// the threads that serve them (`fuser-ring-Q.N` per io_uring queue, `fuser-N` on
+/// `/dev/fuse`), so that it shows what the kernel and the daemon agreed on. `uring`:
+/// the mount asked for io_uring.
+fn requests_line(uring: bool) -> String {
+    let (mut ring, mut dev) = (0, 0);
+    let mut queues = std::collections::BTreeSet::new();
+    for t in std::fs::read_dir("/proc/self/task")
+        .into_iter()
+        .flatten()
+        .flatten()
+    {
+        let comm = std::fs::read_to_string(t.path().join("comm")).unwrap_or_default();
+        let comm = comm.trim();
+        if let Some(q) = comm.strip_prefix("fuser-ring-") {
+            ring += 1;
+            queues.insert(q.split('.').next().unwrap_or("").to_string());
+        } else if comm
+            .strip_prefix("fuser-")
+            .is_some_and(|n| n.parse::<u32>().is_ok())
+        {
+            dev += 1;
+        }
+    }
+    if ring > 0 {
+        return format!(
+            "requests:         FUSE over io_uring, {ring} threads on {} CPU queues ({dev} on /dev/fuse for the rest)\n",
+            queues.len()
+        );
+    }
+    if dev == 0 {
+        return String::new(); // unmounted, the daemon on its way out
+    }
+    let why = if !uring {
+        " (-o nouring)"
+    } else {
+        match std::fs::read_to_string(URING_PARAM).map(|v| v.trim() == "Y") {
+            Ok(false) => {
+                " (the kernel has FUSE over io_uring, switched off: `echo Y > /sys/module/fuse/parameters/enable_uring` and remount for faster metadata)"
+            }
+            Ok(true) => {
+                " (FUSE over io_uring was off in the kernel at mount time, or its queues could not be set up, which the log says)"
+            }
+            Err(_) => " (the kernel has no FUSE over io_uring)",
+        }
+    };
+    format!("requests:         /dev/fuse, {dev} threads{why}\n")
+}
+
+const URING_PARAM: &str = "/sys/module/fuse/parameters/enable_uring";
 
 /// Sends `args` to the daemon serving `store`, if one is listening. Arguments may not
 /// contain NUL or newline (the CLI checks).

@@ -102,18 +102,22 @@ fn status_and_fsck_work_mounted_and_unmounted() {
     let text = String::from_utf8_lossy(&mounted.stdout).into_owned();
     assert!(text.contains("files:            1"), "{text}");
     assert!(text.contains("logical bytes:    100000"), "{text}");
+    // Only a mounted volume has requests to serve.
+    assert!(text.contains("\nrequests:         "), "{text}");
     let f = snapfs(&["fsck", m.mnt.to_str().unwrap()]);
     assert!(f.status.success(), "{}", String::from_utf8_lossy(&f.stdout));
     m.unmount();
     let st = snapfs(&["status", m.store.to_str().unwrap()]);
+    let unmounted = String::from_utf8_lossy(&st.stdout).into_owned();
+    assert!(!unmounted.contains("requests:"), "{unmounted}");
     // Unmounting compacts the metadata file, so only the bytes on disk may differ.
     let strip = |t: &str| {
         t.lines()
-            .filter(|l| !l.starts_with("on disk:"))
+            .filter(|l| !l.starts_with("on disk:") && !l.starts_with("requests:"))
             .collect::<Vec<_>>()
             .join("\n")
     };
-    assert_eq!(strip(&String::from_utf8_lossy(&st.stdout)), strip(&text));
+    assert_eq!(strip(&unmounted), strip(&text));
 }
 
 #[test]

@@ -101,6 +101,14 @@ fn requests_are_served_by_threads_pinned_per_cpu_over_io_uring() {
         rings = threads(pid, "fuser-ring-");
     }
     assert_eq!(rings.len(), want, "ring threads: {rings:?}");
+    let st = m.status_with("requests:");
+    assert!(
+        st.contains(&format!(
+            "requests:         FUSE over io_uring, {want} threads on {} CPU queues",
+            possible_cpus()
+        )),
+        "{st}"
+    );
     let (ring0, dev0) = (switches(pid, "fuser-ring-"), switches(pid, "fuser-"));
     exercise(&m, 300);
     let ring = switches(pid, "fuser-ring-") - ring0;
@@ -150,6 +158,11 @@ fn nouring_serves_everything_through_dev_fuse() {
     }
     assert!(!threads(pid, "fuser-0").is_empty());
     assert!(threads(pid, "fuser-ring-").is_empty());
+    let st = m.status_with("requests:");
+    assert!(
+        st.contains("requests:         /dev/fuse, 4 threads (-o nouring)"),
+        "{st}"
+    );
     let dev0 = switches(pid, "fuser-");
     exercise(&m, 100);
     assert!(switches(pid, "fuser-") - dev0 >= 300);
