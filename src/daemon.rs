@@ -688,7 +688,7 @@ fn requests_line(uring: bool) -> String {
     } else {
         match std::fs::read_to_string(URING_PARAM).map(|v| v.trim() == "Y") {
             Ok(false) => {
-                " (the kernel has FUSE over io_uring, switched off: `echo Y > /sys/module/fuse/parameters/enable_uring` and remount for faster metadata)"
+                " (the kernel has FUSE over io_uring, switched off: `echo Y > /sys/module/fuse/parameters/enable_uring` and mount again for faster metadata)"
             }
             Ok(true) => {
                 " (FUSE over io_uring was off in the kernel at mount time, or its queues could not be set up, which the log says)"

@@ -158,9 +158,10 @@ fn nouring_serves_everything_through_dev_fuse() {
     }
     assert!(!threads(pid, "fuser-0").is_empty());
     assert!(threads(pid, "fuser-ring-").is_empty());
-    let st = m.status_with("requests:");
+    // Waits for the last of the four /dev/fuse threads to start.
+    let st = m.status_with("requests:         /dev/fuse, 4 threads");
     assert!(
-        st.contains("requests:         /dev/fuse, 4 threads (-o nouring)"),
+        st.contains("requests:         /dev/fuse, 4 threads (-o nouring)\n"),
         "{st}"
     );
     let dev0 = switches(pid, "fuser-");
