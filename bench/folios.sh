@@ -16,6 +16,9 @@
 # patch that enables large folios for FUSE enables them only without the writeback
 # cache).
 #
+# BENCH_DIR must be on a filesystem whose files report their superblock's device
+# (ext4, xfs; not btrfs or overlayfs), or the native row counts no folios.
+#
 # usage: bench/folios.sh        Environment: SIZE=2g ROUNDS=3 BENCH_DIR=/var/tmp
 #        SNAPFS=path (default: cargo build --release)  NO_INSTALL=1 (skip apt-get)
 set -euo pipefail
@@ -41,10 +44,18 @@ W=$(mktemp -d "$BENCH_DIR/snapfs-folios.XXXXXX")
 names=(native)
 mkdir -p "$W/native"
 cleanup() {
+    local n pid i
     for n in "${names[@]}"; do
         [ "$n" = native ] || umount "$W/$n/mnt" 2> /dev/null || umount -l "$W/$n/mnt" 2> /dev/null || true
     done
-    sleep 1
+    # snapfs flushes and compacts its store after the unmount: let it finish.
+    for n in snapfs snapfs-nowb; do
+        pid=$(cat "$W/$n/store/snapfs.pid" 2> /dev/null) || continue
+        for i in $(seq 600); do
+            kill -0 "$pid" 2> /dev/null || break
+            sleep 0.1
+        done
+    done
     rm -rf "$W"
 }
 trap cleanup EXIT
@@ -84,7 +95,7 @@ for r in $(seq "$ROUNDS"); do
         ino=$(stat -c %i "$f")
         perf record -q -o "$W/trace.data" -a -e filemap:mm_filemap_add_to_page_cache \
             --filter "i_ino == $ino" -- fio --name=job --output-format=json --invalidate=0 \
-            --filename="$f" --rw=read --bs=1M --size="$SIZE" --ioengine=psync --readonly > "$W/cold.json" 2> /dev/null
+            --filename="$f" --rw=read --bs=1M --size="$SIZE" --ioengine=psync --readonly > "$W/cold.json"
         cold=$(jq -r '.jobs[0].read.bw_bytes / 1048576 | floor' "$W/cold.json")
         # The filter may also match a same-numbered inode on another device (the
         # store's files, for snapfs); count only the file's own device.

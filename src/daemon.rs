@@ -681,7 +681,9 @@ fn requests_line(uring: bool) -> String {
         );
     }
     if dev == 0 {
-        return String::new(); // unmounted, the daemon on its way out
+        // Not serving yet (the control socket answers before the session's threads
+        // start) or any more (the daemon on its way out).
+        return String::new();
     }
     let why = if !uring {
         " (-o nouring)"

@@ -893,7 +893,8 @@ mod tests {
 
     /// The path a failed queue takes: requests that wait on a connection nobody will
     /// answer (here one whose INIT is never read) fail with ENOTCONN once it is
-    /// aborted, and fusectl is mounted first if it is not.
+    /// aborted, and fusectl is mounted first if it is not (and left mounted, as
+    /// systemd would have it).
     #[test]
     fn abort_fails_the_requests_that_wait() {
         use std::mem::ManuallyDrop;
@@ -907,7 +908,8 @@ mod tests {
         }
         // Leaked if the test fails: removing a live mountpoint could hang.
         let tmp = ManuallyDrop::new(tempfile::tempdir().unwrap());
-        let mp = tmp.path().to_path_buf();
+        // As mounted: Mount::new resolves symlinks (a TMPDIR through one).
+        let mp = tmp.path().canonicalize().unwrap();
         let (dev, mount) = crate::mnt::Mount::new(&mp, &[], crate::SessionACL::default()).unwrap();
         let (tx, rx) = mpsc::channel();
         let p = mp.clone();
@@ -917,8 +919,12 @@ mod tests {
         let early = rx.recv_timeout(Duration::from_millis(300));
         let aborted = try_abort(&mp);
         let res = rx.recv_timeout(Duration::from_secs(10));
+        // Detached, because a failed abort leaves the stat inside the mount; then
+        // closing the last /dev/fuse file (the Mount holds one) aborts it.
+        let c = std::ffi::CString::new(mp.as_os_str().as_encoded_bytes()).unwrap();
+        // SAFETY: a NUL-terminated path that outlives the call.
+        unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) };
         drop(mount);
-        // Closing the last /dev/fuse file aborts too: a failed test does not hang.
         drop(dev);
         assert!(early.is_err(), "stat answered before the abort: {early:?}");
         aborted.unwrap();
