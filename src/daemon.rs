@@ -686,16 +686,14 @@ fn requests_line(uring: bool) -> String {
         return String::new();
     }
     let why = if !uring {
-        " (-o nouring)"
+        " (-o nouring)".to_string()
     } else {
         match std::fs::read_to_string(URING_PARAM).map(|v| v.trim() == "Y") {
-            Ok(false) => {
-                " (the kernel has FUSE over io_uring, switched off: `echo Y > /sys/module/fuse/parameters/enable_uring` and mount again for faster metadata)"
-            }
-            Ok(true) => {
-                " (FUSE over io_uring was off in the kernel at mount time, or its queues could not be set up, which the log says)"
-            }
-            Err(_) => " (the kernel has no FUSE over io_uring)",
+            Ok(false) => format!(
+                " (the kernel has FUSE over io_uring, switched off: `echo Y > {URING_PARAM}` and mount again for faster metadata)"
+            ),
+            Ok(true) => " (FUSE over io_uring was off in the kernel at mount time, or its queues could not be set up, which the log says)".to_string(),
+            Err(_) => " (the kernel has no FUSE over io_uring)".to_string(),
         }
     };
     format!("requests:         /dev/fuse, {dev} threads{why}\n")

@@ -41,6 +41,19 @@ fn threads(pid: i32, prefix: &str) -> Vec<(String, u64)> {
     out
 }
 
+/// The daemon's `prefix` threads once there are at least `n` of them (at most 10 s):
+/// the daemon reports the mount live before its session starts them (requests wait in
+/// the kernel meanwhile).
+fn wait_threads(pid: i32, prefix: &str, n: usize) -> Vec<(String, u64)> {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    let mut t = threads(pid, prefix);
+    while t.len() < n && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        t = threads(pid, prefix);
+    }
+    t
+}
+
 fn switches(pid: i32, prefix: &str) -> u64 {
     threads(pid, prefix).iter().map(|t| t.1).sum()
 }
@@ -91,15 +104,8 @@ fn requests_are_served_by_threads_pinned_per_cpu_over_io_uring() {
     }
     let mut m = Mount::new();
     let pid = m.pid();
-    // The daemon reports the mount live before its session starts the queue threads
-    // (requests wait in the kernel until every queue has registered).
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
     let want = possible_cpus() * snapfs::daemon::DEFAULT_URING_THREADS;
-    let mut rings = threads(pid, "fuser-ring-");
-    while rings.len() < want && std::time::Instant::now() < deadline {
-        std::thread::sleep(std::time::Duration::from_millis(20));
-        rings = threads(pid, "fuser-ring-");
-    }
+    let rings = wait_threads(pid, "fuser-ring-", want);
     assert_eq!(rings.len(), want, "ring threads: {rings:?}");
     let st = m.status_with("requests:");
     assert!(
@@ -139,11 +145,7 @@ fn uring_threads_sets_the_threads_per_cpu() {
     let m = Mount::with_options(&["uring_threads=3", "uring_depth=3"]);
     let pid = m.pid();
     let want = possible_cpus() * 3;
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-    while threads(pid, "fuser-ring-").len() < want && std::time::Instant::now() < deadline {
-        std::thread::sleep(std::time::Duration::from_millis(20));
-    }
-    assert_eq!(threads(pid, "fuser-ring-").len(), want);
+    assert_eq!(wait_threads(pid, "fuser-ring-", want).len(), want);
     exercise(&m, 50);
 }
 
@@ -152,11 +154,7 @@ fn nouring_serves_everything_through_dev_fuse() {
     let m = Mount::with_options(&["nouring"]);
     let pid = m.pid();
     // The session starts its queue threads (if any) before its /dev/fuse threads.
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-    while threads(pid, "fuser-0").is_empty() && std::time::Instant::now() < deadline {
-        std::thread::sleep(std::time::Duration::from_millis(20));
-    }
-    assert!(!threads(pid, "fuser-0").is_empty());
+    assert!(!wait_threads(pid, "fuser-0", 1).is_empty());
     assert!(threads(pid, "fuser-ring-").is_empty());
     // Waits for the last of the four /dev/fuse threads to start.
     let st = m.status_with("requests:         /dev/fuse, 4 threads");

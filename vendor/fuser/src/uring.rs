@@ -631,7 +631,7 @@ const FUSECTL: &str = "/sys/fs/fuse/connections";
 /// Mounts the FUSE control filesystem on [`FUSECTL`] (needs CAP_SYS_ADMIN).
 fn mount_fusectl() -> io::Result<()> {
     let fstype = c"fusectl";
-    let target = c"/sys/fs/fuse/connections";
+    let target = std::ffi::CString::new(FUSECTL).map_err(io::Error::other)?;
     // SAFETY: every pointer is a NUL-terminated string that outlives the call, and
     // fusectl takes no mount data.
     let rc = unsafe {
