@@ -568,7 +568,11 @@ impl Inner {
     /// On a full disk: makes what is answered durable and compacts segments, so the
     /// space of deleted and overwritten data comes back. Returns whether any did.
     fn reclaim(&mut self) -> bool {
-        let freed = self.store.sync().and_then(|()| self.store.compact());
+        let freed = self.store.sync().and_then(|()| {
+            // Freed extents give their disk back at once, and wholly dead segments go.
+            let punched = self.store.punch_freed(true);
+            Ok(punched + self.store.compact()?)
+        });
         match freed {
             Ok(n) => {
                 self.undurable = false;
@@ -985,12 +989,20 @@ fn store_blocks<'a>(
     {
         return err(libc::ENOSPC);
     }
-    // New extents are appended together once every block is planned.
+    // New extents are appended together once every block is planned; so are new
+    // copies of stored extents found damaged (a write of the same bytes repairs them).
     let mut new: Vec<([u8; 32], &[u8])> = Vec::new();
+    let mut repair: Vec<([u8; 32], &[u8])> = Vec::new();
     let mut stage = |w: &mut Writer<'_>, data: &'a [u8], hash: [u8; 32]| -> FsResult<[u8; 32]> {
-        if !staged.contains_key(&hash) && redb::ReadableTable::get(&w.t.extents, hash)?.is_none() {
+        if staged.contains_key(&hash) || repair.iter().any(|(h, _)| *h == hash) {
+            return Ok(hash);
+        }
+        if redb::ReadableTable::get(&w.t.extents, hash)?.is_none() {
             staged.insert(hash, (0, 0, data.len() as u32));
             new.push((hash, data));
+        } else if !w.extent_holds(&hash, data)? {
+            // Never take a reference to bytes that are not the ones being written.
+            repair.push((hash, data));
         }
         Ok(hash)
     };
@@ -1028,8 +1040,10 @@ fn store_blocks<'a>(
             plans.push((idx, prev, Plan::Hole));
             continue;
         };
-        // Unchanged content: keep the stored record (and its reference) as it is.
+        // Unchanged content: keep the stored record (and its reference) as it is,
+        // once the stored bytes are known to be these.
         if old.is_some_and(|o| o == BlockRec::whole(hash, n as u32)) {
+            stage(w, data, hash)?;
             plans.push((idx, prev, Plan::Keep));
             continue;
         }
@@ -1042,6 +1056,13 @@ fn store_blocks<'a>(
         .map_err(|e| FsError::Errno(e.errno()))?;
     for ((hash, data), (seg, off)) in new.iter().zip(at) {
         staged.insert(*hash, (seg, off, data.len() as u32));
+    }
+    let at = w
+        .segs
+        .append_many(&repair)
+        .map_err(|e| FsError::Errno(e.errno()))?;
+    for ((hash, _), (seg, off)) in repair.iter().zip(at) {
+        w.relocate(hash, seg, off)?;
     }
     // Phase 2: metadata only. References move for all blocks at once: one block may
     // let go of an extent another takes.

@@ -9,6 +9,8 @@
 mod acl;
 mod data;
 mod snap;
+#[cfg(test)]
+mod tests;
 mod xattr;
 
 use std::collections::{BTreeMap, HashMap};
@@ -268,6 +270,8 @@ pub struct Inner {
     /// The kernel caches writes and keeps file times itself (FUSE writeback cache): it
     /// sends them with setattr, so written data does not set them here.
     pub kernel_times: bool,
+    /// A deleted snapshot's versions are still to be dropped (a durable tick retries).
+    deletions_pending: bool,
 }
 
 /// Tells the kernel to forget cached state (set by the daemon; absent in tests of the
@@ -305,7 +309,8 @@ fn check_name(name: &[u8]) -> FsResult<()> {
 impl Fs {
     /// Opens (or with `create`, creates) the store at `path` and makes sure it has a root.
     pub fn open(path: &Path, create: Option<&StoreConfig>) -> Result<Fs, FsError> {
-        let store = Store::open(path, create)?;
+        let mut store = Store::open(path, create)?;
+        store.recover()?;
         let mut inner = Inner {
             store,
             dirty: HashMap::new(),
@@ -318,6 +323,7 @@ impl Fs {
             hide_snapdir: false,
             keep: None,
             kernel_times: false,
+            deletions_pending: false,
         };
         inner.ensure_root()?;
         inner.reap_orphans()?;
@@ -356,7 +362,14 @@ impl Fs {
             core.store.unsynced_segments()
         };
         for f in files {
-            let _ = f.sync_data();
+            if let Err(e) = f.sync_data() {
+                // The kernel reports a failed write-back once, to this descriptor: the
+                // durable point taken next would see none, so the failure sticks here.
+                self.lock()
+                    .store
+                    .fail_durability(format!("a segment data sync failed: {e}"));
+                return;
+            }
         }
     }
 
@@ -1301,9 +1314,14 @@ impl Inner {
     /// call.
     pub fn tick(&mut self, durable: bool) -> FsResult<()> {
         let flushed = self.flush_all();
-        if durable && (self.undurable || flushed.is_err()) {
+        if durable && (self.undurable || flushed.is_err() || self.deletions_pending) {
             self.store.sync()?;
             self.undurable = false;
+            if self.deletions_pending
+                && let Err(e) = self.reap_deleted_snapshots()
+            {
+                tracing::warn!(error = %e, "finishing a snapshot deletion failed");
+            }
             // Give back the space of overwritten and deleted data.
             let freed = self.store.compact()?;
             if freed > 0 {

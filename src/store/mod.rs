@@ -42,6 +42,9 @@ pub enum StoreError {
     /// The path is not a snapfs store.
     #[error("{0} is not a snapfs store (no snapfs.redb, and the directory is not empty)")]
     NotAStore(PathBuf),
+    /// A failed data sync or commit put the store in its error state.
+    #[error("the store stopped making writes durable after an I/O error ({0}); remount to recover")]
+    Failed(String),
     /// Written by a newer snapfs.
     #[error("store format {0} is not supported by this snapfs (it reads format {FORMAT_VERSION})")]
     Format(u32),
@@ -129,6 +132,16 @@ pub struct Store {
     xattr_free: std::collections::HashSet<u64>,
     /// Leaf chaining values of extents verified whole (see [`verify`]).
     outboards: std::collections::HashMap<[u8; 32], Box<[blake3::hazmat::ChainingValue]>>,
+    /// The segment id `meta::NEXT_SEGMENT` holds (or will at the group's commit).
+    next_segment: u64,
+    /// Extent bytes freed in the open group: (segment, offset, length).
+    freed_group: Vec<(u64, u64, u32)>,
+    /// Extent bytes freed by groups committed since the last durable commit.
+    freed_committed: Vec<(u64, u64, u32)>,
+    /// Extent bytes freed durably, with when: their disk is given back (a hole punched)
+    /// once [`PUNCH_DELAY`] has passed, so a read planned before the free still finds
+    /// its bytes.
+    punch_queue: std::collections::VecDeque<(std::time::Instant, (u64, u64, u32))>,
 }
 
 impl std::fmt::Debug for Store {
@@ -173,6 +186,10 @@ impl Store {
                 return Err(StoreError::NotAStore(path.to_path_buf()));
             }
             std::fs::create_dir_all(path)?;
+            // The new directory's entry, durable before anything in it is.
+            if let Some(parent) = path.canonicalize()?.parent() {
+                sync_dir(parent)?;
+            }
         } else if !path.is_dir() {
             return Err(StoreError::NotAStore(path.to_path_buf()));
         }
@@ -215,8 +232,11 @@ impl Store {
             }
             txn.commit()?;
         }
-        let segs = Segments::open(&path.join("segments"), fresh)?;
-        let (block_size, volume_id, live_epoch, snapshot_epochs) = {
+        let mut segs = Segments::open(&path.join("segments"), fresh, 1)?;
+        if fresh {
+            sync_dir(path)?;
+        }
+        let (block_size, volume_id, live_epoch, snapshot_epochs, next_segment) = {
             let txn = db.begin_read()?;
             let meta = txn
                 .open_table(META)
@@ -245,8 +265,19 @@ impl Store {
                 let (_, v) = row?;
                 epochs.insert(SnapshotRec::decode(v.value())?.epoch);
             }
-            (block_size, volume_id, live_epoch, epochs)
+            // Never reuse a segment id: not one recorded, nor one a row names.
+            let mut next = match meta.get(meta::NEXT_SEGMENT)? {
+                Some(v) => le_u64(v.value())?,
+                None => 1,
+            };
+            if let Some(row) = txn.open_table(SEGMENTS)?.last()? {
+                next = next.max(row.0.value().saturating_add(1));
+            }
+            (block_size, volume_id, live_epoch, epochs, next)
         };
+        if next_segment > segs.next_id() {
+            segs = Segments::open(&path.join("segments"), false, next_segment)?;
+        }
         Ok(Store {
             path: path.to_path_buf(),
             db,
@@ -261,7 +292,34 @@ impl Store {
             inode_cache: std::collections::HashMap::new(),
             xattr_free: std::collections::HashSet::new(),
             outboards: std::collections::HashMap::new(),
+            next_segment,
+            freed_group: Vec::new(),
+            freed_committed: Vec::new(),
+            punch_queue: std::collections::VecDeque::new(),
         })
+    }
+
+    /// Finishes what a crash interrupted, for a store about to be written: deletes the
+    /// files of segments retired by a durable compaction (a crash may have come before
+    /// the delete). Opening alone never changes anything, so fsck and status can look.
+    pub fn recover(&mut self) -> Result<(), StoreError> {
+        let mut retired = Vec::new();
+        {
+            let txn = self.db.begin_read()?;
+            for row in txn.open_table(SEGMENTS)?.iter()? {
+                let (k, v) = row?;
+                if v.value() == SEGMENT_RETIRED {
+                    retired.push(k.value());
+                }
+            }
+        }
+        for id in retired {
+            self.segs.remove(id)?;
+            self.write(true, |w| Ok(w.t.segments.remove(id).map(|_| ())?))
+                .map_err(fs_to_store)?;
+            tracing::info!(segment = id, "deleted a segment retired before a crash");
+        }
+        Ok(())
     }
 
     /// Runs `f` as one operation of the open transaction group, and commits the group
@@ -295,11 +353,32 @@ impl Store {
                 inode_log: Vec::new(),
                 xattr_log: Vec::new(),
                 last_change: None,
+                freed: Vec::new(),
             };
             let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| f(&mut w)));
-            (r, w.inode_log, w.xattr_log)
+            // A new segment's id is recorded in the group that first indexes into it.
+            let mut recorded = Ok(None);
+            if let Ok(Ok(_) | Err(crate::fs::FsError::Errno(_))) = &r
+                && w.segs.next_id() > self.next_segment
+            {
+                let next = w.segs.next_id();
+                recorded =
+                    w.t.meta
+                        .insert(meta::NEXT_SEGMENT, &next.to_le_bytes()[..])
+                        .map(|_| Some(next));
+            }
+            (r, w.inode_log, w.xattr_log, w.freed, recorded)
         };
-        let (res, log, xlog) = res;
+        let (res, log, xlog, freed, recorded) = res;
+        match recorded {
+            Ok(Some(next)) => self.next_segment = next,
+            Ok(None) => {}
+            Err(e) => {
+                let e = StoreError::from(e);
+                self.abort_group(&format!("recording a segment id failed: {e}"));
+                return Err(e.into());
+            }
+        }
         let res = match res {
             Ok(r) => r,
             Err(panic) => {
@@ -311,6 +390,7 @@ impl Store {
         // The group keeps whatever the operation wrote (a group that fails is aborted
         // below, and the caches dropped with it).
         if let Ok(_) | Err(crate::fs::FsError::Errno(_)) = &res {
+            self.freed_group.extend(freed);
             if self.inode_cache.len() > INODE_CACHE_MAX {
                 self.inode_cache.clear();
             }
@@ -355,6 +435,9 @@ impl Store {
         // An aborted group may have held any record: forget them all.
         self.inode_cache.clear();
         self.xattr_free.clear();
+        self.freed_group.clear();
+        // The group may have held the segment id row.
+        self.next_segment = 0;
         if self.pending > 0 {
             tracing::error!(lost = self.pending, "{why}");
             self.failed = Some(why.to_string());
@@ -372,9 +455,17 @@ impl Store {
             (None, true) => self.db.begin_write()?,
             (None, false) => return Ok(()),
         };
+        if durable && let Some(why) = &self.failed {
+            let _ = txn.abort();
+            self.freed_group.clear();
+            return Err(StoreError::Failed(why.clone()));
+        }
         let res = (|| {
             if durable {
-                self.segs.sync()?;
+                if let Err(e) = self.segs.sync() {
+                    self.fail_durability(format!("a segment data sync failed: {e}"));
+                    return Err(e);
+                }
                 txn.set_durability(Durability::Immediate)?;
             } else {
                 txn.set_durability(Durability::None)?;
@@ -382,14 +473,49 @@ impl Store {
             txn.commit()?;
             Ok::<(), StoreError>(())
         })();
-        if let Err(e) = &res
-            && pending > 0
-        {
-            let why = format!("committing {pending} operations failed: {e}");
-            tracing::error!("{why}");
-            self.failed = Some(why);
+        match &res {
+            Ok(()) => {
+                self.freed_committed.append(&mut self.freed_group);
+                if durable {
+                    let now = std::time::Instant::now();
+                    for f in self.freed_committed.drain(..) {
+                        self.punch_queue.push_back((now, f));
+                    }
+                    self.punch_freed(false);
+                }
+            }
+            Err(e) => {
+                self.freed_group.clear();
+                self.next_segment = 0;
+                if pending > 0 {
+                    let why = format!("committing {pending} operations failed: {e}");
+                    tracing::error!("{why}");
+                    self.failed = Some(why);
+                }
+            }
         }
         res
+    }
+
+    /// Gives back the disk under extents freed by durable commits: those freed at
+    /// least [`PUNCH_DELAY`] ago, or all of them with `now` (a full disk, unmount).
+    /// Returns the bytes of extents whose space was given back.
+    pub fn punch_freed(&mut self, now: bool) -> u64 {
+        let t = std::time::Instant::now();
+        let mut bytes = 0;
+        while let Some((at, (seg, off, len))) = self.punch_queue.front().copied() {
+            if !now && t.duration_since(at) < PUNCH_DELAY {
+                break;
+            }
+            self.punch_queue.pop_front();
+            match self.segs.punch(seg, off, len as u64) {
+                Ok(()) => bytes += len as u64,
+                Err(e) => {
+                    tracing::warn!(segment = seg, error = %e, "cannot give back freed extent space")
+                }
+            }
+        }
+        bytes
     }
 
     /// Makes everything written so far durable.
@@ -398,25 +524,47 @@ impl Store {
     }
 
     /// Handles on the segment files a `sync` would `fdatasync` now.
-    pub fn unsynced_segments(&mut self) -> Vec<std::fs::File> {
+    pub fn unsynced_segments(&mut self) -> Vec<segment::SyncHandle> {
         self.segs.unsynced_handles()
     }
 
-    /// Rewrites segments that are mostly dead: their live extents move to the active
-    /// segment, a durable commit points the index at the new copies, and only then is
-    /// the old file deleted. Returns the bytes of disk given back.
+    /// Puts the store in the error state: a data sync failed, so what was written
+    /// since the last durable point may be lost, and no later commit may claim it is
+    /// durable. Writes and durable points answer EIO until the store is remounted.
+    pub fn fail_durability(&mut self, why: String) {
+        tracing::error!("{why}; the store refuses writes until remounted");
+        if self.failed.is_none() {
+            self.failed = Some(why);
+        }
+    }
+
+    /// Why the store is in the error state, if it is.
+    pub fn failure(&self) -> Option<&str> {
+        self.failed.as_deref()
+    }
+
+    /// Rewrites segments that are mostly dead: the extents the index places in them
+    /// move to the active segment, a durable commit points the index at the new copies
+    /// and retires the segment, and only then is its file deleted. The index, not the
+    /// segment's own headers, says what must move, so a torn or damaged extent in a
+    /// segment can never make a live one be left behind. Segments with the least to
+    /// move go first (a wholly dead one needs no room at all), so a full disk gets its
+    /// space back. Returns the bytes of disk given back.
     pub fn compact(&mut self) -> Result<u64, StoreError> {
         let active = self.segs.active();
-        let mut candidates = Vec::new();
         // Compaction runs in transactions of its own, so a failure loses nothing else.
         self.commit_group(false)?;
         let mut roll = false;
+        let mut candidates: std::collections::BTreeMap<u64, u64> = Default::default();
         {
             let txn = self.db.begin_read()?;
             let t = txn.open_table(SEGMENTS)?;
             for row in t.iter()? {
                 let (k, v) = row?;
                 let (id, dead) = (k.value(), v.value());
+                if dead == SEGMENT_RETIRED {
+                    continue;
+                }
                 let size = match std::fs::metadata(segment::segment_path(self.segs.dir(), id)) {
                     Ok(m) => m.len(),
                     Err(_) => continue,
@@ -435,49 +583,83 @@ impl Store {
                     }
                     roll = true;
                 }
-                candidates.push((id, size));
+                candidates.insert(id, size);
+            }
+        }
+        if candidates.is_empty() {
+            return Ok(0);
+        }
+        // One pass over the index finds every extent placed in a candidate.
+        let mut placed: std::collections::HashMap<u64, Vec<([u8; 32], ExtentRec)>> =
+            candidates.keys().map(|id| (*id, Vec::new())).collect();
+        {
+            let txn = self.db.begin_read()?;
+            for row in txn.open_table(EXTENTS)?.iter()? {
+                let (k, v) = row?;
+                let rec = ExtentRec::decode(v.value())?;
+                if let Some(list) = placed.get_mut(&rec.segment) {
+                    list.push((k.value(), rec));
+                }
             }
         }
         if roll {
-            self.segs.roll()?;
+            self.segs.roll();
         }
+        let mut order: Vec<(u64, u64, u64)> = candidates
+            .iter()
+            .map(|(id, size)| {
+                let live = placed[id]
+                    .iter()
+                    .map(|(_, r)| r.len as u64 + segment::EXTENT_HEADER)
+                    .sum();
+                (live, *id, *size)
+            })
+            .collect();
+        order.sort_unstable();
         let mut given_back = 0;
-        for (id, size) in candidates {
+        for (live, id, size) in order {
+            if live > 0 && !self.segs.room_for(live).unwrap_or(false) {
+                tracing::debug!(segment = id, live, "no room to compact this segment now");
+                continue;
+            }
+            let mut exts = placed.remove(&id).unwrap_or_default();
+            exts.sort_unstable_by_key(|(_, r)| r.offset);
             let res: Result<(), crate::fs::FsError> = self.write(true, |w| {
-                let mut at = segment::SEGMENT_HEADER;
-                while at + segment::EXTENT_HEADER <= size {
-                    let h = w.segs.read(id, at, segment::EXTENT_HEADER as u32)?;
-                    if &h[..4] != segment::EXTENT_MAGIC {
-                        break;
+                for (hash, rec) in &exts {
+                    let data = w.segs.read(id, rec.offset, rec.len)?;
+                    check_whole(hash, rec, &data)?;
+                    let (seg, off) = w.segs.append(hash, &data)?;
+                    // The row as it is now (the pass above read a committed state).
+                    let mut now = w.extent(hash)?;
+                    if (now.segment, now.offset) != (rec.segment, rec.offset) {
+                        return Err(StoreError::Corrupt(format!(
+                            "extent {} moved while segment {id:016x} was compacted",
+                            hex(hash)
+                        ))
+                        .into());
                     }
-                    let len = u32::from_le_bytes([h[4], h[5], h[6], h[7]]);
-                    let mut hash = [0u8; 32];
-                    hash.copy_from_slice(&h[8..40]);
-                    let data_at = at + segment::EXTENT_HEADER;
-                    let row = w.t.extents.get(hash)?.map(|v| ExtentRec::decode(v.value()));
-                    if let Some(rec) = row {
-                        let mut rec = rec?;
-                        if rec.segment == id && rec.offset == data_at {
-                            let data = w.segs.read(id, data_at, len)?;
-                            check_whole(&hash, &rec, &data)?;
-                            let (seg, off) = w.segs.append(&hash, &data)?;
-                            rec.segment = seg;
-                            rec.offset = off;
-                            w.t.extents.insert(hash, &rec.encode()[..])?;
-                        }
-                    }
-                    at = data_at + len as u64;
+                    now.segment = seg;
+                    now.offset = off;
+                    w.t.extents.insert(*hash, &now.encode()[..])?;
                 }
-                w.t.segments.remove(id)?;
+                w.t.segments.insert(id, SEGMENT_RETIRED)?;
                 Ok(())
             });
             match res {
                 Ok(()) => {
                     self.segs.remove(id)?;
+                    // Lost in a crash, the row is found by the next `recover`.
+                    self.write(false, |w| Ok(w.t.segments.remove(id).map(|_| ())?))
+                        .map_err(fs_to_store)?;
+                    self.commit_group(false)?;
                     given_back += size;
                 }
-                Err(crate::fs::FsError::Store(e)) => return Err(e),
-                Err(e) => return Err(StoreError::Corrupt(e.to_string())),
+                Err(crate::fs::FsError::Store(e @ StoreError::Corrupt(_))) => {
+                    // A damaged extent stays where it is (fsck names it); the segment
+                    // is kept whole rather than lose what it holds.
+                    tracing::warn!(segment = id, error = %e, "not compacting a damaged segment");
+                }
+                Err(e) => return Err(fs_to_store(e)),
             }
         }
         Ok(given_back)
@@ -660,6 +842,20 @@ impl Store {
     }
 }
 
+/// `fsync`s directory `dir`, so the entries made in it are durable.
+pub fn sync_dir(dir: &Path) -> Result<(), StoreError> {
+    std::fs::File::open(dir)?.sync_all()?;
+    Ok(())
+}
+
+/// A core error met inside the store's own operations, as a store error.
+fn fs_to_store(e: crate::fs::FsError) -> StoreError {
+    match e {
+        crate::fs::FsError::Store(e) => e,
+        crate::fs::FsError::Errno(n) => StoreError::Io(std::io::Error::from_raw_os_error(n)),
+    }
+}
+
 /// Checks `data`, all of extent `rec`, against its `hash`.
 fn check_whole(hash: &[u8; 32], rec: &ExtentRec, data: &[u8]) -> Result<(), StoreError> {
     if blake3::hash(data).as_bytes() != hash {
@@ -695,6 +891,9 @@ impl Fetch {
         check_whole(&self.hash, &self.rec, dst)
     }
 }
+
+/// How long freed extent bytes stay readable before their disk is given back.
+const PUNCH_DELAY: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// An active segment at least this large and half dead is closed and compacted.
 const ROLL_DEAD_ACTIVE: u64 = 64 << 20;
@@ -1053,6 +1252,8 @@ pub struct Writer<'t> {
     /// The change-index row this operation wrote last (a flush writes many records
     /// of one inode; the row needs writing once).
     last_change: Option<(u64, u64)>,
+    /// Extent bytes this operation freed: (segment, offset, length).
+    freed: Vec<(u64, u64, u32)>,
 }
 
 impl Writer<'_> {
@@ -1289,9 +1490,16 @@ impl Writer<'_> {
     /// their segment until compaction).
     pub fn decref(&mut self, hash: &[u8; 32], n: u64) -> Result<(), StoreError> {
         let mut rec = self.extent(hash)?;
-        rec.refs = rec.refs.saturating_sub(n);
+        rec.refs = rec.refs.checked_sub(n).ok_or_else(|| {
+            StoreError::Corrupt(format!(
+                "extent {} has {} references and {n} are let go",
+                hex(hash),
+                rec.refs
+            ))
+        })?;
         if rec.refs == 0 {
             self.t.extents.remove(*hash)?;
+            self.freed.push((rec.segment, rec.offset, rec.len));
             let dead = self
                 .t
                 .segments
@@ -1304,6 +1512,62 @@ impl Writer<'_> {
         } else {
             self.t.extents.insert(*hash, &rec.encode()[..])?;
         }
+        Ok(())
+    }
+
+    /// Whether extent `hash` as stored holds `data` (whose hash is `hash`). A stored
+    /// copy that differs, or cannot be read, is damaged: the caller stores `data`
+    /// again and [`Writer::relocate`]s the extent there.
+    pub fn extent_holds(&mut self, hash: &[u8; 32], data: &[u8]) -> Result<bool, StoreError> {
+        let rec = self.extent(hash)?;
+        if rec.len as usize != data.len() {
+            tracing::error!(
+                extent = hex(hash),
+                "stored extent has the wrong length; storing it again"
+            );
+            return Ok(false);
+        }
+        match self.segs.read(rec.segment, rec.offset, rec.len) {
+            Ok(stored) if stored == data => Ok(true),
+            Ok(_) => {
+                tracing::error!(
+                    extent = hex(hash),
+                    segment = rec.segment,
+                    offset = rec.offset,
+                    "stored extent is damaged; storing it again from a write of the same bytes"
+                );
+                Ok(false)
+            }
+            Err(e) => {
+                tracing::error!(extent = hex(hash), error = %e, "stored extent cannot be read; storing it again");
+                Ok(false)
+            }
+        }
+    }
+
+    /// Points extent `hash` at a new copy of its bytes at `offset` of `segment`; the
+    /// old copy's bytes count as dead.
+    pub fn relocate(
+        &mut self,
+        hash: &[u8; 32],
+        segment: u64,
+        offset: u64,
+    ) -> Result<(), StoreError> {
+        let mut rec = self.extent(hash)?;
+        let dead = self
+            .t
+            .segments
+            .get(rec.segment)?
+            .map(|v| v.value())
+            .unwrap_or(0);
+        if dead != SEGMENT_RETIRED {
+            self.t
+                .segments
+                .insert(rec.segment, dead + rec.len as u64 + segment::EXTENT_HEADER)?;
+        }
+        rec.segment = segment;
+        rec.offset = offset;
+        self.t.extents.insert(*hash, &rec.encode()[..])?;
         Ok(())
     }
 

@@ -63,7 +63,14 @@ pub mod meta {
     pub const NEXT_INO: &str = "next_ino";
     /// i64: creation time, seconds since the Unix epoch.
     pub const CREATED: &str = "created";
+    /// u64: the id the next new segment gets (ids are never reused). Absent in stores
+    /// made before it; then one above every segment file and `segments` row.
+    pub const NEXT_SEGMENT: &str = "next_segment";
 }
+
+/// `segments` value of a segment whose extents all moved in a durable commit: its file
+/// is deleted after that commit, and again at the next open should a crash come first.
+pub const SEGMENT_RETIRED: u64 = u64::MAX;
 
 /// The on-disk format this build writes and reads.
 pub const FORMAT_VERSION: u32 = 1;

@@ -5,8 +5,11 @@
 //! header (`b"SXT1"`, data length u32 LE, blake3 hash of the data) and the data. The
 //! `extents` table points at the data, not at its header; the headers let `fsck` walk a
 //! segment on its own. Bytes past the last extent that redb knows of are the leftovers
-//! of a crash before a commit: harmless, and overwritten by nothing (appends go to the
-//! end of the file).
+//! of a crash before a commit (possibly a torn extent): harmless, because a segment is
+//! sealed when the store is opened. Appends go to a new segment, started at the first
+//! append after open, so nothing is ever written after a torn extent, and an open that
+//! writes nothing (fsck, status) creates no file. Segment ids are never reused (the
+//! store records the next one, see `meta::NEXT_SEGMENT`).
 
 use std::collections::HashMap;
 use std::fs::{File, OpenOptions};
@@ -35,10 +38,40 @@ pub struct Segments {
     /// Open segment files, shared with reads that run outside the core's lock (a
     /// deleted segment stays readable through a handle opened before).
     files: HashMap<u64, Arc<File>>,
+    /// The segment appends go to; its file exists only once `started`.
     active: u64,
+    started: bool,
     active_len: u64,
     /// Segments written since the last `sync`.
     unsynced: Vec<u64>,
+    /// Data syncs still to fail with EIO, for tests of the failure path.
+    sync_faults: Arc<std::sync::atomic::AtomicU32>,
+}
+
+/// A segment file to `fdatasync` without the store's lock.
+pub struct SyncHandle {
+    file: File,
+    faults: Arc<std::sync::atomic::AtomicU32>,
+}
+
+impl SyncHandle {
+    /// `fdatasync`s the file.
+    pub fn sync_data(&self) -> io::Result<()> {
+        take_fault(&self.faults)?;
+        self.file.sync_data()
+    }
+}
+
+/// Fails with EIO if a fault is armed (and uses it up).
+fn take_fault(faults: &std::sync::atomic::AtomicU32) -> io::Result<()> {
+    use std::sync::atomic::Ordering;
+    if faults
+        .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+        .is_ok()
+    {
+        return Err(io::Error::from_raw_os_error(libc::EIO));
+    }
+    Ok(())
 }
 
 /// Writes `parts` one after the other at `at` with `pwritev`, without copying them
@@ -130,38 +163,35 @@ pub fn read_exact_from(f: &File, id: u64, offset: u64, buf: &mut [u8]) -> Result
 }
 
 impl Segments {
-    /// Opens the segment directory, creating it if `create`, and picks the newest
-    /// segment to append to.
-    pub fn open(dir: &Path, create: bool) -> Result<Self, StoreError> {
+    /// Opens the segment directory, creating it if `create`. Every segment present is
+    /// sealed: appends go to a new segment, numbered at least `next` and above every
+    /// file present, whose file is made at the first append.
+    pub fn open(dir: &Path, create: bool, next: u64) -> Result<Self, StoreError> {
         if create {
             std::fs::create_dir_all(dir)?;
-        }
-        let mut newest = 0u64;
-        for entry in std::fs::read_dir(dir)? {
-            let name = entry?.file_name();
-            let name = name.to_string_lossy();
-            if let Some(id) = name
-                .strip_suffix(".seg")
-                .and_then(|h| u64::from_str_radix(h, 16).ok())
-            {
-                newest = newest.max(id);
-            }
         }
         let mut segs = Segments {
             dir: dir.to_path_buf(),
             files: HashMap::new(),
             active: 0,
-            active_len: 0,
+            started: false,
+            active_len: SEGMENT_HEADER,
             unsynced: Vec::new(),
+            sync_faults: Default::default(),
         };
-        if newest == 0 {
-            segs.start(1)?;
-        } else {
-            let len = segs.file(newest)?.metadata()?.len();
-            segs.active = newest;
-            segs.active_len = len.max(SEGMENT_HEADER);
-        }
+        let newest = segs.ids()?.last().copied().unwrap_or(0);
+        segs.active = next.max(newest + 1).max(1);
         Ok(segs)
+    }
+
+    /// The id the next new segment will have: what the store must record so that no
+    /// id is ever used twice.
+    pub fn next_id(&self) -> u64 {
+        if self.started {
+            self.active + 1
+        } else {
+            self.active
+        }
     }
 
     /// Ids of all segment files present.
@@ -181,20 +211,22 @@ impl Segments {
         Ok(ids)
     }
 
-    fn start(&mut self, id: u64) -> Result<(), StoreError> {
+    /// Makes the file of the active segment.
+    fn start(&mut self) -> Result<(), StoreError> {
+        let id = self.active;
         let path = segment_path(&self.dir, id);
+        // A file of this id would be one the store did not know of: never append to it.
         let f = OpenOptions::new()
             .read(true)
             .write(true)
-            .create(true)
-            .truncate(false)
+            .create_new(true)
             .open(&path)?;
         let mut header = [0u8; SEGMENT_HEADER as usize];
         header[..8].copy_from_slice(SEGMENT_MAGIC);
         header[8..].copy_from_slice(&id.to_le_bytes());
         f.write_all_at(&header, 0)?;
         self.files.insert(id, Arc::new(f));
-        self.active = id;
+        self.started = true;
         self.active_len = SEGMENT_HEADER;
         self.unsynced.push(id);
         Ok(())
@@ -250,9 +282,14 @@ impl Segments {
         let mut i = 0;
         while i < extents.len() {
             let size = |j: usize| EXTENT_HEADER + extents[j].1.len() as u64;
-            if self.active_len + size(i) > SEGMENT_TARGET && self.active_len > SEGMENT_HEADER {
-                let next = self.active + 1;
-                self.start(next)?;
+            if self.started
+                && self.active_len + size(i) > SEGMENT_TARGET
+                && self.active_len > SEGMENT_HEADER
+            {
+                self.roll();
+            }
+            if !self.started {
+                self.start()?;
             }
             // The run of extents that fits in the active segment (at least one).
             let (id, at) = (self.active, self.active_len);
@@ -288,7 +325,10 @@ impl Segments {
         if self.unsynced.is_empty() {
             return Ok(());
         }
+        // Linux reports a failed write-back once: a segment whose sync failed is not
+        // retried as if it were fine; the caller makes the failure stick.
         for id in std::mem::take(&mut self.unsynced) {
+            take_fault(&self.sync_faults)?;
             self.file(id)?.sync_data()?;
         }
         File::open(&self.dir)?.sync_all()?;
@@ -297,17 +337,68 @@ impl Segments {
 
     /// Handles on the segments written since the last `sync`, for an `fdatasync`
     /// outside the store's lock that leaves `sync` little to do.
-    pub fn unsynced_handles(&mut self) -> Vec<File> {
+    pub fn unsynced_handles(&mut self) -> Vec<SyncHandle> {
         let ids = self.unsynced.clone();
         ids.into_iter()
-            .filter_map(|id| self.file(id).ok()?.try_clone().ok())
+            .filter_map(|id| {
+                Some(SyncHandle {
+                    file: self.file(id).ok()?.try_clone().ok()?,
+                    faults: self.sync_faults.clone(),
+                })
+            })
             .collect()
     }
 
+    /// Makes the next `n` data syncs fail with EIO (testing the failure path).
+    #[doc(hidden)]
+    pub fn fail_next_syncs(&self, n: u32) {
+        self.sync_faults
+            .store(n, std::sync::atomic::Ordering::SeqCst);
+    }
+
     /// Closes the active segment; appends go to a new one.
-    pub fn roll(&mut self) -> Result<(), StoreError> {
-        let next = self.active + 1;
-        self.start(next)
+    pub fn roll(&mut self) {
+        if self.started {
+            self.active += 1;
+            self.started = false;
+            self.active_len = SEGMENT_HEADER;
+        }
+    }
+
+    /// Gives the disk back under bytes `[offset, offset + len)` of segment `id`, the
+    /// data of an extent nothing names any more (only whole 4 KiB pages inside it; the
+    /// file keeps its length and reads zeros there). Call only once the commit that
+    /// freed it is durable: a crash must not bring back a reference to punched bytes.
+    pub fn punch(&mut self, id: u64, offset: u64, len: u64) -> Result<(), StoreError> {
+        use std::os::unix::io::AsRawFd;
+        const PAGE: u64 = 4096;
+        let (a, b) = (offset.div_ceil(PAGE) * PAGE, (offset + len) / PAGE * PAGE);
+        if a >= b {
+            return Ok(());
+        }
+        let f = match self.file(id) {
+            Ok(f) => f,
+            // Already compacted away.
+            Err(StoreError::Corrupt(_)) => return Ok(()),
+            Err(e) => return Err(e),
+        };
+        // SAFETY: a plain syscall on an open descriptor.
+        let r = unsafe {
+            libc::fallocate(
+                f.as_raw_fd(),
+                libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+                a as libc::off_t,
+                (b - a) as libc::off_t,
+            )
+        };
+        if r != 0 {
+            let e = io::Error::last_os_error();
+            // Filesystems without hole punching keep the bytes until compaction.
+            if e.raw_os_error() != Some(libc::EOPNOTSUPP) {
+                return Err(e.into());
+            }
+        }
+        Ok(())
     }
 
     /// Whether `bytes` more of extents leave the disk its reserve: the space kept for
@@ -341,23 +432,34 @@ impl Segments {
         &self.dir
     }
 
-    /// Deletes segment `id` (never the active one).
+    /// Deletes segment `id` (never the active one); a file already gone is fine.
     pub fn remove(&mut self, id: u64) -> Result<(), StoreError> {
-        if id == self.active {
+        if id == self.active && self.started {
             return Ok(());
         }
         self.files.remove(&id);
         self.unsynced.retain(|s| *s != id);
-        std::fs::remove_file(segment_path(&self.dir, id))?;
+        match std::fs::remove_file(segment_path(&self.dir, id)) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+            Err(e) => return Err(e.into()),
+        }
         File::open(&self.dir)?.sync_all()?;
         Ok(())
     }
 
-    /// Bytes used on disk by all segment files.
+    /// Whether the file of segment `id` exists.
+    pub fn exists(&self, id: u64) -> bool {
+        self.files.contains_key(&id) || segment_path(&self.dir, id).is_file()
+    }
+
+    /// Bytes the disk holds for all segment files (holes punched in them not counted).
     pub fn disk_bytes(&self) -> Result<u64, StoreError> {
+        use std::os::unix::fs::MetadataExt;
         let mut total = 0;
         for id in self.ids()? {
-            total += std::fs::metadata(segment_path(&self.dir, id))?.len();
+            let m = std::fs::metadata(segment_path(&self.dir, id))?;
+            total += (m.blocks() * 512).min(m.len());
         }
         Ok(total)
     }
@@ -393,7 +495,7 @@ mod tests {
     #[test]
     fn batched_appends_land_where_they_say() {
         let dir = tempfile::tempdir().unwrap();
-        let mut segs = Segments::open(dir.path(), true).unwrap();
+        let mut segs = Segments::open(dir.path(), true, 1).unwrap();
         let datas: Vec<Vec<u8>> = (0..600u32)
             .map(|i| vec![i as u8; 100 + i as usize])
             .collect();

@@ -47,6 +47,23 @@ impl Mount {
         m
     }
 
+    /// A store at `store` (made if missing), mounted at `mnt` (made if missing).
+    pub fn at(store: PathBuf, mnt: PathBuf, opts: &[&str]) -> Mount {
+        let dir = tempfile::Builder::new()
+            .prefix("snapfs-test")
+            .tempdir()
+            .expect("tempdir");
+        std::fs::create_dir_all(&mnt).unwrap();
+        let mut m = Mount {
+            dir,
+            store,
+            mnt,
+            mounted: false,
+        };
+        m.mount(opts);
+        m
+    }
+
     pub fn mount(&mut self, opts: &[&str]) {
         let mut args = vec![
             "mount",

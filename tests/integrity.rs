@@ -1,0 +1,180 @@
+//! Integrity under damage and faults: a torn append, a damaged extent, a full disk.
+//! Each test fails without the fix it is named for (see docs/ARCHITECTURE.md).
+
+mod common;
+
+use std::fs::{self, File, OpenOptions};
+use std::io::Write;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use common::*;
+
+/// The store's segment files, in id order.
+fn segments(store: &Path) -> Vec<PathBuf> {
+    let mut segs: Vec<PathBuf> = fs::read_dir(store.join("segments"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    segs.sort();
+    segs
+}
+
+fn write_synced(p: &Path, data: &[u8]) {
+    let mut f = File::create(p).unwrap();
+    f.write_all(data).unwrap();
+    f.sync_all().unwrap();
+}
+
+#[test]
+fn compaction_after_a_torn_append_keeps_every_live_extent() {
+    let mut m = Mount::new();
+    // Large enough that, half dead, even a segment still being appended to is compacted.
+    let old = pattern(1, 66 << 20);
+    let keep = pattern(2, 512 << 10);
+    write_synced(&m.path("old"), &old);
+    write_synced(&m.path("keep"), &keep);
+    m.unmount();
+    // A crash in the middle of an append: a header for 64 KiB, and 1000 bytes of it.
+    let seg = segments(&m.store).pop().unwrap();
+    {
+        let f = OpenOptions::new().append(true).open(&seg).unwrap();
+        let torn = pattern(3, 1000);
+        let mut header = Vec::new();
+        header.extend_from_slice(b"SXT1");
+        header.extend_from_slice(&65536u32.to_le_bytes());
+        header.extend_from_slice(blake3::hash(&pattern(3, 65536)).as_bytes());
+        (&f).write_all(&header).unwrap();
+        (&f).write_all(&torn).unwrap();
+    }
+    m.mount(&[]);
+    let new = pattern(4, 1 << 20);
+    write_synced(&m.path("new"), &new);
+    // Most of the first segment dies; unmounting compacts it.
+    fs::remove_file(m.path("old")).unwrap();
+    m.unmount();
+    m.mount(&[]);
+    drop_caches();
+    assert!(
+        fs::read(m.path("keep")).unwrap() == keep,
+        "keep reads its bytes"
+    );
+    assert!(
+        fs::read(m.path("new")).unwrap() == new,
+        "new reads its bytes"
+    );
+    m.unmount();
+    m.assert_fsck_clean();
+    assert!(
+        !segments(&m.store).contains(&seg),
+        "the mostly dead segment was compacted away"
+    );
+}
+
+#[test]
+fn a_write_of_the_same_bytes_repairs_a_damaged_extent() {
+    let mut m = Mount::new();
+    let block = pattern(5, 65536);
+    write_synced(&m.path("a"), &block);
+    m.unmount();
+    // Damage one byte of the extent's data (behind the 16-byte segment header and
+    // the 40-byte extent header).
+    let seg = segments(&m.store).pop().unwrap();
+    let f = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&seg)
+        .unwrap();
+    let at = 16 + 40 + 1234;
+    let mut b = [0u8; 1];
+    f.read_exact_at(&mut b, at).unwrap();
+    assert_eq!(b[0], block[1234], "the layout is as assumed");
+    f.write_all_at(&[b[0] ^ 0x10], at).unwrap();
+    drop(f);
+    m.mount(&[]);
+    // The same bytes again: a new file, and the damaged file rewritten in place.
+    write_synced(&m.path("b"), &block);
+    {
+        let f = OpenOptions::new().write(true).open(m.path("a")).unwrap();
+        f.write_all_at(&block, 0).unwrap();
+        f.sync_all().unwrap();
+    }
+    m.unmount();
+    m.mount(&[]);
+    drop_caches();
+    assert!(fs::read(m.path("b")).unwrap() == block, "b reads its bytes");
+    assert!(fs::read(m.path("a")).unwrap() == block, "a was repaired");
+    m.unmount();
+    m.assert_fsck_clean();
+}
+
+/// A tmpfs of `mib` MiB mounted for the test's life.
+struct Tmpfs(PathBuf);
+
+impl Tmpfs {
+    fn new(at: PathBuf, mib: u32) -> Tmpfs {
+        fs::create_dir_all(&at).unwrap();
+        let st = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={mib}m"), "tmpfs"])
+            .arg(&at)
+            .status()
+            .unwrap();
+        assert!(st.success(), "mounting a tmpfs");
+        Tmpfs(at)
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+    }
+}
+
+/// Writes 4 MiB files `prefix0`, `prefix1`, ... (each fsynced) until one fails;
+/// returns how many were written whole.
+fn fill(m: &Mount, prefix: &str, seed: u64, most: usize) -> usize {
+    for i in 0..most {
+        let p = m.path(&format!("{prefix}{i}"));
+        let res = File::create(&p).and_then(|mut f| {
+            f.write_all(&pattern(seed + i as u64, 4 << 20))?;
+            f.sync_all()
+        });
+        if let Err(e) = res {
+            assert_eq!(e.raw_os_error(), Some(libc::ENOSPC), "{e}");
+            let _ = fs::remove_file(&p);
+            return i;
+        }
+    }
+    most
+}
+
+#[test]
+fn deleting_data_on_a_full_disk_gives_its_space_back() {
+    let dir = tempfile::Builder::new()
+        .prefix("snapfs-test")
+        .tempdir()
+        .unwrap();
+    let small = Tmpfs::new(dir.path().join("small"), 64);
+    let mut m = Mount::at(small.0.join("store"), dir.path().join("mnt"), &[]);
+    let n = fill(&m, "f", 100, 64);
+    assert!(n >= 6, "a 64 MiB disk holds more than {n} files of 4 MiB");
+    // Delete every other file: half the data, held by no snapshot.
+    for i in (0..n).step_by(2) {
+        fs::remove_file(m.path(&format!("f{i}"))).unwrap();
+    }
+    let deleted = n.div_ceil(2);
+    // As much again fits, less one file for what the store keeps for itself.
+    let again = fill(&m, "g", 200, deleted - 1);
+    assert_eq!(again, deleted - 1, "the deleted space came back");
+    for i in (1..n).step_by(2) {
+        assert!(
+            fs::read(m.path(&format!("f{i}"))).unwrap() == pattern(100 + i as u64, 4 << 20),
+            "f{i} kept its bytes"
+        );
+    }
+    m.unmount();
+    m.assert_fsck_clean();
+    drop(m);
+    drop(small);
+}
