@@ -12,8 +12,10 @@ use std::fmt::Write as _;
 use redb::{ReadableDatabase, ReadableTable, ReadableTableMetadata};
 
 use crate::store::schema::*;
-use crate::store::segment::{EXTENT_HEADER, EXTENT_MAGIC};
-use crate::store::{RecKey, Store, StoreError, hex, scan_visible, visible};
+use crate::store::segment::{EXTENT_HEADER, EXTENT_MAGIC, Segments};
+use crate::store::{
+    RecKey, Store, StoreError, for_each_visible, hex, paths_at, scan_visible, visible,
+};
 
 /// What fsck found.
 #[derive(Debug, Default)]
@@ -28,6 +30,24 @@ pub struct Report {
     pub rehashed: u64,
     /// Every problem, one line each.
     pub problems: Vec<String>,
+    /// The file data that damaged extents reach, by view and path.
+    pub hurt: Vec<Hurt>,
+}
+
+/// Bytes of a file that damage reaches.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Hurt {
+    /// `live`, `snapshot NAME`, or `deleting snapshot (epoch N)`.
+    pub view: String,
+    /// The file's path from the volume root (`/a/b`), or `(inode N)` where none leads
+    /// to it.
+    pub path: String,
+    /// First byte hurt.
+    pub start: u64,
+    /// One past the last byte hurt.
+    pub end: u64,
+    /// What is wrong with the data there.
+    pub cause: String,
 }
 
 impl Report {
@@ -42,9 +62,20 @@ impl Report {
         for p in &self.problems {
             let _ = writeln!(s, "damage: {p}");
         }
+        for h in &self.hurt {
+            let _ = writeln!(
+                s,
+                "hurt: {}: {} bytes {}..{}: {}",
+                h.view,
+                shown(&h.path),
+                h.start,
+                h.end,
+                h.cause
+            );
+        }
         let _ = write!(
             s,
-            "fsck: {} inodes, {} extents ({} bytes){}, {} problems: {}",
+            "fsck: {} inodes, {} extents ({} bytes){}, {} problems{}: {}",
             self.inodes,
             self.extents,
             self.extent_bytes,
@@ -54,10 +85,58 @@ impl Report {
                 String::new()
             },
             self.problems.len(),
+            if self.hurt.is_empty() {
+                String::new()
+            } else {
+                format!(", {} file ranges hurt", self.hurt.len())
+            },
             if self.clean() { "clean" } else { "DAMAGED" }
         );
         s
     }
+
+    /// The report as one JSON object.
+    pub fn json(&self) -> String {
+        use crate::commands::json_str;
+        let problems: Vec<String> = self.problems.iter().map(|p| json_str(p)).collect();
+        let hurt: Vec<String> = self
+            .hurt
+            .iter()
+            .map(|h| {
+                format!(
+                    "{{\"view\":{},\"path\":{},\"start\":{},\"end\":{},\"cause\":{}}}",
+                    json_str(&h.view),
+                    json_str(&h.path),
+                    h.start,
+                    h.end,
+                    json_str(&h.cause)
+                )
+            })
+            .collect();
+        format!(
+            "{{\"clean\":{},\"inodes\":{},\"extents\":{},\"extent_bytes\":{},\"rehashed\":{},\"problems\":[{}],\"hurt\":[{}]}}",
+            self.clean(),
+            self.inodes,
+            self.extents,
+            self.extent_bytes,
+            self.rehashed,
+            problems.join(","),
+            hurt.join(",")
+        )
+    }
+}
+
+/// A path for a terminal: control characters escaped.
+fn shown(path: &str) -> String {
+    path.chars()
+        .flat_map(|c| {
+            if c.is_control() {
+                c.escape_default().collect::<Vec<_>>()
+            } else {
+                vec![c]
+            }
+        })
+        .collect()
 }
 
 type Versions<'a> = redb::ReadOnlyTable<(u64, u8, u64, &'static [u8], u64), &'static [u8]>;
@@ -68,7 +147,7 @@ fn walk(
     epoch: u64,
     label: &str,
     problems: &mut Vec<String>,
-) -> Result<u64, StoreError> {
+) -> Result<HashSet<u64>, StoreError> {
     let mut links: HashMap<u64, u32> = HashMap::new();
     let mut recs: HashMap<u64, InodeRec> = HashMap::new();
     let mut stack = vec![ROOT_INO];
@@ -78,7 +157,7 @@ fn walk(
         }
         None => {
             problems.push(format!("{label}: the root directory is missing"));
-            return Ok(0);
+            return Ok(HashSet::new());
         }
     }
     let mut subdirs: HashMap<u64, u32> = HashMap::new();
@@ -139,7 +218,91 @@ fn walk(
             ));
         }
     }
-    Ok(recs.len() as u64)
+    Ok(recs.into_keys().collect())
+}
+
+/// Cross-checks the records visible at `epoch` against each other: every directory
+/// entry has its back pointer and every back pointer its entry (a lost entry leaves
+/// one behind, and is named by it), and every inode is reached from the root (`reached`)
+/// unless it is an open, unlinked file (`orphans`, for the live tree).
+fn structure(
+    t: &Versions<'_>,
+    epoch: u64,
+    label: &str,
+    reached: &HashSet<u64>,
+    orphans: Option<&HashSet<u64>>,
+    problems: &mut Vec<String>,
+) -> Result<(), StoreError> {
+    let mut inodes: BTreeMap<u64, InodeRec> = BTreeMap::new();
+    let mut entries: HashMap<(u64, Vec<u8>), u64> = HashMap::new();
+    let mut backs: Vec<(u64, u64, Vec<u8>)> = Vec::new();
+    for_each_visible(t, epoch, |ino, kind, sub, name, payload| {
+        match kind {
+            KIND_INODE => match InodeRec::decode(payload) {
+                Ok(r) => {
+                    inodes.insert(ino, r);
+                }
+                Err(e) => problems.push(format!("{label}: inode {ino}: {e}")),
+            },
+            KIND_DIRENT => match DirentRec::decode(payload) {
+                Ok(d) => {
+                    entries.insert((ino, name.to_vec()), d.ino);
+                }
+                Err(e) => problems.push(format!(
+                    "{label}: entry {:?} of directory {ino}: {e}",
+                    String::from_utf8_lossy(name)
+                )),
+            },
+            KIND_PARENT => backs.push((ino, sub, name.to_vec())),
+            _ => {}
+        }
+        Ok(())
+    })?;
+    let path = |ino: u64| -> String {
+        match paths_at(t, epoch, ino) {
+            Ok(p) if !p.is_empty() => shown(&p[0]),
+            _ => format!("(inode {ino})"),
+        }
+    };
+    let mut backed: HashSet<(u64, &[u8])> = HashSet::new();
+    for (ino, dir, name) in &backs {
+        backed.insert((*dir, name.as_slice()));
+        if entries.get(&(*dir, name.clone())) != Some(ino) {
+            let what = match inodes.get(ino) {
+                Some(r) if r.kind == FileKind::File => format!("a file of {} bytes", r.size),
+                Some(r) => format!("a {:?}", r.kind).to_lowercase(),
+                None => "an inode with no record".into(),
+            };
+            problems.push(format!(
+                "{label}: entry {:?} of directory {} is missing; inode {ino} ({what}) linked there is lost",
+                String::from_utf8_lossy(name),
+                path(*dir)
+            ));
+        }
+    }
+    for ((dir, name), ino) in &entries {
+        if !backed.contains(&(*dir, name.as_slice())) {
+            problems.push(format!(
+                "{label}: entry {:?} of directory {} (inode {ino}) has no back pointer",
+                String::from_utf8_lossy(name),
+                path(*dir)
+            ));
+        }
+    }
+    for (ino, rec) in &inodes {
+        if reached.contains(ino) || orphans.is_some_and(|o| o.contains(ino)) {
+            continue;
+        }
+        // An unlinked file still open when a snapshot was taken is in it, unnamed.
+        if orphans.is_none() && rec.nlink == 0 {
+            continue;
+        }
+        problems.push(format!(
+            "{label}: inode {ino} ({} bytes, nlink {}) is not reachable from the root",
+            rec.size, rec.nlink
+        ));
+    }
+    Ok(())
 }
 
 /// Checks `store`; `progress(done, total)` is called while extents are checked.
@@ -149,26 +312,68 @@ pub fn fsck(
     progress: &mut dyn FnMut(u64, u64),
 ) -> Result<Report, StoreError> {
     store.commit_group(false)?;
-    let mut rep = Report::default();
     let txn = store.db().begin_read()?;
+    fsck_txn(&txn, &mut store.segs, read_data, progress)
+}
+
+/// Checks a store that no daemon holds, opened with [`crate::store::ReadOnlyStore`]:
+/// not a byte of it changes.
+pub fn fsck_offline(
+    ro: &mut crate::store::ReadOnlyStore,
+    read_data: bool,
+    progress: &mut dyn FnMut(u64, u64),
+) -> Result<Report, StoreError> {
+    let txn = ro.begin_read()?;
+    fsck_txn(&txn, &mut ro.segs, read_data, progress)
+}
+
+/// Checks the store as `txn` sees it, with its segment files `segs`.
+pub fn fsck_txn(
+    txn: &redb::ReadTransaction,
+    segs: &mut Segments,
+    read_data: bool,
+    progress: &mut dyn FnMut(u64, u64),
+) -> Result<Report, StoreError> {
+    let mut rep = Report::default();
+    let (live, block_size) = {
+        let meta = txn.open_table(META)?;
+        let get = |k: &str| -> Result<Vec<u8>, StoreError> {
+            meta.get(k)?
+                .map(|v| v.value().to_vec())
+                .ok_or_else(|| StoreError::Corrupt(format!("meta row {k} is missing")))
+        };
+        (
+            le_u64(&get(meta::LIVE_EPOCH)?)?,
+            le_u32(&get(meta::BLOCK_SIZE)?)? as u64,
+        )
+    };
     let versions = txn.open_table(VERSIONS)?;
-    let mut epochs: Vec<(String, u64)> = vec![("live".into(), store.live_epoch)];
+    let mut views: Vec<(String, u64)> = vec![("live".into(), live)];
     for row in txn.open_table(SNAPSHOTS)?.iter()? {
         let (k, v) = row?;
-        epochs.push((
-            format!("snapshot {}", k.value()),
-            SnapshotRec::decode(v.value())?.epoch,
-        ));
+        let epoch = SnapshotRec::decode(v.value())?.epoch;
+        let name = k.value();
+        views.push(if name.starts_with('\0') {
+            (format!("deleting snapshot (epoch {epoch})"), epoch)
+        } else {
+            (format!("snapshot {}", shown(name)), epoch)
+        });
     }
-    for (label, epoch) in &epochs {
-        let n = walk(&versions, *epoch, label, &mut rep.problems)?;
+    let mut orphans = HashSet::new();
+    for row in txn.open_table(ORPHANS)?.iter()? {
+        orphans.insert(row?.0.value());
+    }
+    for (label, epoch) in &views {
+        let reached = walk(&versions, *epoch, label, &mut rep.problems)?;
+        let o = (label == "live").then_some(&orphans);
+        structure(&versions, *epoch, label, &reached, o, &mut rep.problems)?;
         if label == "live" {
-            rep.inodes = n;
+            rep.inodes = reached.len() as u64;
         }
     }
     // Reference counts over every version.
     let mut refs: HashMap<[u8; 32], u64> = HashMap::new();
-    for row in versions.range((0u64, KIND_BLOCK, 0u64, &[][..], 0u64)..)? {
+    for row in versions.iter()? {
         let (k, v) = row?;
         let (ino, kind, idx, _, epoch) = k.value();
         if kind != KIND_BLOCK {
@@ -191,12 +396,24 @@ pub fn fsck(
     let extents = txn.open_table(EXTENTS)?;
     let total = extents.len()?;
     let mut seen = HashSet::new();
-    let mut seg_len: BTreeMap<u64, u64> = BTreeMap::new();
+    // Per segment: its length, or None if its file is missing.
+    let mut seg_len: BTreeMap<u64, Option<u64>> = BTreeMap::new();
+    let mut missing: BTreeMap<u64, (u64, u64)> = BTreeMap::new();
+    // Damaged extents, with what is wrong with each.
+    let mut bad: HashMap<[u8; 32], String> = HashMap::new();
     for (i, row) in extents.iter()?.enumerate() {
         let (k, v) = row?;
         let hash = k.value();
         seen.insert(hash);
-        let ext = ExtentRec::decode(v.value())?;
+        let ext = match ExtentRec::decode(v.value()) {
+            Ok(e) => e,
+            Err(e) => {
+                rep.problems
+                    .push(format!("extent {}: index row: {e}", hex(&hash)));
+                bad.insert(hash, "its index row is damaged".into());
+                continue;
+            }
+        };
         rep.extents += 1;
         rep.extent_bytes += ext.len as u64;
         let want = refs.get(&hash).copied().unwrap_or(0);
@@ -210,28 +427,40 @@ pub fn fsck(
         let len = match seg_len.get(&ext.segment) {
             Some(l) => *l,
             None => {
-                let l = match store.segs.file(ext.segment) {
-                    Ok(f) => f.metadata()?.len(),
-                    Err(e) => {
-                        rep.problems.push(e.to_string());
-                        0
-                    }
+                let l = if segs.exists(ext.segment) {
+                    Some(segs.file(ext.segment)?.metadata()?.len())
+                } else {
+                    None
                 };
                 seg_len.insert(ext.segment, l);
                 l
             }
         };
+        let Some(len) = len else {
+            let m = missing.entry(ext.segment).or_default();
+            m.0 += 1;
+            m.1 += ext.len as u64;
+            bad.insert(
+                hash,
+                format!("its segment file {} is missing", seg_name(ext.segment)),
+            );
+            continue;
+        };
         if ext.offset < EXTENT_HEADER || ext.offset + ext.len as u64 > len {
             rep.problems.push(format!(
-                "extent {} at {}+{} lies outside segment {:016x} ({len} bytes)",
+                "extent {} at {}+{} lies outside segment {} ({len} bytes)",
                 hex(&hash),
                 ext.offset,
                 ext.len,
-                ext.segment
+                seg_name(ext.segment)
             ));
+            bad.insert(
+                hash,
+                format!("segment {} is cut short", seg_name(ext.segment)),
+            );
             continue;
         }
-        let header = store.segs.read(
+        let header = segs.read(
             ext.segment,
             ext.offset - EXTENT_HEADER,
             EXTENT_HEADER as u32,
@@ -241,14 +470,34 @@ pub fn fsck(
             || header[8..40] != hash
         {
             rep.problems.push(format!(
-                "extent {} has a bad header in segment {:016x}",
+                "extent {} has a bad header in segment {}",
                 hex(&hash),
-                ext.segment
+                seg_name(ext.segment)
             ));
         }
         if read_data {
-            if let Err(e) = store.read_extent(&hash, &ext) {
-                rep.problems.push(e.to_string());
+            let ok = match segs.read(ext.segment, ext.offset, ext.len) {
+                Ok(data) => blake3::hash(&data).as_bytes() == &hash,
+                Err(e) => {
+                    rep.problems.push(format!("extent {}: {e}", hex(&hash)));
+                    false
+                }
+            };
+            if !ok {
+                rep.problems.push(format!(
+                    "extent {} in segment {} at {} does not match its hash",
+                    hex(&hash),
+                    seg_name(ext.segment),
+                    ext.offset
+                ));
+                bad.insert(
+                    hash,
+                    format!(
+                        "its bytes in segment {} at {} do not match their hash",
+                        seg_name(ext.segment),
+                        ext.offset
+                    ),
+                );
             }
             rep.rehashed += 1;
         }
@@ -257,15 +506,115 @@ pub fn fsck(
         }
     }
     progress(total, total);
+    for (id, (n, bytes)) in &missing {
+        rep.problems.push(format!(
+            "segment file {} is missing: {n} extents ({bytes} bytes) were in it",
+            seg_name(*id)
+        ));
+    }
     for hash in refs.keys() {
         if !seen.contains(hash) {
             rep.problems.push(format!(
                 "block records name extent {} that is not in the index",
                 hex(hash)
             ));
+            bad.insert(*hash, "its extent is not in the index".into());
         }
     }
+    if !bad.is_empty() {
+        rep.hurt = name_damage(&versions, &views, block_size, &bad)?;
+    }
     Ok(rep)
+}
+
+/// A segment file's name.
+fn seg_name(id: u64) -> String {
+    format!("segments/{id:016x}.seg")
+}
+
+/// The file ranges, in every view, whose block records name an extent of `bad`.
+fn name_damage(
+    t: &Versions<'_>,
+    views: &[(String, u64)],
+    block_size: u64,
+    bad: &HashMap<[u8; 32], String>,
+) -> Result<Vec<Hurt>, StoreError> {
+    // (ino, block, epoch written, block record) of each version naming a bad extent,
+    // and the epoch the next version of the same block was written (it hides it).
+    let mut found: Vec<(u64, u64, u64, u64, BlockRec)> = Vec::new();
+    let mut prev: Option<(u64, u64)> = None;
+    for row in t.iter()? {
+        let (k, v) = row?;
+        let (ino, kind, idx, _, epoch) = k.value();
+        if kind != KIND_BLOCK {
+            continue;
+        }
+        if let Some(last) = found.last_mut()
+            && prev == Some((ino, idx))
+            && last.3 == u64::MAX
+            && (last.0, last.1) == (ino, idx)
+        {
+            last.3 = epoch;
+        }
+        prev = Some((ino, idx));
+        let v = v.value();
+        if v.first() != Some(&TAG_PRESENT) {
+            continue;
+        }
+        let Ok(b) = BlockRec::decode(&v[1..]) else {
+            continue;
+        };
+        if b.extents().any(|h| bad.contains_key(h)) {
+            found.push((ino, idx, epoch, u64::MAX, b));
+        }
+    }
+    let mut out = Vec::new();
+    let mut names: HashMap<(u64, u64), Vec<String>> = HashMap::new();
+    for (ino, idx, from, until, b) in found {
+        let base = idx * block_size;
+        let mut ranges: Vec<(u64, u64, &String)> = Vec::new();
+        if b.len > 0
+            && let Some(cause) = bad.get(&b.hash)
+        {
+            ranges.push((base, base + b.len as u64, cause));
+        }
+        for f in &b.frags {
+            if let Some(cause) = bad.get(&f.hash) {
+                let at = base + f.at as u64 * 4096;
+                ranges.push((at, at + f.n as u64 * 4096, cause));
+            }
+        }
+        for (view, epoch) in views {
+            if *epoch < from || *epoch >= until {
+                continue;
+            }
+            let paths = match names.get(&(*epoch, ino)) {
+                Some(p) => p.clone(),
+                None => {
+                    let p = match paths_at(t, *epoch, ino) {
+                        Ok(p) if !p.is_empty() => p,
+                        _ => vec![format!("(inode {ino})")],
+                    };
+                    names.insert((*epoch, ino), p.clone());
+                    p
+                }
+            };
+            for path in &paths {
+                for (start, end, cause) in &ranges {
+                    out.push(Hurt {
+                        view: view.clone(),
+                        path: path.clone(),
+                        start: *start,
+                        end: *end,
+                        cause: (*cause).clone(),
+                    });
+                }
+            }
+        }
+    }
+    out.sort();
+    out.dedup();
+    Ok(out)
 }
 
 /// Space and dedup figures of a store.
@@ -321,16 +670,48 @@ impl Status {
     }
 }
 
-/// Gathers [`Status`].
+/// Gathers [`Status`] of an open store (its open group committed first, if it can be).
 pub fn status(store: &mut Store) -> Result<Status, StoreError> {
-    store.commit_group(false)?;
+    if let Err(e) = store.commit_group(false) {
+        tracing::warn!(error = %e, "status shows the last commit");
+    }
+    let txn = store.db().begin_read()?;
+    let db_path = store.path.join(crate::store::DB_FILE);
+    status_txn(&txn, &store.segs, &db_path)
+}
+
+/// Gathers [`Status`] of a store no daemon holds, changing nothing.
+pub fn status_offline(
+    ro: &mut crate::store::ReadOnlyStore,
+    path: &std::path::Path,
+) -> Result<Status, StoreError> {
+    let txn = ro.begin_read()?;
+    status_txn(&txn, &ro.segs, &path.join(crate::store::DB_FILE))
+}
+
+/// Gathers [`Status`] as `txn` sees the store.
+fn status_txn(
+    txn: &redb::ReadTransaction,
+    segs: &Segments,
+    db_path: &std::path::Path,
+) -> Result<Status, StoreError> {
+    let (live, block_size) = {
+        let meta = txn.open_table(META)?;
+        let get = |k: &str| -> Result<Vec<u8>, StoreError> {
+            meta.get(k)?
+                .map(|v| v.value().to_vec())
+                .ok_or_else(|| StoreError::Corrupt(format!("meta row {k} is missing")))
+        };
+        (
+            le_u64(&get(meta::LIVE_EPOCH)?)?,
+            le_u32(&get(meta::BLOCK_SIZE)?)?,
+        )
+    };
     let mut st = Status {
-        block_size: store.block_size,
+        block_size,
         ..Default::default()
     };
-    let txn = store.db().begin_read()?;
     let versions = txn.open_table(VERSIONS)?;
-    let live = store.live_epoch;
     let mut last: Option<(u64, u8, u64, Vec<u8>)> = None;
     let mut pending: Option<Vec<u8>> = None;
     let account =
@@ -380,9 +761,12 @@ pub fn status(store: &mut Store) -> Result<Status, StoreError> {
         st.named_bytes += e.len as u64 * e.refs;
     }
     for row in txn.open_table(SNAPSHOTS)?.iter()? {
-        st.snapshots.push(row?.0.value().to_string());
+        let row = row?;
+        // Hidden rows (snapshots being deleted) are not shown.
+        if !row.0.value().starts_with('\0') {
+            st.snapshots.push(row.0.value().to_string());
+        }
     }
-    st.disk_bytes =
-        store.segs.disk_bytes()? + std::fs::metadata(store.path.join(crate::store::DB_FILE))?.len();
+    st.disk_bytes = segs.disk_bytes()? + std::fs::metadata(db_path)?.len();
     Ok(st)
 }

@@ -32,6 +32,56 @@ fn fail(text: String) -> Outcome {
     }
 }
 
+/// Prints fsck's progress on a terminal.
+fn fsck_progress(progress: bool) -> impl FnMut(u64, u64) {
+    move |done, total| {
+        if progress {
+            eprint!("\rchecking extents: {done}/{total}");
+            if done == total {
+                eprintln!();
+            }
+        }
+    }
+}
+
+fn fsck_outcome(
+    res: Result<crate::check::Report, crate::store::StoreError>,
+    json: bool,
+) -> Outcome {
+    match res {
+        Ok(rep) => Outcome {
+            text: if json { rep.json() } else { rep.summary() },
+            code: if rep.clean() { 0 } else { 1 },
+            error: false,
+        },
+        Err(e) => fail(format!("{e:#}")),
+    }
+}
+
+/// Runs the commands that only look (`fsck`, `status`) on a store no daemon holds,
+/// without changing it; `None` for every other command.
+pub fn run_read_only(path: &std::path::Path, args: &[String], progress: bool) -> Option<Outcome> {
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let flag = |f: &str| args.contains(&f);
+    if !matches!(args.as_slice(), ["status" | "fsck", ..]) {
+        return None;
+    }
+    let mut ro = match crate::store::ReadOnlyStore::open(path) {
+        Ok(ro) => ro,
+        Err(e) => return Some(fail(format!("cannot open store {}: {e}", path.display()))),
+    };
+    Some(match args.as_slice() {
+        ["status", ..] => match crate::check::status_offline(&mut ro, path) {
+            Ok(st) => ok(st.render()),
+            Err(e) => fail(format!("{e:#}")),
+        },
+        _ => fsck_outcome(
+            crate::check::fsck_offline(&mut ro, flag("--read-data"), &mut fsck_progress(progress)),
+            flag("--json"),
+        ),
+    })
+}
+
 /// Escapes a string for JSON.
 pub fn json_str(s: &str) -> String {
     let mut out = String::with_capacity(s.len() + 2);
@@ -99,38 +149,29 @@ pub fn run(fs: &Fs, args: &[String], progress: bool) -> Outcome {
     }
     let mut core = fs.lock();
     match args.as_slice() {
-        ["status", ..] => match core.flush_all().map_err(anyhow::Error::from).and_then(|_| {
-            let mut st = crate::check::status(core.store())?;
-            st.snapshots = core.snapshots()?.into_iter().map(|s| s.name).collect();
-            Ok(st)
-        }) {
-            Ok(st) => ok(st.render()),
-            Err(e) => fail(format!("{e:#}")),
-        },
-        ["fsck", ..] => {
-            let read_data = flag("--read-data");
-            let res = core.sync_all().map_err(anyhow::Error::from).and_then(|_| {
-                Ok(crate::check::fsck(
-                    core.store(),
-                    read_data,
-                    &mut |done, total| {
-                        if progress {
-                            eprint!("\rchecking extents: {done}/{total}");
-                            if done == total {
-                                eprintln!();
-                            }
-                        }
-                    },
-                )?)
-            });
-            match res {
-                Ok(rep) => Outcome {
-                    text: rep.summary(),
-                    code: if rep.clean() { 0 } else { 1 },
-                    error: false,
-                },
+        ["status", ..] => {
+            // Buffered data is counted if it can be stored; a full disk must not stop
+            // status from showing the rest.
+            if let Err(e) = core.flush_all() {
+                tracing::warn!(error = %e, "status: buffered data not stored yet");
+            }
+            match crate::check::status(core.store()) {
+                Ok(st) => ok(st.render()),
                 Err(e) => fail(format!("{e:#}")),
             }
+        }
+        ["fsck", ..] => {
+            // fsck checks what is committed; storing buffered data first is best effort
+            // (on a full disk it cannot be, and fsck must still run).
+            if let Err(e) = core.flush_all() {
+                tracing::warn!(error = %e, "fsck: buffered data not stored yet");
+            }
+            let res = crate::check::fsck(
+                core.store(),
+                flag("--read-data"),
+                &mut fsck_progress(progress),
+            );
+            fsck_outcome(res, flag("--json"))
         }
         ["snapshot", verb @ ("create" | "delete"), name, ..] => {
             let res = if *verb == "create" {

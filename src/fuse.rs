@@ -114,6 +114,37 @@ fn fail(op: &str, e: FsError) -> Errno {
     Errno::from_i32(errno)
 }
 
+/// Fills a readdirplus reply with `batch`, the listing from `offset` on: `getattr`
+/// reads an entry's attributes, `add` puts the entry (with the offset that follows
+/// it) in the reply and says whether the reply was full instead.
+///
+/// An entry gone since opendir took the listing (ENOENT) is left out. Any other
+/// failure must reach the caller, never drop the entry from the listing: it is the
+/// reply's error when nothing is in the reply yet; otherwise the reply ends before
+/// the entry, so that the kernel asks again from its offset and gets the error then.
+fn fill_plus(
+    batch: &[crate::fs::DirEntry],
+    offset: u64,
+    mut getattr: impl FnMut(u64) -> Result<Attr, FsError>,
+    mut add: impl FnMut(&crate::fs::DirEntry, u64, &Attr) -> bool,
+) -> Result<(), FsError> {
+    let mut added = false;
+    for (i, e) in batch.iter().enumerate() {
+        let next = offset + i as u64 + 1;
+        let attr = match getattr(e.ino) {
+            Ok(a) => a,
+            Err(err) if err.errno() == libc::ENOENT => continue,
+            Err(err) if !added => return Err(err),
+            Err(_) => break,
+        };
+        if add(e, next, &attr) {
+            break;
+        }
+        added = true;
+    }
+    Ok(())
+}
+
 macro_rules! reply {
     ($reply:expr, $op:literal, $res:expr, |$v:ident| $ok:expr) => {
         match $res {
@@ -549,25 +580,25 @@ impl Filesystem for SnapFuse {
             Ok(entries) => entries.iter().take(512).cloned().collect(),
             Err(e) => return reply.error(fail("readdirplus", e)),
         };
-        for (i, e) in batch.iter().enumerate() {
-            let next = offset + i as u64 + 1;
-            let attr = match core.getattr(e.ino) {
-                Ok(a) => a,
-                // Gone since opendir took the listing: leave it out.
-                Err(_) => continue,
-            };
-            if reply.add(
-                INodeNo(e.ino),
-                next,
-                OsStr::from_bytes(&e.name),
-                &ttl(e.ino),
-                &fattr(&attr),
-                Generation(0),
-            ) {
-                break;
-            }
+        let filled = fill_plus(
+            &batch,
+            offset,
+            |ino| core.getattr(ino),
+            |e, next, attr| {
+                reply.add(
+                    INodeNo(e.ino),
+                    next,
+                    OsStr::from_bytes(&e.name),
+                    &ttl(e.ino),
+                    &fattr(attr),
+                    Generation(0),
+                )
+            },
+        );
+        match filled {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(fail("readdirplus", e)),
         }
-        reply.ok()
     }
 
     fn releasedir(
@@ -787,5 +818,81 @@ fn xattr_reply(reply: ReplyXattr, v: &[u8], size: u32) {
         reply.error(Errno::ERANGE)
     } else {
         reply.data(v)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::fs::DirEntry;
+    use crate::store::schema::InodeRec;
+
+    fn entry(ino: u64) -> DirEntry {
+        DirEntry {
+            ino,
+            kind: FileKind::File,
+            name: format!("f{ino}").into_bytes(),
+        }
+    }
+
+    fn attr(ino: u64) -> Attr {
+        Attr {
+            ino,
+            rec: InodeRec {
+                kind: FileKind::File,
+                perm: 0o644,
+                uid: 0,
+                gid: 0,
+                nlink: 1,
+                size: 0,
+                atime: Ts::default(),
+                mtime: Ts::default(),
+                ctime: Ts::default(),
+                crtime: Ts::default(),
+                rdev: 0,
+                parent: 0,
+                target: Vec::new(),
+            },
+            blksize: 4096,
+        }
+    }
+
+    /// Runs [`fill_plus`] over entries 10..16 from `offset`: entries 12 and 13 are gone
+    /// (ENOENT), entry 14 is unreadable (EIO), and the reply takes `room` entries. Returns the
+    /// (ino, next offset) pairs added and the errno answered, if any.
+    fn listing(offset: u64, room: usize) -> (Vec<(u64, u64)>, Option<i32>) {
+        let batch: Vec<DirEntry> = (10 + offset..16).map(entry).collect();
+        let mut added = Vec::new();
+        let res = fill_plus(
+            &batch,
+            offset,
+            |ino| match ino {
+                12 | 13 => Err(FsError::Errno(libc::ENOENT)),
+                14 => Err(crate::store::StoreError::Corrupt("test".into()).into()),
+                _ => Ok(attr(ino)),
+            },
+            |e, next, _| {
+                if added.len() == room {
+                    return true;
+                }
+                added.push((e.ino, next));
+                false
+            },
+        );
+        (added, res.err().map(|e| e.errno()))
+    }
+
+    #[test]
+    fn readdirplus_never_drops_an_entry_it_cannot_read() {
+        // The gone entry is left out; the reply ends before the unreadable one.
+        assert_eq!(listing(0, 100), (vec![(10, 1), (11, 2)], None));
+        // Asked again from there, the unreadable entry is the reply's error...
+        assert_eq!(listing(4, 100), (vec![], Some(libc::EIO)));
+        // ...as it is when only gone entries come before it.
+        assert_eq!(listing(2, 100), (vec![], Some(libc::EIO)));
+        // A full reply ends before it, as before.
+        assert_eq!(listing(0, 1), (vec![(10, 1)], None));
+        // Past it, the listing goes on.
+        assert_eq!(listing(5, 100), (vec![(15, 6)], None));
     }
 }

@@ -61,6 +61,9 @@ enum Cmd {
         /// Also reread and rehash every extent.
         #[arg(long)]
         read_data: bool,
+        /// Print the report as one JSON object.
+        #[arg(long)]
+        json: bool,
     },
     /// Show files, space, dedup ratio and snapshots.
     Status {
@@ -139,10 +142,17 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             daemon::mount(&store, &mountpoint, &options, foreground)?;
             return Ok(ExitCode::SUCCESS);
         }
-        Cmd::Fsck { store, read_data } => {
+        Cmd::Fsck {
+            store,
+            read_data,
+            json,
+        } => {
             let mut a = vec![s("fsck")];
             if read_data {
                 a.push(s("--read-data"));
+            }
+            if json {
+                a.push(s("--json"));
             }
             (store, a)
         }
@@ -205,9 +215,14 @@ fn with_store(path: &Path, args: &[String]) -> anyhow::Result<ExitCode> {
     let out = match daemon::ask_daemon(&store, args) {
         Some(answer) => answer,
         None => {
-            let fs = Fs::open(&store, None)
-                .with_context(|| format!("cannot open store {}", store.display()))?;
-            snapfs::commands::run(&fs, args, std::io::stderr().is_terminal())
+            match snapfs::commands::run_read_only(&store, args, std::io::stderr().is_terminal()) {
+                Some(out) => out,
+                None => {
+                    let fs = Fs::open(&store, None)
+                        .with_context(|| format!("cannot open store {}", store.display()))?;
+                    snapfs::commands::run(&fs, args, std::io::stderr().is_terminal())
+                }
+            }
         }
     };
     if out.error {

@@ -27,7 +27,9 @@ pub struct Keep {
 }
 
 impl Keep {
-    /// Parses `hourly:24+daily:7` (`+` or `,` between classes).
+    /// Parses `hourly:24+daily:7` (`+` or `,` between classes). At least one class
+    /// must keep something: a policy that keeps nothing would prune every `auto-`
+    /// snapshot, which an empty `keep=` never means.
     pub fn parse(spec: &str) -> Result<Keep, String> {
         let mut k = Keep::default();
         for part in spec.split(['+', ',']).filter(|p| !p.is_empty()) {
@@ -50,23 +52,44 @@ impl Keep {
                 }
             }
         }
+        if k == Keep::default() {
+            let mut e = String::from("keep= needs at least one rule, e.g. hourly:24");
+            if !spec.trim().is_empty() {
+                e.push_str(&format!(" ({spec:?} keeps nothing)"));
+            }
+            return Err(e);
+        }
         Ok(k)
     }
 }
 
-/// Parses `90s`, `15m`, `1h`, `1d` (a bare number is seconds).
+/// The longest schedule interval, in seconds (36500 days): far beyond any useful
+/// schedule, and short enough that adding it to a clock reading never overflows.
+const MAX_INTERVAL_SECS: u64 = 36_500 * 86_400;
+
+/// Parses `90s`, `15m`, `1h`, `1d` (a bare number is seconds), at most 36500 days.
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
     let (num, unit) = s.split_at(s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len()));
-    let n: u64 = num
-        .parse()
-        .map_err(|_| format!("{s:?} is not a duration like 15m"))?;
-    let secs = match unit {
-        "" | "s" => n,
-        "m" => n * 60,
-        "h" => n * 3600,
-        "d" => n * 86400,
+    let n: u64 = num.parse().map_err(|e: std::num::ParseIntError| {
+        if *e.kind() == std::num::IntErrorKind::PosOverflow {
+            format!("{s:?} is too long an interval (at most 36500d)")
+        } else {
+            format!("{s:?} is not a duration like 15m")
+        }
+    })?;
+    let unit_secs = match unit {
+        "" | "s" => 1,
+        "m" => 60,
+        "h" => 3600,
+        "d" => 86400,
         _ => return Err(format!("{s:?}: unit must be s, m, h or d")),
     };
+    // Checked: a wrapped product would be a short interval nobody asked for, and a
+    // huge one would overflow the scheduler's clock arithmetic.
+    let secs = n
+        .checked_mul(unit_secs)
+        .filter(|&secs| secs <= MAX_INTERVAL_SECS)
+        .ok_or_else(|| format!("{s:?} is too long an interval (at most 36500d)"))?;
     if secs == 0 {
         return Err("a schedule interval must be positive".into());
     }
@@ -242,5 +265,43 @@ mod tests {
         );
         assert_eq!(parse_duration("15m").unwrap(), Duration::from_secs(900));
         assert!(parse_duration("15q").is_err());
+    }
+
+    #[test]
+    fn a_keep_that_keeps_nothing_is_an_error() {
+        // Each would otherwise prune every auto- snapshot.
+        for spec in ["", "+", ",,", "hourly:0", "hourly:0+daily:0"] {
+            let e = Keep::parse(spec).unwrap_err();
+            assert!(e.contains("needs at least one rule"), "{spec:?}: {e}");
+        }
+        assert_eq!(
+            Keep::parse("daily:0+weekly:2").unwrap(),
+            Keep {
+                weekly: 2,
+                ..Keep::default()
+            }
+        );
+    }
+
+    #[test]
+    fn a_duration_too_long_is_an_error() {
+        let max = u64::MAX.to_string();
+        // Each wraps, or overflows a clock reading plus the interval.
+        for s in [
+            format!("{max}m"),
+            format!("{}d", u64::MAX / 86400 + 1),
+            max,
+            "36501d".into(),
+        ] {
+            let e = parse_duration(&s).unwrap_err();
+            assert!(e.contains("too long"), "{s}: {e}");
+        }
+        assert_eq!(
+            parse_duration("36500d").unwrap(),
+            Duration::from_secs(36_500 * 86_400)
+        );
+        // More digits than a u64 holds.
+        let e = parse_duration(&format!("{}0s", u64::MAX)).unwrap_err();
+        assert!(e.contains("too long"), "{e}");
     }
 }

@@ -178,3 +178,172 @@ fn deleting_data_on_a_full_disk_gives_its_space_back() {
     drop(m);
     drop(small);
 }
+
+/// Every file under `dir`: path, length and content hash.
+fn tree_state(dir: &Path) -> std::collections::BTreeMap<PathBuf, (u64, String)> {
+    let mut out = std::collections::BTreeMap::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for e in fs::read_dir(&d).unwrap() {
+            let p = e.unwrap().path();
+            let t = fs::symlink_metadata(&p).unwrap().file_type();
+            if t.is_dir() {
+                stack.push(p);
+            } else if t.is_file() {
+                let bytes = fs::read(&p).unwrap();
+                let hash = blake3::hash(&bytes).to_hex().to_string();
+                out.insert(p, (bytes.len() as u64, hash));
+            } else {
+                out.insert(p, (0, "not a regular file".into()));
+            }
+        }
+    }
+    out
+}
+
+#[test]
+fn fsck_changes_nothing_even_after_a_crash() {
+    let mut m = Mount::new();
+    write_synced(&m.path("a"), &pattern(6, 300_000));
+    fs::write(m.path("b"), pattern(7, 100_000)).unwrap();
+    m.kill9();
+    let before = tree_state(&m.store);
+    let out = m.fsck();
+    assert!(
+        out.status.success(),
+        "fsck after a crash: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let plain = snapfs(&["fsck", m.store.to_str().unwrap()]);
+    assert!(plain.status.success());
+    let status = snapfs(&["status", m.store.to_str().unwrap()]);
+    assert!(status.status.success());
+    assert!(
+        tree_state(&m.store) == before,
+        "fsck and status left the store as they found it"
+    );
+}
+
+/// Flips one byte of the data of the `n`th extent appended to the store's first
+/// segment (extents of 64 KiB each, in order), checking it holds `want` there.
+fn damage_extent(store: &Path, n: u64, want: &[u8]) {
+    let seg = segments(store).remove(0);
+    let f = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&seg)
+        .unwrap();
+    let at = 16 + n * (40 + 65536) + 40 + 777;
+    let mut b = [0u8; 1];
+    f.read_exact_at(&mut b, at).unwrap();
+    assert_eq!(b[0], want[777], "the layout is as assumed");
+    f.write_all_at(&[b[0] ^ 0x01], at).unwrap();
+}
+
+#[test]
+fn fsck_names_the_files_and_ranges_damage_reaches() {
+    let mut m = Mount::new();
+    fs::create_dir(m.path("d")).unwrap();
+    let data = pattern(8, 3 * 65536);
+    write_synced(&m.path("d/f"), &data);
+    fs::create_dir(m.path(".snapshots/s1")).unwrap();
+    write_synced(&m.path("g"), &pattern(9, 65536));
+    m.unmount();
+    damage_extent(&m.store, 1, &data[65536..]);
+    let out = m.fsck();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(1), "{text}");
+    assert!(
+        text.contains("hurt: live: /d/f bytes 65536..131072: its bytes in segment"),
+        "{text}"
+    );
+    assert!(
+        text.contains("hurt: snapshot s1: /d/f bytes 65536..131072"),
+        "{text}"
+    );
+    assert!(!text.contains("/g "), "an intact file is not named: {text}");
+    let json = snapfs(&["fsck", m.store.to_str().unwrap(), "--read-data", "--json"]);
+    let j = String::from_utf8_lossy(&json.stdout);
+    assert_eq!(json.status.code(), Some(1));
+    assert!(j.starts_with("{\"clean\":false,"), "{j}");
+    assert!(
+        j.contains("{\"view\":\"live\",\"path\":\"/d/f\",\"start\":65536,\"end\":131072,"),
+        "{j}"
+    );
+}
+
+#[test]
+fn a_missing_segment_is_named_and_never_made_anew() {
+    let mut m = Mount::new();
+    let data = pattern(10, 200_000);
+    write_synced(&m.path("f"), &data);
+    m.unmount();
+    let segs = segments(&m.store);
+    assert_eq!(segs.len(), 1);
+    fs::remove_file(&segs[0]).unwrap();
+    let name = segs[0].file_name().unwrap().to_string_lossy().into_owned();
+    for _ in 0..2 {
+        let out = snapfs(&["fsck", m.store.to_str().unwrap()]);
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert_eq!(out.status.code(), Some(1), "{text}");
+        assert!(
+            text.contains(&format!("segment file segments/{name} is missing")),
+            "{text}"
+        );
+        assert!(
+            text.contains("hurt: live: /f bytes 0..65536: its segment file"),
+            "{text}"
+        );
+        m.mount(&[]);
+        let e = fs::read(m.path("f")).unwrap_err();
+        assert_eq!(e.raw_os_error(), Some(libc::EIO));
+        m.unmount();
+        assert!(!segs[0].exists(), "the missing segment was not made anew");
+    }
+}
+
+#[test]
+fn fsck_finds_a_lost_directory_entry() {
+    use redb::{ReadableDatabase, ReadableTable};
+    use snapfs::store::schema::{KIND_DIRENT, VERSIONS};
+    let mut m = Mount::new();
+    fs::create_dir(m.path("d")).unwrap();
+    for i in 0..10 {
+        fs::write(m.path(&format!("d/f{i}")), format!("file {i}")).unwrap();
+    }
+    m.unmount();
+    m.assert_fsck_clean();
+    // Lose one entry, as a damaged metadata page would.
+    {
+        let db = redb::Database::open(m.store.join("snapfs.redb")).unwrap();
+        let key = {
+            let r = db.begin_read().unwrap();
+            let t = r.open_table(VERSIONS).unwrap();
+            let mut found = None;
+            for row in t.iter().unwrap() {
+                let (k, _) = row.unwrap();
+                let (ino, kind, sub, name, epoch) = k.value();
+                if kind == KIND_DIRENT && name == b"f3" {
+                    found = Some((ino, kind, sub, name.to_vec(), epoch));
+                }
+            }
+            found.expect("the entry's row")
+        };
+        let w = db.begin_write().unwrap();
+        {
+            let mut t = w.open_table(VERSIONS).unwrap();
+            t.remove((key.0, key.1, key.2, key.3.as_slice(), key.4))
+                .unwrap();
+        }
+        w.commit().unwrap();
+    }
+    let out = m.fsck();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(1), "{text}");
+    assert!(
+        text.contains("live: entry \"f3\" of directory /d is missing; inode"),
+        "{text}"
+    );
+    assert!(text.contains("(a file of 6 bytes)"), "{text}");
+}

@@ -471,7 +471,9 @@ impl Inner {
             .write(false, |w| store_blocks(w, ino, Some(rec), &blocks, bs))
         {
             Ok(()) => Ok(true),
-            Err(FsError::Errno(_)) => Ok(false),
+            // Only a full disk leaves the data to the buffers (and a retry at flush); a
+            // failed write answers its error now.
+            Err(FsError::Errno(libc::ENOSPC | libc::EDQUOT)) => Ok(false),
             Err(e) => Err(e),
         }
     }

@@ -573,7 +573,7 @@ impl Inner {
         let bs = self.bs_u64();
         let mut out = Vec::new();
         for ino in inos {
-            let (a, b) = (self.inode_at(a_e, ino).ok(), self.inode_at(b_e, ino).ok());
+            let (a, b) = (self.inode_if_at(a_e, ino)?, self.inode_if_at(b_e, ino)?);
             let (pa, pb) = (self.paths_at(a_e, ino, 0)?, self.paths_at(b_e, ino, 0)?);
             let show = |p: &str| {
                 if p.is_empty() {
@@ -662,6 +662,17 @@ impl Inner {
         self.store.block_size as u64
     }
 
+    /// The record of `ino` at `epoch`, `None` where it does not exist. Only "not there"
+    /// is absence: an unreadable record is an error, not a file diff may call added or
+    /// removed.
+    fn inode_if_at(&mut self, epoch: u64, ino: u64) -> FsResult<Option<InodeRec>> {
+        match self.inode_at(epoch, ino) {
+            Ok(rec) => Ok(Some(rec)),
+            Err(FsError::Errno(libc::ENOENT)) => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
     /// Whether block, xattr or entry rows of `ino` differ between `a` and `b`, and the
     /// indexes of the blocks that do.
     fn changed_rows(&mut self, ino: u64, a: u64, b: u64) -> FsResult<(bool, Vec<u64>)> {
@@ -694,6 +705,44 @@ fn merge(mut r: Vec<(u64, u64)>) -> Vec<(u64, u64)> {
         }
     }
     out
+}
+
+/// Diff over records it cannot read.
+#[cfg(test)]
+mod diff_tests {
+    use super::*;
+    use crate::fs::Fs;
+    use crate::fs::tests::put_file;
+
+    #[test]
+    fn diff_fails_on_a_record_it_cannot_read() {
+        let dir = tempfile::tempdir().unwrap();
+        let fs = Fs::open(&dir.path().join("s"), Some(&StoreConfig::default())).unwrap();
+        let mut core = fs.lock();
+        let ino = put_file(&mut core, b"f", b"old");
+        let s1 = core.snapshot_create(b"s1", Ts::now()).unwrap();
+        put_file(&mut core, b"f", b"newer");
+        core.snapshot_create(b"s2", Ts::now()).unwrap();
+        let changes = core.diff("s1", "s2", false).unwrap();
+        assert_eq!(
+            changes
+                .iter()
+                .map(|c| (c.kind, c.path.as_str()))
+                .collect::<Vec<_>>(),
+            [('M', "/f")]
+        );
+        // The record of f that s1 sees no longer decodes: f is neither added nor
+        // modified, the diff cannot tell, and must say so.
+        core.store
+            .write(true, |w| {
+                let key = (ino, KIND_INODE, 0, &[][..], s1);
+                w.t.versions.insert(key, &[TAG_PRESENT, 0xff][..])?;
+                Ok(())
+            })
+            .unwrap();
+        let res = core.diff("s1", "s2", false);
+        assert!(matches!(&res, Err(e) if e.errno() == libc::EIO), "{res:?}");
+    }
 }
 
 #[cfg(test)]

@@ -79,3 +79,17 @@ fn a_failed_data_sync_under_the_lock_sticks() {
         "a retry must not claim what the failed sync lost"
     );
 }
+
+#[test]
+fn a_failed_append_is_answered_not_buffered() {
+    let dir = tempfile::tempdir().unwrap();
+    let fs = Fs::open(&dir.path().join("s"), Some(&StoreConfig::default())).unwrap();
+    let mut core = fs.lock();
+    let ino = put_file(&mut core, b"f", b"");
+    let fh = core.open(ino, libc::O_WRONLY).unwrap();
+    core.store().segs.fail_next_appends(1);
+    // Whole blocks go to the store at once: the failure is the write's.
+    assert!(eio(core.write(fh, ino, 0, &[3u8; 128 << 10], &[])));
+    // Nothing of it was kept to be written later as if it had worked.
+    assert_eq!(core.getattr(ino).unwrap().rec.size, 0);
+}

@@ -1190,6 +1190,207 @@ pub fn scan_visible<T: ReadableTable<VKey, &'static [u8]>>(
     Ok(())
 }
 
+/// Calls `f(ino, kind, sub, name, payload)` for every record visible at `epoch`, over
+/// the whole table, in key order.
+pub fn for_each_visible<T: ReadableTable<VKey, &'static [u8]>>(
+    t: &T,
+    epoch: u64,
+    mut f: impl FnMut(u64, u8, u64, &[u8], &[u8]) -> Result<(), StoreError>,
+) -> Result<(), StoreError> {
+    // The identity being read and its newest value at or below `epoch`.
+    let mut ident: Option<(u64, u8, u64, Vec<u8>)> = None;
+    let mut value: Option<Vec<u8>> = None;
+    let mut emit = |ident: &Option<(u64, u8, u64, Vec<u8>)>,
+                    value: &mut Option<Vec<u8>>|
+     -> Result<(), StoreError> {
+        if let (Some((ino, kind, sub, name)), Some(v)) = (ident, value.take())
+            && v.first() == Some(&TAG_PRESENT)
+        {
+            f(*ino, *kind, *sub, name, &v[1..])?;
+        }
+        Ok(())
+    };
+    for row in t.iter()? {
+        let (k, v) = row?;
+        let (ino, kind, sub, name, e) = k.value();
+        let same = ident
+            .as_ref()
+            .is_some_and(|i| i.0 == ino && i.1 == kind && i.2 == sub && i.3 == name);
+        if !same {
+            emit(&ident, &mut value)?;
+            ident = Some((ino, kind, sub, name.to_vec()));
+        }
+        if e <= epoch {
+            value = Some(v.value().to_vec());
+        }
+    }
+    emit(&ident, &mut value)
+}
+
+/// The paths (from the root, `/a/b`) of `ino` in the tree at `epoch`, through the back
+/// pointers; empty if none reaches the root.
+pub fn paths_at<T: ReadableTable<VKey, &'static [u8]>>(
+    t: &T,
+    epoch: u64,
+    ino: u64,
+) -> Result<Vec<String>, StoreError> {
+    fn up<T: ReadableTable<VKey, &'static [u8]>>(
+        t: &T,
+        epoch: u64,
+        ino: u64,
+        depth: u32,
+        out: &mut Vec<String>,
+        suffix: &str,
+    ) -> Result<(), StoreError> {
+        if ino == ROOT_INO {
+            out.push(if suffix.is_empty() {
+                "/".into()
+            } else {
+                suffix.to_string()
+            });
+            return Ok(());
+        }
+        if depth > 4096 || out.len() > 64 {
+            return Err(StoreError::Corrupt(format!(
+                "path of inode {ino} does not reach the root"
+            )));
+        }
+        let mut links = Vec::new();
+        scan_visible(t, ino, KIND_PARENT, 0..=u64::MAX, epoch, |dir, name, _| {
+            links.push((dir, String::from_utf8_lossy(name).into_owned()));
+            Ok(true)
+        })?;
+        for (dir, name) in links {
+            up(t, epoch, dir, depth + 1, out, &format!("/{name}{suffix}"))?;
+        }
+        Ok(())
+    }
+    let mut out = Vec::new();
+    up(t, epoch, ino, 0, &mut out, "")?;
+    out.sort();
+    Ok(out)
+}
+
+/// A store opened to look at, never to change: by fsck and status while no daemon
+/// holds it.
+pub struct ReadOnlyStore {
+    db: ReadOnlyDb,
+    /// Segment files (none is made or written).
+    pub segs: Segments,
+}
+
+enum ReadOnlyDb {
+    /// The store's own metadata file, opened read-only.
+    Own(redb::ReadOnlyDatabase),
+    /// A repaired copy (the file was not closed cleanly), deleted when dropped (after
+    /// the database, which is declared first).
+    Copy {
+        db: Database,
+        _copy: tempfile_path::TempCopy,
+    },
+}
+
+mod tempfile_path {
+    /// A file deleted when dropped.
+    pub struct TempCopy(pub std::path::PathBuf);
+
+    impl Drop for TempCopy {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_file(&self.0);
+        }
+    }
+}
+
+impl ReadOnlyStore {
+    /// Opens the store at `path` read-only. A metadata file that was not closed cleanly
+    /// (a crash) would need redb's repair, which writes: a copy in the temporary
+    /// directory is repaired and read instead, so the store itself is never changed.
+    pub fn open(path: &Path) -> Result<ReadOnlyStore, StoreError> {
+        let db_path = path.join(DB_FILE);
+        if !db_path.is_file() {
+            return Err(StoreError::NotAStore(path.to_path_buf()));
+        }
+        let res = std::panic::catch_unwind(|| redb::ReadOnlyDatabase::open(&db_path));
+        let db = match res {
+            Ok(Ok(db)) => ReadOnlyDb::Own(db),
+            Ok(Err(redb::DatabaseError::DatabaseAlreadyOpen)) => return Err(StoreError::Locked),
+            Ok(Err(redb::DatabaseError::Storage(redb::StorageError::Io(e))))
+                if e.raw_os_error() == Some(libc::EWOULDBLOCK) =>
+            {
+                return Err(StoreError::Locked);
+            }
+            Ok(Err(redb::DatabaseError::RepairAborted)) => {
+                let copy = std::env::temp_dir().join(format!(
+                    "snapfs-check-{}-{}.redb",
+                    std::process::id(),
+                    hex(&random_bytes::<4>())
+                ));
+                // Readable by this user alone (it holds every file name), and never
+                // through a link someone else left in the temporary directory.
+                let copied = (|| {
+                    use std::os::unix::fs::OpenOptionsExt;
+                    let mut to = std::fs::OpenOptions::new()
+                        .write(true)
+                        .create_new(true)
+                        .mode(0o600)
+                        .open(&copy)?;
+                    std::io::copy(&mut std::fs::File::open(&db_path)?, &mut to)
+                })();
+                copied.map_err(|e| {
+                    StoreError::Io(std::io::Error::new(
+                        e.kind(),
+                        format!(
+                            "the metadata needs repair, and copying it to {} to repair there failed: {e}",
+                            copy.display()
+                        ),
+                    ))
+                })?;
+                let guard = tempfile_path::TempCopy(copy);
+                let db = std::panic::catch_unwind(|| Database::open(&guard.0))
+                    .map_err(|p| panicked("repairing a copy of the metadata", p))?
+                    .map_err(|e| {
+                        StoreError::Corrupt(format!(
+                            "{} cannot be repaired: {e}",
+                            db_path.display()
+                        ))
+                    })?;
+                ReadOnlyDb::Copy { db, _copy: guard }
+            }
+            Ok(Err(e)) => {
+                return Err(StoreError::Corrupt(format!(
+                    "cannot open {}: {e}",
+                    db_path.display()
+                )));
+            }
+            Err(p) => return Err(panicked("opening the metadata", p)),
+        };
+        Ok(ReadOnlyStore {
+            db,
+            segs: Segments::open(&path.join("segments"), false, 1)?,
+        })
+    }
+
+    /// A read transaction over the metadata.
+    pub fn begin_read(&mut self) -> Result<redb::ReadTransaction, StoreError> {
+        Ok(match &self.db {
+            ReadOnlyDb::Own(db) => db.begin_read()?,
+            ReadOnlyDb::Copy { db, .. } => db.begin_read()?,
+        })
+    }
+}
+
+/// A panic inside redb (damaged metadata can cause one), as an error.
+pub fn panicked(doing: &str, p: Box<dyn std::any::Any + Send>) -> StoreError {
+    let what = p
+        .downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| p.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "no message".into());
+    StoreError::Corrupt(format!(
+        "the metadata database failed while {doing}: {what}"
+    ))
+}
+
 /// A row of `versions` under one inode: kind, sub, name, epoch, value.
 type VersionRow = (u8, u64, Vec<u8>, u64, Vec<u8>);
 

@@ -269,19 +269,18 @@ impl InodeRec {
             )));
         }
         let mut r = Reader(b);
-        let kind = FileKind::from_u8(r.u8())?;
-        let perm = r.u32();
-        let uid = r.u32();
-        let gid = r.u32();
-        let nlink = r.u32();
-        let size = r.u64();
+        let kind = FileKind::from_u8(r.u8()?)?;
+        let perm = r.u32()?;
+        let uid = r.u32()?;
+        let gid = r.u32()?;
+        let nlink = r.u32()?;
+        let size = r.u64()?;
         let mut ts = [Ts::default(); 4];
         for t in &mut ts {
-            t.sec = r.u64() as i64;
-            t.nsec = r.u32();
+            *t = r.ts()?;
         }
-        let rdev = r.u32();
-        let parent = r.u64();
+        let rdev = r.u32()?;
+        let parent = r.u64()?;
         Ok(InodeRec {
             kind,
             perm,
@@ -323,8 +322,8 @@ impl DirentRec {
         }
         let mut r = Reader(b);
         Ok(DirentRec {
-            ino: r.u64(),
-            kind: FileKind::from_u8(r.u8())?,
+            ino: r.u64()?,
+            kind: FileKind::from_u8(r.u8()?)?,
         })
     }
 }
@@ -353,6 +352,13 @@ pub type Piece<'a> = (usize, usize, Option<(&'a [u8; 32], usize)>);
 
 /// Bytes of an encoded [`Frag`].
 const FRAG_BYTES: usize = 38;
+
+/// The largest block size a store may have (opening a store checks its block size
+/// against the same bound): no block record may name more.
+const MAX_BLOCK_SIZE: u32 = 1 << 20;
+
+/// Pages in the largest block: where every fragment must end.
+const MAX_BLOCK_PAGES: u16 = (MAX_BLOCK_SIZE as usize / PAGE) as u16;
 
 /// A block map entry's payload: which extent holds the block (its *base*; `len == 0`
 /// for none), overlaid by fragments written since (sorted by `at`, disjoint). A small
@@ -399,26 +405,39 @@ impl BlockRec {
                 b.len()
             )));
         }
-        let mut hash = [0u8; 32];
-        hash.copy_from_slice(&b[..32]);
-        let len = u32::from_le_bytes([b[32], b[33], b[34], b[35]]);
-        let mut frags = Vec::with_capacity((b.len() - 36) / FRAG_BYTES);
-        let mut end = 0u32;
-        for f in b[36..].chunks(FRAG_BYTES) {
-            let mut h = [0u8; 32];
-            h.copy_from_slice(&f[6..]);
+        let mut r = Reader(b);
+        let hash = r.take::<32>()?;
+        let len = r.u32()?;
+        if len > MAX_BLOCK_SIZE {
+            return Err(StoreError::Corrupt(format!(
+                "block entry of a {len}-byte base, longer than any block"
+            )));
+        }
+        // The count comes from the input's length, so the allocation is bounded by it.
+        let mut frags = Vec::with_capacity(r.0.len() / FRAG_BYTES);
+        let mut end = 0u16;
+        while !r.0.is_empty() {
             let frag = Frag {
-                at: u16::from_le_bytes([f[0], f[1]]),
-                n: u16::from_le_bytes([f[2], f[3]]),
-                from: u16::from_le_bytes([f[4], f[5]]),
-                hash: h,
+                at: r.u16()?,
+                n: r.u16()?,
+                from: r.u16()?,
+                hash: r.take()?,
             };
-            if frag.n == 0 || u32::from(frag.at) < end {
+            // Page arithmetic on fragments is u16 everywhere: both page ranges must end
+            // inside the largest block, so no sum of them can overflow.
+            let inside = |start: u16| start.checked_add(frag.n).filter(|&e| e <= MAX_BLOCK_PAGES);
+            let (Some(frag_end), Some(_)) = (inside(frag.at), inside(frag.from)) else {
+                return Err(StoreError::Corrupt(format!(
+                    "block entry with a fragment of {} pages at {} from {} outside the block",
+                    frag.n, frag.at, frag.from
+                )));
+            };
+            if frag.n == 0 || frag.at < end {
                 return Err(StoreError::Corrupt(
                     "block entry with overlapping or empty fragments".into(),
                 ));
             }
-            end = u32::from(frag.at) + u32::from(frag.n);
+            end = frag_end;
             frags.push(frag);
         }
         if len == 0 && frags.is_empty() {
@@ -511,10 +530,10 @@ impl ExtentRec {
         }
         let mut r = Reader(b);
         Ok(ExtentRec {
-            segment: r.u64(),
-            offset: r.u64(),
-            len: r.u32(),
-            refs: r.u64(),
+            segment: r.u64()?,
+            offset: r.u64()?,
+            len: r.u32()?,
+            refs: r.u64()?,
         })
     }
 }
@@ -555,34 +574,52 @@ impl SnapshotRec {
         }
         let mut r = Reader(b);
         Ok(SnapshotRec {
-            epoch: r.u64(),
-            created: Ts {
-                sec: r.u64() as i64,
-                nsec: r.u32(),
-            },
-            flags: r.u8(),
+            epoch: r.u64()?,
+            created: r.ts()?,
+            flags: r.u8()?,
         })
     }
 }
 
-/// Little-endian cursor over a byte slice whose length the caller checked.
+/// Little-endian cursor over a byte slice. Callers check the length first, for a
+/// message naming the record; reading past the end is still `Corrupt`, never a panic.
 struct Reader<'a>(&'a [u8]);
 
 impl Reader<'_> {
-    fn take<const N: usize>(&mut self) -> [u8; N] {
-        let mut a = [0u8; N];
-        a.copy_from_slice(&self.0[..N]);
-        self.0 = &self.0[N..];
-        a
+    /// The next `N` bytes.
+    fn take<const N: usize>(&mut self) -> Result<[u8; N], StoreError> {
+        let Some((head, rest)) = self.0.split_first_chunk::<N>() else {
+            return Err(StoreError::Corrupt(format!(
+                "record ends {} bytes short",
+                N - self.0.len()
+            )));
+        };
+        self.0 = rest;
+        Ok(*head)
     }
-    fn u8(&mut self) -> u8 {
-        self.take::<1>()[0]
+    fn u8(&mut self) -> Result<u8, StoreError> {
+        Ok(self.take::<1>()?[0])
     }
-    fn u32(&mut self) -> u32 {
-        u32::from_le_bytes(self.take())
+    fn u16(&mut self) -> Result<u16, StoreError> {
+        Ok(u16::from_le_bytes(self.take()?))
     }
-    fn u64(&mut self) -> u64 {
-        u64::from_le_bytes(self.take())
+    fn u32(&mut self) -> Result<u32, StoreError> {
+        Ok(u32::from_le_bytes(self.take()?))
+    }
+    fn u64(&mut self) -> Result<u64, StoreError> {
+        Ok(u64::from_le_bytes(self.take()?))
+    }
+    /// A timestamp: seconds i64, nanoseconds u32 below one second (more would carry
+    /// into the seconds wherever the time is used, or overflow them).
+    fn ts(&mut self) -> Result<Ts, StoreError> {
+        let sec = self.u64()? as i64;
+        let nsec = self.u32()?;
+        if nsec >= 1_000_000_000 {
+            return Err(StoreError::Corrupt(format!(
+                "timestamp with {nsec} nanoseconds"
+            )));
+        }
+        Ok(Ts { sec, nsec })
     }
 }
 
@@ -631,5 +668,220 @@ mod tests {
     fn ts_negative_round_trip() {
         let t = Ts { sec: -3, nsec: 250 };
         assert_eq!(Ts::from_system(t.to_system()), t);
+    }
+
+    fn inode() -> InodeRec {
+        InodeRec {
+            kind: FileKind::Symlink,
+            perm: 0o755,
+            uid: 1000,
+            gid: 100,
+            nlink: 1,
+            size: 9,
+            atime: Ts { sec: -5, nsec: 7 },
+            mtime: Ts {
+                sec: 1 << 31,
+                nsec: 999_999_999,
+            },
+            ctime: Ts::default(),
+            crtime: Ts { sec: 1, nsec: 2 },
+            rdev: 0,
+            parent: 0,
+            target: b"../target".to_vec(),
+        }
+    }
+
+    fn frag(at: u16, n: u16, from: u16) -> Frag {
+        Frag {
+            at,
+            n,
+            from,
+            hash: [at as u8; 32],
+        }
+    }
+
+    fn encoded(f: impl FnOnce(&mut Vec<u8>)) -> Vec<u8> {
+        let mut b = Vec::new();
+        f(&mut b);
+        b
+    }
+
+    /// Feeds `decode` every prefix of `valid`, every one-byte change of it, runs of
+    /// pseudo-random garbage and longer inputs: it must answer every one (bad bytes
+    /// are `Err`, not a panic), and what it accepts must pass `sane`.
+    fn hostile<T>(
+        valid: &[u8],
+        decode: impl Fn(&[u8]) -> Result<T, StoreError>,
+        sane: impl Fn(&T),
+    ) {
+        let check = |b: &[u8]| {
+            if let Ok(v) = decode(b) {
+                sane(&v);
+            }
+        };
+        assert!(decode(valid).is_ok());
+        for i in 0..valid.len() {
+            check(&valid[..i]);
+            let mut b = valid.to_vec();
+            for v in [
+                0x00,
+                0x01,
+                0x7f,
+                0x80,
+                0xff,
+                valid[i] ^ 0x80,
+                valid[i] ^ 0x01,
+            ] {
+                b[i] = v;
+                check(&b);
+            }
+        }
+        let mut longer = valid.to_vec();
+        for _ in 0..100 {
+            longer.push(0xff);
+            check(&longer);
+        }
+        // A fixed xorshift stream: reproducible garbage of lengths around every size.
+        let mut x = 0x9e37_79b9_7f4a_7c15u64;
+        let mut next = move || {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x
+        };
+        for _ in 0..4000 {
+            let len = (next() % (valid.len() as u64 + 80)) as usize;
+            let mut b: Vec<u8> = (0..len).map(|_| next() as u8).collect();
+            check(&b);
+            // The same garbage over a valid record's head, to get past length checks.
+            let n = b.len().min(valid.len());
+            b[..n].copy_from_slice(&valid[..n]);
+            let at = (next() as usize) % valid.len();
+            if at < b.len() {
+                b[at] = next() as u8;
+            }
+            check(&b);
+        }
+    }
+
+    fn sane_ts(t: &Ts) {
+        assert!(t.nsec < 1_000_000_000, "{t:?} accepted");
+    }
+
+    fn sane_block(r: &BlockRec) {
+        assert!(r.len <= MAX_BLOCK_SIZE);
+        for f in &r.frags {
+            // The sums the write path does in u16.
+            for start in [f.at, f.from] {
+                let end = start.checked_add(f.n).expect("fragment end overflows u16");
+                assert!(end <= MAX_BLOCK_PAGES, "{f:?} accepted");
+            }
+        }
+        let _ = r.pieces(0, MAX_BLOCK_SIZE as usize);
+        let _ = r.stored_bytes();
+        let _ = r.extents().count();
+    }
+
+    #[test]
+    fn decoders_refuse_truncated_and_garbled_bytes_without_panicking() {
+        let inode = encoded(|b| inode().encode(b));
+        hostile(&inode, InodeRec::decode, |r| {
+            [r.atime, r.mtime, r.ctime, r.crtime]
+                .iter()
+                .for_each(sane_ts);
+            assert!(r.target.len() <= inode.len() + 100);
+        });
+        let dirent = encoded(|b| {
+            DirentRec {
+                ino: 77,
+                kind: FileKind::Dir,
+            }
+            .encode(b)
+        });
+        hostile(&dirent, DirentRec::decode, |_| {});
+        let block = encoded(|b| {
+            BlockRec {
+                hash: [3; 32],
+                len: 65536,
+                frags: vec![frag(0, 2, 0), frag(5, 3, 1), frag(250, 6, 250)],
+            }
+            .encode(b)
+        });
+        hostile(&block, BlockRec::decode, sane_block);
+        let extent = ExtentRec {
+            segment: 4,
+            offset: 4096,
+            len: 65536,
+            refs: 2,
+        }
+        .encode();
+        hostile(&extent, ExtentRec::decode, |_| {});
+        let snap = SnapshotRec {
+            epoch: 9,
+            created: Ts {
+                sec: 1_768_046_400,
+                nsec: 5,
+            },
+            flags: SNAP_DELETED,
+        }
+        .encode();
+        hostile(&snap, SnapshotRec::decode, |r| sane_ts(&r.created));
+        hostile(&7u64.to_le_bytes(), le_u64, |_| {});
+        hostile(&7u32.to_le_bytes(), le_u32, |_| {});
+        hostile(
+            &[2],
+            |b| FileKind::from_u8(b.first().copied().unwrap_or(0)),
+            |_| {},
+        );
+    }
+
+    #[test]
+    fn a_second_of_nanoseconds_is_corrupt() {
+        for nsec in [1_000_000_000, u32::MAX] {
+            let mut rec = inode();
+            rec.ctime.nsec = nsec;
+            let b = encoded(|b| rec.encode(b));
+            assert!(matches!(InodeRec::decode(&b), Err(StoreError::Corrupt(_))));
+            let snap = SnapshotRec {
+                epoch: 1,
+                created: Ts { sec: 0, nsec },
+                flags: 0,
+            };
+            assert!(matches!(
+                SnapshotRec::decode(&snap.encode()),
+                Err(StoreError::Corrupt(_))
+            ));
+        }
+    }
+
+    #[test]
+    fn fragments_must_lie_inside_the_block() {
+        let decode = |frags: Vec<Frag>| {
+            let rec = BlockRec {
+                hash: [1; 32],
+                len: 4096,
+                frags,
+            };
+            BlockRec::decode(&encoded(|b| rec.encode(b)))
+        };
+        // The last page of the largest block, from the last page of its extent.
+        let last = MAX_BLOCK_PAGES - 1;
+        assert!(decode(vec![frag(0, 1, 0), frag(last, 1, last)]).is_ok());
+        for bad in [
+            vec![frag(u16::MAX, 2, 0)],
+            vec![frag(0, 1, u16::MAX)],
+            vec![frag(last, 2, 0)],
+            vec![frag(0, 2, last)],
+            vec![frag(0, u16::MAX, 0)],
+            // Ends past page 2^16: a u16 sum would wrap to page 0.
+            vec![frag(1, u16::MAX, 0), frag(2, 1, 0)],
+        ] {
+            assert!(
+                matches!(decode(bad.clone()), Err(StoreError::Corrupt(_))),
+                "{bad:?}"
+            );
+        }
+        let huge = BlockRec::whole([1; 32], MAX_BLOCK_SIZE + 1);
+        assert!(BlockRec::decode(&encoded(|b| huge.encode(b))).is_err());
     }
 }

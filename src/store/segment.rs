@@ -46,6 +46,8 @@ pub struct Segments {
     unsynced: Vec<u64>,
     /// Data syncs still to fail with EIO, for tests of the failure path.
     sync_faults: Arc<std::sync::atomic::AtomicU32>,
+    /// Appends still to fail with EIO, likewise.
+    append_faults: std::sync::atomic::AtomicU32,
 }
 
 /// A segment file to `fdatasync` without the store's lock.
@@ -178,6 +180,7 @@ impl Segments {
             active_len: SEGMENT_HEADER,
             unsynced: Vec::new(),
             sync_faults: Default::default(),
+            append_faults: Default::default(),
         };
         let newest = segs.ids()?.last().copied().unwrap_or(0);
         segs.active = next.max(newest + 1).max(1);
@@ -268,6 +271,9 @@ impl Segments {
         &mut self,
         extents: &[([u8; 32], &[u8])],
     ) -> Result<Vec<(u64, u64)>, StoreError> {
+        if !extents.is_empty() {
+            take_fault(&self.append_faults)?;
+        }
         let mut out = Vec::with_capacity(extents.len());
         let headers: Vec<[u8; EXTENT_HEADER as usize]> = extents
             .iter()
@@ -347,6 +353,13 @@ impl Segments {
                 })
             })
             .collect()
+    }
+
+    /// Makes the next `n` appends fail with EIO (testing the failure path).
+    #[doc(hidden)]
+    pub fn fail_next_appends(&self, n: u32) {
+        self.append_faults
+            .store(n, std::sync::atomic::Ordering::SeqCst);
     }
 
     /// Makes the next `n` data syncs fail with EIO (testing the failure path).
