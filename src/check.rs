@@ -335,24 +335,20 @@ pub fn fsck_txn(
     progress: &mut dyn FnMut(u64, u64),
 ) -> Result<Report, StoreError> {
     let mut rep = Report::default();
-    let (live, block_size) = {
-        let meta = txn.open_table(META)?;
-        let get = |k: &str| -> Result<Vec<u8>, StoreError> {
-            meta.get(k)?
-                .map(|v| v.value().to_vec())
-                .ok_or_else(|| StoreError::Corrupt(format!("meta row {k} is missing")))
-        };
-        (
-            le_u64(&get(meta::LIVE_EPOCH)?)?,
-            le_u32(&get(meta::BLOCK_SIZE)?)? as u64,
-        )
-    };
+    let (live, block_size) = live_and_block_size(txn)?;
+    let block_size = block_size as u64;
     let versions = txn.open_table(VERSIONS)?;
     let mut views: Vec<(String, u64)> = vec![("live".into(), live)];
     for row in txn.open_table(SNAPSHOTS)?.iter()? {
         let (k, v) = row?;
-        let epoch = SnapshotRec::decode(v.value())?.epoch;
         let name = k.value();
+        let epoch = match SnapshotRec::decode(name, v.value()) {
+            Ok(r) => r.epoch,
+            Err(e) => {
+                rep.problems.push(format!("snapshot {}: {e}", shown(name)));
+                continue;
+            }
+        };
         views.push(if name.starts_with('\0') {
             (format!("deleting snapshot (epoch {epoch})"), epoch)
         } else {
@@ -371,17 +367,25 @@ pub fn fsck_txn(
             rep.inodes = reached.len() as u64;
         }
     }
-    // Reference counts over every version.
+    // Every record's checksum, and reference counts over every version.
     let mut refs: HashMap<[u8; 32], u64> = HashMap::new();
+    let mut damaged_inos: BTreeMap<u64, u64> = BTreeMap::new();
     for row in versions.iter()? {
         let (k, v) = row?;
         let (ino, kind, idx, _, epoch) = k.value();
+        let payload = match open_version(k.value(), v.value()) {
+            Ok(p) => p,
+            Err(e) => {
+                rep.problems.push(e.to_string());
+                *damaged_inos.entry(ino).or_default() += 1;
+                continue;
+            }
+        };
         if kind != KIND_BLOCK {
             continue;
         }
-        let v = v.value();
-        if v.first() == Some(&TAG_PRESENT) {
-            match BlockRec::decode(&v[1..]) {
+        if let Some(p) = payload {
+            match BlockRec::decode(p) {
                 Ok(b) => {
                     for h in b.extents() {
                         *refs.entry(*h).or_default() += 1;
@@ -390,6 +394,18 @@ pub fn fsck_txn(
                 Err(e) => rep
                     .problems
                     .push(format!("block {idx} of inode {ino} at epoch {epoch}: {e}")),
+            }
+        }
+    }
+    for (ino, n) in &damaged_inos {
+        for (label, epoch) in &views {
+            if let Ok(paths) = paths_at(&versions, *epoch, *ino)
+                && !paths.is_empty()
+            {
+                rep.problems.push(format!(
+                    "{label}: {} has {n} damaged metadata records",
+                    shown(&paths.join(", "))
+                ));
             }
         }
     }
@@ -405,7 +421,7 @@ pub fn fsck_txn(
         let (k, v) = row?;
         let hash = k.value();
         seen.insert(hash);
-        let ext = match ExtentRec::decode(v.value()) {
+        let ext = match ExtentRec::decode(&hash, v.value()) {
             Ok(e) => e,
             Err(e) => {
                 rep.problems
@@ -527,6 +543,15 @@ pub fn fsck_txn(
     Ok(rep)
 }
 
+/// The live epoch and block size, from `meta`.
+fn live_and_block_size(txn: &redb::ReadTransaction) -> Result<(u64, u32), StoreError> {
+    let meta = txn.open_table(META)?;
+    Ok((
+        read_meta_u64(&meta, meta::LIVE_EPOCH)?,
+        read_meta_u32(&meta, meta::BLOCK_SIZE)?,
+    ))
+}
+
 /// A segment file's name.
 fn seg_name(id: u64) -> String {
     format!("segments/{id:016x}.seg")
@@ -557,11 +582,11 @@ fn name_damage(
             last.3 = epoch;
         }
         prev = Some((ino, idx));
-        let v = v.value();
-        if v.first() != Some(&TAG_PRESENT) {
+        // Damaged records are reported on their own.
+        let Ok(Some(p)) = open_version(k.value(), v.value()) else {
             continue;
-        }
-        let Ok(b) = BlockRec::decode(&v[1..]) else {
+        };
+        let Ok(b) = BlockRec::decode(p) else {
             continue;
         };
         if b.extents().any(|h| bad.contains_key(h)) {
@@ -695,68 +720,33 @@ fn status_txn(
     segs: &Segments,
     db_path: &std::path::Path,
 ) -> Result<Status, StoreError> {
-    let (live, block_size) = {
-        let meta = txn.open_table(META)?;
-        let get = |k: &str| -> Result<Vec<u8>, StoreError> {
-            meta.get(k)?
-                .map(|v| v.value().to_vec())
-                .ok_or_else(|| StoreError::Corrupt(format!("meta row {k} is missing")))
-        };
-        (
-            le_u64(&get(meta::LIVE_EPOCH)?)?,
-            le_u32(&get(meta::BLOCK_SIZE)?)?,
-        )
-    };
+    let (live, block_size) = live_and_block_size(txn)?;
     let mut st = Status {
         block_size,
         ..Default::default()
     };
     let versions = txn.open_table(VERSIONS)?;
-    let mut last: Option<(u64, u8, u64, Vec<u8>)> = None;
-    let mut pending: Option<Vec<u8>> = None;
-    let account =
-        |key: &(u64, u8, u64, Vec<u8>), v: &[u8], st: &mut Status| -> Result<(), StoreError> {
-            if v.first() != Some(&TAG_PRESENT) {
-                return Ok(());
-            }
-            match key.1 {
-                KIND_INODE => {
-                    let r = InodeRec::decode(&v[1..])?;
-                    match r.kind {
-                        FileKind::File => {
-                            st.files += 1;
-                            st.logical_bytes += r.size;
-                        }
-                        FileKind::Dir => st.dirs += 1,
-                        _ => st.others += 1,
+    for_each_visible(&versions, live, |_, kind, _, _, payload| {
+        match kind {
+            KIND_INODE => {
+                let r = InodeRec::decode(payload)?;
+                match r.kind {
+                    FileKind::File => {
+                        st.files += 1;
+                        st.logical_bytes += r.size;
                     }
+                    FileKind::Dir => st.dirs += 1,
+                    _ => st.others += 1,
                 }
-                KIND_BLOCK => st.referenced_bytes += BlockRec::decode(&v[1..])?.stored_bytes(),
-                _ => {}
             }
-            Ok(())
-        };
-    for row in versions.iter()? {
-        let (k, v) = row?;
-        let (ino, kind, sub, name, epoch) = k.value();
-        if epoch > live {
-            continue;
+            KIND_BLOCK => st.referenced_bytes += BlockRec::decode(payload)?.stored_bytes(),
+            _ => {}
         }
-        let key = (ino, kind, sub, name.to_vec());
-        if last.as_ref() != Some(&key) {
-            if let (Some(l), Some(p)) = (&last, &pending) {
-                account(l, p, &mut st)?;
-            }
-            last = Some(key);
-        }
-        pending = Some(v.value().to_vec());
-    }
-    if let (Some(l), Some(p)) = (&last, &pending) {
-        account(l, p, &mut st)?;
-    }
+        Ok(())
+    })?;
     for row in txn.open_table(EXTENTS)?.iter()? {
-        let (_, v) = row?;
-        let e = ExtentRec::decode(v.value())?;
+        let (k, v) = row?;
+        let e = ExtentRec::decode(&k.value(), v.value())?;
         st.stored_bytes += e.len as u64;
         st.named_bytes += e.len as u64 * e.refs;
     }

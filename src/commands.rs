@@ -66,8 +66,17 @@ pub fn run_read_only(path: &std::path::Path, args: &[String], progress: bool) ->
     if !matches!(args.as_slice(), ["status" | "fsck", ..]) {
         return None;
     }
-    let mut ro = match crate::store::ReadOnlyStore::open(path) {
+    let fsck = args.first() == Some(&"fsck");
+    let mut ro = match crate::store::ReadOnlyStore::open(path, fsck) {
         Ok(ro) => ro,
+        // Damage found before anything else could be: fsck's finding, not its failure.
+        Err(e @ crate::store::StoreError::Corrupt(_)) if fsck => {
+            let rep = crate::check::Report {
+                problems: vec![e.to_string()],
+                ..Default::default()
+            };
+            return Some(fsck_outcome(Ok(rep), flag("--json")));
+        }
         Err(e) => return Some(fail(format!("cannot open store {}: {e}", path.display()))),
     };
     Some(match args.as_slice() {

@@ -70,7 +70,22 @@ fn a_corrupt_database_is_refused_cleanly() {
         "cannot open store",
     );
     assert_eq!(fs::read(&db).unwrap(), bytes, "the store is left as it was");
-    fails_with(&["fsck", m.store.to_str().unwrap()], "cannot open store");
+    // For fsck the damage is a finding: named, exit 1, the store untouched.
+    let out = snapfs(&["fsck", m.store.to_str().unwrap()]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(1), "{text}");
+    assert!(
+        text.contains("damage: store is damaged: the metadata file")
+            && text.contains("fails its checks"),
+        "{text}"
+    );
+    assert!(text.trim_end().ends_with("DAMAGED"), "{text}");
+    assert!(!String::from_utf8_lossy(&out.stderr).contains("panicked"));
+    assert_eq!(
+        fs::read(&db).unwrap(),
+        bytes,
+        "fsck left the store as it was"
+    );
 }
 
 #[test]

@@ -292,7 +292,7 @@ impl Inner {
                     None => continue,
                 };
                 let ext = match redb::ReadableTable::get(e, hash).map_err(StoreError::from)? {
-                    Some(v) => ExtentRec::decode(v.value())?,
+                    Some(v) => ExtentRec::decode(&hash, v.value())?,
                     None => {
                         return Err(StoreError::Corrupt(format!(
                             "block {idx} of inode {ino} names a missing extent"

@@ -1400,7 +1400,7 @@ fn free_inode(w: &mut Writer<'_>, ino: u64) -> FsResult<()> {
         if epoch > w.live {
             continue;
         }
-        let present = v.value().first() == Some(&TAG_PRESENT);
+        let present = open_version(k.value(), v.value())?.is_some();
         match keys.last() {
             Some(last) if last.0 == kind && last.1 == sub && last.2 == name => {}
             _ => {

@@ -92,7 +92,7 @@ impl Inner {
         let t = txn.snapshots();
         Ok(
             match redb::ReadableTable::get(t, name).map_err(StoreError::from)? {
-                Some(v) => Some(SnapshotRec::decode(v.value())?),
+                Some(v) => Some(SnapshotRec::decode(name, v.value())?),
                 None => None,
             },
         )
@@ -105,7 +105,7 @@ impl Inner {
         let mut out = Vec::new();
         for row in redb::ReadableTable::iter(t).map_err(StoreError::from)? {
             let (k, v) = row.map_err(StoreError::from)?;
-            let rec = SnapshotRec::decode(v.value())?;
+            let rec = SnapshotRec::decode(k.value(), v.value())?;
             if rec.flags & SNAP_DELETED != 0 {
                 continue;
             }
@@ -150,11 +150,9 @@ impl Inner {
                     settle(&mut group, &mut totals);
                     ident = Some((ino, sub));
                 }
-                let v = v.value();
-                let len = if v.first() == Some(&TAG_PRESENT) {
-                    BlockRec::decode(&v[1..])?.stored_bytes()
-                } else {
-                    0
+                let len = match open_version(k.value(), v.value())? {
+                    Some(p) => BlockRec::decode(p)?.stored_bytes(),
+                    None => 0,
                 };
                 group.push((epoch, len));
             }
@@ -201,9 +199,10 @@ impl Inner {
             flags: 0,
         };
         self.store.write(true, |w| {
-            w.t.snapshots.insert(name.as_str(), &rec.encode()[..])?;
-            w.t.meta
-                .insert(meta::LIVE_EPOCH, &(epoch + 1).to_le_bytes()[..])?;
+            w.t.snapshots
+                .insert(name.as_str(), rec.encode(&name).as_slice())?;
+            let live = seal_meta(meta::LIVE_EPOCH, &(epoch + 1).to_le_bytes());
+            w.t.meta.insert(meta::LIVE_EPOCH, live.as_slice())?;
             Ok(())
         })?;
         self.store.live_epoch = epoch + 1;
@@ -225,6 +224,7 @@ impl Inner {
         // the epoch as deleting. Dropping its versions is a second commit that removes
         // that row; should it not happen (a crash, a full disk), the next mount or
         // durable tick finishes it, so nothing leaks and nothing is half deleted.
+        let key = held_key(rec.epoch);
         self.store.write(true, |w| {
             w.t.snapshots.remove(name.as_str())?;
             let kept = SnapshotRec {
@@ -232,7 +232,7 @@ impl Inner {
                 ..rec
             };
             w.t.snapshots
-                .insert(held_key(rec.epoch).as_str(), &kept.encode()[..])?;
+                .insert(key.as_str(), kept.encode(&key).as_slice())?;
             Ok(())
         })?;
         tracing::info!(name, epoch = rec.epoch, held, "snapshot deleted");
@@ -292,8 +292,8 @@ impl Inner {
             let txn = self.store.read_txn()?;
             let t = txn.snapshots();
             for row in redb::ReadableTable::iter(t).map_err(StoreError::from)? {
-                let (_, v) = row.map_err(StoreError::from)?;
-                let rec = SnapshotRec::decode(v.value())?;
+                let (k, v) = row.map_err(StoreError::from)?;
+                let rec = SnapshotRec::decode(k.value(), v.value())?;
                 if rec.flags & SNAP_DELETED != 0 {
                     epochs.push(rec.epoch);
                 }
@@ -736,7 +736,8 @@ mod diff_tests {
         core.store
             .write(true, |w| {
                 let key = (ino, KIND_INODE, 0, &[][..], s1);
-                w.t.versions.insert(key, &[TAG_PRESENT, 0xff][..])?;
+                w.t.versions
+                    .insert(key, seal_version(key, Some(&[0xff])).as_slice())?;
                 Ok(())
             })
             .unwrap();

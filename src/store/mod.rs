@@ -45,6 +45,9 @@ pub enum StoreError {
     /// A failed data sync or commit put the store in its error state.
     #[error("the store stopped making writes durable after an I/O error ({0}); remount to recover")]
     Failed(String),
+    /// Written by an older snapfs, and looked at read-only.
+    #[error("store format 1 predates record checksums: mount it once to upgrade it, then check it")]
+    Upgrade,
     /// Written by a newer snapfs.
     #[error("store format {0} is not supported by this snapfs (it reads format {FORMAT_VERSION})")]
     Format(u32),
@@ -196,7 +199,16 @@ impl Store {
         let db = if fresh {
             Database::create(&db_path)?
         } else {
-            match Database::open(&db_path) {
+            // Every page's checksum is verified at open, so a damaged metadata file is
+            // refused here instead of answering with what a damaged page says (and redb's
+            // panics on such a file become errors).
+            let opened = std::panic::catch_unwind(|| {
+                Database::builder()
+                    .set_check_integrity_on_open(true)
+                    .open(&db_path)
+            })
+            .map_err(|p| panicked("opening the metadata", p))?;
+            match opened {
                 Ok(db) => db,
                 Err(redb::DatabaseError::DatabaseAlreadyOpen) => return Err(StoreError::Locked),
                 Err(redb::DatabaseError::Storage(redb::StorageError::Io(e)))
@@ -218,11 +230,16 @@ impl Store {
             {
                 let mut meta = txn.open_table(META)?;
                 meta.insert(meta::FORMAT, &FORMAT_VERSION.to_le_bytes()[..])?;
-                meta.insert(meta::VOLUME_ID, &random_bytes::<16>()[..])?;
-                meta.insert(meta::BLOCK_SIZE, &cfg.block_size.to_le_bytes()[..])?;
-                meta.insert(meta::LIVE_EPOCH, &1u64.to_le_bytes()[..])?;
-                meta.insert(meta::NEXT_INO, &(ROOT_INO + 1).to_le_bytes()[..])?;
-                meta.insert(meta::CREATED, &Ts::now().sec.to_le_bytes()[..])?;
+                let rows: [(&str, &[u8]); 5] = [
+                    (meta::VOLUME_ID, &random_bytes::<16>()),
+                    (meta::BLOCK_SIZE, &cfg.block_size.to_le_bytes()),
+                    (meta::LIVE_EPOCH, &1u64.to_le_bytes()),
+                    (meta::NEXT_INO, &(ROOT_INO + 1).to_le_bytes()),
+                    (meta::CREATED, &Ts::now().sec.to_le_bytes()),
+                ];
+                for (name, value) in rows {
+                    meta.insert(name, seal_meta(name, value).as_slice())?;
+                }
                 txn.open_table(VERSIONS)?;
                 txn.open_table(EXTENTS)?;
                 txn.open_table(SEGMENTS)?;
@@ -236,20 +253,20 @@ impl Store {
         if fresh {
             sync_dir(path)?;
         }
+        match read_format(&db.begin_read()?)? {
+            FORMAT_VERSION => {}
+            1 => upgrade_from_1(&db)?,
+            f => return Err(StoreError::Format(f)),
+        }
         let (block_size, volume_id, live_epoch, snapshot_epochs, next_segment) = {
             let txn = db.begin_read()?;
             let meta = txn
                 .open_table(META)
                 .map_err(|e| StoreError::Corrupt(format!("metadata has no meta table ({e})")))?;
             let get = |k: &str| -> Result<Vec<u8>, StoreError> {
-                meta.get(k)?
-                    .map(|v| v.value().to_vec())
+                read_meta(&meta, k)?
                     .ok_or_else(|| StoreError::Corrupt(format!("meta row {k} is missing")))
             };
-            let format = le_u32(&get(meta::FORMAT)?)?;
-            if format != FORMAT_VERSION {
-                return Err(StoreError::Format(format));
-            }
             let block_size = le_u32(&get(meta::BLOCK_SIZE)?)?;
             if !block_size.is_power_of_two() || !(4096..=1 << 20).contains(&block_size) {
                 return Err(StoreError::Corrupt(format!("block size {block_size}")));
@@ -262,12 +279,12 @@ impl Store {
             let live_epoch = le_u64(&get(meta::LIVE_EPOCH)?)?;
             let mut epochs = BTreeSet::new();
             for row in txn.open_table(SNAPSHOTS)?.iter()? {
-                let (_, v) = row?;
-                epochs.insert(SnapshotRec::decode(v.value())?.epoch);
+                let (k, v) = row?;
+                epochs.insert(SnapshotRec::decode(k.value(), v.value())?.epoch);
             }
             // Never reuse a segment id: not one recorded, nor one a row names.
-            let mut next = match meta.get(meta::NEXT_SEGMENT)? {
-                Some(v) => le_u64(v.value())?,
+            let mut next = match read_meta(&meta, meta::NEXT_SEGMENT)? {
+                Some(v) => le_u64(&v)?,
                 None => 1,
             };
             if let Some(row) = txn.open_table(SEGMENTS)?.last()? {
@@ -362,9 +379,10 @@ impl Store {
                 && w.segs.next_id() > self.next_segment
             {
                 let next = w.segs.next_id();
+                let row = seal_meta(meta::NEXT_SEGMENT, &next.to_le_bytes());
                 recorded =
                     w.t.meta
-                        .insert(meta::NEXT_SEGMENT, &next.to_le_bytes()[..])
+                        .insert(meta::NEXT_SEGMENT, row.as_slice())
                         .map(|_| Some(next));
             }
             (r, w.inode_log, w.xattr_log, w.freed, recorded)
@@ -596,7 +614,7 @@ impl Store {
             let txn = self.db.begin_read()?;
             for row in txn.open_table(EXTENTS)?.iter()? {
                 let (k, v) = row?;
-                let rec = ExtentRec::decode(v.value())?;
+                let rec = ExtentRec::decode(&k.value(), v.value())?;
                 if let Some(list) = placed.get_mut(&rec.segment) {
                     list.push((k.value(), rec));
                 }
@@ -640,7 +658,7 @@ impl Store {
                     }
                     now.segment = seg;
                     now.offset = off;
-                    w.t.extents.insert(*hash, &now.encode()[..])?;
+                    w.t.extents.insert(*hash, now.encode(hash).as_slice())?;
                 }
                 w.t.segments.insert(id, SEGMENT_RETIRED)?;
                 Ok(())
@@ -840,6 +858,125 @@ impl Store {
         }
         Ok(bytes[start - at..end - at].to_vec())
     }
+}
+
+/// The store's format, from its bare `format` row.
+pub fn read_format(txn: &redb::ReadTransaction) -> Result<u32, StoreError> {
+    let meta = txn
+        .open_table(META)
+        .map_err(|e| StoreError::Corrupt(format!("metadata has no meta table ({e})")))?;
+    match meta.get(meta::FORMAT)? {
+        Some(v) => le_u32(v.value()),
+        None => Err(StoreError::Corrupt("meta row format is missing".into())),
+    }
+}
+
+/// A `versions` key, owned.
+type OwnedKey = (u64, u8, u64, Vec<u8>, u64);
+
+/// Rows moved per step of [`upgrade_from_1`].
+const UPGRADE_BATCH: usize = 4096;
+
+/// Upgrades a format 1 store to format 2 in one durable commit: every value of
+/// `versions`, `extents`, `snapshots` and `meta` gets its checksum.
+fn upgrade_from_1(db: &Database) -> Result<(), StoreError> {
+    use std::ops::Bound;
+    tracing::info!("upgrading the store to format {FORMAT_VERSION} (record checksums)");
+    let txn = db.begin_write()?;
+    {
+        let mut meta = txn.open_table(META)?;
+        let rows: Vec<(String, Vec<u8>)> = meta
+            .iter()?
+            .map(|r| r.map(|(k, v)| (k.value().to_string(), v.value().to_vec())))
+            .collect::<Result<_, _>>()?;
+        for (k, v) in rows {
+            if k != meta::FORMAT {
+                meta.insert(k.as_str(), seal_meta(&k, &v).as_slice())?;
+            }
+        }
+        meta.insert(meta::FORMAT, &FORMAT_VERSION.to_le_bytes()[..])?;
+
+        let mut versions = txn.open_table(VERSIONS)?;
+        let mut after: Option<OwnedKey> = None;
+        loop {
+            let batch: Vec<(OwnedKey, Vec<u8>)> = {
+                let lower = match &after {
+                    Some(k) => Bound::Excluded((k.0, k.1, k.2, k.3.as_slice(), k.4)),
+                    None => Bound::Unbounded,
+                };
+                versions
+                    .range((lower, Bound::Unbounded))?
+                    .take(UPGRADE_BATCH)
+                    .map(|r| {
+                        r.map(|(k, v)| {
+                            let (a, b, c, d, e) = k.value();
+                            ((a, b, c, d.to_vec(), e), v.value().to_vec())
+                        })
+                    })
+                    .collect::<Result<_, _>>()?
+            };
+            let Some(last) = batch.last().map(|(k, _)| k.clone()) else {
+                break;
+            };
+            for (k, v) in batch {
+                let key = (k.0, k.1, k.2, k.3.as_slice(), k.4);
+                let payload = match v.split_first() {
+                    Some((&TAG_PRESENT, p)) => Some(p),
+                    Some((&TAG_TOMBSTONE, _)) => None,
+                    _ => {
+                        return Err(StoreError::Corrupt(format!(
+                            "record of inode {} has no tag",
+                            k.0
+                        )));
+                    }
+                };
+                versions.insert(key, seal_version(key, payload).as_slice())?;
+            }
+            after = Some(last);
+        }
+
+        let mut extents = txn.open_table(EXTENTS)?;
+        let mut after: Option<[u8; 32]> = None;
+        loop {
+            let batch: Vec<([u8; 32], ExtentRec)> = {
+                let lower = match after {
+                    Some(h) => Bound::Excluded(h),
+                    None => Bound::Unbounded,
+                };
+                let mut out = Vec::new();
+                for r in extents
+                    .range::<[u8; 32]>((lower, Bound::Unbounded))?
+                    .take(UPGRADE_BATCH)
+                {
+                    let (k, v) = r?;
+                    out.push((k.value(), ExtentRec::decode_bare(v.value())?));
+                }
+                out
+            };
+            let Some(last) = batch.last().map(|(h, _)| *h) else {
+                break;
+            };
+            for (h, rec) in batch {
+                extents.insert(h, rec.encode(&h).as_slice())?;
+            }
+            after = Some(last);
+        }
+
+        let mut snaps = txn.open_table(SNAPSHOTS)?;
+        let rows: Vec<(String, SnapshotRec)> = {
+            let mut out = Vec::new();
+            for r in snaps.iter()? {
+                let (k, v) = r?;
+                out.push((k.value().to_string(), SnapshotRec::decode_bare(v.value())?));
+            }
+            out
+        };
+        for (name, rec) in rows {
+            snaps.insert(name.as_str(), rec.encode(&name).as_slice())?;
+        }
+    }
+    txn.commit()?;
+    Ok(())
 }
 
 /// `fsync`s directory `dir`, so the entries made in it are durable.
@@ -1124,16 +1261,8 @@ pub fn newest<T: ReadableTable<VKey, &'static [u8]>>(
         None => Ok(None),
         Some(row) => {
             let (k, v) = row?;
-            let e = k.value().4;
-            let v = v.value();
-            match v.first() {
-                Some(&TAG_PRESENT) => Ok(Some((e, Some(v[1..].to_vec())))),
-                Some(&TAG_TOMBSTONE) => Ok(Some((e, None))),
-                _ => Err(StoreError::Corrupt(format!(
-                    "record of ino {} has no tag",
-                    key.ino
-                ))),
-            }
+            let k = k.value();
+            Ok(Some((k.4, open_version(k, v.value())?.map(<[u8]>::to_vec))))
         }
     }
 }
@@ -1158,8 +1287,13 @@ pub fn scan_visible<T: ReadableTable<VKey, &'static [u8]>>(
     mut f: impl FnMut(u64, &[u8], &[u8]) -> Result<bool, StoreError>,
 ) -> Result<(), StoreError> {
     let lo: VKey = (ino, kind, *subs.start(), &[], 0);
-    // The newest row at or below `epoch` of the identity being read: (sub, name, value).
-    let mut pending: Option<(u64, Vec<u8>, Vec<u8>)> = None;
+    // The newest row at or below `epoch` of the identity being read: (sub, name,
+    // epoch, value); only that one is opened (checked and decoded).
+    let mut pending: Option<(u64, Vec<u8>, u64, Vec<u8>)> = None;
+    let open =
+        |(s, n, e, val): &(u64, Vec<u8>, u64, Vec<u8>)| -> Result<Option<Vec<u8>>, StoreError> {
+            Ok(open_version((ino, kind, *s, n, *e), val)?.map(<[u8]>::to_vec))
+        };
     for row in t.range(lo..)? {
         let (k, v) = row?;
         let (kino, kkind, ksub, kname, kepoch) = k.value();
@@ -1170,22 +1304,24 @@ pub fn scan_visible<T: ReadableTable<VKey, &'static [u8]>>(
             continue;
         }
         match pending.as_mut() {
-            Some(p) if p.0 == ksub && p.1.as_slice() == kname => p.2 = v.value().to_vec(),
+            Some(p) if p.0 == ksub && p.1.as_slice() == kname => {
+                p.2 = kepoch;
+                p.3 = v.value().to_vec();
+            }
             _ => {
-                if let Some((s, n, val)) =
-                    pending.replace((ksub, kname.to_vec(), v.value().to_vec()))
-                    && val.first() == Some(&TAG_PRESENT)
-                    && !f(s, &n, &val[1..])?
+                if let Some(p) = pending.replace((ksub, kname.to_vec(), kepoch, v.value().to_vec()))
+                    && let Some(payload) = open(&p)?
+                    && !f(p.0, &p.1, &payload)?
                 {
                     return Ok(());
                 }
             }
         }
     }
-    if let Some((s, n, val)) = pending
-        && val.first() == Some(&TAG_PRESENT)
+    if let Some(p) = pending
+        && let Some(payload) = open(&p)?
     {
-        f(s, &n, &val[1..])?;
+        f(p.0, &p.1, &payload)?;
     }
     Ok(())
 }
@@ -1197,16 +1333,17 @@ pub fn for_each_visible<T: ReadableTable<VKey, &'static [u8]>>(
     epoch: u64,
     mut f: impl FnMut(u64, u8, u64, &[u8], &[u8]) -> Result<(), StoreError>,
 ) -> Result<(), StoreError> {
-    // The identity being read and its newest value at or below `epoch`.
+    // The identity being read and its newest value at or below `epoch`, with the
+    // value's epoch.
     let mut ident: Option<(u64, u8, u64, Vec<u8>)> = None;
-    let mut value: Option<Vec<u8>> = None;
+    let mut value: Option<(u64, Vec<u8>)> = None;
     let mut emit = |ident: &Option<(u64, u8, u64, Vec<u8>)>,
-                    value: &mut Option<Vec<u8>>|
+                    value: &mut Option<(u64, Vec<u8>)>|
      -> Result<(), StoreError> {
-        if let (Some((ino, kind, sub, name)), Some(v)) = (ident, value.take())
-            && v.first() == Some(&TAG_PRESENT)
+        if let (Some((ino, kind, sub, name)), Some((e, v))) = (ident, value.take())
+            && let Some(payload) = open_version((*ino, *kind, *sub, name, e), &v)?
         {
-            f(*ino, *kind, *sub, name, &v[1..])?;
+            f(*ino, *kind, *sub, name, payload)?;
         }
         Ok(())
     };
@@ -1221,7 +1358,7 @@ pub fn for_each_visible<T: ReadableTable<VKey, &'static [u8]>>(
             ident = Some((ino, kind, sub, name.to_vec()));
         }
         if e <= epoch {
-            value = Some(v.value().to_vec());
+            value = Some((e, v.value().to_vec()));
         }
     }
     emit(&ident, &mut value)
@@ -1302,24 +1439,42 @@ mod tempfile_path {
 }
 
 impl ReadOnlyStore {
-    /// Opens the store at `path` read-only. A metadata file that was not closed cleanly
-    /// (a crash) would need redb's repair, which writes: a copy in the temporary
-    /// directory is repaired and read instead, so the store itself is never changed.
-    pub fn open(path: &Path) -> Result<ReadOnlyStore, StoreError> {
+    /// Opens the store at `path` read-only. The store itself is never changed: with
+    /// `verify` (fsck), or when the metadata file was not closed cleanly (redb would
+    /// have to repair it, which writes), a private copy of it is opened instead, with
+    /// every page's checksum verified.
+    pub fn open(path: &Path, verify: bool) -> Result<ReadOnlyStore, StoreError> {
         let db_path = path.join(DB_FILE);
         if !db_path.is_file() {
             return Err(StoreError::NotAStore(path.to_path_buf()));
         }
+        // Held while the copy is taken, so no daemon opens the store meanwhile.
         let res = std::panic::catch_unwind(|| redb::ReadOnlyDatabase::open(&db_path));
-        let db = match res {
-            Ok(Ok(db)) => ReadOnlyDb::Own(db),
+        let own = match res {
+            Ok(Ok(db)) => Some(db),
             Ok(Err(redb::DatabaseError::DatabaseAlreadyOpen)) => return Err(StoreError::Locked),
             Ok(Err(redb::DatabaseError::Storage(redb::StorageError::Io(e))))
                 if e.raw_os_error() == Some(libc::EWOULDBLOCK) =>
             {
                 return Err(StoreError::Locked);
             }
-            Ok(Err(redb::DatabaseError::RepairAborted)) => {
+            Ok(Err(redb::DatabaseError::RepairAborted)) => None,
+            Ok(Err(e)) if verify => {
+                tracing::debug!(error = %e, "read-only open failed; checking a copy");
+                None
+            }
+            Ok(Err(e)) => {
+                return Err(StoreError::Corrupt(format!(
+                    "cannot open {}: {e}",
+                    db_path.display()
+                )));
+            }
+            Err(_) if verify => None,
+            Err(p) => return Err(panicked("opening the metadata", p)),
+        };
+        let db = match own {
+            Some(db) if !verify => ReadOnlyDb::Own(db),
+            _ => {
                 let copy = std::env::temp_dir().join(format!(
                     "snapfs-check-{}-{}.redb",
                     std::process::id(),
@@ -1336,38 +1491,41 @@ impl ReadOnlyStore {
                         .open(&copy)?;
                     std::io::copy(&mut std::fs::File::open(&db_path)?, &mut to)
                 })();
+                let guard = tempfile_path::TempCopy(copy);
                 copied.map_err(|e| {
                     StoreError::Io(std::io::Error::new(
                         e.kind(),
                         format!(
-                            "the metadata needs repair, and copying it to {} to repair there failed: {e}",
-                            copy.display()
+                            "copying the metadata to {} to check it there failed: {e}",
+                            guard.0.display()
                         ),
                     ))
                 })?;
-                let guard = tempfile_path::TempCopy(copy);
-                let db = std::panic::catch_unwind(|| Database::open(&guard.0))
-                    .map_err(|p| panicked("repairing a copy of the metadata", p))?
-                    .map_err(|e| {
-                        StoreError::Corrupt(format!(
-                            "{} cannot be repaired: {e}",
-                            db_path.display()
-                        ))
-                    })?;
+                drop(own);
+                let db = std::panic::catch_unwind(|| {
+                    Database::builder()
+                        .set_check_integrity_on_open(true)
+                        .open(&guard.0)
+                })
+                .map_err(|p| panicked("checking a copy of the metadata", p))?
+                .map_err(|e| {
+                    StoreError::Corrupt(format!(
+                        "the metadata file {} fails its checks: {e}",
+                        db_path.display()
+                    ))
+                })?;
                 ReadOnlyDb::Copy { db, _copy: guard }
             }
-            Ok(Err(e)) => {
-                return Err(StoreError::Corrupt(format!(
-                    "cannot open {}: {e}",
-                    db_path.display()
-                )));
-            }
-            Err(p) => return Err(panicked("opening the metadata", p)),
         };
-        Ok(ReadOnlyStore {
+        let mut ro = ReadOnlyStore {
             db,
             segs: Segments::open(&path.join("segments"), false, 1)?,
-        })
+        };
+        match read_format(&ro.begin_read()?)? {
+            FORMAT_VERSION => Ok(ro),
+            1 => Err(StoreError::Upgrade),
+            f => Err(StoreError::Format(f)),
+        }
     }
 
     /// A read transaction over the metadata.
@@ -1540,19 +1698,10 @@ impl Writer<'_> {
                 older = true;
             }
         }
-        match payload {
-            Some(p) => {
-                let mut v = Vec::with_capacity(p.len() + 1);
-                v.push(TAG_PRESENT);
-                v.extend_from_slice(p);
-                self.t.versions.insert(key.at(live), v.as_slice())?;
-            }
-            None => {
-                // A tombstone is needed only to hide an older version some snapshot keeps.
-                if older {
-                    self.t.versions.insert(key.at(live), &[TAG_TOMBSTONE][..])?;
-                }
-            }
+        // A tombstone is needed only to hide an older version some snapshot keeps.
+        if payload.is_some() || older {
+            let v = seal_version(key.at(live), payload);
+            self.t.versions.insert(key.at(live), v.as_slice())?;
         }
         if self.last_change != Some((live, key.ino)) {
             self.t.changes.insert((live, key.ino), ())?;
@@ -1675,7 +1824,7 @@ impl Writer<'_> {
                 rec
             }
         };
-        self.t.extents.insert(hash, &rec.encode()[..])?;
+        self.t.extents.insert(hash, rec.encode(&hash).as_slice())?;
         Ok(())
     }
 
@@ -1683,7 +1832,7 @@ impl Writer<'_> {
     pub fn incref(&mut self, hash: &[u8; 32]) -> Result<(), StoreError> {
         let mut rec = self.extent(hash)?;
         rec.refs += 1;
-        self.t.extents.insert(*hash, &rec.encode()[..])?;
+        self.t.extents.insert(*hash, rec.encode(hash).as_slice())?;
         Ok(())
     }
 
@@ -1711,7 +1860,7 @@ impl Writer<'_> {
                 .segments
                 .insert(rec.segment, dead + rec.len as u64 + segment::EXTENT_HEADER)?;
         } else {
-            self.t.extents.insert(*hash, &rec.encode()[..])?;
+            self.t.extents.insert(*hash, rec.encode(hash).as_slice())?;
         }
         Ok(())
     }
@@ -1768,14 +1917,14 @@ impl Writer<'_> {
         }
         rec.segment = segment;
         rec.offset = offset;
-        self.t.extents.insert(*hash, &rec.encode()[..])?;
+        self.t.extents.insert(*hash, rec.encode(hash).as_slice())?;
         Ok(())
     }
 
     /// The extent row of `hash`.
     pub fn extent(&mut self, hash: &[u8; 32]) -> Result<ExtentRec, StoreError> {
         match self.t.extents.get(*hash)? {
-            Some(v) => ExtentRec::decode(v.value()),
+            Some(v) => ExtentRec::decode(hash, v.value()),
             None => Err(StoreError::Corrupt(format!(
                 "extent {} is not in the index",
                 hex(hash)
@@ -1801,7 +1950,12 @@ impl Writer<'_> {
             if kino != ino {
                 break;
             }
-            rows.push((kind, sub, name.to_vec(), epoch, v.value().to_vec()));
+            // Kept as tag and payload, checked.
+            let value = match open_version(k.value(), v.value())? {
+                Some(p) => [&[TAG_PRESENT][..], p].concat(),
+                None => vec![TAG_TOMBSTONE],
+            };
+            rows.push((kind, sub, name.to_vec(), epoch, value));
         }
         let mut drop: Vec<usize> = Vec::new();
         let mut start = 0;
@@ -1871,16 +2025,12 @@ impl Writer<'_> {
 
     /// Hands out a new inode number.
     pub fn alloc_ino(&mut self) -> Result<u64, StoreError> {
-        let next = match self.t.meta.get(meta::NEXT_INO)? {
-            Some(v) => le_u64(v.value())?,
-            None => return Err(StoreError::Corrupt("meta row next_ino is missing".into())),
-        };
+        let next = read_meta_u64(&self.t.meta, meta::NEXT_INO)?;
         if next >= crate::fs::MAX_LIVE_INO {
             return Err(StoreError::Corrupt("inode numbers exhausted".into()));
         }
-        self.t
-            .meta
-            .insert(meta::NEXT_INO, &(next + 1).to_le_bytes()[..])?;
+        let row = seal_meta(meta::NEXT_INO, &(next + 1).to_le_bytes());
+        self.t.meta.insert(meta::NEXT_INO, row.as_slice())?;
         Ok(next)
     }
 }

@@ -72,8 +72,156 @@ pub mod meta {
 /// is deleted after that commit, and again at the next open should a crash come first.
 pub const SEGMENT_RETIRED: u64 = u64::MAX;
 
-/// The on-disk format this build writes and reads.
-pub const FORMAT_VERSION: u32 = 1;
+/// The on-disk format this build writes and reads. Format 2 ends every value of
+/// `versions`, `extents`, `snapshots` and `meta` (but the format row) with a checksum
+/// ([`SUM`]); a format 1 store is upgraded when it is first opened to be written.
+pub const FORMAT_VERSION: u32 = 2;
+
+/// Bytes of the checksum that ends a checksummed value: the first 8 bytes of a keyed
+/// blake3 hash over the table, the key and the value, so that a damaged value, or a
+/// value found under a damaged key, is an error and never another record.
+pub const SUM: usize = 8;
+
+/// The checksums' key (a fixed key: checksums find damage, they are no secret).
+fn sum_key() -> &'static [u8; 32] {
+    static KEY: std::sync::OnceLock<[u8; 32]> = std::sync::OnceLock::new();
+    KEY.get_or_init(|| blake3::derive_key("snapfs 2026-12-03 record checksum", b""))
+}
+
+/// The checksum of `value` under `key` in table `table` (its name).
+fn sum(table: &str, key: &[&[u8]], value: &[u8]) -> [u8; SUM] {
+    let mut h = blake3::Hasher::new_keyed(sum_key());
+    h.update(&(table.len() as u32).to_le_bytes());
+    h.update(table.as_bytes());
+    for k in key {
+        h.update(&(k.len() as u32).to_le_bytes());
+        h.update(k);
+    }
+    h.update(value);
+    let mut out = [0u8; SUM];
+    out.copy_from_slice(&h.finalize().as_bytes()[..SUM]);
+    out
+}
+
+/// `value` with its checksum appended.
+fn seal(table: &str, key: &[&[u8]], value: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(value.len() + SUM);
+    out.extend_from_slice(value);
+    out.extend_from_slice(&sum(table, key, value));
+    out
+}
+
+/// The value inside `raw` if its checksum holds; `what` names the row for the error.
+fn unseal<'v>(
+    table: &str,
+    key: &[&[u8]],
+    raw: &'v [u8],
+    what: impl FnOnce() -> String,
+) -> Result<&'v [u8], StoreError> {
+    if raw.len() >= SUM {
+        let (value, s) = raw.split_at(raw.len() - SUM);
+        if s == sum(table, key, value) {
+            return Ok(value);
+        }
+    }
+    Err(StoreError::Corrupt(format!(
+        "{} fails its checksum",
+        what()
+    )))
+}
+
+/// The parts of a `versions` key that its checksum covers.
+fn version_key_parts(k: &(u64, u8, u64, &[u8], u64)) -> [u8; 25] {
+    let mut out = [0u8; 25];
+    out[..8].copy_from_slice(&k.0.to_le_bytes());
+    out[8] = k.1;
+    out[9..17].copy_from_slice(&k.2.to_le_bytes());
+    out[17..25].copy_from_slice(&k.4.to_le_bytes());
+    out
+}
+
+/// Encodes a `versions` value: `payload` (`None`: a tombstone) under `key`.
+pub fn seal_version(key: (u64, u8, u64, &[u8], u64), payload: Option<&[u8]>) -> Vec<u8> {
+    let mut v = Vec::with_capacity(1 + payload.map_or(0, <[u8]>::len) + SUM);
+    match payload {
+        Some(p) => {
+            v.push(TAG_PRESENT);
+            v.extend_from_slice(p);
+        }
+        None => v.push(TAG_TOMBSTONE),
+    }
+    let s = sum("versions", &[&version_key_parts(&key), key.3], &v);
+    v.extend_from_slice(&s);
+    v
+}
+
+/// Decodes a `versions` value read under `key`: `None` for a tombstone, else the
+/// payload. A value whose checksum fails, or with no known tag, is `Corrupt`.
+pub fn open_version<'v>(
+    key: (u64, u8, u64, &[u8], u64),
+    raw: &'v [u8],
+) -> Result<Option<&'v [u8]>, StoreError> {
+    let what = || {
+        format!(
+            "record of inode {} (kind {}, {}, {:?}) at epoch {}",
+            key.0,
+            key.1,
+            key.2,
+            String::from_utf8_lossy(key.3),
+            key.4
+        )
+    };
+    let v = unseal("versions", &[&version_key_parts(&key), key.3], raw, what)?;
+    match v.split_first() {
+        Some((&TAG_PRESENT, p)) => Ok(Some(p)),
+        Some((&TAG_TOMBSTONE, [])) => Ok(None),
+        _ => Err(StoreError::Corrupt(format!("{} has no valid tag", what()))),
+    }
+}
+
+/// Encodes the `meta` row `name` (the format row is written bare, see
+/// [`meta::FORMAT`]).
+pub fn seal_meta(name: &str, value: &[u8]) -> Vec<u8> {
+    seal("meta", &[name.as_bytes()], value)
+}
+
+/// Reads the `meta` row `name` from `t`; `None` if it is absent.
+pub fn read_meta<T: redb::ReadableTable<&'static str, &'static [u8]>>(
+    t: &T,
+    name: &str,
+) -> Result<Option<Vec<u8>>, StoreError> {
+    match t.get(name).map_err(|e| StoreError::Db(e.into()))? {
+        None => Ok(None),
+        Some(v) => Ok(Some(
+            unseal("meta", &[name.as_bytes()], v.value(), || {
+                format!("meta row {name}")
+            })?
+            .to_vec(),
+        )),
+    }
+}
+
+/// Reads the `meta` row `name` as a u64; a missing row is `Corrupt`.
+pub fn read_meta_u64<T: redb::ReadableTable<&'static str, &'static [u8]>>(
+    t: &T,
+    name: &str,
+) -> Result<u64, StoreError> {
+    match read_meta(t, name)? {
+        Some(v) => le_u64(&v),
+        None => Err(StoreError::Corrupt(format!("meta row {name} is missing"))),
+    }
+}
+
+/// Reads the `meta` row `name` as a u32; a missing row is `Corrupt`.
+pub fn read_meta_u32<T: redb::ReadableTable<&'static str, &'static [u8]>>(
+    t: &T,
+    name: &str,
+) -> Result<u32, StoreError> {
+    match read_meta(t, name)? {
+        Some(v) => le_u32(&v),
+        None => Err(StoreError::Corrupt(format!("meta row {name} is missing"))),
+    }
+}
 
 /// Record kinds in `versions`.
 pub const KIND_INODE: u8 = 0;
@@ -510,18 +658,26 @@ pub struct ExtentRec {
 }
 
 impl ExtentRec {
-    /// Encodes the value.
-    pub fn encode(&self) -> [u8; 28] {
+    /// Encodes the value of the row of extent `hash`.
+    pub fn encode(&self, hash: &[u8; 32]) -> Vec<u8> {
         let mut out = [0u8; 28];
         out[..8].copy_from_slice(&self.segment.to_le_bytes());
         out[8..16].copy_from_slice(&self.offset.to_le_bytes());
         out[16..20].copy_from_slice(&self.len.to_le_bytes());
         out[20..28].copy_from_slice(&self.refs.to_le_bytes());
-        out
+        seal("extents", &[hash], &out)
     }
 
-    /// Decodes the value.
-    pub fn decode(b: &[u8]) -> Result<Self, StoreError> {
+    /// Decodes the value of the row of extent `hash`.
+    pub fn decode(hash: &[u8; 32], raw: &[u8]) -> Result<Self, StoreError> {
+        let b = unseal("extents", &[hash], raw, || {
+            format!("index row of extent {}", crate::store::hex(hash))
+        })?;
+        Self::decode_bare(b)
+    }
+
+    /// Decodes a value without its checksum (format 1).
+    pub(crate) fn decode_bare(b: &[u8]) -> Result<Self, StoreError> {
         if b.len() != 28 {
             return Err(StoreError::Corrupt(format!(
                 "extent row of {} bytes",
@@ -554,18 +710,26 @@ pub struct SnapshotRec {
 pub const SNAP_DELETED: u8 = 1;
 
 impl SnapshotRec {
-    /// Encodes the value.
-    pub fn encode(&self) -> [u8; 21] {
+    /// Encodes the value of the row named `name`.
+    pub fn encode(&self, name: &str) -> Vec<u8> {
         let mut out = [0u8; 21];
         out[..8].copy_from_slice(&self.epoch.to_le_bytes());
         out[8..16].copy_from_slice(&self.created.sec.to_le_bytes());
         out[16..20].copy_from_slice(&self.created.nsec.to_le_bytes());
         out[20] = self.flags;
-        out
+        seal("snapshots", &[name.as_bytes()], &out)
     }
 
-    /// Decodes the value.
-    pub fn decode(b: &[u8]) -> Result<Self, StoreError> {
+    /// Decodes the value of the row named `name`.
+    pub fn decode(name: &str, raw: &[u8]) -> Result<Self, StoreError> {
+        let b = unseal("snapshots", &[name.as_bytes()], raw, || {
+            format!("snapshot row {name:?}")
+        })?;
+        Self::decode_bare(b)
+    }
+
+    /// Decodes a value without its checksum (format 1).
+    pub(crate) fn decode_bare(b: &[u8]) -> Result<Self, StoreError> {
         if b.len() != 21 {
             return Err(StoreError::Corrupt(format!(
                 "snapshot row of {} bytes",
@@ -814,8 +978,9 @@ mod tests {
             len: 65536,
             refs: 2,
         }
-        .encode();
-        hostile(&extent, ExtentRec::decode, |_| {});
+        .encode(&[5; 32]);
+        hostile(&extent, |b| ExtentRec::decode(&[5; 32], b), |_| {});
+        hostile(&extent[..28], ExtentRec::decode_bare, |_| {});
         let snap = SnapshotRec {
             epoch: 9,
             created: Ts {
@@ -824,8 +989,15 @@ mod tests {
             },
             flags: SNAP_DELETED,
         }
-        .encode();
-        hostile(&snap, SnapshotRec::decode, |r| sane_ts(&r.created));
+        .encode("s");
+        hostile(
+            &snap,
+            |b| SnapshotRec::decode("s", b),
+            |r| sane_ts(&r.created),
+        );
+        hostile(&snap[..21], SnapshotRec::decode_bare, |r| {
+            sane_ts(&r.created)
+        });
         hostile(&7u64.to_le_bytes(), le_u64, |_| {});
         hostile(&7u32.to_le_bytes(), le_u32, |_| {});
         hostile(
@@ -833,6 +1005,42 @@ mod tests {
             |b| FileKind::from_u8(b.first().copied().unwrap_or(0)),
             |_| {},
         );
+    }
+
+    #[test]
+    fn every_flipped_bit_of_a_record_or_its_key_fails_its_checksum() {
+        let key = (12u64, KIND_BLOCK, 3u64, &b""[..], 7u64);
+        let payload = [9u8; 36];
+        let v = seal_version(key, Some(&payload));
+        assert_eq!(open_version(key, &v).unwrap(), Some(&payload[..]));
+        for bit in 0..v.len() * 8 {
+            let mut w = v.clone();
+            w[bit / 8] ^= 1 << (bit % 8);
+            assert!(open_version(key, &w).is_err(), "value bit {bit}");
+        }
+        let others = [
+            (13, KIND_BLOCK, 3, &b""[..], 7),
+            (12, KIND_XATTR, 3, &b""[..], 7),
+            (12, KIND_BLOCK, 2, &b""[..], 7),
+            (12, KIND_BLOCK, 3, &b"x"[..], 7),
+            (12, KIND_BLOCK, 3, &b""[..], 6),
+        ];
+        for k in others {
+            assert!(open_version(k, &v).is_err(), "{k:?}");
+        }
+        let t = seal_version(key, None);
+        assert_eq!(open_version(key, &t).unwrap(), None);
+        let e = ExtentRec {
+            segment: 1,
+            offset: 56,
+            len: 65536,
+            refs: 1,
+        }
+        .encode(&[1; 32]);
+        assert!(ExtentRec::decode(&[1; 32], &e).is_ok());
+        assert!(ExtentRec::decode(&[2; 32], &e).is_err());
+        let m = seal_meta(meta::LIVE_EPOCH, &5u64.to_le_bytes());
+        assert!(unseal("meta", &[meta::NEXT_INO.as_bytes()], &m, String::new).is_err());
     }
 
     #[test]
@@ -848,7 +1056,7 @@ mod tests {
                 flags: 0,
             };
             assert!(matches!(
-                SnapshotRec::decode(&snap.encode()),
+                SnapshotRec::decode("s", &snap.encode("s")),
                 Err(StoreError::Corrupt(_))
             ));
         }
