@@ -444,7 +444,7 @@ pub fn fsck_txn(
             Some(l) => *l,
             None => {
                 let l = if segs.exists(ext.segment) {
-                    Some(segs.file(ext.segment)?.metadata()?.len())
+                    Some(segs.len(ext.segment)?)
                 } else {
                     None
                 };

@@ -309,7 +309,16 @@ fn check_name(name: &[u8]) -> FsResult<()> {
 impl Fs {
     /// Opens (or with `create`, creates) the store at `path` and makes sure it has a root.
     pub fn open(path: &Path, create: Option<&StoreConfig>) -> Result<Fs, FsError> {
-        let mut store = Store::open(path, create)?;
+        Self::open_on(crate::store::disk::real(), path, create)
+    }
+
+    /// [`Fs::open`] on `disk` (a simulated one in power-loss tests).
+    pub fn open_on(
+        disk: std::sync::Arc<dyn crate::store::disk::Disk>,
+        path: &Path,
+        create: Option<&StoreConfig>,
+    ) -> Result<Fs, FsError> {
+        let mut store = Store::open_on(disk, path, create)?;
         store.recover()?;
         let mut inner = Inner {
             store,

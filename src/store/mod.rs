@@ -12,6 +12,7 @@
 //! at durable points, `Durability::Immediate` after `fdatasync` of the segments, so
 //! extents are durable before any metadata that names them.
 
+pub mod disk;
 pub mod schema;
 pub mod segment;
 pub mod verify;
@@ -177,36 +178,43 @@ impl Store {
     /// Opens the store at `path`; creates it when `create` is set and the directory is
     /// missing or empty. Never modifies a directory that is not a store.
     pub fn open(path: &Path, create: Option<&StoreConfig>) -> Result<Store, StoreError> {
+        Self::open_on(disk::real(), path, create)
+    }
+
+    /// [`Store::open`] on `disk`.
+    pub fn open_on(
+        disk: std::sync::Arc<dyn disk::Disk>,
+        path: &Path,
+        create: Option<&StoreConfig>,
+    ) -> Result<Store, StoreError> {
         let db_path = path.join(DB_FILE);
-        let fresh = !db_path.exists();
+        let fresh = !disk.exists(&db_path);
         if fresh {
-            let empty = match std::fs::read_dir(path) {
-                Ok(mut it) => it.next().is_none(),
+            let empty = match disk.list(path) {
+                Ok(names) => names.is_empty(),
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => true,
                 Err(e) => return Err(e.into()),
             };
             if create.is_none() || !empty {
                 return Err(StoreError::NotAStore(path.to_path_buf()));
             }
-            std::fs::create_dir_all(path)?;
+            disk.create_dir_all(path)?;
             // The new directory's entry, durable before anything in it is.
-            if let Some(parent) = path.canonicalize()?.parent() {
-                sync_dir(parent)?;
-            }
-        } else if !path.is_dir() {
+            let parent = match path.parent() {
+                Some(p) if !p.as_os_str().is_empty() => p,
+                _ => Path::new("."),
+            };
+            disk.sync_dir(parent)?;
+        } else if !disk.exists(path) {
             return Err(StoreError::NotAStore(path.to_path_buf()));
         }
-        let db = if fresh {
-            Database::create(&db_path)?
-        } else {
-            // Every page's checksum is verified at open, so a damaged metadata file is
-            // refused here instead of answering with what a damaged page says (and redb's
-            // panics on such a file become errors).
-            let opened = std::panic::catch_unwind(|| {
-                Database::builder()
-                    .set_check_integrity_on_open(true)
-                    .open(&db_path)
-            })
+        let db = {
+            // An existing file has every page's checksum verified at open, so a damaged
+            // metadata file is refused here instead of answering with what a damaged
+            // page says (and redb's panics on such a file become errors).
+            let opened = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                disk.open_db(&db_path, fresh)
+            }))
             .map_err(|p| panicked("opening the metadata", p))?;
             match opened {
                 Ok(db) => db,
@@ -248,10 +256,12 @@ impl Store {
                 txn.open_table(SNAPSHOTS)?;
             }
             txn.commit()?;
+            // The metadata file's entry, before anything else is made in the store.
+            disk.sync_dir(path)?;
         }
-        let mut segs = Segments::open(&path.join("segments"), fresh, 1)?;
+        let mut segs = Segments::open(disk.clone(), &path.join("segments"), fresh, 1)?;
         if fresh {
-            sync_dir(path)?;
+            disk.sync_dir(path)?;
         }
         match read_format(&db.begin_read()?)? {
             FORMAT_VERSION => {}
@@ -293,7 +303,7 @@ impl Store {
             (block_size, volume_id, live_epoch, epochs, next)
         };
         if next_segment > segs.next_id() {
-            segs = Segments::open(&path.join("segments"), false, next_segment)?;
+            segs = Segments::open(disk.clone(), &path.join("segments"), false, next_segment)?;
         }
         Ok(Store {
             path: path.to_path_buf(),
@@ -979,12 +989,6 @@ fn upgrade_from_1(db: &Database) -> Result<(), StoreError> {
     Ok(())
 }
 
-/// `fsync`s directory `dir`, so the entries made in it are durable.
-pub fn sync_dir(dir: &Path) -> Result<(), StoreError> {
-    std::fs::File::open(dir)?.sync_all()?;
-    Ok(())
-}
-
 /// A core error met inside the store's own operations, as a store error.
 fn fs_to_store(e: crate::fs::FsError) -> StoreError {
     match e {
@@ -1015,7 +1019,7 @@ fn mismatch(hash: &[u8; 32], rec: &ExtentRec) -> StoreError {
 /// are never overwritten, and a segment that compaction deletes meanwhile stays
 /// readable through the open file.
 pub struct Fetch {
-    file: std::sync::Arc<std::fs::File>,
+    file: segment::SegFile,
     hash: [u8; 32],
     rec: ExtentRec,
 }
@@ -1024,7 +1028,7 @@ impl Fetch {
     /// Reads the extent into the front of `dst` and checks it against its hash.
     pub fn run(&self, dst: &mut [u8]) -> Result<(), StoreError> {
         let dst = &mut dst[..self.rec.len as usize];
-        segment::read_exact_from(&self.file, self.rec.segment, self.rec.offset, dst)?;
+        segment::read_exact_from(&*self.file, self.rec.segment, self.rec.offset, dst)?;
         check_whole(&self.hash, &self.rec, dst)
     }
 }
@@ -1519,7 +1523,7 @@ impl ReadOnlyStore {
         };
         let mut ro = ReadOnlyStore {
             db,
-            segs: Segments::open(&path.join("segments"), false, 1)?,
+            segs: Segments::open(disk::real(), &path.join("segments"), false, 1)?,
         };
         match read_format(&ro.begin_read()?)? {
             FORMAT_VERSION => Ok(ro),

@@ -12,13 +12,15 @@
 //! store records the next one, see `meta::NEXT_SEGMENT`).
 
 use std::collections::HashMap;
-use std::fs::{File, OpenOptions};
 use std::io;
-use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use crate::store::StoreError;
+use crate::store::disk::{Disk, DiskFile};
+
+/// An open segment file.
+pub type SegFile = Arc<dyn DiskFile>;
 
 /// Magic at the start of every segment file.
 pub const SEGMENT_MAGIC: &[u8; 8] = b"SNAPFSG1";
@@ -34,10 +36,11 @@ pub const SEGMENT_TARGET: u64 = 1 << 30;
 /// The set of segment files of a store, with one open for appending.
 #[derive(Debug)]
 pub struct Segments {
+    disk: Arc<dyn Disk>,
     dir: PathBuf,
     /// Open segment files, shared with reads that run outside the core's lock (a
     /// deleted segment stays readable through a handle opened before).
-    files: HashMap<u64, Arc<File>>,
+    files: HashMap<u64, SegFile>,
     /// The segment appends go to; its file exists only once `started`.
     active: u64,
     started: bool,
@@ -52,7 +55,7 @@ pub struct Segments {
 
 /// A segment file to `fdatasync` without the store's lock.
 pub struct SyncHandle {
-    file: File,
+    file: SegFile,
     faults: Arc<std::sync::atomic::AtomicU32>,
 }
 
@@ -76,74 +79,6 @@ fn take_fault(faults: &std::sync::atomic::AtomicU32) -> io::Result<()> {
     Ok(())
 }
 
-/// Writes `parts` one after the other at `at` with `pwritev`, without copying them
-/// together (at most [`IOV_BATCH`] parts per call).
-fn write_all_vectored_at(f: &File, parts: &[&[u8]], at: u64) -> io::Result<()> {
-    use std::os::unix::io::AsRawFd;
-    let mut first = 0usize; // the first part not wholly written
-    let mut skip = 0usize; // bytes of it already written
-    let mut pos = at;
-    while first < parts.len() {
-        let iov: Vec<libc::iovec> = parts[first..]
-            .iter()
-            .take(IOV_BATCH)
-            .enumerate()
-            .map(|(i, p)| {
-                let p = if i == 0 { &p[skip..] } else { p };
-                libc::iovec {
-                    iov_base: p.as_ptr() as *mut _,
-                    iov_len: p.len(),
-                }
-            })
-            .collect();
-        // SAFETY: every iovec describes a live slice for the duration of the call, and
-        // pwritev only reads through them.
-        let n = unsafe {
-            libc::pwritev(
-                f.as_raw_fd(),
-                iov.as_ptr(),
-                iov.len() as libc::c_int,
-                pos as libc::off_t,
-            )
-        };
-        if n < 0 {
-            let e = io::Error::last_os_error();
-            if e.kind() == io::ErrorKind::Interrupted {
-                continue;
-            }
-            return Err(e);
-        }
-        if n == 0 {
-            return Err(io::Error::new(
-                io::ErrorKind::WriteZero,
-                "pwritev wrote nothing",
-            ));
-        }
-        pos += n as u64;
-        let mut n = n as usize;
-        while n > 0 && first < parts.len() {
-            let left = parts[first].len() - skip;
-            if n >= left {
-                n -= left;
-                first += 1;
-                skip = 0;
-            } else {
-                skip += n;
-                n = 0;
-            }
-        }
-        // Parts of no bytes left behind a full write.
-        while first < parts.len() && parts[first].len() == skip {
-            first += 1;
-            skip = 0;
-        }
-    }
-    Ok(())
-}
-
-/// Slices per `pwritev` call (Linux allows 1024).
-const IOV_BATCH: usize = 1024;
-
 /// The path of segment `id` under `dir`.
 pub fn segment_path(dir: &Path, id: u64) -> PathBuf {
     dir.join(format!("{id:016x}.seg"))
@@ -151,7 +86,12 @@ pub fn segment_path(dir: &Path, id: u64) -> PathBuf {
 
 /// Reads `buf.len()` bytes at `offset` of `f`, the file of segment `id`; a short read
 /// is corruption (the extent index names bytes the segment does not hold).
-pub fn read_exact_from(f: &File, id: u64, offset: u64, buf: &mut [u8]) -> Result<(), StoreError> {
+pub fn read_exact_from(
+    f: &dyn DiskFile,
+    id: u64,
+    offset: u64,
+    buf: &mut [u8],
+) -> Result<(), StoreError> {
     f.read_exact_at(buf, offset).map_err(|e| {
         if e.kind() == io::ErrorKind::UnexpectedEof {
             StoreError::Corrupt(format!(
@@ -168,11 +108,17 @@ impl Segments {
     /// Opens the segment directory, creating it if `create`. Every segment present is
     /// sealed: appends go to a new segment, numbered at least `next` and above every
     /// file present, whose file is made at the first append.
-    pub fn open(dir: &Path, create: bool, next: u64) -> Result<Self, StoreError> {
+    pub fn open(
+        disk: Arc<dyn Disk>,
+        dir: &Path,
+        create: bool,
+        next: u64,
+    ) -> Result<Self, StoreError> {
         if create {
-            std::fs::create_dir_all(dir)?;
+            disk.create_dir_all(dir)?;
         }
         let mut segs = Segments {
+            disk,
             dir: dir.to_path_buf(),
             files: HashMap::new(),
             active: 0,
@@ -200,8 +146,7 @@ impl Segments {
     /// Ids of all segment files present.
     pub fn ids(&self) -> Result<Vec<u64>, StoreError> {
         let mut ids = Vec::new();
-        for entry in std::fs::read_dir(&self.dir)? {
-            let name = entry?.file_name();
+        for name in self.disk.list(&self.dir)? {
             if let Some(id) = name
                 .to_string_lossy()
                 .strip_suffix(".seg")
@@ -219,16 +164,12 @@ impl Segments {
         let id = self.active;
         let path = segment_path(&self.dir, id);
         // A file of this id would be one the store did not know of: never append to it.
-        let f = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create_new(true)
-            .open(&path)?;
+        let f = self.disk.open(&path, true)?;
         let mut header = [0u8; SEGMENT_HEADER as usize];
         header[..8].copy_from_slice(SEGMENT_MAGIC);
         header[8..].copy_from_slice(&id.to_le_bytes());
-        f.write_all_at(&header, 0)?;
-        self.files.insert(id, Arc::new(f));
+        f.write_parts_at(&[&header], 0)?;
+        self.files.insert(id, f);
         self.started = true;
         self.active_len = SEGMENT_HEADER;
         self.unsynced.push(id);
@@ -236,26 +177,22 @@ impl Segments {
     }
 
     /// The open file of segment `id`.
-    pub fn file(&mut self, id: u64) -> Result<&File, StoreError> {
-        Ok(self.shared(id)?)
+    pub fn file(&mut self, id: u64) -> Result<&dyn DiskFile, StoreError> {
+        Ok(&**self.shared(id)?)
     }
 
     /// The open file of segment `id`, to read from without `self`.
-    pub fn shared(&mut self, id: u64) -> Result<&Arc<File>, StoreError> {
+    pub fn shared(&mut self, id: u64) -> Result<&SegFile, StoreError> {
         if !self.files.contains_key(&id) {
             let path = segment_path(&self.dir, id);
-            let f = OpenOptions::new()
-                .read(true)
-                .write(true)
-                .open(&path)
-                .map_err(|e| {
-                    if e.kind() == io::ErrorKind::NotFound {
-                        StoreError::Corrupt(format!("segment {id:016x} is missing"))
-                    } else {
-                        e.into()
-                    }
-                })?;
-            self.files.insert(id, Arc::new(f));
+            let f = self.disk.open(&path, false).map_err(|e| {
+                if e.kind() == io::ErrorKind::NotFound {
+                    StoreError::Corrupt(format!("segment {id:016x} is missing"))
+                } else {
+                    e.into()
+                }
+            })?;
+            self.files.insert(id, f);
         }
         Ok(&self.files[&id])
     }
@@ -309,7 +246,7 @@ impl Segments {
                 end += size(i);
                 i += 1;
             }
-            write_all_vectored_at(self.file(id)?, &parts, at)?;
+            self.file(id)?.write_parts_at(&parts, at)?;
             self.active_len = end;
             if self.unsynced.last() != Some(&id) {
                 self.unsynced.push(id);
@@ -321,7 +258,8 @@ impl Segments {
     /// Reads `len` bytes of extent data at `offset` of segment `id`.
     pub fn read(&mut self, id: u64, offset: u64, len: u32) -> Result<Vec<u8>, StoreError> {
         let mut buf = vec![0u8; len as usize];
-        read_exact_from(self.file(id)?, id, offset, &mut buf)?;
+        let f = self.file(id)?;
+        read_exact_from(f, id, offset, &mut buf)?;
         Ok(buf)
     }
 
@@ -337,7 +275,7 @@ impl Segments {
             take_fault(&self.sync_faults)?;
             self.file(id)?.sync_data()?;
         }
-        File::open(&self.dir)?.sync_all()?;
+        self.disk.sync_dir(&self.dir)?;
         Ok(())
     }
 
@@ -348,7 +286,7 @@ impl Segments {
         ids.into_iter()
             .filter_map(|id| {
                 Some(SyncHandle {
-                    file: self.file(id).ok()?.try_clone().ok()?,
+                    file: self.shared(id).ok()?.clone(),
                     faults: self.sync_faults.clone(),
                 })
             })
@@ -383,7 +321,6 @@ impl Segments {
     /// file keeps its length and reads zeros there). Call only once the commit that
     /// freed it is durable: a crash must not bring back a reference to punched bytes.
     pub fn punch(&mut self, id: u64, offset: u64, len: u64) -> Result<(), StoreError> {
-        use std::os::unix::io::AsRawFd;
         const PAGE: u64 = 4096;
         let (a, b) = (offset.div_ceil(PAGE) * PAGE, (offset + len) / PAGE * PAGE);
         if a >= b {
@@ -395,23 +332,7 @@ impl Segments {
             Err(StoreError::Corrupt(_)) => return Ok(()),
             Err(e) => return Err(e),
         };
-        // SAFETY: a plain syscall on an open descriptor.
-        let r = unsafe {
-            libc::fallocate(
-                f.as_raw_fd(),
-                libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
-                a as libc::off_t,
-                (b - a) as libc::off_t,
-            )
-        };
-        if r != 0 {
-            let e = io::Error::last_os_error();
-            // Filesystems without hole punching keep the bytes until compaction.
-            if e.raw_os_error() != Some(libc::EOPNOTSUPP) {
-                return Err(e.into());
-            }
-        }
-        Ok(())
+        Ok(f.punch(a, b - a)?)
     }
 
     /// Whether `bytes` more of extents leave the disk its reserve: the space kept for
@@ -419,18 +340,7 @@ impl Segments {
     /// failing a commit of operations already answered. The reserve is 5% of the
     /// filesystem, at least 8 MiB and at most 256 MiB.
     pub fn room_for(&self, bytes: u64) -> io::Result<bool> {
-        use std::os::unix::ffi::OsStrExt;
-        let path = std::ffi::CString::new(self.dir.as_os_str().as_bytes())
-            .map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
-        // SAFETY: all-zero is a valid statvfs; the kernel fills it.
-        let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
-        // SAFETY: `path` is NUL-terminated and `st` a valid out pointer.
-        if unsafe { libc::statvfs(path.as_ptr(), &mut st) } != 0 {
-            return Err(io::Error::last_os_error());
-        }
-        let unit = st.f_frsize.max(1);
-        let avail = st.f_bavail.saturating_mul(unit);
-        let total = st.f_blocks.saturating_mul(unit);
+        let (avail, total) = self.disk.space(&self.dir)?;
         let reserve = (total / 20).clamp(8 << 20, 256 << 20);
         Ok(avail >= bytes.saturating_add(reserve))
     }
@@ -452,27 +362,33 @@ impl Segments {
         }
         self.files.remove(&id);
         self.unsynced.retain(|s| *s != id);
-        match std::fs::remove_file(segment_path(&self.dir, id)) {
+        match self.disk.remove(&segment_path(&self.dir, id)) {
             Ok(()) => {}
             Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
             Err(e) => return Err(e.into()),
         }
-        File::open(&self.dir)?.sync_all()?;
+        self.disk.sync_dir(&self.dir)?;
         Ok(())
     }
 
     /// Whether the file of segment `id` exists.
     pub fn exists(&self, id: u64) -> bool {
-        self.files.contains_key(&id) || segment_path(&self.dir, id).is_file()
+        self.files.contains_key(&id) || self.disk.exists(&segment_path(&self.dir, id))
+    }
+
+    /// The length of segment `id`'s file.
+    pub fn len(&mut self, id: u64) -> Result<u64, StoreError> {
+        Ok(self.file(id)?.size()?)
     }
 
     /// Bytes the disk holds for all segment files (holes punched in them not counted).
     pub fn disk_bytes(&self) -> Result<u64, StoreError> {
-        use std::os::unix::fs::MetadataExt;
         let mut total = 0;
         for id in self.ids()? {
-            let m = std::fs::metadata(segment_path(&self.dir, id))?;
-            total += (m.blocks() * 512).min(m.len());
+            total += self
+                .disk
+                .open(&segment_path(&self.dir, id), false)?
+                .allocated()?;
         }
         Ok(total)
     }
@@ -483,32 +399,9 @@ mod tests {
     use super::*;
 
     #[test]
-    fn vectored_writes_keep_every_part_in_order() {
-        let dir = tempfile::tempdir().unwrap();
-        let f = OpenOptions::new()
-            .create(true)
-            .truncate(true)
-            .read(true)
-            .write(true)
-            .open(dir.path().join("f"))
-            .unwrap();
-        // More parts than one pwritev takes, some empty.
-        let parts: Vec<Vec<u8>> = (0..2500u32)
-            .map(|i| vec![(i % 251) as u8; (i % 7) as usize * 3])
-            .collect();
-        let refs: Vec<&[u8]> = parts.iter().map(Vec::as_slice).collect();
-        write_all_vectored_at(&f, &refs, 5).unwrap();
-        let want: Vec<u8> = parts.concat();
-        let mut got = vec![0u8; want.len()];
-        f.read_exact_at(&mut got, 5).unwrap();
-        assert!(got == want);
-        assert_eq!(f.metadata().unwrap().len(), 5 + want.len() as u64);
-    }
-
-    #[test]
     fn batched_appends_land_where_they_say() {
         let dir = tempfile::tempdir().unwrap();
-        let mut segs = Segments::open(dir.path(), true, 1).unwrap();
+        let mut segs = Segments::open(crate::store::disk::real(), dir.path(), true, 1).unwrap();
         let datas: Vec<Vec<u8>> = (0..600u32)
             .map(|i| vec![i as u8; 100 + i as usize])
             .collect();
