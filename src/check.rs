@@ -444,7 +444,14 @@ pub fn fsck_txn(
             Some(l) => *l,
             None => {
                 let l = if segs.exists(ext.segment) {
-                    Some(segs.len(ext.segment)?)
+                    match segs.len(ext.segment) {
+                        Ok(l) => Some(l),
+                        Err(e) => {
+                            rep.problems
+                                .push(format!("segment {}: {e}", seg_name(ext.segment)));
+                            Some(0)
+                        }
+                    }
                 } else {
                     None
                 };
@@ -476,11 +483,18 @@ pub fn fsck_txn(
             );
             continue;
         }
-        let header = segs.read(
+        let header = match segs.read(
             ext.segment,
             ext.offset - EXTENT_HEADER,
             EXTENT_HEADER as u32,
-        )?;
+        ) {
+            Ok(h) => h,
+            Err(e) => {
+                rep.problems.push(format!("extent {}: {e}", hex(&hash)));
+                bad.insert(hash, format!("its segment cannot be read: {e}"));
+                continue;
+            }
+        };
         if &header[..4] != EXTENT_MAGIC
             || u32::from_le_bytes([header[4], header[5], header[6], header[7]]) != ext.len
             || header[8..40] != hash

@@ -500,3 +500,43 @@ fn an_io_error_at_any_step_never_loses_what_was_acknowledged() {
         failures[..failures.len().min(20)].join("\n")
     );
 }
+
+/// After a failed data sync the store is in its error state; closing it must not make
+/// what it still had pending durable (redb's close would), since that names extents
+/// whose bytes the failed sync lost.
+#[test]
+fn closing_after_a_failed_sync_keeps_the_last_durable_state() {
+    let disk = SimDisk::new();
+    let old: Vec<u8> = (0..200_000u32).map(|i| (i % 251) as u8).collect();
+    let new: Vec<u8> = (0..200_000u32).map(|i| (i % 241) as u8).collect();
+    {
+        let fs = Fs::open_on(
+            Arc::new(disk.clone()),
+            Path::new(STORE),
+            Some(&StoreConfig::default()),
+        )
+        .unwrap();
+        let mut core = fs.lock();
+        let ino = core
+            .mknod(ROOT_INO, b"f", libc::S_IFREG | 0o644, 0, 0, b"", ROOT)
+            .unwrap()
+            .ino;
+        let fh = core.open(ino, libc::O_WRONLY).unwrap();
+        core.write(fh, ino, 0, &old, &[]).unwrap();
+        core.sync_all().unwrap();
+        // New bytes, committed but not durably; then their data sync fails.
+        core.write(fh, ino, 0, &new, &[]).unwrap();
+        core.flush_all().unwrap();
+        core.store().commit_group(false).unwrap();
+        core.store().segs.fail_next_syncs(1);
+        assert!(core.sync_all().is_err());
+        core.release(fh).unwrap();
+    }
+    // The store was closed (dropped); then the power goes.
+    let crashed = disk.image().crash(5);
+    let fs = Fs::open_on(Arc::new(crashed), Path::new(STORE), None).unwrap();
+    let mut core = fs.lock();
+    let rep = snapfs::check::fsck(core.store(), true, &mut |_, _| {}).unwrap();
+    assert!(rep.clean(), "{}", rep.summary());
+    assert_eq!(read(&mut core, ROOT_INO, "f").unwrap(), Some(old));
+}

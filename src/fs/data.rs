@@ -1063,8 +1063,8 @@ fn store_blocks<'a>(
         .segs
         .append_many(&repair)
         .map_err(|e| FsError::Errno(e.errno()))?;
-    for ((hash, _), (seg, off)) in repair.iter().zip(at) {
-        w.relocate(hash, seg, off)?;
+    for ((hash, data), (seg, off)) in repair.iter().zip(at) {
+        w.relocate(hash, seg, off, data.len() as u32)?;
     }
     // Phase 2: metadata only. References move for all blocks at once: one block may
     // let go of an extent another takes.

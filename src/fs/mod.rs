@@ -319,7 +319,10 @@ impl Fs {
         create: Option<&StoreConfig>,
     ) -> Result<Fs, FsError> {
         let mut store = Store::open_on(disk, path, create)?;
-        store.recover()?;
+        // Best effort: a store that cannot finish what a crash left still mounts.
+        if let Err(e) = store.recover() {
+            tracing::error!(error = %e, "could not finish what an earlier run left");
+        }
         let mut inner = Inner {
             store,
             dirty: HashMap::new(),
@@ -336,7 +339,10 @@ impl Fs {
         };
         inner.ensure_root()?;
         inner.reap_orphans()?;
-        inner.reap_deleted_snapshots()?;
+        if let Err(e) = inner.reap_deleted_snapshots() {
+            // Retried at the durable ticks; the store mounts all the same.
+            tracing::error!(error = %e, "could not finish deleting a snapshot");
+        }
         Ok(Fs {
             block_size: inner.store.block_size as u64,
             inner: Mutex::new(inner),
@@ -372,11 +378,9 @@ impl Fs {
         };
         for f in files {
             if let Err(e) = f.sync_data() {
-                // The kernel reports a failed write-back once, to this descriptor: the
-                // durable point taken next would see none, so the failure sticks here.
-                self.lock()
-                    .store
-                    .fail_durability(format!("a segment data sync failed: {e}"));
+                // The kernel reports a failed write-back once: the segments recorded it
+                // before any other sync could run, and the store stops here too.
+                self.lock().store.fail_durability(e.to_string());
                 return;
             }
         }

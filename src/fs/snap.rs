@@ -269,8 +269,9 @@ impl Inner {
                 .map_err(StoreError::from)?
                 .is_some()
         };
-        if pending {
-            self.finish_deletion(epoch)?;
+        if pending && let Err(e) = self.finish_deletion(epoch) {
+            self.deletions_pending = true;
+            return Err(e);
         }
         Ok(())
     }

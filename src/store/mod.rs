@@ -109,7 +109,8 @@ impl Default for StoreConfig {
 pub struct Store {
     /// The store directory.
     pub path: PathBuf,
-    db: Database,
+    /// Closed by `Drop` unless the store is in its error state (see there).
+    db: std::mem::ManuallyDrop<Database>,
     /// Segment files.
     pub segs: Segments,
     /// Logical block size.
@@ -136,6 +137,8 @@ pub struct Store {
     xattr_free: std::collections::HashSet<u64>,
     /// Leaf chaining values of extents verified whole (see [`verify`]).
     outboards: std::collections::HashMap<[u8; 32], Box<[blake3::hazmat::ChainingValue]>>,
+    /// Segments compaction gave up on (damaged extents, a failed move) until remount.
+    compact_skip: std::collections::HashSet<u64>,
     /// The segment id `meta::NEXT_SEGMENT` holds (or will at the group's commit).
     next_segment: u64,
     /// Extent bytes freed in the open group: (segment, offset, length).
@@ -146,6 +149,26 @@ pub struct Store {
     /// once [`PUNCH_DELAY`] has passed, so a read planned before the free still finds
     /// its bytes.
     punch_queue: std::collections::VecDeque<(std::time::Instant, (u64, u64, u32))>,
+}
+
+impl Drop for Store {
+    fn drop(&mut self) {
+        // The open group borrows the database: it goes first (uncommitted, it aborts).
+        drop(self.txn.get_mut().take());
+        if let Some(why) = &self.failed {
+            // Closing redb makes its non-durable commits durable, and after a failed
+            // data sync they may name extents whose bytes were lost: leave the file as
+            // the last durable commit left it (the next open recovers to that), and let
+            // the process's exit release it.
+            tracing::error!(
+                why,
+                "store closed in its error state; not committing what is pending"
+            );
+            return;
+        }
+        // SAFETY: dropped once, here, and never used after.
+        unsafe { std::mem::ManuallyDrop::drop(&mut self.db) };
+    }
 }
 
 impl std::fmt::Debug for Store {
@@ -307,7 +330,7 @@ impl Store {
         }
         Ok(Store {
             path: path.to_path_buf(),
-            db,
+            db: std::mem::ManuallyDrop::new(db),
             segs,
             block_size,
             volume_id,
@@ -320,6 +343,7 @@ impl Store {
             xattr_free: std::collections::HashSet::new(),
             outboards: std::collections::HashMap::new(),
             next_segment,
+            compact_skip: Default::default(),
             freed_group: Vec::new(),
             freed_committed: Vec::new(),
             punch_queue: std::collections::VecDeque::new(),
@@ -328,23 +352,67 @@ impl Store {
 
     /// Finishes what a crash interrupted, for a store about to be written: deletes the
     /// files of segments retired by a durable compaction (a crash may have come before
-    /// the delete). Opening alone never changes anything, so fsck and status can look.
+    /// the delete), unless the index still places an extent in one (then it stays, and
+    /// the error is logged); and counts the bytes no extent owns (appends a crash or an
+    /// aborted operation left unindexed) as dead, so compaction takes them back.
+    /// Opening alone never changes anything, so fsck and status can look.
     pub fn recover(&mut self) -> Result<(), StoreError> {
-        let mut retired = Vec::new();
+        let mut live: std::collections::HashMap<u64, u64> = Default::default();
+        let mut rows: std::collections::BTreeMap<u64, u64> = Default::default();
         {
             let txn = self.db.begin_read()?;
+            for row in txn.open_table(EXTENTS)?.iter()? {
+                let (k, v) = row?;
+                let rec = ExtentRec::decode(&k.value(), v.value())?;
+                *live.entry(rec.segment).or_default() += rec.len as u64 + segment::EXTENT_HEADER;
+            }
             for row in txn.open_table(SEGMENTS)?.iter()? {
                 let (k, v) = row?;
-                if v.value() == SEGMENT_RETIRED {
-                    retired.push(k.value());
-                }
+                rows.insert(k.value(), v.value());
             }
         }
-        for id in retired {
-            self.segs.remove(id)?;
-            self.write(true, |w| Ok(w.t.segments.remove(id).map(|_| ())?))
-                .map_err(fs_to_store)?;
-            tracing::info!(segment = id, "deleted a segment retired before a crash");
+        let mut set: Vec<(u64, Option<u64>)> = Vec::new();
+        let present: BTreeSet<u64> = self.segs.ids()?.into_iter().collect();
+        for (&id, &dead) in &rows {
+            if dead == SEGMENT_RETIRED && !present.contains(&id) {
+                set.push((id, None));
+            }
+        }
+        for &id in &present {
+            let owned = live.get(&id).copied().unwrap_or(0);
+            let row = rows.get(&id).copied();
+            if row == Some(SEGMENT_RETIRED) {
+                if owned == 0 {
+                    self.segs.remove(id)?;
+                    tracing::info!(segment = id, "deleted a segment retired before a crash");
+                    set.push((id, None));
+                    continue;
+                }
+                tracing::error!(
+                    segment = id,
+                    owned,
+                    "a segment marked retired still holds extents; keeping it"
+                );
+            }
+            let dead = self
+                .segs
+                .len(id)?
+                .saturating_sub(segment::SEGMENT_HEADER + owned);
+            if row != Some(dead) && (dead > 0 || row.is_some()) {
+                set.push((id, Some(dead)));
+            }
+        }
+        if !set.is_empty() {
+            self.write(true, |w| {
+                for (id, dead) in &set {
+                    match dead {
+                        Some(d) => w.t.segments.insert(*id, *d)?,
+                        None => w.t.segments.remove(*id)?,
+                    };
+                }
+                Ok(())
+            })
+            .map_err(fs_to_store)?;
         }
         Ok(())
     }
@@ -646,16 +714,28 @@ impl Store {
         order.sort_unstable();
         let mut given_back = 0;
         for (live, id, size) in order {
+            if self.compact_skip.contains(&id) {
+                continue;
+            }
             if live > 0 && !self.segs.room_for(live).unwrap_or(false) {
                 tracing::debug!(segment = id, live, "no room to compact this segment now");
                 continue;
             }
             let mut exts = placed.remove(&id).unwrap_or_default();
             exts.sort_unstable_by_key(|(_, r)| r.offset);
-            let res: Result<(), crate::fs::FsError> = self.write(true, |w| {
+            // Damaged extents stay where they are (fsck names them; a write of the same
+            // bytes repairs them), and so does their segment; the intact ones move.
+            let res: Result<usize, crate::fs::FsError> = self.write(true, |w| {
+                let mut damaged = 0;
                 for (hash, rec) in &exts {
-                    let data = w.segs.read(id, rec.offset, rec.len)?;
-                    check_whole(hash, rec, &data)?;
+                    let data = match w.segs.read(id, rec.offset, rec.len) {
+                        Ok(d) if check_whole(hash, rec, &d).is_ok() => d,
+                        Ok(_) | Err(StoreError::Corrupt(_)) => {
+                            damaged += 1;
+                            continue;
+                        }
+                        Err(e) => return Err(e.into()),
+                    };
                     let (seg, off) = w.segs.append(hash, &data)?;
                     // The row as it is now (the pass above read a committed state).
                     let mut now = w.extent(hash)?;
@@ -670,11 +750,21 @@ impl Store {
                     now.offset = off;
                     w.t.extents.insert(*hash, now.encode(hash).as_slice())?;
                 }
-                w.t.segments.insert(id, SEGMENT_RETIRED)?;
-                Ok(())
+                if damaged == 0 {
+                    w.t.segments.insert(id, SEGMENT_RETIRED)?;
+                }
+                Ok(damaged)
             });
             match res {
-                Ok(()) => {
+                Ok(damaged) if damaged > 0 => {
+                    tracing::warn!(
+                        segment = id,
+                        damaged,
+                        "kept a segment with damaged extents (run fsck --read-data)"
+                    );
+                    self.compact_skip.insert(id);
+                }
+                Ok(_) => {
                     self.segs.remove(id)?;
                     // Lost in a crash, the row is found by the next `recover`.
                     self.write(false, |w| Ok(w.t.segments.remove(id).map(|_| ())?))
@@ -682,12 +772,12 @@ impl Store {
                     self.commit_group(false)?;
                     given_back += size;
                 }
-                Err(crate::fs::FsError::Store(e @ StoreError::Corrupt(_))) => {
-                    // A damaged extent stays where it is (fsck names it); the segment
-                    // is kept whole rather than lose what it holds.
-                    tracing::warn!(segment = id, error = %e, "not compacting a damaged segment");
+                Err(e) => {
+                    // What was appended before the failure is not indexed: not tried
+                    // again this mount, so that a failing segment cannot fill the disk.
+                    self.compact_skip.insert(id);
+                    return Err(fs_to_store(e));
                 }
-                Err(e) => return Err(fs_to_store(e)),
             }
         }
         Ok(given_back)
@@ -1906,6 +1996,7 @@ impl Writer<'_> {
         hash: &[u8; 32],
         segment: u64,
         offset: u64,
+        len: u32,
     ) -> Result<(), StoreError> {
         let mut rec = self.extent(hash)?;
         let dead = self
@@ -1921,6 +2012,7 @@ impl Writer<'_> {
         }
         rec.segment = segment;
         rec.offset = offset;
+        rec.len = len;
         self.t.extents.insert(*hash, rec.encode(hash).as_slice())?;
         Ok(())
     }
@@ -2085,8 +2177,13 @@ mod tests {
             put(&mut s, 10, b"x"),
             Err(crate::fs::FsError::Errno(libc::EIO))
         ));
+        // A store in its error state keeps its file open and uncommitted until the
+        // process exits (as a daemon's would): look at a copy, as the next process would.
         drop(s);
-        let s = Store::open(&path, None).unwrap();
+        let copy = dir.path().join("copy");
+        std::fs::create_dir_all(copy.join("segments")).unwrap();
+        std::fs::copy(path.join(DB_FILE), copy.join(DB_FILE)).unwrap();
+        let s = Store::open(&copy, None).unwrap();
         assert_eq!(
             get(&s, 9),
             None,

@@ -47,23 +47,50 @@ pub struct Segments {
     active_len: u64,
     /// Segments written since the last `sync`.
     unsynced: Vec<u64>,
-    /// Data syncs still to fail with EIO, for tests of the failure path.
-    sync_faults: Arc<std::sync::atomic::AtomicU32>,
+    /// Shared with every [`SyncHandle`]: see [`SyncState`].
+    sync_state: Arc<SyncState>,
     /// Appends still to fail with EIO, likewise.
     append_faults: std::sync::atomic::AtomicU32,
+}
+
+/// What every data sync of the segments shares. Linux reports a failed write-back
+/// once, to whichever `fdatasync` comes first: the failure is recorded under the same
+/// lock that the `fdatasync` ran under, so no sync that starts after it (on another
+/// thread, through another handle) can report success for data the failure lost.
+#[derive(Debug, Default)]
+struct SyncState {
+    /// Held across each `fdatasync` and the recording of its failure.
+    lock: std::sync::Mutex<Option<String>>,
+    /// Data syncs still to fail with EIO, for tests of the failure path.
+    faults: std::sync::atomic::AtomicU32,
+}
+
+impl SyncState {
+    /// Runs `sync` under the lock; a failure (now or before) is an error for good.
+    fn run(&self, sync: impl FnOnce() -> io::Result<()>) -> Result<(), StoreError> {
+        let mut failed = self.lock.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(why) = failed.as_ref() {
+            return Err(StoreError::Failed(why.clone()));
+        }
+        if let Err(e) = take_fault(&self.faults).and_then(|()| sync()) {
+            let why = format!("a segment data sync failed: {e}");
+            *failed = Some(why.clone());
+            return Err(StoreError::Failed(why));
+        }
+        Ok(())
+    }
 }
 
 /// A segment file to `fdatasync` without the store's lock.
 pub struct SyncHandle {
     file: SegFile,
-    faults: Arc<std::sync::atomic::AtomicU32>,
+    state: Arc<SyncState>,
 }
 
 impl SyncHandle {
     /// `fdatasync`s the file.
-    pub fn sync_data(&self) -> io::Result<()> {
-        take_fault(&self.faults)?;
-        self.file.sync_data()
+    pub fn sync_data(&self) -> Result<(), StoreError> {
+        self.state.run(|| self.file.sync_data())
     }
 }
 
@@ -125,11 +152,11 @@ impl Segments {
             started: false,
             active_len: SEGMENT_HEADER,
             unsynced: Vec::new(),
-            sync_faults: Default::default(),
+            sync_state: Default::default(),
             append_faults: Default::default(),
         };
         let newest = segs.ids()?.last().copied().unwrap_or(0);
-        segs.active = next.max(newest + 1).max(1);
+        segs.active = next.max(newest.saturating_add(1)).max(1);
         Ok(segs)
     }
 
@@ -267,14 +294,17 @@ impl Segments {
     /// new segment files.
     pub fn sync(&mut self) -> Result<(), StoreError> {
         if self.unsynced.is_empty() {
-            return Ok(());
+            // A sync through a handle may have failed meanwhile.
+            return self.sync_state.run(|| Ok(()));
         }
         // Linux reports a failed write-back once: a segment whose sync failed is not
         // retried as if it were fine; the caller makes the failure stick.
         for id in std::mem::take(&mut self.unsynced) {
-            take_fault(&self.sync_faults)?;
-            self.file(id)?.sync_data()?;
+            let f = self.shared(id)?.clone();
+            self.sync_state.run(|| f.sync_data())?;
         }
+        // A sync through a handle may have failed meanwhile even with nothing left here.
+        self.sync_state.run(|| Ok(()))?;
         self.disk.sync_dir(&self.dir)?;
         Ok(())
     }
@@ -287,7 +317,7 @@ impl Segments {
             .filter_map(|id| {
                 Some(SyncHandle {
                     file: self.shared(id).ok()?.clone(),
-                    faults: self.sync_faults.clone(),
+                    state: self.sync_state.clone(),
                 })
             })
             .collect()
@@ -303,7 +333,8 @@ impl Segments {
     /// Makes the next `n` data syncs fail with EIO (testing the failure path).
     #[doc(hidden)]
     pub fn fail_next_syncs(&self, n: u32) {
-        self.sync_faults
+        self.sync_state
+            .faults
             .store(n, std::sync::atomic::Ordering::SeqCst);
     }
 
@@ -397,6 +428,21 @@ impl Segments {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_sync_failed_through_a_handle_fails_every_later_sync() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut segs = Segments::open(crate::store::disk::real(), dir.path(), true, 1).unwrap();
+        segs.append(&[1; 32], b"bytes").unwrap();
+        let handles = segs.unsynced_handles();
+        // The kernel reports the failed write-back once, to this handle...
+        segs.fail_next_syncs(1);
+        assert!(handles[0].sync_data().is_err());
+        // ...and a sync that comes after must not take the silence for success.
+        assert!(matches!(segs.sync(), Err(StoreError::Failed(_))));
+        segs.append(&[2; 32], b"more").unwrap();
+        assert!(matches!(segs.sync(), Err(StoreError::Failed(_))));
+    }
 
     #[test]
     fn batched_appends_land_where_they_say() {
