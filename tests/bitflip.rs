@@ -8,6 +8,9 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
+mod common;
+
+use common::pattern;
 use snapfs::fs::{Caller, Fs, SNAPDIR_INO};
 use snapfs::store::StoreConfig;
 use snapfs::store::schema::{ROOT_INO, Ts};
@@ -17,20 +20,6 @@ const ROOT: Caller = Caller {
     gid: 0,
     pid: 0,
 };
-
-/// Deterministic bytes.
-fn pattern(seed: u64, len: usize) -> Vec<u8> {
-    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    let mut out = Vec::with_capacity(len + 8);
-    while out.len() < len {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        out.extend_from_slice(&x.to_le_bytes());
-    }
-    out.truncate(len);
-    out
-}
 
 /// What each view should read: view (`live` or a snapshot name) -> path -> bytes.
 type Model = BTreeMap<String, BTreeMap<Vec<String>, Vec<u8>>>;

@@ -151,10 +151,7 @@ fn fill(m: &Mount, prefix: &str, seed: u64, most: usize) -> usize {
 
 #[test]
 fn deleting_data_on_a_full_disk_gives_its_space_back() {
-    let dir = tempfile::Builder::new()
-        .prefix("snapfs-test")
-        .tempdir()
-        .unwrap();
+    let dir = test_dir();
     let small = Tmpfs::new(dir.path().join("small"), 64);
     let mut m = Mount::at(small.0.join("store"), dir.path().join("mnt"), &[]);
     let n = fill(&m, "f", 100, 64);
@@ -346,4 +343,78 @@ fn fsck_finds_a_lost_directory_entry() {
         "{text}"
     );
     assert!(text.contains("(a file of 6 bytes)"), "{text}");
+}
+
+#[test]
+fn on_a_full_disk_status_fsck_and_snapshot_deletion_tell_the_truth() {
+    let dir = test_dir();
+    let small = Tmpfs::new(dir.path().join("small"), 64);
+    let mut m = Mount::at(small.0.join("store"), dir.path().join("mnt"), &[]);
+    let n = fill(&m, "f", 300, 4);
+    fs::create_dir(m.path(".snapshots/s1")).unwrap();
+    // The snapshot holds these; the live tree lets go of them and fills the disk.
+    for i in 0..n {
+        fs::remove_file(m.path(&format!("f{i}"))).unwrap();
+    }
+    let more = fill(&m, "g", 400, 64);
+    assert!(more > 0);
+    let store = m.store.to_str().unwrap().to_string();
+    let mnt = m.mnt.to_str().unwrap().to_string();
+    // Looking needs no room.
+    let status = snapfs(&["status", &mnt]);
+    assert!(
+        status.status.success(),
+        "status on a full disk: {}",
+        String::from_utf8_lossy(&status.stderr)
+    );
+    let fsck = snapfs(&["fsck", &mnt]);
+    assert!(
+        fsck.status.success(),
+        "fsck on a full disk: {}{}",
+        String::from_utf8_lossy(&fsck.stdout),
+        String::from_utf8_lossy(&fsck.stderr)
+    );
+    // Deleting the snapshot either works and gives its space back, or fails and
+    // keeps it: never gone with an error.
+    let res = fs::remove_dir(m.path(".snapshots/s1"));
+    let listed = fs::read_dir(m.path(".snapshots"))
+        .unwrap()
+        .any(|e| e.unwrap().file_name() == "s1");
+    match res {
+        Ok(()) => {
+            assert!(!listed, "deleted, yet listed");
+            // Its space comes back: as much again fits, less one file.
+            let again = fill(&m, "h", 500, n - 1);
+            assert_eq!(again, n - 1, "the snapshot's space came back");
+        }
+        Err(e) => assert!(listed, "{e}, yet the snapshot is gone"),
+    }
+    m.unmount();
+    let out = snapfs(&["fsck", &store, "--read-data"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    drop(m);
+    drop(small);
+}
+
+#[test]
+fn syncfs_right_after_deleting_a_written_file_succeeds() {
+    use std::os::unix::io::AsRawFd;
+    let m = Mount::new();
+    fs::write(m.path("f"), pattern(11, 300_000)).unwrap();
+    fs::remove_file(m.path("f")).unwrap();
+    // The kernel still writes back the deleted file's cached times.
+    let root = File::open(&m.mnt).unwrap();
+    // SAFETY: syncfs(2) on an open descriptor.
+    let r = unsafe { libc::syncfs(root.as_raw_fd()) };
+    assert_eq!(r, 0, "syncfs: {}", std::io::Error::last_os_error());
+    fs::create_dir(m.path(".snapshots/s1")).unwrap();
+    let log = fs::read_to_string(m.store.join("snapfs.log")).unwrap_or_default();
+    assert!(
+        !log.contains("ENOENT") && !log.contains("No such file"),
+        "{log}"
+    );
 }

@@ -712,13 +712,11 @@ fn merge(mut r: Vec<(u64, u64)>) -> Vec<(u64, u64)> {
 #[cfg(test)]
 mod diff_tests {
     use super::*;
-    use crate::fs::Fs;
     use crate::fs::tests::put_file;
 
     #[test]
     fn diff_fails_on_a_record_it_cannot_read() {
-        let dir = tempfile::tempdir().unwrap();
-        let fs = Fs::open(&dir.path().join("s"), Some(&StoreConfig::default())).unwrap();
+        let (_dir, fs) = crate::fs::tests::fresh();
         let mut core = fs.lock();
         let ino = put_file(&mut core, b"f", b"old");
         let s1 = core.snapshot_create(b"s1", Ts::now()).unwrap();

@@ -34,6 +34,13 @@ pub(crate) fn put_file(core: &mut Inner, name: &[u8], data: &[u8]) -> u64 {
     ino
 }
 
+/// A new store in a temporary directory, opened.
+pub(crate) fn fresh() -> (tempfile::TempDir, Fs) {
+    let dir = tempfile::tempdir().unwrap();
+    let fs = Fs::open(&dir.path().join("s"), Some(&StoreConfig::default())).unwrap();
+    (dir, fs)
+}
+
 /// Bytes of unique extents stored.
 pub(crate) fn stored_bytes(core: &mut Inner) -> u64 {
     crate::check::status(core.store()).unwrap().stored_bytes
@@ -45,8 +52,7 @@ fn eio<T: std::fmt::Debug>(r: FsResult<T>) -> bool {
 
 #[test]
 fn a_failed_data_sync_outside_the_lock_fails_fsync_and_sticks() {
-    let dir = tempfile::tempdir().unwrap();
-    let fs = Fs::open(&dir.path().join("s"), Some(&StoreConfig::default())).unwrap();
+    let (_dir, fs) = fresh();
     let ino = put_file_unsynced(&mut fs.lock(), b"f", &[7u8; 256 << 10]);
     // The kernel reports a failed write-back once: to the presync's descriptor.
     fs.lock().store().segs.fail_next_syncs(1);
@@ -68,8 +74,7 @@ fn a_failed_data_sync_outside_the_lock_fails_fsync_and_sticks() {
 
 #[test]
 fn a_failed_data_sync_under_the_lock_sticks() {
-    let dir = tempfile::tempdir().unwrap();
-    let fs = Fs::open(&dir.path().join("s"), Some(&StoreConfig::default())).unwrap();
+    let (_dir, fs) = fresh();
     let mut core = fs.lock();
     put_file_unsynced(&mut core, b"f", &[9u8; 256 << 10]);
     core.store().segs.fail_next_syncs(1);
@@ -82,8 +87,7 @@ fn a_failed_data_sync_under_the_lock_sticks() {
 
 #[test]
 fn a_failed_append_is_answered_not_buffered() {
-    let dir = tempfile::tempdir().unwrap();
-    let fs = Fs::open(&dir.path().join("s"), Some(&StoreConfig::default())).unwrap();
+    let (_dir, fs) = fresh();
     let mut core = fs.lock();
     let ino = put_file(&mut core, b"f", b"");
     let fh = core.open(ino, libc::O_WRONLY).unwrap();

@@ -2148,6 +2148,30 @@ mod tests {
     }
 
     #[test]
+    fn letting_go_of_more_references_than_an_extent_has_is_an_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut s = Store::open(&dir.path().join("s"), Some(&StoreConfig::default())).unwrap();
+        let hash = *blake3::hash(b"data").as_bytes();
+        s.write(true, |w| {
+            let (segment, offset) = w.segs.append(&hash, b"data")?;
+            let rec = ExtentRec {
+                segment,
+                offset,
+                len: 4,
+                refs: 1,
+            };
+            w.t.extents.insert(hash, rec.encode(&hash).as_slice())?;
+            Ok(())
+        })
+        .unwrap();
+        let r = s.write(false, |w| Ok(w.decref(&hash, 2)?));
+        assert!(
+            matches!(r, Err(crate::fs::FsError::Store(StoreError::Corrupt(_)))),
+            "{r:?}"
+        );
+    }
+
+    #[test]
     fn a_panicking_operation_is_never_committed() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("s");

@@ -16,6 +16,14 @@ pub struct Mount {
     mounted: bool,
 }
 
+/// A temporary directory for one test.
+pub fn test_dir() -> tempfile::TempDir {
+    tempfile::Builder::new()
+        .prefix("snapfs-test")
+        .tempdir()
+        .expect("tempdir")
+}
+
 pub fn snapfs(args: &[&str]) -> Output {
     Command::new(SNAPFS)
         .args(args)
@@ -30,29 +38,17 @@ impl Mount {
     }
 
     pub fn with_options(opts: &[&str]) -> Mount {
-        let dir = tempfile::Builder::new()
-            .prefix("snapfs-test")
-            .tempdir()
-            .expect("tempdir");
-        let store = dir.path().join("store");
-        let mnt = dir.path().join("mnt");
-        std::fs::create_dir(&mnt).unwrap();
-        let mut m = Mount {
-            dir,
-            store,
-            mnt,
-            mounted: false,
-        };
-        m.mount(opts);
-        m
+        let dir = test_dir();
+        let (store, mnt) = (dir.path().join("store"), dir.path().join("mnt"));
+        Self::in_dir(dir, store, mnt, opts)
     }
 
     /// A store at `store` (made if missing), mounted at `mnt` (made if missing).
     pub fn at(store: PathBuf, mnt: PathBuf, opts: &[&str]) -> Mount {
-        let dir = tempfile::Builder::new()
-            .prefix("snapfs-test")
-            .tempdir()
-            .expect("tempdir");
+        Self::in_dir(test_dir(), store, mnt, opts)
+    }
+
+    fn in_dir(dir: tempfile::TempDir, store: PathBuf, mnt: PathBuf, opts: &[&str]) -> Mount {
         std::fs::create_dir_all(&mnt).unwrap();
         let mut m = Mount {
             dir,
