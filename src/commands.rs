@@ -67,7 +67,16 @@ pub fn run_read_only(path: &std::path::Path, args: &[String], progress: bool) ->
         return None;
     }
     let fsck = args.first() == Some(&"fsck");
-    let mut ro = match crate::store::ReadOnlyStore::open(path, fsck) {
+    // A daemon that stopped serving may still be closing the store: wait for it.
+    let mut opened = crate::store::ReadOnlyStore::open(path, fsck);
+    for _ in 0..100 {
+        if !matches!(opened, Err(crate::store::StoreError::Locked)) {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+        opened = crate::store::ReadOnlyStore::open(path, fsck);
+    }
+    let mut ro = match opened {
         Ok(ro) => ro,
         // Damage found before anything else could be: fsck's finding, not its failure.
         Err(e @ crate::store::StoreError::Corrupt(_)) if fsck => {

@@ -708,18 +708,21 @@ pub fn ask_daemon(store: &Path, args: &[String]) -> Option<crate::commands::Outc
     let mut conn = UnixStream::connect(store.join(SOCKET)).ok()?;
     writeln!(conn, "{}", args.join("\0")).ok()?;
     let mut text = String::new();
-    let (mut code, mut error) = (2, true);
+    let mut exit = None;
     for line in BufReader::new(conn).lines() {
         let line = line.ok()?;
         if let Some(rest) = line.strip_prefix("\0exit ") {
             let mut it = rest.split(' ');
-            code = it.next().and_then(|c| c.parse().ok()).unwrap_or(2);
-            error = it.next() == Some("1");
+            let code = it.next().and_then(|c| c.parse().ok()).unwrap_or(2);
+            exit = Some((code, it.next() == Some("1")));
         } else {
             text.push_str(&line);
             text.push('\n');
         }
     }
+    // No answer: the daemon is going away (it stops serving before it exits), and the
+    // caller opens the store itself once it can.
+    let (code, error) = exit?;
     Some(crate::commands::Outcome { text, code, error })
 }
 
