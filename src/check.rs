@@ -6,7 +6,7 @@
 //! the records naming it; and that every extent lies inside its segment behind a valid
 //! header. With `read_data` it rehashes every extent.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::fmt::Write as _;
 
 use redb::{ReadableDatabase, ReadableTable, ReadableTableMetadata};
@@ -367,12 +367,27 @@ pub fn fsck_txn(
             rep.inodes = reached.len() as u64;
         }
     }
-    // Every record's checksum, and reference counts over every version.
+    // Every record's checksum, versions no view can see, and reference counts over
+    // every version.
     let mut refs: HashMap<[u8; 32], u64> = HashMap::new();
     let mut damaged_inos: BTreeMap<u64, u64> = BTreeMap::new();
+    let mut leaked: BTreeMap<u64, u64> = BTreeMap::new();
+    let mut seen_by: Vec<u64> = views.iter().map(|v| v.1).collect();
+    seen_by.sort_unstable();
+    let mut prev: Option<(Identity, u64)> = None;
     for row in versions.iter()? {
         let (k, v) = row?;
-        let (ino, kind, idx, _, epoch) = k.value();
+        let (ino, kind, idx, name, epoch) = k.value();
+        // A version superseded before any view's epoch came is seen by none.
+        if let Some(((pi, pk, ps, pn), pe)) = &prev
+            && (*pi, *pk, *ps, pn.as_slice()) == (ino, kind, idx, name)
+        {
+            let first = seen_by.partition_point(|e| e < pe);
+            if seen_by.get(first).is_none_or(|e| *e >= epoch) {
+                *leaked.entry(ino).or_default() += 1;
+            }
+        }
+        prev = Some(((ino, kind, idx, name.to_vec()), epoch));
         let payload = match open_version(k.value(), v.value()) {
             Ok(p) => p,
             Err(e) => {
@@ -396,6 +411,11 @@ pub fn fsck_txn(
                     .push(format!("block {idx} of inode {ino} at epoch {epoch}: {e}")),
             }
         }
+    }
+    for (ino, n) in &leaked {
+        rep.problems.push(format!(
+            "inode {ino}: {n} versions that no view can see (leaked; fsck --repair drops them)"
+        ));
     }
     for (ino, n) in &damaged_inos {
         for (label, epoch) in &views {
@@ -557,6 +577,139 @@ pub fn fsck_txn(
     Ok(rep)
 }
 
+/// Repairs what can be repaired without guessing, on a store no daemon holds, and
+/// says what it did: extent reference counts set to the records that name them (an
+/// extent no record names is freed, an index row that fails its checksum dropped),
+/// versions no view can see dropped, and wholly dead segments (unindexed leftovers of
+/// a crash) deleted. Damaged data and lost directory entries are only reported.
+pub fn repair(store: &mut Store) -> Result<Vec<String>, StoreError> {
+    let mut done = Vec::new();
+    store.commit_group(true)?;
+    let (recount, rows) = {
+        let txn = store.db().begin_read()?;
+        let versions = txn.open_table(VERSIONS)?;
+        let mut recount: HashMap<[u8; 32], u64> = HashMap::new();
+        for row in versions.iter()? {
+            let (k, v) = row?;
+            if k.value().1 != KIND_BLOCK {
+                continue;
+            }
+            if let Ok(Some(p)) = open_version(k.value(), v.value())
+                && let Ok(b) = BlockRec::decode(p)
+            {
+                for h in b.extents() {
+                    *recount.entry(*h).or_default() += 1;
+                }
+            }
+        }
+        let mut rows = Vec::new();
+        for row in txn.open_table(EXTENTS)?.iter()? {
+            let (k, v) = row?;
+            let hash = k.value();
+            rows.push((hash, ExtentRec::decode(&hash, v.value()).ok()));
+        }
+        (recount, rows)
+    };
+    let mut fixes: Vec<([u8; 32], Option<ExtentRec>)> = Vec::new();
+    for (hash, rec) in rows {
+        let want = recount.get(&hash).copied().unwrap_or(0);
+        match rec {
+            None => {
+                done.push(format!(
+                    "dropped the damaged index row of extent {}",
+                    hex(&hash)
+                ));
+                fixes.push((hash, None));
+            }
+            Some(r) if r.refs != want => {
+                if want == 0 {
+                    done.push(format!(
+                        "freed extent {} (it counted {} references; no record names it)",
+                        hex(&hash),
+                        r.refs
+                    ));
+                    fixes.push((hash, None));
+                } else {
+                    done.push(format!(
+                        "extent {}: references {} -> {want}",
+                        hex(&hash),
+                        r.refs
+                    ));
+                    fixes.push((hash, Some(ExtentRec { refs: want, ..r })));
+                }
+            }
+            Some(_) => {}
+        }
+    }
+    if !fixes.is_empty() {
+        store
+            .write(true, |w| {
+                for (hash, rec) in &fixes {
+                    match rec {
+                        Some(r) => {
+                            w.t.extents.insert(*hash, r.encode(hash).as_slice())?;
+                        }
+                        None => match w.extent(hash) {
+                            // Freed as the last reference would free it: its bytes
+                            // count as dead.
+                            Ok(r) => {
+                                let one = ExtentRec { refs: 1, ..r };
+                                w.t.extents.insert(*hash, one.encode(hash).as_slice())?;
+                                w.decref(hash, 1)?;
+                            }
+                            Err(_) => {
+                                w.t.extents.remove(*hash)?;
+                            }
+                        },
+                    }
+                }
+                Ok(())
+            })
+            .map_err(|e| StoreError::Corrupt(format!("repairing reference counts: {e}")))?;
+    }
+    // Versions no view can see.
+    let count_versions = |store: &mut Store| -> Result<u64, StoreError> {
+        store.commit_group(false)?;
+        Ok(store.db().begin_read()?.open_table(VERSIONS)?.len()?)
+    };
+    let before = count_versions(store)?;
+    let inos: BTreeSet<u64> = {
+        let txn = store.db().begin_read()?;
+        let mut inos = BTreeSet::new();
+        for row in txn.open_table(VERSIONS)?.iter()? {
+            inos.insert(row?.0.value().0);
+        }
+        inos
+    };
+    let inos: Vec<u64> = inos.into_iter().collect();
+    let mut dropped_bytes = 0;
+    for chunk in inos.chunks(1024) {
+        dropped_bytes += store
+            .write(true, |w| {
+                let mut freed = 0;
+                for ino in chunk {
+                    freed += w.gc_ino(*ino, None)?;
+                }
+                Ok(freed)
+            })
+            .map_err(|e| StoreError::Corrupt(format!("dropping leaked versions: {e}")))?;
+    }
+    let dropped = before.saturating_sub(count_versions(store)?);
+    if dropped > 0 {
+        done.push(format!(
+            "dropped {dropped} versions no view could see, freeing {dropped_bytes} bytes of extents"
+        ));
+    }
+    let given_back = store.compact()?;
+    if given_back > 0 {
+        done.push(format!(
+            "compacted segments, giving back {given_back} bytes"
+        ));
+    }
+    store.sync()?;
+    Ok(done)
+}
+
 /// The live epoch and block size, from `meta`.
 fn live_and_block_size(txn: &redb::ReadTransaction) -> Result<(u64, u32), StoreError> {
     let meta = txn.open_table(META)?;
@@ -565,6 +718,9 @@ fn live_and_block_size(txn: &redb::ReadTransaction) -> Result<(u64, u32), StoreE
         read_meta_u32(&meta, meta::BLOCK_SIZE)?,
     ))
 }
+
+/// A record's identity in `versions`: ino, kind, sub, name.
+type Identity = (u64, u8, u64, Vec<u8>);
 
 /// A segment file's name.
 fn seg_name(id: u64) -> String {

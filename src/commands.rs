@@ -63,7 +63,8 @@ fn fsck_outcome(
 pub fn run_read_only(path: &std::path::Path, args: &[String], progress: bool) -> Option<Outcome> {
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
     let flag = |f: &str| args.contains(&f);
-    if !matches!(args.as_slice(), ["status" | "fsck", ..]) {
+    // A repair writes: it opens the store as any writing command does.
+    if !matches!(args.as_slice(), ["status" | "fsck", ..]) || args.contains(&"--repair") {
         return None;
     }
     let fsck = args.first() == Some(&"fsck");
@@ -184,12 +185,30 @@ pub fn run(fs: &Fs, args: &[String], progress: bool) -> Outcome {
             if let Err(e) = core.flush_all() {
                 tracing::warn!(error = %e, "fsck: buffered data not stored yet");
             }
+            let mut repaired = Vec::new();
+            if flag("--repair") {
+                match crate::check::repair(core.store()) {
+                    Ok(done) => repaired = done,
+                    Err(e) => return fail(format!("repair stopped: {e:#}")),
+                }
+            }
             let res = crate::check::fsck(
                 core.store(),
                 flag("--read-data"),
                 &mut fsck_progress(progress),
             );
-            fsck_outcome(res, flag("--json"))
+            let mut out = fsck_outcome(res, flag("--json"));
+            if !out.error && !flag("--json") {
+                let mut text: String = repaired
+                    .iter()
+                    .map(|l| format!("repaired: {l}\n"))
+                    .collect();
+                if flag("--repair") && repaired.is_empty() {
+                    text.push_str("repaired: nothing needed repair\n");
+                }
+                out.text = text + &out.text;
+            }
+            out
         }
         ["snapshot", verb @ ("create" | "delete"), name, ..] => {
             let res = if *verb == "create" {

@@ -404,7 +404,7 @@ pub fn mount(
     let flushed = {
         let mut core = fs.lock();
         core.sync_all().and_then(|_| {
-            core.store().punch_freed(true);
+            core.store().punch_freed(false);
             core.store().compact()?;
             Ok(core.store().compact_metadata()?)
         })
@@ -638,7 +638,16 @@ fn handle_control(conn: UnixStream, fs: &Fs, uring: bool) -> anyhow::Result<()> 
         .split('\0')
         .map(str::to_string)
         .collect();
-    let mut out = crate::commands::run(fs, &args, false);
+    let mut out =
+        if args.first().is_some_and(|a| a == "fsck") && args.iter().any(|a| a == "--repair") {
+            crate::commands::Outcome {
+                text: "fsck --repair needs the store unmounted: unmount it first".into(),
+                code: 2,
+                error: true,
+            }
+        } else {
+            crate::commands::run(fs, &args, false)
+        };
     if args.first().is_some_and(|a| a == "status") && !out.error {
         out.text.push_str(&requests_line(uring));
     }

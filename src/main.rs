@@ -64,6 +64,11 @@ enum Cmd {
         /// Print the report as one JSON object.
         #[arg(long)]
         json: bool,
+        /// Repair what can be repaired without guessing (reference counts, leaked
+        /// versions, unindexed leftovers) and say what was done; the store must not be
+        /// mounted.
+        #[arg(long)]
+        repair: bool,
     },
     /// Show files, space, dedup ratio and snapshots.
     Status {
@@ -146,8 +151,12 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             store,
             read_data,
             json,
+            repair,
         } => {
             let mut a = vec![s("fsck")];
+            if repair {
+                a.push(s("--repair"));
+            }
             if read_data {
                 a.push(s("--read-data"));
             }

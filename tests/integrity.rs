@@ -418,3 +418,70 @@ fn syncfs_right_after_deleting_a_written_file_succeeds() {
         "{log}"
     );
 }
+
+#[test]
+fn fsck_repair_fixes_counts_and_leaked_versions_and_says_so() {
+    use redb::ReadableTable;
+    use snapfs::store::schema::{
+        EXTENTS, ExtentRec, KIND_INODE, ROOT_INO, VERSIONS, open_version, seal_version,
+    };
+    let mut m = Mount::new();
+    let data = pattern(12, 200_000);
+    fs::write(m.path("f"), &data).unwrap();
+    m.unmount();
+    m.assert_fsck_clean();
+    {
+        let db = redb::Database::open(m.store.join("snapfs.redb")).unwrap();
+        let w = db.begin_write().unwrap();
+        {
+            // One extent counts a reference too many.
+            let mut ext = w.open_table(EXTENTS).unwrap();
+            let (hash, rec) = {
+                let (k, v) = ext.iter().unwrap().next().unwrap().unwrap();
+                let h = k.value();
+                (h, ExtentRec::decode(&h, v.value()).unwrap())
+            };
+            let more = ExtentRec {
+                refs: rec.refs + 1,
+                ..rec
+            };
+            ext.insert(hash, more.encode(&hash).as_slice()).unwrap();
+            // f's inode gets an older version that no view can see.
+            let mut ver = w.open_table(VERSIONS).unwrap();
+            let (ino, payload) = {
+                let mut found = None;
+                for row in ver.iter().unwrap() {
+                    let (k, v) = row.unwrap();
+                    let key = k.value();
+                    if key.1 == KIND_INODE && key.0 != ROOT_INO {
+                        let p = open_version(key, v.value()).unwrap().unwrap().to_vec();
+                        found = Some((key.0, p));
+                    }
+                }
+                found.unwrap()
+            };
+            let old = (ino, KIND_INODE, 0u64, &[][..], 0u64);
+            ver.insert(old, seal_version(old, Some(&payload)).as_slice())
+                .unwrap();
+        }
+        w.commit().unwrap();
+    }
+    let out = m.fsck();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(1), "{text}");
+    assert!(text.contains("references recorded"), "{text}");
+    assert!(text.contains("versions that no view can see"), "{text}");
+    let store = m.store.to_str().unwrap().to_string();
+    let fixed = snapfs(&["fsck", &store, "--repair"]);
+    let text = String::from_utf8_lossy(&fixed.stdout);
+    assert!(fixed.status.success(), "{text}");
+    assert!(text.contains("repaired: extent "), "{text}");
+    assert!(text.contains("repaired: dropped 1 versions"), "{text}");
+    m.assert_fsck_clean();
+    m.mount(&[]);
+    assert!(fs::read(m.path("f")).unwrap() == data);
+    // Mounted, a repair is refused.
+    let busy = snapfs(&["fsck", &store, "--repair"]);
+    assert_eq!(busy.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&busy.stderr).contains("unmount"));
+}

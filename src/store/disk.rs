@@ -18,6 +18,9 @@ use std::sync::Arc;
 pub trait DiskFile: Send + Sync + Debug {
     /// Reads exactly `buf.len()` bytes at `offset` (a short file is `UnexpectedEof`).
     fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()>;
+    /// Reads `buf.len()` bytes at `offset` only if the page cache holds them all,
+    /// without waiting for the disk: `false` if it does not (or the file is shorter).
+    fn read_cached(&self, buf: &mut [u8], offset: u64) -> io::Result<bool>;
     /// Writes `parts`, one after the other, at `offset`.
     fn write_parts_at(&self, parts: &[&[u8]], offset: u64) -> io::Result<()>;
     /// Makes the written data durable (`fdatasync`).
@@ -131,6 +134,32 @@ pub(crate) fn write_all_vectored_at(f: &File, parts: &[&[u8]], at: u64) -> io::R
 impl DiskFile for RealFile {
     fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
         self.0.read_exact_at(buf, offset)
+    }
+
+    fn read_cached(&self, buf: &mut [u8], offset: u64) -> io::Result<bool> {
+        use std::os::unix::io::AsRawFd;
+        let iov = libc::iovec {
+            iov_base: buf.as_mut_ptr().cast(),
+            iov_len: buf.len(),
+        };
+        // SAFETY: the iovec describes `buf`, which lives across the call.
+        let n = unsafe {
+            libc::preadv2(
+                self.0.as_raw_fd(),
+                &iov,
+                1,
+                offset as libc::off_t,
+                libc::RWF_NOWAIT,
+            )
+        };
+        if n < 0 {
+            let e = io::Error::last_os_error();
+            return match e.raw_os_error() {
+                Some(libc::EAGAIN | libc::EOPNOTSUPP | libc::EINTR) => Ok(false),
+                _ => Err(e),
+            };
+        }
+        Ok(n as usize == buf.len())
     }
 
     fn write_parts_at(&self, parts: &[&[u8]], offset: u64) -> io::Result<()> {

@@ -597,6 +597,12 @@ impl Store {
     /// least [`PUNCH_DELAY`] ago, or all of them with `now` (a full disk, unmount).
     /// Returns the bytes of extents whose space was given back.
     pub fn punch_freed(&mut self, now: bool) -> u64 {
+        // A hole costs the filesystem work (and the disk a discard, on some): worth it
+        // only while space is short. Otherwise compaction gives the space back in bulk.
+        if !now && self.segs.room_for(PUNCH_WHEN_FREE_BELOW).unwrap_or(true) {
+            self.punch_queue.clear();
+            return 0;
+        }
         let t = std::time::Instant::now();
         let mut bytes = 0;
         while let Some((at, (seg, off, len))) = self.punch_queue.front().copied() {
@@ -1122,6 +1128,10 @@ impl Fetch {
         check_whole(&self.hash, &self.rec, dst)
     }
 }
+
+/// Freed extents are punched out only while less than this (beyond the reserve kept
+/// for metadata) is free on the store's filesystem.
+const PUNCH_WHEN_FREE_BELOW: u64 = 1 << 30;
 
 /// How long freed extent bytes stay readable before their disk is given back.
 const PUNCH_DELAY: std::time::Duration = std::time::Duration::from_secs(2);
@@ -1959,9 +1969,12 @@ impl Writer<'_> {
         Ok(())
     }
 
-    /// Whether extent `hash` as stored holds `data` (whose hash is `hash`). A stored
-    /// copy that differs, or cannot be read, is damaged: the caller stores `data`
-    /// again and [`Writer::relocate`]s the extent there.
+    /// Whether extent `hash` as stored is known to hold `data` (whose hash is `hash`).
+    /// If not, the caller stores `data` again and [`Writer::relocate`]s the extent
+    /// there: a stored copy that differs or cannot be read is damaged, and one the
+    /// page cache does not hold is not read from the disk (a write would wait for a
+    /// random read): writing the bytes at hand again costs less, and whatever became
+    /// of the old copy, the extent then holds what was written.
     pub fn extent_holds(&mut self, hash: &[u8; 32], data: &[u8]) -> Result<bool, StoreError> {
         let rec = self.extent(hash)?;
         if rec.len as usize != data.len() {
@@ -1971,9 +1984,10 @@ impl Writer<'_> {
             );
             return Ok(false);
         }
-        match self.segs.read(rec.segment, rec.offset, rec.len) {
-            Ok(stored) if stored == data => Ok(true),
-            Ok(_) => {
+        match self.segs.read_cached(rec.segment, rec.offset, rec.len) {
+            Ok(None) => Ok(false),
+            Ok(Some(stored)) if stored == data => Ok(true),
+            Ok(Some(_)) => {
                 tracing::error!(
                     extent = hex(hash),
                     segment = rec.segment,

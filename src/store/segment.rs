@@ -290,6 +290,23 @@ impl Segments {
         Ok(buf)
     }
 
+    /// Reads `len` bytes at `offset` of segment `id` if the page cache holds them
+    /// (`None` if it does not, or the segment is missing): never waits for the disk.
+    pub fn read_cached(
+        &mut self,
+        id: u64,
+        offset: u64,
+        len: u32,
+    ) -> Result<Option<Vec<u8>>, StoreError> {
+        let f = match self.file(id) {
+            Ok(f) => f,
+            Err(StoreError::Corrupt(_)) => return Ok(None),
+            Err(e) => return Err(e),
+        };
+        let mut buf = vec![0u8; len as usize];
+        Ok(f.read_cached(&mut buf, offset)?.then_some(buf))
+    }
+
     /// Makes every appended extent durable (`fdatasync`), and the directory entries of
     /// new segment files.
     pub fn sync(&mut self) -> Result<(), StoreError> {
