@@ -399,17 +399,11 @@ pub fn fsck_txn(
         if kind != KIND_BLOCK {
             continue;
         }
-        if let Some(p) = payload {
-            match BlockRec::decode(p) {
-                Ok(b) => {
-                    for h in b.extents() {
-                        *refs.entry(*h).or_default() += 1;
-                    }
-                }
-                Err(e) => rep
-                    .problems
-                    .push(format!("block {idx} of inode {ino} at epoch {epoch}: {e}")),
-            }
+        if let Some(p) = payload
+            && let Err(e) = count_refs(p, &mut refs)
+        {
+            rep.problems
+                .push(format!("block {idx} of inode {ino} at epoch {epoch}: {e}"));
         }
     }
     for (ino, n) in &leaked {
@@ -527,7 +521,7 @@ pub fn fsck_txn(
         }
         if read_data {
             let ok = match segs.read(ext.segment, ext.offset, ext.len) {
-                Ok(data) => blake3::hash(&data).as_bytes() == &hash,
+                Ok(data) => crate::store::check_whole(&hash, &ext, &data).is_ok(),
                 Err(e) => {
                     rep.problems.push(format!("extent {}: {e}", hex(&hash)));
                     false
@@ -594,12 +588,8 @@ pub fn repair(store: &mut Store) -> Result<Vec<String>, StoreError> {
             if k.value().1 != KIND_BLOCK {
                 continue;
             }
-            if let Ok(Some(p)) = open_version(k.value(), v.value())
-                && let Ok(b) = BlockRec::decode(p)
-            {
-                for h in b.extents() {
-                    *recount.entry(*h).or_default() += 1;
-                }
+            if let Ok(Some(p)) = open_version(k.value(), v.value()) {
+                let _ = count_refs(p, &mut recount);
             }
         }
         let mut rows = Vec::new();
@@ -714,9 +704,17 @@ pub fn repair(store: &mut Store) -> Result<Vec<String>, StoreError> {
 fn live_and_block_size(txn: &redb::ReadTransaction) -> Result<(u64, u32), StoreError> {
     let meta = txn.open_table(META)?;
     Ok((
-        read_meta_u64(&meta, meta::LIVE_EPOCH)?,
-        read_meta_u32(&meta, meta::BLOCK_SIZE)?,
+        read_meta_as(&meta, meta::LIVE_EPOCH, le_u64)?,
+        read_meta_as(&meta, meta::BLOCK_SIZE, le_u32)?,
     ))
+}
+
+/// Adds the extent references of block record `payload` to `refs`.
+fn count_refs(payload: &[u8], refs: &mut HashMap<[u8; 32], u64>) -> Result<(), StoreError> {
+    for h in BlockRec::decode(payload)?.extents() {
+        *refs.entry(*h).or_default() += 1;
+    }
+    Ok(())
 }
 
 /// A record's identity in `versions`: ino, kind, sub, name.

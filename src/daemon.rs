@@ -404,7 +404,6 @@ pub fn mount(
     let flushed = {
         let mut core = fs.lock();
         core.sync_all().and_then(|_| {
-            core.store().punch_freed(false);
             core.store().compact()?;
             Ok(core.store().compact_metadata()?)
         })

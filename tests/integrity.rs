@@ -78,20 +78,7 @@ fn a_write_of_the_same_bytes_repairs_a_damaged_extent() {
     let block = pattern(5, 65536);
     write_synced(&m.path("a"), &block);
     m.unmount();
-    // Damage one byte of the extent's data (behind the 16-byte segment header and
-    // the 40-byte extent header).
-    let seg = segments(&m.store).pop().unwrap();
-    let f = OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open(&seg)
-        .unwrap();
-    let at = 16 + 40 + 1234;
-    let mut b = [0u8; 1];
-    f.read_exact_at(&mut b, at).unwrap();
-    assert_eq!(b[0], block[1234], "the layout is as assumed");
-    f.write_all_at(&[b[0] ^ 0x10], at).unwrap();
-    drop(f);
+    damage_extent(&m.store, 0, &block);
     m.mount(&[]);
     // The same bytes again: a new file, and the damaged file rewritten in place.
     write_synced(&m.path("b"), &block);

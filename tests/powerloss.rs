@@ -434,6 +434,17 @@ fn crash_run(seed: u64, every: u64) -> (u64, Vec<String>) {
     (n, f)
 }
 
+/// Prints `what` with the count of `failures` (the line bench/crash.sh reads), and
+/// fails the test on any, showing the first twenty.
+fn report(what: &str, failures: &[String]) {
+    println!("{what}, {} failures", failures.len());
+    assert!(
+        failures.is_empty(),
+        "{}",
+        failures[..failures.len().min(20)].join("\n")
+    );
+}
+
 fn env(name: &str, default: u64) -> u64 {
     std::env::var(name)
         .ok()
@@ -451,15 +462,10 @@ fn every_acknowledged_write_survives_power_loss_at_any_point() {
         points += n;
         failures.extend(f);
     }
-    println!(
-        "power loss: {points} crash points tried, {} failures",
-        failures.len()
-    );
     assert!(points > 50, "only {points} crash points");
-    assert!(
-        failures.is_empty(),
-        "{}",
-        failures[..failures.len().min(20)].join("\n")
+    report(
+        &format!("power loss: {points} crash points tried"),
+        &failures,
     );
 }
 
@@ -489,15 +495,10 @@ fn an_io_error_at_any_step_never_loses_what_was_acknowledged() {
             failures.push(format!("errno {errno} at step {step}: {e}"));
         }
     }
-    println!(
-        "faults: {tried} steps failed in turn (of {total}), {} failures",
-        failures.len()
-    );
     assert!(tried > 20);
-    assert!(
-        failures.is_empty(),
-        "{}",
-        failures[..failures.len().min(20)].join("\n")
+    report(
+        &format!("faults: {tried} steps failed in turn (of {total})"),
+        &failures,
     );
 }
 

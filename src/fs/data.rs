@@ -999,12 +999,18 @@ fn store_blocks<'a>(
         if staged.contains_key(&hash) || repair.iter().any(|(h, _)| *h == hash) {
             return Ok(hash);
         }
-        if redb::ReadableTable::get(&w.t.extents, hash)?.is_none() {
-            staged.insert(hash, (0, 0, data.len() as u32));
-            new.push((hash, data));
-        } else if !w.extent_holds(&hash, data)? {
+        let row = redb::ReadableTable::get(&w.t.extents, hash)?;
+        match row.map(|v| ExtentRec::decode(&hash, v.value())) {
+            None => {
+                staged.insert(hash, (0, 0, data.len() as u32));
+                new.push((hash, data));
+            }
             // Never take a reference to bytes that are not the ones being written.
-            repair.push((hash, data));
+            Some(rec) => {
+                if !w.extent_holds(&hash, &rec?, data)? {
+                    repair.push((hash, data));
+                }
+            }
         }
         Ok(hash)
     };

@@ -596,31 +596,6 @@ impl Inner {
     /// a chown only by a caller in the file's group or holding CAP_FSETID, as in Linux.
     pub fn setattr(&mut self, ino: u64, caller: Caller, set: SetAttr) -> FsResult<Attr> {
         let ino = live(ino)?;
-        let times_only =
-            set.mode.is_none() && set.uid.is_none() && set.gid.is_none() && set.size.is_none();
-        if times_only && matches!(self.inode(ino), Err(FsError::Errno(libc::ENOENT))) {
-            // The kernel writes back the times it caches for a file whose last link and
-            // last handle are gone, and its records with them (`sync -f` after `rm`):
-            // nothing is left to update, and refusing would fail the caller's sync.
-            let now = Ts::now();
-            let t = |x: Option<Option<Ts>>| x.flatten().unwrap_or(now);
-            let rec = InodeRec {
-                kind: FileKind::File,
-                perm: 0,
-                uid: caller.uid,
-                gid: caller.gid,
-                nlink: 0,
-                size: 0,
-                atime: t(set.atime),
-                mtime: t(set.mtime),
-                ctime: set.ctime.unwrap_or(now),
-                crtime: now,
-                rdev: 0,
-                parent: 0,
-                target: Vec::new(),
-            };
-            return Ok(self.attr(ino, rec));
-        }
         let mut kill = 0;
         if set.mode.is_none() && (set.size.is_some() || set.uid.is_some() || set.gid.is_some()) {
             let rec = self.inode(ino)?;
@@ -650,7 +625,9 @@ impl Inner {
             self.chmod_acl(ino, mode & 0o7777)?;
         }
         let now = Ts::now();
-        self.modify_inode(ino, |r| {
+        let times_only =
+            set.mode.is_none() && set.uid.is_none() && set.gid.is_none() && set.size.is_none();
+        let res = self.modify_inode(ino, |r| {
             if let Some(mode) = set.mode {
                 r.perm = mode & 0o7777;
             }
@@ -672,7 +649,32 @@ impl Inner {
             }
             r.ctime = set.ctime.unwrap_or(now);
             Ok(())
-        })
+        });
+        match res {
+            // The kernel writes back the times it caches for a file whose last link and
+            // last handle are gone, and its records with them (`sync -f` after `rm`):
+            // nothing is left to update, and refusing would fail the caller's sync.
+            Err(FsError::Errno(libc::ENOENT)) if times_only => {
+                let t = |x: Option<Option<Ts>>| x.flatten().unwrap_or(now);
+                let rec = InodeRec {
+                    kind: FileKind::File,
+                    perm: 0,
+                    uid: caller.uid,
+                    gid: caller.gid,
+                    nlink: 0,
+                    size: 0,
+                    atime: t(set.atime),
+                    mtime: t(set.mtime),
+                    ctime: set.ctime.unwrap_or(now),
+                    crtime: now,
+                    rdev: 0,
+                    parent: 0,
+                    target: Vec::new(),
+                };
+                Ok(self.attr(ino, rec))
+            }
+            res => res,
+        }
     }
 
     /// Drops the set-id bits of file `ino` after a write, fallocate or copy_file_range

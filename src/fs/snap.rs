@@ -269,17 +269,10 @@ impl Inner {
                 .map_err(StoreError::from)?
                 .is_some()
         };
-        if pending && let Err(e) = self.finish_deletion(epoch) {
+        if pending && let Err(e) = self.drop_epoch(epoch) {
             self.deletions_pending = true;
             return Err(e);
         }
-        Ok(())
-    }
-
-    /// Completes a deletion that waited for holders (or for a crash to pass): the
-    /// versions only that epoch saw go, with its hidden row, in one commit.
-    fn finish_deletion(&mut self, epoch: u64) -> FsResult<()> {
-        self.drop_epoch(epoch)?;
         Ok(())
     }
 
@@ -304,7 +297,7 @@ impl Inner {
             if self.snap_open.get(&epoch).copied().unwrap_or(0) > 0 {
                 continue;
             }
-            if let Err(e) = self.finish_deletion(epoch) {
+            if let Err(e) = self.drop_epoch(epoch) {
                 self.deletions_pending = true;
                 return Err(e);
             }
@@ -524,33 +517,13 @@ impl Inner {
     }
 
     /// Paths of `ino` in the tree at `epoch`, from the back pointers.
-    fn paths_at(&mut self, epoch: u64, ino: u64, depth: u32) -> FsResult<Vec<String>> {
+    fn paths_at(&mut self, epoch: u64, ino: u64) -> FsResult<Vec<String>> {
+        // The root is the empty path here (diff prints its children as `/name`).
         if ino == ROOT_INO {
             return Ok(vec![String::new()]);
         }
-        if depth > 4096 {
-            return Err(StoreError::Corrupt(format!(
-                "path of inode {ino} does not reach the root"
-            ))
-            .into());
-        }
-        let mut links = Vec::new();
-        {
-            let txn = self.store.read_txn()?;
-            let t = txn.versions();
-            scan_visible(t, ino, KIND_PARENT, 0..=u64::MAX, epoch, |dir, name, _| {
-                links.push((dir, String::from_utf8_lossy(name).into_owned()));
-                Ok(true)
-            })?;
-        }
-        let mut out = Vec::new();
-        for (dir, name) in links {
-            for p in self.paths_at(epoch, dir, depth + 1)? {
-                out.push(format!("{p}/{name}"));
-            }
-        }
-        out.sort();
-        Ok(out)
+        let txn = self.store.read_txn()?;
+        Ok(crate::store::paths_at(txn.versions(), epoch, ino)?)
     }
 
     /// What changed from snapshot `old` to `new` (a snapshot or `live`), from the change
@@ -575,7 +548,7 @@ impl Inner {
         let mut out = Vec::new();
         for ino in inos {
             let (a, b) = (self.inode_if_at(a_e, ino)?, self.inode_if_at(b_e, ino)?);
-            let (pa, pb) = (self.paths_at(a_e, ino, 0)?, self.paths_at(b_e, ino, 0)?);
+            let (pa, pb) = (self.paths_at(a_e, ino)?, self.paths_at(b_e, ino)?);
             let show = |p: &str| {
                 if p.is_empty() {
                     "/".to_string()

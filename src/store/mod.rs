@@ -296,20 +296,15 @@ impl Store {
             let meta = txn
                 .open_table(META)
                 .map_err(|e| StoreError::Corrupt(format!("metadata has no meta table ({e})")))?;
-            let get = |k: &str| -> Result<Vec<u8>, StoreError> {
-                read_meta(&meta, k)?
-                    .ok_or_else(|| StoreError::Corrupt(format!("meta row {k} is missing")))
-            };
-            let block_size = le_u32(&get(meta::BLOCK_SIZE)?)?;
+            let block_size = read_meta_as(&meta, meta::BLOCK_SIZE, le_u32)?;
             if !block_size.is_power_of_two() || !(4096..=1 << 20).contains(&block_size) {
                 return Err(StoreError::Corrupt(format!("block size {block_size}")));
             }
-            let vid = get(meta::VOLUME_ID)?;
-            let volume_id: [u8; 16] = vid
-                .as_slice()
-                .try_into()
-                .map_err(|_| StoreError::Corrupt("volume id".into()))?;
-            let live_epoch = le_u64(&get(meta::LIVE_EPOCH)?)?;
+            let volume_id: [u8; 16] = read_meta_as(&meta, meta::VOLUME_ID, |b| {
+                b.try_into()
+                    .map_err(|_| StoreError::Corrupt("volume id".into()))
+            })?;
+            let live_epoch = read_meta_as(&meta, meta::LIVE_EPOCH, le_u64)?;
             let mut epochs = BTreeSet::new();
             for row in txn.open_table(SNAPSHOTS)?.iter()? {
                 let (k, v) = row?;
@@ -364,7 +359,7 @@ impl Store {
             for row in txn.open_table(EXTENTS)?.iter()? {
                 let (k, v) = row?;
                 let rec = ExtentRec::decode(&k.value(), v.value())?;
-                *live.entry(rec.segment).or_default() += rec.len as u64 + segment::EXTENT_HEADER;
+                *live.entry(rec.segment).or_default() += rec.footprint();
             }
             for row in txn.open_table(SEGMENTS)?.iter()? {
                 let (k, v) = row?;
@@ -640,11 +635,6 @@ impl Store {
         }
     }
 
-    /// Why the store is in the error state, if it is.
-    pub fn failure(&self) -> Option<&str> {
-        self.failed.as_deref()
-    }
-
     /// Rewrites segments that are mostly dead: the extents the index places in them
     /// move to the active segment, a durable commit points the index at the new copies
     /// and retires the segment, and only then is its file deleted. The index, not the
@@ -667,8 +657,8 @@ impl Store {
                 if dead == SEGMENT_RETIRED {
                     continue;
                 }
-                let size = match std::fs::metadata(segment::segment_path(self.segs.dir(), id)) {
-                    Ok(m) => m.len(),
+                let size = match self.segs.len(id) {
+                    Ok(l) => l,
                     Err(_) => continue,
                 };
                 if dead * 2 < size.saturating_sub(segment::SEGMENT_HEADER) {
@@ -710,10 +700,7 @@ impl Store {
         let mut order: Vec<(u64, u64, u64)> = candidates
             .iter()
             .map(|(id, size)| {
-                let live = placed[id]
-                    .iter()
-                    .map(|(_, r)| r.len as u64 + segment::EXTENT_HEADER)
-                    .sum();
+                let live = placed[id].iter().map(|(_, r)| r.footprint()).sum();
                 (live, *id, *size)
             })
             .collect();
@@ -841,12 +828,7 @@ impl Store {
         &self.db
     }
 
-    /// Reads the bytes of extent `rec`, re-verifying its hash.
-    pub fn read_extent(&mut self, hash: &[u8; 32], rec: &ExtentRec) -> Result<Vec<u8>, StoreError> {
-        self.read_extent_keeping(hash, rec, false)
-    }
-
-    /// [`Store::read_extent`]; with `leaves`, an extent that splits into leaves is
+    /// Reads the bytes of extent `rec`, re-verifying its hash; with `leaves`, an extent that splits into leaves is
     /// checked through them and their values are kept for later small reads (four
     /// times the hashing of a plain check, so only when a small read asks).
     fn read_extent_keeping(
@@ -1094,7 +1076,7 @@ fn fs_to_store(e: crate::fs::FsError) -> StoreError {
 }
 
 /// Checks `data`, all of extent `rec`, against its `hash`.
-fn check_whole(hash: &[u8; 32], rec: &ExtentRec, data: &[u8]) -> Result<(), StoreError> {
+pub(crate) fn check_whole(hash: &[u8; 32], rec: &ExtentRec, data: &[u8]) -> Result<(), StoreError> {
     if blake3::hash(data).as_bytes() != hash {
         return Err(mismatch(hash, rec));
     }
@@ -1491,7 +1473,7 @@ pub fn paths_at<T: ReadableTable<VKey, &'static [u8]>>(
             });
             return Ok(());
         }
-        if depth > 4096 || out.len() > 64 {
+        if depth > 4096 {
             return Err(StoreError::Corrupt(format!(
                 "path of inode {ino} does not reach the root"
             )));
@@ -1954,17 +1936,26 @@ impl Writer<'_> {
         if rec.refs == 0 {
             self.t.extents.remove(*hash)?;
             self.freed.push((rec.segment, rec.offset, rec.len));
-            let dead = self
-                .t
-                .segments
-                .get(rec.segment)?
-                .map(|v| v.value())
-                .unwrap_or(0);
-            self.t
-                .segments
-                .insert(rec.segment, dead + rec.len as u64 + segment::EXTENT_HEADER)?;
+            self.add_dead(&rec)?;
         } else {
             self.t.extents.insert(*hash, rec.encode(hash).as_slice())?;
+        }
+        Ok(())
+    }
+
+    /// Counts the bytes of extent `rec` (header and data) as dead in its segment.
+    fn add_dead(&mut self, rec: &ExtentRec) -> Result<(), StoreError> {
+        let dead = self
+            .t
+            .segments
+            .get(rec.segment)?
+            .map(|v| v.value())
+            .unwrap_or(0);
+        // A retired segment is all dead already (and its mark must stay).
+        if dead != SEGMENT_RETIRED {
+            self.t
+                .segments
+                .insert(rec.segment, dead + rec.footprint())?;
         }
         Ok(())
     }
@@ -1975,8 +1966,12 @@ impl Writer<'_> {
     /// page cache does not hold is not read from the disk (a write would wait for a
     /// random read): writing the bytes at hand again costs less, and whatever became
     /// of the old copy, the extent then holds what was written.
-    pub fn extent_holds(&mut self, hash: &[u8; 32], data: &[u8]) -> Result<bool, StoreError> {
-        let rec = self.extent(hash)?;
+    pub fn extent_holds(
+        &mut self,
+        hash: &[u8; 32],
+        rec: &ExtentRec,
+        data: &[u8],
+    ) -> Result<bool, StoreError> {
         if rec.len as usize != data.len() {
             tracing::error!(
                 extent = hex(hash),
@@ -2013,17 +2008,7 @@ impl Writer<'_> {
         len: u32,
     ) -> Result<(), StoreError> {
         let mut rec = self.extent(hash)?;
-        let dead = self
-            .t
-            .segments
-            .get(rec.segment)?
-            .map(|v| v.value())
-            .unwrap_or(0);
-        if dead != SEGMENT_RETIRED {
-            self.t
-                .segments
-                .insert(rec.segment, dead + rec.len as u64 + segment::EXTENT_HEADER)?;
-        }
+        self.add_dead(&rec)?;
         rec.segment = segment;
         rec.offset = offset;
         rec.len = len;
@@ -2135,7 +2120,7 @@ impl Writer<'_> {
 
     /// Hands out a new inode number.
     pub fn alloc_ino(&mut self) -> Result<u64, StoreError> {
-        let next = read_meta_u64(&self.t.meta, meta::NEXT_INO)?;
+        let next = read_meta_as(&self.t.meta, meta::NEXT_INO, le_u64)?;
         if next >= crate::fs::MAX_LIVE_INO {
             return Err(StoreError::Corrupt("inode numbers exhausted".into()));
         }

@@ -201,24 +201,15 @@ pub fn read_meta<T: redb::ReadableTable<&'static str, &'static [u8]>>(
     }
 }
 
-/// Reads the `meta` row `name` as a u64; a missing row is `Corrupt`.
-pub fn read_meta_u64<T: redb::ReadableTable<&'static str, &'static [u8]>>(
+/// Reads the `meta` row `name`, which must be there, decoded by `decode` (such as
+/// [`le_u64`]); a missing row is `Corrupt`.
+pub fn read_meta_as<T: redb::ReadableTable<&'static str, &'static [u8]>, V>(
     t: &T,
     name: &str,
-) -> Result<u64, StoreError> {
+    decode: fn(&[u8]) -> Result<V, StoreError>,
+) -> Result<V, StoreError> {
     match read_meta(t, name)? {
-        Some(v) => le_u64(&v),
-        None => Err(StoreError::Corrupt(format!("meta row {name} is missing"))),
-    }
-}
-
-/// Reads the `meta` row `name` as a u32; a missing row is `Corrupt`.
-pub fn read_meta_u32<T: redb::ReadableTable<&'static str, &'static [u8]>>(
-    t: &T,
-    name: &str,
-) -> Result<u32, StoreError> {
-    match read_meta(t, name)? {
-        Some(v) => le_u32(&v),
+        Some(v) => decode(&v),
         None => Err(StoreError::Corrupt(format!("meta row {name} is missing"))),
     }
 }
@@ -658,6 +649,11 @@ pub struct ExtentRec {
 }
 
 impl ExtentRec {
+    /// Bytes the extent takes in its segment: its header and its data.
+    pub fn footprint(&self) -> u64 {
+        crate::store::segment::EXTENT_HEADER + self.len as u64
+    }
+
     /// Encodes the value of the row of extent `hash`.
     pub fn encode(&self, hash: &[u8; 32]) -> Vec<u8> {
         let mut out = [0u8; 28];

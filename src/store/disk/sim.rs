@@ -392,7 +392,9 @@ impl Disk for SimDisk {
     }
 
     fn space(&self, _dir: &Path) -> io::Result<(u64, u64)> {
-        Ok((1 << 40, 1 << 40))
+        // A disk short of room, so that the store compacts its active segment and
+        // punches freed extents (see `Segments::room_for`) and crashes meet both.
+        Ok((96 << 20, 1 << 30))
     }
 
     fn open_db(&self, path: &Path, create: bool) -> Result<redb::Database, redb::DatabaseError> {
