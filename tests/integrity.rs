@@ -74,14 +74,33 @@ fn compaction_after_a_torn_append_keeps_every_live_extent() {
 
 #[test]
 fn a_write_of_the_same_bytes_repairs_a_damaged_extent() {
+    same_bytes_repair(false);
+}
+
+/// The same with the damaged copy out of the page cache: the write takes it unseen,
+/// and the fsync's durable point reads it and stores the bytes again.
+#[test]
+fn a_write_of_the_same_bytes_repairs_a_damaged_extent_out_of_the_cache() {
+    same_bytes_repair(true);
+}
+
+fn same_bytes_repair(cold: bool) {
     let mut m = Mount::new();
     let block = pattern(5, 65536);
     write_synced(&m.path("a"), &block);
     m.unmount();
     damage_extent(&m.store, 0, &block);
     m.mount(&[]);
+    // (A look at a cold copy starts the kernel's readahead: out of the cache again.)
+    let evict = || {
+        if cold {
+            drop_caches();
+        }
+    };
+    evict();
     // The same bytes again: a new file, and the damaged file rewritten in place.
     write_synced(&m.path("b"), &block);
+    evict();
     {
         let f = OpenOptions::new().write(true).open(m.path("a")).unwrap();
         f.write_all_at(&block, 0).unwrap();

@@ -265,7 +265,16 @@ fn workload(disk: &SimDisk, model: &Arc<Mutex<Model>>, seed: u64, tolerate_error
             // Write a file whole (new or replaced), fsync it half the time.
             0..=39 => {
                 let len = [0, 100, 4096, 65536, 100_000, 200_000][rng.below(6) as usize];
-                let data = rng.bytes(len);
+                // A third of the time another file's bytes: a deduplicated write.
+                let other = format!("f{}", rng.below(8));
+                let copy = match rng.below(3) {
+                    0 => lock(model)
+                        .files
+                        .get(&other)
+                        .and_then(|f| f.latest().cloned()),
+                    _ => None,
+                };
+                let data = copy.unwrap_or_else(|| rng.bytes(len));
                 let ino = match core.lookup(ROOT_INO, name.as_bytes()) {
                     Ok(a) => a.ino,
                     Err(_) => {

@@ -149,10 +149,39 @@ pub struct Store {
     /// once [`PUNCH_DELAY`] has passed, so a read planned before the free still finds
     /// its bytes.
     punch_queue: std::collections::VecDeque<(std::time::Instant, (u64, u64, u32))>,
+    /// Extents writes took without seeing their stored copy, checked at the next
+    /// durable point (see [`Unverified`]).
+    unverified: Unverified,
 }
+
+/// Stored extents that writes took a reference to (a deduplicated block, or a block
+/// rewritten unchanged) without seeing their stored copy, because the page cache did
+/// not hold it and a write must not wait for a random read: with the bytes written.
+/// Every durable point first reads these copies, in disk order, and stores the bytes
+/// again where a copy differs or cannot be read, so nothing becomes durable that
+/// references bytes that were not written. Bounded by [`UNVERIFIED_MAX`]; past it, a
+/// write stores the bytes again at once instead.
+#[derive(Default)]
+pub struct Unverified {
+    map: std::collections::HashMap<[u8; 32], Box<[u8]>>,
+    bytes: usize,
+}
+
+/// Bytes of written data [`Unverified`] holds at most.
+pub const UNVERIFIED_MAX: usize = 64 << 20;
+
+/// Stored copies read together at a durable point: at most this many bytes per read,
+/// across gaps of at most [`VERIFY_GAP`] between them.
+const VERIFY_RUN: u64 = 4 << 20;
+const VERIFY_GAP: u64 = 64 << 10;
 
 impl Drop for Store {
     fn drop(&mut self) {
+        // Closing redb makes its commits durable: the extents they took unseen are
+        // checked first (a failure puts the store in its error state).
+        if self.failed.is_none() && !self.unverified.map.is_empty() {
+            let _ = self.sync();
+        }
         // The open group borrows the database: it goes first (uncommitted, it aborts).
         drop(self.txn.get_mut().take());
         if let Some(why) = &self.failed {
@@ -342,6 +371,7 @@ impl Store {
             freed_group: Vec::new(),
             freed_committed: Vec::new(),
             punch_queue: std::collections::VecDeque::new(),
+            unverified: Unverified::default(),
         })
     }
 
@@ -444,6 +474,7 @@ impl Store {
                 xattr_log: Vec::new(),
                 last_change: None,
                 freed: Vec::new(),
+                unverified: &mut self.unverified,
             };
             let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| f(&mut w)));
             // A new segment's id is recorded in the group that first indexes into it.
@@ -539,6 +570,9 @@ impl Store {
     /// Commits the open transaction group, if any; with `durable`, makes everything
     /// committed so far durable (even with no group open).
     pub fn commit_group(&mut self, durable: bool) -> Result<(), StoreError> {
+        if durable && self.failed.is_none() {
+            self.verify_unverified()?;
+        }
         let txn = self.txn.get_mut().take();
         let pending = std::mem::take(&mut self.pending);
         let mut txn = match (txn, durable) {
@@ -586,6 +620,96 @@ impl Store {
             }
         }
         res
+    }
+
+    /// Reads the stored copies of the extents writes took unseen (see [`Unverified`]),
+    /// in disk order, and stores again the written bytes of each copy that differs or
+    /// cannot be read, repointing its extent, as one operation of the open group.
+    fn verify_unverified(&mut self) -> Result<(), StoreError> {
+        if self.unverified.map.is_empty() {
+            return Ok(());
+        }
+        let pending = std::mem::take(&mut self.unverified);
+        let res = self.write(false, |w| {
+            // Where each copy is now (compaction may have moved it; an extent freed
+            // since needs nothing).
+            let mut at = Vec::with_capacity(pending.map.len());
+            for (hash, data) in &pending.map {
+                if let Some(row) = redb::ReadableTable::get(&w.t.extents, *hash)? {
+                    at.push((ExtentRec::decode(hash, row.value())?, hash, &data[..]));
+                }
+            }
+            at.sort_unstable_by_key(|(rec, _, _)| (rec.segment, rec.offset));
+            let mut repair: Vec<([u8; 32], &[u8])> = Vec::new();
+            let mut i = 0;
+            while i < at.len() {
+                // A run of copies close together in one segment, read at once.
+                let (first, _, _) = at[i];
+                let mut j = i + 1;
+                let mut end = first.offset + first.len as u64;
+                while j < at.len() {
+                    let rec = &at[j].0;
+                    if rec.segment != first.segment
+                        || rec.offset > end + VERIFY_GAP
+                        || rec.offset + rec.len as u64 - first.offset > VERIFY_RUN
+                    {
+                        break;
+                    }
+                    end = end.max(rec.offset + rec.len as u64);
+                    j += 1;
+                }
+                let run = w
+                    .segs
+                    .read(first.segment, first.offset, (end - first.offset) as u32);
+                for (rec, hash, data) in &at[i..j] {
+                    let stored = match &run {
+                        Ok(bytes) => {
+                            let a = (rec.offset - first.offset) as usize;
+                            Ok(bytes.get(a..a + rec.len as usize).map(<[u8]>::to_vec))
+                        }
+                        // One unreadable copy must not condemn its neighbours.
+                        Err(_) => w.segs.read(rec.segment, rec.offset, rec.len).map(Some),
+                    };
+                    match stored {
+                        Ok(Some(s)) if s == *data => continue,
+                        Ok(_) => tracing::error!(
+                            extent = hex(&hash[..]),
+                            segment = rec.segment,
+                            offset = rec.offset,
+                            "stored extent is damaged; storing it again from a write of the same bytes"
+                        ),
+                        Err(e) => tracing::error!(
+                            extent = hex(&hash[..]),
+                            error = %e,
+                            "stored extent cannot be read; storing it again"
+                        ),
+                    }
+                    repair.push((**hash, *data));
+                }
+                i = j;
+            }
+            let at = w
+                .segs
+                .append_many(&repair)
+                .map_err(|e| crate::fs::FsError::Errno(e.errno()))?;
+            for ((hash, data), (seg, off)) in repair.iter().zip(at) {
+                w.relocate(hash, seg, off, data.len() as u32)?;
+            }
+            tracing::debug!(
+                checked = pending.map.len(),
+                stored_again = repair.len(),
+                "checked extents writes took unseen"
+            );
+            Ok(())
+        });
+        if let Err(e) = res {
+            // Still unchecked: the durable point fails, and the next one tries again.
+            for (hash, data) in pending.map {
+                self.unverified.insert(hash, data);
+            }
+            return Err(fs_to_store(e));
+        }
+        Ok(())
     }
 
     /// Gives back the disk under extents freed by durable commits: those freed at
@@ -1699,6 +1823,17 @@ pub struct Writer<'t> {
     last_change: Option<(u64, u64)>,
     /// Extent bytes this operation freed: (segment, offset, length).
     freed: Vec<(u64, u64, u32)>,
+    /// Extents taken unseen, checked at the next durable point.
+    unverified: &'t mut Unverified,
+}
+
+impl Unverified {
+    fn insert(&mut self, hash: [u8; 32], data: Box<[u8]>) {
+        let n = data.len();
+        if self.map.insert(hash, data).is_none() {
+            self.bytes += n;
+        }
+    }
 }
 
 impl Writer<'_> {
@@ -1960,12 +2095,12 @@ impl Writer<'_> {
         Ok(())
     }
 
-    /// Whether extent `hash` as stored is known to hold `data` (whose hash is `hash`).
-    /// If not, the caller stores `data` again and [`Writer::relocate`]s the extent
-    /// there: a stored copy that differs or cannot be read is damaged, and one the
-    /// page cache does not hold is not read from the disk (a write would wait for a
-    /// random read): writing the bytes at hand again costs less, and whatever became
-    /// of the old copy, the extent then holds what was written.
+    /// Whether a write of `data` (whose hash is `hash`) may take extent `hash` as
+    /// stored. If not, the caller stores `data` again and [`Writer::relocate`]s the
+    /// extent there. A copy the page cache holds is compared now (one that differs or
+    /// cannot be read is damaged); one it does not hold is not read from the disk (a
+    /// write would wait for a random read) but checked at the next durable point (see
+    /// [`Unverified`]), or, with too much waiting already, not trusted.
     pub fn extent_holds(
         &mut self,
         hash: &[u8; 32],
@@ -1980,6 +2115,11 @@ impl Writer<'_> {
             return Ok(false);
         }
         match self.segs.read_cached(rec.segment, rec.offset, rec.len) {
+            Ok(None) if self.unverified.map.contains_key(hash) => Ok(true),
+            Ok(None) if self.unverified.bytes + data.len() <= UNVERIFIED_MAX => {
+                self.unverified.insert(*hash, data.into());
+                Ok(true)
+            }
             Ok(None) => Ok(false),
             Ok(Some(stored)) if stored == data => Ok(true),
             Ok(Some(_)) => {
