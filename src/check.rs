@@ -16,6 +16,7 @@ use crate::store::segment::{EXTENT_HEADER, EXTENT_MAGIC, Segments};
 use crate::store::{
     RecKey, Store, StoreError, for_each_visible, hex, paths_at, scan_visible, visible,
 };
+use crate::text::printable;
 
 /// What fsck found.
 #[derive(Debug, Default)]
@@ -67,7 +68,7 @@ impl Report {
                 s,
                 "hurt: {}: {} bytes {}..{}: {}",
                 h.view,
-                shown(&h.path),
+                printable(&h.path),
                 h.start,
                 h.end,
                 h.cause
@@ -127,18 +128,6 @@ impl Report {
 }
 
 /// A path for a terminal: control characters escaped.
-fn shown(path: &str) -> String {
-    path.chars()
-        .flat_map(|c| {
-            if c.is_control() {
-                c.escape_default().collect::<Vec<_>>()
-            } else {
-                vec![c]
-            }
-        })
-        .collect()
-}
-
 type Versions<'a> = redb::ReadOnlyTable<(u64, u8, u64, &'static [u8], u64), &'static [u8]>;
 
 /// Walks the tree visible at `epoch`; returns the inodes reached.
@@ -260,7 +249,7 @@ fn structure(
     })?;
     let path = |ino: u64| -> String {
         match paths_at(t, epoch, ino) {
-            Ok(p) if !p.is_empty() => shown(&p[0]),
+            Ok(p) if !p.is_empty() => printable(&p[0]).into_owned(),
             _ => format!("(inode {ino})"),
         }
     };
@@ -345,14 +334,15 @@ pub fn fsck_txn(
         let epoch = match SnapshotRec::decode(name, v.value()) {
             Ok(r) => r.epoch,
             Err(e) => {
-                rep.problems.push(format!("snapshot {}: {e}", shown(name)));
+                rep.problems
+                    .push(format!("snapshot {}: {e}", printable(name)));
                 continue;
             }
         };
         views.push(if name.starts_with('\0') {
             (format!("deleting snapshot (epoch {epoch})"), epoch)
         } else {
-            (format!("snapshot {}", shown(name)), epoch)
+            (format!("snapshot {}", printable(name)), epoch)
         });
     }
     let mut orphans = HashSet::new();
@@ -418,7 +408,7 @@ pub fn fsck_txn(
             {
                 rep.problems.push(format!(
                     "{label}: {} has {n} damaged metadata records",
-                    shown(&paths.join(", "))
+                    printable(&paths.join(", ")).into_owned()
                 ));
             }
         }

@@ -4,6 +4,7 @@
 use crate::fs::{Fs, FsError, Inval, SNAPDIR_INO, check_snapshot_name};
 use crate::policy::{self, Keep};
 use crate::store::schema::Ts;
+use crate::text::{clip, printable};
 
 /// A command's result: its output, exit code, and whether the output is an error line.
 #[derive(Debug)]
@@ -110,7 +111,7 @@ pub fn json_str(s: &str) -> String {
             '"' => out.push_str("\\\""),
             '\\' => out.push_str("\\\\"),
             '\n' => out.push_str("\\n"),
-            c if (c as u32) < 0x20 => out.push_str(&format!("\\u{:04x}", c as u32)),
+            c if c.is_control() => out.push_str(&format!("\\u{:04x}", c as u32)),
             c => out.push(c),
         }
     }
@@ -119,17 +120,19 @@ pub fn json_str(s: &str) -> String {
 }
 
 fn snap_error(e: FsError, name: &str) -> Outcome {
+    // Quoted as Rust quotes (control characters escaped), and not echoed whole.
+    let shown = clip(name);
     let msg = match e.errno() {
-        libc::EEXIST => format!("a snapshot named {name:?} already exists"),
-        libc::ENOENT => format!("no snapshot named {name:?}"),
+        libc::EEXIST => format!("a snapshot named {shown:?} already exists"),
+        libc::ENOENT => format!("no snapshot named {shown:?}"),
         libc::EBUSY => format!(
-            "cannot roll back to {name:?}: files it would change are open; close them and retry"
+            "cannot roll back to {shown:?}: files it would change are open; close them and retry"
         ),
         libc::EINVAL | libc::ENAMETOOLONG => match check_snapshot_name(name.as_bytes()) {
-            Err((_, rule)) => format!("invalid snapshot name {name:?}: {rule}"),
-            Ok(_) => format!("{name:?}: {e}"),
+            Err((_, rule)) => format!("invalid snapshot name {shown:?}: {rule}"),
+            Ok(_) => format!("{shown:?}: {e}"),
         },
-        _ => format!("{name:?}: {e}"),
+        _ => format!("{shown:?}: {e}"),
     };
     fail(msg)
 }
@@ -213,10 +216,10 @@ pub fn run(fs: &Fs, args: &[String], progress: bool) -> Outcome {
         ["snapshot", verb @ ("create" | "delete"), name, ..] => {
             let res = if *verb == "create" {
                 core.snapshot_create(name.as_bytes(), Ts::now())
-                    .map(|epoch| format!("created snapshot {name} (epoch {epoch})"))
+                    .map(|epoch| format!("created snapshot {} (epoch {epoch})", printable(name)))
             } else {
                 core.snapshot_delete(name.as_bytes())
-                    .map(|()| format!("deleted snapshot {name}"))
+                    .map(|()| format!("deleted snapshot {}", printable(name)))
             };
             drop(core);
             match res {
@@ -234,7 +237,8 @@ pub fn run(fs: &Fs, args: &[String], progress: bool) -> Outcome {
                 Ok(invals) => {
                     fs.invalidate(&invals);
                     ok(format!(
-                        "rolled back to snapshot {name} ({} records restored)",
+                        "rolled back to snapshot {} ({} records restored)",
+                        printable(name),
                         invals.len()
                     ))
                 }
@@ -270,7 +274,7 @@ pub fn run(fs: &Fs, args: &[String], progress: bool) -> Outcome {
                     for s in snaps {
                         t.push_str(&format!(
                             "{:<32} {:<24} {:>14} {:>14}\n",
-                            s.name,
+                            printable(&s.name),
                             fmt_time(s.created),
                             s.referenced,
                             s.exclusive
@@ -304,9 +308,9 @@ pub fn run(fs: &Fs, args: &[String], progress: bool) -> Outcome {
                         return snap_error(e, name);
                     }
                     invals.extend(snapdir_invals(name));
-                    text.push_str(&format!("pruned {name}\n"));
+                    text.push_str(&format!("pruned {}\n", printable(name)));
                 } else {
-                    text.push_str(&format!("would prune {name}\n"));
+                    text.push_str(&format!("would prune {}\n", printable(name)));
                 }
             }
             text.push_str(&format!(
@@ -343,8 +347,12 @@ pub fn run(fs: &Fs, args: &[String], progress: bool) -> Outcome {
                 let mut t = String::new();
                 for c in changes {
                     match &c.new_path {
-                        Some(n) => t.push_str(&format!("R\t{}\t->\t{}\n", c.path, n)),
-                        None => t.push_str(&format!("{}\t{}\n", c.kind, c.path)),
+                        Some(n) => t.push_str(&format!(
+                            "R\t{}\t->\t{}\n",
+                            printable(&c.path),
+                            printable(n)
+                        )),
+                        None => t.push_str(&format!("{}\t{}\n", c.kind, printable(&c.path))),
                     }
                     for (s, e) in &c.ranges {
                         t.push_str(&format!("\t\t{s}-{e}\n"));
@@ -352,17 +360,21 @@ pub fn run(fs: &Fs, args: &[String], progress: bool) -> Outcome {
                 }
                 ok(t)
             }
-            Err(e) if e.errno() == libc::EINVAL => fail(format!("{old} is not older than {new}")),
+            Err(e) if e.errno() == libc::EINVAL => fail(format!(
+                "{} is not older than {}",
+                printable(&clip(old)),
+                printable(&clip(new))
+            )),
             Err(e) if e.errno() == libc::ENOENT => {
                 let missing = if core.snapshot_named(old.as_bytes()).ok().flatten().is_none() {
                     old
                 } else {
                     new
                 };
-                fail(format!("no snapshot named {missing:?}"))
+                fail(format!("no snapshot named {:?}", clip(missing)))
             }
             Err(e) => fail(e.to_string()),
         },
-        _ => fail(format!("unknown command {args:?}")),
+        _ => fail(format!("unknown command {}", clip(&format!("{args:?}")))),
     }
 }

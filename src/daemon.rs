@@ -14,6 +14,7 @@ use anyhow::{Context, bail};
 use crate::fs::{Fs, Inval};
 use crate::fuse::SnapFuse;
 use crate::store::StoreConfig;
+use crate::text::clip;
 
 /// The control socket inside a store.
 pub const SOCKET: &str = "snapfs.sock";
@@ -75,6 +76,12 @@ pub struct MountOptions {
     pub snapshot_every: Option<Duration>,
     /// Retention for scheduled snapshots.
     pub keep: Option<crate::policy::Keep>,
+    /// Mount a store whose directory other users may read (`allow_shared_store`).
+    pub allow_shared_store: bool,
+    /// Let any local user run the control socket's read-only commands (`status`,
+    /// `snapshot list`): `control=public`. Default `control=private`: root and the
+    /// daemon's user only.
+    pub control_public: bool,
 }
 
 impl MountOptions {
@@ -100,6 +107,9 @@ impl MountOptions {
                 None => (opt, None),
             };
             match (key, val) {
+                ("source" | "fsname" | "subtype", Some("")) => {
+                    bail!("mount option {key}= needs a value")
+                }
                 ("source" | "fsname", Some(v)) => o.fsname = Some(v.to_string()),
                 // The type then reads fuse.NAME (default: plain fuse, as xfstests'
                 // FSTYP=fuse expects; fuse.snapfs lets mount(8) find our helper on remount).
@@ -143,9 +153,12 @@ impl MountOptions {
                 ("keep", Some(v)) => {
                     o.keep = Some(crate::policy::Keep::parse(v).map_err(anyhow::Error::msg)?)
                 }
+                ("allow_shared_store", None) => o.allow_shared_store = true,
+                ("control", Some("public")) => o.control_public = true,
+                ("control", Some("private")) => o.control_public = false,
                 // Always on; accepted for fstab lines that spell them out.
                 ("default_permissions" | "allow_other" | "defaults", None) => {}
-                _ => bail!("unknown mount option {opt:?}"),
+                _ => bail!("unknown mount option {:?}", clip(opt)),
             }
         }
         Ok(o)
@@ -222,9 +235,11 @@ pub fn init_logging(to_file: Option<&Path>) {
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
     let builder = tracing_subscriber::fmt().with_env_filter(filter);
     let file = to_file.and_then(|p| {
+        use std::os::unix::fs::OpenOptionsExt;
         std::fs::OpenOptions::new()
             .create(true)
             .append(true)
+            .mode(0o600)
             .open(p)
             .ok()
     });
@@ -245,12 +260,23 @@ pub fn mount(
 ) -> anyhow::Result<()> {
     // Refuse a bad option before anything is opened.
     MountOptions::parse(opts)?;
+    let dead = |p: &Path| {
+        anyhow::anyhow!(
+            "mountpoint {} is a dead FUSE mount (its daemon is gone): clear it with `umount -l {}`, then mount again",
+            p.display(),
+            p.display()
+        )
+    };
     let mp = match std::fs::canonicalize(mountpoint) {
         Ok(p) => p,
+        Err(e) if e.raw_os_error() == Some(libc::ENOTCONN) => return Err(dead(mountpoint)),
         Err(e) => bail!("mountpoint {}: {e}", mountpoint.display()),
     };
-    if !mp.is_dir() {
-        bail!("mountpoint {} is not a directory", mp.display());
+    match std::fs::metadata(&mp) {
+        Ok(m) if m.is_dir() => {}
+        Ok(_) => bail!("mountpoint {} is not a directory", mp.display()),
+        Err(e) if e.raw_os_error() == Some(libc::ENOTCONN) => return Err(dead(&mp)),
+        Err(e) => bail!("mountpoint {}: {e}", mp.display()),
     }
     if is_mounted(&mp) {
         bail!("{} is already a mount point", mp.display());
@@ -262,6 +288,20 @@ pub fn mount(
             store.display(),
             mp.display()
         );
+    }
+    // The daemon would serve its own writes (statfs, segment files) through the mount
+    // it serves: the first write would wait for itself forever.
+    if mp.starts_with(&store) {
+        bail!(
+            "the mountpoint {} may not lie inside the store {}",
+            mp.display(),
+            store.display()
+        );
+    }
+    // Earlier options are overridden by later ones; snapfs.toml is read once the store
+    // is known to be private, so only -o can allow a shared one.
+    if crate::store::Store::exists(&store) && !MountOptions::parse(opts)?.allow_shared_store {
+        check_private(&store)?;
     }
     if foreground {
         init_logging(None);
@@ -316,8 +356,15 @@ pub fn mount(
     };
     tracing::info!(store = %store.display(), mountpoint = %mp.display(), "mounted");
     let pidfile = store.join(PIDFILE);
-    std::fs::write(&pidfile, format!("{}\n", std::process::id()))
+    write_private(&pidfile, format!("{}\n", std::process::id()).as_bytes())
         .context("writing the pid file")?;
+    // Served before the mount is reported up, so commands work as soon as it is.
+    let access = ControlAccess {
+        // SAFETY: geteuid cannot fail.
+        owner: unsafe { libc::geteuid() },
+        public: options.control_public,
+    };
+    let control = serve_control(&store, Arc::downgrade(&fs), options.uring_depth > 0, access);
     if let Some(fd) = ready {
         // Tell the waiting parent that the daemon is up; it exits 0 on this byte.
         // SAFETY: `fd` is the write end of the pipe made in `daemonize`, owned here.
@@ -390,7 +437,6 @@ pub fn mount(
     let scheduler = options
         .snapshot_every
         .map(|every| spawn_scheduler(Arc::downgrade(&fs), every, stop.clone()));
-    let control = serve_control(&store, Arc::downgrade(&fs), options.uring_depth > 0);
 
     let res = session.run();
     stop.store(true, Ordering::Relaxed);
@@ -417,6 +463,35 @@ pub fn mount(
     flushed.context("final flush")?;
     tracing::info!("unmounted cleanly");
     res.context("FUSE session failed")
+}
+
+/// Refuses a store directory other users may enter or read: its segments hold the
+/// content of every file, and its metadata every name.
+/// Writes `data` to a new file at `path` (replacing one there), readable by its
+/// owner only.
+fn write_private(path: &Path, data: &[u8]) -> std::io::Result<()> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let _ = std::fs::remove_file(path);
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)?
+        .write_all(data)
+}
+
+fn check_private(store: &Path) -> anyhow::Result<()> {
+    use std::os::unix::fs::MetadataExt;
+    let meta = std::fs::metadata(store).with_context(|| format!("store {}", store.display()))?;
+    let mode = meta.mode() & 0o7777;
+    if mode & 0o077 != 0 {
+        bail!(
+            "store {} is open to other users (mode {mode:04o}); its files hold the content of every file: `chmod 700 {}`, or mount with -o allow_shared_store",
+            store.display(),
+            store.display()
+        );
+    }
+    Ok(())
 }
 
 /// Opens (or creates) the store; while it is locked by a daemon that is still exiting
@@ -599,9 +674,31 @@ fn spawn_scheduler(
         .expect("spawning the scheduler thread")
 }
 
+/// Control connections served at once; more are answered "busy".
+const CONTROL_CONNS: usize = 8;
+/// The longest request line the control socket reads.
+const CONTROL_REQUEST_MAX: u64 = 64 << 10;
+/// How long a control connection may take to send its request.
+const CONTROL_READ_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Who may use the control socket.
+#[derive(Clone, Copy, Debug)]
+pub struct ControlAccess {
+    /// The daemon's effective user (as well as root) may run every command.
+    pub owner: u32,
+    /// Any other user may run the read-only commands (`control=public`).
+    pub public: bool,
+}
+
 /// Listens on `STORE/snapfs.sock` for CLI commands; returns the socket path. `uring`:
 /// the mount asked for FUSE over io_uring (for `status`).
-fn serve_control(store: &Path, fs: std::sync::Weak<Fs>, uring: bool) -> Option<PathBuf> {
+fn serve_control(
+    store: &Path,
+    fs: std::sync::Weak<Fs>,
+    uring: bool,
+    access: ControlAccess,
+) -> Option<PathBuf> {
+    use std::os::unix::fs::PermissionsExt;
     let path = store.join(SOCKET);
     let _ = std::fs::remove_file(&path);
     let listener = match UnixListener::bind(&path) {
@@ -611,46 +708,182 @@ fn serve_control(store: &Path, fs: std::sync::Weak<Fs>, uring: bool) -> Option<P
             return None;
         }
     };
+    // The credential check below is what decides; the mode keeps others from even
+    // connecting unless the read-only commands are opened to them.
+    let mode = if access.public { 0o666 } else { 0o600 };
+    if let Err(e) = std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode)) {
+        tracing::warn!(error = %e, "cannot set the control socket's mode; not serving it");
+        let _ = std::fs::remove_file(&path);
+        return None;
+    }
+    let busy = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     std::thread::Builder::new()
         .name("control".into())
         .spawn(move || {
-            for conn in listener.incoming().flatten() {
+            let mut backoff = Duration::ZERO;
+            for conn in listener.incoming() {
+                let conn = match conn {
+                    Ok(c) => {
+                        backoff = Duration::ZERO;
+                        c
+                    }
+                    Err(e) => {
+                        // Out of descriptors or memory: back off instead of spinning.
+                        backoff =
+                            (backoff * 2).clamp(Duration::from_millis(10), Duration::from_secs(1));
+                        tracing::warn!(error = %e, "control socket: accept failed");
+                        std::thread::sleep(backoff);
+                        continue;
+                    }
+                };
                 let Some(fs) = fs.upgrade() else { break };
-                let _ = std::thread::Builder::new()
+                let _ = conn.set_write_timeout(Some(CONTROL_READ_TIMEOUT));
+                // Strangers are answered here, without a thread of their own.
+                let uid = match peer_uid(&conn) {
+                    Ok(uid) => uid,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "control socket: no peer credentials");
+                        continue;
+                    }
+                };
+                let trusted = uid == 0 || uid == access.owner;
+                if !trusted && !access.public {
+                    tracing::warn!(
+                        uid,
+                        "control socket: refused a connection from another user"
+                    );
+                    let _ = answer(&conn, &refusal(access));
+                    continue;
+                }
+                if busy.fetch_add(1, Ordering::SeqCst) >= CONTROL_CONNS {
+                    busy.fetch_sub(1, Ordering::SeqCst);
+                    let _ = answer(
+                        &conn,
+                        &fail_outcome(format!(
+                            "the daemon is busy with {CONTROL_CONNS} commands; try again"
+                        )),
+                    );
+                    continue;
+                }
+                let busy2 = busy.clone();
+                let spawned = std::thread::Builder::new()
                     .name("control-conn".into())
                     .spawn(move || {
-                        if let Err(e) = handle_control(conn, &fs, uring) {
+                        if let Err(e) = handle_control(conn, &fs, uring, access, trusted) {
                             tracing::debug!(error = %e, "control connection failed");
                         }
+                        busy2.fetch_sub(1, Ordering::SeqCst);
                     });
+                if let Err(e) = spawned {
+                    busy.fetch_sub(1, Ordering::SeqCst);
+                    tracing::warn!(error = %e, "control socket: cannot start a thread");
+                }
             }
         })
         .ok()?;
     Some(path)
 }
 
-fn handle_control(conn: UnixStream, fs: &Fs, uring: bool) -> anyhow::Result<()> {
-    let mut line = String::new();
-    BufReader::new(&conn).read_line(&mut line)?;
+fn fail_outcome(text: String) -> crate::commands::Outcome {
+    crate::commands::Outcome {
+        text,
+        code: 2,
+        error: true,
+    }
+}
+
+/// The user id of the process at the other end of `conn` (`SO_PEERCRED`).
+fn peer_uid(conn: &UnixStream) -> std::io::Result<u32> {
+    use std::os::unix::io::AsRawFd;
+    let mut cred = libc::ucred {
+        pid: 0,
+        uid: u32::MAX,
+        gid: u32::MAX,
+    };
+    let mut len = std::mem::size_of::<libc::ucred>() as libc::socklen_t;
+    // SAFETY: `cred` and `len` are valid out pointers of the sizes given.
+    let rc = unsafe {
+        libc::getsockopt(
+            conn.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_PEERCRED,
+            (&mut cred as *mut libc::ucred).cast(),
+            &mut len,
+        )
+    };
+    if rc != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(cred.uid)
+}
+
+/// Whether control command `args` only looks.
+fn read_only_command(args: &[String]) -> bool {
+    let a: Vec<&str> = args.iter().map(String::as_str).collect();
+    matches!(a.as_slice(), ["status", ..] | ["snapshot", "list", ..])
+}
+
+/// The answer to a user the control socket does not serve.
+fn refusal(access: ControlAccess) -> crate::commands::Outcome {
+    fail_outcome(format!(
+        "permission denied: only root and the daemon's user (uid {}) may {}",
+        access.owner,
+        if access.public {
+            "run commands that change the volume or read its files"
+        } else {
+            "use this volume's control socket (mount with -o control=public to let others run status and snapshot list)"
+        }
+    ))
+}
+
+/// Serves one control connection; `trusted`: its peer is root or the daemon's user.
+fn handle_control(
+    conn: UnixStream,
+    fs: &Fs,
+    uring: bool,
+    access: ControlAccess,
+    trusted: bool,
+) -> anyhow::Result<()> {
+    use std::io::Read;
+    conn.set_read_timeout(Some(CONTROL_READ_TIMEOUT))?;
+    // A client that stops reading must not hold the thread for ever.
+    conn.set_write_timeout(Some(Duration::from_secs(60)))?;
+    let mut line = Vec::new();
+    BufReader::new((&conn).take(CONTROL_REQUEST_MAX)).read_until(b'\n', &mut line)?;
+    if line.last() != Some(&b'\n') {
+        return answer(
+            &conn,
+            &fail_outcome(format!(
+                "control request longer than {CONTROL_REQUEST_MAX} bytes, or cut short"
+            )),
+        );
+    }
+    let line = String::from_utf8(line).context("control request is not UTF-8")?;
     let args: Vec<String> = line
         .trim_end_matches('\n')
         .split('\0')
         .map(str::to_string)
         .collect();
+    let allowed = trusted || (access.public && read_only_command(&args));
+    if !allowed {
+        tracing::warn!(command = ?args.first(), "control socket: refused a command from another user");
+        return answer(&conn, &refusal(access));
+    }
     let mut out =
         if args.first().is_some_and(|a| a == "fsck") && args.iter().any(|a| a == "--repair") {
-            crate::commands::Outcome {
-                text: "fsck --repair needs the store unmounted: unmount it first".into(),
-                code: 2,
-                error: true,
-            }
+            fail_outcome("fsck --repair needs the store unmounted: unmount it first".into())
         } else {
             crate::commands::run(fs, &args, false)
         };
     if args.first().is_some_and(|a| a == "status") && !out.error {
         out.text.push_str(&requests_line(uring));
     }
-    let mut w = &conn;
+    answer(&conn, &out)
+}
+
+/// Sends `out` on `conn`: its text, then the exit line.
+fn answer(conn: &UnixStream, out: &crate::commands::Outcome) -> anyhow::Result<()> {
+    let mut w = conn;
     write!(w, "{}", out.text)?;
     if !out.text.is_empty() && !out.text.ends_with('\n') {
         writeln!(w)?;
@@ -713,12 +946,24 @@ const URING_PARAM: &str = "/sys/module/fuse/parameters/enable_uring";
 /// Sends `args` to the daemon serving `store`, if one is listening. Arguments may not
 /// contain NUL or newline (the CLI checks).
 pub fn ask_daemon(store: &Path, args: &[String]) -> Option<crate::commands::Outcome> {
-    let mut conn = UnixStream::connect(store.join(SOCKET)).ok()?;
-    writeln!(conn, "{}", args.join("\0")).ok()?;
+    let mut conn = match UnixStream::connect(store.join(SOCKET)) {
+        Ok(c) => c,
+        Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => {
+            return Some(fail_outcome(format!(
+                "store {}: permission denied: a store and its daemon's control socket are for root and the store's owner",
+                store.display()
+            )));
+        }
+        Err(_) => return None,
+    };
+    // The daemon may answer (a refusal) and close before reading the request.
+    let _ = writeln!(conn, "{}", args.join("\0"));
     let mut text = String::new();
     let mut exit = None;
     for line in BufReader::new(conn).lines() {
-        let line = line.ok()?;
+        // A daemon that refused without reading the request closes with it unread,
+        // and the end of its answer reads as a reset: what came before still counts.
+        let Ok(line) = line else { break };
         if let Some(rest) = line.strip_prefix("\0exit ") {
             let mut it = rest.split(' ');
             let code = it.next().and_then(|c| c.parse().ok()).unwrap_or(2);
@@ -739,6 +984,14 @@ pub fn resolve_store(path: &Path) -> anyhow::Result<PathBuf> {
     if crate::store::Store::exists(path) {
         return Ok(std::fs::canonicalize(path)?);
     }
+    if let Err(e) = std::fs::metadata(path.join(crate::store::DB_FILE))
+        && e.kind() == std::io::ErrorKind::PermissionDenied
+    {
+        bail!(
+            "{}: permission denied: a store is for root and its owner",
+            path.display()
+        );
+    }
     let canon = std::fs::canonicalize(path).with_context(|| format!("{}", path.display()))?;
     if let Ok(info) = std::fs::read_to_string("/proc/self/mountinfo") {
         for l in info.lines() {
@@ -753,7 +1006,10 @@ pub fn resolve_store(path: &Path) -> anyhow::Result<PathBuf> {
                 // The source of a snapfs mount is the store path unless `source=` renamed it;
                 // then the daemon's socket is not findable from here.
                 let src = PathBuf::from(unescape_mount(fields[sep + 2]));
-                if crate::store::Store::exists(&src) {
+                // A store another user may not look into is still the store.
+                let hidden = matches!(std::fs::metadata(src.join(crate::store::DB_FILE)),
+                    Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied);
+                if crate::store::Store::exists(&src) || hidden {
                     return Ok(src);
                 }
             }

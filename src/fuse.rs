@@ -8,6 +8,7 @@ use std::ffi::OsStr;
 use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use fuser::{
@@ -23,6 +24,19 @@ use crate::store::schema::{FileKind, Ts};
 /// How long the kernel may cache live entries and attributes. The daemon is the only
 /// writer and every change passes through the kernel (which updates or drops what it
 /// cached); rollback invalidates explicitly.
+/// Snapshot threads (`mkdir` in `.snapshots/`) at once; more are answered EBUSY.
+const SNAPSHOT_THREADS_MAX: usize = 4;
+static SNAPSHOT_THREADS: AtomicUsize = AtomicUsize::new(0);
+
+/// A taken place among [`SNAPSHOT_THREADS`], given back when dropped.
+struct ThreadSlot;
+
+impl Drop for ThreadSlot {
+    fn drop(&mut self) {
+        SNAPSHOT_THREADS.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
 const LIVE_TTL: Duration = Duration::from_secs(10);
 /// Snapshots never change: the kernel may keep what it learnt of them.
 const SNAP_TTL: Duration = Duration::from_secs(86_400);
@@ -302,10 +316,18 @@ impl Filesystem for SnapFuse {
             // A snapshot must hold every write made before it, including those the
             // kernel still caches. Writing those back takes request threads, so the
             // snapshot is taken on a thread of its own and answered from there.
+            // Bounded: each waits for the kernel's write-back, and a loop of mkdirs
+            // must not pile up threads.
+            if SNAPSHOT_THREADS.fetch_add(1, Ordering::SeqCst) >= SNAPSHOT_THREADS_MAX {
+                SNAPSHOT_THREADS.fetch_sub(1, Ordering::SeqCst);
+                return reply.error(Errno::from_i32(libc::EBUSY));
+            }
+            let slot = ThreadSlot;
             let (fs, name, caller) = (self.fs.clone(), name.to_owned(), caller(req));
             let spawned = std::thread::Builder::new()
                 .name("snapshot".into())
                 .spawn(move || {
+                    let _slot = slot;
                     fs.flush_kernel();
                     let res =
                         fs.lock()
@@ -317,6 +339,8 @@ impl Filesystem for SnapFuse {
                     ))
                 });
             if let Err(e) = spawned {
+                // The closure (and its slot and reply) went with the error: the reply
+                // answered EIO as it dropped.
                 tracing::error!(error = %e, "cannot start a snapshot thread");
             }
             return;
@@ -723,6 +747,22 @@ impl Filesystem for SnapFuse {
             FileHandle(v.1),
             FopenFlags::FOPEN_KEEP_CACHE
         ))
+    }
+
+    /// No ioctls: answered ENOTTY, as a file that is not a terminal answers `isatty`'s
+    /// TCGETS, without a warning for each.
+    fn ioctl(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _fh: FileHandle,
+        _flags: fuser::IoctlFlags,
+        _cmd: u32,
+        _in_data: &[u8],
+        _out_size: u32,
+        reply: fuser::ReplyIoctl,
+    ) {
+        reply.error(Errno::from_i32(libc::ENOTTY));
     }
 
     fn fallocate(

@@ -5,7 +5,8 @@
 //! - [`fuse`]: the thin fuser adapter;
 //! - [`fs`]: POSIX semantics over the versioned store (no FUSE types);
 //! - [`check`]: fsck and status;
-//! - [`store`]: the redb schema, extent segments and reference counts.
+//! - [`store`]: the redb schema, extent segments and reference counts;
+//! - [`text`]: how user-given names and arguments are printed.
 
 pub mod check;
 pub mod commands;
@@ -14,3 +15,4 @@ pub mod fs;
 pub mod fuse;
 pub mod policy;
 pub mod store;
+pub mod text;

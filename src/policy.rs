@@ -67,7 +67,7 @@ impl Keep {
 /// schedule, and short enough that adding it to a clock reading never overflows.
 const MAX_INTERVAL_SECS: u64 = 36_500 * 86_400;
 
-/// Parses `90s`, `15m`, `1h`, `1d` (a bare number is seconds), at most 36500 days.
+/// Parses `90s`, `15m`, `1h`, `1d` (the unit is required), at most 36500 days.
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
     let (num, unit) = s.split_at(s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len()));
     let n: u64 = num.parse().map_err(|e: std::num::ParseIntError| {
@@ -78,7 +78,12 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
         }
     })?;
     let unit_secs = match unit {
-        "" | "s" => 1,
+        "" => {
+            return Err(format!(
+                "{s:?} needs a unit: s, m, h or d (for example 15m)"
+            ));
+        }
+        "s" => 1,
         "m" => 60,
         "h" => 3600,
         "d" => 86400,
@@ -265,6 +270,7 @@ mod tests {
         );
         assert_eq!(parse_duration("15m").unwrap(), Duration::from_secs(900));
         assert!(parse_duration("15q").is_err());
+        assert!(parse_duration("5").is_err(), "a bare number has no unit");
     }
 
     #[test]
@@ -290,7 +296,7 @@ mod tests {
         for s in [
             format!("{max}m"),
             format!("{}d", u64::MAX / 86400 + 1),
-            max,
+            format!("{max}s"),
             "36501d".into(),
         ] {
             let e = parse_duration(&s).unwrap_err();

@@ -115,6 +115,28 @@ fn same_bytes_repair(cold: bool) {
     m.assert_fsck_clean();
 }
 
+/// An extent written since the mount is trusted by dedup as the page cache is, until
+/// a read finds it damaged: then a write of the same bytes stores them again.
+#[test]
+fn a_read_that_finds_damage_makes_the_next_write_of_those_bytes_repair_it() {
+    let mut m = Mount::new();
+    let block = pattern(9, 65536);
+    write_synced(&m.path("a"), &block);
+    // Damaged under the running daemon, after it wrote the extent.
+    damage_extent(&m.store, 0, &block);
+    drop_caches();
+    let err = fs::read(m.path("a")).unwrap_err();
+    assert_eq!(err.raw_os_error(), Some(libc::EIO), "the damage is seen");
+    write_synced(&m.path("b"), &block);
+    m.unmount();
+    m.mount(&[]);
+    drop_caches();
+    assert!(fs::read(m.path("b")).unwrap() == block, "b reads its bytes");
+    assert!(fs::read(m.path("a")).unwrap() == block, "a was repaired");
+    m.unmount();
+    m.assert_fsck_clean();
+}
+
 /// A tmpfs of `mib` MiB mounted for the test's life.
 struct Tmpfs(PathBuf);
 

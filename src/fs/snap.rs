@@ -65,13 +65,16 @@ pub fn check_snapshot_name(name: &[u8]) -> Result<&str, (i32, &'static str)> {
     if name.contains(&b'/') {
         return Err((libc::EINVAL, "a snapshot name may not contain '/'"));
     }
-    if name.contains(&0) || name.contains(&b'\n') {
+    let name =
+        std::str::from_utf8(name).map_err(|_| (libc::EINVAL, "a snapshot name must be UTF-8"))?;
+    // Names are printed by `snapshot list` and the like: no terminal escapes.
+    if name.chars().any(char::is_control) {
         return Err((
             libc::EINVAL,
-            "a snapshot name may not contain NUL or newline",
+            "a snapshot name may not contain control characters",
         ));
     }
-    std::str::from_utf8(name).map_err(|_| (libc::EINVAL, "a snapshot name must be UTF-8"))
+    Ok(name)
 }
 
 /// The catalog key of a deleted snapshot kept for its holders.
@@ -172,7 +175,9 @@ impl Inner {
     /// for all, writable by whoever may write the root: mkdir there takes a snapshot).
     pub(super) fn snapdir_attr(&mut self) -> FsResult<Attr> {
         let mut rec = self.inode(ROOT_INO)?;
-        rec.perm &= 0o777;
+        // Making and removing snapshots is for the root directory's owner: nobody else
+        // may write here, even where the root is open to all (a sticky /tmp-like root).
+        rec.perm &= 0o755;
         rec.nlink = 2;
         rec.size = 0;
         rec.parent = ROOT_INO;

@@ -42,7 +42,7 @@ pub trait Disk: Send + Sync + Debug {
     fn exists(&self, path: &Path) -> bool;
     /// The names in directory `dir`.
     fn list(&self, dir: &Path) -> io::Result<Vec<OsString>>;
-    /// Makes directory `dir` and its parents.
+    /// Makes directory `dir` (mode 0700) and its parents.
     fn create_dir_all(&self, dir: &Path) -> io::Result<()>;
     /// Deletes file `path`.
     fn remove(&self, path: &Path) -> io::Result<()>;
@@ -208,7 +208,8 @@ impl Disk for RealDisk {
         let mut o = OpenOptions::new();
         o.read(true).write(true);
         if create_new {
-            o.create_new(true).mode(0o644);
+            // Segments hold the content of every file: the owner's alone.
+            o.create_new(true).mode(0o600);
         }
         match o.open(path) {
             Ok(f) => Ok(Arc::new(RealFile(f))),
@@ -233,7 +234,14 @@ impl Disk for RealDisk {
     }
 
     fn create_dir_all(&self, dir: &Path) -> io::Result<()> {
-        std::fs::create_dir_all(dir)
+        use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir)?;
+        // A store's directories are its owner's alone, whatever the umask (or the mode
+        // of an empty directory made into a store).
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
     }
 
     fn remove(&self, path: &Path) -> io::Result<()> {
@@ -263,7 +271,16 @@ impl Disk for RealDisk {
 
     fn open_db(&self, path: &Path, create: bool) -> Result<redb::Database, redb::DatabaseError> {
         if create {
-            redb::Database::create(path)
+            // The metadata names every file: the owner's alone.
+            use std::os::unix::fs::OpenOptionsExt;
+            let file = OpenOptions::new()
+                .read(true)
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .open(path)
+                .map_err(|e| redb::DatabaseError::Storage(redb::StorageError::Io(e)))?;
+            redb::Database::builder().create_with_backend(redb::backends::FileBackend::new(file)?)
         } else {
             redb::Database::builder()
                 .set_check_integrity_on_open(true)

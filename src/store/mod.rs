@@ -32,7 +32,7 @@ pub enum StoreError {
     #[error("metadata database: {0}")]
     Db(#[from] redb::Error),
     /// A segment or store file failed.
-    #[error("{0}")]
+    #[error(transparent)]
     Io(#[from] std::io::Error),
     /// Something on disk does not decode or does not match its hash.
     #[error("store is damaged: {0}")]
@@ -152,6 +152,29 @@ pub struct Store {
     /// Extents writes took without seeing their stored copy, checked at the next
     /// durable point (see [`Unverified`]).
     unverified: Unverified,
+    /// The first segment made since this store was opened: every extent in it or a
+    /// later one was written by this process from bytes it had at hand (a write, a
+    /// repair) or had verified (compaction), so dedup trusts it as it trusts the
+    /// page cache, unless a read has found it damaged since.
+    trusted_from: u64,
+    /// Extents reads found damaged since the store was opened (see [`Damaged`]).
+    damaged: Damaged,
+}
+
+/// Extents reads have found damaged, shared with [`Fetch`]es: a write of the same
+/// bytes stores them again instead of trusting the copy. At most [`DAMAGED_MAX`].
+pub type Damaged = std::sync::Arc<std::sync::Mutex<std::collections::HashSet<[u8; 32]>>>;
+
+/// Damaged extents remembered at most (beyond that, only the page cache check and the
+/// durable point check catch them).
+const DAMAGED_MAX: usize = 1 << 16;
+
+/// Remembers that a read found extent `hash` damaged.
+fn note_damaged(damaged: &Damaged, hash: &[u8; 32]) {
+    let mut set = damaged.lock().unwrap_or_else(|p| p.into_inner());
+    if set.len() < DAMAGED_MAX {
+        set.insert(*hash);
+    }
 }
 
 /// Stored extents that writes took a reference to (a deduplicated block, or a block
@@ -206,6 +229,14 @@ impl std::fmt::Debug for Store {
     }
 }
 
+/// I/O error `e` on `path`, saying which path.
+pub(crate) fn io_at(path: &Path, e: std::io::Error) -> StoreError {
+    StoreError::Io(std::io::Error::new(
+        e.kind(),
+        format!("{}: {e}", path.display()),
+    ))
+}
+
 /// The database file inside a store.
 pub const DB_FILE: &str = "snapfs.redb";
 
@@ -245,7 +276,7 @@ impl Store {
             let empty = match disk.list(path) {
                 Ok(names) => names.is_empty(),
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => true,
-                Err(e) => return Err(e.into()),
+                Err(e) => return Err(io_at(path, e)),
             };
             if create.is_none() || !empty {
                 return Err(StoreError::NotAStore(path.to_path_buf()));
@@ -275,6 +306,11 @@ impl Store {
                     if e.raw_os_error() == Some(libc::EWOULDBLOCK) =>
                 {
                     return Err(StoreError::Locked);
+                }
+                // Not damage: the file cannot be reached or written (permissions, a
+                // read-only filesystem, an immutable file). Say so, with the path.
+                Err(redb::DatabaseError::Storage(redb::StorageError::Io(e))) => {
+                    return Err(io_at(&db_path, e));
                 }
                 Err(e) => {
                     return Err(StoreError::Corrupt(format!(
@@ -352,6 +388,7 @@ impl Store {
         if next_segment > segs.next_id() {
             segs = Segments::open(disk.clone(), &path.join("segments"), false, next_segment)?;
         }
+        let segs_first = segs.next_id();
         Ok(Store {
             path: path.to_path_buf(),
             db: std::mem::ManuallyDrop::new(db),
@@ -372,6 +409,8 @@ impl Store {
             freed_committed: Vec::new(),
             punch_queue: std::collections::VecDeque::new(),
             unverified: Unverified::default(),
+            trusted_from: segs_first,
+            damaged: Damaged::default(),
         })
     }
 
@@ -475,6 +514,8 @@ impl Store {
                 last_change: None,
                 freed: Vec::new(),
                 unverified: &mut self.unverified,
+                trusted_from: self.trusted_from,
+                damaged: &self.damaged,
             };
             let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| f(&mut w)));
             // A new segment's id is recorded in the group that first indexes into it.
@@ -972,6 +1013,7 @@ impl Store {
             file: self.segs.shared(rec.segment)?.clone(),
             hash: *hash,
             rec: *rec,
+            damaged: self.damaged.clone(),
         })
     }
 
@@ -988,6 +1030,7 @@ impl Store {
             // One pass gives both the check and the leaf values later small reads use.
             let cvs = verify::leaf_cvs(data);
             if verify::root_of(&cvs) != *hash {
+                note_damaged(&self.damaged, hash);
                 return Err(mismatch(hash, rec));
             }
             if self.outboards.len() >= OUTBOARD_MAX {
@@ -995,7 +1038,10 @@ impl Store {
             }
             self.outboards.insert(*hash, cvs.into_boxed_slice());
         } else {
-            check_whole(hash, rec, data)?;
+            if let Err(e) = check_whole(hash, rec, data) {
+                note_damaged(&self.damaged, hash);
+                return Err(e);
+            }
         }
         Ok(())
     }
@@ -1059,6 +1105,7 @@ impl Store {
         let cvs = &self.outboards[hash];
         for (i, leaf) in bytes.chunks(verify::LEAF).enumerate() {
             if verify::leaf_cv(first + i, leaf) != cvs[first + i] {
+                note_damaged(&self.damaged, hash);
                 return Err(StoreError::Corrupt(format!(
                     "extent {} in segment {:016x}: bytes {}..{} do not match its hash",
                     hex(hash),
@@ -1224,6 +1271,7 @@ pub struct Fetch {
     file: segment::SegFile,
     hash: [u8; 32],
     rec: ExtentRec,
+    damaged: Damaged,
 }
 
 impl Fetch {
@@ -1231,7 +1279,11 @@ impl Fetch {
     pub fn run(&self, dst: &mut [u8]) -> Result<(), StoreError> {
         let dst = &mut dst[..self.rec.len as usize];
         segment::read_exact_from(&*self.file, self.rec.segment, self.rec.offset, dst)?;
-        check_whole(&self.hash, &self.rec, dst)
+        let res = check_whole(&self.hash, &self.rec, dst);
+        if res.is_err() {
+            note_damaged(&self.damaged, &self.hash);
+        }
+        res
     }
 }
 
@@ -1825,6 +1877,10 @@ pub struct Writer<'t> {
     freed: Vec<(u64, u64, u32)>,
     /// Extents taken unseen, checked at the next durable point.
     unverified: &'t mut Unverified,
+    /// See [`Store::trusted_from`].
+    trusted_from: u64,
+    /// Extents reads found damaged.
+    damaged: &'t Damaged,
 }
 
 impl Unverified {
@@ -2114,6 +2170,17 @@ impl Writer<'_> {
             );
             return Ok(false);
         }
+        let damaged = self
+            .damaged
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .contains(hash);
+        if damaged {
+            return Ok(false);
+        }
+        if rec.segment >= self.trusted_from {
+            return Ok(true);
+        }
         match self.segs.read_cached(rec.segment, rec.offset, rec.len) {
             Ok(None) if self.unverified.map.contains_key(hash) => Ok(true),
             Ok(None) if self.unverified.bytes + data.len() <= UNVERIFIED_MAX => {
@@ -2147,6 +2214,10 @@ impl Writer<'_> {
         offset: u64,
         len: u32,
     ) -> Result<(), StoreError> {
+        self.damaged
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(hash);
         let mut rec = self.extent(hash)?;
         self.add_dead(&rec)?;
         rec.segment = segment;

@@ -173,7 +173,11 @@ impl Segments {
     /// Ids of all segment files present.
     pub fn ids(&self) -> Result<Vec<u64>, StoreError> {
         let mut ids = Vec::new();
-        for name in self.disk.list(&self.dir)? {
+        let names = self
+            .disk
+            .list(&self.dir)
+            .map_err(|e| super::io_at(&self.dir, e))?;
+        for name in names {
             if let Some(id) = name
                 .to_string_lossy()
                 .strip_suffix(".seg")

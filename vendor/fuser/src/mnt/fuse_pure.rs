@@ -90,6 +90,11 @@ impl MountImpl {
             return Ok(());
         }
         if let Err(err) = crate::mnt::libc_umount(&self.mountpoint) {
+            if err == nix::errno::Errno::EINVAL {
+                // Not a mount point (any more): `umount` ran first, and the kernel
+                // has not torn the connection down yet. Nothing left to do.
+                return Ok(());
+            }
             if err == nix::errno::Errno::EPERM {
                 // Linux always returns EPERM for non-root users.  We have to let the
                 // library go through the setuid-root "fusermount -u" to unmount.
