@@ -215,11 +215,16 @@ fn unescape_mount(s: &str) -> String {
     let mut out = Vec::with_capacity(b.len());
     let mut i = 0;
     while i < b.len() {
-        if b[i] == b'\\'
-            && i + 3 < b.len()
-            && b[i + 1..i + 4].iter().all(|c| (b'0'..=b'7').contains(c))
-        {
-            out.push((b[i + 1] - b'0') * 64 + (b[i + 2] - b'0') * 8 + (b[i + 3] - b'0'));
+        let code = (b[i] == b'\\')
+            .then(|| b.get(i + 1..i + 4))
+            .flatten()
+            .filter(|d| d.iter().all(|c| (b'0'..=b'7').contains(c)))
+            .map(|d| {
+                u16::from(d[0] - b'0') * 64 + u16::from(d[1] - b'0') * 8 + u16::from(d[2] - b'0')
+            })
+            .and_then(|c| u8::try_from(c).ok());
+        if let Some(c) = code {
+            out.push(c);
             i += 4;
         } else {
             out.push(b[i]);
@@ -240,6 +245,7 @@ pub fn init_logging(to_file: Option<&Path>) {
             .create(true)
             .append(true)
             .mode(0o600)
+            .custom_flags(libc::O_NOFOLLOW)
             .open(p)
             .ok()
     });
@@ -300,9 +306,7 @@ pub fn mount(
     }
     // Earlier options are overridden by later ones; snapfs.toml is read once the store
     // is known to be private, so only -o can allow a shared one.
-    if crate::store::Store::exists(&store) && !MountOptions::parse(opts)?.allow_shared_store {
-        check_private(&store)?;
-    }
+    check_private(&store, MountOptions::parse(opts)?.allow_shared_store)?;
     if foreground {
         init_logging(None);
     }
@@ -358,6 +362,11 @@ pub fn mount(
     let pidfile = store.join(PIDFILE);
     write_private(&pidfile, format!("{}\n", std::process::id()).as_bytes())
         .context("writing the pid file")?;
+    // Signals: block them before any thread starts, so every thread inherits the mask
+    // (one that did not would die of SIGTERM and take the process with it, unmounting
+    // nothing); one thread waits for them and unmounts; the session then ends and we
+    // flush below.
+    let signals = block_signals();
     // Served before the mount is reported up, so commands work as soon as it is.
     let access = ControlAccess {
         // SAFETY: geteuid cannot fail.
@@ -374,9 +383,6 @@ pub fn mount(
         }
     }
 
-    // Signals: block them here so every thread inherits the mask, and wait for them in
-    // one thread that unmounts; the session then ends and we flush below.
-    let signals = block_signals();
     let mut unmounter = session.unmount_callable();
     let mp2 = mp.clone();
     std::thread::Builder::new()
@@ -465,8 +471,6 @@ pub fn mount(
     res.context("FUSE session failed")
 }
 
-/// Refuses a store directory other users may enter or read: its segments hold the
-/// content of every file, and its metadata every name.
 /// Writes `data` to a new file at `path` (replacing one there), readable by its
 /// owner only.
 fn write_private(path: &Path, data: &[u8]) -> std::io::Result<()> {
@@ -480,11 +484,37 @@ fn write_private(path: &Path, data: &[u8]) -> std::io::Result<()> {
         .write_all(data)
 }
 
-fn check_private(store: &Path) -> anyhow::Result<()> {
+/// Refuses a store directory that is not the daemon's user's alone. Its segments hold
+/// the content of every file and its metadata every name, and the daemon (often root)
+/// opens, writes and serves what it finds there: a directory another user owns or may
+/// write could be swapped or salted under it. `shared` (`-o allow_shared_store`) lets
+/// others enter and read an existing store; it never lets them own or write it.
+fn check_private(store: &Path, shared: bool) -> anyhow::Result<()> {
     use std::os::unix::fs::MetadataExt;
-    let meta = std::fs::metadata(store).with_context(|| format!("store {}", store.display()))?;
+    let meta = match std::fs::metadata(store) {
+        Ok(m) => m,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => bail!("store {}: {e}", store.display()),
+    };
+    // SAFETY: geteuid cannot fail.
+    let me = unsafe { libc::geteuid() };
+    if meta.uid() != me {
+        bail!(
+            "store {} belongs to uid {}, not to uid {me} who mounts it: its owner could change it under the daemon; `chown -R {me} {}` if it is yours",
+            store.display(),
+            meta.uid(),
+            store.display()
+        );
+    }
     let mode = meta.mode() & 0o7777;
-    if mode & 0o077 != 0 {
+    if mode & 0o022 != 0 {
+        bail!(
+            "store {} may be written by other users (mode {mode:04o}): `chmod 700 {}`",
+            store.display(),
+            store.display()
+        );
+    }
+    if mode & 0o077 != 0 && !shared && crate::store::Store::exists(store) {
         bail!(
             "store {} is open to other users (mode {mode:04o}); its files hold the content of every file: `chmod 700 {}`, or mount with -o allow_shared_store",
             store.display(),
@@ -674,11 +704,14 @@ fn spawn_scheduler(
         .expect("spawning the scheduler thread")
 }
 
-/// Control connections served at once; more are answered "busy".
+/// Control connections of root and the daemon's user served at once; more are
+/// answered "busy".
 const CONTROL_CONNS: usize = 8;
+/// The same for other users (`control=public`).
+const CONTROL_PUBLIC_CONNS: usize = 2;
 /// The longest request line the control socket reads.
 const CONTROL_REQUEST_MAX: u64 = 64 << 10;
-/// How long a control connection may take to send its request.
+/// How long a control connection may take to send its whole request.
 const CONTROL_READ_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Who may use the control socket.
@@ -698,25 +731,29 @@ fn serve_control(
     uring: bool,
     access: ControlAccess,
 ) -> Option<PathBuf> {
-    use std::os::unix::fs::PermissionsExt;
     let path = store.join(SOCKET);
     let _ = std::fs::remove_file(&path);
-    let listener = match UnixListener::bind(&path) {
+    // The credential check below is what decides; the mode keeps others from even
+    // connecting unless the read-only commands are opened to them. It is set by the
+    // umask at bind (no thread that makes files runs yet), never by a chmod of the
+    // path afterwards, which a swapped path would redirect.
+    let mask = if access.public { 0o111 } else { 0o177 };
+    // SAFETY: umask(2) has no preconditions.
+    let old = unsafe { libc::umask(mask) };
+    let bound = UnixListener::bind(&path);
+    // SAFETY: as above.
+    unsafe { libc::umask(old) };
+    let listener = match bound {
         Ok(l) => l,
         Err(e) => {
             tracing::warn!(error = %e, "no control socket; CLI commands need the store unmounted");
             return None;
         }
     };
-    // The credential check below is what decides; the mode keeps others from even
-    // connecting unless the read-only commands are opened to them.
-    let mode = if access.public { 0o666 } else { 0o600 };
-    if let Err(e) = std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode)) {
-        tracing::warn!(error = %e, "cannot set the control socket's mode; not serving it");
-        let _ = std::fs::remove_file(&path);
-        return None;
-    }
+    // Root and the owner, and everyone else (`control=public`), have separate slots:
+    // strangers can never keep the owner out.
     let busy = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let busy_public = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     std::thread::Builder::new()
         .name("control".into())
         .spawn(move || {
@@ -737,7 +774,8 @@ fn serve_control(
                     }
                 };
                 let Some(fs) = fs.upgrade() else { break };
-                let _ = conn.set_write_timeout(Some(CONTROL_READ_TIMEOUT));
+                // Answers written on this thread are short; never wait long to send one.
+                let _ = conn.set_write_timeout(Some(Duration::from_secs(1)));
                 // Strangers are answered here, without a thread of their own.
                 let uid = match peer_uid(&conn) {
                     Ok(uid) => uid,
@@ -755,17 +793,22 @@ fn serve_control(
                     let _ = answer(&conn, &refusal(access));
                     continue;
                 }
-                if busy.fetch_add(1, Ordering::SeqCst) >= CONTROL_CONNS {
-                    busy.fetch_sub(1, Ordering::SeqCst);
+                let (pool, most) = if trusted {
+                    (&busy, CONTROL_CONNS)
+                } else {
+                    (&busy_public, CONTROL_PUBLIC_CONNS)
+                };
+                if pool.fetch_add(1, Ordering::SeqCst) >= most {
+                    pool.fetch_sub(1, Ordering::SeqCst);
                     let _ = answer(
                         &conn,
                         &fail_outcome(format!(
-                            "the daemon is busy with {CONTROL_CONNS} commands; try again"
+                            "the daemon is busy with {most} commands; try again"
                         )),
                     );
                     continue;
                 }
-                let busy2 = busy.clone();
+                let busy2 = pool.clone();
                 let spawned = std::thread::Builder::new()
                     .name("control-conn".into())
                     .spawn(move || {
@@ -775,7 +818,7 @@ fn serve_control(
                         busy2.fetch_sub(1, Ordering::SeqCst);
                     });
                 if let Err(e) = spawned {
-                    busy.fetch_sub(1, Ordering::SeqCst);
+                    pool.fetch_sub(1, Ordering::SeqCst);
                     tracing::warn!(error = %e, "control socket: cannot start a thread");
                 }
             }
@@ -845,16 +888,42 @@ fn handle_control(
     trusted: bool,
 ) -> anyhow::Result<()> {
     use std::io::Read;
-    conn.set_read_timeout(Some(CONTROL_READ_TIMEOUT))?;
     // A client that stops reading must not hold the thread for ever.
     conn.set_write_timeout(Some(Duration::from_secs(60)))?;
+    // The whole request within one deadline (a byte now and then does not extend it).
+    let deadline = std::time::Instant::now() + CONTROL_READ_TIMEOUT;
     let mut line = Vec::new();
-    BufReader::new((&conn).take(CONTROL_REQUEST_MAX)).read_until(b'\n', &mut line)?;
-    if line.last() != Some(&b'\n') {
+    let mut buf = [0u8; 4096];
+    while !line.contains(&b'\n') && (line.len() as u64) < CONTROL_REQUEST_MAX {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        if left.is_zero() {
+            break;
+        }
+        conn.set_read_timeout(Some(left))?;
+        match (&conn).read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => line.extend_from_slice(&buf[..n]),
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) =>
+            {
+                break;
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
+    if let Some(end) = line.iter().position(|&b| b == b'\n') {
+        line.truncate(end + 1);
+    }
+    if line.last() != Some(&b'\n') || line.len() as u64 > CONTROL_REQUEST_MAX {
         return answer(
             &conn,
             &fail_outcome(format!(
-                "control request longer than {CONTROL_REQUEST_MAX} bytes, or cut short"
+                "control request longer than {CONTROL_REQUEST_MAX} bytes, cut short, or not sent within {} s",
+                CONTROL_READ_TIMEOUT.as_secs()
             )),
         );
     }
@@ -866,7 +935,11 @@ fn handle_control(
         .collect();
     let allowed = trusted || (access.public && read_only_command(&args));
     if !allowed {
-        tracing::warn!(command = ?args.first(), "control socket: refused a command from another user");
+        let command = clip(args.first().map_or("", String::as_str)).into_owned();
+        tracing::warn!(
+            command,
+            "control socket: refused a command from another user"
+        );
         return answer(&conn, &refusal(access));
     }
     let mut out =
@@ -993,25 +1066,50 @@ pub fn resolve_store(path: &Path) -> anyhow::Result<PathBuf> {
         );
     }
     let canon = std::fs::canonicalize(path).with_context(|| format!("{}", path.display()))?;
+    // The last mount on the path is the one in use. Its source names the store unless
+    // `source=` renamed it (then the daemon's socket is not findable from here), and
+    // whoever mounted a FUSE filesystem chose its source: only a store that belongs to
+    // the mount's user (`user_id=`) is taken, so that a user's mount cannot point a
+    // command run by root at someone else's store.
+    let mut found = None;
     if let Ok(info) = std::fs::read_to_string("/proc/self/mountinfo") {
         for l in info.lines() {
             let fields: Vec<&str> = l.split(' ').collect();
             let Some(sep) = fields.iter().position(|f| *f == "-") else {
                 continue;
             };
-            if fields.len() > sep + 2
+            if fields.len() > sep + 3
                 && Path::new(&unescape_mount(fields[4])) == canon
                 && fields[sep + 1].starts_with("fuse")
             {
-                // The source of a snapfs mount is the store path unless `source=` renamed it;
-                // then the daemon's socket is not findable from here.
                 let src = PathBuf::from(unescape_mount(fields[sep + 2]));
-                // A store another user may not look into is still the store.
-                let hidden = matches!(std::fs::metadata(src.join(crate::store::DB_FILE)),
-                    Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied);
-                if crate::store::Store::exists(&src) || hidden {
-                    return Ok(src);
-                }
+                let user = fields[sep + 3]
+                    .split(',')
+                    .find_map(|o| o.strip_prefix("user_id="))
+                    .and_then(|u| u.parse::<u32>().ok());
+                found = Some((src, user));
+            }
+        }
+    }
+    if let Some((src, user)) = found {
+        use std::os::unix::fs::MetadataExt;
+        let owner = std::fs::metadata(&src).map(|m| m.uid());
+        // A store another user may not look into is still the store.
+        let hidden = matches!(std::fs::metadata(src.join(crate::store::DB_FILE)),
+            Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied);
+        if crate::store::Store::exists(&src) || hidden {
+            match (owner, user) {
+                (Ok(o), Some(u)) if o == u => return Ok(src),
+                (Ok(o), Some(u)) => bail!(
+                    "{}: the mount's user (uid {u}) does not own the store it names ({}, uid {o}); not trusting it",
+                    path.display(),
+                    src.display()
+                ),
+                _ => bail!(
+                    "{}: cannot tell who owns the store {}",
+                    path.display(),
+                    src.display()
+                ),
             }
         }
     }

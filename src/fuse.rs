@@ -21,9 +21,6 @@ use fuser::{
 use crate::fs::{Attr, Caller, Fs, FsError, SNAPDIR_INO, SeekWhence, SetAttr};
 use crate::store::schema::{FileKind, Ts};
 
-/// How long the kernel may cache live entries and attributes. The daemon is the only
-/// writer and every change passes through the kernel (which updates or drops what it
-/// cached); rollback invalidates explicitly.
 /// Snapshot threads (`mkdir` in `.snapshots/`) at once; more are answered EBUSY.
 const SNAPSHOT_THREADS_MAX: usize = 4;
 static SNAPSHOT_THREADS: AtomicUsize = AtomicUsize::new(0);
@@ -37,6 +34,9 @@ impl Drop for ThreadSlot {
     }
 }
 
+/// How long the kernel may cache live entries and attributes. The daemon is the only
+/// writer and every change passes through the kernel (which updates or drops what it
+/// cached); rollback invalidates explicitly.
 const LIVE_TTL: Duration = Duration::from_secs(10);
 /// Snapshots never change: the kernel may keep what it learnt of them.
 const SNAP_TTL: Duration = Duration::from_secs(86_400);

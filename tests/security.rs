@@ -92,6 +92,29 @@ fn a_store_open_to_others_is_refused_unless_allowed() {
     m.mount(&["allow_shared_store"]);
     assert!(m.path(".snapshots").is_dir());
     m.unmount();
+    // Never one others may write, nor one another user owns (they could change it
+    // under the daemon), whatever the options.
+    chmod(&m.store, 0o775);
+    let out = snapfs(&["mount", store, mnt, "-o", "allow_shared_store"]);
+    assert!(
+        !out.status.success(),
+        "a store others may write was mounted"
+    );
+    assert!(
+        text(&out).contains("may be written by other users"),
+        "{}",
+        text(&out)
+    );
+    chmod(&m.store, 0o700);
+    std::os::unix::fs::chown(&m.store, Some(65534), None).unwrap();
+    let out = snapfs(&["mount", store, mnt]);
+    assert!(!out.status.success(), "a store of another user was mounted");
+    assert!(
+        text(&out).contains("belongs to uid 65534"),
+        "{}",
+        text(&out)
+    );
+    std::os::unix::fs::chown(&m.store, Some(0), None).unwrap();
 
     // A mountpoint inside the store would have the daemon wait on itself.
     chmod(&m.store, 0o700);
@@ -190,7 +213,13 @@ fn control_public_opens_the_read_only_commands_only() {
 fn snapshot_names_with_control_characters_are_refused() {
     let m = Mount::new();
     let mnt = m.mnt.to_str().unwrap();
-    for name in ["a\x1b[2Jb", "tab\there", "c1\u{9b}31m", "del\x7f"] {
+    for name in [
+        "a\x1b[2Jb",
+        "tab\there",
+        "c1\u{9b}31m",
+        "del\x7f",
+        "gpj.\u{202e}exe",
+    ] {
         let out = snapfs(&["snapshot", "create", mnt, name]);
         assert!(!out.status.success(), "{name:?} was accepted");
         let msg = text(&out);

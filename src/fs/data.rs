@@ -852,7 +852,7 @@ impl Inner {
                 i % bs == 0 && o % bs == 0 && (n == bs || i + n == srec.size && o + n >= drec.size);
             if whole {
                 let (sidx, didx) = (i / bs, o / bs);
-                self.store.write(false, |w| {
+                self.store.write(false, |w| -> FsResult<()> {
                     let b = visible(&w.t.versions, RecKey::block(sino, sidx), sepoch)?;
                     if let Some(b) = &b {
                         for h in BlockRec::decode(b)?.extents() {

@@ -23,12 +23,7 @@ use crate::store::{RecKey, Store, StoreConfig, StoreError, Writer, scan_visible}
 pub use data::{Digest, SeekWhence, digest_blocks, finish_read};
 pub use snap::{Change, Inval, SnapshotInfo, check_snapshot_name};
 
-/// Inode numbers the kernel sees: the low 40 bits are a live inode, the bits above are
-/// the epoch of the snapshot it is seen through (0 for the live tree). Stable across
-/// remounts, and never equal between the live tree and a snapshot.
-pub const EPOCH_SHIFT: u32 = 40;
-/// Live inode numbers stay below this.
-pub const MAX_LIVE_INO: u64 = 1 << EPOCH_SHIFT;
+pub use crate::store::schema::{EPOCH_SHIFT, MAX_LIVE_INO};
 /// The `.snapshots` directory at the mount root.
 pub const SNAPDIR_INO: u64 = MAX_LIVE_INO - 1;
 /// Its name.
@@ -86,6 +81,19 @@ pub enum FsError {
     /// The store failed underneath.
     #[error(transparent)]
     Store(#[from] StoreError),
+}
+
+impl crate::store::OpError for FsError {
+    fn refused(errno: i32) -> Self {
+        FsError::Errno(errno)
+    }
+
+    fn refusal(&self) -> Option<i32> {
+        match self {
+            FsError::Errno(e) => Some(*e),
+            FsError::Store(_) => None,
+        }
+    }
 }
 
 impl FsError {
@@ -474,7 +482,7 @@ impl Inner {
         for ino in inos {
             // A rollback may have given an orphan its links back; then it stays.
             let unlinked = matches!(self.inode(ino), Ok(r) if r.nlink == 0);
-            self.store.write(false, |w| {
+            self.store.write(false, |w| -> FsResult<_> {
                 w.t.orphans.remove(ino)?;
                 if unlinked { free_inode(w, ino) } else { Ok(()) }
             })?;
@@ -798,7 +806,7 @@ impl Inner {
         let mut dir = dir;
         let rec2 = rec.clone();
         let dirty = &mut self.dirty;
-        let ino = self.store.write(false, |w| {
+        let ino = self.store.write(false, |w| -> FsResult<_> {
             let prev = w.version(RecKey::dirent(parent, name))?;
             if matches!(prev, Some((_, Some(_)))) {
                 return err(libc::EEXIST);
@@ -857,7 +865,7 @@ impl Inner {
         dir.mtime = now;
         dir.ctime = now;
         let rec2 = rec.clone();
-        self.store.write(false, |w| {
+        self.store.write(false, |w| -> FsResult<_> {
             if w.get(RecKey::dirent(parent, name))?.is_some() {
                 return err(libc::EEXIST);
             }
@@ -970,7 +978,7 @@ impl Inner {
         if rec.nlink == 0 && !open {
             self.dirty_drop(ent.ino);
         }
-        self.store.write(false, |w| {
+        self.store.write(false, |w| -> FsResult<_> {
             put_dirent(w, parent, name, None)?;
             put_inode(w, parent, &pdir)?;
             unlink_inode(w, ent.ino, &rec, open)
@@ -1081,7 +1089,7 @@ impl Inner {
                 self.dirty_drop(*vino);
             }
         }
-        self.store.write(false, |w| {
+        self.store.write(false, |w| -> FsResult<_> {
             put_dirent(w, parent, name, None)?;
             put_dirent(w, newparent, newname, Some(src))?;
             put_inode(w, src.ino, &srec)?;
@@ -1140,7 +1148,7 @@ impl Inner {
                 pa.nlink += 1;
             }
         }
-        self.store.write(false, |w| {
+        self.store.write(false, |w| -> FsResult<_> {
             put_dirent(w, parent, name, Some(b))?;
             put_dirent(w, newparent, newname, Some(a))?;
             put_inode(w, a.ino, &arec)?;
@@ -1220,7 +1228,7 @@ impl Inner {
             let gone = matches!(self.inode(ino), Ok(r) if r.nlink == 0);
             if gone {
                 self.dirty_drop(ino);
-                self.store.write(false, |w| {
+                self.store.write(false, |w| -> FsResult<_> {
                     w.t.orphans.remove(ino)?;
                     free_inode(w, ino)
                 })?;

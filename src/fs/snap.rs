@@ -67,11 +67,16 @@ pub fn check_snapshot_name(name: &[u8]) -> Result<&str, (i32, &'static str)> {
     }
     let name =
         std::str::from_utf8(name).map_err(|_| (libc::EINVAL, "a snapshot name must be UTF-8"))?;
-    // Names are printed by `snapshot list` and the like: no terminal escapes.
-    if name.chars().any(char::is_control) {
+    // Names are printed by `snapshot list` and the like: no terminal escapes, and no
+    // invisible characters that reorder or hide what is shown.
+    let invisible = |c: char| {
+        matches!(c, '\u{200B}'..='\u{200F}' | '\u{202A}'..='\u{202E}'
+            | '\u{2060}'..='\u{2069}' | '\u{061C}' | '\u{180E}' | '\u{FEFF}')
+    };
+    if name.chars().any(|c| c.is_control() || invisible(c)) {
         return Err((
             libc::EINVAL,
-            "a snapshot name may not contain control characters",
+            "a snapshot name may not contain control characters or invisible formatting characters",
         ));
     }
     Ok(name)
@@ -203,7 +208,7 @@ impl Inner {
             created: now,
             flags: 0,
         };
-        self.store.write(true, |w| {
+        self.store.write(true, |w| -> FsResult<_> {
             w.t.snapshots
                 .insert(name.as_str(), rec.encode(&name).as_slice())?;
             let live = seal_meta(meta::LIVE_EPOCH, &(epoch + 1).to_le_bytes());
@@ -230,7 +235,7 @@ impl Inner {
         // that row; should it not happen (a crash, a full disk), the next mount or
         // durable tick finishes it, so nothing leaks and nothing is half deleted.
         let key = held_key(rec.epoch);
-        self.store.write(true, |w| {
+        self.store.write(true, |w| -> FsResult<_> {
             w.t.snapshots.remove(name.as_str())?;
             let kept = SnapshotRec {
                 flags: SNAP_DELETED,
@@ -400,7 +405,7 @@ impl Inner {
             }
         }
         let mut invals = Vec::new();
-        self.store.write(true, |w| {
+        self.store.write(true, |w| -> FsResult<_> {
             let mut inos = BTreeSet::new();
             for row in w.t.changes.range((snap + 1, 0)..=(live, u64::MAX))? {
                 inos.insert(row?.0.value().1);
@@ -711,7 +716,7 @@ mod diff_tests {
         // The record of f that s1 sees no longer decodes: f is neither added nor
         // modified, the diff cannot tell, and must say so.
         core.store
-            .write(true, |w| {
+            .write(true, |w| -> FsResult<_> {
                 let key = (ino, KIND_INODE, 0, &[][..], s1);
                 w.t.versions
                     .insert(key, seal_version(key, Some(&[0xff])).as_slice())?;

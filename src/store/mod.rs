@@ -161,19 +161,36 @@ pub struct Store {
     damaged: Damaged,
 }
 
-/// Extents reads have found damaged, shared with [`Fetch`]es: a write of the same
-/// bytes stores them again instead of trusting the copy. At most [`DAMAGED_MAX`].
-pub type Damaged = std::sync::Arc<std::sync::Mutex<std::collections::HashSet<[u8; 32]>>>;
+/// Copies of extents reads have found damaged, shared with [`Fetch`]es: a write of
+/// the same bytes stores them again instead of trusting the copy. Keyed by hash, with
+/// where the damaged copy lies (segment, offset): once the extent is repointed and that
+/// is committed, the entry no longer matches its row and is moot. At most
+/// [`DAMAGED_MAX`]; once full, no session extent is trusted unseen any more.
+#[derive(Clone, Default)]
+pub struct Damaged(std::sync::Arc<std::sync::Mutex<DamagedSet>>);
 
-/// Damaged extents remembered at most (beyond that, only the page cache check and the
-/// durable point check catch them).
+#[derive(Default)]
+struct DamagedSet {
+    at: std::collections::HashMap<[u8; 32], (u64, u64)>,
+    full: bool,
+}
+
+impl Damaged {
+    fn lock(&self) -> std::sync::MutexGuard<'_, DamagedSet> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// Damaged copies remembered at most.
 const DAMAGED_MAX: usize = 1 << 16;
 
-/// Remembers that a read found extent `hash` damaged.
-fn note_damaged(damaged: &Damaged, hash: &[u8; 32]) {
-    let mut set = damaged.lock().unwrap_or_else(|p| p.into_inner());
-    if set.len() < DAMAGED_MAX {
-        set.insert(*hash);
+/// Remembers that a read found the copy of extent `hash` at `rec` damaged.
+fn note_damaged(damaged: &Damaged, hash: &[u8; 32], rec: &ExtentRec) {
+    let mut set = damaged.lock();
+    if set.at.len() < DAMAGED_MAX {
+        set.at.insert(*hash, (rec.segment, rec.offset));
+    } else {
+        set.full = true;
     }
 }
 
@@ -203,7 +220,13 @@ impl Drop for Store {
         // Closing redb makes its commits durable: the extents they took unseen are
         // checked first (a failure puts the store in its error state).
         if self.failed.is_none() && !self.unverified.map.is_empty() {
-            let _ = self.sync();
+            // Unchecked, they must not become durable: not closing leaves the file as
+            // the last durable commit left it.
+            if let Err(e) = self.sync() {
+                self.failed = Some(format!("checking extents taken unseen failed: {e}"));
+            } else if !self.unverified.map.is_empty() {
+                self.failed = Some("extents taken unseen are still unchecked".into());
+            }
         }
         // The open group borrows the database: it goes first (uncommitted, it aborts).
         drop(self.txn.get_mut().take());
@@ -467,7 +490,7 @@ impl Store {
             }
         }
         if !set.is_empty() {
-            self.write(true, |w| {
+            self.write(true, |w| -> Result<(), OpFail> {
                 for (id, dead) in &set {
                     match dead {
                         Some(d) => w.t.segments.insert(*id, *d)?,
@@ -476,7 +499,7 @@ impl Store {
                 }
                 Ok(())
             })
-            .map_err(fs_to_store)?;
+            .map_err(StoreError::from)?;
         }
         Ok(())
     }
@@ -485,18 +508,18 @@ impl Store {
     /// when it is large enough, or at once with `durable` (segments synced first, then
     /// `Durability::Immediate`). Commits between durable points use `Durability::None`.
     ///
-    /// An operation refused with an errno (`FsError::Errno`) must not have written
+    /// An operation refused with an errno ([`OpError::refusal`]) must not have written
     /// anything; the group goes on. Any other failure aborts the group: if it held
     /// operations already answered, the store goes into an error state (writes answer
     /// EIO until remount) rather than pretend they happened.
-    pub fn write<R>(
+    pub fn write<R, E: OpError>(
         &mut self,
         durable: bool,
-        f: impl FnOnce(&mut Writer<'_>) -> Result<R, crate::fs::FsError>,
-    ) -> Result<R, crate::fs::FsError> {
+        f: impl FnOnce(&mut Writer<'_>) -> Result<R, E>,
+    ) -> Result<R, E> {
         if let Some(why) = &self.failed {
             tracing::error!(why, "store is in an error state; remount to recover");
-            return Err(crate::fs::FsError::Errno(libc::EIO));
+            return Err(E::refused(libc::EIO));
         }
         if self.txn.get_mut().is_none() {
             *self.txn.get_mut() = Some(Group::begin(&self.db)?);
@@ -520,9 +543,12 @@ impl Store {
             let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| f(&mut w)));
             // A new segment's id is recorded in the group that first indexes into it.
             let mut recorded = Ok(None);
-            if let Ok(Ok(_) | Err(crate::fs::FsError::Errno(_))) = &r
-                && w.segs.next_id() > self.next_segment
-            {
+            let kept = match &r {
+                Ok(Ok(_)) => true,
+                Ok(Err(e)) => e.refusal().is_some(),
+                Err(_) => false,
+            };
+            if kept && w.segs.next_id() > self.next_segment {
                 let next = w.segs.next_id();
                 let row = seal_meta(meta::NEXT_SEGMENT, &next.to_le_bytes());
                 recorded =
@@ -552,7 +578,10 @@ impl Store {
         };
         // The group keeps whatever the operation wrote (a group that fails is aborted
         // below, and the caches dropped with it).
-        if let Ok(_) | Err(crate::fs::FsError::Errno(_)) = &res {
+        if res
+            .as_ref()
+            .map_or_else(|e| e.refusal().is_some(), |_| true)
+        {
             self.freed_group.extend(freed);
             if self.inode_cache.len() > INODE_CACHE_MAX {
                 self.inode_cache.clear();
@@ -579,7 +608,7 @@ impl Store {
                 }
                 Ok(r)
             }
-            Err(crate::fs::FsError::Errno(e)) => Err(crate::fs::FsError::Errno(e)),
+            Err(e) if e.refusal().is_some() => Err(e),
             Err(e) => {
                 self.abort_group(&format!(
                     "an operation failed inside a transaction group: {e}"
@@ -671,7 +700,7 @@ impl Store {
             return Ok(());
         }
         let pending = std::mem::take(&mut self.unverified);
-        let res = self.write(false, |w| {
+        let res = self.write(false, |w| -> Result<(), OpFail> {
             // Where each copy is now (compaction may have moved it; an extent freed
             // since needs nothing).
             let mut at = Vec::with_capacity(pending.map.len());
@@ -732,7 +761,7 @@ impl Store {
             let at = w
                 .segs
                 .append_many(&repair)
-                .map_err(|e| crate::fs::FsError::Errno(e.errno()))?;
+                .map_err(|e| OpFail::Refused(e.errno()))?;
             for ((hash, data), (seg, off)) in repair.iter().zip(at) {
                 w.relocate(hash, seg, off, data.len() as u32)?;
             }
@@ -748,7 +777,7 @@ impl Store {
             for (hash, data) in pending.map {
                 self.unverified.insert(hash, data);
             }
-            return Err(fs_to_store(e));
+            return Err(e.into());
         }
         Ok(())
     }
@@ -808,6 +837,9 @@ impl Store {
     /// move go first (a wholly dead one needs no room at all), so a full disk gets its
     /// space back. Returns the bytes of disk given back.
     pub fn compact(&mut self) -> Result<u64, StoreError> {
+        // Extents taken unseen are checked first: a repair moves its extent, and must
+        // not do so under the compaction of its segment.
+        self.verify_unverified()?;
         let active = self.segs.active();
         // Compaction runs in transactions of its own, so a failure loses nothing else.
         self.commit_group(false)?;
@@ -883,12 +915,13 @@ impl Store {
             exts.sort_unstable_by_key(|(_, r)| r.offset);
             // Damaged extents stay where they are (fsck names them; a write of the same
             // bytes repairs them), and so does their segment; the intact ones move.
-            let res: Result<usize, crate::fs::FsError> = self.write(true, |w| {
+            let res: Result<usize, OpFail> = self.write(true, |w| {
                 let mut damaged = 0;
                 for (hash, rec) in &exts {
                     let data = match w.segs.read(id, rec.offset, rec.len) {
                         Ok(d) if check_whole(hash, rec, &d).is_ok() => d,
                         Ok(_) | Err(StoreError::Corrupt(_)) => {
+                            note_damaged(w.damaged, hash, rec);
                             damaged += 1;
                             continue;
                         }
@@ -925,8 +958,10 @@ impl Store {
                 Ok(_) => {
                     self.segs.remove(id)?;
                     // Lost in a crash, the row is found by the next `recover`.
-                    self.write(false, |w| Ok(w.t.segments.remove(id).map(|_| ())?))
-                        .map_err(fs_to_store)?;
+                    self.write(false, |w| -> Result<(), OpFail> {
+                        Ok(w.t.segments.remove(id).map(|_| ())?)
+                    })
+                    .map_err(StoreError::from)?;
                     self.commit_group(false)?;
                     given_back += size;
                 }
@@ -934,7 +969,7 @@ impl Store {
                     // What was appended before the failure is not indexed: not tried
                     // again this mount, so that a failing segment cannot fill the disk.
                     self.compact_skip.insert(id);
-                    return Err(fs_to_store(e));
+                    return Err(e.into());
                 }
             }
         }
@@ -1030,7 +1065,7 @@ impl Store {
             // One pass gives both the check and the leaf values later small reads use.
             let cvs = verify::leaf_cvs(data);
             if verify::root_of(&cvs) != *hash {
-                note_damaged(&self.damaged, hash);
+                note_damaged(&self.damaged, hash, rec);
                 return Err(mismatch(hash, rec));
             }
             if self.outboards.len() >= OUTBOARD_MAX {
@@ -1039,7 +1074,7 @@ impl Store {
             self.outboards.insert(*hash, cvs.into_boxed_slice());
         } else {
             if let Err(e) = check_whole(hash, rec, data) {
-                note_damaged(&self.damaged, hash);
+                note_damaged(&self.damaged, hash, rec);
                 return Err(e);
             }
         }
@@ -1105,7 +1140,7 @@ impl Store {
         let cvs = &self.outboards[hash];
         for (i, leaf) in bytes.chunks(verify::LEAF).enumerate() {
             if verify::leaf_cv(first + i, leaf) != cvs[first + i] {
-                note_damaged(&self.damaged, hash);
+                note_damaged(&self.damaged, hash, rec);
                 return Err(StoreError::Corrupt(format!(
                     "extent {} in segment {:016x}: bytes {}..{} do not match its hash",
                     hex(hash),
@@ -1239,10 +1274,52 @@ fn upgrade_from_1(db: &Database) -> Result<(), StoreError> {
 }
 
 /// A core error met inside the store's own operations, as a store error.
-fn fs_to_store(e: crate::fs::FsError) -> StoreError {
-    match e {
-        crate::fs::FsError::Store(e) => e,
-        crate::fs::FsError::Errno(n) => StoreError::Io(std::io::Error::from_raw_os_error(n)),
+/// How [`Store::write`] tells an operation's refusal from its failure: the layers
+/// above bring their own error type (the filesystem core's carries an errno).
+pub trait OpError: From<StoreError> + std::fmt::Display {
+    /// A refusal with `errno`: the operation wrote nothing.
+    fn refused(errno: i32) -> Self;
+    /// The errno of a refusal (the group goes on); `None` for a failure (the group is
+    /// aborted).
+    fn refusal(&self) -> Option<i32>;
+}
+
+/// The store's own [`OpError`], for the operations it runs itself.
+#[derive(Debug, thiserror::Error)]
+pub enum OpFail {
+    /// Refused with an errno; nothing written.
+    #[error("{}", std::io::Error::from_raw_os_error(*.0))]
+    Refused(i32),
+    /// Failed.
+    #[error(transparent)]
+    Failed(#[from] StoreError),
+}
+
+impl OpError for OpFail {
+    fn refused(errno: i32) -> Self {
+        OpFail::Refused(errno)
+    }
+
+    fn refusal(&self) -> Option<i32> {
+        match self {
+            OpFail::Refused(e) => Some(*e),
+            OpFail::Failed(_) => None,
+        }
+    }
+}
+
+impl From<redb::StorageError> for OpFail {
+    fn from(e: redb::StorageError) -> Self {
+        OpFail::Failed(e.into())
+    }
+}
+
+impl From<OpFail> for StoreError {
+    fn from(e: OpFail) -> Self {
+        match e {
+            OpFail::Refused(n) => StoreError::Io(std::io::Error::from_raw_os_error(n)),
+            OpFail::Failed(e) => e,
+        }
     }
 }
 
@@ -1281,7 +1358,7 @@ impl Fetch {
         segment::read_exact_from(&*self.file, self.rec.segment, self.rec.offset, dst)?;
         let res = check_whole(&self.hash, &self.rec, dst);
         if res.is_err() {
-            note_damaged(&self.damaged, &self.hash);
+            note_damaged(&self.damaged, &self.hash, &self.rec);
         }
         res
     }
@@ -2170,15 +2247,17 @@ impl Writer<'_> {
             );
             return Ok(false);
         }
-        let damaged = self
-            .damaged
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .contains(hash);
+        let (damaged, full) = {
+            let set = self.damaged.lock();
+            (
+                set.at.get(hash) == Some(&(rec.segment, rec.offset)),
+                set.full,
+            )
+        };
         if damaged {
             return Ok(false);
         }
-        if rec.segment >= self.trusted_from {
+        if rec.segment >= self.trusted_from && !full {
             return Ok(true);
         }
         match self.segs.read_cached(rec.segment, rec.offset, rec.len) {
@@ -2214,10 +2293,6 @@ impl Writer<'_> {
         offset: u64,
         len: u32,
     ) -> Result<(), StoreError> {
-        self.damaged
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(hash);
         let mut rec = self.extent(hash)?;
         self.add_dead(&rec)?;
         rec.segment = segment;
@@ -2332,7 +2407,7 @@ impl Writer<'_> {
     /// Hands out a new inode number.
     pub fn alloc_ino(&mut self) -> Result<u64, StoreError> {
         let next = read_meta_as(&self.t.meta, meta::NEXT_INO, le_u64)?;
-        if next >= crate::fs::MAX_LIVE_INO {
+        if next >= MAX_LIVE_INO {
             return Err(StoreError::Corrupt("inode numbers exhausted".into()));
         }
         let row = seal_meta(meta::NEXT_INO, &(next + 1).to_le_bytes());
@@ -2345,7 +2420,7 @@ impl Writer<'_> {
 mod tests {
     use super::*;
 
-    fn put(s: &mut Store, ino: u64, v: &[u8]) -> Result<(), crate::fs::FsError> {
+    fn put(s: &mut Store, ino: u64, v: &[u8]) -> Result<(), OpFail> {
         s.write(
             false,
             |w| Ok(w.put(RecKey::xattr(ino, b"user.t"), Some(v))?),
@@ -2362,7 +2437,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let mut s = Store::open(&dir.path().join("s"), Some(&StoreConfig::default())).unwrap();
         let hash = *blake3::hash(b"data").as_bytes();
-        s.write(true, |w| {
+        s.write(true, |w| -> Result<(), OpFail> {
             let (segment, offset) = w.segs.append(&hash, b"data")?;
             let rec = ExtentRec {
                 segment,
@@ -2376,7 +2451,7 @@ mod tests {
         .unwrap();
         let r = s.write(false, |w| Ok(w.decref(&hash, 2)?));
         assert!(
-            matches!(r, Err(crate::fs::FsError::Store(StoreError::Corrupt(_)))),
+            matches!(r, Err(OpFail::Failed(StoreError::Corrupt(_)))),
             "{r:?}"
         );
     }
@@ -2388,7 +2463,7 @@ mod tests {
         let mut s = Store::open(&path, Some(&StoreConfig::default())).unwrap();
         // Alone in its group: the group is dropped and the store goes on.
         let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-            s.write(false, |w| -> Result<(), crate::fs::FsError> {
+            s.write(false, |w| -> Result<(), OpFail> {
                 w.put(RecKey::xattr(7, b"user.t"), Some(b"half"))?;
                 panic!("in the middle of an operation");
             })
@@ -2401,7 +2476,7 @@ mod tests {
         // After an answered operation in the same group: that one is lost with the
         // group, so the store refuses writes rather than pretend it happened.
         let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-            s.write(false, |w| -> Result<(), crate::fs::FsError> {
+            s.write(false, |w| -> Result<(), OpFail> {
                 w.put(RecKey::xattr(9, b"user.t"), Some(b"half"))?;
                 panic!("in the middle of an operation");
             })
@@ -2409,7 +2484,7 @@ mod tests {
         assert!(r.is_err());
         assert!(matches!(
             put(&mut s, 10, b"x"),
-            Err(crate::fs::FsError::Errno(libc::EIO))
+            Err(OpFail::Refused(libc::EIO))
         ));
         // A store in its error state keeps its file open and uncommitted until the
         // process exits (as a daemon's would): look at a copy, as the next process would.

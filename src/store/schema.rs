@@ -77,6 +77,13 @@ pub const SEGMENT_RETIRED: u64 = u64::MAX;
 /// ([`SUM`]); a format 1 store is upgraded when it is first opened to be written.
 pub const FORMAT_VERSION: u32 = 2;
 
+/// Inode numbers the kernel sees: the low 40 bits are a live inode, the bits above are
+/// the epoch of the snapshot it is seen through (0 for the live tree). Stable across
+/// remounts, and never equal between the live tree and a snapshot.
+pub const EPOCH_SHIFT: u32 = 40;
+/// Live inode numbers stay below this.
+pub const MAX_LIVE_INO: u64 = 1 << EPOCH_SHIFT;
+
 /// Bytes of the checksum that ends a checksummed value: the first 8 bytes of a keyed
 /// blake3 hash over the table, the key and the value, so that a damaged value, or a
 /// value found under a damaged key, is an error and never another record.
