@@ -159,6 +159,9 @@ pub struct Store {
     trusted_from: u64,
     /// Extents reads found damaged since the store was opened (see [`Damaged`]).
     damaged: Damaged,
+    /// Operations were committed since the last durable commit (a durable point with
+    /// nothing new commits nothing).
+    undurable: bool,
 }
 
 /// Copies of extents reads have found damaged, shared with [`Fetch`]es: a write of
@@ -434,6 +437,7 @@ impl Store {
             unverified: Unverified::default(),
             trusted_from: segs_first,
             damaged: Damaged::default(),
+            undurable: false,
         })
     }
 
@@ -643,6 +647,16 @@ impl Store {
         if durable && self.failed.is_none() {
             self.verify_unverified()?;
         }
+        if durable && self.failed.is_none() && self.pending == 0 && !self.undurable {
+            // Nothing since the last durable point (an open group holds only reads):
+            // no commit. Appends of refused operations are still synced, and a data
+            // sync that failed through a handle still fails this one.
+            if let Err(e) = self.segs.sync() {
+                self.fail_durability(format!("a segment data sync failed: {e}"));
+                return Err(e);
+            }
+            return Ok(());
+        }
         let txn = self.txn.get_mut().take();
         let pending = std::mem::take(&mut self.pending);
         let mut txn = match (txn, durable) {
@@ -671,6 +685,7 @@ impl Store {
         match &res {
             Ok(()) => {
                 self.freed_committed.append(&mut self.freed_group);
+                self.undurable = !durable && (self.undurable || pending > 0);
                 if durable {
                     let now = std::time::Instant::now();
                     for f in self.freed_committed.drain(..) {
