@@ -159,13 +159,17 @@ fn fill_plus(
     Ok(())
 }
 
+/// Answers with `$ok` or the error. The result is bound first, so that a core guard
+/// taken while computing it (`self.fs.lock().op(..)`) is dropped before the reply is
+/// sent: no reply goes out under the core lock.
 macro_rules! reply {
-    ($reply:expr, $op:literal, $res:expr, |$v:ident| $ok:expr) => {
-        match $res {
+    ($reply:expr, $op:literal, $res:expr, |$v:ident| $ok:expr) => {{
+        let res = $res;
+        match res {
             Ok($v) => $ok,
             Err(e) => $reply.error(fail($op, e)),
         }
-    };
+    }};
 }
 
 impl Filesystem for SnapFuse {
@@ -570,21 +574,23 @@ impl Filesystem for SnapFuse {
     ) {
         let _s = tracing::trace_span!("readdir", ino = ino.0, fh = fh.0, offset).entered();
         let core = self.fs.lock();
-        match core.readdir(fh.0, offset) {
-            Ok(entries) => {
-                for (i, e) in entries.iter().enumerate() {
-                    let next = offset + i as u64 + 1;
-                    if reply.add(
-                        INodeNo(e.ino),
-                        next,
-                        kind(e.kind),
-                        OsStr::from_bytes(&e.name),
-                    ) {
-                        break;
-                    }
+        // Entries go into the reply's buffer under the lock; it is sent after.
+        let res = core.readdir(fh.0, offset).map(|entries| {
+            for (i, e) in entries.iter().enumerate() {
+                let next = offset + i as u64 + 1;
+                if reply.add(
+                    INodeNo(e.ino),
+                    next,
+                    kind(e.kind),
+                    OsStr::from_bytes(&e.name),
+                ) {
+                    break;
                 }
-                reply.ok()
             }
+        });
+        drop(core);
+        match res {
+            Ok(()) => reply.ok(),
             Err(e) => reply.error(fail("readdir", e)),
         }
     }
@@ -619,6 +625,7 @@ impl Filesystem for SnapFuse {
                 )
             },
         );
+        drop(core);
         match filled {
             Ok(()) => reply.ok(),
             Err(e) => reply.error(fail("readdirplus", e)),
@@ -740,6 +747,7 @@ impl Filesystem for SnapFuse {
                 caller(req),
             )
             .and_then(|a| core.open(a.ino, flags).map(|fh| (a, fh)));
+        drop(core);
         reply!(reply, "create", res, |v| reply.created(
             &ttl(v.0.ino),
             &fattr(&v.0),
