@@ -300,9 +300,16 @@ pub fn fsck(
     read_data: bool,
     progress: &mut dyn FnMut(u64, u64),
 ) -> Result<Report, StoreError> {
-    store.commit_group(false)?;
-    let txn = store.db().begin_read()?;
-    fsck_txn(&txn, &mut store.segs, read_data, progress)
+    fsck_frozen(&mut store.frozen()?, read_data, progress)
+}
+
+/// Checks a [`crate::store::Frozen`] view, without the store (or its lock).
+pub fn fsck_frozen(
+    view: &mut crate::store::Frozen,
+    read_data: bool,
+    progress: &mut dyn FnMut(u64, u64),
+) -> Result<Report, StoreError> {
+    fsck_txn(&view.txn, &mut view.segs, read_data, progress)
 }
 
 /// Checks a store that no daemon holds, opened with [`crate::store::ReadOnlyStore`]:
@@ -855,12 +862,16 @@ impl Status {
 
 /// Gathers [`Status`] of an open store (its open group committed first, if it can be).
 pub fn status(store: &mut Store) -> Result<Status, StoreError> {
-    if let Err(e) = store.commit_group(false) {
-        tracing::warn!(error = %e, "status shows the last commit");
-    }
-    let txn = store.db().begin_read()?;
-    let db_path = store.path.join(crate::store::DB_FILE);
-    status_txn(&txn, &store.segs, &db_path)
+    status_frozen(&store.frozen()?)
+}
+
+/// Gathers [`Status`] from a [`crate::store::Frozen`] view, without the store.
+pub fn status_frozen(view: &crate::store::Frozen) -> Result<Status, StoreError> {
+    status_txn(
+        &view.txn,
+        &view.segs,
+        &view.path.join(crate::store::DB_FILE),
+    )
 }
 
 /// Gathers [`Status`] of a store no daemon holds, changing nothing.

@@ -177,7 +177,10 @@ pub fn run(fs: &Fs, args: &[String], progress: bool) -> Outcome {
             if let Err(e) = core.flush_all() {
                 tracing::warn!(error = %e, "status: buffered data not stored yet");
             }
-            match crate::check::status(core.store()) {
+            // Gathered from a frozen view, without the core lock.
+            let view = core.store().frozen();
+            drop(core);
+            match view.and_then(|v| crate::check::status_frozen(&v)) {
                 Ok(st) => ok(st.render()),
                 Err(e) => fail(format!("{e:#}")),
             }
@@ -195,11 +198,13 @@ pub fn run(fs: &Fs, args: &[String], progress: bool) -> Outcome {
                     Err(e) => return fail(format!("repair stopped: {e:#}")),
                 }
             }
-            let res = crate::check::fsck(
-                core.store(),
-                flag("--read-data"),
-                &mut fsck_progress(progress),
-            );
+            // Checked from a frozen view, without the core lock: the filesystem goes on
+            // while the extents are read.
+            let view = core.store().frozen();
+            drop(core);
+            let res = view.and_then(|mut v| {
+                crate::check::fsck_frozen(&mut v, flag("--read-data"), &mut fsck_progress(progress))
+            });
             let mut out = fsck_outcome(res, flag("--json"));
             if !out.error && !flag("--json") {
                 let mut text: String = repaired

@@ -162,6 +162,29 @@ pub struct Store {
     /// Operations were committed since the last durable commit (a durable point with
     /// nothing new commits nothing).
     undurable: bool,
+    /// [`Frozen`] views alive: while any is, no hole is punched (its read transaction
+    /// may still name freed extents).
+    readers: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+}
+
+/// A frozen view of a store, read without its lock (fsck, status, and sync later):
+/// a read transaction of everything committed when it was taken, and the segment
+/// files as they were (held open, so compaction deleting one takes nothing away).
+pub struct Frozen {
+    /// What was committed when the view was taken.
+    pub txn: redb::ReadTransaction,
+    /// The segments, for reading only.
+    pub segs: Segments,
+    /// The store directory.
+    pub path: PathBuf,
+    readers: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+}
+
+impl Drop for Frozen {
+    fn drop(&mut self) {
+        self.readers
+            .fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+    }
 }
 
 /// Copies of extents reads have found damaged, shared with [`Fetch`]es: a write of
@@ -438,6 +461,7 @@ impl Store {
             trusted_from: segs_first,
             damaged: Damaged::default(),
             undurable: false,
+            readers: Default::default(),
         })
     }
 
@@ -807,6 +831,10 @@ impl Store {
             self.punch_queue.clear();
             return 0;
         }
+        // A frozen view may still read what was freed after it was taken.
+        if self.readers.load(std::sync::atomic::Ordering::SeqCst) > 0 {
+            return 0;
+        }
         let t = std::time::Instant::now();
         let mut bytes = 0;
         while let Some((at, (seg, off, len))) = self.punch_queue.front().copied() {
@@ -822,6 +850,25 @@ impl Store {
             }
         }
         bytes
+    }
+
+    /// A [`Frozen`] view of everything committed so far (the open group is committed
+    /// first, not durably). Take it under the core lock, then read it without.
+    pub fn frozen(&mut self) -> Result<Frozen, StoreError> {
+        if let Err(e) = self.commit_group(false) {
+            // A full disk, say: the view shows the last commit.
+            tracing::warn!(error = %e, "a frozen view shows the last commit");
+        }
+        let txn = self.db.begin_read()?;
+        let segs = self.segs.reader()?;
+        self.readers
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        Ok(Frozen {
+            txn,
+            segs,
+            path: self.path.clone(),
+            readers: self.readers.clone(),
+        })
     }
 
     /// Makes everything written so far durable.

@@ -212,6 +212,34 @@ impl Segments {
         Ok(&**self.shared(id)?)
     }
 
+    /// A reader of the segments as they are now, for a frozen view read without the
+    /// store: every segment present is opened now (a later deletion does not take its
+    /// bytes away). It never appends.
+    pub fn reader(&mut self) -> Result<Segments, StoreError> {
+        let mut files = HashMap::new();
+        for id in self.ids()? {
+            match self.shared(id) {
+                Ok(f) => {
+                    files.insert(id, f.clone());
+                }
+                // Deleted between the listing and the open: nothing references it.
+                Err(StoreError::Corrupt(_)) => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(Segments {
+            disk: self.disk.clone(),
+            dir: self.dir.clone(),
+            files,
+            active: self.active,
+            started: false,
+            active_len: SEGMENT_HEADER,
+            unsynced: Vec::new(),
+            sync_state: Default::default(),
+            append_faults: Default::default(),
+        })
+    }
+
     /// The open file of segment `id`, to read from without `self`.
     pub fn shared(&mut self, id: u64) -> Result<&SegFile, StoreError> {
         if !self.files.contains_key(&id) {
