@@ -3,19 +3,21 @@
 # beside them.
 #
 # Mounts one store (on ext4 under BENCH_DIR) per binary given, and in each measures the
-# latency of `stat` on STATS uncached files and of 4 KiB reads at random offsets of a
-# cold 256 MiB file (each block once, caches dropped first), p50/p99/max in
-# microseconds, in three conditions:
-#   idle      nothing else runs
+# latency of `stat` on uncached files and of cold 4 KiB reads (one block per 64 KiB
+# extent of a 256 MiB file), p50/p99/max in microseconds, sampled every 2 ms for as
+# long as the work runs, in three conditions:
+#   idle      nothing else runs (`sleep 10` stands in for the work)
 #   fsck      `snapfs fsck --read-data` of the store (holding SIZE of data) runs
 #   delete    `snapfs snapshot delete` of a snapshot that alone holds DELETE of data
-# The measurement starts 1 s after the work and the work's own time is printed too.
+# Files are made, synced and caches dropped before the work starts, so that nothing
+# the sampler does before its first sample waits for the work. Also printed: the
+# samples taken and how long the work took.
 #
 # usage: bench/latency-work.sh [BINARY...]   (default: target/release/snapfs)
-# Environment: SIZE=4g DELETE=1g STATS=3000 READS=3000 BENCH_DIR=/var/tmp
+# Environment: SIZE=4g DELETE=1g FILES=20000 BENCH_DIR=/var/tmp
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
-SIZE=${SIZE:-4g} DELETE=${DELETE:-1g} STATS=${STATS:-3000} READS=${READS:-3000}
+SIZE=${SIZE:-4g} DELETE=${DELETE:-1g} FILES=${FILES:-20000}
 BENCH_DIR=${BENCH_DIR:-/var/tmp}
 [ "$(id -u)" = 0 ] || { echo "bench/latency-work.sh: must run as root (mounts, drop_caches)" >&2; exit 2; }
 command -v fio > /dev/null || { echo "bench/latency-work.sh: needs fio (apt-get install -y fio)" >&2; exit 2; }
@@ -32,54 +34,63 @@ cleanup() {
 }
 trap cleanup EXIT
 
-# lat MNT TAG: stat and read latencies, one line each.
-lat() {
-    python3 - "$1" "$STATS" "$READS" "$2" << 'PYEOF'
-import os, random, sys, time
-mnt, n, reads, tag = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
-base = f'{mnt}/lat{time.time_ns()}'
+# prep MNT DIR: makes FILES empty files in MNT/DIR.
+prep() {
+    python3 - "$1/$2" "$FILES" << 'PYEOF'
+import os, sys
+base, n = sys.argv[1], int(sys.argv[2])
 os.mkdir(base)
 for i in range(n):
     os.close(os.open(f'{base}/f{i}', os.O_CREAT | os.O_WRONLY, 0o644))
-with open('/proc/sys/vm/drop_caches', 'w') as f:
-    f.write('3')
-def show(what, lat):
-    lat.sort()
-    q = lambda p: lat[min(len(lat) - 1, int(p * len(lat)))] / 1000
-    print(f'{tag:<8} {what:<6} {q(.5):>9.0f} {q(.99):>9.0f} {lat[-1] / 1000:>9.0f}')
-lat = []
-for i in range(n):
-    t = time.perf_counter_ns()
-    os.stat(f'{base}/f{i}')
-    lat.append(time.perf_counter_ns() - t)
-show('stat', lat)
-fd = os.open(f'{mnt}/read.dat', os.O_RDONLY)
-os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM)
-blocks = random.Random(7).sample(range((256 << 20) // 4096), reads)
-lat = []
-for b in blocks:
-    t = time.perf_counter_ns()
-    os.pread(fd, 4096, b * 4096)
-    lat.append(time.perf_counter_ns() - t)
-os.close(fd)
-show('read', lat)
 PYEOF
 }
 
-# beside CMD...: runs CMD in the background, measures after 1 s, prints CMD's time.
+# beside TAG DIR CMD...: syncs and drops caches, starts CMD, samples in MNT/DIR while
+# CMD runs, prints the figures and CMD's time.
 beside() {
-    local tag=$1 t0 pid
-    shift
+    local tag=$1 dir=$2 t0 pid
+    shift 2
+    sync
+    echo 3 > /proc/sys/vm/drop_caches
     t0=$(date +%s.%N)
     "$@" > "$W/work.out" 2>&1 &
     pid=$!
-    sleep 1
-    lat "$W/mnt" "$tag"
+    python3 - "$W/mnt" "$dir" "$FILES" "$pid" "$tag" << 'PYEOF'
+import os, sys, time
+mnt, d, n, pid, tag = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), sys.argv[5]
+def alive():
+    try:
+        with open(f'/proc/{pid}/stat') as f:
+            return f.read().split(') ')[1][0] != 'Z'
+    except FileNotFoundError:
+        return False
+fd = os.open(f'{mnt}/read.dat', os.O_RDONLY)
+os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM)
+stats, reads, i = [], [], 0
+extents = (256 << 20) // 65536
+while alive() and i < n:
+    t = time.perf_counter_ns()
+    os.stat(f'{mnt}/{d}/f{i}')
+    stats.append(time.perf_counter_ns() - t)
+    if i < extents:
+        # One 4 KiB block of each 64 KiB extent, at a spot that varies.
+        at = i * 65536 + (i * 7 % 16) * 4096
+        t = time.perf_counter_ns()
+        os.pread(fd, 4096, at)
+        reads.append(time.perf_counter_ns() - t)
+    i += 1
+    time.sleep(0.002)
+os.close(fd)
+for what, lat in (('stat', stats), ('read', reads)):
+    lat.sort()
+    q = lambda p: lat[min(len(lat) - 1, int(p * len(lat)))] / 1000
+    print(f'{tag:<8} {what:<6} {len(lat):>7} {q(.5):>9.0f} {q(.99):>9.0f} {lat[-1] / 1000:>9.0f}')
+PYEOF
     wait "$pid" || { echo "bench/latency-work.sh: $* failed:" >&2; cat "$W/work.out" >&2; exit 1; }
     echo "$tag work took $(echo "$(date +%s.%N) - $t0" | bc) s"
 }
 
-echo "kernel $(uname -r), $(nproc) CPUs; SIZE=$SIZE DELETE=$DELETE STATS=$STATS READS=$READS"
+echo "kernel $(uname -r), $(nproc) CPUs; SIZE=$SIZE DELETE=$DELETE FILES=$FILES"
 for b in "${bins[@]}"; do
     rm -rf "$W/store" "$W/mnt"
     mkdir -p "$W/mnt"
@@ -94,10 +105,11 @@ for b in "${bins[@]}"; do
     "$b" snapshot create "$W/mnt" doomed > /dev/null
     rm "$W/mnt/gone.dat"
     sync
-    printf '%-8s %-6s %9s %9s %9s\n' cond op 'p50 µs' 'p99 µs' 'max µs'
-    lat "$W/mnt" idle
-    beside fsck "$b" fsck --read-data "$W/mnt"
-    beside delete "$b" snapshot delete "$W/mnt" doomed
+    for d in idle fsck delete; do prep "$W/mnt" "$d"; done
+    printf '%-8s %-6s %7s %9s %9s %9s\n' cond op samples 'p50 µs' 'p99 µs' 'max µs'
+    beside idle idle sleep 10
+    beside fsck fsck "$b" fsck --read-data "$W/mnt"
+    beside delete delete "$b" snapshot delete "$W/mnt" doomed
     umount "$W/mnt"
     sleep 1
 done

@@ -309,7 +309,8 @@ pub fn fsck_frozen(
     read_data: bool,
     progress: &mut dyn FnMut(u64, u64),
 ) -> Result<Report, StoreError> {
-    fsck_txn(&view.txn, &mut view.segs, read_data, progress)
+    let cancel = view.cancel_flag();
+    fsck_checked(&view.txn, &mut view.segs, read_data, progress, &cancel)
 }
 
 /// Checks a store that no daemon holds, opened with [`crate::store::ReadOnlyStore`]:
@@ -329,6 +330,19 @@ pub fn fsck_txn(
     segs: &mut Segments,
     read_data: bool,
     progress: &mut dyn FnMut(u64, u64),
+) -> Result<Report, StoreError> {
+    let never = std::sync::atomic::AtomicBool::new(false);
+    fsck_checked(txn, segs, read_data, progress, &never)
+}
+
+/// [`fsck_txn`] that stops with an error once `cancel` is set (checked between
+/// extents).
+fn fsck_checked(
+    txn: &redb::ReadTransaction,
+    segs: &mut Segments,
+    read_data: bool,
+    progress: &mut dyn FnMut(u64, u64),
+    cancel: &std::sync::atomic::AtomicBool,
 ) -> Result<Report, StoreError> {
     let mut rep = Report::default();
     let (live, block_size) = live_and_block_size(txn)?;
@@ -543,6 +557,12 @@ pub fn fsck_txn(
             rep.rehashed += 1;
         }
         if i % 256 == 0 {
+            if cancel.load(std::sync::atomic::Ordering::SeqCst) {
+                return Err(StoreError::Io(std::io::Error::new(
+                    std::io::ErrorKind::Interrupted,
+                    "fsck stopped: the volume is being unmounted",
+                )));
+            }
             progress(i as u64, total);
         }
     }

@@ -453,6 +453,12 @@ pub fn mount(
     if let Some(path) = control {
         let _ = std::fs::remove_file(path);
     }
+    // Long reads beside the core (fsck, status) stop and let go of the store first:
+    // compaction and closing the database wait for no one then.
+    let (readers, cancel) = fs.lock().store().view_handles();
+    if !crate::store::Store::stop_views(&readers, &cancel, Duration::from_secs(10)) {
+        tracing::warn!("a long read of the store did not stop within 10 s");
+    }
     let flushed = {
         let mut core = fs.lock();
         core.sync_all().and_then(|_| {
@@ -461,7 +467,11 @@ pub fn mount(
         })
     };
     // Close the database before the pid file goes, so a waiter that sees it gone can
-    // open the store. Every other holder of the core has let go by now.
+    // open the store. A control connection still answering holds the core a moment.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while Arc::strong_count(&fs) > 1 && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(10));
+    }
     if Arc::try_unwrap(fs).is_err() {
         tracing::warn!("the core is still shared at exit");
     }

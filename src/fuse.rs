@@ -608,7 +608,10 @@ impl Filesystem for SnapFuse {
         // A reply holds a few hundred entries at most; look up only what may fit.
         let batch: Vec<crate::fs::DirEntry> = match core.readdir(fh.0, offset) {
             Ok(entries) => entries.iter().take(512).cloned().collect(),
-            Err(e) => return reply.error(fail("readdirplus", e)),
+            Err(e) => {
+                drop(core);
+                return reply.error(fail("readdirplus", e));
+            }
         };
         let filled = fill_plus(
             &batch,

@@ -513,3 +513,48 @@ fn fsck_repair_fixes_counts_and_leaked_versions_and_says_so() {
     assert_eq!(busy.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&busy.stderr).contains("unmount"));
 }
+
+/// fsck reads a frozen view beside the running filesystem; an unmount meanwhile stops
+/// it, and the store is still closed cleanly (compacted, its database released).
+#[test]
+fn unmounting_during_fsck_stops_it_and_closes_the_store() {
+    let mut m = Mount::new();
+    {
+        let mut f = File::create(m.path("big")).unwrap();
+        for i in 0..16 {
+            f.write_all(&pattern(100 + i, 64 << 20)).unwrap();
+        }
+        f.sync_all().unwrap();
+    }
+    drop_caches();
+    let fsck = Command::new(SNAPFS)
+        .args(["fsck", "--read-data", m.mnt.to_str().unwrap()])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    m.unmount();
+    let out = fsck.wait_with_output().unwrap();
+    let said = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        out.status.success() || said.contains("unmounted"),
+        "fsck: {said}"
+    );
+    let log = fs::read_to_string(m.store.join("snapfs.log")).unwrap();
+    assert!(
+        !log.contains("still shared"),
+        "the store was not closed: {log}"
+    );
+    assert!(
+        !log.contains("final flush"),
+        "the final flush failed: {log}"
+    );
+    m.mount(&[]);
+    m.unmount();
+    m.assert_fsck_clean();
+}

@@ -165,6 +165,8 @@ pub struct Store {
     /// [`Frozen`] views alive: while any is, no hole is punched (its read transaction
     /// may still name freed extents).
     readers: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    /// Set at unmount: [`Frozen`] views stop.
+    cancel: std::sync::Arc<std::sync::atomic::AtomicBool>,
 }
 
 /// A frozen view of a store, read without its lock (fsck, status, and sync later):
@@ -178,6 +180,14 @@ pub struct Frozen {
     /// The store directory.
     pub path: PathBuf,
     readers: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    cancel: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl Frozen {
+    /// The flag set when the store asks its views to stop (it is being unmounted).
+    pub fn cancel_flag(&self) -> std::sync::Arc<std::sync::atomic::AtomicBool> {
+        self.cancel.clone()
+    }
 }
 
 impl Drop for Frozen {
@@ -462,6 +472,7 @@ impl Store {
             damaged: Damaged::default(),
             undurable: false,
             readers: Default::default(),
+            cancel: Default::default(),
         })
     }
 
@@ -672,13 +683,17 @@ impl Store {
             self.verify_unverified()?;
         }
         if durable && self.failed.is_none() && self.pending == 0 && !self.undurable {
-            // Nothing since the last durable point (an open group holds only reads):
-            // no commit. Appends of refused operations are still synced, and a data
-            // sync that failed through a handle still fails this one.
+            // Nothing since the last durable point: no durable commit. An open group
+            // holds only reads; it is closed (a cheap commit that changes nothing), so
+            // that no write transaction stays open. Appends of refused operations are
+            // still synced, and a data sync that failed through a handle still fails
+            // this one.
+            self.commit_group(false)?;
             if let Err(e) = self.segs.sync() {
                 self.fail_durability(format!("a segment data sync failed: {e}"));
                 return Err(e);
             }
+            self.punch_freed(false);
             return Ok(());
         }
         let txn = self.txn.get_mut().take();
@@ -868,6 +883,7 @@ impl Store {
             segs,
             path: self.path.clone(),
             readers: self.readers.clone(),
+            cancel: self.cancel.clone(),
         })
     }
 
@@ -902,6 +918,11 @@ impl Store {
         // Extents taken unseen are checked first: a repair moves its extent, and must
         // not do so under the compaction of its segment.
         self.verify_unverified()?;
+        // A frozen view holds the files open: deleting one would give nothing back,
+        // and the copies would take more room. Compaction waits for the views to go.
+        if self.readers.load(std::sync::atomic::Ordering::SeqCst) > 0 {
+            return Ok(0);
+        }
         let active = self.segs.active();
         // Compaction runs in transactions of its own, so a failure loses nothing else.
         self.commit_group(false)?;
@@ -1069,8 +1090,45 @@ impl Store {
     /// unmount). Commits the open group durably first.
     pub fn compact_metadata(&mut self) -> Result<(), StoreError> {
         self.commit_group(true)?;
-        self.db.compact()?;
-        Ok(())
+        match self.db.compact() {
+            Ok(_) => Ok(()),
+            // A frozen view (fsck, status) is reading: the file shrinks next time.
+            Err(redb::CompactionError::TransactionInProgress) => {
+                tracing::info!("metadata file not compacted: a read is in progress");
+                Ok(())
+            }
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Asks every [`Frozen`] view to stop (fsck checks between extents) and waits up
+    /// to `wait` for them to go. Returns whether none is left.
+    pub fn stop_views(
+        readers: &std::sync::Arc<std::sync::atomic::AtomicUsize>,
+        cancel: &std::sync::Arc<std::sync::atomic::AtomicBool>,
+        wait: std::time::Duration,
+    ) -> bool {
+        use std::sync::atomic::Ordering::SeqCst;
+        cancel.store(true, SeqCst);
+        let until = std::time::Instant::now() + wait;
+        while readers.load(SeqCst) > 0 {
+            if std::time::Instant::now() >= until {
+                return false;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+        true
+    }
+
+    /// The counter of live [`Frozen`] views and the flag that asks them to stop, to
+    /// wait on without the store.
+    pub fn view_handles(
+        &self,
+    ) -> (
+        std::sync::Arc<std::sync::atomic::AtomicUsize>,
+        std::sync::Arc<std::sync::atomic::AtomicBool>,
+    ) {
+        (self.readers.clone(), self.cancel.clone())
     }
 
     /// A view of the current state, including the open transaction group (it begins
