@@ -45,30 +45,25 @@ for i in range(n):
 PYEOF
 }
 
-# beside TAG DIR CMD...: syncs and drops caches, starts CMD, samples in MNT/DIR while
-# CMD runs, prints the figures and CMD's time.
+# beside TAG DIR CMD...: syncs and drops caches, then (its files open first) starts
+# CMD and samples in MNT/DIR while CMD runs; prints the figures and CMD's time. A
+# sample that waits for the whole work counts, however long.
 beside() {
-    local tag=$1 dir=$2 t0 pid
+    local tag=$1 dir=$2
     shift 2
     sync
     echo 3 > /proc/sys/vm/drop_caches
-    t0=$(date +%s.%N)
-    "$@" > "$W/work.out" 2>&1 &
-    pid=$!
-    python3 - "$W/mnt" "$dir" "$FILES" "$pid" "$tag" << 'PYEOF'
-import os, sys, time
-mnt, d, n, pid, tag = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), sys.argv[5]
-def alive():
-    try:
-        with open(f'/proc/{pid}/stat') as f:
-            return f.read().split(') ')[1][0] != 'Z'
-    except FileNotFoundError:
-        return False
+    python3 - "$W/mnt" "$dir" "$FILES" "$tag" "$W/work.out" "$@" << 'PYEOF' || exit 1
+import os, subprocess, sys, time
+mnt, d, n, tag, out = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4], sys.argv[5]
+cmd = sys.argv[6:]
 fd = os.open(f'{mnt}/read.dat', os.O_RDONLY)
 os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM)
+t0 = time.monotonic()
+work = subprocess.Popen(cmd, stdout=open(out, 'w'), stderr=subprocess.STDOUT)
 stats, reads, i = [], [], 0
 extents = (256 << 20) // 65536
-while alive() and i < n:
+while work.poll() is None and i < n:
     t = time.perf_counter_ns()
     os.stat(f'{mnt}/{d}/f{i}')
     stats.append(time.perf_counter_ns() - t)
@@ -80,14 +75,17 @@ while alive() and i < n:
         reads.append(time.perf_counter_ns() - t)
     i += 1
     time.sleep(0.002)
+rc = work.wait()
+took = time.monotonic() - t0
 os.close(fd)
 for what, lat in (('stat', stats), ('read', reads)):
     lat.sort()
-    q = lambda p: lat[min(len(lat) - 1, int(p * len(lat)))] / 1000
-    print(f'{tag:<8} {what:<6} {len(lat):>7} {q(.5):>9.0f} {q(.99):>9.0f} {lat[-1] / 1000:>9.0f}')
+    q = lambda p: lat[min(len(lat) - 1, int(p * len(lat)))] / 1000 if lat else float('nan')
+    print(f'{tag:<8} {what:<6} {len(lat):>7} {q(.5):>9.0f} {q(.99):>9.0f} {q(1):>9.0f}')
+print(f'{tag} work took {took:.1f} s')
+if rc != 0:
+    sys.exit(f'bench/latency-work.sh: {" ".join(cmd)} failed:\n' + open(out).read())
 PYEOF
-    wait "$pid" || { echo "bench/latency-work.sh: $* failed:" >&2; cat "$W/work.out" >&2; exit 1; }
-    echo "$tag work took $(echo "$(date +%s.%N) - $t0" | bc) s"
 }
 
 echo "kernel $(uname -r), $(nproc) CPUs; SIZE=$SIZE DELETE=$DELETE FILES=$FILES"
