@@ -106,13 +106,7 @@ fn same_bytes_repair(cold: bool) {
         f.write_all_at(&block, 0).unwrap();
         f.sync_all().unwrap();
     }
-    m.unmount();
-    m.mount(&[]);
-    drop_caches();
-    assert!(fs::read(m.path("b")).unwrap() == block, "b reads its bytes");
-    assert!(fs::read(m.path("a")).unwrap() == block, "a was repaired");
-    m.unmount();
-    m.assert_fsck_clean();
+    assert_repaired_after_remount(&mut m, &block);
 }
 
 /// An extent written since the mount is trusted by dedup as the page cache is, until
@@ -128,6 +122,12 @@ fn a_read_that_finds_damage_makes_the_next_write_of_those_bytes_repair_it() {
     let err = fs::read(m.path("a")).unwrap_err();
     assert_eq!(err.raw_os_error(), Some(libc::EIO), "the damage is seen");
     write_synced(&m.path("b"), &block);
+    assert_repaired_after_remount(&mut m, &block);
+}
+
+/// After a remount, with caches dropped: `a` (once damaged) and `b` (a new file of the
+/// same bytes) read `block`, and fsck is clean.
+fn assert_repaired_after_remount(m: &mut Mount, block: &[u8]) {
     m.unmount();
     m.mount(&[]);
     drop_caches();

@@ -812,13 +812,7 @@ impl Store {
                 }
                 i = j;
             }
-            let at = w
-                .segs
-                .append_many(&repair)
-                .map_err(|e| OpFail::Refused(e.errno()))?;
-            for ((hash, data), (seg, off)) in repair.iter().zip(at) {
-                w.relocate(hash, seg, off, data.len() as u32)?;
-            }
+            w.store_again::<OpFail>(&repair)?;
             tracing::debug!(
                 checked = pending.map.len(),
                 stored_again = repair.len(),
@@ -2402,6 +2396,20 @@ impl Writer<'_> {
                 Ok(false)
             }
         }
+    }
+
+    /// Stores the bytes of extents found damaged (or unseen and not trusted) again,
+    /// and points each extent at its new copy. A failed append is a refusal (nothing
+    /// indexed yet); a failed repoint is a failure.
+    pub fn store_again<E: OpError>(&mut self, items: &[([u8; 32], &[u8])]) -> Result<(), E> {
+        let at = self
+            .segs
+            .append_many(items)
+            .map_err(|e| E::refused(e.errno()))?;
+        for ((hash, data), (seg, off)) in items.iter().zip(at) {
+            self.relocate(hash, seg, off, data.len() as u32)?;
+        }
+        Ok(())
     }
 
     /// Points extent `hash` at a new copy of its bytes at `offset` of `segment`; the
