@@ -63,14 +63,62 @@ use crate::session::SessionEventLoop;
 const CMD_REGISTER: u32 = 1;
 const CMD_COMMIT_AND_FETCH: u32 = 2;
 
-/// `struct fuse_uring_req_header`: `in_out` (128 bytes), `op_in` (128), then
-/// `struct fuse_uring_ent_in_out` (32).
-const HEADER_LEN: usize = 288;
-const OP_IN: usize = 128;
+/// The kernel's ABI (`include/uapi/linux/fuse.h`), as `repr(C)` structs whose sizes and
+/// field offsets are checked at compile time against the kernel's; the code reads and
+/// writes the kernel's buffers at the offsets derived from them.
+#[repr(C)]
+#[allow(dead_code)]
+struct FuseUringEntInOut {
+    flags: u64,
+    commit_id: u64,
+    payload_sz: u32,
+    padding: u32,
+    reserved: u64,
+}
+
+/// `struct fuse_uring_req_header`.
+#[repr(C)]
+#[allow(dead_code)]
+struct FuseUringReqHeader {
+    in_out: [u8; 128],
+    op_in: [u8; 128],
+    ring_ent_in_out: FuseUringEntInOut,
+}
+
+/// `struct fuse_uring_cmd_req`, the command data of an io_uring command.
+#[repr(C)]
+#[allow(dead_code)]
+struct FuseUringCmdReq {
+    flags: u64,
+    commit_id: u64,
+    qid: u16,
+    padding: [u8; 6],
+}
+
+const _: () = {
+    use std::mem::{offset_of, size_of};
+    assert!(size_of::<FuseUringEntInOut>() == 32);
+    assert!(offset_of!(FuseUringEntInOut, commit_id) == 8);
+    assert!(offset_of!(FuseUringEntInOut, payload_sz) == 16);
+    assert!(size_of::<FuseUringReqHeader>() == 288);
+    assert!(offset_of!(FuseUringReqHeader, op_in) == 128);
+    assert!(offset_of!(FuseUringReqHeader, ring_ent_in_out) == 256);
+    assert!(size_of::<FuseUringCmdReq>() == 24);
+    assert!(offset_of!(FuseUringCmdReq, commit_id) == 8);
+    assert!(offset_of!(FuseUringCmdReq, qid) == 16);
+};
+
+const HEADER_LEN: usize = std::mem::size_of::<FuseUringReqHeader>();
+const OP_IN: usize = std::mem::offset_of!(FuseUringReqHeader, op_in);
 const OP_IN_MAX: usize = 128;
-/// `fuse_uring_ent_in_out.commit_id` and `.payload_sz`.
-const COMMIT_ID: usize = 256 + 8;
-const PAYLOAD_SZ: usize = 256 + 16;
+/// `fuse_uring_ent_in_out.commit_id` and `.payload_sz` within the header.
+const COMMIT_ID: usize = std::mem::offset_of!(FuseUringReqHeader, ring_ent_in_out)
+    + std::mem::offset_of!(FuseUringEntInOut, commit_id);
+const PAYLOAD_SZ: usize = std::mem::offset_of!(FuseUringReqHeader, ring_ent_in_out)
+    + std::mem::offset_of!(FuseUringEntInOut, payload_sz);
+/// `fuse_uring_cmd_req.commit_id` and `.qid` within the command data.
+const CMD_COMMIT_ID: usize = std::mem::offset_of!(FuseUringCmdReq, commit_id);
+const CMD_QID: usize = std::mem::offset_of!(FuseUringCmdReq, qid);
 const IN_HEADER_LEN: usize = 40;
 const OUT_HEADER_LEN: usize = 16;
 /// Where `unique` lies in both `fuse_in_header` and `fuse_out_header`.
@@ -372,10 +420,10 @@ impl Queue {
     /// A command for entry `i` of this queue.
     fn command(&self, i: usize, cmd_op: u32, commit_id: u64) -> squeue::Entry128 {
         self.entries[i].last.store(cmd_op, Ordering::Relaxed);
-        // struct fuse_uring_cmd_req: flags u64, commit_id u64, qid u16, padding.
+        // A `FuseUringCmdReq` (flags 0) at the front of the command data.
         let mut cmd = [0u8; 80];
-        cmd[8..16].copy_from_slice(&commit_id.to_ne_bytes());
-        cmd[16..18].copy_from_slice(&self.qid.to_ne_bytes());
+        cmd[CMD_COMMIT_ID..CMD_COMMIT_ID + 8].copy_from_slice(&commit_id.to_ne_bytes());
+        cmd[CMD_QID..CMD_QID + 2].copy_from_slice(&self.qid.to_ne_bytes());
         let mut b = opcode::UringCmd80::new(types::Fd(self.dev.as_raw_fd()), cmd_op).cmd(cmd);
         if cmd_op == CMD_REGISTER {
             b = b.addr(Some(self.entries[i].iov.as_ptr() as u64));
