@@ -245,6 +245,9 @@ pub struct Unverified {
 
 /// Bytes of written data [`Unverified`] holds at most.
 pub const UNVERIFIED_MAX: usize = 64 << 20;
+/// Extents [`Unverified`] holds at most: each may cost the durable point a seek, under
+/// the core lock.
+pub const UNVERIFIED_MAX_EXTENTS: usize = 4096;
 
 /// Stored copies read together at a durable point: at most this many bytes per read,
 /// across gaps of at most [`VERIFY_GAP`] between them.
@@ -2376,7 +2379,10 @@ impl Writer<'_> {
         }
         match self.segs.read_cached(rec.segment, rec.offset, rec.len) {
             Ok(None) if self.unverified.map.contains_key(hash) => Ok(true),
-            Ok(None) if self.unverified.bytes + data.len() <= UNVERIFIED_MAX => {
+            Ok(None)
+                if self.unverified.bytes + data.len() <= UNVERIFIED_MAX
+                    && self.unverified.map.len() < UNVERIFIED_MAX_EXTENTS =>
+            {
                 self.unverified.insert(*hash, data.into());
                 Ok(true)
             }
