@@ -318,14 +318,16 @@ impl Inner {
     /// Forgets epoch `epoch`: drops what only it could see and its hidden catalog row
     /// in one commit, then compacts (best effort: the deletion is done by then).
     fn drop_epoch(&mut self, epoch: u64) -> FsResult<u64> {
+        let t = std::time::Instant::now();
         let freed = self.drop_epoch_inner(epoch, false)?;
-        if let Err(e) = self
-            .store
-            .compact()
-            .and_then(|_| self.store.compact_metadata())
-        {
+        let dropped = t.elapsed();
+        let compacted = self.store.compact();
+        let segments = t.elapsed();
+        if let Err(e) = compacted.and_then(|_| self.store.compact_metadata()) {
             tracing::warn!(error = %e, "compaction after a snapshot deletion failed");
         }
+        tracing::debug!(epoch, freed, ?dropped, ?segments, total = ?t.elapsed(),
+            "snapshot versions dropped, segments and metadata compacted");
         Ok(freed)
     }
 
