@@ -531,6 +531,8 @@ impl Store {
                 set.push((id, Some(dead)));
             }
         }
+        // The deletions first, then the rows that name them go.
+        self.segs.sync_removals()?;
         if !set.is_empty() {
             self.write(true, |w| -> Result<(), OpFail> {
                 for (id, dead) in &set {
@@ -1049,10 +1051,12 @@ impl Store {
                     // What was appended before the failure is not indexed: not tried
                     // again this mount, so that a failing segment cannot fill the disk.
                     self.compact_skip.insert(id);
+                    self.segs.sync_removals()?;
                     return Err(e.into());
                 }
             }
         }
+        self.segs.sync_removals()?;
         Ok(given_back)
     }
 

@@ -51,6 +51,8 @@ pub struct Segments {
     sync_state: Arc<SyncState>,
     /// Appends still to fail with EIO, likewise.
     append_faults: std::sync::atomic::AtomicU32,
+    /// A file was removed since the directory was last synced.
+    removed: bool,
 }
 
 /// What every data sync of the segments shares. Linux reports a failed write-back
@@ -154,6 +156,7 @@ impl Segments {
             unsynced: Vec::new(),
             sync_state: Default::default(),
             append_faults: Default::default(),
+            removed: false,
         };
         let newest = segs.ids()?.last().copied().unwrap_or(0);
         segs.active = next.max(newest.saturating_add(1)).max(1);
@@ -237,6 +240,7 @@ impl Segments {
             unsynced: Vec::new(),
             sync_state: Default::default(),
             append_faults: Default::default(),
+            removed: false,
         })
     }
 
@@ -447,7 +451,17 @@ impl Segments {
             Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
             Err(e) => return Err(e.into()),
         }
-        self.disk.sync_dir(&self.dir)?;
+        self.removed = true;
+        Ok(())
+    }
+
+    /// Makes the removals since the last call durable (one directory sync for all).
+    /// Until then a crash may bring a removed file back; the next open finds it
+    /// retired or unindexed, and deletes it or counts its bytes dead.
+    pub fn sync_removals(&mut self) -> Result<(), StoreError> {
+        if std::mem::take(&mut self.removed) {
+            self.disk.sync_dir(&self.dir)?;
+        }
         Ok(())
     }
 
