@@ -146,18 +146,7 @@ impl Segments {
         if create {
             disk.create_dir_all(dir)?;
         }
-        let mut segs = Segments {
-            disk,
-            dir: dir.to_path_buf(),
-            files: HashMap::new(),
-            active: 0,
-            started: false,
-            active_len: SEGMENT_HEADER,
-            unsynced: Vec::new(),
-            sync_state: Default::default(),
-            append_faults: Default::default(),
-            removed: false,
-        };
+        let mut segs = Segments::with_files(disk, dir.to_path_buf(), HashMap::new(), 0);
         let newest = segs.ids()?.last().copied().unwrap_or(0);
         segs.active = next.max(newest.saturating_add(1)).max(1);
         Ok(segs)
@@ -230,18 +219,33 @@ impl Segments {
                 Err(e) => return Err(e),
             }
         }
-        Ok(Segments {
-            disk: self.disk.clone(),
-            dir: self.dir.clone(),
+        Ok(Segments::with_files(
+            self.disk.clone(),
+            self.dir.clone(),
             files,
-            active: self.active,
+            self.active,
+        ))
+    }
+
+    /// Segments of `dir` with `files` open and `active` next, nothing appended yet.
+    fn with_files(
+        disk: Arc<dyn Disk>,
+        dir: PathBuf,
+        files: HashMap<u64, SegFile>,
+        active: u64,
+    ) -> Segments {
+        Segments {
+            disk,
+            dir,
+            files,
+            active,
             started: false,
             active_len: SEGMENT_HEADER,
             unsynced: Vec::new(),
             sync_state: Default::default(),
             append_faults: Default::default(),
             removed: false,
-        })
+        }
     }
 
     /// The open file of segment `id`, to read from without `self`.
