@@ -650,7 +650,7 @@ pub fn repair(store: &mut Store) -> Result<Vec<String>, StoreError> {
     }
     if !fixes.is_empty() {
         store
-            .write(true, |w| -> Result<(), crate::store::OpFail> {
+            .write(true, |w| {
                 for (hash, rec) in &fixes {
                     match rec {
                         Some(r) => {
@@ -692,7 +692,7 @@ pub fn repair(store: &mut Store) -> Result<Vec<String>, StoreError> {
     let mut dropped_bytes = 0;
     for chunk in inos.chunks(1024) {
         dropped_bytes += store
-            .write(true, |w| -> Result<u64, crate::store::OpFail> {
+            .write(true, |w| {
                 let mut freed = 0;
                 for ino in chunk {
                     freed += w.gc_ino(*ino, None)?;

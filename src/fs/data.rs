@@ -1065,7 +1065,7 @@ fn store_blocks<'a>(
     for ((hash, data), (seg, off)) in new.iter().zip(at) {
         staged.insert(*hash, (seg, off, data.len() as u32));
     }
-    w.store_again::<FsError>(&repair)?;
+    w.store_again(&repair)?;
     // Phase 2: metadata only. References move for all blocks at once: one block may
     // let go of an extent another takes.
     let mut delta = std::collections::HashMap::new();

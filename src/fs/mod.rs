@@ -72,51 +72,9 @@ pub const LINK_MAX: u32 = 65000;
 /// Longest name, in bytes.
 pub const NAME_MAX: usize = 255;
 
-/// Errors of filesystem operations; each knows its errno.
-#[derive(Debug, thiserror::Error)]
-pub enum FsError {
-    /// A POSIX error with no further cause.
-    #[error("{}", std::io::Error::from_raw_os_error(*.0))]
-    Errno(i32),
-    /// The store failed underneath.
-    #[error(transparent)]
-    Store(#[from] StoreError),
-}
-
-impl crate::store::OpError for FsError {
-    fn refused(errno: i32) -> Self {
-        FsError::Errno(errno)
-    }
-
-    fn refusal(&self) -> Option<i32> {
-        match self {
-            FsError::Errno(e) => Some(*e),
-            FsError::Store(_) => None,
-        }
-    }
-}
-
-impl FsError {
-    /// The errno to answer with.
-    pub fn errno(&self) -> i32 {
-        match self {
-            FsError::Errno(e) => *e,
-            FsError::Store(e) => e.errno(),
-        }
-    }
-}
-
-impl From<std::io::Error> for FsError {
-    fn from(e: std::io::Error) -> Self {
-        FsError::Store(StoreError::Io(e))
-    }
-}
-
-impl From<redb::StorageError> for FsError {
-    fn from(e: redb::StorageError) -> Self {
-        FsError::Store(e.into())
-    }
-}
+/// Errors of filesystem operations; each knows its errno. The store's operation
+/// error: a refusal with an errno, or a failure of the store.
+pub use crate::store::OpError as FsError;
 
 /// Shorthand for a POSIX error.
 pub fn err<T>(errno: i32) -> Result<T, FsError> {
@@ -482,7 +440,7 @@ impl Inner {
         for ino in inos {
             // A rollback may have given an orphan its links back; then it stays.
             let unlinked = matches!(self.inode(ino), Ok(r) if r.nlink == 0);
-            self.store.write(false, |w| -> FsResult<_> {
+            self.store.write(false, |w| {
                 w.t.orphans.remove(ino)?;
                 if unlinked { free_inode(w, ino) } else { Ok(()) }
             })?;
@@ -806,7 +764,7 @@ impl Inner {
         let mut dir = dir;
         let rec2 = rec.clone();
         let dirty = &mut self.dirty;
-        let ino = self.store.write(false, |w| -> FsResult<_> {
+        let ino = self.store.write(false, |w| {
             let prev = w.version(RecKey::dirent(parent, name))?;
             if matches!(prev, Some((_, Some(_)))) {
                 return err(libc::EEXIST);
@@ -865,7 +823,7 @@ impl Inner {
         dir.mtime = now;
         dir.ctime = now;
         let rec2 = rec.clone();
-        self.store.write(false, |w| -> FsResult<_> {
+        self.store.write(false, |w| {
             if w.get(RecKey::dirent(parent, name))?.is_some() {
                 return err(libc::EEXIST);
             }
@@ -978,7 +936,7 @@ impl Inner {
         if rec.nlink == 0 && !open {
             self.dirty_drop(ent.ino);
         }
-        self.store.write(false, |w| -> FsResult<_> {
+        self.store.write(false, |w| {
             put_dirent(w, parent, name, None)?;
             put_inode(w, parent, &pdir)?;
             unlink_inode(w, ent.ino, &rec, open)
@@ -1089,7 +1047,7 @@ impl Inner {
                 self.dirty_drop(*vino);
             }
         }
-        self.store.write(false, |w| -> FsResult<_> {
+        self.store.write(false, |w| {
             put_dirent(w, parent, name, None)?;
             put_dirent(w, newparent, newname, Some(src))?;
             put_inode(w, src.ino, &srec)?;
@@ -1148,7 +1106,7 @@ impl Inner {
                 pa.nlink += 1;
             }
         }
-        self.store.write(false, |w| -> FsResult<_> {
+        self.store.write(false, |w| {
             put_dirent(w, parent, name, Some(b))?;
             put_dirent(w, newparent, newname, Some(a))?;
             put_inode(w, a.ino, &arec)?;
@@ -1228,7 +1186,7 @@ impl Inner {
             let gone = matches!(self.inode(ino), Ok(r) if r.nlink == 0);
             if gone {
                 self.dirty_drop(ino);
-                self.store.write(false, |w| -> FsResult<_> {
+                self.store.write(false, |w| {
                     w.t.orphans.remove(ino)?;
                     free_inode(w, ino)
                 })?;

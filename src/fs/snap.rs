@@ -208,7 +208,7 @@ impl Inner {
             created: now,
             flags: 0,
         };
-        self.store.write(true, |w| -> FsResult<_> {
+        self.store.write(true, |w| {
             w.t.snapshots
                 .insert(name.as_str(), rec.encode(&name).as_slice())?;
             let live = seal_meta(meta::LIVE_EPOCH, &(epoch + 1).to_le_bytes());
@@ -235,7 +235,7 @@ impl Inner {
         // that row; should it not happen (a crash, a full disk), the next mount or
         // durable tick finishes it, so nothing leaks and nothing is half deleted.
         let key = held_key(rec.epoch);
-        self.store.write(true, |w| -> FsResult<_> {
+        self.store.write(true, |w| {
             w.t.snapshots.remove(name.as_str())?;
             let kept = SnapshotRec {
                 flags: SNAP_DELETED,
@@ -407,7 +407,7 @@ impl Inner {
             }
         }
         let mut invals = Vec::new();
-        self.store.write(true, |w| -> FsResult<_> {
+        self.store.write(true, |w| {
             let mut inos = BTreeSet::new();
             for row in w.t.changes.range((snap + 1, 0)..=(live, u64::MAX))? {
                 inos.insert(row?.0.value().1);
@@ -718,7 +718,7 @@ mod diff_tests {
         // The record of f that s1 sees no longer decodes: f is neither added nor
         // modified, the diff cannot tell, and must say so.
         core.store
-            .write(true, |w| -> FsResult<_> {
+            .write(true, |w| {
                 let key = (ino, KIND_INODE, 0, &[][..], s1);
                 w.t.versions
                     .insert(key, seal_version(key, Some(&[0xff])).as_slice())?;

@@ -78,7 +78,7 @@ impl Inner {
             }
         }
         rec.ctime = Ts::now();
-        self.store.write(false, |w| -> FsResult<_> {
+        self.store.write(false, |w| {
             w.put(RecKey::xattr(ino, name), store_value)?;
             put_inode(w, ino, &rec)
         })?;
@@ -116,7 +116,7 @@ impl Inner {
             return err(libc::ENODATA);
         }
         rec.ctime = Ts::now();
-        self.store.write(false, |w| -> FsResult<_> {
+        self.store.write(false, |w| {
             w.put(RecKey::xattr(ino, name), None)?;
             put_inode(w, ino, &rec)
         })?;
@@ -129,9 +129,8 @@ impl Inner {
         let key = acl::ACCESS.as_bytes();
         if let Some(a) = self.xattr_get(ino, key)? {
             let new = acl::chmod(&a, perm)?;
-            self.store.write(false, |w| -> FsResult<_> {
-                Ok(w.put(RecKey::xattr(ino, key), Some(&new))?)
-            })?;
+            self.store
+                .write(false, |w| Ok(w.put(RecKey::xattr(ino, key), Some(&new))?))?;
         }
         Ok(())
     }

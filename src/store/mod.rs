@@ -534,7 +534,7 @@ impl Store {
         // The deletions first, then the rows that name them go.
         self.segs.sync_removals()?;
         if !set.is_empty() {
-            self.write(true, |w| -> Result<(), OpFail> {
+            self.write(true, |w| {
                 for (id, dead) in &set {
                     match dead {
                         Some(d) => w.t.segments.insert(*id, *d)?,
@@ -552,18 +552,18 @@ impl Store {
     /// when it is large enough, or at once with `durable` (segments synced first, then
     /// `Durability::Immediate`). Commits between durable points use `Durability::None`.
     ///
-    /// An operation refused with an errno ([`OpError::refusal`]) must not have written
+    /// An operation refused with an errno ([`OpError::Errno`]) must not have written
     /// anything; the group goes on. Any other failure aborts the group: if it held
     /// operations already answered, the store goes into an error state (writes answer
     /// EIO until remount) rather than pretend they happened.
-    pub fn write<R, E: OpError>(
+    pub fn write<R>(
         &mut self,
         durable: bool,
-        f: impl FnOnce(&mut Writer<'_>) -> Result<R, E>,
-    ) -> Result<R, E> {
+        f: impl FnOnce(&mut Writer<'_>) -> Result<R, OpError>,
+    ) -> Result<R, OpError> {
         if let Some(why) = &self.failed {
             tracing::error!(why, "store is in an error state; remount to recover");
-            return Err(E::refused(libc::EIO));
+            return Err(OpError::Errno(libc::EIO));
         }
         if self.txn.get_mut().is_none() {
             *self.txn.get_mut() = Some(Group::begin(&self.db)?);
@@ -589,7 +589,7 @@ impl Store {
             let mut recorded = Ok(None);
             let kept = match &r {
                 Ok(Ok(_)) => true,
-                Ok(Err(e)) => e.refusal().is_some(),
+                Ok(Err(e)) => matches!(e, OpError::Errno(_)),
                 Err(_) => false,
             };
             if kept && w.segs.next_id() > self.next_segment {
@@ -622,10 +622,7 @@ impl Store {
         };
         // The group keeps whatever the operation wrote (a group that fails is aborted
         // below, and the caches dropped with it).
-        if res
-            .as_ref()
-            .map_or_else(|e| e.refusal().is_some(), |_| true)
-        {
+        if !matches!(res, Err(OpError::Store(_))) {
             self.freed_group.extend(freed);
             if self.inode_cache.len() > INODE_CACHE_MAX {
                 self.inode_cache.clear();
@@ -652,7 +649,7 @@ impl Store {
                 }
                 Ok(r)
             }
-            Err(e) if e.refusal().is_some() => Err(e),
+            Err(e @ OpError::Errno(_)) => Err(e),
             Err(e) => {
                 self.abort_group(&format!(
                     "an operation failed inside a transaction group: {e}"
@@ -759,7 +756,7 @@ impl Store {
             return Ok(());
         }
         let pending = std::mem::take(&mut self.unverified);
-        let res = self.write(false, |w| -> Result<(), OpFail> {
+        let res = self.write(false, |w| {
             // Where each copy is now (compaction may have moved it; an extent freed
             // since needs nothing).
             let mut at = Vec::with_capacity(pending.map.len());
@@ -817,7 +814,7 @@ impl Store {
                 }
                 i = j;
             }
-            w.store_again::<OpFail>(&repair)?;
+            w.store_again(&repair)?;
             tracing::debug!(
                 checked = pending.map.len(),
                 stored_again = repair.len(),
@@ -997,7 +994,7 @@ impl Store {
             exts.sort_unstable_by_key(|(_, r)| r.offset);
             // Damaged extents stay where they are (fsck names them; a write of the same
             // bytes repairs them), and so does their segment; the intact ones move.
-            let res: Result<usize, OpFail> = self.write(true, |w| {
+            let res: Result<usize, OpError> = self.write(true, |w| {
                 let mut damaged = 0;
                 for (hash, rec) in &exts {
                     let data = match w.segs.read(id, rec.offset, rec.len) {
@@ -1040,10 +1037,8 @@ impl Store {
                 Ok(_) => {
                     self.segs.remove(id)?;
                     // Lost in a crash, the row is found by the next `recover`.
-                    self.write(false, |w| -> Result<(), OpFail> {
-                        Ok(w.t.segments.remove(id).map(|_| ())?)
-                    })
-                    .map_err(StoreError::from)?;
+                    self.write(false, |w| Ok(w.t.segments.remove(id).map(|_| ())?))
+                        .map_err(StoreError::from)?;
                     self.commit_group(false)?;
                     given_back += size;
                 }
@@ -1395,51 +1390,46 @@ fn upgrade_from_1(db: &Database) -> Result<(), StoreError> {
 }
 
 /// A core error met inside the store's own operations, as a store error.
-/// How [`Store::write`] tells an operation's refusal from its failure: the layers
-/// above bring their own error type (the filesystem core's carries an errno).
-pub trait OpError: From<StoreError> + std::fmt::Display {
-    /// A refusal with `errno`: the operation wrote nothing.
-    fn refused(errno: i32) -> Self;
-    /// The errno of a refusal (the group goes on); `None` for a failure (the group is
-    /// aborted).
-    fn refusal(&self) -> Option<i32>;
-}
-
-/// The store's own [`OpError`], for the operations it runs itself.
+/// An operation's error: a refusal with an errno (the operation wrote nothing, and
+/// the group goes on) or a failure of the store (the group is aborted). The
+/// filesystem core answers with it (`fs::FsError` is this type).
 #[derive(Debug, thiserror::Error)]
-pub enum OpFail {
-    /// Refused with an errno; nothing written.
+pub enum OpError {
+    /// A POSIX error with no further cause: a refusal.
     #[error("{}", std::io::Error::from_raw_os_error(*.0))]
-    Refused(i32),
-    /// Failed.
+    Errno(i32),
+    /// The store failed underneath.
     #[error(transparent)]
-    Failed(#[from] StoreError),
+    Store(#[from] StoreError),
 }
 
-impl OpError for OpFail {
-    fn refused(errno: i32) -> Self {
-        OpFail::Refused(errno)
-    }
-
-    fn refusal(&self) -> Option<i32> {
+impl OpError {
+    /// The errno to answer with.
+    pub fn errno(&self) -> i32 {
         match self {
-            OpFail::Refused(e) => Some(*e),
-            OpFail::Failed(_) => None,
+            OpError::Errno(e) => *e,
+            OpError::Store(e) => e.errno(),
         }
     }
 }
 
-impl From<redb::StorageError> for OpFail {
-    fn from(e: redb::StorageError) -> Self {
-        OpFail::Failed(e.into())
+impl From<std::io::Error> for OpError {
+    fn from(e: std::io::Error) -> Self {
+        OpError::Store(StoreError::Io(e))
     }
 }
 
-impl From<OpFail> for StoreError {
-    fn from(e: OpFail) -> Self {
+impl From<redb::StorageError> for OpError {
+    fn from(e: redb::StorageError) -> Self {
+        OpError::Store(e.into())
+    }
+}
+
+impl From<OpError> for StoreError {
+    fn from(e: OpError) -> Self {
         match e {
-            OpFail::Refused(n) => StoreError::Io(std::io::Error::from_raw_os_error(n)),
-            OpFail::Failed(e) => e,
+            OpError::Errno(n) => StoreError::Io(std::io::Error::from_raw_os_error(n)),
+            OpError::Store(e) => e,
         }
     }
 }
@@ -2411,11 +2401,11 @@ impl Writer<'_> {
     /// Stores the bytes of extents found damaged (or unseen and not trusted) again,
     /// and points each extent at its new copy. A failed append is a refusal (nothing
     /// indexed yet); a failed repoint is a failure.
-    pub fn store_again<E: OpError>(&mut self, items: &[([u8; 32], &[u8])]) -> Result<(), E> {
+    pub fn store_again(&mut self, items: &[([u8; 32], &[u8])]) -> Result<(), OpError> {
         let at = self
             .segs
             .append_many(items)
-            .map_err(|e| E::refused(e.errno()))?;
+            .map_err(|e| OpError::Errno(e.errno()))?;
         for ((hash, data), (seg, off)) in items.iter().zip(at) {
             self.relocate(hash, seg, off, data.len() as u32)?;
         }
@@ -2558,7 +2548,7 @@ impl Writer<'_> {
 mod tests {
     use super::*;
 
-    fn put(s: &mut Store, ino: u64, v: &[u8]) -> Result<(), OpFail> {
+    fn put(s: &mut Store, ino: u64, v: &[u8]) -> Result<(), OpError> {
         s.write(
             false,
             |w| Ok(w.put(RecKey::xattr(ino, b"user.t"), Some(v))?),
@@ -2575,7 +2565,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let mut s = Store::open(&dir.path().join("s"), Some(&StoreConfig::default())).unwrap();
         let hash = *blake3::hash(b"data").as_bytes();
-        s.write(true, |w| -> Result<(), OpFail> {
+        s.write(true, |w| {
             let (segment, offset) = w.segs.append(&hash, b"data")?;
             let rec = ExtentRec {
                 segment,
@@ -2589,7 +2579,7 @@ mod tests {
         .unwrap();
         let r = s.write(false, |w| Ok(w.decref(&hash, 2)?));
         assert!(
-            matches!(r, Err(OpFail::Failed(StoreError::Corrupt(_)))),
+            matches!(r, Err(OpError::Store(StoreError::Corrupt(_)))),
             "{r:?}"
         );
     }
@@ -2601,7 +2591,7 @@ mod tests {
         let mut s = Store::open(&path, Some(&StoreConfig::default())).unwrap();
         // Alone in its group: the group is dropped and the store goes on.
         let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-            s.write(false, |w| -> Result<(), OpFail> {
+            s.write(false, |w| -> Result<(), OpError> {
                 w.put(RecKey::xattr(7, b"user.t"), Some(b"half"))?;
                 panic!("in the middle of an operation");
             })
@@ -2614,7 +2604,7 @@ mod tests {
         // After an answered operation in the same group: that one is lost with the
         // group, so the store refuses writes rather than pretend it happened.
         let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-            s.write(false, |w| -> Result<(), OpFail> {
+            s.write(false, |w| -> Result<(), OpError> {
                 w.put(RecKey::xattr(9, b"user.t"), Some(b"half"))?;
                 panic!("in the middle of an operation");
             })
@@ -2622,7 +2612,7 @@ mod tests {
         assert!(r.is_err());
         assert!(matches!(
             put(&mut s, 10, b"x"),
-            Err(OpFail::Refused(libc::EIO))
+            Err(OpError::Errno(libc::EIO))
         ));
         // A store in its error state keeps its file open and uncommitted until the
         // process exits (as a daemon's would): look at a copy, as the next process would.
