@@ -127,7 +127,6 @@ impl Report {
     }
 }
 
-/// A path for a terminal: control characters escaped.
 type Versions<'a> = redb::ReadOnlyTable<(u64, u8, u64, &'static [u8], u64), &'static [u8]>;
 
 /// Walks the tree visible at `epoch`; returns the inodes reached.

@@ -25,7 +25,8 @@ fn ok(text: String) -> Outcome {
     }
 }
 
-fn fail(text: String) -> Outcome {
+/// An error outcome: `text` on stderr, exit code 2.
+pub fn fail(text: String) -> Outcome {
     Outcome {
         text,
         code: 2,

@@ -265,7 +265,7 @@ pub fn mount(
     foreground: bool,
 ) -> anyhow::Result<()> {
     // Refuse a bad option before anything is opened.
-    MountOptions::parse(opts)?;
+    let cli_options = MountOptions::parse(opts)?;
     let dead = |p: &Path| {
         anyhow::anyhow!(
             "mountpoint {} is a dead FUSE mount (its daemon is gone): clear it with `umount -l {}`, then mount again",
@@ -306,7 +306,7 @@ pub fn mount(
     }
     // Earlier options are overridden by later ones; snapfs.toml is read once the store
     // is known to be private, so only -o can allow a shared one.
-    check_private(&store, MountOptions::parse(opts)?.allow_shared_store)?;
+    check_private(&store, cli_options.allow_shared_store)?;
     if foreground {
         init_logging(None);
     }
@@ -812,7 +812,7 @@ fn serve_control(
                     pool.fetch_sub(1, Ordering::SeqCst);
                     let _ = answer(
                         &conn,
-                        &fail_outcome(format!(
+                        &crate::commands::fail(format!(
                             "the daemon is busy with {most} commands; try again"
                         )),
                     );
@@ -835,14 +835,6 @@ fn serve_control(
         })
         .ok()?;
     Some(path)
-}
-
-fn fail_outcome(text: String) -> crate::commands::Outcome {
-    crate::commands::Outcome {
-        text,
-        code: 2,
-        error: true,
-    }
 }
 
 /// The user id of the process at the other end of `conn` (`SO_PEERCRED`).
@@ -878,7 +870,7 @@ fn read_only_command(args: &[String]) -> bool {
 
 /// The answer to a user the control socket does not serve.
 fn refusal(access: ControlAccess) -> crate::commands::Outcome {
-    fail_outcome(format!(
+    crate::commands::fail(format!(
         "permission denied: only root and the daemon's user (uid {}) may {}",
         access.owner,
         if access.public {
@@ -931,7 +923,7 @@ fn handle_control(
     if line.last() != Some(&b'\n') || line.len() as u64 > CONTROL_REQUEST_MAX {
         return answer(
             &conn,
-            &fail_outcome(format!(
+            &crate::commands::fail(format!(
                 "control request longer than {CONTROL_REQUEST_MAX} bytes, cut short, or not sent within {} s",
                 CONTROL_READ_TIMEOUT.as_secs()
             )),
@@ -952,12 +944,13 @@ fn handle_control(
         );
         return answer(&conn, &refusal(access));
     }
-    let mut out =
-        if args.first().is_some_and(|a| a == "fsck") && args.iter().any(|a| a == "--repair") {
-            fail_outcome("fsck --repair needs the store unmounted: unmount it first".into())
-        } else {
-            crate::commands::run(fs, &args, false)
-        };
+    let mut out = if args.first().is_some_and(|a| a == "fsck")
+        && args.iter().any(|a| a == "--repair")
+    {
+        crate::commands::fail("fsck --repair needs the store unmounted: unmount it first".into())
+    } else {
+        crate::commands::run(fs, &args, false)
+    };
     if args.first().is_some_and(|a| a == "status") && !out.error {
         out.text.push_str(&requests_line(uring));
     }
@@ -1032,7 +1025,7 @@ pub fn ask_daemon(store: &Path, args: &[String]) -> Option<crate::commands::Outc
     let mut conn = match UnixStream::connect(store.join(SOCKET)) {
         Ok(c) => c,
         Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => {
-            return Some(fail_outcome(format!(
+            return Some(crate::commands::fail(format!(
                 "store {}: permission denied: a store and its daemon's control socket are for root and the store's owner",
                 store.display()
             )));
@@ -1062,14 +1055,19 @@ pub fn ask_daemon(store: &Path, args: &[String]) -> Option<crate::commands::Outc
     Some(crate::commands::Outcome { text, code, error })
 }
 
+/// Whether `path` holds a store the caller may not look into (its metadata file is
+/// there, but unreadable to it).
+fn store_hidden(path: &Path) -> bool {
+    matches!(std::fs::metadata(path.join(crate::store::DB_FILE)),
+        Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied)
+}
+
 /// Finds the store behind a path that is either a store or a snapfs mountpoint.
 pub fn resolve_store(path: &Path) -> anyhow::Result<PathBuf> {
     if crate::store::Store::exists(path) {
         return Ok(std::fs::canonicalize(path)?);
     }
-    if let Err(e) = std::fs::metadata(path.join(crate::store::DB_FILE))
-        && e.kind() == std::io::ErrorKind::PermissionDenied
-    {
+    if store_hidden(path) {
         bail!(
             "{}: permission denied: a store is for root and its owner",
             path.display()
@@ -1105,9 +1103,7 @@ pub fn resolve_store(path: &Path) -> anyhow::Result<PathBuf> {
         use std::os::unix::fs::MetadataExt;
         let owner = std::fs::metadata(&src).map(|m| m.uid());
         // A store another user may not look into is still the store.
-        let hidden = matches!(std::fs::metadata(src.join(crate::store::DB_FILE)),
-            Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied);
-        if crate::store::Store::exists(&src) || hidden {
+        if crate::store::Store::exists(&src) || store_hidden(&src) {
             match (owner, user) {
                 (Ok(o), Some(u)) if o == u => return Ok(src),
                 (Ok(o), Some(u)) => bail!(
