@@ -385,9 +385,19 @@ fn fsck_checked(
     let mut seen_by: Vec<u64> = views.iter().map(|v| v.1).collect();
     seen_by.sort_unstable();
     let mut prev: Option<(Identity, u64)> = None;
+    // The change index must name every version above the oldest snapshot: diff,
+    // rollback and snapshot deletion find what changed there through it alone.
+    let changes = txn.open_table(CHANGES)?;
+    let cutoff = views.iter().skip(1).map(|v| v.1).min();
+    let mut unindexed: BTreeMap<u64, u64> = BTreeMap::new();
     for row in versions.iter()? {
         let (k, v) = row?;
         let (ino, kind, idx, name, epoch) = k.value();
+        if cutoff.is_some_and(|c| epoch > c)
+            && changes.get((epoch, ino, kind, idx, name))?.is_none()
+        {
+            *unindexed.entry(ino).or_default() += 1;
+        }
         // A version superseded before any view's epoch came is seen by none.
         if let Some(((pi, pk, ps, pn), pe)) = &prev
             && (*pi, *pk, *ps, pn.as_slice()) == (ino, kind, idx, name)
@@ -415,6 +425,11 @@ fn fsck_checked(
             rep.problems
                 .push(format!("block {idx} of inode {ino} at epoch {epoch}: {e}"));
         }
+    }
+    for (ino, n) in &unindexed {
+        rep.problems.push(format!(
+            "inode {ino}: {n} changes missing from the change index (diff, rollback and snapshot deletion would miss them; fsck --repair rebuilds it)"
+        ));
     }
     for (ino, n) in &leaked {
         rep.problems.push(format!(
@@ -705,6 +720,12 @@ pub fn repair(store: &mut Store) -> Result<Vec<String>, StoreError> {
         done.push(format!(
             "dropped {dropped} versions no view could see, freeing {dropped_bytes} bytes of extents"
         ));
+    }
+    let indexed = store
+        .reindex_changes()
+        .map_err(|e| StoreError::Corrupt(format!("rebuilding the change index: {e}")))?;
+    if indexed > 0 {
+        done.push(format!("added {indexed} missing rows to the change index"));
     }
     let given_back = store.compact()?;
     if given_back > 0 {

@@ -1,7 +1,7 @@
 //! The commands the CLI runs against a store, the same whether the store is mounted
 //! (they arrive through the daemon's control socket) or opened by the CLI itself.
 
-use crate::fs::{Fs, FsError, Inval, SNAPDIR_INO, check_snapshot_name};
+use crate::fs::{Fs, FsError, Inval, SNAPDIR_INO, SnapshotInfo, check_snapshot_name};
 use crate::policy::{self, Keep};
 use crate::store::schema::Ts;
 use crate::text::{clip, printable};
@@ -253,20 +253,41 @@ pub fn run(fs: &Fs, args: &[String], progress: bool) -> Outcome {
         }
         ["snapshot", "list", ..] => {
             let res = core
-                .snapshots()
+                .snapshot_listing(flag("--all"))
                 .and_then(|mut s| core.snapshot_sizes(&mut s).map(|_| s));
+            let holds = match core.holds() {
+                Ok(h) => h,
+                Err(e) => return fail(format!("{e}")),
+            };
+            // The holds on a snapshot, by name.
+            let held_by = |epoch: u64| -> Vec<&str> {
+                holds
+                    .iter()
+                    .filter(|(_, h)| h.epoch == epoch)
+                    .map(|(n, _)| n.as_str())
+                    .collect()
+            };
+            // A deleted snapshot still kept (listed with --all) has no name.
+            let shown = |s: &SnapshotInfo| match s.deleted {
+                true => format!("(deleted, epoch {})", s.epoch),
+                false => s.name.clone(),
+            };
             match res {
                 Ok(snaps) if flag("--json") => {
                     let rows: Vec<String> = snaps
                         .iter()
                         .map(|s| {
+                            let h: Vec<String> = held_by(s.epoch).iter().map(|n| json_str(n)).collect();
+                            let name = if s.deleted { "null".to_string() } else { json_str(&s.name) };
                             format!(
-                                "{{\"name\":{},\"created\":{},\"epoch\":{},\"referenced\":{},\"exclusive\":{}}}",
-                                json_str(&s.name),
+                                "{{\"name\":{},\"created\":{},\"epoch\":{},\"referenced\":{},\"exclusive\":{},\"deleted\":{},\"holds\":[{}]}}",
+                                name,
                                 s.created.sec,
                                 s.epoch,
                                 s.referenced,
-                                s.exclusive
+                                s.exclusive,
+                                s.deleted,
+                                h.join(",")
                             )
                         })
                         .collect();
@@ -274,21 +295,64 @@ pub fn run(fs: &Fs, args: &[String], progress: bool) -> Outcome {
                 }
                 Ok(snaps) => {
                     let mut t = format!(
-                        "{:<32} {:<24} {:>14} {:>14}\n",
-                        "NAME", "CREATED", "REFERENCED", "EXCLUSIVE"
+                        "{:<32} {:<24} {:>14} {:>14}  {}\n",
+                        "NAME", "CREATED", "REFERENCED", "EXCLUSIVE", "HELD BY"
                     );
-                    for s in snaps {
+                    for s in &snaps {
+                        let h = held_by(s.epoch);
                         t.push_str(&format!(
-                            "{:<32} {:<24} {:>14} {:>14}\n",
-                            printable(&s.name),
+                            "{:<32} {:<24} {:>14} {:>14}  {}\n",
+                            printable(&shown(s)),
                             fmt_time(s.created),
                             s.referenced,
-                            s.exclusive
+                            s.exclusive,
+                            if h.is_empty() {
+                                "-".to_string()
+                            } else {
+                                printable(&h.join(",")).into_owned()
+                            }
                         ));
                     }
                     ok(t)
                 }
                 Err(e) => fail(format!("{e}")),
+            }
+        }
+        ["snapshot", "hold", snap, hold, ..] => {
+            let res = core.hold(hold.as_bytes(), snap.as_bytes(), Ts::now());
+            drop(core);
+            match res {
+                Ok(epoch) => ok(format!(
+                    "hold {} keeps snapshot {} (epoch {epoch})",
+                    printable(hold),
+                    printable(snap)
+                )),
+                Err(e) if e.errno() == libc::EEXIST => fail(format!(
+                    "a hold named {:?} keeps another snapshot; release it first",
+                    clip(hold)
+                )),
+                Err(e) if matches!(e.errno(), libc::EINVAL | libc::ENAMETOOLONG) => {
+                    match check_snapshot_name(hold.as_bytes()) {
+                        Err((_, rule)) => fail(format!(
+                            "invalid hold name {:?}: {}",
+                            clip(hold),
+                            rule.replace("snapshot", "hold")
+                        )),
+                        Ok(_) => fail(format!("{:?}: {e}", clip(hold))),
+                    }
+                }
+                Err(e) => snap_error(e, snap),
+            }
+        }
+        ["snapshot", "release", hold, ..] => {
+            let res = core.hold_release(hold.as_bytes());
+            drop(core);
+            match res {
+                Ok(()) => ok(format!("released hold {}", printable(hold))),
+                Err(e) if e.errno() == libc::ENOENT => {
+                    fail(format!("no hold named {:?}", clip(hold)))
+                }
+                Err(e) => fail(format!("{:?}: {e}", clip(hold))),
             }
         }
         ["snapshot", "prune", ..] => {

@@ -86,13 +86,34 @@ enum SnapCmd {
         /// The snapshot's name.
         name: String,
     },
-    /// List snapshots with their creation time, referenced and exclusive bytes.
+    /// List snapshots with their creation time, referenced and exclusive bytes, and
+    /// the holds that keep them.
     List {
         /// A store, or the mountpoint of a mounted one.
         target: PathBuf,
         /// Print JSON.
         #[arg(long)]
         json: bool,
+        /// Also list deleted snapshots that a hold or an open file still keeps.
+        #[arg(long)]
+        all: bool,
+    },
+    /// Keep a snapshot (and what changed after it) under a named hold until released:
+    /// deleting a held snapshot only hides it.
+    Hold {
+        /// A store, or the mountpoint of a mounted one.
+        target: PathBuf,
+        /// The snapshot to keep.
+        snapshot: String,
+        /// The hold's name.
+        hold: String,
+    },
+    /// Release a named hold; a deleted snapshot nothing else keeps is then freed.
+    Release {
+        /// A store, or the mountpoint of a mounted one.
+        target: PathBuf,
+        /// The hold's name.
+        hold: String,
     },
     /// Delete a snapshot; the space only it held comes back.
     Delete {
@@ -188,13 +209,22 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             SnapCmd::Rollback { target, name } => {
                 (target, vec![s("snapshot"), s("rollback"), name])
             }
-            SnapCmd::List { target, json } => {
+            SnapCmd::List { target, json, all } => {
                 let mut a = vec![s("snapshot"), s("list")];
                 if json {
                     a.push(s("--json"));
                 }
+                if all {
+                    a.push(s("--all"));
+                }
                 (target, a)
             }
+            SnapCmd::Hold {
+                target,
+                snapshot,
+                hold,
+            } => (target, vec![s("snapshot"), s("hold"), snapshot, hold]),
+            SnapCmd::Release { target, hold } => (target, vec![s("snapshot"), s("release"), hold]),
             SnapCmd::Prune {
                 target,
                 dry_run,

@@ -656,3 +656,63 @@ fn reads_stay_right_while_a_snapshot_delete_compacts_their_segment() {
     drop_caches();
     assert!(fs::read(m.path("keep")).unwrap() == keep);
 }
+
+#[test]
+fn a_held_snapshot_is_only_hidden_by_a_delete_until_its_hold_is_released() {
+    let mut m = Mount::new();
+    let data = pattern(21, 2 << 20);
+    fs::write(m.path("f"), &data).unwrap();
+    snap(&m, &["create", "base"]);
+    fs::write(m.path("f"), b"overwritten").unwrap();
+    let out = snap(&m, &["hold", "base", "sync-to-b"]);
+    assert!(out.contains("hold sync-to-b keeps snapshot base"), "{out}");
+    // A second hold of the same name on another snapshot is refused.
+    snap(&m, &["create", "other"]);
+    let clash = snapfs(&[
+        "snapshot",
+        "hold",
+        m.mnt.to_str().unwrap(),
+        "other",
+        "sync-to-b",
+    ]);
+    assert!(!clash.status.success());
+    assert!(
+        String::from_utf8_lossy(&clash.stderr).contains("keeps another snapshot"),
+        "{}",
+        String::from_utf8_lossy(&clash.stderr)
+    );
+    snap(&m, &["delete", "other"]);
+
+    // Deleting the held snapshot hides it; its data stays, across a remount.
+    snap(&m, &["delete", "base"]);
+    assert!(!m.path(".snapshots/base").exists());
+    let list = snap(&m, &["list"]);
+    assert!(
+        !list.contains("base") && !list.contains("deleted"),
+        "{list}"
+    );
+    let all = snap(&m, &["list", "--all"]);
+    assert!(
+        all.contains("(deleted, epoch") && all.contains("sync-to-b"),
+        "{all}"
+    );
+    m.remount();
+    m.status_with(&format!("stored bytes:     {}\n", (2 << 20) + 11));
+    let json = snap(&m, &["list", "--all", "--json"]);
+    assert!(
+        json.contains("\"deleted\":true") && json.contains("\"holds\":[\"sync-to-b\"]"),
+        "{json}"
+    );
+
+    // Released, the deleted snapshot's space comes back.
+    let out = snap(&m, &["release", "sync-to-b"]);
+    assert!(out.contains("released hold sync-to-b"), "{out}");
+    m.status_with("stored bytes:     11\n");
+    assert!(!snap(&m, &["list", "--all"]).contains("deleted"));
+    let gone = snapfs(&["snapshot", "release", m.mnt.to_str().unwrap(), "sync-to-b"]);
+    assert!(!gone.status.success());
+    assert!(String::from_utf8_lossy(&gone.stderr).contains("no hold named"));
+    m.unmount();
+    let f = m.fsck();
+    assert!(f.status.success(), "{}", String::from_utf8_lossy(&f.stdout));
+}

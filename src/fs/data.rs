@@ -11,7 +11,7 @@
 //! back into one extent.
 
 use super::*;
-use crate::store::{Fetch, Staged, newest, visible};
+use crate::store::{Fetch, Staged, visible};
 use std::mem::MaybeUninit;
 use std::ops::Range;
 
@@ -853,7 +853,7 @@ impl Inner {
             if whole {
                 let (sidx, didx) = (i / bs, o / bs);
                 self.store.write(false, |w| -> FsResult<()> {
-                    let b = visible(&w.t.versions, RecKey::block(sino, sidx), sepoch)?;
+                    let b = w.visible_at(RecKey::block(sino, sidx), sepoch)?;
                     if let Some(b) = &b {
                         for h in BlockRec::decode(b)?.extents() {
                             w.incref(h)?;
@@ -999,15 +999,14 @@ fn store_blocks<'a>(
         if staged.contains_key(&hash) || repair.iter().any(|(h, _)| *h == hash) {
             return Ok(hash);
         }
-        let row = redb::ReadableTable::get(&w.t.extents, hash)?;
-        match row.map(|v| ExtentRec::decode(&hash, v.value())) {
+        match w.extent_row(&hash)? {
             None => {
                 staged.insert(hash, (0, 0, data.len() as u32));
                 new.push((hash, data));
             }
             // Never take a reference to bytes that are not the ones being written.
             Some(rec) => {
-                if !w.extent_holds(&hash, &rec?, data)? {
+                if !w.extent_holds(&hash, &rec, data)? {
                     repair.push((hash, data));
                 }
             }
@@ -1017,7 +1016,7 @@ fn store_blocks<'a>(
     for &(idx, src) in blocks {
         let n = (size.saturating_sub(idx * bs).min(bs)) as usize;
         let pages = n.div_ceil(PAGE);
-        let prev = newest(&w.t.versions, RecKey::block(ino, idx), w.live)?;
+        let prev = w.version(RecKey::block(ino, idx))?;
         let old = match &prev {
             Some((_, Some(v))) => Some(BlockRec::decode(v)?),
             _ => None,
@@ -1093,17 +1092,10 @@ fn store_blocks<'a>(
 /// Deletes the live block records of `ino` with index in `range`.
 fn drop_blocks(w: &mut Writer<'_>, ino: u64, range: std::ops::RangeInclusive<u64>) -> FsResult<()> {
     let mut idxs = Vec::new();
-    scan_visible(
-        &w.t.versions,
-        ino,
-        KIND_BLOCK,
-        range,
-        w.live,
-        |idx, _, _| {
-            idxs.push(idx);
-            Ok(true)
-        },
-    )?;
+    w.scan_live(ino, KIND_BLOCK, range, |idx, _, _| {
+        idxs.push(idx);
+        Ok(true)
+    })?;
     for idx in idxs {
         w.put(RecKey::block(ino, idx), None)?;
     }

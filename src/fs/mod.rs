@@ -441,7 +441,7 @@ impl Inner {
             // A rollback may have given an orphan its links back; then it stays.
             let unlinked = matches!(self.inode(ino), Ok(r) if r.nlink == 0);
             self.store.write(false, |w| {
-                w.t.orphans.remove(ino)?;
+                w.set_orphan(ino, false)?;
                 if unlinked { free_inode(w, ino) } else { Ok(()) }
             })?;
         }
@@ -1187,7 +1187,7 @@ impl Inner {
             if gone {
                 self.dirty_drop(ino);
                 self.store.write(false, |w| {
-                    w.t.orphans.remove(ino)?;
+                    w.set_orphan(ino, false)?;
                     free_inode(w, ino)
                 })?;
                 self.undurable = true;
@@ -1385,7 +1385,7 @@ fn unlink_inode(w: &mut Writer<'_>, ino: u64, rec: &InodeRec, open: bool) -> FsR
     if rec.nlink > 0 {
         put_inode(w, ino, rec)
     } else if open {
-        w.t.orphans.insert(ino, ())?;
+        w.set_orphan(ino, true)?;
         put_inode(w, ino, rec)
     } else {
         free_inode(w, ino)
@@ -1394,44 +1394,5 @@ fn unlink_inode(w: &mut Writer<'_>, ino: u64, rec: &InodeRec, open: bool) -> FsR
 
 /// Deletes every live record of `ino` (releasing its extents).
 fn free_inode(w: &mut Writer<'_>, ino: u64) -> FsResult<()> {
-    // Every record but the inode's own, in one scan: (kind, sub, name) of those whose
-    // newest version at the live epoch is present.
-    let mut keys: Vec<(u8, u64, Vec<u8>)> = Vec::new();
-    let mut newest_present: Option<bool> = None;
-    let lo: crate::store::schema::VersionKey = (ino, KIND_DIRENT, 0, &[], 0);
-    let hi: crate::store::schema::VersionKey = (ino + 1, 0, 0, &[], 0);
-    for row in redb::ReadableTable::range(&w.t.versions, lo..hi).map_err(StoreError::from)? {
-        let (k, v) = row.map_err(StoreError::from)?;
-        let (_, kind, sub, name, epoch) = k.value();
-        if epoch > w.live {
-            continue;
-        }
-        let present = open_version(k.value(), v.value())?.is_some();
-        match keys.last() {
-            Some(last) if last.0 == kind && last.1 == sub && last.2 == name => {}
-            _ => {
-                if newest_present == Some(false) {
-                    keys.pop();
-                }
-                keys.push((kind, sub, name.to_vec()));
-            }
-        }
-        newest_present = Some(present);
-    }
-    if newest_present == Some(false) {
-        keys.pop();
-    }
-    for (kind, sub, name) in keys {
-        w.put(
-            RecKey {
-                ino,
-                kind,
-                sub,
-                name: &name,
-            },
-            None,
-        )?;
-    }
-    w.put(RecKey::inode(ino), None)?;
-    Ok(())
+    Ok(w.delete_live_records(ino)?)
 }

@@ -7,12 +7,10 @@
 //! only snapshot `S` sees was superseded in `(S, next]`, where `next` is the next
 //! snapshot or the live epoch), releases their extents and compacts segments.
 
-use std::collections::{BTreeSet, HashMap};
-
-use redb::ReadableTable as _;
+use std::collections::{BTreeMap, BTreeSet};
 
 use super::*;
-use crate::store::changed_between;
+use crate::store::snapshots::RowChange;
 
 /// What a kernel cache must forget after the tree changed under it (rollback).
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -36,6 +34,8 @@ pub struct SnapshotInfo {
     pub referenced: u64,
     /// Bytes deleting it would give back.
     pub exclusive: u64,
+    /// Deleted, kept while something holds it (its name is gone).
+    pub deleted: bool,
 }
 
 /// One line of a diff.
@@ -51,127 +51,49 @@ pub struct Change {
     pub ranges: Vec<(u64, u64)>,
 }
 
-/// Validates a snapshot name; on failure, the errno and which rule it broke.
-pub fn check_snapshot_name(name: &[u8]) -> Result<&str, (i32, &'static str)> {
-    if name.is_empty() {
-        return Err((libc::EINVAL, "a snapshot name may not be empty"));
-    }
-    if name.len() > NAME_MAX {
-        return Err((libc::ENAMETOOLONG, "a snapshot name is at most 255 bytes"));
-    }
-    if name == b"." || name == b".." {
-        return Err((libc::EINVAL, "a snapshot may not be named '.' or '..'"));
-    }
-    if name.contains(&b'/') {
-        return Err((libc::EINVAL, "a snapshot name may not contain '/'"));
-    }
-    let name =
-        std::str::from_utf8(name).map_err(|_| (libc::EINVAL, "a snapshot name must be UTF-8"))?;
-    // Names are printed by `snapshot list` and the like: no terminal escapes, and no
-    // invisible characters that reorder or hide what is shown.
-    let invisible = |c: char| {
-        matches!(c, '\u{200B}'..='\u{200F}' | '\u{202A}'..='\u{202E}'
-            | '\u{2060}'..='\u{2069}' | '\u{061C}' | '\u{180E}' | '\u{FEFF}')
-    };
-    if name.chars().any(|c| c.is_control() || invisible(c)) {
-        return Err((
-            libc::EINVAL,
-            "a snapshot name may not contain control characters or invisible formatting characters",
-        ));
-    }
-    Ok(name)
-}
-
-/// The catalog key of a deleted snapshot kept for its holders.
-fn held_key(epoch: u64) -> String {
-    format!("\0{epoch}")
-}
+pub use crate::store::snapshots::check_name as check_snapshot_name;
 
 impl Inner {
     /// The catalog row of snapshot `name` (deleted ones are not found).
     pub fn snapshot_named(&mut self, name: &[u8]) -> FsResult<Option<SnapshotRec>> {
-        let Ok(name) = std::str::from_utf8(name) else {
-            return Ok(None);
-        };
-        if name.starts_with('\0') {
-            return Ok(None);
-        }
-        let txn = self.store.read_txn()?;
-        let t = txn.snapshots();
-        Ok(
-            match redb::ReadableTable::get(t, name).map_err(StoreError::from)? {
-                Some(v) => Some(SnapshotRec::decode(name, v.value())?),
-                None => None,
-            },
-        )
+        Ok(self.store.snapshot(name)?)
     }
 
     /// Every snapshot, oldest first (sizes not computed).
     pub fn snapshots(&mut self) -> FsResult<Vec<SnapshotInfo>> {
-        let txn = self.store.read_txn()?;
-        let t = txn.snapshots();
-        let mut out = Vec::new();
-        for row in redb::ReadableTable::iter(t).map_err(StoreError::from)? {
-            let (k, v) = row.map_err(StoreError::from)?;
-            let rec = SnapshotRec::decode(k.value(), v.value())?;
-            if rec.flags & SNAP_DELETED != 0 {
-                continue;
-            }
-            out.push(SnapshotInfo {
-                name: k.value().to_string(),
+        self.snapshot_listing(false)
+    }
+
+    /// [`Inner::snapshots`]; with `deleted`, also the deleted snapshots still kept.
+    pub fn snapshot_listing(&mut self, deleted: bool) -> FsResult<Vec<SnapshotInfo>> {
+        Ok(self
+            .store
+            .snapshot_list(deleted)?
+            .into_iter()
+            .map(|(name, rec)| SnapshotInfo {
+                name,
                 epoch: rec.epoch,
                 created: rec.created,
                 referenced: 0,
                 exclusive: 0,
-            });
-        }
-        out.sort_by_key(|s| s.epoch);
-        Ok(out)
+                deleted: rec.flags & SNAP_DELETED != 0,
+            })
+            .collect())
+    }
+
+    /// Every named hold, by name.
+    pub fn holds(&mut self) -> FsResult<Vec<(String, HoldRec)>> {
+        Ok(self.store.holds()?)
     }
 
     /// Fills in `referenced` and `exclusive` for `snaps`.
     pub fn snapshot_sizes(&mut self, snaps: &mut [SnapshotInfo]) -> FsResult<()> {
-        // referenced: one pass over all versions, picking per identity the row each
-        // snapshot sees.
+        let epochs: Vec<u64> = snaps.iter().map(|s| s.epoch).collect();
+        for (s, (referenced, exclusive)) in
+            snaps.iter_mut().zip(self.store.snapshot_sizes(&epochs)?)
         {
-            let txn = self.store.read_txn()?;
-            let t = txn.versions();
-            let epochs: Vec<u64> = snaps.iter().map(|s| s.epoch).collect();
-            let mut totals = vec![0u64; epochs.len()];
-            let mut group: Vec<(u64, u64)> = Vec::new(); // (epoch, len or 0) of one block identity
-            let mut ident: Option<(u64, u64)> = None;
-            let settle = |group: &mut Vec<(u64, u64)>, totals: &mut Vec<u64>| {
-                for (i, &s) in epochs.iter().enumerate() {
-                    if let Some(&(_, len)) = group.iter().rev().find(|(e, _)| *e <= s) {
-                        totals[i] += len;
-                    }
-                }
-                group.clear();
-            };
-            for row in redb::ReadableTable::iter(t).map_err(StoreError::from)? {
-                let (k, v) = row.map_err(StoreError::from)?;
-                let (ino, kind, sub, _, epoch) = k.value();
-                if kind != KIND_BLOCK {
-                    continue;
-                }
-                if ident != Some((ino, sub)) {
-                    settle(&mut group, &mut totals);
-                    ident = Some((ino, sub));
-                }
-                let len = match open_version(k.value(), v.value())? {
-                    Some(p) => BlockRec::decode(p)?.stored_bytes(),
-                    None => 0,
-                };
-                group.push((epoch, len));
-            }
-            settle(&mut group, &mut totals);
-            for (s, total) in snaps.iter_mut().zip(totals) {
-                s.referenced = total;
-            }
-        }
-        // exclusive: a dry run of the deletion.
-        for s in snaps.iter_mut() {
-            s.exclusive = self.drop_epoch_inner(s.epoch, true)?;
+            s.referenced = referenced;
+            s.exclusive = exclusive;
         }
         Ok(())
     }
@@ -197,62 +119,62 @@ impl Inner {
         if self.snapshot_named(name.as_bytes())?.is_some() {
             return err(libc::EEXIST);
         }
-        let epoch = self.store.live_epoch;
-        if epoch >= (1 << (64 - EPOCH_SHIFT)) - 1 {
-            return err(libc::EOVERFLOW);
-        }
         // Everything written so far belongs to the snapshot.
         self.flush_all()?;
-        let rec = SnapshotRec {
-            epoch,
-            created: now,
-            flags: 0,
-        };
-        self.store.write(true, |w| {
-            w.t.snapshots
-                .insert(name.as_str(), rec.encode(&name).as_slice())?;
-            let live = seal_meta(meta::LIVE_EPOCH, &(epoch + 1).to_le_bytes());
-            w.t.meta.insert(meta::LIVE_EPOCH, live.as_slice())?;
-            Ok(())
-        })?;
-        self.store.live_epoch = epoch + 1;
-        self.store.snapshot_epochs.insert(epoch);
+        let epoch = self.store.snapshot_take(&name, now)?;
         self.undurable = false;
         tracing::info!(name, epoch, "snapshot taken");
         Ok(epoch)
     }
 
-    /// Deletes snapshot `name`. While files opened in it are open, it only leaves the
-    /// listing; its space comes back when the last one closes.
+    /// Whether something keeps epoch `epoch` from being dropped: a file open in it,
+    /// or a named hold.
+    fn epoch_kept(&mut self, epoch: u64) -> FsResult<bool> {
+        Ok(self.snap_open.get(&epoch).copied().unwrap_or(0) > 0 || self.store.is_held(epoch)?)
+    }
+
+    /// Deletes snapshot `name`. While files opened in it are open, or a hold keeps
+    /// it, it only leaves the listing; its space comes back when the last goes.
     pub fn snapshot_delete(&mut self, name: &[u8]) -> FsResult<()> {
-        let rec = self
-            .snapshot_named(name)?
-            .ok_or(FsError::Errno(libc::ENOENT))?;
-        let name = String::from_utf8_lossy(name).into_owned();
-        let held = self.snap_open.get(&rec.epoch).copied().unwrap_or(0) > 0;
         // One durable commit decides the deletion: the name goes and a hidden row marks
         // the epoch as deleting. Dropping its versions is a second commit that removes
         // that row; should it not happen (a crash, a full disk), the next mount or
         // durable tick finishes it, so nothing leaks and nothing is half deleted.
-        let key = held_key(rec.epoch);
-        self.store.write(true, |w| {
-            w.t.snapshots.remove(name.as_str())?;
-            let kept = SnapshotRec {
-                flags: SNAP_DELETED,
-                ..rec
-            };
-            w.t.snapshots
-                .insert(key.as_str(), kept.encode(&key).as_slice())?;
-            Ok(())
-        })?;
-        tracing::info!(name, epoch = rec.epoch, held, "snapshot deleted");
+        let rec = self.store.snapshot_hide(name)?;
+        let name = String::from_utf8_lossy(name).into_owned();
+        let kept = self.epoch_kept(rec.epoch)?;
+        tracing::info!(name, epoch = rec.epoch, kept, "snapshot deleted");
         #[cfg(test)]
         if tests::CRASH_AFTER_DELETE_INTENT.get() {
             return Ok(());
         }
-        if !held && let Err(e) = self.drop_epoch(rec.epoch) {
+        if !kept && let Err(e) = self.drop_epoch(rec.epoch) {
             // Deleted all the same: its space comes back at a later durable point.
             tracing::warn!(name, error = %e, "a deleted snapshot's space is not given back yet");
+            self.deletions_pending = true;
+        }
+        Ok(())
+    }
+
+    /// Takes hold `hold` on snapshot `snapshot`: it is kept, and the changes after it,
+    /// until the hold is released (a deletion meanwhile only hides it).
+    pub fn hold(&mut self, hold: &[u8], snapshot: &[u8], now: Ts) -> FsResult<u64> {
+        let hold = check_snapshot_name(hold).map_err(|(e, _)| FsError::Errno(e))?;
+        let epoch = self.store.hold(hold, snapshot, now)?;
+        tracing::info!(hold, snapshot = %String::from_utf8_lossy(snapshot), epoch, "hold taken");
+        Ok(epoch)
+    }
+
+    /// Releases hold `hold`; a deleted snapshot nothing else keeps is then dropped.
+    pub fn hold_release(&mut self, hold: &[u8]) -> FsResult<()> {
+        let hold = std::str::from_utf8(hold).map_err(|_| FsError::Errno(libc::ENOENT))?;
+        let epoch = self.store.release(hold)?;
+        tracing::info!(hold, epoch, "hold released");
+        if self.store.is_deleting(epoch)?
+            && !self.epoch_kept(epoch)?
+            && let Err(e) = self.drop_epoch(epoch)
+        {
+            tracing::warn!(hold, error = %e, "a deleted snapshot's space is not given back yet");
             self.deletions_pending = true;
         }
         Ok(())
@@ -271,40 +193,24 @@ impl Inner {
             return Ok(());
         }
         self.snap_open.remove(&epoch);
-        let key = held_key(epoch);
-        let pending = {
-            let txn = self.store.read_txn()?;
-            let t = txn.snapshots();
-            redb::ReadableTable::get(t, key.as_str())
-                .map_err(StoreError::from)?
-                .is_some()
-        };
-        if pending && let Err(e) = self.drop_epoch(epoch) {
+        if self.store.is_deleting(epoch)?
+            && !self.store.is_held(epoch)?
+            && let Err(e) = self.drop_epoch(epoch)
+        {
             self.deletions_pending = true;
             return Err(e);
         }
         Ok(())
     }
 
-    /// Finishes deletions whose holders are gone (open files, or a crash or full disk
-    /// that came between a deletion and the return of its space): at mount, and at a
-    /// durable tick after a deletion could not give its space back.
+    /// Finishes deletions whose holders are gone (open files, holds, or a crash or
+    /// full disk that came between a deletion and the return of its space): at mount,
+    /// and at a durable tick after a deletion could not give its space back. Then
+    /// prunes the change index.
     pub(super) fn reap_deleted_snapshots(&mut self) -> FsResult<()> {
         self.deletions_pending = false;
-        let mut epochs = Vec::new();
-        {
-            let txn = self.store.read_txn()?;
-            let t = txn.snapshots();
-            for row in redb::ReadableTable::iter(t).map_err(StoreError::from)? {
-                let (k, v) = row.map_err(StoreError::from)?;
-                let rec = SnapshotRec::decode(k.value(), v.value())?;
-                if rec.flags & SNAP_DELETED != 0 {
-                    epochs.push(rec.epoch);
-                }
-            }
-        }
-        for epoch in epochs {
-            if self.snap_open.get(&epoch).copied().unwrap_or(0) > 0 {
+        for epoch in self.store.deleting_epochs()? {
+            if self.epoch_kept(epoch)? {
                 continue;
             }
             if let Err(e) = self.drop_epoch(epoch) {
@@ -312,65 +218,28 @@ impl Inner {
                 return Err(e);
             }
         }
+        self.store.prune_changes()?;
         Ok(())
     }
 
     /// Forgets epoch `epoch`: drops what only it could see and its hidden catalog row
-    /// in one commit, then compacts (best effort: the deletion is done by then).
+    /// in one commit, then compacts and prunes the change index (best effort: the
+    /// deletion is done by then).
     fn drop_epoch(&mut self, epoch: u64) -> FsResult<u64> {
         let t = std::time::Instant::now();
-        let freed = self.drop_epoch_inner(epoch, false)?;
+        let freed = self.store.drop_epoch(epoch, false)?;
         let dropped = t.elapsed();
         let compacted = self.store.compact();
         let segments = t.elapsed();
         if let Err(e) = compacted.and_then(|_| self.store.compact_metadata()) {
             tracing::warn!(error = %e, "compaction after a snapshot deletion failed");
         }
+        if let Err(e) = self.store.prune_changes() {
+            tracing::warn!(error = %e, "pruning the change index failed");
+        }
         tracing::debug!(epoch, freed, ?dropped, ?segments, total = ?t.elapsed(),
             "snapshot versions dropped, segments and metadata compacted");
         Ok(freed)
-    }
-
-    /// With `dry_run`, only computes the bytes that dropping `epoch` would free.
-    fn drop_epoch_inner(&mut self, epoch: u64, dry_run: bool) -> FsResult<u64> {
-        let was_held = self.store.snapshot_epochs.remove(&epoch);
-        let next = self
-            .store
-            .snapshot_epochs
-            .range(epoch + 1..)
-            .next()
-            .copied()
-            .unwrap_or(self.store.live_epoch);
-        let oldest = self.store.snapshot_epochs.first().copied();
-        let res = self.store.write(!dry_run, |w| {
-            let mut inos = BTreeSet::new();
-            for row in w.t.changes.range((epoch + 1, 0)..=(next, u64::MAX))? {
-                inos.insert(row?.0.value().1);
-            }
-            let mut planned = HashMap::new();
-            let mut freed = 0;
-            for ino in inos {
-                freed += w.gc_ino(ino, dry_run.then_some(&mut planned))?;
-            }
-            if !dry_run {
-                w.t.snapshots.remove(held_key(epoch).as_str())?;
-                // No diff or deletion ever needs changes at or below the oldest snapshot.
-                let cutoff = oldest.unwrap_or(u64::MAX);
-                let mut old = Vec::new();
-                for row in w.t.changes.range(..=(cutoff, u64::MAX))? {
-                    old.push(row?.0.value());
-                }
-                for k in old {
-                    w.t.changes.remove(k)?;
-                }
-            }
-            Ok(freed)
-        });
-        // Still held while it is not gone.
-        if (dry_run || res.is_err()) && was_held {
-            self.store.snapshot_epochs.insert(epoch);
-        }
-        res
     }
 
     /// Makes the live tree equal to snapshot `name`, at a cost of O(changes since it).
@@ -381,88 +250,43 @@ impl Inner {
             .ok_or(FsError::Errno(libc::ENOENT))?
             .epoch;
         self.flush_all()?;
-        let live = self.store.live_epoch;
         if self.kernel_times {
             // The kernel keeps its own size of an open file and takes none from us:
             // a file the rollback changes must not be open.
             let open: BTreeSet<u64> = self.open_live_inos().into_iter().collect();
-            let mut busy = Vec::new();
             if !open.is_empty() {
-                let txn = self.store.read_txn()?;
-                let t = txn.changes();
-                for row in t
-                    .range((snap + 1, 0)..=(live, u64::MAX))
-                    .map_err(StoreError::from)?
-                {
-                    let ino = row.map_err(StoreError::from)?.0.value().1;
-                    if open.contains(&ino) {
-                        busy.push(ino);
+                let busy: Vec<u64> = self
+                    .store
+                    .changed_inos(snap)?
+                    .intersection(&open)
+                    .copied()
+                    .collect();
+                for ino in busy {
+                    if self.inode(ino)?.kind == FileKind::File {
+                        return err(libc::EBUSY);
                     }
-                }
-            }
-            for ino in busy {
-                if self.inode(ino)?.kind == FileKind::File {
-                    return err(libc::EBUSY);
                 }
             }
         }
         let mut invals = Vec::new();
-        self.store.write(true, |w| {
-            let mut inos = BTreeSet::new();
-            for row in w.t.changes.range((snap + 1, 0)..=(live, u64::MAX))? {
-                inos.insert(row?.0.value().1);
+        for rolled in self.store.rollback_to(snap)? {
+            // With the writeback cache the kernel keeps its own size of a file and
+            // takes none from us: the inode must go, so its entries go too (an inode
+            // no entry and no open file holds is dropped at once).
+            for (dir, name) in rolled.links {
+                invals.push(Inval::Entry(dir, name));
             }
-            for ino in inos {
-                let changes = changed_between(&w.t.versions, ino, snap, live)?;
-                let file = match w.get(RecKey::inode(ino))? {
-                    Some(b) => InodeRec::decode(&b)?.kind == FileKind::File,
-                    None => false,
-                };
-                if file
-                    && changes
-                        .iter()
-                        .any(|c| c.0 == KIND_INODE || c.0 == KIND_BLOCK)
-                {
-                    // With the writeback cache the kernel keeps its own size of a file
-                    // and takes none from us: the inode must go, so its entries go too
-                    // (an inode no entry and no open file holds is dropped at once).
-                    scan_visible(
-                        &w.t.versions,
-                        ino,
-                        KIND_PARENT,
-                        0..=u64::MAX,
-                        live,
-                        |dir, name, _| {
-                            invals.push(Inval::Entry(dir, name.to_vec()));
-                            Ok(true)
-                        },
-                    )?;
-                }
-                for (kind, sub, name, then) in changes {
-                    let key = RecKey {
-                        ino,
-                        kind,
-                        sub,
-                        name: &name,
-                    };
-                    if let (KIND_BLOCK, Some(p)) = (kind, &then) {
-                        for h in BlockRec::decode(p)?.extents() {
-                            w.incref(h)?;
-                        }
+            for (kind, _, name) in rolled.rows {
+                match kind {
+                    KIND_DIRENT => {
+                        invals.push(Inval::Entry(rolled.ino, name));
+                        invals.push(Inval::Inode(rolled.ino));
                     }
-                    w.put(key, then.as_deref())?;
-                    match kind {
-                        KIND_DIRENT => {
-                            invals.push(Inval::Entry(ino, name.clone()));
-                            invals.push(Inval::Inode(ino));
-                        }
-                        KIND_INODE | KIND_BLOCK => invals.push(Inval::Inode(ino)),
-                        _ => {}
-                    }
+                    KIND_INODE | KIND_BLOCK => invals.push(Inval::Inode(rolled.ino)),
+                    _ => {}
                 }
             }
-            Ok(())
-        })?;
+        }
         invals.dedup();
         self.undurable = false;
         tracing::info!(name = %String::from_utf8_lossy(name), epoch = snap, "rolled back");
@@ -546,19 +370,13 @@ impl Inner {
         if a_e >= b_e {
             return err(libc::EINVAL);
         }
-        let mut inos = BTreeSet::new();
-        {
-            let txn = self.store.read_txn()?;
-            let t = txn.changes();
-            for row in redb::ReadableTable::range(t, (a_e + 1, 0)..=(b_e, u64::MAX))
-                .map_err(StoreError::from)?
-            {
-                inos.insert(row.map_err(StoreError::from)?.0.value().1);
-            }
+        let mut by_ino: BTreeMap<u64, Vec<RowChange>> = BTreeMap::new();
+        for c in self.store.changes_between(a_e, b_e)? {
+            by_ino.entry(c.ino).or_default().push(c);
         }
         let bs = self.bs_u64();
         let mut out = Vec::new();
-        for ino in inos {
+        for (ino, rows) in by_ino {
             let (a, b) = (self.inode_if_at(a_e, ino)?, self.inode_if_at(b_e, ino)?);
             let (pa, pb) = (self.paths_at(a_e, ino)?, self.paths_at(b_e, ino)?);
             let show = |p: &str| {
@@ -610,7 +428,13 @@ impl Inner {
                             }
                         }
                     }
-                    let (changed_rows, block_idx) = self.changed_rows(ino, a_e, b_e)?;
+                    // Back pointers are names, reported as renames, not as
+                    // modifications; the inode record is compared below.
+                    let data = rows
+                        .iter()
+                        .filter(|c| c.kind != KIND_INODE && c.kind != KIND_PARENT);
+                    let changed_rows = data.clone().next().is_some();
+                    let block_idx = data.filter(|c| c.kind == KIND_BLOCK).map(|c| c.sub);
                     let mut na = ra.clone();
                     na.ctime = rb.ctime;
                     na.atime = rb.atime;
@@ -657,26 +481,6 @@ impl Inner {
             Err(FsError::Errno(libc::ENOENT)) => Ok(None),
             Err(e) => Err(e),
         }
-    }
-
-    /// Whether block, xattr or entry rows of `ino` differ between `a` and `b`, and the
-    /// indexes of the blocks that do.
-    fn changed_rows(&mut self, ino: u64, a: u64, b: u64) -> FsResult<(bool, Vec<u64>)> {
-        let txn = self.store.read_txn()?;
-        let t = txn.versions();
-        let mut any = false;
-        let mut blocks = Vec::new();
-        for (kind, sub, _, _) in changed_between(t, ino, a, b)? {
-            // Back pointers are names, reported as renames, not as modifications.
-            if kind == KIND_INODE || kind == KIND_PARENT {
-                continue;
-            }
-            any = true;
-            if kind == KIND_BLOCK {
-                blocks.push(sub);
-            }
-        }
-        Ok((any, blocks))
     }
 }
 
@@ -769,5 +573,172 @@ pub(super) mod tests {
         let rep = crate::check::fsck(core.store(), true, &mut |_, _| {}).unwrap();
         assert!(rep.clean(), "{}", rep.summary());
         assert!(core.snapshots().unwrap().is_empty());
+    }
+}
+
+/// The change index, per record.
+#[cfg(test)]
+mod change_index_tests {
+    use redb::{ReadableTable as _, ReadableTableMetadata as _};
+
+    use super::*;
+    use crate::fs::Fs;
+    use crate::fs::tests::{ROOT, put_file};
+    use crate::store::StoreConfig;
+    use crate::store::schema::{CHANGES, HOLDS, META, OLD_CHANGES};
+
+    fn rows(core: &mut Inner) -> u64 {
+        core.store().read_txn().unwrap().changes().len().unwrap()
+    }
+
+    /// Writes `data` at `off` into live file `ino`, stored.
+    fn write_at(core: &mut Inner, ino: u64, off: u64, data: &[u8]) {
+        let fh = core.open(ino, libc::O_WRONLY).unwrap();
+        core.write(fh, ino, off, data, &[]).unwrap();
+        core.release(fh).unwrap();
+        core.sync_all().unwrap();
+    }
+
+    #[test]
+    fn the_change_index_names_the_changed_block_and_nothing_without_a_snapshot() {
+        let (_dir, fs) = crate::fs::tests::fresh();
+        let mut core = fs.lock();
+        let bs = core.bs_u64();
+        let ino = put_file(&mut core, b"big", &vec![5u8; 64 * bs as usize]);
+        assert_eq!(rows(&mut core), 0, "no snapshot needs a change row");
+        let s1 = core.snapshot_create(b"s1", Ts::now()).unwrap();
+        write_at(&mut core, ino, 10 * bs + 100, &[9u8; 4096]);
+        let live = core.store().live_epoch;
+        let changed = core.store().changes_between(s1, live).unwrap();
+        let blocks: Vec<u64> = changed
+            .iter()
+            .filter(|c| c.kind == KIND_BLOCK)
+            .map(|c| c.sub)
+            .collect();
+        assert_eq!(blocks, [10], "{changed:?}");
+        assert!(changed.iter().all(|c| c.ino == ino), "{changed:?}");
+        // One row per record changed, not per block of the file.
+        assert!(rows(&mut core) <= 3, "{} rows", rows(&mut core));
+        let d = core.diff("s1", "live", true).unwrap();
+        assert_eq!(d.len(), 1, "{d:?}");
+        assert_eq!(d[0].ranges, [(10 * bs, 11 * bs)]);
+        // With no snapshot left, nothing is kept.
+        core.snapshot_delete(b"s1").unwrap();
+        assert_eq!(rows(&mut core), 0);
+        write_at(&mut core, ino, 0, &[1u8; 4096]);
+        assert_eq!(rows(&mut core), 0);
+    }
+
+    #[test]
+    fn a_format_2_store_is_upgraded_to_the_same_change_index() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s");
+        let before: Vec<(u64, u64, u8, u64, Vec<u8>)>;
+        {
+            let fs = Fs::open(&path, Some(&StoreConfig::default())).unwrap();
+            let mut core = fs.lock();
+            let bs = core.bs_u64();
+            let a = put_file(&mut core, b"a", &vec![1u8; 8 * bs as usize]);
+            core.snapshot_create(b"s1", Ts::now()).unwrap();
+            write_at(&mut core, a, 3 * bs, &[2u8; 100]);
+            core.mknod(ROOT_INO, b"d", libc::S_IFDIR | 0o755, 0, 0, b"", ROOT)
+                .unwrap();
+            core.snapshot_create(b"s2", Ts::now()).unwrap();
+            put_file(&mut core, b"b", b"bee");
+            core.store().commit_group(true).unwrap();
+            let txn = core.store().read_txn().unwrap();
+            before = txn
+                .changes()
+                .iter()
+                .unwrap()
+                .map(|r| {
+                    let (key, _) = r.unwrap();
+                    let (e, i, k, s, n) = key.value();
+                    (e, i, k, s, n.to_vec())
+                })
+                .collect();
+        }
+        assert!(before.len() >= 5, "{before:?}");
+        // Format 2 kept one row per inode and epoch, and had no holds.
+        {
+            let db = redb::Database::open(path.join(crate::store::DB_FILE)).unwrap();
+            let txn = db.begin_write().unwrap();
+            {
+                let mut old = txn.open_table(OLD_CHANGES).unwrap();
+                for (e, i, ..) in &before {
+                    old.insert((*e, *i), ()).unwrap();
+                }
+                txn.open_table(META)
+                    .unwrap()
+                    .insert("format", &2u32.to_le_bytes()[..])
+                    .unwrap();
+            }
+            txn.delete_table(CHANGES).unwrap();
+            txn.delete_table(HOLDS).unwrap();
+            txn.commit().unwrap();
+        }
+        let ro = crate::store::ReadOnlyStore::open(&path, false);
+        assert!(matches!(ro, Err(StoreError::Upgrade(2))), "{:?}", ro.err());
+        let fs = Fs::open(&path, None).unwrap();
+        let mut core = fs.lock();
+        let txn = core.store().read_txn().unwrap();
+        let after: Vec<(u64, u64, u8, u64, Vec<u8>)> = txn
+            .changes()
+            .iter()
+            .unwrap()
+            .map(|r| {
+                let (key, _) = r.unwrap();
+                let (e, i, k, s, n) = key.value();
+                (e, i, k, s, n.to_vec())
+            })
+            .collect();
+        assert_eq!(after, before);
+        drop(txn);
+        let d = core.diff("s1", "live", false).unwrap();
+        let paths: Vec<&str> = d.iter().map(|c| c.path.as_str()).collect();
+        assert_eq!(paths, ["/", "/a", "/b", "/d"], "{d:?}");
+        assert!(core.holds().unwrap().is_empty());
+    }
+
+    #[test]
+    fn fsck_names_a_change_missing_from_the_index_and_repair_restores_it() {
+        let (_dir, fs) = crate::fs::tests::fresh();
+        let mut core = fs.lock();
+        let ino = put_file(&mut core, b"f", b"one");
+        core.snapshot_create(b"s1", Ts::now()).unwrap();
+        put_file(&mut core, b"f", b"two");
+        let before = core.diff("s1", "live", false).unwrap();
+        assert_eq!(before.len(), 1, "{before:?}");
+        core.store()
+            .write(true, |w| {
+                let mut gone = Vec::new();
+                for row in w.t.changes.iter()? {
+                    let (key, _) = row?;
+                    let (e, i, k, s, n) = key.value();
+                    if i == ino && k == KIND_BLOCK {
+                        gone.push((e, i, k, s, n.to_vec()));
+                    }
+                }
+                assert!(!gone.is_empty());
+                for (e, i, k, s, n) in &gone {
+                    w.t.changes.remove((*e, *i, *k, *s, n.as_slice()))?;
+                }
+                Ok(())
+            })
+            .unwrap();
+        let rep = crate::check::fsck(core.store(), false, &mut |_, _| {}).unwrap();
+        assert!(
+            rep.problems
+                .iter()
+                .any(|p| p.contains(&format!("inode {ino}"))
+                    && p.contains("missing from the change index")),
+            "{}",
+            rep.summary()
+        );
+        let done = crate::check::repair(core.store()).unwrap();
+        assert!(done.iter().any(|d| d.contains("change index")), "{done:?}");
+        let rep = crate::check::fsck(core.store(), false, &mut |_, _| {}).unwrap();
+        assert!(rep.clean(), "{}", rep.summary());
+        assert_eq!(core.diff("s1", "live", false).unwrap(), before);
     }
 }

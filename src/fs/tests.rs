@@ -4,7 +4,7 @@ use super::*;
 use crate::store::StoreConfig;
 use crate::store::schema::ROOT_INO;
 
-const ROOT: Caller = Caller {
+pub(crate) const ROOT: Caller = Caller {
     uid: 0,
     gid: 0,
     pid: 0,

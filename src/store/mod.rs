@@ -15,6 +15,7 @@
 pub mod disk;
 pub mod schema;
 pub mod segment;
+pub mod snapshots;
 pub mod verify;
 
 use std::collections::BTreeSet;
@@ -47,8 +48,10 @@ pub enum StoreError {
     #[error("the store stopped making writes durable after an I/O error ({0}); remount to recover")]
     Failed(String),
     /// Written by an older snapfs, and looked at read-only.
-    #[error("store format 1 predates record checksums: mount it once to upgrade it, then check it")]
-    Upgrade,
+    #[error(
+        "store format {0} is older than this snapfs's ({FORMAT_VERSION}): mount it once to upgrade it, then check it"
+    )]
+    Upgrade(u32),
     /// Written by a newer snapfs.
     #[error("store format {0} is not supported by this snapfs (it reads format {FORMAT_VERSION})")]
     Format(u32),
@@ -167,7 +170,17 @@ pub struct Store {
     readers: std::sync::Arc<std::sync::atomic::AtomicUsize>,
     /// Set at unmount: [`Frozen`] views stop.
     cancel: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    /// Records whose change index row at the live epoch is written (committed or in
+    /// the open group), so that rewriting one costs no second insert.
+    changed: ChangeMemo,
 }
+
+/// See [`Store::changed`]. Forgotten whenever it could be wrong: an aborted group,
+/// a new live epoch, a pruning, or past [`CHANGE_MEMO_MAX`] entries.
+type ChangeMemo = std::collections::HashSet<(u64, u8, u64, Box<[u8]>)>;
+
+/// Entries [`Store::changed`] keeps at most.
+const CHANGE_MEMO_MAX: usize = 1 << 20;
 
 /// A frozen view of a store, read without its lock (fsck, status, and sync later):
 /// a read transaction of everything committed when it was taken, and the segment
@@ -413,6 +426,7 @@ impl Store {
                 txn.open_table(CHANGES)?;
                 txn.open_table(ORPHANS)?;
                 txn.open_table(SNAPSHOTS)?;
+                txn.open_table(HOLDS)?;
             }
             txn.commit()?;
             // The metadata file's entry, before anything else is made in the store.
@@ -424,7 +438,11 @@ impl Store {
         }
         match read_format(&db.begin_read()?)? {
             FORMAT_VERSION => {}
-            1 => upgrade_from_1(&db)?,
+            1 => {
+                upgrade_from_1(&db)?;
+                upgrade_from_2(&db)?;
+            }
+            2 => upgrade_from_2(&db)?,
             f => return Err(StoreError::Format(f)),
         }
         let (block_size, volume_id, live_epoch, snapshot_epochs, next_segment) = {
@@ -485,6 +503,7 @@ impl Store {
             undurable: false,
             readers: Default::default(),
             cancel: Default::default(),
+            changed: Default::default(),
         })
     }
 
@@ -587,7 +606,7 @@ impl Store {
                 inodes: &self.inode_cache,
                 inode_log: Vec::new(),
                 xattr_log: Vec::new(),
-                last_change: None,
+                changed: &mut self.changed,
                 freed: Vec::new(),
                 unverified: &mut self.unverified,
                 trusted_from: self.trusted_from,
@@ -676,6 +695,7 @@ impl Store {
         }
         // An aborted group may have held any record: forget them all.
         self.inode_cache.clear();
+        self.changed.clear();
         self.xattr_free.clear();
         self.freed_group.clear();
         // The group may have held the segment id row.
@@ -1303,7 +1323,7 @@ const UPGRADE_BATCH: usize = 4096;
 /// `versions`, `extents`, `snapshots` and `meta` gets its checksum.
 fn upgrade_from_1(db: &Database) -> Result<(), StoreError> {
     use std::ops::Bound;
-    tracing::info!("upgrading the store to format {FORMAT_VERSION} (record checksums)");
+    tracing::info!("upgrading the store to format 2 (record checksums)");
     let txn = db.begin_write()?;
     {
         let mut meta = txn.open_table(META)?;
@@ -1316,7 +1336,7 @@ fn upgrade_from_1(db: &Database) -> Result<(), StoreError> {
                 meta.insert(k.as_str(), seal_meta(&k, &v).as_slice())?;
             }
         }
-        meta.insert(meta::FORMAT, &FORMAT_VERSION.to_le_bytes()[..])?;
+        meta.insert(meta::FORMAT, &2u32.to_le_bytes()[..])?;
 
         let mut versions = txn.open_table(VERSIONS)?;
         let mut after: Option<OwnedKey> = None;
@@ -1397,6 +1417,50 @@ fn upgrade_from_1(db: &Database) -> Result<(), StoreError> {
             snaps.insert(name.as_str(), rec.encode(&name).as_slice())?;
         }
     }
+    txn.commit()?;
+    Ok(())
+}
+
+/// Upgrades a format 2 store to format 3 in one durable commit: the per-inode change
+/// index becomes a per-record one (each inode's versions in the epochs it names), and
+/// the `holds` table is made.
+fn upgrade_from_2(db: &Database) -> Result<(), StoreError> {
+    tracing::info!(
+        "upgrading the store to format {FORMAT_VERSION} (per-record change index, holds)"
+    );
+    let txn = db.begin_write()?;
+    {
+        let old: Vec<(u64, u64)> = {
+            let t = txn.open_table(OLD_CHANGES)?;
+            let mut out = Vec::new();
+            for row in t.iter()? {
+                out.push(row?.0.value());
+            }
+            out
+        };
+        let mut by_ino: std::collections::BTreeMap<u64, BTreeSet<u64>> = Default::default();
+        for (epoch, ino) in old {
+            by_ino.entry(ino).or_default().insert(epoch);
+        }
+        let versions = txn.open_table(VERSIONS)?;
+        let mut changes = txn.open_table(CHANGES)?;
+        for (ino, epochs) in by_ino {
+            for row in versions.range((ino, 0u8, 0u64, &[][..], 0u64)..)? {
+                let (k, _) = row?;
+                let (kino, kind, sub, name, epoch) = k.value();
+                if kino != ino {
+                    break;
+                }
+                if epochs.contains(&epoch) {
+                    changes.insert((epoch, ino, kind, sub, name), ())?;
+                }
+            }
+        }
+        txn.open_table(HOLDS)?;
+        let mut meta = txn.open_table(META)?;
+        meta.insert(meta::FORMAT, &FORMAT_VERSION.to_le_bytes()[..])?;
+    }
+    txn.delete_table(OLD_CHANGES)?;
     txn.commit()?;
     Ok(())
 }
@@ -1527,9 +1591,14 @@ impl View<'_> {
         &self.0.versions
     }
 
-    /// The `changes` table.
-    pub fn changes(&self) -> &Table<'static, (u64, u64), ()> {
+    /// The `changed_rows` table (the change index).
+    pub fn changes(&self) -> &Table<'static, ChangeKey, ()> {
         &self.0.changes
+    }
+
+    /// The `holds` table.
+    pub fn holds(&self) -> &Table<'static, &'static str, &'static [u8]> {
+        &self.0.holds
     }
 
     /// The `extents` table.
@@ -1552,8 +1621,8 @@ impl View<'_> {
 pub struct Tables<'t> {
     /// `versions`.
     pub versions: Table<'t, VKey, &'static [u8]>,
-    /// `changes`.
-    pub changes: Table<'t, (u64, u64), ()>,
+    /// `changed_rows`.
+    pub changes: Table<'t, ChangeKey, ()>,
     /// `extents`.
     pub extents: Table<'t, [u8; 32], &'static [u8]>,
     /// `segments`.
@@ -1562,6 +1631,8 @@ pub struct Tables<'t> {
     pub orphans: Table<'t, u64, ()>,
     /// `snapshots`.
     pub snapshots: Table<'t, &'static str, &'static [u8]>,
+    /// `holds`.
+    pub holds: Table<'t, &'static str, &'static [u8]>,
     /// `meta`.
     pub meta: Table<'t, &'static str, &'static [u8]>,
 }
@@ -1598,6 +1669,7 @@ impl Group {
                 segments: t.open_table(SEGMENTS)?,
                 orphans: t.open_table(ORPHANS)?,
                 snapshots: t.open_table(SNAPSHOTS)?,
+                holds: t.open_table(HOLDS)?,
                 meta: t.open_table(META)?,
             })
         };
@@ -1985,7 +2057,7 @@ impl ReadOnlyStore {
         };
         match read_format(&ro.begin_read()?)? {
             FORMAT_VERSION => Ok(ro),
-            1 => Err(StoreError::Upgrade),
+            f @ (1 | 2) => Err(StoreError::Upgrade(f)),
             f => Err(StoreError::Format(f)),
         }
     }
@@ -2014,45 +2086,6 @@ pub fn panicked(doing: &str, p: Box<dyn std::any::Any + Send>) -> StoreError {
 /// A row of `versions` under one inode: kind, sub, name, epoch, value.
 type VersionRow = (u8, u64, Vec<u8>, u64, Vec<u8>);
 
-/// A record of one inode that reads differently at two epochs: kind, sub, name, and
-/// its payload at the older epoch (`None` if absent then).
-pub type Changed = (u8, u64, Vec<u8>, Option<Vec<u8>>);
-
-/// The records of `ino` that read differently at epoch `a` and at epoch `b > a`
-/// (only identities written in `(a, b]` can), in key order.
-pub fn changed_between<T: ReadableTable<VKey, &'static [u8]>>(
-    t: &T,
-    ino: u64,
-    a: u64,
-    b: u64,
-) -> Result<Vec<Changed>, StoreError> {
-    let mut idents: BTreeSet<(u8, u64, Vec<u8>)> = BTreeSet::new();
-    for row in t.range((ino, 0u8, 0u64, &[][..], 0u64)..)? {
-        let (k, _) = row?;
-        let (kino, kind, sub, name, epoch) = k.value();
-        if kino != ino {
-            break;
-        }
-        if epoch > a && epoch <= b {
-            idents.insert((kind, sub, name.to_vec()));
-        }
-    }
-    let mut out = Vec::new();
-    for (kind, sub, name) in idents {
-        let key = RecKey {
-            ino,
-            kind,
-            sub,
-            name: &name,
-        };
-        let then = visible(t, key, a)?;
-        if then != visible(t, key, b)? {
-            out.push((kind, sub, name, then));
-        }
-    }
-    Ok(out)
-}
-
 /// One operation of the open transaction group, with the group's tables.
 pub struct Writer<'t> {
     /// The group's tables.
@@ -2070,9 +2103,8 @@ pub struct Writer<'t> {
     /// In order: inodes made without extended attributes (`true`), inodes whose
     /// attributes were written (`false`).
     xattr_log: Vec<(u64, bool)>,
-    /// The change-index row this operation wrote last (a flush writes many records
-    /// of one inode; the row needs writing once).
-    last_change: Option<(u64, u64)>,
+    /// See [`Store::changed`].
+    changed: &'t mut ChangeMemo,
     /// Extent bytes this operation freed: (segment, offset, length).
     freed: Vec<(u64, u64, u32)>,
     /// Extents taken unseen, checked at the next durable point.
@@ -2180,9 +2212,20 @@ impl Writer<'_> {
             let v = seal_version(key.at(live), payload);
             self.t.versions.insert(key.at(live), v.as_slice())?;
         }
-        if self.last_change != Some((live, key.ino)) {
-            self.t.changes.insert((live, key.ino), ())?;
-            self.last_change = Some((live, key.ino));
+        // The change index is needed only above the oldest snapshot: with none, a
+        // snapshot taken later freezes this epoch and needs none of its rows.
+        if !self.snaps.is_empty() {
+            if self.changed.len() >= CHANGE_MEMO_MAX {
+                self.changed.clear();
+            }
+            if self
+                .changed
+                .insert((key.ino, key.kind, key.sub, key.name.into()))
+            {
+                self.t
+                    .changes
+                    .insert((live, key.ino, key.kind, key.sub, key.name), ())?;
+            }
         }
         match key.kind {
             KIND_INODE => self.inode_log.push((
@@ -2466,12 +2509,34 @@ impl Writer<'_> {
         ino: u64,
         dry_run: Option<&mut std::collections::HashMap<[u8; 32], u64>>,
     ) -> Result<u64, StoreError> {
+        self.gc_rows(ino, (ino, 0u8, 0u64, &[][..], 0u64), |_| true, dry_run)
+    }
+
+    /// [`Writer::gc_ino`] for the versions of one record.
+    pub fn gc_ident(
+        &mut self,
+        key: RecKey<'_>,
+        dry_run: Option<&mut std::collections::HashMap<[u8; 32], u64>>,
+    ) -> Result<u64, StoreError> {
+        let same =
+            |k: &(u64, u8, u64, &[u8], u64)| k.1 == key.kind && k.2 == key.sub && k.3 == key.name;
+        self.gc_rows(key.ino, key.at(0), same, dry_run)
+    }
+
+    /// The versions of `ino` from `from` on while `within` holds, garbage collected.
+    fn gc_rows(
+        &mut self,
+        ino: u64,
+        from: (u64, u8, u64, &[u8], u64),
+        within: impl Fn(&(u64, u8, u64, &[u8], u64)) -> bool,
+        dry_run: Option<&mut std::collections::HashMap<[u8; 32], u64>>,
+    ) -> Result<u64, StoreError> {
         // (kind, sub, name, epoch, value), in key order.
         let mut rows: Vec<VersionRow> = Vec::new();
-        for row in self.t.versions.range((ino, 0u8, 0u64, &[][..], 0u64)..)? {
+        for row in self.t.versions.range(from..)? {
             let (k, v) = row?;
             let (kino, kind, sub, name, epoch) = k.value();
-            if kino != ino {
+            if kino != ino || !within(&k.value()) {
                 break;
             }
             // Kept as tag and payload, checked.
@@ -2545,6 +2610,81 @@ impl Writer<'_> {
             }
         }
         Ok(freed)
+    }
+
+    /// The payload of `key` visible at `epoch`.
+    pub fn visible_at(&self, key: RecKey<'_>, epoch: u64) -> Result<Option<Vec<u8>>, StoreError> {
+        visible(&self.t.versions, key, epoch)
+    }
+
+    /// The extent row of `hash`, if it is stored.
+    pub fn extent_row(&self, hash: &[u8; 32]) -> Result<Option<ExtentRec>, StoreError> {
+        match self.t.extents.get(*hash)? {
+            Some(v) => Ok(Some(ExtentRec::decode(hash, v.value())?)),
+            None => Ok(None),
+        }
+    }
+
+    /// [`scan_visible`] over the live tree.
+    pub fn scan_live(
+        &self,
+        ino: u64,
+        kind: u8,
+        subs: std::ops::RangeInclusive<u64>,
+        f: impl FnMut(u64, &[u8], &[u8]) -> Result<bool, StoreError>,
+    ) -> Result<(), StoreError> {
+        scan_visible(&self.t.versions, ino, kind, subs, self.live, f)
+    }
+
+    /// Marks `ino` as an orphan (no link left, still open) or not.
+    pub fn set_orphan(&mut self, ino: u64, orphan: bool) -> Result<(), StoreError> {
+        if orphan {
+            self.t.orphans.insert(ino, ())?;
+        } else {
+            self.t.orphans.remove(ino)?;
+        }
+        Ok(())
+    }
+
+    /// Deletes every live record of `ino` (releasing its extents), its inode last.
+    pub fn delete_live_records(&mut self, ino: u64) -> Result<(), StoreError> {
+        // Every record but the inode's own, in one scan: (kind, sub, name) of those
+        // whose newest version at the live epoch is present.
+        let mut keys: Vec<(u8, u64, Vec<u8>)> = Vec::new();
+        let mut newest_present: Option<bool> = None;
+        let lo: VKey = (ino, KIND_DIRENT, 0, &[], 0);
+        let hi: VKey = (ino + 1, 0, 0, &[], 0);
+        for row in self.t.versions.range(lo..hi)? {
+            let (k, v) = row?;
+            let (_, kind, sub, name, epoch) = k.value();
+            if epoch > self.live {
+                continue;
+            }
+            let present = open_version(k.value(), v.value())?.is_some();
+            match keys.last() {
+                Some(last) if last.0 == kind && last.1 == sub && last.2 == name => {}
+                _ => {
+                    if newest_present == Some(false) {
+                        keys.pop();
+                    }
+                    keys.push((kind, sub, name.to_vec()));
+                }
+            }
+            newest_present = Some(present);
+        }
+        if newest_present == Some(false) {
+            keys.pop();
+        }
+        for (kind, sub, name) in keys {
+            let key = RecKey {
+                ino,
+                kind,
+                sub,
+                name: &name,
+            };
+            self.put(key, None)?;
+        }
+        self.put(RecKey::inode(ino), None)
     }
 
     /// Hands out a new inode number.

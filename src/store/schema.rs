@@ -10,9 +10,10 @@
 //! | `versions`  | `(ino u64, kind u8, sub u64, name &[u8], epoch u64)` | tag u8 (0 tombstone, 1 present) + payload |
 //! | `extents`   | `[u8; 32]` blake3 hash                        | segment u64, offset u64, len u32, refs u64 |
 //! | `segments`  | segment id u64                               | dead bytes u64                          |
-//! | `changes`   | `(epoch u64, ino u64)`                       | `()`: ino changed in that epoch         |
+//! | `changed_rows` | `(epoch u64, ino u64, kind u8, sub u64, name &[u8])` | `()`: that record changed in that epoch |
 //! | `orphans`   | ino u64                                      | `()`: nlink 0 but still open            |
 //! | `snapshots` | `&str` name                                  | epoch u64, created secs i64, nsec u32, flags u8 |
+//! | `holds`     | `&str` hold name                             | epoch u64, created secs i64, nsec u32   |
 //!
 //! `versions` holds every versioned metadata record. `kind` says which:
 //!
@@ -40,12 +41,24 @@ pub type VersionKey = (u64, u8, u64, &'static [u8], u64);
 pub const EXTENTS: TableDefinition<'static, [u8; 32], &[u8]> = TableDefinition::new("extents");
 /// Per-segment dead byte counts (bytes of freed extents), for compaction.
 pub const SEGMENTS: TableDefinition<'static, u64, u64> = TableDefinition::new("segments");
-/// Change index: which inodes changed in which epoch.
-pub const CHANGES: TableDefinition<'static, (u64, u64), ()> = TableDefinition::new("changes");
+/// Change index: which record (`versions` identity) changed in which epoch. Rows are
+/// written only while some snapshot exists (no diff, rollback or deletion needs a
+/// change at or below the oldest snapshot's epoch), and pruned to that.
+pub const CHANGES: TableDefinition<'static, ChangeKey, ()> = TableDefinition::new("changed_rows");
+
+/// The key of `changed_rows`: `(epoch, ino, kind, sub, name)`.
+pub type ChangeKey = (u64, u64, u8, u64, &'static [u8]);
+
+/// The change index of format 2 and before, per inode: `(epoch, ino)`. Rebuilt as
+/// [`CHANGES`] when the store is upgraded, then deleted.
+pub const OLD_CHANGES: TableDefinition<'static, (u64, u64), ()> = TableDefinition::new("changes");
 /// Inodes whose last link is gone while a handle is still open.
 pub const ORPHANS: TableDefinition<'static, u64, ()> = TableDefinition::new("orphans");
 /// Snapshot catalog.
 pub const SNAPSHOTS: TableDefinition<'static, &str, &[u8]> = TableDefinition::new("snapshots");
+/// Named holds: each keeps one snapshot (by epoch), and the change index after it,
+/// until released; deleting a held snapshot only hides it.
+pub const HOLDS: TableDefinition<'static, &str, &[u8]> = TableDefinition::new("holds");
 /// Store-wide settings and counters.
 pub const META: TableDefinition<'static, &str, &[u8]> = TableDefinition::new("meta");
 
@@ -74,8 +87,10 @@ pub const SEGMENT_RETIRED: u64 = u64::MAX;
 
 /// The on-disk format this build writes and reads. Format 2 ends every value of
 /// `versions`, `extents`, `snapshots` and `meta` (but the format row) with a checksum
-/// ([`SUM`]); a format 1 store is upgraded when it is first opened to be written.
-pub const FORMAT_VERSION: u32 = 2;
+/// ([`SUM`]); format 3 indexes changes per record (`changed_rows`, which replaces the
+/// per-inode `changes`) and adds `holds`. An older store is upgraded when it is first
+/// opened to be written.
+pub const FORMAT_VERSION: u32 = 3;
 
 /// Inode numbers the kernel sees: the low 40 bits are a live inode, the bits above are
 /// the epoch of the snapshot it is seen through (0 for the live tree). Stable across
@@ -744,6 +759,44 @@ impl SnapshotRec {
             epoch: r.u64()?,
             created: r.ts()?,
             flags: r.u8()?,
+        })
+    }
+}
+
+/// A `holds` row: the epoch of the snapshot a hold keeps, and when it was taken.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct HoldRec {
+    /// The epoch of the held snapshot.
+    pub epoch: u64,
+    /// When the hold was taken.
+    pub created: Ts,
+}
+
+impl HoldRec {
+    /// Encodes the value of the hold named `name`.
+    pub fn encode(&self, name: &str) -> Vec<u8> {
+        let mut out = [0u8; 20];
+        out[..8].copy_from_slice(&self.epoch.to_le_bytes());
+        out[8..16].copy_from_slice(&self.created.sec.to_le_bytes());
+        out[16..20].copy_from_slice(&self.created.nsec.to_le_bytes());
+        seal("holds", &[name.as_bytes()], &out)
+    }
+
+    /// Decodes the value of the hold named `name`.
+    pub fn decode(name: &str, raw: &[u8]) -> Result<Self, StoreError> {
+        let b = unseal("holds", &[name.as_bytes()], raw, || {
+            format!("hold {name:?}")
+        })?;
+        if b.len() != 20 {
+            return Err(StoreError::Corrupt(format!(
+                "hold {name:?} is {} bytes long",
+                b.len()
+            )));
+        }
+        let mut r = Reader(b);
+        Ok(HoldRec {
+            epoch: r.u64()?,
+            created: r.ts()?,
         })
     }
 }
