@@ -98,32 +98,29 @@ impl Report {
 
     /// The report as one JSON object.
     pub fn json(&self) -> String {
-        use crate::commands::json_str;
-        let problems: Vec<String> = self.problems.iter().map(|p| json_str(p)).collect();
-        let hurt: Vec<String> = self
+        let hurt: Vec<serde_json::Value> = self
             .hurt
             .iter()
             .map(|h| {
-                format!(
-                    "{{\"view\":{},\"path\":{},\"start\":{},\"end\":{},\"cause\":{}}}",
-                    json_str(&h.view),
-                    json_str(&h.path),
-                    h.start,
-                    h.end,
-                    json_str(&h.cause)
-                )
+                serde_json::json!({
+                    "view": h.view,
+                    "path": h.path,
+                    "start": h.start,
+                    "end": h.end,
+                    "cause": h.cause,
+                })
             })
             .collect();
-        format!(
-            "{{\"clean\":{},\"inodes\":{},\"extents\":{},\"extent_bytes\":{},\"rehashed\":{},\"problems\":[{}],\"hurt\":[{}]}}",
-            self.clean(),
-            self.inodes,
-            self.extents,
-            self.extent_bytes,
-            self.rehashed,
-            problems.join(","),
-            hurt.join(",")
-        )
+        serde_json::json!({
+            "clean": self.clean(),
+            "inodes": self.inodes,
+            "extents": self.extents,
+            "extent_bytes": self.extent_bytes,
+            "rehashed": self.rehashed,
+            "problems": self.problems,
+            "hurt": hurt,
+        })
+        .to_string()
     }
 }
 

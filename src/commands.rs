@@ -1,21 +1,11 @@
 //! The commands the CLI runs against a store, the same whether the store is mounted
 //! (they arrive through the daemon's control socket) or opened by the CLI itself.
 
+pub use crate::control::{Outcome, Request};
 use crate::fs::{Fs, FsError, Inval, SNAPDIR_INO, SnapshotInfo, check_snapshot_name};
 use crate::policy::{self, Keep};
 use crate::store::schema::Ts;
 use crate::text::{clip, printable};
-
-/// A command's result: its output, exit code, and whether the output is an error line.
-#[derive(Debug)]
-pub struct Outcome {
-    /// Text for stdout (or the error line for stderr).
-    pub text: String,
-    /// Exit code.
-    pub code: i32,
-    /// `text` is an error message.
-    pub error: bool,
-}
 
 fn ok(text: String) -> Outcome {
     Outcome {
@@ -62,14 +52,17 @@ fn fsck_outcome(
 
 /// Runs the commands that only look (`fsck`, `status`) on a store no daemon holds,
 /// without changing it; `None` for every other command.
-pub fn run_read_only(path: &std::path::Path, args: &[String], progress: bool) -> Option<Outcome> {
-    let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    let flag = |f: &str| args.contains(&f);
+pub fn run_read_only(path: &std::path::Path, req: &Request, progress: bool) -> Option<Outcome> {
     // A repair writes: it opens the store as any writing command does.
-    if !matches!(args.as_slice(), ["status" | "fsck", ..]) || args.contains(&"--repair") {
-        return None;
-    }
-    let fsck = args.first() == Some(&"fsck");
+    let (fsck, read_data, json) = match *req {
+        Request::Status => (false, false, false),
+        Request::Fsck {
+            read_data,
+            repair: false,
+            json,
+        } => (true, read_data, json),
+        _ => return None,
+    };
     // A daemon that stopped serving may still be closing the store: wait for it.
     let mut opened = crate::store::ReadOnlyStore::open(path, fsck);
     for _ in 0..100 {
@@ -87,37 +80,21 @@ pub fn run_read_only(path: &std::path::Path, args: &[String], progress: bool) ->
                 problems: vec![e.to_string()],
                 ..Default::default()
             };
-            return Some(fsck_outcome(Ok(rep), flag("--json")));
+            return Some(fsck_outcome(Ok(rep), json));
         }
         Err(e) => return Some(fail(format!("cannot open store {}: {e}", path.display()))),
     };
-    Some(match args.as_slice() {
-        ["status", ..] => match crate::check::status_offline(&mut ro, path) {
+    Some(if !fsck {
+        match crate::check::status_offline(&mut ro, path) {
             Ok(st) => ok(st.render()),
             Err(e) => fail(format!("{e:#}")),
-        },
-        _ => fsck_outcome(
-            crate::check::fsck_offline(&mut ro, flag("--read-data"), &mut fsck_progress(progress)),
-            flag("--json"),
-        ),
-    })
-}
-
-/// Escapes a string for JSON.
-pub fn json_str(s: &str) -> String {
-    let mut out = String::with_capacity(s.len() + 2);
-    out.push('"');
-    for c in s.chars() {
-        match c {
-            '"' => out.push_str("\\\""),
-            '\\' => out.push_str("\\\\"),
-            '\n' => out.push_str("\\n"),
-            c if c.is_control() => out.push_str(&format!("\\u{:04x}", c as u32)),
-            c => out.push(c),
         }
-    }
-    out.push('"');
-    out
+    } else {
+        fsck_outcome(
+            crate::check::fsck_offline(&mut ro, read_data, &mut fsck_progress(progress)),
+            json,
+        )
+    })
 }
 
 fn snap_error(e: FsError, name: &str) -> Outcome {
@@ -153,26 +130,15 @@ fn snapdir_invals(name: &str) -> [Inval; 2] {
     ]
 }
 
-/// Runs `args` (for example `["snapshot", "create", "x"]`) against `fs`. `progress`
-/// draws progress on the terminal for long work.
-pub fn run(fs: &Fs, args: &[String], progress: bool) -> Outcome {
-    let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    let flag = |f: &str| args.contains(&f);
-    let opt = |f: &str| {
-        args.iter()
-            .position(|a| *a == f)
-            .and_then(|i| args.get(i + 1).copied())
-    };
+/// Runs `req` against `fs`. `progress` draws progress on the terminal for long work.
+pub fn run(fs: &Fs, req: &Request, progress: bool) -> Outcome {
     // Writes the kernel still caches belong to the live tree a command looks at.
-    if matches!(
-        args.as_slice(),
-        ["snapshot", "create" | "rollback", ..] | ["diff", ..]
-    ) {
+    if req.needs_kernel_flush() {
         fs.flush_kernel();
     }
     let mut core = fs.lock();
-    match args.as_slice() {
-        ["status", ..] => {
+    match req {
+        Request::Status => {
             // Buffered data is counted if it can be stored; a full disk must not stop
             // status from showing the rest.
             if let Err(e) = core.flush_all() {
@@ -186,14 +152,18 @@ pub fn run(fs: &Fs, args: &[String], progress: bool) -> Outcome {
                 Err(e) => fail(format!("{e:#}")),
             }
         }
-        ["fsck", ..] => {
+        &Request::Fsck {
+            read_data,
+            repair,
+            json,
+        } => {
             // fsck checks what is committed; storing buffered data first is best effort
             // (on a full disk it cannot be, and fsck must still run).
             if let Err(e) = core.flush_all() {
                 tracing::warn!(error = %e, "fsck: buffered data not stored yet");
             }
             let mut repaired = Vec::new();
-            if flag("--repair") {
+            if repair {
                 match crate::check::repair(core.store()) {
                     Ok(done) => repaired = done,
                     Err(e) => return fail(format!("repair stopped: {e:#}")),
@@ -204,23 +174,23 @@ pub fn run(fs: &Fs, args: &[String], progress: bool) -> Outcome {
             let view = core.store().frozen();
             drop(core);
             let res = view.and_then(|mut v| {
-                crate::check::fsck_frozen(&mut v, flag("--read-data"), &mut fsck_progress(progress))
+                crate::check::fsck_frozen(&mut v, read_data, &mut fsck_progress(progress))
             });
-            let mut out = fsck_outcome(res, flag("--json"));
-            if !out.error && !flag("--json") {
+            let mut out = fsck_outcome(res, json);
+            if !out.error && !json {
                 let mut text: String = repaired
                     .iter()
                     .map(|l| format!("repaired: {l}\n"))
                     .collect();
-                if flag("--repair") && repaired.is_empty() {
+                if repair && repaired.is_empty() {
                     text.push_str("repaired: nothing needed repair\n");
                 }
                 out.text = text + &out.text;
             }
             out
         }
-        ["snapshot", verb @ ("create" | "delete"), name, ..] => {
-            let res = if *verb == "create" {
+        Request::SnapshotCreate { name } | Request::SnapshotDelete { name } => {
+            let res = if matches!(req, Request::SnapshotCreate { .. }) {
                 core.snapshot_create(name.as_bytes(), Ts::now())
                     .map(|epoch| format!("created snapshot {} (epoch {epoch})", printable(name)))
             } else {
@@ -236,7 +206,7 @@ pub fn run(fs: &Fs, args: &[String], progress: bool) -> Outcome {
                 Err(e) => snap_error(e, name),
             }
         }
-        ["snapshot", "rollback", name, ..] => {
+        Request::SnapshotRollback { name } => {
             let res = core.rollback(name.as_bytes());
             drop(core);
             match res {
@@ -251,9 +221,9 @@ pub fn run(fs: &Fs, args: &[String], progress: bool) -> Outcome {
                 Err(e) => snap_error(e, name),
             }
         }
-        ["snapshot", "list", ..] => {
+        &Request::SnapshotList { json, all } => {
             let res = core
-                .snapshot_listing(flag("--all"))
+                .snapshot_listing(all)
                 .and_then(|mut s| core.snapshot_sizes(&mut s).map(|_| s));
             let holds = match core.holds() {
                 Ok(h) => h,
@@ -273,25 +243,22 @@ pub fn run(fs: &Fs, args: &[String], progress: bool) -> Outcome {
                 false => s.name.clone(),
             };
             match res {
-                Ok(snaps) if flag("--json") => {
-                    let rows: Vec<String> = snaps
+                Ok(snaps) if json => {
+                    let rows: Vec<serde_json::Value> = snaps
                         .iter()
                         .map(|s| {
-                            let h: Vec<String> = held_by(s.epoch).iter().map(|n| json_str(n)).collect();
-                            let name = if s.deleted { "null".to_string() } else { json_str(&s.name) };
-                            format!(
-                                "{{\"name\":{},\"created\":{},\"epoch\":{},\"referenced\":{},\"exclusive\":{},\"deleted\":{},\"holds\":[{}]}}",
-                                name,
-                                s.created.sec,
-                                s.epoch,
-                                s.referenced,
-                                s.exclusive,
-                                s.deleted,
-                                h.join(",")
-                            )
+                            serde_json::json!({
+                                "name": (!s.deleted).then_some(&s.name),
+                                "created": s.created.sec,
+                                "epoch": s.epoch,
+                                "referenced": s.referenced,
+                                "exclusive": s.exclusive,
+                                "deleted": s.deleted,
+                                "holds": held_by(s.epoch),
+                            })
                         })
                         .collect();
-                    ok(format!("[{}]", rows.join(",")))
+                    ok(serde_json::Value::Array(rows).to_string())
                 }
                 Ok(snaps) => {
                     let mut t = format!(
@@ -318,7 +285,10 @@ pub fn run(fs: &Fs, args: &[String], progress: bool) -> Outcome {
                 Err(e) => fail(format!("{e}")),
             }
         }
-        ["snapshot", "hold", snap, hold, ..] => {
+        Request::SnapshotHold {
+            snapshot: snap,
+            hold,
+        } => {
             let res = core.hold(hold.as_bytes(), snap.as_bytes(), Ts::now());
             drop(core);
             match res {
@@ -344,7 +314,7 @@ pub fn run(fs: &Fs, args: &[String], progress: bool) -> Outcome {
                 Err(e) => snap_error(e, snap),
             }
         }
-        ["snapshot", "release", hold, ..] => {
+        Request::SnapshotRelease { hold } => {
             let res = core.hold_release(hold.as_bytes());
             drop(core);
             match res {
@@ -355,8 +325,8 @@ pub fn run(fs: &Fs, args: &[String], progress: bool) -> Outcome {
                 Err(e) => fail(format!("{:?}: {e}", clip(hold))),
             }
         }
-        ["snapshot", "prune", ..] => {
-            let keep = match opt("--keep").map(Keep::parse).or_else(|| core.keep.clone().map(Ok)) {
+        Request::SnapshotPrune { dry_run, keep } => {
+            let keep = match keep.as_deref().map(Keep::parse).or_else(|| core.keep.clone().map(Ok)) {
                 Some(Ok(k)) => k,
                 Some(Err(e)) => return fail(e),
                 None => return fail("no retention policy: pass --keep, mount with -o keep=..., or set keep in snapfs.toml".into()),
@@ -373,7 +343,7 @@ pub fn run(fs: &Fs, args: &[String], progress: bool) -> Outcome {
             let mut text = String::new();
             let mut invals = Vec::new();
             for name in &doomed {
-                if !flag("--dry-run") {
+                if !dry_run {
                     if let Err(e) = core.snapshot_delete(name.as_bytes()) {
                         return snap_error(e, name);
                     }
@@ -392,26 +362,30 @@ pub fn run(fs: &Fs, args: &[String], progress: bool) -> Outcome {
             fs.invalidate(&invals);
             ok(text)
         }
-        ["diff", old, new, ..] => match core.diff(old, new, flag("--blocks")) {
-            Ok(changes) if flag("--json") => {
-                let rows: Vec<String> = changes
+        &Request::Diff {
+            ref old,
+            ref new,
+            blocks,
+            json,
+        } => match core.diff(old, new, blocks) {
+            Ok(changes) if json => {
+                let rows: Vec<serde_json::Value> = changes
                     .iter()
                     .map(|c| {
-                        let mut r =
-                            format!("{{\"change\":\"{}\",\"path\":{}", c.kind, json_str(&c.path));
+                        let mut r = serde_json::json!({
+                            "change": c.kind.to_string(),
+                            "path": c.path,
+                        });
                         if let Some(n) = &c.new_path {
-                            r.push_str(&format!(",\"new_path\":{}", json_str(n)));
+                            r["new_path"] = n.as_str().into();
                         }
-                        if flag("--blocks") && c.kind == 'M' {
-                            let ranges: Vec<String> =
-                                c.ranges.iter().map(|(s, e)| format!("[{s},{e}]")).collect();
-                            r.push_str(&format!(",\"ranges\":[{}]", ranges.join(",")));
+                        if blocks && c.kind == 'M' {
+                            r["ranges"] = serde_json::json!(c.ranges);
                         }
-                        r.push('}');
                         r
                     })
                     .collect();
-                ok(format!("[{}]", rows.join(",")))
+                ok(serde_json::Value::Array(rows).to_string())
             }
             Ok(changes) => {
                 let mut t = String::new();
@@ -445,6 +419,5 @@ pub fn run(fs: &Fs, args: &[String], progress: bool) -> Outcome {
             }
             Err(e) => fail(e.to_string()),
         },
-        _ => fail(format!("unknown command {}", clip(&format!("{args:?}")))),
     }
 }

@@ -11,6 +11,7 @@ use std::time::Duration;
 
 use anyhow::{Context, bail};
 
+use crate::control::Request;
 use crate::fs::{Fs, Inval};
 use crate::fuse::SnapFuse;
 use crate::store::StoreConfig;
@@ -699,14 +700,17 @@ fn spawn_scheduler(
                 let Some(fs) = fs.upgrade() else { return };
                 let name = crate::policy::auto_name(crate::store::schema::Ts::now().sec);
                 // The same paths as the CLI's, which also tell the kernel what changed.
-                let mut steps = vec![vec!["snapshot".to_string(), "create".into(), name]];
+                let mut steps = vec![Request::SnapshotCreate { name }];
                 if fs.lock().keep.is_some() {
-                    steps.push(vec!["snapshot".into(), "prune".into()]);
+                    steps.push(Request::SnapshotPrune {
+                        dry_run: false,
+                        keep: None,
+                    });
                 }
-                for args in steps {
-                    let out = crate::commands::run(&fs, &args, false);
+                for req in steps {
+                    let out = crate::commands::run(&fs, &req, false);
                     if out.error {
-                        tracing::error!(command = ?args, error = out.text.trim_end(), "scheduled work failed");
+                        tracing::error!(command = ?req, error = out.text.trim_end(), "scheduled work failed");
                     }
                 }
             }
@@ -862,12 +866,6 @@ fn peer_uid(conn: &UnixStream) -> std::io::Result<u32> {
     Ok(cred.uid)
 }
 
-/// Whether control command `args` only looks.
-fn read_only_command(args: &[String]) -> bool {
-    let a: Vec<&str> = args.iter().map(String::as_str).collect();
-    matches!(a.as_slice(), ["status", ..] | ["snapshot", "list", ..])
-}
-
 /// The answer to a user the control socket does not serve.
 fn refusal(access: ControlAccess) -> crate::commands::Outcome {
     crate::commands::fail(format!(
@@ -929,42 +927,48 @@ fn handle_control(
             )),
         );
     }
-    let line = String::from_utf8(line).context("control request is not UTF-8")?;
-    let args: Vec<String> = line
-        .trim_end_matches('\n')
-        .split('\0')
-        .map(str::to_string)
-        .collect();
-    let allowed = trusted || (access.public && read_only_command(&args));
-    if !allowed {
-        let command = clip(args.first().map_or("", String::as_str)).into_owned();
+    // Not trusted, a stranger learns nothing from the parser either.
+    if !trusted && !access.public {
+        tracing::warn!("control socket: refused a connection from another user");
+        return answer(&conn, &refusal(access));
+    }
+    let req: Request = match serde_json::from_slice(&line) {
+        Ok(r) => r,
+        Err(e) => {
+            tracing::warn!(error = %e, "control socket: a request that does not decode");
+            return answer(
+                &conn,
+                &crate::commands::fail(format!(
+                    "control request does not decode ({}): is the snapfs CLI the same version as the daemon?",
+                    clip(&e.to_string())
+                )),
+            );
+        }
+    };
+    if !trusted && !req.read_only() {
         tracing::warn!(
-            command,
+            command = req.name(),
             "control socket: refused a command from another user"
         );
         return answer(&conn, &refusal(access));
     }
-    let mut out = if args.first().is_some_and(|a| a == "fsck")
-        && args.iter().any(|a| a == "--repair")
-    {
+    let mut out = if matches!(req, Request::Fsck { repair: true, .. }) {
         crate::commands::fail("fsck --repair needs the store unmounted: unmount it first".into())
     } else {
-        crate::commands::run(fs, &args, false)
+        crate::commands::run(fs, &req, false)
     };
-    if args.first().is_some_and(|a| a == "status") && !out.error {
+    if req == Request::Status && !out.error {
         out.text.push_str(&requests_line(uring));
     }
     answer(&conn, &out)
 }
 
-/// Sends `out` on `conn`: its text, then the exit line.
+/// Sends `out` on `conn`: one line of JSON.
 fn answer(conn: &UnixStream, out: &crate::commands::Outcome) -> anyhow::Result<()> {
     let mut w = conn;
-    write!(w, "{}", out.text)?;
-    if !out.text.is_empty() && !out.text.ends_with('\n') {
-        writeln!(w)?;
-    }
-    writeln!(w, "\0exit {} {}", out.code, u8::from(out.error))?;
+    let mut line = serde_json::to_vec(out)?;
+    line.push(b'\n');
+    w.write_all(&line)?;
     Ok(())
 }
 
@@ -1019,9 +1023,8 @@ fn requests_line(uring: bool) -> String {
 
 const URING_PARAM: &str = "/sys/module/fuse/parameters/enable_uring";
 
-/// Sends `args` to the daemon serving `store`, if one is listening. Arguments may not
-/// contain NUL or newline (the CLI checks).
-pub fn ask_daemon(store: &Path, args: &[String]) -> Option<crate::commands::Outcome> {
+/// Sends `req` to the daemon serving `store`, if one is listening.
+pub fn ask_daemon(store: &Path, req: &Request) -> Option<crate::commands::Outcome> {
     let mut conn = match UnixStream::connect(store.join(SOCKET)) {
         Ok(c) => c,
         Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => {
@@ -1033,26 +1036,23 @@ pub fn ask_daemon(store: &Path, args: &[String]) -> Option<crate::commands::Outc
         Err(_) => return None,
     };
     // The daemon may answer (a refusal) and close before reading the request.
-    let _ = writeln!(conn, "{}", args.join("\0"));
-    let mut text = String::new();
-    let mut exit = None;
-    for line in BufReader::new(conn).lines() {
-        // A daemon that refused without reading the request closes with it unread,
-        // and the end of its answer reads as a reset: what came before still counts.
-        let Ok(line) = line else { break };
-        if let Some(rest) = line.strip_prefix("\0exit ") {
-            let mut it = rest.split(' ');
-            let code = it.next().and_then(|c| c.parse().ok()).unwrap_or(2);
-            exit = Some((code, it.next() == Some("1")));
-        } else {
-            text.push_str(&line);
-            text.push('\n');
-        }
-    }
+    let mut line = serde_json::to_vec(req).expect("a request always encodes");
+    line.push(b'\n');
+    let _ = conn.write_all(&line);
+    // A daemon that refused without reading the request closes with it unread, and
+    // the end of its answer may read as a reset: the answer line before it counts.
+    let mut answer = Vec::new();
+    let _ = BufReader::new(conn).read_until(b'\n', &mut answer);
     // No answer: the daemon is going away (it stops serving before it exits), and the
     // caller opens the store itself once it can.
-    let (code, error) = exit?;
-    Some(crate::commands::Outcome { text, code, error })
+    if answer.is_empty() {
+        return None;
+    }
+    Some(serde_json::from_slice(&answer).unwrap_or_else(|e| {
+        crate::commands::fail(format!(
+            "the daemon's answer does not decode ({e}): is the snapfs CLI the same version as the daemon?"
+        ))
+    }))
 }
 
 /// Whether `path` holds a store the caller may not look into (its metadata file is

@@ -4,12 +4,14 @@
 //! - [`daemon`]: mounting, daemonizing, signals, the control socket;
 //! - [`fuse`]: the thin fuser adapter;
 //! - [`fs`]: POSIX semantics over the versioned store (no FUSE types);
+//! - [`control`]: the typed commands and answers of the control protocol;
 //! - [`check`]: fsck and status;
 //! - [`store`]: the redb schema, extent segments and reference counts;
 //! - [`text`]: how user-given names and arguments are printed.
 
 pub mod check;
 pub mod commands;
+pub mod control;
 pub mod daemon;
 pub mod fs;
 pub mod fuse;

@@ -4,9 +4,10 @@ use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
-use anyhow::{Context, bail};
+use anyhow::Context;
 use clap::{Parser, Subcommand};
 
+use snapfs::control::Request;
 use snapfs::daemon;
 use snapfs::fs::Fs;
 
@@ -153,12 +154,8 @@ fn main() -> ExitCode {
     }
 }
 
-fn s(v: &str) -> String {
-    v.to_string()
-}
-
 fn run(cli: Cli) -> anyhow::Result<ExitCode> {
-    let (target, args) = match cli.cmd {
+    let (target, req) = match cli.cmd {
         Cmd::Mount {
             store,
             mountpoint,
@@ -173,93 +170,63 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             read_data,
             json,
             repair,
-        } => {
-            let mut a = vec![s("fsck")];
-            if repair {
-                a.push(s("--repair"));
-            }
-            if read_data {
-                a.push(s("--read-data"));
-            }
-            if json {
-                a.push(s("--json"));
-            }
-            (store, a)
-        }
-        Cmd::Status { target } => (target, vec![s("status")]),
+        } => (
+            store,
+            Request::Fsck {
+                read_data,
+                repair,
+                json,
+            },
+        ),
+        Cmd::Status { target } => (target, Request::Status),
         Cmd::Diff {
             target,
             old,
             new,
             blocks,
             json,
-        } => {
-            let mut a = vec![s("diff"), old, new];
-            if blocks {
-                a.push(s("--blocks"));
-            }
-            if json {
-                a.push(s("--json"));
-            }
-            (target, a)
-        }
+        } => (
+            target,
+            Request::Diff {
+                old,
+                new,
+                blocks,
+                json,
+            },
+        ),
         Cmd::Snapshot { cmd } => match cmd {
-            SnapCmd::Create { target, name } => (target, vec![s("snapshot"), s("create"), name]),
-            SnapCmd::Delete { target, name } => (target, vec![s("snapshot"), s("delete"), name]),
-            SnapCmd::Rollback { target, name } => {
-                (target, vec![s("snapshot"), s("rollback"), name])
-            }
-            SnapCmd::List { target, json, all } => {
-                let mut a = vec![s("snapshot"), s("list")];
-                if json {
-                    a.push(s("--json"));
-                }
-                if all {
-                    a.push(s("--all"));
-                }
-                (target, a)
-            }
+            SnapCmd::Create { target, name } => (target, Request::SnapshotCreate { name }),
+            SnapCmd::Delete { target, name } => (target, Request::SnapshotDelete { name }),
+            SnapCmd::Rollback { target, name } => (target, Request::SnapshotRollback { name }),
+            SnapCmd::List { target, json, all } => (target, Request::SnapshotList { json, all }),
             SnapCmd::Hold {
                 target,
                 snapshot,
                 hold,
-            } => (target, vec![s("snapshot"), s("hold"), snapshot, hold]),
-            SnapCmd::Release { target, hold } => (target, vec![s("snapshot"), s("release"), hold]),
+            } => (target, Request::SnapshotHold { snapshot, hold }),
+            SnapCmd::Release { target, hold } => (target, Request::SnapshotRelease { hold }),
             SnapCmd::Prune {
                 target,
                 dry_run,
                 keep,
-            } => {
-                let mut a = vec![s("snapshot"), s("prune")];
-                if dry_run {
-                    a.push(s("--dry-run"));
-                }
-                if let Some(k) = keep {
-                    a.push(s("--keep"));
-                    a.push(k);
-                }
-                (target, a)
-            }
+            } => (target, Request::SnapshotPrune { dry_run, keep }),
         },
     };
-    if args.iter().any(|a| a.contains('\0') || a.contains('\n')) {
-        bail!("arguments may not contain NUL or newline");
-    }
-    with_store(&target, &args)
+    with_store(&target, &req)
 }
 
 /// Runs a command through the daemon serving the store, or on the store opened here.
-fn with_store(path: &Path, args: &[String]) -> anyhow::Result<ExitCode> {
+fn with_store(path: &Path, req: &Request) -> anyhow::Result<ExitCode> {
     let store = daemon::resolve_store(path)?;
-    let out = match daemon::ask_daemon(&store, args) {
+    let out = match daemon::ask_daemon(&store, req) {
         Some(answer) => answer,
         None => {
-            match snapfs::commands::run_read_only(&store, args, std::io::stderr().is_terminal()) {
+            match snapfs::commands::run_read_only(&store, req, std::io::stderr().is_terminal()) {
                 Some(out) => out,
                 None => {
                     let fs = Fs::open(&store, None)
                         .with_context(|| format!("cannot open store {}", store.display()))?;
-                    snapfs::commands::run(&fs, args, std::io::stderr().is_terminal())
+                    snapfs::commands::run(&fs, req, std::io::stderr().is_terminal())
                 }
             }
         }

@@ -249,7 +249,7 @@ fn others_make_and_remove_no_snapshots_even_in_a_root_open_to_all() {
     assert!(!snaps.join("evil").exists());
 }
 
-/// Reads the daemon's answer up to its exit line.
+/// Reads the daemon's answer: one line of JSON.
 fn answer(mut c: UnixStream) -> String {
     c.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
     let mut s = String::new();
@@ -265,7 +265,24 @@ fn the_control_socket_bounds_requests_and_connections() {
     let mut c = UnixStream::connect(&sock).unwrap();
     let _ = c.write_all(&vec![b'x'; 100 << 10]);
     let a = answer(c);
-    assert!(a.contains("longer than") && a.contains("\0exit 2"), "{a:?}");
+    assert!(
+        a.contains("longer than") && a.contains("\"code\":2"),
+        "{a:?}"
+    );
+    // A request that is not one of the protocol's is answered, not obeyed.
+    for bad in [
+        &b"{\"format-disk\":{}}\n"[..],
+        b"snapshot\0delete\0x\n",
+        b"\xff\xfe\n",
+    ] {
+        let mut c = UnixStream::connect(&sock).unwrap();
+        c.write_all(bad).unwrap();
+        let a = answer(c);
+        assert!(
+            a.contains("does not decode") && a.contains("\"code\":2"),
+            "{a:?}"
+        );
+    }
 
     // Silent connections take at most a bounded number of threads; the next is told.
     let idle: Vec<UnixStream> = (0..8)
@@ -273,7 +290,7 @@ fn the_control_socket_bounds_requests_and_connections() {
         .collect();
     std::thread::sleep(Duration::from_millis(300));
     let mut c = UnixStream::connect(&sock).unwrap();
-    c.write_all(b"status\n").unwrap();
+    c.write_all(b"\"status\"\n").unwrap();
     let a = answer(c);
     assert!(a.contains("busy"), "{a:?}");
     drop(idle);
@@ -328,7 +345,7 @@ fn accept_failures_do_not_spin() {
     // connection gets it, and every accept after it fails.
     let first = UnixStream::connect(m.store.join("snapfs.sock")).unwrap();
     let mut c = UnixStream::connect(m.store.join("snapfs.sock")).unwrap();
-    c.write_all(b"status\n").unwrap();
+    c.write_all(b"\"status\"\n").unwrap();
     let before = cpu_ticks(pid);
     std::thread::sleep(Duration::from_secs(2));
     let used = cpu_ticks(pid) - before;
@@ -341,7 +358,7 @@ fn accept_failures_do_not_spin() {
     drop(first);
     let a = answer(c);
     assert!(
-        a.contains("\0exit 0"),
+        a.contains("\"code\":0,\"error\":false"),
         "served once descriptors were back: {a:?}"
     );
 }

@@ -157,6 +157,10 @@ pub struct Rolled {
     pub links: Vec<(u64, Vec<u8>)>,
 }
 
+/// Changed records of one inode past which dropping an epoch scans all the inode's
+/// versions once instead of looking each record up.
+const GC_SCAN_FROM: usize = 64;
+
 /// Rows of the change index pruned per commit.
 const PRUNE_BATCH: usize = 65_536;
 
@@ -330,14 +334,26 @@ impl Store {
             let idents = changed_idents(&w.t.changes, epoch, next)?;
             let mut planned = HashMap::new();
             let mut freed = 0;
-            for (ino, kind, sub, name) in &idents {
-                let key = RecKey {
-                    ino: *ino,
-                    kind: *kind,
-                    sub: *sub,
-                    name,
-                };
-                freed += w.gc_ident(key, dry_run.then_some(&mut planned))?;
+            // Per inode: one scan of all its versions where many of its records
+            // changed (a rewritten file), else a lookup per changed record.
+            let mut by_ino: BTreeMap<u64, Vec<&Ident>> = BTreeMap::new();
+            for id in &idents {
+                by_ino.entry(id.0).or_default().push(id);
+            }
+            for (ino, ids) in by_ino {
+                if ids.len() > GC_SCAN_FROM {
+                    freed += w.gc_ino(ino, dry_run.then_some(&mut planned))?;
+                    continue;
+                }
+                for (ino, kind, sub, name) in ids {
+                    let key = RecKey {
+                        ino: *ino,
+                        kind: *kind,
+                        sub: *sub,
+                        name,
+                    };
+                    freed += w.gc_ident(key, dry_run.then_some(&mut planned))?;
+                }
             }
             if !dry_run {
                 w.t.snapshots.remove(deleted_key(epoch).as_str())?;
