@@ -78,9 +78,14 @@ pub enum Request {
 }
 
 impl Request {
-    /// Whether the command only looks (served to other users with `control=public`).
+    /// Whether the command only looks, at what any user may see (served to other
+    /// users with `control=public`): deleted snapshots kept for holds (`--all`) are
+    /// not theirs to see.
     pub fn read_only(&self) -> bool {
-        matches!(self, Request::Status | Request::SnapshotList { .. })
+        matches!(
+            self,
+            Request::Status | Request::SnapshotList { all: false, .. }
+        )
     }
 
     /// Whether the command changes the live tree or takes a snapshot of it, so that

@@ -935,7 +935,7 @@ fn handle_control(
     let req: Request = match serde_json::from_slice(&line) {
         Ok(r) => r,
         Err(e) => {
-            tracing::warn!(error = %e, "control socket: a request that does not decode");
+            tracing::warn!(error = %clip(&e.to_string()), "control socket: a request that does not decode");
             return answer(
                 &conn,
                 &crate::commands::fail(format!(

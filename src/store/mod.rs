@@ -176,7 +176,7 @@ pub struct Store {
 }
 
 /// See [`Store::changed`]. Forgotten whenever it could be wrong: an aborted group,
-/// a new live epoch, a pruning, or past [`CHANGE_MEMO_MAX`] entries.
+/// a new live epoch, a dropped epoch, a pruning, or past [`CHANGE_MEMO_MAX`] entries.
 type ChangeMemo = std::collections::HashSet<(u64, u8, u64, Box<[u8]>)>;
 
 /// Entries [`Store::changed`] keeps at most.
@@ -589,6 +589,18 @@ impl Store {
         durable: bool,
         f: impl FnOnce(&mut Writer<'_>) -> Result<R, OpError>,
     ) -> Result<R, OpError> {
+        self.write_seen_by(durable, None, f)
+    }
+
+    /// [`Store::write`], with the operation seeing `snaps` as the snapshot epochs
+    /// instead of the store's own (dropping an epoch: the store's set changes only
+    /// once the drop is done, so a failure or panic leaves it as it was).
+    fn write_seen_by<R>(
+        &mut self,
+        durable: bool,
+        snaps: Option<&BTreeSet<u64>>,
+        f: impl FnOnce(&mut Writer<'_>) -> Result<R, OpError>,
+    ) -> Result<R, OpError> {
         if let Some(why) = &self.failed {
             tracing::error!(why, "store is in an error state; remount to recover");
             return Err(OpError::Errno(libc::EIO));
@@ -602,7 +614,7 @@ impl Store {
                 t: &mut group.tables,
                 segs: &mut self.segs,
                 live: self.live_epoch,
-                snaps: &self.snapshot_epochs,
+                snaps: snaps.unwrap_or(&self.snapshot_epochs),
                 inodes: &self.inode_cache,
                 inode_log: Vec::new(),
                 xattr_log: Vec::new(),
@@ -1438,9 +1450,19 @@ fn upgrade_from_2(db: &Database) -> Result<(), StoreError> {
             }
             out
         };
+        // Rows at or below the oldest snapshot (kept or deleting) are never needed;
+        // with no snapshot, none is.
+        let mut oldest = None::<u64>;
+        for row in txn.open_table(SNAPSHOTS)?.iter()? {
+            let (k, v) = row?;
+            let e = SnapshotRec::decode(k.value(), v.value())?.epoch;
+            oldest = Some(oldest.map_or(e, |o| o.min(e)));
+        }
         let mut by_ino: std::collections::BTreeMap<u64, BTreeSet<u64>> = Default::default();
         for (epoch, ino) in old {
-            by_ino.entry(ino).or_default().insert(epoch);
+            if oldest.is_some_and(|o| epoch > o) {
+                by_ino.entry(ino).or_default().insert(epoch);
+            }
         }
         let versions = txn.open_table(VERSIONS)?;
         let mut changes = txn.open_table(CHANGES)?;

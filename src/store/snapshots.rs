@@ -323,14 +323,16 @@ impl Store {
     /// would free. Cost: the records written in `(epoch, next]`, where `next` is the
     /// next snapshot or the live epoch.
     pub fn drop_epoch(&mut self, epoch: u64, dry_run: bool) -> Result<u64, OpError> {
-        let was_snapshot = self.snapshot_epochs.remove(&epoch);
-        let next = self
-            .snapshot_epochs
+        // The operation sees the epochs without this one; the store's own set loses
+        // it only once the drop is done.
+        let mut snaps = self.snapshot_epochs.clone();
+        snaps.remove(&epoch);
+        let next = snaps
             .range(epoch + 1..)
             .next()
             .copied()
             .unwrap_or(self.live_epoch);
-        let res = self.write(!dry_run, |w| {
+        let res = self.write_seen_by(!dry_run, Some(&snaps), |w| {
             let idents = changed_idents(&w.t.changes, epoch, next)?;
             let mut planned = HashMap::new();
             let mut freed = 0;
@@ -360,11 +362,8 @@ impl Store {
             }
             Ok(freed)
         });
-        // Still a snapshot epoch while it is not gone.
-        if (dry_run || res.is_err()) && was_snapshot {
-            self.snapshot_epochs.insert(epoch);
-        }
         if res.is_ok() && !dry_run {
+            self.snapshot_epochs.remove(&epoch);
             self.changed.clear();
         }
         res
@@ -375,6 +374,16 @@ impl Store {
     /// snapshot), in commits of a bounded size. Returns the rows deleted.
     pub fn prune_changes(&mut self) -> Result<u64, OpError> {
         let cutoff = self.snapshot_epochs.first().copied().unwrap_or(u64::MAX);
+        // Nothing to prune: no commit.
+        let first = {
+            let txn = self.read_txn()?;
+            txn.changes().first()?.map(|(k, _)| k.value().0)
+        };
+        if first.is_none_or(|e| e > cutoff) {
+            return Ok(0);
+        }
+        // The memo may name rows about to go (at the live epoch, with no snapshot).
+        self.changed.clear();
         let mut total = 0u64;
         loop {
             let n = self.write(true, |w| {
