@@ -1007,7 +1007,9 @@ fn requests_line(uring: bool) -> String {
         // start) or any more (the daemon on its way out).
         return String::new();
     }
-    let why = if !uring {
+    let why = if !cfg!(feature = "uring") {
+        " (this snapfs was built without the uring feature)".to_string()
+    } else if !uring {
         " (-o nouring)".to_string()
     } else {
         match std::fs::read_to_string(URING_PARAM).map(|v| v.trim() == "Y") {

@@ -10,11 +10,18 @@ use std::os::unix::fs::FileExt;
 use common::*;
 
 /// The kernel offers FUSE over io_uring only with `fuse.enable_uring` set (the test
-/// scripts set it where the kernel has it).
+/// scripts set it where the kernel has it). Where they promise it
+/// (`SNAPFS_EXPECT_URING=1`), its absence fails the test instead of skipping it.
 fn uring_enabled() -> bool {
-    fs::read_to_string("/sys/module/fuse/parameters/enable_uring")
+    let on = fs::read_to_string("/sys/module/fuse/parameters/enable_uring")
         .map(|v| v.trim() == "Y")
-        .unwrap_or(false)
+        .unwrap_or(false);
+    let promised = std::env::var("SNAPFS_EXPECT_URING").is_ok_and(|v| v == "1");
+    assert!(
+        on || !promised,
+        "SNAPFS_EXPECT_URING=1 but the kernel does not offer FUSE over io_uring"
+    );
+    on && cfg!(feature = "uring")
 }
 
 /// The daemon's threads whose name starts with `prefix`: (tid, context switches).

@@ -109,6 +109,11 @@ impl Mount {
         self.mount(&[]);
     }
 
+    /// Forgets the mount (the test ended it another way).
+    pub fn forget(&mut self) {
+        self.mounted = false;
+    }
+
     /// Kills the daemon with SIGKILL and detaches the dead mount.
     pub fn kill9(&mut self) {
         let pid = self.pid();

@@ -101,7 +101,10 @@ mod request;
 mod request_param;
 mod session;
 mod time;
-#[cfg(target_os = "linux")]
+#[cfg(all(target_os = "linux", feature = "uring"))]
+mod uring;
+#[cfg(all(target_os = "linux", not(feature = "uring")))]
+#[path = "uring_off.rs"]
 mod uring;
 
 /// We generally support async reads
