@@ -367,57 +367,69 @@ pub fn run(fs: &Fs, req: &Request, progress: bool) -> Outcome {
             ref new,
             blocks,
             json,
-        } => match core.diff(old, new, blocks) {
-            Ok(changes) if json => {
-                let rows: Vec<serde_json::Value> = changes
-                    .iter()
-                    .map(|c| {
-                        let mut r = serde_json::json!({
-                            "change": c.kind.to_string(),
-                            "path": c.path,
-                        });
-                        if let Some(n) = &c.new_path {
-                            r["new_path"] = n.as_str().into();
-                        }
-                        if blocks && c.kind == 'M' {
-                            r["ranges"] = serde_json::json!(c.ranges);
-                        }
-                        r
-                    })
-                    .collect();
-                ok(serde_json::Value::Array(rows).to_string())
-            }
-            Ok(changes) => {
-                let mut t = String::new();
-                for c in changes {
-                    match &c.new_path {
-                        Some(n) => t.push_str(&format!(
-                            "R\t{}\t->\t{}\n",
-                            printable(&c.path),
-                            printable(n)
-                        )),
-                        None => t.push_str(&format!("{}\t{}\n", c.kind, printable(&c.path))),
-                    }
-                    for (s, e) in &c.ranges {
-                        t.push_str(&format!("\t\t{s}-{e}\n"));
+        } => {
+            // The epochs and a frozen view are taken under the lock; the diff is read
+            // without it.
+            let view = core.diff_view(old, new);
+            let missing = match &view {
+                Err(e) if e.errno() == libc::ENOENT => {
+                    if core.snapshot_named(old.as_bytes()).ok().flatten().is_none() {
+                        old
+                    } else {
+                        new
                     }
                 }
-                ok(t)
+                _ => old,
+            };
+            drop(core);
+            let res = view.and_then(|d| d.run(blocks)).map_err(|e| (e, missing));
+            match res {
+                Ok(changes) if json => {
+                    let rows: Vec<serde_json::Value> = changes
+                        .iter()
+                        .map(|c| {
+                            let mut r = serde_json::json!({
+                                "change": c.kind.to_string(),
+                                "path": c.path,
+                            });
+                            if let Some(n) = &c.new_path {
+                                r["new_path"] = n.as_str().into();
+                            }
+                            if blocks && c.kind == 'M' {
+                                r["ranges"] = serde_json::json!(c.ranges);
+                            }
+                            r
+                        })
+                        .collect();
+                    ok(serde_json::Value::Array(rows).to_string())
+                }
+                Ok(changes) => {
+                    let mut t = String::new();
+                    for c in changes {
+                        match &c.new_path {
+                            Some(n) => t.push_str(&format!(
+                                "R\t{}\t->\t{}\n",
+                                printable(&c.path),
+                                printable(n)
+                            )),
+                            None => t.push_str(&format!("{}\t{}\n", c.kind, printable(&c.path))),
+                        }
+                        for (s, e) in &c.ranges {
+                            t.push_str(&format!("\t\t{s}-{e}\n"));
+                        }
+                    }
+                    ok(t)
+                }
+                Err((e, _)) if e.errno() == libc::EINVAL => fail(format!(
+                    "{} is not older than {}",
+                    printable(&clip(old)),
+                    printable(&clip(new))
+                )),
+                Err((e, missing)) if e.errno() == libc::ENOENT => {
+                    fail(format!("no snapshot named {:?}", clip(missing)))
+                }
+                Err((e, _)) => fail(e.to_string()),
             }
-            Err(e) if e.errno() == libc::EINVAL => fail(format!(
-                "{} is not older than {}",
-                printable(&clip(old)),
-                printable(&clip(new))
-            )),
-            Err(e) if e.errno() == libc::ENOENT => {
-                let missing = if core.snapshot_named(old.as_bytes()).ok().flatten().is_none() {
-                    old
-                } else {
-                    new
-                };
-                fail(format!("no snapshot named {:?}", clip(missing)))
-            }
-            Err(e) => fail(e.to_string()),
-        },
+        }
     }
 }

@@ -352,33 +352,75 @@ impl Inner {
         Ok(out)
     }
 
-    /// Paths of `ino` in the tree at `epoch`, from the back pointers.
-    fn paths_at(&mut self, epoch: u64, ino: u64) -> FsResult<Vec<String>> {
-        // The root is the empty path here (diff prints its children as `/name`).
-        if ino == ROOT_INO {
-            return Ok(vec![String::new()]);
-        }
-        let txn = self.store.read_txn()?;
-        Ok(crate::store::paths_at(txn.versions(), epoch, ino)?)
-    }
-
     /// What changed from snapshot `old` to `new` (a snapshot or `live`), from the change
     /// index: O(changes), never a tree walk. With `blocks`, modified files carry their
     /// changed byte ranges.
     pub fn diff(&mut self, old: &str, new: &str, blocks: bool) -> FsResult<Vec<Change>> {
-        let (a_e, b_e) = (self.diff_epoch(old)?, self.diff_epoch(new)?);
-        if a_e >= b_e {
+        let d = self.diff_view(old, new)?;
+        d.run(blocks)
+    }
+
+    /// What [`Inner::diff`] needs, taken under the core lock: the two epochs and a
+    /// frozen view of the store; [`DiffView::run`] then works without the lock.
+    pub fn diff_view(&mut self, old: &str, new: &str) -> FsResult<DiffView> {
+        let (a, b) = (self.diff_epoch(old)?, self.diff_epoch(new)?);
+        if a >= b {
             return err(libc::EINVAL);
         }
+        Ok(DiffView {
+            view: self.store.frozen()?,
+            a,
+            b,
+            bs: self.bs_u64(),
+        })
+    }
+
+    fn bs_u64(&self) -> u64 {
+        self.store.block_size as u64
+    }
+}
+
+/// A diff between epochs `a < b` of a frozen view, computed without the core lock.
+pub struct DiffView {
+    view: crate::store::Frozen,
+    a: u64,
+    b: u64,
+    bs: u64,
+}
+
+impl DiffView {
+    /// The changes, from the change index: O(changes), never a tree walk. With
+    /// `blocks`, modified files carry their changed byte ranges.
+    pub fn run(&self, blocks: bool) -> FsResult<Vec<Change>> {
+        let (a_e, b_e, bs) = (self.a, self.b, self.bs);
+        let txn = &self.view.txn;
+        let versions = txn.open_table(VERSIONS).map_err(StoreError::from)?;
+        let changes = txn.open_table(CHANGES).map_err(StoreError::from)?;
         let mut by_ino: BTreeMap<u64, Vec<RowChange>> = BTreeMap::new();
-        for c in self.store.changes_between(a_e, b_e)? {
+        for c in crate::store::snapshots::changed_rows(&changes, &versions, a_e, b_e)? {
             by_ino.entry(c.ino).or_default().push(c);
         }
-        let bs = self.bs_u64();
+        // The record of an inode at an epoch; `None` where it does not exist. Only
+        // "not there" is absence: an unreadable record is an error, not a file diff may
+        // call added or removed.
+        let inode_at = |e: u64, ino: u64| -> FsResult<Option<InodeRec>> {
+            match crate::store::visible(&versions, RecKey::inode(ino), e)? {
+                Some(b) => Ok(Some(InodeRec::decode(&b)?)),
+                None => Ok(None),
+            }
+        };
+        // Paths of an inode at an epoch, from the back pointers (the root is the empty
+        // path here: its children print as `/name`).
+        let paths_at = |e: u64, ino: u64| -> FsResult<Vec<String>> {
+            if ino == ROOT_INO {
+                return Ok(vec![String::new()]);
+            }
+            Ok(crate::store::paths_at(&versions, e, ino)?)
+        };
         let mut out = Vec::new();
         for (ino, rows) in by_ino {
-            let (a, b) = (self.inode_if_at(a_e, ino)?, self.inode_if_at(b_e, ino)?);
-            let (pa, pb) = (self.paths_at(a_e, ino)?, self.paths_at(b_e, ino)?);
+            let (a, b) = (inode_at(a_e, ino)?, inode_at(b_e, ino)?);
+            let (pa, pb) = (paths_at(a_e, ino)?, paths_at(b_e, ino)?);
             let show = |p: &str| {
                 if p.is_empty() {
                     "/".to_string()
@@ -466,21 +508,6 @@ impl Inner {
         }
         out.sort_by(|x, y| x.path.cmp(&y.path).then(x.kind.cmp(&y.kind)));
         Ok(out)
-    }
-
-    fn bs_u64(&self) -> u64 {
-        self.store.block_size as u64
-    }
-
-    /// The record of `ino` at `epoch`, `None` where it does not exist. Only "not there"
-    /// is absence: an unreadable record is an error, not a file diff may call added or
-    /// removed.
-    fn inode_if_at(&mut self, epoch: u64, ino: u64) -> FsResult<Option<InodeRec>> {
-        match self.inode_at(epoch, ino) {
-            Ok(rec) => Ok(Some(rec)),
-            Err(FsError::Errno(libc::ENOENT)) => Ok(None),
-            Err(e) => Err(e),
-        }
     }
 }
 
