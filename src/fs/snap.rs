@@ -614,6 +614,20 @@ mod change_index_tests {
     use crate::store::StoreConfig;
     use crate::store::schema::{CHANGES, HOLDS, META, OLD_CHANGES};
 
+    /// Every row of the change index.
+    fn index_rows(core: &mut Inner) -> Vec<(u64, u64, u8, u64, Vec<u8>)> {
+        let txn = core.store().read_txn().unwrap();
+        txn.changes()
+            .iter()
+            .unwrap()
+            .map(|r| {
+                let (key, _) = r.unwrap();
+                let (e, i, k, s, n) = key.value();
+                (e, i, k, s, n.to_vec())
+            })
+            .collect()
+    }
+
     fn rows(core: &mut Inner) -> u64 {
         core.store().read_txn().unwrap().changes().len().unwrap()
     }
@@ -673,17 +687,7 @@ mod change_index_tests {
             core.snapshot_create(b"s2", Ts::now()).unwrap();
             put_file(&mut core, b"b", b"bee");
             core.store().commit_group(true).unwrap();
-            let txn = core.store().read_txn().unwrap();
-            before = txn
-                .changes()
-                .iter()
-                .unwrap()
-                .map(|r| {
-                    let (key, _) = r.unwrap();
-                    let (e, i, k, s, n) = key.value();
-                    (e, i, k, s, n.to_vec())
-                })
-                .collect();
+            before = index_rows(&mut core);
         }
         assert!(before.len() >= 5, "{before:?}");
         // Format 2 kept one row per inode and epoch, and had no holds.
@@ -708,19 +712,7 @@ mod change_index_tests {
         assert!(matches!(ro, Err(StoreError::Upgrade(2))), "{:?}", ro.err());
         let fs = Fs::open(&path, None).unwrap();
         let mut core = fs.lock();
-        let txn = core.store().read_txn().unwrap();
-        let after: Vec<(u64, u64, u8, u64, Vec<u8>)> = txn
-            .changes()
-            .iter()
-            .unwrap()
-            .map(|r| {
-                let (key, _) = r.unwrap();
-                let (e, i, k, s, n) = key.value();
-                (e, i, k, s, n.to_vec())
-            })
-            .collect();
-        assert_eq!(after, before);
-        drop(txn);
+        assert_eq!(index_rows(&mut core), before);
         let d = core.diff("s1", "live", false).unwrap();
         let paths: Vec<&str> = d.iter().map(|c| c.path.as_str()).collect();
         assert_eq!(paths, ["/", "/a", "/b", "/d"], "{d:?}");
