@@ -6,6 +6,7 @@
 //! - [`fs`]: POSIX semantics over the versioned store (no FUSE types);
 //! - [`control`]: the typed commands and answers of the control protocol;
 //! - [`check`]: fsck and status;
+//! - [`sync`]: replication of snapshots to another store (its wire format so far);
 //! - [`store`]: the redb schema, extent segments and reference counts;
 //! - [`text`]: how user-given names and arguments are printed.
 
@@ -17,4 +18,5 @@ pub mod fs;
 pub mod fuse;
 pub mod policy;
 pub mod store;
+pub mod sync;
 pub mod text;
