@@ -1171,6 +1171,17 @@ impl Store {
         (self.readers.clone(), self.cancel.clone())
     }
 
+    /// The volume this store is a replica of (`snapfs sync`), if it is one.
+    pub fn replica_of(&self) -> Result<Option<[u8; 16]>, StoreError> {
+        let txn = self.read_txn()?;
+        match read_meta(&txn.0.meta, meta::REPLICA_OF)? {
+            Some(v) => Ok(Some(v.as_slice().try_into().map_err(|_| {
+                StoreError::Corrupt("meta row replica_of is not 16 bytes".into())
+            })?)),
+            None => Ok(None),
+        }
+    }
+
     /// A view of the current state, including the open transaction group (it begins
     /// one if none is open). Hold it briefly: a write needs the group back.
     pub fn read_txn(&self) -> Result<View<'_>, StoreError> {
@@ -2707,6 +2718,96 @@ impl Writer<'_> {
             self.put(key, None)?;
         }
         self.put(RecKey::inode(ino), None)
+    }
+
+    /// Stores received extents the index lacks (`items` already rehashed by the
+    /// caller), each noted in `staged` until a record takes a reference to it.
+    pub fn append_received(
+        &mut self,
+        items: &[([u8; 32], &[u8])],
+        staged: &mut Staged,
+    ) -> Result<(), OpError> {
+        let new: Vec<([u8; 32], &[u8])> = items
+            .iter()
+            .filter(|(h, _)| !staged.contains_key(h))
+            .filter_map(|(h, d)| match self.t.extents.get(*h) {
+                Ok(None) => Some(Ok((*h, *d))),
+                Ok(Some(_)) => None,
+                Err(e) => Some(Err(e)),
+            })
+            .collect::<Result<_, _>>()?;
+        if new.is_empty() {
+            return Ok(());
+        }
+        let at = self
+            .segs
+            .append_many(&new)
+            .map_err(|e| OpError::Errno(e.errno()))?;
+        for ((hash, data), (seg, off)) in new.iter().zip(at) {
+            staged.insert(*hash, (seg, off, data.len() as u32));
+        }
+        Ok(())
+    }
+
+    /// Writes a received record as the live version of `key`, after checking that
+    /// its payload decodes as its kind's must; a block record takes a reference to
+    /// each extent it names, which must be stored or in `staged`.
+    pub fn put_received(
+        &mut self,
+        key: RecKey<'_>,
+        payload: Option<&[u8]>,
+        staged: &mut Staged,
+    ) -> Result<(), StoreError> {
+        if let Some(p) = payload {
+            match key.kind {
+                KIND_INODE => {
+                    InodeRec::decode(p)?;
+                }
+                KIND_DIRENT => {
+                    DirentRec::decode(p)?;
+                }
+                KIND_BLOCK => {
+                    let rec = BlockRec::decode(p)?;
+                    let mut n: std::collections::HashMap<[u8; 32], u64> = Default::default();
+                    for h in rec.extents() {
+                        *n.entry(*h).or_default() += 1;
+                    }
+                    for (h, n) in n {
+                        if !staged.contains_key(&h) && self.t.extents.get(h)?.is_none() {
+                            return Err(StoreError::Corrupt(format!(
+                                "block {} of inode {} names extent {} that was never sent",
+                                key.sub,
+                                key.ino,
+                                hex(&h)
+                            )));
+                        }
+                        self.take_refs(h, n, staged)?;
+                    }
+                }
+                KIND_PARENT if !p.is_empty() => {
+                    return Err(StoreError::Corrupt("a back pointer with a payload".into()));
+                }
+                _ => {}
+            }
+        }
+        if key.ino == 0 || key.ino >= MAX_LIVE_INO {
+            return Err(StoreError::Corrupt(format!("inode number {}", key.ino)));
+        }
+        self.put(key, payload)?;
+        // Inode numbers handed out later must not collide with received ones.
+        let next = read_meta_as(&self.t.meta, meta::NEXT_INO, le_u64)?;
+        if key.ino >= next {
+            let row = seal_meta(meta::NEXT_INO, &(key.ino + 1).to_le_bytes());
+            self.t.meta.insert(meta::NEXT_INO, row.as_slice())?;
+        }
+        Ok(())
+    }
+
+    /// Records that this store is a replica of volume `volume`.
+    pub fn set_replica_of(&mut self, volume: &[u8; 16]) -> Result<(), StoreError> {
+        let row = seal_meta(meta::REPLICA_OF, volume);
+        self.t.meta.insert(meta::REPLICA_OF, row.as_slice())?;
+        Ok(())
     }
 
     /// Hands out a new inode number.

@@ -74,6 +74,9 @@ pub mod meta {
     pub const LIVE_EPOCH: &str = "live_epoch";
     /// u64: the next inode number to hand out.
     pub const NEXT_INO: &str = "next_ino";
+    /// 16 bytes, on a replica only: the volume id of the store it receives
+    /// snapshots from (`snapfs sync`).
+    pub const REPLICA_OF: &str = "replica_of";
     /// i64: creation time, seconds since the Unix epoch.
     pub const CREATED: &str = "created";
     /// u64: the id the next new segment gets (ids are never reused). Absent in stores

@@ -5,4 +5,5 @@
 //! authentication. The source and sink that speak it, the transports and the
 //! commands come next; `docs/FORMAT.md` ("Sync wire format") is the byte layout.
 
+pub mod session;
 pub mod wire;

@@ -1,0 +1,562 @@
+//! The two ends of a sync session over the wire format: the source, which reads a
+//! store no daemon holds and sends the snapshots the destination lacks, and the
+//! sink, which receives them into a store no daemon holds.
+//!
+//! The source sends a snapshot as the records that differ between the base (the
+//! newest snapshot both hold) and it, found through the change index (a whole send
+//! has no base: every record visible in the snapshot). Records go in batches; the
+//! sink answers each with the extents it names that the sink lacks, and the source
+//! sends those before its next batch (the pull rides on the push). At the barrier
+//! the sink applies what is left and takes the snapshot in one durable commit; only
+//! then does it answer `Committed`. Until that commit nothing received is durable, so
+//! an interrupted session leaves the destination at its last snapshot.
+
+use std::collections::HashSet;
+use std::io::{Read, Write};
+use std::path::Path;
+
+use redb::ReadableTable as _;
+
+use super::wire::{Frame, FrameReader, FrameWriter, Record, SnapRef, VERSION, WireError};
+use crate::store::schema::*;
+use crate::store::snapshots::changed_rows;
+use crate::store::{ReadOnlyStore, RecKey, Staged, Store, StoreConfig};
+
+/// Records per batch, at most.
+const BATCH_RECORDS: usize = 4096;
+/// Bytes of records per batch, about (a frame may hold 8 MiB).
+const BATCH_BYTES: usize = 1 << 20;
+
+/// Errors of a sync session.
+#[derive(Debug, thiserror::Error)]
+pub enum SyncError {
+    /// The stream broke a rule, or the transport failed.
+    #[error(transparent)]
+    Wire(#[from] WireError),
+    /// A store could not be read or written.
+    #[error(transparent)]
+    Store(#[from] crate::store::StoreError),
+    /// The other side said why it stopped.
+    #[error("the other side stopped: {0}")]
+    Remote(String),
+    /// The stream is well formed but not what the protocol allows here.
+    #[error("{0}")]
+    Protocol(String),
+}
+
+impl From<crate::store::OpError> for SyncError {
+    fn from(e: crate::store::OpError) -> Self {
+        SyncError::Store(e.into())
+    }
+}
+
+impl From<redb::StorageError> for SyncError {
+    fn from(e: redb::StorageError) -> Self {
+        SyncError::Store(e.into())
+    }
+}
+
+impl From<redb::TableError> for SyncError {
+    fn from(e: redb::TableError) -> Self {
+        SyncError::Store(e.into())
+    }
+}
+
+fn protocol(msg: impl Into<String>) -> SyncError {
+    SyncError::Protocol(msg.into())
+}
+
+/// What a session moved.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Summary {
+    /// Snapshots sent (or received) and committed.
+    pub snapshots: Vec<String>,
+    /// Records sent.
+    pub records: u64,
+    /// Extents sent.
+    pub extents: u64,
+    /// Bytes of extent data sent.
+    pub payload_bytes: u64,
+    /// Bytes on the wire, both directions, headers and MACs included.
+    pub wire_bytes: u64,
+}
+
+/// Reads the next frame; the end of the stream or an `Error` frame is an error here.
+fn expect<R: Read>(r: &mut FrameReader<R>) -> Result<Frame, SyncError> {
+    match r.read_frame()? {
+        Some(Frame::Error { message }) => Err(SyncError::Remote(message)),
+        Some(f) => Ok(f),
+        None => Err(protocol("the other side closed the connection")),
+    }
+}
+
+fn snap_ref(name: &str, rec: &SnapshotRec) -> SnapRef {
+    SnapRef {
+        name: name.to_string(),
+        created_sec: rec.created.sec,
+        created_nsec: rec.created.nsec,
+    }
+}
+
+/// Sends the snapshots of the store at `src` that the sink lacks (only `only`, if
+/// given), oldest first, each as an incremental from the newest one both hold.
+pub fn send<R: Read, W: Write>(
+    src: &Path,
+    only: Option<&str>,
+    mut r: FrameReader<R>,
+    mut w: FrameWriter<W>,
+) -> Result<Summary, SyncError> {
+    let mut ro = retry_locked(|| ReadOnlyStore::open(src, false))?;
+    let txn = ro.begin_read()?;
+    let meta_t = txn.open_table(META)?;
+    let volume: [u8; 16] = read_meta_as(&meta_t, meta::VOLUME_ID, |b| {
+        b.try_into()
+            .map_err(|_| crate::store::StoreError::Corrupt("volume id".into()))
+    })?;
+    let block_size = read_meta_as(&meta_t, meta::BLOCK_SIZE, le_u32)?;
+    let mut snaps: Vec<(String, SnapshotRec)> = Vec::new();
+    for row in txn.open_table(SNAPSHOTS)?.iter()? {
+        let (k, v) = row?;
+        let rec = SnapshotRec::decode(k.value(), v.value())?;
+        if rec.flags & SNAP_DELETED == 0 {
+            snaps.push((k.value().to_string(), rec));
+        }
+    }
+    snaps.sort_by_key(|(_, r)| r.epoch);
+    if let Some(name) = only
+        && !snaps.iter().any(|(n, _)| n == name)
+    {
+        return Err(protocol(format!(
+            "no snapshot named {name:?} in {}",
+            src.display()
+        )));
+    }
+    let nonce = random_nonce();
+    w.send(&Frame::Hello {
+        version: VERSION,
+        volume,
+        block_size,
+        nonce,
+    })?;
+    w.flush()?;
+    let held = match expect(&mut r)? {
+        Frame::Welcome {
+            version, snapshots, ..
+        } => {
+            if version != VERSION {
+                return Err(protocol(format!(
+                    "the destination speaks sync version {version}, this snapfs {VERSION}"
+                )));
+            }
+            snapshots
+        }
+        f => return Err(protocol(format!("expected welcome, got {f:?}"))),
+    };
+    w.send(&Frame::Proof { proof: [0; 32] })?;
+    // The base: the newest snapshot both hold (same name, same creation time).
+    let holds = |n: &str, rec: &SnapshotRec| held.iter().any(|h| *h == snap_ref(n, rec));
+    let mut base = snaps.iter().rposition(|(n, rec)| holds(n, rec));
+    let mut sum = Summary::default();
+    let versions = txn.open_table(VERSIONS)?;
+    let changes = txn.open_table(CHANGES)?;
+    let extents = txn.open_table(EXTENTS)?;
+    let todo: Vec<usize> = (base.map_or(0, |b| b + 1)..snaps.len())
+        .filter(|&i| only.is_none_or(|n| snaps[i].0 == n))
+        .collect();
+    for i in todo {
+        let (name, rec) = &snaps[i];
+        let base_name = base.map(|b| snaps[b].0.clone());
+        w.send(&Frame::Begin {
+            snapshot: snap_ref(name, rec),
+            base: base_name,
+        })?;
+        // The records that differ between the base and this snapshot.
+        let mut records: Vec<Record> = Vec::new();
+        match base {
+            Some(b) => {
+                for c in changed_rows(&changes, &versions, snaps[b].1.epoch, rec.epoch)? {
+                    records.push(Record {
+                        ino: c.ino,
+                        kind: c.kind,
+                        sub: c.sub,
+                        name: c.name,
+                        payload: c.after,
+                    });
+                }
+            }
+            None => {
+                crate::store::for_each_visible(&versions, rec.epoch, |ino, kind, sub, name, p| {
+                    records.push(Record {
+                        ino,
+                        kind,
+                        sub,
+                        name: name.to_vec(),
+                        payload: Some(p.to_vec()),
+                    });
+                    Ok(())
+                })?
+            }
+        }
+        sum.records += records.len() as u64;
+        // Batches of a bounded count and size.
+        let mut chunks: Vec<Vec<Record>> = vec![Vec::new()];
+        let mut bytes = 0;
+        for rec in records {
+            let n = 32 + rec.name.len() + rec.payload.as_ref().map_or(0, Vec::len);
+            let last = chunks.last_mut().expect("one chunk at least");
+            if !last.is_empty() && (last.len() >= BATCH_RECORDS || bytes + n > BATCH_BYTES) {
+                chunks.push(Vec::new());
+                bytes = 0;
+            }
+            bytes += n;
+            chunks.last_mut().expect("one chunk at least").push(rec);
+        }
+        for (batch, chunk) in chunks.into_iter().enumerate() {
+            let batch = batch as u64;
+            w.send(&Frame::Records {
+                batch,
+                records: chunk,
+            })?;
+            w.flush()?;
+            let missing = match expect(&mut r)? {
+                Frame::Ack { batch: b, missing } if b == batch => missing,
+                f => {
+                    return Err(protocol(format!(
+                        "expected ack of batch {batch}, got {f:?}"
+                    )));
+                }
+            };
+            for hash in missing {
+                let row = extents.get(hash)?.ok_or_else(|| {
+                    protocol(format!(
+                        "the destination asks for extent {} that this store does not have",
+                        crate::store::hex(&hash)
+                    ))
+                })?;
+                let ext = ExtentRec::decode(&hash, row.value())?;
+                let data = ro.segs.read(ext.segment, ext.offset, ext.len)?;
+                // Never send bytes that are not the extent's.
+                if *blake3::hash(&data).as_bytes() != hash {
+                    return Err(SyncError::Store(crate::store::StoreError::Corrupt(
+                        format!(
+                            "extent {} in segment {} at {} does not match its hash",
+                            crate::store::hex(&hash),
+                            ext.segment,
+                            ext.offset
+                        ),
+                    )));
+                }
+                sum.extents += 1;
+                sum.payload_bytes += data.len() as u64;
+                w.send(&Frame::Extent { hash, data })?;
+            }
+        }
+        w.send(&Frame::Barrier)?;
+        w.flush()?;
+        match expect(&mut r)? {
+            Frame::Committed { name: n } if n == *name => {}
+            f => {
+                return Err(protocol(format!(
+                    "expected the commit of {name}, got {f:?}"
+                )));
+            }
+        }
+        tracing::info!(snapshot = %name, "snapshot sent");
+        sum.snapshots.push(name.clone());
+        base = Some(i);
+    }
+    w.send(&Frame::Done)?;
+    w.flush()?;
+    sum.wire_bytes = w.wire_bytes + r.wire_bytes;
+    Ok(sum)
+}
+
+/// Receives snapshots into the store at `dest` (made when missing), which must be
+/// empty or a replica of the sending volume.
+pub fn receive<R: Read, W: Write>(
+    dest: &Path,
+    mut r: FrameReader<R>,
+    mut w: FrameWriter<W>,
+) -> Result<Summary, SyncError> {
+    let res = receive_inner(dest, &mut r, &mut w);
+    if let Err(e) = &res
+        && !matches!(e, SyncError::Remote(_) | SyncError::Wire(WireError::Io(_)))
+    {
+        // Tell the source why, if it still listens.
+        let _ = w.send(&Frame::Error {
+            message: e.to_string(),
+        });
+        let _ = w.flush();
+    }
+    res
+}
+
+fn receive_inner<R: Read, W: Write>(
+    dest: &Path,
+    r: &mut FrameReader<R>,
+    w: &mut FrameWriter<W>,
+) -> Result<Summary, SyncError> {
+    let (volume, block_size) = match expect(r)? {
+        Frame::Hello {
+            version,
+            volume,
+            block_size,
+            ..
+        } => {
+            if version != VERSION {
+                return Err(protocol(format!(
+                    "the source speaks sync version {version}, this snapfs {VERSION}"
+                )));
+            }
+            (volume, block_size)
+        }
+        f => return Err(protocol(format!("expected hello, got {f:?}"))),
+    };
+    let cfg = StoreConfig { block_size };
+    let fresh = !Store::exists(dest);
+    let mut store = retry_locked(|| Store::open(dest, Some(&cfg)))?;
+    if store.block_size != block_size {
+        return Err(protocol(format!(
+            "the destination's block size is {}, the source's {block_size}",
+            store.block_size
+        )));
+    }
+    match store.replica_of()? {
+        Some(v) if v == volume => {}
+        Some(_) => {
+            return Err(protocol(
+                "the destination is a replica of another volume".to_string(),
+            ));
+        }
+        None if store.volume_id == volume => {
+            return Err(protocol("the destination is the source volume itself"));
+        }
+        None => {
+            if !fresh && !store.snapshot_list(true)?.is_empty() {
+                return Err(protocol(
+                    "the destination has snapshots of its own: it is not a replica",
+                ));
+            }
+            store.write(true, |w| Ok(w.set_replica_of(&volume)?))?;
+        }
+    }
+    let held: Vec<SnapRef> = store
+        .snapshot_list(false)?
+        .iter()
+        .map(|(n, rec)| snap_ref(n, rec))
+        .collect();
+    w.send(&Frame::Welcome {
+        version: VERSION,
+        proof: [0; 32],
+        nonce: random_nonce(),
+        snapshots: held,
+    })?;
+    w.flush()?;
+    match expect(r)? {
+        Frame::Proof { .. } => {}
+        f => return Err(protocol(format!("expected proof, got {f:?}"))),
+    }
+    let mut sum = Summary::default();
+    loop {
+        let (snapshot, base) = match expect(r)? {
+            Frame::Done => break,
+            Frame::Begin { snapshot, base } => (snapshot, base),
+            f => return Err(protocol(format!("expected begin or done, got {f:?}"))),
+        };
+        if store.snapshot(snapshot.name.as_bytes())?.is_some() {
+            return Err(protocol(format!(
+                "the destination already has a snapshot named {:?}",
+                snapshot.name
+            )));
+        }
+        // The live tree starts as the base: anything done to the replica since goes.
+        match &base {
+            Some(b) => {
+                let rec = store.snapshot(b.as_bytes())?.ok_or_else(|| {
+                    protocol(format!("the destination lacks the base snapshot {b:?}"))
+                })?;
+                store.rollback_to(rec.epoch)?;
+            }
+            None if !store.snapshot_list(true)?.is_empty() => {
+                return Err(protocol(
+                    "a whole send to a destination that holds snapshots already",
+                ));
+            }
+            None => {}
+        }
+        let mut staged = Staged::new();
+        // The batch waiting for its missing extents, and the extents still due.
+        let mut pending: Option<Vec<Record>> = None;
+        let mut wanted: HashSet<[u8; 32]> = HashSet::new();
+        let mut next_batch = 0u64;
+        loop {
+            let next = match expect(r)? {
+                Frame::Extent { hash, data } => {
+                    if !wanted.remove(&hash) {
+                        return Err(protocol(format!(
+                            "extent {} was not asked for",
+                            crate::store::hex(&hash)
+                        )));
+                    }
+                    if *blake3::hash(&data).as_bytes() != hash {
+                        return Err(protocol(format!(
+                            "extent {} does not match its hash",
+                            crate::store::hex(&hash)
+                        )));
+                    }
+                    // Stored at once (not yet indexed): a batch's extents need not
+                    // fit in memory.
+                    store.write(false, |wr| {
+                        wr.append_received(&[(hash, &data)], &mut staged)
+                    })?;
+                    sum.extents += 1;
+                    sum.payload_bytes += data.len() as u64;
+                    continue;
+                }
+                Frame::Records { batch, records } => Some((batch, records)),
+                Frame::Barrier => None,
+                f => {
+                    return Err(protocol(format!(
+                        "expected records, extents or barrier, got {f:?}"
+                    )));
+                }
+            };
+            // The batch before is complete now: apply it.
+            if let Some(recs) = pending.take() {
+                if let Some(h) = wanted.iter().next() {
+                    return Err(protocol(format!(
+                        "extent {} was asked for and not sent",
+                        crate::store::hex(h)
+                    )));
+                }
+                store.write(false, |wr| {
+                    for rec in &recs {
+                        let key = RecKey {
+                            ino: rec.ino,
+                            kind: rec.kind,
+                            sub: rec.sub,
+                            name: &rec.name,
+                        };
+                        wr.put_received(key, rec.payload.as_deref(), &mut staged)?;
+                    }
+                    Ok(())
+                })?;
+                sum.records += recs.len() as u64;
+            }
+            let Some((batch, records)) = next else {
+                break;
+            };
+            if batch != next_batch {
+                return Err(protocol(format!(
+                    "batch {batch} came where {next_batch} was due"
+                )));
+            }
+            next_batch += 1;
+            // The extents this batch names that the destination has nowhere.
+            let mut missing = Vec::new();
+            {
+                let txn = store.read_txn()?;
+                for rec in &records {
+                    if let (KIND_BLOCK, Some(p)) = (rec.kind, &rec.payload) {
+                        for h in BlockRec::decode(p)?.extents() {
+                            if !staged.contains_key(h)
+                                && !wanted.contains(h)
+                                && txn.extents().get(*h)?.is_none()
+                            {
+                                wanted.insert(*h);
+                                missing.push(*h);
+                            }
+                        }
+                    }
+                }
+            }
+            w.send(&Frame::Ack { batch, missing })?;
+            w.flush()?;
+            pending = Some(records);
+        }
+        // The barrier: everything the snapshot names is stored; one durable commit
+        // takes it (segments are synced first).
+        store.snapshot_take(
+            &snapshot.name,
+            Ts {
+                sec: snapshot.created_sec,
+                nsec: snapshot.created_nsec,
+            },
+        )?;
+        w.send(&Frame::Committed {
+            name: snapshot.name.clone(),
+        })?;
+        w.flush()?;
+        tracing::info!(snapshot = %snapshot.name, "snapshot received");
+        sum.snapshots.push(snapshot.name);
+    }
+    sum.wire_bytes = w.wire_bytes + r.wire_bytes;
+    Ok(sum)
+}
+
+/// Opens a store, waiting up to 10 s for a daemon that is going away (unmounted just
+/// now) to let go of it; a mounted store stays an error ("in use").
+fn retry_locked<T>(open: impl Fn() -> Result<T, crate::store::StoreError>) -> Result<T, SyncError> {
+    let mut res = open();
+    for _ in 0..100 {
+        if !matches!(res, Err(crate::store::StoreError::Locked)) {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+        res = open();
+    }
+    Ok(res?)
+}
+
+fn random_nonce() -> [u8; 32] {
+    let mut n = [0u8; 32];
+    // SAFETY: getrandom(2) into a buffer of the length given.
+    let got = unsafe { libc::getrandom(n.as_mut_ptr().cast(), n.len(), 0) };
+    if got != n.len() as isize {
+        // Not a secret yet (no key exchange is built): a time-based value will do.
+        let t = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default();
+        n = *blake3::hash(&t.as_nanos().to_le_bytes()).as_bytes();
+    }
+    n
+}
+
+/// Syncs the store at `src` into the store at `dest`, both on this machine and held
+/// by no daemon: the two ends run in two threads joined by a socket pair.
+pub fn sync_local(src: &Path, dest: &Path, only: Option<&str>) -> Result<Summary, SyncError> {
+    let (a, b) = std::os::unix::net::UnixStream::pair().map_err(WireError::Io)?;
+    let (a2, b2) = (
+        a.try_clone().map_err(WireError::Io)?,
+        b.try_clone().map_err(WireError::Io)?,
+    );
+    let dest = dest.to_path_buf();
+    let sink = std::thread::Builder::new()
+        .name("sync-sink".into())
+        .spawn(move || {
+            receive(
+                &dest,
+                FrameReader::new(std::io::BufReader::new(b), None),
+                FrameWriter::new(std::io::BufWriter::new(b2), None),
+            )
+        })
+        .map_err(WireError::Io)?;
+    let sent = send(
+        src,
+        only,
+        FrameReader::new(std::io::BufReader::new(a), None),
+        FrameWriter::new(std::io::BufWriter::new(a2), None),
+    );
+    let received = sink
+        .join()
+        .map_err(|_| protocol("the receiving side panicked"))?;
+    // The side that stopped first says why; the other only saw the connection go.
+    match (sent, received) {
+        (Ok(s), Ok(_)) => Ok(s),
+        (Err(e @ (SyncError::Protocol(_) | SyncError::Store(_) | SyncError::Remote(_))), _) => {
+            Err(e)
+        }
+        (_, Err(e)) => Err(e),
+        (Err(e), Ok(_)) => Err(e),
+    }
+}
