@@ -474,6 +474,17 @@ fn receive_inner<R: Read, W: Write>(
             w.flush()?;
             pending = Some(records);
         }
+        // A snapshot without a root directory would not mount.
+        let root = store
+            .live_inode(ROOT_INO)?
+            .map(|p| InodeRec::decode(&p))
+            .transpose()?;
+        if !root.is_some_and(|r| r.kind == FileKind::Dir) {
+            return Err(protocol(format!(
+                "snapshot {:?} has no root directory",
+                snapshot.name
+            )));
+        }
         // The barrier: everything the snapshot names is stored; one durable commit
         // takes it (segments are synced first).
         store.snapshot_take(
@@ -558,5 +569,268 @@ pub fn sync_local(src: &Path, dest: &Path, only: Option<&str>) -> Result<Summary
         }
         (_, Err(e)) => Err(e),
         (Err(e), Ok(_)) => Err(e),
+    }
+}
+
+/// A sink fed crafted streams: each is refused with a clear error, and the
+/// destination is left as it was.
+#[cfg(test)]
+mod hostile_tests {
+    use super::*;
+
+    const VOL: [u8; 16] = [7; 16];
+
+    fn hello(volume: [u8; 16]) -> Frame {
+        Frame::Hello {
+            version: VERSION,
+            volume,
+            block_size: 64 * 1024,
+            nonce: [1; 32],
+        }
+    }
+
+    fn begin(name: &str, base: Option<&str>) -> Frame {
+        Frame::Begin {
+            snapshot: SnapRef {
+                name: name.into(),
+                created_sec: 1,
+                created_nsec: 0,
+            },
+            base: base.map(str::to_string),
+        }
+    }
+
+    /// A block record of inode 1 naming the extent of `data`.
+    fn block_of(data: &[u8]) -> Record {
+        let mut p = Vec::new();
+        BlockRec::whole(*blake3::hash(data).as_bytes(), data.len() as u32).encode(&mut p);
+        Record {
+            ino: 1,
+            kind: KIND_BLOCK,
+            sub: 0,
+            name: vec![],
+            payload: Some(p),
+        }
+    }
+
+    /// Runs a sink on `frames` into `dest`; returns its error text.
+    fn feed(dest: &Path, frames: &[Frame]) -> Result<Summary, String> {
+        let mut w = FrameWriter::new(Vec::new(), None);
+        for f in frames {
+            w.send(f).unwrap();
+        }
+        let bytes = w.into_inner();
+        receive(
+            dest,
+            FrameReader::new(&bytes[..], None),
+            FrameWriter::new(Vec::new(), None),
+        )
+        .map_err(|e| e.to_string())
+    }
+
+    fn snapshots(dest: &Path) -> Vec<String> {
+        let s = Store::open(dest, None).unwrap();
+        s.snapshot_list(true)
+            .unwrap()
+            .into_iter()
+            .map(|(n, _)| n)
+            .collect()
+    }
+
+    /// A replica of VOL holding snapshot "base".
+    fn replica() -> (tempfile::TempDir, std::path::PathBuf) {
+        let dir = tempfile::tempdir().unwrap();
+        let dest = dir.path().join("r");
+        // A new volume (with its root directory), no snapshot yet.
+        drop(crate::fs::Fs::open(&dest, Some(&StoreConfig::default())).unwrap());
+        let sum = feed(
+            &dest,
+            &[
+                hello(VOL),
+                Frame::Proof { proof: [0; 32] },
+                begin("base", None),
+                Frame::Barrier,
+                Frame::Done,
+            ],
+        )
+        .unwrap();
+        assert_eq!(sum.snapshots, ["base"]);
+        (dir, dest)
+    }
+
+    #[test]
+    fn a_snapshot_without_a_root_directory_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let dest = dir.path().join("r");
+        let e = feed(
+            &dest,
+            &[
+                hello(VOL),
+                Frame::Proof { proof: [0; 32] },
+                begin("s", None),
+                Frame::Barrier,
+            ],
+        )
+        .unwrap_err();
+        assert!(e.contains("no root directory"), "{e}");
+        assert!(snapshots(&dest).is_empty());
+    }
+
+    #[test]
+    fn a_stream_of_another_volume_or_an_unknown_base_is_refused() {
+        let (_d, dest) = replica();
+        let e = feed(&dest, &[hello([9; 16])]).unwrap_err();
+        assert!(e.contains("replica of another volume"), "{e}");
+        let e = feed(
+            &dest,
+            &[
+                hello(VOL),
+                Frame::Proof { proof: [0; 32] },
+                begin("s2", Some("nope")),
+            ],
+        )
+        .unwrap_err();
+        assert!(e.contains("lacks the base snapshot"), "{e}");
+        let e = feed(
+            &dest,
+            &[
+                hello(VOL),
+                Frame::Proof { proof: [0; 32] },
+                begin("base", Some("base")),
+            ],
+        )
+        .unwrap_err();
+        assert!(e.contains("already has a snapshot"), "{e}");
+        assert_eq!(snapshots(&dest), ["base"]);
+    }
+
+    #[test]
+    fn bad_extents_leave_no_snapshot() {
+        let (_d, dest) = replica();
+        let data = vec![5u8; 4096];
+        let head = [
+            hello(VOL),
+            Frame::Proof { proof: [0; 32] },
+            begin("s2", Some("base")),
+            Frame::Records {
+                batch: 0,
+                records: vec![block_of(&data)],
+            },
+        ];
+        let hash = *blake3::hash(&data).as_bytes();
+        let cases: Vec<(Vec<Frame>, &str)> = vec![
+            // Bytes that are not the extent's.
+            (
+                vec![Frame::Extent {
+                    hash,
+                    data: vec![6u8; 4096],
+                }],
+                "does not match its hash",
+            ),
+            // An extent nobody asked for.
+            (
+                vec![Frame::Extent {
+                    hash: [3; 32],
+                    data: vec![1],
+                }],
+                "was not asked for",
+            ),
+            // The barrier before the extent the batch needs.
+            (vec![Frame::Barrier], "asked for and not sent"),
+            // The stream ends inside the snapshot.
+            (vec![], "closed the connection"),
+            // A batch out of order.
+            (
+                vec![
+                    Frame::Extent {
+                        hash,
+                        data: data.clone(),
+                    },
+                    Frame::Records {
+                        batch: 5,
+                        records: vec![],
+                    },
+                ],
+                "batch 5 came where 1 was due",
+            ),
+        ];
+        for (tail, want) in cases {
+            let frames: Vec<Frame> = head.iter().cloned().chain(tail).collect();
+            let e = feed(&dest, &frames).unwrap_err();
+            assert!(e.contains(want), "{want}: {e}");
+            assert_eq!(snapshots(&dest), ["base"], "{want}");
+        }
+        // The same snapshot sent right is taken.
+        let frames: Vec<Frame> = head
+            .iter()
+            .cloned()
+            .chain([
+                Frame::Extent {
+                    hash,
+                    data: data.clone(),
+                },
+                Frame::Barrier,
+                Frame::Done,
+            ])
+            .collect();
+        feed(&dest, &frames).unwrap();
+        assert_eq!(snapshots(&dest), ["base", "s2"]);
+        let mut s = Store::open(&dest, None).unwrap();
+        let rep = crate::check::fsck(&mut s, true, &mut |_, _| {}).unwrap();
+        assert!(rep.clean(), "{}", rep.summary());
+    }
+
+    #[test]
+    fn records_that_do_not_decode_as_their_kind_are_refused() {
+        let (_d, dest) = replica();
+        for (rec, want) in [
+            (
+                Record {
+                    ino: 1,
+                    kind: KIND_INODE,
+                    sub: 0,
+                    name: vec![],
+                    payload: Some(vec![1, 2, 3]),
+                },
+                "inode record of 3 bytes",
+            ),
+            (
+                Record {
+                    ino: 1,
+                    kind: KIND_DIRENT,
+                    sub: 0,
+                    name: b"x".to_vec(),
+                    payload: Some(vec![0; 4]),
+                },
+                "dirent of 4 bytes",
+            ),
+            (
+                Record {
+                    ino: crate::store::schema::MAX_LIVE_INO,
+                    kind: KIND_XATTR,
+                    sub: 0,
+                    name: b"user.x".to_vec(),
+                    payload: Some(vec![]),
+                },
+                "inode number",
+            ),
+        ] {
+            let e = feed(
+                &dest,
+                &[
+                    hello(VOL),
+                    Frame::Proof { proof: [0; 32] },
+                    begin("s2", Some("base")),
+                    Frame::Records {
+                        batch: 0,
+                        records: vec![rec],
+                    },
+                    Frame::Barrier,
+                ],
+            )
+            .unwrap_err();
+            assert!(e.contains(want), "{want}: {e}");
+            assert_eq!(snapshots(&dest), ["base"]);
+        }
     }
 }

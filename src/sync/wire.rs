@@ -616,6 +616,11 @@ impl<W: Write> FrameWriter<W> {
     pub fn set_key(&mut self, key: [u8; 32]) {
         self.key = Some(key);
     }
+
+    /// The transport, back.
+    pub fn into_inner(self) -> W {
+        self.w
+    }
 }
 
 /// Reads frames, checking their lengths, order and (with a key) MACs.
