@@ -81,14 +81,30 @@ enum Cmd {
     Sync {
         /// The source store.
         source: PathBuf,
-        /// The destination store (a local path; made when missing).
-        dest: PathBuf,
+        /// The destination: a store path (made when missing), or tcp://HOST:PORT of a
+        /// `snapfs serve`.
+        dest: String,
         /// Send this snapshot only.
         #[arg(long)]
         snapshot: Option<String>,
+        /// The shared key, for tcp:// (a file only its owner may read).
+        #[arg(long)]
+        key_file: Option<PathBuf>,
         /// Print a machine-readable summary.
         #[arg(long)]
         json: bool,
+    },
+    /// Receive snapshots into STORE (unmounted) from `snapfs sync` over TCP, one
+    /// session at a time, until killed.
+    Serve {
+        /// The store (made when missing; a replica of what is sent to it).
+        store: PathBuf,
+        /// Where to listen (loopback unless an address is given).
+        #[arg(long, default_value = snapfs::sync::tcp::DEFAULT_LISTEN)]
+        listen: String,
+        /// The shared key (a file only its owner may read).
+        #[arg(long)]
+        key_file: PathBuf,
     },
 }
 
@@ -197,8 +213,29 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             source,
             dest,
             snapshot,
+            key_file,
             json,
-        } => return sync(&source, &dest, snapshot.as_deref(), json),
+        } => {
+            return sync(
+                &source,
+                &dest,
+                snapshot.as_deref(),
+                key_file.as_deref(),
+                json,
+            );
+        }
+        Cmd::Serve {
+            store,
+            listen,
+            key_file,
+        } => {
+            let key = snapfs::sync::tcp::read_key_file(&key_file)?;
+            snapfs::sync::tcp::serve(&store, &listen, key, |addr| {
+                println!("listening on {addr}");
+                let _ = std::io::Write::flush(&mut std::io::stdout());
+            })?;
+            return Ok(ExitCode::SUCCESS);
+        }
         Cmd::Diff {
             target,
             old,
@@ -238,17 +275,29 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
 /// `snapfs sync` between two local stores no daemon holds.
 fn sync(
     source: &Path,
-    dest: &Path,
+    dest: &str,
     snapshot: Option<&str>,
+    key_file: Option<&Path>,
     json: bool,
 ) -> anyhow::Result<ExitCode> {
     let src = daemon::resolve_store(source)?;
-    if std::fs::canonicalize(dest).is_ok_and(|d| d == src) {
-        anyhow::bail!("{} is the source itself", dest.display());
-    }
     let t = std::time::Instant::now();
-    let sum = snapfs::sync::session::sync_local(&src, dest, snapshot)
-        .map_err(|e| anyhow::anyhow!("sync {} -> {}: {e}", source.display(), dest.display()))?;
+    let res = if let Some(addr) = dest.strip_prefix("tcp://") {
+        let Some(kf) = key_file else {
+            anyhow::bail!("sync over tcp:// needs --key-file (the key `snapfs serve` was given)");
+        };
+        let key = snapfs::sync::tcp::read_key_file(kf)?;
+        snapfs::sync::tcp::sync_tcp(&src, addr.trim_end_matches('/'), snapshot, key)
+    } else if dest.contains("://") {
+        anyhow::bail!("{dest}: unknown transport (tcp:// and local paths are built)");
+    } else {
+        let dest = Path::new(dest);
+        if std::fs::canonicalize(dest).is_ok_and(|d| d == src) {
+            anyhow::bail!("{} is the source itself", dest.display());
+        }
+        snapfs::sync::session::sync_local(&src, dest, snapshot)
+    };
+    let sum = res.map_err(|e| anyhow::anyhow!("sync {} -> {dest}: {e}", source.display()))?;
     let secs = t.elapsed().as_secs_f64();
     if json {
         println!(
@@ -264,7 +313,7 @@ fn sync(
             })
         );
     } else if sum.snapshots.is_empty() {
-        println!("nothing to send: {} has every snapshot", dest.display());
+        println!("nothing to send: {dest} has every snapshot");
     } else {
         println!(
             "sent {} snapshots ({}): {} records, {} extents, {} payload bytes, {} bytes on the wire, {secs:.2} s",

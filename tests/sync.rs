@@ -125,3 +125,107 @@ fn a_destination_that_is_not_a_replica_is_refused_and_left_alone() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("no snapshot named \"nope\""), "{err}");
 }
+
+/// A `snapfs serve` child, killed when dropped.
+struct Server {
+    child: std::process::Child,
+    addr: String,
+}
+
+impl Server {
+    fn start(store: &Path, key: &Path) -> Server {
+        use std::io::BufRead;
+        let mut child = std::process::Command::new(SNAPFS)
+            .args(["serve", store.to_str().unwrap(), "--listen", "127.0.0.1:0"])
+            .arg("--key-file")
+            .arg(key)
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut line = String::new();
+        std::io::BufReader::new(child.stdout.take().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        let addr = line
+            .trim()
+            .strip_prefix("listening on ")
+            .unwrap_or_else(|| panic!("{line:?}"))
+            .to_string();
+        Server { child, addr }
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn key_file(dir: &Path, name: &str, secret: &str) -> std::path::PathBuf {
+    use std::os::unix::fs::PermissionsExt;
+    let p = dir.join(name);
+    std::fs::write(&p, secret).unwrap();
+    std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o600)).unwrap();
+    p
+}
+
+#[test]
+fn over_tcp_the_key_is_proven_and_the_server_survives_bad_peers() {
+    let mut src = Mount::new();
+    populate(&src.mnt, 9);
+    snapfs(&["snapshot", "create", src.mnt.to_str().unwrap(), "a"]);
+    churn(&src.mnt, 10);
+    snapfs(&["snapshot", "create", src.mnt.to_str().unwrap(), "b"]);
+    src.unmount();
+    let dir = src.dir.path().to_path_buf();
+    let key = key_file(&dir, "key", "correct horse battery staple 1234");
+    let wrong = key_file(&dir, "wrong", "an entirely different secret 5678");
+    let replica = dir.join("replica");
+    let server = Server::start(&replica, &key);
+    let url = format!("tcp://{}", server.addr);
+    let to = |k: &Path| {
+        snapfs(&[
+            "sync",
+            src.store.to_str().unwrap(),
+            &url,
+            "--key-file",
+            k.to_str().unwrap(),
+            "--json",
+        ])
+    };
+
+    // A wrong key: refused before anything is said of the store.
+    let out = to(&wrong);
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("does not prove the key"), "{err}");
+    // Garbage, a cut handshake and a silent peer: the server goes on.
+    for junk in [&b"GET / HTTP/1.0\r\n\r\n"[..], &[0xff; 64][..], b""] {
+        use std::io::Write;
+        let mut c = std::net::TcpStream::connect(&server.addr).unwrap();
+        let _ = c.write_all(junk);
+    }
+    // A key file others may read is refused.
+    use std::os::unix::fs::PermissionsExt;
+    let open = key_file(&dir, "open", "correct horse battery staple 1234");
+    std::fs::set_permissions(&open, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let out = to(&open);
+    assert!(String::from_utf8_lossy(&out.stderr).contains("lets others read it"));
+
+    let out = to(&key);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let sum: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(sum["snapshots"], serde_json::json!(["a", "b"]), "{sum}");
+    drop(server);
+
+    src.mount(&[]);
+    let mnt = dir.join("replica-mnt");
+    std::fs::create_dir(&mnt).unwrap();
+    let dest = Mount::at(replica, mnt, &[]);
+    assert_eq!(snapshot_trees(&src), snapshot_trees(&dest));
+}

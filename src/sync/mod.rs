@@ -6,4 +6,5 @@
 //! commands come next; `docs/FORMAT.md` ("Sync wire format") is the byte layout.
 
 pub mod session;
+pub mod tcp;
 pub mod wire;

@@ -17,7 +17,9 @@ use std::path::Path;
 
 use redb::ReadableTable as _;
 
-use super::wire::{Frame, FrameReader, FrameWriter, Record, SnapRef, VERSION, WireError};
+use super::wire::{
+    Frame, FrameReader, FrameWriter, Record, SnapRef, VERSION, WireError, proof, session_key,
+};
 use crate::store::schema::*;
 use crate::store::snapshots::changed_rows;
 use crate::store::{ReadOnlyStore, RecKey, Staged, Store, StoreConfig};
@@ -103,6 +105,7 @@ fn snap_ref(name: &str, rec: &SnapshotRec) -> SnapRef {
 pub fn send<R: Read, W: Write>(
     src: &Path,
     only: Option<&str>,
+    key: Option<[u8; 32]>,
     mut r: FrameReader<R>,
     mut w: FrameWriter<W>,
 ) -> Result<Summary, SyncError> {
@@ -139,20 +142,49 @@ pub fn send<R: Read, W: Write>(
         nonce,
     })?;
     w.flush()?;
-    let held = match expect(&mut r)? {
+    let (their_proof, their_nonce) = match expect(&mut r)? {
         Frame::Welcome {
-            version, snapshots, ..
+            version,
+            proof,
+            nonce: n,
         } => {
             if version != VERSION {
                 return Err(protocol(format!(
                     "the destination speaks sync version {version}, this snapfs {VERSION}"
                 )));
             }
-            snapshots
+            (proof, n)
         }
         f => return Err(protocol(format!("expected welcome, got {f:?}"))),
     };
-    w.send(&Frame::Proof { proof: [0; 32] })?;
+    match key {
+        Some(k) => {
+            if !constant_eq(&their_proof, &proof(&k, &nonce, "sink")) {
+                return Err(protocol(
+                    "the destination does not prove the key: a wrong key, or not the server meant",
+                ));
+            }
+            w.send(&Frame::Proof {
+                proof: proof(&k, &their_nonce, "source"),
+            })?;
+            w.flush()?;
+            let sk = session_key(&k, &nonce, &their_nonce);
+            w.set_key(sk);
+            r.set_key(sk);
+        }
+        None => {
+            w.send(&Frame::Proof { proof: [0; 32] })?;
+            w.flush()?;
+        }
+    }
+    let held = match expect(&mut r)? {
+        Frame::Holding { snapshots } => snapshots,
+        f => {
+            return Err(protocol(format!(
+                "expected the destination's snapshots, got {f:?}"
+            )));
+        }
+    };
     // The base: the newest snapshot both hold (same name, same creation time).
     let holds = |n: &str, rec: &SnapshotRec| held.iter().any(|h| *h == snap_ref(n, rec));
     let mut base = snaps.iter().rposition(|(n, rec)| holds(n, rec));
@@ -275,10 +307,11 @@ pub fn send<R: Read, W: Write>(
 /// empty or a replica of the sending volume.
 pub fn receive<R: Read, W: Write>(
     dest: &Path,
+    key: Option<[u8; 32]>,
     mut r: FrameReader<R>,
     mut w: FrameWriter<W>,
 ) -> Result<Summary, SyncError> {
-    let res = receive_inner(dest, &mut r, &mut w);
+    let res = receive_inner(dest, key, &mut r, &mut w);
     if let Err(e) = &res
         && !matches!(e, SyncError::Remote(_) | SyncError::Wire(WireError::Io(_)))
     {
@@ -293,25 +326,46 @@ pub fn receive<R: Read, W: Write>(
 
 fn receive_inner<R: Read, W: Write>(
     dest: &Path,
+    key: Option<[u8; 32]>,
     r: &mut FrameReader<R>,
     w: &mut FrameWriter<W>,
 ) -> Result<Summary, SyncError> {
-    let (volume, block_size) = match expect(r)? {
+    let (volume, block_size, their_nonce) = match expect(r)? {
         Frame::Hello {
             version,
             volume,
             block_size,
-            ..
+            nonce,
         } => {
             if version != VERSION {
                 return Err(protocol(format!(
                     "the source speaks sync version {version}, this snapfs {VERSION}"
                 )));
             }
-            (volume, block_size)
+            (volume, block_size, nonce)
         }
         f => return Err(protocol(format!("expected hello, got {f:?}"))),
     };
+    // The source proves the key before the store is opened or anything is said of it.
+    let nonce = random_nonce();
+    w.send(&Frame::Welcome {
+        version: VERSION,
+        proof: key.map_or([0; 32], |k| proof(&k, &their_nonce, "sink")),
+        nonce,
+    })?;
+    w.flush()?;
+    let their_proof = match expect(r)? {
+        Frame::Proof { proof } => proof,
+        f => return Err(protocol(format!("expected proof, got {f:?}"))),
+    };
+    if let Some(k) = key {
+        if !constant_eq(&their_proof, &proof(&k, &nonce, "source")) {
+            return Err(protocol("the source does not prove the key: a wrong key"));
+        }
+        let sk = session_key(&k, &their_nonce, &nonce);
+        w.set_key(sk);
+        r.set_key(sk);
+    }
     let cfg = StoreConfig { block_size };
     let fresh = !Store::exists(dest);
     let mut store = retry_locked(|| Store::open(dest, Some(&cfg)))?;
@@ -345,17 +399,8 @@ fn receive_inner<R: Read, W: Write>(
         .iter()
         .map(|(n, rec)| snap_ref(n, rec))
         .collect();
-    w.send(&Frame::Welcome {
-        version: VERSION,
-        proof: [0; 32],
-        nonce: random_nonce(),
-        snapshots: held,
-    })?;
+    w.send(&Frame::Holding { snapshots: held })?;
     w.flush()?;
-    match expect(r)? {
-        Frame::Proof { .. } => {}
-        f => return Err(protocol(format!("expected proof, got {f:?}"))),
-    }
     let mut sum = Summary::default();
     loop {
         let (snapshot, base) = match expect(r)? {
@@ -519,6 +564,10 @@ fn retry_locked<T>(open: impl Fn() -> Result<T, crate::store::StoreError>) -> Re
     Ok(res?)
 }
 
+fn constant_eq(a: &[u8; 32], b: &[u8; 32]) -> bool {
+    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
 fn random_nonce() -> [u8; 32] {
     let mut n = [0u8; 32];
     // SAFETY: getrandom(2) into a buffer of the length given.
@@ -547,6 +596,7 @@ pub fn sync_local(src: &Path, dest: &Path, only: Option<&str>) -> Result<Summary
         .spawn(move || {
             receive(
                 &dest,
+                None,
                 FrameReader::new(std::io::BufReader::new(b), None),
                 FrameWriter::new(std::io::BufWriter::new(b2), None),
             )
@@ -555,6 +605,7 @@ pub fn sync_local(src: &Path, dest: &Path, only: Option<&str>) -> Result<Summary
     let sent = send(
         src,
         only,
+        None,
         FrameReader::new(std::io::BufReader::new(a), None),
         FrameWriter::new(std::io::BufWriter::new(a2), None),
     );
@@ -622,6 +673,7 @@ mod hostile_tests {
         let bytes = w.into_inner();
         receive(
             dest,
+            None,
             FrameReader::new(&bytes[..], None),
             FrameWriter::new(Vec::new(), None),
         )
@@ -679,7 +731,7 @@ mod hostile_tests {
     #[test]
     fn a_stream_of_another_volume_or_an_unknown_base_is_refused() {
         let (_d, dest) = replica();
-        let e = feed(&dest, &[hello([9; 16])]).unwrap_err();
+        let e = feed(&dest, &[hello([9; 16]), Frame::Proof { proof: [0; 32] }]).unwrap_err();
         assert!(e.contains("replica of another volume"), "{e}");
         let e = feed(
             &dest,

@@ -123,7 +123,11 @@ pub enum Frame {
         proof: [u8; 32],
         /// Random bytes the source answers with its own proof.
         nonce: [u8; 32],
-        /// The snapshots of this volume the destination holds, oldest first.
+    },
+    /// Destination, once the source has proven the key: the snapshots of this
+    /// volume it holds, oldest first.
+    Holding {
+        /// The snapshots.
         snapshots: Vec<SnapRef>,
     },
     /// Source to destination: its proof of the key over the destination's nonce.
@@ -186,6 +190,7 @@ const T_BARRIER: u8 = 8;
 const T_COMMITTED: u8 = 9;
 const T_ERROR: u8 = 10;
 const T_DONE: u8 = 11;
+const T_HOLDING: u8 = 12;
 
 /// Longest error message carried.
 const MESSAGE_MAX: usize = 4096;
@@ -222,6 +227,7 @@ impl Frame {
             Frame::Committed { .. } => T_COMMITTED,
             Frame::Error { .. } => T_ERROR,
             Frame::Done => T_DONE,
+            Frame::Holding { .. } => T_HOLDING,
         }
     }
 
@@ -245,11 +251,12 @@ impl Frame {
                 version,
                 proof,
                 nonce,
-                snapshots,
             } => {
                 b.extend_from_slice(&version.to_le_bytes());
                 b.extend_from_slice(proof);
                 b.extend_from_slice(nonce);
+            }
+            Frame::Holding { snapshots } => {
                 b.extend_from_slice(&(snapshots.len() as u32).to_le_bytes());
                 for s in snapshots {
                     put_snap(&mut b, s);
@@ -327,21 +334,21 @@ impl Frame {
             }
             T_WELCOME => {
                 const W: &str = "welcome";
-                let version = r.u32(W)?;
-                let proof = r.array(W)?;
-                let nonce = r.array(W)?;
+                Frame::Welcome {
+                    version: r.u32(W)?,
+                    proof: r.array(W)?,
+                    nonce: r.array(W)?,
+                }
+            }
+            T_HOLDING => {
+                const W: &str = "holding";
                 // A snapshot takes at least 13 bytes: the count is bounded by the body.
                 let n = r.count(13, W)?;
                 let mut snapshots = Vec::with_capacity(n);
                 for _ in 0..n {
                     snapshots.push(r.snap(W)?);
                 }
-                Frame::Welcome {
-                    version,
-                    proof,
-                    nonce,
-                    snapshots,
-                }
+                Frame::Holding { snapshots }
             }
             T_PROOF => Frame::Proof {
                 proof: r.array("proof")?,
@@ -427,6 +434,7 @@ fn type_name(t: u8) -> &'static str {
         T_BARRIER => "barrier",
         T_COMMITTED => "committed",
         T_ERROR => "error",
+        T_HOLDING => "holding",
         _ => "done",
     }
 }
@@ -559,13 +567,30 @@ fn mac(key: &[u8; 32], seq: u64, t: u8, body: &[u8]) -> [u8; MAC_LEN] {
     out
 }
 
-/// The proof of a key over a nonce (challenge-response of the handshake).
+/// The proof of a key over a nonce (challenge-response of the handshake); `side`
+/// is who proves (`source` or `sink`), so that one side's proof is never the other's.
 pub fn proof(key: &[u8; 32], nonce: &[u8; 32], side: &str) -> [u8; 32] {
     let mut h = blake3::Hasher::new_keyed(key);
     h.update(b"snapfs sync proof ");
     h.update(side.as_bytes());
     h.update(nonce);
     *h.finalize().as_bytes()
+}
+
+/// The key of a session's MACs, from the shared key and both nonces: fresh per
+/// session, so that frames of one session cannot be replayed into another.
+pub fn session_key(key: &[u8; 32], source_nonce: &[u8; 32], sink_nonce: &[u8; 32]) -> [u8; 32] {
+    let mut h = blake3::Hasher::new_keyed(key);
+    h.update(b"snapfs sync session ");
+    h.update(source_nonce);
+    h.update(sink_nonce);
+    *h.finalize().as_bytes()
+}
+
+/// The shared key from the contents of a key file (at least 16 bytes of secret).
+pub fn key_from_file_bytes(contents: &[u8]) -> Option<[u8; 32]> {
+    let secret = contents.trim_ascii();
+    (secret.len() >= 16).then(|| blake3::derive_key("snapfs sync key file", secret))
 }
 
 /// Writes frames, numbering (and with a key, authenticating) them.
@@ -744,10 +769,12 @@ mod tests {
                 block_size: r.next() as u32,
                 nonce: r.array(),
             },
-            1 => Frame::Welcome {
+            1 if r.below(2) == 0 => Frame::Welcome {
                 version: 1,
                 proof: r.array(),
                 nonce: r.array(),
+            },
+            1 => Frame::Holding {
                 snapshots: (0..r.below(5)).map(|_| r.snap()).collect(),
             },
             2 => Frame::Proof { proof: r.array() },

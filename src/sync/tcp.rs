@@ -1,0 +1,112 @@
+//! The TCP transport: `snapfs serve STORE --listen ADDR --key-file F` receives
+//! snapshots, and `snapfs sync SOURCE tcp://HOST:PORT --key-file F` sends them. Both
+//! ends prove the shared key (challenge and response) before anything else is said,
+//! and every frame after that carries a MAC under a key fresh to the session.
+
+use std::io::{BufReader, BufWriter};
+use std::net::{TcpListener, TcpStream, ToSocketAddrs};
+use std::path::Path;
+use std::time::Duration;
+
+use super::session::{Summary, SyncError, receive, send};
+use super::wire::{FrameReader, FrameWriter, WireError, key_from_file_bytes};
+
+/// How long a peer may stay silent before its session ends.
+const IDLE: Duration = Duration::from_secs(120);
+
+/// The address `serve` listens on unless told: loopback only.
+pub const DEFAULT_LISTEN: &str = "127.0.0.1:7870";
+
+/// Reads the shared key from `path`: a file only its owner may read, holding at
+/// least 16 bytes of secret.
+pub fn read_key_file(path: &Path) -> Result<[u8; 32], SyncError> {
+    use std::os::unix::fs::MetadataExt;
+    let bad = |why: String| SyncError::Protocol(format!("key file {}: {why}", path.display()));
+    let md = std::fs::metadata(path).map_err(|e| bad(e.to_string()))?;
+    if md.mode() & 0o077 != 0 {
+        return Err(bad(format!(
+            "mode {:o} lets others read it; `chmod 600 {}`",
+            md.mode() & 0o777,
+            path.display()
+        )));
+    }
+    let contents = std::fs::read(path).map_err(|e| bad(e.to_string()))?;
+    key_from_file_bytes(&contents).ok_or_else(|| bad("holds less than 16 bytes of secret".into()))
+}
+
+fn io(e: std::io::Error) -> SyncError {
+    SyncError::Wire(WireError::Io(e))
+}
+
+/// Receives into `store` every session that connects to `listen`, one at a time, for
+/// ever; `ready` is told the address bound (a port of 0 picks one). A session that
+/// fails is logged and the next one served.
+pub fn serve(
+    store: &Path,
+    listen: &str,
+    key: [u8; 32],
+    ready: impl FnOnce(std::net::SocketAddr),
+) -> Result<(), SyncError> {
+    let l = TcpListener::bind(listen)
+        .map_err(|e| SyncError::Protocol(format!("cannot listen on {listen}: {e}")))?;
+    ready(l.local_addr().map_err(io)?);
+    let mut backoff = Duration::from_millis(10);
+    loop {
+        let (conn, peer) = match l.accept() {
+            Ok(c) => {
+                backoff = Duration::from_millis(10);
+                c
+            }
+            Err(e) => {
+                // Out of descriptors, say: wait, rather than spin.
+                tracing::warn!(error = %e, "sync: accept failed");
+                std::thread::sleep(backoff);
+                backoff = (backoff * 2).min(Duration::from_secs(1));
+                continue;
+            }
+        };
+        let res = (|| {
+            conn.set_read_timeout(Some(IDLE)).map_err(io)?;
+            conn.set_write_timeout(Some(IDLE)).map_err(io)?;
+            let _ = conn.set_nodelay(true);
+            let w = conn.try_clone().map_err(io)?;
+            receive(
+                store,
+                Some(key),
+                FrameReader::new(BufReader::with_capacity(1 << 20, conn), None),
+                FrameWriter::new(BufWriter::with_capacity(1 << 20, w), None),
+            )
+        })();
+        match res {
+            Ok(sum) => tracing::info!(%peer, snapshots = ?sum.snapshots, "sync: received"),
+            Err(e) => tracing::warn!(%peer, error = %e, "sync: session failed"),
+        }
+    }
+}
+
+/// Sends the snapshots the server at `addr` lacks.
+pub fn sync_tcp(
+    src: &Path,
+    addr: &str,
+    only: Option<&str>,
+    key: [u8; 32],
+) -> Result<Summary, SyncError> {
+    let target = addr
+        .to_socket_addrs()
+        .map_err(|e| SyncError::Protocol(format!("{addr}: {e}")))?
+        .next()
+        .ok_or_else(|| SyncError::Protocol(format!("{addr}: no address")))?;
+    let conn = TcpStream::connect_timeout(&target, Duration::from_secs(10))
+        .map_err(|e| SyncError::Protocol(format!("cannot connect to {addr}: {e}")))?;
+    conn.set_read_timeout(Some(IDLE)).map_err(io)?;
+    conn.set_write_timeout(Some(IDLE)).map_err(io)?;
+    let _ = conn.set_nodelay(true);
+    let w = conn.try_clone().map_err(io)?;
+    send(
+        src,
+        only,
+        Some(key),
+        FrameReader::new(BufReader::with_capacity(1 << 20, conn), None),
+        FrameWriter::new(BufWriter::with_capacity(1 << 20, w), None),
+    )
+}
