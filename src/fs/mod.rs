@@ -10,7 +10,7 @@ mod acl;
 mod data;
 mod snap;
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;
 mod xattr;
 
 use std::collections::{BTreeMap, HashMap};

@@ -8,8 +8,9 @@
 //! sink answers each with the extents it names that the sink lacks, and the source
 //! sends those before its next batch (the pull rides on the push). At the barrier
 //! the sink applies what is left and takes the snapshot in one durable commit; only
-//! then does it answer `Committed`. Until that commit nothing received is durable, so
-//! an interrupted session leaves the destination at its last snapshot.
+//! then does it answer `Committed`. An interrupted session leaves no snapshot of what
+//! it sent; the replica's live tree may be part-applied, and the next session starts
+//! from the base again (rolled back to it), or from an emptied tree.
 
 use std::collections::HashSet;
 use std::io::{Read, Write};
@@ -109,6 +110,26 @@ pub fn send<R: Read, W: Write>(
     mut r: FrameReader<R>,
     mut w: FrameWriter<W>,
 ) -> Result<Summary, SyncError> {
+    let res = send_inner(src, only, key, &mut r, &mut w);
+    if let Err(e) = &res
+        && !matches!(e, SyncError::Remote(_) | SyncError::Wire(WireError::Io(_)))
+    {
+        // Tell the destination why, if it still listens.
+        let _ = w.send(&Frame::Error {
+            message: e.to_string(),
+        });
+        let _ = w.flush();
+    }
+    res
+}
+
+fn send_inner<R: Read, W: Write>(
+    src: &Path,
+    only: Option<&str>,
+    key: Option<[u8; 32]>,
+    r: &mut FrameReader<R>,
+    w: &mut FrameWriter<W>,
+) -> Result<Summary, SyncError> {
     let mut ro = retry_locked(|| ReadOnlyStore::open(src, false))?;
     let txn = ro.begin_read()?;
     let meta_t = txn.open_table(META)?;
@@ -135,14 +156,16 @@ pub fn send<R: Read, W: Write>(
         )));
     }
     let nonce = random_nonce();
-    w.send(&Frame::Hello {
+    let hello = Frame::Hello {
         version: VERSION,
         volume,
         block_size,
         nonce,
-    })?;
+    };
+    let hello_body = hello.encode().1;
+    w.send(&hello)?;
     w.flush()?;
-    let (their_proof, their_nonce) = match expect(&mut r)? {
+    let (their_proof, their_nonce) = match expect(r)? {
         Frame::Welcome {
             version,
             proof,
@@ -159,13 +182,13 @@ pub fn send<R: Read, W: Write>(
     };
     match key {
         Some(k) => {
-            if !constant_eq(&their_proof, &proof(&k, &nonce, "sink")) {
+            if !constant_eq(&their_proof, &proof(&k, &nonce, "sink", &hello_body)) {
                 return Err(protocol(
                     "the destination does not prove the key: a wrong key, or not the server meant",
                 ));
             }
             w.send(&Frame::Proof {
-                proof: proof(&k, &their_nonce, "source"),
+                proof: proof(&k, &their_nonce, "source", &hello_body),
             })?;
             w.flush()?;
             let sk = session_key(&k, &nonce, &their_nonce);
@@ -177,7 +200,7 @@ pub fn send<R: Read, W: Write>(
             w.flush()?;
         }
     }
-    let held = match expect(&mut r)? {
+    let held = match expect(r)? {
         Frame::Holding { snapshots } => snapshots,
         f => {
             return Err(protocol(format!(
@@ -192,6 +215,16 @@ pub fn send<R: Read, W: Write>(
     let versions = txn.open_table(VERSIONS)?;
     let changes = txn.open_table(CHANGES)?;
     let extents = txn.open_table(EXTENTS)?;
+    if let Some(name) = only
+        && let Some(i) = snaps.iter().position(|(n, _)| n == name)
+        && base.is_some_and(|b| i <= b)
+        && !holds(name, &snaps[i].1)
+    {
+        return Err(protocol(format!(
+            "{name:?} is older than {:?}, the newest snapshot the destination holds: a replica only receives newer snapshots",
+            snaps[base.expect("checked")].0
+        )));
+    }
     let todo: Vec<usize> = (base.map_or(0, |b| b + 1)..snaps.len())
         .filter(|&i| only.is_none_or(|n| snaps[i].0 == n))
         .collect();
@@ -245,12 +278,19 @@ pub fn send<R: Read, W: Write>(
         }
         for (batch, chunk) in chunks.into_iter().enumerate() {
             let batch = batch as u64;
+            // What the sink may ask for: the extents this batch names, nothing else.
+            let mut named: HashSet<[u8; 32]> = HashSet::new();
+            for rec in &chunk {
+                if let (KIND_BLOCK, Some(p)) = (rec.kind, &rec.payload) {
+                    named.extend(BlockRec::decode(p)?.extents().copied());
+                }
+            }
             w.send(&Frame::Records {
                 batch,
                 records: chunk,
             })?;
             w.flush()?;
-            let missing = match expect(&mut r)? {
+            let missing = match expect(r)? {
                 Frame::Ack { batch: b, missing } if b == batch => missing,
                 f => {
                     return Err(protocol(format!(
@@ -259,6 +299,12 @@ pub fn send<R: Read, W: Write>(
                 }
             };
             for hash in missing {
+                if !named.remove(&hash) {
+                    return Err(protocol(format!(
+                        "the destination asks for extent {} that the batch does not name",
+                        crate::store::hex(&hash)
+                    )));
+                }
                 let row = extents.get(hash)?.ok_or_else(|| {
                     protocol(format!(
                         "the destination asks for extent {} that this store does not have",
@@ -285,7 +331,7 @@ pub fn send<R: Read, W: Write>(
         }
         w.send(&Frame::Barrier)?;
         w.flush()?;
-        match expect(&mut r)? {
+        match expect(r)? {
             Frame::Committed { name: n } if n == *name => {}
             f => {
                 return Err(protocol(format!(
@@ -330,7 +376,9 @@ fn receive_inner<R: Read, W: Write>(
     r: &mut FrameReader<R>,
     w: &mut FrameWriter<W>,
 ) -> Result<Summary, SyncError> {
-    let (volume, block_size, their_nonce) = match expect(r)? {
+    let hello = expect(r)?;
+    let hello_body = hello.encode().1;
+    let (volume, block_size, their_nonce) = match hello {
         Frame::Hello {
             version,
             volume,
@@ -350,7 +398,7 @@ fn receive_inner<R: Read, W: Write>(
     let nonce = random_nonce();
     w.send(&Frame::Welcome {
         version: VERSION,
-        proof: key.map_or([0; 32], |k| proof(&k, &their_nonce, "sink")),
+        proof: key.map_or([0; 32], |k| proof(&k, &their_nonce, "sink", &hello_body)),
         nonce,
     })?;
     w.flush()?;
@@ -359,12 +407,17 @@ fn receive_inner<R: Read, W: Write>(
         f => return Err(protocol(format!("expected proof, got {f:?}"))),
     };
     if let Some(k) = key {
-        if !constant_eq(&their_proof, &proof(&k, &nonce, "source")) {
+        if !constant_eq(&their_proof, &proof(&k, &nonce, "source", &hello_body)) {
             return Err(protocol("the source does not prove the key: a wrong key"));
         }
         let sk = session_key(&k, &their_nonce, &nonce);
         w.set_key(sk);
         r.set_key(sk);
+    }
+    if !block_size.is_power_of_two() || !(4096..=1 << 20).contains(&block_size) {
+        return Err(protocol(format!(
+            "the source announces a block size of {block_size}"
+        )));
     }
     let cfg = StoreConfig { block_size };
     let fresh = !Store::exists(dest);
@@ -377,6 +430,11 @@ fn receive_inner<R: Read, W: Write>(
     }
     match store.replica_of()? {
         Some(v) if v == volume => {}
+        None if !fresh && !live_is_empty(&store)? => {
+            return Err(protocol(
+                "the destination holds files of its own: it is not an empty store or a replica",
+            ));
+        }
         Some(_) => {
             return Err(protocol(
                 "the destination is a replica of another volume".to_string(),
@@ -427,7 +485,9 @@ fn receive_inner<R: Read, W: Write>(
                     "a whole send to a destination that holds snapshots already",
                 ));
             }
-            None => {}
+            // A whole send starts from an empty tree: what an earlier, failed
+            // session left goes.
+            None => clear_live(&mut store)?,
         }
         let mut staged = Staged::new();
         // The batch waiting for its missing extents, and the extents still due.
@@ -474,6 +534,25 @@ fn receive_inner<R: Read, W: Write>(
                         crate::store::hex(h)
                     )));
                 }
+                // Every extent a record names is here: nothing in the write below
+                // can be refused, so a hostile stream never fails a write group.
+                {
+                    let txn = store.read_txn()?;
+                    for rec in &recs {
+                        if let (KIND_BLOCK, Some(p)) = (rec.kind, &rec.payload) {
+                            for h in BlockRec::decode(p)?.extents() {
+                                if !staged.contains_key(h) && txn.extents().get(*h)?.is_none() {
+                                    return Err(protocol(format!(
+                                        "the source sent block {} of inode {} naming extent {} it never sent",
+                                        rec.sub,
+                                        rec.ino,
+                                        crate::store::hex(h)
+                                    )));
+                                }
+                            }
+                        }
+                    }
+                }
                 store.write(false, |wr| {
                     for rec in &recs {
                         let key = RecKey {
@@ -497,6 +576,14 @@ fn receive_inner<R: Read, W: Write>(
                 )));
             }
             next_batch += 1;
+            for rec in &records {
+                check_record(rec).map_err(|why| {
+                    protocol(format!(
+                        "the source sent a bad record (inode {}, kind {}): {why}",
+                        rec.ino, rec.kind
+                    ))
+                })?;
+            }
             // The extents this batch names that the destination has nowhere.
             let mut missing = Vec::new();
             {
@@ -548,6 +635,91 @@ fn receive_inner<R: Read, W: Write>(
     }
     sum.wire_bytes = w.wire_bytes + r.wire_bytes;
     Ok(sum)
+}
+
+/// Checks a received record as the store will read it: its key in range and its
+/// payload decoding as its kind's must, naming inodes in range.
+fn check_record(rec: &Record) -> Result<(), String> {
+    // Live inode numbers: 1 (the root) up to, not including, the `.snapshots` number.
+    let ino_ok = |i: u64| (1..MAX_LIVE_INO - 1).contains(&i);
+    if !ino_ok(rec.ino) {
+        return Err(format!("inode number {}", rec.ino));
+    }
+    if matches!(rec.kind, KIND_INODE | KIND_DIRENT | KIND_XATTR) && rec.sub != 0 {
+        return Err(format!("sub {} on a record that has none", rec.sub));
+    }
+    if rec.kind == KIND_PARENT && !ino_ok(rec.sub) {
+        return Err(format!("a back pointer to directory {}", rec.sub));
+    }
+    let Some(p) = &rec.payload else {
+        return Ok(());
+    };
+    let e = |e: crate::store::StoreError| e.to_string();
+    match rec.kind {
+        KIND_INODE => {
+            InodeRec::decode(p).map_err(e)?;
+        }
+        KIND_DIRENT => {
+            let d = DirentRec::decode(p).map_err(e)?;
+            if !ino_ok(d.ino) {
+                return Err(format!("an entry naming inode {}", d.ino));
+            }
+        }
+        KIND_BLOCK => {
+            BlockRec::decode(p).map_err(e)?;
+        }
+        KIND_XATTR if p.len() > 64 * 1024 => {
+            return Err(format!("an xattr value of {} bytes", p.len()));
+        }
+        KIND_PARENT if !p.is_empty() => return Err("a back pointer with a payload".into()),
+        _ => {}
+    }
+    Ok(())
+}
+
+/// Whether the live tree holds nothing but the root directory.
+fn live_is_empty(store: &Store) -> Result<bool, SyncError> {
+    let txn = store.read_txn()?;
+    let mut other = false;
+    crate::store::for_each_visible(txn.versions(), store.live_epoch, |ino, kind, _, _, _| {
+        if ino != ROOT_INO || kind != KIND_INODE {
+            other = true;
+        }
+        Ok(())
+    })?;
+    Ok(!other)
+}
+
+/// Deletes every live record (a whole send into a replica an earlier session left
+/// half written).
+fn clear_live(store: &mut Store) -> Result<(), SyncError> {
+    let mut keys: Vec<(u64, u8, u64, Vec<u8>)> = Vec::new();
+    {
+        let txn = store.read_txn()?;
+        crate::store::for_each_visible(
+            txn.versions(),
+            store.live_epoch,
+            |ino, kind, sub, name, _| {
+                keys.push((ino, kind, sub, name.to_vec()));
+                Ok(())
+            },
+        )?;
+    }
+    for chunk in keys.chunks(4096) {
+        store.write(false, |w| {
+            for (ino, kind, sub, name) in chunk {
+                let key = RecKey {
+                    ino: *ino,
+                    kind: *kind,
+                    sub: *sub,
+                    name,
+                };
+                w.put(key, None)?;
+            }
+            Ok(())
+        })?;
+    }
+    Ok(())
 }
 
 /// Opens a store, waiting up to 10 s for a daemon that is going away (unmounted just
@@ -629,8 +801,6 @@ pub fn sync_local(src: &Path, dest: &Path, only: Option<&str>) -> Result<Summary
 mod hostile_tests {
     use super::*;
 
-    const VOL: [u8; 16] = [7; 16];
-
     fn hello(volume: [u8; 16]) -> Frame {
         Frame::Hello {
             version: VERSION,
@@ -689,25 +859,20 @@ mod hostile_tests {
             .collect()
     }
 
-    /// A replica of VOL holding snapshot "base".
-    fn replica() -> (tempfile::TempDir, std::path::PathBuf) {
+    /// A replica holding snapshot "base" of a new volume (just its root), made by a
+    /// real sync; and that volume's id.
+    fn replica() -> (tempfile::TempDir, std::path::PathBuf, [u8; 16]) {
         let dir = tempfile::tempdir().unwrap();
-        let dest = dir.path().join("r");
-        // A new volume (with its root directory), no snapshot yet.
-        drop(crate::fs::Fs::open(&dest, Some(&StoreConfig::default())).unwrap());
-        let sum = feed(
-            &dest,
-            &[
-                hello(VOL),
-                Frame::Proof { proof: [0; 32] },
-                begin("base", None),
-                Frame::Barrier,
-                Frame::Done,
-            ],
-        )
-        .unwrap();
+        let (src, dest) = (dir.path().join("s"), dir.path().join("r"));
+        let vol = {
+            let fs = crate::fs::Fs::open(&src, Some(&StoreConfig::default())).unwrap();
+            let mut core = fs.lock();
+            core.snapshot_create(b"base", Ts::now()).unwrap();
+            core.store().volume_id
+        };
+        let sum = sync_local(&src, &dest, None).unwrap();
         assert_eq!(sum.snapshots, ["base"]);
-        (dir, dest)
+        (dir, dest, vol)
     }
 
     #[test]
@@ -717,7 +882,7 @@ mod hostile_tests {
         let e = feed(
             &dest,
             &[
-                hello(VOL),
+                hello([7; 16]),
                 Frame::Proof { proof: [0; 32] },
                 begin("s", None),
                 Frame::Barrier,
@@ -730,13 +895,13 @@ mod hostile_tests {
 
     #[test]
     fn a_stream_of_another_volume_or_an_unknown_base_is_refused() {
-        let (_d, dest) = replica();
+        let (_d, dest, vol) = replica();
         let e = feed(&dest, &[hello([9; 16]), Frame::Proof { proof: [0; 32] }]).unwrap_err();
         assert!(e.contains("replica of another volume"), "{e}");
         let e = feed(
             &dest,
             &[
-                hello(VOL),
+                hello(vol),
                 Frame::Proof { proof: [0; 32] },
                 begin("s2", Some("nope")),
             ],
@@ -746,7 +911,7 @@ mod hostile_tests {
         let e = feed(
             &dest,
             &[
-                hello(VOL),
+                hello(vol),
                 Frame::Proof { proof: [0; 32] },
                 begin("base", Some("base")),
             ],
@@ -758,10 +923,10 @@ mod hostile_tests {
 
     #[test]
     fn bad_extents_leave_no_snapshot() {
-        let (_d, dest) = replica();
+        let (_d, dest, vol) = replica();
         let data = vec![5u8; 4096];
         let head = [
-            hello(VOL),
+            hello(vol),
             Frame::Proof { proof: [0; 32] },
             begin("s2", Some("base")),
             Frame::Records {
@@ -834,7 +999,7 @@ mod hostile_tests {
 
     #[test]
     fn records_that_do_not_decode_as_their_kind_are_refused() {
-        let (_d, dest) = replica();
+        let (_d, dest, vol) = replica();
         for (rec, want) in [
             (
                 Record {
@@ -870,7 +1035,7 @@ mod hostile_tests {
             let e = feed(
                 &dest,
                 &[
-                    hello(VOL),
+                    hello(vol),
                     Frame::Proof { proof: [0; 32] },
                     begin("s2", Some("base")),
                     Frame::Records {
@@ -884,5 +1049,86 @@ mod hostile_tests {
             assert!(e.contains(want), "{want}: {e}");
             assert_eq!(snapshots(&dest), ["base"]);
         }
+    }
+
+    #[test]
+    fn a_store_with_files_of_its_own_is_not_a_destination() {
+        let (dir, _dest, vol) = replica();
+        let other = dir.path().join("o");
+        {
+            let fs = crate::fs::Fs::open(&other, Some(&StoreConfig::default())).unwrap();
+            crate::fs::tests::put_file(&mut fs.lock(), b"mine", b"mine");
+        }
+        let e = feed(&other, &[hello(vol), Frame::Proof { proof: [0; 32] }]).unwrap_err();
+        assert!(e.contains("holds files of its own"), "{e}");
+    }
+
+    #[test]
+    fn a_whole_send_after_a_failed_one_leaves_nothing_of_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let (src, dest) = (dir.path().join("s"), dir.path().join("r"));
+        let vol = {
+            let fs = crate::fs::Fs::open(&src, Some(&StoreConfig::default())).unwrap();
+            let mut core = fs.lock();
+            crate::fs::tests::put_file(&mut core, b"f", b"data");
+            core.snapshot_create(b"s", Ts::now()).unwrap();
+            core.store().volume_id
+        };
+        // A first session writes a record the source never had, then breaks off.
+        let junk = Record {
+            ino: ROOT_INO,
+            kind: KIND_XATTR,
+            sub: 0,
+            name: b"user.junk".to_vec(),
+            payload: Some(b"x".to_vec()),
+        };
+        let e = feed(
+            &dest,
+            &[
+                hello(vol),
+                Frame::Proof { proof: [0; 32] },
+                begin("s", None),
+                Frame::Records {
+                    batch: 0,
+                    records: vec![junk],
+                },
+                Frame::Barrier,
+            ],
+        )
+        .unwrap_err();
+        assert!(e.contains("no root directory"), "{e}");
+        // As a session that failed after committed groups leaves it: durable.
+        {
+            let mut store = Store::open(&dest, None).unwrap();
+            store
+                .write(true, |w| {
+                    w.put(RecKey::xattr(ROOT_INO, b"user.junk"), Some(b"x"))?;
+                    Ok(())
+                })
+                .unwrap();
+        }
+        sync_local(&src, &dest, None).unwrap();
+        let store = Store::open(&dest, None).unwrap();
+        let epoch = store.snapshot(b"s").unwrap().unwrap().epoch;
+        let txn = store.read_txn().unwrap();
+        let key = RecKey::xattr(ROOT_INO, b"user.junk");
+        assert_eq!(
+            crate::store::visible(txn.versions(), key, epoch).unwrap(),
+            None
+        );
+        let mut names = Vec::new();
+        crate::store::scan_visible(
+            txn.versions(),
+            ROOT_INO,
+            KIND_DIRENT,
+            0..=0,
+            epoch,
+            |_, n, _| {
+                names.push(n.to_vec());
+                Ok(true)
+            },
+        )
+        .unwrap();
+        assert_eq!(names, [b"f".to_vec()]);
     }
 }

@@ -569,11 +569,14 @@ fn mac(key: &[u8; 32], seq: u64, t: u8, body: &[u8]) -> [u8; MAC_LEN] {
 
 /// The proof of a key over a nonce (challenge-response of the handshake); `side`
 /// is who proves (`source` or `sink`), so that one side's proof is never the other's.
-pub fn proof(key: &[u8; 32], nonce: &[u8; 32], side: &str) -> [u8; 32] {
+/// The proof also covers `hello` (the source's `Hello` body), so that what it
+/// announced (volume, block size) cannot be changed on the way unnoticed.
+pub fn proof(key: &[u8; 32], nonce: &[u8; 32], side: &str, hello: &[u8]) -> [u8; 32] {
     let mut h = blake3::Hasher::new_keyed(key);
     h.update(b"snapfs sync proof ");
     h.update(side.as_bytes());
     h.update(nonce);
+    h.update(hello);
     *h.finalize().as_bytes()
 }
 
