@@ -58,6 +58,16 @@ pub fn check_name(name: &[u8]) -> Result<&str, (i32, &'static str)> {
 /// A record's identity: `(ino, kind, sub, name)`.
 pub type Ident = (u64, u8, u64, Vec<u8>);
 
+/// The key of the record `id` names.
+pub fn ident_key(id: &Ident) -> RecKey<'_> {
+    RecKey {
+        ino: id.0,
+        kind: id.1,
+        sub: id.2,
+        name: &id.3,
+    }
+}
+
 /// A record that reads differently at two epochs.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct RowChange {
@@ -347,14 +357,8 @@ impl Store {
                     freed += w.gc_ino(ino, dry_run.then_some(&mut planned))?;
                     continue;
                 }
-                for (ino, kind, sub, name) in ids {
-                    let key = RecKey {
-                        ino: *ino,
-                        kind: *kind,
-                        sub: *sub,
-                        name,
-                    };
-                    freed += w.gc_ident(key, dry_run.then_some(&mut planned))?;
+                for id in ids {
+                    freed += w.gc_ident(ident_key(id), dry_run.then_some(&mut planned))?;
                 }
             }
             if !dry_run {

@@ -111,16 +111,20 @@ pub fn send<R: Read, W: Write>(
     mut w: FrameWriter<W>,
 ) -> Result<Summary, SyncError> {
     let res = send_inner(src, only, key, &mut r, &mut w);
-    if let Err(e) = &res
+    tell_peer(&mut w, &res);
+    res
+}
+
+/// Tells the other side why this side stopped, if it still listens.
+fn tell_peer<W: Write>(w: &mut FrameWriter<W>, res: &Result<Summary, SyncError>) {
+    if let Err(e) = res
         && !matches!(e, SyncError::Remote(_) | SyncError::Wire(WireError::Io(_)))
     {
-        // Tell the destination why, if it still listens.
         let _ = w.send(&Frame::Error {
             message: e.to_string(),
         });
         let _ = w.flush();
     }
-    res
 }
 
 fn send_inner<R: Read, W: Write>(
@@ -358,15 +362,7 @@ pub fn receive<R: Read, W: Write>(
     mut w: FrameWriter<W>,
 ) -> Result<Summary, SyncError> {
     let res = receive_inner(dest, key, &mut r, &mut w);
-    if let Err(e) = &res
-        && !matches!(e, SyncError::Remote(_) | SyncError::Wire(WireError::Io(_)))
-    {
-        // Tell the source why, if it still listens.
-        let _ = w.send(&Frame::Error {
-            message: e.to_string(),
-        });
-        let _ = w.flush();
-    }
+    tell_peer(&mut w, &res);
     res
 }
 
@@ -707,14 +703,8 @@ fn clear_live(store: &mut Store) -> Result<(), SyncError> {
     }
     for chunk in keys.chunks(4096) {
         store.write(false, |w| {
-            for (ino, kind, sub, name) in chunk {
-                let key = RecKey {
-                    ino: *ino,
-                    kind: *kind,
-                    sub: *sub,
-                    name,
-                };
-                w.put(key, None)?;
+            for id in chunk {
+                w.put(crate::store::snapshots::ident_key(id), None)?;
             }
             Ok(())
         })?;
