@@ -867,6 +867,10 @@ pub struct Status {
     pub snapshots: Vec<String>,
     /// The block size.
     pub block_size: u32,
+    /// The volume's identity.
+    pub volume: [u8; 16],
+    /// The volume this store is a replica of (`snapfs sync`), if it is one.
+    pub replica_of: Option<[u8; 16]>,
 }
 
 impl Status {
@@ -893,7 +897,14 @@ impl Status {
             } else {
                 format!(" ({})", self.snapshots.join(", "))
             },
-        )
+        ) + &format!("volume:           {}\n", hex(&self.volume))
+            + &match &self.replica_of {
+                Some(v) => format!(
+                    "replica of:       {} (receives snapshots by snapfs sync)\n",
+                    hex(v)
+                ),
+                None => String::new(),
+            }
     }
 }
 
@@ -920,6 +931,12 @@ pub fn status_offline(
     status_txn(&txn, &ro.segs, &path.join(crate::store::DB_FILE))
 }
 
+/// A volume id from its `meta` row.
+fn sixteen(b: &[u8]) -> Result<[u8; 16], StoreError> {
+    b.try_into()
+        .map_err(|_| StoreError::Corrupt("a volume id that is not 16 bytes".into()))
+}
+
 /// Gathers [`Status`] as `txn` sees the store.
 fn status_txn(
     txn: &redb::ReadTransaction,
@@ -927,8 +944,13 @@ fn status_txn(
     db_path: &std::path::Path,
 ) -> Result<Status, StoreError> {
     let (live, block_size) = live_and_block_size(txn)?;
+    let meta_t = txn.open_table(META)?;
     let mut st = Status {
         block_size,
+        volume: read_meta_as(&meta_t, meta::VOLUME_ID, sixteen)?,
+        replica_of: read_meta(&meta_t, meta::REPLICA_OF)?
+            .map(|v| sixteen(&v))
+            .transpose()?,
         ..Default::default()
     };
     let versions = txn.open_table(VERSIONS)?;
