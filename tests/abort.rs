@@ -45,21 +45,55 @@ fn mount(opts: &[&str], want_uring: bool) -> Mount {
     m
 }
 
-/// Starts `n` threads that each look up a name and read a file under `mnt`; every
-/// result (an errno, or 0) comes back on the channel.
+/// Starts `n` threads that each look up a name never looked up before (no kernel
+/// cache can answer: each waits for the daemon); every result (an errno, or 0)
+/// comes back on the channel.
 fn callers(mnt: &Path, n: usize) -> mpsc::Receiver<i32> {
     let (tx, rx) = mpsc::channel();
     for i in 0..n {
         let (tx, mnt) = (tx.clone(), mnt.to_path_buf());
         std::thread::spawn(move || {
-            let r = match i % 2 {
-                0 => std::fs::metadata(mnt.join(format!("absent-{i}"))).map(|_| ()),
-                _ => std::fs::read(mnt.join("f")).map(|_| ()),
-            };
+            let r = std::fs::metadata(mnt.join(format!("never-seen-{i}")));
             let _ = tx.send(r.err().and_then(|e| e.raw_os_error()).unwrap_or(0));
         });
     }
     rx
+}
+
+/// Sends SIGCONT when dropped, so that a test failing while the daemon is stopped
+/// does not leave its unmount waiting on it for ever.
+struct Resume(i32);
+
+impl Drop for Resume {
+    fn drop(&mut self) {
+        // SAFETY: plain kill(2).
+        unsafe { libc::kill(self.0, libc::SIGCONT) };
+    }
+}
+
+/// Waits until every thread of `pid` is stopped.
+fn wait_stopped(pid: i32) {
+    let t = std::time::Instant::now();
+    loop {
+        let all = std::fs::read_dir(format!("/proc/{pid}/task"))
+            .unwrap()
+            .flatten()
+            .all(|t| {
+                std::fs::read_to_string(t.path().join("stat")).is_ok_and(|s| {
+                    s.rsplit(')')
+                        .next()
+                        .is_some_and(|r| r.trim_start().starts_with('T'))
+                })
+            });
+        if all {
+            return;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(10),
+            "daemon {pid} did not stop"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
 }
 
 /// The kernel's control file of the FUSE connection mounted at `mnt`.
@@ -89,6 +123,8 @@ fn in_flight_then(opts: &[&str], want_uring: bool, kill: bool) {
     let pid = m.pid();
     let dev = std::fs::metadata(&m.mnt).unwrap().dev();
     stop(pid, libc::SIGSTOP);
+    let _resume = Resume(pid);
+    wait_stopped(pid);
     let rx = callers(&m.mnt, 8);
     // Give the requests time to reach the kernel's queues; none can be answered.
     std::thread::sleep(Duration::from_millis(500));
