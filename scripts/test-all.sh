@@ -37,7 +37,8 @@ read -r -a stages <<<"${STAGES:-${all_stages[*]}}"
 apt_packages=(
     fuse3 libfuse3-dev pkg-config build-essential # FUSE, C toolchain for crates
     attr acl libacl1-dev e2fsprogs                # xattr/ACL tools, pjdfstest's acl dependency
-    util-linux mount passwd coreutils findutils   # mountpoint, findmnt, setpriv, useradd, timeout
+    util-linux mount passwd coreutils findutils   # mountpoint, findmnt, setpriv, prlimit, useradd, timeout
+    tar                                           # the tree-copy tests
     python3 libcap2-bin                           # copy_file_range and setcap in the set-id test
 )
 
@@ -55,7 +56,7 @@ install_packages() {
         fi
     fi
     local missing=() c
-    for c in cargo cc fusermount3 mountpoint findmnt setpriv useradd timeout; do
+    for c in cargo cc fusermount3 mountpoint findmnt setpriv prlimit useradd timeout tar; do
         command -v "$c" >/dev/null || missing+=("$c")
     done
     [ ${#missing[@]} -eq 0 ] || echo "warning: missing commands: ${missing[*]}" >&2
@@ -83,6 +84,15 @@ enable_fuse_uring() {
     echo Y >"$p" && echo "fuse.enable_uring=$(cat "$p")"
     # The kernel has it: tests that need io_uring fail, rather than skip, without it.
     if [ "$(cat "$p")" = Y ]; then export SNAPFS_EXPECT_URING=1; fi
+}
+
+# tests/abort.rs aborts a connection through the fuse control filesystem, which a
+# fresh machine may not have mounted.
+mount_fusectl() {
+    local d=/sys/fs/fuse/connections
+    if [ -d "$d" ] && ! mountpoint -q "$d"; then
+        mount -t fusectl none "$d" 2>/dev/null || echo "warning: could not mount fusectl on $d" >&2
+    fi
 }
 
 names=()
@@ -140,6 +150,7 @@ section "prerequisites"
 install_packages
 install_cargo_tools
 enable_fuse_uring
+mount_fusectl
 echo "toolchain: $(cargo --version 2>/dev/null || echo 'cargo missing'); $(rustc --version 2>/dev/null || true)"
 echo "pjdfstest: $(pjdfstest --version 2>/dev/null || echo missing); fsx: $(fsx --version 2>/dev/null || echo missing)"
 prep_secs=$(($(date +%s) - prep_start))
