@@ -69,8 +69,7 @@ fn live(fino: u64) -> FsResult<u64> {
 }
 /// Most hard links one inode may have (as ext4).
 pub const LINK_MAX: u32 = 65000;
-/// Longest name, in bytes.
-pub const NAME_MAX: usize = 255;
+pub use crate::store::schema::NAME_MAX;
 
 /// Errors of filesystem operations; each knows its errno. The store's operation
 /// error: a refusal with an errno, or a failure of the store.
@@ -263,13 +262,7 @@ const DIRTY_INODE_LIMIT: usize = 32 << 20;
 const DIRTY_TOTAL_LIMIT: usize = 128 << 20;
 
 fn check_name(name: &[u8]) -> FsResult<()> {
-    if name.len() > NAME_MAX {
-        return err(libc::ENAMETOOLONG);
-    }
-    if name.is_empty() || name.contains(&b'/') || name == b"." || name == b".." {
-        return err(libc::EINVAL);
-    }
-    Ok(())
+    crate::store::schema::check_entry_name(name).or_else(|(errno, _)| err(errno))
 }
 
 impl Fs {

@@ -88,6 +88,27 @@ pub mod meta {
 /// is deleted after that commit, and again at the next open should a crash come first.
 pub const SEGMENT_RETIRED: u64 = u64::MAX;
 
+/// Longest name (of an entry, an xattr, a snapshot), in bytes.
+pub const NAME_MAX: usize = 255;
+
+/// Checks a directory entry name as the store keeps them: 1..=255 bytes, no `/` or
+/// NUL, not `.` or `..`. On failure, the errno and which rule it broke.
+pub fn check_entry_name(name: &[u8]) -> Result<(), (i32, &'static str)> {
+    if name.len() > NAME_MAX {
+        return Err((libc::ENAMETOOLONG, "a name longer than 255 bytes"));
+    }
+    if name.is_empty() {
+        return Err((libc::EINVAL, "an empty name"));
+    }
+    if name == b"." || name == b".." {
+        return Err((libc::EINVAL, "a name '.' or '..'"));
+    }
+    if name.contains(&b'/') || name.contains(&0) {
+        return Err((libc::EINVAL, "a name with '/' or NUL"));
+    }
+    Ok(())
+}
+
 /// The on-disk format this build writes and reads. Format 2 ends every value of
 /// `versions`, `extents`, `snapshots` and `meta` (but the format row) with a checksum
 /// ([`SUM`]); format 3 indexes changes per record (`changed_rows`, which replaces the

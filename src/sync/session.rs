@@ -19,7 +19,8 @@ use std::path::Path;
 use redb::ReadableTable as _;
 
 use super::wire::{
-    Frame, FrameReader, FrameWriter, Record, SnapRef, VERSION, WireError, proof, session_key,
+    Frame, FrameReader, FrameWriter, Record, SnapRef, VERSION, WireError, constant_eq, proof,
+    session_key,
 };
 use crate::store::schema::*;
 use crate::store::snapshots::changed_rows;
@@ -726,10 +727,6 @@ fn retry_locked<T>(open: impl Fn() -> Result<T, crate::store::StoreError>) -> Re
     Ok(res?)
 }
 
-fn constant_eq(a: &[u8; 32], b: &[u8; 32]) -> bool {
-    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
-}
-
 fn random_nonce() -> [u8; 32] {
     let mut n = [0u8; 32];
     // SAFETY: getrandom(2) into a buffer of the length given.
@@ -791,13 +788,17 @@ pub fn sync_local(src: &Path, dest: &Path, only: Option<&str>) -> Result<Summary
 mod hostile_tests {
     use super::*;
 
-    fn hello(volume: [u8; 16]) -> Frame {
-        Frame::Hello {
-            version: VERSION,
-            volume,
-            block_size: 64 * 1024,
-            nonce: [1; 32],
-        }
+    /// A source's side of the handshake (no key), for `volume`.
+    fn hello(volume: [u8; 16]) -> [Frame; 2] {
+        [
+            Frame::Hello {
+                version: VERSION,
+                volume,
+                block_size: 64 * 1024,
+                nonce: [1; 32],
+            },
+            Frame::Proof { proof: [0; 32] },
+        ]
     }
 
     fn begin(name: &str, base: Option<&str>) -> Frame {
@@ -824,10 +825,11 @@ mod hostile_tests {
         }
     }
 
-    /// Runs a sink on `frames` into `dest`; returns its error text.
-    fn feed(dest: &Path, frames: &[Frame]) -> Result<Summary, String> {
+    /// Runs a sink on the handshake for `volume` then `frames`, into `dest`; returns
+    /// its error text.
+    fn feed(dest: &Path, volume: [u8; 16], frames: &[Frame]) -> Result<Summary, String> {
         let mut w = FrameWriter::new(Vec::new(), None);
-        for f in frames {
+        for f in hello(volume).iter().chain(frames) {
             w.send(f).unwrap();
         }
         let bytes = w.into_inner();
@@ -869,16 +871,7 @@ mod hostile_tests {
     fn a_snapshot_without_a_root_directory_is_refused() {
         let dir = tempfile::tempdir().unwrap();
         let dest = dir.path().join("r");
-        let e = feed(
-            &dest,
-            &[
-                hello([7; 16]),
-                Frame::Proof { proof: [0; 32] },
-                begin("s", None),
-                Frame::Barrier,
-            ],
-        )
-        .unwrap_err();
+        let e = feed(&dest, [7; 16], &[begin("s", None), Frame::Barrier]).unwrap_err();
         assert!(e.contains("no root directory"), "{e}");
         assert!(snapshots(&dest).is_empty());
     }
@@ -886,27 +879,11 @@ mod hostile_tests {
     #[test]
     fn a_stream_of_another_volume_or_an_unknown_base_is_refused() {
         let (_d, dest, vol) = replica();
-        let e = feed(&dest, &[hello([9; 16]), Frame::Proof { proof: [0; 32] }]).unwrap_err();
+        let e = feed(&dest, [9; 16], &[]).unwrap_err();
         assert!(e.contains("replica of another volume"), "{e}");
-        let e = feed(
-            &dest,
-            &[
-                hello(vol),
-                Frame::Proof { proof: [0; 32] },
-                begin("s2", Some("nope")),
-            ],
-        )
-        .unwrap_err();
+        let e = feed(&dest, vol, &[begin("s2", Some("nope"))]).unwrap_err();
         assert!(e.contains("lacks the base snapshot"), "{e}");
-        let e = feed(
-            &dest,
-            &[
-                hello(vol),
-                Frame::Proof { proof: [0; 32] },
-                begin("base", Some("base")),
-            ],
-        )
-        .unwrap_err();
+        let e = feed(&dest, vol, &[begin("base", Some("base"))]).unwrap_err();
         assert!(e.contains("already has a snapshot"), "{e}");
         assert_eq!(snapshots(&dest), ["base"]);
     }
@@ -916,8 +893,6 @@ mod hostile_tests {
         let (_d, dest, vol) = replica();
         let data = vec![5u8; 4096];
         let head = [
-            hello(vol),
-            Frame::Proof { proof: [0; 32] },
             begin("s2", Some("base")),
             Frame::Records {
                 batch: 0,
@@ -963,7 +938,7 @@ mod hostile_tests {
         ];
         for (tail, want) in cases {
             let frames: Vec<Frame> = head.iter().cloned().chain(tail).collect();
-            let e = feed(&dest, &frames).unwrap_err();
+            let e = feed(&dest, vol, &frames).unwrap_err();
             assert!(e.contains(want), "{want}: {e}");
             assert_eq!(snapshots(&dest), ["base"], "{want}");
         }
@@ -980,7 +955,7 @@ mod hostile_tests {
                 Frame::Done,
             ])
             .collect();
-        feed(&dest, &frames).unwrap();
+        feed(&dest, vol, &frames).unwrap();
         assert_eq!(snapshots(&dest), ["base", "s2"]);
         let mut s = Store::open(&dest, None).unwrap();
         let rep = crate::check::fsck(&mut s, true, &mut |_, _| {}).unwrap();
@@ -1024,9 +999,8 @@ mod hostile_tests {
         ] {
             let e = feed(
                 &dest,
+                vol,
                 &[
-                    hello(vol),
-                    Frame::Proof { proof: [0; 32] },
                     begin("s2", Some("base")),
                     Frame::Records {
                         batch: 0,
@@ -1049,7 +1023,7 @@ mod hostile_tests {
             let fs = crate::fs::Fs::open(&other, Some(&StoreConfig::default())).unwrap();
             crate::fs::tests::put_file(&mut fs.lock(), b"mine", b"mine");
         }
-        let e = feed(&other, &[hello(vol), Frame::Proof { proof: [0; 32] }]).unwrap_err();
+        let e = feed(&other, vol, &[]).unwrap_err();
         assert!(e.contains("holds files of its own"), "{e}");
     }
 
@@ -1074,9 +1048,8 @@ mod hostile_tests {
         };
         let e = feed(
             &dest,
+            vol,
             &[
-                hello(vol),
-                Frame::Proof { proof: [0; 32] },
                 begin("s", None),
                 Frame::Records {
                     batch: 0,

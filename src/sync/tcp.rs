@@ -65,18 +65,7 @@ pub fn serve(
                 continue;
             }
         };
-        let res = (|| {
-            conn.set_read_timeout(Some(IDLE)).map_err(io)?;
-            conn.set_write_timeout(Some(IDLE)).map_err(io)?;
-            let _ = conn.set_nodelay(true);
-            let w = conn.try_clone().map_err(io)?;
-            receive(
-                store,
-                Some(key),
-                FrameReader::new(BufReader::with_capacity(1 << 20, conn), None),
-                FrameWriter::new(BufWriter::with_capacity(1 << 20, w), None),
-            )
-        })();
+        let res = framed(conn).and_then(|(r, w)| receive(store, Some(key), r, w));
         match res {
             Ok(sum) => tracing::info!(%peer, snapshots = ?sum.snapshots, "sync: received"),
             Err(e) => tracing::warn!(%peer, error = %e, "sync: session failed"),
@@ -98,15 +87,23 @@ pub fn sync_tcp(
         .ok_or_else(|| SyncError::Protocol(format!("{addr}: no address")))?;
     let conn = TcpStream::connect_timeout(&target, Duration::from_secs(10))
         .map_err(|e| SyncError::Protocol(format!("cannot connect to {addr}: {e}")))?;
+    let (r, w) = framed(conn)?;
+    send(src, only, Some(key), r, w)
+}
+
+type Framed = (
+    FrameReader<BufReader<TcpStream>>,
+    FrameWriter<BufWriter<TcpStream>>,
+);
+
+/// The two halves of a connection, buffered, with the idle limit set.
+fn framed(conn: TcpStream) -> Result<Framed, SyncError> {
     conn.set_read_timeout(Some(IDLE)).map_err(io)?;
     conn.set_write_timeout(Some(IDLE)).map_err(io)?;
     let _ = conn.set_nodelay(true);
     let w = conn.try_clone().map_err(io)?;
-    send(
-        src,
-        only,
-        Some(key),
+    Ok((
         FrameReader::new(BufReader::with_capacity(1 << 20, conn), None),
         FrameWriter::new(BufWriter::with_capacity(1 << 20, w), None),
-    )
+    ))
 }

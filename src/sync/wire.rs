@@ -33,8 +33,7 @@ pub const MAX_EXTENT: usize = 1 << 20;
 /// smaller).
 pub const MAX_PAYLOAD: usize = 1 << 17;
 
-/// Longest name (of an entry, an xattr, a snapshot).
-pub const NAME_MAX: usize = 255;
+pub use crate::store::schema::NAME_MAX;
 
 /// Errors of the codec. Each says what was wrong with what was received.
 #[derive(Debug, thiserror::Error)]
@@ -194,24 +193,6 @@ const T_HOLDING: u8 = 12;
 
 /// Longest error message carried.
 const MESSAGE_MAX: usize = 4096;
-
-/// Checks a name as the receiving store would: 1..=255 bytes, no `/` or NUL, not
-/// `.` or `..`.
-pub fn check_entry_name(name: &[u8]) -> Result<(), &'static str> {
-    if name.is_empty() {
-        return Err("an empty name");
-    }
-    if name.len() > NAME_MAX {
-        return Err("a name longer than 255 bytes");
-    }
-    if name == b"." || name == b".." {
-        return Err("a name '.' or '..'");
-    }
-    if name.contains(&b'/') || name.contains(&0) {
-        return Err("a name with '/' or NUL");
-    }
-    Ok(())
-}
 
 impl Frame {
     fn type_byte(&self) -> u8 {
@@ -522,9 +503,8 @@ impl<'a> Body<'a> {
         let sub = self.u64(what)?;
         let name = self.bytes8(what)?.to_vec();
         match kind {
-            KIND_DIRENT | KIND_PARENT => {
-                check_entry_name(&name).map_err(|rule| bad(what, format!("entry with {rule}")))?
-            }
+            KIND_DIRENT | KIND_PARENT => crate::store::schema::check_entry_name(&name)
+                .map_err(|(_, rule)| bad(what, format!("entry with {rule}")))?,
             KIND_XATTR if name.is_empty() || name.contains(&0) => {
                 return Err(bad(what, "an xattr name empty or with NUL"));
             }
@@ -717,7 +697,8 @@ impl<R: Read> FrameReader<R> {
     }
 }
 
-fn constant_eq(a: &[u8], b: &[u8]) -> bool {
+/// Whether `a` and `b` are equal, in time that does not depend on where they differ.
+pub fn constant_eq(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
