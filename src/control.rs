@@ -75,6 +75,14 @@ pub enum Request {
         /// As JSON.
         json: bool,
     },
+    /// Be the source of a sync session: after the answer line, the connection
+    /// carries the session's frames (`snapfs sync` of a mounted store).
+    Send {
+        /// Send this snapshot only.
+        snapshot: Option<String>,
+        /// The session's shared key, hex, on a keyed session (TCP).
+        key: Option<String>,
+    },
 }
 
 impl Request {
@@ -112,6 +120,7 @@ impl Request {
             Request::SnapshotRelease { .. } => "snapshot release",
             Request::SnapshotPrune { .. } => "snapshot prune",
             Request::Diff { .. } => "diff",
+            Request::Send { .. } => "send",
         }
     }
 }

@@ -952,6 +952,9 @@ fn handle_control(
         );
         return answer(&conn, &refusal(access));
     }
+    if let Request::Send { snapshot, key } = &req {
+        return serve_send(conn, fs, snapshot.as_deref(), key.as_deref());
+    }
     let mut out = if matches!(req, Request::Fsck { repair: true, .. }) {
         crate::commands::fail("fsck --repair needs the store unmounted: unmount it first".into())
     } else {
@@ -961,6 +964,53 @@ fn handle_control(
         out.text.push_str(&requests_line(uring));
     }
     answer(&conn, &out)
+}
+
+/// Serves `snapfs sync` of this mounted store: answers, then sends over `conn` what
+/// the destination at its other end lacks, from a frozen view read off the FUSE
+/// threads and without the core lock.
+fn serve_send(
+    conn: UnixStream,
+    fs: &Fs,
+    only: Option<&str>,
+    key: Option<&str>,
+) -> anyhow::Result<()> {
+    let key = match key.map(crate::sync::wire::key_from_hex) {
+        Some(None) => {
+            return answer(
+                &conn,
+                &crate::commands::fail("send: the key is not 64 hex digits".into()),
+            );
+        }
+        Some(k) => k,
+        None => None,
+    };
+    let view = fs.lock().store().frozen();
+    let mut view = match view {
+        Ok(v) => v,
+        Err(e) => return answer(&conn, &crate::commands::fail(format!("send: {e}"))),
+    };
+    answer(
+        &conn,
+        &crate::control::Outcome {
+            text: String::new(),
+            code: 0,
+            error: false,
+        },
+    )?;
+    let idle = Some(crate::sync::tcp::IDLE);
+    conn.set_read_timeout(idle)?;
+    conn.set_write_timeout(idle)?;
+    let r = crate::sync::wire::FrameReader::new(BufReader::new(conn.try_clone()?), None);
+    let w = crate::sync::wire::FrameWriter::new(
+        std::io::BufWriter::with_capacity(1 << 20, &conn),
+        None,
+    );
+    match crate::sync::session::send_frozen(&mut view, only, key, r, w) {
+        Ok(sum) => tracing::info!(snapshots = ?sum.snapshots, "sync: sent"),
+        Err(e) => tracing::warn!(error = %e, "sync: send failed"),
+    }
+    Ok(())
 }
 
 /// Sends `out` on `conn`: one line of JSON.
@@ -1027,15 +1077,9 @@ const URING_PARAM: &str = "/sys/module/fuse/parameters/enable_uring";
 
 /// Sends `req` to the daemon serving `store`, if one is listening.
 pub fn ask_daemon(store: &Path, req: &Request) -> Option<crate::commands::Outcome> {
-    let mut conn = match UnixStream::connect(store.join(SOCKET)) {
+    let mut conn = match connect_control(store)? {
         Ok(c) => c,
-        Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => {
-            return Some(crate::commands::fail(format!(
-                "store {}: permission denied: a store and its daemon's control socket are for root and the store's owner",
-                store.display()
-            )));
-        }
-        Err(_) => return None,
+        Err(e) => return Some(crate::commands::fail(e)),
     };
     // The daemon may answer (a refusal) and close before reading the request.
     let mut line = serde_json::to_vec(req).expect("a request always encodes");
@@ -1055,6 +1099,19 @@ pub fn ask_daemon(store: &Path, req: &Request) -> Option<crate::commands::Outcom
             "the daemon's answer does not decode ({e}): is the snapfs CLI the same version as the daemon?"
         ))
     }))
+}
+
+/// A connection to the control socket of the daemon serving `store`: `None` when no
+/// daemon serves it, an error line when the caller may not reach it.
+pub fn connect_control(store: &Path) -> Option<Result<UnixStream, String>> {
+    match UnixStream::connect(store.join(SOCKET)) {
+        Ok(c) => Some(Ok(c)),
+        Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => Some(Err(format!(
+            "store {}: permission denied: a store and its daemon's control socket are for root and the store's owner",
+            store.display()
+        ))),
+        Err(_) => None,
+    }
 }
 
 /// Whether `path` holds a store the caller may not look into (its metadata file is

@@ -76,13 +76,14 @@ enum Cmd {
         /// A store, or the mountpoint of a mounted one.
         target: PathBuf,
     },
-    /// Send the snapshots DEST lacks from SOURCE (a store), each as an incremental
-    /// from the newest snapshot both hold. Both stores must be unmounted for now.
+    /// Send the snapshots DEST lacks from SOURCE, each as an incremental from the
+    /// newest snapshot both hold.
     Sync {
-        /// The source store.
+        /// The source: a store, or the mountpoint of a mounted one.
         source: PathBuf,
-        /// The destination: a store path (made when missing), or tcp://HOST:PORT of a
-        /// `snapfs serve`.
+        /// The destination: a store path (unmounted; made when missing),
+        /// tcp://HOST:PORT of a `snapfs serve`, or ssh://[USER@]HOST[:PORT]/PATH (runs
+        /// `snapfs receive PATH` there).
         dest: String,
         /// Send this snapshot only.
         #[arg(long)]
@@ -93,6 +94,18 @@ enum Cmd {
         /// Print a machine-readable summary.
         #[arg(long)]
         json: bool,
+        /// The ssh client and its options, for ssh:// (split on whitespace).
+        #[arg(long, default_value = "ssh")]
+        ssh: String,
+        /// The snapfs program on the far side, for ssh://.
+        #[arg(long, default_value = "snapfs")]
+        remote_snapfs: String,
+    },
+    /// Receive snapshots into STORE (unmounted; made when missing) from `snapfs sync`
+    /// on standard input and output: what `sync` runs on the far side of ssh.
+    Receive {
+        /// The store.
+        store: PathBuf,
     },
     /// Receive snapshots into STORE (unmounted) from `snapfs sync` over TCP, one
     /// session at a time, until killed.
@@ -215,15 +228,19 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             snapshot,
             key_file,
             json,
+            ssh,
+            remote_snapfs,
         } => {
-            return sync(
-                &source,
-                &dest,
-                snapshot.as_deref(),
-                key_file.as_deref(),
-                json,
-            );
+            let opts = snapfs::sync::Options {
+                snapshot,
+                key_file,
+                ssh,
+                remote_snapfs,
+                progress: true,
+            };
+            return sync(&source, &dest, &opts, json);
         }
+        Cmd::Receive { store } => return receive(&store),
         Cmd::Serve {
             store,
             listen,
@@ -272,32 +289,17 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     with_store(&target, &req)
 }
 
-/// `snapfs sync` between two local stores no daemon holds.
+/// `snapfs sync`: sends what `dest` lacks, and says what went.
 fn sync(
     source: &Path,
     dest: &str,
-    snapshot: Option<&str>,
-    key_file: Option<&Path>,
+    opts: &snapfs::sync::Options,
     json: bool,
 ) -> anyhow::Result<ExitCode> {
     let src = daemon::resolve_store(source)?;
     let t = std::time::Instant::now();
-    let res = if let Some(addr) = dest.strip_prefix("tcp://") {
-        let Some(kf) = key_file else {
-            anyhow::bail!("sync over tcp:// needs --key-file (the key `snapfs serve` was given)");
-        };
-        let key = snapfs::sync::tcp::read_key_file(kf)?;
-        snapfs::sync::tcp::sync_tcp(&src, addr.trim_end_matches('/'), snapshot, key)
-    } else if dest.contains("://") {
-        anyhow::bail!("{dest}: unknown transport (tcp:// and local paths are built)");
-    } else {
-        let dest = Path::new(dest);
-        if std::fs::canonicalize(dest).is_ok_and(|d| d == src) {
-            anyhow::bail!("{} is the source itself", dest.display());
-        }
-        snapfs::sync::session::sync_local(&src, dest, snapshot)
-    };
-    let sum = res.map_err(|e| anyhow::anyhow!("sync {} -> {dest}: {e}", source.display()))?;
+    let sum = snapfs::sync::run(&src, dest, opts)
+        .map_err(|e| anyhow::anyhow!("sync {} -> {dest}: {e}", source.display()))?;
     let secs = t.elapsed().as_secs_f64();
     if json {
         println!(
@@ -325,6 +327,32 @@ fn sync(
             sum.wire_bytes
         );
     }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `snapfs receive STORE`: the far end of `snapfs sync` over ssh, on stdin and stdout.
+fn receive(store: &Path) -> anyhow::Result<ExitCode> {
+    use snapfs::sync::wire::{FrameReader, FrameWriter};
+    if daemon::connect_control(store).is_some() {
+        anyhow::bail!(
+            "{} is mounted: receiving into a mounted store is not built yet; unmount it first",
+            store.display()
+        );
+    }
+    let sum = snapfs::sync::session::receive(
+        store,
+        None,
+        FrameReader::new(
+            std::io::BufReader::with_capacity(1 << 20, std::io::stdin().lock()),
+            None,
+        ),
+        FrameWriter::new(
+            std::io::BufWriter::with_capacity(1 << 20, std::io::stdout().lock()),
+            None,
+        ),
+    )
+    .map_err(|e| anyhow::anyhow!("receive into {}: {e}", store.display()))?;
+    tracing::info!(snapshots = ?sum.snapshots, "received");
     Ok(ExitCode::SUCCESS)
 }
 

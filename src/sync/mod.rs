@@ -1,10 +1,98 @@
 //! Replication of snapshots to another snapfs store (`snapfs sync`): the layer above
 //! the store and its snapshot layer, beside the filesystem core and never through it.
 //!
-//! Built so far: the wire format ([`wire`]), its frames, their bounds and their
-//! authentication. The source and sink that speak it, the transports and the
-//! commands come next; `docs/FORMAT.md` ("Sync wire format") is the byte layout.
+//! - [`wire`]: the frames, their bounds and their authentication (`docs/FORMAT.md`,
+//!   "Sync wire format");
+//! - [`session`]: the source and the sink that speak it;
+//! - [`relay`]: the CLI's join of a source end and a destination end, which watches
+//!   the frames go by (summary, progress, trace);
+//! - [`tcp`], [`ssh`]: the transports to another machine.
 
+pub mod relay;
 pub mod session;
+pub mod ssh;
 pub mod tcp;
 pub mod wire;
+
+use std::io::{BufReader, BufWriter};
+use std::path::{Path, PathBuf};
+
+use relay::End;
+use session::{Summary, SyncError};
+use wire::{FrameReader, FrameWriter, WireError};
+
+/// How `snapfs sync` reaches the destination and what it sends.
+#[derive(Clone, Debug, Default)]
+pub struct Options {
+    /// Send this snapshot only.
+    pub snapshot: Option<String>,
+    /// The shared key file (tcp:// only).
+    pub key_file: Option<PathBuf>,
+    /// The ssh client and its options (ssh:// only), split on whitespace.
+    pub ssh: String,
+    /// The snapfs program on the far side of ssh.
+    pub remote_snapfs: String,
+    /// Show progress on stderr.
+    pub progress: bool,
+}
+
+/// Sends the snapshots `dest` lacks from the store at `src` (mounted or not): `dest`
+/// is a store path, `tcp://HOST:PORT` or `ssh://[USER@]HOST[:PORT]/PATH`.
+pub fn run(src: &Path, dest: &str, opts: &Options) -> Result<Summary, SyncError> {
+    let mut key = None;
+    let dst = if let Some(addr) = dest.strip_prefix("tcp://") {
+        let kf = opts.key_file.as_deref().ok_or_else(|| {
+            SyncError::Protocol(
+                "sync over tcp:// needs --key-file (the key `snapfs serve` was given)".into(),
+            )
+        })?;
+        key = Some(tcp::read_key_file(kf)?);
+        tcp::connect(addr.trim_end_matches('/'))?
+    } else if dest.starts_with("ssh://") {
+        ssh::connect(&ssh::parse(dest)?, &opts.ssh, &opts.remote_snapfs)?
+    } else if dest.contains("://") {
+        return Err(SyncError::Protocol(format!(
+            "{dest}: unknown transport (a store path, tcp:// or ssh://)"
+        )));
+    } else {
+        let d = Path::new(dest).to_path_buf();
+        if std::fs::canonicalize(&d).is_ok_and(|d| d == src) {
+            return Err(SyncError::Protocol(format!("{dest} is the source itself")));
+        }
+        if crate::daemon::connect_control(&d).is_some() {
+            return Err(SyncError::Protocol(format!(
+                "{dest} is mounted: receiving into a mounted store is not built yet; unmount it first"
+            )));
+        }
+        End::spawn("sync-sink", move |s| {
+            let (r, w) = framed(s)?;
+            session::receive(&d, None, r, w)
+        })?
+    };
+    let only = opts.snapshot.as_deref();
+    let source = match relay::daemon_source(src, only, key)? {
+        Some(end) => end,
+        None => {
+            let (src, only) = (src.to_path_buf(), opts.snapshot.clone());
+            End::spawn("sync-source", move |s| {
+                let (r, w) = framed(s)?;
+                session::send(&src, only.as_deref(), key, r, w)
+            })?
+        }
+    };
+    relay::relay(source, dst, key.is_some(), opts.progress)
+}
+
+type Framed = (
+    FrameReader<BufReader<std::os::unix::net::UnixStream>>,
+    FrameWriter<BufWriter<std::os::unix::net::UnixStream>>,
+);
+
+/// The two halves of one side of a socket pair, buffered.
+fn framed(s: std::os::unix::net::UnixStream) -> Result<Framed, SyncError> {
+    let w = s.try_clone().map_err(WireError::Io)?;
+    Ok((
+        FrameReader::new(BufReader::with_capacity(1 << 20, s), None),
+        FrameWriter::new(BufWriter::with_capacity(1 << 20, w), None),
+    ))
+}

@@ -111,7 +111,34 @@ pub fn send<R: Read, W: Write>(
     mut r: FrameReader<R>,
     mut w: FrameWriter<W>,
 ) -> Result<Summary, SyncError> {
-    let res = send_inner(src, only, key, &mut r, &mut w);
+    let res = (|| {
+        let mut ro = retry_locked(|| ReadOnlyStore::open(src, false))?;
+        let txn = ro.begin_read()?;
+        send_inner(&txn, &mut ro.segs, None, only, key, &mut r, &mut w)
+    })();
+    tell_peer(&mut w, &res);
+    res
+}
+
+/// [`send`] from a frozen view of a mounted store, taken by its daemon; stops when
+/// the store is unmounted.
+pub fn send_frozen<R: Read, W: Write>(
+    view: &mut crate::store::Frozen,
+    only: Option<&str>,
+    key: Option<[u8; 32]>,
+    mut r: FrameReader<R>,
+    mut w: FrameWriter<W>,
+) -> Result<Summary, SyncError> {
+    let cancel = view.cancel_flag();
+    let res = send_inner(
+        &view.txn,
+        &mut view.segs,
+        Some(&cancel),
+        only,
+        key,
+        &mut r,
+        &mut w,
+    );
     tell_peer(&mut w, &res);
     res
 }
@@ -129,14 +156,15 @@ fn tell_peer<W: Write>(w: &mut FrameWriter<W>, res: &Result<Summary, SyncError>)
 }
 
 fn send_inner<R: Read, W: Write>(
-    src: &Path,
+    txn: &redb::ReadTransaction,
+    segs: &mut crate::store::segment::Segments,
+    cancel: Option<&std::sync::atomic::AtomicBool>,
     only: Option<&str>,
     key: Option<[u8; 32]>,
     r: &mut FrameReader<R>,
     w: &mut FrameWriter<W>,
 ) -> Result<Summary, SyncError> {
-    let mut ro = retry_locked(|| ReadOnlyStore::open(src, false))?;
-    let txn = ro.begin_read()?;
+    let stopped = || cancel.is_some_and(|c| c.load(std::sync::atomic::Ordering::Relaxed));
     let meta_t = txn.open_table(META)?;
     let volume: [u8; 16] = read_meta_as(&meta_t, meta::VOLUME_ID, |b| {
         b.try_into()
@@ -156,8 +184,7 @@ fn send_inner<R: Read, W: Write>(
         && !snaps.iter().any(|(n, _)| n == name)
     {
         return Err(protocol(format!(
-            "no snapshot named {name:?} in {}",
-            src.display()
+            "the source has no snapshot named {name:?}"
         )));
     }
     let nonce = random_nonce();
@@ -282,6 +309,9 @@ fn send_inner<R: Read, W: Write>(
             chunks.last_mut().expect("one chunk at least").push(rec);
         }
         for (batch, chunk) in chunks.into_iter().enumerate() {
+            if stopped() {
+                return Err(protocol("the source store is being unmounted"));
+            }
             let batch = batch as u64;
             // What the sink may ask for: the extents this batch names, nothing else.
             let mut named: HashSet<[u8; 32]> = HashSet::new();
@@ -317,7 +347,7 @@ fn send_inner<R: Read, W: Write>(
                     ))
                 })?;
                 let ext = ExtentRec::decode(&hash, row.value())?;
-                let data = ro.segs.read(ext.segment, ext.offset, ext.len)?;
+                let data = segs.read(ext.segment, ext.offset, ext.len)?;
                 // Never send bytes that are not the extent's.
                 if *blake3::hash(&data).as_bytes() != hash {
                     return Err(SyncError::Store(crate::store::StoreError::Corrupt(

@@ -1,5 +1,5 @@
 //! The TCP transport: `snapfs serve STORE --listen ADDR --key-file F` receives
-//! snapshots, and `snapfs sync SOURCE tcp://HOST:PORT --key-file F` sends them. Both
+//! snapshots, and `snapfs sync SOURCE tcp://HOST:PORT --key-file F` connects to it. Both
 //! ends prove the shared key (challenge and response) before anything else is said,
 //! and every frame after that carries a MAC under a key fresh to the session.
 
@@ -8,11 +8,12 @@ use std::net::{TcpListener, TcpStream, ToSocketAddrs};
 use std::path::Path;
 use std::time::Duration;
 
-use super::session::{Summary, SyncError, receive, send};
+use super::relay::{End, Sink};
+use super::session::{SyncError, receive};
 use super::wire::{FrameReader, FrameWriter, WireError, key_from_file_bytes};
 
 /// How long a peer may stay silent before its session ends.
-const IDLE: Duration = Duration::from_secs(120);
+pub const IDLE: Duration = Duration::from_secs(120);
 
 /// The address `serve` listens on unless told: loopback only.
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:7870";
@@ -73,13 +74,8 @@ pub fn serve(
     }
 }
 
-/// Sends the snapshots the server at `addr` lacks.
-pub fn sync_tcp(
-    src: &Path,
-    addr: &str,
-    only: Option<&str>,
-    key: [u8; 32],
-) -> Result<Summary, SyncError> {
+/// Connects to the `snapfs serve` at `addr`: the destination end of a session.
+pub fn connect(addr: &str) -> Result<End, SyncError> {
     let target = addr
         .to_socket_addrs()
         .map_err(|e| SyncError::Protocol(format!("{addr}: {e}")))?
@@ -87,8 +83,15 @@ pub fn sync_tcp(
         .ok_or_else(|| SyncError::Protocol(format!("{addr}: no address")))?;
     let conn = TcpStream::connect_timeout(&target, Duration::from_secs(10))
         .map_err(|e| SyncError::Protocol(format!("cannot connect to {addr}: {e}")))?;
-    let (r, w) = framed(conn)?;
-    send(src, only, Some(key), r, w)
+    conn.set_read_timeout(Some(IDLE)).map_err(io)?;
+    conn.set_write_timeout(Some(IDLE)).map_err(io)?;
+    let _ = conn.set_nodelay(true);
+    Ok(End {
+        r: Box::new(conn.try_clone().map_err(io)?),
+        w: Sink::Tcp(conn),
+        task: None,
+        child: None,
+    })
 }
 
 type Framed = (

@@ -576,6 +576,20 @@ pub fn key_from_file_bytes(contents: &[u8]) -> Option<[u8; 32]> {
     (secret.len() >= 16).then(|| blake3::derive_key("snapfs sync key file", secret))
 }
 
+/// A key written as 64 hex digits (as [`crate::store::hex`] writes it).
+pub fn key_from_hex(s: &str) -> Option<[u8; 32]> {
+    let b = s.as_bytes();
+    if b.len() != 64 {
+        return None;
+    }
+    let digit = |c: u8| (c as char).to_digit(16);
+    let mut k = [0u8; 32];
+    for (i, pair) in b.chunks(2).enumerate() {
+        k[i] = (digit(pair[0])? * 16 + digit(pair[1])?) as u8;
+    }
+    Some(k)
+}
+
 /// Writes frames, numbering (and with a key, authenticating) them.
 pub struct FrameWriter<W: Write> {
     w: W,
@@ -635,6 +649,7 @@ impl<W: Write> FrameWriter<W> {
 pub struct FrameReader<R: Read> {
     r: R,
     key: Option<[u8; 32]>,
+    macs_unchecked: bool,
     seq: u64,
     /// Bytes read, frames' headers and MACs included.
     pub wire_bytes: u64,
@@ -646,6 +661,7 @@ impl<R: Read> FrameReader<R> {
         FrameReader {
             r,
             key,
+            macs_unchecked: false,
             seq: 0,
             wire_bytes: 0,
         }
@@ -654,6 +670,11 @@ impl<R: Read> FrameReader<R> {
     /// From now on, frames must carry a MAC under `key`.
     pub fn set_key(&mut self, key: [u8; 32]) {
         self.key = Some(key);
+    }
+
+    /// The transport.
+    pub fn get_ref(&self) -> &R {
+        &self.r
     }
 
     fn fill(&mut self, buf: &mut [u8]) -> Result<(), WireError> {
@@ -665,13 +686,24 @@ impl<R: Read> FrameReader<R> {
 
     /// The next frame; `Ok(None)` at a clean end of the stream (between frames).
     pub fn read_frame(&mut self) -> Result<Option<Frame>, WireError> {
+        match self.read_raw()? {
+            Some(raw) => Frame::decode(raw.t, &raw.body).map(Some),
+            None => Ok(None),
+        }
+    }
+
+    /// The next frame undecoded, its length bounded and (with a key) its MAC checked;
+    /// `Ok(None)` at a clean end of the stream.
+    pub fn read_raw(&mut self) -> Result<Option<RawFrame>, WireError> {
         let mut head = [0u8; 5];
         // A clean end comes before the first byte of a frame.
-        match self.r.read(&mut head[..1]) {
-            Ok(0) => return Ok(None),
-            Ok(_) => {}
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => return self.read_frame(),
-            Err(e) => return Err(WireError::Io(e)),
+        loop {
+            match self.r.read(&mut head[..1]) {
+                Ok(0) => return Ok(None),
+                Ok(_) => break,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(WireError::Io(e)),
+            }
         }
         self.fill(&mut head[1..])?;
         let len = u32::from_le_bytes([head[0], head[1], head[2], head[3]]);
@@ -682,18 +714,64 @@ impl<R: Read> FrameReader<R> {
         let mut body = vec![0u8; len as usize - 1];
         self.fill(&mut body)?;
         self.wire_bytes += 4 + len as u64;
-        if let Some(k) = self.key {
+        let mut tag = None;
+        if self.key.is_some() || self.macs_unchecked {
             let mut got = [0u8; MAC_LEN];
             self.fill(&mut got)?;
             self.wire_bytes += MAC_LEN as u64;
-            let want = mac(&k, self.seq, t, &body);
-            // Constant time: the MAC is a secret until it matches.
-            if !constant_eq(&got, &want) {
-                return Err(WireError::Mac { seq: self.seq });
+            if let Some(k) = self.key {
+                let want = mac(&k, self.seq, t, &body);
+                // Constant time: the MAC is a secret until it matches.
+                if !constant_eq(&got, &want) {
+                    return Err(WireError::Mac { seq: self.seq });
+                }
             }
+            tag = Some(got);
         }
         self.seq += 1;
-        Frame::decode(t, &body).map(Some)
+        Ok(Some(RawFrame { t, body, mac: tag }))
+    }
+
+    /// From now on, frames carry a MAC this reader cannot check (it has no key) and
+    /// passes on: a relay between two ends that share a key it does not know.
+    pub fn pass_macs(&mut self) {
+        self.macs_unchecked = true;
+    }
+}
+
+/// A frame as read, undecoded: what a relay passes on byte for byte.
+pub struct RawFrame {
+    /// Its type.
+    pub t: u8,
+    /// Its body.
+    pub body: Vec<u8>,
+    /// Its MAC, on a keyed session.
+    pub mac: Option<[u8; MAC_LEN]>,
+}
+
+impl RawFrame {
+    /// The frame decoded.
+    pub fn decode(&self) -> Result<Frame, WireError> {
+        Frame::decode(self.t, &self.body)
+    }
+
+    /// Whether it is a frame of type `Extent`.
+    pub fn is_extent(&self) -> bool {
+        self.t == T_EXTENT
+    }
+
+    /// Writes it as it was read.
+    pub fn write_to<W: Write>(&self, w: &mut W) -> std::io::Result<u64> {
+        let len = self.body.len() as u32 + 1;
+        w.write_all(&len.to_le_bytes())?;
+        w.write_all(&[self.t])?;
+        w.write_all(&self.body)?;
+        let mut n = 4 + len as u64;
+        if let Some(m) = &self.mac {
+            w.write_all(m)?;
+            n += MAC_LEN as u64;
+        }
+        Ok(n)
     }
 }
 

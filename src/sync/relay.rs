@@ -1,0 +1,447 @@
+//! The CLI's side of `snapfs sync`: a source end (this process, sending from a store
+//! no daemon holds, or the daemon of a mounted one over its control socket) and a
+//! destination end (this process receiving into a store no daemon holds, a
+//! `snapfs serve` over TCP, or `snapfs receive` over ssh), joined by a relay that
+//! passes every frame on unchanged and watches it go by. The summary, the progress
+//! shown and the protocol trace (`SNAPFS_LOG=snapfs::sync=trace`) come from what
+//! passed, wherever the two ends run. The relay holds no key: on a keyed session it
+//! passes the MACs on for the ends to check.
+
+use std::io::{BufRead, BufReader, BufWriter, Read, Write};
+use std::os::unix::net::UnixStream;
+use std::path::Path;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use super::session::{Summary, SyncError};
+use super::wire::{Frame, FrameReader, RawFrame, WireError};
+
+/// The writing half of an end, which can be closed on its own so that the far side
+/// reads the end of the stream.
+pub enum Sink {
+    /// A Unix socket (a daemon's control socket, or a socket pair to a thread here).
+    Unix(UnixStream),
+    /// A TCP connection.
+    Tcp(std::net::TcpStream),
+    /// A child's standard input (ssh).
+    Child(Option<std::process::ChildStdin>),
+}
+
+impl Sink {
+    fn close(&mut self) {
+        match self {
+            Sink::Unix(s) => {
+                let _ = s.shutdown(std::net::Shutdown::Write);
+            }
+            Sink::Tcp(s) => {
+                let _ = s.shutdown(std::net::Shutdown::Write);
+            }
+            Sink::Child(c) => drop(c.take()),
+        }
+    }
+}
+
+impl Write for Sink {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        match self {
+            Sink::Unix(s) => s.write(buf),
+            Sink::Tcp(s) => s.write(buf),
+            Sink::Child(Some(c)) => c.write(buf),
+            Sink::Child(None) => Err(std::io::ErrorKind::BrokenPipe.into()),
+        }
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        match self {
+            Sink::Unix(s) => s.flush(),
+            Sink::Tcp(s) => s.flush(),
+            Sink::Child(Some(c)) => c.flush(),
+            Sink::Child(None) => Ok(()),
+        }
+    }
+}
+
+/// One end of a session, as the relay sees it.
+pub struct End {
+    /// What the end says.
+    pub r: Box<dyn Read + Send>,
+    /// What the end is told.
+    pub w: Sink,
+    /// The thread running the end here, if it runs here.
+    pub task: Option<JoinHandle<Result<Summary, SyncError>>>,
+    /// The process running the end (ssh), with a thread collecting its stderr.
+    pub child: Option<(std::process::Child, JoinHandle<String>)>,
+}
+
+impl End {
+    /// An end run by `f` in a thread here, over one side of a socket pair.
+    pub fn spawn(
+        name: &str,
+        f: impl FnOnce(UnixStream) -> Result<Summary, SyncError> + Send + 'static,
+    ) -> Result<End, SyncError> {
+        let (a, b) = UnixStream::pair().map_err(WireError::Io)?;
+        let task = std::thread::Builder::new()
+            .name(name.into())
+            .spawn(move || f(b))
+            .map_err(WireError::Io)?;
+        Ok(End {
+            r: Box::new(a.try_clone().map_err(WireError::Io)?),
+            w: Sink::Unix(a),
+            task: Some(task),
+            child: None,
+        })
+    }
+
+    /// An end across a connected stream.
+    pub fn unix(s: UnixStream) -> Result<End, SyncError> {
+        Ok(End {
+            r: Box::new(s.try_clone().map_err(WireError::Io)?),
+            w: Sink::Unix(s),
+            task: None,
+            child: None,
+        })
+    }
+}
+
+/// What the relay saw and moved.
+#[derive(Default)]
+pub struct Observed {
+    /// The session's summary, as seen on the wire.
+    pub sum: Summary,
+    /// The source said `Done`: everything it meant to send was committed.
+    pub done: bool,
+    /// Why the source stopped, if it said.
+    pub source_error: Option<String>,
+    /// Why the destination stopped, if it said.
+    pub dest_error: Option<String>,
+}
+
+/// Counters the relay threads update and the progress display reads.
+#[derive(Default)]
+struct Live {
+    payload: AtomicU64,
+    wire: AtomicU64,
+    snapshot: Mutex<String>,
+    committed: AtomicU64,
+}
+
+/// Joins `src` and `dst` until both are done; `keyed`: the two ends share a key (TCP),
+/// so frames after the handshake carry MACs. `progress`: show progress on stderr (a
+/// bar on a terminal, a line every 10 s otherwise).
+pub fn relay(
+    mut src: End,
+    mut dst: End,
+    keyed: bool,
+    progress: bool,
+) -> Result<Summary, SyncError> {
+    let t0 = Instant::now();
+    let live = Live::default();
+    let seen = Mutex::new(Observed::default());
+    let finished = AtomicBool::new(false);
+    std::thread::scope(|s| {
+        let (sr, dr) = (&mut src.r, &mut dst.r);
+        let (sw, dw) = (&mut src.w, &mut dst.w);
+        let (live, seen, finished) = (&live, &seen, &finished);
+        let shown = progress.then(|| s.spawn(move || show(live, finished)));
+        let up = s.spawn(move || pump(sr, dw, keyed, true, live, seen));
+        pump(dr, sw, keyed, false, live, seen);
+        let _ = up.join();
+        finished.store(true, Ordering::Relaxed);
+        if let Some(h) = shown {
+            let _ = h.join();
+        }
+    });
+    let mut seen = seen.into_inner().unwrap_or_else(|p| p.into_inner());
+    seen.sum.wire_bytes = live.wire.load(Ordering::Relaxed);
+    let results = [finish(&mut src), finish(&mut dst)];
+    tracing::debug!(seconds = t0.elapsed().as_secs_f64(), "sync: relay done");
+    if let Some(m) = seen.dest_error {
+        return Err(SyncError::Remote(format!("the destination: {m}")));
+    }
+    if let Some(m) = seen.source_error {
+        return Err(SyncError::Remote(format!("the source: {m}")));
+    }
+    for r in results {
+        r?;
+    }
+    if !seen.done {
+        return Err(SyncError::Protocol(
+            "the connection ended before the sync was complete".into(),
+        ));
+    }
+    Ok(seen.sum)
+}
+
+/// Waits for an end that runs here or in a child: its error, if it failed without
+/// saying so on the wire.
+fn finish(end: &mut End) -> Result<(), SyncError> {
+    if let Some(t) = end.task.take() {
+        match t.join() {
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => return Err(e),
+            Err(_) => return Err(SyncError::Protocol("a sync thread panicked".into())),
+        }
+    }
+    if let Some((mut child, err)) = end.child.take() {
+        let status = child.wait().map_err(WireError::Io)?;
+        let text = err.join().unwrap_or_default();
+        if !status.success() {
+            let last = text
+                .lines()
+                .rev()
+                .find(|l| !l.trim().is_empty())
+                .unwrap_or("");
+            return Err(SyncError::Protocol(format!(
+                "the remote command failed ({status}){}{last}",
+                if last.is_empty() { "" } else { ": " }
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// Passes frames from `r` to `w` until `r` ends, watching them; `up`: from the
+/// source to the destination. When `w` fails, what `r` still says is read and
+/// dropped, so the end writing it is never left blocked.
+fn pump(
+    r: &mut Box<dyn Read + Send>,
+    w: &mut Sink,
+    keyed: bool,
+    up: bool,
+    live: &Live,
+    seen: &Mutex<Observed>,
+) {
+    {
+        let mut fr = FrameReader::new(BufReader::with_capacity(1 << 20, r), None);
+        let mut out = Some(BufWriter::with_capacity(1 << 20, Pass(&mut *w)));
+        loop {
+            let raw = match fr.read_raw() {
+                Ok(Some(raw)) => raw,
+                Ok(None) => break,
+                Err(e) => {
+                    tracing::debug!(up, error = %e, "sync: relay read ended");
+                    break;
+                }
+            };
+            watch(&raw, up, live, seen);
+            // After the handshake, frames carry MACs (the source's after its Proof, the
+            // destination's after its Welcome).
+            if keyed && raw.t == handshake_end(up) {
+                fr.pass_macs();
+            }
+            if let Some(o) = &mut out {
+                let res = raw.write_to(o).and_then(|n| {
+                    live.wire.fetch_add(n, Ordering::Relaxed);
+                    if fr.get_ref().buffer().is_empty() {
+                        o.flush()?;
+                    }
+                    Ok(())
+                });
+                if let Err(e) = res {
+                    tracing::debug!(up, error = %e, "sync: relay write ended");
+                    out = None;
+                }
+            }
+        }
+        if let Some(mut o) = out {
+            let _ = o.flush();
+        }
+    }
+    w.close();
+}
+
+/// A sink borrowed for writing.
+struct Pass<'a>(&'a mut Sink);
+
+impl Write for Pass<'_> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.write(buf)
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.0.flush()
+    }
+}
+
+/// The type of the last frame a side sends without a MAC.
+fn handshake_end(up: bool) -> u8 {
+    let f = if up {
+        Frame::Proof { proof: [0; 32] }
+    } else {
+        Frame::Welcome {
+            version: 0,
+            proof: [0; 32],
+            nonce: [0; 32],
+        }
+    };
+    f.encode().0
+}
+
+/// Notes what a frame says: the summary, the progress and the protocol trace.
+fn watch(raw: &RawFrame, up: bool, live: &Live, seen: &Mutex<Observed>) {
+    let dir = if up { "push" } else { "reply" };
+    if raw.is_extent() {
+        // The hash, then the bytes: not decoded (that would copy them).
+        let n = raw.body.len().saturating_sub(32) as u64;
+        live.payload.fetch_add(n, Ordering::Relaxed);
+        let mut o = seen.lock().unwrap_or_else(|p| p.into_inner());
+        o.sum.extents += 1;
+        o.sum.payload_bytes += n;
+        return;
+    }
+    let Ok(f) = raw.decode() else {
+        tracing::trace!(dir, t = raw.t, "sync: a frame that does not decode");
+        return;
+    };
+    let mut o = seen.lock().unwrap_or_else(|p| p.into_inner());
+    match f {
+        Frame::Begin { snapshot, base } => {
+            tracing::trace!(dir, snapshot = %snapshot.name, base = ?base, "sync: begin");
+            *live.snapshot.lock().unwrap_or_else(|p| p.into_inner()) = snapshot.name;
+        }
+        Frame::Records { batch, records } => {
+            tracing::trace!(dir, batch, records = records.len(), "sync: records");
+            o.sum.records += records.len() as u64;
+        }
+        Frame::Ack { batch, missing } => {
+            tracing::trace!(dir, batch, missing = missing.len(), "sync: ack");
+        }
+        Frame::Committed { name } => {
+            tracing::trace!(dir, snapshot = %name, "sync: committed");
+            live.committed.fetch_add(1, Ordering::Relaxed);
+            o.sum.snapshots.push(name);
+        }
+        Frame::Done => {
+            tracing::trace!(dir, "sync: done");
+            o.done = up;
+        }
+        Frame::Error { message } => {
+            tracing::trace!(dir, message = %message, "sync: error");
+            let slot = if up {
+                &mut o.source_error
+            } else {
+                &mut o.dest_error
+            };
+            slot.get_or_insert(message);
+        }
+        f => tracing::trace!(dir, frame = frame_name(&f), "sync: frame"),
+    }
+}
+
+fn frame_name(f: &Frame) -> &'static str {
+    match f {
+        Frame::Hello { .. } => "hello",
+        Frame::Welcome { .. } => "welcome",
+        Frame::Proof { .. } => "proof",
+        Frame::Holding { .. } => "holding",
+        Frame::Barrier => "barrier",
+        _ => "other",
+    }
+}
+
+/// Shows progress until `finished`: a bar on a terminal, a line every 10 s otherwise.
+fn show(live: &Live, finished: &AtomicBool) {
+    use std::io::IsTerminal;
+    let t0 = Instant::now();
+    let line = |live: &Live| {
+        let payload = live.payload.load(Ordering::Relaxed);
+        let secs = t0.elapsed().as_secs_f64().max(1e-3);
+        format!(
+            "{}: {} snapshots committed, {} of extents sent ({}/s), {} on the wire",
+            live.snapshot.lock().unwrap_or_else(|p| p.into_inner()),
+            live.committed.load(Ordering::Relaxed),
+            indicatif::HumanBytes(payload),
+            indicatif::HumanBytes((payload as f64 / secs) as u64),
+            indicatif::HumanBytes(live.wire.load(Ordering::Relaxed)),
+        )
+    };
+    if std::io::stderr().is_terminal() {
+        let bar = indicatif::ProgressBar::new_spinner();
+        bar.set_style(
+            indicatif::ProgressStyle::with_template("{spinner} {msg} [{elapsed_precise}]")
+                .unwrap_or_else(|_| indicatif::ProgressStyle::default_spinner()),
+        );
+        while !finished.load(Ordering::Relaxed) {
+            bar.set_message(line(live));
+            bar.tick();
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        bar.finish_and_clear();
+    } else {
+        let mut next = Instant::now() + Duration::from_secs(10);
+        while !finished.load(Ordering::Relaxed) {
+            if Instant::now() >= next {
+                eprintln!("snapfs sync: {}", line(live));
+                next += Duration::from_secs(10);
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+}
+
+/// Asks the daemon serving `store` to be the source end (with `key` on a keyed
+/// session); `Ok(None)` when no daemon serves it (the store is not mounted).
+pub fn daemon_source(
+    store: &Path,
+    only: Option<&str>,
+    key: Option<[u8; 32]>,
+) -> Result<Option<End>, SyncError> {
+    let Some(conn) = crate::daemon::connect_control(store) else {
+        return Ok(None);
+    };
+    let mut conn = conn.map_err(SyncError::Protocol)?;
+    let req = crate::control::Request::Send {
+        snapshot: only.map(str::to_string),
+        key: key.map(|k| crate::store::hex(&k)),
+    };
+    let mut line = serde_json::to_vec(&req).expect("a request always encodes");
+    line.push(b'\n');
+    conn.write_all(&line).map_err(WireError::Io)?;
+    // The answer line, byte by byte: the frames after it are the relay's to read.
+    let mut answer = Vec::new();
+    let mut byte = [0u8; 1];
+    while answer.len() < 1 << 16 {
+        match (&conn).read(&mut byte) {
+            Ok(0) => break,
+            Ok(_) if byte[0] == b'\n' => break,
+            Ok(_) => answer.push(byte[0]),
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(WireError::Io(e).into()),
+        }
+    }
+    if answer.is_empty() {
+        // The daemon is going away: the store is about to be free.
+        return Ok(None);
+    }
+    let out: crate::control::Outcome = serde_json::from_slice(&answer).map_err(|e| {
+        SyncError::Protocol(format!(
+            "the daemon's answer does not decode ({e}): is the snapfs CLI the same version as the daemon?"
+        ))
+    })?;
+    if out.error {
+        return Err(SyncError::Protocol(out.text.trim_end().to_string()));
+    }
+    Ok(Some(End::unix(conn)?))
+}
+
+/// Reads a child's stderr to its end, passing it on (ssh's prompts and warnings) and
+/// keeping its last lines.
+pub fn collect_stderr(r: impl Read + Send + 'static) -> JoinHandle<String> {
+    std::thread::spawn(move || {
+        let mut kept = std::collections::VecDeque::new();
+        let mut br = BufReader::new(r);
+        let mut l = Vec::new();
+        while br.read_until(b'\n', &mut l).is_ok_and(|n| n > 0) {
+            let text = String::from_utf8_lossy(&l).into_owned();
+            eprint!("{text}");
+            kept.push_back(text);
+            if kept.len() > 50 {
+                kept.pop_front();
+            }
+            l.clear();
+        }
+        kept.into_iter().collect()
+    })
+}
