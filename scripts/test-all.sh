@@ -39,6 +39,7 @@ apt_packages=(
     attr acl libacl1-dev e2fsprogs                # xattr/ACL tools, pjdfstest's acl dependency
     util-linux mount passwd coreutils findutils   # mountpoint, findmnt, setpriv, prlimit, useradd, timeout
     tar                                           # the tree-copy tests
+    openssh-server openssh-client                 # sync over ssh to an sshd the test starts
     python3 libcap2-bin                           # copy_file_range and setcap in the set-id test
 )
 
@@ -56,7 +57,7 @@ install_packages() {
         fi
     fi
     local missing=() c
-    for c in cargo cc fusermount3 mountpoint findmnt setpriv prlimit useradd timeout tar; do
+    for c in cargo cc fusermount3 mountpoint findmnt setpriv prlimit useradd timeout tar ssh ssh-keygen setfacl; do
         command -v "$c" >/dev/null || missing+=("$c")
     done
     [ ${#missing[@]} -eq 0 ] || echo "warning: missing commands: ${missing[*]}" >&2

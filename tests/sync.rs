@@ -246,3 +246,176 @@ fn over_tcp_the_key_is_proven_and_the_server_survives_bad_peers() {
     let dest = Mount::at(replica, mnt, &[]);
     assert_eq!(snapshot_trees(&src), snapshot_trees(&dest));
 }
+
+/// An sshd on loopback, for this test only: its own host key, a client key it
+/// authorizes for root, and a client config that uses both.
+struct Sshd {
+    child: std::process::Child,
+    /// `ssh -F CONFIG`: the client command for `--ssh`.
+    ssh: String,
+    port: u16,
+}
+
+impl Sshd {
+    fn start(dir: &Path) -> Sshd {
+        let sshd = ["/usr/sbin/sshd", "/usr/bin/sshd"]
+            .into_iter()
+            .find(|p| Path::new(p).exists())
+            .expect("sshd is installed (Debian's openssh-server; scripts/test-all.sh installs it)");
+        let d = dir.join("sshd");
+        std::fs::create_dir_all(&d).unwrap();
+        // sshd's privilege separation directory.
+        std::fs::create_dir_all("/run/sshd").unwrap();
+        for k in ["host", "client"] {
+            let st = std::process::Command::new("ssh-keygen")
+                .args(["-q", "-t", "ed25519", "-N", "", "-f"])
+                .arg(d.join(k))
+                .status()
+                .unwrap();
+            assert!(st.success());
+        }
+        std::fs::copy(d.join("client.pub"), d.join("authorized_keys")).unwrap();
+        let port = {
+            let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            l.local_addr().unwrap().port()
+        };
+        let cfg = d.join("sshd_config");
+        std::fs::write(
+            &cfg,
+            format!(
+                "Port {port}\nListenAddress 127.0.0.1\nHostKey {h}\nAuthorizedKeysFile {a}\n\
+                 PermitRootLogin prohibit-password\nPasswordAuthentication no\nStrictModes no\n\
+                 UsePAM no\nPidFile none\nLogLevel ERROR\n",
+                h = d.join("host").display(),
+                a = d.join("authorized_keys").display(),
+            ),
+        )
+        .unwrap();
+        let client = d.join("ssh_config");
+        std::fs::write(
+            &client,
+            format!(
+                "Host *\n  Port {port}\n  IdentityFile {k}\n  IdentitiesOnly yes\n  BatchMode yes\n  \
+                 StrictHostKeyChecking no\n  UserKnownHostsFile /dev/null\n  LogLevel ERROR\n",
+                k = d.join("client").display(),
+            ),
+        )
+        .unwrap();
+        let child = std::process::Command::new(sshd)
+            .args(["-D", "-e", "-f"])
+            .arg(&cfg)
+            .spawn()
+            .unwrap();
+        // Ready once it accepts connections.
+        let t0 = std::time::Instant::now();
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(t0.elapsed().as_secs() < 10, "sshd did not start");
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+        Sshd {
+            child,
+            ssh: format!("ssh -F {}", client.display()),
+            port,
+        }
+    }
+}
+
+impl Drop for Sshd {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A POSIX ACL on `p` (through setfacl, as a user would set one).
+fn setfacl(p: &Path, spec: &str) {
+    let st = std::process::Command::new("setfacl")
+        .args(["-m", spec])
+        .arg(p)
+        .status()
+        .expect("setfacl (Debian's acl)");
+    assert!(st.success(), "setfacl -m {spec} {}", p.display());
+}
+
+#[test]
+fn a_mounted_source_replicates_over_every_transport() {
+    let src = Mount::new();
+    let dir = src.dir.path().to_path_buf();
+    let key = key_file(&dir, "key", "a shared secret for the tcp replica");
+    let sshd = Sshd::start(&dir);
+    let tcp_store = dir.join("by-tcp");
+    let server = Server::start(&tcp_store, &key);
+    let local_store = dir.join("by-path");
+    let ssh_store = dir.join("by ssh");
+    let dests: [(String, &Path); 3] = [
+        (local_store.display().to_string(), &local_store),
+        (format!("tcp://{}", server.addr), &tcp_store),
+        (
+            format!("ssh://root@127.0.0.1:{}{}", sshd.port, ssh_store.display()),
+            &ssh_store,
+        ),
+    ];
+    populate(&src.mnt, 21);
+    setfacl(&src.path("docs/f5"), "u:4321:rw");
+    let rounds = ["one", "two", "three"];
+    for (round, name) in rounds.iter().enumerate() {
+        if round > 0 {
+            let r = round as u64 + 21;
+            churn(&src.mnt, r);
+            std::fs::rename(src.path("docs/deep"), src.path(&format!("deep-{r}"))).unwrap();
+            std::fs::create_dir(src.path("docs/deep")).unwrap();
+            std::fs::hard_link(src.path(&format!("new-{r}")), src.path(&format!("hl-{r}")))
+                .unwrap();
+            std::os::unix::fs::symlink(format!("new-{r}"), src.path(&format!("sl-{r}"))).unwrap();
+            setfacl(&src.path(&format!("new-{r}")), "g:777:r");
+        }
+        let out = snapfs(&["snapshot", "create", src.mnt.to_str().unwrap(), name]);
+        assert!(out.status.success());
+        for (url, _) in &dests {
+            // The source stays mounted: its daemon sends.
+            let out = snapfs(&[
+                "sync",
+                src.mnt.to_str().unwrap(),
+                url,
+                "--json",
+                "--key-file",
+                key.to_str().unwrap(),
+                "--ssh",
+                &sshd.ssh,
+                "--remote-snapfs",
+                SNAPFS,
+            ]);
+            assert!(
+                out.status.success(),
+                "sync to {url}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            let sum: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+            assert_eq!(sum["snapshots"], serde_json::json!([name]), "{url}: {sum}");
+            if round > 0 {
+                let payload = sum["payload_bytes"].as_u64().unwrap();
+                assert!(
+                    payload < 600_000,
+                    "{url}: incremental sent {payload}: {sum}"
+                );
+            }
+        }
+        // Every destination, mounted, shows every snapshot as the source does.
+        let want = snapshot_trees(&src);
+        assert_eq!(want.len(), round + 1);
+        for (url, store) in &dests {
+            let mnt = dir.join("check-mnt");
+            std::fs::create_dir_all(&mnt).unwrap();
+            let mut m = Mount::at(store.to_path_buf(), mnt, &[]);
+            assert_eq!(snapshot_trees(&m), want, "{url} after {name}");
+            m.unmount();
+        }
+    }
+    // The ACLs travelled (the digest compares xattrs; this says the ACL is one).
+    let acl = xattr_names(&src.path(".snapshots/three/docs/f5"));
+    assert!(
+        acl.iter().any(|n| n == "system.posix_acl_access"),
+        "{acl:?}"
+    );
+    drop(server);
+}
