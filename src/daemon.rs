@@ -252,7 +252,13 @@ pub fn init_logging(to_file: Option<&Path>) {
     });
     let _ = match file {
         Some(f) => builder.with_ansi(false).with_writer(Arc::new(f)).try_init(),
-        None => builder.with_writer(std::io::stderr).try_init(),
+        None => {
+            use std::io::IsTerminal;
+            builder
+                .with_ansi(std::io::stderr().is_terminal())
+                .with_writer(std::io::stderr)
+                .try_init()
+        }
     };
 }
 

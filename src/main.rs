@@ -198,6 +198,10 @@ fn main() -> ExitCode {
 }
 
 fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    // A mount logs to its store once it knows it; every other command to stderr.
+    if !matches!(cli.cmd, Cmd::Mount { .. }) {
+        daemon::init_logging(None);
+    }
     let (target, req) = match cli.cmd {
         Cmd::Mount {
             store,

@@ -419,3 +419,96 @@ fn a_mounted_source_replicates_over_every_transport() {
     );
     drop(server);
 }
+
+/// The segment files of a store, largest first.
+fn segments(store: &Path) -> Vec<(std::path::PathBuf, u64)> {
+    let mut v: Vec<_> = std::fs::read_dir(store.join("segments"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|x| x == "seg"))
+        .map(|p| {
+            let n = std::fs::metadata(&p).unwrap().len();
+            (p, n)
+        })
+        .collect();
+    v.sort_by_key(|(_, n)| std::cmp::Reverse(*n));
+    v
+}
+
+#[test]
+fn extents_lost_on_the_replica_ride_on_the_next_push() {
+    let mut src = Mount::new();
+    let dir = src.dir.path().to_path_buf();
+    let replica = dir.join("replica");
+    populate(&src.mnt, 31);
+    snapfs(&["snapshot", "create", src.mnt.to_str().unwrap(), "one"]);
+    src.unmount();
+    sync_ok(&src.store, &replica);
+
+    // Behind snapfs's back, the second half of the replica's largest segment goes.
+    let (seg, len) = segments(&replica).remove(0);
+    assert!(len > 1 << 20, "{seg:?} holds {len} bytes");
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&seg)
+        .unwrap()
+        .set_len(len / 2)
+        .unwrap();
+    let f = snapfs(&["fsck", replica.to_str().unwrap()]);
+    assert!(!f.status.success(), "fsck does not see the loss");
+
+    // A new snapshot: the next sync repairs the replica on the one connection.
+    src.mount(&[]);
+    churn(&src.mnt, 32);
+    snapfs(&["snapshot", "create", src.mnt.to_str().unwrap(), "two"]);
+    src.unmount();
+    let out = std::process::Command::new(SNAPFS)
+        .args([
+            "sync",
+            src.store.to_str().unwrap(),
+            replica.to_str().unwrap(),
+        ])
+        .arg("--json")
+        .env("SNAPFS_LOG", "snapfs::sync=trace")
+        .output()
+        .unwrap();
+    let trace = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{trace}");
+    let sum: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(sum["snapshots"], serde_json::json!(["two"]), "{sum}");
+    // One handshake, one snapshot; the lost extents were asked for in the
+    // acknowledgements and came in the pushes that followed.
+    let count = |what: &str| trace.lines().filter(|l| l.contains(what)).count();
+    assert_eq!(count("frame=\"hello\""), 1, "{trace}");
+    assert_eq!(count("sync: begin"), 1, "{trace}");
+    let asked: u64 = trace
+        .lines()
+        .filter(|l| l.contains("sync: ack"))
+        .filter_map(|l| l.split("missing=").nth(1))
+        .map(|m| m.split_whitespace().next().unwrap().parse::<u64>().unwrap())
+        .sum();
+    assert!(asked > 0, "{trace}");
+    assert!(
+        sum["extents_sent"].as_u64().unwrap() >= asked.min(1),
+        "{sum}"
+    );
+    // Lost data far exceeds what the churn changed: it did travel.
+    let payload = sum["payload_bytes"].as_u64().unwrap();
+    assert!(
+        payload > len / 4,
+        "{payload} bytes repaired of {len}: {sum}"
+    );
+
+    let f = snapfs(&["fsck", replica.to_str().unwrap(), "--read-data"]);
+    assert!(
+        f.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&f.stdout),
+        String::from_utf8_lossy(&f.stderr)
+    );
+    src.mount(&[]);
+    let mnt = dir.join("replica-mnt");
+    std::fs::create_dir(&mnt).unwrap();
+    let dest = Mount::at(replica, mnt, &[]);
+    assert_eq!(snapshot_trees(&src), snapshot_trees(&dest));
+}

@@ -1194,6 +1194,33 @@ impl Store {
         })))
     }
 
+    /// Extents whose stored copy is known gone without reading any data: its segment
+    /// file missing or too short to hold it, or a read found it damaged since the
+    /// store was opened. One pass over the extent index, one `stat` per segment.
+    pub fn lost_extents(&self) -> Result<std::collections::HashSet<[u8; 32]>, StoreError> {
+        let mut lost = std::collections::HashSet::new();
+        let damaged = self.damaged.lock().at.clone();
+        let mut lens: std::collections::HashMap<u64, Option<u64>> =
+            std::collections::HashMap::new();
+        let txn = self.read_txn()?;
+        for row in txn.extents().iter()? {
+            let (k, v) = row?;
+            let hash = k.value();
+            let rec = ExtentRec::decode(&hash, v.value())?;
+            let len = *lens.entry(rec.segment).or_insert_with(|| {
+                std::fs::metadata(segment::segment_path(self.segs.dir(), rec.segment))
+                    .ok()
+                    .map(|m| m.len())
+            });
+            if len.is_none_or(|l| rec.offset + rec.len as u64 > l)
+                || damaged.get(&hash) == Some(&(rec.segment, rec.offset))
+            {
+                lost.insert(hash);
+            }
+        }
+        Ok(lost)
+    }
+
     /// The database, for checks that walk whole tables (commit the group first).
     pub fn db(&self) -> &Database {
         &self.db

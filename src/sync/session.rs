@@ -257,6 +257,8 @@ fn send_inner<R: Read, W: Write>(
             snaps[base.expect("checked")].0
         )));
     }
+    // Extents the destination lost, sent so far.
+    let mut repaired: HashSet<[u8; 32]> = HashSet::new();
     let todo: Vec<usize> = (base.map_or(0, |b| b + 1)..snaps.len())
         .filter(|&i| only.is_none_or(|n| snaps[i].0 == n))
         .collect();
@@ -334,18 +336,30 @@ fn send_inner<R: Read, W: Write>(
                 }
             };
             for hash in missing {
-                if !named.remove(&hash) {
+                // An extent the batch names must be here; one it does not name is
+                // one the destination lost (a replica may have any of the volume's
+                // data), sent if this store has it, once.
+                let row = if named.remove(&hash) {
+                    extents.get(hash)?.ok_or_else(|| {
+                        protocol(format!(
+                            "the destination asks for extent {} that this store does not have",
+                            crate::store::hex(&hash)
+                        ))
+                    })?
+                } else if !repaired.insert(hash) {
                     return Err(protocol(format!(
-                        "the destination asks for extent {} that the batch does not name",
+                        "the destination asks for extent {} twice",
                         crate::store::hex(&hash)
                     )));
-                }
-                let row = extents.get(hash)?.ok_or_else(|| {
-                    protocol(format!(
-                        "the destination asks for extent {} that this store does not have",
-                        crate::store::hex(&hash)
-                    ))
-                })?;
+                } else {
+                    match extents.get(hash)? {
+                        Some(row) => row,
+                        None => {
+                            tracing::debug!(extent = %crate::store::hex(&hash), "sync: a lost extent this store lacks too");
+                            continue;
+                        }
+                    }
+                };
                 let ext = ExtentRec::decode(&hash, row.value())?;
                 let data = segs.read(ext.segment, ext.offset, ext.len)?;
                 // Never send bytes that are not the extent's.
@@ -479,6 +493,20 @@ fn receive_inner<R: Read, W: Write>(
             store.write(true, |w| Ok(w.set_replica_of(&volume)?))?;
         }
     }
+    // Extents this store has lost (their segment gone or cut short, or found
+    // damaged): asked for with the first acknowledgement, to ride on the pushes.
+    let mut lost = store.lost_extents()?;
+    let mut unasked: Vec<[u8; 32]> = lost.iter().copied().collect();
+    if !lost.is_empty() {
+        tracing::warn!(
+            extents = lost.len(),
+            "sync: extents lost here; asking the source for them"
+        );
+    }
+    // Lost extents asked for that the batches do not name (the source may lack them).
+    let mut repair_asked: HashSet<[u8; 32]> = HashSet::new();
+    // Stored extents the batches named whose copy was read back and found good.
+    let mut verified: HashSet<[u8; 32]> = HashSet::new();
     let held: Vec<SnapRef> = store
         .snapshot_list(false)?
         .iter()
@@ -524,7 +552,8 @@ fn receive_inner<R: Read, W: Write>(
         loop {
             let next = match expect(r)? {
                 Frame::Extent { hash, data } => {
-                    if !wanted.remove(&hash) {
+                    let named = wanted.remove(&hash);
+                    if !named && !repair_asked.remove(&hash) {
                         return Err(protocol(format!(
                             "extent {} was not asked for",
                             crate::store::hex(&hash)
@@ -536,11 +565,16 @@ fn receive_inner<R: Read, W: Write>(
                             crate::store::hex(&hash)
                         )));
                     }
-                    // Stored at once (not yet indexed): a batch's extents need not
-                    // fit in memory.
-                    store.write(false, |wr| {
-                        wr.append_received(&[(hash, &data)], &mut staged)
-                    })?;
+                    if lost.remove(&hash) {
+                        // A lost copy, stored again and its extent repointed.
+                        store.write(false, |wr| wr.store_again(&[(hash, &data)]))?;
+                    } else {
+                        // Stored at once (not yet indexed): a batch's extents need
+                        // not fit in memory.
+                        store.write(false, |wr| {
+                            wr.append_received(&[(hash, &data)], &mut staged)
+                        })?;
+                    }
                     sum.extents += 1;
                     sum.payload_bytes += data.len() as u64;
                     continue;
@@ -611,22 +645,57 @@ fn receive_inner<R: Read, W: Write>(
                     ))
                 })?;
             }
-            // The extents this batch names that the destination has nowhere.
+            // The extents this batch names that the destination has nowhere, or
+            // whose stored copy is lost or does not read back as itself.
             let mut missing = Vec::new();
+            let mut stored: Vec<([u8; 32], ExtentRec)> = Vec::new();
             {
                 let txn = store.read_txn()?;
                 for rec in &records {
                     if let (KIND_BLOCK, Some(p)) = (rec.kind, &rec.payload) {
                         for h in BlockRec::decode(p)?.extents() {
-                            if !staged.contains_key(h)
-                                && !wanted.contains(h)
-                                && txn.extents().get(*h)?.is_none()
+                            if staged.contains_key(h) || wanted.contains(h) || verified.contains(h)
                             {
-                                wanted.insert(*h);
-                                missing.push(*h);
+                                continue;
                             }
+                            match txn.extents().get(*h)? {
+                                Some(_) if lost.contains(h) => {}
+                                Some(row) => {
+                                    stored.push((*h, ExtentRec::decode(h, row.value())?));
+                                    verified.insert(*h);
+                                    continue;
+                                }
+                                None => {}
+                            }
+                            repair_asked.remove(h);
+                            wanted.insert(*h);
+                            missing.push(*h);
                         }
                     }
+                }
+            }
+            // Dedup hits are read back: a replica never takes a reference to a copy
+            // it cannot return.
+            stored.sort_unstable_by_key(|(_, r)| (r.segment, r.offset));
+            for (h, r) in stored {
+                let good = store
+                    .segs
+                    .read(r.segment, r.offset, r.len)
+                    .is_ok_and(|d| *blake3::hash(&d).as_bytes() == h);
+                if !good {
+                    tracing::warn!(extent = %crate::store::hex(&h), "sync: a stored extent does not read back; asking the source for it");
+                    verified.remove(&h);
+                    lost.insert(h);
+                    wanted.insert(h);
+                    missing.push(h);
+                }
+            }
+            // Lost extents no batch has named yet ride on this acknowledgement.
+            while missing.len() < 100_000
+                && let Some(h) = unasked.pop()
+            {
+                if lost.contains(&h) && !wanted.contains(&h) && repair_asked.insert(h) {
+                    missing.push(h);
                 }
             }
             w.send(&Frame::Ack { batch, missing })?;
