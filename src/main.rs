@@ -302,25 +302,28 @@ fn sync(
 ) -> anyhow::Result<ExitCode> {
     let src = daemon::resolve_store(source)?;
     let t = std::time::Instant::now();
-    let sum = snapfs::sync::run(&src, dest, opts)
-        .map_err(|e| anyhow::anyhow!("sync {} -> {dest}: {e}", source.display()))?;
+    let (sum, res) = snapfs::sync::run(&src, dest, opts);
     let secs = t.elapsed().as_secs_f64();
     if json {
-        println!(
-            "{}",
-            serde_json::json!({
-                "snapshots_sent": sum.snapshots.len(),
-                "snapshots": sum.snapshots,
-                "records": sum.records,
-                "extents_sent": sum.extents,
-                "payload_bytes": sum.payload_bytes,
-                "wire_bytes": sum.wire_bytes,
-                "seconds": secs,
-            })
-        );
-    } else if sum.snapshots.is_empty() {
+        // Also when the session failed: what went before it stopped.
+        let mut out = serde_json::json!({
+            "snapshots_sent": sum.snapshots.len(),
+            "snapshots": sum.snapshots,
+            "records": sum.records,
+            "extents_sent": sum.extents,
+            "payload_bytes": sum.payload_bytes,
+            "wire_bytes": sum.wire_bytes,
+            "seconds": secs,
+        });
+        if let Err(e) = &res {
+            out["error"] = e.to_string().into();
+        }
+        println!("{out}");
+    }
+    res.map_err(|e| anyhow::anyhow!("sync {} -> {dest}: {e}", source.display()))?;
+    if !json && sum.snapshots.is_empty() {
         println!("nothing to send: {dest} has every snapshot");
-    } else {
+    } else if !json {
         println!(
             "sent {} snapshots ({}): {} records, {} extents, {} payload bytes, {} bytes on the wire, {secs:.2} s",
             sum.snapshots.len(),
@@ -369,8 +372,23 @@ fn with_store(path: &Path, req: &Request) -> anyhow::Result<ExitCode> {
             match snapfs::commands::run_read_only(&store, req, std::io::stderr().is_terminal()) {
                 Some(out) => out,
                 None => {
-                    let fs = Fs::open(&store, None)
-                        .with_context(|| format!("cannot open store {}", store.display()))?;
+                    // A sync session or a daemon that stopped serving may still be
+                    // closing the store: wait for it, a while.
+                    let mut fs = Fs::open(&store, None);
+                    for _ in 0..100 {
+                        if !matches!(
+                            fs,
+                            Err(snapfs::fs::FsError::Store(
+                                snapfs::store::StoreError::Locked
+                            ))
+                        ) {
+                            break;
+                        }
+                        std::thread::sleep(std::time::Duration::from_millis(100));
+                        fs = Fs::open(&store, None);
+                    }
+                    let fs =
+                        fs.with_context(|| format!("cannot open store {}", store.display()))?;
                     snapfs::commands::run(&fs, req, std::io::stderr().is_terminal())
                 }
             }

@@ -512,3 +512,148 @@ fn extents_lost_on_the_replica_ride_on_the_next_push() {
     let dest = Mount::at(replica, mnt, &[]);
     assert_eq!(snapshot_trees(&src), snapshot_trees(&dest));
 }
+
+/// Bytes in a store's segment files: every extent it was ever sent, kept or not.
+fn segment_bytes(store: &Path) -> u64 {
+    if !store.join("segments").exists() {
+        return 0;
+    }
+    segments(store).iter().map(|(_, n)| n).sum()
+}
+
+/// The snapshots of an unmounted store, by name.
+fn snapshot_names(store: &Path) -> Vec<String> {
+    let out = snapfs(&["snapshot", "list", store.to_str().unwrap(), "--json"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["name"].as_str().unwrap().to_string())
+        .collect()
+}
+
+#[test]
+fn an_interrupted_sync_resumes_without_a_partial_snapshot() {
+    // SNAPFS_TEST_SYNC_MIB scales the volume (1 GiB by default) and
+    // SNAPFS_TEST_SYNC_CUTS the number of interruptions (20).
+    let mib: usize = std::env::var("SNAPFS_TEST_SYNC_MIB")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1024);
+    let cuts: u64 = std::env::var("SNAPFS_TEST_SYNC_CUTS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(20);
+    let mut src = Mount::new();
+    let dir = src.dir.path().to_path_buf();
+    for i in 0..mib / 64 {
+        std::fs::write(
+            src.path(&format!("f{i}")),
+            pattern(1000 + i as u64, 64 << 20),
+        )
+        .unwrap();
+    }
+    snapfs(&["snapshot", "create", src.mnt.to_str().unwrap(), "big"]);
+    src.unmount();
+    let key = key_file(&dir, "key", "a key for the interrupted replica");
+    // What a sync that is never cut leaves in the segments.
+    let clean = dir.join("clean");
+    sync_ok(&src.store, &clean);
+    let clean_bytes = segment_bytes(&clean);
+    assert!(clean_bytes >= (mib as u64) << 20, "{clean_bytes}");
+
+    let replica = dir.join("replica");
+    let mut server = Server::start(&replica, &key);
+    let start_sync = |addr: &str| {
+        std::process::Command::new(SNAPFS)
+            .args(["sync", src.store.to_str().unwrap()])
+            .arg(format!("tcp://{addr}"))
+            .arg("--key-file")
+            .arg(&key)
+            .arg("--json")
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap()
+    };
+    // Cut k comes once the replica has received about (k + 1) / (cuts + 2) of the
+    // volume, give or take a random part of a step: spread over the whole transfer,
+    // whatever the machine's speed.
+    let mut rng = 0x2545_f491_4f6c_dd1d_u64 ^ std::process::id() as u64;
+    let mut next = || {
+        rng ^= rng << 13;
+        rng ^= rng >> 7;
+        rng ^= rng << 17;
+        rng
+    };
+    let step = clean_bytes / (cuts + 2);
+    let mut done_early = false;
+    for k in 0..cuts {
+        let goal = step * (k + 1) + next() % step;
+        let mut client = start_sync(&server.addr);
+        let t0 = std::time::Instant::now();
+        let mut finished = false;
+        while segment_bytes(&replica) < goal {
+            if client.try_wait().unwrap().is_some() {
+                finished = true;
+                break;
+            }
+            assert!(t0.elapsed().as_secs() < 120, "cut {k}: no progress");
+            std::thread::sleep(std::time::Duration::from_millis(2));
+        }
+        // Alternately the sending side dies, or the receiving daemon (restarted).
+        let _ = client.kill();
+        let _ = client.wait();
+        if k % 2 == 1 {
+            drop(server);
+            server = Server::start(&replica, &key);
+        }
+        // Never a partial snapshot: none, or the whole one.
+        let names = snapshot_names(&replica);
+        if finished || !names.is_empty() {
+            assert_eq!(names, ["big"], "cut {k}");
+            done_early = true;
+            break;
+        }
+    }
+    assert!(!done_early, "the sync finished before every cut was made");
+    let staged = segment_bytes(&replica);
+    let out = snapfs(&[
+        "sync",
+        src.store.to_str().unwrap(),
+        &format!("tcp://{}", server.addr),
+        "--key-file",
+        key.to_str().unwrap(),
+        "--json",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let sum: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(sum["snapshots"], serde_json::json!(["big"]), "{sum}");
+    drop(server);
+    // Everything received more than once, against what the cut runs had staged.
+    let resent = segment_bytes(&replica).saturating_sub(clean_bytes);
+    eprintln!(
+        "{cuts} cuts: {staged} bytes staged by the cut runs, final run sent {} of {clean_bytes}, {resent} bytes received twice",
+        sum["payload_bytes"]
+    );
+    assert!(
+        resent * 10 < staged,
+        "{resent} bytes received again of {staged} staged: {sum}"
+    );
+    let f = snapfs(&["fsck", replica.to_str().unwrap(), "--read-data"]);
+    assert!(f.status.success(), "{}", String::from_utf8_lossy(&f.stdout));
+    src.mount(&[]);
+    let mnt = dir.join("replica-mnt");
+    std::fs::create_dir(&mnt).unwrap();
+    let dest = Mount::at(replica, mnt, &[]);
+    assert_eq!(snapshot_trees(&src), snapshot_trees(&dest));
+}

@@ -173,6 +173,10 @@ pub struct Store {
     /// Records whose change index row at the live epoch is written (committed or in
     /// the open group), so that rewriting one costs no second insert.
     changed: ChangeMemo,
+    /// An extent whose last reference goes keeps its row, with no reference (a sync
+    /// sink rolling back a part-applied session keeps what it received for the
+    /// session that resumes it; [`Store::free_unreferenced`] frees them).
+    pub keep_unreferenced: bool,
 }
 
 /// See [`Store::changed`]. Forgotten whenever it could be wrong: an aborted group,
@@ -504,6 +508,7 @@ impl Store {
             readers: Default::default(),
             cancel: Default::default(),
             changed: Default::default(),
+            keep_unreferenced: false,
         })
     }
 
@@ -623,6 +628,7 @@ impl Store {
                 unverified: &mut self.unverified,
                 trusted_from: self.trusted_from,
                 damaged: &self.damaged,
+                keep_unreferenced: self.keep_unreferenced,
             };
             let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| f(&mut w)));
             // A new segment's id is recorded in the group that first indexes into it.
@@ -1192,6 +1198,32 @@ impl Store {
         Ok(View(std::cell::Ref::map(self.txn.borrow(), |g| {
             &*g.as_ref().expect("begun above").tables
         })))
+    }
+
+    /// Frees received extents no record took (see [`Writer::append_received`]): what
+    /// interrupted sessions stored for snapshots that never came. Returns how many.
+    pub fn free_unreferenced(&mut self) -> Result<u64, OpError> {
+        let mut idle = Vec::new();
+        {
+            let txn = self.read_txn()?;
+            for row in txn.extents().iter()? {
+                let (k, v) = row?;
+                let hash = k.value();
+                if ExtentRec::decode(&hash, v.value())?.refs == 0 {
+                    idle.push(hash);
+                }
+            }
+        }
+        for chunk in idle.chunks(4096) {
+            self.write(false, |w| {
+                for h in chunk {
+                    let rec = w.extent(h)?;
+                    w.free_extent(h, &rec)?;
+                }
+                Ok(())
+            })?;
+        }
+        Ok(idle.len() as u64)
     }
 
     /// Extents whose stored copy is known gone without reading any data: its segment
@@ -2173,6 +2205,8 @@ pub struct Writer<'t> {
     trusted_from: u64,
     /// Extents reads found damaged.
     damaged: &'t Damaged,
+    /// See [`Store::keep_unreferenced`].
+    keep_unreferenced: bool,
 }
 
 impl Unverified {
@@ -2427,14 +2461,19 @@ impl Writer<'_> {
                 rec.refs
             ))
         })?;
-        if rec.refs == 0 {
-            self.t.extents.remove(*hash)?;
-            self.freed.push((rec.segment, rec.offset, rec.len));
-            self.add_dead(&rec)?;
+        if rec.refs == 0 && !self.keep_unreferenced {
+            self.free_extent(hash, &rec)?;
         } else {
             self.t.extents.insert(*hash, rec.encode(hash).as_slice())?;
         }
         Ok(())
+    }
+
+    /// Frees extent `hash` (at `rec`): its row goes, its bytes count as dead.
+    fn free_extent(&mut self, hash: &[u8; 32], rec: &ExtentRec) -> Result<(), StoreError> {
+        self.t.extents.remove(*hash)?;
+        self.freed.push((rec.segment, rec.offset, rec.len));
+        self.add_dead(rec)
     }
 
     /// Counts the bytes of extent `rec` (header and data) as dead in its segment.
@@ -2748,15 +2787,13 @@ impl Writer<'_> {
     }
 
     /// Stores received extents the index lacks (`items` already rehashed by the
-    /// caller), each noted in `staged` until a record takes a reference to it.
-    pub fn append_received(
-        &mut self,
-        items: &[([u8; 32], &[u8])],
-        staged: &mut Staged,
-    ) -> Result<(), OpError> {
+    /// caller), each indexed with no reference yet: a record of this session or of
+    /// a resumed one takes them, and [`Store::free_unreferenced`] frees those no
+    /// record took once a session completes. An extent row with no reference is such
+    /// a received extent, and nothing else.
+    pub fn append_received(&mut self, items: &[([u8; 32], &[u8])]) -> Result<(), OpError> {
         let new: Vec<([u8; 32], &[u8])> = items
             .iter()
-            .filter(|(h, _)| !staged.contains_key(h))
             .filter_map(|(h, d)| match self.t.extents.get(*h) {
                 Ok(None) => Some(Ok((*h, *d))),
                 Ok(Some(_)) => None,
@@ -2770,20 +2807,25 @@ impl Writer<'_> {
             .segs
             .append_many(&new)
             .map_err(|e| OpError::Errno(e.errno()))?;
-        for ((hash, data), (seg, off)) in new.iter().zip(at) {
-            staged.insert(*hash, (seg, off, data.len() as u32));
+        for ((hash, data), (segment, offset)) in new.iter().zip(at) {
+            let rec = ExtentRec {
+                segment,
+                offset,
+                len: data.len() as u32,
+                refs: 0,
+            };
+            self.t.extents.insert(*hash, rec.encode(hash).as_slice())?;
         }
         Ok(())
     }
 
     /// Writes a received record as the live version of `key`, after checking that
     /// its payload decodes as its kind's must; a block record takes a reference to
-    /// each extent it names, which must be stored or in `staged`.
+    /// each extent it names, which must be stored.
     pub fn put_received(
         &mut self,
         key: RecKey<'_>,
         payload: Option<&[u8]>,
-        staged: &mut Staged,
     ) -> Result<(), StoreError> {
         if let Some(p) = payload {
             match key.kind {
@@ -2800,7 +2842,7 @@ impl Writer<'_> {
                         *n.entry(*h).or_default() += 1;
                     }
                     for (h, n) in n {
-                        if !staged.contains_key(&h) && self.t.extents.get(h)?.is_none() {
+                        if self.t.extents.get(h)?.is_none() {
                             return Err(StoreError::Corrupt(format!(
                                 "block {} of inode {} names extent {} that was never sent",
                                 key.sub,
@@ -2808,7 +2850,7 @@ impl Writer<'_> {
                                 hex(&h)
                             )));
                         }
-                        self.take_refs(h, n, staged)?;
+                        self.take_refs(h, n, &mut Staged::new())?;
                     }
                 }
                 KIND_PARENT if !p.is_empty() => {

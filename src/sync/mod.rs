@@ -37,8 +37,17 @@ pub struct Options {
 }
 
 /// Sends the snapshots `dest` lacks from the store at `src` (mounted or not): `dest`
-/// is a store path, `tcp://HOST:PORT` or `ssh://[USER@]HOST[:PORT]/PATH`.
-pub fn run(src: &Path, dest: &str, opts: &Options) -> Result<Summary, SyncError> {
+/// is a store path, `tcp://HOST:PORT` or `ssh://[USER@]HOST[:PORT]/PATH`. What was
+/// sent (also when the session failed), and whether it completed.
+pub fn run(src: &Path, dest: &str, opts: &Options) -> (Summary, Result<(), SyncError>) {
+    match ends(src, dest, opts) {
+        Ok((source, dst, keyed)) => relay::relay(source, dst, keyed, opts.progress),
+        Err(e) => (Summary::default(), Err(e)),
+    }
+}
+
+/// The two ends of a session, and whether it is keyed.
+fn ends(src: &Path, dest: &str, opts: &Options) -> Result<(End, End, bool), SyncError> {
     let mut key = None;
     let dst = if let Some(addr) = dest.strip_prefix("tcp://") {
         let kf = opts.key_file.as_deref().ok_or_else(|| {
@@ -80,7 +89,7 @@ pub fn run(src: &Path, dest: &str, opts: &Options) -> Result<Summary, SyncError>
             })?
         }
     };
-    relay::relay(source, dst, key.is_some(), opts.progress)
+    Ok((source, dst, key.is_some()))
 }
 
 type Framed = (

@@ -129,13 +129,14 @@ struct Live {
 
 /// Joins `src` and `dst` until both are done; `keyed`: the two ends share a key (TCP),
 /// so frames after the handshake carry MACs. `progress`: show progress on stderr (a
-/// bar on a terminal, a line every 10 s otherwise).
+/// bar on a terminal, a line every 10 s otherwise). What went by, and whether the
+/// session completed.
 pub fn relay(
     mut src: End,
     mut dst: End,
     keyed: bool,
     progress: bool,
-) -> Result<Summary, SyncError> {
+) -> (Summary, Result<(), SyncError>) {
     let t0 = Instant::now();
     let live = Live::default();
     let seen = Mutex::new(Observed::default());
@@ -157,21 +158,20 @@ pub fn relay(
     seen.sum.wire_bytes = live.wire.load(Ordering::Relaxed);
     let results = [finish(&mut src), finish(&mut dst)];
     tracing::debug!(seconds = t0.elapsed().as_secs_f64(), "sync: relay done");
-    if let Some(m) = seen.dest_error {
-        return Err(SyncError::Remote(format!("the destination: {m}")));
-    }
-    if let Some(m) = seen.source_error {
-        return Err(SyncError::Remote(format!("the source: {m}")));
-    }
-    for r in results {
-        r?;
-    }
-    if !seen.done {
-        return Err(SyncError::Protocol(
+    let res = if let Some(m) = seen.dest_error {
+        Err(SyncError::Remote(format!("the destination: {m}")))
+    } else if let Some(m) = seen.source_error {
+        Err(SyncError::Remote(format!("the source: {m}")))
+    } else if let Some(e) = results.into_iter().find_map(Result::err) {
+        Err(e)
+    } else if !seen.done {
+        Err(SyncError::Protocol(
             "the connection ended before the sync was complete".into(),
-        ));
-    }
-    Ok(seen.sum)
+        ))
+    } else {
+        Ok(())
+    };
+    (seen.sum, res)
 }
 
 /// Waits for an end that runs here or in a child: its error, if it failed without

@@ -1,0 +1,195 @@
+#!/usr/bin/env bash
+# bench/sync.sh: replication side by side, over loopback TCP, in one run:
+#   snapfs sync (to a `snapfs serve`), rsync -a (to an rsync daemon, ext4 to ext4) and
+#   btrfs send | receive (two btrfs filesystems on loop devices, through socat).
+# The volume: SIZE_MIB of data, a quarter of it duplicates of other files. Measured:
+# a full sync, an incremental after changing 1% of the volume in place, and a sync
+# with nothing new; wall time (until the destination is durable: each run ends with
+# `sync -f` there) and bytes on the wire (payload and total for snapfs, rsync's
+# "Total bytes sent/received", the size of btrfs's send stream).
+#
+# usage: bench/sync.sh [OUT.md]   (default: print the table)
+#   SIZE_MIB=2048  SNAPFS=target/release/snapfs
+# Needs root (mounts, loop devices), btrfs in the kernel, and about 4 x SIZE_MIB of disk.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+SNAPFS=$(readlink -m "${SNAPFS:-${CARGO_TARGET_DIR:-target}/release/snapfs}")
+SIZE_MIB=${SIZE_MIB:-2048}
+[ -x "$SNAPFS" ] || cargo build --release --quiet
+need=()
+command -v mkfs.btrfs >/dev/null || need+=(btrfs-progs)
+command -v rsync >/dev/null || need+=(rsync)
+command -v socat >/dev/null || need+=(socat)
+if [ ${#need[@]} -gt 0 ]; then
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "${need[@]}" >/dev/null
+fi
+
+work=$(mktemp -d /var/tmp/snapfs-syncbench.XXXXXX)
+pids=()
+loops=()
+cleanup() {
+    for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
+    wait 2>/dev/null || true
+    for m in "$work/snap-mnt" "$work/btrfs-a" "$work/btrfs-b"; do
+        mountpoint -q "$m" && umount "$m"
+    done
+    for l in "${loops[@]}"; do losetup -d "$l" 2>/dev/null || true; done
+    rm -rf "$work"
+}
+trap cleanup EXIT
+log() { printf '[sync-bench %s] %s\n' "$(date +%H:%M:%S)" "$*" >&2; }
+now_ns() { date +%s%N; }
+secs_since() { awk -v a="$1" -v b="$(now_ns)" 'BEGIN {printf "%.3f", (b - a) / 1e9}'; }
+mib() { awk -v b="$1" 'BEGIN {printf "%.1f", b / 1048576}'; }
+drop() { sync; echo 3 > /proc/sys/vm/drop_caches; }
+port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+
+# ---------------------------------------------------------------- the data
+# Unique files of 16 MiB from a seeded generator (the same bytes for every tool), and
+# copies of some of them: a quarter of the volume duplicated.
+data=$work/data
+mkdir -p "$data/u" "$data/dup"
+files=$((SIZE_MIB * 3 / 4 / 16))
+dups=$((SIZE_MIB / 4 / 16))
+log "writing $files unique files and $dups duplicates of 16 MiB"
+for ((i = 0; i < files; i++)); do
+    openssl enc -aes-128-ctr -pass "pass:seed$i" -nosalt -pbkdf2 -in /dev/zero 2>/dev/null |
+        head -c $((16 << 20)) > "$data/u/f$i"
+done
+for ((i = 0; i < dups; i++)); do cp "$data/u/f$i" "$data/dup/f$i"; done
+# 1% of the volume, changed in place: 1 MiB in the middle of that many unique files.
+changes=$((SIZE_MIB / 100))
+openssl enc -aes-128-ctr -pass pass:change -nosalt -pbkdf2 -in /dev/zero 2>/dev/null |
+    head -c $((changes << 20)) > "$work/patch"
+change() { # DIR: apply the 1% change to the tree at DIR
+    for ((i = 0; i < changes; i++)); do
+        dd if="$work/patch" of="$1/u/f$((i * 3 % files))" bs=1M skip="$i" seek=7 count=1 \
+            conv=notrunc status=none
+    done
+}
+unique_mib=$((files * 16))
+
+# ---------------------------------------------------------------- snapfs
+log "snapfs"
+mkdir -p "$work/snap-mnt"
+"$SNAPFS" mount "$work/snap-src" "$work/snap-mnt"
+cp -a "$data/." "$work/snap-mnt/"
+"$SNAPFS" snapshot create "$work/snap-mnt" s1 >/dev/null
+head -c 32 /dev/urandom | base64 > "$work/key" && chmod 600 "$work/key"
+p=$(port)
+"$SNAPFS" serve "$work/snap-dst" --listen "127.0.0.1:$p" --key-file "$work/key" > "$work/serve.out" &
+pids+=($!)
+until grep -q listening "$work/serve.out" 2>/dev/null; do sleep 0.1; done
+snap_sync() { # NAME: a sync, its summary kept in $work/NAME.json
+    drop
+    local t0
+    t0=$(now_ns)
+    "$SNAPFS" sync "$work/snap-mnt" "tcp://127.0.0.1:$p" --key-file "$work/key" --json > "$work/$1.json"
+    secs_since "$t0"
+}
+field() { python3 -c "import json,sys; print(json.load(open(sys.argv[1]))[sys.argv[2]])" "$work/$1.json" "$2"; }
+s_full=$(snap_sync full)
+change "$work/snap-mnt"
+"$SNAPFS" snapshot create "$work/snap-mnt" s2 >/dev/null
+s_inc=$(snap_sync inc)
+"$SNAPFS" snapshot create "$work/snap-mnt" s3 >/dev/null
+s_none=$(snap_sync none)
+umount "$work/snap-mnt"
+
+# ---------------------------------------------------------------- btrfs
+log "btrfs"
+for fsn in a b; do
+    truncate -s $((SIZE_MIB * 2 + 1024))M "$work/btrfs-$fsn.img"
+    l=$(losetup -f --show "$work/btrfs-$fsn.img")
+    loops+=("$l")
+    mkfs.btrfs -q -f "$l"
+    mkdir -p "$work/btrfs-$fsn"
+    mount "$l" "$work/btrfs-$fsn"
+done
+A=$work/btrfs-a B=$work/btrfs-b
+btrfs -q subvolume create "$A/vol"
+cp -a "$data/." "$A/vol/"
+btrfs -q subvolume snapshot -r "$A/vol" "$A/s1"
+bp=$(port)
+btrfs_run() { # SNAP [PARENT]: send | socat | receive; prints seconds, then bytes
+    local snap=$1 parent=${2:-} t0
+    local args=("$A/$snap")
+    [ -n "$parent" ] && args=(-p "$A/$parent" "$A/$snap")
+    drop
+    t0=$(now_ns)
+    socat -u "TCP-LISTEN:$bp,bind=127.0.0.1,reuseaddr" - | btrfs -q receive "$B" &
+    local rx=$!
+    until (exec 3<>"/dev/tcp/127.0.0.1/$bp") 2>/dev/null; do sleep 0.02; done 2>/dev/null || true
+    btrfs -q send "${args[@]}" | socat -u - "TCP:127.0.0.1:$bp"
+    wait "$rx"
+    sync -f "$B"
+    secs_since "$t0"
+}
+b_full=$(btrfs_run s1)
+b_full_bytes=$(btrfs -q send "$A/s1" | wc -c)
+change "$A/vol"
+btrfs -q subvolume snapshot -r "$A/vol" "$A/s2"
+b_inc=$(btrfs_run s2 s1)
+b_inc_bytes=$(btrfs -q send -p "$A/s1" "$A/s2" | wc -c)
+btrfs -q subvolume snapshot -r "$A/vol" "$A/s3"
+b_none=$(btrfs_run s3 s2)
+b_none_bytes=$(btrfs -q send -p "$A/s2" "$A/s3" | wc -c)
+
+# ---------------------------------------------------------------- rsync
+log "rsync"
+mkdir -p "$work/rsync-dst"
+rp=$(port)
+cat > "$work/rsyncd.conf" <<EOF
+pid file = $work/rsyncd.pid
+use chroot = no
+[dst]
+path = $work/rsync-dst
+read only = no
+uid = root
+gid = root
+EOF
+rsync --daemon --no-detach --config="$work/rsyncd.conf" --port="$rp" --address=127.0.0.1 &
+pids+=($!)
+until (exec 3<>"/dev/tcp/127.0.0.1/$rp") 2>/dev/null; do sleep 0.1; done
+rsync_run() { # NAME ARGS...: an rsync, its --stats kept in $work/NAME.stats
+    local name=$1 t0
+    shift
+    drop
+    t0=$(now_ns)
+    rsync -a --stats "$@" "$data/" "rsync://127.0.0.1:$rp/dst/" > "$work/$name.stats"
+    sync -f "$work/rsync-dst"
+    secs_since "$t0"
+}
+rbytes() { awk -F': ' '/Total bytes sent/ {gsub(/,/,"",$2); s=$2} /Total bytes received/ {gsub(/,/,"",$2); r=$2} END {print s + r}' "$work/$1.stats"; }
+r_full=$(rsync_run rfull)
+change "$data"
+r_inc=$(rsync_run rinc)
+r_none=$(rsync_run rnone)
+
+# ---------------------------------------------------------------- the table
+row() { printf '| %s | %s | %s | %s |\n' "$@"; }
+table=$(
+    printf '| sync of a %d MiB volume (%d MiB unique, 25%% duplicated), loopback TCP | wall time | payload | bytes on the wire |\n' "$SIZE_MIB" "$unique_mib"
+    echo "|---|---:|---:|---:|"
+    row "snapfs sync, full" "${s_full} s" "$(mib "$(field full payload_bytes)") MiB" "$(mib "$(field full wire_bytes)") MiB"
+    row "btrfs send \| receive, full" "${b_full} s" "" "$(mib "$b_full_bytes") MiB"
+    row "rsync -a, full" "${r_full} s" "" "$(mib "$(rbytes rfull)") MiB"
+    row "snapfs sync, incremental ($changes MiB changed)" "${s_inc} s" "$(mib "$(field inc payload_bytes)") MiB" "$(mib "$(field inc wire_bytes)") MiB"
+    row "btrfs send -p \| receive, incremental" "${b_inc} s" "" "$(mib "$b_inc_bytes") MiB"
+    row "rsync -a (delta over the daemon), incremental" "${r_inc} s" "" "$(mib "$(rbytes rinc)") MiB"
+    row "snapfs sync, nothing new" "${s_none} s" "$(mib "$(field none payload_bytes)") MiB" "$(field none wire_bytes) B"
+    row "btrfs send -p \| receive, nothing new" "${b_none} s" "" "$b_none_bytes B"
+    row "rsync -a, nothing new" "${r_none} s" "" "$(rbytes rnone) B"
+    row "snapfs full / btrfs full, wall time" "$(awk -v a="$s_full" -v b="$b_full" 'BEGIN {printf "%.2fx", a/b}')" "" ""
+)
+echo "$table"
+if [ -n "${1:-}" ]; then
+    {
+        echo "## Sync"
+        echo
+        echo "Machine: $(nproc) cores, $(free -g | awk '/Mem/ {print $2}') GiB, $(uname -r); stores and ext4 directories on $(df -T "$work" | awk 'NR==2 {print $2}'), btrfs on loop files there."
+        echo "Command: \`bench/sync.sh\` ($(date -u +%Y-%m-%d)). Caches dropped before each run; each run ends when the destination is synced."
+        echo
+        echo "$table"
+    } > "$1"
+fi
