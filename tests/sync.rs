@@ -657,3 +657,76 @@ fn an_interrupted_sync_resumes_without_a_partial_snapshot() {
     let dest = Mount::at(replica, mnt, &[]);
     assert_eq!(snapshot_trees(&src), snapshot_trees(&dest));
 }
+
+#[test]
+fn dedup_holds_on_the_wire() {
+    // SNAPFS_TEST_DEDUP_MIB: the unique data, written four times over (1 GiB).
+    let mib: usize = std::env::var("SNAPFS_TEST_DEDUP_MIB")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1024);
+    let mut src = Mount::new();
+    let dir = src.dir.path().to_path_buf();
+    for copy in 0..4 {
+        std::fs::create_dir(src.path(&format!("copy{copy}"))).unwrap();
+        for i in 0..mib / 64 {
+            std::fs::write(
+                src.path(&format!("copy{copy}/f{i}")),
+                pattern(500 + i as u64, 64 << 20),
+            )
+            .unwrap();
+        }
+    }
+    snapfs(&["snapshot", "create", src.mnt.to_str().unwrap(), "one"]);
+    // 10 MiB changed: 1 MiB in each of ten files of the first copy.
+    for i in 0..10 {
+        use std::os::unix::fs::FileExt;
+        let f = std::fs::OpenOptions::new()
+            .write(true)
+            .open(src.path(&format!("copy0/f{}", i % (mib / 64))))
+            .unwrap();
+        f.write_all_at(
+            &pattern(9000 + i as u64, 1 << 20),
+            (i as u64 / 16 + 3) << 20,
+        )
+        .unwrap();
+    }
+    snapfs(&["snapshot", "create", src.mnt.to_str().unwrap(), "two"]);
+    src.unmount();
+    let replica = dir.join("replica");
+    let full = sync_ok(&src.store, &replica);
+    let unique = (mib as u64) << 20;
+    let payload = full["payload_bytes"].as_u64().unwrap();
+    eprintln!("full: {full}");
+    assert_eq!(
+        full["snapshots"],
+        serde_json::json!(["one", "two"]),
+        "{full}"
+    );
+    // Both snapshots: the unique data once, and the 10 MiB the second changed.
+    let changed = 10u64 << 20;
+    assert!(payload >= unique + changed, "{payload}: {full}");
+    assert!(
+        payload as f64 <= 1.05 * unique as f64 + changed as f64,
+        "{payload} bytes of payload for {unique} unique: {full}"
+    );
+    // The incremental alone, to a replica holding the first snapshot only.
+    let second = dir.join("second");
+    let out = sync(&src.store, &second, &["--snapshot", "one", "--json"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let inc = sync_ok(&src.store, &second);
+    eprintln!("incremental: {inc}");
+    assert_eq!(inc["snapshots"], serde_json::json!(["two"]), "{inc}");
+    let p = inc["payload_bytes"].as_u64().unwrap();
+    assert!(
+        p >= changed && p as f64 <= 1.05 * changed as f64,
+        "{p} bytes of payload for {changed} changed: {inc}"
+    );
+    // Metadata: the changed block records, not the volume's.
+    let wire = inc["wire_bytes"].as_u64().unwrap();
+    assert!(wire < p + (1 << 20), "{wire} bytes on the wire: {inc}");
+}
