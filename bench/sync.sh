@@ -20,6 +20,8 @@ need=()
 command -v mkfs.btrfs >/dev/null || need+=(btrfs-progs)
 command -v rsync >/dev/null || need+=(rsync)
 command -v socat >/dev/null || need+=(socat)
+command -v openssl >/dev/null || need+=(openssl)
+command -v ss >/dev/null || need+=(iproute2)
 if [ ${#need[@]} -gt 0 ]; then
     DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "${need[@]}" >/dev/null
 fi
@@ -48,19 +50,19 @@ port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); 
 # Unique files of 16 MiB from a seeded generator (the same bytes for every tool), and
 # copies of some of them: a quarter of the volume duplicated.
 data=$work/data
+# stream SEED: endless pseudo-random bytes (ended by the reader: SIGPIPE is expected).
+stream() { openssl enc -aes-128-ctr -pass "pass:$1" -nosalt -pbkdf2 -in /dev/zero 2>/dev/null || true; }
 mkdir -p "$data/u" "$data/dup"
 files=$((SIZE_MIB * 3 / 4 / 16))
 dups=$((SIZE_MIB / 4 / 16))
 log "writing $files unique files and $dups duplicates of 16 MiB"
 for ((i = 0; i < files; i++)); do
-    openssl enc -aes-128-ctr -pass "pass:seed$i" -nosalt -pbkdf2 -in /dev/zero 2>/dev/null |
-        head -c $((16 << 20)) > "$data/u/f$i"
+    stream "seed$i" | head -c $((16 << 20)) > "$data/u/f$i"
 done
 for ((i = 0; i < dups; i++)); do cp "$data/u/f$i" "$data/dup/f$i"; done
 # 1% of the volume, changed in place: 1 MiB in the middle of that many unique files.
 changes=$((SIZE_MIB / 100))
-openssl enc -aes-128-ctr -pass pass:change -nosalt -pbkdf2 -in /dev/zero 2>/dev/null |
-    head -c $((changes << 20)) > "$work/patch"
+stream change | head -c $((changes << 20)) > "$work/patch"
 change() { # DIR: apply the 1% change to the tree at DIR
     for ((i = 0; i < changes; i++)); do
         dd if="$work/patch" of="$1/u/f$((i * 3 % files))" bs=1M skip="$i" seek=7 count=1 \
@@ -111,15 +113,16 @@ btrfs -q subvolume create "$A/vol"
 cp -a "$data/." "$A/vol/"
 btrfs -q subvolume snapshot -r "$A/vol" "$A/s1"
 bp=$(port)
-btrfs_run() { # SNAP [PARENT]: send | socat | receive; prints seconds, then bytes
+btrfs_run() { # SNAP [PARENT]: send | socat | receive; prints the seconds
     local snap=$1 parent=${2:-} t0
     local args=("$A/$snap")
     [ -n "$parent" ] && args=(-p "$A/$parent" "$A/$snap")
     drop
-    t0=$(now_ns)
+    # The receiver listens first (seen listening without connecting to it).
     socat -u "TCP-LISTEN:$bp,bind=127.0.0.1,reuseaddr" - | btrfs -q receive "$B" &
     local rx=$!
-    until (exec 3<>"/dev/tcp/127.0.0.1/$bp") 2>/dev/null; do sleep 0.02; done 2>/dev/null || true
+    until ss -Hltn "sport = :$bp" | grep -q LISTEN; do sleep 0.01; done
+    t0=$(now_ns)
     btrfs -q send "${args[@]}" | socat -u - "TCP:127.0.0.1:$bp"
     wait "$rx"
     sync -f "$B"

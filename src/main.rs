@@ -100,6 +100,9 @@ enum Cmd {
         /// The snapfs program on the far side, for ssh://.
         #[arg(long, default_value = "snapfs")]
         remote_snapfs: String,
+        /// Send at most RATE bytes per second (K, M, G: powers of 1024; at least 128K).
+        #[arg(long, value_name = "RATE", value_parser = snapfs::sync::parse_rate)]
+        bwlimit: Option<u64>,
     },
     /// Receive snapshots into STORE (unmounted; made when missing) from `snapfs sync`
     /// on standard input and output: what `sync` runs on the far side of ssh.
@@ -234,6 +237,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             json,
             ssh,
             remote_snapfs,
+            bwlimit,
         } => {
             let opts = snapfs::sync::Options {
                 snapshot,
@@ -241,6 +245,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 ssh,
                 remote_snapfs,
                 progress: true,
+                bwlimit,
             };
             return sync(&source, &dest, &opts, json);
         }

@@ -730,3 +730,32 @@ fn dedup_holds_on_the_wire() {
     let wire = inc["wire_bytes"].as_u64().unwrap();
     assert!(wire < p + (1 << 20), "{wire} bytes on the wire: {inc}");
 }
+
+#[test]
+fn bwlimit_caps_the_rate() {
+    let mut src = Mount::new();
+    std::fs::write(src.path("f"), pattern(77, 6 << 20)).unwrap();
+    snapfs(&["snapshot", "create", src.mnt.to_str().unwrap(), "one"]);
+    src.unmount();
+    let replica = src.dir.path().join("replica");
+    let t0 = std::time::Instant::now();
+    let out = sync(&src.store, &replica, &["--bwlimit", "2M", "--json"]);
+    let secs = t0.elapsed().as_secs_f64();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let sum: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let wire = sum["wire_bytes"].as_u64().unwrap() as f64;
+    // The source's frames at 2 MiB/s at most (the destination's few answers are not
+    // paced): at least 6 MiB / 2 MiB/s, less the first frame's head start.
+    assert!(wire > (6 << 20) as f64, "{sum}");
+    assert!(
+        secs >= 0.9 * wire / (2 << 20) as f64 - 0.5,
+        "{secs} s for {wire} bytes"
+    );
+    let bad = sync(&src.store, &replica, &["--bwlimit", "10"]);
+    assert_eq!(bad.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("at least 128K"));
+}

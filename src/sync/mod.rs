@@ -34,6 +34,37 @@ pub struct Options {
     pub remote_snapfs: String,
     /// Show progress on stderr.
     pub progress: bool,
+    /// Bytes per second the session may send, at most.
+    pub bwlimit: Option<u64>,
+}
+
+/// Parses a rate for `--bwlimit`: bytes per second, with an optional K, M or G
+/// (powers of 1024), at least 128K (slower, one frame would outlast the peer's
+/// patience).
+pub fn parse_rate(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    let (num, mult) = match t.char_indices().last() {
+        Some((i, c)) if c.is_ascii_alphabetic() => {
+            let m = match c.to_ascii_uppercase() {
+                'K' => 1u64 << 10,
+                'M' => 1 << 20,
+                'G' => 1 << 30,
+                _ => return Err(format!("{s:?}: a rate is a number with K, M or G")),
+            };
+            (&t[..i], m)
+        }
+        _ => (t, 1),
+    };
+    let n: f64 = num
+        .parse()
+        .map_err(|_| format!("{s:?}: a rate is a number with K, M or G"))?;
+    let rate = n * mult as f64;
+    if !rate.is_finite() || rate < (128 << 10) as f64 || rate > u64::MAX as f64 {
+        return Err(format!(
+            "{s:?}: the rate must be at least 128K (bytes per second)"
+        ));
+    }
+    Ok(rate as u64)
 }
 
 /// Sends the snapshots `dest` lacks from the store at `src` (mounted or not): `dest`
@@ -41,7 +72,7 @@ pub struct Options {
 /// sent (also when the session failed), and whether it completed.
 pub fn run(src: &Path, dest: &str, opts: &Options) -> (Summary, Result<(), SyncError>) {
     match ends(src, dest, opts) {
-        Ok((source, dst, keyed)) => relay::relay(source, dst, keyed, opts.progress),
+        Ok((source, dst, keyed)) => relay::relay(source, dst, keyed, opts.progress, opts.bwlimit),
         Err(e) => (Summary::default(), Err(e)),
     }
 }
@@ -104,4 +135,20 @@ fn framed(s: std::os::unix::net::UnixStream) -> Result<Framed, SyncError> {
         FrameReader::new(BufReader::with_capacity(1 << 20, s), None),
         FrameWriter::new(BufWriter::with_capacity(1 << 20, w), None),
     ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_rate;
+
+    #[test]
+    fn rates_parse_with_binary_suffixes_and_a_floor() {
+        assert_eq!(parse_rate("128K"), Ok(128 << 10));
+        assert_eq!(parse_rate("2.5m"), Ok(5 << 19));
+        assert_eq!(parse_rate("1G"), Ok(1 << 30));
+        assert_eq!(parse_rate("1000000"), Ok(1_000_000));
+        for bad in ["", "M", "10X", "-1M", "100K", "nanM", "infG", "1e400"] {
+            assert!(parse_rate(bad).is_err(), "{bad}");
+        }
+    }
 }

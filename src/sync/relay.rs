@@ -129,13 +129,15 @@ struct Live {
 
 /// Joins `src` and `dst` until both are done; `keyed`: the two ends share a key (TCP),
 /// so frames after the handshake carry MACs. `progress`: show progress on stderr (a
-/// bar on a terminal, a line every 10 s otherwise). What went by, and whether the
-/// session completed.
+/// bar on a terminal, a line every 10 s otherwise). `bwlimit`: bytes per second the
+/// source's frames may take, at most. What went by, and whether the session
+/// completed.
 pub fn relay(
     mut src: End,
     mut dst: End,
     keyed: bool,
     progress: bool,
+    bwlimit: Option<u64>,
 ) -> (Summary, Result<(), SyncError>) {
     let t0 = Instant::now();
     let live = Live::default();
@@ -146,8 +148,8 @@ pub fn relay(
         let (sw, dw) = (&mut src.w, &mut dst.w);
         let (live, seen, finished) = (&live, &seen, &finished);
         let shown = progress.then(|| s.spawn(move || show(live, finished)));
-        let up = s.spawn(move || pump(sr, dw, keyed, true, live, seen));
-        pump(dr, sw, keyed, false, live, seen);
+        let up = s.spawn(move || pump(sr, dw, keyed, true, bwlimit, live, seen));
+        pump(dr, sw, keyed, false, None, live, seen);
         let _ = up.join();
         finished.store(true, Ordering::Relaxed);
         if let Some(h) = shown {
@@ -210,9 +212,13 @@ fn pump(
     w: &mut Sink,
     keyed: bool,
     up: bool,
+    limit: Option<u64>,
     live: &Live,
     seen: &Mutex<Observed>,
 ) {
+    // Pacing: `passed` bytes may not go before `passed / limit` seconds from `t0`.
+    let t0 = Instant::now();
+    let mut passed = 0u64;
     {
         let mut fr = FrameReader::new(BufReader::with_capacity(1 << 20, r), None);
         let mut out = Some(BufWriter::with_capacity(1 << 20, Pass(&mut *w)));
@@ -234,8 +240,14 @@ fn pump(
             if let Some(o) = &mut out {
                 let res = raw.write_to(o).and_then(|n| {
                     live.wire.fetch_add(n, Ordering::Relaxed);
-                    if fr.get_ref().buffer().is_empty() {
+                    passed += n;
+                    let due = limit.map(|l| Duration::from_secs_f64(passed as f64 / l as f64));
+                    let early = due.and_then(|d| d.checked_sub(t0.elapsed()));
+                    if fr.get_ref().buffer().is_empty() || early.is_some() {
                         o.flush()?;
+                    }
+                    if let Some(wait) = early {
+                        std::thread::sleep(wait);
                     }
                     Ok(())
                 });
