@@ -11,7 +11,7 @@ use std::io::{BufRead, BufReader, BufWriter, Read, Write};
 use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::sync::Mutex;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -142,16 +142,17 @@ pub fn relay(
     let t0 = Instant::now();
     let live = Live::default();
     let seen = Mutex::new(Observed::default());
-    let finished = AtomicBool::new(false);
+    // Dropped when the session is over: the progress display stops at once.
+    let (finished, stop) = std::sync::mpsc::channel::<()>();
     std::thread::scope(|s| {
         let (sr, dr) = (&mut src.r, &mut dst.r);
         let (sw, dw) = (&mut src.w, &mut dst.w);
-        let (live, seen, finished) = (&live, &seen, &finished);
-        let shown = progress.then(|| s.spawn(move || show(live, finished)));
+        let (live, seen) = (&live, &seen);
+        let shown = progress.then(|| s.spawn(move || show(live, stop)));
         let up = s.spawn(move || pump(sr, dw, keyed, true, bwlimit, live, seen));
         pump(dr, sw, keyed, false, None, live, seen);
         let _ = up.join();
-        finished.store(true, Ordering::Relaxed);
+        drop(finished);
         if let Some(h) = shown {
             let _ = h.join();
         }
@@ -353,8 +354,15 @@ fn frame_name(f: &Frame) -> &'static str {
     }
 }
 
-/// Shows progress until `finished`: a bar on a terminal, a line every 10 s otherwise.
-fn show(live: &Live, finished: &AtomicBool) {
+/// Shows progress until `stop` is dropped: a bar on a terminal, a line every 10 s
+/// otherwise.
+fn show(live: &Live, stop: std::sync::mpsc::Receiver<()>) {
+    let tick = || {
+        !matches!(
+            stop.recv_timeout(Duration::from_millis(100)),
+            Err(std::sync::mpsc::RecvTimeoutError::Timeout)
+        )
+    };
     use std::io::IsTerminal;
     let t0 = Instant::now();
     let line = |live: &Live| {
@@ -375,20 +383,21 @@ fn show(live: &Live, finished: &AtomicBool) {
             indicatif::ProgressStyle::with_template("{spinner} {msg} [{elapsed_precise}]")
                 .unwrap_or_else(|_| indicatif::ProgressStyle::default_spinner()),
         );
-        while !finished.load(Ordering::Relaxed) {
+        loop {
             bar.set_message(line(live));
             bar.tick();
-            std::thread::sleep(Duration::from_millis(100));
+            if tick() {
+                break;
+            }
         }
         bar.finish_and_clear();
     } else {
         let mut next = Instant::now() + Duration::from_secs(10);
-        while !finished.load(Ordering::Relaxed) {
+        while !tick() {
             if Instant::now() >= next {
                 eprintln!("snapfs sync: {}", line(live));
                 next += Duration::from_secs(10);
             }
-            std::thread::sleep(Duration::from_millis(100));
         }
     }
 }
