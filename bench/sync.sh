@@ -82,8 +82,8 @@ p=$(port)
 "$SNAPFS" serve "$work/snap-dst" --listen "127.0.0.1:$p" --key-file "$work/key" > "$work/serve.out" &
 pids+=($!)
 until grep -q listening "$work/serve.out" 2>/dev/null; do sleep 0.1; done
-snap_sync() { # NAME: a sync, its summary kept in $work/NAME.json
-    drop
+snap_sync() { # NAME [warm]: a sync, its summary kept in $work/NAME.json
+    [ "${2:-}" = warm ] || drop
     local t0
     t0=$(now_ns)
     "$SNAPFS" sync "$work/snap-mnt" "tcp://127.0.0.1:$p" --key-file "$work/key" --json > "$work/$1.json"
@@ -96,6 +96,8 @@ change "$work/snap-mnt"
 s_inc=$(snap_sync inc)
 "$SNAPFS" snapshot create "$work/snap-mnt" s3 >/dev/null
 s_none=$(snap_sync none)
+"$SNAPFS" snapshot create "$work/snap-mnt" s4 >/dev/null
+s_warm=$(snap_sync warm warm)
 umount "$work/snap-mnt"
 
 # ---------------------------------------------------------------- btrfs
@@ -113,11 +115,11 @@ btrfs -q subvolume create "$A/vol"
 cp -a "$data/." "$A/vol/"
 btrfs -q subvolume snapshot -r "$A/vol" "$A/s1"
 bp=$(port)
-btrfs_run() { # SNAP [PARENT]: send | socat | receive; prints the seconds
+btrfs_run() { # SNAP [PARENT [warm]]: send | socat | receive; prints the seconds
     local snap=$1 parent=${2:-} t0
     local args=("$A/$snap")
     [ -n "$parent" ] && args=(-p "$A/$parent" "$A/$snap")
-    drop
+    [ "${3:-}" = warm ] || drop
     # The receiver listens first (seen listening without connecting to it).
     socat -u "TCP-LISTEN:$bp,bind=127.0.0.1,reuseaddr" - | btrfs -q receive "$B" &
     local rx=$!
@@ -137,6 +139,8 @@ b_inc_bytes=$(btrfs -q send -p "$A/s1" "$A/s2" | wc -c)
 btrfs -q subvolume snapshot -r "$A/vol" "$A/s3"
 b_none=$(btrfs_run s3 s2)
 b_none_bytes=$(btrfs -q send -p "$A/s2" "$A/s3" | wc -c)
+btrfs -q subvolume snapshot -r "$A/vol" "$A/s4"
+b_warm=$(btrfs_run s4 s3 warm)
 
 # ---------------------------------------------------------------- rsync
 log "rsync"
@@ -154,12 +158,11 @@ EOF
 rsync --daemon --no-detach --config="$work/rsyncd.conf" --port="$rp" --address=127.0.0.1 &
 pids+=($!)
 until (exec 3<>"/dev/tcp/127.0.0.1/$rp") 2>/dev/null; do sleep 0.1; done
-rsync_run() { # NAME ARGS...: an rsync, its --stats kept in $work/NAME.stats
+rsync_run() { # NAME [warm]: an rsync, its --stats kept in $work/NAME.stats
     local name=$1 t0
-    shift
-    drop
+    [ "${2:-}" = warm ] || drop
     t0=$(now_ns)
-    rsync -a --stats "$@" "$data/" "rsync://127.0.0.1:$rp/dst/" > "$work/$name.stats"
+    rsync -a --stats "$data/" "rsync://127.0.0.1:$rp/dst/" > "$work/$name.stats"
     sync -f "$work/rsync-dst"
     secs_since "$t0"
 }
@@ -168,6 +171,7 @@ r_full=$(rsync_run rfull)
 change "$data"
 r_inc=$(rsync_run rinc)
 r_none=$(rsync_run rnone)
+r_warm=$(rsync_run rwarm warm)
 
 # ---------------------------------------------------------------- the table
 row() { printf '| %s | %s | %s | %s |\n' "$@"; }
@@ -183,6 +187,9 @@ table=$(
     row "snapfs sync, nothing new" "${s_none} s" "$(mib "$(field none payload_bytes)") MiB" "$(field none wire_bytes) B"
     row "btrfs send -p \| receive, nothing new" "${b_none} s" "" "$b_none_bytes B"
     row "rsync -a, nothing new" "${r_none} s" "" "$(rbytes rnone) B"
+    row "snapfs sync, nothing new, caches warm" "${s_warm} s" "" "$(field warm wire_bytes) B"
+    row "btrfs send -p \| receive, nothing new, caches warm" "${b_warm} s" "" ""
+    row "rsync -a, nothing new, caches warm" "${r_warm} s" "" "$(rbytes rwarm) B"
     row "snapfs full / btrfs full, wall time" "$(awk -v a="$s_full" -v b="$b_full" 'BEGIN {printf "%.2fx", a/b}')" "" ""
 )
 echo "$table"
@@ -191,7 +198,7 @@ if [ -n "${1:-}" ]; then
         echo "## Sync"
         echo
         echo "Machine: $(nproc) cores, $(free -g | awk '/Mem/ {print $2}') GiB, $(uname -r); stores and ext4 directories on $(df -T "$work" | awk 'NR==2 {print $2}'), btrfs on loop files there."
-        echo "Command: \`bench/sync.sh\` ($(date -u +%Y-%m-%d)). Caches dropped before each run; each run ends when the destination is synced."
+        echo "Command: \`bench/sync.sh\` ($(date -u +%Y-%m-%d)). Caches dropped before each run but the \"caches warm\" ones; each run ends when the destination is synced (\`sync -f\`; snapfs commits durably itself)."
         echo
         echo "$table"
     } > "$1"

@@ -518,14 +518,11 @@ fn receive_snapshots<R: Read, W: Write>(
 ) -> Result<Summary, SyncError> {
     // Extents this store has lost (their segment gone or cut short, or found
     // damaged): asked for with the first acknowledgement, to ride on the pushes.
-    let mut lost = store.lost_extents()?;
-    let mut unasked: Vec<[u8; 32]> = lost.iter().copied().collect();
-    if !lost.is_empty() {
-        tracing::warn!(
-            extents = lost.len(),
-            "sync: extents lost here; asking the source for them"
-        );
-    }
+    // Looked for once a snapshot comes (a session with nothing to send has no
+    // acknowledgement to carry them).
+    let mut lost: HashSet<[u8; 32]> = HashSet::new();
+    let mut unasked: Vec<[u8; 32]> = Vec::new();
+    let mut looked = false;
     // Lost extents asked for that the batches do not name (the source may lack them).
     let mut repair_asked: HashSet<[u8; 32]> = HashSet::new();
     // Stored extents the batches named whose copy was read back and found good.
@@ -558,6 +555,17 @@ fn receive_snapshots<R: Read, W: Write>(
             Frame::Begin { snapshot, base } => (snapshot, base),
             f => return Err(protocol(format!("expected begin or done, got {f:?}"))),
         };
+        if !looked {
+            looked = true;
+            lost = store.lost_extents()?;
+            unasked = lost.iter().copied().collect();
+            if !lost.is_empty() {
+                tracing::warn!(
+                    extents = lost.len(),
+                    "sync: extents lost here; asking the source for them"
+                );
+            }
+        }
         if store.snapshot(snapshot.name.as_bytes())?.is_some() {
             return Err(protocol(format!(
                 "the destination already has a snapshot named {:?}",
