@@ -1206,6 +1206,10 @@ impl Store {
         let mut idle = Vec::new();
         {
             let txn = self.read_txn()?;
+            // Only a store some session left such rows in is looked through.
+            if txn.meta().get(meta::UNREFERENCED)?.is_none() {
+                return Ok(0);
+            }
             for row in txn.extents().iter()? {
                 let (k, v) = row?;
                 let hash = k.value();
@@ -1223,6 +1227,10 @@ impl Store {
                 Ok(())
             })?;
         }
+        self.write(false, |w| {
+            w.t.meta.remove(meta::UNREFERENCED)?;
+            Ok(())
+        })?;
         Ok(idle.len() as u64)
     }
 
@@ -1706,6 +1714,11 @@ impl View<'_> {
     /// The `snapshots` table.
     pub fn snapshots(&self) -> &Table<'static, &'static str, &'static [u8]> {
         &self.0.snapshots
+    }
+
+    /// The `meta` table.
+    pub fn meta(&self) -> &Table<'static, &'static str, &'static [u8]> {
+        &self.0.meta
     }
 }
 
@@ -2464,6 +2477,9 @@ impl Writer<'_> {
         if rec.refs == 0 && !self.keep_unreferenced {
             self.free_extent(hash, &rec)?;
         } else {
+            if rec.refs == 0 {
+                self.note_unreferenced()?;
+            }
             self.t.extents.insert(*hash, rec.encode(hash).as_slice())?;
         }
         Ok(())
@@ -2815,6 +2831,16 @@ impl Writer<'_> {
                 refs: 0,
             };
             self.t.extents.insert(*hash, rec.encode(hash).as_slice())?;
+        }
+        self.note_unreferenced()?;
+        Ok(())
+    }
+
+    /// Notes that some extent row may have no reference (see [`meta::UNREFERENCED`]).
+    fn note_unreferenced(&mut self) -> Result<(), StoreError> {
+        if self.t.meta.get(meta::UNREFERENCED)?.is_none() {
+            let row = seal_meta(meta::UNREFERENCED, &[]);
+            self.t.meta.insert(meta::UNREFERENCED, row.as_slice())?;
         }
         Ok(())
     }

@@ -82,6 +82,10 @@ pub mod meta {
     /// u64: the id the next new segment gets (ids are never reused). Absent in stores
     /// made before it; then one above every segment file and `segments` row.
     pub const NEXT_SEGMENT: &str = "next_segment";
+    /// Empty, on a replica only: some extent row may have no reference (received
+    /// by a sync, or let go by a rollback of a part-applied live tree), for a
+    /// completed session to free.
+    pub const UNREFERENCED: &str = "unreferenced";
 }
 
 /// `segments` value of a segment whose extents all moved in a durable commit: its file
