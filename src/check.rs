@@ -871,6 +871,22 @@ pub struct Status {
     pub volume: [u8; 16],
     /// The volume this store is a replica of (`snapfs sync`), if it is one.
     pub replica_of: Option<[u8; 16]>,
+    /// On a replica: its last completed sync session.
+    pub last_received: Option<SyncRec>,
+    /// The destinations this volume was synced to, with each one's last session.
+    pub sent_to: Vec<([u8; 16], SyncRec)>,
+}
+
+/// One line about a sync session: its base, when it ended, what it moved.
+fn sync_line(r: &SyncRec) -> String {
+    format!(
+        "base {}, last {}: {} snapshots, {} payload bytes, {} bytes on the wire",
+        if r.base.is_empty() { "(none)" } else { &r.base },
+        crate::policy::utc(r.at.sec),
+        r.snapshots,
+        r.payload,
+        r.wire
+    )
 }
 
 impl Status {
@@ -905,6 +921,15 @@ impl Status {
                 ),
                 None => String::new(),
             }
+            + &match &self.last_received {
+                Some(r) => format!("last received:    {}\n", sync_line(r)),
+                None => String::new(),
+            }
+            + &self
+                .sent_to
+                .iter()
+                .map(|(v, r)| format!("synced to:        {} ({})\n", hex(v), sync_line(r)))
+                .collect::<String>()
     }
 }
 
@@ -951,6 +976,10 @@ fn status_txn(
         replica_of: read_meta(&meta_t, meta::REPLICA_OF)?
             .map(|v| sixteen(&v))
             .transpose()?,
+        last_received: read_meta(&meta_t, meta::LAST_RECEIVED)?
+            .map(|v| SyncRec::decode(meta::LAST_RECEIVED, &v))
+            .transpose()?,
+        sent_to: crate::store::snapshots::sent_to_rows(&meta_t)?,
         ..Default::default()
     };
     let versions = txn.open_table(VERSIONS)?;

@@ -116,10 +116,7 @@ fn snap_error(e: FsError, name: &str) -> Outcome {
 }
 
 fn fmt_time(t: Ts) -> String {
-    let name = policy::auto_name(t.sec);
-    name.trim_start_matches(policy::AUTO_PREFIX)
-        .replace('T', " ")
-        .replace('Z', " UTC")
+    policy::utc(t.sec)
 }
 
 /// What the kernel must forget when a snapshot appears or goes outside its view.

@@ -1012,9 +1012,28 @@ fn serve_send(
         std::io::BufWriter::with_capacity(1 << 20, &conn),
         None,
     );
-    match crate::sync::session::send_frozen(&mut view, only, key, r, w) {
-        Ok(sum) => tracing::info!(snapshots = ?sum.snapshots, "sync: sent"),
-        Err(e) => tracing::warn!(error = %e, "sync: send failed"),
+    let sum = match crate::sync::session::send_frozen(&mut view, only, key, r, w) {
+        Ok(sum) => sum,
+        Err(e) => {
+            tracing::warn!(error = %e, "sync: send failed");
+            return Ok(());
+        }
+    };
+    drop(view);
+    tracing::info!(snapshots = ?sum.snapshots, "sync: sent");
+    // The destination's cursor, and the hold on its base.
+    if let Some(dest) = sum.dest_volume {
+        let mut core = fs.lock();
+        let moved = core.store().record_sent(&dest, &sum.record());
+        match moved {
+            Ok(Some(old)) => {
+                if let Err(e) = core.forget_if_unkept(old) {
+                    tracing::warn!(error = %e, "sync: a snapshot the old base hold kept");
+                }
+            }
+            Ok(None) => {}
+            Err(e) => tracing::warn!(error = %e, "sync: the destination's cursor is not recorded"),
+        }
     }
     Ok(())
 }

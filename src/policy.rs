@@ -114,6 +114,14 @@ pub fn civil(days: i64) -> (i64, u32, u32) {
     (yoe + era * 400 + i64::from(m <= 2), m, d)
 }
 
+/// A time as people read it: `2026-12-04 06:40:01 UTC`.
+pub fn utc(sec: i64) -> String {
+    auto_name(sec)
+        .trim_start_matches(AUTO_PREFIX)
+        .replace('T', " ")
+        .replace('Z', " UTC")
+}
+
 /// `auto-YYYY-MM-DDTHH:MM:SSZ` for a Unix time.
 pub fn auto_name(secs: i64) -> String {
     let (y, mo, d) = civil(secs.div_euclid(86400));

@@ -759,3 +759,71 @@ fn bwlimit_caps_the_rate() {
     assert_eq!(bad.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&bad.stderr).contains("at least 128K"));
 }
+
+/// The value after `key` on the line of `snapfs status TARGET` that starts with it.
+fn status_line(target: &Path, key: &str) -> String {
+    let out = snapfs(&["status", target.to_str().unwrap()]);
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    text.lines()
+        .find_map(|l| l.strip_prefix(key))
+        .unwrap_or_else(|| panic!("no {key:?} in {text}"))
+        .trim()
+        .to_string()
+}
+
+#[test]
+fn the_base_is_held_and_a_deleted_base_still_serves_an_incremental() {
+    let mut src = Mount::new();
+    let replica = src.dir.path().join("replica");
+    populate(&src.mnt, 41);
+    snapfs(&["snapshot", "create", src.mnt.to_str().unwrap(), "one"]);
+    let first = sync_ok(&src.mnt, &replica);
+    assert_eq!(first["snapshots"], serde_json::json!(["one"]));
+    // Both sides name the relationship and the base.
+    let dest_volume = status_line(&replica, "volume:");
+    let sent = status_line(&src.mnt, "synced to:");
+    assert!(sent.starts_with(&dest_volume), "{sent}");
+    assert!(sent.contains("base one"), "{sent}");
+    assert!(status_line(&replica, "last received:").contains("base one"));
+    let list = |all: bool| {
+        let mut a = vec!["snapshot", "list", src.mnt.to_str().unwrap(), "--json"];
+        if all {
+            a.push("--all");
+        }
+        let out = snapfs(&a);
+        serde_json::from_slice::<serde_json::Value>(&out.stdout).unwrap()
+    };
+    let held_by = |v: &serde_json::Value| v[0]["holds"].to_string();
+    assert!(
+        held_by(&list(false)).contains(&dest_volume),
+        "{}",
+        list(false)
+    );
+
+    // Deleting the base hides it at once and keeps it, held.
+    let out = snapfs(&["snapshot", "delete", src.mnt.to_str().unwrap(), "one"]);
+    assert!(out.status.success());
+    assert_eq!(list(false), serde_json::json!([]));
+    assert_eq!(list(true).as_array().unwrap().len(), 1, "{}", list(true));
+    // The next snapshot goes as an incremental from it, and only then is it freed.
+    churn(&src.mnt, 42);
+    snapfs(&["snapshot", "create", src.mnt.to_str().unwrap(), "two"]);
+    let inc = sync_ok(&src.mnt, &replica);
+    assert_eq!(inc["snapshots"], serde_json::json!(["two"]), "{inc}");
+    let payload = inc["payload_bytes"].as_u64().unwrap();
+    assert!(payload < 600_000, "a whole send ({payload} bytes): {inc}");
+    let all = list(true);
+    assert_eq!(all.as_array().unwrap().len(), 1, "{all}");
+    assert_eq!(all[0]["name"], "two", "{all}");
+    assert!(held_by(&all).contains(&dest_volume), "{all}");
+    assert!(status_line(&src.mnt, "synced to:").contains("base two"));
+    let mnt = src.dir.path().join("replica-mnt");
+    std::fs::create_dir(&mnt).unwrap();
+    let dest = Mount::at(replica, mnt, &[]);
+    let two = snapshot_trees(&dest)
+        .into_iter()
+        .find(|(n, _)| n == "two")
+        .unwrap()
+        .1;
+    assert_eq!(two, tree_digest(&src.path(".snapshots/two")));
+}

@@ -170,11 +170,17 @@ impl Inner {
         let hold = std::str::from_utf8(hold).map_err(|_| FsError::Errno(libc::ENOENT))?;
         let epoch = self.store.release(hold)?;
         tracing::info!(hold, epoch, "hold released");
+        self.forget_if_unkept(epoch)
+    }
+
+    /// Drops deleting epoch `epoch` when nothing keeps it any more (a hold released,
+    /// or moved off it by a sync).
+    pub fn forget_if_unkept(&mut self, epoch: u64) -> FsResult<()> {
         if self.store.is_deleting(epoch)?
             && !self.epoch_kept(epoch)?
             && let Err(e) = self.drop_epoch(epoch)
         {
-            tracing::warn!(hold, error = %e, "a deleted snapshot's space is not given back yet");
+            tracing::warn!(epoch, error = %e, "a deleted snapshot's space is not given back yet");
             self.deletions_pending = true;
         }
         Ok(())

@@ -1819,6 +1819,20 @@ pub fn hex(b: &[u8]) -> String {
     b.iter().map(|x| format!("{x:02x}")).collect()
 }
 
+/// `N` bytes written as `2N` hex digits (as [`hex`] writes them).
+pub fn unhex<const N: usize>(s: &str) -> Option<[u8; N]> {
+    let b = s.as_bytes();
+    if b.len() != 2 * N {
+        return None;
+    }
+    let digit = |c: u8| (c as char).to_digit(16);
+    let mut out = [0u8; N];
+    for (i, pair) in b.chunks(2).enumerate() {
+        out[i] = (digit(pair[0])? * 16 + digit(pair[1])?) as u8;
+    }
+    Some(out)
+}
+
 /// The identity of a versioned record: `(ino, kind, sub, name)`.
 #[derive(Clone, Copy, Debug)]
 pub struct RecKey<'a> {

@@ -86,6 +86,12 @@ pub mod meta {
     /// by a sync, or let go by a rollback of a part-applied live tree), for a
     /// completed session to free.
     pub const UNREFERENCED: &str = "unreferenced";
+    /// [`super::SyncRec`], on a replica: its last completed `snapfs sync` session.
+    pub const LAST_RECEIVED: &str = "last_received";
+    /// Prefix of one row per destination this volume was synced to, named by the
+    /// destination's volume id in hex: a [`super::SyncRec`] of the last completed
+    /// session, whose base is the snapshot the next session starts from.
+    pub const SENT_TO: &str = "sent_to:";
 }
 
 /// `segments` value of a segment whose extents all moved in a durable commit: its file
@@ -825,6 +831,55 @@ impl HoldRec {
         Ok(HoldRec {
             epoch: r.u64()?,
             created: r.ts()?,
+        })
+    }
+}
+
+/// A completed `snapfs sync` session, as one side records it: when it ended, how
+/// many snapshots and bytes it moved, and the newest snapshot both sides then held.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct SyncRec {
+    /// When the session ended.
+    pub at: Ts,
+    /// Snapshots sent (received).
+    pub snapshots: u32,
+    /// Bytes of extents.
+    pub payload: u64,
+    /// Bytes on the wire, both directions.
+    pub wire: u64,
+    /// The newest snapshot both sides hold (empty: none).
+    pub base: String,
+}
+
+impl SyncRec {
+    /// The value of `meta` row `name`.
+    pub fn encode(&self, name: &str) -> Vec<u8> {
+        let mut out = Vec::with_capacity(32 + self.base.len());
+        out.extend_from_slice(&self.at.sec.to_le_bytes());
+        out.extend_from_slice(&self.at.nsec.to_le_bytes());
+        out.extend_from_slice(&self.snapshots.to_le_bytes());
+        out.extend_from_slice(&self.payload.to_le_bytes());
+        out.extend_from_slice(&self.wire.to_le_bytes());
+        out.extend_from_slice(self.base.as_bytes());
+        seal_meta(name, &out)
+    }
+
+    /// Decodes the unsealed value of `meta` row `name`.
+    pub fn decode(name: &str, b: &[u8]) -> Result<Self, StoreError> {
+        if b.len() < 32 || b.len() > 32 + NAME_MAX {
+            return Err(StoreError::Corrupt(format!(
+                "meta row {name:?} is {} bytes long",
+                b.len()
+            )));
+        }
+        let mut r = Reader(&b[..32]);
+        Ok(SyncRec {
+            at: r.ts()?,
+            snapshots: r.u32()?,
+            payload: r.u64()?,
+            wire: r.u64()?,
+            base: String::from_utf8(b[32..].to_vec())
+                .map_err(|_| StoreError::Corrupt(format!("meta row {name:?}: a base not UTF-8")))?,
         })
     }
 }

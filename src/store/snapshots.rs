@@ -310,6 +310,52 @@ impl Store {
         Ok(epoch)
     }
 
+    /// Records a completed sync session to destination `dest` (its volume id): the
+    /// `sent_to:` row, and hold `sync-DEST` moved onto the session's base, in one
+    /// durable commit. Returns the epoch the hold kept before, if it moved off one:
+    /// the caller drops that epoch when it is deleting and nothing else keeps it.
+    pub fn record_sent(&mut self, dest: &[u8; 16], rec: &SyncRec) -> Result<Option<u64>, OpError> {
+        let hold = format!("sync-{}", hex(dest));
+        let row = format!("{}{}", meta::SENT_TO, hex(dest));
+        let new = match rec.base.as_str() {
+            "" => None,
+            b => Some(
+                self.snapshot(b.as_bytes())?
+                    .ok_or(OpError::Errno(libc::ENOENT))?
+                    .epoch,
+            ),
+        };
+        let old = self
+            .holds()?
+            .into_iter()
+            .find(|(n, _)| *n == hold)
+            .map(|(_, h)| h.epoch);
+        self.write(true, |w| {
+            match new {
+                Some(epoch) => {
+                    let h = HoldRec {
+                        epoch,
+                        created: rec.at,
+                    };
+                    w.t.holds
+                        .insert(hold.as_str(), h.encode(&hold).as_slice())?;
+                }
+                None => {
+                    w.t.holds.remove(hold.as_str())?;
+                }
+            }
+            w.t.meta.insert(row.as_str(), rec.encode(&row).as_slice())?;
+            Ok(())
+        })?;
+        Ok(old.filter(|o| Some(*o) != new))
+    }
+
+    /// The destinations this volume was synced to: each one's volume id and its last
+    /// completed session.
+    pub fn sent_to(&self) -> Result<Vec<([u8; 16], SyncRec)>, StoreError> {
+        sent_to_rows(self.read_txn()?.meta())
+    }
+
     /// Releases hold `hold`, durably; returns the epoch it kept. The caller drops that
     /// epoch when it is deleting and nothing else holds it.
     pub fn release(&mut self, hold: &str) -> Result<u64, OpError> {
@@ -556,4 +602,22 @@ impl Store {
         }
         Ok(out)
     }
+}
+
+/// The `sent_to:` rows of `meta` (see [`Store::sent_to`]).
+pub fn sent_to_rows<T: ReadableTable<&'static str, &'static [u8]>>(
+    meta_t: &T,
+) -> Result<Vec<([u8; 16], SyncRec)>, StoreError> {
+    let mut out = Vec::new();
+    let end = format!("{}~", meta::SENT_TO);
+    for row in meta_t.range(meta::SENT_TO..end.as_str())? {
+        let (k, _) = row?;
+        let name = k.value();
+        let Some(id) = name.strip_prefix(meta::SENT_TO).and_then(unhex::<16>) else {
+            return Err(StoreError::Corrupt(format!("meta row {name:?}")));
+        };
+        let raw = read_meta(meta_t, name)?.unwrap_or_default();
+        out.push((id, SyncRec::decode(name, &raw)?));
+    }
+    Ok(out)
 }

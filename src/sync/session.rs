@@ -86,6 +86,23 @@ pub struct Summary {
     pub payload_bytes: u64,
     /// Bytes on the wire, both directions, headers and MACs included.
     pub wire_bytes: u64,
+    /// The destination store's volume id (as it said).
+    pub dest_volume: Option<[u8; 16]>,
+    /// The newest snapshot both sides hold at the end.
+    pub base: Option<String>,
+}
+
+impl Summary {
+    /// The record of this session, ended now.
+    pub fn record(&self) -> SyncRec {
+        SyncRec {
+            at: Ts::now(),
+            snapshots: self.snapshots.len() as u32,
+            payload: self.payload_bytes,
+            wire: self.wire_bytes,
+            base: self.base.clone().unwrap_or_default(),
+        }
+    }
 }
 
 /// Reads the next frame; the end of the stream or an `Error` frame is an error here.
@@ -120,7 +137,19 @@ pub fn send<R: Read, W: Write>(
         send_inner(&txn, &mut ro.segs, None, only, key, &mut r, &mut w)
     })();
     tell_peer(&mut w, &res);
-    res
+    let sum = res?;
+    // The destination's cursor and the hold on its base, in the store now free to
+    // be written.
+    if let Some(dest) = sum.dest_volume {
+        let mut store = retry_locked(|| Store::open(src, None))?;
+        if let Some(old) = store.record_sent(&dest, &sum.record())?
+            && store.is_deleting(old)?
+            && !store.is_held(old)?
+        {
+            store.drop_epoch(old, false)?;
+        }
+    }
+    Ok(sum)
 }
 
 /// [`send`] from a frozen view of a mounted store, taken by its daemon; stops when
@@ -144,6 +173,32 @@ pub fn send_frozen<R: Read, W: Write>(
     );
     tell_peer(&mut w, &res);
     res
+}
+
+/// The snapshot hold `sync-DEST` keeps after it was deleted here, under the name it
+/// had (the `sent_to:` row's base): what a session to that destination may start
+/// from.
+fn kept_base(
+    txn: &redb::ReadTransaction,
+    dest_hex: &str,
+) -> Result<Option<(String, SnapshotRec)>, SyncError> {
+    let meta_t = txn.open_table(META)?;
+    let row = format!("{}{dest_hex}", meta::SENT_TO);
+    let Some(raw) = read_meta(&meta_t, &row)? else {
+        return Ok(None);
+    };
+    let base = SyncRec::decode(&row, &raw)?.base;
+    let hold = format!("sync-{dest_hex}");
+    let Some(h) = txn.open_table(HOLDS)?.get(hold.as_str())? else {
+        return Ok(None);
+    };
+    let epoch = HoldRec::decode(&hold, h.value())?.epoch;
+    let key = crate::store::snapshots::deleted_key(epoch);
+    let Some(v) = txn.open_table(SNAPSHOTS)?.get(key.as_str())? else {
+        return Ok(None);
+    };
+    let rec = SnapshotRec::decode(&key, v.value())?;
+    Ok((!base.is_empty()).then_some((base, rec)))
 }
 
 /// Tells the other side why this side stopped, if it still listens.
@@ -235,18 +290,33 @@ fn send_inner<R: Read, W: Write>(
             w.flush()?;
         }
     }
+    let mut sum = Summary::default();
     let held = match expect(r)? {
-        Frame::Holding { snapshots } => snapshots,
+        Frame::Holding { volume, snapshots } => {
+            sum.dest_volume = Some(volume);
+            snapshots
+        }
         f => {
             return Err(protocol(format!(
                 "expected the destination's snapshots, got {f:?}"
             )));
         }
     };
+    // A snapshot deleted here while it was this destination's base is kept (by the
+    // destination's hold) under a hidden name: under its own name again, it may be
+    // the base, and it is never sent.
+    let dest_hex = crate::store::hex(sum.dest_volume.as_ref().expect("set above"));
+    let kept_base = kept_base(txn, &dest_hex)?;
+    if let Some((name, rec)) = &kept_base
+        && !snaps.iter().any(|(n, _)| n == name)
+    {
+        let at = snaps.partition_point(|(_, r)| r.epoch < rec.epoch);
+        snaps.insert(at, (name.clone(), *rec));
+    }
+    let deleted = |rec: &SnapshotRec| rec.flags & SNAP_DELETED != 0;
     // The base: the newest snapshot both hold (same name, same creation time).
     let holds = |n: &str, rec: &SnapshotRec| held.iter().any(|h| *h == snap_ref(n, rec));
     let mut base = snaps.iter().rposition(|(n, rec)| holds(n, rec));
-    let mut sum = Summary::default();
     let versions = txn.open_table(VERSIONS)?;
     let changes = txn.open_table(CHANGES)?;
     let extents = txn.open_table(EXTENTS)?;
@@ -263,7 +333,7 @@ fn send_inner<R: Read, W: Write>(
     // Extents the destination lost, sent so far.
     let mut repaired: HashSet<[u8; 32]> = HashSet::new();
     let todo: Vec<usize> = (base.map_or(0, |b| b + 1)..snaps.len())
-        .filter(|&i| only.is_none_or(|n| snaps[i].0 == n))
+        .filter(|&i| only.is_none_or(|n| snaps[i].0 == n) && !deleted(&snaps[i].1))
         .collect();
     for i in todo {
         let (name, rec) = &snaps[i];
@@ -398,6 +468,7 @@ fn send_inner<R: Read, W: Write>(
     w.send(&Frame::Done)?;
     w.flush()?;
     sum.wire_bytes = w.wire_bytes + r.wire_bytes;
+    sum.base = base.map(|b| snaps[b].0.clone());
     Ok(sum)
 }
 
@@ -532,7 +603,10 @@ fn receive_snapshots<R: Read, W: Write>(
         .iter()
         .map(|(n, rec)| snap_ref(n, rec))
         .collect();
-    w.send(&Frame::Holding { snapshots: held })?;
+    w.send(&Frame::Holding {
+        volume: store.volume_id,
+        snapshots: held,
+    })?;
     w.flush()?;
     let mut sum = Summary::default();
     let mut since_durable = 0u64;
@@ -544,12 +618,19 @@ fn receive_snapshots<R: Read, W: Write>(
                 store.keep_unreferenced = false;
                 let freed = store.free_unreferenced()?;
                 if freed > 0 {
-                    store.sync()?;
                     tracing::info!(
                         extents = freed,
                         "sync: freed received extents no snapshot took"
                     );
                 }
+                sum.wire_bytes = w.wire_bytes + r.wire_bytes;
+                sum.base = store.snapshot_list(false)?.pop().map(|(n, _)| n);
+                let rec = sum.record();
+                store.write(true, |w| {
+                    let row = rec.encode(meta::LAST_RECEIVED);
+                    w.t.meta.insert(meta::LAST_RECEIVED, row.as_slice())?;
+                    Ok(())
+                })?;
                 break;
             }
             Frame::Begin { snapshot, base } => (snapshot, base),

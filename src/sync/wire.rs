@@ -123,9 +123,12 @@ pub enum Frame {
         /// Random bytes the source answers with its own proof.
         nonce: [u8; 32],
     },
-    /// Destination, once the source has proven the key: the snapshots of this
+    /// Destination, once the source has proven the key: its own volume id (the
+    /// source keeps a cursor per destination) and the snapshots of the source's
     /// volume it holds, oldest first.
     Holding {
+        /// The destination store's own volume id.
+        volume: [u8; 16],
         /// The snapshots.
         snapshots: Vec<SnapRef>,
     },
@@ -237,7 +240,8 @@ impl Frame {
                 b.extend_from_slice(proof);
                 b.extend_from_slice(nonce);
             }
-            Frame::Holding { snapshots } => {
+            Frame::Holding { volume, snapshots } => {
+                b.extend_from_slice(volume);
                 b.extend_from_slice(&(snapshots.len() as u32).to_le_bytes());
                 for s in snapshots {
                     put_snap(&mut b, s);
@@ -323,13 +327,14 @@ impl Frame {
             }
             T_HOLDING => {
                 const W: &str = "holding";
+                let volume = r.array(W)?;
                 // A snapshot takes at least 13 bytes: the count is bounded by the body.
                 let n = r.count(13, W)?;
                 let mut snapshots = Vec::with_capacity(n);
                 for _ in 0..n {
                     snapshots.push(r.snap(W)?);
                 }
-                Frame::Holding { snapshots }
+                Frame::Holding { volume, snapshots }
             }
             T_PROOF => Frame::Proof {
                 proof: r.array("proof")?,
@@ -578,16 +583,7 @@ pub fn key_from_file_bytes(contents: &[u8]) -> Option<[u8; 32]> {
 
 /// A key written as 64 hex digits (as [`crate::store::hex`] writes it).
 pub fn key_from_hex(s: &str) -> Option<[u8; 32]> {
-    let b = s.as_bytes();
-    if b.len() != 64 {
-        return None;
-    }
-    let digit = |c: u8| (c as char).to_digit(16);
-    let mut k = [0u8; 32];
-    for (i, pair) in b.chunks(2).enumerate() {
-        k[i] = (digit(pair[0])? * 16 + digit(pair[1])?) as u8;
-    }
-    Some(k)
+    crate::store::unhex(s)
 }
 
 /// Writes frames, numbering (and with a key, authenticating) them.
@@ -837,6 +833,7 @@ mod tests {
                 nonce: r.array(),
             },
             1 => Frame::Holding {
+                volume: r.array(),
                 snapshots: (0..r.below(5)).map(|_| r.snap()).collect(),
             },
             2 => Frame::Proof { proof: r.array() },
