@@ -773,7 +773,7 @@ fn status_line(target: &Path, key: &str) -> String {
 
 #[test]
 fn the_base_is_held_and_a_deleted_base_still_serves_an_incremental() {
-    let mut src = Mount::new();
+    let src = Mount::new();
     let replica = src.dir.path().join("replica");
     populate(&src.mnt, 41);
     snapfs(&["snapshot", "create", src.mnt.to_str().unwrap(), "one"]);
