@@ -981,7 +981,7 @@ fn serve_send(
     only: Option<&str>,
     key: Option<&str>,
 ) -> anyhow::Result<()> {
-    let key = match key.map(crate::sync::wire::key_from_hex) {
+    let key = match key.map(crate::store::unhex::<32>) {
         Some(None) => {
             return answer(
                 &conn,
@@ -1004,9 +1004,11 @@ fn serve_send(
             error: false,
         },
     )?;
-    let idle = Some(crate::sync::tcp::IDLE);
-    conn.set_read_timeout(idle)?;
-    conn.set_write_timeout(idle)?;
+    // The CLI at the other end relays to the destination, which may think for long
+    // (reading back what it has) while this side waits: no read limit. A CLI that
+    // stops reading altogether lets go of this thread after 10 minutes.
+    conn.set_read_timeout(None)?;
+    conn.set_write_timeout(Some(Duration::from_secs(600)))?;
     let r = crate::sync::wire::FrameReader::new(BufReader::new(conn.try_clone()?), None);
     let w = crate::sync::wire::FrameWriter::new(
         std::io::BufWriter::with_capacity(1 << 20, &conn),

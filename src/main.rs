@@ -345,12 +345,7 @@ fn sync(
 /// `snapfs receive STORE`: the far end of `snapfs sync` over ssh, on stdin and stdout.
 fn receive(store: &Path) -> anyhow::Result<ExitCode> {
     use snapfs::sync::wire::{FrameReader, FrameWriter};
-    if daemon::connect_control(store).is_some() {
-        anyhow::bail!(
-            "{} is mounted: receiving into a mounted store is not built yet; unmount it first",
-            store.display()
-        );
-    }
+    snapfs::sync::refuse_mounted(store)?;
     let sum = snapfs::sync::session::receive(
         store,
         None,

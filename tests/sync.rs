@@ -411,6 +411,22 @@ fn a_mounted_source_replicates_over_every_transport() {
             m.unmount();
         }
     }
+    // A far side without snapfs: ssh's own words reach the user.
+    let out = snapfs(&[
+        "sync",
+        src.mnt.to_str().unwrap(),
+        &dests[2].0,
+        "--ssh",
+        &sshd.ssh,
+        "--remote-snapfs",
+        "/nonexistent/snapfs",
+    ]);
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("the remote command failed") && err.contains("/nonexistent/snapfs"),
+        "{err}"
+    );
     // The ACLs travelled (the digest compares xattrs; this says the ACL is one).
     let acl = xattr_names(&src.path(".snapshots/three/docs/f5"));
     assert!(

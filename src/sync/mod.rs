@@ -99,11 +99,7 @@ fn ends(src: &Path, dest: &str, opts: &Options) -> Result<(End, End, bool), Sync
         if std::fs::canonicalize(&d).is_ok_and(|d| d == src) {
             return Err(SyncError::Protocol(format!("{dest} is the source itself")));
         }
-        if crate::daemon::connect_control(&d).is_some() {
-            return Err(SyncError::Protocol(format!(
-                "{dest} is mounted: receiving into a mounted store is not built yet; unmount it first"
-            )));
-        }
+        refuse_mounted(&d)?;
         End::spawn("sync-sink", move |s| {
             let (r, w) = framed(s)?;
             session::receive(&d, None, r, w)
@@ -121,6 +117,18 @@ fn ends(src: &Path, dest: &str, opts: &Options) -> Result<(End, End, bool), Sync
         }
     };
     Ok((source, dst, key.is_some()))
+}
+
+/// Refuses a destination a daemon serves: receiving into a mounted store is not
+/// built yet.
+pub fn refuse_mounted(dest: &Path) -> Result<(), SyncError> {
+    if crate::daemon::connect_control(dest).is_some() {
+        return Err(SyncError::Protocol(format!(
+            "{} is mounted: receiving into a mounted store is not built yet; unmount it first",
+            dest.display()
+        )));
+    }
+    Ok(())
 }
 
 type Framed = (

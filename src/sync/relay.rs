@@ -71,8 +71,8 @@ pub struct End {
     pub w: Sink,
     /// The thread running the end here, if it runs here.
     pub task: Option<JoinHandle<Result<Summary, SyncError>>>,
-    /// The process running the end (ssh), with a thread collecting its stderr.
-    pub child: Option<(std::process::Child, JoinHandle<String>)>,
+    /// The process running the end (ssh), with what its stderr said once it ends.
+    pub child: Option<(std::process::Child, std::sync::mpsc::Receiver<String>)>,
 }
 
 impl End {
@@ -165,7 +165,7 @@ pub fn relay(
         Err(SyncError::Remote(format!("the destination: {m}")))
     } else if let Some(m) = seen.source_error {
         Err(SyncError::Remote(format!("the source: {m}")))
-    } else if let Some(e) = results.into_iter().find_map(Result::err) {
+    } else if let Some(e) = worst(results) {
         Err(e)
     } else if !seen.done {
         Err(SyncError::Protocol(
@@ -175,6 +175,17 @@ pub fn relay(
         Ok(())
     };
     (seen.sum, res)
+}
+
+/// The error to show of the ends' own: one that says why before one that only says
+/// the other side went.
+fn worst(results: [Result<(), SyncError>; 2]) -> Option<SyncError> {
+    let mut errs: Vec<SyncError> = results.into_iter().filter_map(Result::err).collect();
+    let i = errs
+        .iter()
+        .position(|e| !matches!(e, SyncError::Closed))
+        .unwrap_or(0);
+    (!errs.is_empty()).then(|| errs.swap_remove(i))
 }
 
 /// Waits for an end that runs here or in a child: its error, if it failed without
@@ -189,7 +200,11 @@ fn finish(end: &mut End) -> Result<(), SyncError> {
     }
     if let Some((mut child, err)) = end.child.take() {
         let status = child.wait().map_err(WireError::Io)?;
-        let text = err.join().unwrap_or_default();
+        // Its stderr ends with it, unless something it started keeps the pipe open
+        // (an ssh ControlPersist master): then what was said so far will do.
+        let text = err
+            .recv_timeout(Duration::from_millis(500))
+            .unwrap_or_default();
         if !status.success() {
             let last = text
                 .lines()
@@ -222,13 +237,16 @@ fn pump(
     let mut passed = 0u64;
     {
         let mut fr = FrameReader::new(BufReader::with_capacity(1 << 20, r), None);
-        let mut out = Some(BufWriter::with_capacity(1 << 20, Pass(&mut *w)));
+        let mut out = Some(BufWriter::with_capacity(1 << 20, &mut *w));
         loop {
             let raw = match fr.read_raw() {
                 Ok(Some(raw)) => raw,
                 Ok(None) => break,
                 Err(e) => {
                     tracing::debug!(up, error = %e, "sync: relay read ended");
+                    // What the end still writes is read and dropped, so that it is
+                    // never left blocked.
+                    let _ = std::io::copy(&mut fr.into_inner(), &mut std::io::sink());
                     break;
                 }
             };
@@ -265,31 +283,13 @@ fn pump(
     w.close();
 }
 
-/// A sink borrowed for writing.
-struct Pass<'a>(&'a mut Sink);
-
-impl Write for Pass<'_> {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.0.write(buf)
-    }
-
-    fn flush(&mut self) -> std::io::Result<()> {
-        self.0.flush()
-    }
-}
-
 /// The type of the last frame a side sends without a MAC.
 fn handshake_end(up: bool) -> u8 {
-    let f = if up {
-        Frame::Proof { proof: [0; 32] }
+    if up {
+        super::wire::T_PROOF
     } else {
-        Frame::Welcome {
-            version: 0,
-            proof: [0; 32],
-            nonce: [0; 32],
-        }
-    };
-    f.encode().0
+        super::wire::T_WELCOME
+    }
 }
 
 /// Notes what a frame says: the summary, the progress and the protocol trace.
@@ -384,8 +384,17 @@ fn show(live: &Live, stop: std::sync::mpsc::Receiver<()>) {
                 .unwrap_or_else(|_| indicatif::ProgressStyle::default_spinner()),
         );
         loop {
-            bar.set_message(line(live));
-            bar.tick();
+            // Nothing drawn before the first snapshot: ssh may still be asking for
+            // a password or a host key on the terminal.
+            if !live
+                .snapshot
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .is_empty()
+            {
+                bar.set_message(line(live));
+                bar.tick();
+            }
             if tick() {
                 break;
             }
@@ -447,9 +456,10 @@ pub fn daemon_source(
     Ok(Some(End::unix(conn)?))
 }
 
-/// Reads a child's stderr to its end, passing it on (ssh's prompts and warnings) and
-/// keeping its last lines.
-pub fn collect_stderr(r: impl Read + Send + 'static) -> JoinHandle<String> {
+/// Reads a child's stderr to its end, passing it on (ssh's prompts and warnings);
+/// its last lines come on the channel returned, once it ends.
+pub fn collect_stderr(r: impl Read + Send + 'static) -> std::sync::mpsc::Receiver<String> {
+    let (tx, rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
         let mut kept = std::collections::VecDeque::new();
         let mut br = BufReader::new(r);
@@ -463,6 +473,7 @@ pub fn collect_stderr(r: impl Read + Send + 'static) -> JoinHandle<String> {
             }
             l.clear();
         }
-        kept.into_iter().collect()
-    })
+        let _ = tx.send(kept.into_iter().collect());
+    });
+    rx
 }

@@ -104,7 +104,7 @@ pub fn connect(t: &Target, ssh: &str, remote: &str) -> Result<End, SyncError> {
         cmd.arg("-l").arg(u);
     }
     cmd.arg("--").arg(&t.host).arg(format!(
-        "{} receive {}",
+        "{} receive -- {}",
         shell_quote(remote),
         shell_quote(&t.path)
     ));

@@ -182,8 +182,10 @@ pub enum Frame {
 }
 
 const T_HELLO: u8 = 1;
-const T_WELCOME: u8 = 2;
-const T_PROOF: u8 = 3;
+/// The type byte of `Welcome` (the destination's last frame without a MAC).
+pub const T_WELCOME: u8 = 2;
+/// The type byte of `Proof` (the source's last frame without a MAC).
+pub const T_PROOF: u8 = 3;
 const T_BEGIN: u8 = 4;
 const T_RECORDS: u8 = 5;
 const T_EXTENT: u8 = 6;
@@ -581,11 +583,6 @@ pub fn key_from_file_bytes(contents: &[u8]) -> Option<[u8; 32]> {
     (secret.len() >= 16).then(|| blake3::derive_key("snapfs sync key file", secret))
 }
 
-/// A key written as 64 hex digits (as [`crate::store::hex`] writes it).
-pub fn key_from_hex(s: &str) -> Option<[u8; 32]> {
-    crate::store::unhex(s)
-}
-
 /// Writes frames, numbering (and with a key, authenticating) them.
 pub struct FrameWriter<W: Write> {
     w: W,
@@ -671,6 +668,11 @@ impl<R: Read> FrameReader<R> {
     /// The transport.
     pub fn get_ref(&self) -> &R {
         &self.r
+    }
+
+    /// The transport, back.
+    pub fn into_inner(self) -> R {
+        self.r
     }
 
     fn fill(&mut self, buf: &mut [u8]) -> Result<(), WireError> {
