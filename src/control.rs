@@ -80,6 +80,8 @@ pub enum Request {
     Send {
         /// Send this snapshot only.
         snapshot: Option<String>,
+        /// Only say what would be sent.
+        dry_run: bool,
         /// The session's shared key, hex, on a keyed session (TCP).
         key: Option<String>,
     },

@@ -958,8 +958,13 @@ fn handle_control(
         );
         return answer(&conn, &refusal(access));
     }
-    if let Request::Send { snapshot, key } = &req {
-        return serve_send(conn, fs, snapshot.as_deref(), key.as_deref());
+    if let Request::Send {
+        snapshot,
+        dry_run,
+        key,
+    } = &req
+    {
+        return serve_send(conn, fs, snapshot.as_deref(), *dry_run, key.as_deref());
     }
     let mut out = if matches!(req, Request::Fsck { repair: true, .. }) {
         crate::commands::fail("fsck --repair needs the store unmounted: unmount it first".into())
@@ -979,6 +984,7 @@ fn serve_send(
     conn: UnixStream,
     fs: &Fs,
     only: Option<&str>,
+    dry_run: bool,
     key: Option<&str>,
 ) -> anyhow::Result<()> {
     let key = match key.map(crate::store::unhex::<32>) {
@@ -1014,7 +1020,7 @@ fn serve_send(
         std::io::BufWriter::with_capacity(1 << 20, &conn),
         None,
     );
-    let sum = match crate::sync::session::send_frozen(&mut view, only, key, r, w) {
+    let sum = match crate::sync::session::send_frozen(&mut view, only, dry_run, key, r, w) {
         Ok(sum) => sum,
         Err(e) => {
             tracing::warn!(error = %e, "sync: send failed");
@@ -1024,7 +1030,7 @@ fn serve_send(
     drop(view);
     tracing::info!(snapshots = ?sum.snapshots, "sync: sent");
     // The destination's cursor, and the hold on its base.
-    if let Some(dest) = sum.dest_volume {
+    if let Some(dest) = sum.dest_volume.filter(|_| !dry_run) {
         let mut core = fs.lock();
         let moved = core.store().record_sent(&dest, &sum.record());
         match moved {

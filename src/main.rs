@@ -103,6 +103,10 @@ enum Cmd {
         /// Send at most RATE bytes per second (K, M, G: powers of 1024; at least 128K).
         #[arg(long, value_name = "RATE", value_parser = snapfs::sync::parse_rate)]
         bwlimit: Option<u64>,
+        /// Only say what would be sent (snapshots, records, extents, bytes at most);
+        /// nothing changes on either side.
+        #[arg(long)]
+        dry_run: bool,
     },
     /// Receive snapshots into STORE (unmounted; made when missing) from `snapfs sync`
     /// on standard input and output: what `sync` runs on the far side of ssh.
@@ -238,8 +242,10 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             ssh,
             remote_snapfs,
             bwlimit,
+            dry_run,
         } => {
             let opts = snapfs::sync::Options {
+                dry_run,
                 snapshot,
                 key_file,
                 ssh,
@@ -320,13 +326,34 @@ fn sync(
             "wire_bytes": sum.wire_bytes,
             "seconds": secs,
         });
+        if opts.dry_run {
+            out["dry_run"] = true.into();
+            out["would_send"] = sum
+                .planned
+                .iter()
+                .map(|(n, r, e, b)| {
+                    serde_json::json!({"snapshot": n, "records": r, "extents": e, "bytes_at_most": b})
+                })
+                .collect::<Vec<_>>()
+                .into();
+        }
         if let Err(e) = &res {
             out["error"] = e.to_string().into();
         }
         println!("{out}");
     }
     res.map_err(|e| anyhow::anyhow!("sync {} -> {dest}: {e}", source.display()))?;
-    if !json && sum.snapshots.is_empty() {
+    if !json && opts.dry_run {
+        if sum.planned.is_empty() {
+            println!("nothing to send: {dest} has every snapshot");
+        }
+        for (n, r, e, b) in &sum.planned {
+            println!(
+                "would send {}: {r} records, {e} extents, at most {b} bytes of them",
+                snapfs::text::printable(n)
+            );
+        }
+    } else if !json && sum.snapshots.is_empty() {
         println!("nothing to send: {dest} has every snapshot");
     } else if !json {
         println!(

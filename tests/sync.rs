@@ -529,6 +529,14 @@ fn extents_lost_on_the_replica_ride_on_the_next_push() {
     assert_eq!(snapshot_trees(&src), snapshot_trees(&dest));
 }
 
+/// The number in environment variable `name`, or `default`.
+fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
 /// Bytes in a store's segment files: every extent it was ever sent, kept or not.
 fn segment_bytes(store: &Path) -> u64 {
     if !store.join("segments").exists() {
@@ -557,14 +565,8 @@ fn snapshot_names(store: &Path) -> Vec<String> {
 fn an_interrupted_sync_resumes_without_a_partial_snapshot() {
     // SNAPFS_TEST_SYNC_MIB scales the volume (1 GiB by default) and
     // SNAPFS_TEST_SYNC_CUTS the number of interruptions (20).
-    let mib: usize = std::env::var("SNAPFS_TEST_SYNC_MIB")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(1024);
-    let cuts: u64 = std::env::var("SNAPFS_TEST_SYNC_CUTS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(20);
+    let mib: usize = env_or("SNAPFS_TEST_SYNC_MIB", 1024);
+    let cuts: u64 = env_or("SNAPFS_TEST_SYNC_CUTS", 20);
     let mut src = Mount::new();
     let dir = src.dir.path().to_path_buf();
     for i in 0..mib / 64 {
@@ -677,10 +679,7 @@ fn an_interrupted_sync_resumes_without_a_partial_snapshot() {
 #[test]
 fn dedup_holds_on_the_wire() {
     // SNAPFS_TEST_DEDUP_MIB: the unique data, written four times over (1 GiB).
-    let mib: usize = std::env::var("SNAPFS_TEST_DEDUP_MIB")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(1024);
+    let mib: usize = env_or("SNAPFS_TEST_DEDUP_MIB", 1024);
     let mut src = Mount::new();
     let dir = src.dir.path().to_path_buf();
     for copy in 0..4 {
@@ -842,4 +841,47 @@ fn the_base_is_held_and_a_deleted_base_still_serves_an_incremental() {
         .unwrap()
         .1;
     assert_eq!(two, tree_digest(&src.path(".snapshots/two")));
+}
+
+#[test]
+fn a_dry_run_says_what_would_go_and_changes_nothing() {
+    let src = Mount::new();
+    let replica = src.dir.path().join("replica");
+    populate(&src.mnt, 51);
+    snapfs(&["snapshot", "create", src.mnt.to_str().unwrap(), "one"]);
+    sync_ok(&src.mnt, &replica);
+    churn(&src.mnt, 52);
+    snapfs(&["snapshot", "create", src.mnt.to_str().unwrap(), "two"]);
+    snapfs(&["snapshot", "create", src.mnt.to_str().unwrap(), "three"]);
+    let before = status_line(&src.mnt, "synced to:");
+    let out = sync(&src.mnt, &replica, &["--dry-run", "--json"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let dry: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let plan = dry["would_send"].as_array().unwrap();
+    assert_eq!(plan.len(), 2, "{dry}");
+    assert_eq!(plan[0]["snapshot"], "two");
+    assert_eq!(plan[1]["snapshot"], "three");
+    assert!(plan[0]["records"].as_u64().unwrap() > 0, "{dry}");
+    // three has nothing two lacks.
+    assert_eq!(plan[1]["records"], 0, "{dry}");
+    assert_eq!(dry["payload_bytes"], 0, "{dry}");
+    // Nothing changed on either side.
+    assert_eq!(snapshot_names(&replica), ["one"]);
+    assert_eq!(status_line(&src.mnt, "synced to:"), before);
+    // The real run sends what the dry run announced, at most.
+    let real = sync_ok(&src.mnt, &replica);
+    assert_eq!(
+        real["snapshots"],
+        serde_json::json!(["two", "three"]),
+        "{real}"
+    );
+    assert_eq!(real["records"], plan[0]["records"], "{real}");
+    assert!(
+        real["payload_bytes"].as_u64().unwrap() <= plan[0]["bytes_at_most"].as_u64().unwrap(),
+        "{real} {dry}"
+    );
 }

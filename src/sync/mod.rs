@@ -36,6 +36,8 @@ pub struct Options {
     pub progress: bool,
     /// Bytes per second the session may send, at most.
     pub bwlimit: Option<u64>,
+    /// Only say what would be sent.
+    pub dry_run: bool,
 }
 
 /// Parses a rate for `--bwlimit`: bytes per second, with an optional K, M or G
@@ -106,13 +108,14 @@ fn ends(src: &Path, dest: &str, opts: &Options) -> Result<(End, End, bool), Sync
         })?
     };
     let only = opts.snapshot.as_deref();
-    let source = match relay::daemon_source(src, only, key)? {
+    let dry_run = opts.dry_run;
+    let source = match relay::daemon_source(src, only, dry_run, key)? {
         Some(end) => end,
         None => {
             let (src, only) = (src.to_path_buf(), opts.snapshot.clone());
             End::spawn("sync-source", move |s| {
                 let (r, w) = framed(s)?;
-                session::send(&src, only.as_deref(), key, r, w)
+                session::send(&src, only.as_deref(), dry_run, key, r, w)
             })?
         }
     };

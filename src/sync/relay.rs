@@ -121,6 +121,8 @@ pub struct Observed {
 /// Counters the relay threads update and the progress display reads.
 #[derive(Default)]
 struct Live {
+    /// Bytes the snapshots announced so far take at most.
+    planned: AtomicU64,
     payload: AtomicU64,
     wire: AtomicU64,
     snapshot: Mutex<String>,
@@ -310,6 +312,18 @@ fn watch(raw: &RawFrame, up: bool, live: &Live, seen: &Mutex<Observed>) {
     };
     let mut o = seen.lock().unwrap_or_else(|p| p.into_inner());
     match f {
+        Frame::Plan {
+            snapshot,
+            records,
+            extents,
+            bytes,
+            dry_run,
+        } => {
+            tracing::trace!(dir, snapshot = %snapshot.name, records, extents, bytes, dry_run, "sync: plan");
+            live.planned.fetch_add(bytes, Ordering::Relaxed);
+            o.sum.dry_run |= dry_run;
+            o.sum.planned.push((snapshot.name, records, extents, bytes));
+        }
         Frame::Begin { snapshot, base } => {
             tracing::trace!(dir, snapshot = %snapshot.name, base = ?base, "sync: begin");
             *live.snapshot.lock().unwrap_or_else(|p| p.into_inner()) = snapshot.name;
@@ -369,10 +383,11 @@ fn show(live: &Live, stop: std::sync::mpsc::Receiver<()>) {
         let payload = live.payload.load(Ordering::Relaxed);
         let secs = t0.elapsed().as_secs_f64().max(1e-3);
         format!(
-            "{}: {} snapshots committed, {} of extents sent ({}/s), {} on the wire",
+            "{}: {} snapshots committed, {} of at most {} sent ({}/s), {} on the wire",
             live.snapshot.lock().unwrap_or_else(|p| p.into_inner()),
             live.committed.load(Ordering::Relaxed),
             indicatif::HumanBytes(payload),
+            indicatif::HumanBytes(live.planned.load(Ordering::Relaxed)),
             indicatif::HumanBytes((payload as f64 / secs) as u64),
             indicatif::HumanBytes(live.wire.load(Ordering::Relaxed)),
         )
@@ -416,6 +431,7 @@ fn show(live: &Live, stop: std::sync::mpsc::Receiver<()>) {
 pub fn daemon_source(
     store: &Path,
     only: Option<&str>,
+    dry_run: bool,
     key: Option<[u8; 32]>,
 ) -> Result<Option<End>, SyncError> {
     let Some(conn) = crate::daemon::connect_control(store) else {
@@ -424,6 +440,7 @@ pub fn daemon_source(
     let mut conn = conn.map_err(SyncError::Protocol)?;
     let req = crate::control::Request::Send {
         snapshot: only.map(str::to_string),
+        dry_run,
         key: key.map(|k| crate::store::hex(&k)),
     };
     let mut line = serde_json::to_vec(&req).expect("a request always encodes");

@@ -94,6 +94,11 @@ pub struct Summary {
     pub dest_volume: Option<[u8; 16]>,
     /// The newest snapshot both sides hold at the end.
     pub base: Option<String>,
+    /// What the source said each snapshot would take (before sending it, or instead
+    /// on a dry run): name, records, extents, bytes at most.
+    pub planned: Vec<(String, u64, u64, u64)>,
+    /// Nothing was sent: the session only said what it would send.
+    pub dry_run: bool,
 }
 
 impl Summary {
@@ -131,6 +136,7 @@ fn snap_ref(name: &str, rec: &SnapshotRec) -> SnapRef {
 pub fn send<R: Read, W: Write>(
     src: &Path,
     only: Option<&str>,
+    dry_run: bool,
     key: Option<[u8; 32]>,
     mut r: FrameReader<R>,
     mut w: FrameWriter<W>,
@@ -138,13 +144,13 @@ pub fn send<R: Read, W: Write>(
     let res = (|| {
         let mut ro = retry_locked(|| ReadOnlyStore::open(src, false))?;
         let txn = ro.begin_read()?;
-        send_inner(&txn, &mut ro.segs, None, only, key, &mut r, &mut w)
+        send_inner(&txn, &mut ro.segs, None, only, dry_run, key, &mut r, &mut w)
     })();
     tell_peer(&mut w, &res);
     let sum = res?;
     // The destination's cursor and the hold on its base, in the store now free to
     // be written.
-    if let Some(dest) = sum.dest_volume {
+    if let Some(dest) = sum.dest_volume.filter(|_| !dry_run) {
         let mut store = retry_locked(|| Store::open(src, None))?;
         if let Some(old) = store.record_sent(&dest, &sum.record())?
             && store.is_deleting(old)?
@@ -161,6 +167,7 @@ pub fn send<R: Read, W: Write>(
 pub fn send_frozen<R: Read, W: Write>(
     view: &mut crate::store::Frozen,
     only: Option<&str>,
+    dry_run: bool,
     key: Option<[u8; 32]>,
     mut r: FrameReader<R>,
     mut w: FrameWriter<W>,
@@ -171,6 +178,7 @@ pub fn send_frozen<R: Read, W: Write>(
         &mut view.segs,
         Some(&cancel),
         only,
+        dry_run,
         key,
         &mut r,
         &mut w,
@@ -220,11 +228,13 @@ fn tell_peer<W: Write>(w: &mut FrameWriter<W>, res: &Result<Summary, SyncError>)
     }
 }
 
+#[allow(clippy::too_many_arguments)]
 fn send_inner<R: Read, W: Write>(
     txn: &redb::ReadTransaction,
     segs: &mut crate::store::segment::Segments,
     cancel: Option<&std::sync::atomic::AtomicBool>,
     only: Option<&str>,
+    dry_run: bool,
     key: Option<[u8; 32]>,
     r: &mut FrameReader<R>,
     w: &mut FrameWriter<W>,
@@ -344,11 +354,6 @@ fn send_inner<R: Read, W: Write>(
         .collect();
     for i in todo {
         let (name, rec) = &snaps[i];
-        let base_name = base.map(|b| snaps[b].0.clone());
-        w.send(&Frame::Begin {
-            snapshot: snap_ref(name, rec),
-            base: base_name,
-        })?;
         // The records that differ between the base and this snapshot.
         let mut records: Vec<Record> = Vec::new();
         match base {
@@ -376,6 +381,40 @@ fn send_inner<R: Read, W: Write>(
                 })?
             }
         }
+        // What it takes: the plan comes first (the progress shown), or alone.
+        let mut named: HashSet<[u8; 32]> = HashSet::new();
+        for rec in &records {
+            if let (KIND_BLOCK, Some(p)) = (rec.kind, &rec.payload) {
+                named.extend(BlockRec::decode(p)?.extents().copied());
+            }
+        }
+        let mut bytes = 0u64;
+        for h in &named {
+            if let Some(row) = extents.get(*h)? {
+                bytes += ExtentRec::decode(h, row.value())?.len as u64;
+            }
+        }
+        w.send(&Frame::Plan {
+            snapshot: snap_ref(name, rec),
+            records: records.len() as u64,
+            extents: named.len() as u64,
+            bytes,
+            dry_run,
+        })?;
+        if dry_run {
+            sum.planned.push((
+                name.clone(),
+                records.len() as u64,
+                named.len() as u64,
+                bytes,
+            ));
+            base = Some(i);
+            continue;
+        }
+        w.send(&Frame::Begin {
+            snapshot: snap_ref(name, rec),
+            base: base.map(|b| snaps[b].0.clone()),
+        })?;
         sum.records += records.len() as u64;
         // Batches of a bounded count and size.
         let mut chunks: Vec<Vec<Record>> = vec![Vec::new()];
@@ -635,6 +674,8 @@ fn receive_snapshots<R: Read, W: Write>(
     let mut since_durable = 0u64;
     loop {
         let (snapshot, base) = match expect(r)? {
+            // A dry run changes nothing here.
+            Frame::Done if sum.dry_run => break,
             Frame::Done => {
                 // Received extents no snapshot took (kept by interrupted sessions for
                 // snapshots that never came) go now.
@@ -657,6 +698,11 @@ fn receive_snapshots<R: Read, W: Write>(
                 break;
             }
             Frame::Begin { snapshot, base } => (snapshot, base),
+            // What the next snapshot takes (or would, on a dry run): nothing to do.
+            Frame::Plan { dry_run, .. } => {
+                sum.dry_run |= dry_run;
+                continue;
+            }
             f => return Err(protocol(format!("expected begin or done, got {f:?}"))),
         };
         if !looked {

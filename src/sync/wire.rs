@@ -137,6 +137,20 @@ pub enum Frame {
         /// The proof (zero on an unkeyed session).
         proof: [u8; 32],
     },
+    /// Source, before a snapshot's `Begin` (or instead of it, on a dry run): what
+    /// sending it takes.
+    Plan {
+        /// The snapshot.
+        snapshot: SnapRef,
+        /// Records that differ from the base.
+        records: u64,
+        /// Extents those records name, each once.
+        extents: u64,
+        /// Their bytes: the most the snapshot's extents can take.
+        bytes: u64,
+        /// Nothing will be sent: the session only says what it would send.
+        dry_run: bool,
+    },
     /// Source: a snapshot follows, as an incremental from `base` (or whole).
     Begin {
         /// The snapshot sent.
@@ -195,6 +209,7 @@ const T_COMMITTED: u8 = 9;
 const T_ERROR: u8 = 10;
 const T_DONE: u8 = 11;
 const T_HOLDING: u8 = 12;
+const T_PLAN: u8 = 13;
 
 /// Longest error message carried.
 const MESSAGE_MAX: usize = 4096;
@@ -214,6 +229,7 @@ impl Frame {
             Frame::Error { .. } => T_ERROR,
             Frame::Done => T_DONE,
             Frame::Holding { .. } => T_HOLDING,
+            Frame::Plan { .. } => T_PLAN,
         }
     }
 
@@ -250,6 +266,19 @@ impl Frame {
                 }
             }
             Frame::Proof { proof } => b.extend_from_slice(proof),
+            Frame::Plan {
+                snapshot,
+                records,
+                extents,
+                bytes,
+                dry_run,
+            } => {
+                put_snap(&mut b, snapshot);
+                b.extend_from_slice(&records.to_le_bytes());
+                b.extend_from_slice(&extents.to_le_bytes());
+                b.extend_from_slice(&bytes.to_le_bytes());
+                b.push(*dry_run as u8);
+            }
             Frame::Begin { snapshot, base } => {
                 put_snap(&mut b, snapshot);
                 match base {
@@ -398,6 +427,20 @@ impl Frame {
                 }
             }
             T_DONE => Frame::Done,
+            T_PLAN => {
+                const W: &str = "plan";
+                Frame::Plan {
+                    snapshot: r.snap(W)?,
+                    records: r.u64(W)?,
+                    extents: r.u64(W)?,
+                    bytes: r.u64(W)?,
+                    dry_run: match r.u8(W)? {
+                        0 => false,
+                        1 => true,
+                        x => return Err(bad(W, format!("dry-run flag {x}"))),
+                    },
+                }
+            }
             t => return Err(WireError::Type(t)),
         };
         if !r.b.is_empty() {
@@ -423,6 +466,7 @@ fn type_name(t: u8) -> &'static str {
         T_COMMITTED => "committed",
         T_ERROR => "error",
         T_HOLDING => "holding",
+        T_PLAN => "plan",
         _ => "done",
     }
 }
@@ -822,7 +866,7 @@ mod tests {
 
     /// A random valid frame.
     fn frame(r: &mut Rng) -> Frame {
-        match r.below(11) {
+        match r.below(12) {
             0 => Frame::Hello {
                 version: r.next() as u32,
                 volume: r.array(),
@@ -879,6 +923,13 @@ mod tests {
             7 => Frame::Barrier,
             8 => Frame::Committed { name: r.name() },
             9 => Frame::Error { message: r.name() },
+            10 => Frame::Plan {
+                snapshot: r.snap(),
+                records: r.next(),
+                extents: r.next(),
+                bytes: r.next(),
+                dry_run: r.below(2) == 0,
+            },
             _ => Frame::Done,
         }
     }
