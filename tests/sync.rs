@@ -885,3 +885,238 @@ fn a_dry_run_says_what_would_go_and_changes_nothing() {
         "{real} {dry}"
     );
 }
+
+/// A hand-made source for a `snapfs serve` at `addr`: the keyed handshake done, the
+/// destination's `Holding` read. Returns the two halves.
+fn crafted_session(
+    addr: &str,
+    secret: &str,
+    volume: [u8; 16],
+) -> (
+    snapfs::sync::wire::FrameReader<std::net::TcpStream>,
+    snapfs::sync::wire::FrameWriter<std::net::TcpStream>,
+) {
+    use snapfs::sync::wire::*;
+    let key = key_from_file_bytes(secret.as_bytes()).unwrap();
+    let conn = std::net::TcpStream::connect(addr).unwrap();
+    conn.set_read_timeout(Some(std::time::Duration::from_secs(30)))
+        .unwrap();
+    let mut r = FrameReader::new(conn.try_clone().unwrap(), None);
+    let mut w = FrameWriter::new(conn, None);
+    let nonce = [7u8; 32];
+    let hello = Frame::Hello {
+        version: VERSION,
+        volume,
+        block_size: 64 * 1024,
+        nonce,
+    };
+    let hello_body = hello.encode().1;
+    w.send(&hello).unwrap();
+    let their = match r.read_frame().unwrap() {
+        Some(Frame::Welcome {
+            proof: p, nonce, ..
+        }) => {
+            assert_eq!(p, proof(&key, &[7u8; 32], "sink", &hello_body));
+            nonce
+        }
+        f => panic!("{f:?}"),
+    };
+    w.send(&Frame::Proof {
+        proof: proof(&key, &their, "source", &hello_body),
+    })
+    .unwrap();
+    let sk = session_key(&key, &nonce, &their);
+    w.set_key(sk);
+    r.set_key(sk);
+    match r.read_frame().unwrap() {
+        Some(Frame::Holding { .. }) => {}
+        f => panic!("{f:?}"),
+    }
+    (r, w)
+}
+
+#[test]
+fn a_live_receiver_refuses_crafted_streams_and_keeps_serving() {
+    use snapfs::sync::wire::{Frame, Record, SnapRef};
+    let mut src = Mount::new();
+    let dir = src.dir.path().to_path_buf();
+    populate(&src.mnt, 61);
+    snapfs(&["snapshot", "create", src.mnt.to_str().unwrap(), "one"]);
+    let secret = "the key of the crafted streams test";
+    let key = key_file(&dir, "key", secret);
+    let replica = dir.join("replica");
+    let server = Server::start(&replica, &key);
+    let url = format!("tcp://{}", server.addr);
+    let sync_tcp = || {
+        snapfs(&[
+            "sync",
+            src.mnt.to_str().unwrap(),
+            &url,
+            "--key-file",
+            key.to_str().unwrap(),
+            "--json",
+        ])
+    };
+    assert!(sync_tcp().status.success());
+    let volume: [u8; 16] = snapfs::store::unhex(&status_line(&src.mnt, "volume:")).unwrap();
+    let begin = |base: &str| Frame::Begin {
+        snapshot: SnapRef {
+            name: "evil".into(),
+            created_sec: 1,
+            created_nsec: 0,
+        },
+        base: Some(base.into()),
+    };
+    let data = vec![9u8; 4096];
+    let hash = *blake3::hash(&data).as_bytes();
+    // A block record naming the extent of `data` (a whole block).
+    let mut block = Vec::new();
+    snapfs::store::schema::BlockRec::whole(hash, 4096).encode(&mut block);
+    let rec = |kind: u8, name: &[u8], payload: Option<Vec<u8>>| Record {
+        ino: 5,
+        kind,
+        sub: 0,
+        name: name.to_vec(),
+        payload,
+    };
+    // Each case: frames after the handshake (None: raw bytes instead), and what the
+    // receiver's Error frame must say.
+    type Case = (Vec<Frame>, Option<Vec<u8>>, &'static str);
+    let mut cases: Vec<Case> = vec![
+        (
+            vec![Frame::Hello {
+                version: 1,
+                volume,
+                block_size: 65536,
+                nonce: [0; 32],
+            }],
+            None,
+            "expected begin or done",
+        ),
+        (vec![begin("no-such-base")], None, "lacks the base snapshot"),
+        (
+            vec![
+                begin("one"),
+                Frame::Records {
+                    batch: 0,
+                    records: vec![rec(2, b"", Some(block.clone()))],
+                },
+            ],
+            None,
+            "",
+        ),
+        (
+            vec![
+                begin("one"),
+                Frame::Records {
+                    batch: 0,
+                    records: vec![],
+                },
+                Frame::Records {
+                    batch: 1,
+                    records: vec![],
+                },
+            ],
+            None,
+            "an empty batch",
+        ),
+        (
+            (0..100)
+                .map(|i| Frame::Plan {
+                    snapshot: SnapRef {
+                        name: format!("p{i}"),
+                        created_sec: 1,
+                        created_nsec: 0,
+                    },
+                    records: 0,
+                    extents: 0,
+                    bytes: 0,
+                    dry_run: false,
+                })
+                .collect(),
+            None,
+            "plans without the snapshots",
+        ),
+        (vec![], Some(vec![0xff; 5]), "frame of 4294967295 bytes"),
+        (vec![], Some(vec![9, 0, 0, 0, 5, 1, 2]), ""),
+    ];
+    // Bad names, each in an entry record (one over 255 bytes no encoder writes: the
+    // decoder's own test has it).
+    for name in [&b"."[..], b"..", b"a/b", b"a\0b"] {
+        cases.push((
+            vec![
+                begin("one"),
+                Frame::Records {
+                    batch: 0,
+                    records: vec![rec(1, name, None)],
+                },
+            ],
+            None,
+            "name",
+        ));
+    }
+    for (i, (frames, raw, want)) in cases.into_iter().enumerate() {
+        let (mut r, mut w) = crafted_session(&server.addr, secret, volume);
+        for f in &frames {
+            w.send(f).unwrap();
+        }
+        if let Some(b) = &raw {
+            use std::io::Write;
+            w.flush().unwrap();
+            let mut c = w.into_inner();
+            c.write_all(b).unwrap();
+            if want.is_empty() {
+                // Cut short, then gone.
+                drop(c);
+                continue;
+            }
+            let said = match r.read_frame() {
+                Ok(Some(Frame::Error { message })) => message,
+                other => panic!("case {i}: {other:?}"),
+            };
+            assert!(said.contains(want), "case {i}: {said}");
+            continue;
+        }
+        w.flush().unwrap();
+        if want.is_empty() {
+            // The extent named is asked for; the bytes sent are not its own.
+            match r.read_frame().unwrap() {
+                Some(Frame::Ack { missing, .. }) => assert_eq!(missing, vec![hash]),
+                f => panic!("case {i}: {f:?}"),
+            }
+            w.send(&Frame::Extent {
+                hash,
+                data: vec![8u8; 4096],
+            })
+            .unwrap();
+            w.flush().unwrap();
+            match r.read_frame() {
+                Ok(Some(Frame::Error { message })) => {
+                    assert!(message.contains("does not match its hash"), "{message}")
+                }
+                other => panic!("case {i}: {other:?}"),
+            }
+            continue;
+        }
+        let said = loop {
+            match r.read_frame() {
+                Ok(Some(Frame::Error { message })) => break message,
+                Ok(Some(Frame::Ack { .. })) => continue,
+                other => panic!("case {i}: {other:?}"),
+            }
+        };
+        assert!(said.contains(want), "case {i}: {said}");
+    }
+    // Unchanged, and still serving.
+    assert_eq!(snapshot_names(&replica), ["one"]);
+    churn(&src.mnt, 62);
+    snapfs(&["snapshot", "create", src.mnt.to_str().unwrap(), "two"]);
+    let out = sync_tcp();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(snapshot_names(&replica), ["one", "two"]);
+    src.unmount();
+}

@@ -30,6 +30,8 @@ use crate::store::{ReadOnlyStore, RecKey, Store, StoreConfig};
 const BATCH_RECORDS: usize = 4096;
 /// Bytes of records per batch, about (a frame may hold 8 MiB).
 const BATCH_BYTES: usize = 1 << 20;
+/// Snapshots a dry run may announce, at most.
+const MAX_PLANS: u64 = 1 << 16;
 /// Bytes of extents a sink receives between durable commits: what an interrupted
 /// session may have to receive again.
 const RESUME_POINT: u64 = 8 << 20;
@@ -672,6 +674,7 @@ fn receive_snapshots<R: Read, W: Write>(
     w.flush()?;
     let mut sum = Summary::default();
     let mut since_durable = 0u64;
+    let mut plans = 0u64;
     loop {
         let (snapshot, base) = match expect(r)? {
             // A dry run changes nothing here.
@@ -697,10 +700,18 @@ fn receive_snapshots<R: Read, W: Write>(
                 })?;
                 break;
             }
-            Frame::Begin { snapshot, base } => (snapshot, base),
-            // What the next snapshot takes (or would, on a dry run): nothing to do.
+            Frame::Begin { snapshot, base } => {
+                plans = 0;
+                (snapshot, base)
+            }
+            // What the next snapshot takes (or would, on a dry run): nothing to do,
+            // but one per snapshot, so that a stream of them cannot hold the session.
             Frame::Plan { dry_run, .. } => {
                 sum.dry_run |= dry_run;
+                plans += 1;
+                if plans > 1 && !sum.dry_run || plans > MAX_PLANS {
+                    return Err(protocol("plans without the snapshots they announce"));
+                }
                 continue;
             }
             f => return Err(protocol(format!("expected begin or done, got {f:?}"))),
@@ -835,6 +846,13 @@ fn receive_snapshots<R: Read, W: Write>(
             if batch != next_batch {
                 return Err(protocol(format!(
                     "batch {batch} came where {next_batch} was due"
+                )));
+            }
+            // Only a snapshot with no change has an empty batch, its only one: a
+            // stream of empty batches would hold the session for nothing.
+            if records.is_empty() && batch != 0 {
+                return Err(protocol(format!(
+                    "an empty batch ({batch}) after the first"
                 )));
             }
             next_batch += 1;
