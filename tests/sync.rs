@@ -495,7 +495,7 @@ fn extents_lost_on_the_replica_ride_on_the_next_push() {
     // One handshake, one snapshot; the lost extents were asked for in the
     // acknowledgements and came in the pushes that followed.
     let count = |what: &str| trace.lines().filter(|l| l.contains(what)).count();
-    assert_eq!(count("frame=\"hello\""), 1, "{trace}");
+    assert_eq!(count("sync: hello"), 1, "{trace}");
     assert_eq!(count("sync: begin"), 1, "{trace}");
     let asked: u64 = trace
         .lines()
@@ -845,10 +845,20 @@ fn the_base_is_held_and_a_deleted_base_still_serves_an_incremental() {
 
 #[test]
 fn a_dry_run_says_what_would_go_and_changes_nothing() {
-    let src = Mount::new();
+    let mut src = Mount::new();
     let replica = src.dir.path().join("replica");
     populate(&src.mnt, 51);
     snapfs(&["snapshot", "create", src.mnt.to_str().unwrap(), "one"]);
+    // To a destination that does not exist yet: it still does not, after.
+    let out = sync(&src.mnt, &replica, &["--dry-run", "--json"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let dry: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(dry["would_send"][0]["snapshot"], "one", "{dry}");
+    assert!(!replica.exists());
     sync_ok(&src.mnt, &replica);
     churn(&src.mnt, 52);
     snapfs(&["snapshot", "create", src.mnt.to_str().unwrap(), "two"]);
@@ -884,6 +894,23 @@ fn a_dry_run_says_what_would_go_and_changes_nothing() {
         real["payload_bytes"].as_u64().unwrap() <= plan[0]["bytes_at_most"].as_u64().unwrap(),
         "{real} {dry}"
     );
+    // With nothing to send, from the store unmounted this time: nothing recorded on
+    // either side.
+    src.unmount();
+    let (sent, received) = (
+        status_line(&src.store, "synced to:"),
+        status_line(&replica, "last received:"),
+    );
+    let out = sync(&src.store, &replica, &["--dry-run", "--json"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let dry: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(dry["would_send"], serde_json::json!([]), "{dry}");
+    assert_eq!(status_line(&src.store, "synced to:"), sent);
+    assert_eq!(status_line(&replica, "last received:"), received);
 }
 
 /// A hand-made source for a `snapfs serve` at `addr`: the keyed handshake done, the
@@ -909,6 +936,7 @@ fn crafted_session(
         volume,
         block_size: 64 * 1024,
         nonce,
+        dry_run: false,
     };
     let hello_body = hello.encode().1;
     w.send(&hello).unwrap();
@@ -985,10 +1013,11 @@ fn a_live_receiver_refuses_crafted_streams_and_keeps_serving() {
     let mut cases: Vec<Case> = vec![
         (
             vec![Frame::Hello {
-                version: 1,
+                version: 2,
                 volume,
                 block_size: 65536,
                 nonce: [0; 32],
+                dry_run: false,
             }],
             None,
             "expected begin or done",
@@ -1031,7 +1060,6 @@ fn a_live_receiver_refuses_crafted_streams_and_keeps_serving() {
                     records: 0,
                     extents: 0,
                     bytes: 0,
-                    dry_run: false,
                 })
                 .collect(),
             None,

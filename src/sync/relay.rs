@@ -317,12 +317,14 @@ fn watch(raw: &RawFrame, up: bool, live: &Live, seen: &Mutex<Observed>) {
             records,
             extents,
             bytes,
-            dry_run,
         } => {
-            tracing::trace!(dir, snapshot = %snapshot.name, records, extents, bytes, dry_run, "sync: plan");
+            tracing::trace!(dir, snapshot = %snapshot.name, records, extents, bytes, "sync: plan");
             live.planned.fetch_add(bytes, Ordering::Relaxed);
-            o.sum.dry_run |= dry_run;
             o.sum.planned.push((snapshot.name, records, extents, bytes));
+        }
+        Frame::Hello { dry_run, .. } => {
+            tracing::trace!(dir, dry_run, "sync: hello");
+            o.sum.dry_run = dry_run;
         }
         Frame::Begin { snapshot, base } => {
             tracing::trace!(dir, snapshot = %snapshot.name, base = ?base, "sync: begin");
@@ -359,7 +361,6 @@ fn watch(raw: &RawFrame, up: bool, live: &Live, seen: &Mutex<Observed>) {
 
 fn frame_name(f: &Frame) -> &'static str {
     match f {
-        Frame::Hello { .. } => "hello",
         Frame::Welcome { .. } => "welcome",
         Frame::Proof { .. } => "proof",
         Frame::Holding { .. } => "holding",
@@ -383,7 +384,7 @@ fn show(live: &Live, stop: std::sync::mpsc::Receiver<()>) {
         let payload = live.payload.load(Ordering::Relaxed);
         let secs = t0.elapsed().as_secs_f64().max(1e-3);
         format!(
-            "{}: {} snapshots committed, {} of at most {} sent ({}/s), {} on the wire",
+            "{}: {} snapshots committed, {} of about {} sent ({}/s), {} on the wire",
             live.snapshot.lock().unwrap_or_else(|p| p.into_inner()),
             live.committed.load(Ordering::Relaxed),
             indicatif::HumanBytes(payload),

@@ -270,6 +270,7 @@ fn send_inner<R: Read, W: Write>(
         volume,
         block_size,
         nonce,
+        dry_run,
     };
     let hello_body = hello.encode().1;
     w.send(&hello)?;
@@ -383,33 +384,41 @@ fn send_inner<R: Read, W: Write>(
                 })?
             }
         }
-        // What it takes: the plan comes first (the progress shown), or alone.
-        let mut named: HashSet<[u8; 32]> = HashSet::new();
-        for rec in &records {
-            if let (KIND_BLOCK, Some(p)) = (rec.kind, &rec.payload) {
-                named.extend(BlockRec::decode(p)?.extents().copied());
+        // What it takes: the plan comes first (the progress shown), or alone. A dry
+        // run counts each extent once, at the cost of a set and a lookup each; a
+        // real one adds up what the block records name.
+        let (mut n, mut bytes) = (0u64, 0u64);
+        if dry_run {
+            let mut named: HashSet<[u8; 32]> = HashSet::new();
+            for rec in &records {
+                if let (KIND_BLOCK, Some(p)) = (rec.kind, &rec.payload) {
+                    named.extend(BlockRec::decode(p)?.extents().copied());
+                }
             }
-        }
-        let mut bytes = 0u64;
-        for h in &named {
-            if let Some(row) = extents.get(*h)? {
-                bytes += ExtentRec::decode(h, row.value())?.len as u64;
+            for h in &named {
+                if let Some(row) = extents.get(*h)? {
+                    bytes += ExtentRec::decode(h, row.value())?.len as u64;
+                }
+            }
+            n = named.len() as u64;
+        } else {
+            for rec in &records {
+                if let (KIND_BLOCK, Some(p)) = (rec.kind, &rec.payload) {
+                    let b = BlockRec::decode(p)?;
+                    n += b.extents().count() as u64;
+                    bytes += b.stored_bytes();
+                }
             }
         }
         w.send(&Frame::Plan {
             snapshot: snap_ref(name, rec),
             records: records.len() as u64,
-            extents: named.len() as u64,
+            extents: n,
             bytes,
-            dry_run,
         })?;
         if dry_run {
-            sum.planned.push((
-                name.clone(),
-                records.len() as u64,
-                named.len() as u64,
-                bytes,
-            ));
+            sum.planned
+                .push((name.clone(), records.len() as u64, n, bytes));
             base = Some(i);
             continue;
         }
@@ -557,19 +566,20 @@ fn receive_inner<R: Read, W: Write>(
 ) -> Result<Summary, SyncError> {
     let hello = expect(r)?;
     let hello_body = hello.encode().1;
-    let (volume, block_size, their_nonce) = match hello {
+    let (volume, block_size, their_nonce, dry_run) = match hello {
         Frame::Hello {
             version,
             volume,
             block_size,
             nonce,
+            dry_run,
         } => {
             if version != VERSION {
                 return Err(protocol(format!(
                     "the source speaks sync version {version}, this snapfs {VERSION}"
                 )));
             }
-            (volume, block_size, nonce)
+            (volume, block_size, nonce, dry_run)
         }
         f => return Err(protocol(format!("expected hello, got {f:?}"))),
     };
@@ -600,6 +610,15 @@ fn receive_inner<R: Read, W: Write>(
     }
     let cfg = StoreConfig { block_size };
     let fresh = !Store::exists(dest);
+    if dry_run && fresh {
+        // Nothing is made for a dry run: a destination to be holds nothing.
+        w.send(&Frame::Holding {
+            volume: [0; 16],
+            snapshots: Vec::new(),
+        })?;
+        w.flush()?;
+        return dry_session(r);
+    }
     let mut store = retry_locked(|| Store::open(dest, Some(&cfg)))?;
     // What a rollback to the base takes out of a part-applied live tree stays, for
     // this session to take again instead of receiving it again.
@@ -631,8 +650,18 @@ fn receive_inner<R: Read, W: Write>(
                     "the destination has snapshots of its own: it is not a replica",
                 ));
             }
-            store.write(true, |w| Ok(w.set_replica_of(&volume)?))?;
+            if !dry_run {
+                store.write(true, |w| Ok(w.set_replica_of(&volume)?))?;
+            }
         }
+    }
+    if dry_run {
+        w.send(&Frame::Holding {
+            volume: store.volume_id,
+            snapshots: held_snapshots(&store)?,
+        })?;
+        w.flush()?;
+        return dry_session(r);
     }
     let res = receive_snapshots(&mut store, r, w);
     if res.is_err() {
@@ -662,14 +691,9 @@ fn receive_snapshots<R: Read, W: Write>(
     let mut repair_asked: HashSet<[u8; 32]> = HashSet::new();
     // Stored extents the batches named whose copy was read back and found good.
     let mut verified: HashSet<[u8; 32]> = HashSet::new();
-    let held: Vec<SnapRef> = store
-        .snapshot_list(false)?
-        .iter()
-        .map(|(n, rec)| snap_ref(n, rec))
-        .collect();
     w.send(&Frame::Holding {
         volume: store.volume_id,
-        snapshots: held,
+        snapshots: held_snapshots(store)?,
     })?;
     w.flush()?;
     let mut sum = Summary::default();
@@ -677,8 +701,6 @@ fn receive_snapshots<R: Read, W: Write>(
     let mut plans = 0u64;
     loop {
         let (snapshot, base) = match expect(r)? {
-            // A dry run changes nothing here.
-            Frame::Done if sum.dry_run => break,
             Frame::Done => {
                 // Received extents no snapshot took (kept by interrupted sessions for
                 // snapshots that never came) go now.
@@ -704,12 +726,11 @@ fn receive_snapshots<R: Read, W: Write>(
                 plans = 0;
                 (snapshot, base)
             }
-            // What the next snapshot takes (or would, on a dry run): nothing to do,
-            // but one per snapshot, so that a stream of them cannot hold the session.
-            Frame::Plan { dry_run, .. } => {
-                sum.dry_run |= dry_run;
+            // What the next snapshot takes: nothing to do, but one per snapshot, so
+            // that a stream of them cannot hold the session.
+            Frame::Plan { .. } => {
                 plans += 1;
-                if plans > 1 && !sum.dry_run || plans > MAX_PLANS {
+                if plans > 1 {
                     return Err(protocol("plans without the snapshots they announce"));
                 }
                 continue;
@@ -951,6 +972,32 @@ fn receive_snapshots<R: Read, W: Write>(
     Ok(sum)
 }
 
+/// The snapshots of the source's volume `store` holds, as `Holding` names them.
+fn held_snapshots(store: &Store) -> Result<Vec<SnapRef>, SyncError> {
+    Ok(store
+        .snapshot_list(false)?
+        .iter()
+        .map(|(n, rec)| snap_ref(n, rec))
+        .collect())
+}
+
+/// The rest of a dry run, after `Holding`: plans, then `Done`; nothing changes.
+fn dry_session<R: Read>(r: &mut FrameReader<R>) -> Result<Summary, SyncError> {
+    let mut plans = 0u64;
+    loop {
+        match expect(r)? {
+            Frame::Plan { .. } if plans < MAX_PLANS => plans += 1,
+            Frame::Plan { .. } => return Err(protocol("more plans than a dry run may have")),
+            Frame::Done => break,
+            f => return Err(protocol(format!("a dry run sends plans only, not {f:?}"))),
+        }
+    }
+    Ok(Summary {
+        dry_run: true,
+        ..Summary::default()
+    })
+}
+
 /// Checks a received record as the store will read it: its key in range and its
 /// payload decoding as its kind's must, naming inodes in range.
 fn check_record(rec: &Record) -> Result<(), String> {
@@ -1082,6 +1129,7 @@ mod hostile_tests {
                 volume,
                 block_size: 64 * 1024,
                 nonce: [1; 32],
+                dry_run: false,
             },
             Frame::Proof { proof: [0; 32] },
         ]

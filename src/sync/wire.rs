@@ -15,7 +15,7 @@
 use std::io::{Read, Write};
 
 /// The protocol version this build speaks.
-pub const VERSION: u32 = 1;
+pub const VERSION: u32 = 2;
 
 /// Opens every `Hello`, so that a peer that is not snapfs is told apart at once.
 pub const MAGIC: &[u8; 8] = b"snapfsyn";
@@ -113,6 +113,9 @@ pub enum Frame {
         block_size: u32,
         /// Random bytes the destination answers with a proof of the key.
         nonce: [u8; 32],
+        /// Only plans follow: the destination changes nothing (made, if missing,
+        /// neither).
+        dry_run: bool,
     },
     /// Destination to source: its answer to `Hello`.
     Welcome {
@@ -144,12 +147,11 @@ pub enum Frame {
         snapshot: SnapRef,
         /// Records that differ from the base.
         records: u64,
-        /// Extents those records name, each once.
+        /// Extents those records name: each once on a dry run; otherwise each
+        /// naming (an estimate, for progress).
         extents: u64,
-        /// Their bytes: the most the snapshot's extents can take.
+        /// Their bytes, counted the same way.
         bytes: u64,
-        /// Nothing will be sent: the session only says what it would send.
-        dry_run: bool,
     },
     /// Source: a snapshot follows, as an incremental from `base` (or whole).
     Begin {
@@ -242,12 +244,14 @@ impl Frame {
                 volume,
                 block_size,
                 nonce,
+                dry_run,
             } => {
                 b.extend_from_slice(MAGIC);
                 b.extend_from_slice(&version.to_le_bytes());
                 b.extend_from_slice(volume);
                 b.extend_from_slice(&block_size.to_le_bytes());
                 b.extend_from_slice(nonce);
+                b.push(*dry_run as u8);
             }
             Frame::Welcome {
                 version,
@@ -271,13 +275,11 @@ impl Frame {
                 records,
                 extents,
                 bytes,
-                dry_run,
             } => {
                 put_snap(&mut b, snapshot);
                 b.extend_from_slice(&records.to_le_bytes());
                 b.extend_from_slice(&extents.to_le_bytes());
                 b.extend_from_slice(&bytes.to_le_bytes());
-                b.push(*dry_run as u8);
             }
             Frame::Begin { snapshot, base } => {
                 put_snap(&mut b, snapshot);
@@ -346,6 +348,11 @@ impl Frame {
                     volume: r.array(W)?,
                     block_size: r.u32(W)?,
                     nonce: r.array(W)?,
+                    dry_run: match r.u8(W)? {
+                        0 => false,
+                        1 => true,
+                        x => return Err(bad(W, format!("dry-run flag {x}"))),
+                    },
                 }
             }
             T_WELCOME => {
@@ -434,11 +441,6 @@ impl Frame {
                     records: r.u64(W)?,
                     extents: r.u64(W)?,
                     bytes: r.u64(W)?,
-                    dry_run: match r.u8(W)? {
-                        0 => false,
-                        1 => true,
-                        x => return Err(bad(W, format!("dry-run flag {x}"))),
-                    },
                 }
             }
             t => return Err(WireError::Type(t)),
@@ -872,6 +874,7 @@ mod tests {
                 volume: r.array(),
                 block_size: r.next() as u32,
                 nonce: r.array(),
+                dry_run: r.below(2) == 0,
             },
             1 if r.below(2) == 0 => Frame::Welcome {
                 version: 1,
@@ -928,7 +931,6 @@ mod tests {
                 records: r.next(),
                 extents: r.next(),
                 bytes: r.next(),
-                dry_run: r.below(2) == 0,
             },
             _ => Frame::Done,
         }
