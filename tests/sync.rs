@@ -529,6 +529,17 @@ fn extents_lost_on_the_replica_ride_on_the_next_push() {
     assert_eq!(snapshot_trees(&src), snapshot_trees(&dest));
 }
 
+/// `mib` MiB of files of 64 MiB under `dir`, `f0`, `f1`..., from seeds `seed`...
+fn write_files(dir: &Path, mib: usize, seed: u64) {
+    for i in 0..mib / 64 {
+        std::fs::write(
+            dir.join(format!("f{i}")),
+            pattern(seed + i as u64, 64 << 20),
+        )
+        .unwrap();
+    }
+}
+
 /// The number in environment variable `name`, or `default`.
 fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
     std::env::var(name)
@@ -569,13 +580,7 @@ fn an_interrupted_sync_resumes_without_a_partial_snapshot() {
     let cuts: u64 = env_or("SNAPFS_TEST_SYNC_CUTS", 20);
     let mut src = Mount::new();
     let dir = src.dir.path().to_path_buf();
-    for i in 0..mib / 64 {
-        std::fs::write(
-            src.path(&format!("f{i}")),
-            pattern(1000 + i as u64, 64 << 20),
-        )
-        .unwrap();
-    }
+    write_files(&src.mnt, mib, 1000);
     snapfs(&["snapshot", "create", src.mnt.to_str().unwrap(), "big"]);
     src.unmount();
     let key = key_file(&dir, "key", "a key for the interrupted replica");
@@ -683,14 +688,9 @@ fn dedup_holds_on_the_wire() {
     let mut src = Mount::new();
     let dir = src.dir.path().to_path_buf();
     for copy in 0..4 {
-        std::fs::create_dir(src.path(&format!("copy{copy}"))).unwrap();
-        for i in 0..mib / 64 {
-            std::fs::write(
-                src.path(&format!("copy{copy}/f{i}")),
-                pattern(500 + i as u64, 64 << 20),
-            )
-            .unwrap();
-        }
+        let d = src.path(&format!("copy{copy}"));
+        std::fs::create_dir(&d).unwrap();
+        write_files(&d, mib, 500);
     }
     snapfs(&["snapshot", "create", src.mnt.to_str().unwrap(), "one"]);
     // 10 MiB changed: 1 MiB in each of ten files of the first copy.
