@@ -230,6 +230,27 @@ fn over_tcp_the_key_is_proven_and_the_server_survives_bad_peers() {
     let out = to(&open);
     assert!(String::from_utf8_lossy(&out.stderr).contains("lets others read it"));
 
+    // A peer that trickles its handshake a byte at a time, for longer than a
+    // session may wait: the server closes it once its time to prove the key is up
+    // (10 s), and serves the next.
+    let trickle = {
+        let addr = server.addr.clone();
+        std::thread::spawn(move || {
+            use std::io::Write;
+            let mut c = std::net::TcpStream::connect(&addr).unwrap();
+            let t0 = std::time::Instant::now();
+            // A frame of 70 bytes (a Hello's length), then its bytes, slowly.
+            c.write_all(&70u32.to_le_bytes()).unwrap();
+            while t0.elapsed().as_secs() < 90 {
+                if c.write_all(&[1]).is_err() {
+                    return t0.elapsed();
+                }
+                std::thread::sleep(std::time::Duration::from_millis(500));
+            }
+            t0.elapsed()
+        })
+    };
+    std::thread::sleep(std::time::Duration::from_millis(300));
     let out = to(&key);
     assert!(
         out.status.success(),
@@ -238,6 +259,11 @@ fn over_tcp_the_key_is_proven_and_the_server_survives_bad_peers() {
     );
     let sum: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(sum["snapshots"], serde_json::json!(["a", "b"]), "{sum}");
+    let held = trickle.join().unwrap();
+    assert!(
+        held.as_secs() < 30,
+        "the trickling peer was served {held:?}"
+    );
     drop(server);
 
     src.mount(&[]);

@@ -550,10 +550,22 @@ fn send_inner<R: Read, W: Write>(
 pub fn receive<R: Read, W: Write>(
     dest: &Path,
     key: Option<[u8; 32]>,
+    r: FrameReader<R>,
+    w: FrameWriter<W>,
+) -> Result<Summary, SyncError> {
+    receive_watched(dest, key, r, w, None)
+}
+
+/// [`receive`], setting `proven` once the source has proven the key (a watchdog
+/// ends a connection that has not done so in time).
+pub fn receive_watched<R: Read, W: Write>(
+    dest: &Path,
+    key: Option<[u8; 32]>,
     mut r: FrameReader<R>,
     mut w: FrameWriter<W>,
+    proven: Option<&std::sync::atomic::AtomicBool>,
 ) -> Result<Summary, SyncError> {
-    let res = receive_inner(dest, key, &mut r, &mut w);
+    let res = receive_inner(dest, key, &mut r, &mut w, proven);
     tell_peer(&mut w, &res);
     res
 }
@@ -563,6 +575,7 @@ fn receive_inner<R: Read, W: Write>(
     key: Option<[u8; 32]>,
     r: &mut FrameReader<R>,
     w: &mut FrameWriter<W>,
+    proven: Option<&std::sync::atomic::AtomicBool>,
 ) -> Result<Summary, SyncError> {
     let hello = expect(r)?;
     let hello_body = hello.encode().1;
@@ -602,6 +615,9 @@ fn receive_inner<R: Read, W: Write>(
         let sk = session_key(&k, &their_nonce, &nonce);
         w.set_key(sk);
         r.set_key(sk);
+    }
+    if let Some(p) = proven {
+        p.store(true, std::sync::atomic::Ordering::SeqCst);
     }
     if !block_size.is_power_of_two() || !(4096..=1 << 20).contains(&block_size) {
         return Err(protocol(format!(

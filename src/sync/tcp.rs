@@ -6,14 +6,21 @@
 use std::io::{BufReader, BufWriter};
 use std::net::{TcpListener, TcpStream, ToSocketAddrs};
 use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use super::relay::{End, Sink};
-use super::session::{SyncError, receive};
+use super::session::{SyncError, receive_watched};
 use super::wire::{FrameReader, FrameWriter, WireError, key_from_file_bytes};
 
 /// How long a peer may stay silent before its session ends.
 pub const IDLE: Duration = Duration::from_secs(120);
+
+/// How long a peer has to prove the key before its connection is closed: sessions
+/// are served one at a time, so a peer that trickles its handshake must not hold
+/// the others off.
+pub const HANDSHAKE: Duration = Duration::from_secs(10);
 
 /// The address `serve` listens on unless told: loopback only.
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:7870";
@@ -51,6 +58,30 @@ pub fn serve(
     let l = TcpListener::bind(listen)
         .map_err(|e| SyncError::Protocol(format!("cannot listen on {listen}: {e}")))?;
     ready(l.local_addr().map_err(io)?);
+    // The connection being served, its deadline to prove the key, and whether it
+    // has: one watchdog closes it when the deadline passes first.
+    type Watched = Option<(TcpStream, std::time::Instant, Arc<AtomicBool>)>;
+    let watched: Arc<Mutex<Watched>> = Arc::new(Mutex::new(None));
+    {
+        let watched = watched.clone();
+        std::thread::Builder::new()
+            .name("serve-watchdog".into())
+            .spawn(move || {
+                loop {
+                    std::thread::sleep(Duration::from_millis(250));
+                    let mut w = watched.lock().unwrap_or_else(|p| p.into_inner());
+                    if let Some((conn, deadline, proven)) = w.as_ref()
+                        && !proven.load(Ordering::SeqCst)
+                        && std::time::Instant::now() >= *deadline
+                    {
+                        tracing::warn!("sync: a peer did not prove the key in time");
+                        let _ = conn.shutdown(std::net::Shutdown::Both);
+                        *w = None;
+                    }
+                }
+            })
+            .map_err(io)?;
+    }
     let mut backoff = Duration::from_millis(10);
     loop {
         let (conn, peer) = match l.accept() {
@@ -66,7 +97,14 @@ pub fn serve(
                 continue;
             }
         };
-        let res = framed(conn).and_then(|(r, w)| receive(store, Some(key), r, w));
+        let proven = Arc::new(AtomicBool::new(false));
+        if let Ok(c) = conn.try_clone() {
+            *watched.lock().unwrap_or_else(|p| p.into_inner()) =
+                Some((c, std::time::Instant::now() + HANDSHAKE, proven.clone()));
+        }
+        let res =
+            framed(conn).and_then(|(r, w)| receive_watched(store, Some(key), r, w, Some(&proven)));
+        *watched.lock().unwrap_or_else(|p| p.into_inner()) = None;
         match res {
             Ok(sum) => tracing::info!(%peer, snapshots = ?sum.snapshots, "sync: received"),
             Err(e) => tracing::warn!(%peer, error = %e, "sync: session failed"),
