@@ -382,14 +382,22 @@ fn show(live: &Live, stop: std::sync::mpsc::Receiver<()>) {
     let t0 = Instant::now();
     let line = |live: &Live| {
         let payload = live.payload.load(Ordering::Relaxed);
+        let planned = live.planned.load(Ordering::Relaxed);
         let secs = t0.elapsed().as_secs_f64().max(1e-3);
+        let rate = payload as f64 / secs;
+        // From the plans: the dedup on the way can only make it shorter.
+        let eta = if rate > 0.0 && planned > payload {
+            format!(", about {:.0} s left", (planned - payload) as f64 / rate)
+        } else {
+            String::new()
+        };
         format!(
-            "{}: {} snapshots committed, {} of about {} sent ({}/s), {} on the wire",
+            "{}: {} snapshots committed, {} of about {} sent ({}/s{eta}), {} on the wire",
             live.snapshot.lock().unwrap_or_else(|p| p.into_inner()),
             live.committed.load(Ordering::Relaxed),
             indicatif::HumanBytes(payload),
-            indicatif::HumanBytes(live.planned.load(Ordering::Relaxed)),
-            indicatif::HumanBytes((payload as f64 / secs) as u64),
+            indicatif::HumanBytes(planned),
+            indicatif::HumanBytes(rate as u64),
             indicatif::HumanBytes(live.wire.load(Ordering::Relaxed)),
         )
     };
