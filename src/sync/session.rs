@@ -791,6 +791,8 @@ fn receive_snapshots<R: Read, W: Write>(
         let mut pending: Option<Vec<Record>> = None;
         let mut wanted: HashSet<[u8; 32]> = HashSet::new();
         let mut next_batch = 0u64;
+        // The inodes the entries this snapshot changed point at: each must exist.
+        let mut named_inodes: HashSet<u64> = HashSet::new();
         loop {
             let next = match expect(r)? {
                 Frame::Extent { hash, data } => {
@@ -876,6 +878,11 @@ fn receive_snapshots<R: Read, W: Write>(
                     Ok(())
                 })?;
                 sum.records += recs.len() as u64;
+                for rec in &recs {
+                    if let (KIND_DIRENT, Some(p)) = (rec.kind, &rec.payload) {
+                        named_inodes.insert(DirentRec::decode(p)?.ino);
+                    }
+                }
             }
             let Some((batch, records)) = next else {
                 break;
@@ -967,6 +974,16 @@ fn receive_snapshots<R: Read, W: Write>(
                 "snapshot {:?} has no root directory",
                 snapshot.name
             )));
+        }
+        // No entry the snapshot changed may point at an inode it lacks (one it left
+        // alone pointed at one the base had).
+        for ino in named_inodes {
+            if store.live_inode(ino)?.is_none() {
+                return Err(protocol(format!(
+                    "snapshot {:?} has an entry naming inode {ino}, which it lacks",
+                    snapshot.name
+                )));
+            }
         }
         // The barrier: everything the snapshot names is stored; one durable commit
         // takes it (segments are synced first).
@@ -1224,6 +1241,39 @@ mod hostile_tests {
         let e = feed(&dest, [7; 16], &[begin("s", None), Frame::Barrier]).unwrap_err();
         assert!(e.contains("no root directory"), "{e}");
         assert!(snapshots(&dest).is_empty());
+    }
+
+    #[test]
+    fn an_entry_naming_an_inode_the_snapshot_lacks_is_refused() {
+        let (_d, dest, vol) = replica();
+        let mut p = Vec::new();
+        DirentRec {
+            ino: 77,
+            kind: FileKind::File,
+        }
+        .encode(&mut p);
+        let dangling = Record {
+            ino: ROOT_INO,
+            kind: KIND_DIRENT,
+            sub: 0,
+            name: b"x".to_vec(),
+            payload: Some(p),
+        };
+        let e = feed(
+            &dest,
+            vol,
+            &[
+                begin("s2", Some("base")),
+                Frame::Records {
+                    batch: 0,
+                    records: vec![dangling],
+                },
+                Frame::Barrier,
+            ],
+        )
+        .unwrap_err();
+        assert!(e.contains("naming inode 77, which it lacks"), "{e}");
+        assert_eq!(snapshots(&dest), ["base"]);
     }
 
     #[test]
