@@ -92,15 +92,8 @@ fn a_full_sync_then_incrementals_make_identical_snapshots() {
     src.unmount();
     // status names the relationship: the replica's source is the source's volume.
     let line = |store: &Path, key: &str| -> String {
-        let out = snapfs(&["status", store.to_str().unwrap()]);
-        let text = String::from_utf8_lossy(&out.stdout).into_owned();
-        text.lines()
-            .find_map(|l| l.strip_prefix(key))
-            .unwrap_or_else(|| panic!("no {key:?} in {text}"))
-            .split_whitespace()
-            .next()
-            .unwrap()
-            .to_string()
+        let v = status_line(store, key);
+        v.split_whitespace().next().unwrap().to_string()
     };
     assert_eq!(
         line(&dest_store, "replica of:"),

@@ -355,17 +355,7 @@ fn watch(raw: &RawFrame, up: bool, live: &Live, seen: &Mutex<Observed>) {
             };
             slot.get_or_insert(message);
         }
-        f => tracing::trace!(dir, frame = frame_name(&f), "sync: frame"),
-    }
-}
-
-fn frame_name(f: &Frame) -> &'static str {
-    match f {
-        Frame::Welcome { .. } => "welcome",
-        Frame::Proof { .. } => "proof",
-        Frame::Holding { .. } => "holding",
-        Frame::Barrier => "barrier",
-        _ => "other",
+        _ => tracing::trace!(dir, frame = super::wire::type_name(raw.t), "sync: frame"),
     }
 }
 

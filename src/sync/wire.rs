@@ -455,7 +455,8 @@ impl Frame {
     }
 }
 
-fn type_name(t: u8) -> &'static str {
+/// The name of frame type `t`, for messages and traces.
+pub fn type_name(t: u8) -> &'static str {
     match t {
         T_HELLO => "hello",
         T_WELCOME => "welcome",
