@@ -85,6 +85,9 @@ pub enum Request {
         /// The session's shared key, hex, on a keyed session (TCP).
         key: Option<String>,
     },
+    /// Be the destination of a sync session (a mounted replica): after the answer
+    /// line, the connection carries the session's frames.
+    Receive,
 }
 
 impl Request {
@@ -123,6 +126,7 @@ impl Request {
             Request::SnapshotPrune { .. } => "snapshot prune",
             Request::Diff { .. } => "diff",
             Request::Send { .. } => "send",
+            Request::Receive => "receive",
         }
     }
 }

@@ -388,7 +388,7 @@ impl Inner {
         data: &[u8],
         digests: &[Digest],
     ) -> FsResult<u32> {
-        let ino = live(ino)?;
+        let ino = self.live(ino)?;
         let append = matches!(
             self.handles.get(&fh),
             Some(Handle::File { append: true, .. })
@@ -695,7 +695,7 @@ impl Inner {
     /// fallocate: mode 0 and KEEP_SIZE reserve nothing (extents are written on demand)
     /// but extend the size; PUNCH_HOLE and ZERO_RANGE turn the range into zeros.
     pub fn fallocate(&mut self, ino: u64, offset: u64, len: u64, mode: i32) -> FsResult<()> {
-        let ino = live(ino)?;
+        let ino = self.live(ino)?;
         let keep = mode & libc::FALLOC_FL_KEEP_SIZE != 0;
         let punch = mode & libc::FALLOC_FL_PUNCH_HOLE != 0;
         let zero = mode & libc::FALLOC_FL_ZERO_RANGE != 0;
@@ -826,7 +826,7 @@ impl Inner {
     ) -> FsResult<u64> {
         // The source may be a file in a snapshot: restoring from one shares its extents.
         let (sepoch, sino) = self.at(src)?;
-        let dst = live(dst)?;
+        let dst = self.live(dst)?;
         let srec = self.inode_at(sepoch, sino)?;
         let drec = self.inode(dst)?;
         if srec.kind != FileKind::File || drec.kind != FileKind::File {

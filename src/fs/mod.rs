@@ -60,13 +60,6 @@ pub fn snap_ino(epoch: u64, ino: u64) -> u64 {
     (epoch << EPOCH_SHIFT) | ino
 }
 
-/// The live inode behind `fino`, or EROFS for anything under `.snapshots`.
-fn live(fino: u64) -> FsResult<u64> {
-    match node(fino) {
-        Node::Live(ino) => Ok(ino),
-        _ => err(libc::EROFS),
-    }
-}
 /// Most hard links one inode may have (as ext4).
 pub const LINK_MAX: u32 = 65000;
 pub use crate::store::schema::NAME_MAX;
@@ -211,6 +204,8 @@ enum Handle {
     SnapFile {
         epoch: u64,
     },
+    /// A file of a replica's tree (its newest snapshot).
+    Frozen,
     Dir {
         entries: Vec<DirEntry>,
     },
@@ -237,6 +232,10 @@ pub struct Inner {
     pub kernel_times: bool,
     /// A deleted snapshot's versions are still to be dropped (a durable tick retries).
     deletions_pending: bool,
+    /// On a mounted replica, the epoch of the snapshot its tree shows (0 before the
+    /// first has come); `None` on a writable volume. The live tree of a replica is
+    /// where the snapshots being received are staged, and is never shown.
+    replica_view: Option<u64>,
 }
 
 /// Tells the kernel to forget cached state (set by the daemon; absent in tests of the
@@ -295,6 +294,7 @@ impl Fs {
             keep: None,
             kernel_times: false,
             deletions_pending: false,
+            replica_view: None,
         };
         inner.ensure_root()?;
         inner.reap_orphans()?;
@@ -400,25 +400,23 @@ impl Inner {
             return Ok(());
         }
         drop(root);
-        let now = Ts::now();
-        // SAFETY: getuid/getgid cannot fail.
-        let (uid, gid) = unsafe { (libc::getuid(), libc::getgid()) };
-        let rec = InodeRec {
-            kind: FileKind::Dir,
-            perm: 0o755,
-            uid,
-            gid,
-            nlink: 2,
-            size: 0,
-            atime: now,
-            mtime: now,
-            ctime: now,
-            crtime: now,
-            rdev: 0,
-            parent: ROOT_INO,
-            target: Vec::new(),
-        };
+        let rec = fresh_root(Ts::now());
         self.store.write(true, |w| put_inode(w, ROOT_INO, &rec))
+    }
+
+    /// The live inode behind `fino`, to be changed: EROFS for anything under
+    /// `.snapshots`, and for everything on a replica (its tree is its newest snapshot).
+    fn live(&self, fino: u64) -> FsResult<u64> {
+        match node(fino) {
+            Node::Live(ino) if self.replica_view.is_none() => Ok(ino),
+            _ => err(libc::EROFS),
+        }
+    }
+
+    /// The epoch the tree at the mount's root shows: the live epoch, or on a replica
+    /// its newest snapshot (0 before the first has come: an empty root).
+    fn tree_epoch(&self) -> u64 {
+        self.replica_view.unwrap_or(self.store.live_epoch)
     }
 
     /// Frees inodes left unlinked-but-open by a daemon that stopped.
@@ -459,7 +457,7 @@ impl Inner {
     /// The epoch and live inode behind kernel inode `fino` (`.snapshots` has none).
     fn at(&self, fino: u64) -> FsResult<(u64, u64)> {
         match node(fino) {
-            Node::Live(ino) => Ok((self.store.live_epoch, ino)),
+            Node::Live(ino) => Ok((self.tree_epoch(), ino)),
             Node::Snap { epoch, ino } => Ok((epoch, ino)),
             Node::SnapDir => err(libc::EISDIR),
         }
@@ -469,6 +467,10 @@ impl Inner {
     fn inode_at(&mut self, epoch: u64, ino: u64) -> FsResult<InodeRec> {
         if epoch == self.store.live_epoch {
             return self.inode(ino);
+        }
+        if epoch == 0 && ino == ROOT_INO {
+            // A replica before its first snapshot: an empty root.
+            return Ok(fresh_root(Ts { sec: 0, nsec: 0 }));
         }
         let txn = self.store.read_txn()?;
         let t = txn.versions();
@@ -490,7 +492,7 @@ impl Inner {
     pub fn getattr(&mut self, fino: u64) -> FsResult<Attr> {
         match node(fino) {
             Node::Live(ino) => {
-                let rec = self.inode(ino)?;
+                let rec = self.inode_at(self.tree_epoch(), ino)?;
                 Ok(self.attr(ino, rec))
             }
             Node::SnapDir => self.snapdir_attr(),
@@ -508,7 +510,7 @@ impl Inner {
         }
         let (epoch, dir) = match node(parent) {
             Node::Live(ROOT_INO) if name == SNAPDIR_NAME => return self.snapdir_attr(),
-            Node::Live(ino) => (self.store.live_epoch, ino),
+            Node::Live(ino) => (self.tree_epoch(), ino),
             Node::SnapDir => {
                 let s = self
                     .snapshot_named(name)?
@@ -523,7 +525,7 @@ impl Inner {
         let ent = self
             .entry_at(epoch, dir, name)?
             .ok_or(FsError::Errno(libc::ENOENT))?;
-        if epoch == self.store.live_epoch {
+        if epoch == self.tree_epoch() {
             self.getattr(ent.ino)
         } else {
             self.getattr(snap_ino(epoch, ent.ino))
@@ -554,7 +556,7 @@ impl Inner {
     /// unless the same call sets the mode. Set-group-id without group execute survives
     /// a chown only by a caller in the file's group or holding CAP_FSETID, as in Linux.
     pub fn setattr(&mut self, ino: u64, caller: Caller, set: SetAttr) -> FsResult<Attr> {
-        let ino = live(ino)?;
+        let ino = self.live(ino)?;
         let mut kill = 0;
         if set.mode.is_none() && (set.size.is_some() || set.uid.is_some() || set.gid.is_some()) {
             let rec = self.inode(ino)?;
@@ -640,7 +642,7 @@ impl Inner {
     /// by a caller without CAP_FSETID (`None`: the kernel flagged the write; see
     /// [`Inner::setattr`]).
     pub fn drop_setid(&mut self, ino: u64, caller: Option<Caller>) -> FsResult<()> {
-        let ino = live(ino)?;
+        let ino = self.live(ino)?;
         let kill = killed_setid(self.inode(ino)?.perm);
         if kill != 0 && !caller.is_some_and(|c| c.has_fsetid()) {
             self.modify_inode(ino, |r| {
@@ -683,7 +685,7 @@ impl Inner {
             let epoch = self.snapshot_create(name, Ts::now())?;
             return self.getattr(snap_ino(epoch, ROOT_INO));
         }
-        let parent = live(parent)?;
+        let parent = self.live(parent)?;
         if parent == ROOT_INO && name == SNAPDIR_NAME {
             return err(libc::EEXIST);
         }
@@ -795,7 +797,7 @@ impl Inner {
     /// Makes a hard link to `ino` as `parent/name`.
     pub fn link(&mut self, ino: u64, parent: u64, name: &[u8]) -> FsResult<Attr> {
         check_name(name)?;
-        let (ino, parent) = (live(ino)?, live(parent)?);
+        let (ino, parent) = (self.live(ino)?, self.live(parent)?);
         if parent == ROOT_INO && name == SNAPDIR_NAME {
             return err(libc::EEXIST);
         }
@@ -887,7 +889,7 @@ impl Inner {
         if node(parent) == Node::SnapDir && dir {
             return self.snapshot_delete(name);
         }
-        let parent = live(parent)?;
+        let parent = self.live(parent)?;
         if parent == ROOT_INO && name == SNAPDIR_NAME {
             return err(libc::EROFS);
         }
@@ -951,7 +953,7 @@ impl Inner {
         if name.len() > NAME_MAX {
             return err(libc::ENAMETOOLONG);
         }
-        let (parent, newparent) = (live(parent)?, live(newparent)?);
+        let (parent, newparent) = (self.live(parent)?, self.live(newparent)?);
         if (parent == ROOT_INO && name == SNAPDIR_NAME)
             || (newparent == ROOT_INO && newname == SNAPDIR_NAME)
         {
@@ -1137,6 +1139,14 @@ impl Inner {
         let fh = self.next_fh;
         self.next_fh += 1;
         let ino = match node(fino) {
+            Node::Live(_) if self.replica_view.is_some() => {
+                if flags & libc::O_ACCMODE != libc::O_RDONLY || flags & libc::O_TRUNC != 0 {
+                    return err(libc::EROFS);
+                }
+                // Read through whatever the tree shows: nothing to account.
+                self.handles.insert(fh, Handle::Frozen);
+                return Ok(fh);
+            }
             Node::Live(ino) => ino,
             Node::Snap { epoch, .. } => {
                 if flags & libc::O_ACCMODE != libc::O_RDONLY || flags & libc::O_TRUNC != 0 {
@@ -1198,7 +1208,7 @@ impl Inner {
             return err(libc::ENOTDIR);
         }
         let (epoch, ino, encode) = match node(fino) {
-            Node::Live(ino) => (self.store.live_epoch, ino, 0),
+            Node::Live(ino) => (self.tree_epoch(), ino, 0),
             Node::Snap { epoch, ino } => (epoch, ino, epoch),
             Node::SnapDir => {
                 let mut entries = vec![
@@ -1343,6 +1353,27 @@ impl Drop for Inner {
 }
 
 /// Stores the live inode record of `ino`.
+/// The root directory of a new volume, owned by the daemon's user.
+fn fresh_root(now: Ts) -> InodeRec {
+    // SAFETY: getuid/getgid cannot fail.
+    let (uid, gid) = unsafe { (libc::getuid(), libc::getgid()) };
+    InodeRec {
+        kind: FileKind::Dir,
+        perm: 0o755,
+        uid,
+        gid,
+        nlink: 2,
+        size: 0,
+        atime: now,
+        mtime: now,
+        ctime: now,
+        crtime: now,
+        rdev: 0,
+        parent: ROOT_INO,
+        target: Vec::new(),
+    }
+}
+
 fn put_inode(w: &mut Writer<'_>, ino: u64, rec: &InodeRec) -> FsResult<()> {
     let mut b = Vec::with_capacity(80);
     rec.encode(&mut b);

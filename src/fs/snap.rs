@@ -113,6 +113,10 @@ impl Inner {
 
     /// Takes snapshot `name` of the live tree; returns its epoch.
     pub fn snapshot_create(&mut self, name: &[u8], now: Ts) -> FsResult<u64> {
+        if self.replica_view.is_some() {
+            // A replica's snapshots are its source's.
+            return err(libc::EROFS);
+        }
         let name = check_snapshot_name(name)
             .map_err(|(e, _)| FsError::Errno(e))?
             .to_string();
@@ -125,6 +129,72 @@ impl Inner {
         self.undurable = false;
         tracing::info!(name, epoch, "snapshot taken");
         Ok(epoch)
+    }
+
+    /// Makes this the mount of a replica: its tree shows its newest snapshot (held
+    /// while shown, as by an open file), and nothing in it can be changed.
+    pub fn show_replica(&mut self) -> FsResult<()> {
+        if self.replica_view.is_none() {
+            self.replica_view = Some(0);
+            self.refresh_view()?;
+        }
+        Ok(())
+    }
+
+    /// Whether this is the mount of a replica.
+    pub fn is_replica(&self) -> bool {
+        self.replica_view.is_some()
+    }
+
+    /// Moves a replica's tree on to its newest snapshot (one just received). Returns
+    /// what kernel caches must forget: O(changes) between the two, or the root's
+    /// entries when the tree was empty. A shown snapshot deleted meanwhile stays shown
+    /// (hidden from `.snapshots/`) until a newer one comes.
+    pub fn refresh_view(&mut self) -> FsResult<Vec<Inval>> {
+        let Some(old) = self.replica_view else {
+            return Ok(Vec::new());
+        };
+        let new = self
+            .store
+            .snapshot_list(false)?
+            .iter()
+            .map(|(_, r)| r.epoch)
+            .max()
+            .unwrap_or(0);
+        if new <= old {
+            return Ok(Vec::new());
+        }
+        *self.snap_open.entry(new).or_insert(0) += 1;
+        self.replica_view = Some(new);
+        let mut invals = vec![Inval::Inode(ROOT_INO)];
+        if old == 0 {
+            let txn = self.store.read_txn()?;
+            scan_visible(
+                txn.versions(),
+                ROOT_INO,
+                KIND_DIRENT,
+                0..=0,
+                new,
+                |_, name, _| {
+                    invals.push(Inval::Entry(ROOT_INO, name.to_vec()));
+                    Ok(true)
+                },
+            )?;
+        } else {
+            for c in self.store.changes_between(old, new)? {
+                match c.kind {
+                    KIND_DIRENT => {
+                        invals.push(Inval::Entry(c.ino, c.name.clone()));
+                        invals.push(Inval::Inode(c.ino));
+                    }
+                    _ => invals.push(Inval::Inode(c.ino)),
+                }
+            }
+            self.release_snapshot_hold(old)?;
+        }
+        invals.dedup();
+        tracing::info!(epoch = new, "replica shows its newest snapshot");
+        Ok(invals)
     }
 
     /// Whether something keeps epoch `epoch` from being dropped: a file open in it,
@@ -251,6 +321,9 @@ impl Inner {
     /// Makes the live tree equal to snapshot `name`, at a cost of O(changes since it).
     /// Newer snapshots stay. Returns what kernel caches must forget.
     pub fn rollback(&mut self, name: &[u8]) -> FsResult<Vec<Inval>> {
+        if self.replica_view.is_some() {
+            return err(libc::EROFS);
+        }
         let snap = self
             .snapshot_named(name)?
             .ok_or(FsError::Errno(libc::ENOENT))?

@@ -47,7 +47,7 @@ impl Inner {
 
     /// Sets xattr `name` (with XATTR_CREATE / XATTR_REPLACE `flags`).
     pub fn setxattr(&mut self, ino: u64, name: &[u8], value: &[u8], flags: i32) -> FsResult<()> {
-        let ino = live(ino)?;
+        let ino = self.live(ino)?;
         check_xattr_name(name)?;
         if value.len() > 65536 {
             return err(libc::E2BIG);
@@ -109,7 +109,7 @@ impl Inner {
 
     /// Removes xattr `name`.
     pub fn removexattr(&mut self, ino: u64, name: &[u8]) -> FsResult<()> {
-        let ino = live(ino)?;
+        let ino = self.live(ino)?;
         check_xattr_name(name)?;
         let mut rec = self.inode(ino)?;
         if self.xattr_get(ino, name)?.is_none() {

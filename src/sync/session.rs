@@ -36,6 +36,27 @@ const MAX_PLANS: u64 = 1 << 16;
 /// session may have to receive again.
 const RESUME_POINT: u64 = 8 << 20;
 
+/// The store a sink receives into, reached one step at a time: the sink's own, or
+/// the one a mounted daemon holds (whose FUSE threads go on between the steps).
+pub trait SinkStore {
+    /// Runs one step on the store (an error when the store is going away).
+    fn with<T>(
+        &mut self,
+        f: impl FnOnce(&mut Store) -> Result<T, SyncError>,
+    ) -> Result<T, SyncError>;
+    /// A snapshot was received: a mounted replica shows it now.
+    fn committed(&mut self) {}
+}
+
+impl SinkStore for Store {
+    fn with<T>(
+        &mut self,
+        f: impl FnOnce(&mut Store) -> Result<T, SyncError>,
+    ) -> Result<T, SyncError> {
+        f(self)
+    }
+}
+
 /// Errors of a sync session.
 #[derive(Debug, thiserror::Error)]
 pub enum SyncError {
@@ -577,6 +598,54 @@ fn receive_inner<R: Read, W: Write>(
     w: &mut FrameWriter<W>,
     proven: Option<&std::sync::atomic::AtomicBool>,
 ) -> Result<Summary, SyncError> {
+    let hello = handshake(key, r, w, proven)?;
+    let cfg = StoreConfig {
+        block_size: hello.block_size,
+    };
+    let fresh = !Store::exists(dest);
+    if hello.dry_run && fresh {
+        // Nothing is made for a dry run: a destination to be holds nothing.
+        w.send(&Frame::Holding {
+            volume: [0; 16],
+            snapshots: Vec::new(),
+        })?;
+        w.flush()?;
+        return dry_session(r);
+    }
+    let mut store = retry_locked(|| Store::open(dest, Some(&cfg)))?;
+    accept(&mut store, fresh, &hello, r, w)
+}
+
+/// Receives into the store a mounted daemon holds (`st`), over a connection whose
+/// first frame is the source's `Hello`.
+pub fn receive_into<S: SinkStore, R: Read, W: Write>(
+    st: &mut S,
+    key: Option<[u8; 32]>,
+    mut r: FrameReader<R>,
+    mut w: FrameWriter<W>,
+    proven: Option<&std::sync::atomic::AtomicBool>,
+) -> Result<Summary, SyncError> {
+    let res =
+        handshake(key, &mut r, &mut w, proven).and_then(|h| accept(st, false, &h, &mut r, &mut w));
+    tell_peer(&mut w, &res);
+    res
+}
+
+/// What the source's `Hello` announced.
+struct Hello {
+    volume: [u8; 16],
+    block_size: u32,
+    dry_run: bool,
+}
+
+/// The sink's side of the handshake: the source proves the key (on a keyed
+/// session) before anything is said of the store.
+fn handshake<R: Read, W: Write>(
+    key: Option<[u8; 32]>,
+    r: &mut FrameReader<R>,
+    w: &mut FrameWriter<W>,
+    proven: Option<&std::sync::atomic::AtomicBool>,
+) -> Result<Hello, SyncError> {
     let hello = expect(r)?;
     let hello_body = hello.encode().1;
     let (volume, block_size, their_nonce, dry_run) = match hello {
@@ -596,7 +665,6 @@ fn receive_inner<R: Read, W: Write>(
         }
         f => return Err(protocol(format!("expected hello, got {f:?}"))),
     };
-    // The source proves the key before the store is opened or anything is said of it.
     let nonce = random_nonce();
     w.send(&Frame::Welcome {
         version: VERSION,
@@ -624,75 +692,92 @@ fn receive_inner<R: Read, W: Write>(
             "the source announces a block size of {block_size}"
         )));
     }
-    let cfg = StoreConfig { block_size };
-    let fresh = !Store::exists(dest);
-    if dry_run && fresh {
-        // Nothing is made for a dry run: a destination to be holds nothing.
-        w.send(&Frame::Holding {
-            volume: [0; 16],
-            snapshots: Vec::new(),
-        })?;
-        w.flush()?;
-        return dry_session(r);
-    }
-    let mut store = retry_locked(|| Store::open(dest, Some(&cfg)))?;
-    // What a rollback to the base takes out of a part-applied live tree stays, for
-    // this session to take again instead of receiving it again.
-    store.keep_unreferenced = true;
-    if store.block_size != block_size {
-        return Err(protocol(format!(
-            "the destination's block size is {}, the source's {block_size}",
-            store.block_size
-        )));
-    }
-    match store.replica_of()? {
-        Some(v) if v == volume => {}
-        None if !fresh && !live_is_empty(&store)? => {
-            return Err(protocol(
-                "the destination holds files of its own: it is not an empty store or a replica",
-            ));
+    Ok(Hello {
+        volume,
+        block_size,
+        dry_run,
+    })
+}
+
+/// The sink's side after the handshake: checks that `st` may take the volume
+/// (`fresh`: made for this session), then receives.
+fn accept<S: SinkStore, R: Read, W: Write>(
+    st: &mut S,
+    fresh: bool,
+    hello: &Hello,
+    r: &mut FrameReader<R>,
+    w: &mut FrameWriter<W>,
+) -> Result<Summary, SyncError> {
+    let (volume, block_size, dry_run) = (hello.volume, hello.block_size, hello.dry_run);
+    st.with(|store| {
+        if store.block_size != block_size {
+            return Err(protocol(format!(
+                "the destination's block size is {}, the source's {block_size}",
+                store.block_size
+            )));
         }
-        Some(_) => {
-            return Err(protocol(
-                "the destination is a replica of another volume".to_string(),
-            ));
-        }
-        None if store.volume_id == volume => {
-            return Err(protocol("the destination is the source volume itself"));
-        }
-        None => {
-            if !fresh && !store.snapshot_list(true)?.is_empty() {
+        match store.replica_of()? {
+            Some(v) if v == volume => {}
+            None if !fresh && !live_is_empty(store)? => {
                 return Err(protocol(
-                    "the destination has snapshots of its own: it is not a replica",
+                    "the destination holds files of its own: it is not an empty store or a replica",
                 ));
             }
-            if !dry_run {
-                store.write(true, |w| Ok(w.set_replica_of(&volume)?))?;
+            Some(_) => {
+                return Err(protocol(
+                    "the destination is a replica of another volume".to_string(),
+                ));
+            }
+            None if store.volume_id == volume => {
+                return Err(protocol("the destination is the source volume itself"));
+            }
+            None => {
+                if !fresh && !store.snapshot_list(true)?.is_empty() {
+                    return Err(protocol(
+                        "the destination has snapshots of its own: it is not a replica",
+                    ));
+                }
+                if !dry_run {
+                    store.write(true, |w| Ok(w.set_replica_of(&volume)?))?;
+                }
             }
         }
-    }
+        Ok(())
+    })?;
     if dry_run {
+        let held = st.with(|s| Ok::<_, SyncError>((s.volume_id, held_snapshots(s)?)))?;
         w.send(&Frame::Holding {
-            volume: store.volume_id,
-            snapshots: held_snapshots(&store)?,
+            volume: held.0,
+            snapshots: held.1,
         })?;
         w.flush()?;
         return dry_session(r);
     }
-    let res = receive_snapshots(&mut store, r, w);
-    if res.is_err() {
-        // What arrived before the failure is kept, durably, for the session that
-        // resumes this one.
-        if let Err(e) = store.sync() {
-            tracing::warn!(error = %e, "sync: what was received could not be made durable");
+    // What a rollback to the base takes out of a part-applied live tree stays, for
+    // this session to take again instead of receiving it again.
+    st.with(|s| {
+        s.keep_unreferenced = true;
+        Ok(())
+    })?;
+    let res = receive_snapshots(st, r, w);
+    let after = st.with(|s| {
+        s.keep_unreferenced = false;
+        if res.is_err() {
+            // What arrived before the failure is kept, durably, for the session that
+            // resumes this one.
+            s.sync()?;
         }
+        Ok(())
+    });
+    if let Err(e) = after {
+        tracing::warn!(error = %e, "sync: what was received could not be made durable");
     }
     res
 }
 
 /// The snapshots of a session, after its handshake, into `store`.
-fn receive_snapshots<R: Read, W: Write>(
-    store: &mut Store,
+fn receive_snapshots<S: SinkStore, R: Read, W: Write>(
+    st: &mut S,
     r: &mut FrameReader<R>,
     w: &mut FrameWriter<W>,
 ) -> Result<Summary, SyncError> {
@@ -707,9 +792,10 @@ fn receive_snapshots<R: Read, W: Write>(
     let mut repair_asked: HashSet<[u8; 32]> = HashSet::new();
     // Stored extents the batches named whose copy was read back and found good.
     let mut verified: HashSet<[u8; 32]> = HashSet::new();
+    let (volume, held) = st.with(|s| Ok::<_, SyncError>((s.volume_id, held_snapshots(s)?)))?;
     w.send(&Frame::Holding {
-        volume: store.volume_id,
-        snapshots: held_snapshots(store)?,
+        volume,
+        snapshots: held,
     })?;
     w.flush()?;
     let mut sum = Summary::default();
@@ -720,20 +806,23 @@ fn receive_snapshots<R: Read, W: Write>(
             Frame::Done => {
                 // Received extents no snapshot took (kept by interrupted sessions for
                 // snapshots that never came) go now.
-                store.keep_unreferenced = false;
-                let freed = store.free_unreferenced()?;
-                if freed > 0 {
-                    tracing::info!(
-                        extents = freed,
-                        "sync: freed received extents no snapshot took"
-                    );
-                }
                 sum.wire_bytes = w.wire_bytes + r.wire_bytes;
-                sum.base = store.snapshot_list(false)?.pop().map(|(n, _)| n);
-                let rec = sum.record();
-                store.write(true, |w| {
-                    let row = rec.encode(meta::LAST_RECEIVED);
-                    w.t.meta.insert(meta::LAST_RECEIVED, row.as_slice())?;
+                st.with(|store| {
+                    store.keep_unreferenced = false;
+                    let freed = store.free_unreferenced()?;
+                    if freed > 0 {
+                        tracing::info!(
+                            extents = freed,
+                            "sync: freed received extents no snapshot took"
+                        );
+                    }
+                    sum.base = store.snapshot_list(false)?.pop().map(|(n, _)| n);
+                    let rec = sum.record();
+                    store.write(true, |w| {
+                        let row = rec.encode(meta::LAST_RECEIVED);
+                        w.t.meta.insert(meta::LAST_RECEIVED, row.as_slice())?;
+                        Ok(())
+                    })?;
                     Ok(())
                 })?;
                 break;
@@ -755,7 +844,7 @@ fn receive_snapshots<R: Read, W: Write>(
         };
         if !looked {
             looked = true;
-            lost = store.lost_extents()?;
+            lost = st.with(|s| Ok(s.lost_extents()?))?;
             unasked = lost.iter().copied().collect();
             if !lost.is_empty() {
                 tracing::warn!(
@@ -764,29 +853,32 @@ fn receive_snapshots<R: Read, W: Write>(
                 );
             }
         }
-        if store.snapshot(snapshot.name.as_bytes())?.is_some() {
-            return Err(protocol(format!(
-                "the destination already has a snapshot named {:?}",
-                snapshot.name
-            )));
-        }
-        // The live tree starts as the base: anything done to the replica since goes.
-        match &base {
-            Some(b) => {
-                let rec = store.snapshot(b.as_bytes())?.ok_or_else(|| {
-                    protocol(format!("the destination lacks the base snapshot {b:?}"))
-                })?;
-                store.rollback_to(rec.epoch)?;
+        st.with(|store| {
+            if store.snapshot(snapshot.name.as_bytes())?.is_some() {
+                return Err(protocol(format!(
+                    "the destination already has a snapshot named {:?}",
+                    snapshot.name
+                )));
             }
-            None if !store.snapshot_list(true)?.is_empty() => {
-                return Err(protocol(
-                    "a whole send to a destination that holds snapshots already",
-                ));
+            // The live tree starts as the base: anything done to the replica since goes.
+            match &base {
+                Some(b) => {
+                    let rec = store.snapshot(b.as_bytes())?.ok_or_else(|| {
+                        protocol(format!("the destination lacks the base snapshot {b:?}"))
+                    })?;
+                    store.rollback_to(rec.epoch)?;
+                }
+                None if !store.snapshot_list(true)?.is_empty() => {
+                    return Err(protocol(
+                        "a whole send to a destination that holds snapshots already",
+                    ));
+                }
+                // A whole send starts from an empty tree: what an earlier, failed
+                // session left goes.
+                None => clear_live(store)?,
             }
-            // A whole send starts from an empty tree: what an earlier, failed
-            // session left goes.
-            None => clear_live(store)?,
-        }
+            Ok(())
+        })?;
         // The batch waiting for its missing extents, and the extents still due.
         let mut pending: Option<Vec<Record>> = None;
         let mut wanted: HashSet<[u8; 32]> = HashSet::new();
@@ -811,21 +903,25 @@ fn receive_snapshots<R: Read, W: Write>(
                     }
                     // Arrived as itself: no read-back when a later batch names it.
                     verified.insert(hash);
-                    if lost.remove(&hash) {
-                        // A lost copy, stored again and its extent repointed.
-                        store.write(false, |wr| wr.store_again(&[(hash, &data)]))?;
-                    } else {
-                        // Stored and indexed at once, with no reference yet: a
-                        // batch's extents need not fit in memory, and an interrupted
-                        // session's stay for the next one.
-                        store.write(false, |wr| wr.append_received(&[(hash, &data)]))?;
-                    }
+                    let again = lost.remove(&hash);
+                    st.with(|store| {
+                        if again {
+                            // A lost copy, stored again and its extent repointed.
+                            store.write(false, |wr| wr.store_again(&[(hash, &data)]))?;
+                        } else {
+                            // Stored and indexed at once, with no reference yet: a
+                            // batch's extents need not fit in memory, and an
+                            // interrupted session's stay for the next one.
+                            store.write(false, |wr| wr.append_received(&[(hash, &data)]))?;
+                        }
+                        Ok(())
+                    })?;
                     sum.extents += 1;
                     sum.payload_bytes += data.len() as u64;
                     since_durable += data.len() as u64;
                     if since_durable >= RESUME_POINT {
                         // What arrived survives a crash or a cut from here on.
-                        store.sync()?;
+                        st.with(|s| Ok(s.sync()?))?;
                         since_durable = 0;
                     }
                     continue;
@@ -848,7 +944,7 @@ fn receive_snapshots<R: Read, W: Write>(
                 }
                 // Every extent a record names is here: nothing in the write below
                 // can be refused, so a hostile stream never fails a write group.
-                {
+                st.with(|store| {
                     let txn = store.read_txn()?;
                     for rec in &recs {
                         if let (KIND_BLOCK, Some(p)) = (rec.kind, &rec.payload) {
@@ -864,17 +960,19 @@ fn receive_snapshots<R: Read, W: Write>(
                             }
                         }
                     }
-                }
-                store.write(false, |wr| {
-                    for rec in &recs {
-                        let key = RecKey {
-                            ino: rec.ino,
-                            kind: rec.kind,
-                            sub: rec.sub,
-                            name: &rec.name,
-                        };
-                        wr.put_received(key, rec.payload.as_deref())?;
-                    }
+                    drop(txn);
+                    store.write(false, |wr| {
+                        for rec in &recs {
+                            let key = RecKey {
+                                ino: rec.ino,
+                                kind: rec.kind,
+                                sub: rec.sub,
+                                name: &rec.name,
+                            };
+                            wr.put_received(key, rec.payload.as_deref())?;
+                        }
+                        Ok(())
+                    })?;
                     Ok(())
                 })?;
                 sum.records += recs.len() as u64;
@@ -911,47 +1009,51 @@ fn receive_snapshots<R: Read, W: Write>(
             // The extents this batch names that the destination has nowhere, or
             // whose stored copy is lost or does not read back as itself.
             let mut missing = Vec::new();
-            let mut stored: Vec<([u8; 32], ExtentRec)> = Vec::new();
-            {
-                let txn = store.read_txn()?;
-                for rec in &records {
-                    if let (KIND_BLOCK, Some(p)) = (rec.kind, &rec.payload) {
-                        for h in BlockRec::decode(p)?.extents() {
-                            if wanted.contains(h) || verified.contains(h) {
-                                continue;
-                            }
-                            match txn.extents().get(*h)? {
-                                Some(_) if lost.contains(h) => {}
-                                Some(row) => {
-                                    stored.push((*h, ExtentRec::decode(h, row.value())?));
-                                    verified.insert(*h);
+            st.with(|store| {
+                let mut stored: Vec<([u8; 32], ExtentRec)> = Vec::new();
+                {
+                    let txn = store.read_txn()?;
+                    for rec in &records {
+                        if let (KIND_BLOCK, Some(p)) = (rec.kind, &rec.payload) {
+                            for h in BlockRec::decode(p)?.extents() {
+                                if wanted.contains(h) || verified.contains(h) {
                                     continue;
                                 }
-                                None => {}
+                                match txn.extents().get(*h)? {
+                                    Some(_) if lost.contains(h) => {}
+                                    Some(row) => {
+                                        stored.push((*h, ExtentRec::decode(h, row.value())?));
+                                        verified.insert(*h);
+                                        continue;
+                                    }
+                                    None => {}
+                                }
+                                repair_asked.remove(h);
+                                wanted.insert(*h);
+                                missing.push(*h);
                             }
-                            repair_asked.remove(h);
-                            wanted.insert(*h);
-                            missing.push(*h);
                         }
                     }
                 }
-            }
-            // Dedup hits are read back: a replica never takes a reference to a copy
-            // it cannot return.
-            stored.sort_unstable_by_key(|(_, r)| (r.segment, r.offset));
-            for (h, r) in stored {
-                let good = store
-                    .segs
-                    .read(r.segment, r.offset, r.len)
-                    .is_ok_and(|d| *blake3::hash(&d).as_bytes() == h);
-                if !good {
-                    tracing::warn!(extent = %crate::store::hex(&h), "sync: a stored extent does not read back; asking the source for it");
-                    verified.remove(&h);
-                    lost.insert(h);
-                    wanted.insert(h);
-                    missing.push(h);
+                // Dedup hits are read back: a replica never takes a reference to a
+                // copy it cannot return. (In the same step as the rows were read: a
+                // compaction between would move them.)
+                stored.sort_unstable_by_key(|(_, r)| (r.segment, r.offset));
+                for (h, r) in stored {
+                    let good = store
+                        .segs
+                        .read(r.segment, r.offset, r.len)
+                        .is_ok_and(|d| *blake3::hash(&d).as_bytes() == h);
+                    if !good {
+                        tracing::warn!(extent = %crate::store::hex(&h), "sync: a stored extent does not read back; asking the source for it");
+                        verified.remove(&h);
+                        lost.insert(h);
+                        wanted.insert(h);
+                        missing.push(h);
+                    }
                 }
-            }
+                Ok(())
+            })?;
             // Lost extents no batch has named yet ride on this acknowledgement.
             while missing.len() < 100_000
                 && let Some(h) = unasked.pop()
@@ -964,36 +1066,40 @@ fn receive_snapshots<R: Read, W: Write>(
             w.flush()?;
             pending = Some(records);
         }
-        // A snapshot without a root directory would not mount.
-        let root = store
-            .live_inode(ROOT_INO)?
-            .map(|p| InodeRec::decode(&p))
-            .transpose()?;
-        if !root.is_some_and(|r| r.kind == FileKind::Dir) {
-            return Err(protocol(format!(
-                "snapshot {:?} has no root directory",
-                snapshot.name
-            )));
-        }
-        // No entry the snapshot changed may point at an inode it lacks (one it left
-        // alone pointed at one the base had).
-        for ino in named_inodes {
-            if store.live_inode(ino)?.is_none() {
+        st.with(|store| {
+            // A snapshot without a root directory would not mount.
+            let root = store
+                .live_inode(ROOT_INO)?
+                .map(|p| InodeRec::decode(&p))
+                .transpose()?;
+            if !root.is_some_and(|r| r.kind == FileKind::Dir) {
                 return Err(protocol(format!(
-                    "snapshot {:?} has an entry naming inode {ino}, which it lacks",
+                    "snapshot {:?} has no root directory",
                     snapshot.name
                 )));
             }
-        }
-        // The barrier: everything the snapshot names is stored; one durable commit
-        // takes it (segments are synced first).
-        store.snapshot_take(
-            &snapshot.name,
-            Ts {
-                sec: snapshot.created_sec,
-                nsec: snapshot.created_nsec,
-            },
-        )?;
+            // No entry the snapshot changed may point at an inode it lacks (one it
+            // left alone pointed at one the base had).
+            for &ino in &named_inodes {
+                if store.live_inode(ino)?.is_none() {
+                    return Err(protocol(format!(
+                        "snapshot {:?} has an entry naming inode {ino}, which it lacks",
+                        snapshot.name
+                    )));
+                }
+            }
+            // The barrier: everything the snapshot names is stored; one durable
+            // commit takes it (segments are synced first).
+            store.snapshot_take(
+                &snapshot.name,
+                Ts {
+                    sec: snapshot.created_sec,
+                    nsec: snapshot.created_nsec,
+                },
+            )?;
+            Ok(())
+        })?;
+        st.committed();
         w.send(&Frame::Committed {
             name: snapshot.name.clone(),
         })?;
