@@ -189,6 +189,14 @@ pub fn run(fs: &Fs, req: &Request, progress: bool) -> Outcome {
             }
             out
         }
+        Request::SnapshotCreate { .. } | Request::SnapshotRollback { .. }
+            if core.is_replica() || matches!(core.store().replica_of(), Ok(Some(_))) =>
+        {
+            fail(format!(
+                "{}: this store is a replica: its tree and its snapshots come from its source (snapfs sync)",
+                req.name()
+            ))
+        }
         Request::SnapshotCreate { name } | Request::SnapshotDelete { name } => {
             let res = if matches!(req, Request::SnapshotCreate { .. }) {
                 core.snapshot_create(name.as_bytes(), Ts::now())

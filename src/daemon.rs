@@ -83,6 +83,15 @@ pub struct MountOptions {
     /// `snapshot list`): `control=public`. Default `control=private`: root and the
     /// daemon's user only.
     pub control_public: bool,
+    /// Mount as a replica (`replica`): read-only, showing the newest snapshot
+    /// received, and receiving `snapfs sync`. A store that is a replica already is
+    /// always mounted so.
+    pub replica: bool,
+    /// Receive `snapfs sync` over TCP here (`listen=ADDR`, `ADDR` or `HOST:PORT`;
+    /// loopback unless a host is given). Makes the mount a replica.
+    pub listen: Option<String>,
+    /// The shared key for `listen` (`key_file=F`).
+    pub key_file: Option<PathBuf>,
 }
 
 impl MountOptions {
@@ -157,10 +166,29 @@ impl MountOptions {
                 ("allow_shared_store", None) => o.allow_shared_store = true,
                 ("control", Some("public")) => o.control_public = true,
                 ("control", Some("private")) => o.control_public = false,
+                ("replica", None) => o.replica = true,
+                ("listen", Some(v)) if !v.is_empty() => {
+                    // A bare port listens on loopback.
+                    o.listen = Some(if v.bytes().all(|b| b.is_ascii_digit()) {
+                        format!("127.0.0.1:{v}")
+                    } else {
+                        v.to_string()
+                    });
+                }
+                ("key_file", Some(v)) if !v.is_empty() => o.key_file = Some(PathBuf::from(v)),
                 // Always on; accepted for fstab lines that spell them out.
                 ("default_permissions" | "allow_other" | "defaults", None) => {}
                 _ => bail!("unknown mount option {:?}", clip(opt)),
             }
+        }
+        if o.listen.is_some() && o.key_file.is_none() {
+            bail!("mount option listen= needs key_file= (the key `snapfs sync --key-file` gives)");
+        }
+        if o.key_file.is_some() && o.listen.is_none() {
+            bail!("mount option key_file= is for listen=");
+        }
+        if o.listen.is_some() {
+            o.replica = true;
         }
         Ok(o)
     }
@@ -326,12 +354,41 @@ pub fn mount(
     let mut args: Vec<String> = file_opts.iter().map(|(k, v)| format!("{k}={v}")).collect();
     MountOptions::parse(&args).context("snapfs.toml")?;
     args.extend(opts.iter().cloned());
-    let options = MountOptions::parse(&args)?;
+    let mut options = MountOptions::parse(&args)?;
     {
         let mut core = fs.lock();
         core.hide_snapdir = options.hide_snapdir;
         core.keep = options.keep.clone();
     }
+    let key = options
+        .key_file
+        .as_deref()
+        .map(crate::sync::tcp::read_key_file)
+        .transpose()
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    if replica_mode(&fs, &store, &options)? {
+        if options.snapshot_every.is_some() {
+            bail!("a replica takes no snapshots of its own: snapshot_every is for its source");
+        }
+        // A replica's tree is its newest snapshot: nothing is written through the
+        // mount, and the kernel caches no writes.
+        options.read_only = true;
+        options.flags.retain(|f| *f != fuser::MountOption::RW);
+        options.flags.push(fuser::MountOption::RO);
+        options.writeback = false;
+        fs.lock()
+            .show_replica()
+            .context("showing the replica's newest snapshot")?;
+    }
+    // Bound before mounting, so that a busy address fails the mount.
+    let listener = match (&options.listen, key) {
+        (Some(addr), Some(key)) => Some((
+            std::net::TcpListener::bind(addr)
+                .with_context(|| format!("cannot listen on {addr} (listen=)"))?,
+            key,
+        )),
+        _ => None,
+    };
     let mut config = fuser::Config::default();
     config.mount_options = options.flags.clone();
     config
@@ -381,6 +438,9 @@ pub fn mount(
         public: options.control_public,
     };
     let control = serve_control(&store, Arc::downgrade(&fs), options.uring_depth > 0, access);
+    if let Some((l, key)) = listener {
+        listen(l, key, Arc::downgrade(&fs))?;
+    }
     if let Some(fd) = ready {
         // Tell the waiting parent that the daemon is up; it exits 0 on this byte.
         // SAFETY: `fd` is the write end of the pipe made in `daemonize`, owned here.
@@ -486,6 +546,144 @@ pub fn mount(
     flushed.context("final flush")?;
     tracing::info!("unmounted cleanly");
     res.context("FUSE session failed")
+}
+
+/// Whether the store is mounted as a replica: it is one, or `-o replica` (or
+/// `listen=`) asks for one, which a store holding files or snapshots of its own
+/// cannot be.
+fn replica_mode(fs: &Fs, store: &Path, options: &MountOptions) -> anyhow::Result<bool> {
+    let mut core = fs.lock();
+    let st = core.store();
+    if st.replica_of()?.is_some() {
+        return Ok(true);
+    }
+    if !options.replica {
+        return Ok(false);
+    }
+    let empty = st.snapshot_list(true)?.is_empty()
+        && crate::sync::session::live_is_empty(st).map_err(|e| anyhow::anyhow!("{e}"))?;
+    if !empty {
+        bail!(
+            "store {} holds files or snapshots of its own: only a new store or a replica mounts as a replica (-o replica, listen=)",
+            store.display()
+        );
+    }
+    Ok(true)
+}
+
+/// Only one session at a time receives into the store this daemon holds.
+static RECEIVING: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+/// A sync sink into the store this daemon holds: each step under the core lock (the
+/// FUSE threads go on between steps), each snapshot shown as it commits. Ends the
+/// session once the store is being unmounted.
+struct DaemonSink<'a> {
+    fs: &'a Fs,
+    cancel: Arc<AtomicBool>,
+}
+
+impl<'a> DaemonSink<'a> {
+    fn new(fs: &'a Fs) -> Self {
+        let cancel = fs.lock().store().view_handles().1;
+        DaemonSink { fs, cancel }
+    }
+}
+
+impl crate::sync::session::SinkStore for DaemonSink<'_> {
+    fn with<T>(
+        &mut self,
+        f: impl FnOnce(&mut crate::store::Store) -> Result<T, crate::sync::session::SyncError>,
+    ) -> Result<T, crate::sync::session::SyncError> {
+        if self.cancel.load(Ordering::SeqCst) {
+            return Err(crate::sync::session::SyncError::Protocol(
+                "the destination is being unmounted".into(),
+            ));
+        }
+        f(self.fs.lock().store())
+    }
+
+    fn committed(&mut self) {
+        let invals = self.fs.lock().refresh_view();
+        match invals {
+            // Told to the kernel without the core lock: it may ask us to answer.
+            Ok(invals) => self.fs.invalidate(&invals),
+            Err(e) => {
+                tracing::warn!(error = %e, "sync: the replica cannot show its newest snapshot")
+            }
+        }
+    }
+}
+
+/// Receives one session into the store this daemon holds (a replica's), over a
+/// connection whose frames follow.
+fn receive_here<R: std::io::Read, W: std::io::Write>(
+    fs: &Fs,
+    key: Option<[u8; 32]>,
+    r: crate::sync::wire::FrameReader<R>,
+    w: crate::sync::wire::FrameWriter<W>,
+    proven: Option<&AtomicBool>,
+) -> Result<crate::sync::session::Summary, crate::sync::session::SyncError> {
+    let _one = RECEIVING.lock().unwrap_or_else(|p| p.into_inner());
+    crate::sync::session::receive_into(&mut DaemonSink::new(fs), key, r, w, proven)
+}
+
+/// Serves `snapfs sync` into this mounted replica from the CLI on the control socket.
+fn serve_receive(conn: UnixStream, fs: &Fs) -> anyhow::Result<()> {
+    if !fs.lock().is_replica() {
+        return answer(
+            &conn,
+            &crate::commands::fail(
+                "the destination is mounted as a volume of its own: only a replica's mount receives (unmount it, or mount a new store with -o replica)".into(),
+            ),
+        );
+    }
+    answer(
+        &conn,
+        &crate::control::Outcome {
+            text: String::new(),
+            code: 0,
+            error: false,
+        },
+    )?;
+    // The source may think for long (reading its store) while this side waits: no
+    // read limit. A CLI that stops reading lets go of this thread after 10 minutes.
+    conn.set_read_timeout(None)?;
+    conn.set_write_timeout(Some(Duration::from_secs(600)))?;
+    let r = crate::sync::wire::FrameReader::new(
+        BufReader::with_capacity(1 << 20, conn.try_clone()?),
+        None,
+    );
+    let w = crate::sync::wire::FrameWriter::new(
+        std::io::BufWriter::with_capacity(1 << 20, &conn),
+        None,
+    );
+    match receive_here(fs, None, r, w, None) {
+        Ok(sum) => tracing::info!(snapshots = ?sum.snapshots, "sync: received"),
+        Err(e) => tracing::warn!(error = %e, "sync: receive failed"),
+    }
+    Ok(())
+}
+
+/// Receives `snapfs sync` over TCP on `l` (`-o listen=`), one session at a time,
+/// into this daemon's store, until it is unmounted.
+fn listen(l: std::net::TcpListener, key: [u8; 32], fs: std::sync::Weak<Fs>) -> anyhow::Result<()> {
+    tracing::info!(addr = %l.local_addr()?, "listening for sync sessions");
+    std::thread::Builder::new()
+        .name("sync-listen".into())
+        .spawn(move || {
+            let res = crate::sync::tcp::serve_on(l, |r, w, proven| {
+                let Some(fs) = fs.upgrade() else {
+                    return Err(crate::sync::session::SyncError::Protocol(
+                        "the destination is being unmounted".into(),
+                    ));
+                };
+                receive_here(&fs, Some(key), r, w, Some(proven))
+            });
+            if let Err(e) = res {
+                tracing::error!(error = %e, "sync: the listener stopped");
+            }
+        })?;
+    Ok(())
 }
 
 /// Writes `data` to a new file at `path` (replacing one there), readable by its
@@ -965,6 +1163,9 @@ fn handle_control(
     } = &req
     {
         return serve_send(conn, fs, snapshot.as_deref(), *dry_run, key.as_deref());
+    }
+    if req == Request::Receive {
+        return serve_receive(conn, fs);
     }
     let mut out = if matches!(req, Request::Fsck { repair: true, .. }) {
         crate::commands::fail("fsck --repair needs the store unmounted: unmount it first".into())

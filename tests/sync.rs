@@ -356,24 +356,46 @@ fn setfacl(p: &Path, spec: &str) {
     assert!(st.success(), "setfacl -m {spec} {}", p.display());
 }
 
+/// A port free on loopback a moment ago.
+fn free_port() -> u16 {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    l.local_addr().unwrap().port()
+}
+
 #[test]
-fn a_mounted_source_replicates_over_every_transport() {
+fn a_mounted_source_replicates_over_every_transport_into_mounted_replicas() {
     let src = Mount::new();
     let dir = src.dir.path().to_path_buf();
     let key = key_file(&dir, "key", "a shared secret for the tcp replica");
     let sshd = Sshd::start(&dir);
-    let tcp_store = dir.join("by-tcp");
-    let server = Server::start(&tcp_store, &key);
-    let local_store = dir.join("by-path");
-    let ssh_store = dir.join("by ssh");
-    let dests: [(String, &Path); 3] = [
-        (local_store.display().to_string(), &local_store),
-        (format!("tcp://{}", server.addr), &tcp_store),
+    // Three new stores, mounted as replicas before anything is sent: one reached by
+    // its mountpoint, one whose daemon listens on TCP, one over ssh by its store path.
+    let port = free_port();
+    let listen = format!("listen=127.0.0.1:{port},key_file={}", key.display());
+    let replica = |name: &str, opts: &[&str]| {
+        Mount::at(dir.join(name), dir.join(format!("{name}-mnt")), opts)
+    };
+    let by_path = replica("by-path", &["replica"]);
+    let by_tcp = replica("by-tcp", &[&listen]);
+    let by_ssh = replica("by ssh", &["replica"]);
+    let dests: [(String, &Mount); 3] = [
+        (by_path.mnt.display().to_string(), &by_path),
+        (format!("tcp://127.0.0.1:{port}"), &by_tcp),
         (
-            format!("ssh://root@127.0.0.1:{}{}", sshd.port, ssh_store.display()),
-            &ssh_store,
+            format!(
+                "ssh://root@127.0.0.1:{}{}",
+                sshd.port,
+                by_ssh.store.display()
+            ),
+            &by_ssh,
         ),
     ];
+    // A replica's tree is read-only, and empty before the first snapshot comes.
+    for (url, m) in &dests {
+        let err = std::fs::write(m.path("x"), b"x").unwrap_err();
+        assert_eq!(err.raw_os_error(), Some(libc::EROFS), "{url}");
+        assert!(tree_digest(&m.mnt).is_empty(), "{url}");
+    }
     populate(&src.mnt, 21);
     setfacl(&src.path("docs/f5"), "u:4321:rw");
     let rounds = ["one", "two", "three"];
@@ -419,17 +441,29 @@ fn a_mounted_source_replicates_over_every_transport() {
                 );
             }
         }
-        // Every destination, mounted, shows every snapshot as the source does.
+        // Every destination, still mounted, shows every snapshot as the source does
+        // under its `.snapshots/`, and the newest as its tree.
         let want = snapshot_trees(&src);
         assert_eq!(want.len(), round + 1);
-        for (url, store) in &dests {
-            let mnt = dir.join("check-mnt");
-            std::fs::create_dir_all(&mnt).unwrap();
-            let mut m = Mount::at(store.to_path_buf(), mnt, &[]);
-            assert_eq!(snapshot_trees(&m), want, "{url} after {name}");
-            m.unmount();
+        let newest = tree_digest(&src.path(&format!(".snapshots/{name}")));
+        for (url, m) in &dests {
+            assert_eq!(snapshot_trees(m), want, "{url} after {name}");
+            assert_eq!(tree_digest(&m.mnt), newest, "{url}: the tree after {name}");
+            let err = std::fs::remove_file(m.path(&format!("hl-{}", round + 21))).unwrap_err();
+            assert!(
+                matches!(err.raw_os_error(), Some(libc::EROFS | libc::ENOENT)),
+                "{url}: {err}"
+            );
         }
     }
+    // A replica takes no snapshot of its own.
+    let out = snapfs(&["snapshot", "create", by_path.mnt.to_str().unwrap(), "mine"]);
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("replica"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     // A far side without snapfs: ssh's own words reach the user.
     let out = snapfs(&[
         "sync",
@@ -452,7 +486,6 @@ fn a_mounted_source_replicates_over_every_transport() {
         acl.iter().any(|n| n == "system.posix_acl_access"),
         "{acl:?}"
     );
-    drop(server);
 }
 
 /// The segment files of a store, largest first.

@@ -97,15 +97,18 @@ fn ends(src: &Path, dest: &str, opts: &Options) -> Result<(End, End, bool), Sync
             "{dest}: unknown transport (a store path, tcp:// or ssh://)"
         )));
     } else {
-        let d = Path::new(dest).to_path_buf();
+        // A mountpoint names its store.
+        let d = dest_store(Path::new(dest))?;
         if std::fs::canonicalize(&d).is_ok_and(|d| d == src) {
             return Err(SyncError::Protocol(format!("{dest} is the source itself")));
         }
-        refuse_mounted(&d)?;
-        End::spawn("sync-sink", move |s| {
-            let (r, w) = framed(s)?;
-            session::receive(&d, None, r, w)
-        })?
+        match relay::daemon_sink(&d)? {
+            Some(end) => end,
+            None => End::spawn("sync-sink", move |s| {
+                let (r, w) = framed(s)?;
+                session::receive(&d, None, r, w)
+            })?,
+        }
     };
     let only = opts.snapshot.as_deref();
     let dry_run = opts.dry_run;
@@ -122,16 +125,14 @@ fn ends(src: &Path, dest: &str, opts: &Options) -> Result<(End, End, bool), Sync
     Ok((source, dst, key.is_some()))
 }
 
-/// Refuses a destination a daemon serves: receiving into a mounted store is not
-/// built yet.
-pub fn refuse_mounted(dest: &Path) -> Result<(), SyncError> {
-    if crate::daemon::connect_control(dest).is_some() {
-        return Err(SyncError::Protocol(format!(
-            "{} is mounted: receiving into a mounted store is not built yet; unmount it first",
-            dest.display()
-        )));
+/// The store a destination path names: itself, or the store mounted there.
+pub fn dest_store(dest: &Path) -> Result<PathBuf, SyncError> {
+    let mounted = std::fs::canonicalize(dest).is_ok_and(|c| crate::daemon::is_mounted(&c));
+    if mounted && !crate::store::Store::exists(dest) {
+        return crate::daemon::resolve_store(dest)
+            .map_err(|e| SyncError::Protocol(format!("{e:#}")));
     }
-    Ok(())
+    Ok(dest.to_path_buf())
 }
 
 type Framed = (

@@ -433,16 +433,34 @@ pub fn daemon_source(
     dry_run: bool,
     key: Option<[u8; 32]>,
 ) -> Result<Option<End>, SyncError> {
-    let Some(conn) = crate::daemon::connect_control(store) else {
-        return Ok(None);
-    };
-    let mut conn = conn.map_err(SyncError::Protocol)?;
     let req = crate::control::Request::Send {
         snapshot: only.map(str::to_string),
         dry_run,
         key: key.map(|k| crate::store::hex(&k)),
     };
-    let mut line = serde_json::to_vec(&req).expect("a request always encodes");
+    Ok(daemon_conn(store, &req)?.map(End::unix).transpose()?)
+}
+
+/// Asks the daemon serving `store` to be the destination end (a mounted replica);
+/// `Ok(None)` when no daemon serves it.
+pub fn daemon_sink(store: &Path) -> Result<Option<End>, SyncError> {
+    Ok(daemon_conn(store, &crate::control::Request::Receive)?
+        .map(End::unix)
+        .transpose()?)
+}
+
+/// Sends `req` to the daemon serving `store` and reads its answer: the connection,
+/// which carries the session's frames from then on, or `None` when no daemon serves
+/// the store (or it is going away).
+pub fn daemon_conn(
+    store: &Path,
+    req: &crate::control::Request,
+) -> Result<Option<UnixStream>, SyncError> {
+    let Some(conn) = crate::daemon::connect_control(store) else {
+        return Ok(None);
+    };
+    let mut conn = conn.map_err(SyncError::Protocol)?;
+    let mut line = serde_json::to_vec(req).expect("a request always encodes");
     line.push(b'\n');
     conn.write_all(&line).map_err(WireError::Io)?;
     // The answer line, byte by byte: the frames after it are the relay's to read.
@@ -469,7 +487,7 @@ pub fn daemon_source(
     if out.error {
         return Err(SyncError::Protocol(out.text.trim_end().to_string()));
     }
-    Ok(Some(End::unix(conn)?))
+    Ok(Some(conn))
 }
 
 /// Reads a child's stderr to its end, passing it on (ssh's prompts and warnings);

@@ -1178,7 +1178,7 @@ fn check_record(rec: &Record) -> Result<(), String> {
 }
 
 /// Whether the live tree holds nothing but the root directory.
-fn live_is_empty(store: &Store) -> Result<bool, SyncError> {
+pub fn live_is_empty(store: &Store) -> Result<bool, SyncError> {
     let txn = store.read_txn()?;
     let mut other = false;
     crate::store::for_each_visible(txn.versions(), store.live_epoch, |ino, kind, _, _, _| {

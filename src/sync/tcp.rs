@@ -58,6 +58,23 @@ pub fn serve(
     let l = TcpListener::bind(listen)
         .map_err(|e| SyncError::Protocol(format!("cannot listen on {listen}: {e}")))?;
     ready(l.local_addr().map_err(io)?);
+    serve_on(l, |r, w, proven| {
+        receive_watched(store, Some(key), r, w, Some(proven))
+    })
+}
+
+/// Serves every session that connects to `l` with `session`, one at a time, for
+/// ever; `session` sets the flag once the peer has proven the key, and a peer that has
+/// not within [`HANDSHAKE`] is cut off. A session that fails is logged and the next
+/// one served.
+pub fn serve_on(
+    l: TcpListener,
+    mut session: impl FnMut(
+        FrameReader<BufReader<TcpStream>>,
+        FrameWriter<BufWriter<TcpStream>>,
+        &AtomicBool,
+    ) -> Result<super::session::Summary, SyncError>,
+) -> Result<(), SyncError> {
     // The connection being served, its deadline to prove the key, and whether it
     // has: one watchdog closes it when the deadline passes first.
     type Watched = Option<(TcpStream, std::time::Instant, Arc<AtomicBool>)>;
@@ -102,8 +119,7 @@ pub fn serve(
             *watched.lock().unwrap_or_else(|p| p.into_inner()) =
                 Some((c, std::time::Instant::now() + HANDSHAKE, proven.clone()));
         }
-        let res =
-            framed(conn).and_then(|(r, w)| receive_watched(store, Some(key), r, w, Some(&proven)));
+        let res = framed(conn).and_then(|(r, w)| session(r, w, &proven));
         *watched.lock().unwrap_or_else(|p| p.into_inner()) = None;
         match res {
             Ok(sum) => tracing::info!(%peer, snapshots = ?sum.snapshots, "sync: received"),
