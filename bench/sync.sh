@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # bench/sync.sh: replication side by side, over loopback TCP, in one run:
-#   snapfs sync (to a `snapfs serve`), rsync -a (to an rsync daemon, ext4 to ext4) and
+#   snapfs sync (to a mounted replica listening on TCP), rsync -a (to an rsync daemon, ext4 to ext4) and
 #   btrfs send | receive (two btrfs filesystems on loop devices, through socat).
 # The volume: SIZE_MIB of data, a quarter of it duplicates of other files. Measured:
 # a full sync, an incremental after changing 1% of the volume in place, and a sync
@@ -32,7 +32,7 @@ loops=()
 cleanup() {
     for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
     wait 2>/dev/null || true
-    for m in "$work/snap-mnt" "$work/btrfs-a" "$work/btrfs-b"; do
+    for m in "$work/snap-mnt" "$work/snap-dst-mnt" "$work/btrfs-a" "$work/btrfs-b"; do
         mountpoint -q "$m" && umount "$m"
     done
     for l in "${loops[@]}"; do losetup -d "$l" 2>/dev/null || true; done
@@ -79,9 +79,10 @@ cp -a "$data/." "$work/snap-mnt/"
 "$SNAPFS" snapshot create "$work/snap-mnt" s1 >/dev/null
 head -c 32 /dev/urandom | base64 > "$work/key" && chmod 600 "$work/key"
 p=$(port)
-"$SNAPFS" serve "$work/snap-dst" --listen "127.0.0.1:$p" --key-file "$work/key" > "$work/serve.out" &
-pids+=($!)
-until grep -q listening "$work/serve.out" 2>/dev/null; do sleep 0.1; done
+# The destination: a mounted replica whose daemon listens on TCP (it keeps the store
+# open between sessions, as a replica in service does).
+mkdir -p "$work/snap-dst-mnt"
+"$SNAPFS" mount "$work/snap-dst" "$work/snap-dst-mnt" -o "listen=127.0.0.1:$p,key_file=$work/key"
 snap_sync() { # NAME [warm]: a sync, its summary kept in $work/NAME.json
     [ "${2:-}" = warm ] || drop
     local t0
@@ -99,6 +100,7 @@ s_none=$(snap_sync none)
 "$SNAPFS" snapshot create "$work/snap-mnt" s4 >/dev/null
 s_warm=$(snap_sync warm warm)
 umount "$work/snap-mnt"
+umount "$work/snap-dst-mnt"
 
 # ---------------------------------------------------------------- btrfs
 log "btrfs"

@@ -818,11 +818,15 @@ fn receive_snapshots<S: SinkStore, R: Read, W: Write>(
                     }
                     sum.base = store.snapshot_list(false)?.pop().map(|(n, _)| n);
                     let rec = sum.record();
-                    store.write(true, |w| {
+                    // What the session received is durable already (each barrier);
+                    // this row only reports it, and need not cost a durable commit of
+                    // its own: it becomes durable with the next one, or at close.
+                    store.write(false, |w| {
                         let row = rec.encode(meta::LAST_RECEIVED);
                         w.t.meta.insert(meta::LAST_RECEIVED, row.as_slice())?;
                         Ok(())
                     })?;
+                    store.commit_group(false)?;
                     Ok(())
                 })?;
                 break;
