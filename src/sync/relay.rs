@@ -438,15 +438,15 @@ pub fn daemon_source(
         dry_run,
         key: key.map(|k| crate::store::hex(&k)),
     };
-    Ok(daemon_conn(store, &req)?.map(End::unix).transpose()?)
+    daemon_conn(store, &req)?.map(End::unix).transpose()
 }
 
 /// Asks the daemon serving `store` to be the destination end (a mounted replica);
 /// `Ok(None)` when no daemon serves it.
 pub fn daemon_sink(store: &Path) -> Result<Option<End>, SyncError> {
-    Ok(daemon_conn(store, &crate::control::Request::Receive)?
+    daemon_conn(store, &crate::control::Request::Receive)?
         .map(End::unix)
-        .transpose()?)
+        .transpose()
 }
 
 /// Sends `req` to the daemon serving `store` and reads its answer: the connection,
