@@ -162,6 +162,9 @@ pub struct Store {
     trusted_from: u64,
     /// Extents reads found damaged since the store was opened (see [`Damaged`]).
     damaged: Damaged,
+    /// The segment files as [`Store::lost_extents`] last found them with nothing
+    /// lost: while they are the same, nothing can have gone missing.
+    lost_clean: std::sync::Mutex<Option<Vec<(std::ffi::OsString, u64, u64, i64, i64)>>>,
     /// Operations were committed since the last durable commit (a durable point with
     /// nothing new commits nothing).
     undurable: bool,
@@ -504,6 +507,7 @@ impl Store {
             unverified: Unverified::default(),
             trusted_from: segs_first,
             damaged: Damaged::default(),
+            lost_clean: Default::default(),
             undurable: false,
             readers: Default::default(),
             cancel: Default::default(),
@@ -1236,10 +1240,19 @@ impl Store {
 
     /// Extents whose stored copy is known gone without reading any data: its segment
     /// file missing or too short to hold it, or a read found it damaged since the
-    /// store was opened. One pass over the extent index, one `stat` per segment.
+    /// store was opened. One pass over the extent index, one `stat` per segment;
+    /// none when the segment files are as the last pass that found nothing left them
+    /// (an extent is stored by growing a file or making one, so every extent indexed
+    /// since lies where that pass did not look only if some file changed).
     pub fn lost_extents(&self) -> Result<std::collections::HashSet<[u8; 32]>, StoreError> {
         let mut lost = std::collections::HashSet::new();
         let damaged = self.damaged.lock().at.clone();
+        let seen = self.segment_files();
+        let mut clean = self.lost_clean.lock().unwrap_or_else(|p| p.into_inner());
+        if damaged.is_empty() && seen.is_some() && *clean == seen {
+            return Ok(lost);
+        }
+        *clean = None;
         let mut lens: std::collections::HashMap<u64, Option<u64>> =
             std::collections::HashMap::new();
         let txn = self.read_txn()?;
@@ -1258,7 +1271,24 @@ impl Store {
                 lost.insert(hash);
             }
         }
+        if lost.is_empty() && damaged.is_empty() {
+            *clean = seen;
+        }
         Ok(lost)
+    }
+
+    /// Every segment file: name, length, inode, modification time (s, ns); `None`
+    /// when the directory cannot be read.
+    fn segment_files(&self) -> Option<Vec<(std::ffi::OsString, u64, u64, i64, i64)>> {
+        use std::os::unix::fs::MetadataExt;
+        let mut v = Vec::new();
+        for e in std::fs::read_dir(self.segs.dir()).ok()? {
+            let e = e.ok()?;
+            let m = e.metadata().ok()?;
+            v.push((e.file_name(), m.len(), m.ino(), m.mtime(), m.mtime_nsec()));
+        }
+        v.sort();
+        Some(v)
     }
 
     /// The database, for checks that walk whole tables (commit the group first).
