@@ -101,7 +101,8 @@ impl Inner {
     /// Attributes of the `.snapshots` directory (owned like the root, read and search
     /// for all, writable by whoever may write the root: mkdir there takes a snapshot).
     pub(super) fn snapdir_attr(&mut self) -> FsResult<Attr> {
-        let mut rec = self.inode(ROOT_INO)?;
+        // The root the mount shows (a replica's live root may be mid-receive).
+        let mut rec = self.inode_at(self.tree_epoch(), ROOT_INO)?;
         // Making and removing snapshots is for the root directory's owner: nobody else
         // may write here, even where the root is open to all (a sticky /tmp-like root).
         rec.perm &= 0o755;
