@@ -164,7 +164,7 @@ pub struct Store {
     damaged: Damaged,
     /// The segment files as [`Store::lost_extents`] last found them with nothing
     /// lost: while they are the same, nothing can have gone missing.
-    lost_clean: std::sync::Mutex<Option<Vec<(std::ffi::OsString, u64, u64, i64, i64)>>>,
+    lost_clean: std::sync::Mutex<Option<Vec<SegmentFile>>>,
     /// Operations were committed since the last durable commit (a durable point with
     /// nothing new commits nothing).
     undurable: bool,
@@ -284,6 +284,10 @@ pub const UNVERIFIED_MAX_EXTENTS: usize = 4096;
 /// across gaps of at most [`VERIFY_GAP`] between them.
 const VERIFY_RUN: u64 = 4 << 20;
 const VERIFY_GAP: u64 = 64 << 10;
+
+/// A segment file as `lost_extents` compares it: name, length, inode, modification
+/// time (seconds, nanoseconds).
+type SegmentFile = (std::ffi::OsString, u64, u64, i64, i64);
 
 impl Drop for Store {
     fn drop(&mut self) {
@@ -1279,7 +1283,7 @@ impl Store {
 
     /// Every segment file: name, length, inode, modification time (s, ns); `None`
     /// when the directory cannot be read.
-    fn segment_files(&self) -> Option<Vec<(std::ffi::OsString, u64, u64, i64, i64)>> {
+    fn segment_files(&self) -> Option<Vec<SegmentFile>> {
         use std::os::unix::fs::MetadataExt;
         let mut v = Vec::new();
         for e in std::fs::read_dir(self.segs.dir()).ok()? {
