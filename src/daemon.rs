@@ -637,26 +637,7 @@ fn serve_receive(conn: UnixStream, fs: &Fs) -> anyhow::Result<()> {
             ),
         );
     }
-    answer(
-        &conn,
-        &crate::control::Outcome {
-            text: String::new(),
-            code: 0,
-            error: false,
-        },
-    )?;
-    // The source may think for long (reading its store) while this side waits: no
-    // read limit. A CLI that stops reading lets go of this thread after 10 minutes.
-    conn.set_read_timeout(None)?;
-    conn.set_write_timeout(Some(Duration::from_secs(600)))?;
-    let r = crate::sync::wire::FrameReader::new(
-        BufReader::with_capacity(1 << 20, conn.try_clone()?),
-        None,
-    );
-    let w = crate::sync::wire::FrameWriter::new(
-        std::io::BufWriter::with_capacity(1 << 20, &conn),
-        None,
-    );
+    let (r, w) = session_conn(&conn)?;
     match receive_here(fs, None, r, w, None) {
         Ok(sum) => tracing::info!(snapshots = ?sum.snapshots, "sync: received"),
         Err(e) => tracing::warn!(error = %e, "sync: receive failed"),
@@ -1203,24 +1184,7 @@ fn serve_send(
         Ok(v) => v,
         Err(e) => return answer(&conn, &crate::commands::fail(format!("send: {e}"))),
     };
-    answer(
-        &conn,
-        &crate::control::Outcome {
-            text: String::new(),
-            code: 0,
-            error: false,
-        },
-    )?;
-    // The CLI at the other end relays to the destination, which may think for long
-    // (reading back what it has) while this side waits: no read limit. A CLI that
-    // stops reading altogether lets go of this thread after 10 minutes.
-    conn.set_read_timeout(None)?;
-    conn.set_write_timeout(Some(Duration::from_secs(600)))?;
-    let r = crate::sync::wire::FrameReader::new(BufReader::new(conn.try_clone()?), None);
-    let w = crate::sync::wire::FrameWriter::new(
-        std::io::BufWriter::with_capacity(1 << 20, &conn),
-        None,
-    );
+    let (r, w) = session_conn(&conn)?;
     let sum = match crate::sync::session::send_frozen(&mut view, only, dry_run, key, r, w) {
         Ok(sum) => sum,
         Err(e) => {
@@ -1245,6 +1209,36 @@ fn serve_send(
         }
     }
     Ok(())
+}
+
+/// Answers a `send` or `receive` request with success and frames the connection,
+/// which carries the session from then on. The CLI at the other end relays to the
+/// other side, which may think for long (reading its store) while this one waits: no
+/// read limit; a CLI that stops reading lets go of this thread after 10 minutes.
+#[allow(clippy::type_complexity)]
+fn session_conn(
+    conn: &UnixStream,
+) -> anyhow::Result<(
+    crate::sync::wire::FrameReader<BufReader<UnixStream>>,
+    crate::sync::wire::FrameWriter<std::io::BufWriter<&UnixStream>>,
+)> {
+    answer(
+        conn,
+        &crate::control::Outcome {
+            text: String::new(),
+            code: 0,
+            error: false,
+        },
+    )?;
+    conn.set_read_timeout(None)?;
+    conn.set_write_timeout(Some(Duration::from_secs(600)))?;
+    Ok((
+        crate::sync::wire::FrameReader::new(
+            BufReader::with_capacity(1 << 20, conn.try_clone()?),
+            None,
+        ),
+        crate::sync::wire::FrameWriter::new(std::io::BufWriter::with_capacity(1 << 20, conn), None),
+    ))
 }
 
 /// Sends `out` on `conn`: one line of JSON.
