@@ -375,6 +375,13 @@ pub fn mount(
         options.read_only = true;
         options.flags.retain(|f| *f != fuser::MountOption::RW);
         options.flags.push(fuser::MountOption::RO);
+        // What a source sends is not to be trusted as a setuid program or a device
+        // for every local user.
+        options
+            .flags
+            .retain(|f| !matches!(f, fuser::MountOption::Suid | fuser::MountOption::Dev));
+        options.flags.push(fuser::MountOption::NoSuid);
+        options.flags.push(fuser::MountOption::NoDev);
         options.writeback = false;
         fs.lock()
             .show_replica()

@@ -155,19 +155,25 @@ impl Inner {
         let Some(old) = self.replica_view else {
             return Ok(Vec::new());
         };
-        let new = self
-            .store
-            .snapshot_list(false)?
+        let snaps = self.store.snapshot_list(false)?;
+        let Some((name, new)) = snaps
             .iter()
-            .map(|(_, r)| r.epoch)
-            .max()
-            .unwrap_or(0);
+            .max_by_key(|(_, r)| r.epoch)
+            .map(|(n, r)| (n.clone(), r.epoch))
+        else {
+            return Ok(Vec::new());
+        };
         if new <= old {
             return Ok(Vec::new());
         }
-        *self.snap_open.entry(new).or_insert(0) += 1;
-        self.replica_view = Some(new);
-        let mut invals = vec![Inval::Inode(ROOT_INO)];
+        // Everything the kernel must forget, found before the view moves: a failure
+        // here leaves the old view shown, whole.
+        let mut invals = vec![
+            Inval::Inode(ROOT_INO),
+            // `.snapshots` lists one more (its cached listing and a negative entry go).
+            Inval::Inode(SNAPDIR_INO),
+            Inval::Entry(SNAPDIR_INO, name.into_bytes()),
+        ];
         if old == 0 {
             let txn = self.store.read_txn()?;
             scan_visible(
@@ -191,7 +197,16 @@ impl Inner {
                     _ => invals.push(Inval::Inode(c.ino)),
                 }
             }
-            self.release_snapshot_hold(old)?;
+        }
+        *self.snap_open.entry(new).or_insert(0) += 1;
+        self.replica_view = Some(new);
+        if old != 0
+            && let Err(e) = self.release_snapshot_hold(old)
+        {
+            // The view has moved all the same; the old snapshot's space comes back
+            // at a later durable tick.
+            tracing::warn!(error = %e, epoch = old, "a snapshot no longer shown is not freed yet");
+            self.deletions_pending = true;
         }
         invals.dedup();
         tracing::info!(epoch = new, "replica shows its newest snapshot");

@@ -129,8 +129,11 @@ fn ends(src: &Path, dest: &str, opts: &Options) -> Result<(End, End, bool), Sync
 pub fn dest_store(dest: &Path) -> Result<PathBuf, SyncError> {
     let mounted = std::fs::canonicalize(dest).is_ok_and(|c| crate::daemon::is_mounted(&c));
     if mounted && !crate::store::Store::exists(dest) {
-        return crate::daemon::resolve_store(dest)
-            .map_err(|e| SyncError::Protocol(format!("{e:#}")));
+        // A snapfs mount names its store; any other mount point (an empty disk, say)
+        // is where a new store is made.
+        if let Ok(store) = crate::daemon::resolve_store(dest) {
+            return Ok(store);
+        }
     }
     Ok(dest.to_path_buf())
 }
