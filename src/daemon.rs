@@ -578,8 +578,12 @@ fn replica_mode(fs: &Fs, store: &Path, options: &MountOptions) -> anyhow::Result
     Ok(true)
 }
 
-/// Only one session at a time receives into the store this daemon holds.
+/// Only one session at a time receives into the store this daemon holds; it is
+/// taken once the source has proven the key.
 static RECEIVING: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+/// How long a session that has proven the key waits for the one receiving before it.
+const RECEIVE_WAIT: Duration = Duration::from_secs(60);
 
 /// A sync sink into the store this daemon holds: each step under the core lock (the
 /// FUSE threads go on between steps), each snapshot shown as it commits. Ends the
@@ -587,12 +591,18 @@ static RECEIVING: std::sync::Mutex<()> = std::sync::Mutex::new(());
 struct DaemonSink<'a> {
     fs: &'a Fs,
     cancel: Arc<AtomicBool>,
+    /// [`RECEIVING`], once admitted.
+    one: Option<std::sync::MutexGuard<'static, ()>>,
 }
 
 impl<'a> DaemonSink<'a> {
     fn new(fs: &'a Fs) -> Self {
         let cancel = fs.lock().store().view_handles().1;
-        DaemonSink { fs, cancel }
+        DaemonSink {
+            fs,
+            cancel,
+            one: None,
+        }
     }
 }
 
@@ -607,6 +617,29 @@ impl crate::sync::session::SinkStore for DaemonSink<'_> {
             ));
         }
         f(self.fs.lock().store())
+    }
+
+    fn admit(&mut self) -> Result<(), crate::sync::session::SyncError> {
+        let until = std::time::Instant::now() + RECEIVE_WAIT;
+        loop {
+            match RECEIVING.try_lock() {
+                Ok(g) => {
+                    self.one = Some(g);
+                    return Ok(());
+                }
+                Err(std::sync::TryLockError::Poisoned(p)) => {
+                    self.one = Some(p.into_inner());
+                    return Ok(());
+                }
+                Err(std::sync::TryLockError::WouldBlock) => {}
+            }
+            if self.cancel.load(Ordering::SeqCst) || std::time::Instant::now() >= until {
+                return Err(crate::sync::session::SyncError::Protocol(
+                    "another session is receiving into this replica: try again later".into(),
+                ));
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
     }
 
     fn committed(&mut self) {
@@ -630,7 +663,6 @@ fn receive_here<R: std::io::Read, W: std::io::Write>(
     w: crate::sync::wire::FrameWriter<W>,
     proven: Option<&AtomicBool>,
 ) -> Result<crate::sync::session::Summary, crate::sync::session::SyncError> {
-    let _one = RECEIVING.lock().unwrap_or_else(|p| p.into_inner());
     crate::sync::session::receive_into(&mut DaemonSink::new(fs), key, r, w, proven)
 }
 
@@ -644,8 +676,17 @@ fn serve_receive(conn: UnixStream, fs: &Fs) -> anyhow::Result<()> {
             ),
         );
     }
-    let (r, w) = session_conn(&conn)?;
-    match receive_here(fs, None, r, w, None) {
+    let (r, w) = session_conn(&conn, Some(crate::sync::tcp::IDLE))?;
+    // A panic ends this session only: the mount goes on.
+    let res = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        receive_here(fs, None, r, w, None)
+    }))
+    .unwrap_or_else(|_| {
+        Err(crate::sync::session::SyncError::Protocol(
+            "the receiving thread panicked".into(),
+        ))
+    });
+    match res {
         Ok(sum) => tracing::info!(snapshots = ?sum.snapshots, "sync: received"),
         Err(e) => tracing::warn!(error = %e, "sync: receive failed"),
     }
@@ -1191,7 +1232,7 @@ fn serve_send(
         Ok(v) => v,
         Err(e) => return answer(&conn, &crate::commands::fail(format!("send: {e}"))),
     };
-    let (r, w) = session_conn(&conn)?;
+    let (r, w) = session_conn(&conn, None)?;
     let sum = match crate::sync::session::send_frozen(&mut view, only, dry_run, key, r, w) {
         Ok(sum) => sum,
         Err(e) => {
@@ -1219,12 +1260,15 @@ fn serve_send(
 }
 
 /// Answers a `send` or `receive` request with success and frames the connection,
-/// which carries the session from then on. The CLI at the other end relays to the
-/// other side, which may think for long (reading its store) while this one waits: no
-/// read limit; a CLI that stops reading lets go of this thread after 10 minutes.
+/// which carries the session from then on. A CLI that stops reading lets go of this
+/// thread after 10 minutes. `idle`: how long the other end may say nothing. A source
+/// waits for no limit: the destination may think for long (reading its store back).
+/// A destination waits as `snapfs serve` does, so a dead link (ssh's, say) does not
+/// hold the one receiving slot.
 #[allow(clippy::type_complexity)]
 fn session_conn(
     conn: &UnixStream,
+    idle: Option<Duration>,
 ) -> anyhow::Result<(
     crate::sync::wire::FrameReader<BufReader<UnixStream>>,
     crate::sync::wire::FrameWriter<std::io::BufWriter<&UnixStream>>,
@@ -1237,7 +1281,7 @@ fn session_conn(
             error: false,
         },
     )?;
-    conn.set_read_timeout(None)?;
+    conn.set_read_timeout(idle)?;
     conn.set_write_timeout(Some(Duration::from_secs(600)))?;
     Ok((
         crate::sync::wire::FrameReader::new(

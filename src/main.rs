@@ -373,9 +373,15 @@ fn sync(
 fn receive(store: &Path) -> anyhow::Result<ExitCode> {
     use snapfs::sync::wire::{FrameReader, FrameWriter};
     let store = &snapfs::sync::dest_store(store)?;
-    // A mounted store is received by its daemon: the frames pass through.
+    // A mounted store is received by its daemon: the frames pass through, and what
+    // they say decides how this ends.
     if let Some(conn) = snapfs::sync::relay::daemon_conn(store, &Request::Receive)? {
-        return pump(conn).map(|()| ExitCode::SUCCESS);
+        use snapfs::sync::relay::{End, relay};
+        let daemon = End::unix(conn).map_err(|e| anyhow::anyhow!("{e}"))?;
+        let (sum, res) = relay(End::stdio(), daemon, false, false, None);
+        res.map_err(|e| anyhow::anyhow!("receive into {}: {e}", store.display()))?;
+        tracing::info!(snapshots = ?sum.snapshots, "received");
+        return Ok(ExitCode::SUCCESS);
     }
     let sum = snapfs::sync::session::receive(
         store,
@@ -392,37 +398,6 @@ fn receive(store: &Path) -> anyhow::Result<ExitCode> {
     .map_err(|e| anyhow::anyhow!("receive into {}: {e}", store.display()))?;
     tracing::info!(snapshots = ?sum.snapshots, "received");
     Ok(ExitCode::SUCCESS)
-}
-
-/// Passes standard input to `conn` and what comes back to standard output, until
-/// both directions end.
-fn pump(conn: std::os::unix::net::UnixStream) -> anyhow::Result<()> {
-    let mut to = conn.try_clone()?;
-    let up = std::thread::spawn(move || {
-        let res = std::io::copy(&mut std::io::stdin().lock(), &mut to);
-        let _ = to.shutdown(std::net::Shutdown::Write);
-        res
-    });
-    // Each read passed on at once: stdout's own buffer holds bytes until a newline.
-    let mut out = std::io::stdout().lock();
-    let mut buf = vec![0u8; 1 << 16];
-    loop {
-        let n = match std::io::Read::read(&mut &conn, &mut buf) {
-            Ok(0) => break,
-            Ok(n) => n,
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-            Err(e) => return Err(e.into()),
-        };
-        std::io::Write::write_all(&mut out, &buf[..n])?;
-        std::io::Write::flush(&mut out)?;
-    }
-    // The daemon has said all it will: the source's end of the session is over too.
-    drop(out);
-    let _ = conn.shutdown(std::net::Shutdown::Both);
-    if up.is_finished() {
-        let _ = up.join();
-    }
-    Ok(())
 }
 
 /// Runs a command through the daemon serving the store, or on the store opened here.

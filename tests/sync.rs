@@ -488,6 +488,76 @@ fn a_mounted_source_replicates_over_every_transport_into_mounted_replicas() {
     );
 }
 
+#[test]
+fn a_mounted_replica_is_not_held_by_an_idle_peer_and_a_failed_receive_says_so() {
+    let mut src = Mount::new();
+    let dir = src.dir.path().to_path_buf();
+    let key = key_file(&dir, "key", "a shared secret for the idle peer");
+    let port = free_port();
+    let listen = format!("listen=127.0.0.1:{port},key_file={}", key.display());
+    let replica = Mount::at(dir.join("replica"), dir.join("replica-mnt"), &[&listen]);
+    populate(&src.mnt, 31);
+    snapfs(&["snapshot", "create", src.mnt.to_str().unwrap(), "one"]);
+    // A peer that connects to the replica's listener and says nothing: until it has
+    // proven the key it holds nothing, so a sync by the mountpoint goes on at once.
+    let idle = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    let out = snapfs(&[
+        "sync",
+        src.mnt.to_str().unwrap(),
+        replica.mnt.to_str().unwrap(),
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // The idle peer is still connected (the listener cuts it off 10 s after it came):
+    // the sync did not wait for it.
+    idle.set_nonblocking(true).unwrap();
+    let mut b = [0u8; 1];
+    let r = std::io::Read::read(&mut &idle, &mut b);
+    assert!(
+        matches!(&r, Err(e) if e.kind() == std::io::ErrorKind::WouldBlock),
+        "the idle peer was cut off before the sync ended: {r:?}"
+    );
+    assert_eq!(snapshot_names(&replica.store), ["one"]);
+    // `snapfs receive` relaying to the daemon: a stream that is not a session fails,
+    // with a non-zero exit, and the replica is unchanged.
+    let mut child = std::process::Command::new(SNAPFS)
+        .args(["receive", replica.store.to_str().unwrap()])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    {
+        let mut stdin = child.stdin.take().unwrap();
+        std::io::Write::write_all(&mut stdin, &[9, 0, 0, 0, 1, 2, 3]).unwrap();
+    }
+    let out = child.wait_with_output().unwrap();
+    assert!(!out.status.success(), "a broken stream was received");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("receive into"), "{err}");
+    let before = tree_digest(&replica.mnt);
+    assert_eq!(before, tree_digest(&src.path(".snapshots/one")));
+    // And the replica still receives.
+    std::fs::write(src.path("later"), b"later").unwrap();
+    snapfs(&["snapshot", "create", src.mnt.to_str().unwrap(), "two"]);
+    let out = snapfs(&[
+        "sync",
+        src.mnt.to_str().unwrap(),
+        replica.mnt.to_str().unwrap(),
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(std::fs::read(replica.path("later")).unwrap(), b"later");
+    drop(idle);
+    src.unmount();
+}
+
 /// The segment files of a store, largest first.
 fn segments(store: &Path) -> Vec<(std::path::PathBuf, u64)> {
     let mut v: Vec<_> = std::fs::read_dir(store.join("segments"))

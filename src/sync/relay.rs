@@ -7,6 +7,7 @@
 //! passed, wherever the two ends run. The relay holds no key: on a keyed session it
 //! passes the MACs on for the ends to check.
 
+use std::collections::{HashMap, HashSet};
 use std::io::{BufRead, BufReader, BufWriter, Read, Write};
 use std::os::unix::net::UnixStream;
 use std::path::Path;
@@ -15,7 +16,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use super::session::{Summary, SyncError};
+use super::session::{Summary, SyncError, first_namings};
 use super::wire::{Frame, FrameReader, RawFrame, WireError};
 
 /// The writing half of an end, which can be closed on its own so that the far side
@@ -27,6 +28,8 @@ pub enum Sink {
     Tcp(std::net::TcpStream),
     /// A child's standard input (ssh).
     Child(Option<std::process::ChildStdin>),
+    /// This process's standard output (`snapfs receive` relaying to a daemon).
+    Stdout,
 }
 
 impl Sink {
@@ -39,6 +42,9 @@ impl Sink {
                 let _ = s.shutdown(std::net::Shutdown::Write);
             }
             Sink::Child(c) => drop(c.take()),
+            Sink::Stdout => {
+                let _ = std::io::stdout().flush();
+            }
         }
     }
 }
@@ -50,6 +56,7 @@ impl Write for Sink {
             Sink::Tcp(s) => s.write(buf),
             Sink::Child(Some(c)) => c.write(buf),
             Sink::Child(None) => Err(std::io::ErrorKind::BrokenPipe.into()),
+            Sink::Stdout => std::io::stdout().write(buf),
         }
     }
 
@@ -59,6 +66,7 @@ impl Write for Sink {
             Sink::Tcp(s) => s.flush(),
             Sink::Child(Some(c)) => c.flush(),
             Sink::Child(None) => Ok(()),
+            Sink::Stdout => std::io::stdout().flush(),
         }
     }
 }
@@ -94,6 +102,17 @@ impl End {
         })
     }
 
+    /// This process's standard input and output (the source, as `snapfs receive`
+    /// sees it over ssh).
+    pub fn stdio() -> End {
+        End {
+            r: Box::new(std::io::stdin()),
+            w: Sink::Stdout,
+            task: None,
+            child: None,
+        }
+    }
+
     /// An end across a connected stream.
     pub fn unix(s: UnixStream) -> Result<End, SyncError> {
         Ok(End {
@@ -121,12 +140,47 @@ pub struct Observed {
 /// Counters the relay threads update and the progress display reads.
 #[derive(Default)]
 struct Live {
-    /// Bytes the snapshots announced so far take at most.
-    planned: AtomicU64,
     payload: AtomicU64,
     wire: AtomicU64,
     snapshot: Mutex<String>,
     committed: AtomicU64,
+    tally: Mutex<Tally>,
+}
+
+/// What the progress knows of the bytes the snapshot being sent takes. Bytes are
+/// counted as the source's plan counts them ([`first_namings`]): each extent once, by
+/// what the records name of it. The destination's acknowledgements say which of a
+/// batch's extents it lacks, and so what the batch takes exactly; the batches not
+/// acknowledged yet are estimated at the rate of those that are (all of it, before
+/// the first).
+#[derive(Default)]
+struct Tally {
+    /// The plan's bytes for this snapshot.
+    plan: u64,
+    /// Extents this snapshot's batches named so far.
+    seen: HashSet<[u8; 32]>,
+    /// Batches sent and not acknowledged: the extents each names first, with bytes.
+    pending: HashMap<u64, HashMap<[u8; 32], u64>>,
+    /// Bytes the acknowledged batches name, and those the destination lacked.
+    acked: u64,
+    lacked: u64,
+    /// Extents asked for and not sent yet, and their bytes.
+    owed: HashMap<[u8; 32], u64>,
+    owed_bytes: u64,
+}
+
+impl Tally {
+    /// The payload the session will have sent at the end of this snapshot, given
+    /// `payload` sent so far; and whether that is exact (every batch acknowledged).
+    fn total(&self, payload: u64) -> (u64, bool) {
+        let rest = self.plan.saturating_sub(self.acked);
+        let rest = if self.acked == 0 {
+            rest
+        } else {
+            (rest as u128 * self.lacked as u128 / self.acked as u128) as u64
+        };
+        (payload + self.owed_bytes + rest, rest == 0)
+    }
 }
 
 /// Joins `src` and `dst` until both are done; `keyed`: the two ends share a key (TCP),
@@ -300,6 +354,12 @@ fn watch(raw: &RawFrame, up: bool, live: &Live, seen: &Mutex<Observed>) {
     if raw.is_extent() {
         // The hash, then the bytes: not decoded (that would copy them).
         let n = raw.body.len().saturating_sub(32) as u64;
+        if let Some(hash) = raw.body.first_chunk::<32>() {
+            let mut t = live.tally.lock().unwrap_or_else(|p| p.into_inner());
+            if let Some(b) = t.owed.remove(hash) {
+                t.owed_bytes -= b;
+            }
+        }
         live.payload.fetch_add(n, Ordering::Relaxed);
         let mut o = seen.lock().unwrap_or_else(|p| p.into_inner());
         o.sum.extents += 1;
@@ -319,7 +379,10 @@ fn watch(raw: &RawFrame, up: bool, live: &Live, seen: &Mutex<Observed>) {
             bytes,
         } => {
             tracing::trace!(dir, snapshot = %snapshot.name, records, extents, bytes, "sync: plan");
-            live.planned.fetch_add(bytes, Ordering::Relaxed);
+            *live.tally.lock().unwrap_or_else(|p| p.into_inner()) = Tally {
+                plan: bytes,
+                ..Tally::default()
+            };
             o.sum.planned.push((snapshot.name, records, extents, bytes));
         }
         Frame::Hello { dry_run, .. } => {
@@ -333,9 +396,29 @@ fn watch(raw: &RawFrame, up: bool, live: &Live, seen: &Mutex<Observed>) {
         Frame::Records { batch, records } => {
             tracing::trace!(dir, batch, records = records.len(), "sync: records");
             o.sum.records += records.len() as u64;
+            let mut t = live.tally.lock().unwrap_or_else(|p| p.into_inner());
+            let mut named = HashMap::new();
+            for rec in &records {
+                // A record that does not decode is the destination's to refuse.
+                let _ = first_namings(rec, &mut t.seen, |h, len| {
+                    named.insert(*h, len);
+                });
+            }
+            t.pending.insert(batch, named);
         }
         Frame::Ack { batch, missing } => {
             tracing::trace!(dir, batch, missing = missing.len(), "sync: ack");
+            let mut t = live.tally.lock().unwrap_or_else(|p| p.into_inner());
+            if let Some(mut named) = t.pending.remove(&batch) {
+                t.acked += named.values().sum::<u64>();
+                for h in missing {
+                    if let Some(len) = named.remove(&h) {
+                        t.lacked += len;
+                        t.owed_bytes += len;
+                        t.owed.insert(h, len);
+                    }
+                }
+            }
         }
         Frame::Committed { name } => {
             tracing::trace!(dir, snapshot = %name, "sync: committed");
@@ -369,45 +452,48 @@ fn show(live: &Live, stop: std::sync::mpsc::Receiver<()>) {
         )
     };
     use std::io::IsTerminal;
-    let t0 = Instant::now();
-    let line = |live: &Live| {
+    // What is sent, what it will be at the end of this snapshot, whether that is
+    // exact, and what to say beside the bar.
+    let now = |live: &Live| {
         let payload = live.payload.load(Ordering::Relaxed);
-        let planned = live.planned.load(Ordering::Relaxed);
-        let secs = t0.elapsed().as_secs_f64().max(1e-3);
-        let rate = payload as f64 / secs;
-        // From the plans: the dedup on the way can only make it shorter.
-        let eta = if rate > 0.0 && planned > payload {
-            format!(", about {:.0} s left", (planned - payload) as f64 / rate)
-        } else {
-            String::new()
-        };
-        format!(
-            "{}: {} snapshots committed, {} of about {} sent ({}/s{eta}), {} on the wire",
+        let (total, exact) = live
+            .tally
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .total(payload);
+        let msg = format!(
+            "{}: {} snapshots committed, {} on the wire",
             live.snapshot.lock().unwrap_or_else(|p| p.into_inner()),
             live.committed.load(Ordering::Relaxed),
-            indicatif::HumanBytes(payload),
-            indicatif::HumanBytes(planned),
-            indicatif::HumanBytes(rate as u64),
             indicatif::HumanBytes(live.wire.load(Ordering::Relaxed)),
-        )
+        );
+        (payload, total, exact, msg)
+    };
+    // Nothing is shown before the first snapshot: ssh may still be asking for a
+    // password or a host key on the terminal.
+    let started = |live: &Live| {
+        !live
+            .snapshot
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .is_empty()
     };
     if std::io::stderr().is_terminal() {
-        let bar = indicatif::ProgressBar::new_spinner();
+        let bar = indicatif::ProgressBar::new(0);
         bar.set_style(
-            indicatif::ProgressStyle::with_template("{spinner} {msg} [{elapsed_precise}]")
-                .unwrap_or_else(|_| indicatif::ProgressStyle::default_spinner()),
+            indicatif::ProgressStyle::with_template(
+                "{msg}\n[{elapsed_precise}] {wide_bar} {bytes}/{total_bytes} {bytes_per_sec}, {eta} left",
+            )
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
         );
+        let mut shown = false;
         loop {
-            // Nothing drawn before the first snapshot: ssh may still be asking for
-            // a password or a host key on the terminal.
-            if !live
-                .snapshot
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .is_empty()
-            {
-                bar.set_message(line(live));
-                bar.tick();
+            if shown || started(live) {
+                shown = true;
+                let (payload, total, _, msg) = now(live);
+                bar.set_length(total);
+                bar.set_position(payload);
+                bar.set_message(msg);
             }
             if tick() {
                 break;
@@ -415,10 +501,24 @@ fn show(live: &Live, stop: std::sync::mpsc::Receiver<()>) {
         }
         bar.finish_and_clear();
     } else {
+        let t0 = Instant::now();
         let mut next = Instant::now() + Duration::from_secs(10);
         while !tick() {
-            if Instant::now() >= next {
-                eprintln!("snapfs sync: {}", line(live));
+            if Instant::now() >= next && started(live) {
+                let (payload, total, exact, msg) = now(live);
+                let rate = payload as f64 / t0.elapsed().as_secs_f64().max(1e-3);
+                let left = if rate > 0.0 && total > payload {
+                    format!(", {:.0} s left", (total - payload) as f64 / rate)
+                } else {
+                    String::new()
+                };
+                eprintln!(
+                    "snapfs sync: {msg}; {} of {}{} sent ({}/s{left})",
+                    indicatif::HumanBytes(payload),
+                    if exact { "" } else { "about " },
+                    indicatif::HumanBytes(total),
+                    indicatif::HumanBytes(rate as u64),
+                );
                 next += Duration::from_secs(10);
             }
         }
@@ -510,4 +610,122 @@ pub fn collect_stderr(r: impl Read + Send + 'static) -> std::sync::mpsc::Receive
         let _ = tx.send(kept.into_iter().collect());
     });
     rx
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::schema::{BlockRec, KIND_BLOCK, PAGE};
+    use crate::sync::wire::{Record, SnapRef};
+
+    fn see(f: Frame, up: bool, live: &Live) {
+        let (t, body) = f.encode();
+        let seen = Mutex::new(Observed::default());
+        watch(&RawFrame { t, body, mac: None }, up, live, &seen);
+    }
+
+    /// A block record naming `hash` whole (`len` bytes).
+    fn block(ino: u64, sub: u64, hash: u8, len: u32) -> Record {
+        let mut payload = Vec::new();
+        BlockRec::whole([hash; 32], len).encode(&mut payload);
+        Record {
+            ino,
+            kind: KIND_BLOCK,
+            sub,
+            name: Vec::new(),
+            payload: Some(payload),
+        }
+    }
+
+    fn total(live: &Live) -> (u64, bool) {
+        let payload = live.payload.load(Ordering::Relaxed);
+        live.tally.lock().unwrap().total(payload)
+    }
+
+    #[test]
+    fn the_total_is_exact_once_every_batch_is_acknowledged() {
+        let live = Live::default();
+        let snap = SnapRef {
+            name: "s".into(),
+            created_sec: 0,
+            created_nsec: 0,
+        };
+        // Two batches of 4 extents of 64 KiB, one named twice (counted once): the
+        // plan says 7 extents.
+        let len = 16 * PAGE as u32;
+        let b0: Vec<Record> = (0..4).map(|i| block(2, i, i as u8, len)).collect();
+        let mut b1: Vec<Record> = (4..7).map(|i| block(2, i, i as u8, len)).collect();
+        b1.push(block(3, 0, 0, len));
+        let plan = 7 * len as u64;
+        see(
+            Frame::Plan {
+                snapshot: snap.clone(),
+                records: 8,
+                extents: 7,
+                bytes: plan,
+            },
+            true,
+            &live,
+        );
+        assert_eq!(total(&live), (plan, false), "before any ack: the plan");
+        see(
+            Frame::Records {
+                batch: 0,
+                records: b0,
+            },
+            true,
+            &live,
+        );
+        // The destination lacks one of batch 0's four.
+        see(
+            Frame::Ack {
+                batch: 0,
+                missing: vec![[2; 32]],
+            },
+            false,
+            &live,
+        );
+        // One extent owed, and the 3 not acknowledged at a quarter: 0.75 of one.
+        assert_eq!(total(&live), (len as u64 + 3 * len as u64 / 4, false));
+        see(
+            Frame::Extent {
+                hash: [2; 32],
+                data: vec![7; len as usize],
+            },
+            true,
+            &live,
+        );
+        assert_eq!(total(&live).0, len as u64 + 3 * len as u64 / 4);
+        see(
+            Frame::Records {
+                batch: 1,
+                records: b1,
+            },
+            true,
+            &live,
+        );
+        // Batch 1 lacks two of its three new extents (and names 0 again); a lost
+        // extent no batch names rides along and is not counted ahead.
+        see(
+            Frame::Ack {
+                batch: 1,
+                missing: vec![[4; 32], [6; 32], [9; 32]],
+            },
+            false,
+            &live,
+        );
+        assert_eq!(total(&live), (3 * len as u64, true), "exact");
+        for h in [4u8, 6] {
+            see(
+                Frame::Extent {
+                    hash: [h; 32],
+                    data: vec![h; len as usize],
+                },
+                true,
+                &live,
+            );
+        }
+        assert_eq!(total(&live), (3 * len as u64, true));
+        assert_eq!(live.payload.load(Ordering::Relaxed), 3 * len as u64);
+    }
 }

@@ -46,6 +46,11 @@ pub trait SinkStore {
     ) -> Result<T, SyncError>;
     /// A snapshot was received: a mounted replica shows it now.
     fn committed(&mut self) {}
+    /// The source has proven the key: the sink may now take what only one session
+    /// may hold at a time (an error when it cannot, in time).
+    fn admit(&mut self) -> Result<(), SyncError> {
+        Ok(())
+    }
 }
 
 impl SinkStore for Store {
@@ -405,9 +410,10 @@ fn send_inner<R: Read, W: Write>(
                 })?
             }
         }
-        // What it takes: the plan comes first (the progress shown), or alone. A dry
-        // run counts each extent once, at the cost of a set and a lookup each; a
-        // real one adds up what the block records name.
+        // What it takes: the plan comes first (the progress shown), or alone. Each
+        // extent counts once. A dry run looks up each one's length; a real one
+        // counts what the records name of it, as the relay counts the batches and
+        // their acknowledgements.
         let (mut n, mut bytes) = (0u64, 0u64);
         if dry_run {
             let mut named: HashSet<[u8; 32]> = HashSet::new();
@@ -423,12 +429,12 @@ fn send_inner<R: Read, W: Write>(
             }
             n = named.len() as u64;
         } else {
+            let mut seen = HashSet::new();
             for rec in &records {
-                if let (KIND_BLOCK, Some(p)) = (rec.kind, &rec.payload) {
-                    let b = BlockRec::decode(p)?;
-                    n += b.extents().count() as u64;
-                    bytes += b.stored_bytes();
-                }
+                first_namings(rec, &mut seen, |_, len| {
+                    n += 1;
+                    bytes += len;
+                })?;
             }
         }
         w.send(&Frame::Plan {
@@ -616,6 +622,32 @@ fn receive_inner<R: Read, W: Write>(
     accept(&mut store, fresh, &hello, r, w)
 }
 
+/// The extents `rec` (a block record; others name none) names that are not in
+/// `seen` yet, each with the bytes the record names of it (a base its length, a
+/// fragment its pages), added to `seen`: how the source's plan and the relay's
+/// progress count one snapshot's extents, each once, the same way.
+pub fn first_namings(
+    rec: &Record,
+    seen: &mut HashSet<[u8; 32]>,
+    mut f: impl FnMut(&[u8; 32], u64),
+) -> Result<(), crate::store::StoreError> {
+    let (KIND_BLOCK, Some(p)) = (rec.kind, &rec.payload) else {
+        return Ok(());
+    };
+    let b = BlockRec::decode(p)?;
+    let base = (b.len > 0).then_some((&b.hash, b.len as u64));
+    let frags = b
+        .frags
+        .iter()
+        .map(|fr| (&fr.hash, fr.n as u64 * PAGE as u64));
+    for (h, len) in base.into_iter().chain(frags) {
+        if seen.insert(*h) {
+            f(h, len);
+        }
+    }
+    Ok(())
+}
+
 /// Receives into the store a mounted daemon holds (`st`), over a connection whose
 /// first frame is the source's `Hello`.
 pub fn receive_into<S: SinkStore, R: Read, W: Write>(
@@ -625,8 +657,10 @@ pub fn receive_into<S: SinkStore, R: Read, W: Write>(
     mut w: FrameWriter<W>,
     proven: Option<&std::sync::atomic::AtomicBool>,
 ) -> Result<Summary, SyncError> {
-    let res =
-        handshake(key, &mut r, &mut w, proven).and_then(|h| accept(st, false, &h, &mut r, &mut w));
+    let res = handshake(key, &mut r, &mut w, proven).and_then(|h| {
+        st.admit()?;
+        accept(st, false, &h, &mut r, &mut w)
+    });
     tell_peer(&mut w, &res);
     res
 }

@@ -119,7 +119,11 @@ pub fn serve_on(
             *watched.lock().unwrap_or_else(|p| p.into_inner()) =
                 Some((c, std::time::Instant::now() + HANDSHAKE, proven.clone()));
         }
-        let res = framed(conn).and_then(|(r, w)| session(r, w, &proven));
+        // A panic ends this session only: the next one is served.
+        let res = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            framed(conn).and_then(|(r, w)| session(r, w, &proven))
+        }))
+        .unwrap_or_else(|_| Err(SyncError::Protocol("the session's thread panicked".into())));
         *watched.lock().unwrap_or_else(|p| p.into_inner()) = None;
         match res {
             Ok(sum) => tracing::info!(%peer, snapshots = ?sum.snapshots, "sync: received"),

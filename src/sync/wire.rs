@@ -147,10 +147,11 @@ pub enum Frame {
         snapshot: SnapRef,
         /// Records that differ from the base.
         records: u64,
-        /// Extents those records name: each once on a dry run; otherwise each
-        /// naming (an estimate, for progress).
+        /// Extents those records name, each once.
         extents: u64,
-        /// Their bytes, counted the same way.
+        /// Their bytes: on a dry run, the extents' lengths; otherwise what the
+        /// records name of each (a base its length, a fragment its pages), which is
+        /// what the relay counts of the batches as they go.
         bytes: u64,
     },
     /// Source: a snapshot follows, as an incremental from `base` (or whole).
