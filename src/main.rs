@@ -378,7 +378,8 @@ fn receive(store: &Path) -> anyhow::Result<ExitCode> {
     if let Some(conn) = snapfs::sync::relay::daemon_conn(store, &Request::Receive)? {
         use snapfs::sync::relay::{End, relay};
         let daemon = End::unix(conn).map_err(|e| anyhow::anyhow!("{e}"))?;
-        let (sum, res) = relay(End::stdio(), daemon, false, false, None);
+        let here = End::stdio().map_err(|e| anyhow::anyhow!("{e}"))?;
+        let (sum, res) = relay(here, daemon, false, false, None);
         res.map_err(|e| anyhow::anyhow!("receive into {}: {e}", store.display()))?;
         tracing::info!(snapshots = ?sum.snapshots, "received");
         return Ok(ExitCode::SUCCESS);

@@ -9,6 +9,7 @@
 
 use std::collections::{HashMap, HashSet};
 use std::io::{BufRead, BufReader, BufWriter, Read, Write};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::sync::Mutex;
@@ -28,11 +29,22 @@ pub enum Sink {
     Tcp(std::net::TcpStream),
     /// A child's standard input (ssh).
     Child(Option<std::process::ChildStdin>),
-    /// This process's standard output (`snapfs receive` relaying to a daemon).
-    Stdout,
+    /// This process's standard output (`snapfs receive` relaying to a daemon),
+    /// unbuffered.
+    Stdout(std::fs::File),
 }
 
 impl Sink {
+    /// Its descriptor, while it is open.
+    fn raw_fd(&self) -> Option<RawFd> {
+        match self {
+            Sink::Unix(s) => Some(s.as_raw_fd()),
+            Sink::Tcp(s) => Some(s.as_raw_fd()),
+            Sink::Child(c) => c.as_ref().map(|c| c.as_raw_fd()),
+            Sink::Stdout(f) => Some(f.as_raw_fd()),
+        }
+    }
+
     fn close(&mut self) {
         match self {
             Sink::Unix(s) => {
@@ -42,9 +54,7 @@ impl Sink {
                 let _ = s.shutdown(std::net::Shutdown::Write);
             }
             Sink::Child(c) => drop(c.take()),
-            Sink::Stdout => {
-                let _ = std::io::stdout().flush();
-            }
+            Sink::Stdout(_) => {}
         }
     }
 }
@@ -56,7 +66,7 @@ impl Write for Sink {
             Sink::Tcp(s) => s.write(buf),
             Sink::Child(Some(c)) => c.write(buf),
             Sink::Child(None) => Err(std::io::ErrorKind::BrokenPipe.into()),
-            Sink::Stdout => std::io::stdout().write(buf),
+            Sink::Stdout(f) => f.write(buf),
         }
     }
 
@@ -66,7 +76,7 @@ impl Write for Sink {
             Sink::Tcp(s) => s.flush(),
             Sink::Child(Some(c)) => c.flush(),
             Sink::Child(None) => Ok(()),
-            Sink::Stdout => std::io::stdout().flush(),
+            Sink::Stdout(_) => Ok(()),
         }
     }
 }
@@ -75,6 +85,8 @@ impl Write for Sink {
 pub struct End {
     /// What the end says.
     pub r: Box<dyn Read + Send>,
+    /// `r`'s descriptor, when it is one a relay can splice from.
+    pub rfd: Option<RawFd>,
     /// What the end is told.
     pub w: Sink,
     /// The thread running the end here, if it runs here.
@@ -94,8 +106,10 @@ impl End {
             .name(name.into())
             .spawn(move || f(b))
             .map_err(WireError::Io)?;
+        let r = a.try_clone().map_err(WireError::Io)?;
         Ok(End {
-            r: Box::new(a.try_clone().map_err(WireError::Io)?),
+            rfd: Some(r.as_raw_fd()),
+            r: Box::new(r),
             w: Sink::Unix(a),
             task: Some(task),
             child: None,
@@ -104,19 +118,29 @@ impl End {
 
     /// This process's standard input and output (the source, as `snapfs receive`
     /// sees it over ssh).
-    pub fn stdio() -> End {
-        End {
-            r: Box::new(std::io::stdin()),
-            w: Sink::Stdout,
+    pub fn stdio() -> Result<End, SyncError> {
+        use std::os::fd::AsFd;
+        // Copies of the descriptors, read and written without the standard
+        // streams' buffers (a relay splices from and to them).
+        let dup = |fd: std::os::fd::BorrowedFd| -> Result<std::fs::File, SyncError> {
+            Ok(fd.try_clone_to_owned().map_err(WireError::Io)?.into())
+        };
+        let r = dup(std::io::stdin().as_fd())?;
+        Ok(End {
+            rfd: Some(r.as_raw_fd()),
+            r: Box::new(r),
+            w: Sink::Stdout(dup(std::io::stdout().as_fd())?),
             task: None,
             child: None,
-        }
+        })
     }
 
     /// An end across a connected stream.
     pub fn unix(s: UnixStream) -> Result<End, SyncError> {
+        let r = s.try_clone().map_err(WireError::Io)?;
         Ok(End {
-            r: Box::new(s.try_clone().map_err(WireError::Io)?),
+            rfd: Some(r.as_raw_fd()),
+            r: Box::new(r),
             w: Sink::Unix(s),
             task: None,
             child: None,
@@ -201,7 +225,7 @@ pub fn relay(
     // Dropped when the session is over: the progress display stops at once.
     let (finished, stop) = std::sync::mpsc::channel::<()>();
     std::thread::scope(|s| {
-        let (sr, dr) = (&mut src.r, &mut dst.r);
+        let (sr, dr) = ((&mut src.r, src.rfd), (&mut dst.r, dst.rfd));
         let (sw, dw) = (&mut src.w, &mut dst.w);
         let (live, seen) = (&live, &seen);
         let shown = progress.then(|| s.spawn(move || show(live, stop)));
@@ -278,9 +302,11 @@ fn finish(end: &mut End) -> Result<(), SyncError> {
 
 /// Passes frames from `r` to `w` until `r` ends, watching them; `up`: from the
 /// source to the destination. When `w` fails, what `r` still says is read and
-/// dropped, so the end writing it is never left blocked.
+/// dropped, so the end writing it is never left blocked. Where both ends are
+/// descriptors, the bytes of each extent past its hash go from one to the other
+/// through a pipe (splice(2)), never through this process's memory.
 fn pump(
-    r: &mut Box<dyn Read + Send>,
+    (r, rfd): (&mut Box<dyn Read + Send>, Option<RawFd>),
     w: &mut Sink,
     keyed: bool,
     up: bool,
@@ -291,29 +317,65 @@ fn pump(
     // Pacing: `passed` bytes may not go before `passed / limit` seconds from `t0`.
     let t0 = Instant::now();
     let mut passed = 0u64;
+    // SNAPFS_SYNC_SPLICE=0 copies instead (to measure what splicing saves).
+    let splice = std::env::var_os("SNAPFS_SYNC_SPLICE").is_none_or(|v| v != "0");
+    let mut pipe = rfd
+        .zip(w.raw_fd())
+        .filter(|_| splice)
+        .and_then(|fds| Pipe::new(fds).ok());
     {
-        let mut fr = FrameReader::new(BufReader::with_capacity(1 << 20, r), None);
+        // Spliced, the reader holds little ahead (what it holds is copied): an
+        // extent's header and hash, or a MAC, the next header and hash. Bodies
+        // longer than that are read past the buffer.
+        let cap = if pipe.is_some() {
+            5 + 32 + super::wire::MAC_LEN
+        } else {
+            1 << 20
+        };
+        let mut fr = FrameReader::new(BufReader::with_capacity(cap, r), None);
         let mut out = Some(BufWriter::with_capacity(1 << 20, &mut *w));
         loop {
-            let raw = match fr.read_raw() {
-                Ok(Some(raw)) => raw,
+            let res = match fr.read_head() {
+                Ok(Some((t, n))) if t == super::wire::T_EXTENT && n >= 32 && out.is_some() => {
+                    match &mut pipe {
+                        Some(p) => pass_extent(&mut fr, n, p, &mut out, live, seen),
+                        None => fr.read_body(t, n).map(|raw| {
+                            watch(&raw, up, live, seen);
+                            Passing::Frame(raw)
+                        }),
+                    }
+                }
+                Ok(Some((t, n))) => fr.read_body(t, n).map(|raw| {
+                    watch(&raw, up, live, seen);
+                    Passing::Frame(raw)
+                }),
                 Ok(None) => break,
+                Err(e) => Err(e),
+            };
+            let passing = match res {
+                Ok(p) => p,
                 Err(e) => {
                     tracing::debug!(up, error = %e, "sync: relay read ended");
                     // What the end still writes is read and dropped, so that it is
                     // never left blocked.
-                    let _ = std::io::copy(&mut fr.into_inner(), &mut std::io::sink());
+                    let _ = std::io::copy(fr.get_mut(), &mut std::io::sink());
                     break;
                 }
             };
-            watch(&raw, up, live, seen);
-            // After the handshake, frames carry MACs (the source's after its Proof, the
-            // destination's after its Welcome).
-            if keyed && raw.t == handshake_end(up) {
-                fr.pass_macs();
+            if let Passing::Frame(raw) = &passing {
+                // After the handshake, frames carry MACs (the source's after its
+                // Proof, the destination's after its Welcome).
+                if keyed && raw.t == handshake_end(up) {
+                    fr.pass_macs();
+                }
             }
             if let Some(o) = &mut out {
-                let res = raw.write_to(o).and_then(|n| {
+                let res = match &passing {
+                    Passing::Frame(raw) => raw.write_to(o),
+                    Passing::Spliced(n) => Ok(*n),
+                    Passing::Broken(e) => Err(std::io::Error::new(e.kind(), e.to_string())),
+                }
+                .and_then(|n| {
                     live.wire.fetch_add(n, Ordering::Relaxed);
                     passed += n;
                     let due = limit.map(|l| Duration::from_secs_f64(passed as f64 / l as f64));
@@ -331,12 +393,191 @@ fn pump(
                     out = None;
                 }
             }
+            if matches!(passing, Passing::Broken(_)) {
+                // The pipe may hold bytes of a frame that did not go: never used again.
+                pipe = None;
+            }
         }
         if let Some(mut o) = out {
             let _ = o.flush();
         }
     }
     w.close();
+}
+
+/// What became of a frame read.
+enum Passing {
+    /// Read whole, to be written.
+    Frame(RawFrame),
+    /// An extent passed on already: its bytes on the wire.
+    Spliced(u64),
+    /// An extent whose writing failed (what of it was read has been read).
+    Broken(std::io::Error),
+}
+
+/// Passes on an extent frame whose header `fr` has read (`n` bytes of body follow):
+/// its header, hash and what `fr` holds of its bytes through `out`, the rest by
+/// splice from `fr`'s descriptor to `out`'s, then its MAC.
+fn pass_extent<R: Read>(
+    fr: &mut FrameReader<BufReader<R>>,
+    n: usize,
+    pipe: &mut Pipe,
+    out: &mut Option<BufWriter<&mut Sink>>,
+    live: &Live,
+    seen: &Mutex<Observed>,
+) -> Result<Passing, WireError> {
+    let mut hash = [0u8; 32];
+    fr.get_mut()
+        .read_exact(&mut hash)
+        .map_err(|_| WireError::Truncated)?;
+    let rest = n - 32;
+    let held = rest.min(fr.get_ref().buffer().len());
+    saw_extent(&hash, rest as u64, live, seen);
+    let o = out.as_mut().expect("called with a writer");
+    let head = {
+        let mut h = Vec::with_capacity(37);
+        h.extend_from_slice(&(n as u32 + 1).to_le_bytes());
+        h.push(super::wire::T_EXTENT);
+        h.extend_from_slice(&hash);
+        h
+    };
+    let wrote = o
+        .write_all(&head)
+        .and_then(|()| o.write_all(&fr.get_ref().buffer()[..held]))
+        .and_then(|()| o.flush());
+    fr.get_mut().consume(held);
+    if let Err(e) = wrote {
+        // The rest is read and dropped by the caller's drain... but only after
+        // this frame: read it here so the stream stays in step.
+        skip(fr, rest - held)?;
+        fr.read_passed_mac()?;
+        return Ok(Passing::Broken(e));
+    }
+    // The reader's buffer is empty now (or the whole body was in it): what is left
+    // of the body is next in the descriptor.
+    let (pulled, res) = pipe.splice(rest - held);
+    match res {
+        Ok(()) => {}
+        Err(SpliceError::Read(e)) => return Err(WireError::Io(e)),
+        Err(SpliceError::Write(e)) => {
+            skip(fr, rest - held - pulled)?;
+            fr.read_passed_mac()?;
+            return Ok(Passing::Broken(e));
+        }
+    }
+    let mut wire = 4 + 1 + n as u64;
+    if let Some(mac) = fr.read_passed_mac()? {
+        wire += mac.len() as u64;
+        if let Err(e) = o.write_all(&mac) {
+            return Ok(Passing::Broken(e));
+        }
+    }
+    Ok(Passing::Spliced(wire))
+}
+
+/// Reads and drops `n` bytes of `fr`'s stream.
+fn skip<R: Read>(fr: &mut FrameReader<BufReader<R>>, n: usize) -> Result<(), WireError> {
+    let got = std::io::copy(&mut fr.get_mut().take(n as u64), &mut std::io::sink())
+        .map_err(WireError::Io)?;
+    if got < n as u64 {
+        return Err(WireError::Truncated);
+    }
+    Ok(())
+}
+
+/// A pipe between a relay's two descriptors, for splice(2).
+struct Pipe {
+    from: RawFd,
+    to: RawFd,
+    r: OwnedFd,
+    w: OwnedFd,
+}
+
+/// Which side of a splice failed.
+enum SpliceError {
+    Read(std::io::Error),
+    Write(std::io::Error),
+}
+
+impl Pipe {
+    /// A pipe from `from` to `to`, as large as the system lets it be (1 MiB asked).
+    fn new((from, to): (RawFd, RawFd)) -> std::io::Result<Pipe> {
+        let mut fds = [0; 2];
+        // SAFETY: pipe2(2) writes two descriptors into `fds`.
+        if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        // SAFETY: both descriptors are new and ours alone.
+        let (r, w) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
+        // SAFETY: fcntl(2) on a pipe we own; a smaller pipe only costs more calls.
+        unsafe { libc::fcntl(w.as_raw_fd(), libc::F_SETPIPE_SZ, 1 << 20) };
+        Ok(Pipe { from, to, r, w })
+    }
+
+    /// Moves `n` bytes from `from` to `to`: how many were taken from `from`, and
+    /// which side failed, if one did. Neither side's bytes pass through memory here.
+    fn splice(&mut self, mut n: usize) -> (usize, Result<(), SpliceError>) {
+        let flags = libc::SPLICE_F_MOVE | libc::SPLICE_F_MORE;
+        let mut pulled = 0;
+        while n > 0 {
+            // SAFETY: splice(2) between descriptors this relay holds open.
+            let got = unsafe {
+                libc::splice(
+                    self.from,
+                    std::ptr::null_mut(),
+                    self.w.as_raw_fd(),
+                    std::ptr::null_mut(),
+                    n,
+                    flags,
+                )
+            };
+            if got < 0 {
+                let e = std::io::Error::last_os_error();
+                if e.kind() == std::io::ErrorKind::Interrupted {
+                    continue;
+                }
+                return (pulled, Err(SpliceError::Read(e)));
+            }
+            if got == 0 {
+                return (
+                    pulled,
+                    Err(SpliceError::Read(std::io::ErrorKind::UnexpectedEof.into())),
+                );
+            }
+            let got = got as usize;
+            pulled += got;
+            n -= got;
+            let mut left = got;
+            while left > 0 {
+                // SAFETY: as above.
+                let put = unsafe {
+                    libc::splice(
+                        self.r.as_raw_fd(),
+                        std::ptr::null_mut(),
+                        self.to,
+                        std::ptr::null_mut(),
+                        left,
+                        flags,
+                    )
+                };
+                if put < 0 {
+                    let e = std::io::Error::last_os_error();
+                    if e.kind() == std::io::ErrorKind::Interrupted {
+                        continue;
+                    }
+                    return (pulled, Err(SpliceError::Write(e)));
+                }
+                if put == 0 {
+                    return (
+                        pulled,
+                        Err(SpliceError::Write(std::io::ErrorKind::WriteZero.into())),
+                    );
+                }
+                left -= put as usize;
+            }
+        }
+        (pulled, Ok(()))
+    }
 }
 
 /// The type of the last frame a side sends without a MAC.
@@ -353,17 +594,9 @@ fn watch(raw: &RawFrame, up: bool, live: &Live, seen: &Mutex<Observed>) {
     let dir = if up { "push" } else { "reply" };
     if raw.is_extent() {
         // The hash, then the bytes: not decoded (that would copy them).
-        let n = raw.body.len().saturating_sub(32) as u64;
         if let Some(hash) = raw.body.first_chunk::<32>() {
-            let mut t = live.tally.lock().unwrap_or_else(|p| p.into_inner());
-            if let Some(b) = t.owed.remove(hash) {
-                t.owed_bytes -= b;
-            }
+            saw_extent(hash, raw.body.len() as u64 - 32, live, seen);
         }
-        live.payload.fetch_add(n, Ordering::Relaxed);
-        let mut o = seen.lock().unwrap_or_else(|p| p.into_inner());
-        o.sum.extents += 1;
-        o.sum.payload_bytes += n;
         return;
     }
     let Ok(f) = raw.decode() else {
@@ -440,6 +673,19 @@ fn watch(raw: &RawFrame, up: bool, live: &Live, seen: &Mutex<Observed>) {
         }
         _ => tracing::trace!(dir, frame = super::wire::type_name(raw.t), "sync: frame"),
     }
+}
+
+/// Notes an extent going by: `hash`, and `n` bytes.
+fn saw_extent(hash: &[u8; 32], n: u64, live: &Live, seen: &Mutex<Observed>) {
+    let mut t = live.tally.lock().unwrap_or_else(|p| p.into_inner());
+    if let Some(b) = t.owed.remove(hash) {
+        t.owed_bytes -= b;
+    }
+    drop(t);
+    live.payload.fetch_add(n, Ordering::Relaxed);
+    let mut o = seen.lock().unwrap_or_else(|p| p.into_inner());
+    o.sum.extents += 1;
+    o.sum.payload_bytes += n;
 }
 
 /// Shows progress until `stop` is dropped: a bar on a terminal, a line every 10 s

@@ -120,6 +120,7 @@ pub fn connect(t: &Target, ssh: &str, remote: &str) -> Result<End, SyncError> {
         child.stderr.take().expect("piped"),
     );
     Ok(End {
+        rfd: Some(std::os::fd::AsRawFd::as_raw_fd(&stdout)),
         r: Box::new(stdout),
         w: Sink::Child(Some(stdin)),
         task: None,

@@ -145,8 +145,10 @@ pub fn connect(addr: &str) -> Result<End, SyncError> {
     // has) while the source waits. A peer that is gone is found by keepalive.
     let _ = conn.set_nodelay(true);
     keepalive(&conn);
+    let r = conn.try_clone().map_err(io)?;
     Ok(End {
-        r: Box::new(conn.try_clone().map_err(io)?),
+        rfd: Some(std::os::fd::AsRawFd::as_raw_fd(&r)),
+        r: Box::new(r),
         w: Sink::Tcp(conn),
         task: None,
         child: None,

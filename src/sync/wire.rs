@@ -205,7 +205,8 @@ pub const T_WELCOME: u8 = 2;
 pub const T_PROOF: u8 = 3;
 const T_BEGIN: u8 = 4;
 const T_RECORDS: u8 = 5;
-const T_EXTENT: u8 = 6;
+/// An extent frame's type (a relay passes its bytes on without reading them).
+pub const T_EXTENT: u8 = 6;
 const T_ACK: u8 = 7;
 const T_BARRIER: u8 = 8;
 const T_COMMITTED: u8 = 9;
@@ -741,6 +742,17 @@ impl<R: Read> FrameReader<R> {
     /// The next frame undecoded, its length bounded and (with a key) its MAC checked;
     /// `Ok(None)` at a clean end of the stream.
     pub fn read_raw(&mut self) -> Result<Option<RawFrame>, WireError> {
+        match self.read_head()? {
+            Some((t, n)) => self.read_body(t, n).map(Some),
+            None => Ok(None),
+        }
+    }
+
+    /// The next frame's type and body length, its header read and its length
+    /// bounded; `Ok(None)` at a clean end of the stream. What follows is the body:
+    /// [`Self::read_body`] reads it, or a relay passes it on and then reads the MAC
+    /// with [`Self::read_passed_mac`].
+    pub fn read_head(&mut self) -> Result<Option<(u8, usize)>, WireError> {
         let mut head = [0u8; 5];
         // A clean end comes before the first byte of a frame.
         loop {
@@ -756,10 +768,14 @@ impl<R: Read> FrameReader<R> {
         if len == 0 || len > MAX_FRAME {
             return Err(WireError::Length(len));
         }
-        let t = head[4];
-        let mut body = vec![0u8; len as usize - 1];
-        self.fill(&mut body)?;
         self.wire_bytes += 4 + len as u64;
+        Ok(Some((head[4], len as usize - 1)))
+    }
+
+    /// The body and MAC of a frame whose header [`Self::read_head`] read.
+    pub fn read_body(&mut self, t: u8, n: usize) -> Result<RawFrame, WireError> {
+        let mut body = vec![0u8; n];
+        self.fill(&mut body)?;
         let mut tag = None;
         if self.key.is_some() || self.macs_unchecked {
             let mut got = [0u8; MAC_LEN];
@@ -775,7 +791,31 @@ impl<R: Read> FrameReader<R> {
             tag = Some(got);
         }
         self.seq += 1;
-        Ok(Some(RawFrame { t, body, mac: tag }))
+        Ok(RawFrame { t, body, mac: tag })
+    }
+
+    /// The MAC of a frame whose body the caller passed on itself, unchecked (a relay
+    /// holds no key; the end it passes it to checks it); `None` before the handshake
+    /// ends. A reader with a key refuses: it must check what it reads.
+    pub fn read_passed_mac(&mut self) -> Result<Option<[u8; MAC_LEN]>, WireError> {
+        if self.key.is_some() {
+            return Err(WireError::Io(std::io::Error::other(
+                "a keyed reader passes no body unchecked",
+            )));
+        }
+        self.seq += 1;
+        if !self.macs_unchecked {
+            return Ok(None);
+        }
+        let mut got = [0u8; MAC_LEN];
+        self.fill(&mut got)?;
+        self.wire_bytes += MAC_LEN as u64;
+        Ok(Some(got))
+    }
+
+    /// The stream read from, for a relay that passes a body on itself.
+    pub fn get_mut(&mut self) -> &mut R {
+        &mut self.r
     }
 
     /// From now on, frames carry a MAC this reader cannot check (it has no key) and
