@@ -22,6 +22,7 @@ command -v rsync >/dev/null || need+=(rsync)
 command -v socat >/dev/null || need+=(socat)
 command -v openssl >/dev/null || need+=(openssl)
 command -v ss >/dev/null || need+=(iproute2)
+[ -x /usr/bin/time ] || need+=(time)
 if [ ${#need[@]} -gt 0 ]; then
     DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "${need[@]}" >/dev/null
 fi
@@ -32,7 +33,7 @@ loops=()
 cleanup() {
     for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
     wait 2>/dev/null || true
-    for m in "$work/snap-mnt" "$work/snap-dst-mnt" "$work/btrfs-a" "$work/btrfs-b"; do
+    for m in "$work/snap-mnt" "$work/snap-dst-mnt" "$work/snap-dst2-mnt" "$work/btrfs-a" "$work/btrfs-b"; do
         mountpoint -q "$m" && umount "$m"
     done
     for l in "${loops[@]}"; do losetup -d "$l" 2>/dev/null || true; done
@@ -83,15 +84,26 @@ p=$(port)
 # open between sessions, as a replica in service does).
 mkdir -p "$work/snap-dst-mnt"
 "$SNAPFS" mount "$work/snap-dst" "$work/snap-dst-mnt" -o "listen=127.0.0.1:$p,key_file=$work/key"
-snap_sync() { # NAME [warm]: a sync, its summary kept in $work/NAME.json
+snap_sync() { # NAME [warm] [PORT]: a sync, its summary kept in $work/NAME.json, the CLI's CPU seconds in $work/NAME.cpu
     [ "${2:-}" = warm ] || drop
     local t0
     t0=$(now_ns)
-    "$SNAPFS" sync "$work/snap-mnt" "tcp://127.0.0.1:$p" --key-file "$work/key" --json > "$work/$1.json"
+    /usr/bin/time -f '%U %S' -o "$work/$1.cpu" \
+        "$SNAPFS" sync "$work/snap-mnt" "tcp://127.0.0.1:${3:-$p}" --key-file "$work/key" --json > "$work/$1.json"
     secs_since "$t0"
 }
 field() { python3 -c "import json,sys; print(json.load(open(sys.argv[1]))[sys.argv[2]])" "$work/$1.json" "$2"; }
+cpu() { awk '{printf "%.2f", $1 + $2}' "$work/$1.cpu"; }
 s_full=$(snap_sync full)
+# The same full sync into a second new replica, the relay (the CLI between the
+# source's daemon and the TCP connection) copying extents through its memory instead
+# of splicing them from socket to socket.
+p2=$(port)
+mkdir -p "$work/snap-dst2-mnt"
+"$SNAPFS" mount "$work/snap-dst2" "$work/snap-dst2-mnt" -o "listen=127.0.0.1:$p2,key_file=$work/key"
+s_full_copy=$(SNAPFS_SYNC_SPLICE=0 snap_sync fullcopy cold "$p2")
+umount "$work/snap-dst2-mnt"
+rm -rf "$work/snap-dst2"
 change "$work/snap-mnt"
 "$SNAPFS" snapshot create "$work/snap-mnt" s2 >/dev/null
 s_inc=$(snap_sync inc)
@@ -180,7 +192,8 @@ row() { printf '| %s | %s | %s | %s |\n' "$@"; }
 table=$(
     printf '| sync of a %d MiB volume (%d MiB unique, 25%% duplicated), loopback TCP | wall time | payload | bytes on the wire |\n' "$SIZE_MIB" "$unique_mib"
     echo "|---|---:|---:|---:|"
-    row "snapfs sync, full" "${s_full} s" "$(mib "$(field full payload_bytes)") MiB" "$(mib "$(field full wire_bytes)") MiB"
+    row "snapfs sync, full (relay splices; its CPU $(cpu full) s)" "${s_full} s" "$(mib "$(field full payload_bytes)") MiB" "$(mib "$(field full wire_bytes)") MiB"
+    row "snapfs sync, full, relay copies (SNAPFS_SYNC_SPLICE=0; its CPU $(cpu fullcopy) s)" "${s_full_copy} s" "$(mib "$(field fullcopy payload_bytes)") MiB" "$(mib "$(field fullcopy wire_bytes)") MiB"
     row "btrfs send \| receive, full" "${b_full} s" "" "$(mib "$b_full_bytes") MiB"
     row "rsync -a, full" "${r_full} s" "" "$(mib "$(rbytes rfull)") MiB"
     row "snapfs sync, incremental ($changes MiB changed)" "${s_inc} s" "$(mib "$(field inc payload_bytes)") MiB" "$(mib "$(field inc wire_bytes)") MiB"
