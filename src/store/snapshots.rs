@@ -312,11 +312,13 @@ impl Store {
 
     /// Records a completed sync session to destination `dest` (its volume id): the
     /// `sent_to:` row, and hold `sync-DEST` moved onto the session's base, in one
-    /// durable commit. When the hold stays where it was (nothing new was sent), the
-    /// row alone changes (when, what moved) and rides a commit that is not durable:
-    /// losing it to a crash loses only that report. Returns the epoch the hold kept
-    /// before, if it moved off one: the caller drops that epoch when it is deleting
-    /// and nothing else keeps it.
+    /// commit, which need not be durable: the destination's barrier made what was
+    /// sent durable there, and a crash that loses this commit loses every later one
+    /// too (commits reach the disk in order), so the hold is back on the older base,
+    /// which both sides still hold and the next session finds again from what the
+    /// destination says it holds. Returns the epoch the hold kept before, if it moved
+    /// off one: the caller drops that epoch when it is deleting and nothing else
+    /// keeps it.
     pub fn record_sent(&mut self, dest: &[u8; 16], rec: &SyncRec) -> Result<Option<u64>, OpError> {
         let hold = format!("sync-{}", hex(dest));
         let row = format!("{}{}", meta::SENT_TO, hex(dest));
@@ -333,10 +335,9 @@ impl Store {
             .into_iter()
             .find(|(n, _)| *n == hold)
             .map(|(_, h)| h.epoch);
-        let moved = old != new;
-        self.write(moved, |w| {
+        self.write(false, |w| {
             match new {
-                Some(_) if !moved => {}
+                Some(epoch) if old == Some(epoch) => {}
                 Some(epoch) => {
                     let h = HoldRec {
                         epoch,
@@ -352,9 +353,7 @@ impl Store {
             w.t.meta.insert(row.as_str(), rec.encode(&row).as_slice())?;
             Ok(())
         })?;
-        if !moved {
-            self.commit_group(false)?;
-        }
+        self.commit_group(false)?;
         Ok(old.filter(|o| Some(*o) != new))
     }
 
