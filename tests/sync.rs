@@ -501,6 +501,8 @@ fn a_mounted_replica_is_not_held_by_an_idle_peer_and_a_failed_receive_says_so() 
     // A peer that connects to the replica's listener and says nothing: until it has
     // proven the key it holds nothing, so a sync by the mountpoint goes on at once.
     let idle = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    // The listener takes it at once: give it the time to.
+    std::thread::sleep(std::time::Duration::from_millis(500));
     let out = snapfs(&[
         "sync",
         src.mnt.to_str().unwrap(),
@@ -538,6 +540,39 @@ fn a_mounted_replica_is_not_held_by_an_idle_peer_and_a_failed_receive_says_so() 
     assert!(!out.status.success(), "a broken stream was received");
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("receive into"), "{err}");
+    // A stream the daemon refuses (a source of another protocol version): the
+    // daemon's error comes back, and the exit is non-zero.
+    let hello = {
+        use snapfs::sync::wire::{Frame, FrameWriter};
+        let mut w = FrameWriter::new(Vec::new(), None);
+        w.send(&Frame::Hello {
+            version: 999,
+            volume: [1; 16],
+            block_size: 64 * 1024,
+            nonce: [0; 32],
+            dry_run: false,
+        })
+        .unwrap();
+        w.into_inner()
+    };
+    let mut child = std::process::Command::new(SNAPFS)
+        .args(["receive", replica.store.to_str().unwrap()])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    {
+        let mut stdin = child.stdin.take().unwrap();
+        std::io::Write::write_all(&mut stdin, &hello).unwrap();
+    }
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        !out.status.success(),
+        "a stream of another version was received"
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("version 999"), "{err}");
     let before = tree_digest(&replica.mnt);
     assert_eq!(before, tree_digest(&src.path(".snapshots/one")));
     // And the replica still receives.

@@ -30,8 +30,8 @@ pub enum Sink {
     /// A child's standard input (ssh).
     Child(Option<std::process::ChildStdin>),
     /// This process's standard output (`snapfs receive` relaying to a daemon),
-    /// unbuffered.
-    Stdout(std::fs::File),
+    /// unbuffered; `None` once closed.
+    Stdout(Option<std::fs::File>),
 }
 
 impl Sink {
@@ -41,7 +41,7 @@ impl Sink {
             Sink::Unix(s) => Some(s.as_raw_fd()),
             Sink::Tcp(s) => Some(s.as_raw_fd()),
             Sink::Child(c) => c.as_ref().map(|c| c.as_raw_fd()),
-            Sink::Stdout(f) => Some(f.as_raw_fd()),
+            Sink::Stdout(f) => f.as_ref().map(|f| f.as_raw_fd()),
         }
     }
 
@@ -54,7 +54,16 @@ impl Sink {
                 let _ = s.shutdown(std::net::Shutdown::Write);
             }
             Sink::Child(c) => drop(c.take()),
-            Sink::Stdout(_) => {}
+            Sink::Stdout(f) => {
+                // The far side reads the end only once every copy of the descriptor
+                // is closed: this one, and standard output itself, which now points
+                // at /dev/null.
+                drop(f.take());
+                if let Ok(null) = std::fs::OpenOptions::new().write(true).open("/dev/null") {
+                    // SAFETY: dup2(2) of a descriptor we own onto standard output.
+                    unsafe { libc::dup2(null.as_raw_fd(), 1) };
+                }
+            }
         }
     }
 }
@@ -66,7 +75,8 @@ impl Write for Sink {
             Sink::Tcp(s) => s.write(buf),
             Sink::Child(Some(c)) => c.write(buf),
             Sink::Child(None) => Err(std::io::ErrorKind::BrokenPipe.into()),
-            Sink::Stdout(f) => f.write(buf),
+            Sink::Stdout(Some(f)) => f.write(buf),
+            Sink::Stdout(None) => Err(std::io::ErrorKind::BrokenPipe.into()),
         }
     }
 
@@ -85,8 +95,9 @@ impl Write for Sink {
 pub struct End {
     /// What the end says.
     pub r: Box<dyn Read + Send>,
-    /// `r`'s descriptor, when it is one a relay can splice from.
-    pub rfd: Option<RawFd>,
+    /// `r`'s descriptor, when it is one a relay can splice from: `r` must then read
+    /// it with no buffer of its own (the constructors see to it).
+    pub(crate) rfd: Option<RawFd>,
     /// What the end is told.
     pub w: Sink,
     /// The thread running the end here, if it runs here.
@@ -129,7 +140,7 @@ impl End {
         Ok(End {
             rfd: Some(r.as_raw_fd()),
             r: Box::new(r),
-            w: Sink::Stdout(dup(std::io::stdout().as_fd())?),
+            w: Sink::Stdout(Some(dup(std::io::stdout().as_fd())?)),
             task: None,
             child: None,
         })
@@ -172,18 +183,16 @@ struct Live {
 }
 
 /// What the progress knows of the bytes the snapshot being sent takes. Bytes are
-/// counted as the source's plan counts them ([`first_namings`]): each extent once, by
-/// what the records name of it. The destination's acknowledgements say which of a
-/// batch's extents it lacks, and so what the batch takes exactly; the batches not
-/// acknowledged yet are estimated at the rate of those that are (all of it, before
-/// the first).
+/// counted as the source's plan counts them ([`first_namings`]: each extent once per
+/// batch, by what the records name of it). The destination's acknowledgement of a
+/// batch says which of its extents it lacks, and so what the batch takes exactly; the
+/// batches not acknowledged yet are estimated at the rate of those that are (all of
+/// it, before the first). What it holds is bounded by a few batches.
 #[derive(Default)]
 struct Tally {
     /// The plan's bytes for this snapshot.
     plan: u64,
-    /// Extents this snapshot's batches named so far.
-    seen: HashSet<[u8; 32]>,
-    /// Batches sent and not acknowledged: the extents each names first, with bytes.
+    /// Batches sent and not acknowledged: the extents each names, with bytes.
     pending: HashMap<u64, HashMap<[u8; 32], u64>>,
     /// Bytes the acknowledged batches name, and those the destination lacked.
     acked: u64,
@@ -193,6 +202,10 @@ struct Tally {
     owed_bytes: u64,
 }
 
+/// Batches the progress follows at once (the source waits for each acknowledgement,
+/// so one is usual); a stream with more is shown as an estimate.
+const PENDING_MAX: usize = 16;
+
 impl Tally {
     /// The payload the session will have sent at the end of this snapshot, given
     /// `payload` sent so far; and whether that is exact (every batch acknowledged).
@@ -201,9 +214,13 @@ impl Tally {
         let rest = if self.acked == 0 {
             rest
         } else {
-            (rest as u128 * self.lacked as u128 / self.acked as u128) as u64
+            (rest as u128 * self.lacked as u128 / self.acked as u128).min(u64::MAX as u128) as u64
         };
-        (payload + self.owed_bytes + rest, rest == 0)
+        let exact = self.pending.is_empty() && self.acked >= self.plan;
+        (
+            payload.saturating_add(self.owed_bytes).saturating_add(rest),
+            exact,
+        )
     }
 }
 
@@ -336,7 +353,9 @@ fn pump(
         let mut out = Some(BufWriter::with_capacity(1 << 20, &mut *w));
         loop {
             let res = match fr.read_head() {
-                Ok(Some((t, n))) if t == super::wire::T_EXTENT && n >= 32 && out.is_some() => {
+                Ok(Some((t, n)))
+                    if t == super::wire::T_EXTENT && n >= 32 + SPLICE_MIN && out.is_some() =>
+                {
                     match &mut pipe {
                         Some(p) => pass_extent(&mut fr, n, p, &mut out, live, seen),
                         None => fr.read_body(t, n).map(|raw| {
@@ -393,8 +412,9 @@ fn pump(
                     out = None;
                 }
             }
-            if matches!(passing, Passing::Broken(_)) {
-                // The pipe may hold bytes of a frame that did not go: never used again.
+            if matches!(passing, Passing::Broken(_)) || pipe.as_ref().is_some_and(|p| p.failed) {
+                // The pipe may hold bytes of a frame that did not go, or cannot be
+                // used: never used again.
                 pipe = None;
             }
         }
@@ -404,6 +424,10 @@ fn pump(
     }
     w.close();
 }
+
+/// The smallest extent whose bytes are spliced: below it, the calls splicing takes
+/// cost more than the copy they save.
+const SPLICE_MIN: usize = 16 << 10;
 
 /// What became of a frame read.
 enum Passing {
@@ -429,7 +453,10 @@ fn pass_extent<R: Read>(
     let mut hash = [0u8; 32];
     fr.get_mut()
         .read_exact(&mut hash)
-        .map_err(|_| WireError::Truncated)?;
+        .map_err(|e| match e.kind() {
+            std::io::ErrorKind::UnexpectedEof => WireError::Truncated,
+            _ => WireError::Io(e),
+        })?;
     let rest = n - 32;
     let held = rest.min(fr.get_ref().buffer().len());
     saw_extent(&hash, rest as u64, live, seen);
@@ -458,6 +485,22 @@ fn pass_extent<R: Read>(
     let (pulled, res) = pipe.splice(rest - held);
     match res {
         Ok(()) => {}
+        // A descriptor that cannot be spliced from: this extent's bytes, and every
+        // later one's, go through memory.
+        Err(SpliceError::Read(e)) if pulled == 0 && e.raw_os_error() == Some(libc::EINVAL) => {
+            pipe.failed = true;
+            let mut body = vec![0u8; rest - held];
+            fr.get_mut()
+                .read_exact(&mut body)
+                .map_err(|e| match e.kind() {
+                    std::io::ErrorKind::UnexpectedEof => WireError::Truncated,
+                    _ => WireError::Io(e),
+                })?;
+            if let Err(e) = o.write_all(&body) {
+                fr.read_passed_mac()?;
+                return Ok(Passing::Broken(e));
+            }
+        }
         Err(SpliceError::Read(e)) => return Err(WireError::Io(e)),
         Err(SpliceError::Write(e)) => {
             skip(fr, rest - held - pulled)?;
@@ -491,6 +534,8 @@ struct Pipe {
     to: RawFd,
     r: OwnedFd,
     w: OwnedFd,
+    /// `from` could not be spliced from: use the pipe no more.
+    failed: bool,
 }
 
 /// Which side of a splice failed.
@@ -511,7 +556,13 @@ impl Pipe {
         let (r, w) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
         // SAFETY: fcntl(2) on a pipe we own; a smaller pipe only costs more calls.
         unsafe { libc::fcntl(w.as_raw_fd(), libc::F_SETPIPE_SZ, 1 << 20) };
-        Ok(Pipe { from, to, r, w })
+        Ok(Pipe {
+            from,
+            to,
+            r,
+            w,
+            failed: false,
+        })
     }
 
     /// Moves `n` bytes from `from` to `to`: how many were taken from `from`, and
@@ -629,25 +680,29 @@ fn watch(raw: &RawFrame, up: bool, live: &Live, seen: &Mutex<Observed>) {
         Frame::Records { batch, records } => {
             tracing::trace!(dir, batch, records = records.len(), "sync: records");
             o.sum.records += records.len() as u64;
-            let mut t = live.tally.lock().unwrap_or_else(|p| p.into_inner());
             let mut named = HashMap::new();
+            let mut seen = HashSet::new();
             for rec in &records {
                 // A record that does not decode is the destination's to refuse.
-                let _ = first_namings(rec, &mut t.seen, |h, len| {
+                let _ = first_namings(rec, &mut seen, |h, len| {
                     named.insert(*h, len);
                 });
             }
-            t.pending.insert(batch, named);
+            let mut t = live.tally.lock().unwrap_or_else(|p| p.into_inner());
+            if t.pending.len() < PENDING_MAX {
+                t.pending.insert(batch, named);
+            }
         }
         Frame::Ack { batch, missing } => {
             tracing::trace!(dir, batch, missing = missing.len(), "sync: ack");
             let mut t = live.tally.lock().unwrap_or_else(|p| p.into_inner());
             if let Some(mut named) = t.pending.remove(&batch) {
-                t.acked += named.values().sum::<u64>();
+                let named_bytes = named.values().fold(0u64, |a, b| a.saturating_add(*b));
+                t.acked = t.acked.saturating_add(named_bytes);
                 for h in missing {
                     if let Some(len) = named.remove(&h) {
-                        t.lacked += len;
-                        t.owed_bytes += len;
+                        t.lacked = t.lacked.saturating_add(len);
+                        t.owed_bytes = t.owed_bytes.saturating_add(len);
                         t.owed.insert(h, len);
                     }
                 }
@@ -679,7 +734,7 @@ fn watch(raw: &RawFrame, up: bool, live: &Live, seen: &Mutex<Observed>) {
 fn saw_extent(hash: &[u8; 32], n: u64, live: &Live, seen: &Mutex<Observed>) {
     let mut t = live.tally.lock().unwrap_or_else(|p| p.into_inner());
     if let Some(b) = t.owed.remove(hash) {
-        t.owed_bytes -= b;
+        t.owed_bytes = t.owed_bytes.saturating_sub(b);
     }
     drop(t);
     live.payload.fetch_add(n, Ordering::Relaxed);
@@ -896,18 +951,18 @@ mod tests {
             created_sec: 0,
             created_nsec: 0,
         };
-        // Two batches of 4 extents of 64 KiB, one named twice (counted once): the
-        // plan says 7 extents.
+        // Two batches of 4 extents of 64 KiB, one named in both (counted once per
+        // batch, as the plan counts): the plan says 8 extents.
         let len = 16 * PAGE as u32;
         let b0: Vec<Record> = (0..4).map(|i| block(2, i, i as u8, len)).collect();
         let mut b1: Vec<Record> = (4..7).map(|i| block(2, i, i as u8, len)).collect();
         b1.push(block(3, 0, 0, len));
-        let plan = 7 * len as u64;
+        let plan = 8 * len as u64;
         see(
             Frame::Plan {
                 snapshot: snap.clone(),
                 records: 8,
-                extents: 7,
+                extents: 8,
                 bytes: plan,
             },
             true,
@@ -931,8 +986,8 @@ mod tests {
             false,
             &live,
         );
-        // One extent owed, and the 3 not acknowledged at a quarter: 0.75 of one.
-        assert_eq!(total(&live), (len as u64 + 3 * len as u64 / 4, false));
+        // One extent owed, and the 4 not acknowledged at a quarter: one more.
+        assert_eq!(total(&live), (2 * len as u64, false));
         see(
             Frame::Extent {
                 hash: [2; 32],
@@ -941,7 +996,7 @@ mod tests {
             true,
             &live,
         );
-        assert_eq!(total(&live).0, len as u64 + 3 * len as u64 / 4);
+        assert_eq!(total(&live), (2 * len as u64, false));
         see(
             Frame::Records {
                 batch: 1,
@@ -950,7 +1005,9 @@ mod tests {
             true,
             &live,
         );
-        // Batch 1 lacks two of its three new extents (and names 0 again); a lost
+        // A batch in flight: not exact, though the first lacked nothing more.
+        assert_eq!(total(&live), (2 * len as u64, false));
+        // Batch 1 lacks two of its three new extents (and has 0 already); a lost
         // extent no batch names rides along and is not counted ahead.
         see(
             Frame::Ack {
@@ -973,5 +1030,17 @@ mod tests {
         }
         assert_eq!(total(&live), (3 * len as u64, true));
         assert_eq!(live.payload.load(Ordering::Relaxed), 3 * len as u64);
+        // A plan that claims every byte there is does not overflow the total.
+        see(
+            Frame::Plan {
+                snapshot: snap,
+                records: 1,
+                extents: 1,
+                bytes: u64::MAX,
+            },
+            true,
+            &live,
+        );
+        assert_eq!(total(&live), (u64::MAX, false));
     }
 }

@@ -410,11 +410,13 @@ fn send_inner<R: Read, W: Write>(
                 })?
             }
         }
-        // What it takes: the plan comes first (the progress shown), or alone. Each
-        // extent counts once. A dry run looks up each one's length; a real one
-        // counts what the records name of it, as the relay counts the batches and
-        // their acknowledgements.
+        // What it takes: the plan comes first (the progress shown), or alone. A dry
+        // run counts each extent once and looks up its length; a real one counts
+        // each extent once per batch, by what the records name of it, as the relay
+        // counts the batches and their acknowledgements.
+        let count = records.len() as u64;
         let (mut n, mut bytes) = (0u64, 0u64);
+        let mut chunks: Vec<Vec<Record>> = Vec::new();
         if dry_run {
             let mut named: HashSet<[u8; 32]> = HashSet::new();
             for rec in &records {
@@ -429,23 +431,25 @@ fn send_inner<R: Read, W: Write>(
             }
             n = named.len() as u64;
         } else {
-            let mut seen = HashSet::new();
-            for rec in &records {
-                first_namings(rec, &mut seen, |_, len| {
-                    n += 1;
-                    bytes += len;
-                })?;
+            chunks = batches(records);
+            for chunk in &chunks {
+                let mut seen = HashSet::new();
+                for rec in chunk {
+                    first_namings(rec, &mut seen, |_, len| {
+                        n += 1;
+                        bytes += len;
+                    })?;
+                }
             }
         }
         w.send(&Frame::Plan {
             snapshot: snap_ref(name, rec),
-            records: records.len() as u64,
+            records: count,
             extents: n,
             bytes,
         })?;
         if dry_run {
-            sum.planned
-                .push((name.clone(), records.len() as u64, n, bytes));
+            sum.planned.push((name.clone(), count, n, bytes));
             base = Some(i);
             continue;
         }
@@ -453,20 +457,7 @@ fn send_inner<R: Read, W: Write>(
             snapshot: snap_ref(name, rec),
             base: base.map(|b| snaps[b].0.clone()),
         })?;
-        sum.records += records.len() as u64;
-        // Batches of a bounded count and size.
-        let mut chunks: Vec<Vec<Record>> = vec![Vec::new()];
-        let mut bytes = 0;
-        for rec in records {
-            let n = 32 + rec.name.len() + rec.payload.as_ref().map_or(0, Vec::len);
-            let last = chunks.last_mut().expect("one chunk at least");
-            if !last.is_empty() && (last.len() >= BATCH_RECORDS || bytes + n > BATCH_BYTES) {
-                chunks.push(Vec::new());
-                bytes = 0;
-            }
-            bytes += n;
-            chunks.last_mut().expect("one chunk at least").push(rec);
-        }
+        sum.records += count;
         for (batch, chunk) in chunks.into_iter().enumerate() {
             if stopped() {
                 return Err(protocol("the source store is being unmounted"));
@@ -622,10 +613,27 @@ fn receive_inner<R: Read, W: Write>(
     accept(&mut store, fresh, &hello, r, w)
 }
 
+/// `records` in batches of a bounded count and size.
+fn batches(records: Vec<Record>) -> Vec<Vec<Record>> {
+    let mut chunks: Vec<Vec<Record>> = vec![Vec::new()];
+    let mut bytes = 0;
+    for rec in records {
+        let n = 32 + rec.name.len() + rec.payload.as_ref().map_or(0, Vec::len);
+        let last = chunks.last_mut().expect("one chunk at least");
+        if !last.is_empty() && (last.len() >= BATCH_RECORDS || bytes + n > BATCH_BYTES) {
+            chunks.push(Vec::new());
+            bytes = 0;
+        }
+        bytes += n;
+        chunks.last_mut().expect("one chunk at least").push(rec);
+    }
+    chunks
+}
+
 /// The extents `rec` (a block record; others name none) names that are not in
 /// `seen` yet, each with the bytes the record names of it (a base its length, a
 /// fragment its pages), added to `seen`: how the source's plan and the relay's
-/// progress count one snapshot's extents, each once, the same way.
+/// progress count a batch's extents, each once, the same way.
 pub fn first_namings(
     rec: &Record,
     seen: &mut HashSet<[u8; 32]>,

@@ -147,7 +147,8 @@ pub enum Frame {
         snapshot: SnapRef,
         /// Records that differ from the base.
         records: u64,
-        /// Extents those records name, each once.
+        /// Extents those records name: each once on a dry run, each once per
+        /// batch otherwise.
         extents: u64,
         /// Their bytes: on a dry run, the extents' lengths; otherwise what the
         /// records name of each (a base its length, a fragment its pages), which is
