@@ -503,16 +503,7 @@ fn a_mounted_replica_is_not_held_by_an_idle_peer_and_a_failed_receive_says_so() 
     let idle = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
     // The listener takes it at once: give it the time to.
     std::thread::sleep(std::time::Duration::from_millis(500));
-    let out = snapfs(&[
-        "sync",
-        src.mnt.to_str().unwrap(),
-        replica.mnt.to_str().unwrap(),
-    ]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    sync_ok(&src.mnt, &replica.mnt);
     // The idle peer is still connected (the listener cuts it off 10 s after it came):
     // the sync did not wait for it.
     idle.set_nonblocking(true).unwrap();
@@ -525,18 +516,7 @@ fn a_mounted_replica_is_not_held_by_an_idle_peer_and_a_failed_receive_says_so() 
     assert_eq!(snapshot_names(&replica.store), ["one"]);
     // `snapfs receive` relaying to the daemon: a stream that is not a session fails,
     // with a non-zero exit, and the replica is unchanged.
-    let mut child = std::process::Command::new(SNAPFS)
-        .args(["receive", replica.store.to_str().unwrap()])
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    {
-        let mut stdin = child.stdin.take().unwrap();
-        std::io::Write::write_all(&mut stdin, &[9, 0, 0, 0, 1, 2, 3]).unwrap();
-    }
-    let out = child.wait_with_output().unwrap();
+    let out = receive_from(&replica.store, &[9, 0, 0, 0, 1, 2, 3]);
     assert!(!out.status.success(), "a broken stream was received");
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("receive into"), "{err}");
@@ -555,18 +535,7 @@ fn a_mounted_replica_is_not_held_by_an_idle_peer_and_a_failed_receive_says_so() 
         .unwrap();
         w.into_inner()
     };
-    let mut child = std::process::Command::new(SNAPFS)
-        .args(["receive", replica.store.to_str().unwrap()])
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    {
-        let mut stdin = child.stdin.take().unwrap();
-        std::io::Write::write_all(&mut stdin, &hello).unwrap();
-    }
-    let out = child.wait_with_output().unwrap();
+    let out = receive_from(&replica.store, &hello);
     assert!(
         !out.status.success(),
         "a stream of another version was received"
@@ -578,19 +547,26 @@ fn a_mounted_replica_is_not_held_by_an_idle_peer_and_a_failed_receive_says_so() 
     // And the replica still receives.
     std::fs::write(src.path("later"), b"later").unwrap();
     snapfs(&["snapshot", "create", src.mnt.to_str().unwrap(), "two"]);
-    let out = snapfs(&[
-        "sync",
-        src.mnt.to_str().unwrap(),
-        replica.mnt.to_str().unwrap(),
-    ]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    sync_ok(&src.mnt, &replica.mnt);
     assert_eq!(std::fs::read(replica.path("later")).unwrap(), b"later");
     drop(idle);
     src.unmount();
+}
+
+/// `snapfs receive STORE` fed `input` on its stdin, to its end.
+fn receive_from(store: &Path, input: &[u8]) -> std::process::Output {
+    let mut child = std::process::Command::new(SNAPFS)
+        .args(["receive", store.to_str().unwrap()])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    {
+        let mut stdin = child.stdin.take().unwrap();
+        std::io::Write::write_all(&mut stdin, input).unwrap();
+    }
+    child.wait_with_output().unwrap()
 }
 
 /// The segment files of a store, largest first.

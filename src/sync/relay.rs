@@ -568,66 +568,57 @@ impl Pipe {
     /// Moves `n` bytes from `from` to `to`: how many were taken from `from`, and
     /// which side failed, if one did. Neither side's bytes pass through memory here.
     fn splice(&mut self, mut n: usize) -> (usize, Result<(), SpliceError>) {
-        let flags = libc::SPLICE_F_MOVE | libc::SPLICE_F_MORE;
         let mut pulled = 0;
         while n > 0 {
-            // SAFETY: splice(2) between descriptors this relay holds open.
-            let got = unsafe {
-                libc::splice(
-                    self.from,
-                    std::ptr::null_mut(),
-                    self.w.as_raw_fd(),
-                    std::ptr::null_mut(),
-                    n,
-                    flags,
-                )
-            };
-            if got < 0 {
-                let e = std::io::Error::last_os_error();
-                if e.kind() == std::io::ErrorKind::Interrupted {
-                    continue;
+            let got = match splice_some(self.from, self.w.as_raw_fd(), n) {
+                Ok(0) => {
+                    let e = std::io::ErrorKind::UnexpectedEof.into();
+                    return (pulled, Err(SpliceError::Read(e)));
                 }
-                return (pulled, Err(SpliceError::Read(e)));
-            }
-            if got == 0 {
-                return (
-                    pulled,
-                    Err(SpliceError::Read(std::io::ErrorKind::UnexpectedEof.into())),
-                );
-            }
-            let got = got as usize;
+                Ok(got) => got,
+                Err(e) => return (pulled, Err(SpliceError::Read(e))),
+            };
             pulled += got;
             n -= got;
             let mut left = got;
             while left > 0 {
-                // SAFETY: as above.
-                let put = unsafe {
-                    libc::splice(
-                        self.r.as_raw_fd(),
-                        std::ptr::null_mut(),
-                        self.to,
-                        std::ptr::null_mut(),
-                        left,
-                        flags,
-                    )
-                };
-                if put < 0 {
-                    let e = std::io::Error::last_os_error();
-                    if e.kind() == std::io::ErrorKind::Interrupted {
-                        continue;
+                match splice_some(self.r.as_raw_fd(), self.to, left) {
+                    Ok(0) => {
+                        let e = std::io::ErrorKind::WriteZero.into();
+                        return (pulled, Err(SpliceError::Write(e)));
                     }
-                    return (pulled, Err(SpliceError::Write(e)));
+                    Ok(put) => left -= put,
+                    Err(e) => return (pulled, Err(SpliceError::Write(e))),
                 }
-                if put == 0 {
-                    return (
-                        pulled,
-                        Err(SpliceError::Write(std::io::ErrorKind::WriteZero.into())),
-                    );
-                }
-                left -= put as usize;
             }
         }
         (pulled, Ok(()))
+    }
+}
+
+/// One splice(2) of at most `n` bytes from `from` to `to` (one of them a pipe),
+/// retried when a signal interrupts it: how many moved (0 at the end of `from`).
+fn splice_some(from: RawFd, to: RawFd, n: usize) -> std::io::Result<usize> {
+    let flags = libc::SPLICE_F_MOVE | libc::SPLICE_F_MORE;
+    loop {
+        // SAFETY: splice(2) between descriptors the relay holds open, with no offsets.
+        let got = unsafe {
+            libc::splice(
+                from,
+                std::ptr::null_mut(),
+                to,
+                std::ptr::null_mut(),
+                n,
+                flags,
+            )
+        };
+        if got >= 0 {
+            return Ok(got as usize);
+        }
+        let e = std::io::Error::last_os_error();
+        if e.kind() != std::io::ErrorKind::Interrupted {
+            return Err(e);
+        }
     }
 }
 
