@@ -9,12 +9,13 @@
 # "Total bytes sent/received", the size of btrfs's send stream).
 #
 # usage: bench/sync.sh [OUT.md]   (default: print the table)
-#   SIZE_MIB=2048  SNAPFS=target/release/snapfs
+#   SIZE_MIB=2048  RUNS=7  SNAPFS=target/release/snapfs
 # Needs root (mounts, loop devices), btrfs in the kernel, and about 4 x SIZE_MIB of disk.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 SNAPFS=$(readlink -m "${SNAPFS:-${CARGO_TARGET_DIR:-target}/release/snapfs}")
 SIZE_MIB=${SIZE_MIB:-2048}
+RUNS=${RUNS:-7} # of each nothing-new sync (the median is shown)
 [ -x "$SNAPFS" ] || cargo build --release --quiet
 need=()
 command -v mkfs.btrfs >/dev/null || need+=(btrfs-progs)
@@ -44,6 +45,7 @@ log() { printf '[sync-bench %s] %s\n' "$(date +%H:%M:%S)" "$*" >&2; }
 now_ns() { date +%s%N; }
 secs_since() { awk -v a="$1" -v b="$(now_ns)" 'BEGIN {printf "%.3f", (b - a) / 1e9}'; }
 mib() { awk -v b="$1" 'BEGIN {printf "%.1f", b / 1048576}'; }
+median() { printf '%s\n' "$@" | sort -n | awk '{v[NR] = $1} END {print v[int((NR + 1) / 2)]}'; }
 drop() { sync; echo 3 > /proc/sys/vm/drop_caches; }
 port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 
@@ -107,10 +109,18 @@ rm -rf "$work/snap-dst2"
 change "$work/snap-mnt"
 "$SNAPFS" snapshot create "$work/snap-mnt" s2 >/dev/null
 s_inc=$(snap_sync inc)
-"$SNAPFS" snapshot create "$work/snap-mnt" s3 >/dev/null
-s_none=$(snap_sync none)
-"$SNAPFS" snapshot create "$work/snap-mnt" s4 >/dev/null
-s_warm=$(snap_sync warm warm)
+# Nothing new: an empty snapshot each time (as btrfs's send -p of an unchanged one),
+# RUNS times with the caches dropped and RUNS times warm; the median of each.
+snap_none() { # cold|warm: the median of RUNS syncs, each of one new empty snapshot
+    local i ts=()
+    for ((i = 0; i < RUNS; i++)); do
+        "$SNAPFS" snapshot create "$work/snap-mnt" "n$1$i" >/dev/null
+        ts+=("$(snap_sync "none$1" "$1")")
+    done
+    median "${ts[@]}"
+}
+s_none=$(snap_none cold)
+s_warm=$(snap_none warm)
 umount "$work/snap-mnt"
 umount "$work/snap-dst-mnt"
 
@@ -150,11 +160,20 @@ change "$A/vol"
 btrfs -q subvolume snapshot -r "$A/vol" "$A/s2"
 b_inc=$(btrfs_run s2 s1)
 b_inc_bytes=$(btrfs -q send -p "$A/s1" "$A/s2" | wc -c)
-btrfs -q subvolume snapshot -r "$A/vol" "$A/s3"
-b_none=$(btrfs_run s3 s2)
-b_none_bytes=$(btrfs -q send -p "$A/s2" "$A/s3" | wc -c)
-btrfs -q subvolume snapshot -r "$A/vol" "$A/s4"
-b_warm=$(btrfs_run s4 s3 warm)
+btrfs_none() { # cold|warm: as snap_none
+    local i ts=() prev=${last_b:-s2}
+    for ((i = 0; i < RUNS; i++)); do
+        btrfs -q subvolume snapshot -r "$A/vol" "$A/n$1$i"
+        ts+=("$(btrfs_run "n$1$i" "$prev" "$1")")
+        prev=n$1$i
+    done
+    last_b=$prev
+    median "${ts[@]}"
+}
+b_none=$(btrfs_none cold)
+b_none_bytes=$(btrfs -q send -p "$A/ncold0" "$A/ncold1" | wc -c)
+last_b=ncold$((RUNS - 1))
+b_warm=$(btrfs_none warm)
 
 # ---------------------------------------------------------------- rsync
 log "rsync"
@@ -199,11 +218,11 @@ table=$(
     row "snapfs sync, incremental ($changes MiB changed)" "${s_inc} s" "$(mib "$(field inc payload_bytes)") MiB" "$(mib "$(field inc wire_bytes)") MiB"
     row "btrfs send -p \| receive, incremental" "${b_inc} s" "" "$(mib "$b_inc_bytes") MiB"
     row "rsync -a (delta over the daemon), incremental" "${r_inc} s" "" "$(mib "$(rbytes rinc)") MiB"
-    row "snapfs sync, nothing new" "${s_none} s" "$(mib "$(field none payload_bytes)") MiB" "$(field none wire_bytes) B"
-    row "btrfs send -p \| receive, nothing new" "${b_none} s" "" "$b_none_bytes B"
+    row "snapfs sync, nothing new (median of $RUNS)" "${s_none} s" "$(mib "$(field nonecold payload_bytes)") MiB" "$(field nonecold wire_bytes) B"
+    row "btrfs send -p \| receive, nothing new (median of $RUNS)" "${b_none} s" "" "$b_none_bytes B"
     row "rsync -a, nothing new" "${r_none} s" "" "$(rbytes rnone) B"
-    row "snapfs sync, nothing new, caches warm" "${s_warm} s" "" "$(field warm wire_bytes) B"
-    row "btrfs send -p \| receive, nothing new, caches warm" "${b_warm} s" "" ""
+    row "snapfs sync, nothing new, caches warm (median of $RUNS)" "${s_warm} s" "" "$(field nonewarm wire_bytes) B"
+    row "btrfs send -p \| receive, nothing new, caches warm (median of $RUNS)" "${b_warm} s" "" ""
     row "rsync -a, nothing new, caches warm" "${r_warm} s" "" "$(rbytes rwarm) B"
     row "snapfs full / btrfs full, wall time" "$(awk -v a="$s_full" -v b="$b_full" 'BEGIN {printf "%.2fx", a/b}')" "" ""
 )
