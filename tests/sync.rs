@@ -778,6 +778,13 @@ fn an_interrupted_sync_resumes_without_a_partial_snapshot() {
         }
     }
     assert!(!done_early, "the sync finished before every cut was made");
+    // What the cut runs left staged is no damage: fsck finds the replica clean.
+    let f = snapfs(&["fsck", replica.to_str().unwrap()]);
+    assert!(
+        f.status.success(),
+        "fsck after the cuts: {}",
+        String::from_utf8_lossy(&f.stdout)
+    );
     let staged = segment_bytes(&replica);
     let out = snapfs(&[
         "sync",
