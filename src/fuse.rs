@@ -184,6 +184,10 @@ impl Filesystem for SnapFuse {
             // Set-id bits are ours to drop on write, truncate and chown. In return the
             // kernel stops asking for security.capability before every write.
             InitFlags::FUSE_HANDLE_KILLPRIV_V2,
+            // Node ids are inode numbers, never reused: a file handle stays good
+            // across cache drops and remounts (open_by_handle_at, NFS export). The
+            // kernel then looks up "." and ".." by node id.
+            InitFlags::FUSE_EXPORT_SUPPORT,
         ] {
             if let Err(missing) = config.add_capabilities(flag) {
                 tracing::warn!(?missing, "kernel lacks a FUSE capability");
@@ -573,7 +577,7 @@ impl Filesystem for SnapFuse {
         mut reply: ReplyDirectory,
     ) {
         let _s = tracing::trace_span!("readdir", ino = ino.0, fh = fh.0, offset).entered();
-        let core = self.fs.lock();
+        let mut core = self.fs.lock();
         // Entries go into the reply's buffer under the lock; it is sent after.
         let res = core.readdir(fh.0, offset).map(|entries| {
             for (i, e) in entries.iter().enumerate() {

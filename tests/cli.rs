@@ -237,3 +237,62 @@ fn the_mount_sets_its_share_of_dirty_pages() {
         "bdi_max_ratio=0: want a percentage from 1 to 100",
     );
 }
+
+/// The mount options of the mount at `mnt`, as /proc/self/mountinfo lists them.
+fn mount_flags(mnt: &std::path::Path) -> Vec<String> {
+    let info = fs::read_to_string("/proc/self/mountinfo").unwrap();
+    let mnt = mnt.to_str().unwrap();
+    let line = info
+        .lines()
+        .rfind(|l| l.split(' ').nth(4) == Some(mnt))
+        .unwrap_or_else(|| panic!("{mnt} is not mounted"));
+    line.split(' ')
+        .nth(5)
+        .unwrap()
+        .split(',')
+        .map(str::to_string)
+        .collect()
+}
+
+#[test]
+fn the_mount_helper_gives_root_dev_and_suid_unless_asked_not_to() {
+    let dir = test_dir();
+    let helper = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/mount-helper/mount.fuse.snapfs"
+    );
+    for (opts, nosuid, nodev) in [
+        ("", false, false),
+        ("nosuid", true, false),
+        ("nodev,noatime", false, true),
+    ] {
+        let store = dir.path().join(format!("store-{opts}"));
+        let mnt = dir.path().join(format!("mnt-{opts}"));
+        fs::create_dir(&mnt).unwrap();
+        // As mount(8) runs it: SPEC DIR -o OPTIONS (mount(8) passes no dev/suid).
+        let mut cmd = std::process::Command::new("bash");
+        cmd.arg(helper).arg(&store).arg(&mnt).env("SNAPFS", SNAPFS);
+        if !opts.is_empty() {
+            cmd.args(["-o", opts]);
+        }
+        let out = cmd.output().unwrap();
+        assert!(
+            out.status.success(),
+            "{opts}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let flags = mount_flags(&mnt);
+        let umount = std::process::Command::new("umount").arg(&mnt).status();
+        assert!(umount.unwrap().success());
+        assert_eq!(
+            flags.iter().any(|f| f == "nosuid"),
+            nosuid,
+            "{opts}: {flags:?}"
+        );
+        assert_eq!(
+            flags.iter().any(|f| f == "nodev"),
+            nodev,
+            "{opts}: {flags:?}"
+        );
+    }
+}

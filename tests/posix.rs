@@ -955,3 +955,144 @@ fn several_request_threads_serve_parallel_writers_correctly() {
     m.unmount();
     assert!(m.fsck().status.success());
 }
+
+/// The names a directory stream yields from where it stands to its end.
+fn read_names(d: *mut libc::DIR) -> Vec<String> {
+    let mut names = Vec::new();
+    loop {
+        // SAFETY: `d` is an open directory stream.
+        let e = unsafe { libc::readdir(d) };
+        if e.is_null() {
+            return names;
+        }
+        // SAFETY: readdir returned a valid entry whose name is NUL-terminated.
+        let name = unsafe { std::ffi::CStr::from_ptr((*e).d_name.as_ptr()) };
+        names.push(name.to_string_lossy().into_owned());
+    }
+}
+
+#[test]
+fn rewinddir_sees_entries_made_after_opendir() {
+    let m = Mount::new();
+    std::fs::create_dir(m.path("d")).unwrap();
+    std::fs::write(m.path("d/before"), b"x").unwrap();
+    let path = std::ffi::CString::new(m.path("d").as_os_str().as_encoded_bytes()).unwrap();
+    // SAFETY: a NUL-terminated path.
+    let d = unsafe { libc::opendir(path.as_ptr()) };
+    assert!(!d.is_null());
+    let mut first = read_names(d);
+    first.sort();
+    assert_eq!(first, [".", "..", "before"]);
+    std::fs::write(m.path("d/after"), b"y").unwrap();
+    std::fs::remove_file(m.path("d/before")).unwrap();
+    // SAFETY: `d` is open.
+    unsafe { libc::rewinddir(d) };
+    let mut again = read_names(d);
+    again.sort();
+    // SAFETY: `d` is open, and closed once.
+    unsafe { libc::closedir(d) };
+    assert_eq!(again, [".", "..", "after"]);
+}
+
+/// A file handle (struct file_handle with room for any handle FUSE makes).
+#[repr(C)]
+struct FileHandle {
+    bytes: u32,
+    kind: i32,
+    f: [u8; 128],
+}
+
+/// The handle of `p`, as name_to_handle_at(2) gives it.
+fn handle_of(p: &Path) -> FileHandle {
+    let mut h = FileHandle {
+        bytes: 128,
+        kind: 0,
+        f: [0; 128],
+    };
+    let mut mount_id = 0;
+    let c = cpath(p);
+    // SAFETY: a NUL-terminated path and a handle buffer of the size it says.
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_name_to_handle_at,
+            libc::AT_FDCWD,
+            c.as_ptr(),
+            &mut h as *mut FileHandle,
+            &mut mount_id as *mut i32,
+            0,
+        )
+    };
+    assert_eq!(r, 0, "name_to_handle_at {}: errno {}", p.display(), errno());
+    h
+}
+
+/// open_by_handle_at(2) on the mount at `mnt`: the file's contents, or the errno.
+fn read_by_handle(mnt: &Path, h: &FileHandle) -> Result<Vec<u8>, i32> {
+    let dir = File::open(mnt).unwrap();
+    // SAFETY: a valid handle buffer and an open descriptor of the mount.
+    let fd = unsafe {
+        libc::syscall(
+            libc::SYS_open_by_handle_at,
+            dir.as_raw_fd(),
+            h as *const FileHandle,
+            libc::O_RDONLY,
+        )
+    };
+    if fd < 0 {
+        return Err(errno());
+    }
+    // SAFETY: a descriptor the call just opened, owned here alone.
+    let mut f = unsafe { <File as std::os::fd::FromRawFd>::from_raw_fd(fd as i32) };
+    let mut v = Vec::new();
+    f.read_to_end(&mut v).unwrap();
+    Ok(v)
+}
+
+#[test]
+fn file_handles_stay_good_across_cache_drops_and_remounts() {
+    let mut m = Mount::new();
+    fs::create_dir(m.path("dir")).unwrap();
+    fs::write(m.path("dir/kept"), b"kept bytes").unwrap();
+    fs::write(m.path("dir/gone"), b"gone bytes").unwrap();
+    let kept = handle_of(&m.path("dir/kept"));
+    let gone = handle_of(&m.path("dir/gone"));
+    let dir = handle_of(&m.path("dir"));
+    fs::remove_file(m.path("dir/gone")).unwrap();
+    drop_caches();
+    assert_eq!(
+        read_by_handle(&m.mnt, &kept).as_deref(),
+        Ok(&b"kept bytes"[..])
+    );
+    assert_eq!(read_by_handle(&m.mnt, &gone), Err(libc::ESTALE));
+    m.unmount();
+    m.mount(&[]);
+    assert_eq!(
+        read_by_handle(&m.mnt, &kept).as_deref(),
+        Ok(&b"kept bytes"[..])
+    );
+    assert_eq!(read_by_handle(&m.mnt, &gone), Err(libc::ESTALE));
+    // A directory's handle opens it, and its ".." leads to the root.
+    let d = {
+        let dfd = File::open(&m.mnt).unwrap();
+        // SAFETY: as above.
+        let fd = unsafe {
+            libc::syscall(
+                libc::SYS_open_by_handle_at,
+                dfd.as_raw_fd(),
+                &dir as *const FileHandle,
+                libc::O_RDONLY | libc::O_DIRECTORY,
+            )
+        };
+        assert!(
+            fd >= 0,
+            "open_by_handle_at of a directory: errno {}",
+            errno()
+        );
+        // SAFETY: as above.
+        unsafe { <File as std::os::fd::FromRawFd>::from_raw_fd(fd as i32) }
+    };
+    let up = format!("/proc/self/fd/{}/..", d.as_raw_fd());
+    let root = fs::metadata(&m.mnt).unwrap();
+    let parent = fs::metadata(&up).unwrap();
+    assert_eq!(parent.ino(), root.ino());
+}

@@ -196,18 +196,18 @@ struct Dirty {
 #[derive(Debug)]
 enum Handle {
     /// A live file.
-    File {
-        ino: u64,
-        append: bool,
-    },
+    File { ino: u64, append: bool },
     /// A file seen through a snapshot: holds the snapshot while open.
-    SnapFile {
-        epoch: u64,
-    },
+    SnapFile { epoch: u64 },
     /// A file of a replica's tree (its newest snapshot).
     Frozen,
     Dir {
+        /// The directory.
+        fino: u64,
+        /// Its listing, as of opendir or the last read from position 0.
         entries: Vec<DirEntry>,
+        /// Read from since it was listed.
+        read: bool,
     },
 }
 
@@ -508,6 +508,13 @@ impl Inner {
         if name.len() > NAME_MAX {
             return err(libc::ENAMETOOLONG);
         }
+        match name {
+            // The kernel asks for "." of a node it has a file handle for (export:
+            // open_by_handle_at, NFS) and for ".." of a directory it reconnects.
+            b"." => return self.getattr(parent),
+            b".." => return self.lookup_parent(parent),
+            _ => {}
+        }
         let (epoch, dir) = match node(parent) {
             Node::Live(ROOT_INO) if name == SNAPDIR_NAME => return self.snapdir_attr(),
             Node::Live(ino) => (self.tree_epoch(), ino),
@@ -529,6 +536,33 @@ impl Inner {
             self.getattr(ent.ino)
         } else {
             self.getattr(snap_ino(epoch, ent.ino))
+        }
+    }
+
+    /// The directory that holds directory `fino` (the root holds itself; a
+    /// snapshot's root is held by `.snapshots`, which the root holds).
+    fn lookup_parent(&mut self, fino: u64) -> FsResult<Attr> {
+        match node(fino) {
+            Node::SnapDir => self.getattr(ROOT_INO),
+            Node::Snap { ino: ROOT_INO, .. } => self.snapdir_attr(),
+            Node::Snap { epoch, ino } => {
+                let rec = self.inode_at(epoch, ino)?;
+                if rec.kind != FileKind::Dir {
+                    return err(libc::ENOTDIR);
+                }
+                self.getattr(snap_ino(epoch, rec.parent))
+            }
+            Node::Live(ino) => {
+                let rec = self.inode_at(self.tree_epoch(), ino)?;
+                if rec.kind != FileKind::Dir {
+                    return err(libc::ENOTDIR);
+                }
+                self.getattr(if ino == ROOT_INO {
+                    ROOT_INO
+                } else {
+                    rec.parent
+                })
+            }
         }
     }
 
@@ -1203,6 +1237,22 @@ impl Inner {
 
     /// Opens a directory: takes a listing that later readdir calls page through.
     pub fn opendir(&mut self, fino: u64) -> FsResult<u64> {
+        let entries = self.listing(fino)?;
+        let fh = self.next_fh;
+        self.next_fh += 1;
+        self.handles.insert(
+            fh,
+            Handle::Dir {
+                fino,
+                entries,
+                read: false,
+            },
+        );
+        Ok(fh)
+    }
+
+    /// The entries of directory `fino`, `.` and `..` first.
+    fn listing(&mut self, fino: u64) -> FsResult<Vec<DirEntry>> {
         let rec = self.getattr(fino)?.rec;
         if rec.kind != FileKind::Dir {
             return err(libc::ENOTDIR);
@@ -1230,10 +1280,7 @@ impl Inner {
                         name: s.name.into_bytes(),
                     });
                 }
-                let fh = self.next_fh;
-                self.next_fh += 1;
-                self.handles.insert(fh, Handle::Dir { entries });
-                return Ok(fh);
+                return Ok(entries);
             }
         };
         let up = match (encode, ino) {
@@ -1278,16 +1325,29 @@ impl Inner {
                 Ok(true)
             })?;
         }
-        let fh = self.next_fh;
-        self.next_fh += 1;
-        self.handles.insert(fh, Handle::Dir { entries });
-        Ok(fh)
+        Ok(entries)
     }
 
-    /// Entries of directory handle `fh` from position `offset` on.
-    pub fn readdir(&self, fh: u64, offset: u64) -> FsResult<&[DirEntry]> {
-        match self.handles.get(&fh) {
-            Some(Handle::Dir { entries }) => Ok(entries.get(offset as usize..).unwrap_or_default()),
+    /// Entries of directory handle `fh` from position `offset` on. Reading from 0
+    /// again (rewinddir) lists the directory afresh: entries made since are seen.
+    pub fn readdir(&mut self, fh: u64, offset: u64) -> FsResult<&[DirEntry]> {
+        let again = match self.handles.get(&fh) {
+            Some(Handle::Dir { fino, read, .. }) => (offset == 0 && *read).then_some(*fino),
+            _ => return err(libc::EBADF),
+        };
+        // A directory gone since keeps the listing it had.
+        let fresh = match again {
+            Some(fino) => self.listing(fino).ok(),
+            None => None,
+        };
+        match self.handles.get_mut(&fh) {
+            Some(Handle::Dir { entries, read, .. }) => {
+                if let Some(f) = fresh {
+                    *entries = f;
+                }
+                *read = true;
+                Ok(entries.get(offset as usize..).unwrap_or_default())
+            }
             _ => err(libc::EBADF),
         }
     }

@@ -363,8 +363,22 @@ pub struct Ts {
 }
 
 impl Ts {
-    /// The current wall-clock time.
+    /// The current wall-clock time, from the clock the kernel stamps file times with
+    /// (`CLOCK_REALTIME_COARSE`): with the writeback cache the kernel stamps some
+    /// times itself, and a finer clock here would put the daemon's stamps ahead of
+    /// the kernel's, so that times could go backwards from one file to the next.
     pub fn now() -> Self {
+        let mut t = libc::timespec {
+            tv_sec: 0,
+            tv_nsec: 0,
+        };
+        // SAFETY: clock_gettime(2) writes a timespec to a valid pointer.
+        if unsafe { libc::clock_gettime(libc::CLOCK_REALTIME_COARSE, &mut t) } == 0 {
+            return Ts {
+                sec: t.tv_sec,
+                nsec: t.tv_nsec as u32,
+            };
+        }
         let d = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .unwrap_or_default();
