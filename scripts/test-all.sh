@@ -15,6 +15,9 @@
 #   pjdfstest-user  tests/peer/pjdfstest.sh user, over /dev/fuse (-o nouring)
 #   fsx             tests/peer/fsx.sh
 #   fsx-snapshots   tests/peer/fsx.sh, one more seed, a snapshot every second
+#   xfstests        tests/peer/xfstests.sh -g quick: xfstests built from
+#                   ../shared/third_party/, run with xfstests-config/; any failure
+#                   not in xfstests-config/exclude fails the stage
 #
 # It keeps going after a failed stage (stages that need the release build are
 # marked failed if the build fails), prints each stage's time and a summary,
@@ -22,8 +25,8 @@
 # stage failed. Must run as root (FUSE mounts, pjdfstest's user switching).
 #
 # Environment: SKIP_APT=1 skips apt-get; STAGES="fmt clippy ..." runs only
-# those stages; the tests/peer scripts' variables (FSX_*, PJDFSTEST_*, PEER_*)
-# pass through.
+# those stages; the tests/peer scripts' variables (FSX_*, PJDFSTEST_*, PEER_*,
+# XFSTESTS_*) pass through.
 set -euo pipefail
 
 repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -31,7 +34,7 @@ cd "$repo"
 export PATH="${CARGO_HOME:-$HOME/.cargo}/bin:$PATH"
 export SNAPFS=${SNAPFS:-$(readlink -m "${CARGO_TARGET_DIR:-target}/release/snapfs")}
 
-all_stages=(fmt clippy build test pjdfstest-root pjdfstest-user fsx fsx-snapshots)
+all_stages=(fmt clippy build test pjdfstest-root pjdfstest-user fsx fsx-snapshots xfstests)
 read -r -a stages <<<"${STAGES:-${all_stages[*]}}"
 
 apt_packages=(
@@ -166,7 +169,7 @@ done
 
 if wants fmt; then run_stage fmt cargo fmt --all -- --check || true; fi
 if wants clippy; then run_stage clippy cargo clippy --all-targets -- -D warnings || true; fi
-if wants build || wants test || wants pjdfstest-root || wants pjdfstest-user || wants fsx || wants fsx-snapshots; then
+if wants build || wants test || wants pjdfstest-root || wants pjdfstest-user || wants fsx || wants fsx-snapshots || wants xfstests; then
     if wants build; then
         run_stage build cargo build --release || build_ok=0
     else
@@ -179,6 +182,7 @@ if wants pjdfstest-root; then needs_build pjdfstest-root bash tests/peer/pjdfste
 if wants pjdfstest-user; then needs_build pjdfstest-user env PEER_MOUNT_OPTS=nouring bash tests/peer/pjdfstest.sh user; fi
 if wants fsx; then needs_build fsx bash tests/peer/fsx.sh; fi
 if wants fsx-snapshots; then needs_build fsx-snapshots env FSX_SEEDS=4 FSX_SNAPSHOT_EVERY=1 bash tests/peer/fsx.sh; fi
+if wants xfstests; then needs_build xfstests bash tests/peer/xfstests.sh -g quick; fi
 
 passed=0
 failed=0

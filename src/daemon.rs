@@ -105,6 +105,9 @@ impl MountOptions {
             uring_depth: DEFAULT_URING_DEPTH,
             uring_idle: true,
             uring_threads: DEFAULT_URING_THREADS,
+            // Tools that walk a tree (find, du, rsync, backups) would walk every
+            // snapshot too: `.snapshots` is reachable by name, not listed.
+            hide_snapdir: true,
             ..Default::default()
         };
         for opt in opts

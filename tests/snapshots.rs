@@ -365,15 +365,24 @@ fn diff_lists_added_removed_modified_renamed_and_ranges() {
 }
 
 #[test]
-fn hidden_snapdir_stays_reachable_by_name() {
-    let m = Mount::with_options(&["snapdir=hidden"]);
-    fs::create_dir(m.path(".snapshots/s")).unwrap();
-    let names: Vec<String> = fs::read_dir(&m.mnt)
-        .unwrap()
-        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-        .collect();
-    assert!(!names.contains(&".snapshots".to_string()));
-    assert!(m.path(".snapshots/s").is_dir());
+fn the_snapdir_is_hidden_by_default_and_reachable_by_name() {
+    let root_names = |m: &Mount| -> Vec<String> {
+        fs::read_dir(&m.mnt)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect()
+    };
+    for opts in [&[][..], &["snapdir=hidden"][..]] {
+        let m = Mount::with_options(opts);
+        fs::create_dir(m.path(".snapshots/s")).unwrap();
+        assert!(
+            !root_names(&m).contains(&".snapshots".to_string()),
+            "{opts:?}"
+        );
+        assert!(m.path(".snapshots/s").is_dir());
+    }
+    let m = Mount::with_options(&["snapdir=visible"]);
+    assert!(root_names(&m).contains(&".snapshots".to_string()));
 }
 
 /// Page `p` of version `v` of the file the writer below rewrites: `v` first, so a

@@ -123,7 +123,8 @@ notrun=$(words "Not run")
 failures=$(grep -E '^Failures:' "$log" | tail -n 1 | sed -E 's/^Failures: *//' || true)
 nfail=$(printf '%s\n' "$failures" | wc -w)
 excluded=$(grep -cE '^[a-z]+/[0-9]+' "$config/exclude" || true)
-passed=$((ran - nfail))
+# "Ran:" lists the tests not run too.
+passed=$((ran - notrun - nfail))
 echo
 echo "== xfstests results (${args[*]}) =="
 echo "xfstests: $passed passed, $nfail failed, $notrun not run, $excluded excluded"
