@@ -992,6 +992,18 @@ fn rewinddir_sees_entries_made_after_opendir() {
     // SAFETY: `d` is open, and closed once.
     unsafe { libc::closedir(d) };
     assert_eq!(again, [".", "..", "after"]);
+    // Opened, filled, rewound before its first read (generic/471's order).
+    // SAFETY: a NUL-terminated path.
+    let d = unsafe { libc::opendir(path.as_ptr()) };
+    assert!(!d.is_null());
+    std::fs::write(m.path("d/later"), b"z").unwrap();
+    // SAFETY: `d` is open.
+    unsafe { libc::rewinddir(d) };
+    let mut names = read_names(d);
+    names.sort();
+    // SAFETY: `d` is open, and closed once.
+    unsafe { libc::closedir(d) };
+    assert_eq!(names, [".", "..", "after", "later"]);
 }
 
 /// A file handle (struct file_handle with room for any handle FUSE makes).

@@ -204,10 +204,8 @@ enum Handle {
     Dir {
         /// The directory.
         fino: u64,
-        /// Its listing, as of opendir or the last read from position 0.
+        /// Its listing, as of the last read from position 0.
         entries: Vec<DirEntry>,
-        /// Read from since it was listed.
-        read: bool,
     },
 }
 
@@ -1235,17 +1233,19 @@ impl Inner {
         Ok(())
     }
 
-    /// Opens a directory: takes a listing that later readdir calls page through.
+    /// Opens a directory. Reading it from position 0 takes a listing that the reads
+    /// after it page through.
     pub fn opendir(&mut self, fino: u64) -> FsResult<u64> {
-        let entries = self.listing(fino)?;
+        if self.getattr(fino)?.rec.kind != FileKind::Dir {
+            return err(libc::ENOTDIR);
+        }
         let fh = self.next_fh;
         self.next_fh += 1;
         self.handles.insert(
             fh,
             Handle::Dir {
                 fino,
-                entries,
-                read: false,
+                entries: Vec::new(),
             },
         );
         Ok(fh)
@@ -1329,23 +1329,28 @@ impl Inner {
     }
 
     /// Entries of directory handle `fh` from position `offset` on. Reading from 0
-    /// again (rewinddir) lists the directory afresh: entries made since are seen.
+    /// lists the directory (again, after a rewinddir): entries made since the
+    /// opendir, or since the last rewind, are seen, as POSIX asks.
     pub fn readdir(&mut self, fh: u64, offset: u64) -> FsResult<&[DirEntry]> {
-        let again = match self.handles.get(&fh) {
-            Some(Handle::Dir { fino, read, .. }) => (offset == 0 && *read).then_some(*fino),
+        let fino = match self.handles.get(&fh) {
+            Some(Handle::Dir { fino, .. }) => *fino,
             _ => return err(libc::EBADF),
         };
-        // A directory gone since keeps the listing it had.
-        let fresh = match again {
-            Some(fino) => self.listing(fino).ok(),
-            None => None,
+        let fresh = if offset == 0 {
+            match self.listing(fino) {
+                Ok(v) => Some(v),
+                // A directory removed since lists as empty.
+                Err(FsError::Errno(libc::ENOENT)) => Some(Vec::new()),
+                Err(e) => return Err(e),
+            }
+        } else {
+            None
         };
         match self.handles.get_mut(&fh) {
-            Some(Handle::Dir { entries, read, .. }) => {
+            Some(Handle::Dir { entries, .. }) => {
                 if let Some(f) = fresh {
                     *entries = f;
                 }
-                *read = true;
                 Ok(entries.get(offset as usize..).unwrap_or_default())
             }
             _ => err(libc::EBADF),

@@ -111,10 +111,10 @@ unmount_all() {
 }
 trap unmount_all EXIT
 
-peer_log "running ./check ${args[*]} -E snapfs.exclude"
+peer_log "running ./check -E snapfs.exclude ${args[*]}"
 log=$(mktemp "${TMPDIR:-/tmp}/snapfs-xfstests.XXXXXX.log")
 rc=0
-(cd "$xfs" && ./check "${args[@]}" -E snapfs.exclude) 2>&1 | tee "$log" || rc=$?
+(cd "$xfs" && ./check -E snapfs.exclude "${args[@]}") 2>&1 | tee "$log" || rc=$?
 
 # The totals, from check's closing lines: "Ran: ...", "Not run: ...", "Failures: ...".
 words() { grep -E "^$1:" "$log" | tail -n 1 | sed -E "s/^$1: *//" | wc -w; }
