@@ -117,7 +117,7 @@ rc=0
 (cd "$xfs" && ./check -E snapfs.exclude "${args[@]}") 2>&1 | tee "$log" || rc=$?
 
 # The totals, from check's closing lines: "Ran: ...", "Not run: ...", "Failures: ...".
-words() { grep -E "^$1:" "$log" | tail -n 1 | sed -E "s/^$1: *//" | wc -w; }
+words() { { grep -E "^$1:" "$log" || true; } | tail -n 1 | sed -E "s/^$1: *//" | wc -w; }
 ran=$(words Ran)
 notrun=$(words "Not run")
 failures=$(grep -E '^Failures:' "$log" | tail -n 1 | sed -E 's/^Failures: *//' || true)
