@@ -482,6 +482,8 @@ pub fn mount(
         // The kernel may not hold what we name; that is fine.
         let _ = match i {
             Inval::Inode(ino) => notifier.inval_inode(fuser::INodeNo(*ino), 0, 0),
+            // A negative offset: the attributes, and no page.
+            Inval::Attr(ino) => notifier.inval_inode(fuser::INodeNo(*ino), -1, 0),
             Inval::Entry(dir, name) => {
                 notifier.inval_entry(fuser::INodeNo(*dir), std::ffi::OsStr::from_bytes(name))
             }

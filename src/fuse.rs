@@ -172,6 +172,24 @@ macro_rules! reply {
     }};
 }
 
+impl SnapFuse {
+    /// The result of an operation that may have dropped set-id bits (`res`'s flag):
+    /// the kernel, which caches the mode, is told to ask for it again. Called without
+    /// the core lock.
+    fn setid_dropped<T>(
+        &self,
+        ino: u64,
+        res: crate::fs::FsResult<(T, bool)>,
+    ) -> crate::fs::FsResult<T> {
+        res.map(|(v, dropped)| {
+            if dropped {
+                self.fs.invalidate(&[crate::fs::Inval::Attr(ino)]);
+            }
+            v
+        })
+    }
+}
+
 impl Filesystem for SnapFuse {
     fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> std::io::Result<()> {
         // The kernel enforces POSIX ACLs; the core applies umask and default ACLs itself.
@@ -478,7 +496,7 @@ impl Filesystem for SnapFuse {
 
     fn write(
         &self,
-        _req: &Request,
+        req: &Request,
         ino: INodeNo,
         fh: FileHandle,
         offset: u64,
@@ -499,12 +517,12 @@ impl Filesystem for SnapFuse {
                 let digests = crate::fs::digest_blocks(self.fs.block_size(), offset, data);
                 let mut fs = self.fs.lock();
                 // The kernel checked the writer's CAP_FSETID before setting the flag.
-                fs.write(fh.0, ino.0, offset, data, &digests).and_then(|n| {
-                    if write_flags.contains(WriteFlags::FUSE_WRITE_KILL_SUIDGID) {
-                        fs.drop_setid(ino.0, None)?;
-                    }
-                    Ok(n)
-                })
+                let res = fs.write(fh.0, ino.0, offset, data, &digests).and_then(|n| {
+                    let kill = write_flags.contains(WriteFlags::FUSE_WRITE_KILL_SUIDGID);
+                    Ok((n, kill && fs.drop_setid(ino.0, caller(req), true)?))
+                });
+                drop(fs);
+                self.setid_dropped(ino.0, res)
             },
             |n| reply.written(n)
         )
@@ -679,7 +697,7 @@ impl Filesystem for SnapFuse {
 
     fn setxattr(
         &self,
-        _req: &Request,
+        req: &Request,
         ino: INodeNo,
         name: &OsStr,
         value: &[u8],
@@ -693,7 +711,7 @@ impl Filesystem for SnapFuse {
             "setxattr",
             self.fs
                 .lock()
-                .setxattr(ino.0, name.as_bytes(), value, flags),
+                .setxattr(ino.0, name.as_bytes(), value, flags, Some(caller(req))),
             |_v| reply.ok()
         )
     }
@@ -797,8 +815,11 @@ impl Filesystem for SnapFuse {
             "fallocate",
             {
                 let mut fs = self.fs.lock();
-                fs.fallocate(ino.0, offset, length, mode)
-                    .and_then(|()| fs.drop_setid(ino.0, Some(caller(req))))
+                let res = fs
+                    .fallocate(ino.0, offset, length, mode)
+                    .and_then(|()| Ok(((), fs.drop_setid(ino.0, caller(req), false)?)));
+                drop(fs);
+                self.setid_dropped(ino.0, res)
             },
             |_v| reply.ok()
         )
@@ -856,11 +877,11 @@ impl Filesystem for SnapFuse {
         let len = len.min(1 << 30);
         let res = {
             let mut fs = self.fs.lock();
-            fs.copy_range(ino_in.0, offset_in, ino_out.0, offset_out, len)
-                .and_then(|n| {
-                    fs.drop_setid(ino_out.0, Some(caller(req)))?;
-                    Ok(n)
-                })
+            let res = fs
+                .copy_range(ino_in.0, offset_in, ino_out.0, offset_out, len)
+                .and_then(|n| Ok((n, fs.drop_setid(ino_out.0, caller(req), false)?)));
+            drop(fs);
+            self.setid_dropped(ino_out.0, res)
         };
         reply!(reply, "copy_file_range", res, |n| reply.written(n as u32))
     }

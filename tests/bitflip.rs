@@ -107,7 +107,7 @@ fn build(path: &Path) -> Model {
     )
     .unwrap();
     let f3 = core.lookup(dirs[3], b"f3").unwrap().ino;
-    core.setxattr(f3, b"user.note", b"kept", 0).unwrap();
+    core.setxattr(f3, b"user.note", b"kept", 0, None).unwrap();
     core.sync_all().unwrap();
     core.snapshot_create(b"s1", Ts::now()).unwrap();
     model.insert("s1".into(), live.clone());

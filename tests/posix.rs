@@ -1108,3 +1108,64 @@ fn file_handles_stay_good_across_cache_drops_and_remounts() {
     let parent = fs::metadata(&up).unwrap();
     assert_eq!(parent.ino(), root.ino());
 }
+
+#[test]
+fn writes_by_others_drop_set_id_bits_and_stat_shows_it_at_once() {
+    let m = Mount::new();
+    let mode = |p: &Path| fs::metadata(p).unwrap().mode() & 0o7777;
+    // (mode before, mode after a write by someone outside the file's group who
+    // lacks CAP_FSETID): set-user-id always goes; set-group-id goes too, with group
+    // execute or without (the writer is not in the group: Linux 6.2 and later).
+    for (i, (before, after)) in [
+        (0o6666, 0o666),
+        (0o6676, 0o676),
+        (0o6766, 0o766),
+        (0o2666, 0o666),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        for (how, cmd) in [
+            ("fallocate", "fallocate -l 8192 {}"),
+            ("punch hole", "fallocate -p -o 0 -l 4096 {}"),
+            (
+                "direct write",
+                "dd if=/dev/zero of={} bs=4096 count=1 oflag=direct conv=notrunc status=none",
+            ),
+        ] {
+            let p = m.path(&format!("f{i}-{}", how.replace(' ', "-")));
+            fs::write(&p, vec![1u8; 8192]).unwrap();
+            fs::set_permissions(&p, fs::Permissions::from_mode(before)).unwrap();
+            // The kernel caches the mode it saw.
+            assert_eq!(mode(&p), before);
+            let out = as_nobody(&cmd.replace("{}", p.to_str().unwrap()));
+            assert!(
+                out.status.success(),
+                "{how}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            assert_eq!(mode(&p), after, "{how} on a {before:o} file");
+        }
+    }
+}
+
+#[test]
+fn an_acl_set_by_the_owner_outside_the_group_drops_set_group_id() {
+    let m = Mount::new();
+    for (name, inside) in [("outside", false), ("inside", true)] {
+        let p = m.path(name);
+        fs::write(&p, b"x").unwrap();
+        // Owned by nobody; its group is root's, or nobody's own.
+        let gid = if inside { 65534 } else { 0 };
+        std::os::unix::fs::chown(&p, Some(65534), Some(gid)).unwrap();
+        fs::set_permissions(&p, fs::Permissions::from_mode(0o2777)).unwrap();
+        let out = as_nobody(&format!("setfacl -m u:4321:r {}", p.display()));
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let want = if inside { 0o2777 } else { 0o777 };
+        assert_eq!(fs::metadata(&p).unwrap().mode() & 0o7777, want, "{name}");
+    }
+}

@@ -671,19 +671,27 @@ impl Inner {
     }
 
     /// Drops the set-id bits of file `ino` after a write, fallocate or copy_file_range
-    /// by a caller without CAP_FSETID (`None`: the kernel flagged the write; see
-    /// [`Inner::setattr`]).
-    pub fn drop_setid(&mut self, ino: u64, caller: Option<Caller>) -> FsResult<()> {
+    /// by `caller`, unless it holds CAP_FSETID (`flagged`: the kernel flagged the
+    /// write, having found that it does not; see [`Inner::setattr`]). As Linux 6.2
+    /// and later: set-user-id always; set-group-id when group execute is set too, or
+    /// when the caller is outside the file's group. Returns whether the mode changed,
+    /// for the caller to tell the kernel, which caches it.
+    pub fn drop_setid(&mut self, ino: u64, caller: Caller, flagged: bool) -> FsResult<bool> {
         let ino = self.live(ino)?;
-        let kill = killed_setid(self.inode(ino)?.perm);
-        if kill != 0 && !caller.is_some_and(|c| c.has_fsetid()) {
-            self.modify_inode(ino, |r| {
-                r.perm &= !kill;
-                r.ctime = Ts::now();
-                Ok(())
-            })?;
+        let rec = self.inode(ino)?;
+        let mut kill = killed_setid(rec.perm);
+        if rec.perm & libc::S_ISGID != 0 && !caller.in_group(rec.gid) {
+            kill |= libc::S_ISGID;
         }
-        Ok(())
+        if kill == 0 || (!flagged && caller.has_fsetid()) {
+            return Ok(false);
+        }
+        self.modify_inode(ino, |r| {
+            r.perm &= !kill;
+            r.ctime = Ts::now();
+            Ok(())
+        })?;
+        Ok(true)
     }
 
     /// The target of symlink `fino`.

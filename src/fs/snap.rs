@@ -17,6 +17,8 @@ use crate::store::snapshots::RowChange;
 pub enum Inval {
     /// Attributes and cached pages of a live inode.
     Inode(u64),
+    /// Attributes alone of a live inode (its pages stay good).
+    Attr(u64),
     /// A (possibly negative) directory entry: parent and name.
     Entry(u64, Vec<u8>),
 }

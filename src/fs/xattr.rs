@@ -46,7 +46,14 @@ impl Inner {
     }
 
     /// Sets xattr `name` (with XATTR_CREATE / XATTR_REPLACE `flags`).
-    pub fn setxattr(&mut self, ino: u64, name: &[u8], value: &[u8], flags: i32) -> FsResult<()> {
+    pub fn setxattr(
+        &mut self,
+        ino: u64,
+        name: &[u8],
+        value: &[u8],
+        flags: i32,
+        caller: Option<Caller>,
+    ) -> FsResult<()> {
         let ino = self.live(ino)?;
         check_xattr_name(name)?;
         if value.len() > 65536 {
@@ -64,6 +71,15 @@ impl Inner {
         if name == acl::ACCESS.as_bytes() {
             let (mode, extended) = acl::mode_of(value)?;
             rec.perm = (rec.perm & !0o777) | mode;
+            // As Linux's posix_acl_update_mode: a caller outside the file's group
+            // and without CAP_FSETID loses set-group-id by setting an ACL.
+            if let Some(c) = caller
+                && rec.perm & libc::S_ISGID != 0
+                && !c.in_group(rec.gid)
+                && !c.has_fsetid()
+            {
+                rec.perm &= !libc::S_ISGID;
+            }
             if !extended {
                 store_value = None;
             }
