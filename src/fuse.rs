@@ -665,8 +665,9 @@ impl Filesystem for SnapFuse {
         _flags: OpenFlags,
         reply: ReplyEmpty,
     ) {
-        self.fs.lock().releasedir(fh.0);
-        reply.ok()
+        reply!(reply, "releasedir", self.fs.lock().releasedir(fh.0), |_v| {
+            reply.ok()
+        })
     }
 
     fn fsyncdir(

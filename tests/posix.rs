@@ -1169,3 +1169,27 @@ fn an_acl_set_by_the_owner_outside_the_group_drops_set_group_id() {
         assert_eq!(fs::metadata(&p).unwrap().mode() & 0o7777, want, "{name}");
     }
 }
+
+#[test]
+fn an_open_directory_removed_or_renamed_over_still_answers_fstat() {
+    let mut m = Mount::new();
+    fs::create_dir(m.path("gone")).unwrap();
+    fs::create_dir(m.path("over")).unwrap();
+    fs::create_dir(m.path("src")).unwrap();
+    let gone = File::open(m.path("gone")).unwrap();
+    let over = File::open(m.path("over")).unwrap();
+    fs::remove_dir(m.path("gone")).unwrap();
+    fs::rename(m.path("src"), m.path("over")).unwrap();
+    for (name, f) in [("removed", &gone), ("renamed over", &over)] {
+        let st = f
+            .metadata()
+            .unwrap_or_else(|e| panic!("{name}: fstat: {e}"));
+        assert!(st.is_dir(), "{name}");
+        assert_eq!(st.nlink(), 0, "{name}");
+    }
+    drop((gone, over));
+    m.unmount();
+    // Closed, they went: nothing is left behind.
+    let f = snapfs(&["fsck", m.store.to_str().unwrap()]);
+    assert!(f.status.success(), "{}", String::from_utf8_lossy(&f.stdout));
+}

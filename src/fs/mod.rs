@@ -204,6 +204,8 @@ enum Handle {
     Dir {
         /// The directory.
         fino: u64,
+        /// Its live inode, counted open ([`Inner::open_count`]).
+        live: Option<u64>,
         /// Its listing, as of the last read from position 0.
         entries: Vec<DirEntry>,
     },
@@ -1219,6 +1221,13 @@ impl Inner {
             Some(Handle::SnapFile { epoch }) => return self.release_snapshot_hold(epoch),
             _ => return Ok(()),
         };
+        self.closed(ino)
+    }
+
+    /// One open handle of live inode `ino` less: with none left, an inode with no
+    /// link left goes (an orphan until now), and another one's buffered data is
+    /// flushed.
+    fn closed(&mut self, ino: u64) -> FsResult<()> {
         let left = {
             let c = self.open_count.entry(ino).or_insert(1);
             *c -= 1;
@@ -1247,12 +1256,22 @@ impl Inner {
         if self.getattr(fino)?.rec.kind != FileKind::Dir {
             return err(libc::ENOTDIR);
         }
+        // A live directory open here stays, as an orphan, when it is removed or
+        // renamed over: fstat of the handle still answers (with no link).
+        let live = match node(fino) {
+            Node::Live(ino) if self.replica_view.is_none() => Some(ino),
+            _ => None,
+        };
+        if let Some(ino) = live {
+            *self.open_count.entry(ino).or_insert(0) += 1;
+        }
         let fh = self.next_fh;
         self.next_fh += 1;
         self.handles.insert(
             fh,
             Handle::Dir {
                 fino,
+                live,
                 entries: Vec::new(),
             },
         );
@@ -1365,9 +1384,14 @@ impl Inner {
         }
     }
 
-    /// Closes a directory handle.
-    pub fn releasedir(&mut self, fh: u64) {
-        self.handles.remove(&fh);
+    /// Closes a directory handle; frees the directory if it was removed meanwhile.
+    pub fn releasedir(&mut self, fh: u64) -> FsResult<()> {
+        match self.handles.remove(&fh) {
+            Some(Handle::Dir {
+                live: Some(ino), ..
+            }) => self.closed(ino),
+            _ => Ok(()),
+        }
     }
 
     /// Filesystem statistics: the space of the disk under the store.
