@@ -124,7 +124,7 @@ fn names(core: &mut Inner, dir: u64) -> Result<BTreeSet<String>, String> {
         .map(|e| String::from_utf8_lossy(&e.name).into_owned())
         .filter(|n| n != "." && n != ".." && n != ".snapshots")
         .collect();
-    core.releasedir(fh);
+    core.releasedir(fh).map_err(|e| e.to_string())?;
     Ok(out)
 }
 
