@@ -1193,3 +1193,25 @@ fn an_open_directory_removed_or_renamed_over_still_answers_fstat() {
     let f = snapfs(&["fsck", m.store.to_str().unwrap()]);
     assert!(f.status.success(), "{}", String::from_utf8_lossy(&f.stdout));
 }
+
+#[test]
+fn fallocate_of_more_than_the_free_space_is_refused() {
+    let m = Mount::new();
+    let f = create_rw(&m.path("big"));
+    let free = {
+        // SAFETY: all-zero is a valid statvfs; the call fills it.
+        let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+        // SAFETY: a NUL-terminated path and a valid out pointer.
+        assert_eq!(unsafe { libc::statvfs(cpath(&m.mnt).as_ptr(), &mut st) }, 0);
+        st.f_bavail * st.f_frsize
+    };
+    // SAFETY: fallocate(2) on a descriptor we own.
+    let r = unsafe { libc::fallocate(f.as_raw_fd(), 0, 0, (free * 2) as i64) };
+    assert_eq!((r, errno()), (-1, libc::ENOSPC));
+    assert_eq!(f.metadata().unwrap().len(), 0, "nothing changed");
+    // What fits is given.
+    // SAFETY: as above.
+    let r = unsafe { libc::fallocate(f.as_raw_fd(), 0, 0, 1 << 20) };
+    assert_eq!(r, 0, "errno {}", errno());
+    assert_eq!(f.metadata().unwrap().len(), 1 << 20);
+}

@@ -716,6 +716,9 @@ impl Inner {
                 libc::ENODEV
             });
         }
+        if !punch && !zero && end > offset {
+            self.check_space(ino, offset, end)?;
+        }
         if punch || zero {
             let zend = end.min(rec.size);
             if offset < zend {
@@ -731,6 +734,48 @@ impl Inner {
         }
         self.dirty.entry(ino).or_default().attr = Some(rec);
         self.undurable = true;
+        Ok(())
+    }
+
+    /// Refuses (ENOSPC) an allocation of `[start, end)` of live `ino` whose blocks
+    /// that hold nothing yet would take more than the disk under the store has free:
+    /// fallocate promises space, and must not promise what is not there. (The space
+    /// is not held for the file: a later write elsewhere can still take it.)
+    fn check_space(&mut self, ino: u64, start: u64, end: u64) -> FsResult<()> {
+        let bs = self.bs();
+        let (first, last) = (start / bs, (end - 1) / bs);
+        let mut held = 0u64;
+        {
+            let txn = self.store.read_txn()?;
+            let live = self.store.live_epoch;
+            scan_visible(
+                txn.versions(),
+                ino,
+                KIND_BLOCK,
+                first..=last,
+                live,
+                |_, _, _| {
+                    held += 1;
+                    Ok(true)
+                },
+            )?;
+        }
+        let dirty: Vec<u64> = self
+            .dirty
+            .get(&ino)
+            .map(|d| d.blocks.range(first..=last).map(|(i, _)| *i).collect())
+            .unwrap_or_default();
+        for idx in dirty {
+            if self.block_rec(ino, idx)?.is_none() {
+                held += 1;
+            }
+        }
+        let need = (last - first + 1).saturating_sub(held).saturating_mul(bs);
+        let st = self.statfs()?;
+        let free = (st.f_bavail as u64).saturating_mul(st.f_frsize as u64);
+        if need > free {
+            return err(libc::ENOSPC);
+        }
         Ok(())
     }
 
