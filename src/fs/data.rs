@@ -772,7 +772,7 @@ impl Inner {
         }
         let need = (last - first + 1).saturating_sub(held).saturating_mul(bs);
         let st = self.statfs()?;
-        let free = (st.f_bavail as u64).saturating_mul(st.f_frsize as u64);
+        let free = st.f_bavail.saturating_mul(st.f_frsize);
         if need > free {
             return err(libc::ENOSPC);
         }
