@@ -23,11 +23,6 @@ pub const SOCKET: &str = "snapfs.sock";
 /// The daemon's process id, inside the store, while it runs.
 pub const PIDFILE: &str = "snapfs.pid";
 
-/// Where the daemon's mount is, inside the store, while it runs: the mount's device
-/// number (`major:minor`), a space, the mountpoint. A second mount of the store
-/// becomes a bind mount of it.
-pub const MOUNTFILE: &str = "snapfs.mount";
-
 /// See [`MountOptions::bdi_max_ratio`]. At the kernel's 1% (about 47 MiB of dirty
 /// pages with 24 GiB of memory), a streaming writer is throttled down to the pace of
 /// single requests; 10% measured 1.4x faster sequential writes.
@@ -229,62 +224,6 @@ pub fn is_mounted(path: &Path) -> bool {
     mounts().iter().any(|(_, mp)| mp == path)
 }
 
-/// Where the live daemon of `store` has it mounted, from its mount file: only while
-/// that mount is still there, with the device number the daemon recorded.
-fn served_at(store: &Path) -> Option<PathBuf> {
-    let line = std::fs::read(store.join(MOUNTFILE)).ok()?;
-    let sp = line.iter().position(|b| *b == b' ')?;
-    let dev = std::str::from_utf8(&line[..sp]).ok()?;
-    let mp = PathBuf::from(
-        <std::ffi::OsStr as std::os::unix::ffi::OsStrExt>::from_bytes(&line[sp + 1..]),
-    );
-    mounts()
-        .into_iter()
-        .rev()
-        .find(|(_, p)| *p == mp)
-        .filter(|(d, _)| d == dev)
-        .map(|(_, p)| p)
-}
-
-/// Bind-mounts `from` at `to` (read-only with `ro`).
-fn bind_mount(from: &Path, to: &Path, ro: bool) -> anyhow::Result<()> {
-    let c = |p: &Path| std::ffi::CString::new(p.as_os_str().as_encoded_bytes());
-    let (from, to) = (c(from)?, c(to)?);
-    // SAFETY: mount(2) with NUL-terminated paths and no data.
-    let r = unsafe {
-        libc::mount(
-            from.as_ptr(),
-            to.as_ptr(),
-            std::ptr::null(),
-            libc::MS_BIND,
-            std::ptr::null(),
-        )
-    };
-    if r != 0 {
-        bail!("{}", std::io::Error::last_os_error());
-    }
-    if ro {
-        let flags = libc::MS_REMOUNT | libc::MS_BIND | libc::MS_RDONLY;
-        // SAFETY: as above, on the bind mount just made.
-        let r = unsafe {
-            libc::mount(
-                std::ptr::null(),
-                to.as_ptr(),
-                std::ptr::null(),
-                flags,
-                std::ptr::null(),
-            )
-        };
-        if r != 0 {
-            let e = std::io::Error::last_os_error();
-            // SAFETY: umount2(2) of the bind mount just made.
-            unsafe { libc::umount2(to.as_ptr(), libc::MNT_DETACH) };
-            bail!("making it read-only: {e}");
-        }
-    }
-    Ok(())
-}
-
 /// Every mount as (device number `major:minor`, mount point), from
 /// /proc/self/mountinfo, in its order (a later mount on a path hides an earlier one).
 fn mounts() -> Vec<(String, PathBuf)> {
@@ -406,18 +345,6 @@ pub fn mount(
     // Earlier options are overridden by later ones; snapfs.toml is read once the store
     // is known to be private, so only -o can allow a shared one.
     check_private(&store, cli_options.allow_shared_store)?;
-    // A store its daemon serves already: one superblock, seen at both places, as a
-    // disk mounted twice is.
-    if let Some(first) = served_at(&store) {
-        return bind_mount(&first, &mp, cli_options.read_only).with_context(|| {
-            format!(
-                "store {} is mounted at {} already; binding it to {}",
-                store.display(),
-                first.display(),
-                mp.display()
-            )
-        });
-    }
     if foreground {
         init_logging(None);
     }
@@ -509,14 +436,7 @@ pub fn mount(
     let pidfile = store.join(PIDFILE);
     write_private(&pidfile, format!("{}\n", std::process::id()).as_bytes())
         .context("writing the pid file")?;
-    let mountfile = store.join(MOUNTFILE);
-    if let Some((dev, _)) = mounts().into_iter().rev().find(|(_, p)| *p == mp) {
-        let mut line = format!("{dev} ").into_bytes();
-        line.extend_from_slice(mp.as_os_str().as_encoded_bytes());
-        if let Err(e) = write_private(&mountfile, &line) {
-            tracing::warn!(error = %e, "no mount file: a second mount of the store will be refused");
-        }
-    }
+
     // Signals: block them before any thread starts, so every thread inherits the mask
     // (one that did not would die of SIGTERM and take the process with it, unmounting
     // nothing); one thread waits for them and unmounts; the session then ends and we
@@ -635,7 +555,6 @@ pub fn mount(
     if Arc::try_unwrap(fs).is_err() {
         tracing::warn!("the core is still shared at exit");
     }
-    let _ = std::fs::remove_file(&mountfile);
     let _ = std::fs::remove_file(&pidfile);
     flushed.context("final flush")?;
     tracing::info!("unmounted cleanly");

@@ -27,7 +27,7 @@ enum Cmd {
         store: PathBuf,
         /// Where to mount it.
         mountpoint: PathBuf,
-        /// Mount options, comma-separated: source=NAME, threads=N, snapdir=hidden,
+        /// Mount options, comma-separated: source=NAME, threads=N, snapdir=visible,
         /// snapshot_every=15m, keep=hourly:24+daily:7, ro, noatime, ...
         #[arg(short = 'o')]
         options: Vec<String>,

@@ -296,28 +296,3 @@ fn the_mount_helper_gives_root_dev_and_suid_unless_asked_not_to() {
         );
     }
 }
-
-#[test]
-fn a_second_mount_of_a_mounted_store_binds_the_first() {
-    let m = Mount::new();
-    let second = m.dir.path().join("second");
-    fs::create_dir(&second).unwrap();
-    let out = snapfs(&["mount", m.store.to_str().unwrap(), second.to_str().unwrap()]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    // One file system at both places: a rename through one is seen through the other.
-    fs::create_dir(m.path("A")).unwrap();
-    fs::create_dir(m.path("B")).unwrap();
-    fs::write(m.path("A/f"), b"one tree").unwrap();
-    fs::rename(m.path("A/f"), m.path("B/f")).unwrap();
-    assert_eq!(fs::read(second.join("B/f")).unwrap(), b"one tree");
-    fs::rename(second.join("B/f"), second.join("A/f")).unwrap();
-    assert_eq!(fs::read(m.path("A/f")).unwrap(), b"one tree");
-    let umount = std::process::Command::new("umount").arg(&second).status();
-    assert!(umount.unwrap().success());
-    // The first mount goes on.
-    assert_eq!(fs::read(m.path("A/f")).unwrap(), b"one tree");
-}

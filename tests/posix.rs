@@ -1107,6 +1107,25 @@ fn file_handles_stay_good_across_cache_drops_and_remounts() {
     let root = fs::metadata(&m.mnt).unwrap();
     let parent = fs::metadata(&up).unwrap();
     assert_eq!(parent.ino(), root.ino());
+    drop(d);
+    // A file in a snapshot has a handle while the snapshot is shown; once it is
+    // deleted, the handle is stale (it reaches no deleted epoch).
+    let out = snapfs(&["snapshot", "create", m.mnt.to_str().unwrap(), "s"]);
+    assert!(out.status.success());
+    let snap = handle_of(&m.path(".snapshots/s/dir/kept"));
+    drop_caches();
+    assert_eq!(
+        read_by_handle(&m.mnt, &snap).as_deref(),
+        Ok(&b"kept bytes"[..])
+    );
+    let out = snapfs(&["snapshot", "delete", m.mnt.to_str().unwrap(), "s"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    drop_caches();
+    assert_eq!(read_by_handle(&m.mnt, &snap), Err(libc::ESTALE));
 }
 
 #[test]

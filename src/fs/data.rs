@@ -744,6 +744,12 @@ impl Inner {
     fn check_space(&mut self, ino: u64, start: u64, end: u64) -> FsResult<()> {
         let bs = self.bs();
         let (first, last) = (start / bs, (end - 1) / bs);
+        let st = self.statfs()?;
+        let free = st.f_bavail.saturating_mul(st.f_frsize);
+        // The whole range fits: nothing to count.
+        if (last - first + 1).saturating_mul(bs) <= free {
+            return Ok(());
+        }
         let mut held = 0u64;
         {
             let txn = self.store.read_txn()?;
@@ -771,8 +777,6 @@ impl Inner {
             }
         }
         let need = (last - first + 1).saturating_sub(held).saturating_mul(bs);
-        let st = self.statfs()?;
-        let free = st.f_bavail.saturating_mul(st.f_frsize);
         if need > free {
             return err(libc::ENOSPC);
         }

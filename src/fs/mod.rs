@@ -206,8 +206,10 @@ enum Handle {
         fino: u64,
         /// Its live inode, counted open ([`Inner::open_count`]).
         live: Option<u64>,
-        /// Its listing, as of the last read from position 0.
+        /// Its listing, as of the last read from position 0 (or the first read).
         entries: Vec<DirEntry>,
+        /// Whether a read listed it yet.
+        listed: bool,
     },
 }
 
@@ -510,8 +512,18 @@ impl Inner {
         }
         match name {
             // The kernel asks for "." of a node it has a file handle for (export:
-            // open_by_handle_at, NFS) and for ".." of a directory it reconnects.
-            b"." => return self.getattr(parent),
+            // open_by_handle_at, NFS) and for ".." of a directory it reconnects. A
+            // handle is data from outside: one naming an epoch that is no snapshot
+            // shown (the live tree's, a deleted snapshot's, a replica's staging) is
+            // stale.
+            b"." => {
+                if let Node::Snap { epoch, .. } = node(parent)
+                    && !self.snapshots()?.iter().any(|s| s.epoch == epoch)
+                {
+                    return err(libc::ENOENT);
+                }
+                return self.getattr(parent);
+            }
             b".." => return self.lookup_parent(parent),
             _ => {}
         }
@@ -588,7 +600,8 @@ impl Inner {
     /// The kernel leaves set-id bits to us (FUSE_HANDLE_KILLPRIV_V2), so a change of
     /// owner or group drops them, as does a truncate by a caller without CAP_FSETID,
     /// unless the same call sets the mode. Set-group-id without group execute survives
-    /// a chown only by a caller in the file's group or holding CAP_FSETID, as in Linux.
+    /// a chown or truncate only by a caller in the file's group or holding CAP_FSETID,
+    /// as in Linux 6.2 and later.
     pub fn setattr(&mut self, ino: u64, caller: Caller, set: SetAttr) -> FsResult<Attr> {
         let ino = self.live(ino)?;
         let mut kill = 0;
@@ -598,12 +611,19 @@ impl Inner {
                 kill = killed_setid(rec.perm);
                 let chown = set.uid.is_some() || set.gid.is_some();
                 let lone_sgid = rec.perm & (libc::S_ISGID | libc::S_IXGRP) == libc::S_ISGID;
-                if chown {
-                    if lone_sgid && !caller.in_group(rec.gid) && !caller.has_fsetid() {
-                        kill |= libc::S_ISGID;
-                    }
-                } else if kill != 0 && caller.has_fsetid() {
-                    kill = 0;
+                // Linux 6.2 and later: a lone set-group-id goes too when the caller
+                // is outside the file's group, for a truncate as for a chown.
+                if lone_sgid && !caller.in_group(rec.gid) {
+                    kill |= libc::S_ISGID;
+                }
+                if kill != 0 && caller.has_fsetid() {
+                    kill = if chown {
+                        // A chown by a holder of CAP_FSETID still drops set-user-id and
+                        // a set-group-id with group execute.
+                        killed_setid(rec.perm)
+                    } else {
+                        0
+                    };
                 }
             }
         }
@@ -1273,6 +1293,7 @@ impl Inner {
                 fino,
                 live,
                 entries: Vec::new(),
+                listed: false,
             },
         );
         Ok(fh)
@@ -1363,7 +1384,14 @@ impl Inner {
             Some(Handle::Dir { fino, .. }) => *fino,
             _ => return err(libc::EBADF),
         };
-        let fresh = if offset == 0 {
+        let listed = matches!(
+            self.handles.get(&fh),
+            Some(Handle::Dir { listed: true, .. })
+        );
+        // From 0 afresh; from anywhere else once, if no read listed it yet (a reader
+        // that seeks first, as knfsd does, or one the kernel's cache served until
+        // it was dropped).
+        let fresh = if offset == 0 || !listed {
             match self.listing(fino) {
                 Ok(v) => Some(v),
                 // A directory removed since lists as empty.
@@ -1374,9 +1402,12 @@ impl Inner {
             None
         };
         match self.handles.get_mut(&fh) {
-            Some(Handle::Dir { entries, .. }) => {
+            Some(Handle::Dir {
+                entries, listed, ..
+            }) => {
                 if let Some(f) = fresh {
                     *entries = f;
+                    *listed = true;
                 }
                 Ok(entries.get(offset as usize..).unwrap_or_default())
             }

@@ -20,6 +20,7 @@
 #                      ../shared/third_party/xfstests-*.tar.gz)
 #   XFSTESTS_CACHE     where it is built (default /var/cache/snapfs-xfstests)
 #   SKIP_APT=1         do not install Debian packages
+#   XFSTESTS_TIMEOUT   seconds the whole ./check run may take (default 2400)
 #   PEER_ARTIFACTS_DIR where the results of failed tests are copied (default
 #                      ${TMPDIR:-/tmp}/snapfs-peer-artifacts/xfstests)
 set -euo pipefail
@@ -114,7 +115,10 @@ trap unmount_all EXIT
 peer_log "running ./check -E snapfs.exclude ${args[*]}"
 log=$(mktemp "${TMPDIR:-/tmp}/snapfs-xfstests.XXXXXX.log")
 rc=0
-(cd "$xfs" && ./check -E snapfs.exclude "${args[@]}") 2>&1 | tee "$log" || rc=$?
+# A test that hangs must not hold CI: the whole run has a limit.
+limit=${XFSTESTS_TIMEOUT:-2400}
+(cd "$xfs" && timeout --kill-after=60 "$limit" ./check -E snapfs.exclude "${args[@]}") 2>&1 |
+    tee "$log" || rc=$?
 
 # The totals, from check's closing lines: "Ran: ...", "Not run: ...", "Failures: ...".
 words() { { grep -E "^$1:" "$log" || true; } | tail -n 1 | sed -E "s/^$1: *//" | wc -w; }
@@ -139,6 +143,6 @@ if [ "$nfail" -gt 0 ]; then
     exit 1
 fi
 if [ "$ran" -eq 0 ] || [ "$rc" -ne 0 ]; then
-    peer_log "check ran no test or failed to run (exit $rc)"
+    peer_log "check ran no test, failed to run or ran out of time (exit $rc)"
     exit 1
 fi
