@@ -1234,3 +1234,46 @@ fn fallocate_of_more_than_the_free_space_is_refused() {
     assert_eq!(r, 0, "errno {}", errno());
     assert_eq!(f.metadata().unwrap().len(), 1 << 20);
 }
+
+#[test]
+fn a_directory_read_first_from_the_middle_lists_the_rest() {
+    let m = Mount::new();
+    fs::create_dir(m.path("d")).unwrap();
+    for i in 0..20 {
+        fs::write(m.path(&format!("d/f{i:02}")), b"x").unwrap();
+    }
+    let path = cpath(&m.path("d"));
+    // Where each entry is, and its name.
+    let mut at = Vec::new();
+    // SAFETY: a NUL-terminated path; the stream is read, then closed once.
+    unsafe {
+        let d = libc::opendir(path.as_ptr());
+        assert!(!d.is_null());
+        loop {
+            let pos = libc::telldir(d);
+            let e = libc::readdir(d);
+            if e.is_null() {
+                break;
+            }
+            let name = std::ffi::CStr::from_ptr((*e).d_name.as_ptr());
+            at.push((pos, name.to_string_lossy().into_owned()));
+        }
+        libc::closedir(d);
+    }
+    assert_eq!(at.len(), 22);
+    // A new stream, the kernel's cached listing gone, whose first read starts at
+    // the tenth entry (as knfsd reads a directory, one request at a time).
+    drop_caches();
+    let (pos, _) = &at[10];
+    // SAFETY: as above.
+    let rest = unsafe {
+        let d = libc::opendir(path.as_ptr());
+        assert!(!d.is_null());
+        libc::seekdir(d, *pos);
+        let names = read_names(d);
+        libc::closedir(d);
+        names
+    };
+    let want: Vec<String> = at[10..].iter().map(|(_, n)| n.clone()).collect();
+    assert_eq!(rest, want);
+}
