@@ -1406,6 +1406,41 @@ fn store_hidden(path: &Path) -> bool {
         Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied)
 }
 
+/// The store of the snapfs daemon that serves mountpoint `mp` (canonical), from
+/// the command lines of running processes (`snapfs mount STORE MP ...`, relative
+/// paths taken from the process's working directory). What it names is checked by
+/// the caller like any mount's source: the store must belong to the mount's user.
+fn daemon_store(mp: &Path) -> Option<PathBuf> {
+    for entry in std::fs::read_dir("/proc").ok()?.flatten() {
+        let proc_dir = entry.path();
+        let Ok(cmdline) = std::fs::read(proc_dir.join("cmdline")) else {
+            continue;
+        };
+        let args: Vec<&[u8]> = cmdline.split(|b| *b == 0).collect();
+        let is_snapfs = args
+            .first()
+            .and_then(|a| a.rsplit(|b| *b == b'/').next())
+            .is_some_and(|name| name == b"snapfs");
+        let Some(i) = args.iter().position(|a| *a == b"mount") else {
+            continue;
+        };
+        if !is_snapfs || args.len() < i + 3 {
+            continue;
+        }
+        let Ok(cwd) = std::fs::read_link(proc_dir.join("cwd")) else {
+            continue;
+        };
+        let at =
+            |a: &[u8]| cwd.join(<std::ffi::OsStr as std::os::unix::ffi::OsStrExt>::from_bytes(a));
+        if std::fs::canonicalize(at(args[i + 2])).ok().as_deref() == Some(mp)
+            && let Ok(store) = std::fs::canonicalize(at(args[i + 1]))
+        {
+            return Some(store);
+        }
+    }
+    None
+}
+
 /// Finds the store behind a path that is either a store or a snapfs mountpoint.
 pub fn resolve_store(path: &Path) -> anyhow::Result<PathBuf> {
     if crate::store::Store::exists(path) {
@@ -1443,8 +1478,16 @@ pub fn resolve_store(path: &Path) -> anyhow::Result<PathBuf> {
             }
         }
     }
-    if let Some((src, user)) = found {
+    if let Some((mut src, user)) = found {
         use std::os::unix::fs::MetadataExt;
+        // `source=NAME` renamed the mount's source: the store is the one the daemon
+        // serving this mountpoint was started on.
+        if !crate::store::Store::exists(&src)
+            && !store_hidden(&src)
+            && let Some(store) = daemon_store(&canon)
+        {
+            src = store;
+        }
         let owner = std::fs::metadata(&src).map(|m| m.uid());
         // A store another user may not look into is still the store.
         if crate::store::Store::exists(&src) || store_hidden(&src) {

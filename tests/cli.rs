@@ -296,3 +296,25 @@ fn the_mount_helper_gives_root_dev_and_suid_unless_asked_not_to() {
         );
     }
 }
+
+#[test]
+fn status_finds_the_store_of_a_mount_whose_source_is_a_name() {
+    let m = Mount::with_options(&["source=a_plain_name"]);
+    fs::write(m.path("a"), b"x").unwrap();
+    let info = fs::read_to_string("/proc/self/mountinfo").unwrap();
+    assert!(
+        info.lines()
+            .any(|l| l.contains(m.mnt.to_str().unwrap()) && l.contains(" a_plain_name ")),
+        "the mount's source is the name"
+    );
+    let st = snapfs(&["status", m.mnt.to_str().unwrap()]);
+    assert!(
+        st.status.success(),
+        "{}",
+        String::from_utf8_lossy(&st.stderr)
+    );
+    let text = String::from_utf8_lossy(&st.stdout);
+    assert!(text.contains("files:            1"), "{text}");
+    let f = snapfs(&["fsck", m.mnt.to_str().unwrap()]);
+    assert!(f.status.success(), "{}", String::from_utf8_lossy(&f.stdout));
+}

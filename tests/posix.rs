@@ -17,6 +17,14 @@ fn cpath(p: &Path) -> CString {
     CString::new(p.as_os_str().as_bytes()).unwrap()
 }
 
+/// statvfs(2) of `p`.
+fn vfs(p: &Path) -> libc::statvfs {
+    // SAFETY: zeroed statvfs is valid; the path is NUL-terminated.
+    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+    assert_eq!(unsafe { libc::statvfs(cpath(p).as_ptr(), &mut st) }, 0);
+    st
+}
+
 fn errno() -> i32 {
     std::io::Error::last_os_error().raw_os_error().unwrap()
 }
@@ -881,12 +889,6 @@ fn fallocate_punch_hole_and_copy_file_range_sharing() {
 #[test]
 fn statfs_reports_the_disk_under_the_store() {
     let m = Mount::new();
-    let vfs = |p: &Path| {
-        // SAFETY: zeroed statvfs is valid; the path is NUL-terminated.
-        let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
-        assert_eq!(unsafe { libc::statvfs(cpath(p).as_ptr(), &mut st) }, 0);
-        st
-    };
     let (a, b) = (vfs(&m.mnt), vfs(&m.store));
     assert_eq!(a.f_blocks * a.f_frsize, b.f_blocks * b.f_frsize);
     assert!(a.f_bavail > 0);
@@ -1218,10 +1220,7 @@ fn fallocate_of_more_than_the_free_space_is_refused() {
     let m = Mount::new();
     let f = create_rw(&m.path("big"));
     let free = {
-        // SAFETY: all-zero is a valid statvfs; the call fills it.
-        let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
-        // SAFETY: a NUL-terminated path and a valid out pointer.
-        assert_eq!(unsafe { libc::statvfs(cpath(&m.mnt).as_ptr(), &mut st) }, 0);
+        let st = vfs(&m.mnt);
         st.f_bavail * st.f_frsize
     };
     // SAFETY: fallocate(2) on a descriptor we own.
