@@ -54,18 +54,41 @@ pub struct SnapFuse {
     fs: Arc<Fs>,
     writeback: bool,
     uring: bool,
+    /// The key the generation of each node id is derived with (see [`Self::generation`]).
+    gen_key: [u8; 32],
 }
 
 impl SnapFuse {
     /// Wraps a core for mounting; `writeback` lets the kernel cache writes, `uring`
     /// asks for FUSE over io_uring where the kernel offers it.
     pub fn new(fs: Arc<Fs>, writeback: bool, uring: bool) -> Self {
+        let volume = fs.lock().store().volume_id;
         SnapFuse {
             fs,
             writeback,
             uring,
+            gen_key: blake3::derive_key("snapfs 2026 file handle generations", &volume),
         }
     }
+
+    /// The generation of node id `ino`, which file handles carry (export,
+    /// open_by_handle_at): derived from the volume's id, which no NFS client sees,
+    /// so that a handle cannot be made up from an inode number. Node ids are never
+    /// reused, so it never has to change. The root's is 0, as the kernel made it.
+    fn generation(&self, ino: u64) -> Generation {
+        generation(&self.gen_key, ino)
+    }
+}
+
+/// See [`SnapFuse::generation`].
+fn generation(key: &[u8; 32], ino: u64) -> Generation {
+    if ino == crate::store::schema::ROOT_INO {
+        return Generation(0);
+    }
+    let h = blake3::keyed_hash(key, &ino.to_le_bytes());
+    // The kernel keeps 32 bits of it.
+    let b = h.as_bytes();
+    Generation(u32::from_le_bytes([b[0], b[1], b[2], b[3]]) as u64)
 }
 
 fn kind(k: FileKind) -> FileType {
@@ -249,7 +272,7 @@ impl Filesystem for SnapFuse {
             reply,
             "lookup",
             self.fs.lock().lookup(parent.0, name.as_bytes()),
-            |a| reply.entry(&ttl(a.ino), &fattr(&a), Generation(0))
+            |a| reply.entry(&ttl(a.ino), &fattr(&a), self.generation(a.ino))
         )
     }
 
@@ -323,7 +346,7 @@ impl Filesystem for SnapFuse {
         reply!(reply, "mknod", res, |a| reply.entry(
             &ttl(a.ino),
             &fattr(&a),
-            Generation(0)
+            self.generation(a.ino)
         ))
     }
 
@@ -350,6 +373,7 @@ impl Filesystem for SnapFuse {
             }
             let slot = ThreadSlot;
             let (fs, name, caller) = (self.fs.clone(), name.to_owned(), caller(req));
+            let key = self.gen_key;
             let spawned = std::thread::Builder::new()
                 .name("snapshot".into())
                 .spawn(move || {
@@ -361,7 +385,7 @@ impl Filesystem for SnapFuse {
                     reply!(reply, "mkdir", res, |a| reply.entry(
                         &ttl(a.ino),
                         &fattr(&a),
-                        Generation(0)
+                        generation(&key, a.ino)
                     ))
                 });
             if let Err(e) = spawned {
@@ -378,7 +402,7 @@ impl Filesystem for SnapFuse {
         reply!(reply, "mkdir", res, |a| reply.entry(
             &ttl(a.ino),
             &fattr(&a),
-            Generation(0)
+            self.generation(a.ino)
         ))
     }
 
@@ -423,7 +447,7 @@ impl Filesystem for SnapFuse {
         reply!(reply, "symlink", res, |a| reply.entry(
             &ttl(a.ino),
             &fattr(&a),
-            Generation(0)
+            self.generation(a.ino)
         ))
     }
 
@@ -461,7 +485,7 @@ impl Filesystem for SnapFuse {
             reply,
             "link",
             self.fs.lock().link(ino.0, newparent.0, newname.as_bytes()),
-            |a| reply.entry(&ttl(a.ino), &fattr(&a), Generation(0))
+            |a| reply.entry(&ttl(a.ino), &fattr(&a), self.generation(a.ino))
         )
     }
 
@@ -646,7 +670,7 @@ impl Filesystem for SnapFuse {
                     OsStr::from_bytes(&e.name),
                     &ttl(e.ino),
                     &fattr(attr),
-                    Generation(0),
+                    self.generation(e.ino),
                 )
             },
         );
@@ -777,7 +801,7 @@ impl Filesystem for SnapFuse {
         reply!(reply, "create", res, |v| reply.created(
             &ttl(v.0.ino),
             &fattr(&v.0),
-            Generation(0),
+            self.generation(v.0.ino),
             FileHandle(v.1),
             FopenFlags::FOPEN_KEEP_CACHE
         ))

@@ -1078,6 +1078,28 @@ fn file_handles_stay_good_across_cache_drops_and_remounts() {
         Ok(&b"kept bytes"[..])
     );
     assert_eq!(read_by_handle(&m.mnt, &gone), Err(libc::ESTALE));
+    // A handle cannot be made up from an inode number: FUSE's handle is the node id
+    // (two 32-bit words) and the generation, and another file's node id with this
+    // one's generation is stale.
+    fs::write(m.path("dir/other"), b"other bytes").unwrap();
+    let other = handle_of(&m.path("dir/other"));
+    let mut forged = FileHandle {
+        bytes: kept.bytes,
+        kind: kept.kind,
+        f: kept.f,
+    };
+    forged.f[..8].copy_from_slice(&other.f[..8]);
+    assert_ne!(
+        forged.f[8..12],
+        other.f[8..12],
+        "generations differ per file"
+    );
+    drop_caches();
+    assert_eq!(read_by_handle(&m.mnt, &forged), Err(libc::ESTALE));
+    assert_eq!(
+        read_by_handle(&m.mnt, &other).as_deref(),
+        Ok(&b"other bytes"[..])
+    );
     m.unmount();
     m.mount(&[]);
     assert_eq!(
