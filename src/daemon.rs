@@ -1407,12 +1407,18 @@ fn store_hidden(path: &Path) -> bool {
 }
 
 /// The store of the snapfs daemon that serves mountpoint `mp` (canonical), from
-/// the command lines of running processes (`snapfs mount STORE MP ...`, relative
-/// paths taken from the process's working directory). What it names is checked by
-/// the caller like any mount's source: the store must belong to the mount's user.
-fn daemon_store(mp: &Path) -> Option<PathBuf> {
+/// the command lines of running processes of the mount's user `user` (`snapfs
+/// mount STORE MP ...`, relative paths taken from the process's working
+/// directory): another user's process, which could say anything, is not asked.
+/// What it names is checked by the caller like any mount's source: the store must
+/// belong to the mount's user.
+fn daemon_store(mp: &Path, user: u32) -> Option<PathBuf> {
+    use std::os::unix::fs::MetadataExt;
     for entry in std::fs::read_dir("/proc").ok()?.flatten() {
         let proc_dir = entry.path();
+        if std::fs::metadata(&proc_dir).map(|m| m.uid()).ok() != Some(user) {
+            continue;
+        }
         let Ok(cmdline) = std::fs::read(proc_dir.join("cmdline")) else {
             continue;
         };
@@ -1484,7 +1490,7 @@ pub fn resolve_store(path: &Path) -> anyhow::Result<PathBuf> {
         // serving this mountpoint was started on.
         if !crate::store::Store::exists(&src)
             && !store_hidden(&src)
-            && let Some(store) = daemon_store(&canon)
+            && let Some(store) = user.and_then(|u| daemon_store(&canon, u))
         {
             src = store;
         }
