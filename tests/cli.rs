@@ -307,14 +307,7 @@ fn status_finds_the_store_of_a_mount_whose_source_is_a_name() {
             .any(|l| l.contains(m.mnt.to_str().unwrap()) && l.contains(" a_plain_name ")),
         "the mount's source is the name"
     );
-    let st = snapfs(&["status", m.mnt.to_str().unwrap()]);
-    assert!(
-        st.status.success(),
-        "{}",
-        String::from_utf8_lossy(&st.stderr)
-    );
-    let text = String::from_utf8_lossy(&st.stdout);
+    let text = snapfs_ok(&["status", m.mnt.to_str().unwrap()]);
     assert!(text.contains("files:            1"), "{text}");
-    let f = snapfs(&["fsck", m.mnt.to_str().unwrap()]);
-    assert!(f.status.success(), "{}", String::from_utf8_lossy(&f.stdout));
+    snapfs_ok(&["fsck", m.mnt.to_str().unwrap()]);
 }

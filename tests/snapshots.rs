@@ -339,13 +339,7 @@ fn diff_lists_added_removed_modified_renamed_and_ranges() {
     fs::remove_file(m.path("gone")).unwrap();
     fs::rename(m.path("old-name"), m.path("d/new-name")).unwrap();
     fs::write(m.path("added"), b"new").unwrap();
-    let out = snapfs(&["diff", m.mnt.to_str().unwrap(), "a", "live", "--blocks"]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let text = String::from_utf8_lossy(&out.stdout);
+    let text = snapfs_ok(&["diff", m.mnt.to_str().unwrap(), "a", "live", "--blocks"]);
     assert!(text.contains("+\t/added\n"), "{text}");
     assert!(text.contains("-\t/gone\n"), "{text}");
     assert!(text.contains("R\t/old-name\t->\t/d/new-name\n"), "{text}");

@@ -122,6 +122,15 @@ impl Caller {
     }
 }
 
+/// The set-id bits that a write, truncate, fallocate or copy by `caller` removes
+/// from a file of mode `perm` and group `gid` when the caller lacks CAP_FSETID, as
+/// Linux 6.2 and later: [`killed_setid`]'s, and set-group-id without group execute
+/// too when the caller is outside the file's group.
+fn setid_dropped_by(perm: u32, gid: u32, caller: &Caller) -> u32 {
+    let outside = perm & libc::S_ISGID != 0 && !caller.in_group(gid);
+    killed_setid(perm) | if outside { libc::S_ISGID } else { 0 }
+}
+
 /// The set-id bits that a write, truncate or chown of a file removes from `perm`:
 /// set-user-id always, set-group-id when group execute is also set (without it, the bit
 /// marks mandatory locking and stays).
@@ -608,14 +617,8 @@ impl Inner {
         if set.mode.is_none() && (set.size.is_some() || set.uid.is_some() || set.gid.is_some()) {
             let rec = self.inode(ino)?;
             if rec.kind != FileKind::Dir {
-                kill = killed_setid(rec.perm);
                 let chown = set.uid.is_some() || set.gid.is_some();
-                let lone_sgid = rec.perm & (libc::S_ISGID | libc::S_IXGRP) == libc::S_ISGID;
-                // Linux 6.2 and later: a lone set-group-id goes too when the caller
-                // is outside the file's group, for a truncate as for a chown.
-                if lone_sgid && !caller.in_group(rec.gid) {
-                    kill |= libc::S_ISGID;
-                }
+                kill = setid_dropped_by(rec.perm, rec.gid, &caller);
                 if kill != 0 && caller.has_fsetid() {
                     kill = if chown {
                         // A chown by a holder of CAP_FSETID still drops set-user-id and
@@ -701,10 +704,7 @@ impl Inner {
     pub fn drop_setid(&mut self, ino: u64, caller: Caller, flagged: bool) -> FsResult<bool> {
         let ino = self.live(ino)?;
         let rec = self.inode(ino)?;
-        let mut kill = killed_setid(rec.perm);
-        if rec.perm & libc::S_ISGID != 0 && !caller.in_group(rec.gid) {
-            kill |= libc::S_ISGID;
-        }
+        let kill = setid_dropped_by(rec.perm, rec.gid, &caller);
         if kill == 0 || (!flagged && caller.has_fsetid()) {
             return Ok(false);
         }

@@ -31,6 +31,18 @@ pub fn snapfs(args: &[&str]) -> Output {
         .expect("running snapfs")
 }
 
+/// `snapfs ARGS`, which must succeed: its standard output.
+#[allow(dead_code)] // not every test file uses it
+pub fn snapfs_ok(args: &[&str]) -> String {
+    let out = snapfs(args);
+    assert!(
+        out.status.success(),
+        "snapfs {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
 impl Mount {
     /// A fresh store, mounted.
     pub fn new() -> Mount {
