@@ -108,7 +108,7 @@ fn fattr(a: &Attr) -> FileAttr {
     FileAttr {
         ino: INodeNo(a.ino),
         size: r.size,
-        blocks: a.blocks(),
+        blocks: a.blocks,
         atime: r.atime.to_system(),
         mtime: r.mtime.to_system(),
         ctime: r.ctime.to_system(),
@@ -453,7 +453,7 @@ impl Filesystem for SnapFuse {
 
     fn rename(
         &self,
-        _req: &Request,
+        req: &Request,
         parent: INodeNo,
         name: &OsStr,
         newparent: INodeNo,
@@ -468,6 +468,7 @@ impl Filesystem for SnapFuse {
             newparent.0,
             newname.as_bytes(),
             flags.bits(),
+            caller(req),
         );
         reply!(reply, "rename", res, |_v| reply.ok())
     }
@@ -955,6 +956,7 @@ mod tests {
                 target: Vec::new(),
             },
             blksize: 4096,
+            blocks: 0,
         }
     }
 

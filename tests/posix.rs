@@ -1298,3 +1298,100 @@ fn a_directory_read_first_from_the_middle_lists_the_rest() {
     let want: Vec<String> = at[10..].iter().map(|(_, n)| n.clone()).collect();
     assert_eq!(rest, want);
 }
+
+#[test]
+fn st_blocks_counts_the_data_a_file_holds_not_its_holes() {
+    use std::os::unix::fs::{FileExt, MetadataExt};
+    let mut m = Mount::new();
+    let kib = |p: &Path| fs::metadata(p).unwrap().blocks() / 2;
+    // 50 KiB at 1600 KiB: a sparse file (xfstests' own probe for sparse files).
+    let sparse = m.path("sparse");
+    let f = create_rw(&sparse);
+    // (What the kernel's page cache holds and has not written back is not counted
+    // yet; closing writes it back.)
+    f.write_all_at(&pattern(1, 51200), 1_638_400).unwrap();
+    drop(f);
+    assert_eq!(kib(&sparse), 52);
+    // A byte takes a page; a file of zeros written out takes nothing.
+    fs::write(m.path("byte"), b"x").unwrap();
+    assert_eq!(kib(&m.path("byte")), 4);
+    fs::write(m.path("zeros"), vec![0u8; 1 << 20]).unwrap();
+    assert_eq!(kib(&m.path("zeros")), 0);
+    // A full file, then a hole punched in it, then a page written into the hole.
+    let full = m.path("full");
+    fs::write(&full, pattern(2, 4 << 20)).unwrap();
+    assert_eq!(kib(&full), 4096);
+    snapfs_ok(&["snapshot", "create", m.mnt.to_str().unwrap(), "s1"]);
+    let f = fs::OpenOptions::new().write(true).open(&full).unwrap();
+    // SAFETY: fallocate(2) on a descriptor we own.
+    let r = unsafe {
+        libc::fallocate(
+            f.as_raw_fd(),
+            libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+            1 << 20,
+            2 << 20,
+        )
+    };
+    assert_eq!(r, 0, "errno {}", errno());
+    assert_eq!(kib(&full), 2048);
+    f.write_all_at(b"y", (2 << 20) + 5).unwrap();
+    f.sync_all().unwrap();
+    drop(f);
+    assert_eq!(kib(&full), 2052);
+    // The snapshot still holds what it froze; a truncate frees the live file's.
+    let snap = m.path(".snapshots/s1/full");
+    assert_eq!(kib(&snap), 4096);
+    fs::OpenOptions::new()
+        .write(true)
+        .open(&full)
+        .unwrap()
+        .set_len(0)
+        .unwrap();
+    assert_eq!(kib(&full), 0);
+    // Counted afresh from the store after a remount.
+    m.remount();
+    assert_eq!(kib(&sparse), 52);
+    assert_eq!(kib(&m.path("byte")), 4);
+    assert_eq!(kib(&snap), 4096);
+    assert_eq!(kib(&full), 0);
+    m.assert_fsck_clean();
+}
+
+#[test]
+fn rename_whiteout_leaves_a_whiteout_device_at_the_old_name() {
+    use std::os::unix::fs::{FileTypeExt, MetadataExt};
+    let mut m = Mount::new();
+    fs::write(m.path("a"), b"moved").unwrap();
+    fs::write(m.path("b"), b"replaced").unwrap();
+    rename2(&m.path("a"), &m.path("b"), libc::RENAME_WHITEOUT).unwrap();
+    assert_eq!(fs::read(m.path("b")).unwrap(), b"moved");
+    let check = |m: &Mount| {
+        let w = fs::symlink_metadata(m.path("a")).unwrap();
+        assert!(w.file_type().is_char_device());
+        assert_eq!((w.rdev(), w.mode() & 0o7777, w.nlink()), (0, 0, 1));
+        assert_ne!(w.ino(), fs::metadata(m.path("b")).unwrap().ino());
+    };
+    check(&m);
+    // Into a new name in another directory, and refused with RENAME_EXCHANGE.
+    fs::create_dir(m.path("d")).unwrap();
+    fs::write(m.path("c"), b"c").unwrap();
+    rename2(&m.path("c"), &m.path("d/c"), libc::RENAME_WHITEOUT).unwrap();
+    assert!(
+        fs::symlink_metadata(m.path("c"))
+            .unwrap()
+            .file_type()
+            .is_char_device()
+    );
+    assert_eq!(
+        rename2(
+            &m.path("b"),
+            &m.path("d/c"),
+            libc::RENAME_WHITEOUT | libc::RENAME_EXCHANGE
+        ),
+        Err(libc::EINVAL)
+    );
+    m.remount();
+    check(&m);
+    fs::remove_file(m.path("a")).unwrap();
+    m.assert_fsck_clean();
+}

@@ -246,6 +246,28 @@ impl Inner {
         }
     }
 
+    /// Pages of live `ino` that its write buffers hold and its stored blocks do not
+    /// (see [`BlockRec::alloc_pages`]): data written and not yet flushed.
+    pub(super) fn dirty_pages(&mut self, ino: u64) -> FsResult<u64> {
+        let held: Vec<(u64, Pages)> = match self.dirty.get(&ino) {
+            Some(d) => d.blocks.iter().map(|(i, b)| (*i, b.valid)).collect(),
+            None => return Ok(0),
+        };
+        let n = DBlock::pages(self.bs());
+        let mut extra = 0;
+        for (idx, valid) in held {
+            let mut stored = Pages::default();
+            if let Some(rec) = self.block_rec(ino, idx)? {
+                stored.set_range(0, (rec.len as usize).div_ceil(PAGE));
+                for f in &rec.frags {
+                    stored.set_range(f.at as usize, (f.at + f.n) as usize);
+                }
+            }
+            extra += (0..n).filter(|&p| valid.get(p) && !stored.get(p)).count() as u64;
+        }
+        Ok(extra)
+    }
+
     /// Bytes `[start, end)` of stored block `idx` (`end` capped at the block size;
     /// zeros where nothing is stored), `None` for a hole.
     fn stored_range_at(

@@ -153,13 +153,8 @@ pub struct Attr {
     pub rec: InodeRec,
     /// Preferred I/O size.
     pub blksize: u32,
-}
-
-impl Attr {
-    /// 512-byte blocks the file occupies (logical, rounded up).
-    pub fn blocks(&self) -> u64 {
-        self.rec.size.div_ceil(512)
-    }
+    /// 512-byte blocks of data the file holds (holes take none).
+    pub blocks: u64,
 }
 
 /// Which attributes a setattr changes.
@@ -491,12 +486,26 @@ impl Inner {
         }
     }
 
-    fn attr(&self, ino: u64, rec: InodeRec) -> Attr {
-        Attr {
-            ino,
+    /// The attributes of kernel inode `fino` whose record is `rec`.
+    fn attr(&mut self, fino: u64, rec: InodeRec) -> FsResult<Attr> {
+        let blocks = match (rec.kind, node(fino)) {
+            (FileKind::File, Node::Live(ino)) => {
+                let pages = self.store.allocated_pages(ino, self.tree_epoch())?;
+                (pages + self.dirty_pages(ino)?) * (PAGE as u64 / 512)
+            }
+            (FileKind::File, Node::Snap { epoch, ino }) => {
+                self.store.allocated_pages(ino, epoch)? * (PAGE as u64 / 512)
+            }
+            // A symlink's target and a directory's entries live in the metadata: a
+            // block per started 4 KiB of their size, as ext4 shows.
+            _ => rec.size.div_ceil(PAGE as u64) * (PAGE as u64 / 512),
+        };
+        Ok(Attr {
+            ino: fino,
             rec,
             blksize: self.blksize(),
-        }
+            blocks,
+        })
     }
 
     /// Attributes of kernel inode `fino`.
@@ -504,12 +513,12 @@ impl Inner {
         match node(fino) {
             Node::Live(ino) => {
                 let rec = self.inode_at(self.tree_epoch(), ino)?;
-                Ok(self.attr(ino, rec))
+                self.attr(ino, rec)
             }
             Node::SnapDir => self.snapdir_attr(),
             Node::Snap { epoch, ino } => {
                 let rec = self.inode_at(epoch, ino)?;
-                Ok(self.attr(fino, rec))
+                self.attr(fino, rec)
             }
         }
     }
@@ -601,7 +610,7 @@ impl Inner {
             d.attr = None;
         }
         self.undurable = true;
-        Ok(self.attr(ino, rec))
+        self.attr(ino, rec)
     }
 
     /// Changes attributes.
@@ -689,7 +698,7 @@ impl Inner {
                     parent: 0,
                     target: Vec::new(),
                 };
-                Ok(self.attr(ino, rec))
+                self.attr(ino, rec)
             }
             res => res,
         }
@@ -853,7 +862,7 @@ impl Inner {
             d.attr = None;
         }
         self.undurable = true;
-        Ok(self.attr(ino, rec))
+        self.attr(ino, rec)
     }
 
     /// Makes a hard link to `ino` as `parent/name`.
@@ -897,7 +906,7 @@ impl Inner {
             put_inode(w, parent, &dir)
         })?;
         self.settle(&[ino, parent]);
-        Ok(self.attr(ino, rec))
+        self.attr(ino, rec)
     }
 
     /// Drops buffered attributes of inodes whose record a write just stored.
@@ -1010,6 +1019,7 @@ impl Inner {
         newparent: u64,
         newname: &[u8],
         flags: u32,
+        caller: Caller,
     ) -> FsResult<()> {
         check_name(newname)?;
         if name.len() > NAME_MAX {
@@ -1023,8 +1033,9 @@ impl Inner {
         }
         let exchange = flags & libc::RENAME_EXCHANGE != 0;
         let noreplace = flags & libc::RENAME_NOREPLACE != 0;
-        if flags & !(libc::RENAME_EXCHANGE | libc::RENAME_NOREPLACE) != 0 || (exchange && noreplace)
-        {
+        let whiteout = flags & libc::RENAME_WHITEOUT != 0;
+        let known = libc::RENAME_EXCHANGE | libc::RENAME_NOREPLACE | libc::RENAME_WHITEOUT;
+        if flags & !known != 0 || (exchange && (noreplace || whiteout)) {
             return err(libc::EINVAL);
         }
         let src = self
@@ -1091,6 +1102,27 @@ impl Inner {
             pnew.nlink += 1;
         }
         let mut victim_open = false;
+        // RENAME_WHITEOUT (overlayfs): the old name becomes a whiteout, a character
+        // device 0:0 of the caller's.
+        let whiteout = whiteout.then(|| InodeRec {
+            kind: FileKind::CharDev,
+            perm: 0,
+            uid: caller.uid,
+            gid: if pold.perm & libc::S_ISGID != 0 {
+                pold.gid
+            } else {
+                caller.gid
+            },
+            nlink: 1,
+            size: 0,
+            atime: now,
+            mtime: now,
+            ctime: now,
+            crtime: now,
+            rdev: 0,
+            parent: 0,
+            target: Vec::new(),
+        });
         if let Some((vino, vrec)) = victim.as_mut() {
             vrec.ctime = now;
             if vrec.kind == FileKind::Dir {
@@ -1104,8 +1136,25 @@ impl Inner {
                 self.dirty_drop(*vino);
             }
         }
-        self.store.write(false, |w| {
-            put_dirent(w, parent, name, None)?;
+        let made = self.store.write(false, |w| {
+            let made = match &whiteout {
+                Some(rec) => {
+                    let ino = w.alloc_ino()?;
+                    let mut b = Vec::with_capacity(80);
+                    rec.encode(&mut b);
+                    w.put_fresh(RecKey::inode(ino), &b)?;
+                    let d = DirentRec {
+                        ino,
+                        kind: FileKind::CharDev,
+                    };
+                    put_dirent(w, parent, name, Some(d))?;
+                    Some(ino)
+                }
+                None => {
+                    put_dirent(w, parent, name, None)?;
+                    None
+                }
+            };
             put_dirent(w, newparent, newname, Some(src))?;
             put_inode(w, src.ino, &srec)?;
             if newparent == parent {
@@ -1117,9 +1166,10 @@ impl Inner {
             if let Some((vino, vrec)) = &victim {
                 unlink_inode(w, *vino, vrec, victim_open)?;
             }
-            Ok(())
+            Ok(made)
         })?;
         let mut touched = vec![parent, newparent, src.ino];
+        touched.extend(made);
         if let Some((vino, _)) = victim {
             touched.push(vino);
         }

@@ -111,7 +111,7 @@ impl Inner {
         rec.nlink = 2;
         rec.size = 0;
         rec.parent = ROOT_INO;
-        Ok(self.attr(SNAPDIR_INO, rec))
+        self.attr(SNAPDIR_INO, rec)
     }
 
     /// Takes snapshot `name` of the live tree; returns its epoch.

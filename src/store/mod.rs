@@ -138,6 +138,9 @@ pub struct Store {
     /// none was written since), so that the kernel's questions for
     /// `security.capability` and ACLs cost no lookup. Kept in step by every write.
     xattr_free: std::collections::HashSet<u64>,
+    /// Pages of data held by the blocks of live inodes (see [`BlockRec::alloc_pages`]),
+    /// counted on first asking and kept in step by every write since.
+    alloc_cache: std::collections::HashMap<u64, u64>,
     /// Leaf chaining values of extents verified whole (see [`verify`]).
     outboards: std::collections::HashMap<[u8; 32], Box<[blake3::hazmat::ChainingValue]>>,
     /// Segments compaction gave up on (damaged extents, a failed move) until remount.
@@ -502,6 +505,7 @@ impl Store {
             failed: None,
             inode_cache: std::collections::HashMap::new(),
             xattr_free: std::collections::HashSet::new(),
+            alloc_cache: std::collections::HashMap::new(),
             outboards: std::collections::HashMap::new(),
             next_segment,
             compact_skip: Default::default(),
@@ -631,6 +635,7 @@ impl Store {
                 inodes: &self.inode_cache,
                 inode_log: Vec::new(),
                 xattr_log: Vec::new(),
+                alloc_log: Vec::new(),
                 changed: &mut self.changed,
                 freed: Vec::new(),
                 unverified: &mut self.unverified,
@@ -654,9 +659,9 @@ impl Store {
                         .insert(meta::NEXT_SEGMENT, row.as_slice())
                         .map(|_| Some(next));
             }
-            (r, w.inode_log, w.xattr_log, w.freed, recorded)
+            (r, w.inode_log, w.xattr_log, w.alloc_log, w.freed, recorded)
         };
-        let (res, log, xlog, freed, recorded) = res;
+        let (res, log, xlog, alog, freed, recorded) = res;
         match recorded {
             Ok(Some(next)) => self.next_segment = next,
             Ok(None) => {}
@@ -692,6 +697,11 @@ impl Store {
                     self.xattr_free.remove(&ino);
                 }
             }
+            for (ino, d) in alog {
+                if let Some(n) = self.alloc_cache.get_mut(&ino) {
+                    *n = n.saturating_add_signed(d);
+                }
+            }
         }
         match res {
             Ok(r) => {
@@ -721,6 +731,7 @@ impl Store {
         }
         // An aborted group may have held any record: forget them all.
         self.inode_cache.clear();
+        self.alloc_cache.clear();
         self.changed.clear();
         self.xattr_free.clear();
         self.freed_group.clear();
@@ -1132,6 +1143,37 @@ impl Store {
         let payload = v.as_ref().map(|c| c.payload.clone());
         self.inode_cache.insert(ino, v);
         Ok(payload)
+    }
+
+    /// Pages of data the blocks of `ino` hold at `epoch` (the live tree's counted once
+    /// and kept in step; a snapshot's counted each time).
+    pub fn allocated_pages(&mut self, ino: u64, epoch: u64) -> Result<u64, StoreError> {
+        let live = epoch == self.live_epoch;
+        if live && let Some(n) = self.alloc_cache.get(&ino) {
+            return Ok(*n);
+        }
+        let mut n = 0;
+        {
+            let txn = self.read_txn()?;
+            scan_visible(
+                txn.versions(),
+                ino,
+                KIND_BLOCK,
+                0..=u64::MAX,
+                epoch,
+                |_, _, p| {
+                    n += BlockRec::decode(p)?.alloc_pages();
+                    Ok(true)
+                },
+            )?;
+        }
+        if live {
+            if self.alloc_cache.len() > INODE_CACHE_MAX {
+                self.alloc_cache.clear();
+            }
+            self.alloc_cache.insert(ino, n);
+        }
+        Ok(n)
     }
 
     /// Whether live inode `ino` is known to have no extended attribute (when false,
@@ -2256,6 +2298,8 @@ pub struct Writer<'t> {
     /// In order: inodes made without extended attributes (`true`), inodes whose
     /// attributes were written (`false`).
     xattr_log: Vec<(u64, bool)>,
+    /// Changes in the pages held by live blocks (see [`Store::allocated_pages`]).
+    alloc_log: Vec<(u64, i64)>,
     /// See [`Store::changed`].
     changed: &'t mut ChangeMemo,
     /// Extent bytes this operation freed: (segment, offset, length).
@@ -2344,6 +2388,19 @@ impl Writer<'_> {
         prev: Option<Version>,
     ) -> Result<(), StoreError> {
         let live = self.live;
+        if key.kind == KIND_BLOCK {
+            let pages = |p: Option<&[u8]>| -> Result<i64, StoreError> {
+                Ok(match p {
+                    Some(p) => BlockRec::decode(p)?.alloc_pages() as i64,
+                    None => 0,
+                })
+            };
+            let was = pages(prev.as_ref().and_then(|(_, p)| p.as_deref()))?;
+            let d = pages(payload)? - was;
+            if d != 0 {
+                self.alloc_log.push((key.ino, d));
+            }
+        }
         // Whether an older version stays (for a snapshot) that a deletion must hide.
         let mut older = false;
         if let Some((e, old)) = prev {

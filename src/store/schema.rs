@@ -664,6 +664,23 @@ impl BlockRec {
             .chain(self.frags.iter().map(|f| &f.hash))
     }
 
+    /// Pages of the block the entry holds data for: those of the base extent and
+    /// those its fragments cover (each counted once), for `st_blocks`.
+    pub fn alloc_pages(&self) -> u64 {
+        let mut set = [0u64; 4];
+        let base = (self.len as usize).div_ceil(PAGE);
+        let frags = self
+            .frags
+            .iter()
+            .map(|f| (f.at as usize, (f.at + f.n) as usize));
+        for (a, b) in std::iter::once((0, base)).chain(frags) {
+            for p in a..b.min(256) {
+                set[p / 64] |= 1 << (p % 64);
+            }
+        }
+        set.iter().map(|w| w.count_ones() as u64).sum()
+    }
+
     /// Bytes of stored data the entry names (fragments counted whole pages).
     pub fn stored_bytes(&self) -> u64 {
         self.len as u64
