@@ -808,6 +808,45 @@ impl Filesystem for SnapFuse {
         ))
     }
 
+    fn tmpfile(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        mode: u32,
+        umask: u32,
+        flags: i32,
+        reply: ReplyCreate,
+    ) {
+        let _s = tracing::trace_span!("tmpfile", ino = parent.0).entered();
+        let mut core = self.fs.lock();
+        let res = core
+            .tmpfile(parent.0, mode, umask, caller(req))
+            .and_then(|a| core.open(a.ino, flags).map(|fh| (a, fh)));
+        drop(core);
+        reply!(reply, "tmpfile", res, |v| reply.created(
+            &ttl(v.0.ino),
+            &fattr(&v.0),
+            self.generation(v.0.ino),
+            FileHandle(v.1),
+            FopenFlags::FOPEN_KEEP_CACHE
+        ))
+    }
+
+    /// getattr with the creation time, which statx(2) callers may ask for.
+    fn statx(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: Option<FileHandle>,
+        _flags: u32,
+        _mask: u32,
+        reply: fuser::ReplyStatx,
+    ) {
+        let _s = tracing::trace_span!("statx", ino = ino.0).entered();
+        reply!(reply, "statx", self.fs.lock().getattr(ino.0), |a| reply
+            .statx(&ttl(a.ino), &fattr(&a)))
+    }
+
     /// No ioctls: answered ENOTTY, as a file that is not a terminal answers `isatty`'s
     /// TCGETS, without a warning for each.
     fn ioctl(

@@ -1395,3 +1395,128 @@ fn rename_whiteout_leaves_a_whiteout_device_at_the_old_name() {
     fs::remove_file(m.path("a")).unwrap();
     m.assert_fsck_clean();
 }
+
+#[test]
+fn o_tmpfile_makes_an_unnamed_file_that_linkat_can_name() {
+    use std::os::unix::fs::MetadataExt;
+    let mut m = Mount::new();
+    let dir = cpath(&m.mnt);
+    let tmpfile = |extra: i32| -> File {
+        // SAFETY: open(2) of a NUL-terminated path; the descriptor is owned below.
+        let fd = unsafe { libc::open(dir.as_ptr(), libc::O_TMPFILE | libc::O_RDWR | extra, 0o640) };
+        assert!(fd >= 0, "O_TMPFILE: {}", std::io::Error::last_os_error());
+        // SAFETY: a descriptor just opened and owned by nobody else.
+        unsafe { std::os::fd::FromRawFd::from_raw_fd(fd) }
+    };
+    let data = pattern(7, 300_000);
+    let f = tmpfile(0);
+    f.write_all_at(&data, 0).unwrap();
+    let md = f.metadata().unwrap();
+    assert_eq!(
+        (md.nlink(), md.mode() & 0o7777, md.len()),
+        (0, 0o640, 300_000)
+    );
+    assert!(fs::read_dir(&m.mnt).unwrap().next().is_none(), "no name");
+    // linkat(AT_EMPTY_PATH) gives it a name; the data is there under it.
+    let name = cpath(&m.path("named"));
+    let empty = CString::new("").unwrap();
+    // SAFETY: valid descriptor and NUL-terminated paths.
+    let r = unsafe {
+        libc::linkat(
+            f.as_raw_fd(),
+            empty.as_ptr(),
+            libc::AT_FDCWD,
+            name.as_ptr(),
+            libc::AT_EMPTY_PATH,
+        )
+    };
+    assert_eq!(r, 0, "linkat: {}", std::io::Error::last_os_error());
+    assert_eq!(f.metadata().unwrap().nlink(), 1);
+    drop(f);
+    assert!(fs::read(m.path("named")).unwrap() == data);
+    // O_EXCL: never linkable.
+    let f = tmpfile(libc::O_EXCL);
+    let name2 = cpath(&m.path("never"));
+    // SAFETY: as above.
+    let r = unsafe {
+        libc::linkat(
+            f.as_raw_fd(),
+            empty.as_ptr(),
+            libc::AT_FDCWD,
+            name2.as_ptr(),
+            libc::AT_EMPTY_PATH,
+        )
+    };
+    assert_eq!((r, errno()), (-1, libc::ENOENT));
+    // An unnamed file's data goes when it is closed.
+    f.write_all_at(&pattern(8, 4 << 20), 0).unwrap();
+    f.sync_all().unwrap();
+    m.status_with(&format!("stored bytes:     {}\n", 300_000 + (4 << 20)));
+    drop(f);
+    m.status_with("stored bytes:     300000\n");
+    m.remount();
+    assert!(fs::read(m.path("named")).unwrap() == data);
+    m.assert_fsck_clean();
+    // One left open when the daemon dies is freed at the next mount.
+    let f = tmpfile(0);
+    f.write_all_at(&pattern(9, 1 << 20), 0).unwrap();
+    f.sync_all().unwrap();
+    std::mem::forget(f);
+    m.kill9();
+    m.mount(&[]);
+    m.assert_fsck_clean();
+    let names: Vec<_> = fs::read_dir(&m.mnt)
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert_eq!(names, ["named"]);
+}
+
+#[test]
+fn statx_gives_the_creation_time() {
+    let mut m = Mount::new();
+    let before = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64;
+    fs::write(m.path("f"), b"x").unwrap();
+    let btime = |p: &Path| -> (u32, i64, u32, i64) {
+        let c = cpath(p);
+        // SAFETY: an all-zero statx is a valid out buffer.
+        let mut st: libc::statx = unsafe { std::mem::zeroed() };
+        // SAFETY: valid path and buffer.
+        let r = unsafe {
+            libc::statx(
+                libc::AT_FDCWD,
+                c.as_ptr(),
+                0,
+                libc::STATX_BASIC_STATS | libc::STATX_BTIME,
+                &mut st,
+            )
+        };
+        assert_eq!(r, 0, "statx: {}", std::io::Error::last_os_error());
+        (
+            st.stx_mask & libc::STATX_BTIME,
+            st.stx_btime.tv_sec,
+            st.stx_mode as u32,
+            st.stx_mtime.tv_sec,
+        )
+    };
+    let (mask, born, mode, _) = btime(&m.path("f"));
+    assert_eq!(mask, libc::STATX_BTIME);
+    assert!(
+        (before - 1..=before + 2).contains(&born),
+        "btime {born}, now {before}"
+    );
+    assert_eq!(mode & libc::S_IFMT, libc::S_IFREG);
+    // Later writes move mtime, never btime; it survives a remount and shows in snapshots.
+    std::thread::sleep(std::time::Duration::from_millis(1100));
+    fs::write(m.path("f"), b"y").unwrap();
+    let (_, again, _, mtime) = btime(&m.path("f"));
+    assert_eq!(again, born);
+    assert!(mtime > born);
+    snapfs_ok(&["snapshot", "create", m.mnt.to_str().unwrap(), "s"]);
+    m.remount();
+    assert_eq!(btime(&m.path("f")).1, born);
+    assert_eq!(btime(&m.path(".snapshots/s/f")).1, born);
+}

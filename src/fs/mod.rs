@@ -144,6 +144,9 @@ fn killed_setid(perm: u32) -> u32 {
         }
 }
 
+/// A new inode's record, the access ACL it inherits and (a directory) its default ACL.
+type NewInode = (InodeRec, Option<Vec<u8>>, Option<Vec<u8>>);
+
 /// An inode and its attributes as the kernel should see them.
 #[derive(Clone, Debug)]
 pub struct Attr {
@@ -774,6 +777,61 @@ impl Inner {
         if kind == FileKind::Dir && dir.nlink >= LINK_MAX {
             return err(libc::EMLINK);
         }
+        let (rec, access_acl, default_acl) =
+            self.new_inode(parent, &dir, kind, mode, umask, rdev, target, &caller)?;
+        let now = rec.ctime;
+        let mut dir = dir;
+        let rec2 = rec.clone();
+        let dirty = &mut self.dirty;
+        let ino = self.store.write(false, |w| {
+            let prev = w.version(RecKey::dirent(parent, name))?;
+            if matches!(prev, Some((_, Some(_)))) {
+                return err(libc::EEXIST);
+            }
+            let ino = w.alloc_ino()?;
+            // A new inode has no versions to look up; the entry is known absent.
+            let mut b = Vec::with_capacity(80);
+            rec2.encode(&mut b);
+            w.put_fresh(RecKey::inode(ino), &b)?;
+            w.put_fresh(RecKey::parent(ino, parent, name), &[])?;
+            b.clear();
+            DirentRec { ino, kind }.encode(&mut b);
+            w.put_after(RecKey::dirent(parent, name), Some(&b), prev)?;
+            if let Some(a) = &access_acl {
+                w.put_fresh(RecKey::xattr(ino, acl::ACCESS.as_bytes()), a)?;
+            }
+            if kind == FileKind::Dir {
+                if let Some(d) = &default_acl {
+                    w.put_fresh(RecKey::xattr(ino, acl::DEFAULT.as_bytes()), d)?;
+                }
+                dir.nlink += 1;
+            }
+            dir.mtime = now;
+            dir.ctime = now;
+            put_inode(w, parent, &dir)?;
+            Ok(ino)
+        })?;
+        if let Some(d) = dirty.get_mut(&parent) {
+            d.attr = None;
+        }
+        self.undurable = true;
+        self.attr(ino, rec)
+    }
+
+    /// The record of a new inode of `kind` in directory `parent` (record `dir`), with
+    /// the access ACL it inherits and, for a directory, the default ACL.
+    #[allow(clippy::too_many_arguments)]
+    fn new_inode(
+        &mut self,
+        parent: u64,
+        dir: &InodeRec,
+        kind: FileKind,
+        mode: u32,
+        umask: u32,
+        rdev: u32,
+        target: &[u8],
+        caller: &Caller,
+    ) -> FsResult<NewInode> {
         let default_acl = if kind == FileKind::Symlink {
             None
         } else {
@@ -827,40 +885,40 @@ impl Inner {
                 Vec::new()
             },
         };
-        let mut dir = dir;
+        Ok((rec, access_acl, default_acl))
+    }
+
+    /// Makes an unnamed regular file in directory `parent` (O_TMPFILE): an orphan
+    /// (no link, open) until a link is made to it, freed when its last handle closes
+    /// without one.
+    pub fn tmpfile(
+        &mut self,
+        parent: u64,
+        mode: u32,
+        umask: u32,
+        caller: Caller,
+    ) -> FsResult<Attr> {
+        let parent = self.live(parent)?;
+        let dir = self.inode(parent)?;
+        if dir.kind != FileKind::Dir {
+            return err(libc::ENOTDIR);
+        }
+        let mode = (mode & 0o7777) | libc::S_IFREG;
+        let (mut rec, access_acl, _) =
+            self.new_inode(parent, &dir, FileKind::File, mode, umask, 0, &[], &caller)?;
+        rec.nlink = 0;
         let rec2 = rec.clone();
-        let dirty = &mut self.dirty;
         let ino = self.store.write(false, |w| {
-            let prev = w.version(RecKey::dirent(parent, name))?;
-            if matches!(prev, Some((_, Some(_)))) {
-                return err(libc::EEXIST);
-            }
             let ino = w.alloc_ino()?;
-            // A new inode has no versions to look up; the entry is known absent.
             let mut b = Vec::with_capacity(80);
             rec2.encode(&mut b);
             w.put_fresh(RecKey::inode(ino), &b)?;
-            w.put_fresh(RecKey::parent(ino, parent, name), &[])?;
-            b.clear();
-            DirentRec { ino, kind }.encode(&mut b);
-            w.put_after(RecKey::dirent(parent, name), Some(&b), prev)?;
             if let Some(a) = &access_acl {
                 w.put_fresh(RecKey::xattr(ino, acl::ACCESS.as_bytes()), a)?;
             }
-            if kind == FileKind::Dir {
-                if let Some(d) = &default_acl {
-                    w.put_fresh(RecKey::xattr(ino, acl::DEFAULT.as_bytes()), d)?;
-                }
-                dir.nlink += 1;
-            }
-            dir.mtime = now;
-            dir.ctime = now;
-            put_inode(w, parent, &dir)?;
+            w.set_orphan(ino, true)?;
             Ok(ino)
         })?;
-        if let Some(d) = dirty.get_mut(&parent) {
-            d.attr = None;
-        }
         self.undurable = true;
         self.attr(ino, rec)
     }
@@ -884,6 +942,9 @@ impl Inner {
             return err(libc::ENOTDIR);
         }
         let now = Ts::now();
+        // An inode with no link is an open O_TMPFILE file (the kernel lets no other
+        // be linked): its first link ends its time as an orphan.
+        let orphan = rec.nlink == 0;
         rec.nlink += 1;
         rec.ctime = now;
         dir.mtime = now;
@@ -892,6 +953,9 @@ impl Inner {
         self.store.write(false, |w| {
             if w.get(RecKey::dirent(parent, name))?.is_some() {
                 return err(libc::EEXIST);
+            }
+            if orphan {
+                w.set_orphan(ino, false)?;
             }
             put_dirent(
                 w,

@@ -71,6 +71,7 @@ pub use crate::reply::ReplyLseek;
 pub use crate::reply::ReplyOpen;
 pub use crate::reply::ReplyPoll;
 pub use crate::reply::ReplyStatfs;
+pub use crate::reply::ReplyStatx;
 pub use crate::reply::ReplyWrite;
 pub use crate::reply::ReplyXattr;
 pub use crate::request_param::Request;
@@ -1013,6 +1014,46 @@ pub trait Filesystem: Send + Sync + 'static {
             "[Not Implemented] copy_file_range(ino_in: {ino_in:#x?}, fh_in: {fh_in}, \
             offset_in: {offset_in}, ino_out: {ino_out:#x?}, fh_out: {fh_out}, \
             offset_out: {offset_out}, len: {len}, flags: {flags:?})"
+        );
+        reply.error(Errno::ENOSYS);
+    }
+
+    /// Create and open an unnamed regular file in directory `parent` (`O_TMPFILE`,
+    /// protocol 7.37). The reply names the new inode (with no link: `nlink` 0) and its
+    /// open handle, as for [`Filesystem::create`]. If this method is not implemented
+    /// (ENOSYS), the kernel answers `O_TMPFILE` with EOPNOTSUPP from then on.
+    fn tmpfile(
+        &self,
+        _req: &Request,
+        parent: INodeNo,
+        mode: u32,
+        umask: u32,
+        flags: i32,
+        reply: ReplyCreate,
+    ) {
+        warn!(
+            "[Not Implemented] tmpfile(parent: {parent:#x?}, mode: {mode}, umask: {umask:#x?}, \
+            flags: {flags:#x?})"
+        );
+        reply.error(Errno::ENOSYS);
+    }
+
+    /// Get file attributes with the fields of statx(2) that [`Filesystem::getattr`]
+    /// lacks, such as the creation time (protocol 7.39; the kernel asks only when a
+    /// caller wants such a field). `mask` is the `STATX_*` fields asked for. If this
+    /// method is not implemented (ENOSYS), the kernel uses `getattr` from then on.
+    fn statx(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        fh: Option<FileHandle>,
+        flags: u32,
+        mask: u32,
+        reply: ReplyStatx,
+    ) {
+        warn!(
+            "[Not Implemented] statx(ino: {ino:#x?}, fh: {fh:?}, flags: {flags:#x?}, \
+            mask: {mask:#x?})"
         );
         reply.error(Errno::ENOSYS);
     }

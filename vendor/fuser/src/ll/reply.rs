@@ -4,7 +4,6 @@ use std::io::IoSlice;
 use std::os::unix::prelude::OsStrExt;
 use std::path::Path;
 use std::time::Duration;
-#[cfg(target_os = "macos")]
 use std::time::SystemTime;
 
 use smallvec::SmallVec;
@@ -116,6 +115,51 @@ impl ResponseStruct<abi::fuse_attr_out> {
             attr_valid_nsec: ttl.subsec_nanos(),
             dummy: 0,
             attr: attr.attr,
+        })
+    }
+}
+
+impl ResponseStruct<abi::fuse_statx_out> {
+    /// The statx answer for `attr`, with `btime` as the creation time: every basic
+    /// field and the creation time are given.
+    pub(crate) fn new_statx(ttl: &Duration, attr: &Attr, btime: SystemTime) -> Self {
+        const STATX_BASIC_STATS: u32 = 0x7ff;
+        const STATX_BTIME: u32 = 0x800;
+        let a = &attr.attr;
+        let t = |sec: i64, nsec: u32| abi::fuse_sx_time {
+            tv_sec: sec,
+            tv_nsec: nsec,
+            reserved: 0,
+        };
+        let (bsec, bnsec) = time_from_system_time(&btime);
+        // fuse_attr.rdev is the kernel's new_encode_dev() of the device number.
+        let (major, minor) = (
+            (a.rdev & 0xfff00) >> 8,
+            (a.rdev & 0xff) | ((a.rdev >> 12) & 0xfff00),
+        );
+        ResponseStruct(abi::fuse_statx_out {
+            attr_valid: ttl.as_secs(),
+            attr_valid_nsec: ttl.subsec_nanos(),
+            flags: 0,
+            spare: [0; 2],
+            stat: abi::fuse_statx {
+                mask: STATX_BASIC_STATS | STATX_BTIME,
+                blksize: a.blksize,
+                nlink: a.nlink,
+                uid: a.uid,
+                gid: a.gid,
+                mode: a.mode as u16,
+                ino: a.ino,
+                size: a.size,
+                blocks: a.blocks,
+                atime: t(a.atime, a.atimensec),
+                btime: t(bsec, bnsec),
+                ctime: t(a.ctime, a.ctimensec),
+                mtime: t(a.mtime, a.mtimensec),
+                rdev_major: major,
+                rdev_minor: minor,
+                ..Default::default()
+            },
         })
     }
 }
