@@ -60,6 +60,11 @@ pub struct MountOptions {
     pub read_only: bool,
     /// Leave `.snapshots` out of the root's listing.
     pub hide_snapdir: bool,
+    /// When reads move access times (`relatime`, the default; `strictatime`;
+    /// `noatime`).
+    pub atime: crate::fs::Atime,
+    /// Directories keep their access times (`nodiratime`).
+    pub nodiratime: bool,
     /// Let the kernel cache writes (FUSE writeback cache; `nowriteback` turns it off).
     pub writeback: bool,
     /// The share, in percent, of the system's dirty-page limit that the kernel may hold
@@ -139,8 +144,26 @@ impl MountOptions {
                 ("nosuid", None) => o.flags.push(M::NoSuid),
                 ("exec", None) => o.flags.push(M::Exec),
                 ("noexec", None) => o.flags.push(M::NoExec),
-                ("atime", None) => o.flags.push(M::Atime),
-                ("noatime", None) => o.flags.push(M::NoAtime),
+                // Linux's: `atime` undoes `noatime`, leaving relatime.
+                ("atime" | "relatime", None) => {
+                    o.atime = crate::fs::Atime::Relative;
+                    o.flags.retain(|f| !matches!(f, M::Atime | M::NoAtime));
+                    o.flags.push(M::Atime);
+                }
+                ("strictatime", None) => {
+                    o.atime = crate::fs::Atime::Strict;
+                    o.flags.retain(|f| !matches!(f, M::Atime | M::NoAtime));
+                    o.flags.push(M::Atime);
+                }
+                ("noatime", None) => {
+                    o.atime = crate::fs::Atime::Never;
+                    o.flags.retain(|f| !matches!(f, M::Atime | M::NoAtime));
+                    o.flags.push(M::NoAtime);
+                }
+                ("nodiratime", None) => o.nodiratime = true,
+                ("diratime", None) => o.nodiratime = false,
+                // Times reach the disk with the next commit of metadata anyway.
+                ("lazytime" | "nolazytime", None) => {}
                 ("dirsync", None) => o.flags.push(M::DirSync),
                 ("sync", None) => o.flags.push(M::Sync),
                 ("async", None) => o.flags.push(M::Async),
@@ -361,6 +384,12 @@ pub fn mount(
     {
         let mut core = fs.lock();
         core.hide_snapdir = options.hide_snapdir;
+        core.atime = if options.read_only {
+            crate::fs::Atime::Never
+        } else {
+            options.atime
+        };
+        core.nodiratime = options.nodiratime;
         core.keep = options.keep.clone();
     }
     let key = options

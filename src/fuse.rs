@@ -59,6 +59,16 @@ pub struct SnapFuse {
 }
 
 impl SnapFuse {
+    /// The result of an open that may have moved the access time (`res`'s flag):
+    /// the kernel, which caches it, is told to ask again. Called without the core lock.
+    fn atime_moved<T>(
+        &self,
+        ino: u64,
+        res: crate::fs::FsResult<(T, bool)>,
+    ) -> crate::fs::FsResult<T> {
+        self.setid_dropped(ino, res)
+    }
+
     /// Wraps a core for mounting; `writeback` lets the kernel cache writes, `uring`
     /// asks for FUSE over io_uring where the kernel offers it.
     pub fn new(fs: Arc<Fs>, writeback: bool, uring: bool) -> Self {
@@ -494,7 +504,15 @@ impl Filesystem for SnapFuse {
         let _s = tracing::trace_span!("open", ino = ino.0).entered();
         // Every change to file data passes through the kernel's page cache (rollback
         // invalidates explicitly), so cached pages stay valid across opens.
-        reply!(reply, "open", self.fs.lock().open(ino.0, flags.0), |fh| {
+        let res = {
+            let mut core = self.fs.lock();
+            core.open(ino.0, flags.0).and_then(|fh| {
+                let read = flags.0 & libc::O_ACCMODE != libc::O_WRONLY;
+                Ok((fh, read && core.accessed(ino.0)?))
+            })
+        };
+        let res = self.atime_moved(ino.0, res);
+        reply!(reply, "open", res, |fh| {
             reply.opened(FileHandle(fh), FopenFlags::FOPEN_KEEP_CACHE)
         })
     }
@@ -604,11 +622,16 @@ impl Filesystem for SnapFuse {
         let _s = tracing::trace_span!("opendir", ino = ino.0).entered();
         // The kernel may keep listings: it drops them itself when it changes a directory,
         // and rollback invalidates the directories it rewrites.
-        reply!(reply, "opendir", self.fs.lock().opendir(ino.0), |fh| reply
-            .opened(
-                FileHandle(fh),
-                FopenFlags::FOPEN_CACHE_DIR | FopenFlags::FOPEN_KEEP_CACHE
-            ))
+        let res = {
+            let mut core = self.fs.lock();
+            core.opendir(ino.0)
+                .and_then(|fh| Ok((fh, core.accessed(ino.0)?)))
+        };
+        let res = self.atime_moved(ino.0, res);
+        reply!(reply, "opendir", res, |fh| reply.opened(
+            FileHandle(fh),
+            FopenFlags::FOPEN_CACHE_DIR | FopenFlags::FOPEN_KEEP_CACHE
+        ))
     }
 
     fn readdir(

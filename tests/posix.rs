@@ -1520,3 +1520,71 @@ fn statx_gives_the_creation_time() {
     assert_eq!(btime(&m.path("f")).1, born);
     assert_eq!(btime(&m.path(".snapshots/s/f")).1, born);
 }
+
+#[test]
+fn access_times_follow_relatime_strictatime_noatime_and_nodiratime() {
+    use std::os::unix::fs::MetadataExt;
+    let atime = |p: &Path| {
+        let md = fs::metadata(p).unwrap();
+        (md.atime(), md.atime_nsec())
+    };
+    let pause = || std::thread::sleep(std::time::Duration::from_millis(1100));
+    let read = |p: &Path| drop(fs::read(p).unwrap());
+    // relatime, the default: the first read after a change moves it, the next not.
+    let mut m = Mount::new();
+    fs::create_dir(m.path("d")).unwrap();
+    fs::write(m.path("d/f"), b"data").unwrap();
+    let (f, d) = (m.path("d/f"), m.path("d"));
+    let (t0, d0) = (atime(&f), atime(&d));
+    pause();
+    read(&f);
+    let t1 = atime(&f);
+    assert!(
+        t1 > t0,
+        "a read after the write moves atime: {t0:?} then {t1:?}"
+    );
+    assert_eq!(atime(&d), d0, "a lookup is no access to the directory");
+    pause();
+    read(&f);
+    assert_eq!(atime(&f), t1, "relatime: once per change");
+    fs::read_dir(&d).unwrap().for_each(drop);
+    let d1 = atime(&d);
+    assert!(d1 > d0, "listing a changed directory moves its atime");
+    // The time is the store's, not just the kernel's.
+    m.remount();
+    assert_eq!(atime(&f), t1);
+    // strictatime: every read.
+    m.unmount();
+    m.mount(&["strictatime"]);
+    pause();
+    read(&f);
+    let t2 = atime(&f);
+    assert!(t2 > t1);
+    pause();
+    read(&f);
+    assert!(atime(&f) > t2, "strictatime: every read");
+    // noatime: none; nodiratime: none for directories.
+    m.unmount();
+    m.mount(&["noatime"]);
+    let t3 = atime(&f);
+    pause();
+    read(&f);
+    fs::read_dir(&d).unwrap().for_each(drop);
+    assert_eq!(atime(&f), t3);
+    m.unmount();
+    m.mount(&["strictatime,nodiratime"]);
+    let d3 = atime(&d);
+    pause();
+    fs::read_dir(&d).unwrap().for_each(drop);
+    assert_eq!(atime(&d), d3);
+    read(&f);
+    assert!(atime(&f) > t3, "nodiratime leaves files alone");
+    // A read-only mount moves nothing.
+    let t4 = atime(&f);
+    m.unmount();
+    m.mount(&["ro,strictatime"]);
+    pause();
+    read(&f);
+    fs::read_dir(&d).unwrap().for_each(drop);
+    assert_eq!((atime(&f), atime(&d)), (t4, d3));
+}

@@ -234,6 +234,10 @@ pub struct Inner {
     snap_open: HashMap<u64, u32>,
     /// Leave `.snapshots` out of the root's listing (it stays reachable by name).
     pub hide_snapdir: bool,
+    /// When an access moves a live inode's access time.
+    pub atime: Atime,
+    /// Opening a directory leaves its access time alone (`nodiratime`).
+    pub nodiratime: bool,
     /// The retention policy `snapshot prune` applies by default.
     pub keep: Option<crate::policy::Keep>,
     /// The kernel caches writes and keeps file times itself (FUSE writeback cache): it
@@ -245,6 +249,19 @@ pub struct Inner {
     /// first has come); `None` on a writable volume. The live tree of a replica is
     /// where the snapshots being received are staged, and is never shown.
     replica_view: Option<u64>,
+}
+
+/// When reading moves a file's access time, as Linux's mount options say.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Atime {
+    /// `relatime` (the default): when the access time is not after the
+    /// modification or change time, or is a day old.
+    #[default]
+    Relative,
+    /// `strictatime`: at every access.
+    Strict,
+    /// `noatime` (and read-only mounts): never.
+    Never,
 }
 
 /// Tells the kernel to forget cached state (set by the daemon; absent in tests of the
@@ -300,6 +317,8 @@ impl Fs {
             undurable: false,
             snap_open: HashMap::new(),
             hide_snapdir: false,
+            atime: Atime::Relative,
+            nodiratime: false,
             keep: None,
             kernel_times: false,
             deletions_pending: false,
@@ -597,6 +616,42 @@ impl Inner {
                 })
             }
         }
+    }
+
+    /// Records an access to kernel inode `fino` (a file opened for reading, a directory
+    /// opened), moving its access time as [`Inner::atime`] says. Returns whether it
+    /// moved: the kernel, which caches it, must then be told.
+    ///
+    /// The kernel serves reads from its page cache without asking, so an access is
+    /// counted at open, which it always sends.
+    pub fn accessed(&mut self, fino: u64) -> FsResult<bool> {
+        let Node::Live(ino) = node(fino) else {
+            return Ok(false);
+        };
+        if self.atime == Atime::Never || self.replica_view.is_some() {
+            return Ok(false);
+        }
+        let rec = self.inode(ino)?;
+        if rec.kind == FileKind::Dir && self.nodiratime {
+            return Ok(false);
+        }
+        let now = Ts::now();
+        let due = match self.atime {
+            Atime::Strict => rec.atime != now,
+            Atime::Relative => {
+                rec.atime <= rec.mtime
+                    || rec.atime <= rec.ctime
+                    || now.sec - rec.atime.sec >= 24 * 3600
+            }
+            Atime::Never => false,
+        };
+        if due {
+            self.modify_inode(ino, |r| {
+                r.atime = now;
+                Ok(())
+            })?;
+        }
+        Ok(due)
     }
 
     /// Applies `f` to the stored (and buffered) record of `ino` inside a write.
