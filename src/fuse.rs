@@ -113,6 +113,33 @@ fn kind(k: FileKind) -> FileType {
     }
 }
 
+/// `FS_XFLAG_*` bits of inode flags (chattr's through xfs_io and FS_IOC_FSGETXATTR).
+const XFLAGS: [(u32, u32); 4] = [
+    (crate::store::schema::FS_IMMUTABLE_FL, 0x08),
+    (crate::store::schema::FS_APPEND_FL, 0x10),
+    (crate::store::schema::FS_NOATIME_FL, 0x40),
+    (crate::store::schema::FS_NODUMP_FL, 0x80),
+];
+
+/// The `FS_XFLAG_*` form of inode flags `flags`.
+fn xflags_of(flags: u32) -> u32 {
+    XFLAGS
+        .iter()
+        .filter(|(f, _)| flags & f != 0)
+        .fold(0, |x, (_, xf)| x | xf)
+}
+
+/// The inode flags of `FS_XFLAG_*` bits `x`; `None` if some are not kept.
+fn flags_of_xflags(x: u32) -> Option<u32> {
+    let known = XFLAGS.iter().fold(0, |k, (_, xf)| k | xf);
+    (x & !known == 0).then(|| {
+        XFLAGS
+            .iter()
+            .filter(|(_, xf)| x & xf != 0)
+            .fold(0, |f, (fl, _)| f | fl)
+    })
+}
+
 fn fattr(a: &Attr) -> FileAttr {
     let r = &a.rec;
     FileAttr {
@@ -866,24 +893,87 @@ impl Filesystem for SnapFuse {
         reply: fuser::ReplyStatx,
     ) {
         let _s = tracing::trace_span!("statx", ino = ino.0).entered();
+        // STATX_ATTR_{IMMUTABLE,APPEND,NODUMP} are the FS_*_FL bits of the same names.
+        let known = crate::store::schema::FS_IMMUTABLE_FL
+            | crate::store::schema::FS_APPEND_FL
+            | crate::store::schema::FS_NODUMP_FL;
         reply!(reply, "statx", self.fs.lock().getattr(ino.0), |a| reply
-            .statx(&ttl(a.ino), &fattr(&a)))
+            .statx(
+                &ttl(a.ino),
+                &fattr(&a),
+                (a.rec.flags & known) as u64,
+                known as u64
+            ))
     }
 
-    /// No ioctls: answered ENOTTY, as a file that is not a terminal answers `isatty`'s
-    /// TCGETS, without a warning for each.
+    /// The inode flags of chattr and lsattr, which the kernel asks for with
+    /// FS_IOC_{GET,SET}FLAGS and FS_IOC_FS{GET,SET}XATTR. Any other ioctl is answered
+    /// ENOTTY, as a file that is not a terminal answers `isatty`'s TCGETS, without a
+    /// warning for each.
     fn ioctl(
         &self,
-        _req: &Request,
-        _ino: INodeNo,
+        req: &Request,
+        ino: INodeNo,
         _fh: FileHandle,
         _flags: fuser::IoctlFlags,
-        _cmd: u32,
-        _in_data: &[u8],
-        _out_size: u32,
+        cmd: u32,
+        in_data: &[u8],
+        out_size: u32,
         reply: fuser::ReplyIoctl,
     ) {
-        reply.error(Errno::from_i32(libc::ENOTTY));
+        const FS_IOC_GETFLAGS: u32 = 0x8008_6601;
+        const FS_IOC_SETFLAGS: u32 = 0x4008_6602;
+        const FS_IOC_FSGETXATTR: u32 = 0x801c_581f;
+        const FS_IOC_FSSETXATTR: u32 = 0x401c_5820;
+        let _s = tracing::trace_span!("ioctl", ino = ino.0, cmd).entered();
+        let word = |b: &[u8], at: usize| -> Option<u32> {
+            Some(u32::from_ne_bytes(b.get(at..at + 4)?.try_into().ok()?))
+        };
+        let set = |flags: u32| {
+            let res = self.fs.lock().set_flags(ino.0, flags, &caller(req));
+            if res.is_ok() {
+                // ctime moved; the kernel caches it.
+                self.fs.invalidate(&[crate::fs::Inval::Attr(ino.0)]);
+            }
+            res
+        };
+        match cmd {
+            FS_IOC_GETFLAGS if out_size >= 4 => {
+                reply!(reply, "ioctl", self.fs.lock().get_flags(ino.0), |f| reply
+                    .ioctl(0, &f.to_ne_bytes()))
+            }
+            FS_IOC_SETFLAGS => match word(in_data, 0) {
+                Some(f) => reply!(reply, "ioctl", set(f), |_a| reply.ioctl(0, &[])),
+                None => reply.error(Errno::from_i32(libc::EINVAL)),
+            },
+            FS_IOC_FSGETXATTR if out_size >= 28 => {
+                reply!(reply, "ioctl", self.fs.lock().get_flags(ino.0), |f| {
+                    // struct fsxattr: xflags, extsize, nextents, projid, cowextsize, pad.
+                    let mut out = [0u8; 28];
+                    out[..4].copy_from_slice(&xflags_of(f).to_ne_bytes());
+                    reply.ioctl(0, &out)
+                })
+            }
+            FS_IOC_FSSETXATTR => {
+                let fields = (1..5)
+                    .map(|i| word(in_data, 4 * i))
+                    .collect::<Option<Vec<_>>>();
+                match (word(in_data, 0), fields) {
+                    // Extent sizes and project ids are not kept: only zero is.
+                    (Some(x), Some(f)) if f[0] == 0 && f[2] == 0 && f[3] == 0 => {
+                        match flags_of_xflags(x) {
+                            Some(flags) => {
+                                reply!(reply, "ioctl", set(flags), |_a| reply.ioctl(0, &[]))
+                            }
+                            None => reply.error(Errno::from_i32(libc::EOPNOTSUPP)),
+                        }
+                    }
+                    (Some(_), Some(_)) => reply.error(Errno::from_i32(libc::EOPNOTSUPP)),
+                    _ => reply.error(Errno::from_i32(libc::EINVAL)),
+                }
+            }
+            _ => reply.error(Errno::from_i32(libc::ENOTTY)),
+        }
     }
 
     fn fallocate(
@@ -1016,6 +1106,7 @@ mod tests {
                 rdev: 0,
                 parent: 0,
                 target: Vec::new(),
+                flags: 0,
             },
             blksize: 4096,
             blocks: 0,

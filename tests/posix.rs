@@ -1588,3 +1588,118 @@ fn access_times_follow_relatime_strictatime_noatime_and_nodiratime() {
     fs::read_dir(&d).unwrap().for_each(drop);
     assert_eq!((atime(&f), atime(&d)), (t4, d3));
 }
+
+fn get_flags(p: &Path) -> Result<u32, i32> {
+    let f = File::open(p).map_err(|e| e.raw_os_error().unwrap())?;
+    let mut v: libc::c_int = 0;
+    // SAFETY: FS_IOC_GETFLAGS writes an int through the pointer.
+    let r = unsafe { libc::ioctl(f.as_raw_fd(), libc::FS_IOC_GETFLAGS, &mut v) };
+    if r == 0 { Ok(v as u32) } else { Err(errno()) }
+}
+
+fn set_flags(p: &Path, flags: u32) -> Result<(), i32> {
+    let f = File::open(p).map_err(|e| e.raw_os_error().unwrap())?;
+    let v = flags as libc::c_int;
+    // SAFETY: FS_IOC_SETFLAGS reads an int through the pointer.
+    let r = unsafe { libc::ioctl(f.as_raw_fd(), libc::FS_IOC_SETFLAGS, &v) };
+    if r == 0 { Ok(()) } else { Err(errno()) }
+}
+
+#[test]
+fn immutable_and_append_only_flags_are_kept_and_enforced() {
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    const IMMUTABLE: u32 = 0x10;
+    const APPEND: u32 = 0x20;
+    const NODUMP: u32 = 0x40;
+    const NOATIME: u32 = 0x80;
+    let eperm = |r: std::io::Result<()>| {
+        assert_eq!(r.map_err(|e| e.raw_os_error()), Err(Some(libc::EPERM)));
+    };
+    let mut m = Mount::with_options(&["strictatime"]);
+    let (f, d) = (m.path("f"), m.path("d"));
+    fs::write(&f, b"kept").unwrap();
+    fs::create_dir(&d).unwrap();
+    fs::write(m.path("d/in"), b"x").unwrap();
+    xattr_set(&f, "user.a", b"1", 0).unwrap();
+    assert_eq!(get_flags(&f), Ok(0));
+    let ctime = fs::metadata(&f).unwrap().ctime_nsec();
+    std::thread::sleep(std::time::Duration::from_millis(20));
+    set_flags(&f, IMMUTABLE | NODUMP).unwrap();
+    set_flags(&d, IMMUTABLE).unwrap();
+    assert_eq!(get_flags(&f), Ok(IMMUTABLE | NODUMP));
+    // Immutable: read, nothing else.
+    assert_eq!(fs::read(&f).unwrap(), b"kept");
+    for opts in [
+        fs::OpenOptions::new().write(true).clone(),
+        fs::OpenOptions::new().append(true).clone(),
+        fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .truncate(true)
+            .clone(),
+    ] {
+        eperm(opts.open(&f).map(drop));
+    }
+    eperm(fs::remove_file(&f));
+    eperm(fs::rename(&f, m.path("g")));
+    eperm(fs::hard_link(&f, m.path("g")));
+    eperm(fs::set_permissions(&f, fs::Permissions::from_mode(0o600)));
+    eperm(std::os::unix::fs::chown(&f, Some(1), None));
+    // SAFETY: truncate(2) of a NUL-terminated path.
+    let r = unsafe { libc::truncate(cpath(&f).as_ptr(), 0) };
+    assert_eq!((r, errno()), (-1, libc::EPERM));
+    assert_eq!(xattr_set(&f, "user.a", b"2", 0), Err(libc::EPERM));
+    // SAFETY: utimes(2) with a NUL-terminated path and no times (now).
+    let r = unsafe { libc::utimes(cpath(&f).as_ptr(), std::ptr::null()) };
+    assert_eq!((r, errno()), (-1, libc::EPERM));
+    // An immutable directory takes no new entry and loses none.
+    eperm(fs::write(m.path("d/new"), b"").map(drop));
+    eperm(fs::create_dir(m.path("d/sub")));
+    eperm(fs::remove_file(m.path("d/in")));
+    eperm(fs::rename(m.path("d/in"), m.path("out")));
+    assert_eq!(fs::read(m.path("d/in")).unwrap(), b"x");
+    // Only a holder of CAP_LINUX_IMMUTABLE changes it, and only the owner sets flags.
+    let out = as_nobody(&format!("chattr -i {} 2>&1", f.display()));
+    assert!(!out.status.success());
+    assert_eq!(get_flags(&f), Ok(IMMUTABLE | NODUMP));
+    // Flags snapfs does not keep are refused (FS_COMPR_FL).
+    assert_eq!(set_flags(&f, 0x4), Err(libc::EOPNOTSUPP));
+    // Kept across a remount, and in a snapshot.
+    snapfs_ok(&["snapshot", "create", m.mnt.to_str().unwrap(), "s"]);
+    m.remount();
+    assert_eq!(get_flags(&f), Ok(IMMUTABLE | NODUMP));
+    // The change time moved (the kernel keeps a regular file's own ctime while it is
+    // cached under the writeback cache, and takes the store's when it loads it).
+    assert_ne!(
+        fs::metadata(&f).unwrap().ctime_nsec(),
+        ctime,
+        "chattr moves ctime"
+    );
+    assert_eq!(get_flags(&m.path(".snapshots/s/f")), Ok(IMMUTABLE | NODUMP));
+    assert_eq!(set_flags(&m.path(".snapshots/s/f"), 0), Err(libc::EROFS));
+    eperm(fs::remove_file(&f));
+    set_flags(&f, 0).unwrap();
+    set_flags(&d, 0).unwrap();
+    fs::write(m.path("d/new"), b"").unwrap();
+    // Append-only: writes at the end only, no truncate, no removal.
+    set_flags(&f, APPEND).unwrap();
+    eperm(fs::OpenOptions::new().write(true).open(&f).map(drop));
+    let mut h = fs::OpenOptions::new().append(true).open(&f).unwrap();
+    h.write_all(b" more").unwrap();
+    h.sync_all().unwrap();
+    eperm(h.set_len(0));
+    drop(h);
+    assert_eq!(fs::read(&f).unwrap(), b"kept more");
+    eperm(fs::remove_file(&f));
+    eperm(fs::set_permissions(&f, fs::Permissions::from_mode(0o600)));
+    set_flags(&f, 0).unwrap();
+    // No-atime: reads leave the access time even under strictatime.
+    set_flags(&f, NOATIME).unwrap();
+    let before = fs::metadata(&f).unwrap().atime_nsec();
+    std::thread::sleep(std::time::Duration::from_millis(50));
+    drop(fs::read(&f).unwrap());
+    assert_eq!(fs::metadata(&f).unwrap().atime_nsec(), before);
+    set_flags(&f, 0).unwrap();
+    fs::remove_file(&f).unwrap();
+    m.assert_fsck_clean();
+}

@@ -718,6 +718,11 @@ impl Inner {
     /// but extend the size; PUNCH_HOLE and ZERO_RANGE turn the range into zeros.
     pub fn fallocate(&mut self, ino: u64, offset: u64, len: u64, mode: i32) -> FsResult<()> {
         let ino = self.live(ino)?;
+        let flags = self.inode(ino)?.flags;
+        let destroys = mode & !libc::FALLOC_FL_KEEP_SIZE != 0;
+        if flags & FS_IMMUTABLE_FL != 0 || (flags & FS_APPEND_FL != 0 && destroys) {
+            return err(libc::EPERM);
+        }
         let keep = mode & libc::FALLOC_FL_KEEP_SIZE != 0;
         let punch = mode & libc::FALLOC_FL_PUNCH_HOLE != 0;
         let zero = mode & libc::FALLOC_FL_ZERO_RANGE != 0;
@@ -900,6 +905,9 @@ impl Inner {
         let dst = self.live(dst)?;
         let srec = self.inode_at(sepoch, sino)?;
         let drec = self.inode(dst)?;
+        if drec.flags & FS_IMMUTABLE_FL != 0 {
+            return err(libc::EPERM);
+        }
         if srec.kind != FileKind::File || drec.kind != FileKind::File {
             return err(libc::EINVAL);
         }

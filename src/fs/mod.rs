@@ -104,13 +104,19 @@ impl Caller {
     /// be looked up is taken not to hold it, so the bits are dropped.
     pub fn has_fsetid(&self) -> bool {
         const CAP_FSETID: u32 = 4;
+        self.has_cap(CAP_FSETID)
+    }
+
+    /// Whether the caller holds capability `cap` in the daemon's user namespace (see
+    /// [`Caller::has_fsetid`]).
+    pub fn has_cap(&self, cap: u32) -> bool {
         let ns = |pid: &str| std::fs::read_link(format!("/proc/{pid}/ns/user")).ok();
         let same_ns = ns(&self.pid.to_string()).is_some_and(|n| Some(n) == ns("self"));
         same_ns
             && self
                 .status("CapEff:")
                 .and_then(|v| u64::from_str_radix(&v, 16).ok())
-                .is_some_and(|caps| caps & (1 << CAP_FSETID) != 0)
+                .is_some_and(|caps| caps & (1 << cap) != 0)
     }
 
     /// Whether `gid` is the caller's group or one of its supplementary groups.
@@ -632,7 +638,7 @@ impl Inner {
             return Ok(false);
         }
         let rec = self.inode(ino)?;
-        if rec.kind == FileKind::Dir && self.nodiratime {
+        if (rec.kind == FileKind::Dir && self.nodiratime) || rec.flags & FS_NOATIME_FL != 0 {
             return Ok(false);
         }
         let now = Ts::now();
@@ -652,6 +658,48 @@ impl Inner {
             })?;
         }
         Ok(due)
+    }
+
+    /// EPERM when live `ino` carries any of the inode flags `mask` (chattr).
+    fn refuse_flagged(&mut self, ino: u64, mask: u32) -> FsResult<()> {
+        if self.inode(ino)?.flags & mask != 0 {
+            return err(libc::EPERM);
+        }
+        Ok(())
+    }
+
+    /// The inode flags of kernel inode `fino` (FS_IOC_GETFLAGS).
+    pub fn get_flags(&mut self, fino: u64) -> FsResult<u32> {
+        Ok(self.getattr(fino)?.rec.flags)
+    }
+
+    /// Sets the inode flags of live `fino` (FS_IOC_SETFLAGS): the owner or a holder
+    /// of CAP_FOWNER may, and only a holder of CAP_LINUX_IMMUTABLE may change
+    /// immutable or append-only (the kernel checks so too). Flags snapfs does not
+    /// keep are refused with EOPNOTSUPP.
+    pub fn set_flags(&mut self, fino: u64, flags: u32, caller: &Caller) -> FsResult<Attr> {
+        const CAP_FOWNER: u32 = 3;
+        const CAP_LINUX_IMMUTABLE: u32 = 9;
+        let ino = self.live(fino)?;
+        if flags & !INODE_FLAGS != 0 {
+            return err(libc::EOPNOTSUPP);
+        }
+        let rec = self.inode(ino)?;
+        if rec.kind == FileKind::Symlink {
+            return err(libc::ENOTTY);
+        }
+        if caller.uid != rec.uid && !caller.has_cap(CAP_FOWNER) {
+            return err(libc::EPERM);
+        }
+        let guarded = FS_IMMUTABLE_FL | FS_APPEND_FL;
+        if (rec.flags ^ flags) & guarded != 0 && !caller.has_cap(CAP_LINUX_IMMUTABLE) {
+            return err(libc::EPERM);
+        }
+        self.modify_inode(ino, |r| {
+            r.flags = flags;
+            r.ctime = Ts::now();
+            Ok(())
+        })
     }
 
     /// Applies `f` to the stored (and buffered) record of `ino` inside a write.
@@ -680,6 +728,19 @@ impl Inner {
     /// as in Linux 6.2 and later.
     pub fn setattr(&mut self, ino: u64, caller: Caller, set: SetAttr) -> FsResult<Attr> {
         let ino = self.live(ino)?;
+        let flags = self.inode(ino)?.flags;
+        if flags & (FS_IMMUTABLE_FL | FS_APPEND_FL) != 0 {
+            // An immutable or append-only file keeps its mode, owner, size and set
+            // times; an immutable one takes no "now" either. The kernel's own write-back
+            // of the times of data written before (mtime alone, set) still lands.
+            let owner = set.mode.is_some() || set.uid.is_some() || set.gid.is_some();
+            let set_times = matches!(set.atime, Some(Some(_)));
+            let now_times = matches!(set.atime, Some(None)) || matches!(set.mtime, Some(None));
+            let immutable = flags & FS_IMMUTABLE_FL != 0;
+            if owner || set.size.is_some() || set_times || (immutable && now_times) {
+                return err(libc::EPERM);
+            }
+        }
         let mut kill = 0;
         if set.mode.is_none() && (set.size.is_some() || set.uid.is_some() || set.gid.is_some()) {
             let rec = self.inode(ino)?;
@@ -755,6 +816,7 @@ impl Inner {
                     rdev: 0,
                     parent: 0,
                     target: Vec::new(),
+                    flags: 0,
                 };
                 self.attr(ino, rec)
             }
@@ -828,6 +890,9 @@ impl Inner {
         let dir = self.inode(parent)?;
         if dir.kind != FileKind::Dir {
             return err(libc::ENOTDIR);
+        }
+        if dir.flags & FS_IMMUTABLE_FL != 0 {
+            return err(libc::EPERM);
         }
         if kind == FileKind::Dir && dir.nlink >= LINK_MAX {
             return err(libc::EMLINK);
@@ -939,6 +1004,7 @@ impl Inner {
             } else {
                 Vec::new()
             },
+            flags: 0,
         };
         Ok((rec, access_acl, default_acl))
     }
@@ -957,6 +1023,9 @@ impl Inner {
         let dir = self.inode(parent)?;
         if dir.kind != FileKind::Dir {
             return err(libc::ENOTDIR);
+        }
+        if dir.flags & FS_IMMUTABLE_FL != 0 {
+            return err(libc::EPERM);
         }
         let mode = (mode & 0o7777) | libc::S_IFREG;
         let (mut rec, access_acl, _) =
@@ -986,7 +1055,7 @@ impl Inner {
             return err(libc::EEXIST);
         }
         let mut rec = self.inode(ino)?;
-        if rec.kind == FileKind::Dir {
+        if rec.kind == FileKind::Dir || rec.flags & (FS_IMMUTABLE_FL | FS_APPEND_FL) != 0 {
             return err(libc::EPERM);
         }
         if rec.nlink >= LINK_MAX {
@@ -995,6 +1064,9 @@ impl Inner {
         let mut dir = self.inode(parent)?;
         if dir.kind != FileKind::Dir {
             return err(libc::ENOTDIR);
+        }
+        if dir.flags & FS_IMMUTABLE_FL != 0 {
+            return err(libc::EPERM);
         }
         let now = Ts::now();
         // An inode with no link is an open O_TMPFILE file (the kernel lets no other
@@ -1096,6 +1168,10 @@ impl Inner {
         let ent = self
             .entry(parent, name)?
             .ok_or(FsError::Errno(libc::ENOENT))?;
+        if pdir.flags & (FS_IMMUTABLE_FL | FS_APPEND_FL) != 0 {
+            return err(libc::EPERM);
+        }
+        self.refuse_flagged(ent.ino, FS_IMMUTABLE_FL | FS_APPEND_FL)?;
         let mut rec = self.inode(ent.ino)?;
         if dir {
             if rec.kind != FileKind::Dir {
@@ -1173,6 +1249,16 @@ impl Inner {
         if dst.is_some_and(|d| d.ino == src.ino) {
             return Ok(());
         }
+        // Nothing leaves or is replaced in an immutable or append-only directory,
+        // nothing enters an immutable one, and such files do not move.
+        let fixed = FS_IMMUTABLE_FL | FS_APPEND_FL;
+        self.refuse_flagged(parent, fixed)?;
+        self.refuse_flagged(src.ino, fixed)?;
+        self.refuse_flagged(newparent, FS_IMMUTABLE_FL)?;
+        if let Some(d) = dst {
+            self.refuse_flagged(newparent, fixed)?;
+            self.refuse_flagged(d.ino, fixed)?;
+        }
         // A directory may not move under itself.
         if src.kind == FileKind::Dir
             && parent != newparent
@@ -1241,6 +1327,7 @@ impl Inner {
             rdev: 0,
             parent: 0,
             target: Vec::new(),
+            flags: 0,
         });
         if let Some((vino, vrec)) = victim.as_mut() {
             vrec.ctime = now;
@@ -1389,6 +1476,14 @@ impl Inner {
             }
             Node::SnapDir => return err(libc::EISDIR),
         };
+        let writes = flags & libc::O_ACCMODE != libc::O_RDONLY || flags & libc::O_TRUNC != 0;
+        if writes {
+            let append_only = rec.flags & FS_APPEND_FL != 0
+                && (flags & libc::O_APPEND == 0 || flags & libc::O_TRUNC != 0);
+            if rec.flags & FS_IMMUTABLE_FL != 0 || append_only {
+                return err(libc::EPERM);
+            }
+        }
         self.handles.insert(
             fh,
             Handle::File {
@@ -1668,6 +1763,7 @@ fn fresh_root(now: Ts) -> InodeRec {
         rdev: 0,
         parent: ROOT_INO,
         target: Vec::new(),
+        flags: 0,
     }
 }
 

@@ -56,6 +56,7 @@ impl Inner {
     ) -> FsResult<()> {
         let ino = self.live(ino)?;
         check_xattr_name(name)?;
+        self.refuse_flagged(ino, FS_IMMUTABLE_FL | FS_APPEND_FL)?;
         if value.len() > 65536 {
             return err(libc::E2BIG);
         }
@@ -127,6 +128,7 @@ impl Inner {
     pub fn removexattr(&mut self, ino: u64, name: &[u8]) -> FsResult<()> {
         let ino = self.live(ino)?;
         check_xattr_name(name)?;
+        self.refuse_flagged(ino, FS_IMMUTABLE_FL | FS_APPEND_FL)?;
         let mut rec = self.inode(ino)?;
         if self.xattr_get(ino, name)?.is_none() {
             return err(libc::ENODATA);

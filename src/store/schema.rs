@@ -448,7 +448,21 @@ pub struct InodeRec {
     pub parent: u64,
     /// Symlink target (symlinks only).
     pub target: Vec<u8>,
+    /// Inode flags set with chattr (`FS_*_FL`, see [`INODE_FLAGS`]); never on a
+    /// symlink (which cannot be opened for the ioctl).
+    pub flags: u32,
 }
+
+/// The inode flags kept: immutable, append-only, no-dump and no-atime.
+pub const INODE_FLAGS: u32 = FS_IMMUTABLE_FL | FS_APPEND_FL | FS_NODUMP_FL | FS_NOATIME_FL;
+/// `chattr +i`: no change at all, no new link, no removal.
+pub const FS_IMMUTABLE_FL: u32 = 0x10;
+/// `chattr +a`: data may only be appended; no removal, no new link.
+pub const FS_APPEND_FL: u32 = 0x20;
+/// `chattr +d`: backup programs skip the file.
+pub const FS_NODUMP_FL: u32 = 0x40;
+/// `chattr +A`: reads do not move the access time.
+pub const FS_NOATIME_FL: u32 = 0x80;
 
 const INODE_FIXED: usize = 1 + 4 * 4 + 8 + 4 * 12 + 4 + 8;
 
@@ -466,7 +480,13 @@ impl InodeRec {
         }
         out.extend_from_slice(&self.rdev.to_le_bytes());
         out.extend_from_slice(&self.parent.to_le_bytes());
-        out.extend_from_slice(&self.target);
+        // After the fixed part: a symlink's target, or another inode's flags when
+        // any is set (records without flags are as they always were).
+        if self.kind == FileKind::Symlink {
+            out.extend_from_slice(&self.target);
+        } else if self.flags != 0 {
+            out.extend_from_slice(&self.flags.to_le_bytes());
+        }
     }
 
     /// Decodes a payload written by [`InodeRec::encode`].
@@ -490,6 +510,19 @@ impl InodeRec {
         }
         let rdev = r.u32()?;
         let parent = r.u64()?;
+        let (target, flags) = match (kind, r.0.len()) {
+            (FileKind::Symlink, _) => (r.0.to_vec(), 0),
+            (_, 0) => (Vec::new(), 0),
+            (_, 4) => (Vec::new(), r.u32()?),
+            (_, n) => {
+                return Err(StoreError::Corrupt(format!(
+                    "inode record with {n} trailing bytes"
+                )));
+            }
+        };
+        if flags & !INODE_FLAGS != 0 {
+            return Err(StoreError::Corrupt(format!("inode flags {flags:#x}")));
+        }
         Ok(InodeRec {
             kind,
             perm,
@@ -503,7 +536,8 @@ impl InodeRec {
             crtime: ts[3],
             rdev,
             parent,
-            target: r.0.to_vec(),
+            target,
+            flags,
         })
     }
 }
@@ -991,6 +1025,7 @@ mod tests {
             rdev: 0x0801,
             parent: 0,
             target: b"../target".to_vec(),
+            flags: 0,
         };
         let mut b = Vec::new();
         rec.encode(&mut b);
@@ -1022,6 +1057,7 @@ mod tests {
             rdev: 0,
             parent: 0,
             target: b"../target".to_vec(),
+            flags: 0,
         }
     }
 

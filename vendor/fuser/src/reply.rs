@@ -322,12 +322,16 @@ impl Reply for ReplyStatx {
 }
 
 impl ReplyStatx {
-    /// Reply with the given attributes, `crtime` as the creation time (btime).
-    pub fn statx(self, ttl: &Duration, attr: &FileAttr) {
+    /// Reply with the given attributes, `crtime` as the creation time (btime), and
+    /// the `STATX_ATTR_*` bits `attributes` of those in `attributes_mask` that the
+    /// filesystem knows.
+    pub fn statx(self, ttl: &Duration, attr: &FileAttr, attributes: u64, attributes_mask: u64) {
         self.reply.send_ll(&ll::ResponseStruct::new_statx(
             ttl,
             &attr.into(),
             attr.crtime,
+            attributes,
+            attributes_mask,
         ));
     }
 

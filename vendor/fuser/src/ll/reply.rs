@@ -122,7 +122,13 @@ impl ResponseStruct<abi::fuse_attr_out> {
 impl ResponseStruct<abi::fuse_statx_out> {
     /// The statx answer for `attr`, with `btime` as the creation time: every basic
     /// field and the creation time are given.
-    pub(crate) fn new_statx(ttl: &Duration, attr: &Attr, btime: SystemTime) -> Self {
+    pub(crate) fn new_statx(
+        ttl: &Duration,
+        attr: &Attr,
+        btime: SystemTime,
+        attributes: u64,
+        attributes_mask: u64,
+    ) -> Self {
         const STATX_BASIC_STATS: u32 = 0x7ff;
         const STATX_BTIME: u32 = 0x800;
         let a = &attr.attr;
@@ -158,6 +164,8 @@ impl ResponseStruct<abi::fuse_statx_out> {
                 mtime: t(a.mtime, a.mtimensec),
                 rdev_major: major,
                 rdev_minor: minor,
+                attributes,
+                attributes_mask,
                 ..Default::default()
             },
         })
