@@ -1703,3 +1703,22 @@ fn immutable_and_append_only_flags_are_kept_and_enforced() {
     fs::remove_file(&f).unwrap();
     m.assert_fsck_clean();
 }
+
+#[test]
+fn without_the_writeback_cache_a_descriptor_opened_before_chattr_i_cannot_write() {
+    let m = Mount::with_options(&["nowriteback"]);
+    let f = m.path("f");
+    let mut h = fs::OpenOptions::new()
+        .create(true)
+        .truncate(true)
+        .write(true)
+        .open(&f)
+        .unwrap();
+    h.write_all(b"before").unwrap();
+    set_flags(&f, 0x10).unwrap();
+    let e = h.write_all(b" after").unwrap_err();
+    assert_eq!(e.raw_os_error(), Some(libc::EPERM));
+    drop(h);
+    set_flags(&f, 0).unwrap();
+    assert_eq!(fs::read(&f).unwrap(), b"before");
+}

@@ -419,6 +419,13 @@ impl Inner {
         if rec.kind != FileKind::File {
             return err(libc::EINVAL);
         }
+        // Without the writeback cache a write comes from write(2) itself: one through
+        // a descriptor opened before `chattr +i` is refused, as a local filesystem
+        // refuses it. (With the cache it is the kernel's write-back of data it took
+        // already; that lands.)
+        if !self.kernel_times && rec.flags & FS_IMMUTABLE_FL != 0 {
+            return err(libc::EPERM);
+        }
         // An appending write whose end of file moved hashes its blocks anew.
         let (offset, digests) = if append && rec.size != offset {
             (rec.size, &[][..])
