@@ -534,7 +534,9 @@ impl Filesystem for SnapFuse {
         let res = {
             let mut core = self.fs.lock();
             core.open(ino.0, flags.0).and_then(|fh| {
-                let read = flags.0 & libc::O_ACCMODE != libc::O_WRONLY;
+                // O_NOATIME (the owner's, or root's: the kernel checks) asks for none.
+                let read =
+                    flags.0 & libc::O_ACCMODE != libc::O_WRONLY && flags.0 & libc::O_NOATIME == 0;
                 Ok((fh, read && core.accessed(ino.0)?))
             })
         };

@@ -1523,7 +1523,7 @@ fn statx_gives_the_creation_time() {
 
 #[test]
 fn access_times_follow_relatime_strictatime_noatime_and_nodiratime() {
-    use std::os::unix::fs::MetadataExt;
+    use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
     let atime = |p: &Path| {
         let md = fs::metadata(p).unwrap();
         (md.atime(), md.atime_nsec())
@@ -1547,6 +1547,20 @@ fn access_times_follow_relatime_strictatime_noatime_and_nodiratime() {
     pause();
     read(&f);
     assert_eq!(atime(&f), t1, "relatime: once per change");
+    // O_NOATIME asks for none (the daemon's own opens to wait for write-back use it).
+    fs::write(&f, b"changed").unwrap();
+    let t1 = atime(&f);
+    pause();
+    drop(
+        fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_NOATIME)
+            .open(&f)
+            .unwrap(),
+    );
+    assert_eq!(atime(&f), t1, "O_NOATIME");
+    read(&f);
+    let t1 = atime(&f);
     fs::read_dir(&d).unwrap().for_each(drop);
     let d1 = atime(&d);
     assert!(d1 > d0, "listing a changed directory moves its atime");
