@@ -138,6 +138,7 @@ pub fn run(fs: &Fs, req: &Request, progress: bool) -> Outcome {
         // A session on the control connection itself, served by the daemon.
         Request::Send { .. } => fail("send is served by a mounted store's daemon".into()),
         Request::Receive => fail("receive is served by a mounted store's daemon".into()),
+        Request::MountDevice => fail("the store is not mounted".into()),
         Request::Status => {
             // Buffered data is counted if it can be stored; a full disk must not stop
             // status from showing the rest.

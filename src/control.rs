@@ -88,6 +88,9 @@ pub enum Request {
     /// Be the destination of a sync session (a mounted replica): after the answer
     /// line, the connection carries the session's frames.
     Receive,
+    /// The device number (`major:minor`) of the daemon's FUSE mount, so that a second
+    /// mount of the store can be a bind mount of it.
+    MountDevice,
 }
 
 impl Request {
@@ -127,6 +130,7 @@ impl Request {
             Request::Diff { .. } => "diff",
             Request::Send { .. } => "send",
             Request::Receive => "receive",
+            Request::MountDevice => "mount-device",
         }
     }
 }

@@ -250,6 +250,15 @@ pub fn is_mounted(path: &Path) -> bool {
 /// Every mount as (device number `major:minor`, mount point), from
 /// /proc/self/mountinfo, in its order (a later mount on a path hides an earlier one).
 fn mounts() -> Vec<(String, PathBuf)> {
+    mounts_with_root()
+        .into_iter()
+        .map(|(dev, _, mp)| (dev, mp))
+        .collect()
+}
+
+/// Every mount as (device number, the directory of the filesystem it shows, mount
+/// point), from /proc/self/mountinfo, in its order.
+fn mounts_with_root() -> Vec<(String, String, PathBuf)> {
     let Ok(info) = std::fs::read_to_string("/proc/self/mountinfo") else {
         return Vec::new();
     };
@@ -258,10 +267,150 @@ fn mounts() -> Vec<(String, PathBuf)> {
         .filter_map(|l| {
             let mut f = l.split(' ').skip(2);
             let dev = f.next()?;
-            let mp = f.nth(1)?;
-            Some((dev.to_string(), PathBuf::from(unescape_mount(mp))))
+            let root = f.next()?;
+            let mp = f.next()?;
+            Some((
+                dev.to_string(),
+                unescape_mount(root),
+                PathBuf::from(unescape_mount(mp)),
+            ))
         })
         .collect()
+}
+
+/// The mount points that show the whole filesystem of device `dev` (`major:minor`):
+/// a daemon's own mount and bind mounts of it, in mount order.
+fn mounts_of(dev: &str) -> Vec<PathBuf> {
+    mounts_with_root()
+        .into_iter()
+        .filter(|(d, root, _)| d == dev && root == "/")
+        .map(|(_, _, mp)| mp)
+        .collect()
+}
+
+/// The device number of the filesystem mounted at `mp` (the last mount there).
+fn device_at(mp: &Path) -> Option<String> {
+    mounts().into_iter().rfind(|(_, p)| p == mp).map(|(d, _)| d)
+}
+
+/// The device number of this daemon's FUSE mount, once it is mounted.
+static MOUNT_DEVICE: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+
+/// Where the filesystem of device `dev` is mounted now: `mp` while it still is, else
+/// another mount of it (a bind mount that outlived the first).
+fn live_mountpoint(dev: Option<&str>, mp: &Path) -> PathBuf {
+    let Some(dev) = dev else {
+        return mp.to_path_buf();
+    };
+    let all = mounts_of(dev);
+    if all.iter().any(|p| p == mp) {
+        return mp.to_path_buf();
+    }
+    all.into_iter().next().unwrap_or_else(|| mp.to_path_buf())
+}
+
+/// The options a second mount of a mounted store may take: those of one mount point
+/// (a bind mount of the first); the rest belong to the volume and are the first's.
+/// Returns the `MS_*` flags for the bind mount.
+fn second_mount_flags(opts: &[String]) -> anyhow::Result<libc::c_ulong> {
+    let mut ro = false;
+    let (mut nosuid, mut nodev, mut noexec) = (true, true, false);
+    for opt in opts
+        .iter()
+        .flat_map(|s| s.split(','))
+        .filter(|s| !s.is_empty())
+    {
+        let key = opt.split_once('=').map_or(opt, |(k, _)| k);
+        match key {
+            "ro" => ro = true,
+            "rw" => ro = false,
+            "suid" => nosuid = false,
+            "nosuid" => nosuid = true,
+            "dev" => nodev = false,
+            "nodev" => nodev = true,
+            "exec" => noexec = false,
+            "noexec" => noexec = true,
+            // Names only: the mount shows the first's source.
+            "source"
+            | "fsname"
+            | "subtype"
+            | "defaults"
+            | "default_permissions"
+            | "allow_other" => {}
+            _ => bail!(
+                "mount option {:?} is the volume's, set by its first mount: a second mount of a mounted store takes only ro/rw, nosuid/suid, nodev/dev and noexec/exec",
+                clip(opt)
+            ),
+        }
+    }
+    let mut flags = libc::MS_RELATIME;
+    for (on, f) in [
+        (ro, libc::MS_RDONLY),
+        (nosuid, libc::MS_NOSUID),
+        (nodev, libc::MS_NODEV),
+        (noexec, libc::MS_NOEXEC),
+    ] {
+        if on {
+            flags |= f;
+        }
+    }
+    Ok(flags)
+}
+
+/// Mounts `store`, which the daemon whose FUSE mount is device `dev` serves already,
+/// at `mp` as well: a bind mount of that mount, with its own per-mount flags (root
+/// only, as any bind mount).
+fn second_mount(store: &Path, mp: &Path, opts: &[String], dev: &str) -> anyhow::Result<()> {
+    use std::os::unix::ffi::OsStrExt;
+    let flags = second_mount_flags(opts)?;
+    let Some(first) = mounts_of(dev).into_iter().next() else {
+        bail!(
+            "store {} is in use by a daemon whose mount is gone: wait for it to exit, then mount again",
+            store.display()
+        );
+    };
+    let c = |p: &Path| std::ffi::CString::new(p.as_os_str().as_bytes()).context("a path with NUL");
+    let (src, dst) = (c(&first)?, c(mp)?);
+    // SAFETY: NUL-terminated paths; no filesystem type or data for a bind mount.
+    let r = unsafe {
+        libc::mount(
+            src.as_ptr(),
+            dst.as_ptr(),
+            std::ptr::null(),
+            libc::MS_BIND,
+            std::ptr::null(),
+        )
+    };
+    if r != 0 {
+        let e = std::io::Error::last_os_error();
+        if e.raw_os_error() == Some(libc::EPERM) {
+            bail!(
+                "store {} is mounted at {} already; a second mount is a bind mount of it, which needs root",
+                store.display(),
+                first.display()
+            );
+        }
+        bail!("cannot bind {} at {}: {e}", first.display(), mp.display());
+    }
+    // The bind took the first mount's flags; it gets its own.
+    // SAFETY: as above; MS_REMOUNT|MS_BIND changes the flags of this mount only.
+    let r = unsafe {
+        libc::mount(
+            std::ptr::null(),
+            dst.as_ptr(),
+            std::ptr::null(),
+            libc::MS_REMOUNT | libc::MS_BIND | flags,
+            std::ptr::null(),
+        )
+    };
+    if r != 0 {
+        let e = std::io::Error::last_os_error();
+        // SAFETY: unmounting the bind just made.
+        unsafe { libc::umount2(dst.as_ptr(), libc::MNT_DETACH) };
+        bail!("cannot set the flags of the mount at {}: {e}", mp.display());
+    }
+    tracing::info!(store = %store.display(), first = %first.display(), mountpoint = %mp.display(), "mounted again (bind)");
+    Ok(())
 }
 
 /// A mountinfo path with its octal escapes (`\040` for a space) decoded.
@@ -368,6 +517,18 @@ pub fn mount(
     // Earlier options are overridden by later ones; snapfs.toml is read once the store
     // is known to be private, so only -o can allow a shared one.
     check_private(&store, cli_options.allow_shared_store)?;
+    // A store its daemon serves already is mounted again as a bind mount of that
+    // mount: one daemon, one superblock, every mount point alike.
+    if let Some(out) = ask_daemon(&store, &Request::MountDevice) {
+        if out.error {
+            bail!(
+                "store {} is in use: {}",
+                store.display(),
+                out.text.trim_end()
+            );
+        }
+        return second_mount(&store, &mp, opts, out.text.trim());
+    }
     if foreground {
         init_logging(None);
     }
@@ -451,6 +612,9 @@ pub fn mount(
     let fuse = SnapFuse::new(fs.clone(), options.writeback, options.uring_depth > 0);
     let mut session = fuser::Session::new(fuse, &mp, &config)
         .with_context(|| format!("cannot mount on {}", mp.display()))?;
+    if let Some(dev) = device_at(&mp) {
+        let _ = MOUNT_DEVICE.set(dev);
+    }
     if options.writeback
         && let Err(e) = set_bdi_max_ratio(&mp, options.bdi_max_ratio)
     {
@@ -499,11 +663,24 @@ pub fn mount(
             // SAFETY: `signals` is an initialised set and `sig` a valid out pointer.
             unsafe { libc::sigwait(&signals, &mut sig) };
             tracing::info!(sig, "signal received, unmounting");
+            // Every mount of our filesystem goes: bind mounts of it first (the
+            // filesystem lives while any does), then our own.
+            let dev = MOUNT_DEVICE.get().map(String::as_str);
+            let others: Vec<PathBuf> = dev
+                .map(mounts_of)
+                .unwrap_or_default()
+                .into_iter()
+                .filter(|p| *p != mp2)
+                .collect();
+            for p in others.iter().rev() {
+                unmount_path(p);
+            }
             if unmounter.unmount().is_err() {
-                let _ = std::process::Command::new("umount")
-                    .arg("-l")
-                    .arg(&mp2)
-                    .status();
+                // Whatever is left of ours, found by device (never by path: another
+                // filesystem may be mounted there by now).
+                for p in dev.map(mounts_of).unwrap_or_default().iter().rev() {
+                    unmount_path(p);
+                }
             }
         })?;
     let notifier = session.notifier();
@@ -525,6 +702,8 @@ pub fn mount(
             use std::os::unix::ffi::OsStrExt;
             use std::os::unix::fs::OpenOptionsExt;
             let t = std::time::Instant::now();
+            // Our first mount point may be gone while a bind mount of it lives on.
+            let mp = live_mountpoint(MOUNT_DEVICE.get().map(String::as_str), &mp);
             if let Err(e) = syncfs(&mp) {
                 tracing::warn!(error = %e, "could not write back the kernel's cached writes");
             }
@@ -937,6 +1116,19 @@ fn set_bdi_max_ratio(mp: &Path, ratio: u32) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Unmounts `p`, detaching it if it is busy.
+fn unmount_path(p: &Path) {
+    use std::os::unix::ffi::OsStrExt;
+    let Ok(c) = std::ffi::CString::new(p.as_os_str().as_bytes()) else {
+        return;
+    };
+    // SAFETY: a NUL-terminated path.
+    if unsafe { libc::umount2(c.as_ptr(), 0) } != 0 {
+        // SAFETY: as above.
+        unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) };
+    }
+}
+
 /// `syncfs(2)` on the filesystem mounted at `mp`: the kernel writes back its dirty
 /// pages (to us, as write requests) and waits for them.
 fn syncfs(mp: &Path) -> std::io::Result<()> {
@@ -1231,6 +1423,17 @@ fn handle_control(
     if req == Request::Receive {
         return serve_receive(conn, fs);
     }
+    if req == Request::MountDevice {
+        let out = match MOUNT_DEVICE.get() {
+            Some(dev) => crate::commands::Outcome {
+                text: format!("{dev}\n"),
+                code: 0,
+                error: false,
+            },
+            None => crate::commands::fail("the daemon's mount is not known".into()),
+        };
+        return answer(&conn, &out);
+    }
     let mut out = if matches!(req, Request::Fsck { repair: true, .. }) {
         crate::commands::fail("fsck --repair needs the store unmounted: unmount it first".into())
     } else {
@@ -1435,13 +1638,19 @@ fn store_hidden(path: &Path) -> bool {
         Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied)
 }
 
-/// The store of the snapfs daemon that serves mountpoint `mp` (canonical), from
+/// The store of the snapfs daemon that serves mountpoint `mp` (canonical, or a bind
+/// mount of its mount point), from
 /// the command lines of running processes of the mount's user `user` (`snapfs
 /// mount STORE MP ...`, relative paths taken from the process's working
 /// directory): another user's process, which could say anything, is not asked.
 /// What it names is checked by the caller like any mount's source: the store must
 /// belong to the mount's user.
 fn daemon_store(mp: &Path, user: u32) -> Option<PathBuf> {
+    // A bind mount of a daemon's mount (a second mount of its store) is served by
+    // that daemon, started on the first mount point.
+    let dev = device_at(mp);
+    let mut same = dev.as_deref().map(mounts_of).unwrap_or_default();
+    same.push(mp.to_path_buf());
     use std::os::unix::fs::MetadataExt;
     for entry in std::fs::read_dir("/proc").ok()?.flatten() {
         let proc_dir = entry.path();
@@ -1467,8 +1676,20 @@ fn daemon_store(mp: &Path, user: u32) -> Option<PathBuf> {
         };
         let at =
             |a: &[u8]| cwd.join(<std::ffi::OsStr as std::os::unix::ffi::OsStrExt>::from_bytes(a));
-        if std::fs::canonicalize(at(args[i + 2])).ok().as_deref() == Some(mp)
-            && let Ok(store) = std::fs::canonicalize(at(args[i + 1]))
+        let Ok(store) = std::fs::canonicalize(at(args[i + 1])) else {
+            continue;
+        };
+        if std::fs::canonicalize(at(args[i + 2]))
+            .ok()
+            .is_some_and(|p| same.contains(&p))
+        {
+            return Some(store);
+        }
+        // Its first mount point may be gone while a bind mount of it lives on: the
+        // daemon of that store says which device it serves.
+        if let Some(dev) = &dev
+            && ask_daemon(&store, &Request::MountDevice)
+                .is_some_and(|out| !out.error && out.text.trim() == dev)
         {
             return Some(store);
         }

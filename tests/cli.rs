@@ -44,7 +44,18 @@ fn mount_refuses_bad_mountpoints_and_stores() {
         1,
         "nothing added"
     );
-    fails_with(&["mount", m.store.to_str().unwrap(), &s("mnt2")], "in use");
+    // A second mount is a bind mount of the first, with per-mount options only.
+    fails_with(
+        &[
+            "mount",
+            m.store.to_str().unwrap(),
+            &s("mnt2"),
+            "-o",
+            "snapdir=visible",
+        ],
+        "is the volume's, set by its first mount",
+    );
+    assert!(!snapfs::daemon::is_mounted(&d.join("mnt2")));
     fails_with(
         &["mount", &s("new"), &s("mnt2"), "-o", "bogus"],
         "unknown mount option",
@@ -310,4 +321,60 @@ fn status_finds_the_store_of_a_mount_whose_source_is_a_name() {
     let text = snapfs_ok(&["status", m.mnt.to_str().unwrap()]);
     assert!(text.contains("files:            1"), "{text}");
     snapfs_ok(&["fsck", m.mnt.to_str().unwrap()]);
+}
+
+#[test]
+fn a_second_mount_of_a_mounted_store_is_a_bind_mount_with_its_own_flags() {
+    let mut m = Mount::with_options(&["source=a_name"]);
+    let second = m.dir.path().join("second");
+    fs::create_dir(&second).unwrap();
+    let (store, mnt2) = (m.store.to_str().unwrap(), second.to_str().unwrap());
+    snapfs_ok(&["mount", store, mnt2, "-o", "ro,source=a_name,noexec"]);
+    let flags = mount_flags(&second);
+    for f in ["ro", "nosuid", "nodev", "noexec"] {
+        assert!(flags.iter().any(|x| x == f), "{f} in {flags:?}");
+    }
+    // One volume at two places (xfstests generic/732's moves).
+    fs::create_dir_all(m.path("A")).unwrap();
+    fs::create_dir_all(m.path("B")).unwrap();
+    fs::write(m.path("A/f"), b"one volume").unwrap();
+    fs::rename(m.path("A/f"), m.path("B/f")).unwrap();
+    assert_eq!(fs::read(second.join("B/f")).unwrap(), b"one volume");
+    let e = fs::write(second.join("x"), b"").unwrap_err();
+    assert_eq!(
+        e.raw_os_error(),
+        Some(libc::EROFS),
+        "the second mount is read-only"
+    );
+    // The first mount point goes; the volume lives on at the second, and commands
+    // given that mount point find the store (its source is a name).
+    let pid = m.pid();
+    assert!(
+        std::process::Command::new("umount")
+            .arg(&m.mnt)
+            .status()
+            .unwrap()
+            .success()
+    );
+    assert!(!exited_within(pid, std::time::Duration::from_millis(500)));
+    assert_eq!(fs::read(second.join("B/f")).unwrap(), b"one volume");
+    let text = snapfs_ok(&["status", mnt2]);
+    assert!(text.contains("files:            1"), "{text}");
+    snapfs_ok(&["snapshot", "create", mnt2, "s"]);
+    assert_eq!(
+        fs::read(second.join(".snapshots/s/B/f")).unwrap(),
+        b"one volume"
+    );
+    // SIGTERM takes every mount of the volume down, and the daemon exits.
+    let again = m.dir.path().join("again");
+    fs::create_dir(&again).unwrap();
+    snapfs_ok(&["mount", store, again.to_str().unwrap()]);
+    // SAFETY: plain kill(2).
+    unsafe { libc::kill(pid, libc::SIGTERM) };
+    wait_exit(pid);
+    assert!(!snapfs::daemon::is_mounted(&second));
+    assert!(!snapfs::daemon::is_mounted(&again));
+    m.mount(&[]);
+    assert_eq!(fs::read(m.path("B/f")).unwrap(), b"one volume");
+    m.assert_fsck_clean();
 }
