@@ -288,6 +288,19 @@ fn mounts_of(dev: &str) -> Vec<PathBuf> {
         .collect()
 }
 
+/// The type of the filesystem mounted at `mp` (the last mount there).
+fn fstype_at(mp: &Path) -> Option<String> {
+    let info = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
+    info.lines()
+        .filter_map(|l| {
+            let f: Vec<&str> = l.split(' ').collect();
+            let sep = f.iter().position(|x| *x == "-")?;
+            (Path::new(&unescape_mount(f.get(4)?)) == mp)
+                .then(|| f.get(sep + 1).map(|t| t.to_string()))?
+        })
+        .next_back()
+}
+
 /// The device number of the filesystem mounted at `mp` (the last mount there).
 fn device_at(mp: &Path) -> Option<String> {
     mounts().into_iter().rfind(|(_, p)| p == mp).map(|(d, _)| d)
@@ -295,6 +308,9 @@ fn device_at(mp: &Path) -> Option<String> {
 
 /// The device number of this daemon's FUSE mount, once it is mounted.
 static MOUNT_DEVICE: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+/// Set when the FUSE session has ended: the device number may be another
+/// filesystem's from then on.
+static SESSION_OVER: AtomicBool = AtomicBool::new(false);
 
 /// Where the filesystem of device `dev` is mounted now: `mp` while it still is, else
 /// another mount of it (a bind mount that outlived the first).
@@ -363,7 +379,8 @@ fn second_mount_flags(opts: &[String]) -> anyhow::Result<libc::c_ulong> {
 fn second_mount(store: &Path, mp: &Path, opts: &[String], dev: &str) -> anyhow::Result<()> {
     use std::os::unix::ffi::OsStrExt;
     let flags = second_mount_flags(opts)?;
-    let Some(first) = mounts_of(dev).into_iter().next() else {
+    let fuse = |p: &PathBuf| fstype_at(p).is_some_and(|t| t == "fuse" || t.starts_with("fuse."));
+    let Some(first) = mounts_of(dev).into_iter().find(fuse) else {
         bail!(
             "store {} is in use by a daemon whose mount is gone: wait for it to exit, then mount again",
             store.display()
@@ -673,13 +690,15 @@ pub fn mount(
                 .filter(|p| *p != mp2)
                 .collect();
             for p in others.iter().rev() {
-                unmount_path(p);
+                unmount_ours(p, dev);
             }
-            if unmounter.unmount().is_err() {
-                // Whatever is left of ours, found by device (never by path: another
-                // filesystem may be mounted there by now).
+            // Our first mount point, if it still shows our filesystem (it may have been
+            // unmounted, and something else mounted there since).
+            let ours = dev.is_some() && device_at(&mp2).as_deref() == dev;
+            if !ours || unmounter.unmount().is_err() {
+                // Whatever is left of ours, found by device, never by path.
                 for p in dev.map(mounts_of).unwrap_or_default().iter().rev() {
-                    unmount_path(p);
+                    unmount_ours(p, dev);
                 }
             }
         })?;
@@ -733,6 +752,7 @@ pub fn mount(
         .map(|every| spawn_scheduler(Arc::downgrade(&fs), every, stop.clone()));
 
     let res = session.run();
+    SESSION_OVER.store(true, Ordering::SeqCst);
     stop.store(true, Ordering::Relaxed);
     let _ = flusher.join();
     if let Some(s) = scheduler {
@@ -1116,16 +1136,20 @@ fn set_bdi_max_ratio(mp: &Path, ratio: u32) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Unmounts `p`, detaching it if it is busy.
-fn unmount_path(p: &Path) {
+/// Unmounts `p` if it still shows the filesystem of device `dev` (looked at again
+/// just before), detaching it if it is busy; a symlink at `p` is not followed.
+fn unmount_ours(p: &Path, dev: Option<&str>) {
     use std::os::unix::ffi::OsStrExt;
+    if dev.is_none() || device_at(p).as_deref() != dev {
+        return;
+    }
     let Ok(c) = std::ffi::CString::new(p.as_os_str().as_bytes()) else {
         return;
     };
     // SAFETY: a NUL-terminated path.
-    if unsafe { libc::umount2(c.as_ptr(), 0) } != 0 {
+    if unsafe { libc::umount2(c.as_ptr(), libc::UMOUNT_NOFOLLOW) } != 0 {
         // SAFETY: as above.
-        unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) };
+        unsafe { libc::umount2(c.as_ptr(), libc::UMOUNT_NOFOLLOW | libc::MNT_DETACH) };
     }
 }
 
@@ -1424,7 +1448,10 @@ fn handle_control(
         return serve_receive(conn, fs);
     }
     if req == Request::MountDevice {
-        let out = match MOUNT_DEVICE.get() {
+        let out = match MOUNT_DEVICE
+            .get()
+            .filter(|_| !SESSION_OVER.load(Ordering::SeqCst))
+        {
             Some(dev) => crate::commands::Outcome {
                 text: format!("{dev}\n"),
                 code: 0,

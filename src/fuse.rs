@@ -346,6 +346,7 @@ impl Filesystem for SnapFuse {
             atime: atime.map(time),
             mtime: mtime.map(time),
             ctime: ctime.map(Ts::from_system),
+            via_handle: fh.is_some(),
         };
         reply!(
             reply,

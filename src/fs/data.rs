@@ -426,6 +426,17 @@ impl Inner {
         if !self.kernel_times && rec.flags & FS_IMMUTABLE_FL != 0 {
             return err(libc::EPERM);
         }
+        // An append-only file changes nothing below its end. The kernel's write-back
+        // of a partial last page carries the bytes before the end as they are; any
+        // other write there (O_APPEND cleared with fcntl, a shared mapping) is refused.
+        // (Through a handle opened with O_APPEND without the writeback cache, every
+        // write goes to the end whatever its offset.)
+        if rec.flags & FS_APPEND_FL != 0 && !append && offset < rec.size {
+            let n = (rec.size - offset).min(data.len() as u64) as u32;
+            if self.read(ino, offset, n)? != data[..n as usize] {
+                return err(libc::EPERM);
+            }
+        }
         // An appending write whose end of file moved hashes its blocks anew.
         let (offset, digests) = if append && rec.size != offset {
             (rec.size, &[][..])
@@ -912,7 +923,11 @@ impl Inner {
         let dst = self.live(dst)?;
         let srec = self.inode_at(sepoch, sino)?;
         let drec = self.inode(dst)?;
-        if drec.flags & FS_IMMUTABLE_FL != 0 {
+        // An append-only file takes bytes at its end only (O_APPEND can be cleared
+        // with fcntl: the kernel knows nothing of the flag).
+        if drec.flags & FS_IMMUTABLE_FL != 0
+            || (drec.flags & FS_APPEND_FL != 0 && off_out < drec.size)
+        {
             return err(libc::EPERM);
         }
         if srec.kind != FileKind::File || drec.kind != FileKind::File {

@@ -184,6 +184,9 @@ pub struct SetAttr {
     /// New change time: the kernel's own, sent with its cached mtime when it writes
     /// back (writeback cache); otherwise ctime becomes now.
     pub ctime: Option<Ts>,
+    /// The request names an open handle (the kernel's write-back of a writer's
+    /// times does; utimensat never does).
+    pub via_handle: bool,
 }
 
 /// One entry of a directory listing.
@@ -516,23 +519,45 @@ impl Inner {
 
     /// The attributes of kernel inode `fino` whose record is `rec`.
     fn attr(&mut self, fino: u64, rec: InodeRec) -> FsResult<Attr> {
-        let blocks = match (rec.kind, node(fino)) {
+        // Every page of the size: a symlink's target and a directory's entries live
+        // in the metadata (a block per started 4 KiB, as ext4 shows), and a file's
+        // count when its own cannot be had.
+        let whole = rec.size.div_ceil(PAGE as u64);
+        let pages = match (rec.kind, node(fino)) {
             (FileKind::File, Node::Live(ino)) => {
-                let pages = self.store.allocated_pages(ino, self.tree_epoch())?;
-                (pages + self.dirty_pages(ino)?) * (PAGE as u64 / 512)
+                let counted = self
+                    .store
+                    .allocated_pages(ino, self.tree_epoch())
+                    .map_err(FsError::from)
+                    .and_then(|p| Ok(p + self.dirty_pages(ino)?));
+                match counted {
+                    // Under the writeback cache an open file may have data the
+                    // kernel holds and has not written back (and a size only the
+                    // kernel knows): "no block" would tell `tar --sparse` and others
+                    // that it is all hole.
+                    Ok(0) if self.kernel_times && self.open_count.contains_key(&ino) => {
+                        whole.max(1)
+                    }
+                    Ok(p) => p,
+                    Err(e) => {
+                        tracing::warn!(ino, error = %e, "st_blocks: cannot count the file's blocks");
+                        whole
+                    }
+                }
             }
             (FileKind::File, Node::Snap { epoch, ino }) => {
-                self.store.allocated_pages(ino, epoch)? * (PAGE as u64 / 512)
+                self.store.allocated_pages(ino, epoch).unwrap_or_else(|e| {
+                    tracing::warn!(ino, epoch, error = %e, "st_blocks: cannot count the file's blocks");
+                    whole
+                })
             }
-            // A symlink's target and a directory's entries live in the metadata: a
-            // block per started 4 KiB of their size, as ext4 shows.
-            _ => rec.size.div_ceil(PAGE as u64) * (PAGE as u64 / 512),
+            _ => whole,
         };
         Ok(Attr {
             ino: fino,
             rec,
             blksize: self.blksize(),
-            blocks,
+            blocks: pages * (PAGE as u64 / 512),
         })
     }
 
@@ -647,15 +672,20 @@ impl Inner {
             Atime::Relative => {
                 rec.atime <= rec.mtime
                     || rec.atime <= rec.ctime
-                    || now.sec - rec.atime.sec >= 24 * 3600
+                    || now.sec.saturating_sub(rec.atime.sec) >= 24 * 3600
             }
             Atime::Never => false,
         };
-        if due {
-            self.modify_inode(ino, |r| {
+        // Best effort: an access time that cannot be stored (a full disk, a store in
+        // its error state) must not fail the open.
+        if due
+            && let Err(e) = self.modify_inode(ino, |r| {
                 r.atime = now;
                 Ok(())
-            })?;
+            })
+        {
+            tracing::debug!(ino, error = %e, "access time not stored");
+            return Ok(false);
         }
         Ok(due)
     }
@@ -732,9 +762,11 @@ impl Inner {
         if flags & (FS_IMMUTABLE_FL | FS_APPEND_FL) != 0 {
             // An immutable or append-only file keeps its mode, owner, size and set
             // times; an immutable one takes no "now" either. The kernel's own write-back
-            // of the times of data written before (mtime alone, set) still lands.
+            // of a writer's times (a set mtime alone, through its handle) still lands.
             let owner = set.mode.is_some() || set.uid.is_some() || set.gid.is_some();
-            let set_times = matches!(set.atime, Some(Some(_)));
+            let written_back = set.via_handle && set.atime.is_none();
+            let set_times = matches!(set.atime, Some(Some(_)))
+                || (matches!(set.mtime, Some(Some(_))) && !written_back);
             let now_times = matches!(set.atime, Some(None)) || matches!(set.mtime, Some(None));
             let immutable = flags & FS_IMMUTABLE_FL != 0;
             if owner || set.size.is_some() || set_times || (immutable && now_times) {

@@ -141,6 +141,9 @@ pub struct Store {
     /// Pages of data held by the blocks of live inodes (see [`BlockRec::alloc_pages`]),
     /// counted on first asking and kept in step by every write since.
     alloc_cache: std::collections::HashMap<u64, u64>,
+    /// The same for inodes as snapshots froze them, by (epoch, inode): they never
+    /// change.
+    snap_alloc_cache: std::collections::HashMap<(u64, u64), u64>,
     /// Leaf chaining values of extents verified whole (see [`verify`]).
     outboards: std::collections::HashMap<[u8; 32], Box<[blake3::hazmat::ChainingValue]>>,
     /// Segments compaction gave up on (damaged extents, a failed move) until remount.
@@ -506,6 +509,7 @@ impl Store {
             inode_cache: std::collections::HashMap::new(),
             xattr_free: std::collections::HashSet::new(),
             alloc_cache: std::collections::HashMap::new(),
+            snap_alloc_cache: std::collections::HashMap::new(),
             outboards: std::collections::HashMap::new(),
             next_segment,
             compact_skip: Default::default(),
@@ -804,6 +808,10 @@ impl Store {
             Err(e) => {
                 self.freed_group.clear();
                 self.next_segment = 0;
+                // The group is gone with whatever it wrote: the caches of it too.
+                self.inode_cache.clear();
+                self.alloc_cache.clear();
+                self.xattr_free.clear();
                 if pending > 0 {
                     let why = format!("committing {pending} operations failed: {e}");
                     tracing::error!("{why}");
@@ -1145,11 +1153,16 @@ impl Store {
         Ok(payload)
     }
 
-    /// Pages of data the blocks of `ino` hold at `epoch` (the live tree's counted once
-    /// and kept in step; a snapshot's counted each time).
+    /// Pages of data the blocks of `ino` hold at `epoch` (counted once; the live
+    /// tree's kept in step after, a snapshot's never change).
     pub fn allocated_pages(&mut self, ino: u64, epoch: u64) -> Result<u64, StoreError> {
         let live = epoch == self.live_epoch;
-        if live && let Some(n) = self.alloc_cache.get(&ino) {
+        let cached = if live {
+            self.alloc_cache.get(&ino)
+        } else {
+            self.snap_alloc_cache.get(&(epoch, ino))
+        };
+        if let Some(n) = cached {
             return Ok(*n);
         }
         let mut n = 0;
@@ -1172,6 +1185,11 @@ impl Store {
                 self.alloc_cache.clear();
             }
             self.alloc_cache.insert(ino, n);
+        } else {
+            if self.snap_alloc_cache.len() > INODE_CACHE_MAX {
+                self.snap_alloc_cache.clear();
+            }
+            self.snap_alloc_cache.insert((epoch, ino), n);
         }
         Ok(n)
     }
