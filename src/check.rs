@@ -812,10 +812,10 @@ fn name_damage(
     for (ino, idx, from, until, b) in found {
         let base = idx * block_size;
         let mut ranges: Vec<(u64, u64, &String)> = Vec::new();
-        if b.len > 0
-            && let Some(cause) = bad.get(&b.hash)
+        if let Some((h, n)) = b.base_extent()
+            && let Some(cause) = bad.get(h)
         {
-            ranges.push((base, base + b.len as u64, cause));
+            ranges.push((base, base + n as u64, cause));
         }
         for f in &b.frags {
             if let Some(cause) = bad.get(&f.hash) {

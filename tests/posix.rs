@@ -1799,3 +1799,62 @@ fn without_the_writeback_cache_a_descriptor_opened_before_chattr_i_cannot_write(
     set_flags(&f, 0).unwrap();
     assert_eq!(fs::read(&f).unwrap(), b"before");
 }
+
+#[test]
+fn fallocated_blocks_count_as_allocated_read_as_zeros_and_seek_as_holes() {
+    let mut m = Mount::new();
+    let kib = |p: &Path| fs::metadata(p).unwrap().blocks() / 2;
+    let falloc = |f: &File, mode: i32, off: i64, len: i64| {
+        // SAFETY: fallocate(2) on a descriptor we own.
+        let r = unsafe { libc::fallocate(f.as_raw_fd(), mode, off, len) };
+        assert_eq!(r, 0, "fallocate: {}", std::io::Error::last_os_error());
+    };
+    // xfstests generic/568: a write into an allocated range takes no more space.
+    let p = m.path("small");
+    let f = create_rw(&p);
+    falloc(&f, 0, 4095, 2);
+    drop(f);
+    assert_eq!(kib(&p), 8);
+    let f = fs::OpenOptions::new().write(true).open(&p).unwrap();
+    f.write_all_at(b"ab", 4095).unwrap();
+    drop(f);
+    assert_eq!(kib(&p), 8);
+    assert_eq!(&fs::read(&p).unwrap()[4094..], b"\0ab");
+    // xfstests generic/701: allocated, then cut by a truncate.
+    let p = m.path("big");
+    let f = create_rw(&p);
+    falloc(&f, 0, 0, 5 << 20);
+    assert_eq!(f.metadata().unwrap().len(), 5 << 20);
+    f.set_len(4 << 20).unwrap();
+    drop(f);
+    assert_eq!(kib(&p), 4096);
+    assert!(fs::read(&p).unwrap().iter().all(|b| *b == 0));
+    // Beyond the end with KEEP_SIZE: counted, the size unchanged.
+    let f = fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&p)
+        .unwrap();
+    falloc(&f, libc::FALLOC_FL_KEEP_SIZE, 4 << 20, 1 << 20);
+    assert_eq!(f.metadata().unwrap().len(), 4 << 20);
+    drop(f);
+    assert_eq!(kib(&p), 5120);
+    // Nothing is stored for them, and they survive a remount; fsck is clean.
+    // (The small file's write-back is its two pages, stored as one extent.)
+    m.status_with("stored bytes:     4097\n");
+    m.remount();
+    assert_eq!((kib(&m.path("small")), kib(&p)), (8, 5120));
+    m.assert_fsck_clean();
+    // Without the writeback cache SEEK_DATA answers from the store: an allocated
+    // block nothing wrote is a hole, as an unwritten extent is on ext4 and XFS.
+    m.unmount();
+    m.mount(&["nowriteback"]);
+    let f = File::open(&p).unwrap();
+    // SAFETY: lseek(2) on a descriptor we own.
+    let r = unsafe { libc::lseek(f.as_raw_fd(), 0, libc::SEEK_DATA) };
+    assert_eq!(
+        (r, errno()),
+        (-1, libc::ENXIO),
+        "all allocated, nothing written"
+    );
+}

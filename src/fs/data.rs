@@ -310,8 +310,11 @@ impl Inner {
             for (off, len, src) in b.pieces(start, end) {
                 let (hash, eoff) = match src {
                     Some((h, eoff)) => (*h, eoff),
-                    None if b.len > 0 => (b.hash, off),
-                    None => continue,
+                    None => match b.base_extent() {
+                        Some((h, _)) => (*h, off),
+                        // No base, or an unwritten one: zeros.
+                        None => continue,
+                    },
                 };
                 let ext = match redb::ReadableTable::get(e, hash).map_err(StoreError::from)? {
                     Some(v) => ExtentRec::decode(&hash, v.value())?,
@@ -763,6 +766,7 @@ impl Inner {
         }
         if !punch && !zero && end > offset {
             self.check_space(ino, offset, end)?;
+            self.preallocate(ino, offset, end)?;
         }
         if punch || zero {
             let zend = end.min(rec.size);
@@ -779,6 +783,49 @@ impl Inner {
         }
         self.dirty.entry(ino).or_default().attr = Some(rec);
         self.undurable = true;
+        Ok(())
+    }
+
+    /// Marks the blocks of `[start, end)` of live `ino` that hold nothing (stored or
+    /// buffered) as allocated: unwritten, reading as zeros and naming no extent, so
+    /// that `st_blocks` counts them as it counts preallocated space elsewhere. No disk
+    /// space is held for them (see [`Inner::check_space`]).
+    fn preallocate(&mut self, ino: u64, start: u64, end: u64) -> FsResult<()> {
+        let bs = self.bs();
+        let (first, last) = (start / bs, (end - 1) / bs);
+        let mut held = std::collections::HashSet::new();
+        if let Some(d) = self.dirty.get(&ino) {
+            held.extend(d.blocks.range(first..=last).map(|(i, _)| *i));
+        }
+        {
+            let txn = self.store.read_txn()?;
+            let live = self.store.live_epoch;
+            scan_visible(
+                txn.versions(),
+                ino,
+                KIND_BLOCK,
+                first..=last,
+                live,
+                |idx, _, _| {
+                    held.insert(idx);
+                    Ok(true)
+                },
+            )?;
+        }
+        let todo: Vec<(u64, u32)> = (first..=last)
+            .filter(|i| !held.contains(i))
+            .map(|i| (i, (end - i * bs).min(bs) as u32))
+            .collect();
+        if todo.is_empty() {
+            return Ok(());
+        }
+        self.store.write(false, |w| {
+            for (idx, n) in &todo {
+                let prev = w.version(RecKey::block(ino, *idx))?;
+                w.put_block(ino, *idx, Some(&BlockRec::unwritten(*n)), prev)?;
+            }
+            Ok(())
+        })?;
         Ok(())
     }
 
@@ -881,7 +928,10 @@ impl Inner {
             KIND_BLOCK,
             first..=last,
             epoch,
-            |idx, _, _| match whence {
+            |idx, _, payload| match whence {
+                // A block fallocate allocated and nothing wrote reads as a hole, as
+                // an unwritten extent does on ext4 and XFS.
+                _ if BlockRec::decode(payload)?.is_unwritten() => Ok(true),
                 SeekWhence::Data => {
                     found = Some(idx);
                     Ok(false)

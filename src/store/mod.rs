@@ -460,6 +460,7 @@ impl Store {
                 upgrade_from_2(&db)?;
             }
             2 => upgrade_from_2(&db)?,
+            3 => upgrade_from_3(&db)?,
             f => return Err(StoreError::Format(f)),
         }
         let (block_size, volume_id, live_epoch, snapshot_epochs, next_segment) = {
@@ -1659,6 +1660,22 @@ fn upgrade_from_2(db: &Database) -> Result<(), StoreError> {
     Ok(())
 }
 
+/// Upgrades a format 3 store to format 4, which adds record forms only (inode flags
+/// after a non-symlink's record, unwritten block bases): the number changes, so that
+/// an older snapfs, which would misread them, refuses the store.
+fn upgrade_from_3(db: &Database) -> Result<(), StoreError> {
+    tracing::info!(
+        "upgrading the store to format {FORMAT_VERSION} (inode flags, unwritten blocks)"
+    );
+    let txn = db.begin_write()?;
+    {
+        let mut meta = txn.open_table(META)?;
+        meta.insert(meta::FORMAT, &FORMAT_VERSION.to_le_bytes()[..])?;
+    }
+    txn.commit()?;
+    Ok(())
+}
+
 /// A core error met inside the store's own operations, as a store error.
 /// An operation's error: a refusal with an errno (the operation wrote nothing, and
 /// the group goes on) or a failure of the store (the group is aborted). The
@@ -2269,7 +2286,8 @@ impl ReadOnlyStore {
             segs: Segments::open(disk::real(), &path.join("segments"), false, 1)?,
         };
         match read_format(&ro.begin_read()?)? {
-            FORMAT_VERSION => Ok(ro),
+            // Format 4 only adds record forms: a format 3 store reads as it is.
+            FORMAT_VERSION | 3 => Ok(ro),
             f @ (1 | 2) => Err(StoreError::Upgrade(f)),
             f => Err(StoreError::Format(f)),
         }

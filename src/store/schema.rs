@@ -124,7 +124,7 @@ pub fn check_entry_name(name: &[u8]) -> Result<(), (i32, &'static str)> {
 /// ([`SUM`]); format 3 indexes changes per record (`changed_rows`, which replaces the
 /// per-inode `changes`) and adds `holds`. An older store is upgraded when it is first
 /// opened to be written.
-pub const FORMAT_VERSION: u32 = 3;
+pub const FORMAT_VERSION: u32 = 4;
 
 /// Inode numbers the kernel sees: the low 40 bits are a live inode, the bits above are
 /// the epoch of the snapshot it is seen through (0 for the live tree). Stable across
@@ -609,7 +609,9 @@ const MAX_BLOCK_PAGES: u16 = (MAX_BLOCK_SIZE as usize / PAGE) as u16;
 /// block with too many fragments is folded back into one extent.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct BlockRec {
-    /// The base extent's hash (zeros when there is no base).
+    /// The base extent's hash (zeros when there is no base, or when the base is
+    /// unwritten: `len` bytes allocated by fallocate that read as zeros and name no
+    /// extent).
     pub hash: [u8; 32],
     /// The base extent's length (the block's stored length; a short tail is short;
     /// 0 = no base, the block reads zeros outside its fragments).
@@ -689,11 +691,30 @@ impl BlockRec {
         Ok(BlockRec { hash, len, frags })
     }
 
+    /// A block fallocate allocated and nothing wrote: `len` bytes that read as zeros.
+    pub fn unwritten(len: u32) -> Self {
+        BlockRec {
+            hash: [0; 32],
+            len,
+            frags: Vec::new(),
+        }
+    }
+
+    /// The base extent and its length, if the base is one (not absent or unwritten).
+    pub fn base_extent(&self) -> Option<(&[u8; 32], u32)> {
+        (self.len > 0 && self.hash != [0; 32]).then_some((&self.hash, self.len))
+    }
+
+    /// Allocated by fallocate and holding nothing: no base extent, no fragment.
+    pub fn is_unwritten(&self) -> bool {
+        self.len > 0 && self.hash == [0; 32] && self.frags.is_empty()
+    }
+
     /// The extents this entry holds a reference to, one per naming (a fragment split
     /// in two names its extent twice).
     pub fn extents(&self) -> impl Iterator<Item = &[u8; 32]> {
-        (self.len > 0)
-            .then_some(&self.hash)
+        self.base_extent()
+            .map(|(h, _)| h)
             .into_iter()
             .chain(self.frags.iter().map(|f| &f.hash))
     }
@@ -717,7 +738,7 @@ impl BlockRec {
 
     /// Bytes of stored data the entry names (fragments counted whole pages).
     pub fn stored_bytes(&self) -> u64 {
-        self.len as u64
+        self.base_extent().map_or(0, |(_, n)| n as u64)
             + self
                 .frags
                 .iter()

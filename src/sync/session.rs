@@ -643,7 +643,7 @@ pub fn first_namings(
         return Ok(());
     };
     let b = BlockRec::decode(p)?;
-    let base = (b.len > 0).then_some((&b.hash, b.len as u64));
+    let base = b.base_extent().map(|(h, n)| (h, n as u64));
     let frags = b
         .frags
         .iter()
