@@ -1448,10 +1448,13 @@ fn handle_control(
         return serve_receive(conn, fs);
     }
     if req == Request::MountDevice {
-        let out = match MOUNT_DEVICE
-            .get()
-            .filter(|_| !SESSION_OVER.load(Ordering::SeqCst))
-        {
+        // A daemon whose session is over is going away: no answer, and the new mount
+        // waits for the store as it would for any daemon leaving (its device number
+        // may be another filesystem's by now).
+        if SESSION_OVER.load(Ordering::SeqCst) {
+            return Ok(());
+        }
+        let out = match MOUNT_DEVICE.get() {
             Some(dev) => crate::commands::Outcome {
                 text: format!("{dev}\n"),
                 code: 0,

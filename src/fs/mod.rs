@@ -765,8 +765,12 @@ impl Inner {
             // of a writer's times (a set mtime alone, through its handle) still lands.
             let owner = set.mode.is_some() || set.uid.is_some() || set.gid.is_some();
             let written_back = set.via_handle && set.atime.is_none();
+            // Under the writeback cache the kernel sends "now" for mtime as its own
+            // clock's time (atime still as "now"): a touch, not a set time.
+            let touch = matches!(set.atime, Some(None))
+                && matches!(set.mtime, Some(Some(t)) if t.sec.abs_diff(Ts::now().sec) <= 1);
             let set_times = matches!(set.atime, Some(Some(_)))
-                || (matches!(set.mtime, Some(Some(_))) && !written_back);
+                || (matches!(set.mtime, Some(Some(_))) && !written_back && !touch);
             let now_times = matches!(set.atime, Some(None)) || matches!(set.mtime, Some(None));
             let immutable = flags & FS_IMMUTABLE_FL != 0;
             if owner || set.size.is_some() || set_times || (immutable && now_times) {
