@@ -375,16 +375,14 @@ fn second_mount_flags(opts: &[String]) -> anyhow::Result<libc::c_ulong> {
 
 /// Mounts `store`, which the daemon whose FUSE mount is device `dev` serves already,
 /// at `mp` as well: a bind mount of that mount, with its own per-mount flags (root
-/// only, as any bind mount).
-fn second_mount(store: &Path, mp: &Path, opts: &[String], dev: &str) -> anyhow::Result<()> {
+/// only, as any bind mount). `false` when that daemon has no mount left (it is
+/// going away, and the store is to be waited for).
+fn second_mount(store: &Path, mp: &Path, opts: &[String], dev: &str) -> anyhow::Result<bool> {
     use std::os::unix::ffi::OsStrExt;
     let flags = second_mount_flags(opts)?;
     let fuse = |p: &PathBuf| fstype_at(p).is_some_and(|t| t == "fuse" || t.starts_with("fuse."));
     let Some(first) = mounts_of(dev).into_iter().find(fuse) else {
-        bail!(
-            "store {} is in use by a daemon whose mount is gone: wait for it to exit, then mount again",
-            store.display()
-        );
+        return Ok(false);
     };
     let c = |p: &Path| std::ffi::CString::new(p.as_os_str().as_bytes()).context("a path with NUL");
     let (src, dst) = (c(&first)?, c(mp)?);
@@ -427,7 +425,7 @@ fn second_mount(store: &Path, mp: &Path, opts: &[String], dev: &str) -> anyhow::
         bail!("cannot set the flags of the mount at {}: {e}", mp.display());
     }
     tracing::info!(store = %store.display(), first = %first.display(), mountpoint = %mp.display(), "mounted again (bind)");
-    Ok(())
+    Ok(true)
 }
 
 /// A mountinfo path with its octal escapes (`\040` for a space) decoded.
@@ -544,7 +542,10 @@ pub fn mount(
                 out.text.trim_end()
             );
         }
-        return second_mount(&store, &mp, opts, out.text.trim());
+        if second_mount(&store, &mp, opts, out.text.trim())? {
+            return Ok(());
+        }
+        // Its daemon has no mount left: it is going away; wait for the store below.
     }
     if foreground {
         init_logging(None);

@@ -943,11 +943,12 @@ mod tests {
             created_nsec: 0,
         };
         // Two batches of 4 extents of 64 KiB, one named in both (counted once per
-        // batch, as the plan counts): the plan says 8 extents.
+        // batch, as the plan counts): the plan says 8 extents. (Hashes from 10: a
+        // base hash of zeros is an unwritten block, which names no extent.)
         let len = 16 * PAGE as u32;
-        let b0: Vec<Record> = (0..4).map(|i| block(2, i, i as u8, len)).collect();
-        let mut b1: Vec<Record> = (4..7).map(|i| block(2, i, i as u8, len)).collect();
-        b1.push(block(3, 0, 0, len));
+        let b0: Vec<Record> = (0..4).map(|i| block(2, i, 10 + i as u8, len)).collect();
+        let mut b1: Vec<Record> = (4..7).map(|i| block(2, i, 10 + i as u8, len)).collect();
+        b1.push(block(3, 0, 10, len));
         let plan = 8 * len as u64;
         see(
             Frame::Plan {
@@ -972,7 +973,7 @@ mod tests {
         see(
             Frame::Ack {
                 batch: 0,
-                missing: vec![[2; 32]],
+                missing: vec![[12; 32]],
             },
             false,
             &live,
@@ -981,7 +982,7 @@ mod tests {
         assert_eq!(total(&live), (2 * len as u64, false));
         see(
             Frame::Extent {
-                hash: [2; 32],
+                hash: [12; 32],
                 data: vec![7; len as usize],
             },
             true,
@@ -998,18 +999,18 @@ mod tests {
         );
         // A batch in flight: not exact, though the first lacked nothing more.
         assert_eq!(total(&live), (2 * len as u64, false));
-        // Batch 1 lacks two of its three new extents (and has 0 already); a lost
+        // Batch 1 lacks two of its three new extents (and has 10 already); a lost
         // extent no batch names rides along and is not counted ahead.
         see(
             Frame::Ack {
                 batch: 1,
-                missing: vec![[4; 32], [6; 32], [9; 32]],
+                missing: vec![[14; 32], [16; 32], [9; 32]],
             },
             false,
             &live,
         );
         assert_eq!(total(&live), (3 * len as u64, true), "exact");
-        for h in [4u8, 6] {
+        for h in [14u8, 16] {
             see(
                 Frame::Extent {
                     hash: [h; 32],
