@@ -97,6 +97,10 @@ pub struct MountOptions {
     pub listen: Option<String>,
     /// The shared key for `listen` (`key_file=F`).
     pub key_file: Option<PathBuf>,
+    /// Sync to these after every scheduled snapshot (`replicate=DEST[+DEST...]`).
+    pub replicate: Vec<String>,
+    /// The shared key for `tcp://` destinations of `replicate` (`replicate_key_file=F`).
+    pub replicate_key_file: Option<PathBuf>,
 }
 
 impl MountOptions {
@@ -202,6 +206,13 @@ impl MountOptions {
                     });
                 }
                 ("key_file", Some(v)) if !v.is_empty() => o.key_file = Some(PathBuf::from(v)),
+                ("replicate", Some(v)) => {
+                    o.replicate =
+                        crate::replicate::parse_destinations(v).map_err(anyhow::Error::msg)?
+                }
+                ("replicate_key_file", Some(v)) if !v.is_empty() => {
+                    o.replicate_key_file = Some(PathBuf::from(v))
+                }
                 // Always on; accepted for fstab lines that spell them out.
                 ("default_permissions" | "allow_other" | "defaults", None) => {}
                 _ => bail!("unknown mount option {:?}", clip(opt)),
@@ -215,6 +226,11 @@ impl MountOptions {
         }
         if o.listen.is_some() {
             o.replica = true;
+        }
+        if o.replicate.iter().any(|d| d.starts_with("tcp://")) && o.replicate_key_file.is_none() {
+            bail!(
+                "mount option replicate= to a tcp:// destination needs replicate_key_file= (the key its `snapfs serve` was given)"
+            );
         }
         Ok(o)
     }
@@ -305,6 +321,10 @@ fn fstype_at(mp: &Path) -> Option<String> {
 fn device_at(mp: &Path) -> Option<String> {
     mounts().into_iter().rfind(|(_, p)| p == mp).map(|(d, _)| d)
 }
+
+/// Scheduled replication of this daemon's volume (`replicate=`), once started.
+static REPLICATOR: std::sync::OnceLock<Arc<crate::replicate::Replicator>> =
+    std::sync::OnceLock::new();
 
 /// The device number of this daemon's FUSE mount, once it is mounted.
 static MOUNT_DEVICE: std::sync::OnceLock<String> = std::sync::OnceLock::new();
@@ -660,6 +680,17 @@ pub fn mount(
         public: options.control_public,
     };
     let control = serve_control(&store, Arc::downgrade(&fs), options.uring_depth > 0, access);
+    if !options.replicate.is_empty() {
+        let opts = crate::sync::Options {
+            key_file: options.replicate_key_file.clone(),
+            ssh: "ssh".into(),
+            remote_snapfs: "snapfs".into(),
+            ..Default::default()
+        };
+        let canon = std::fs::canonicalize(&store).unwrap_or_else(|_| store.clone());
+        let r = crate::replicate::Replicator::start(canon, options.replicate.clone(), opts);
+        let _ = REPLICATOR.set(r);
+    }
     if let Some((l, key)) = listener {
         listen(l, key, Arc::downgrade(&fs))?;
     }
@@ -754,6 +785,9 @@ pub fn mount(
 
     let res = session.run();
     SESSION_OVER.store(true, Ordering::SeqCst);
+    if let Some(r) = REPLICATOR.get() {
+        r.stop();
+    }
     stop.store(true, Ordering::Relaxed);
     let _ = flusher.join();
     if let Some(s) = scheduler {
@@ -898,7 +932,33 @@ fn receive_here<R: std::io::Read, W: std::io::Write>(
     w: crate::sync::wire::FrameWriter<W>,
     proven: Option<&AtomicBool>,
 ) -> Result<crate::sync::session::Summary, crate::sync::session::SyncError> {
-    crate::sync::session::receive_into(&mut DaemonSink::new(fs), key, r, w, proven)
+    let sum = crate::sync::session::receive_into(&mut DaemonSink::new(fs), key, r, w, proven)?;
+    if !sum.snapshots.is_empty() {
+        after_receive(fs);
+    }
+    Ok(sum)
+}
+
+/// After snapshots came into this mounted replica: its own retention (`keep=`)
+/// prunes its `auto-` snapshots (never one held as a base), and its own destinations
+/// (`replicate=`) are due the news.
+fn after_receive(fs: &Fs) {
+    if fs.lock().keep.is_some() {
+        let req = Request::SnapshotPrune {
+            dry_run: false,
+            keep: None,
+        };
+        let out = crate::commands::run(fs, &req, false);
+        if out.error {
+            tracing::error!(
+                error = out.text.trim_end(),
+                "pruning received snapshots failed"
+            );
+        }
+    }
+    if let Some(r) = REPLICATOR.get() {
+        r.kick();
+    }
 }
 
 /// Serves `snapfs sync` into this mounted replica from the CLI on the control socket.
@@ -1196,6 +1256,10 @@ fn spawn_scheduler(
                     let out = crate::commands::run(&fs, &req, false);
                     if out.error {
                         tracing::error!(command = ?req, error = out.text.trim_end(), "scheduled work failed");
+                    } else if matches!(req, Request::SnapshotCreate { .. })
+                        && let Some(r) = REPLICATOR.get()
+                    {
+                        r.kick();
                     }
                 }
             }
@@ -1471,6 +1535,33 @@ fn handle_control(
         crate::commands::run(fs, &req, false)
     };
     if req == Request::Status && !out.error {
+        if let Some(r) = REPLICATOR.get() {
+            // Each destination's cursor (its `sent_to` row), and how many of this
+            // volume's snapshots are newer than it (all of them when it has none).
+            let (snaps, sent) = {
+                let mut core = fs.lock();
+                let store = core.store();
+                (
+                    store.snapshot_list(true).unwrap_or_default(),
+                    store.sent_to().unwrap_or_default(),
+                )
+            };
+            out.text.push_str(&r.status_lines(|volume| {
+                let base = volume
+                    .and_then(|v| sent.iter().find(|(id, _)| *id == v))
+                    .map(|(_, rec)| rec.base.clone())
+                    .filter(|b| !b.is_empty());
+                let from = base
+                    .as_ref()
+                    .and_then(|b| snaps.iter().position(|(n, _)| n == b))
+                    .map_or(0, |i| i + 1);
+                let newer = snaps[from.min(snaps.len())..]
+                    .iter()
+                    .filter(|(_, rec)| rec.flags & crate::store::schema::SNAP_DELETED == 0)
+                    .count();
+                (base, newer)
+            }));
+        }
         out.text.push_str(&requests_line(uring));
     }
     answer(&conn, &out)

@@ -7,6 +7,7 @@
 //! - [`control`]: the typed commands and answers of the control protocol;
 //! - [`check`]: fsck and status;
 //! - [`sync`]: replication of snapshots to another store (its wire format so far);
+//! - [`replicate`]: scheduled replication of a mounted volume (`replicate=`);
 //! - [`store`]: the redb schema, extent segments and reference counts;
 //! - [`text`]: how user-given names and arguments are printed.
 
@@ -17,6 +18,7 @@ pub mod daemon;
 pub mod fs;
 pub mod fuse;
 pub mod policy;
+pub mod replicate;
 pub mod store;
 pub mod sync;
 pub mod text;

@@ -3,7 +3,8 @@
 //!
 //! Retention is a grid, as sanoid and zrepl keep it: for each class, the newest
 //! scheduled snapshot of each of the last N periods (UTC hours, days, ISO weeks,
-//! months, years) is kept; a scheduled snapshot no class keeps is pruned. Snapshots
+//! months, years) is kept, and `last:N` keeps the newest N whatever their times; a
+//! scheduled snapshot no class keeps is pruned. Snapshots
 //! the user named (not `auto-…`) are never pruned.
 
 use std::time::Duration;
@@ -14,6 +15,8 @@ pub const AUTO_PREFIX: &str = "auto-";
 /// How many periods of each class to keep.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Keep {
+    /// The newest scheduled snapshots, whatever their times (`last:N`).
+    pub last: u32,
     /// Hours.
     pub hourly: u32,
     /// Days.
@@ -40,6 +43,7 @@ impl Keep {
                 .parse()
                 .map_err(|_| format!("keep: {n:?} is not a count"))?;
             match class {
+                "last" => k.last = n,
                 "hourly" => k.hourly = n,
                 "daily" => k.daily = n,
                 "weekly" => k.weekly = n,
@@ -47,7 +51,7 @@ impl Keep {
                 "yearly" => k.yearly = n,
                 _ => {
                     return Err(format!(
-                        "keep: unknown class {class:?} (hourly, daily, weekly, monthly, yearly)"
+                        "keep: unknown class {class:?} (last, hourly, daily, weekly, monthly, yearly)"
                     ));
                 }
             }
@@ -156,6 +160,10 @@ pub fn plan_prune(snaps: &[(String, i64)], keep: &Keep) -> Vec<String> {
         (keep.yearly, |t| civil(t.div_euclid(86400)).0),
     ];
     let mut kept = vec![false; auto.len()];
+    // `last:N`: the newest N, whatever their periods.
+    for k in kept.iter_mut().take(keep.last as usize) {
+        *k = true;
+    }
     for (count, bucket) in classes {
         let mut seen = 0u32;
         let mut last = None;
@@ -265,6 +273,20 @@ mod tests {
                 "auto-2025-12-28T12:00:00Z",
                 "auto-2025-12-21T12:00:00Z",
             ]
+        );
+    }
+
+    #[test]
+    fn last_keeps_the_newest_whatever_their_times() {
+        let snaps: Vec<(String, i64)> = (0..5)
+            .map(|i| (auto_name(NOW + i), NOW + i))
+            .chain([("mine".to_string(), NOW)])
+            .collect();
+        let keep = Keep::parse("last:2").unwrap();
+        let pruned = plan_prune(&snaps, &keep);
+        assert_eq!(
+            pruned,
+            [auto_name(NOW + 2), auto_name(NOW + 1), auto_name(NOW)]
         );
     }
 

@@ -1288,3 +1288,141 @@ fn a_live_receiver_refuses_crafted_streams_and_keeps_serving() {
     assert_eq!(snapshot_names(&replica), ["one", "two"]);
     src.unmount();
 }
+
+/// `snapfs status` of a mount once its replication line for `dest` holds `needle`
+/// (waits at most `secs`).
+fn replication_line(m: &Mount, dest: &str, needle: &str, secs: u64) -> String {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(secs);
+    loop {
+        let text = snapfs_ok(&["status", m.mnt.to_str().unwrap()]);
+        let line = text
+            .lines()
+            .find(|l| l.starts_with("replicate to:") && l.contains(dest))
+            .unwrap_or_else(|| panic!("no replication line for {dest} in:\n{text}"))
+            .to_string();
+        if line.contains(needle) {
+            return line;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{dest} never showed {needle:?}: {line}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+}
+
+#[test]
+fn scheduled_replication_keeps_every_destination_close_and_prunes_on_both_sides() {
+    let dir = test_dir();
+    // One destination a plain store, the other a mounted replica with a retention
+    // of its own.
+    let d1 = dir.path().join("d1");
+    let mut r = Mount::at(
+        dir.path().join("d2"),
+        dir.path().join("d2mnt"),
+        &["replica", "keep=last:2"],
+    );
+    let d2 = r.mnt.to_str().unwrap().to_string();
+    let opt = format!(
+        "snapshot_every=1s,keep=last:4,replicate={}+{d2}",
+        d1.display()
+    );
+    let mut m = Mount::with_options(&[&opt]);
+    for i in 0..8u64 {
+        std::fs::write(m.path(&format!("f{i}")), pattern(i, 100_000)).unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(600));
+    }
+    // Both catch up with the newest snapshot ("0 newer here").
+    let newest = |m: &Mount| {
+        let out = snapfs_ok(&["snapshot", "list", m.mnt.to_str().unwrap(), "--json"]);
+        let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+        v.as_array().unwrap().last().unwrap()["name"]
+            .as_str()
+            .unwrap()
+            .to_string()
+    };
+    for dest in [d1.to_str().unwrap(), d2.as_str()] {
+        let line = replication_line(&m, dest, "(0 newer here)", 30);
+        assert!(!line.contains("failing"), "{line}");
+    }
+    let here = newest(&m);
+    m.unmount();
+    // The source kept its last 4; each destination has the source's newest as it was
+    // when it last synced (within a snapshot of the end), and the mounted replica
+    // pruned to its own last 2.
+    let src = snapshot_names(&m.store);
+    assert_eq!(src.len(), 4, "{src:?}");
+    let got1 = snapshot_names(&d1);
+    let last1 = got1.last().unwrap().clone();
+    assert!(src.contains(&last1) || last1 == here, "{got1:?} vs {src:?}");
+    r.unmount();
+    let got2 = snapshot_names(&r.store);
+    assert_eq!(got2.len(), 2, "the replica's keep=last:2: {got2:?}");
+    // What reached the destinations is the source's data, byte for byte.
+    let (s, d) = (m.store.clone(), d1.clone());
+    m.mount(&[]);
+    let tree = tree_digest(&m.path(&format!(".snapshots/{last1}")));
+    m.unmount();
+    let mut dm = Mount::at(d, dir.path().join("d1mnt"), &[]);
+    assert_eq!(tree_digest(&dm.path(&format!(".snapshots/{last1}"))), tree);
+    dm.unmount();
+    drop(s);
+}
+
+#[test]
+fn a_destination_that_is_down_catches_up_one_incremental_per_snapshot() {
+    let dir = test_dir();
+    let key = key_file(dir.path(), "key", "a shared secret for replication tests");
+    let dest = dir.path().join("dest");
+    // Bind the port first so that it is known, then close it: nothing listens yet.
+    let port = free_port();
+    let target = format!("tcp://127.0.0.1:{port}");
+    let opt = format!(
+        "snapshot_every=1s,replicate={target},replicate_key_file={}",
+        key.display()
+    );
+    let mut m = Mount::with_options(&[&opt]);
+    std::fs::write(m.path("a"), pattern(1, 50_000)).unwrap();
+    // Down: it fails and says so, and retries.
+    let line = replication_line(&m, &target, "failing since", 20);
+    assert!(line.contains("tries)"), "{line}");
+    std::thread::sleep(std::time::Duration::from_secs(3));
+    // Up: a server on that port. The next scheduled snapshot (or the retry) sends
+    // every snapshot taken meanwhile, oldest first, each as an incremental.
+    let server = std::process::Command::new(SNAPFS)
+        .args(["serve", dest.to_str().unwrap(), "--listen"])
+        .arg(format!("127.0.0.1:{port}"))
+        .arg("--key-file")
+        .arg(&key)
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    struct Kill(std::process::Child);
+    impl Drop for Kill {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let _server = Kill(server);
+    let line = replication_line(&m, &target, "(0 newer here)", 40);
+    assert!(!line.contains("failing"), "{line}");
+    m.unmount();
+    drop(_server);
+    let src = snapshot_names(&m.store);
+    let got = snapshot_names(&dest);
+    // Every snapshot the source took up to the destination's newest arrived, each
+    // of them (not just the newest): the ones taken while it was down too.
+    let last = got.last().expect("something arrived");
+    let upto: Vec<String> = src
+        .iter()
+        .take_while(|s| *s != last)
+        .chain(std::iter::once(last))
+        .cloned()
+        .collect();
+    assert_eq!(got, upto);
+    assert!(
+        got.len() >= 4,
+        "caught up on the snapshots taken while down: {got:?}"
+    );
+}

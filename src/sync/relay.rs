@@ -664,6 +664,10 @@ fn watch(raw: &RawFrame, up: bool, live: &Live, seen: &Mutex<Observed>) {
             tracing::trace!(dir, dry_run, "sync: hello");
             o.sum.dry_run = dry_run;
         }
+        Frame::Holding { volume, .. } => {
+            tracing::trace!(dir, "sync: holding");
+            o.sum.dest_volume = Some(volume);
+        }
         Frame::Begin { snapshot, base } => {
             tracing::trace!(dir, snapshot = %snapshot.name, base = ?base, "sync: begin");
             *live.snapshot.lock().unwrap_or_else(|p| p.into_inner()) = snapshot.name;
