@@ -591,6 +591,7 @@ pub fn mount(
         core.nodiratime = options.nodiratime;
         core.keep = options.keep.clone();
     }
+    check_destinations(&store, &mp, &options)?;
     let key = options
         .key_file
         .as_deref()
@@ -683,13 +684,24 @@ pub fn mount(
     if !options.replicate.is_empty() {
         let opts = crate::sync::Options {
             key_file: options.replicate_key_file.clone(),
-            ssh: "ssh".into(),
+            // Batch mode: no password prompt a daemon could never answer, and a dead
+            // network noticed within a minute.
+            ssh: "ssh -o BatchMode=yes -o ConnectTimeout=20 -o ServerAliveInterval=15 -o ServerAliveCountMax=4".into(),
             remote_snapfs: "snapfs".into(),
+            in_daemon: true,
             ..Default::default()
         };
         let canon = std::fs::canonicalize(&store).unwrap_or_else(|_| store.clone());
-        let r = crate::replicate::Replicator::start(canon, options.replicate.clone(), opts);
-        let _ = REPLICATOR.set(r);
+        let known = crate::replicate::read_known(&canon);
+        let targets = options
+            .replicate
+            .iter()
+            .map(|t| (t.clone(), known.get(t).copied()))
+            .collect();
+        let r = crate::replicate::Replicator::start(canon, targets, opts);
+        if REPLICATOR.set(r).is_err() {
+            tracing::error!("replication was started twice; the second is ignored");
+        }
     }
     if let Some((l, key)) = listener {
         listen(l, key, Arc::downgrade(&fs))?;
@@ -802,6 +814,13 @@ pub fn mount(
     if !crate::store::Store::stop_views(&readers, &cancel, Duration::from_secs(10)) {
         tracing::warn!("a long read of the store did not stop within 10 s");
     }
+    // Replication sessions end with the views they send from: their threads are
+    // waited for, so that none is cut by the process's exit.
+    if let Some(r) = REPLICATOR.get()
+        && !r.join(std::time::Instant::now() + Duration::from_secs(10))
+    {
+        tracing::warn!("a replication session did not end within 10 s");
+    }
     let flushed = {
         let mut core = fs.lock();
         core.sync_all().and_then(|_| {
@@ -822,6 +841,59 @@ pub fn mount(
     flushed.context("final flush")?;
     tracing::info!("unmounted cleanly");
     res.context("FUSE session failed")
+}
+
+/// Refuses, at mount, `replicate=` destinations that cannot work: the volume itself
+/// (its store, or a path inside its mount point, whose copies would be in every next
+/// snapshot), the same destination twice, a `tcp://` one without a readable key, an
+/// ssh URL that does not parse.
+fn check_destinations(store: &Path, mp: &Path, options: &MountOptions) -> anyhow::Result<()> {
+    if options.replicate_key_file.is_some()
+        && !options.replicate.iter().any(|d| d.starts_with("tcp://"))
+    {
+        bail!("mount option replicate_key_file= is for tcp:// destinations of replicate=");
+    }
+    let store = std::fs::canonicalize(store).unwrap_or_else(|_| store.to_path_buf());
+    let mut seen = std::collections::HashSet::new();
+    for d in &options.replicate {
+        let key = if d.starts_with("tcp://") {
+            if let Some(k) = &options.replicate_key_file {
+                crate::sync::tcp::read_key_file(k).map_err(|e| anyhow::anyhow!("{e}"))?;
+            }
+            d.trim_end_matches('/').to_string()
+        } else if d.starts_with("ssh://") {
+            crate::sync::ssh::parse(d).map_err(|e| anyhow::anyhow!("replicate: {e}"))?;
+            d.clone()
+        } else {
+            let p = absolute(Path::new(d))?;
+            // The deepest existing ancestor, resolved: the path itself may not exist.
+            let mut real = p.clone();
+            let mut rest = Vec::new();
+            while !real.exists() {
+                match (real.parent(), real.file_name()) {
+                    (Some(parent), Some(name)) => {
+                        rest.push(name.to_os_string());
+                        real = parent.to_path_buf();
+                    }
+                    _ => break,
+                }
+            }
+            let mut real = std::fs::canonicalize(&real).unwrap_or(real);
+            for r in rest.iter().rev() {
+                real.push(r);
+            }
+            if real == store || real.starts_with(mp) || real.starts_with(&store) {
+                bail!(
+                    "replicate: {d} is this volume itself (its store, or inside it or its mount point)"
+                );
+            }
+            real.display().to_string()
+        };
+        if !seen.insert(key) {
+            bail!("replicate: {d} is given twice");
+        }
+    }
+    Ok(())
 }
 
 /// Whether the store is mounted as a replica: it is one, or `-o replica` (or
@@ -1246,21 +1318,27 @@ fn spawn_scheduler(
                 let name = crate::policy::auto_name(crate::store::schema::Ts::now().sec);
                 // The same paths as the CLI's, which also tell the kernel what changed.
                 let mut steps = vec![Request::SnapshotCreate { name }];
-                if fs.lock().keep.is_some() {
+                // Not while a replication session runs: it may be sending what the
+                // policy would prune (the next round prunes it).
+                let busy = REPLICATOR.get().is_some_and(|r| r.busy());
+                if fs.lock().keep.is_some() && !busy {
                     steps.push(Request::SnapshotPrune {
                         dry_run: false,
                         keep: None,
                     });
                 }
+                let mut taken = false;
                 for req in steps {
                     let out = crate::commands::run(&fs, &req, false);
                     if out.error {
                         tracing::error!(command = ?req, error = out.text.trim_end(), "scheduled work failed");
-                    } else if matches!(req, Request::SnapshotCreate { .. })
-                        && let Some(r) = REPLICATOR.get()
-                    {
-                        r.kick();
+                    } else if matches!(req, Request::SnapshotCreate { .. }) {
+                        taken = true;
                     }
+                }
+                // After the pruning: what goes out is what is kept.
+                if taken && let Some(r) = REPLICATOR.get() {
+                    r.kick();
                 }
             }
         })
@@ -1534,30 +1612,42 @@ fn handle_control(
     } else {
         crate::commands::run(fs, &req, false)
     };
+    if matches!(req, Request::SnapshotCreate { .. })
+        && !out.error
+        && let Some(r) = REPLICATOR.get()
+    {
+        r.kick();
+    }
     if req == Request::Status && !out.error {
-        if let Some(r) = REPLICATOR.get() {
+        // Destinations and their errors are for root and the owner only.
+        if let Some(r) = REPLICATOR.get().filter(|_| trusted) {
             // Each destination's cursor (its `sent_to` row), and how many of this
             // volume's snapshots are newer than it (all of them when it has none).
-            let (snaps, sent) = {
+            let (snaps, sent, holds) = {
                 let mut core = fs.lock();
                 let store = core.store();
                 (
-                    store.snapshot_list(true).unwrap_or_default(),
+                    store.snapshot_list(false).unwrap_or_default(),
                     store.sent_to().unwrap_or_default(),
+                    store.holds().unwrap_or_default(),
                 )
             };
             out.text.push_str(&r.status_lines(|volume| {
-                let base = volume
-                    .and_then(|v| sent.iter().find(|(id, _)| *id == v))
+                let Some(v) = volume else {
+                    return (None, snaps.len());
+                };
+                let base = sent
+                    .iter()
+                    .find(|(id, _)| *id == v)
                     .map(|(_, rec)| rec.base.clone())
                     .filter(|b| !b.is_empty());
-                let from = base
-                    .as_ref()
-                    .and_then(|b| snaps.iter().position(|(n, _)| n == b))
-                    .map_or(0, |i| i + 1);
-                let newer = snaps[from.min(snaps.len())..]
+                // The base by the epoch its hold keeps (it may have been deleted
+                // since, and be kept by the hold alone).
+                let hold = format!("sync-{}", crate::store::hex(&v));
+                let epoch = holds.iter().find(|(n, _)| *n == hold).map(|(_, h)| h.epoch);
+                let newer = snaps
                     .iter()
-                    .filter(|(_, rec)| rec.flags & crate::store::schema::SNAP_DELETED == 0)
+                    .filter(|(_, rec)| epoch.is_none_or(|e| rec.epoch > e))
                     .count();
                 (base, newer)
             }));

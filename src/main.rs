@@ -252,6 +252,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 remote_snapfs,
                 progress: true,
                 bwlimit,
+                in_daemon: false,
             };
             return sync(&source, &dest, &opts, json);
         }

@@ -39,6 +39,56 @@ pub fn parse_destinations(v: &str) -> Result<Vec<String>, String> {
     Ok(dests)
 }
 
+/// The file in the store that remembers each destination's volume id across
+/// mounts (for `snapfs status` while a destination is down): `HEX TARGET` lines.
+const KNOWN_FILE: &str = "replicate-destinations";
+
+/// Each destination's volume id as the last mount learned it.
+pub fn read_known(store: &std::path::Path) -> std::collections::HashMap<String, [u8; 16]> {
+    std::fs::read_to_string(store.join(KNOWN_FILE))
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| {
+            let (hex, target) = l.split_once(' ')?;
+            Some((target.to_string(), crate::store::unhex::<16>(hex)?))
+        })
+        .collect()
+}
+
+/// Records that `target` is volume `volume` (the file is rewritten whole, one thread
+/// at a time).
+fn remember(store: &std::path::Path, target: &str, volume: [u8; 16]) {
+    static FILE: Mutex<()> = Mutex::new(());
+    let _g = FILE.lock().unwrap_or_else(|p| p.into_inner());
+    let mut known: Vec<(String, [u8; 16])> = read_known(store).into_iter().collect();
+    known.retain(|(t, _)| t != target);
+    known.push((target.to_string(), volume));
+    known.sort();
+    write_known(store, &known);
+}
+
+/// Writes the destinations' volume ids (replacing the file whole).
+fn write_known(store: &std::path::Path, known: &[(String, [u8; 16])]) {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let text: String = known
+        .iter()
+        .map(|(t, v)| format!("{} {t}\n", crate::store::hex(v)))
+        .collect();
+    let tmp = store.join(format!("{KNOWN_FILE}.tmp"));
+    let _ = std::fs::remove_file(&tmp);
+    let res = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&tmp)
+        .and_then(|mut f| f.write_all(text.as_bytes()))
+        .and_then(|_| std::fs::rename(&tmp, store.join(KNOWN_FILE)));
+    if let Err(e) = res {
+        tracing::warn!(error = %e, "cannot record the destinations' volume ids");
+    }
+}
+
 /// What happened to one destination (for `snapfs status`).
 #[derive(Clone, Debug, Default)]
 pub struct DestState {
@@ -75,45 +125,87 @@ pub struct Dest {
 pub struct Replicator {
     dests: Vec<Arc<Dest>>,
     stop: Arc<AtomicBool>,
+    threads: Mutex<Vec<std::thread::JoinHandle<()>>>,
 }
 
 impl Replicator {
     /// Starts a thread per destination, syncing `store` (this daemon's) to it with
     /// `opts`; each first syncs at once (what was taken while it was unmounted).
-    pub fn start(store: PathBuf, targets: Vec<String>, opts: Options) -> Arc<Replicator> {
+    /// `known` gives each destination's volume id as a past mount recorded it.
+    pub fn start(
+        store: PathBuf,
+        targets: Vec<(String, Option<[u8; 16]>)>,
+        opts: Options,
+    ) -> Arc<Replicator> {
         let stop = Arc::new(AtomicBool::new(false));
         let dests: Vec<Arc<Dest>> = targets
             .into_iter()
-            .map(|target| {
+            .map(|(target, volume)| {
                 Arc::new(Dest {
                     target,
                     state: Mutex::new(DestState {
                         pending: true,
+                        volume,
                         ..DestState::default()
                     }),
                     wake: Condvar::new(),
                 })
             })
             .collect();
+        let mut threads = Vec::new();
         for (i, d) in dests.iter().enumerate() {
             let (d, stop, store, opts) = (d.clone(), stop.clone(), store.clone(), opts.clone());
             let spawned = std::thread::Builder::new()
                 .name(format!("replicate-{i}"))
                 .spawn(move || run(&d, &stop, &store, &opts));
-            if let Err(e) = spawned {
-                tracing::error!(error = %e, "cannot start a replication thread");
+            match spawned {
+                Ok(t) => threads.push(t),
+                Err(e) => tracing::error!(error = %e, "cannot start a replication thread"),
             }
         }
-        Arc::new(Replicator { dests, stop })
+        Arc::new(Replicator {
+            dests,
+            stop,
+            threads: Mutex::new(threads),
+        })
     }
 
-    /// A snapshot was taken: every destination is due a sync.
+    /// Whether a session to some destination is running.
+    pub fn busy(&self) -> bool {
+        self.dests.iter().any(|d| d.lock().running)
+    }
+
+    /// Waits until every thread has ended (after [`Replicator::stop`], once the
+    /// sessions in flight were cut), at most until `deadline`; whether they all did.
+    pub fn join(&self, deadline: Instant) -> bool {
+        let threads = std::mem::take(&mut *self.threads.lock().unwrap_or_else(|p| p.into_inner()));
+        let mut all = true;
+        for t in threads {
+            while !t.is_finished() && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            if t.is_finished() {
+                let _ = t.join();
+            } else {
+                all = false;
+            }
+        }
+        all
+    }
+
+    /// The destinations whose volume ids are known: (as given, volume id).
+    pub fn volumes(&self) -> Vec<(String, [u8; 16])> {
+        self.dests
+            .iter()
+            .filter_map(|d| d.lock().volume.map(|v| (d.target.clone(), v)))
+            .collect()
+    }
+
+    /// A snapshot was taken: every destination is due a sync (one waiting out its
+    /// backoff after failures takes it with its next retry).
     pub fn kick(&self) {
         for d in &self.dests {
-            let mut st = d.lock();
-            st.pending = true;
-            // A retry waiting out its backoff goes now: the new snapshot is news.
-            st.retry_at = None;
+            d.lock().pending = true;
             d.wake.notify_all();
         }
     }
@@ -224,8 +316,11 @@ fn run(d: &Dest, stop: &AtomicBool, store: &std::path::Path, opts: &Options) {
         st.running = false;
         st.moved += summary.payload_bytes;
         st.sent += summary.snapshots.len() as u64;
-        if summary.dest_volume.is_some() {
-            st.volume = summary.dest_volume;
+        if let Some(v) = summary.dest_volume
+            && st.volume != Some(v)
+        {
+            st.volume = Some(v);
+            remember(store, &d.target, v);
         }
         match res {
             Ok(()) => {
@@ -240,7 +335,12 @@ fn run(d: &Dest, stop: &AtomicBool, store: &std::path::Path, opts: &Options) {
                 let backoff = BACKOFF_FIRST
                     .saturating_mul(1 << (st.failures - 1).min(6))
                     .min(BACKOFF_MAX);
-                tracing::warn!(dest = %d.target, error = %e, failures = st.failures, retry_in = ?backoff, "replication failed");
+                // Warned once per outage; the retries after it are debug lines.
+                if st.failures == 1 {
+                    tracing::warn!(dest = %d.target, error = %e, retry_in = ?backoff, "replication failed; retrying with backoff");
+                } else {
+                    tracing::debug!(dest = %d.target, error = %e, failures = st.failures, retry_in = ?backoff, "replication failed again");
+                }
                 if st.last_error.is_none() {
                     st.last_error = Some((Ts::now(), e.to_string()));
                 } else if let Some((_, why)) = st.last_error.as_mut() {

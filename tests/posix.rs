@@ -1864,3 +1864,34 @@ fn fallocated_blocks_count_as_allocated_read_as_zeros_and_seek_as_holes() {
         "all allocated, nothing written"
     );
 }
+
+#[test]
+fn a_process_in_a_removed_directory_can_still_leave_it() {
+    // xfstests generic/011 (dirstress): another process removes the working
+    // directory; chdir("..") out of it still works, as on a local filesystem.
+    let m = Mount::new();
+    fs::create_dir_all(m.path("top/d")).unwrap();
+    let child = Command::new("sh")
+        .arg("-c")
+        // (After the kernel's cached attributes of the removed directory expire: it
+        // asks for them then.)
+        .arg("cd d && while [ ! -e ../../go ]; do sleep 0.02; done && sleep 11 && cd -P .. && pwd -P")
+        .current_dir(m.path("top"))
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    fs::remove_dir(m.path("top/d")).unwrap();
+    fs::write(m.path("go"), b"").unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "cd .. out of a removed directory: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        m.path("top").to_str().unwrap()
+    );
+}

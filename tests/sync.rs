@@ -1311,6 +1311,27 @@ fn replication_line(m: &Mount, dest: &str, needle: &str, secs: u64) -> String {
     }
 }
 
+/// The replication line for `dest` once it is at most `lag` snapshots behind.
+fn within(m: &Mount, dest: &str, lag: usize, secs: u64) -> String {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(secs);
+    loop {
+        let line = replication_line(m, dest, "newer here", 5);
+        let n: usize = line
+            .split_once(" (")
+            .and_then(|(_, r)| r.split_once(" newer here"))
+            .and_then(|(n, _)| n.parse().ok())
+            .unwrap_or_else(|| panic!("no lag in {line}"));
+        if n <= lag && !line.contains("failing") {
+            return line;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{dest} never came within {lag}: {line}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+}
+
 #[test]
 fn scheduled_replication_keeps_every_destination_close_and_prunes_on_both_sides() {
     let dir = test_dir();
@@ -1341,9 +1362,9 @@ fn scheduled_replication_keeps_every_destination_close_and_prunes_on_both_sides(
             .unwrap()
             .to_string()
     };
+    // Every destination stays within one snapshot of the source.
     for dest in [d1.to_str().unwrap(), d2.as_str()] {
-        let line = replication_line(&m, dest, "(0 newer here)", 30);
-        assert!(!line.contains("failing"), "{line}");
+        within(&m, dest, 1, 30);
     }
     let here = newest(&m);
     m.unmount();
@@ -1356,8 +1377,12 @@ fn scheduled_replication_keeps_every_destination_close_and_prunes_on_both_sides(
     let last1 = got1.last().unwrap().clone();
     assert!(src.contains(&last1) || last1 == here, "{got1:?} vs {src:?}");
     r.unmount();
+    // (A session the source's unmount cut may have committed one more first.)
     let got2 = snapshot_names(&r.store);
-    assert_eq!(got2.len(), 2, "the replica's keep=last:2: {got2:?}");
+    assert!(
+        (2..=3).contains(&got2.len()),
+        "the replica's keep=last:2: {got2:?}"
+    );
     // What reached the destinations is the source's data, byte for byte.
     let (s, d) = (m.store.clone(), d1.clone());
     m.mount(&[]);
@@ -1405,8 +1430,7 @@ fn a_destination_that_is_down_catches_up_one_incremental_per_snapshot() {
         }
     }
     let _server = Kill(server);
-    let line = replication_line(&m, &target, "(0 newer here)", 40);
-    assert!(!line.contains("failing"), "{line}");
+    within(&m, &target, 1, 60);
     m.unmount();
     drop(_server);
     let src = snapshot_names(&m.store);
@@ -1425,4 +1449,52 @@ fn a_destination_that_is_down_catches_up_one_incremental_per_snapshot() {
         got.len() >= 4,
         "caught up on the snapshots taken while down: {got:?}"
     );
+}
+
+#[test]
+fn replicate_destinations_that_cannot_work_are_refused_at_mount() {
+    let dir = test_dir();
+    let (store, mnt) = (dir.path().join("s"), dir.path().join("m"));
+    std::fs::create_dir_all(&mnt).unwrap();
+    let other = dir.path().join("other");
+    let key = key_file(dir.path(), "key", "a shared secret for replication tests");
+    for (opt, needle) in [
+        (
+            format!("replicate={}", store.display()),
+            "is this volume itself",
+        ),
+        (
+            format!("replicate={}/copy", mnt.display()),
+            "is this volume itself",
+        ),
+        (
+            format!("replicate={}+{}/", other.display(), other.display()),
+            "is given twice",
+        ),
+        (
+            "replicate=tcp://127.0.0.1:9".into(),
+            "needs replicate_key_file=",
+        ),
+        (
+            format!(
+                "replicate={},replicate_key_file={}",
+                other.display(),
+                key.display()
+            ),
+            "is for tcp:// destinations",
+        ),
+        ("replicate=s3://bucket".into(), "unknown transport"),
+    ] {
+        let out = snapfs(&[
+            "mount",
+            store.to_str().unwrap(),
+            mnt.to_str().unwrap(),
+            "-o",
+            &opt,
+        ]);
+        assert!(!out.status.success(), "{opt} was accepted");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains(needle), "{opt}: {err}");
+        assert!(!snapfs::daemon::is_mounted(&mnt));
+    }
 }

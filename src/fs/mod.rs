@@ -243,6 +243,9 @@ pub struct Inner {
     snap_open: HashMap<u64, u32>,
     /// Leave `.snapshots` out of the root's listing (it stays reachable by name).
     pub hide_snapdir: bool,
+    /// Directories removed and freed, by inode, with their last record (nlink 0):
+    /// see [`Inner::gone_dir`].
+    gone_dirs: HashMap<u64, InodeRec>,
     /// When an access moves a live inode's access time.
     pub atime: Atime,
     /// Opening a directory leaves its access time alone (`nodiratime`).
@@ -290,6 +293,9 @@ pub struct Fs {
     kernel_flush: Mutex<Option<KernelFlush>>,
 }
 
+/// Removed directories whose attributes are remembered (see [`Inner::gone_dir`]).
+const GONE_DIRS_MAX: usize = 4096;
+
 /// Dirty data above which a write flushes its inode.
 const DIRTY_INODE_LIMIT: usize = 32 << 20;
 /// Dirty data above which a write flushes everything.
@@ -326,6 +332,7 @@ impl Fs {
             undurable: false,
             snap_open: HashMap::new(),
             hide_snapdir: false,
+            gone_dirs: HashMap::new(),
             atime: Atime::Relative,
             nodiratime: false,
             keep: None,
@@ -565,7 +572,12 @@ impl Inner {
     pub fn getattr(&mut self, fino: u64) -> FsResult<Attr> {
         match node(fino) {
             Node::Live(ino) => {
-                let rec = self.inode_at(self.tree_epoch(), ino)?;
+                let rec = match self.inode_at(self.tree_epoch(), ino) {
+                    Err(FsError::Errno(libc::ENOENT)) if self.gone_dirs.contains_key(&ino) => {
+                        self.gone_dirs[&ino].clone()
+                    }
+                    r => r?,
+                };
                 self.attr(ino, rec)
             }
             Node::SnapDir => self.snapdir_attr(),
@@ -1239,7 +1251,21 @@ impl Inner {
             unlink_inode(w, ent.ino, &rec, open)
         })?;
         self.settle(&[parent, ent.ino]);
+        if rec.kind == FileKind::Dir && !open {
+            self.gone_dir(ent.ino, rec);
+        }
         Ok(())
+    }
+
+    /// Remembers the last attributes of directory `ino`, removed and freed: a process
+    /// whose working directory it was still reaches it, and the kernel asks for its
+    /// attributes (to check search permission for `chdir("..")`), which a local
+    /// filesystem still has in memory then.
+    fn gone_dir(&mut self, ino: u64, rec: InodeRec) {
+        if self.gone_dirs.len() >= GONE_DIRS_MAX {
+            self.gone_dirs.clear();
+        }
+        self.gone_dirs.insert(ino, rec);
     }
 
     /// Renames `parent/name` to `newparent/newname` with `RENAME_*` `flags`.
@@ -1343,6 +1369,7 @@ impl Inner {
             pnew.nlink += 1;
         }
         let mut victim_open = false;
+        let mut gone = None;
         // RENAME_WHITEOUT (overlayfs): the old name becomes a whiteout, a character
         // device 0:0 of the caller's.
         let whiteout = whiteout.then(|| InodeRec {
@@ -1376,6 +1403,9 @@ impl Inner {
             victim_open = self.open_count.get(vino).copied().unwrap_or(0) > 0;
             if vrec.nlink == 0 && !victim_open {
                 self.dirty_drop(*vino);
+                if vrec.kind == FileKind::Dir {
+                    gone = Some((*vino, vrec.clone()));
+                }
             }
         }
         let made = self.store.write(false, |w| {
@@ -1412,6 +1442,9 @@ impl Inner {
         })?;
         let mut touched = vec![parent, newparent, src.ino];
         touched.extend(made);
+        if let Some((ino, rec)) = gone {
+            self.gone_dir(ino, rec);
+        }
         if let Some((vino, _)) = victim {
             touched.push(vino);
         }

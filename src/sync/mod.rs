@@ -38,6 +38,9 @@ pub struct Options {
     pub bwlimit: Option<u64>,
     /// Only say what would be sent.
     pub dry_run: bool,
+    /// Run by the daemon serving the source (scheduled replication): the source is
+    /// its own control socket, never the store opened directly.
+    pub in_daemon: bool,
 }
 
 /// Parses a rate for `--bwlimit`: bytes per second, with an optional K, M or G
@@ -114,6 +117,11 @@ fn ends(src: &Path, dest: &str, opts: &Options) -> Result<(End, End, bool), Sync
     let dry_run = opts.dry_run;
     let source = match relay::daemon_source(src, only, dry_run, key)? {
         Some(end) => end,
+        None if opts.in_daemon => {
+            return Err(SyncError::Protocol(
+                "the daemon's control socket is gone (it is being unmounted)".into(),
+            ));
+        }
         None => {
             let (src, only) = (src.to_path_buf(), opts.snapshot.clone());
             End::spawn("sync-source", move |s| {
