@@ -233,6 +233,25 @@ macro_rules! reply {
 }
 
 impl SnapFuse {
+    /// Answers a create or tmpfile with the new inode and its open handle.
+    fn created(
+        &self,
+        reply: ReplyCreate,
+        what: &'static str,
+        res: crate::fs::FsResult<(Attr, u64)>,
+    ) {
+        match res {
+            Ok((a, fh)) => reply.created(
+                &ttl(a.ino),
+                &fattr(&a),
+                self.generation(a.ino),
+                FileHandle(fh),
+                FopenFlags::FOPEN_KEEP_CACHE,
+            ),
+            Err(e) => reply.error(fail(what, e)),
+        }
+    }
+
     /// The result of an operation that may have dropped set-id bits (`res`'s flag):
     /// the kernel, which caches the mode, is told to ask for it again. Called without
     /// the core lock.
@@ -626,8 +645,12 @@ impl Filesystem for SnapFuse {
         reply: ReplyEmpty,
     ) {
         let _s = tracing::trace_span!("release", ino = ino.0, fh = fh.0).entered();
-        reply!(reply, "release", self.fs.lock().release(fh.0), |_v| reply
-            .ok())
+        let res = self.fs.lock().release(fh.0);
+        if let Ok(true) = res {
+            // Its st_blocks was a guess while it was open.
+            self.fs.invalidate(&[crate::fs::Inval::Attr(ino.0)]);
+        }
+        reply!(reply, "release", res, |_v| reply.ok())
     }
 
     fn fsync(
@@ -852,13 +875,7 @@ impl Filesystem for SnapFuse {
             )
             .and_then(|a| core.open(a.ino, flags).map(|fh| (a, fh)));
         drop(core);
-        reply!(reply, "create", res, |v| reply.created(
-            &ttl(v.0.ino),
-            &fattr(&v.0),
-            self.generation(v.0.ino),
-            FileHandle(v.1),
-            FopenFlags::FOPEN_KEEP_CACHE
-        ))
+        self.created(reply, "create", res);
     }
 
     fn tmpfile(
@@ -876,13 +893,7 @@ impl Filesystem for SnapFuse {
             .tmpfile(parent.0, mode, umask, caller(req))
             .and_then(|a| core.open(a.ino, flags).map(|fh| (a, fh)));
         drop(core);
-        reply!(reply, "tmpfile", res, |v| reply.created(
-            &ttl(v.0.ino),
-            &fattr(&v.0),
-            self.generation(v.0.ino),
-            FileHandle(v.1),
-            FopenFlags::FOPEN_KEEP_CACHE
-        ))
+        self.created(reply, "tmpfile", res);
     }
 
     /// getattr with the creation time, which statx(2) callers may ask for.

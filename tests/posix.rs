@@ -1324,7 +1324,9 @@ fn st_blocks_counts_the_data_a_file_holds_not_its_holes() {
     // (Until the kernel's release of the closed file arrives, an open file with no
     // stored block shows a page.)
     let settles = |p: &Path, want: u64| {
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        // (The kernel is told to drop its cached count at the release; the attribute
+        // timeout, 10 s, bounds it anyway.)
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(12);
         while kib(p) != want && std::time::Instant::now() < deadline {
             std::thread::sleep(std::time::Duration::from_millis(20));
         }

@@ -793,24 +793,10 @@ impl Inner {
     fn preallocate(&mut self, ino: u64, start: u64, end: u64) -> FsResult<()> {
         let bs = self.bs();
         let (first, last) = (start / bs, (end - 1) / bs);
-        let mut held = std::collections::HashSet::new();
+        let mut held: std::collections::HashSet<u64> =
+            self.stored_indices(ino, first, last)?.into_iter().collect();
         if let Some(d) = self.dirty.get(&ino) {
             held.extend(d.blocks.range(first..=last).map(|(i, _)| *i));
-        }
-        {
-            let txn = self.store.read_txn()?;
-            let live = self.store.live_epoch;
-            scan_visible(
-                txn.versions(),
-                ino,
-                KIND_BLOCK,
-                first..=last,
-                live,
-                |idx, _, _| {
-                    held.insert(idx);
-                    Ok(true)
-                },
-            )?;
         }
         let todo: Vec<(u64, u32)> = (first..=last)
             .filter(|i| !held.contains(i))
@@ -829,6 +815,26 @@ impl Inner {
         Ok(())
     }
 
+    /// The indices in `[first, last]` of the blocks of live `ino` that have a stored
+    /// record.
+    fn stored_indices(&mut self, ino: u64, first: u64, last: u64) -> FsResult<Vec<u64>> {
+        let mut out = Vec::new();
+        let txn = self.store.read_txn()?;
+        let live = self.store.live_epoch;
+        scan_visible(
+            txn.versions(),
+            ino,
+            KIND_BLOCK,
+            first..=last,
+            live,
+            |idx, _, _| {
+                out.push(idx);
+                Ok(true)
+            },
+        )?;
+        Ok(out)
+    }
+
     /// Refuses (ENOSPC) an allocation of `[start, end)` of live `ino` whose blocks
     /// that hold nothing yet would take more than the disk under the store has free:
     /// fallocate promises space, and must not promise what is not there. (The space
@@ -842,22 +848,7 @@ impl Inner {
         if (last - first + 1).saturating_mul(bs) <= free {
             return Ok(());
         }
-        let mut held = 0u64;
-        {
-            let txn = self.store.read_txn()?;
-            let live = self.store.live_epoch;
-            scan_visible(
-                txn.versions(),
-                ino,
-                KIND_BLOCK,
-                first..=last,
-                live,
-                |_, _, _| {
-                    held += 1;
-                    Ok(true)
-                },
-            )?;
-        }
+        let mut held = self.stored_indices(ino, first, last)?.len() as u64;
         let dirty: Vec<u64> = self
             .dirty
             .get(&ino)

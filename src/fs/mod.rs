@@ -246,6 +246,9 @@ pub struct Inner {
     /// Directories removed and freed, by inode, with their last record (nlink 0):
     /// see [`Inner::gone_dir`].
     gone_dirs: HashMap<u64, InodeRec>,
+    /// Open files whose `st_blocks` was answered from their size (see
+    /// [`Inner::attr`]): the kernel's cached count is dropped when they close.
+    blocks_guessed: std::collections::HashSet<u64>,
     /// When an access moves a live inode's access time.
     pub atime: Atime,
     /// Opening a directory leaves its access time alone (`nodiratime`).
@@ -333,6 +336,7 @@ impl Fs {
             snap_open: HashMap::new(),
             hide_snapdir: false,
             gone_dirs: HashMap::new(),
+            blocks_guessed: Default::default(),
             atime: Atime::Relative,
             nodiratime: false,
             keep: None,
@@ -543,6 +547,8 @@ impl Inner {
                     // kernel knows): "no block" would tell `tar --sparse` and others
                     // that it is all hole.
                     Ok(0) if self.kernel_times && self.open_count.contains_key(&ino) => {
+                        // The kernel is told to ask again once the file is closed.
+                        self.blocks_guessed.insert(ino);
                         whole.max(1)
                     }
                     Ok(p) => p,
@@ -1568,13 +1574,18 @@ impl Inner {
     }
 
     /// Closes a file handle; frees the inode if it was the last reference.
-    pub fn release(&mut self, fh: u64) -> FsResult<()> {
+    /// Returns whether the kernel should drop the file's cached attributes (its
+    /// `st_blocks` was a guess while it was open).
+    pub fn release(&mut self, fh: u64) -> FsResult<bool> {
         let ino = match self.handles.remove(&fh) {
             Some(Handle::File { ino, .. }) => ino,
-            Some(Handle::SnapFile { epoch }) => return self.release_snapshot_hold(epoch),
-            _ => return Ok(()),
+            Some(Handle::SnapFile { epoch }) => {
+                return self.release_snapshot_hold(epoch).map(|_| false);
+            }
+            _ => return Ok(false),
         };
-        self.closed(ino)
+        self.closed(ino)?;
+        Ok(!self.open_count.contains_key(&ino) && self.blocks_guessed.remove(&ino))
     }
 
     /// One open handle of live inode `ino` less: with none left, an inode with no
