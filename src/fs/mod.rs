@@ -776,7 +776,9 @@ impl Inner {
     /// as in Linux 6.2 and later.
     pub fn setattr(&mut self, ino: u64, caller: Caller, set: SetAttr) -> FsResult<Attr> {
         let ino = self.live(ino)?;
-        let flags = self.inode(ino)?.flags;
+        // (An inode gone already is left to the checks below: the kernel still writes
+        // back the times of a deleted file.)
+        let flags = self.inode(ino).map_or(0, |r| r.flags);
         if flags & (FS_IMMUTABLE_FL | FS_APPEND_FL) != 0 {
             // An immutable or append-only file keeps its mode, owner, size and set
             // times; an immutable one takes no "now" either. The kernel's own write-back
