@@ -1498,3 +1498,79 @@ fn replicate_destinations_that_cannot_work_are_refused_at_mount() {
         assert!(!snapfs::daemon::is_mounted(&mnt));
     }
 }
+
+#[test]
+fn scheduled_replication_survives_a_kill_9_of_either_side_mid_session() {
+    // SNAPFS_TEST_REPLICATE_MIB scales each of the two snapshots' new data (256 MiB).
+    let mib: usize = env_or("SNAPFS_TEST_REPLICATE_MIB", 256);
+    let dir = test_dir();
+    let key = key_file(dir.path(), "key", "a key for the replication that is cut");
+    let dest = dir.path().join("dest");
+    let server = Server::start(&dest, &key);
+    let addr = server.addr.clone();
+    let target = format!("tcp://{addr}");
+    // No scheduled snapshot during the test: the manual ones wake the replicator.
+    let opt = format!(
+        "snapshot_every=1h,replicate={target},replicate_key_file={}",
+        key.display()
+    );
+    let mut m = Mount::with_options(&[&opt]);
+    let restart = |store: &Path| {
+        std::process::Command::new(SNAPFS)
+            .args(["serve", store.to_str().unwrap(), "--listen", &addr])
+            .arg("--key-file")
+            .arg(&key)
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .unwrap()
+    };
+    let wait_for_bytes = |at_least: u64| {
+        let t0 = std::time::Instant::now();
+        while segment_bytes(&dest) < at_least {
+            assert!(
+                t0.elapsed().as_secs() < 120,
+                "no progress into {}",
+                dest.display()
+            );
+            std::thread::sleep(std::time::Duration::from_millis(2));
+        }
+    };
+    // 1. The destination's daemon is killed mid-session, then comes back.
+    write_files(&m.mnt, mib, 3000);
+    snapfs_ok(&["snapshot", "create", m.mnt.to_str().unwrap(), "s1"]);
+    wait_for_bytes((mib as u64) << 18);
+    drop(server); // kill -9 (SIGKILL) and reaped
+    let line = replication_line(&m, &target, "failing since", 30);
+    assert!(line.contains("tries)"), "{line}");
+    let mut server = restart(&dest);
+    within(&m, &target, 0, 120);
+    // 2. The source's daemon is killed mid-session; the next mount resumes.
+    write_files(&m.mnt, mib, 4000);
+    std::fs::rename(m.path("f0"), m.path("moved")).unwrap();
+    snapfs_ok(&["snapshot", "create", m.mnt.to_str().unwrap(), "s2"]);
+    let before = segment_bytes(&dest);
+    wait_for_bytes(before + ((mib as u64) << 18));
+    m.kill9();
+    let at_kill = segment_bytes(&dest);
+    m.mount(&[&opt]);
+    within(&m, &target, 0, 120);
+    assert!(
+        segment_bytes(&dest) > at_kill,
+        "the session was cut: the rest came after the remount"
+    );
+    let tree = tree_digest(&m.path(".snapshots/s2"));
+    m.unmount();
+    m.assert_fsck_clean();
+    let _ = server.kill();
+    let _ = server.wait();
+    // Both stores are clean, and the replica's s2 is the source's.
+    let out = snapfs(&["fsck", dest.to_str().unwrap(), "--read-data"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    assert_eq!(snapshot_names(&dest), ["s1", "s2"]);
+    let r = Mount::at(dest.clone(), dir.path().join("rmnt"), &[]);
+    assert_eq!(tree_digest(&r.path(".snapshots/s2")), tree);
+}
