@@ -1380,25 +1380,13 @@ impl Inner {
         let mut gone = None;
         // RENAME_WHITEOUT (overlayfs): the old name becomes a whiteout, a character
         // device 0:0 of the caller's.
-        let whiteout = whiteout.then(|| InodeRec {
-            kind: FileKind::CharDev,
-            perm: 0,
-            uid: caller.uid,
-            gid: if pold.perm & libc::S_ISGID != 0 {
+        let whiteout = whiteout.then(|| {
+            let gid = if pold.perm & libc::S_ISGID != 0 {
                 pold.gid
             } else {
                 caller.gid
-            },
-            nlink: 1,
-            size: 0,
-            atime: now,
-            mtime: now,
-            ctime: now,
-            crtime: now,
-            rdev: 0,
-            parent: 0,
-            target: Vec::new(),
-            flags: 0,
+            };
+            InodeRec::new(FileKind::CharDev, 0, caller.uid, gid, 1, now)
         });
         if let Some((vino, vrec)) = victim.as_mut() {
             vrec.ctime = now;
@@ -1832,20 +1820,8 @@ fn fresh_root(now: Ts) -> InodeRec {
     // SAFETY: getuid/getgid cannot fail.
     let (uid, gid) = unsafe { (libc::getuid(), libc::getgid()) };
     InodeRec {
-        kind: FileKind::Dir,
-        perm: 0o755,
-        uid,
-        gid,
-        nlink: 2,
-        size: 0,
-        atime: now,
-        mtime: now,
-        ctime: now,
-        crtime: now,
-        rdev: 0,
         parent: ROOT_INO,
-        target: Vec::new(),
-        flags: 0,
+        ..InodeRec::new(FileKind::Dir, 0o755, uid, gid, 2, now)
     }
 }
 

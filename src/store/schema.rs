@@ -467,6 +467,27 @@ pub const FS_NOATIME_FL: u32 = 0x80;
 const INODE_FIXED: usize = 1 + 4 * 4 + 8 + 4 * 12 + 4 + 8;
 
 impl InodeRec {
+    /// A new inode of `kind` made at `now` (every time), with no size, device,
+    /// parent, target or flags.
+    pub fn new(kind: FileKind, perm: u32, uid: u32, gid: u32, nlink: u32, now: Ts) -> Self {
+        InodeRec {
+            kind,
+            perm,
+            uid,
+            gid,
+            nlink,
+            size: 0,
+            atime: now,
+            mtime: now,
+            ctime: now,
+            crtime: now,
+            rdev: 0,
+            parent: 0,
+            target: Vec::new(),
+            flags: 0,
+        }
+    }
+
     /// Encodes the record (payload only, without the tag byte).
     pub fn encode(&self, out: &mut Vec<u8>) {
         out.push(self.kind as u8);
