@@ -193,14 +193,6 @@ impl Replicator {
         all
     }
 
-    /// The destinations whose volume ids are known: (as given, volume id).
-    pub fn volumes(&self) -> Vec<(String, [u8; 16])> {
-        self.dests
-            .iter()
-            .filter_map(|d| d.lock().volume.map(|v| (d.target.clone(), v)))
-            .collect()
-    }
-
     /// A snapshot was taken: every destination is due a sync (one waiting out its
     /// backoff after failures takes it with its next retry).
     pub fn kick(&self) {
@@ -219,14 +211,10 @@ impl Replicator {
     }
 
     /// Each destination and a copy of its state.
-    pub fn states(&self) -> Vec<(String, DestState, bool)> {
+    pub fn states(&self) -> Vec<(String, DestState)> {
         self.dests
             .iter()
-            .map(|d| {
-                let st = d.lock().clone();
-                let running = st.running;
-                (d.target.clone(), st, running)
-            })
+            .map(|d| (d.target.clone(), d.lock().clone()))
             .collect()
     }
 
@@ -238,7 +226,7 @@ impl Replicator {
         cursor: impl Fn(Option<[u8; 16]>) -> (Option<String>, usize),
     ) -> String {
         let mut out = String::new();
-        for (target, st, running) in self.states() {
+        for (target, st) in self.states() {
             let (base, lag) = cursor(st.volume);
             let mut line = format!("replicate to:     {}: ", crate::text::clip(&target));
             line.push_str(&format!(
@@ -254,7 +242,7 @@ impl Replicator {
                 ", {} snapshots and {} bytes sent since the mount",
                 st.sent, st.moved
             ));
-            if running {
+            if st.running {
                 line.push_str(", syncing now");
             }
             if let Some((at, why)) = &st.last_error {

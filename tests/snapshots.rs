@@ -554,28 +554,19 @@ fn snapshot_commands_work_on_an_unmounted_store() {
     fs::write(m.path("f"), b"first").unwrap();
     m.unmount();
     let store = m.store.to_str().unwrap().to_string();
-    let run = |args: &[&str]| {
-        let out = snapfs(args);
-        assert!(
-            out.status.success(),
-            "{args:?}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8_lossy(&out.stdout).into_owned()
-    };
-    run(&["snapshot", "create", &store, "offline"]);
-    assert!(run(&["snapshot", "list", &store]).contains("offline"));
+    snapfs_ok(&["snapshot", "create", &store, "offline"]);
+    assert!(snapfs_ok(&["snapshot", "list", &store]).contains("offline"));
     m.mount(&[]);
     fs::write(m.path("f"), b"second").unwrap();
     m.unmount();
-    run(&["snapshot", "rollback", &store, "offline"]);
-    assert!(run(&["diff", &store, "offline", "live"]).is_empty());
+    snapfs_ok(&["snapshot", "rollback", &store, "offline"]);
+    assert!(snapfs_ok(&["diff", &store, "offline", "live"]).is_empty());
     m.mount(&[]);
     assert_eq!(fs::read(m.path("f")).unwrap(), b"first");
     assert_eq!(fs::read(m.path(".snapshots/offline/f")).unwrap(), b"first");
     m.unmount();
-    run(&["snapshot", "delete", &store, "offline"]);
-    assert!(!run(&["snapshot", "list", &store]).contains("offline"));
+    snapfs_ok(&["snapshot", "delete", &store, "offline"]);
+    assert!(!snapfs_ok(&["snapshot", "list", &store]).contains("offline"));
 }
 
 #[test]
