@@ -52,6 +52,7 @@ apt_packages=(
     libacl1-dev libaio-dev libcap-dev libgdbm-dev libinih-dev libtool libtool-bin
     liburcu-dev liburing-dev libuuid1 lvm2 make pkg-config psmisc python3 quota sed
     uuid-dev uuid-runtime xfsdump xfslibs-dev xfsprogs
+    libcap2-bin # capsh, for the chattr tests that drop CAP_LINUX_IMMUTABLE
 )
 if [ "${SKIP_APT:-0}" != 1 ] && command -v apt-get >/dev/null; then
     missing=()
