@@ -883,6 +883,12 @@ pub struct Status {
     pub volume: [u8; 16],
     /// The volume this store is a replica of (`snapfs sync`), if it is one.
     pub replica_of: Option<[u8; 16]>,
+    /// On a replica: the volume its snapshots are of.
+    pub origin: Option<[u8; 16]>,
+    /// On a volume that was a replica: how it was promoted.
+    pub promoted: Option<crate::store::role::Promotion>,
+    /// On a demoted store waiting for its first session: when it was demoted.
+    pub demoted: Option<i64>,
     /// On a replica: its last completed sync session.
     pub last_received: Option<SyncRec>,
     /// The destinations this volume was synced to, with each one's last session.
@@ -930,6 +936,28 @@ impl Status {
                 Some(v) => format!(
                     "replica of:       {} (receives snapshots by snapfs sync)\n",
                     hex(v)
+                ),
+                None => String::new(),
+            }
+            + &match (&self.origin, &self.replica_of) {
+                (Some(o), Some(r)) if o != r => {
+                    format!("origin:           {} (the volume its snapshots are of)\n", hex(o))
+                }
+                _ => String::new(),
+            }
+            + &match &self.promoted {
+                Some(p) => format!(
+                    "promoted:         {} from snapshot {}; was a replica of {}\n",
+                    crate::policy::utc(p.at),
+                    printable(&p.snapshot),
+                    hex(&p.from)
+                ),
+                None => String::new(),
+            }
+            + &match self.demoted {
+                Some(t) => format!(
+                    "demoted:          {}; mounts read-only until the volume that replaced it syncs to it\n",
+                    crate::policy::utc(t)
                 ),
                 None => String::new(),
             }
@@ -988,6 +1016,9 @@ fn status_txn(
         replica_of: read_meta(&meta_t, meta::REPLICA_OF)?
             .map(|v| sixteen(&v))
             .transpose()?,
+        origin: crate::store::role::origin_of(&meta_t)?,
+        promoted: crate::store::role::promotion_of(&meta_t)?,
+        demoted: crate::store::role::demoted_of(&meta_t)?,
         last_received: read_meta(&meta_t, meta::LAST_RECEIVED)?
             .map(|v| SyncRec::decode(meta::LAST_RECEIVED, &v))
             .transpose()?,

@@ -82,6 +82,10 @@ pub enum Request {
         snapshot: Option<String>,
         /// Only say what would be sent.
         dry_run: bool,
+        /// A one-off session (a restore): no cursor or hold is kept for the
+        /// destination.
+        #[serde(default)]
+        one_off: bool,
         /// The session's shared key, hex, on a keyed session (TCP).
         key: Option<String>,
     },

@@ -689,6 +689,7 @@ pub fn mount(
             ssh: "ssh -o BatchMode=yes -o ConnectTimeout=20 -o ServerAliveInterval=15 -o ServerAliveCountMax=4".into(),
             remote_snapfs: "snapfs".into(),
             in_daemon: true,
+            one_off: false,
             ..Default::default()
         };
         let canon = std::fs::canonicalize(&store).unwrap_or_else(|_| store.clone());
@@ -902,7 +903,9 @@ fn check_destinations(store: &Path, mp: &Path, options: &MountOptions) -> anyhow
 fn replica_mode(fs: &Fs, store: &Path, options: &MountOptions) -> anyhow::Result<bool> {
     let mut core = fs.lock();
     let st = core.store();
-    if st.replica_of()?.is_some() {
+    // A demoted store waits, read-only, for its first session from the volume that
+    // replaced it.
+    if st.replica_of()?.is_some() || st.demoted_at()?.is_some() {
         return Ok(true);
     }
     if !options.replica {
@@ -1035,7 +1038,22 @@ fn after_receive(fs: &Fs) {
 
 /// Serves `snapfs sync` into this mounted replica from the CLI on the control socket.
 fn serve_receive(conn: UnixStream, fs: &Fs) -> anyhow::Result<()> {
-    if !fs.lock().is_replica() {
+    let (replica, promoted) = {
+        let core = fs.lock();
+        (core.is_replica(), core.store().promotion().ok().flatten())
+    };
+    if let Some(p) = promoted.filter(|_| !replica) {
+        return answer(
+            &conn,
+            &crate::commands::fail(format!(
+                "the destination was promoted on {} (from snapshot {}) and is a volume of its own: \
+                 to fail back, demote the old source's store (snapfs demote) and sync from the destination to it",
+                crate::policy::utc(p.at),
+                crate::text::printable(&p.snapshot)
+            )),
+        );
+    }
+    if !replica {
         return answer(
             &conn,
             &crate::commands::fail(
@@ -1582,10 +1600,18 @@ fn handle_control(
     if let Request::Send {
         snapshot,
         dry_run,
+        one_off,
         key,
     } = &req
     {
-        return serve_send(conn, fs, snapshot.as_deref(), *dry_run, key.as_deref());
+        return serve_send(
+            conn,
+            fs,
+            snapshot.as_deref(),
+            *dry_run || *one_off,
+            *dry_run,
+            key.as_deref(),
+        );
     }
     if req == Request::Receive {
         return serve_receive(conn, fs);
@@ -1664,6 +1690,7 @@ fn serve_send(
     conn: UnixStream,
     fs: &Fs,
     only: Option<&str>,
+    one_off: bool,
     dry_run: bool,
     key: Option<&str>,
 ) -> anyhow::Result<()> {
@@ -1693,7 +1720,7 @@ fn serve_send(
     drop(view);
     tracing::info!(snapshots = ?sum.snapshots, "sync: sent");
     // The destination's cursor, and the hold on its base.
-    if let Some(dest) = sum.dest_volume.filter(|_| !dry_run) {
+    if let Some(dest) = sum.dest_volume.filter(|_| !one_off) {
         let mut core = fs.lock();
         let moved = core.store().record_sent(&dest, &sum.record());
         match moved {

@@ -108,6 +108,73 @@ enum Cmd {
         #[arg(long)]
         dry_run: bool,
     },
+    /// Make a replica a writable volume of its own (failover): its live tree starts
+    /// from its newest snapshot, and it takes no more snapshots from its source.
+    Promote {
+        /// The replica's store (unmounted).
+        store: PathBuf,
+        /// Start the live tree from this snapshot instead of the newest.
+        #[arg(long)]
+        snapshot: Option<String>,
+        /// Take the identity of the volume the replica's snapshots are of, so that
+        /// the other replicas of that volume take incrementals from this one.
+        #[arg(long)]
+        same_id: bool,
+    },
+    /// Make a volume a replica of the volume that replaced it (failback): it mounts
+    /// read-only, and the first sync into it keeps what it has past the snapshot both
+    /// share as snapshots named diverged-<time>.
+    Demote {
+        /// The store (unmounted).
+        store: PathBuf,
+    },
+    /// Build a new writable volume from a replica or any store, local or over ssh:
+    /// every snapshot it holds (or one), the live tree from the newest.
+    Restore {
+        /// A store, the mount point of one, or ssh://[USER@]HOST[:PORT]/PATH.
+        source: String,
+        /// The new store (made; or a restore that was cut short, resumed).
+        newstore: PathBuf,
+        /// Start the live tree from this snapshot instead of the newest.
+        #[arg(long)]
+        snapshot: Option<String>,
+        /// Bring this snapshot only.
+        #[arg(long)]
+        only: Option<String>,
+        /// Keep the identity of the volume the snapshots are of (the original
+        /// volume, when restoring from its replica), so that its other replicas
+        /// take incrementals from the new one.
+        #[arg(long)]
+        same_id: bool,
+        /// The ssh client and its options, for ssh:// (split on whitespace).
+        #[arg(long, default_value = "ssh")]
+        ssh: String,
+        /// The snapfs program on the far side, for ssh://.
+        #[arg(long, default_value = "snapfs")]
+        remote_snapfs: String,
+        /// Receive at most RATE bytes per second (K, M, G: powers of 1024).
+        #[arg(long, value_name = "RATE", value_parser = snapfs::sync::parse_rate)]
+        bwlimit: Option<u64>,
+    },
+    /// A new writable volume (with a new identity) from one snapshot of a store.
+    Clone {
+        /// The store, or the mount point of a mounted one.
+        store: PathBuf,
+        /// The snapshot.
+        snapshot: String,
+        /// The new store (made).
+        newstore: PathBuf,
+    },
+    /// Send a store's snapshots on standard input and output: what `restore` runs on
+    /// the far side of ssh.
+    #[command(hide = true)]
+    Send {
+        /// The store.
+        store: PathBuf,
+        /// Send this snapshot only.
+        #[arg(long)]
+        snapshot: Option<String>,
+    },
     /// Receive snapshots into STORE (unmounted; made when missing) from `snapfs sync`
     /// on standard input and output: what `sync` runs on the far side of ssh.
     Receive {
@@ -253,10 +320,55 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 progress: true,
                 bwlimit,
                 in_daemon: false,
+                one_off: false,
             };
             return sync(&source, &dest, &opts, json);
         }
         Cmd::Receive { store } => return receive(&store),
+        Cmd::Send { store, snapshot } => return send(&store, snapshot.as_deref()),
+        Cmd::Promote {
+            store,
+            snapshot,
+            same_id,
+        } => return promote(&store, snapshot.as_deref(), same_id),
+        Cmd::Demote { store } => return demote(&store),
+        Cmd::Restore {
+            source,
+            newstore,
+            snapshot,
+            only,
+            same_id,
+            ssh,
+            remote_snapfs,
+            bwlimit,
+        } => {
+            let opts = snapfs::sync::Options {
+                snapshot: only,
+                ssh,
+                remote_snapfs,
+                progress: true,
+                bwlimit,
+                one_off: true,
+                ..Default::default()
+            };
+            return restore(&source, &newstore, snapshot.as_deref(), same_id, &opts, "restored");
+        }
+        Cmd::Clone {
+            store,
+            snapshot,
+            newstore,
+        } => {
+            let opts = snapfs::sync::Options {
+                snapshot: Some(snapshot.clone()),
+                progress: true,
+                one_off: true,
+                ..Default::default()
+            };
+            let Some(source) = store.to_str() else {
+                anyhow::bail!("{}: not a UTF-8 path", store.display());
+            };
+            return restore(source, &newstore, Some(&snapshot), false, &opts, "cloned");
+        }
         Cmd::Serve {
             store,
             listen,
@@ -367,6 +479,140 @@ fn sync(
             sum.wire_bytes
         );
     }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Opens the unmounted store at `path` for a change of role.
+fn open_unmounted(path: &Path) -> anyhow::Result<snapfs::store::Store> {
+    let store = daemon::resolve_store(path)?;
+    match snapfs::store::Store::open(&store, None) {
+        Err(snapfs::store::StoreError::Locked) => anyhow::bail!(
+            "store {} is in use (mounted, or in a sync session): unmount it first",
+            store.display()
+        ),
+        r => r.with_context(|| format!("cannot open store {}", store.display())),
+    }
+}
+
+/// Seconds since the Unix epoch, now.
+fn now_secs() -> i64 {
+    snapfs::store::schema::Ts::now().sec
+}
+
+/// `snapfs promote`: a replica becomes a volume of its own.
+fn promote(path: &Path, snapshot: Option<&str>, same_id: bool) -> anyhow::Result<ExitCode> {
+    let mut st = open_unmounted(path)?;
+    let p = st
+        .promote(snapshot, same_id, now_secs())
+        .map_err(|e| anyhow::anyhow!("promote {}: {e}", path.display()))?;
+    if p.snapshot.is_empty() {
+        println!(
+            "{}: the demotion is undone; it is a volume of its own again",
+            path.display()
+        );
+    } else {
+        println!(
+            "{}: promoted; a writable volume ({}) whose live tree is snapshot {}; it was a replica of {}",
+            path.display(),
+            snapfs::store::hex(&st.volume_id),
+            snapfs::text::printable(&p.snapshot),
+            snapfs::store::hex(&p.from)
+        );
+    }
+    drop(st);
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `snapfs demote`: a volume waits, read-only, to become a replica of the volume
+/// that replaced it.
+fn demote(path: &Path) -> anyhow::Result<ExitCode> {
+    let mut st = open_unmounted(path)?;
+    st.demote(now_secs())
+        .map_err(|e| anyhow::anyhow!("demote {}: {e}", path.display()))?;
+    println!(
+        "{}: demoted; it mounts read-only, and the next sync into it keeps what it has past the snapshot both share as diverged-<time> snapshots",
+        path.display()
+    );
+    drop(st);
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `snapfs restore` and `clone`: every snapshot of `source` (or `opts.snapshot`)
+/// into a new store, then promoted.
+fn restore(
+    source: &str,
+    newstore: &Path,
+    live: Option<&str>,
+    same_id: bool,
+    opts: &snapfs::sync::Options,
+    verb: &str,
+) -> anyhow::Result<ExitCode> {
+    if let (Some(only), Some(l)) = (&opts.snapshot, live)
+        && only != l
+    {
+        anyhow::bail!("--snapshot {l} is not the one snapshot --only brings ({only})");
+    }
+    if snapfs::store::Store::exists(newstore) {
+        // A restore cut short is resumed; anything else is a volume already.
+        let replica = open_unmounted(newstore)?.replica_of()?.is_some();
+        if !replica {
+            anyhow::bail!(
+                "{} is a volume already: {verb} makes a new store",
+                newstore.display()
+            );
+        }
+    }
+    let t = std::time::Instant::now();
+    let (sum, res) = snapfs::sync::pull(source, newstore, opts);
+    res.map_err(|e| anyhow::anyhow!("{verb} {source} -> {}: {e}", newstore.display()))?;
+    let mut st = open_unmounted(newstore)?;
+    let p = st
+        .promote(live, same_id, now_secs())
+        .map_err(|e| anyhow::anyhow!("{verb} {source} -> {}: {e}", newstore.display()))?;
+    let all = st.snapshot_list(false)?.len();
+    println!(
+        "{verb} {} into {} (volume {}): {all} snapshots ({} received now, {} payload bytes, {:.2} s); the live tree is snapshot {}",
+        source,
+        newstore.display(),
+        snapfs::store::hex(&st.volume_id),
+        sum.snapshots.len(),
+        sum.payload_bytes,
+        t.elapsed().as_secs_f64(),
+        snapfs::text::printable(&p.snapshot)
+    );
+    drop(st);
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `snapfs send STORE`: the source of a restore on stdin and stdout (over ssh).
+fn send(store: &Path, only: Option<&str>) -> anyhow::Result<ExitCode> {
+    use snapfs::sync::wire::{FrameReader, FrameWriter};
+    let store = daemon::resolve_store(store)?;
+    if let Some(end) = snapfs::sync::relay::daemon_source(&store, only, false, true, None)
+        .map_err(|e| anyhow::anyhow!("{e}"))?
+    {
+        use snapfs::sync::relay::{End, relay};
+        let here = End::stdio().map_err(|e| anyhow::anyhow!("{e}"))?;
+        let (_, res) = relay(end, here, false, false, None);
+        res.map_err(|e| anyhow::anyhow!("send from {}: {e}", store.display()))?;
+        return Ok(ExitCode::SUCCESS);
+    }
+    snapfs::sync::session::send(
+        &store,
+        only,
+        false,
+        true,
+        None,
+        FrameReader::new(
+            std::io::BufReader::with_capacity(1 << 20, std::io::stdin().lock()),
+            None,
+        ),
+        FrameWriter::new(
+            std::io::BufWriter::with_capacity(1 << 20, std::io::stdout().lock()),
+            None,
+        ),
+    )
+    .map_err(|e| anyhow::anyhow!("send from {}: {e}", store.display()))?;
     Ok(ExitCode::SUCCESS)
 }
 

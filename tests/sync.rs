@@ -528,6 +528,7 @@ fn a_mounted_replica_is_not_held_by_an_idle_peer_and_a_failed_receive_says_so() 
         w.send(&Frame::Hello {
             version: 999,
             volume: [1; 16],
+            origin: [1; 16],
             block_size: 64 * 1024,
             nonce: [0; 32],
             dry_run: false,
@@ -1074,6 +1075,7 @@ fn crafted_session(
     let hello = Frame::Hello {
         version: VERSION,
         volume,
+        origin: volume,
         block_size: 64 * 1024,
         nonce,
         dry_run: false,
@@ -1155,6 +1157,7 @@ fn a_live_receiver_refuses_crafted_streams_and_keeps_serving() {
             vec![Frame::Hello {
                 version: 2,
                 volume,
+                origin: volume,
                 block_size: 65536,
                 nonce: [0; 32],
                 dry_run: false,

@@ -13,6 +13,7 @@
 //! extents are durable before any metadata that names them.
 
 pub mod disk;
+pub mod role;
 pub mod schema;
 pub mod segment;
 pub mod snapshots;

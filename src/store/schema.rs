@@ -92,6 +92,17 @@ pub mod meta {
     /// destination's volume id in hex: a [`super::SyncRec`] of the last completed
     /// session, whose base is the snapshot the next session starts from.
     pub const SENT_TO: &str = "sent_to:";
+    /// 16 bytes, on a replica: the volume its snapshots are of (the source's own
+    /// origin, sent in `Hello`): the identity `promote --same-id` takes.
+    pub const ORIGIN: &str = "origin";
+    /// [`crate::store::role::Promotion`], on a volume that was a replica: the volume it
+    /// replicated, when it was promoted (seconds) and the snapshot its live tree
+    /// started from.
+    pub const PROMOTED: &str = "promoted";
+    /// i64 (seconds), on a demoted store until its first session: it mounts as a
+    /// replica, and that session keeps what the store has past the base under
+    /// `diverged-<time>` names.
+    pub const DEMOTED: &str = "demoted";
 }
 
 /// `segments` value of a segment whose extents all moved in a durable commit: its file

@@ -41,6 +41,9 @@ pub struct Options {
     /// Run by the daemon serving the source (scheduled replication): the source is
     /// its own control socket, never the store opened directly.
     pub in_daemon: bool,
+    /// A one-off session (a restore or a clone): the source keeps no cursor or hold
+    /// for the destination.
+    pub one_off: bool,
 }
 
 /// Parses a rate for `--bwlimit`: bytes per second, with an optional K, M or G
@@ -115,7 +118,8 @@ fn ends(src: &Path, dest: &str, opts: &Options) -> Result<(End, End, bool), Sync
     };
     let only = opts.snapshot.as_deref();
     let dry_run = opts.dry_run;
-    let source = match relay::daemon_source(src, only, dry_run, key)? {
+    let one_off = opts.one_off;
+    let source = match relay::daemon_source(src, only, dry_run, one_off, key)? {
         Some(end) => end,
         None if opts.in_daemon => {
             return Err(SyncError::Protocol(
@@ -126,11 +130,60 @@ fn ends(src: &Path, dest: &str, opts: &Options) -> Result<(End, End, bool), Sync
             let (src, only) = (src.to_path_buf(), opts.snapshot.clone());
             End::spawn("sync-source", move |s| {
                 let (r, w) = framed(s)?;
-                session::send(&src, only.as_deref(), dry_run, key, r, w)
+                session::send(&src, only.as_deref(), dry_run, one_off, key, r, w)
             })?
         }
     };
     Ok((source, dst, key.is_some()))
+}
+
+/// Receives the snapshots of `source` (a store or the mount point of one, or
+/// `ssh://[USER@]HOST[:PORT]/PATH`, where `snapfs send PATH` runs) into the store at
+/// `dest`, made when missing (a replica of the source until promoted): every
+/// snapshot, or `opts.snapshot` alone. What `snapfs restore` and `clone` build on;
+/// the source keeps no cursor for it.
+pub fn pull(source: &str, dest: &Path, opts: &Options) -> (Summary, Result<(), SyncError>) {
+    let ends = (|| {
+        let only = opts.snapshot.clone();
+        let src = if source.starts_with("ssh://") {
+            ssh::connect_source(
+                &ssh::parse(source)?,
+                &opts.ssh,
+                &opts.remote_snapfs,
+                only.as_deref(),
+            )?
+        } else if source.contains("://") {
+            return Err(SyncError::Protocol(format!(
+                "{source}: a restore reads a store path or ssh:// (tcp:// serves destinations only)"
+            )));
+        } else {
+            let src = crate::daemon::resolve_store(Path::new(source))
+                .map_err(|e| SyncError::Protocol(format!("{e:#}")))?;
+            if std::fs::canonicalize(dest).is_ok_and(|d| d == src) {
+                return Err(SyncError::Protocol(format!(
+                    "{} is the source itself",
+                    dest.display()
+                )));
+            }
+            match relay::daemon_source(&src, only.as_deref(), false, true, None)? {
+                Some(end) => end,
+                None => End::spawn("sync-source", move |s| {
+                    let (r, w) = framed(s)?;
+                    session::send(&src, only.as_deref(), false, true, None, r, w)
+                })?,
+            }
+        };
+        let d = dest.to_path_buf();
+        let dst = End::spawn("sync-sink", move |s| {
+            let (r, w) = framed(s)?;
+            session::receive(&d, None, r, w)
+        })?;
+        Ok((src, dst))
+    })();
+    match ends {
+        Ok((src, dst)) => relay::relay(src, dst, false, opts.progress, opts.bwlimit),
+        Err(e) => (Summary::default(), Err(e)),
+    }
 }
 
 /// The store a destination path names: itself, or the store mounted there.

@@ -827,11 +827,13 @@ pub fn daemon_source(
     store: &Path,
     only: Option<&str>,
     dry_run: bool,
+    one_off: bool,
     key: Option<[u8; 32]>,
 ) -> Result<Option<End>, SyncError> {
     let req = crate::control::Request::Send {
         snapshot: only.map(str::to_string),
         dry_run,
+        one_off,
         key: key.map(|k| crate::store::hex(&k)),
     };
     daemon_conn(store, &req)?.map(End::unix).transpose()

@@ -160,11 +160,13 @@ fn snap_ref(name: &str, rec: &SnapshotRec) -> SnapRef {
 }
 
 /// Sends the snapshots of the store at `src` that the sink lacks (only `only`, if
-/// given), oldest first, each as an incremental from the newest one both hold.
+/// given), oldest first, each as an incremental from the newest one both hold. The
+/// destination's cursor is recorded in the store unless `one_off` (or `dry_run`).
 pub fn send<R: Read, W: Write>(
     src: &Path,
     only: Option<&str>,
     dry_run: bool,
+    one_off: bool,
     key: Option<[u8; 32]>,
     mut r: FrameReader<R>,
     mut w: FrameWriter<W>,
@@ -178,7 +180,7 @@ pub fn send<R: Read, W: Write>(
     let sum = res?;
     // The destination's cursor and the hold on its base, in the store now free to
     // be written.
-    if let Some(dest) = sum.dest_volume.filter(|_| !dry_run) {
+    if let Some(dest) = sum.dest_volume.filter(|_| !dry_run && !one_off) {
         let mut store = retry_locked(|| Store::open(src, None))?;
         if let Some(old) = store.record_sent(&dest, &sum.record())?
             && store.is_deleting(old)?
@@ -274,6 +276,7 @@ fn send_inner<R: Read, W: Write>(
             .map_err(|_| crate::store::StoreError::Corrupt("volume id".into()))
     })?;
     let block_size = read_meta_as(&meta_t, meta::BLOCK_SIZE, le_u32)?;
+    let origin = crate::store::role::origin_of(&meta_t)?.unwrap_or(volume);
     let mut snaps: Vec<(String, SnapshotRec)> = Vec::new();
     for row in txn.open_table(SNAPSHOTS)?.iter()? {
         let (k, v) = row?;
@@ -294,6 +297,7 @@ fn send_inner<R: Read, W: Write>(
     let hello = Frame::Hello {
         version: VERSION,
         volume,
+        origin,
         block_size,
         nonce,
         dry_run,
@@ -676,6 +680,7 @@ pub fn receive_into<S: SinkStore, R: Read, W: Write>(
 /// What the source's `Hello` announced.
 struct Hello {
     volume: [u8; 16],
+    origin: [u8; 16],
     block_size: u32,
     dry_run: bool,
 }
@@ -690,10 +695,11 @@ fn handshake<R: Read, W: Write>(
 ) -> Result<Hello, SyncError> {
     let hello = expect(r)?;
     let hello_body = hello.encode().1;
-    let (volume, block_size, their_nonce, dry_run) = match hello {
+    let (volume, origin, block_size, their_nonce, dry_run) = match hello {
         Frame::Hello {
             version,
             volume,
+            origin,
             block_size,
             nonce,
             dry_run,
@@ -703,7 +709,7 @@ fn handshake<R: Read, W: Write>(
                     "the source speaks sync version {version}, this snapfs {VERSION}"
                 )));
             }
-            (volume, block_size, nonce, dry_run)
+            (volume, origin, block_size, nonce, dry_run)
         }
         f => return Err(protocol(format!("expected hello, got {f:?}"))),
     };
@@ -736,6 +742,7 @@ fn handshake<R: Read, W: Write>(
     }
     Ok(Hello {
         volume,
+        origin,
         block_size,
         dry_run,
     })
@@ -758,8 +765,20 @@ fn accept<S: SinkStore, R: Read, W: Write>(
                 store.block_size
             )));
         }
+        let promoted = store.promotion()?;
         match store.replica_of()? {
             Some(v) if v == volume => {}
+            // Taken at the first snapshot, from a source it shares a snapshot with.
+            None if store.demoted_at()?.is_some() => {}
+            None if promoted.as_ref().is_some_and(|p| p.from == volume) => {
+                let p = promoted.expect("matched");
+                return Err(protocol(format!(
+                    "the destination was promoted on {} (from snapshot {}) and is a volume of its own: \
+                     to fail back, demote this volume's store (snapfs demote) and sync from the destination to it",
+                    crate::policy::utc(p.at),
+                    crate::text::printable(&p.snapshot)
+                )));
+            }
             None if !fresh && !live_is_empty(store)? => {
                 return Err(protocol(
                     "the destination holds files of its own: it is not an empty store or a replica",
@@ -780,7 +799,12 @@ fn accept<S: SinkStore, R: Read, W: Write>(
                     ));
                 }
                 if !dry_run {
-                    store.write(true, |w| Ok(w.set_replica_of(&volume)?))?;
+                    store.write(true, |w| {
+                        w.set_replica_of(&volume)?;
+                        let row = crate::store::schema::seal_meta(meta::ORIGIN, &hello.origin);
+                        w.t.meta.insert(meta::ORIGIN, row.as_slice())?;
+                        Ok(())
+                    })?;
                 }
             }
         }
@@ -801,7 +825,7 @@ fn accept<S: SinkStore, R: Read, W: Write>(
         s.keep_unreferenced = true;
         Ok(())
     })?;
-    let res = receive_snapshots(st, r, w);
+    let res = receive_snapshots(st, hello, r, w);
     let after = st.with(|s| {
         s.keep_unreferenced = false;
         if res.is_err() {
@@ -820,6 +844,7 @@ fn accept<S: SinkStore, R: Read, W: Write>(
 /// The snapshots of a session, after its handshake, into `store`.
 fn receive_snapshots<S: SinkStore, R: Read, W: Write>(
     st: &mut S,
+    hello: &Hello,
     r: &mut FrameReader<R>,
     w: &mut FrameWriter<W>,
 ) -> Result<Summary, SyncError> {
@@ -900,6 +925,21 @@ fn receive_snapshots<S: SinkStore, R: Read, W: Write>(
             }
         }
         st.with(|store| {
+            if store.demoted_at()?.is_some() {
+                // A demoted store's first snapshot: what it has past the base is
+                // kept aside, and it becomes a replica of the source.
+                let Some(b) = &base else {
+                    return Err(protocol(
+                        "the destination was demoted and shares no snapshot with the source: \
+                         it takes only incrementals from a snapshot both hold (restore into a new store instead)",
+                    ));
+                };
+                let rec = store.snapshot(b.as_bytes())?.ok_or_else(|| {
+                    protocol(format!("the destination lacks the base snapshot {b:?}"))
+                })?;
+                let kept = store.settle_demoted(rec.epoch, &hello.volume, &hello.origin, Ts::now())?;
+                tracing::info!(kept = ?kept, base = %b, "sync: a demoted store became a replica; what it had past the base is kept");
+            }
             if store.snapshot(snapshot.name.as_bytes())?.is_some() {
                 return Err(protocol(format!(
                     "the destination already has a snapshot named {:?}",
@@ -1312,6 +1352,7 @@ mod hostile_tests {
             Frame::Hello {
                 version: VERSION,
                 volume,
+                origin: volume,
                 block_size: 64 * 1024,
                 nonce: [1; 32],
                 dry_run: false,

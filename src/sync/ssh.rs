@@ -91,6 +91,35 @@ fn shell_quote(s: &str) -> String {
 /// Starts `snapfs receive` on the target. `ssh`: the client and its options, split
 /// on whitespace (`ssh -F cfg`); `remote`: the remote snapfs program.
 pub fn connect(t: &Target, ssh: &str, remote: &str) -> Result<End, SyncError> {
+    run_remote(
+        t,
+        ssh,
+        &format!("{} receive -- {}", shell_quote(remote), shell_quote(&t.path)),
+    )
+}
+
+/// Starts `snapfs send` on the target (the source of a restore), of snapshot `only`
+/// alone if given.
+pub fn connect_source(
+    t: &Target,
+    ssh: &str,
+    remote: &str,
+    only: Option<&str>,
+) -> Result<End, SyncError> {
+    let only = only.map_or(String::new(), |s| format!(" --snapshot {}", shell_quote(s)));
+    run_remote(
+        t,
+        ssh,
+        &format!(
+            "{} send{only} -- {}",
+            shell_quote(remote),
+            shell_quote(&t.path)
+        ),
+    )
+}
+
+/// Runs `command` (for a POSIX shell) on the target, its stdin and stdout the end.
+fn run_remote(t: &Target, ssh: &str, command: &str) -> Result<End, SyncError> {
     let mut words = ssh.split_whitespace();
     let prog = words
         .next()
@@ -103,11 +132,7 @@ pub fn connect(t: &Target, ssh: &str, remote: &str) -> Result<End, SyncError> {
     if let Some(u) = &t.user {
         cmd.arg("-l").arg(u);
     }
-    cmd.arg("--").arg(&t.host).arg(format!(
-        "{} receive -- {}",
-        shell_quote(remote),
-        shell_quote(&t.path)
-    ));
+    cmd.arg("--").arg(&t.host).arg(command);
     cmd.stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());

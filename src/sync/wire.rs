@@ -15,7 +15,7 @@
 use std::io::{Read, Write};
 
 /// The protocol version this build speaks.
-pub const VERSION: u32 = 2;
+pub const VERSION: u32 = 3;
 
 /// Opens every `Hello`, so that a peer that is not snapfs is told apart at once.
 pub const MAGIC: &[u8; 8] = b"snapfsyn";
@@ -109,6 +109,10 @@ pub enum Frame {
         version: u32,
         /// The source volume's identity.
         volume: [u8; 16],
+        /// The volume the source's snapshots are of: its own identity, or, on a
+        /// replica, the origin recorded when it first received (what `snapfs promote
+        /// --same-id` and `restore --same-id` take on).
+        origin: [u8; 16],
         /// The source's block size (the destination's must match).
         block_size: u32,
         /// Random bytes the destination answers with a proof of the key.
@@ -245,6 +249,7 @@ impl Frame {
             Frame::Hello {
                 version,
                 volume,
+                origin,
                 block_size,
                 nonce,
                 dry_run,
@@ -252,6 +257,7 @@ impl Frame {
                 b.extend_from_slice(MAGIC);
                 b.extend_from_slice(&version.to_le_bytes());
                 b.extend_from_slice(volume);
+                b.extend_from_slice(origin);
                 b.extend_from_slice(&block_size.to_le_bytes());
                 b.extend_from_slice(nonce);
                 b.push(*dry_run as u8);
@@ -349,6 +355,7 @@ impl Frame {
                 Frame::Hello {
                     version: r.u32(W)?,
                     volume: r.array(W)?,
+                    origin: r.array(W)?,
                     block_size: r.u32(W)?,
                     nonce: r.array(W)?,
                     dry_run: match r.u8(W)? {
@@ -915,6 +922,7 @@ mod tests {
             0 => Frame::Hello {
                 version: r.next() as u32,
                 volume: r.array(),
+                origin: r.array(),
                 block_size: r.next() as u32,
                 nonce: r.array(),
                 dry_run: r.below(2) == 0,
