@@ -1039,7 +1039,7 @@ fn after_receive(fs: &Fs) {
 /// Serves `snapfs sync` into this mounted replica from the CLI on the control socket.
 fn serve_receive(conn: UnixStream, fs: &Fs) -> anyhow::Result<()> {
     let (replica, promoted) = {
-        let core = fs.lock();
+        let mut core = fs.lock();
         (core.is_replica(), core.store().promotion().ok().flatten())
     };
     if let Some(p) = promoted.filter(|_| !replica) {
