@@ -941,7 +941,10 @@ impl Status {
             }
             + &match (&self.origin, &self.replica_of) {
                 (Some(o), Some(r)) if o != r => {
-                    format!("origin:           {} (the volume its snapshots are of)\n", hex(o))
+                    format!(
+                        "origin:           {} (the volume its snapshots are of)\n",
+                        hex(o)
+                    )
                 }
                 _ => String::new(),
             }

@@ -351,7 +351,14 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 one_off: true,
                 ..Default::default()
             };
-            return restore(&source, &newstore, snapshot.as_deref(), same_id, &opts, "restored");
+            return restore(
+                &source,
+                &newstore,
+                snapshot.as_deref(),
+                same_id,
+                &opts,
+                "restored",
+            );
         }
         Cmd::Clone {
             store,
@@ -557,8 +564,9 @@ fn restore(
         let replica = open_unmounted(newstore)?.replica_of()?.is_some();
         if !replica {
             anyhow::bail!(
-                "{} is a volume already: {verb} makes a new store",
-                newstore.display()
+                "{} is a volume already: {} makes a new store",
+                newstore.display(),
+                if verb == "cloned" { "clone" } else { "restore" }
             );
         }
     }

@@ -1577,3 +1577,271 @@ fn scheduled_replication_survives_a_kill_9_of_either_side_mid_session() {
     let r = Mount::at(dest.clone(), dir.path().join("rmnt"), &[]);
     assert_eq!(tree_digest(&r.path(".snapshots/s2")), tree);
 }
+
+/// Whether writing a new file under `m` is refused as on a read-only mount.
+fn refuses_writes(m: &Mount) -> bool {
+    matches!(
+        std::fs::write(m.path("refused"), b"x"),
+        Err(e) if e.raw_os_error() == Some(libc::EROFS)
+    )
+}
+
+/// The payload bytes of a sync summary.
+fn payload(v: &serde_json::Value) -> u64 {
+    v["payload_bytes"].as_u64().unwrap()
+}
+
+#[test]
+fn failover_then_failback_moves_only_what_changed_and_keeps_what_diverged() {
+    let dir = test_dir();
+    let mut a = Mount::at(dir.path().join("a"), dir.path().join("amnt"), &[]);
+    let b_store = dir.path().join("b");
+    let a_mnt = a.mnt.to_str().unwrap().to_string();
+    std::fs::write(a.path("common"), pattern(1, 4 << 20)).unwrap();
+    snapfs_ok(&["snapshot", "create", &a_mnt, "s1"]);
+    let first = sync_ok(&a.mnt, &b_store);
+    assert!(payload(&first) >= 4 << 20, "{first}");
+    let s1 = tree_digest(&a.path(".snapshots/s1"));
+    // The source goes on after its last sync: a snapshot and live changes that
+    // never reach the replica. Its snapshot has the name the promoted replica's
+    // next one will have.
+    std::fs::write(a.path("a-snap"), pattern(2, 300_000)).unwrap();
+    snapfs_ok(&["snapshot", "create", &a_mnt, "next"]);
+    std::fs::write(a.path("a-live"), pattern(3, 200_000)).unwrap();
+    std::fs::remove_file(a.path("common")).unwrap();
+    let a_next = tree_digest(&a.path(".snapshots/next"));
+    let a_live = tree_digest(&a.mnt);
+    a.unmount();
+
+    // Failover: the replica is promoted, and its live tree is its newest snapshot.
+    let out = snapfs_ok(&["promote", b_store.to_str().unwrap()]);
+    assert!(
+        out.contains("promoted") && out.contains("snapshot s1"),
+        "{out}"
+    );
+    let mut b = Mount::at(b_store.clone(), dir.path().join("bmnt"), &[]);
+    let b_mnt = b.mnt.to_str().unwrap().to_string();
+    assert_eq!(tree_digest(&b.mnt), s1);
+    assert!(status_line(&b.mnt, "promoted:").contains("from snapshot s1"));
+    std::fs::write(b.path("b-new"), pattern(4, 500_000)).unwrap();
+    snapfs_ok(&["snapshot", "create", &b_mnt, "next"]);
+    let b_next = tree_digest(&b.path(".snapshots/next"));
+
+    // The old source is refused by the promoted volume, which says why and what to
+    // do; nothing changes there.
+    let out = sync(&a.store, &b.mnt, &[]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(err.contains("promoted") && err.contains("demote"), "{err}");
+    assert_eq!(tree_digest(&b.path(".snapshots/next")), b_next);
+
+    // Failback: the old source is demoted and the promoted volume syncs to it: only
+    // what changed since the snapshot both hold moves.
+    snapfs_ok(&["demote", a.store.to_str().unwrap()]);
+    assert!(status_line(&a.store, "demoted:").contains("read-only"));
+    let back = sync_ok(&b.mnt, &a.store);
+    assert_eq!(back["snapshots"], serde_json::json!(["next"]), "{back}");
+    assert!(
+        (500_000..600_000).contains(&payload(&back)),
+        "not only the promoted side's changes: {back}"
+    );
+    // What the old source had past s1 is kept, under diverged-<time> names.
+    let names = snapshot_names(&a.store);
+    let diverged: Vec<&String> = names
+        .iter()
+        .filter(|n| n.starts_with("diverged-"))
+        .collect();
+    assert_eq!(diverged.len(), 2, "{names:?}");
+    let kept_snap = diverged
+        .iter()
+        .find(|n| n.ends_with("-next"))
+        .expect("{names:?}");
+    let kept_live = diverged.iter().find(|n| !n.ends_with("-next")).unwrap();
+    a.mount(&[]);
+    assert!(refuses_writes(&a), "a replica again, so read-only");
+    assert_eq!(
+        tree_digest(&a.path(&format!(".snapshots/{kept_snap}"))),
+        a_next
+    );
+    assert_eq!(
+        tree_digest(&a.path(&format!(".snapshots/{kept_live}"))),
+        a_live
+    );
+    assert_eq!(tree_digest(&a.path(".snapshots/next")), b_next);
+    assert_eq!(tree_digest(&a.mnt), b_next);
+    a.unmount();
+
+    // And back the other way: the old source promoted again, the other demoted;
+    // again only what changed goes, and the side that changed nothing past the
+    // shared snapshot keeps nothing aside.
+    b.unmount();
+    snapfs_ok(&["promote", a.store.to_str().unwrap()]);
+    snapfs_ok(&["demote", b_store.to_str().unwrap()]);
+    a.mount(&[]);
+    std::fs::write(a.path("a-after"), pattern(5, 100_000)).unwrap();
+    snapfs_ok(&["snapshot", "create", &a_mnt, "after"]);
+    let again = sync_ok(&a.mnt, &b_store);
+    assert_eq!(again["snapshots"], serde_json::json!(["after"]), "{again}");
+    assert!(
+        (100_000..200_000).contains(&payload(&again)),
+        "not only the failed-back side's changes: {again}"
+    );
+    let b_names = snapshot_names(&b_store);
+    assert!(
+        !b_names.iter().any(|n| n.starts_with("diverged-")),
+        "{b_names:?}"
+    );
+    let after = tree_digest(&a.path(".snapshots/after"));
+    a.unmount();
+    a.assert_fsck_clean();
+    b.mount(&[]);
+    assert_eq!(tree_digest(&b.mnt), after);
+    b.unmount();
+    b.assert_fsck_clean();
+}
+
+#[test]
+fn promote_and_demote_refuse_what_they_cannot_do() {
+    let dir = test_dir();
+    let mut m = Mount::at(dir.path().join("v"), dir.path().join("mnt"), &[]);
+    let store = m.store.to_str().unwrap().to_string();
+    // Mounted: refused, naming why.
+    let out = snapfs(&["promote", &store]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("unmount it first"));
+    m.unmount();
+    // A volume of its own is no replica to promote; one without a snapshot shares
+    // nothing to fail back from.
+    for (cmd, says) in [("promote", "not a replica"), ("demote", "no snapshot")] {
+        let out = snapfs(&[cmd, &store]);
+        assert_eq!(out.status.code(), Some(2), "{cmd}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            err.contains(says) && err.lines().count() == 1,
+            "{cmd}: {err}"
+        );
+    }
+    // A replica: demote refuses it; promote of a snapshot it lacks is refused.
+    m.mount(&[]);
+    std::fs::write(m.path("f"), b"data").unwrap();
+    snapfs_ok(&["snapshot", "create", m.mnt.to_str().unwrap(), "one"]);
+    let r = dir.path().join("r");
+    sync_ok(&m.mnt, &r);
+    let rs = r.to_str().unwrap();
+    let out = snapfs(&["demote", rs]);
+    assert!(String::from_utf8_lossy(&out.stderr).contains("a replica already"));
+    let out = snapfs(&["promote", rs, "--snapshot", "nope"]);
+    assert!(String::from_utf8_lossy(&out.stderr).contains("no snapshot named"));
+    assert!(status_line(&r, "replica of:").contains("receives"));
+    // Demote, then promote again before any session: the demotion is undone, and
+    // the store mounts writable with its files as they were.
+    m.unmount();
+    snapfs_ok(&["demote", &store]);
+    m.mount(&[]);
+    assert!(refuses_writes(&m));
+    m.unmount();
+    let out = snapfs_ok(&["promote", &store]);
+    assert!(out.contains("undone"), "{out}");
+    m.mount(&[]);
+    assert_eq!(std::fs::read(m.path("f")).unwrap(), b"data");
+    std::fs::write(m.path("g"), b"writable").unwrap();
+    // A demoted store takes nothing from a volume it shares no snapshot with.
+    let mut other = Mount::at(dir.path().join("o"), dir.path().join("omnt"), &[]);
+    std::fs::write(other.path("x"), b"other").unwrap();
+    snapfs_ok(&["snapshot", "create", other.mnt.to_str().unwrap(), "x1"]);
+    m.unmount();
+    snapfs_ok(&["demote", &store]);
+    let out = sync(&other.mnt, &m.store, &[]);
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("shares no snapshot"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(snapshot_names(&m.store), ["one"]);
+    other.unmount();
+    m.assert_fsck_clean();
+}
+
+#[test]
+fn restore_after_the_source_is_gone_rebuilds_every_snapshot() {
+    let dir = test_dir();
+    let mut a = Mount::at(dir.path().join("a"), dir.path().join("amnt"), &[]);
+    let a_mnt = a.mnt.to_str().unwrap().to_string();
+    let r = dir.path().join("replica");
+    populate(&a.mnt, 51);
+    snapfs_ok(&["snapshot", "create", &a_mnt, "s1"]);
+    churn(&a.mnt, 52);
+    snapfs_ok(&["snapshot", "create", &a_mnt, "s2"]);
+    sync_ok(&a.mnt, &r);
+    let trees = snapshot_trees(&a);
+    let volume = status_line(&a.mnt, "volume:");
+    a.unmount();
+    std::fs::remove_dir_all(&a.store).unwrap();
+
+    // Every snapshot comes back, and the live tree is the newest, writable.
+    let n = dir.path().join("n");
+    let out = snapfs_ok(&["restore", r.to_str().unwrap(), n.to_str().unwrap()]);
+    assert!(
+        out.contains("2 snapshots") && out.contains("snapshot s2"),
+        "{out}"
+    );
+    let mut nm = Mount::at(n.clone(), dir.path().join("nmnt"), &[]);
+    assert_eq!(snapshot_trees(&nm), trees);
+    assert_eq!(tree_digest(&nm.mnt), trees[1].1);
+    std::fs::write(nm.path("new-file"), b"written after the restore").unwrap();
+    assert_ne!(status_line(&nm.mnt, "volume:"), volume, "a new volume id");
+    nm.unmount();
+    nm.assert_fsck_clean();
+    // A store that is a volume already is not restored into.
+    let out = snapfs(&["restore", r.to_str().unwrap(), n.to_str().unwrap()]);
+    assert!(String::from_utf8_lossy(&out.stderr).contains("a volume already"));
+
+    // One snapshot, keeping the original volume's identity: the replica then takes
+    // the restored volume's next snapshot as an incremental.
+    let k = dir.path().join("k");
+    snapfs_ok(&[
+        "restore",
+        r.to_str().unwrap(),
+        k.to_str().unwrap(),
+        "--only",
+        "s1",
+        "--same-id",
+    ]);
+    assert_eq!(snapshot_names(&k), ["s1"]);
+    let mut km = Mount::at(k.clone(), dir.path().join("kmnt"), &[]);
+    assert_eq!(status_line(&km.mnt, "volume:"), volume);
+    assert_eq!(tree_digest(&km.mnt), trees[0].1);
+    std::fs::write(km.path("later"), pattern(9, 100_000)).unwrap();
+    snapfs_ok(&["snapshot", "create", km.mnt.to_str().unwrap(), "s3"]);
+    let inc = sync_ok(&km.mnt, &r);
+    assert_eq!(inc["snapshots"], serde_json::json!(["s3"]), "{inc}");
+    assert!(payload(&inc) < 200_000, "{inc}");
+    km.unmount();
+
+    // A clone: one snapshot, a new volume of its own.
+    let c = dir.path().join("c");
+    snapfs_ok(&["clone", n.to_str().unwrap(), "s1", c.to_str().unwrap()]);
+    let mut cm = Mount::at(c, dir.path().join("cmnt"), &[]);
+    assert_eq!(tree_digest(&cm.mnt), trees[0].1);
+    assert_ne!(status_line(&cm.mnt, "volume:"), volume);
+    std::fs::write(cm.path("own"), b"the clone's own").unwrap();
+    cm.unmount();
+    cm.assert_fsck_clean();
+    // Wrong input: one clear line and a non-zero exit.
+    let x = dir.path().join("x");
+    let x = x.to_str().unwrap();
+    for (args, says) in [
+        (vec!["restore", "/nonexistent/store", x], "nonexistent"),
+        (vec!["restore", "tcp://127.0.0.1:1", x], "ssh://"),
+        (
+            vec!["clone", n.to_str().unwrap(), "nope", x],
+            "no snapshot named",
+        ),
+    ] {
+        let out = snapfs(&args);
+        assert_eq!(out.status.code(), Some(2), "{args:?}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains(says), "{args:?}: {err}");
+    }
+}

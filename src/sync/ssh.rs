@@ -94,7 +94,11 @@ pub fn connect(t: &Target, ssh: &str, remote: &str) -> Result<End, SyncError> {
     run_remote(
         t,
         ssh,
-        &format!("{} receive -- {}", shell_quote(remote), shell_quote(&t.path)),
+        &format!(
+            "{} receive -- {}",
+            shell_quote(remote),
+            shell_quote(&t.path)
+        ),
     )
 }
 
