@@ -486,6 +486,25 @@ fn a_mounted_source_replicates_over_every_transport_into_mounted_replicas() {
         acl.iter().any(|n| n == "system.posix_acl_access"),
         "{acl:?}"
     );
+    // A volume restored over ssh from the mounted replica (its daemon sends) has
+    // every snapshot, and the source keeps no cursor for it.
+    let restored = dir.join("restored");
+    let out = snapfs_ok(&[
+        "restore",
+        &dests[2].0,
+        restored.to_str().unwrap(),
+        "--ssh",
+        &sshd.ssh,
+        "--remote-snapfs",
+        SNAPFS,
+    ]);
+    assert!(out.contains("3 snapshots"), "{out}");
+    let want = snapshot_trees(&src);
+    let rm = Mount::at(restored, dir.join("restored-mnt"), &[]);
+    assert_eq!(snapshot_trees(&rm), want);
+    assert_eq!(tree_digest(&rm.mnt), tree_digest(&src.path(".snapshots/three")));
+    let st = snapfs_ok(&["status", by_ssh.mnt.to_str().unwrap()]);
+    assert!(!st.contains("synced to:"), "{st}");
 }
 
 #[test]
