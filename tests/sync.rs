@@ -502,7 +502,10 @@ fn a_mounted_source_replicates_over_every_transport_into_mounted_replicas() {
     let want = snapshot_trees(&src);
     let rm = Mount::at(restored, dir.join("restored-mnt"), &[]);
     assert_eq!(snapshot_trees(&rm), want);
-    assert_eq!(tree_digest(&rm.mnt), tree_digest(&src.path(".snapshots/three")));
+    assert_eq!(
+        tree_digest(&rm.mnt),
+        tree_digest(&src.path(".snapshots/three"))
+    );
     let st = snapfs_ok(&["status", by_ssh.mnt.to_str().unwrap()]);
     assert!(!st.contains("synced to:"), "{st}");
 }
@@ -1862,5 +1865,193 @@ fn restore_after_the_source_is_gone_rebuilds_every_snapshot() {
         assert_eq!(out.status.code(), Some(2), "{args:?}");
         let err = String::from_utf8_lossy(&out.stderr);
         assert!(err.contains(says), "{args:?}: {err}");
+    }
+}
+
+/// A tiny xorshift generator for random cut points, seeded per run (the seed is
+/// printed, to replay a failure).
+struct Cuts(u64);
+
+impl Cuts {
+    fn new() -> Cuts {
+        let seed = std::env::var("SNAPFS_TEST_SEED")
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .unwrap_or_else(|| {
+                std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .unwrap()
+                    .as_nanos() as u64
+                    | 1
+            });
+        eprintln!("cut points: SNAPFS_TEST_SEED={seed}");
+        Cuts(seed)
+    }
+
+    fn below(&mut self, n: u64) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0 % n.max(1)
+    }
+}
+
+/// Runs `snapfs ARGS` and kills it with SIGKILL once `store`'s segments hold
+/// `goal` bytes (or it ended first). Whether it was cut.
+fn cut_at_bytes(args: &[&str], store: &Path, goal: u64) -> bool {
+    let mut child = std::process::Command::new(SNAPFS)
+        .args(args)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let t0 = std::time::Instant::now();
+    while segment_bytes(store) < goal {
+        if child.try_wait().unwrap().is_some() {
+            return false;
+        }
+        assert!(t0.elapsed().as_secs() < 120, "{args:?}: no progress");
+        std::thread::sleep(std::time::Duration::from_millis(2));
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    true
+}
+
+#[test]
+fn each_step_of_failover_failback_and_restore_survives_a_kill_9_at_a_random_point() {
+    // SNAPFS_TEST_FAILOVER_MIB scales the data each step moves (128 MiB).
+    let mib: usize = env_or("SNAPFS_TEST_FAILOVER_MIB", 128);
+    let mut cuts = Cuts::new();
+    let dir = test_dir();
+    let mut a = Mount::at(dir.path().join("a"), dir.path().join("amnt"), &[]);
+    let a_mnt = a.mnt.to_str().unwrap().to_string();
+    let b = dir.path().join("b");
+    let bs = b.to_str().unwrap().to_string();
+    std::fs::write(a.path("small"), b"before the failure").unwrap();
+    snapfs_ok(&["snapshot", "create", &a_mnt, "s1"]);
+    sync_ok(&a.mnt, &b);
+    // The old source's divergence: a live change that never reached the replica.
+    std::fs::write(a.path("a-only"), pattern(7, 300_000)).unwrap();
+    let a_live = tree_digest(&a.mnt);
+    a.unmount();
+
+    // Promote, killed at a random instant (often before or after its two commits;
+    // either way the store is whole and promoting again, if needed, finishes).
+    let mut child = std::process::Command::new(SNAPFS)
+        .args(["promote", &bs])
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(std::time::Duration::from_micros(cuts.below(40_000)));
+    let _ = child.kill();
+    let _ = child.wait();
+    let out = snapfs(&["fsck", &bs]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    let st = snapfs_ok(&["status", &bs]);
+    if st.contains("replica of:") {
+        snapfs_ok(&["promote", &bs]);
+    }
+    assert!(snapfs_ok(&["status", &bs]).contains("promoted:"));
+
+    // The promoted volume takes new data; the failback session into the demoted
+    // old source is cut at random points, then completes.
+    let mut bm = Mount::at(b.clone(), dir.path().join("bmnt"), &[]);
+    write_files(&bm.mnt, mib, 8000);
+    snapfs_ok(&["snapshot", "create", bm.mnt.to_str().unwrap(), "b2"]);
+    let b2 = tree_digest(&bm.path(".snapshots/b2"));
+    snapfs_ok(&["demote", a.store.to_str().unwrap()]);
+    let start = segment_bytes(&a.store);
+    let whole = (mib as u64) << 20;
+    let args = ["sync", bm.mnt.to_str().unwrap(), a.store.to_str().unwrap()];
+    let mut made = 0;
+    for k in 0..3u64 {
+        let goal = start + whole * (k + 1) / 4 + cuts.below(whole / 8);
+        let cut = cut_at_bytes(&args, &a.store, goal);
+        eprintln!("failback cut {k} at {goal}: {cut}");
+        made += cut as u32;
+        let out = snapfs(&["fsck", a.store.to_str().unwrap()]);
+        assert!(
+            out.status.success(),
+            "cut {k}: {}",
+            String::from_utf8_lossy(&out.stdout)
+        );
+    }
+    assert!(made > 0, "no failback session was cut");
+    sync_ok(&bm.mnt, &a.store);
+    // What the old source had is kept once, however many times the session began.
+    let names = snapshot_names(&a.store);
+    let diverged: Vec<&String> = names
+        .iter()
+        .filter(|n| n.starts_with("diverged-"))
+        .collect();
+    assert_eq!(diverged.len(), 1, "{names:?}");
+    assert_eq!(names.last().unwrap(), "b2", "{names:?}");
+    a.mount(&[]);
+    assert_eq!(
+        tree_digest(&a.path(&format!(".snapshots/{}", diverged[0]))),
+        a_live
+    );
+    assert_eq!(tree_digest(&a.mnt), b2);
+    a.unmount();
+    a.assert_fsck_clean();
+
+    // Restore from the promoted volume, cut at random points, then completed.
+    let n = dir.path().join("n");
+    let args = ["restore", &bs, n.to_str().unwrap()];
+    let mut made = 0;
+    for k in 0..3u64 {
+        let goal = whole * (k + 1) / 4 + cuts.below(whole / 8);
+        let cut = cut_at_bytes(&args, &n, goal);
+        eprintln!("restore cut {k} at {goal}: {cut}");
+        made += cut as u32;
+        let out = snapfs(&["fsck", n.to_str().unwrap()]);
+        assert!(
+            out.status.success(),
+            "cut {k}: {}",
+            String::from_utf8_lossy(&out.stdout)
+        );
+    }
+    assert!(made > 0, "no restore was cut");
+    let out = snapfs_ok(&args);
+    assert!(out.contains("the live tree is snapshot b2"), "{out}");
+    bm.unmount();
+    let nm = Mount::at(n, dir.path().join("nmnt"), &[]);
+    assert_eq!(tree_digest(&nm.mnt), b2);
+    assert_eq!(tree_digest(&nm.path(".snapshots/b2")), b2);
+}
+
+#[test]
+fn destinations_at_different_bases_each_get_only_what_they_lack() {
+    let dir = test_dir();
+    let m = Mount::at(dir.path().join("src"), dir.path().join("mnt"), &[]);
+    let mnt = m.mnt.to_str().unwrap().to_string();
+    let (d1, d2) = (dir.path().join("d1"), dir.path().join("d2"));
+    std::fs::write(m.path("base"), pattern(1, 1 << 20)).unwrap();
+    snapfs_ok(&["snapshot", "create", &mnt, "s1"]);
+    for d in [&d1, &d2] {
+        sync_ok(&m.mnt, d);
+    }
+    // d1 goes on to s2; d2 stays at s1.
+    std::fs::write(m.path("second"), pattern(2, 400_000)).unwrap();
+    snapfs_ok(&["snapshot", "create", &mnt, "s2"]);
+    let to_d1 = sync_ok(&m.mnt, &d1);
+    assert!((400_000..450_000).contains(&payload(&to_d1)), "{to_d1}");
+    std::fs::write(m.path("third"), pattern(3, 700_000)).unwrap();
+    snapfs_ok(&["snapshot", "create", &mnt, "s3"]);
+    // Each gets the incrementals from its own base: d1 the third file's bytes, d2
+    // the second's and the third's, each snapshot once, none of the first file's.
+    let to_d1 = sync_ok(&m.mnt, &d1);
+    assert_eq!(to_d1["snapshots"], serde_json::json!(["s3"]));
+    assert!((700_000..750_000).contains(&payload(&to_d1)), "{to_d1}");
+    let to_d2 = sync_ok(&m.mnt, &d2);
+    assert_eq!(to_d2["snapshots"], serde_json::json!(["s2", "s3"]));
+    assert!((1_100_000..1_200_000).contains(&payload(&to_d2)), "{to_d2}");
+    for d in [&d1, &d2] {
+        assert_eq!(snapshot_names(d), ["s1", "s2", "s3"]);
     }
 }
