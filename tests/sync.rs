@@ -1336,16 +1336,20 @@ fn replication_line(m: &Mount, dest: &str, needle: &str, secs: u64) -> String {
     }
 }
 
+/// How many snapshots a replication line says the destination lacks, once it has
+/// one.
+fn lag_of(line: &str) -> Option<usize> {
+    line.split_once(" (")
+        .and_then(|(_, r)| r.split_once(" newer here"))
+        .and_then(|(n, _)| n.parse().ok())
+}
+
 /// The replication line for `dest` once it is at most `lag` snapshots behind.
 fn within(m: &Mount, dest: &str, lag: usize, secs: u64) -> String {
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(secs);
     loop {
         let line = replication_line(m, dest, "newer here", 5);
-        let n: usize = line
-            .split_once(" (")
-            .and_then(|(_, r)| r.split_once(" newer here"))
-            .and_then(|(n, _)| n.parse().ok())
-            .unwrap_or_else(|| panic!("no lag in {line}"));
+        let n = lag_of(&line).unwrap_or_else(|| panic!("no lag in {line}"));
         if n <= lag && !line.contains("failing") {
             return line;
         }
@@ -1369,15 +1373,40 @@ fn scheduled_replication_keeps_every_destination_close_and_prunes_on_both_sides(
         &["replica", "keep=last:2"],
     );
     let d2 = r.mnt.to_str().unwrap().to_string();
+    // SNAPFS_TEST_SCHEDULE_SECS: how long the writes go on (60 s), a snapshot every
+    // SNAPFS_TEST_SCHEDULE_EVERY (5s).
+    let secs: u64 = env_or("SNAPFS_TEST_SCHEDULE_SECS", 60);
+    let every: String = env_or("SNAPFS_TEST_SCHEDULE_EVERY", "5s".to_string());
     let opt = format!(
-        "snapshot_every=1s,keep=last:4,replicate={}+{d2}",
+        "snapshot_every={every},keep=last:4,replicate={}+{d2}",
         d1.display()
     );
     let mut m = Mount::with_options(&[&opt]);
-    for i in 0..8u64 {
-        std::fs::write(m.path(&format!("f{i}")), pattern(i, 100_000)).unwrap();
-        std::thread::sleep(std::time::Duration::from_millis(600));
+    let dests = [d1.to_str().unwrap().to_string(), d2.clone()];
+    // Every destination stays within one snapshot of the source the whole time:
+    // sampled every second once each has had its first session.
+    let t0 = std::time::Instant::now();
+    let (mut i, mut samples, mut worst) = (0u64, 0u32, 0usize);
+    while t0.elapsed().as_secs() < secs {
+        std::fs::write(m.path(&format!("f{}", i % 24)), pattern(i, 100_000)).unwrap();
+        i += 1;
+        std::thread::sleep(std::time::Duration::from_secs(1));
+        let text = snapfs_ok(&["status", m.mnt.to_str().unwrap()]);
+        for dest in &dests {
+            let line = text
+                .lines()
+                .find(|l| l.starts_with("replicate to:") && l.contains(dest.as_str()))
+                .unwrap_or_else(|| panic!("no line for {dest}: {text}"));
+            if let Some(lag) = lag_of(line) {
+                samples += 1;
+                worst = worst.max(lag);
+                assert!(lag <= 1, "{dest} fell behind: {line}");
+                assert!(!line.contains("failing"), "{line}");
+            }
+        }
     }
+    assert!(samples as u64 >= secs, "{samples} samples in {secs} s");
+    eprintln!("{samples} samples, the most a destination lagged: {worst}");
     // Both catch up with the newest snapshot ("0 newer here").
     let newest = |m: &Mount| {
         let out = snapfs_ok(&["snapshot", "list", m.mnt.to_str().unwrap(), "--json"]);
