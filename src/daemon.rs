@@ -986,6 +986,17 @@ impl crate::sync::session::SinkStore for DaemonSink<'_> {
         }
     }
 
+    fn renamed(&mut self, old: &[String]) {
+        let mut invals = vec![crate::fs::Inval::Inode(crate::fs::SNAPDIR_INO)];
+        for name in old {
+            invals.push(crate::fs::Inval::Entry(
+                crate::fs::SNAPDIR_INO,
+                name.as_bytes().to_vec(),
+            ));
+        }
+        self.fs.invalidate(&invals);
+    }
+
     fn committed(&mut self) {
         let invals = self.fs.lock().refresh_view();
         match invals {

@@ -1658,6 +1658,7 @@ fn failover_then_failback_moves_only_what_changed_and_keeps_what_diverged() {
     // next one will have.
     std::fs::write(a.path("a-snap"), pattern(2, 300_000)).unwrap();
     snapfs_ok(&["snapshot", "create", &a_mnt, "next"]);
+    snapfs_ok(&["snapshot", "create", &a_mnt, "extra"]);
     std::fs::write(a.path("a-live"), pattern(3, 200_000)).unwrap();
     std::fs::remove_file(a.path("common")).unwrap();
     let a_next = tree_digest(&a.path(".snapshots/next"));
@@ -1687,11 +1688,38 @@ fn failover_then_failback_moves_only_what_changed_and_keeps_what_diverged() {
     assert_eq!(tree_digest(&b.path(".snapshots/next")), b_next);
 
     // Failback: the old source is demoted and the promoted volume syncs to it: only
-    // what changed since the snapshot both hold moves.
+    // what changed since the snapshot both hold moves. The old source is mounted
+    // and receives over TCP; what it shows of its own snapshot before is forgotten.
     snapfs_ok(&["demote", a.store.to_str().unwrap()]);
     assert!(status_line(&a.store, "demoted:").contains("read-only"));
-    let back = sync_ok(&b.mnt, &a.store);
+    let key = key_file(dir.path(), "key", "the key of a failback");
+    let port = free_port();
+    a.mount(&[&format!(
+        "listen=127.0.0.1:{port},key_file={}",
+        key.display()
+    )]);
+    assert!(refuses_writes(&a), "demoted, so read-only");
+    assert_eq!(tree_digest(&a.path(".snapshots/next")), a_next);
+    assert_eq!(tree_digest(&a.path(".snapshots/extra")), a_next);
+    let out = snapfs(&[
+        "sync",
+        &b_mnt,
+        &format!("tcp://127.0.0.1:{port}"),
+        "--key-file",
+        key.to_str().unwrap(),
+        "--json",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let back: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(back["snapshots"], serde_json::json!(["next"]), "{back}");
+    assert_eq!(tree_digest(&a.path(".snapshots/next")), b_next);
+    // Its own snapshot kept aside is shown under its new name only.
+    assert!(!a.path(".snapshots/extra").exists());
+    a.unmount();
     assert!(
         (500_000..600_000).contains(&payload(&back)),
         "not only the promoted side's changes: {back}"
@@ -1702,12 +1730,13 @@ fn failover_then_failback_moves_only_what_changed_and_keeps_what_diverged() {
         .iter()
         .filter(|n| n.starts_with("diverged-"))
         .collect();
-    assert_eq!(diverged.len(), 2, "{names:?}");
-    let kept_snap = diverged
+    assert_eq!(diverged.len(), 3, "{names:?}");
+    let kept_snap = diverged.iter().find(|n| n.ends_with("-next")).unwrap();
+    assert!(diverged.iter().any(|n| n.ends_with("-extra")), "{names:?}");
+    let kept_live = diverged
         .iter()
-        .find(|n| n.ends_with("-next"))
-        .expect("{names:?}");
-    let kept_live = diverged.iter().find(|n| !n.ends_with("-next")).unwrap();
+        .find(|n| !n.ends_with("-next") && !n.ends_with("-extra"))
+        .unwrap();
     a.mount(&[]);
     assert!(refuses_writes(&a), "a replica again, so read-only");
     assert_eq!(

@@ -59,6 +59,15 @@ impl Promotion {
     }
 }
 
+/// What a demoted store kept of its own at its first session.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Settled {
+    /// Its snapshots newer than the base: (old name, new name).
+    pub renamed: Vec<(String, String)>,
+    /// The snapshot its live tree became, if it differed from the base.
+    pub live: Option<String>,
+}
+
 /// A 16-byte volume id from a `meta` row's value.
 fn volume_row(name: &str, b: &[u8]) -> Result<[u8; 16], StoreError> {
     b.try_into()
@@ -225,15 +234,15 @@ impl Store {
     /// commit with the store becoming a replica of `source`. Its own snapshots newer
     /// than the base are renamed `diverged-<time>-<name>` (so that they neither clash
     /// with the source's names nor fall to a retention policy), and a live tree that
-    /// differs from the base is kept as snapshot `diverged-<time>`. Returns the names
-    /// kept.
+    /// differs from the base is kept as snapshot `diverged-<time>`. Returns what was
+    /// kept, and how.
     pub fn settle_demoted(
         &mut self,
         base: u64,
         source: &[u8; 16],
         origin: &[u8; 16],
         now: Ts,
-    ) -> Result<Vec<String>, OpError> {
+    ) -> Result<Settled, OpError> {
         let stamp = diverged_name(now.sec);
         let mut taken: std::collections::HashSet<String> = self
             .snapshot_list(true)?
@@ -294,8 +303,9 @@ impl Store {
             self.snapshot_epochs.insert(live);
             self.changed.clear();
         }
-        let mut kept: Vec<String> = renames.into_iter().map(|(_, n, _)| n).collect();
-        kept.extend(keep_live);
-        Ok(kept)
+        Ok(Settled {
+            renamed: renames.into_iter().map(|(o, n, _)| (o, n)).collect(),
+            live: keep_live,
+        })
     }
 }

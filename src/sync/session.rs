@@ -46,6 +46,9 @@ pub trait SinkStore {
     ) -> Result<T, SyncError>;
     /// A snapshot was received: a mounted replica shows it now.
     fn committed(&mut self) {}
+    /// Snapshots were renamed (a demoted store's own, kept aside): a mounted
+    /// store's kernel forgets the old names.
+    fn renamed(&mut self, _old: &[String]) {}
     /// The source has proven the key: the sink may now take what only one session
     /// may hold at a time (an error when it cannot, in time).
     fn admit(&mut self) -> Result<(), SyncError> {
@@ -924,6 +927,7 @@ fn receive_snapshots<S: SinkStore, R: Read, W: Write>(
                 );
             }
         }
+        let mut renamed: Vec<String> = Vec::new();
         st.with(|store| {
             if store.demoted_at()?.is_some() {
                 // A demoted store's first snapshot: what it has past the base is
@@ -939,6 +943,7 @@ fn receive_snapshots<S: SinkStore, R: Read, W: Write>(
                 })?;
                 let kept = store.settle_demoted(rec.epoch, &hello.volume, &hello.origin, Ts::now())?;
                 tracing::info!(kept = ?kept, base = %b, "sync: a demoted store became a replica; what it had past the base is kept");
+                renamed = kept.renamed.into_iter().map(|(old, _)| old).collect();
             }
             if store.snapshot(snapshot.name.as_bytes())?.is_some() {
                 return Err(protocol(format!(
@@ -965,6 +970,9 @@ fn receive_snapshots<S: SinkStore, R: Read, W: Write>(
             }
             Ok(())
         })?;
+        if !renamed.is_empty() {
+            st.renamed(&renamed);
+        }
         // The batch waiting for its missing extents, and the extents still due.
         let mut pending: Option<Vec<Record>> = None;
         let mut wanted: HashSet<[u8; 32]> = HashSet::new();
