@@ -559,6 +559,8 @@ fn restore(
     {
         anyhow::bail!("--snapshot {l} is not the one snapshot --only brings ({only})");
     }
+    // A snapfs mount point names its store.
+    let newstore = &snapfs::sync::dest_store(newstore).map_err(|e| anyhow::anyhow!("{e}"))?;
     if snapfs::store::Store::exists(newstore) {
         // A restore cut short is resumed; anything else is a volume already.
         let replica = open_unmounted(newstore)?.replica_of()?.is_some();

@@ -2113,3 +2113,50 @@ fn destinations_at_different_bases_each_get_only_what_they_lack() {
         assert_eq!(snapshot_names(d), ["s1", "s2", "s3"]);
     }
 }
+
+#[test]
+fn a_replica_promoted_with_the_same_id_feeds_the_other_replicas() {
+    let dir = test_dir();
+    let a = Mount::at(dir.path().join("a"), dir.path().join("amnt"), &[]);
+    let (b, c, d) = (
+        dir.path().join("b"),
+        dir.path().join("c"),
+        dir.path().join("d"),
+    );
+    std::fs::write(a.path("f"), pattern(1, 1 << 20)).unwrap();
+    snapfs_ok(&["snapshot", "create", a.mnt.to_str().unwrap(), "s1"]);
+    // b and c replicate a; d replicates b (a cascade).
+    sync_ok(&a.mnt, &b);
+    sync_ok(&a.mnt, &c);
+    sync_ok(&b, &d);
+    let volume = status_line(&a.mnt, "volume:");
+    drop(a);
+    // a is lost: b takes its place and its identity, and both other replicas go on
+    // with incrementals from it.
+    snapfs_ok(&["promote", b.to_str().unwrap(), "--same-id"]);
+    assert_eq!(status_line(&b, "volume:"), volume);
+    let mut bm = Mount::at(b.clone(), dir.path().join("bmnt"), &[]);
+    std::fs::write(bm.path("g"), pattern(2, 200_000)).unwrap();
+    snapfs_ok(&["snapshot", "create", bm.mnt.to_str().unwrap(), "s2"]);
+    for r in [&c, &d] {
+        let inc = sync_ok(&bm.mnt, r);
+        assert_eq!(inc["snapshots"], serde_json::json!(["s2"]), "{inc}");
+        assert!((200_000..300_000).contains(&payload(&inc)), "{inc}");
+    }
+    // A volume of another origin is still refused.
+    let other = Mount::at(dir.path().join("o"), dir.path().join("omnt"), &[]);
+    std::fs::write(other.path("x"), b"x").unwrap();
+    snapfs_ok(&["snapshot", "create", other.mnt.to_str().unwrap(), "x1"]);
+    let out = sync(&other.mnt, &c, &[]);
+    assert!(String::from_utf8_lossy(&out.stderr).contains("replica of another volume"));
+    bm.unmount();
+    for r in [&c, &d] {
+        let out = snapfs(&["fsck", r.to_str().unwrap()]);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stdout)
+        );
+        assert_eq!(snapshot_names(r), ["s1", "s2"]);
+    }
+}

@@ -771,6 +771,9 @@ fn accept<S: SinkStore, R: Read, W: Write>(
         let promoted = store.promotion()?;
         match store.replica_of()? {
             Some(v) if v == volume => {}
+            // Another source of the same volume's snapshots: a replica of it, or the
+            // replica promoted in its place with its identity (`--same-id`).
+            Some(_) if store.origin()? == hello.origin => {}
             // Taken at the first snapshot, from a source it shares a snapshot with.
             None if store.demoted_at()?.is_some() => {}
             None if promoted.as_ref().is_some_and(|p| p.from == volume) => {
