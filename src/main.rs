@@ -146,6 +146,10 @@ enum Cmd {
         /// take incrementals from the new one.
         #[arg(long)]
         same_id: bool,
+        /// Go on with a restore into NEWSTORE that was cut short (it is a replica
+        /// until the restore completes), or start one.
+        #[arg(long)]
+        resume: bool,
         /// The ssh client and its options, for ssh:// (split on whitespace).
         #[arg(long, default_value = "ssh")]
         ssh: String,
@@ -164,6 +168,9 @@ enum Cmd {
         snapshot: String,
         /// The new store (made).
         newstore: PathBuf,
+        /// Go on with a clone into NEWSTORE that was cut short, or start one.
+        #[arg(long)]
+        resume: bool,
     },
     /// Send a store's snapshots on standard input and output: what `restore` runs on
     /// the far side of ssh.
@@ -338,6 +345,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             snapshot,
             only,
             same_id,
+            resume,
             ssh,
             remote_snapfs,
             bwlimit,
@@ -356,6 +364,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 &newstore,
                 snapshot.as_deref(),
                 same_id,
+                resume,
                 &opts,
                 "restored",
             );
@@ -364,6 +373,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             store,
             snapshot,
             newstore,
+            resume,
         } => {
             let opts = snapfs::sync::Options {
                 snapshot: Some(snapshot.clone()),
@@ -374,7 +384,15 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             let Some(source) = store.to_str() else {
                 anyhow::bail!("{}: not a UTF-8 path", store.display());
             };
-            return restore(source, &newstore, Some(&snapshot), false, &opts, "cloned");
+            return restore(
+                source,
+                &newstore,
+                Some(&snapshot),
+                false,
+                resume,
+                &opts,
+                "cloned",
+            );
         }
         Cmd::Serve {
             store,
@@ -551,6 +569,7 @@ fn restore(
     newstore: &Path,
     live: Option<&str>,
     same_id: bool,
+    resume: bool,
     opts: &snapfs::sync::Options,
     verb: &str,
 ) -> anyhow::Result<ExitCode> {
@@ -561,14 +580,21 @@ fn restore(
     }
     // A snapfs mount point names its store.
     let newstore = &snapfs::sync::dest_store(newstore).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let cmd = if verb == "cloned" { "clone" } else { "restore" };
     if snapfs::store::Store::exists(newstore) {
-        // A restore cut short is resumed; anything else is a volume already.
+        // A restore cut short is resumed when asked; a replica in service is not
+        // taken over by mistake.
         let replica = open_unmounted(newstore)?.replica_of()?.is_some();
         if !replica {
             anyhow::bail!(
-                "{} is a volume already: {} makes a new store",
-                newstore.display(),
-                if verb == "cloned" { "clone" } else { "restore" }
+                "{} is a volume already: {cmd} makes a new store",
+                newstore.display()
+            );
+        }
+        if !resume {
+            anyhow::bail!(
+                "{} is a replica already: {cmd} makes a new store (--resume goes on with one that was cut short)",
+                newstore.display()
             );
         }
     }

@@ -551,6 +551,7 @@ fn a_mounted_replica_is_not_held_by_an_idle_peer_and_a_failed_receive_says_so() 
             version: 999,
             volume: [1; 16],
             origin: [1; 16],
+            succeeds: [0; 16],
             block_size: 64 * 1024,
             nonce: [0; 32],
             dry_run: false,
@@ -1098,6 +1099,7 @@ fn crafted_session(
         version: VERSION,
         volume,
         origin: volume,
+        succeeds: [0; 16],
         block_size: 64 * 1024,
         nonce,
         dry_run: false,
@@ -1180,6 +1182,7 @@ fn a_live_receiver_refuses_crafted_streams_and_keeps_serving() {
                 version: 2,
                 volume,
                 origin: volume,
+                succeeds: [0; 16],
                 block_size: 65536,
                 nonce: [0; 32],
                 dry_run: false,
@@ -1801,16 +1804,15 @@ fn promote_and_demote_refuse_what_they_cannot_do() {
             "{cmd}: {err}"
         );
     }
-    // A replica: demote refuses it; promote of a snapshot it lacks is refused.
+    // A replica: promote of a snapshot it lacks is refused.
     m.mount(&[]);
     std::fs::write(m.path("f"), b"data").unwrap();
     snapfs_ok(&["snapshot", "create", m.mnt.to_str().unwrap(), "one"]);
     let r = dir.path().join("r");
     sync_ok(&m.mnt, &r);
     let rs = r.to_str().unwrap();
-    let out = snapfs(&["demote", rs]);
-    assert!(String::from_utf8_lossy(&out.stderr).contains("a replica already"));
     let out = snapfs(&["promote", rs, "--snapshot", "nope"]);
+    assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("no snapshot named"));
     assert!(status_line(&r, "replica of:").contains("receives"));
     // Demote, then promote again before any session: the demotion is undone, and
@@ -1820,6 +1822,9 @@ fn promote_and_demote_refuse_what_they_cannot_do() {
     m.mount(&[]);
     assert!(refuses_writes(&m));
     m.unmount();
+    let out = snapfs(&["promote", &store, "--same-id"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("only undoes"));
     let out = snapfs_ok(&["promote", &store]);
     assert!(out.contains("undone"), "{out}");
     m.mount(&[]);
@@ -1831,8 +1836,24 @@ fn promote_and_demote_refuse_what_they_cannot_do() {
     snapfs_ok(&["snapshot", "create", other.mnt.to_str().unwrap(), "x1"]);
     m.unmount();
     snapfs_ok(&["demote", &store]);
+    // A demoted store waits for the volume that took over from it, not any other.
     let out = sync(&other.mnt, &m.store, &[]);
-    assert!(!out.status.success());
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("did not take over from it"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // One that took over from it (its replica, promoted with its identity) but
+    // shares no snapshot with it any more: a whole send is refused.
+    snapfs_ok(&["promote", rs, "--same-id"]);
+    snapfs_ok(&["snapshot", "delete", rs, "one"]);
+    let mut rm = Mount::at(r.clone(), dir.path().join("rmnt"), &[]);
+    std::fs::write(rm.path("g"), b"after").unwrap();
+    snapfs_ok(&["snapshot", "create", rm.mnt.to_str().unwrap(), "two"]);
+    rm.unmount();
+    let out = sync(&r, &m.store, &[]);
+    assert_eq!(out.status.code(), Some(2));
     assert!(
         String::from_utf8_lossy(&out.stderr).contains("shares no snapshot"),
         "{}",
@@ -1875,7 +1896,12 @@ fn restore_after_the_source_is_gone_rebuilds_every_snapshot() {
     nm.assert_fsck_clean();
     // A store that is a volume already is not restored into.
     let out = snapfs(&["restore", r.to_str().unwrap(), n.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("a volume already"));
+    // Nor is a replica in service, unless a restore cut short is to be resumed.
+    let out = snapfs(&["restore", n.to_str().unwrap(), r.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--resume"));
 
     // One snapshot, keeping the original volume's identity: the replica then takes
     // the restored volume's next snapshot as an incremental.
@@ -1885,19 +1911,53 @@ fn restore_after_the_source_is_gone_rebuilds_every_snapshot() {
         r.to_str().unwrap(),
         k.to_str().unwrap(),
         "--only",
-        "s1",
+        "s2",
         "--same-id",
     ]);
-    assert_eq!(snapshot_names(&k), ["s1"]);
+    assert_eq!(snapshot_names(&k), ["s2"]);
     let mut km = Mount::at(k.clone(), dir.path().join("kmnt"), &[]);
     assert_eq!(status_line(&km.mnt, "volume:"), volume);
-    assert_eq!(tree_digest(&km.mnt), trees[0].1);
+    assert_eq!(tree_digest(&km.mnt), trees[1].1);
     std::fs::write(km.path("later"), pattern(9, 100_000)).unwrap();
     snapfs_ok(&["snapshot", "create", km.mnt.to_str().unwrap(), "s3"]);
     let inc = sync_ok(&km.mnt, &r);
     assert_eq!(inc["snapshots"], serde_json::json!(["s3"]), "{inc}");
     assert!(payload(&inc) < 200_000, "{inc}");
     km.unmount();
+    // A second writer with that identity, from s1: its history forks from the
+    // replica's, which refuses it rather than interleave the two, until demoted.
+    let f = dir.path().join("f");
+    let fs = f.to_str().unwrap();
+    snapfs_ok(&[
+        "restore",
+        r.to_str().unwrap(),
+        fs,
+        "--only",
+        "s1",
+        "--same-id",
+    ]);
+    let mut fm = Mount::at(f.clone(), dir.path().join("fmnt"), &[]);
+    std::fs::write(fm.path("fork"), pattern(10, 50_000)).unwrap();
+    snapfs_ok(&["snapshot", "create", fm.mnt.to_str().unwrap(), "t2"]);
+    let out = sync(&fm.mnt, &r, &[]);
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("forked") && err.contains("s2, s3"), "{err}");
+    assert_eq!(snapshot_names(&r), ["s1", "s2", "s3"]);
+    snapfs_ok(&["demote", r.to_str().unwrap()]);
+    let inc = sync_ok(&fm.mnt, &r);
+    assert_eq!(inc["snapshots"], serde_json::json!(["t2"]), "{inc}");
+    let names = snapshot_names(&r);
+    assert_eq!(names.len(), 4, "{names:?}");
+    assert!(
+        names[1].starts_with("diverged-") && names[1].ends_with("-s2"),
+        "{names:?}"
+    );
+    assert!(
+        names[2].starts_with("diverged-") && names[2].ends_with("-s3"),
+        "{names:?}"
+    );
+    fm.unmount();
 
     // A clone: one snapshot, a new volume of its own.
     let c = dir.path().join("c");
@@ -1955,8 +2015,9 @@ impl Cuts {
 }
 
 /// Runs `snapfs ARGS` and kills it with SIGKILL once `store`'s segments hold
-/// `goal` bytes (or it ended first). Whether it was cut.
-fn cut_at_bytes(args: &[&str], store: &Path, goal: u64) -> bool {
+/// `goal` bytes (or it ended first), or, with a goal of 0, after `after`. Whether
+/// it was cut.
+fn cut_at_bytes(args: &[&str], store: &Path, goal: u64, after: std::time::Duration) -> bool {
     let mut child = std::process::Command::new(SNAPFS)
         .args(args)
         .stdout(std::process::Stdio::null())
@@ -1964,6 +2025,13 @@ fn cut_at_bytes(args: &[&str], store: &Path, goal: u64) -> bool {
         .spawn()
         .unwrap();
     let t0 = std::time::Instant::now();
+    if goal == 0 {
+        std::thread::sleep(after);
+        let ended = child.try_wait().unwrap().is_some();
+        let _ = child.kill();
+        let _ = child.wait();
+        return !ended;
+    }
     while segment_bytes(store) < goal {
         if child.try_wait().unwrap().is_some() {
             return false;
@@ -1994,26 +2062,41 @@ fn each_step_of_failover_failback_and_restore_survives_a_kill_9_at_a_random_poin
     let a_live = tree_digest(&a.mnt);
     a.unmount();
 
-    // Promote, killed at a random instant (often before or after its two commits;
-    // either way the store is whole and promoting again, if needed, finishes).
-    let mut child = std::process::Command::new(SNAPFS)
-        .args(["promote", &bs])
-        .stdout(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
-    std::thread::sleep(std::time::Duration::from_micros(cuts.below(40_000)));
-    let _ = child.kill();
-    let _ = child.wait();
-    let out = snapfs(&["fsck", &bs]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stdout)
-    );
-    let st = snapfs_ok(&["status", &bs]);
-    if st.contains("replica of:") {
-        snapfs_ok(&["promote", &bs]);
+    // Promote, killed again and again, each time a little later (from a random
+    // start), until one run completes: the kills sweep its whole run, its two
+    // commits included. After each the store is whole, and the run after goes on.
+    let mut delay = cuts.below(300);
+    let mut kills = 0;
+    loop {
+        let mut child = std::process::Command::new(SNAPFS)
+            .args(["promote", &bs])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        std::thread::sleep(std::time::Duration::from_micros(delay));
+        let ended = child.try_wait().unwrap();
+        let _ = child.kill();
+        let status = child.wait().unwrap();
+        let out = snapfs(&["fsck", &bs]);
+        assert!(
+            out.status.success(),
+            "after a kill at {delay} us: {}",
+            String::from_utf8_lossy(&out.stdout)
+        );
+        if ended.is_some() || status.success() {
+            break;
+        }
+        kills += 1;
+        if !snapfs_ok(&["status", &bs]).contains("replica of:") {
+            // Killed after its last commit.
+            break;
+        }
+        delay += 300;
+        assert!(kills < 2000, "promote never completed");
     }
+    eprintln!("promote killed {kills} times before it completed");
+    assert!(kills > 0, "no promote was killed");
     assert!(snapfs_ok(&["status", &bs]).contains("promoted:"));
 
     // The promoted volume takes new data; the failback session into the demoted
@@ -2027,9 +2110,17 @@ fn each_step_of_failover_failback_and_restore_survives_a_kill_9_at_a_random_poin
     let whole = (mib as u64) << 20;
     let args = ["sync", bm.mnt.to_str().unwrap(), a.store.to_str().unwrap()];
     let mut made = 0;
-    for k in 0..3u64 {
-        let goal = start + whole * (k + 1) / 4 + cuts.below(whole / 8);
-        let cut = cut_at_bytes(&args, &a.store, goal);
+    // The first cut at a random instant of the session's start (before, during or
+    // after the demoted store's settle), the second once the first extent is in,
+    // the rest at random points of the data.
+    for k in 0..4u64 {
+        let goal = match k {
+            0 => 0,
+            1 => start + 1,
+            _ => start + whole * (k - 1) / 3 + cuts.below(whole / 8),
+        };
+        let after = std::time::Duration::from_micros(cuts.below(60_000));
+        let cut = cut_at_bytes(&args, &a.store, goal, after);
         eprintln!("failback cut {k} at {goal}: {cut}");
         made += cut as u32;
         let out = snapfs(&["fsck", a.store.to_str().unwrap()]);
@@ -2060,11 +2151,11 @@ fn each_step_of_failover_failback_and_restore_survives_a_kill_9_at_a_random_poin
 
     // Restore from the promoted volume, cut at random points, then completed.
     let n = dir.path().join("n");
-    let args = ["restore", &bs, n.to_str().unwrap()];
+    let args = ["restore", &bs, n.to_str().unwrap(), "--resume"];
     let mut made = 0;
     for k in 0..3u64 {
         let goal = whole * (k + 1) / 4 + cuts.below(whole / 8);
-        let cut = cut_at_bytes(&args, &n, goal);
+        let cut = cut_at_bytes(&args, &n, goal, std::time::Duration::ZERO);
         eprintln!("restore cut {k} at {goal}: {cut}");
         made += cut as u32;
         let out = snapfs(&["fsck", n.to_str().unwrap()]);
@@ -2129,6 +2220,9 @@ fn a_replica_promoted_with_the_same_id_feeds_the_other_replicas() {
     sync_ok(&a.mnt, &b);
     sync_ok(&a.mnt, &c);
     sync_ok(&b, &d);
+    // c got one more from a before a was lost; b never did.
+    snapfs_ok(&["snapshot", "create", a.mnt.to_str().unwrap(), "a-last"]);
+    sync_ok(&a.mnt, &c);
     let volume = status_line(&a.mnt, "volume:");
     drop(a);
     // a is lost: b takes its place and its identity, and both other replicas go on
@@ -2138,11 +2232,23 @@ fn a_replica_promoted_with_the_same_id_feeds_the_other_replicas() {
     let mut bm = Mount::at(b.clone(), dir.path().join("bmnt"), &[]);
     std::fs::write(bm.path("g"), pattern(2, 200_000)).unwrap();
     snapfs_ok(&["snapshot", "create", bm.mnt.to_str().unwrap(), "s2"]);
+    // c holds a snapshot b lacks: their histories forked, and c refuses b until it
+    // is demoted, which keeps that snapshot aside.
+    let out = sync(&bm.mnt, &c, &[]);
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("forked") && err.contains("a-last"), "{err}");
+    snapfs_ok(&["demote", c.to_str().unwrap()]);
     for r in [&c, &d] {
         let inc = sync_ok(&bm.mnt, r);
         assert_eq!(inc["snapshots"], serde_json::json!(["s2"]), "{inc}");
         assert!((200_000..300_000).contains(&payload(&inc)), "{inc}");
     }
+    let names = snapshot_names(&c);
+    assert!(
+        names[1].starts_with("diverged-") && names[1].ends_with("-a-last"),
+        "{names:?}"
+    );
     // A volume of another origin is still refused.
     let other = Mount::at(dir.path().join("o"), dir.path().join("omnt"), &[]);
     std::fs::write(other.path("x"), b"x").unwrap();
@@ -2157,6 +2263,10 @@ fn a_replica_promoted_with_the_same_id_feeds_the_other_replicas() {
             "{}",
             String::from_utf8_lossy(&out.stdout)
         );
-        assert_eq!(snapshot_names(r), ["s1", "s2"]);
+        let names = snapshot_names(r);
+        assert_eq!(
+            (names[0].as_str(), names.last().unwrap().as_str()),
+            ("s1", "s2")
+        );
     }
 }

@@ -28,6 +28,9 @@ impl From<StoreError> for RoleError {
 pub struct Promotion {
     /// The volume it was a replica of.
     pub from: [u8; 16],
+    /// The volume the replica's snapshots were of (its origin): the one it took
+    /// over from.
+    pub origin: [u8; 16],
     /// When it was promoted (seconds since the Unix epoch).
     pub at: i64,
     /// The snapshot its live tree started from.
@@ -37,8 +40,9 @@ pub struct Promotion {
 impl Promotion {
     /// The sealed value of the `promoted` row.
     pub fn encode(&self) -> Vec<u8> {
-        let mut b = Vec::with_capacity(24 + self.snapshot.len());
+        let mut b = Vec::with_capacity(40 + self.snapshot.len());
         b.extend_from_slice(&self.from);
+        b.extend_from_slice(&self.origin);
         b.extend_from_slice(&self.at.to_le_bytes());
         b.extend_from_slice(self.snapshot.as_bytes());
         seal_meta(meta::PROMOTED, &b)
@@ -47,13 +51,14 @@ impl Promotion {
     /// Decodes the unsealed value of the `promoted` row.
     pub fn decode(b: &[u8]) -> Result<Self, StoreError> {
         let bad = || StoreError::Corrupt(format!("meta row promoted is {} bytes long", b.len()));
-        if b.len() < 24 || b.len() > 24 + NAME_MAX {
+        if b.len() < 40 || b.len() > 40 + NAME_MAX {
             return Err(bad());
         }
         Ok(Promotion {
             from: b[..16].try_into().map_err(|_| bad())?,
-            at: i64::from_le_bytes(b[16..24].try_into().map_err(|_| bad())?),
-            snapshot: String::from_utf8(b[24..].to_vec())
+            origin: b[16..32].try_into().map_err(|_| bad())?,
+            at: i64::from_le_bytes(b[32..40].try_into().map_err(|_| bad())?),
+            snapshot: String::from_utf8(b[40..].to_vec())
                 .map_err(|_| StoreError::Corrupt("meta row promoted names no snapshot".into()))?,
         })
     }
@@ -111,11 +116,14 @@ pub fn demoted_of<T: redb::ReadableTable<&'static str, &'static [u8]>>(
         .transpose()
 }
 
+/// The prefix of the names a demoted store keeps its own changes under.
+pub const DIVERGED: &str = "diverged-";
+
 /// `diverged-YYYY-MM-DDTHH:MM:SSZ`, the name a demoted store's own changes are kept
 /// under.
 pub fn diverged_name(sec: i64) -> String {
     format!(
-        "diverged-{}",
+        "{DIVERGED}{}",
         crate::policy::auto_name(sec).trim_start_matches(crate::policy::AUTO_PREFIX)
     )
 }
@@ -152,12 +160,18 @@ impl Store {
     ) -> Result<Promotion, RoleError> {
         let Some(from) = self.replica_of()? else {
             if self.demoted_at()?.is_some() {
+                if snapshot.is_some() || same_id {
+                    return Err(RoleError::Refused(
+                        "it is demoted and has received nothing since: promote only undoes the demotion (no --snapshot or --same-id)".into(),
+                    ));
+                }
                 self.write(true, |w| {
                     w.t.meta.remove(meta::DEMOTED)?;
                     Ok(())
                 })?;
                 return Ok(Promotion {
                     from: self.volume_id,
+                    origin: self.volume_id,
                     at: now,
                     snapshot: String::new(),
                 });
@@ -187,6 +201,7 @@ impl Store {
         self.free_unreferenced()?;
         let p = Promotion {
             from,
+            origin,
             at: now,
             snapshot: name,
         };
@@ -194,6 +209,7 @@ impl Store {
         self.write(true, |w| {
             w.t.meta.remove(meta::REPLICA_OF)?;
             w.t.meta.remove(meta::ORIGIN)?;
+            w.t.meta.remove(meta::DEMOTED)?;
             w.t.meta.remove(meta::LAST_RECEIVED)?;
             w.t.meta.insert(meta::PROMOTED, p.encode().as_slice())?;
             let row = seal_meta(meta::VOLUME_ID, &id);
@@ -206,14 +222,12 @@ impl Store {
 
     /// Makes a volume a replica again, of the volume that replaced it (its promoted
     /// replica): it mounts read-only from now on, and its first session (from a
-    /// volume it shares a snapshot with) keeps what it had past that snapshot under
-    /// `diverged-<time>` before taking the source's snapshots.
+    /// volume of its origin or one that took over from it, sharing a snapshot) keeps
+    /// what it had past that snapshot under `diverged-<time>` before taking the
+    /// source's snapshots. A replica is demoted to follow a source whose history
+    /// forked from its own (a replica promoted in its source's place): its snapshots
+    /// past the fork are kept aside the same way.
     pub fn demote(&mut self, now: i64) -> Result<(), RoleError> {
-        if self.replica_of()?.is_some() {
-            return Err(RoleError::Refused(
-                "it is a replica already: only a volume of its own is demoted".into(),
-            ));
-        }
         if self.snapshot_list(false)?.is_empty() {
             return Err(RoleError::Refused(
                 "it has no snapshot: a demoted store takes incrementals from a snapshot it shares with the new source, and this one shares none"
@@ -270,7 +284,8 @@ impl Store {
             }
         }
         let live = self.live_epoch;
-        let changed = !self.changes_between(base, live)?.is_empty();
+        // A replica's live tree is where its sessions stage, not anyone's data.
+        let changed = self.replica_of()?.is_none() && !self.changes_between(base, live)?.is_empty();
         let keep_live = changed.then(|| unique(stamp.clone()));
         if live >= (1 << (64 - super::schema::EPOCH_SHIFT)) - 1 {
             return Err(OpError::Errno(libc::EOVERFLOW));

@@ -280,6 +280,7 @@ fn send_inner<R: Read, W: Write>(
     })?;
     let block_size = read_meta_as(&meta_t, meta::BLOCK_SIZE, le_u32)?;
     let origin = crate::store::role::origin_of(&meta_t)?.unwrap_or(volume);
+    let succeeds = crate::store::role::promotion_of(&meta_t)?.map_or([0; 16], |p| p.origin);
     let mut snaps: Vec<(String, SnapshotRec)> = Vec::new();
     for row in txn.open_table(SNAPSHOTS)?.iter()? {
         let (k, v) = row?;
@@ -301,6 +302,7 @@ fn send_inner<R: Read, W: Write>(
         version: VERSION,
         volume,
         origin,
+        succeeds,
         block_size,
         nonce,
         dry_run,
@@ -684,6 +686,7 @@ pub fn receive_into<S: SinkStore, R: Read, W: Write>(
 struct Hello {
     volume: [u8; 16],
     origin: [u8; 16],
+    succeeds: [u8; 16],
     block_size: u32,
     dry_run: bool,
 }
@@ -698,11 +701,12 @@ fn handshake<R: Read, W: Write>(
 ) -> Result<Hello, SyncError> {
     let hello = expect(r)?;
     let hello_body = hello.encode().1;
-    let (volume, origin, block_size, their_nonce, dry_run) = match hello {
+    let (volume, origin, succeeds, block_size, their_nonce, dry_run) = match hello {
         Frame::Hello {
             version,
             volume,
             origin,
+            succeeds,
             block_size,
             nonce,
             dry_run,
@@ -712,7 +716,7 @@ fn handshake<R: Read, W: Write>(
                     "the source speaks sync version {version}, this snapfs {VERSION}"
                 )));
             }
-            (volume, origin, block_size, nonce, dry_run)
+            (volume, origin, succeeds, block_size, nonce, dry_run)
         }
         f => return Err(protocol(format!("expected hello, got {f:?}"))),
     };
@@ -746,6 +750,7 @@ fn handshake<R: Read, W: Write>(
     Ok(Hello {
         volume,
         origin,
+        succeeds,
         block_size,
         dry_run,
     })
@@ -769,13 +774,42 @@ fn accept<S: SinkStore, R: Read, W: Write>(
             )));
         }
         let promoted = store.promotion()?;
-        match store.replica_of()? {
-            Some(v) if v == volume => {}
-            // Another source of the same volume's snapshots: a replica of it, or the
-            // replica promoted in its place with its identity (`--same-id`).
-            Some(_) if store.origin()? == hello.origin => {}
-            // Taken at the first snapshot, from a source it shares a snapshot with.
-            None if store.demoted_at()?.is_some() => {}
+        let replica_of = store.replica_of()?;
+        let origin = store.origin()?;
+        if store.demoted_at()?.is_some() {
+            // Settled at the first snapshot (which must have a base), and only from a
+            // volume of the same origin or one that took over from it.
+            if hello.origin != origin && hello.succeeds != origin && replica_of != Some(volume) {
+                return Err(protocol(format!(
+                    "the destination was demoted and waits for the volume that took over from it; \
+                     this source ({}) did not take over from it, and its snapshots are of another volume",
+                    crate::store::hex(&volume)
+                )));
+            }
+            return Ok(());
+        }
+        match replica_of {
+            // Its source, or another source of the same volume's snapshots: a replica
+            // of it, or the replica promoted in its place with its identity
+            // (`--same-id`). Whether their histories agree is checked at each
+            // snapshot's base.
+            Some(v) if v == volume || origin == hello.origin => {
+                let recorded = crate::store::role::origin_of(store.read_txn()?.meta())?;
+                if v == volume && !dry_run && recorded == Some(v) && hello.origin != v {
+                    // A replica made before the `origin` row: its source says whose
+                    // snapshots these are.
+                    store.write(true, |w| {
+                        let row = crate::store::schema::seal_meta(meta::ORIGIN, &hello.origin);
+                        w.t.meta.insert(meta::ORIGIN, row.as_slice())?;
+                        Ok(())
+                    })?;
+                }
+            }
+            Some(_) => {
+                return Err(protocol(
+                    "the destination is a replica of another volume".to_string(),
+                ));
+            }
             None if promoted.as_ref().is_some_and(|p| p.from == volume) => {
                 let p = promoted.expect("matched");
                 return Err(protocol(format!(
@@ -788,11 +822,6 @@ fn accept<S: SinkStore, R: Read, W: Write>(
             None if !fresh && !live_is_empty(store)? => {
                 return Err(protocol(
                     "the destination holds files of its own: it is not an empty store or a replica",
-                ));
-            }
-            Some(_) => {
-                return Err(protocol(
-                    "the destination is a replica of another volume".to_string(),
                 ));
             }
             None if store.volume_id == volume => {
@@ -930,24 +959,29 @@ fn receive_snapshots<S: SinkStore, R: Read, W: Write>(
                 );
             }
         }
-        let mut renamed: Vec<String> = Vec::new();
-        st.with(|store| {
-            if store.demoted_at()?.is_some() {
-                // A demoted store's first snapshot: what it has past the base is
-                // kept aside, and it becomes a replica of the source.
-                let Some(b) = &base else {
-                    return Err(protocol(
-                        "the destination was demoted and shares no snapshot with the source: \
-                         it takes only incrementals from a snapshot both hold (restore into a new store instead)",
-                    ));
-                };
-                let rec = store.snapshot(b.as_bytes())?.ok_or_else(|| {
-                    protocol(format!("the destination lacks the base snapshot {b:?}"))
-                })?;
-                let kept = store.settle_demoted(rec.epoch, &hello.volume, &hello.origin, Ts::now())?;
-                tracing::info!(kept = ?kept, base = %b, "sync: a demoted store became a replica; what it had past the base is kept");
-                renamed = kept.renamed.into_iter().map(|(old, _)| old).collect();
+        let renamed = st.with(|store| {
+            if store.demoted_at()?.is_none() {
+                return Ok(Vec::new());
             }
+            // A demoted store's first snapshot: what it has past the base is kept
+            // aside, and it becomes a replica of the source.
+            let Some(b) = &base else {
+                return Err(protocol(
+                    "the destination was demoted and shares no snapshot with the source: \
+                     it takes only incrementals from a snapshot both hold (restore into a new store instead)",
+                ));
+            };
+            let rec = store.snapshot(b.as_bytes())?.ok_or_else(|| {
+                protocol(format!("the destination lacks the base snapshot {b:?}"))
+            })?;
+            let kept = store.settle_demoted(rec.epoch, &hello.volume, &hello.origin, Ts::now())?;
+            tracing::info!(kept = ?kept, base = %b, "sync: a demoted store became a replica; what it had past the base is kept");
+            Ok(kept.renamed.into_iter().map(|(old, _)| old).collect::<Vec<_>>())
+        })?;
+        if !renamed.is_empty() {
+            st.renamed(&renamed);
+        }
+        st.with(|store| {
             if store.snapshot(snapshot.name.as_bytes())?.is_some() {
                 return Err(protocol(format!(
                     "the destination already has a snapshot named {:?}",
@@ -960,6 +994,27 @@ fn receive_snapshots<S: SinkStore, R: Read, W: Write>(
                     let rec = store.snapshot(b.as_bytes())?.ok_or_else(|| {
                         protocol(format!("the destination lacks the base snapshot {b:?}"))
                     })?;
+                    // The base is the newest snapshot here (but those a demoted
+                    // store kept aside): a newer one the source lacks means the two
+                    // histories forked (another writer of this volume's snapshots),
+                    // and interleaving them would be neither.
+                    let newer: Vec<String> = store
+                        .snapshot_list(false)?
+                        .into_iter()
+                        .filter(|(n, r)| {
+                            r.epoch > rec.epoch && !n.starts_with(crate::store::role::DIVERGED)
+                        })
+                        .map(|(n, _)| crate::text::printable(&n).into_owned())
+                        .collect();
+                    if !newer.is_empty() {
+                        return Err(protocol(format!(
+                            "the destination holds snapshots newer than the base {} that the source lacks ({}): \
+                             its history and the source's forked; to follow the source, demote the destination \
+                             (snapfs demote, unmounted: they are kept as diverged-*) or delete them there",
+                            crate::text::printable(b),
+                            newer.join(", ")
+                        )));
+                    }
                     store.rollback_to(rec.epoch)?;
                 }
                 None if !store.snapshot_list(true)?.is_empty() => {
@@ -973,9 +1028,6 @@ fn receive_snapshots<S: SinkStore, R: Read, W: Write>(
             }
             Ok(())
         })?;
-        if !renamed.is_empty() {
-            st.renamed(&renamed);
-        }
         // The batch waiting for its missing extents, and the extents still due.
         let mut pending: Option<Vec<Record>> = None;
         let mut wanted: HashSet<[u8; 32]> = HashSet::new();
@@ -1364,6 +1416,7 @@ mod hostile_tests {
                 version: VERSION,
                 volume,
                 origin: volume,
+                succeeds: [0; 16],
                 block_size: 64 * 1024,
                 nonce: [1; 32],
                 dry_run: false,

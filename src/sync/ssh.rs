@@ -110,7 +110,7 @@ pub fn connect_source(
     remote: &str,
     only: Option<&str>,
 ) -> Result<End, SyncError> {
-    let only = only.map_or(String::new(), |s| format!(" --snapshot {}", shell_quote(s)));
+    let only = only.map_or(String::new(), |s| format!(" --snapshot={}", shell_quote(s)));
     run_remote(
         t,
         ssh,

@@ -113,6 +113,11 @@ pub enum Frame {
         /// replica, the origin recorded when it first received (what `snapfs promote
         /// --same-id` and `restore --same-id` take on).
         origin: [u8; 16],
+        /// The origin of the replica the source was before it was promoted (the
+        /// volume it took over from), zeros if it never was: a demoted store takes
+        /// its first session only from a volume of its own origin or one that took
+        /// over from it.
+        succeeds: [u8; 16],
         /// The source's block size (the destination's must match).
         block_size: u32,
         /// Random bytes the destination answers with a proof of the key.
@@ -250,6 +255,7 @@ impl Frame {
                 version,
                 volume,
                 origin,
+                succeeds,
                 block_size,
                 nonce,
                 dry_run,
@@ -258,6 +264,7 @@ impl Frame {
                 b.extend_from_slice(&version.to_le_bytes());
                 b.extend_from_slice(volume);
                 b.extend_from_slice(origin);
+                b.extend_from_slice(succeeds);
                 b.extend_from_slice(&block_size.to_le_bytes());
                 b.extend_from_slice(nonce);
                 b.push(*dry_run as u8);
@@ -356,6 +363,7 @@ impl Frame {
                     version: r.u32(W)?,
                     volume: r.array(W)?,
                     origin: r.array(W)?,
+                    succeeds: r.array(W)?,
                     block_size: r.u32(W)?,
                     nonce: r.array(W)?,
                     dry_run: match r.u8(W)? {
@@ -923,6 +931,7 @@ mod tests {
                 version: r.next() as u32,
                 volume: r.array(),
                 origin: r.array(),
+                succeeds: r.array(),
                 block_size: r.next() as u32,
                 nonce: r.array(),
                 dry_run: r.below(2) == 0,
