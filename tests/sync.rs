@@ -2108,25 +2108,71 @@ fn each_step_of_failover_failback_and_restore_survives_a_kill_9_at_a_random_poin
     snapfs_ok(&["demote", a.store.to_str().unwrap()]);
     let start = segment_bytes(&a.store);
     let whole = (mib as u64) << 20;
-    let args = ["sync", bm.mnt.to_str().unwrap(), a.store.to_str().unwrap()];
+    let a_store = a.store.to_str().unwrap().to_string();
+    let b_mnt = bm.mnt.to_str().unwrap().to_string();
+    let args = ["sync", &b_mnt, &a_store];
     let mut made = 0;
-    // The first cut at a random instant of the session's start (before, during or
-    // after the demoted store's settle), the second once the first extent is in,
-    // the rest at random points of the data.
-    for k in 0..4u64 {
+    // The CLI (both ends' connections) killed at a random instant of the session's
+    // start (before, during or after the demoted store's settle), then once the
+    // first extent is in, then at a random point of the data.
+    for k in 0..3u64 {
         let goal = match k {
             0 => 0,
             1 => start + 1,
-            _ => start + whole * (k - 1) / 3 + cuts.below(whole / 8),
+            _ => start + whole / 4 + cuts.below(whole / 8),
         };
         let after = std::time::Duration::from_micros(cuts.below(60_000));
         let cut = cut_at_bytes(&args, &a.store, goal, after);
         eprintln!("failback cut {k} at {goal}: {cut}");
         made += cut as u32;
-        let out = snapfs(&["fsck", a.store.to_str().unwrap()]);
+        let out = snapfs(&["fsck", &a_store]);
         assert!(
             out.status.success(),
             "cut {k}: {}",
+            String::from_utf8_lossy(&out.stdout)
+        );
+    }
+    // Waits until the session has brought `a` to `goal` bytes.
+    let a_path = a.store.clone();
+    let wait_for = |goal: u64, sync: &mut std::process::Child| {
+        let t0 = std::time::Instant::now();
+        while segment_bytes(&a_path) < goal {
+            assert!(sync.try_wait().unwrap().is_none(), "the sync ended early");
+            assert!(t0.elapsed().as_secs() < 120, "no progress");
+            std::thread::sleep(std::time::Duration::from_millis(2));
+        }
+    };
+    let spawn = |dest: &str| {
+        std::process::Command::new(SNAPFS)
+            .args(["sync", &b_mnt, dest])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap()
+    };
+    // The source's daemon killed mid-session, then mounted again.
+    let goal = start + whole / 2 + cuts.below(whole / 8);
+    let mut sync = spawn(&a_store);
+    wait_for(goal, &mut sync);
+    bm.kill9();
+    let _ = sync.wait();
+    bm.mount(&[]);
+    eprintln!("failback: the source's daemon killed at {goal}");
+    // The destination mounted (it receives through its daemon), whose daemon is
+    // killed mid-session.
+    a.mount(&[]);
+    let a_mnt2 = a.mnt.to_str().unwrap().to_string();
+    let goal = start + whole * 3 / 4 + cuts.below(whole / 8);
+    let mut sync = spawn(&a_mnt2);
+    wait_for(goal, &mut sync);
+    a.kill9();
+    let _ = sync.wait();
+    eprintln!("failback: the destination's daemon killed at {goal}");
+    for store in [&a_store, &bs] {
+        let out = snapfs(&["fsck", store]);
+        assert!(
+            out.status.success(),
+            "{}",
             String::from_utf8_lossy(&out.stdout)
         );
     }
