@@ -44,6 +44,7 @@ apt_packages=(
     tar                                           # the tree-copy tests
     openssh-server openssh-client                 # sync over ssh to an sshd the test starts
     python3 libcap2-bin                           # copy_file_range and setcap in the set-id test
+    xfsprogs                                      # an XFS image with reflink for the clone test
 )
 
 section() { printf '\n===== %s =====\n' "$*"; }
@@ -60,7 +61,7 @@ install_packages() {
         fi
     fi
     local missing=() c
-    for c in cargo cc fusermount3 mountpoint findmnt setpriv prlimit useradd timeout tar ssh ssh-keygen setfacl; do
+    for c in cargo cc fusermount3 mountpoint findmnt setpriv prlimit useradd timeout tar ssh ssh-keygen setfacl mkfs.xfs; do
         command -v "$c" >/dev/null || missing+=("$c")
     done
     [ ${#missing[@]} -eq 0 ] || echo "warning: missing commands: ${missing[*]}" >&2

@@ -384,6 +384,9 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             let Some(source) = store.to_str() else {
                 anyhow::bail!("{}: not a UTF-8 path", store.display());
             };
+            if !resume && reflink_clone(&store, &snapshot, &newstore)? {
+                return Ok(ExitCode::SUCCESS);
+            }
             return restore(
                 source,
                 &newstore,
@@ -618,6 +621,53 @@ fn restore(
     );
     drop(st);
     Ok(ExitCode::SUCCESS)
+}
+
+/// `snapfs clone` of an unmounted store on a filesystem that shares blocks between
+/// files: the store's files are cloned and the copy keeps the one snapshot. False
+/// when that cannot be done here (mounted, another filesystem, no reflink), for a
+/// clone by sync instead.
+fn reflink_clone(store: &Path, snapshot: &str, newstore: &Path) -> anyhow::Result<bool> {
+    use snapfs::store::{Store, StoreError, clone::reflink_store};
+    let t = std::time::Instant::now();
+    let src = daemon::resolve_store(store)?;
+    let dest = snapfs::sync::dest_store(newstore).map_err(|e| anyhow::anyhow!("{e}"))?;
+    if Store::exists(&dest) {
+        anyhow::bail!(
+            "{} is a store already: clone makes a new one",
+            dest.display()
+        );
+    }
+    match reflink_store(&src, &dest) {
+        Ok(true) => {}
+        Ok(false) | Err(StoreError::Locked) => return Ok(false),
+        Err(e) => anyhow::bail!("clone {} -> {}: {e}", store.display(), dest.display()),
+    }
+    let kept = open_unmounted(&dest).and_then(|mut st| {
+        st.keep_only(snapshot).map_err(|e| anyhow::anyhow!("{e}"))?;
+        Ok(st.volume_id)
+    });
+    match kept {
+        Ok(id) => {
+            println!(
+                "cloned {} into {} (volume {}): snapshot {}, its blocks shared with the source (reflink), {:.2} s; the live tree is that snapshot",
+                store.display(),
+                dest.display(),
+                snapfs::store::hex(&id),
+                snapfs::text::printable(snapshot),
+                t.elapsed().as_secs_f64()
+            );
+            Ok(true)
+        }
+        Err(e) => {
+            // Nothing of the half-made clone stays.
+            let _ = std::fs::remove_file(dest.join(snapfs::store::DB_FILE));
+            let _ = std::fs::remove_dir_all(dest.join("segments"));
+            let _ = std::fs::remove_file(dest.join("snapfs.log"));
+            let _ = std::fs::remove_dir(&dest);
+            anyhow::bail!("clone {} -> {}: {e}", store.display(), dest.display())
+        }
+    }
 }
 
 /// `snapfs send STORE`: the source of a restore on stdin and stdout (over ssh).

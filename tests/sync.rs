@@ -2316,3 +2316,151 @@ fn a_replica_promoted_with_the_same_id_feeds_the_other_replicas() {
         );
     }
 }
+
+/// A filesystem image with reflink (XFS), loop-mounted for one test, unmounted
+/// when dropped.
+struct ReflinkFs {
+    _dir: tempfile::TempDir,
+    root: std::path::PathBuf,
+}
+
+impl ReflinkFs {
+    fn new() -> ReflinkFs {
+        let dir = test_dir();
+        let img = dir.path().join("xfs.img");
+        let root = dir.path().join("root");
+        std::fs::create_dir(&root).unwrap();
+        std::fs::File::create(&img)
+            .unwrap()
+            .set_len(1 << 30)
+            .unwrap();
+        let run = |cmd: &str, args: &[&std::ffi::OsStr]| {
+            let out = std::process::Command::new(cmd)
+                .args(args)
+                .output()
+                .unwrap_or_else(|e| panic!("{cmd} (xfsprogs, util-linux): {e}"));
+            assert!(
+                out.status.success(),
+                "{cmd}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        };
+        run(
+            "mkfs.xfs",
+            &[
+                "-q".as_ref(),
+                "-m".as_ref(),
+                "reflink=1".as_ref(),
+                img.as_os_str(),
+            ],
+        );
+        run(
+            "mount",
+            &[
+                "-o".as_ref(),
+                "loop".as_ref(),
+                img.as_os_str(),
+                root.as_os_str(),
+            ],
+        );
+        ReflinkFs { _dir: dir, root }
+    }
+
+    /// Bytes in use on it.
+    fn used(&self) -> u64 {
+        let c = std::ffi::CString::new(self.root.to_str().unwrap()).unwrap();
+        // SAFETY: statvfs into a zeroed struct.
+        let mut s: libc::statvfs = unsafe { std::mem::zeroed() };
+        assert_eq!(unsafe { libc::statvfs(c.as_ptr(), &mut s) }, 0);
+        (s.f_blocks - s.f_bfree) * s.f_frsize
+    }
+}
+
+impl Drop for ReflinkFs {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .arg("-l")
+            .arg(&self.root)
+            .status();
+    }
+}
+
+#[test]
+fn a_clone_on_a_reflink_filesystem_shares_its_blocks_and_elsewhere_copies_them() {
+    let fs = ReflinkFs::new();
+    let mut a = Mount::at(fs.root.join("a"), fs.root.join("amnt"), &[]);
+    let a_mnt = a.mnt.to_str().unwrap().to_string();
+    std::fs::write(a.path("big"), pattern(1, 64 << 20)).unwrap();
+    snapfs_ok(&["snapshot", "create", &a_mnt, "s1"]);
+    std::fs::write(a.path("later"), pattern(2, 16 << 20)).unwrap();
+    snapfs_ok(&["snapshot", "create", &a_mnt, "s2"]);
+    let s1 = tree_digest(&a.path(".snapshots/s1"));
+    a.unmount();
+
+    // On the same reflink filesystem: the blocks are shared, not copied.
+    let before = fs.used();
+    let c = fs.root.join("c");
+    let out = snapfs_ok(&[
+        "clone",
+        a.store.to_str().unwrap(),
+        "s1",
+        c.to_str().unwrap(),
+    ]);
+    assert!(out.contains("reflink"), "{out}");
+    let grew = fs.used() - before;
+    assert!(grew < 8 << 20, "the clone took {grew} bytes");
+    assert_eq!(snapshot_names(&c), ["s1"]);
+    // A volume of its own: its writes leave the source as it was.
+    let mut cm = Mount::at(c.clone(), fs.root.join("cmnt"), &[]);
+    assert_eq!(tree_digest(&cm.mnt), s1);
+    assert!(!cm.path("later").exists());
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .open(cm.path("big"))
+        .unwrap();
+    std::os::unix::fs::FileExt::write_all_at(&f, &pattern(3, 1 << 20), 4 << 20).unwrap();
+    drop(f);
+    assert_ne!(
+        status_line(&cm.mnt, "volume:"),
+        status_line(&a.store, "volume:")
+    );
+    cm.unmount();
+    for store in [&a.store, &c] {
+        let out = snapfs(&["fsck", store.to_str().unwrap(), "--read-data"]);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stdout)
+        );
+    }
+    a.mount(&[]);
+    assert_eq!(tree_digest(&a.path(".snapshots/s1")), s1);
+    // Mounted, or onto another filesystem: a copy by sync.
+    let elsewhere = test_dir();
+    let e = elsewhere.path().join("e");
+    let out = snapfs_ok(&["clone", &a_mnt, "s2", e.to_str().unwrap()]);
+    assert!(
+        !out.contains("reflink") && out.contains("1 snapshots"),
+        "{out}"
+    );
+    a.unmount();
+    let out = snapfs_ok(&[
+        "clone",
+        a.store.to_str().unwrap(),
+        "s1",
+        elsewhere.path().join("x").to_str().unwrap(),
+    ]);
+    assert!(!out.contains("reflink"), "{out}");
+    assert_eq!(snapshot_names(&e), ["s2"]);
+    assert_eq!(snapshot_names(&elsewhere.path().join("x")), ["s1"]);
+    // A snapshot that is not there: nothing is left behind.
+    let out = snapfs(&[
+        "clone",
+        a.store.to_str().unwrap(),
+        "nope",
+        fs.root.join("n").to_str().unwrap(),
+    ]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("no snapshot named"));
+    assert!(!fs.root.join("n").exists());
+}

@@ -12,6 +12,7 @@
 //! at durable points, `Durability::Immediate` after `fdatasync` of the segments, so
 //! extents are durable before any metadata that names them.
 
+pub mod clone;
 pub mod disk;
 pub mod role;
 pub mod schema;
