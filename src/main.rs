@@ -94,15 +94,8 @@ enum Cmd {
         /// Print a machine-readable summary.
         #[arg(long)]
         json: bool,
-        /// The ssh client and its options, for ssh:// (split on whitespace).
-        #[arg(long, default_value = "ssh")]
-        ssh: String,
-        /// The snapfs program on the far side, for ssh://.
-        #[arg(long, default_value = "snapfs")]
-        remote_snapfs: String,
-        /// Send at most RATE bytes per second (K, M, G: powers of 1024; at least 128K).
-        #[arg(long, value_name = "RATE", value_parser = snapfs::sync::parse_rate)]
-        bwlimit: Option<u64>,
+        #[command(flatten)]
+        link: Link,
         /// Only say what would be sent (snapshots, records, extents, bytes at most);
         /// nothing changes on either side.
         #[arg(long)]
@@ -150,15 +143,8 @@ enum Cmd {
         /// until the restore completes), or start one.
         #[arg(long)]
         resume: bool,
-        /// The ssh client and its options, for ssh:// (split on whitespace).
-        #[arg(long, default_value = "ssh")]
-        ssh: String,
-        /// The snapfs program on the far side, for ssh://.
-        #[arg(long, default_value = "snapfs")]
-        remote_snapfs: String,
-        /// Receive at most RATE bytes per second (K, M, G: powers of 1024).
-        #[arg(long, value_name = "RATE", value_parser = snapfs::sync::parse_rate)]
-        bwlimit: Option<u64>,
+        #[command(flatten)]
+        link: Link,
     },
     /// A new writable volume (with a new identity) from one snapshot of a store.
     Clone {
@@ -200,6 +186,20 @@ enum Cmd {
         #[arg(long)]
         key_file: PathBuf,
     },
+}
+
+/// How a session reaches the far side, and how fast it may go.
+#[derive(clap::Args)]
+struct Link {
+    /// The ssh client and its options, for ssh:// (split on whitespace).
+    #[arg(long, default_value = "ssh")]
+    ssh: String,
+    /// The snapfs program on the far side, for ssh://.
+    #[arg(long, default_value = "snapfs")]
+    remote_snapfs: String,
+    /// Move at most RATE bytes per second (K, M, G: powers of 1024; at least 128K).
+    #[arg(long, value_name = "RATE", value_parser = snapfs::sync::parse_rate)]
+    bwlimit: Option<u64>,
 }
 
 #[derive(Subcommand)]
@@ -313,19 +313,17 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             snapshot,
             key_file,
             json,
-            ssh,
-            remote_snapfs,
-            bwlimit,
+            link,
             dry_run,
         } => {
             let opts = snapfs::sync::Options {
                 dry_run,
                 snapshot,
                 key_file,
-                ssh,
-                remote_snapfs,
+                ssh: link.ssh,
+                remote_snapfs: link.remote_snapfs,
                 progress: true,
-                bwlimit,
+                bwlimit: link.bwlimit,
                 in_daemon: false,
                 one_off: false,
             };
@@ -346,16 +344,14 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             only,
             same_id,
             resume,
-            ssh,
-            remote_snapfs,
-            bwlimit,
+            link,
         } => {
             let opts = snapfs::sync::Options {
                 snapshot: only,
-                ssh,
-                remote_snapfs,
+                ssh: link.ssh,
+                remote_snapfs: link.remote_snapfs,
                 progress: true,
-                bwlimit,
+                bwlimit: link.bwlimit,
                 one_off: true,
                 ..Default::default()
             };
@@ -672,7 +668,6 @@ fn reflink_clone(store: &Path, snapshot: &str, newstore: &Path) -> anyhow::Resul
 
 /// `snapfs send STORE`: the source of a restore on stdin and stdout (over ssh).
 fn send(store: &Path, only: Option<&str>) -> anyhow::Result<ExitCode> {
-    use snapfs::sync::wire::{FrameReader, FrameWriter};
     let store = daemon::resolve_store(store)?;
     if let Some(end) = snapfs::sync::relay::daemon_source(&store, only, false, true, None)
         .map_err(|e| anyhow::anyhow!("{e}"))?
@@ -683,12 +678,19 @@ fn send(store: &Path, only: Option<&str>) -> anyhow::Result<ExitCode> {
         res.map_err(|e| anyhow::anyhow!("send from {}: {e}", store.display()))?;
         return Ok(ExitCode::SUCCESS);
     }
-    snapfs::sync::session::send(
-        &store,
-        only,
-        false,
-        true,
-        None,
+    let (r, w) = stdio_framed();
+    snapfs::sync::session::send(&store, only, false, true, None, r, w)
+        .map_err(|e| anyhow::anyhow!("send from {}: {e}", store.display()))?;
+    Ok(ExitCode::SUCCESS)
+}
+
+/// A session's frames on standard input and output (no key: ssh carries them).
+fn stdio_framed() -> (
+    snapfs::sync::wire::FrameReader<std::io::BufReader<std::io::StdinLock<'static>>>,
+    snapfs::sync::wire::FrameWriter<std::io::BufWriter<std::io::StdoutLock<'static>>>,
+) {
+    use snapfs::sync::wire::{FrameReader, FrameWriter};
+    (
         FrameReader::new(
             std::io::BufReader::with_capacity(1 << 20, std::io::stdin().lock()),
             None,
@@ -698,13 +700,10 @@ fn send(store: &Path, only: Option<&str>) -> anyhow::Result<ExitCode> {
             None,
         ),
     )
-    .map_err(|e| anyhow::anyhow!("send from {}: {e}", store.display()))?;
-    Ok(ExitCode::SUCCESS)
 }
 
 /// `snapfs receive STORE`: the far end of `snapfs sync` over ssh, on stdin and stdout.
 fn receive(store: &Path) -> anyhow::Result<ExitCode> {
-    use snapfs::sync::wire::{FrameReader, FrameWriter};
     let store = &snapfs::sync::dest_store(store)?;
     // A mounted store is received by its daemon: the frames pass through, and what
     // they say decides how this ends.
@@ -717,19 +716,9 @@ fn receive(store: &Path) -> anyhow::Result<ExitCode> {
         tracing::info!(snapshots = ?sum.snapshots, "received");
         return Ok(ExitCode::SUCCESS);
     }
-    let sum = snapfs::sync::session::receive(
-        store,
-        None,
-        FrameReader::new(
-            std::io::BufReader::with_capacity(1 << 20, std::io::stdin().lock()),
-            None,
-        ),
-        FrameWriter::new(
-            std::io::BufWriter::with_capacity(1 << 20, std::io::stdout().lock()),
-            None,
-        ),
-    )
-    .map_err(|e| anyhow::anyhow!("receive into {}: {e}", store.display()))?;
+    let (r, w) = stdio_framed();
+    let sum = snapfs::sync::session::receive(store, None, r, w)
+        .map_err(|e| anyhow::anyhow!("receive into {}: {e}", store.display()))?;
     tracing::info!(snapshots = ?sum.snapshots, "received");
     Ok(ExitCode::SUCCESS)
 }

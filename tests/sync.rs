@@ -25,6 +25,24 @@ fn sync_ok(src: &Path, dest: &Path) -> serde_json::Value {
     serde_json::from_slice(&out.stdout).unwrap()
 }
 
+/// The JSON summary of a sync over TCP to `addr` with `key` that must succeed.
+fn sync_tcp_ok(src: &str, addr: &str, key: &Path) -> serde_json::Value {
+    let out = snapfs(&[
+        "sync",
+        src,
+        &format!("tcp://{addr}"),
+        "--key-file",
+        key.to_str().unwrap(),
+        "--json",
+    ]);
+    assert!(
+        out.status.success(),
+        "sync: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
 /// Each snapshot of `a` and `b`, by name, as `tree_digest` sees it.
 fn snapshot_trees(m: &Mount) -> Vec<(String, std::collections::BTreeMap<String, String>)> {
     let mut names: Vec<String> = std::fs::read_dir(m.path(".snapshots"))
@@ -810,20 +828,7 @@ fn an_interrupted_sync_resumes_without_a_partial_snapshot() {
         String::from_utf8_lossy(&f.stdout)
     );
     let staged = segment_bytes(&replica);
-    let out = snapfs(&[
-        "sync",
-        src.store.to_str().unwrap(),
-        &format!("tcp://{}", server.addr),
-        "--key-file",
-        key.to_str().unwrap(),
-        "--json",
-    ]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let sum: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let sum = sync_tcp_ok(src.store.to_str().unwrap(), &server.addr, &key);
     assert_eq!(sum["snapshots"], serde_json::json!(["big"]), "{sum}");
     drop(server);
     // Everything received more than once, against what the cut runs had staged.
@@ -1704,20 +1709,7 @@ fn failover_then_failback_moves_only_what_changed_and_keeps_what_diverged() {
     assert!(refuses_writes(&a), "demoted, so read-only");
     assert_eq!(tree_digest(&a.path(".snapshots/next")), a_next);
     assert_eq!(tree_digest(&a.path(".snapshots/extra")), a_next);
-    let out = snapfs(&[
-        "sync",
-        &b_mnt,
-        &format!("tcp://127.0.0.1:{port}"),
-        "--key-file",
-        key.to_str().unwrap(),
-        "--json",
-    ]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let back: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let back = sync_tcp_ok(&b_mnt, &format!("127.0.0.1:{port}"), &key);
     assert_eq!(back["snapshots"], serde_json::json!(["next"]), "{back}");
     assert_eq!(tree_digest(&a.path(".snapshots/next")), b_next);
     // Its own snapshot kept aside is shown under its new name only.
