@@ -527,7 +527,7 @@ fn now_secs() -> i64 {
 fn promote(path: &Path, snapshot: Option<&str>, same_id: bool) -> anyhow::Result<ExitCode> {
     let mut st = open_unmounted(path)?;
     let p = st
-        .promote(snapshot, same_id, now_secs())
+        .promote(snapshot, same_id, true, now_secs())
         .map_err(|e| anyhow::anyhow!("promote {}: {e}", path.display()))?;
     if p.snapshot.is_empty() {
         println!(
@@ -602,7 +602,7 @@ fn restore(
     res.map_err(|e| anyhow::anyhow!("{verb} {source} -> {}: {e}", newstore.display()))?;
     let mut st = open_unmounted(newstore)?;
     let p = st
-        .promote(live, same_id, now_secs())
+        .promote(live, same_id, verb != "cloned", now_secs())
         .map_err(|e| anyhow::anyhow!("{verb} {source} -> {}: {e}", newstore.display()))?;
     let all = st.snapshot_list(false)?.len();
     println!(
@@ -624,46 +624,29 @@ fn restore(
 /// when that cannot be done here (mounted, another filesystem, no reflink), for a
 /// clone by sync instead.
 fn reflink_clone(store: &Path, snapshot: &str, newstore: &Path) -> anyhow::Result<bool> {
-    use snapfs::store::{Store, StoreError, clone::reflink_store};
     let t = std::time::Instant::now();
     let src = daemon::resolve_store(store)?;
     let dest = snapfs::sync::dest_store(newstore).map_err(|e| anyhow::anyhow!("{e}"))?;
-    if Store::exists(&dest) {
+    if snapfs::store::Store::exists(&dest) {
         anyhow::bail!(
             "{} is a store already: clone makes a new one",
             dest.display()
         );
     }
-    match reflink_store(&src, &dest) {
-        Ok(true) => {}
-        Ok(false) | Err(StoreError::Locked) => return Ok(false),
-        Err(e) => anyhow::bail!("clone {} -> {}: {e}", store.display(), dest.display()),
-    }
-    let kept = open_unmounted(&dest).and_then(|mut st| {
-        st.keep_only(snapshot).map_err(|e| anyhow::anyhow!("{e}"))?;
-        Ok(st.volume_id)
-    });
-    match kept {
-        Ok(id) => {
-            println!(
-                "cloned {} into {} (volume {}): snapshot {}, its blocks shared with the source (reflink), {:.2} s; the live tree is that snapshot",
-                store.display(),
-                dest.display(),
-                snapfs::store::hex(&id),
-                snapfs::text::printable(snapshot),
-                t.elapsed().as_secs_f64()
-            );
-            Ok(true)
-        }
-        Err(e) => {
-            // Nothing of the half-made clone stays.
-            let _ = std::fs::remove_file(dest.join(snapfs::store::DB_FILE));
-            let _ = std::fs::remove_dir_all(dest.join("segments"));
-            let _ = std::fs::remove_file(dest.join("snapfs.log"));
-            let _ = std::fs::remove_dir(&dest);
-            anyhow::bail!("clone {} -> {}: {e}", store.display(), dest.display())
-        }
-    }
+    let id = snapfs::store::clone::reflink_clone(&src, snapshot, &dest)
+        .map_err(|e| anyhow::anyhow!("clone {} -> {}: {e}", store.display(), dest.display()))?;
+    let Some(id) = id else {
+        return Ok(false);
+    };
+    println!(
+        "cloned {} into {} (volume {}): snapshot {}, its blocks shared with the source (reflink), {:.2} s; the live tree is that snapshot",
+        store.display(),
+        dest.display(),
+        snapfs::store::hex(&id),
+        snapfs::text::printable(snapshot),
+        t.elapsed().as_secs_f64()
+    );
+    Ok(true)
 }
 
 /// `snapfs send STORE`: the source of a restore on stdin and stdout (over ssh).

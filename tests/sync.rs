@@ -570,6 +570,7 @@ fn a_mounted_replica_is_not_held_by_an_idle_peer_and_a_failed_receive_says_so() 
             volume: [1; 16],
             origin: [1; 16],
             succeeds: [0; 16],
+            writer: [1; 16],
             block_size: 64 * 1024,
             nonce: [0; 32],
             dry_run: false,
@@ -1105,6 +1106,7 @@ fn crafted_session(
         volume,
         origin: volume,
         succeeds: [0; 16],
+        writer: volume,
         block_size: 64 * 1024,
         nonce,
         dry_run: false,
@@ -1188,6 +1190,7 @@ fn a_live_receiver_refuses_crafted_streams_and_keeps_serving() {
                 volume,
                 origin: volume,
                 succeeds: [0; 16],
+                writer: volume,
                 block_size: 65536,
                 nonce: [0; 32],
                 dry_run: false,
@@ -2455,4 +2458,58 @@ fn a_clone_on_a_reflink_filesystem_shares_its_blocks_and_elsewhere_copies_them()
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("no snapshot named"));
     assert!(!fs.root.join("n").exists());
+}
+
+#[test]
+fn a_writer_that_lost_its_record_goes_on_and_a_demoted_store_waits_for_its_successor() {
+    let dir = test_dir();
+    let mut a = Mount::at(dir.path().join("a"), dir.path().join("amnt"), &[]);
+    let a_mnt = a.mnt.to_str().unwrap().to_string();
+    let r = dir.path().join("r");
+    std::fs::write(a.path("f"), pattern(1, 300_000)).unwrap();
+    snapfs_ok(&["snapshot", "create", &a_mnt, "s1"]);
+    sync_ok(&a.mnt, &r);
+    a.unmount();
+    // The source's store is later put back from a copy taken now: it forgets s2,
+    // which reached the replica meanwhile.
+    let copy = dir.path().join("a-copy");
+    let st = std::process::Command::new("cp")
+        .args(["-a", a.store.to_str().unwrap(), copy.to_str().unwrap()])
+        .status()
+        .unwrap();
+    assert!(st.success());
+    a.mount(&[]);
+    std::fs::write(a.path("g"), pattern(2, 200_000)).unwrap();
+    snapfs_ok(&["snapshot", "create", &a_mnt, "s2"]);
+    sync_ok(&a.mnt, &r);
+    a.unmount();
+    std::fs::remove_dir_all(&a.store).unwrap();
+    std::fs::rename(&copy, &a.store).unwrap();
+    a.mount(&[]);
+    std::fs::write(a.path("h"), pattern(3, 100_000)).unwrap();
+    snapfs_ok(&["snapshot", "create", &a_mnt, "s3"]);
+    // The same writer: its s2 on the replica is its own history, not a fork.
+    let inc = sync_ok(&a.mnt, &r);
+    assert_eq!(inc["snapshots"], serde_json::json!(["s3"]), "{inc}");
+    assert_eq!(snapshot_names(&r), ["s1", "s2", "s3"]);
+    a.unmount();
+
+    // Demoted, the source takes its first session only from the volume that took
+    // over from it, not from any replica of itself.
+    let r2 = dir.path().join("r2");
+    sync_ok(&a.store, &r2);
+    snapfs_ok(&["demote", a.store.to_str().unwrap()]);
+    let out = sync(&r2, &a.store, &[]);
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("did not take over from it"), "{err}");
+    // r, promoted (with a new identity), did.
+    snapfs_ok(&["promote", r.to_str().unwrap()]);
+    let mut rm = Mount::at(r.clone(), dir.path().join("rmnt"), &[]);
+    std::fs::write(rm.path("i"), pattern(4, 100_000)).unwrap();
+    snapfs_ok(&["snapshot", "create", rm.mnt.to_str().unwrap(), "r4"]);
+    let inc = sync_ok(&rm.mnt, &a.store);
+    assert_eq!(inc["snapshots"], serde_json::json!(["r4"]), "{inc}");
+    rm.unmount();
+    a.assert_fsck_clean();
 }

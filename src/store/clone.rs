@@ -8,70 +8,112 @@ use std::path::Path;
 
 use super::role::RoleError;
 use super::schema::{meta, seal_meta};
-use super::{DB_FILE, ReadOnlyStore, Store, StoreError, random_bytes};
+use super::{DB_FILE, Store, StoreError, random_bytes};
 
-/// Clones the files of the unmounted store at `src` into `dest` (missing, or an
-/// empty directory), sharing their blocks. `Ok(false)`: the filesystem cannot share
-/// blocks between these files, and `dest` is left as it was.
-pub fn reflink_store(src: &Path, dest: &Path) -> Result<bool, StoreError> {
-    // Held for the whole copy: no daemon opens the store meanwhile, so its files do
-    // not change under us.
-    let held = ReadOnlyStore::open(src, false)?;
-    // Only its owner may enter a store: its files hold every file's content.
-    let made = match std::os::unix::fs::DirBuilderExt::mode(&mut std::fs::DirBuilder::new(), 0o700)
-        .create(dest)
-    {
-        Ok(()) => true,
-        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
-            if std::fs::read_dir(dest)?.next().is_some() {
-                return Err(StoreError::Corrupt(format!(
-                    "{} is not empty",
-                    dest.display()
-                )));
-            }
-            false
+/// Makes the new store `dest` (missing, or an empty directory) from snapshot
+/// `snapshot` of the unmounted store at `src`, sharing their blocks: the store's
+/// files are cloned into a directory beside `dest`, which keeps only the snapshot
+/// and is then renamed into place, so that `dest` is never a half-made store (a
+/// clone cut short leaves that directory, which the next clone there removes).
+/// Returns the new volume id, or `None` when this cannot be done here (the store
+/// is mounted, or the filesystem cannot share blocks between these files), for a
+/// clone by sync instead.
+pub fn reflink_clone(
+    src: &Path,
+    snapshot: &str,
+    dest: &Path,
+) -> Result<Option<[u8; 16]>, RoleError> {
+    let refused = |m: String| Err(RoleError::Refused(m));
+    match std::fs::read_dir(dest).map(|mut d| d.next().is_some()) {
+        Ok(true) => return refused(format!("{} is not empty", dest.display())),
+        Ok(false) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotADirectory => {
+            return refused(format!("{} is not a directory", dest.display()));
         }
+        Err(e) => return Err(StoreError::from(e).into()),
+    }
+    let (Some(parent), Some(name)) = (dest.parent(), dest.file_name()) else {
+        return refused(format!("{}: not a path to make a store at", dest.display()));
+    };
+    let parent = if parent.as_os_str().is_empty() {
+        Path::new(".")
+    } else {
+        parent
+    };
+    let mut partial = std::ffi::OsString::from(".");
+    partial.push(name);
+    partial.push(".clone-partial");
+    let tmp = parent.join(partial);
+    // Held for the whole copy (exclusively: no daemon opens it meanwhile, and a
+    // store a crash left open is recovered first), so its files do not change.
+    let held = match Store::open(src, None) {
+        Ok(s) => s,
+        Err(StoreError::Locked) => return Ok(None),
         Err(e) => return Err(e.into()),
     };
-    let undo = || {
-        let _ = std::fs::remove_file(dest.join(DB_FILE));
-        let _ = std::fs::remove_dir_all(dest.join("segments"));
-        if made {
-            let _ = std::fs::remove_dir(dest);
-        }
-    };
-    let res = (|| {
-        // The metadata first: if it cannot be cloned, nothing else is tried.
-        if !ficlone(&src.join(DB_FILE), &dest.join(DB_FILE))? {
-            return Ok(false);
-        }
-        std::fs::create_dir(dest.join("segments"))?;
-        for e in std::fs::read_dir(src.join("segments"))? {
-            let e = e?;
-            if !e.file_type()?.is_file() {
-                continue;
-            }
-            let to = dest.join("segments").join(e.file_name());
-            if !ficlone(&e.path(), &to)? {
-                return Err(StoreError::Corrupt(format!(
-                    "{} could not be cloned where the metadata could",
-                    e.path().display()
-                )));
-            }
-        }
-        for dir in [dest.join("segments"), dest.to_path_buf()] {
-            std::fs::File::open(&dir)?.sync_all()?;
-        }
-        Ok(true)
-    })();
+    if held.snapshot(snapshot.as_bytes())?.is_none() {
+        return refused(format!(
+            "there is no snapshot named {}",
+            crate::text::printable(snapshot)
+        ));
+    }
+    if tmp.exists() {
+        // What a clone cut short left (only a clone names a directory so).
+        std::fs::remove_dir_all(&tmp).map_err(StoreError::from)?;
+    }
+    std::os::unix::fs::DirBuilderExt::mode(&mut std::fs::DirBuilder::new(), 0o700)
+        .create(&tmp)
+        .map_err(StoreError::from)?;
+    let copied = copy_files(src, &tmp);
     drop(held);
-    match res {
-        Ok(true) => Ok(true),
-        r => {
-            undo();
-            r
+    match copied {
+        Ok(true) => {}
+        other => {
+            let _ = std::fs::remove_dir_all(&tmp);
+            return other.map(|_| None).map_err(Into::into);
         }
     }
+    let kept = (|| {
+        let mut st = Store::open(&tmp, None)?;
+        st.keep_only(snapshot)?;
+        Ok::<_, RoleError>(st.volume_id)
+    })();
+    let id = match kept {
+        Ok(id) => id,
+        Err(e) => {
+            let _ = std::fs::remove_dir_all(&tmp);
+            return Err(e);
+        }
+    };
+    let _ = std::fs::remove_file(tmp.join("snapfs.log"));
+    std::fs::rename(&tmp, dest).map_err(StoreError::from)?;
+    std::fs::File::open(parent)
+        .and_then(|d| d.sync_all())
+        .map_err(StoreError::from)?;
+    Ok(Some(id))
+}
+
+/// Clones the metadata file and the segment files of the store at `src` into the
+/// directory `to`; `Ok(false)` when the filesystem cannot share their blocks.
+fn copy_files(src: &Path, to: &Path) -> Result<bool, StoreError> {
+    // The metadata first: if it cannot be cloned, nothing else is tried.
+    if !ficlone(&src.join(DB_FILE), &to.join(DB_FILE))? {
+        return Ok(false);
+    }
+    std::fs::create_dir(to.join("segments"))?;
+    for e in std::fs::read_dir(src.join("segments"))? {
+        let e = e?;
+        if e.file_type()?.is_file()
+            && !ficlone(&e.path(), &to.join("segments").join(e.file_name()))?
+        {
+            return Ok(false);
+        }
+    }
+    for dir in [to.join("segments"), to.to_path_buf()] {
+        std::fs::File::open(&dir)?.sync_all()?;
+    }
+    Ok(true)
 }
 
 /// Clones file `from` to the new file `to` (synced); `Ok(false)` when the
@@ -137,6 +179,8 @@ impl Store {
                 meta::PROMOTED,
                 meta::DEMOTED,
                 meta::LAST_RECEIVED,
+                meta::LAST_SOURCE,
+                meta::WRITER,
             ] {
                 w.t.meta.remove(row)?;
             }

@@ -93,6 +93,24 @@ pub fn origin_of<T: redb::ReadableTable<&'static str, &'static [u8]>>(
     Ok(None)
 }
 
+/// The `writer` row in `t` (absent: the volume id is the writer).
+pub fn writer_of<T: redb::ReadableTable<&'static str, &'static [u8]>>(
+    t: &T,
+) -> Result<Option<[u8; 16]>, StoreError> {
+    read_meta(t, meta::WRITER)?
+        .map(|v| volume_row(meta::WRITER, &v))
+        .transpose()
+}
+
+/// The `last_source` row in `t`: the writer a replica last began to take from.
+pub fn last_source_of<T: redb::ReadableTable<&'static str, &'static [u8]>>(
+    t: &T,
+) -> Result<Option<[u8; 16]>, StoreError> {
+    read_meta(t, meta::LAST_SOURCE)?
+        .map(|v| volume_row(meta::LAST_SOURCE, &v))
+        .transpose()
+}
+
 /// The promotion recorded in `t`, if any.
 pub fn promotion_of<T: redb::ReadableTable<&'static str, &'static [u8]>>(
     t: &T,
@@ -149,13 +167,16 @@ impl Store {
     /// newest if `None`), what interrupted sessions left is freed, and it takes no
     /// more snapshots from its source. With `same_id` it takes the identity of the
     /// volume its snapshots are of, so that the other replicas of that volume take
-    /// incrementals from it. On a demoted store that has received nothing since, the
+    /// incrementals from it. It becomes a new writer of its snapshots, and (with
+    /// `successor`) records what it took over from, so that the store it replaces
+    /// may fail back to it. On a demoted store that has received nothing since, the
     /// demotion is undone instead. Two durable commits: a crash between them leaves a
     /// replica whose live tree is the snapshot, and promoting again finishes.
     pub fn promote(
         &mut self,
         snapshot: Option<&str>,
         same_id: bool,
+        successor: bool,
         now: i64,
     ) -> Result<Promotion, RoleError> {
         let Some(from) = self.replica_of()? else {
@@ -211,7 +232,12 @@ impl Store {
             w.t.meta.remove(meta::ORIGIN)?;
             w.t.meta.remove(meta::DEMOTED)?;
             w.t.meta.remove(meta::LAST_RECEIVED)?;
-            w.t.meta.insert(meta::PROMOTED, p.encode().as_slice())?;
+            w.t.meta.remove(meta::LAST_SOURCE)?;
+            if successor {
+                w.t.meta.insert(meta::PROMOTED, p.encode().as_slice())?;
+            }
+            let row = seal_meta(meta::WRITER, &super::random_bytes::<16>());
+            w.t.meta.insert(meta::WRITER, row.as_slice())?;
             let row = seal_meta(meta::VOLUME_ID, &id);
             w.t.meta.insert(meta::VOLUME_ID, row.as_slice())?;
             Ok(())
@@ -255,6 +281,7 @@ impl Store {
         base: u64,
         source: &[u8; 16],
         origin: &[u8; 16],
+        writer: &[u8; 16],
         now: Ts,
     ) -> Result<Settled, OpError> {
         let stamp = diverged_name(now.sec);
@@ -311,6 +338,8 @@ impl Store {
             w.set_replica_of(source)?;
             let row = seal_meta(meta::ORIGIN, origin);
             w.t.meta.insert(meta::ORIGIN, row.as_slice())?;
+            let row = seal_meta(meta::LAST_SOURCE, writer);
+            w.t.meta.insert(meta::LAST_SOURCE, row.as_slice())?;
             Ok(())
         })?;
         if keep_live.is_some() {

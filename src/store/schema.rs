@@ -103,6 +103,14 @@ pub mod meta {
     /// replica, and that session keeps what the store has past the base under
     /// `diverged-<time>` names.
     pub const DEMOTED: &str = "demoted";
+    /// 16 bytes: who writes this volume's snapshots, new at each promotion (and at
+    /// a clone): two writers of one volume (a replica promoted while the old
+    /// source lives on) differ here. Absent: the volume id.
+    pub const WRITER: &str = "writer";
+    /// 16 bytes, on a replica: the writer whose snapshots it last began to take.
+    /// Another writer's first snapshot must have this replica's newest as its base
+    /// (else the histories forked).
+    pub const LAST_SOURCE: &str = "last_source";
 }
 
 /// `segments` value of a segment whose extents all moved in a durable commit: its file

@@ -281,6 +281,7 @@ fn send_inner<R: Read, W: Write>(
     let block_size = read_meta_as(&meta_t, meta::BLOCK_SIZE, le_u32)?;
     let origin = crate::store::role::origin_of(&meta_t)?.unwrap_or(volume);
     let succeeds = crate::store::role::promotion_of(&meta_t)?.map_or([0; 16], |p| p.origin);
+    let writer = crate::store::role::writer_of(&meta_t)?.unwrap_or(volume);
     let mut snaps: Vec<(String, SnapshotRec)> = Vec::new();
     for row in txn.open_table(SNAPSHOTS)?.iter()? {
         let (k, v) = row?;
@@ -303,6 +304,7 @@ fn send_inner<R: Read, W: Write>(
         volume,
         origin,
         succeeds,
+        writer,
         block_size,
         nonce,
         dry_run,
@@ -687,6 +689,7 @@ struct Hello {
     volume: [u8; 16],
     origin: [u8; 16],
     succeeds: [u8; 16],
+    writer: [u8; 16],
     block_size: u32,
     dry_run: bool,
 }
@@ -701,12 +704,13 @@ fn handshake<R: Read, W: Write>(
 ) -> Result<Hello, SyncError> {
     let hello = expect(r)?;
     let hello_body = hello.encode().1;
-    let (volume, origin, succeeds, block_size, their_nonce, dry_run) = match hello {
+    let (volume, origin, succeeds, writer, block_size, their_nonce, dry_run) = match hello {
         Frame::Hello {
             version,
             volume,
             origin,
             succeeds,
+            writer,
             block_size,
             nonce,
             dry_run,
@@ -716,7 +720,7 @@ fn handshake<R: Read, W: Write>(
                     "the source speaks sync version {version}, this snapfs {VERSION}"
                 )));
             }
-            (volume, origin, succeeds, block_size, nonce, dry_run)
+            (volume, origin, succeeds, writer, block_size, nonce, dry_run)
         }
         f => return Err(protocol(format!("expected hello, got {f:?}"))),
     };
@@ -751,6 +755,7 @@ fn handshake<R: Read, W: Write>(
         volume,
         origin,
         succeeds,
+        writer,
         block_size,
         dry_run,
     })
@@ -777,9 +782,10 @@ fn accept<S: SinkStore, R: Read, W: Write>(
         let replica_of = store.replica_of()?;
         let origin = store.origin()?;
         if store.demoted_at()?.is_some() {
-            // Settled at the first snapshot (which must have a base), and only from a
-            // volume of the same origin or one that took over from it.
-            if hello.origin != origin && hello.succeeds != origin && replica_of != Some(volume) {
+            // Settled at the first snapshot (which must have a base), and only from
+            // the volume that took over from it: promoted in its place (with its
+            // identity, or recording it as what it succeeds), or its own source.
+            if volume != origin && hello.succeeds != origin && replica_of != Some(volume) {
                 return Err(protocol(format!(
                     "the destination was demoted and waits for the volume that took over from it; \
                      this source ({}) did not take over from it, and its snapshots are of another volume",
@@ -793,18 +799,7 @@ fn accept<S: SinkStore, R: Read, W: Write>(
             // of it, or the replica promoted in its place with its identity
             // (`--same-id`). Whether their histories agree is checked at each
             // snapshot's base.
-            Some(v) if v == volume || origin == hello.origin => {
-                let recorded = crate::store::role::origin_of(store.read_txn()?.meta())?;
-                if v == volume && !dry_run && recorded == Some(v) && hello.origin != v {
-                    // A replica made before the `origin` row: its source says whose
-                    // snapshots these are.
-                    store.write(true, |w| {
-                        let row = crate::store::schema::seal_meta(meta::ORIGIN, &hello.origin);
-                        w.t.meta.insert(meta::ORIGIN, row.as_slice())?;
-                        Ok(())
-                    })?;
-                }
-            }
+            Some(v) if v == volume || origin == hello.origin => {}
             Some(_) => {
                 return Err(protocol(
                     "the destination is a replica of another volume".to_string(),
@@ -974,7 +969,13 @@ fn receive_snapshots<S: SinkStore, R: Read, W: Write>(
             let rec = store.snapshot(b.as_bytes())?.ok_or_else(|| {
                 protocol(format!("the destination lacks the base snapshot {b:?}"))
             })?;
-            let kept = store.settle_demoted(rec.epoch, &hello.volume, &hello.origin, Ts::now())?;
+            let kept = store.settle_demoted(
+                rec.epoch,
+                &hello.volume,
+                &hello.origin,
+                &hello.writer,
+                Ts::now(),
+            )?;
             tracing::info!(kept = ?kept, base = %b, "sync: a demoted store became a replica; what it had past the base is kept");
             Ok(kept.renamed.into_iter().map(|(old, _)| old).collect::<Vec<_>>())
         })?;
@@ -988,24 +989,36 @@ fn receive_snapshots<S: SinkStore, R: Read, W: Write>(
                     snapshot.name
                 )));
             }
+            let last = crate::store::role::last_source_of(store.read_txn()?.meta())?;
+            let same_writer = match last {
+                Some(w) => w == hello.writer,
+                // A replica from before the row: its own source is the writer it
+                // knows.
+                None => store.replica_of()? == Some(hello.volume),
+            };
             // The live tree starts as the base: anything done to the replica since goes.
             match &base {
                 Some(b) => {
                     let rec = store.snapshot(b.as_bytes())?.ok_or_else(|| {
                         protocol(format!("the destination lacks the base snapshot {b:?}"))
                     })?;
-                    // The base is the newest snapshot here (but those a demoted
-                    // store kept aside): a newer one the source lacks means the two
-                    // histories forked (another writer of this volume's snapshots),
-                    // and interleaving them would be neither.
-                    let newer: Vec<String> = store
-                        .snapshot_list(false)?
-                        .into_iter()
-                        .filter(|(n, r)| {
-                            r.epoch > rec.epoch && !n.starts_with(crate::store::role::DIVERGED)
-                        })
-                        .map(|(n, _)| crate::text::printable(&n).into_owned())
-                        .collect();
+                    // A writer this replica has not taken snapshots from yet (a
+                    // replica promoted in its source's place, or the old source
+                    // back after one was) starts from this replica's newest
+                    // snapshot: a newer one it lacks means the two histories forked,
+                    // and interleaving them would be neither. (The same writer may
+                    // start further back: it lost its record of what it sent, or
+                    // pruned it since; those snapshots are its own.)
+                    let newer: Vec<String> = if same_writer {
+                        Vec::new()
+                    } else {
+                        store
+                            .snapshot_list(false)?
+                            .into_iter()
+                            .filter(|(_, r)| r.epoch > rec.epoch)
+                            .map(|(n, _)| crate::text::printable(&n).into_owned())
+                            .collect()
+                    };
                     if !newer.is_empty() {
                         return Err(protocol(format!(
                             "the destination holds snapshots newer than the base {} that the source lacks ({}): \
@@ -1025,6 +1038,20 @@ fn receive_snapshots<S: SinkStore, R: Read, W: Write>(
                 // A whole send starts from an empty tree: what an earlier, failed
                 // session left goes.
                 None => clear_live(store)?,
+            }
+            let no_origin = read_meta(store.read_txn()?.meta(), meta::ORIGIN)?.is_none();
+            if !same_writer || last.is_none() || no_origin {
+                // Whose snapshots these are from now on (and, on a replica made
+                // before the `origin` row, whose volume they are of).
+                store.write(true, |w| {
+                    let row = seal_meta(meta::LAST_SOURCE, &hello.writer);
+                    w.t.meta.insert(meta::LAST_SOURCE, row.as_slice())?;
+                    if no_origin {
+                        let row = seal_meta(meta::ORIGIN, &hello.origin);
+                        w.t.meta.insert(meta::ORIGIN, row.as_slice())?;
+                    }
+                    Ok(())
+                })?;
             }
             Ok(())
         })?;
@@ -1417,6 +1444,7 @@ mod hostile_tests {
                 volume,
                 origin: volume,
                 succeeds: [0; 16],
+                writer: volume,
                 block_size: 64 * 1024,
                 nonce: [1; 32],
                 dry_run: false,

@@ -118,6 +118,9 @@ pub enum Frame {
         /// its first session only from a volume of its own origin or one that took
         /// over from it.
         succeeds: [u8; 16],
+        /// Who writes the source's snapshots (its `writer` row): a destination
+        /// checks a new writer's history against its own.
+        writer: [u8; 16],
         /// The source's block size (the destination's must match).
         block_size: u32,
         /// Random bytes the destination answers with a proof of the key.
@@ -256,6 +259,7 @@ impl Frame {
                 volume,
                 origin,
                 succeeds,
+                writer,
                 block_size,
                 nonce,
                 dry_run,
@@ -265,6 +269,7 @@ impl Frame {
                 b.extend_from_slice(volume);
                 b.extend_from_slice(origin);
                 b.extend_from_slice(succeeds);
+                b.extend_from_slice(writer);
                 b.extend_from_slice(&block_size.to_le_bytes());
                 b.extend_from_slice(nonce);
                 b.push(*dry_run as u8);
@@ -364,6 +369,7 @@ impl Frame {
                     volume: r.array(W)?,
                     origin: r.array(W)?,
                     succeeds: r.array(W)?,
+                    writer: r.array(W)?,
                     block_size: r.u32(W)?,
                     nonce: r.array(W)?,
                     dry_run: match r.u8(W)? {
@@ -932,6 +938,7 @@ mod tests {
                 volume: r.array(),
                 origin: r.array(),
                 succeeds: r.array(),
+                writer: r.array(),
                 block_size: r.next() as u32,
                 nonce: r.array(),
                 dry_run: r.below(2) == 0,
