@@ -73,6 +73,18 @@ install_cargo_tools() {
         peer_ensure_cargo_tool pjdfstest pjdfstest 0.2.2 >/dev/null &&
         peer_ensure_cargo_tool fsx fsx 0.3.2 >/dev/null) ||
         echo "warning: installing pjdfstest/fsx failed; their stages will fail" >&2
+    install_garage
+}
+
+# Garage (crates.io `garage`), the S3-compatible server tests/s3.rs starts: built
+# once (about 20 minutes on 2 cores) and cached where the test looks for it.
+garage_version=2.3.0
+install_garage() {
+    local root="$HOME/.cache/snapfs/garage-$garage_version"
+    [ -x "$root/bin/garage" ] && return 0
+    echo "building garage $garage_version into $root (once)"
+    nice -n 10 cargo install garage --version "$garage_version" --locked --root "$root" >&2 ||
+        echo "warning: building garage failed; tests/s3.rs will fail" >&2
 }
 
 # FUSE over io_uring (Linux 6.14+) stays off until the fuse module's enable_uring is

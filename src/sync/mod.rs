@@ -9,6 +9,7 @@
 //! - [`tcp`], [`ssh`]: the transports to another machine.
 
 pub mod relay;
+pub mod s3;
 pub mod session;
 pub mod ssh;
 pub mod tcp;
@@ -98,9 +99,15 @@ fn ends(src: &Path, dest: &str, opts: &Options) -> Result<(End, End, bool), Sync
         tcp::connect(addr.trim_end_matches('/'))?
     } else if dest.starts_with("ssh://") {
         ssh::connect(&ssh::parse(dest)?, &opts.ssh, &opts.remote_snapfs)?
+    } else if dest.starts_with("s3://") {
+        let url = dest.to_string();
+        End::spawn("s3-sink", move |s| {
+            let (r, w) = framed(s)?;
+            s3::receive(&url, r, w)
+        })?
     } else if dest.contains("://") {
         return Err(SyncError::Protocol(format!(
-            "{dest}: unknown transport (a store path, tcp:// or ssh://)"
+            "{dest}: unknown transport (a store path, tcp://, ssh:// or s3://)"
         )));
     } else {
         // A mountpoint names its store.
@@ -152,9 +159,15 @@ pub fn pull(source: &str, dest: &Path, opts: &Options) -> (Summary, Result<(), S
                 &opts.remote_snapfs,
                 only.as_deref(),
             )?
+        } else if source.starts_with("s3://") {
+            let url = source.to_string();
+            End::spawn("s3-source", move |s| {
+                let (r, w) = framed(s)?;
+                s3::send(&url, only.as_deref(), r, w)
+            })?
         } else if source.contains("://") {
             return Err(SyncError::Protocol(format!(
-                "{source}: a restore reads a store path or ssh:// (tcp:// serves destinations only)"
+                "{source}: a restore reads a store path, ssh:// or s3:// (tcp:// serves destinations only)"
             )));
         } else {
             let src = crate::daemon::resolve_store(Path::new(source))

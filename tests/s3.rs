@@ -1,0 +1,274 @@
+//! Snapshots in S3-compatible object storage, against a real Garage server the test
+//! starts on loopback (a single-node layout, a key and a bucket made with Garage's
+//! own CLI). The Garage binary: `SNAPFS_GARAGE`, or where `scripts/test-all.sh`
+//! caches it.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+
+use common::*;
+
+/// A Garage server for one test, killed when dropped.
+struct Garage {
+    _dir: tempfile::TempDir,
+    server: Child,
+    bin: PathBuf,
+    config: PathBuf,
+    endpoint: String,
+    key_id: String,
+    secret: String,
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn garage_bin() -> PathBuf {
+    if let Ok(p) = std::env::var("SNAPFS_GARAGE") {
+        return PathBuf::from(p);
+    }
+    let home = std::env::var("HOME").unwrap_or_else(|_| "/root".into());
+    let p = Path::new(&home).join(".cache/snapfs/garage-2.3.0/bin/garage");
+    assert!(
+        p.is_file(),
+        "no Garage binary at {} (scripts/test-all.sh builds it; or set SNAPFS_GARAGE)",
+        p.display()
+    );
+    p
+}
+
+impl Garage {
+    fn start() -> Garage {
+        let dir = test_dir();
+        let bin = garage_bin();
+        let (rpc, s3, admin) = (free_port(), free_port(), free_port());
+        let config = dir.path().join("garage.toml");
+        let secret: String = pattern(7, 32).iter().map(|b| format!("{b:02x}")).collect();
+        std::fs::write(
+            &config,
+            format!(
+                "metadata_dir = \"{d}/meta\"\ndata_dir = \"{d}/data\"\ndb_engine = \"sqlite\"\n\
+                 replication_factor = 1\nrpc_bind_addr = \"127.0.0.1:{rpc}\"\n\
+                 rpc_public_addr = \"127.0.0.1:{rpc}\"\nrpc_secret = \"{secret}\"\n\n\
+                 [s3_api]\ns3_region = \"garage\"\napi_bind_addr = \"127.0.0.1:{s3}\"\n\
+                 root_domain = \".s3.garage.localhost\"\n\n[admin]\napi_bind_addr = \"127.0.0.1:{admin}\"\n",
+                d = dir.path().display()
+            ),
+        )
+        .unwrap();
+        let server = Command::new(&bin)
+            .arg("-c")
+            .arg(&config)
+            .arg("server")
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(dir.path().join("garage.log")).unwrap())
+            .spawn()
+            .unwrap();
+        let mut g = Garage {
+            _dir: dir,
+            server,
+            bin,
+            config,
+            endpoint: format!("http://127.0.0.1:{s3}"),
+            key_id: String::new(),
+            secret: String::new(),
+        };
+        // Up once its CLI reaches it.
+        let t0 = std::time::Instant::now();
+        let id = loop {
+            let out = g.cli(&["node", "id", "-q"]);
+            if out.status.success() {
+                let s = String::from_utf8_lossy(&out.stdout).trim().to_string();
+                break s.split('@').next().unwrap().to_string();
+            }
+            assert!(t0.elapsed().as_secs() < 30, "garage did not start");
+            std::thread::sleep(std::time::Duration::from_millis(200));
+        };
+        g.ok(&["layout", "assign", "-z", "dc1", "-c", "1G", &id]);
+        g.ok(&["layout", "apply", "--version", "1"]);
+        let out = g.ok(&["key", "create", "snapfs-test"]);
+        for line in out.lines() {
+            if let Some(v) = line.trim().strip_prefix("Key ID:") {
+                g.key_id = v.trim().to_string();
+            }
+            if let Some(v) = line.trim().strip_prefix("Secret key:") {
+                g.secret = v.trim().to_string();
+            }
+        }
+        assert!(!g.key_id.is_empty() && !g.secret.is_empty(), "{out}");
+        g.ok(&["bucket", "create", "snapfs"]);
+        g.ok(&[
+            "bucket",
+            "allow",
+            "--read",
+            "--write",
+            "--owner",
+            "snapfs",
+            "--key",
+            "snapfs-test",
+        ]);
+        g
+    }
+
+    fn cli(&self, args: &[&str]) -> Output {
+        Command::new(&self.bin)
+            .arg("-c")
+            .arg(&self.config)
+            .args(args)
+            .output()
+            .unwrap()
+    }
+
+    fn ok(&self, args: &[&str]) -> String {
+        let out = self.cli(args);
+        assert!(
+            out.status.success(),
+            "garage {args:?}: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// `snapfs ARGS` with this server's endpoint and credentials.
+    fn snapfs(&self, args: &[&str]) -> Output {
+        self.snapfs_with(args, &self.key_id, &self.secret)
+    }
+
+    fn snapfs_with(&self, args: &[&str], key_id: &str, secret: &str) -> Output {
+        Command::new(SNAPFS)
+            .args(args)
+            .env("AWS_ENDPOINT_URL", &self.endpoint)
+            .env("AWS_REGION", "garage")
+            .env("AWS_ACCESS_KEY_ID", key_id)
+            .env("AWS_SECRET_ACCESS_KEY", secret)
+            .output()
+            .unwrap()
+    }
+
+    fn sync_ok(&self, src: &Path, url: &str) -> serde_json::Value {
+        let out = self.snapfs(&["sync", src.to_str().unwrap(), url, "--json"]);
+        assert!(
+            out.status.success(),
+            "sync: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice(&out.stdout).unwrap()
+    }
+}
+
+impl Drop for Garage {
+    fn drop(&mut self) {
+        let _ = self.server.kill();
+        let _ = self.server.wait();
+    }
+}
+
+/// Each snapshot of a mount, by name, as `tree_digest` sees it.
+fn snapshot_trees(m: &Mount) -> Vec<(String, std::collections::BTreeMap<String, String>)> {
+    let mut names: Vec<String> = std::fs::read_dir(m.path(".snapshots"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    names
+        .into_iter()
+        .map(|n| {
+            let t = tree_digest(&m.path(&format!(".snapshots/{n}")));
+            (n, t)
+        })
+        .collect()
+}
+
+#[test]
+fn snapshots_go_to_a_bucket_incrementally_and_come_back_identical() {
+    let g = Garage::start();
+    let url = "s3://snapfs/volumes/one";
+    let mut a = Mount::new();
+    let a_mnt = a.mnt.to_str().unwrap().to_string();
+    populate(&a.mnt, 61);
+    std::fs::write(a.path("big"), pattern(1, 8 << 20)).unwrap();
+    snapfs_ok(&["snapshot", "create", &a_mnt, "s1"]);
+    let full = g.sync_ok(&a.mnt, url);
+    assert_eq!(full["snapshots"], serde_json::json!(["s1"]), "{full}");
+    let sent = full["payload_bytes"].as_u64().unwrap();
+    assert!(sent >= 8 << 20, "{full}");
+    // An incremental carries the change only; data the bucket has (a copy of the
+    // big file) travels not at all.
+    churn(&a.mnt, 62);
+    std::fs::write(a.path("changed"), pattern(2, 1 << 20)).unwrap();
+    std::fs::copy(a.path("big"), a.path("big-copy")).unwrap();
+    snapfs_ok(&["snapshot", "create", &a_mnt, "s2"]);
+    let inc = g.sync_ok(&a.mnt, url);
+    assert_eq!(inc["snapshots"], serde_json::json!(["s2"]), "{inc}");
+    let inc_bytes = inc["payload_bytes"].as_u64().unwrap();
+    assert!((1 << 20..(1 << 20) + 600_000).contains(&inc_bytes), "{inc}");
+    // Nothing new: nothing sent.
+    let again = g.sync_ok(&a.mnt, url);
+    assert_eq!(again["snapshots"], serde_json::json!([]), "{again}");
+    // The source's base for the bucket is held like any destination's.
+    let list = snapfs_ok(&["snapshot", "list", &a_mnt]);
+    assert!(
+        list.lines()
+            .any(|l| l.starts_with("s2") && l.contains("sync-")),
+        "{list}"
+    );
+    let want = snapshot_trees(&a);
+    let live = tree_digest(&a.path(".snapshots/s2"));
+    a.unmount();
+    std::fs::remove_dir_all(&a.store).unwrap();
+
+    // The source is gone: the bucket alone rebuilds it.
+    let dir = test_dir();
+    let n = dir.path().join("n");
+    let out = g.snapfs(&["restore", url, n.to_str().unwrap()]);
+    assert!(
+        out.status.success(),
+        "restore: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let m = Mount::at(n.clone(), dir.path().join("nmnt"), &[]);
+    assert_eq!(snapshot_trees(&m), want);
+    assert_eq!(tree_digest(&m.mnt), live);
+    drop(m);
+    let out = snapfs(&["fsck", n.to_str().unwrap(), "--read-data"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+}
+
+#[test]
+fn wrong_credentials_and_a_missing_bucket_say_so_in_one_line() {
+    let g = Garage::start();
+    let m = Mount::new();
+    std::fs::write(m.path("f"), b"data").unwrap();
+    snapfs_ok(&["snapshot", "create", m.mnt.to_str().unwrap(), "s1"]);
+    let src = m.mnt.to_str().unwrap();
+    let out = g.snapfs_with(&["sync", src, "s3://snapfs/x"], &g.key_id, "not-the-secret");
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(err.trim_end().lines().count(), 1, "{err}");
+    assert!(err.contains("s3://snapfs/x"), "{err}");
+    let out = g.snapfs(&["sync", src, "s3://no-such-bucket/x"]);
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(err.trim_end().lines().count(), 1, "{err}");
+    assert!(err.contains("no-such-bucket"), "{err}");
+    // Restoring from a prefix that holds no volume.
+    let dir = test_dir();
+    let out = g.snapfs(&[
+        "restore",
+        "s3://snapfs/empty",
+        dir.path().join("r").to_str().unwrap(),
+    ]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("holds no snapfs volume"));
+}
