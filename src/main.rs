@@ -424,6 +424,9 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             SnapCmd::Create { target, name } => (target, Request::SnapshotCreate { name }),
             SnapCmd::Delete { target, name } => (target, Request::SnapshotDelete { name }),
             SnapCmd::Rollback { target, name } => (target, Request::SnapshotRollback { name }),
+            SnapCmd::List { target, json, .. } if target.to_string_lossy().starts_with("s3://") => {
+                return bucket_list(&target, json);
+            }
             SnapCmd::List { target, json, all } => (target, Request::SnapshotList { json, all }),
             SnapCmd::Hold {
                 target,
@@ -502,6 +505,37 @@ fn sync(
             sum.payload_bytes,
             sum.wire_bytes
         );
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `snapfs snapshot list s3://...`: the snapshots the bucket holds, oldest first.
+fn bucket_list(target: &Path, json: bool) -> anyhow::Result<ExitCode> {
+    let url = target.to_string_lossy();
+    let b = snapfs::sync::s3::Bucket::open(&url).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let root = b
+        .root()
+        .map_err(|e| anyhow::anyhow!("{e}"))?
+        .ok_or_else(|| anyhow::anyhow!("{url} holds no snapfs volume"))?;
+    if json {
+        let list: Vec<serde_json::Value> = root
+            .snapshots
+            .iter()
+            .map(|s| serde_json::json!({"name": s.name, "created": s.created_sec, "base": s.base, "records": s.records}))
+            .collect();
+        println!("{}", serde_json::Value::from(list));
+    } else {
+        println!("{:<32} {:<28} BASE", "NAME", "CREATED");
+        for s in &root.snapshots {
+            println!(
+                "{:<32} {:<28} {}",
+                snapfs::text::printable(&s.name),
+                snapfs::policy::utc(s.created_sec),
+                s.base
+                    .as_deref()
+                    .map_or("-".into(), snapfs::text::printable)
+            );
+        }
     }
     Ok(ExitCode::SUCCESS)
 }

@@ -209,6 +209,16 @@ fn snapshots_go_to_a_bucket_incrementally_and_come_back_identical() {
     assert_eq!(inc["snapshots"], serde_json::json!(["s2"]), "{inc}");
     let inc_bytes = inc["payload_bytes"].as_u64().unwrap();
     assert!((1 << 20..(1 << 20) + 600_000).contains(&inc_bytes), "{inc}");
+    let out = g.snapfs(&["snapshot", "list", url, "--json"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let list: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(list[0]["name"], "s1", "{list}");
+    assert_eq!(list[1]["name"], "s2", "{list}");
+    assert_eq!(list[1]["base"], "s1", "{list}");
     // Nothing new: nothing sent.
     let again = g.sync_ok(&a.mnt, url);
     assert_eq!(again["snapshots"], serde_json::json!([]), "{again}");
