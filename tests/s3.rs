@@ -208,6 +208,7 @@ fn snapshots_go_to_a_bucket_incrementally_and_come_back_identical() {
     let inc = g.sync_ok(&a.mnt, url);
     assert_eq!(inc["snapshots"], serde_json::json!(["s2"]), "{inc}");
     let inc_bytes = inc["payload_bytes"].as_u64().unwrap();
+    eprintln!("full: {full}\nincremental: {inc}");
     assert!((1 << 20..(1 << 20) + 600_000).contains(&inc_bytes), "{inc}");
     let out = g.snapfs(&["snapshot", "list", url, "--json"]);
     assert!(
@@ -265,13 +266,21 @@ fn wrong_credentials_and_a_missing_bucket_say_so_in_one_line() {
     let out = g.snapfs_with(&["sync", src, "s3://snapfs/x"], &g.key_id, "not-the-secret");
     assert_eq!(out.status.code(), Some(2));
     let err = String::from_utf8_lossy(&out.stderr);
+    eprintln!("wrong secret: {err}");
     assert_eq!(err.trim_end().lines().count(), 1, "{err}");
-    assert!(err.contains("s3://snapfs/x"), "{err}");
+    assert!(
+        err.contains("s3://snapfs/x") && err.contains("access denied"),
+        "{err}"
+    );
     let out = g.snapfs(&["sync", src, "s3://no-such-bucket/x"]);
     assert_eq!(out.status.code(), Some(2));
     let err = String::from_utf8_lossy(&out.stderr);
+    eprintln!("missing bucket: {err}");
     assert_eq!(err.trim_end().lines().count(), 1, "{err}");
-    assert!(err.contains("no-such-bucket"), "{err}");
+    assert!(
+        err.contains("no-such-bucket") && err.contains("no such bucket"),
+        "{err}"
+    );
     // Restoring from a prefix that holds no volume.
     let dir = test_dir();
     let out = g.snapfs(&[

@@ -138,7 +138,17 @@ impl Bucket {
     }
 
     fn fail(&self, what: &str, key: &str, e: object_store::Error) -> SyncError {
-        err(format!("{}: {what} {key}: {}", self.url, one_line(&e)))
+        let text = one_line(&e);
+        let cause = match &e {
+            object_store::Error::PermissionDenied { .. }
+            | object_store::Error::Unauthenticated { .. } => {
+                "access denied (check AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, and the key's rights on the bucket)".to_string()
+            }
+            _ if text.contains("NoSuchBucket") => "no such bucket".to_string(),
+            // The server's own words, without the XML it may wrap them in.
+            _ => text.split(" <?xml").next().unwrap_or(&text).chars().take(300).collect(),
+        };
+        err(format!("{}: {what} {key}: {cause}", self.url))
     }
 
     /// The object `key`, or `None` when there is none.
