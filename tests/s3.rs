@@ -291,3 +291,72 @@ fn wrong_credentials_and_a_missing_bucket_say_so_in_one_line() {
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("holds no snapfs volume"));
 }
+
+/// Bytes under a directory, recursively.
+fn dir_bytes(p: &Path) -> u64 {
+    let Ok(rd) = std::fs::read_dir(p) else {
+        return 0;
+    };
+    rd.map(|e| {
+        let e = e.unwrap();
+        let m = e.metadata().unwrap();
+        if m.is_dir() {
+            dir_bytes(&e.path())
+        } else {
+            m.len()
+        }
+    })
+    .sum()
+}
+
+#[test]
+fn a_sync_to_a_bucket_cut_short_is_resumed_without_resending_its_packs() {
+    let g = Garage::start();
+    let url = "s3://snapfs/cut";
+    let m = Mount::new();
+    for i in 0..6u64 {
+        std::fs::write(m.path(&format!("f{i}")), pattern(100 + i, 16 << 20)).unwrap();
+    }
+    snapfs_ok(&["snapshot", "create", m.mnt.to_str().unwrap(), "big"]);
+    // Cut once the server holds at least one pack.
+    let data = g._dir.path().join("data");
+    let mut child = Command::new(SNAPFS)
+        .args(["sync", m.mnt.to_str().unwrap(), url])
+        .env("AWS_ENDPOINT_URL", &g.endpoint)
+        .env("AWS_REGION", "garage")
+        .env("AWS_ACCESS_KEY_ID", &g.key_id)
+        .env("AWS_SECRET_ACCESS_KEY", &g.secret)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let t0 = std::time::Instant::now();
+    while dir_bytes(&data) < 40 << 20 {
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "the sync ended before the cut"
+        );
+        assert!(t0.elapsed().as_secs() < 60, "no pack reached the server");
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    child.kill().unwrap();
+    child.wait().unwrap();
+    // No snapshot is there yet; the next run sends what no pack holds.
+    let out = g.snapfs(&["snapshot", "list", url]);
+    assert!(!out.status.success(), "a snapshot without its barrier");
+    let rest = g.sync_ok(&m.mnt, url);
+    assert_eq!(rest["snapshots"], serde_json::json!(["big"]), "{rest}");
+    let sent = rest["payload_bytes"].as_u64().unwrap();
+    eprintln!("after the cut: {sent} of {} bytes sent", 96 << 20);
+    assert!(sent <= (96 << 20) - (32 << 20), "{rest}");
+    let dir = test_dir();
+    let n = dir.path().join("n");
+    let out = g.snapfs(&["restore", url, n.to_str().unwrap()]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let r = Mount::at(n, dir.path().join("nmnt"), &[]);
+    assert_eq!(tree_digest(&r.mnt), tree_digest(&m.path(".snapshots/big")));
+}
