@@ -71,6 +71,14 @@ enum Cmd {
         #[arg(long)]
         repair: bool,
     },
+    /// Delete from a bucket (s3://BUCKET/PREFIX) the data no snapshot there needs.
+    Gc {
+        /// The bucket and prefix.
+        target: String,
+        /// Only say what would be deleted.
+        #[arg(long)]
+        dry_run: bool,
+    },
     /// Show files, space, dedup ratio and snapshots.
     Status {
         /// A store, or the mountpoint of a mounted one.
@@ -294,6 +302,31 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             return Ok(ExitCode::SUCCESS);
         }
         Cmd::Fsck {
+            store, read_data, ..
+        } if is_bucket(&store) => return bucket_fsck(&store, read_data),
+        Cmd::Gc { target, dry_run } => {
+            let r = snapfs::sync::s3::gc(&target, dry_run).map_err(|e| anyhow::anyhow!("{e}"))?;
+            println!(
+                "{}{} packs ({} bytes) and {} manifests no snapshot needs; {} {} packs mostly of such data ({} bytes freed){}",
+                if dry_run { "would delete " } else { "deleted " },
+                r.packs,
+                r.bytes,
+                r.manifests,
+                if dry_run { "would repack" } else { "repacked" },
+                r.repacked.0,
+                r.repacked.1,
+                if r.partial.0 > 0 {
+                    format!(
+                        "; {} packs kept hold {} bytes no snapshot needs (under half of theirs)",
+                        r.partial.0, r.partial.1
+                    )
+                } else {
+                    String::new()
+                }
+            );
+            return Ok(ExitCode::SUCCESS);
+        }
+        Cmd::Fsck {
             store,
             read_data,
             json,
@@ -422,10 +455,16 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         ),
         Cmd::Snapshot { cmd } => match cmd {
             SnapCmd::Create { target, name } => (target, Request::SnapshotCreate { name }),
+            SnapCmd::Delete { target, name } if is_bucket(&target) => {
+                let msg = snapfs::sync::s3::delete(&target.to_string_lossy(), &name)
+                    .map_err(|e| anyhow::anyhow!("{e}"))?;
+                println!("{msg}");
+                return Ok(ExitCode::SUCCESS);
+            }
             SnapCmd::Delete { target, name } => (target, Request::SnapshotDelete { name }),
             SnapCmd::Rollback { target, name } => (target, Request::SnapshotRollback { name }),
-            SnapCmd::List { target, json, .. } if target.to_string_lossy().starts_with("s3://") => {
-                return bucket_list(&target, json);
+            SnapCmd::List { target, json, all } if is_bucket(&target) => {
+                return bucket_list(&target, json, all);
             }
             SnapCmd::List { target, json, all } => (target, Request::SnapshotList { json, all }),
             SnapCmd::Hold {
@@ -509,31 +548,69 @@ fn sync(
     Ok(ExitCode::SUCCESS)
 }
 
-/// `snapfs snapshot list s3://...`: the snapshots the bucket holds, oldest first.
-fn bucket_list(target: &Path, json: bool) -> anyhow::Result<ExitCode> {
+/// `snapfs fsck s3://...`: exit 0 clean, 1 damaged (each problem on a line).
+fn bucket_fsck(target: &Path, read_data: bool) -> anyhow::Result<ExitCode> {
+    let url = target.to_string_lossy();
+    let problems = snapfs::sync::s3::fsck(&url, read_data).map_err(|e| anyhow::anyhow!("{e}"))?;
+    for p in &problems {
+        println!("{p}");
+    }
+    println!(
+        "fsck {url}: {} problems: {}",
+        problems.len(),
+        if problems.is_empty() {
+            "clean"
+        } else {
+            "damaged"
+        }
+    );
+    Ok(if problems.is_empty() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    })
+}
+
+/// Whether a target names a bucket (`s3://...`).
+fn is_bucket(target: &Path) -> bool {
+    target.to_string_lossy().starts_with("s3://")
+}
+
+/// `snapfs snapshot list s3://...`: the snapshots the bucket holds, oldest first
+/// (with `all`, also those deleted that the next sync still starts from).
+fn bucket_list(target: &Path, json: bool, all: bool) -> anyhow::Result<ExitCode> {
     let url = target.to_string_lossy();
     let b = snapfs::sync::s3::Bucket::open(&url).map_err(|e| anyhow::anyhow!("{e}"))?;
     let root = b
         .root()
         .map_err(|e| anyhow::anyhow!("{e}"))?
         .ok_or_else(|| anyhow::anyhow!("{url} holds no snapfs volume"))?;
+    let shown: Vec<&snapfs::sync::s3::RootSnapshot> = root
+        .snapshots
+        .iter()
+        .filter(|s| all || !s.deleted)
+        .collect();
     if json {
-        let list: Vec<serde_json::Value> = root
-            .snapshots
+        let list: Vec<serde_json::Value> = shown
             .iter()
-            .map(|s| serde_json::json!({"name": s.name, "created": s.created_sec, "base": s.base, "records": s.records}))
+            .map(|s| serde_json::json!({"name": s.name, "created": s.created_sec, "base": s.base, "records": s.records, "deleted": s.deleted}))
             .collect();
         println!("{}", serde_json::Value::from(list));
     } else {
         println!("{:<32} {:<28} BASE", "NAME", "CREATED");
-        for s in &root.snapshots {
+        for s in shown {
             println!(
-                "{:<32} {:<28} {}",
+                "{:<32} {:<28} {}{}",
                 snapfs::text::printable(&s.name),
                 snapfs::policy::utc(s.created_sec),
                 s.base
                     .as_deref()
-                    .map_or("-".into(), snapfs::text::printable)
+                    .map_or("-".into(), snapfs::text::printable),
+                if s.deleted {
+                    "  (deleted; the base of the next sync)"
+                } else {
+                    ""
+                }
             );
         }
     }

@@ -360,3 +360,122 @@ fn a_sync_to_a_bucket_cut_short_is_resumed_without_resending_its_packs() {
     let r = Mount::at(n, dir.path().join("nmnt"), &[]);
     assert_eq!(tree_digest(&r.mnt), tree_digest(&m.path(".snapshots/big")));
 }
+
+#[test]
+fn snapshots_deleted_from_a_bucket_go_and_gc_frees_what_only_they_held() {
+    let g = Garage::start();
+    let url = "s3://snapfs/del";
+    let mut a = Mount::new();
+    let a_mnt = a.mnt.to_str().unwrap().to_string();
+    let sync = |m: &Mount| g.sync_ok(&m.mnt, url);
+    let list = |all: bool| -> Vec<String> {
+        let mut args = vec!["snapshot", "list", url, "--json"];
+        if all {
+            args.push("--all");
+        }
+        let out = g.snapfs(&args);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        v.as_array()
+            .unwrap()
+            .iter()
+            .map(|s| s["name"].as_str().unwrap().to_string())
+            .collect()
+    };
+    populate(&a.mnt, 71);
+    std::fs::write(a.path("only-in-s1"), pattern(1, 8 << 20)).unwrap();
+    snapfs_ok(&["snapshot", "create", &a_mnt, "s1"]);
+    sync(&a);
+    std::fs::remove_file(a.path("only-in-s1")).unwrap();
+    churn(&a.mnt, 72);
+    std::fs::write(a.path("f2"), pattern(2, 2 << 20)).unwrap();
+    snapfs_ok(&["snapshot", "create", &a_mnt, "s2"]);
+    sync(&a);
+    std::fs::write(a.path("f3"), pattern(3, 100_000)).unwrap();
+    snapfs_ok(&["snapshot", "create", &a_mnt, "s3"]);
+    sync(&a);
+    let gc = |dry: bool| {
+        let mut args = vec!["gc", url];
+        if dry {
+            args.push("--dry-run");
+        }
+        let out = g.snapfs(&args);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    // Nothing to collect while every snapshot is there.
+    assert!(
+        gc(true).starts_with("would delete 0 packs (0 bytes)"),
+        "{}",
+        gc(true)
+    );
+    // s1 goes: its changes are merged into s2's manifest, and the pack only it
+    // needed is collected.
+    let out = g.snapfs(&["snapshot", "delete", url, "s1"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(list(false), ["s2", "s3"]);
+    let report = gc(false);
+    // The pack s1 was sent in held some of s2's data too: it is rewritten with
+    // that only.
+    let freed: u64 = report
+        .split(" bytes freed")
+        .next()
+        .and_then(|r| r.rsplit('(').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("{report}"));
+    assert!(freed >= 8 << 20, "{report}");
+    let again = gc(true);
+    assert!(
+        again.starts_with("would delete 0 packs") && again.contains("would repack 0 packs"),
+        "{again}"
+    );
+    // The newest, deleted, is hidden and still the base of the next sync, which
+    // is then an incremental; after it lands the deleted one is gone.
+    let out = g.snapfs(&["snapshot", "delete", url, "s3"]);
+    assert!(String::from_utf8_lossy(&out.stdout).contains("hidden"));
+    assert_eq!(list(false), ["s2"]);
+    assert_eq!(list(true), ["s2", "s3"]);
+    std::fs::write(a.path("f4"), pattern(4, 100_000)).unwrap();
+    snapfs_ok(&["snapshot", "create", &a_mnt, "s4"]);
+    let inc = sync(&a);
+    assert_eq!(inc["snapshots"], serde_json::json!(["s4"]), "{inc}");
+    assert!(inc["payload_bytes"].as_u64().unwrap() < 400_000, "{inc}");
+    assert_eq!(list(true), ["s2", "s4"]);
+    // The bucket checks clean, and what is left restores identical.
+    for args in [vec!["fsck", url], vec!["fsck", url, "--read-data"]] {
+        let out = g.snapfs(&args);
+        assert!(
+            out.status.success(),
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let s2 = tree_digest(&a.path(".snapshots/s2"));
+    let s4 = tree_digest(&a.path(".snapshots/s4"));
+    a.unmount();
+    let dir = test_dir();
+    let n = dir.path().join("n");
+    let out = g.snapfs(&["restore", url, n.to_str().unwrap()]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let m = Mount::at(n, dir.path().join("nmnt"), &[]);
+    assert_eq!(tree_digest(&m.path(".snapshots/s2")), s2);
+    assert_eq!(tree_digest(&m.path(".snapshots/s4")), s4);
+    assert_eq!(tree_digest(&m.mnt), s4);
+}

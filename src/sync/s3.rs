@@ -68,6 +68,10 @@ pub struct RootSnapshot {
     pub manifest: String,
     /// Records in the manifest.
     pub records: u64,
+    /// Deleted while it was the newest (the base of the next incremental): hidden,
+    /// and merged into the next snapshot once one lands.
+    #[serde(default)]
+    pub deleted: bool,
 }
 
 impl RootSnapshot {
@@ -221,6 +225,117 @@ impl Bucket {
 
     fn put_root(&self, root: &Root) -> Result<(), SyncError> {
         self.put(ROOT, serde_json::to_vec_pretty(root).expect("encodes"))
+    }
+
+    /// Deletes object `key` (gone already is fine).
+    fn delete(&self, key: &str) -> Result<(), SyncError> {
+        match self.rt.block_on(self.store.delete(&self.path(key))) {
+            Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
+            Err(e) => Err(self.fail("deleting", key, e)),
+        }
+    }
+
+    /// The batches of records of manifest `key`.
+    fn manifest(&self, key: &str) -> Result<Vec<Vec<Record>>, SyncError> {
+        let bytes = self
+            .get(key)?
+            .ok_or_else(|| err(format!("{}: manifest {key} is missing", self.url)))?;
+        let mut m = FrameReader::new(bytes.as_slice(), None);
+        let mut out = Vec::new();
+        while let Some(f) = m
+            .read_frame()
+            .map_err(|e| err(format!("{}: manifest {key} is damaged: {e}", self.url)))?
+        {
+            match f {
+                Frame::Records { records, .. } => out.push(records),
+                f => {
+                    return Err(err(format!(
+                        "{}: manifest {key} is damaged: {}",
+                        self.url,
+                        super::wire::type_name(f.encode().0)
+                    )));
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// Uploads `records` as a new manifest; its key.
+    fn put_manifest(&self, records: Vec<Record>) -> Result<String, SyncError> {
+        let mut w = FrameWriter::new(Vec::new(), None);
+        for (batch, chunk) in super::session::batches(records).into_iter().enumerate() {
+            w.send(&Frame::Records {
+                batch: batch as u64,
+                records: chunk,
+            })?;
+        }
+        w.flush()?;
+        let key = format!("manifests/{}", random_id());
+        self.put(&key, w.into_inner())?;
+        Ok(key)
+    }
+
+    /// Merges snapshot `i` (not the newest) into the one after it, whose manifest
+    /// then holds the changes from `i`'s base: `i` is gone from `root` (not yet
+    /// written). The manifests replaced, to delete once the root is written.
+    fn merge_out(&self, root: &mut Root, i: usize) -> Result<Vec<String>, SyncError> {
+        type Key = (u64, u8, u64, Vec<u8>);
+        let mut map: std::collections::BTreeMap<Key, Option<Vec<u8>>> = Default::default();
+        let (a, next) = (&root.snapshots[i], &root.snapshots[i + 1]);
+        for batch in self
+            .manifest(&a.manifest)?
+            .into_iter()
+            .chain(self.manifest(&next.manifest)?)
+        {
+            for r in batch {
+                map.insert((r.ino, r.kind, r.sub, r.name), r.payload);
+            }
+        }
+        let whole = a.base.is_none();
+        let records: Vec<Record> = map
+            .into_iter()
+            // A whole snapshot's records are all present ones.
+            .filter(|(_, p)| !whole || p.is_some())
+            .map(|((ino, kind, sub, name), payload)| Record {
+                ino,
+                kind,
+                sub,
+                name,
+                payload,
+            })
+            .collect();
+        let count = records.len() as u64;
+        let key = self.put_manifest(records)?;
+        let gone = vec![a.manifest.clone(), next.manifest.clone()];
+        let base = a.base.clone();
+        let n = &mut root.snapshots[i + 1];
+        n.manifest = key;
+        n.base = base;
+        n.records = count;
+        root.snapshots.remove(i);
+        Ok(gone)
+    }
+
+    /// Merges every deleted snapshot that is not the newest into the next, writes
+    /// the root, then deletes the manifests replaced.
+    fn settle_deleted(&self, root: &mut Root) -> Result<(), SyncError> {
+        let mut gone = Vec::new();
+        while let Some(i) = root
+            .snapshots
+            .iter()
+            .position(|s| s.deleted)
+            .filter(|&i| i + 1 < root.snapshots.len())
+        {
+            gone.extend(self.merge_out(root, i)?);
+        }
+        if gone.is_empty() {
+            return Ok(());
+        }
+        self.put_root(root)?;
+        for key in gone {
+            self.delete(&key)?;
+        }
+        Ok(())
     }
 
     /// Every extent the packs hold: where each is.
@@ -525,8 +640,11 @@ fn receive_into<R: Read, W: Write>(
             base,
             manifest: key,
             records,
+            deleted: false,
         });
         b.put_root(&root)?;
+        // Snapshots deleted while they were the newest go now that one is newer.
+        b.settle_deleted(&mut root)?;
         sum.records += records;
         sum.snapshots.push(snapshot.name.clone());
         w.send(&Frame::Committed {
@@ -687,4 +805,207 @@ fn send_from<R: Read, W: Write>(
     w.send(&Frame::Done)?;
     w.flush()?;
     Ok(sum)
+}
+
+/// `snapfs snapshot delete s3://... NAME`: the snapshot goes from the bucket (its
+/// changes merged into the next one's manifest); the newest, which the next
+/// incremental starts from, is hidden until a newer one lands. What it alone held
+/// is freed by [`gc`].
+pub fn delete(url: &str, name: &str) -> Result<String, SyncError> {
+    let b = Bucket::open(url)?;
+    let mut root = b
+        .root()?
+        .ok_or_else(|| err(format!("{url} holds no snapfs volume")))?;
+    let Some(i) = root
+        .snapshots
+        .iter()
+        .position(|s| s.name == name && !s.deleted)
+    else {
+        return Err(err(format!("{url} has no snapshot named {name}")));
+    };
+    root.snapshots[i].deleted = true;
+    if i + 1 == root.snapshots.len() {
+        b.put_root(&root)?;
+        return Ok(format!(
+            "{name} is hidden; it is the base of the next sync, and goes when a newer snapshot lands"
+        ));
+    }
+    b.settle_deleted(&mut root)?;
+    Ok(format!(
+        "deleted {name}; `snapfs gc {url}` frees the data only it held"
+    ))
+}
+
+/// What [`gc`] found and did.
+#[derive(Debug, Default)]
+pub struct GcReport {
+    /// Packs no snapshot needs, deleted (or, on a dry run, to delete).
+    pub packs: u64,
+    /// Their bytes.
+    pub bytes: u64,
+    /// Manifests no snapshot names.
+    pub manifests: u64,
+    /// Packs mostly (half or more) of extents no snapshot needs, rewritten with
+    /// the rest only, and the bytes that freed.
+    pub repacked: (u64, u64),
+    /// Packs kept that hold some extents no snapshot needs (under half of theirs),
+    /// and those extents' bytes.
+    pub partial: (u64, u64),
+}
+
+/// The extents the bucket's snapshots name: every manifest's (restoring the
+/// newest applies them all in turn).
+fn referenced(b: &Bucket, root: &Root) -> Result<std::collections::HashSet<[u8; 32]>, SyncError> {
+    let mut out = std::collections::HashSet::new();
+    for s in &root.snapshots {
+        for batch in b.manifest(&s.manifest)? {
+            out.extend(named(&batch)?);
+        }
+    }
+    Ok(out)
+}
+
+/// `snapfs gc s3://...`: deletes the packs and manifests no snapshot needs. Not to
+/// be run while a sync writes to the bucket (which has no lock yet): the packs of
+/// a session before its barrier are needed by nothing yet.
+pub fn gc(url: &str, dry_run: bool) -> Result<GcReport, SyncError> {
+    let b = Bucket::open(url)?;
+    let root = b
+        .root()?
+        .ok_or_else(|| err(format!("{url} holds no snapfs volume")))?;
+    let used = referenced(&b, &root)?;
+    let mut rep = GcReport::default();
+    let named: std::collections::HashSet<&str> =
+        root.snapshots.iter().map(|s| s.manifest.as_str()).collect();
+    for key in b.list("manifests")? {
+        if !named.contains(key.as_str()) {
+            rep.manifests += 1;
+            if !dry_run {
+                b.delete(&key)?;
+            }
+        }
+    }
+    for key in b.list("packs")? {
+        let Some(id) = key.strip_suffix(".idx") else {
+            continue;
+        };
+        let Some(idx) = b.get(&key)? else { continue };
+        let (mut live, mut dead) = (0u64, 0u64);
+        for e in idx.chunks_exact(44) {
+            let hash: [u8; 32] = e[..32].try_into().expect("32");
+            let len = u32::from_le_bytes(e[40..44].try_into().expect("4")) as u64;
+            if used.contains(&hash) {
+                live += len;
+            } else {
+                dead += len;
+            }
+        }
+        if live == 0 {
+            rep.packs += 1;
+            rep.bytes += dead;
+            if !dry_run {
+                // The pack first: an index without its pack is found by fsck.
+                b.delete(&format!("{id}.pack"))?;
+                b.delete(&key)?;
+            }
+        } else if dead >= live {
+            rep.repacked.0 += 1;
+            rep.repacked.1 += dead;
+            if !dry_run {
+                // The extents still needed go to a new pack, uploaded (with its
+                // index) before the old one goes: an extent is in one pack or two
+                // meanwhile, never in none.
+                let old = format!("{id}.pack");
+                let data = b
+                    .get(&old)?
+                    .ok_or_else(|| err(format!("{url}: {old} is missing")))?;
+                let mut pack = Pack::default();
+                for e in idx.chunks_exact(44) {
+                    let hash: [u8; 32] = e[..32].try_into().expect("32");
+                    if !used.contains(&hash) {
+                        continue;
+                    }
+                    let off = u64::from_le_bytes(e[32..40].try_into().expect("8")) as usize;
+                    let len = u32::from_le_bytes(e[40..44].try_into().expect("4")) as usize;
+                    let bytes = data
+                        .get(off..off + len)
+                        .filter(|d| blake3::hash(d).as_bytes() == &hash)
+                        .ok_or_else(|| {
+                            err(format!(
+                                "{url}: extent {} in {old} is damaged: not repacked (fsck --read-data says more)",
+                                crate::store::hex(&hash)
+                            ))
+                        })?;
+                    pack.add(hash, bytes);
+                }
+                pack.flush(&b, &mut HashMap::new())?;
+                b.delete(&old)?;
+                b.delete(&key)?;
+            }
+        } else if dead > 0 {
+            rep.partial.0 += 1;
+            rep.partial.1 += dead;
+        }
+    }
+    Ok(rep)
+}
+
+/// `snapfs fsck s3://... [--read-data]`: every snapshot's manifest is there and
+/// decodes, and every extent it names is in a pack whose index lists it; with
+/// `read_data`, every pack is read and every extent in it rehashed. The problems,
+/// each naming what it affects.
+pub fn fsck(url: &str, read_data: bool) -> Result<Vec<String>, SyncError> {
+    let b = Bucket::open(url)?;
+    let root = b
+        .root()?
+        .ok_or_else(|| err(format!("{url} holds no snapfs volume")))?;
+    let index = b.index()?;
+    let mut problems = Vec::new();
+    for s in &root.snapshots {
+        let batches = match b.manifest(&s.manifest) {
+            Ok(m) => m,
+            Err(e) => {
+                problems.push(format!("snapshot {}: {e}", s.name));
+                continue;
+            }
+        };
+        let mut missing = 0u64;
+        for batch in &batches {
+            for h in named(batch)? {
+                if !index.contains_key(&h) {
+                    missing += 1;
+                }
+            }
+        }
+        if missing > 0 {
+            problems.push(format!(
+                "snapshot {} (and every later one): {missing} extents it names are in no pack",
+                s.name
+            ));
+        }
+    }
+    let packs: std::collections::HashSet<&str> = index.values().map(|p| p.pack.as_str()).collect();
+    let present: std::collections::HashSet<String> = b.list("packs")?.into_iter().collect();
+    for p in &packs {
+        if !present.contains(*p) {
+            problems.push(format!("{p} is missing (its index lists extents)"));
+        }
+    }
+    if read_data {
+        for p in packs.iter().filter(|p| present.contains(**p)) {
+            let data = b.get(p)?.unwrap_or_default();
+            for (h, place) in index.iter().filter(|(_, pl)| pl.pack == *p) {
+                let end = place.offset + place.len as u64;
+                let ok = (end as usize) <= data.len()
+                    && *blake3::hash(&data[place.offset as usize..end as usize]).as_bytes() == *h;
+                if !ok {
+                    problems.push(format!(
+                        "extent {} in {p} does not match its hash",
+                        crate::store::hex(h)
+                    ));
+                }
+            }
+        }
+    }
+    Ok(problems)
 }

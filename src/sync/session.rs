@@ -625,7 +625,7 @@ fn receive_inner<R: Read, W: Write>(
 }
 
 /// `records` in batches of a bounded count and size.
-fn batches(records: Vec<Record>) -> Vec<Vec<Record>> {
+pub(crate) fn batches(records: Vec<Record>) -> Vec<Vec<Record>> {
     let mut chunks: Vec<Vec<Record>> = vec![Vec::new()];
     let mut bytes = 0;
     for rec in records {
