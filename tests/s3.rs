@@ -479,3 +479,60 @@ fn snapshots_deleted_from_a_bucket_go_and_gc_frees_what_only_they_held() {
     assert_eq!(tree_digest(&m.path(".snapshots/s4")), s4);
     assert_eq!(tree_digest(&m.mnt), s4);
 }
+
+#[test]
+fn a_pack_deleted_behind_snapfs_is_reported_and_sent_again_by_the_next_sync() {
+    let g = Garage::start();
+    let url = "s3://snapfs/lost";
+    let m = Mount::new();
+    let mnt = m.mnt.to_str().unwrap().to_string();
+    std::fs::write(m.path("a"), pattern(1, 4 << 20)).unwrap();
+    snapfs_ok(&["snapshot", "create", &mnt, "s1"]);
+    g.sync_ok(&m.mnt, url);
+    // The one pack goes, behind snapfs's back.
+    let env = |k: &str| match k {
+        "AWS_ENDPOINT_URL" => Some(g.endpoint.clone()),
+        "AWS_REGION" => Some("garage".to_string()),
+        "AWS_ACCESS_KEY_ID" => Some(g.key_id.clone()),
+        "AWS_SECRET_ACCESS_KEY" => Some(g.secret.clone()),
+        _ => None,
+    };
+    let b = snapfs::sync::s3::Bucket::open_with(url, env).unwrap();
+    let packs: Vec<String> = b
+        .list("packs")
+        .unwrap()
+        .into_iter()
+        .filter(|k| k.ends_with(".pack"))
+        .collect();
+    assert_eq!(packs.len(), 1, "{packs:?}");
+    b.delete(&packs[0]).unwrap();
+    // fsck names it and the snapshot that needs it.
+    let out = g.snapfs(&["fsck", url]);
+    assert_eq!(out.status.code(), Some(1));
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains(&packs[0]) && text.contains("snapshot s1"),
+        "{text}"
+    );
+    // The next sync with something to send re-sends what the bucket lost.
+    std::fs::write(m.path("b"), b"a little more").unwrap();
+    snapfs_ok(&["snapshot", "create", &mnt, "s2"]);
+    let sum = g.sync_ok(&m.mnt, url);
+    assert!(sum["payload_bytes"].as_u64().unwrap() >= 4 << 20, "{sum}");
+    let out = g.snapfs(&["fsck", url, "--read-data"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    let dir = test_dir();
+    let n = dir.path().join("n");
+    let out = g.snapfs(&["restore", url, n.to_str().unwrap()]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let r = Mount::at(n, dir.path().join("nmnt"), &[]);
+    assert_eq!(tree_digest(&r.mnt), tree_digest(&m.path(".snapshots/s2")));
+}

@@ -102,6 +102,12 @@ impl Bucket {
     /// the environment (`AWS_ENDPOINT_URL`, `AWS_REGION`, `AWS_ACCESS_KEY_ID`,
     /// `AWS_SECRET_ACCESS_KEY`, ...).
     pub fn open(url: &str) -> Result<Bucket, SyncError> {
+        Self::open_with(url, |k| std::env::var(k).ok())
+    }
+
+    /// [`Bucket::open`] with the settings `env` gives (by the environment variables'
+    /// names) instead of the process's environment.
+    pub fn open_with(url: &str, env: impl Fn(&str) -> Option<String>) -> Result<Bucket, SyncError> {
         let rest = url
             .strip_prefix("s3://")
             .ok_or_else(|| err(format!("{url}: not an s3:// URL")))?;
@@ -109,14 +115,34 @@ impl Bucket {
         if bucket.is_empty() {
             return Err(err(format!("{url}: no bucket named")));
         }
-        let mut b = object_store::aws::AmazonS3Builder::from_env().with_bucket_name(bucket);
-        if let Ok(ep) = std::env::var("AWS_ENDPOINT_URL") {
+        let mut b = object_store::aws::AmazonS3Builder::new().with_bucket_name(bucket);
+        for (var, key) in [
+            (
+                "AWS_ACCESS_KEY_ID",
+                object_store::aws::AmazonS3ConfigKey::AccessKeyId,
+            ),
+            (
+                "AWS_SECRET_ACCESS_KEY",
+                object_store::aws::AmazonS3ConfigKey::SecretAccessKey,
+            ),
+            (
+                "AWS_SESSION_TOKEN",
+                object_store::aws::AmazonS3ConfigKey::Token,
+            ),
+            (
+                "AWS_DEFAULT_REGION",
+                object_store::aws::AmazonS3ConfigKey::Region,
+            ),
+            ("AWS_REGION", object_store::aws::AmazonS3ConfigKey::Region),
+        ] {
+            if let Some(v) = env(var) {
+                b = b.with_config(key, v);
+            }
+        }
+        if let Some(ep) = env("AWS_ENDPOINT_URL").or_else(|| env("AWS_ENDPOINT")) {
             b = b
                 .with_allow_http(ep.starts_with("http://"))
                 .with_endpoint(ep);
-        }
-        if let Ok(region) = std::env::var("AWS_REGION") {
-            b = b.with_region(region);
         }
         let store = b
             .build()
@@ -185,7 +211,7 @@ impl Bucket {
     }
 
     /// The keys under `dir` (relative to the prefix).
-    fn list(&self, dir: &str) -> Result<Vec<String>, SyncError> {
+    pub fn list(&self, dir: &str) -> Result<Vec<String>, SyncError> {
         let p = self.path(dir);
         let metas: Vec<object_store::ObjectMeta> = self
             .rt
@@ -228,7 +254,7 @@ impl Bucket {
     }
 
     /// Deletes object `key` (gone already is fine).
-    fn delete(&self, key: &str) -> Result<(), SyncError> {
+    pub fn delete(&self, key: &str) -> Result<(), SyncError> {
         match self.rt.block_on(self.store.delete(&self.path(key))) {
             Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
             Err(e) => Err(self.fail("deleting", key, e)),
@@ -340,30 +366,60 @@ impl Bucket {
 
     /// Every extent the packs hold: where each is.
     fn index(&self) -> Result<HashMap<[u8; 32], Place>, SyncError> {
+        Ok(self.index_and_lost()?.0)
+    }
+
+    /// Every extent the packs hold, and the packs whose index is there but whose
+    /// data is not (deleted behind snapfs's back, or lost), with the extents they
+    /// held that no other pack does.
+    #[allow(clippy::type_complexity)]
+    fn index_and_lost(
+        &self,
+    ) -> Result<(HashMap<[u8; 32], Place>, Vec<(String, Vec<[u8; 32]>)>), SyncError> {
+        let keys = self.list("packs")?;
+        let present: std::collections::HashSet<&str> = keys
+            .iter()
+            .filter(|k| k.ends_with(".pack"))
+            .map(String::as_str)
+            .collect();
         let mut out = HashMap::new();
-        for key in self.list("packs")? {
-            let Some(pack) = key.strip_suffix(".idx") else {
+        let mut lost: Vec<(String, Vec<[u8; 32]>)> = Vec::new();
+        for key in &keys {
+            let Some(id) = key.strip_suffix(".idx") else {
                 continue;
             };
-            let Some(b) = self.get(&key)? else { continue };
+            let pack = format!("{id}.pack");
+            let Some(b) = self.get(key)? else { continue };
             if b.len() % 44 != 0 {
                 return Err(err(format!("{}: {key} is damaged", self.url)));
             }
+            let here = present.contains(pack.as_str());
+            let mut gone = Vec::new();
             for e in b.chunks_exact(44) {
                 let hash: [u8; 32] = e[..32].try_into().expect("32");
+                if !here {
+                    gone.push(hash);
+                    continue;
+                }
                 let offset = u64::from_le_bytes(e[32..40].try_into().expect("8"));
                 let len = u32::from_le_bytes(e[40..44].try_into().expect("4"));
                 out.insert(
                     hash,
                     Place {
-                        pack: format!("{pack}.pack"),
+                        pack: pack.clone(),
                         offset,
                         len,
                     },
                 );
             }
+            if !here {
+                lost.push((pack, gone));
+            }
         }
-        Ok(out)
+        for (_, hashes) in &mut lost {
+            hashes.retain(|h| !out.contains_key(h));
+        }
+        Ok((out, lost))
     }
 }
 
@@ -538,7 +594,19 @@ fn receive_into<R: Read, W: Write>(
         snapshots: root.snapshots.iter().map(RootSnapshot::snap_ref).collect(),
     })?;
     w.flush()?;
-    let mut index = b.index()?;
+    let (mut index, mut lost) = b.index_and_lost()?;
+    // Extents whose pack is gone: asked of the source with the first
+    // acknowledgement, to ride on the push (it sends those it has).
+    let mut unasked: Vec<[u8; 32]> = lost.iter().flat_map(|(_, h)| h.iter().copied()).collect();
+    unasked.sort_unstable();
+    unasked.dedup();
+    if !unasked.is_empty() {
+        tracing::warn!(
+            extents = unasked.len(),
+            "sync: extents whose pack is gone from the bucket; asking the source for them"
+        );
+    }
+    let mut repair_asked: std::collections::HashSet<[u8; 32]> = Default::default();
     let mut sum = Summary::default();
     loop {
         let (snapshot, base) = match expect(r)? {
@@ -579,13 +647,19 @@ fn receive_into<R: Read, W: Write>(
                             crate::store::hex(h)
                         )));
                     }
-                    let missing: Vec<[u8; 32]> = named(&recs)?
+                    let mut missing: Vec<[u8; 32]> = named(&recs)?
                         .into_iter()
                         .filter(|h| {
                             !index.contains_key(h) && !pack.hashes.iter().any(|p| p.0 == *h)
                         })
                         .collect();
                     wanted.extend(missing.iter().copied());
+                    for h in unasked.drain(..) {
+                        if !wanted.contains(&h) {
+                            repair_asked.insert(h);
+                            missing.push(h);
+                        }
+                    }
                     records += recs.len() as u64;
                     manifest.send(&Frame::Records {
                         batch,
@@ -595,7 +669,7 @@ fn receive_into<R: Read, W: Write>(
                     w.flush()?;
                 }
                 Frame::Extent { hash, data } => {
-                    if !wanted.remove(&hash) {
+                    if !wanted.remove(&hash) && !repair_asked.remove(&hash) {
                         return Err(err(format!(
                             "extent {} was not asked for",
                             crate::store::hex(&hash)
@@ -630,6 +704,17 @@ fn receive_into<R: Read, W: Write>(
         }
         // The barrier: the packs, then the manifest, then the root that names it.
         pack.flush(b, &mut index)?;
+        // The index of a lost pack goes once every extent it listed is elsewhere.
+        lost.retain(|(pack, hashes)| {
+            if hashes.iter().all(|h| index.contains_key(h)) {
+                let idx = format!("{}.idx", pack.trim_end_matches(".pack"));
+                if let Err(e) = b.delete(&idx) {
+                    tracing::warn!(error = %e, "sync: the index of a lost pack stays");
+                }
+                return false;
+            }
+            true
+        });
         manifest.flush()?;
         let key = format!("manifests/{}", random_id());
         b.put(&key, manifest.into_inner())?;
@@ -959,8 +1044,14 @@ pub fn fsck(url: &str, read_data: bool) -> Result<Vec<String>, SyncError> {
     let root = b
         .root()?
         .ok_or_else(|| err(format!("{url} holds no snapfs volume")))?;
-    let index = b.index()?;
+    let (index, lost) = b.index_and_lost()?;
     let mut problems = Vec::new();
+    for (pack, hashes) in lost.iter().filter(|(_, h)| !h.is_empty()) {
+        problems.push(format!(
+            "{pack} is missing: {} extents its index lists are in no other pack",
+            hashes.len()
+        ));
+    }
     for s in &root.snapshots {
         let batches = match b.manifest(&s.manifest) {
             Ok(m) => m,
@@ -984,15 +1075,10 @@ pub fn fsck(url: &str, read_data: bool) -> Result<Vec<String>, SyncError> {
             ));
         }
     }
-    let packs: std::collections::HashSet<&str> = index.values().map(|p| p.pack.as_str()).collect();
-    let present: std::collections::HashSet<String> = b.list("packs")?.into_iter().collect();
-    for p in &packs {
-        if !present.contains(*p) {
-            problems.push(format!("{p} is missing (its index lists extents)"));
-        }
-    }
     if read_data {
-        for p in packs.iter().filter(|p| present.contains(**p)) {
+        let packs: std::collections::HashSet<&str> =
+            index.values().map(|p| p.pack.as_str()).collect();
+        for p in packs {
             let data = b.get(p)?.unwrap_or_default();
             for (h, place) in index.iter().filter(|(_, pl)| pl.pack == *p) {
                 let end = place.offset + place.len as u64;
