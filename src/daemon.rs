@@ -865,6 +865,10 @@ fn check_destinations(store: &Path, mp: &Path, options: &MountOptions) -> anyhow
         } else if d.starts_with("ssh://") {
             crate::sync::ssh::parse(d).map_err(|e| anyhow::anyhow!("replicate: {e}"))?;
             d.clone()
+        } else if d.starts_with("s3://") {
+            // The URL and the settings (the daemon's environment, as at mount).
+            crate::sync::s3::Bucket::open(d).map_err(|e| anyhow::anyhow!("replicate: {e}"))?;
+            d.trim_end_matches('/').to_string()
         } else {
             let p = absolute(Path::new(d))?;
             // The deepest existing ancestor, resolved: the path itself may not exist.

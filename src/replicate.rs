@@ -26,13 +26,17 @@ pub fn parse_destinations(v: &str) -> Result<Vec<String>, String> {
     let dests: Vec<String> = v.split('+').map(|d| d.trim().to_string()).collect();
     if dests.iter().any(String::is_empty) {
         return Err(format!(
-            "replicate={v}: destinations are store paths, tcp://HOST:PORT or ssh://... joined by +"
+            "replicate={v}: destinations are store paths, tcp://HOST:PORT, ssh://... or s3://... joined by +"
         ));
     }
     for d in &dests {
-        if d.contains("://") && !d.starts_with("tcp://") && !d.starts_with("ssh://") {
+        if d.contains("://")
+            && !["tcp://", "ssh://", "s3://"]
+                .iter()
+                .any(|t| d.starts_with(t))
+        {
             return Err(format!(
-                "replicate: {d}: unknown transport (a store path, tcp:// or ssh://)"
+                "replicate: {d}: unknown transport (a store path, tcp://, ssh:// or s3://)"
             ));
         }
     }
@@ -348,10 +352,10 @@ mod tests {
     #[test]
     fn destinations_are_joined_by_plus() {
         assert_eq!(
-            parse_destinations("/srv/a+tcp://h:7000+ssh://u@h/p").unwrap(),
-            ["/srv/a", "tcp://h:7000", "ssh://u@h/p"]
+            parse_destinations("/srv/a+tcp://h:7000+ssh://u@h/p+s3://b/p").unwrap(),
+            ["/srv/a", "tcp://h:7000", "ssh://u@h/p", "s3://b/p"]
         );
         assert!(parse_destinations("/a++/b").is_err());
-        assert!(parse_destinations("s3://bucket").is_err());
+        assert!(parse_destinations("ftp://host/x").is_err());
     }
 }

@@ -536,3 +536,65 @@ fn a_pack_deleted_behind_snapfs_is_reported_and_sent_again_by_the_next_sync() {
     let r = Mount::at(n, dir.path().join("nmnt"), &[]);
     assert_eq!(tree_digest(&r.mnt), tree_digest(&m.path(".snapshots/s2")));
 }
+
+#[test]
+fn scheduled_replication_to_a_bucket_keeps_it_within_a_snapshot() {
+    let g = Garage::start();
+    let url = "s3://snapfs/scheduled";
+    let dir = test_dir();
+    let (store, mnt) = (dir.path().join("store"), dir.path().join("mnt"));
+    std::fs::create_dir(&mnt).unwrap();
+    let out = g.snapfs(&[
+        "mount",
+        store.to_str().unwrap(),
+        mnt.to_str().unwrap(),
+        "-o",
+        &format!("snapshot_every=1s,keep=last:3,replicate={url}"),
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for i in 0..5u64 {
+        std::fs::write(mnt.join(format!("f{i}")), pattern(i, 200_000)).unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(700));
+    }
+    // The bucket catches up with the source's newest snapshot.
+    let newest = || {
+        let out = snapfs_ok(&["snapshot", "list", mnt.to_str().unwrap(), "--json"]);
+        let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+        v.as_array().unwrap().last().unwrap()["name"]
+            .as_str()
+            .unwrap()
+            .to_string()
+    };
+    let t0 = std::time::Instant::now();
+    let (here, there) = loop {
+        let out = g.snapfs(&["snapshot", "list", url, "--json"]);
+        let there: Vec<String> = if out.status.success() {
+            let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+            v.as_array()
+                .unwrap()
+                .iter()
+                .map(|s| s["name"].as_str().unwrap().to_string())
+                .collect()
+        } else {
+            Vec::new()
+        };
+        let here = newest();
+        if there.last() == Some(&here) || t0.elapsed().as_secs() > 30 {
+            break (here, there);
+        }
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    };
+    assert_eq!(there.last(), Some(&here), "{there:?}");
+    assert!(there.len() >= 3, "{there:?}");
+    let pid: i32 = std::fs::read_to_string(store.join("snapfs.pid"))
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    assert!(Command::new("umount").arg(&mnt).status().unwrap().success());
+    wait_exit(pid);
+}

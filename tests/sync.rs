@@ -1548,7 +1548,8 @@ fn replicate_destinations_that_cannot_work_are_refused_at_mount() {
             ),
             "is for tcp:// destinations",
         ),
-        ("replicate=s3://bucket".into(), "unknown transport"),
+        ("replicate=ftp://host/x".into(), "unknown transport"),
+        ("replicate=s3://".into(), "no bucket named"),
     ] {
         let out = snapfs(&[
             "mount",
