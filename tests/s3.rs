@@ -598,3 +598,45 @@ fn scheduled_replication_to_a_bucket_keeps_it_within_a_snapshot() {
     assert!(Command::new("umount").arg(&mnt).status().unwrap().success());
     wait_exit(pid);
 }
+
+#[test]
+fn a_bucket_keeps_dedup_and_an_incremental_uploads_what_changed() {
+    // SNAPFS_TEST_S3_MIB: the unique data, stored four times over (64 MiB).
+    let mib: u64 = std::env::var("SNAPFS_TEST_S3_MIB")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(64);
+    let g = Garage::start();
+    let url = "s3://snapfs/dedup";
+    let m = Mount::new();
+    let mnt = m.mnt.to_str().unwrap().to_string();
+    let unique = pattern(5, (mib << 20) as usize);
+    for copy in 0..4 {
+        std::fs::write(m.path(&format!("copy{copy}")), &unique).unwrap();
+    }
+    snapfs_ok(&["snapshot", "create", &mnt, "s1"]);
+    g.sync_ok(&m.mnt, url);
+    let env = |k: &str| match k {
+        "AWS_ENDPOINT_URL" => Some(g.endpoint.clone()),
+        "AWS_REGION" => Some("garage".to_string()),
+        "AWS_ACCESS_KEY_ID" => Some(g.key_id.clone()),
+        "AWS_SECRET_ACCESS_KEY" => Some(g.secret.clone()),
+        _ => None,
+    };
+    let b = snapfs::sync::s3::Bucket::open_with(url, env).unwrap();
+    let full = b.bytes().unwrap();
+    eprintln!("{} MiB stored four times: {full} bytes in the bucket", mib);
+    assert!(full <= (mib << 20) * 105 / 100, "{full}");
+    // 10 MiB changed in one copy: what the bucket gains is those bytes and metadata.
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .open(m.path("copy2"))
+        .unwrap();
+    std::os::unix::fs::FileExt::write_all_at(&f, &pattern(6, 10 << 20), 4 << 20).unwrap();
+    drop(f);
+    snapfs_ok(&["snapshot", "create", &mnt, "s2"]);
+    g.sync_ok(&m.mnt, url);
+    let grew = b.bytes().unwrap() - full;
+    eprintln!("10 MiB changed: the bucket grew by {grew} bytes");
+    assert!(grew <= (10 << 20) * 105 / 100 + (256 << 10), "{grew}");
+}

@@ -231,6 +231,16 @@ impl Bucket {
             .collect())
     }
 
+    /// Bytes of every object under the prefix.
+    pub fn bytes(&self) -> Result<u64, SyncError> {
+        let p = (!self.prefix.is_empty()).then(|| ObjPath::from(self.prefix.as_str()));
+        let metas: Vec<object_store::ObjectMeta> = self
+            .rt
+            .block_on(self.store.list(p.as_ref()).try_collect())
+            .map_err(|e| self.fail("listing", "", e))?;
+        Ok(metas.iter().map(|m| m.size).sum())
+    }
+
     /// The root object, if the prefix holds a volume.
     pub fn root(&self) -> Result<Option<Root>, SyncError> {
         match self.get(ROOT)? {
