@@ -640,3 +640,80 @@ fn a_bucket_keeps_dedup_and_an_incremental_uploads_what_changed() {
     eprintln!("10 MiB changed: the bucket grew by {grew} bytes");
     assert!(grew <= (10 << 20) * 105 / 100 + (256 << 10), "{grew}");
 }
+
+#[test]
+fn one_writer_at_a_time_holds_the_bucket_and_a_dead_ones_lock_expires() {
+    let g = Garage::start();
+    let url = "s3://snapfs/locked";
+    let m = Mount::new();
+    std::fs::write(m.path("f"), pattern(1, 100_000)).unwrap();
+    snapfs_ok(&["snapshot", "create", m.mnt.to_str().unwrap(), "s1"]);
+    g.sync_ok(&m.mnt, url);
+    let env = |k: &str| match k {
+        "AWS_ENDPOINT_URL" => Some(g.endpoint.clone()),
+        "AWS_REGION" => Some("garage".to_string()),
+        "AWS_ACCESS_KEY_ID" => Some(g.key_id.clone()),
+        "AWS_SECRET_ACCESS_KEY" => Some(g.secret.clone()),
+        _ => None,
+    };
+    let b = snapfs::sync::s3::Bucket::open_with(url, env).unwrap();
+    // Released after the sync.
+    assert!(
+        !b.list("")
+            .unwrap()
+            .iter()
+            .any(|k| k == snapfs::sync::s3::LOCK)
+    );
+    let now = snapfs::store::schema::Ts::now().sec;
+    let lock = |owner: &str, expires: i64, host: &str, pid: u32| {
+        let rec = snapfs::sync::s3::LockRec {
+            owner: owner.into(),
+            expires,
+            host: host.into(),
+            pid,
+        };
+        b.put_object(snapfs::sync::s3::LOCK, serde_json::to_vec(&rec).unwrap())
+            .unwrap();
+    };
+    // Another writer's live lock: every writer is refused, naming it; readers go on.
+    lock("backup-host pid 42 (sync)", now + 600, "backup-host", 42);
+    std::fs::write(m.path("g"), b"more").unwrap();
+    snapfs_ok(&["snapshot", "create", m.mnt.to_str().unwrap(), "s2"]);
+    for args in [
+        vec!["sync", m.mnt.to_str().unwrap(), url],
+        vec!["gc", url],
+        vec!["snapshot", "delete", url, "s1"],
+    ] {
+        let out = g.snapfs(&args);
+        assert_eq!(out.status.code(), Some(2), "{args:?}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            err.contains("locked by backup-host pid 42"),
+            "{args:?}: {err}"
+        );
+    }
+    let out = g.snapfs(&["snapshot", "list", url]);
+    assert!(out.status.success());
+    // Its time up (its writer died), the lock is taken over.
+    lock("backup-host pid 42 (sync)", now - 1, "backup-host", 42);
+    let sum = g.sync_ok(&m.mnt, url);
+    assert_eq!(sum["snapshots"], serde_json::json!(["s2"]), "{sum}");
+    // So is one of a process of this machine that is gone, at once.
+    let mut gone = Command::new("true").spawn().unwrap();
+    let dead = gone.id();
+    gone.wait().unwrap();
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap();
+    lock("a killed sync", now + 600, host.trim(), dead);
+    let out = g.snapfs(&["gc", url]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        !b.list("")
+            .unwrap()
+            .iter()
+            .any(|k| k == snapfs::sync::s3::LOCK)
+    );
+}

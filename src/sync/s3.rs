@@ -13,6 +13,7 @@
 
 use std::collections::HashMap;
 use std::io::{Read, Write};
+use std::path::Path;
 use std::sync::Arc;
 
 use futures_util::TryStreamExt;
@@ -29,6 +30,91 @@ const PACK_BYTES: usize = 32 << 20;
 
 /// The root object's name under the prefix.
 const ROOT: &str = "snapfs-root.json";
+
+/// The lock object's name under the prefix: who writes the bucket, until when.
+pub const LOCK: &str = "snapfs-lock.json";
+
+/// How long a writer's lock lasts unless renewed (it is, at every pack and
+/// snapshot); one whose writer died is taken over after it.
+const LOCK_TTL: i64 = 10 * 60;
+
+/// The lock object.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct LockRec {
+    /// Who holds it: host, process, what it does, and a random tag.
+    pub owner: String,
+    /// Until when (seconds since the Unix epoch).
+    pub expires: i64,
+    /// The holder's host name.
+    #[serde(default)]
+    pub host: String,
+    /// The holder's process id on that host.
+    #[serde(default)]
+    pub pid: u32,
+}
+
+/// This machine's host name.
+fn host_name() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .unwrap_or_default()
+        .trim()
+        .to_string()
+}
+
+impl LockRec {
+    /// Whether the holder is gone: its time is up, or it was a process of this
+    /// machine that is no longer running.
+    fn stale(&self) -> bool {
+        self.expires <= now_secs()
+            || (self.pid != 0
+                && !self.host.is_empty()
+                && self.host == host_name()
+                && !Path::new(&format!("/proc/{}", self.pid)).exists())
+    }
+}
+
+/// A writer's hold on a bucket prefix, released when dropped.
+pub struct Lock<'a> {
+    b: &'a Bucket,
+    owner: String,
+    expires: std::cell::Cell<i64>,
+}
+
+fn now_secs() -> i64 {
+    crate::store::schema::Ts::now().sec
+}
+
+impl Lock<'_> {
+    /// Extends the lock when half its time is gone.
+    fn renew(&self) -> Result<(), SyncError> {
+        let now = now_secs();
+        if now < self.expires.get() - LOCK_TTL / 2 {
+            return Ok(());
+        }
+        let rec = LockRec {
+            owner: self.owner.clone(),
+            expires: now + LOCK_TTL,
+            host: host_name(),
+            pid: std::process::id(),
+        };
+        self.b
+            .put(LOCK, serde_json::to_vec(&rec).expect("encodes"))?;
+        self.expires.set(rec.expires);
+        Ok(())
+    }
+}
+
+impl Drop for Lock<'_> {
+    fn drop(&mut self) {
+        // Only a lock still ours goes (an expired one may have been taken over).
+        if let Ok(Some(b)) = self.b.get(LOCK)
+            && serde_json::from_slice::<LockRec>(&b).is_ok_and(|r| r.owner == self.owner)
+            && let Err(e) = self.b.delete(LOCK)
+        {
+            tracing::warn!(error = %e, "s3: the bucket's lock stays until it expires");
+        }
+    }
+}
 
 /// A bucket prefix holding one volume's snapshots.
 pub struct Bucket {
@@ -229,6 +315,80 @@ impl Bucket {
                 k.strip_prefix(&strip).unwrap_or(&k).to_string()
             })
             .collect())
+    }
+
+    /// Takes the bucket's lock for `what` (a sync, a delete, gc): one writer at a
+    /// time. Refused, naming the holder, while another's lock is unexpired.
+    pub fn lock(&self, what: &str) -> Result<Lock<'_>, SyncError> {
+        let host = host_name();
+        let owner = format!(
+            "{host} pid {} ({what}) {}",
+            std::process::id(),
+            &random_id()[..8]
+        );
+        let mine = |b: &Bucket| -> Result<bool, SyncError> {
+            Ok(b.get(LOCK)?.is_some_and(|v| {
+                serde_json::from_slice::<LockRec>(&v).is_ok_and(|r| r.owner == owner)
+            }))
+        };
+        for _ in 0..3 {
+            // Held: by a live writer (refused), or one whose time is up (taken over).
+            if let Some(v) = self.get(LOCK)? {
+                match serde_json::from_slice::<LockRec>(&v) {
+                    Ok(r) if !r.stale() => {
+                        return Err(err(format!(
+                            "{} is locked by {} until {} (another sync, delete or gc writes to it); try again later, or delete {LOCK} there if that process is gone",
+                            self.url,
+                            r.owner,
+                            crate::policy::utc(r.expires)
+                        )));
+                    }
+                    _ => self.delete(LOCK)?,
+                }
+            }
+            let rec = LockRec {
+                owner: owner.clone(),
+                expires: now_secs() + LOCK_TTL,
+                host: host.clone(),
+                pid: std::process::id(),
+            };
+            let body = serde_json::to_vec(&rec).expect("encodes");
+            // Written only if absent where the store can say so; either way read
+            // back after a moment, so that of two writers racing one wins.
+            let opts = object_store::PutOptions {
+                mode: object_store::PutMode::Create,
+                ..Default::default()
+            };
+            let res = self.rt.block_on(self.store.put_opts(
+                &self.path(LOCK),
+                body.clone().into(),
+                opts,
+            ));
+            match res {
+                Ok(_) => {}
+                Err(
+                    object_store::Error::AlreadyExists { .. }
+                    | object_store::Error::Precondition { .. },
+                ) => continue,
+                Err(object_store::Error::NotImplemented { .. }) => self.put(LOCK, body)?,
+                Err(e) => return Err(self.fail("locking", LOCK, e)),
+            }
+            std::thread::sleep(std::time::Duration::from_millis(300));
+            if mine(self)? {
+                return Ok(Lock {
+                    b: self,
+                    owner,
+                    expires: std::cell::Cell::new(rec.expires),
+                });
+            }
+        }
+        Err(err(format!("{}: could not take its lock", self.url)))
+    }
+
+    /// Writes object `key` under the prefix (for tools and tests: snapfs's own
+    /// objects are written by its sessions).
+    pub fn put_object(&self, key: &str, data: Vec<u8>) -> Result<(), SyncError> {
+        self.put(key, data)
     }
 
     /// Bytes of every object under the prefix.
@@ -573,6 +733,7 @@ fn receive_into<R: Read, W: Write>(
         Frame::Proof { .. } => {}
         f => return Err(err(format!("expected proof, got {f:?}"))),
     }
+    let lock = b.lock("sync")?;
     let mut root = match b.root()? {
         Some(root) => {
             if root.origin != crate::store::hex(&origin) {
@@ -695,6 +856,7 @@ fn receive_into<R: Read, W: Write>(
                     sum.payload_bytes += data.len() as u64;
                     pack.add(hash, &data);
                     if pack.data.len() >= PACK_BYTES {
+                        lock.renew()?;
                         pack.flush(b, &mut index)?;
                     }
                 }
@@ -713,6 +875,7 @@ fn receive_into<R: Read, W: Write>(
             )));
         }
         // The barrier: the packs, then the manifest, then the root that names it.
+        lock.renew()?;
         pack.flush(b, &mut index)?;
         // The index of a lost pack goes once every extent it listed is elsewhere.
         lost.retain(|(pack, hashes)| {
@@ -908,6 +1071,7 @@ fn send_from<R: Read, W: Write>(
 /// is freed by [`gc`].
 pub fn delete(url: &str, name: &str) -> Result<String, SyncError> {
     let b = Bucket::open(url)?;
+    let _lock = b.lock("snapshot delete")?;
     let mut root = b
         .root()?
         .ok_or_else(|| err(format!("{url} holds no snapfs volume")))?;
@@ -960,11 +1124,12 @@ fn referenced(b: &Bucket, root: &Root) -> Result<std::collections::HashSet<[u8; 
     Ok(out)
 }
 
-/// `snapfs gc s3://...`: deletes the packs and manifests no snapshot needs. Not to
-/// be run while a sync writes to the bucket (which has no lock yet): the packs of
-/// a session before its barrier are needed by nothing yet.
+/// `snapfs gc s3://...`: deletes the packs and manifests no snapshot needs, under
+/// the bucket's lock (a sync's packs before its barrier are needed by nothing yet,
+/// so gc never runs beside one).
 pub fn gc(url: &str, dry_run: bool) -> Result<GcReport, SyncError> {
     let b = Bucket::open(url)?;
+    let _lock = b.lock("gc")?;
     let root = b
         .root()?
         .ok_or_else(|| err(format!("{url} holds no snapfs volume")))?;
