@@ -248,6 +248,19 @@ fn snapshots_go_to_a_bucket_incrementally_and_come_back_identical() {
     assert_eq!(snapshot_trees(&m), want);
     assert_eq!(tree_digest(&m.mnt), live);
     drop(m);
+    // One snapshot alone, whole: the older, then the newer (every manifest up to it).
+    for (i, name) in ["s1", "s2"].iter().enumerate() {
+        let one = dir.path().join(format!("only-{name}"));
+        let out = g.snapfs(&["restore", url, one.to_str().unwrap(), "--only", name]);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let om = Mount::at(one, dir.path().join(format!("only-{name}-mnt")), &[]);
+        assert_eq!(snapshot_trees(&om), [want[i].clone()]);
+        assert_eq!(tree_digest(&om.mnt), want[i].1);
+    }
     let out = snapfs(&["fsck", n.to_str().unwrap(), "--read-data"]);
     assert!(
         out.status.success(),

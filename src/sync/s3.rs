@@ -944,11 +944,6 @@ fn send_from<R: Read, W: Write>(
     r: &mut FrameReader<R>,
     w: &mut FrameWriter<W>,
 ) -> Result<Summary, SyncError> {
-    if only.is_some() {
-        return Err(err(
-            "restoring one snapshot from a bucket is not supported yet: restore them all",
-        ));
-    }
     let root = b
         .root()?
         .ok_or_else(|| err(format!("{} holds no snapfs volume", b.url)))?;
@@ -981,28 +976,66 @@ fn send_from<R: Read, W: Write>(
             )));
         }
     };
-    // From the snapshot after the newest one the destination holds.
-    let start = root
-        .snapshots
-        .iter()
-        .rposition(|s| held.contains(&s.snap_ref()))
-        .map_or(0, |i| i + 1);
     let index = b.index()?;
     let mut sum = Summary::default();
-    for s in &root.snapshots[start..] {
-        let bytes = b
-            .get(&s.manifest)?
-            .ok_or_else(|| err(format!("{}: the manifest of {} is missing", b.url, s.name)))?;
-        let mut m = FrameReader::new(bytes.as_slice(), None);
-        let mut batches = Vec::new();
-        while let Some(f) = m.read_frame()? {
-            match f {
-                Frame::Records { batch, records } => batches.push((batch, records)),
-                f => return Err(err(format!("{}: manifest of {}: {f:?}", b.url, s.name))),
+    // What goes: each snapshot after the newest one the destination holds, as
+    // stored (changes from the one before); or `only`, whole (every manifest up to
+    // it, the later record winning), unless the destination has it.
+    // (A stored manifest is read when its turn comes.)
+    let mut todo: Vec<(&RootSnapshot, Option<String>, Option<Vec<Vec<Record>>>)> = Vec::new();
+    match only {
+        Some(name) => {
+            let k = root
+                .snapshots
+                .iter()
+                .position(|s| s.name == name && !s.deleted)
+                .ok_or_else(|| err(format!("{} has no snapshot named {name}", b.url)))?;
+            let s = &root.snapshots[k];
+            if !held.contains(&s.snap_ref()) {
+                type Key = (u64, u8, u64, Vec<u8>);
+                let mut map: std::collections::BTreeMap<Key, Option<Vec<u8>>> = Default::default();
+                for earlier in &root.snapshots[..=k] {
+                    for batch in b.manifest(&earlier.manifest)? {
+                        for r in batch {
+                            map.insert((r.ino, r.kind, r.sub, r.name), r.payload);
+                        }
+                    }
+                }
+                let whole: Vec<Record> = map
+                    .into_iter()
+                    .filter_map(|((ino, kind, sub, name), payload)| {
+                        payload.map(|p| Record {
+                            ino,
+                            kind,
+                            sub,
+                            name,
+                            payload: Some(p),
+                        })
+                    })
+                    .collect();
+                todo.push((s, None, Some(super::session::batches(whole))));
             }
         }
+        None => {
+            let start = root
+                .snapshots
+                .iter()
+                .rposition(|s| held.contains(&s.snap_ref()))
+                .map_or(0, |i| i + 1);
+            for s in &root.snapshots[start..] {
+                todo.push((s, s.base.clone(), None));
+            }
+        }
+    }
+    for (s, base, batches) in todo {
+        let batches = match batches {
+            Some(b) => b,
+            None => b.manifest(&s.manifest)?,
+        };
         let (mut n, mut bytes_named) = (0u64, 0u64);
-        for (_, recs) in &batches {
+        let mut count = 0u64;
+        for recs in &batches {
+            count += recs.len() as u64;
             let mut seen = std::collections::HashSet::new();
             for rec in recs {
                 first_namings(rec, &mut seen, |_, len| {
@@ -1013,15 +1046,16 @@ fn send_from<R: Read, W: Write>(
         }
         w.send(&Frame::Plan {
             snapshot: s.snap_ref(),
-            records: s.records,
+            records: count,
             extents: n,
             bytes: bytes_named,
         })?;
         w.send(&Frame::Begin {
             snapshot: s.snap_ref(),
-            base: s.base.clone(),
+            base,
         })?;
-        for (batch, records) in batches {
+        for (batch, records) in batches.into_iter().enumerate() {
+            let batch = batch as u64;
             sum.records += records.len() as u64;
             w.send(&Frame::Records { batch, records })?;
             w.flush()?;
