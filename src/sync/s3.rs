@@ -982,7 +982,8 @@ fn send_from<R: Read, W: Write>(
     // stored (changes from the one before); or `only`, whole (every manifest up to
     // it, the later record winning), unless the destination has it.
     // (A stored manifest is read when its turn comes.)
-    let mut todo: Vec<(&RootSnapshot, Option<String>, Option<Vec<Vec<Record>>>)> = Vec::new();
+    type Batches = Vec<Vec<Record>>;
+    let mut todo: Vec<(&RootSnapshot, Option<String>, Option<Batches>)> = Vec::new();
     match only {
         Some(name) => {
             let k = root
