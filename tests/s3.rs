@@ -715,8 +715,18 @@ fn one_writer_at_a_time_holds_the_bucket_and_a_dead_ones_lock_expires() {
     let mut gone = Command::new("true").spawn().unwrap();
     let dead = gone.id();
     gone.wait().unwrap();
-    let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap();
-    lock("a killed sync", now + 600, host.trim(), dead);
+    let read = |p: &str| {
+        std::fs::read_to_string(p)
+            .unwrap_or_default()
+            .trim()
+            .to_string()
+    };
+    let host = format!(
+        "{} {}",
+        read("/proc/sys/kernel/hostname"),
+        read("/etc/machine-id")
+    );
+    lock("a killed sync", now + 600, &host, dead);
     let out = g.snapfs(&["gc", url]);
     assert!(
         out.status.success(),

@@ -53,12 +53,19 @@ pub struct LockRec {
     pub pid: u32,
 }
 
-/// This machine's host name.
+/// This machine: its host name and machine id (cloned machines may share a name).
 fn host_name() -> String {
-    std::fs::read_to_string("/proc/sys/kernel/hostname")
-        .unwrap_or_default()
-        .trim()
-        .to_string()
+    let read = |p: &str| {
+        std::fs::read_to_string(p)
+            .unwrap_or_default()
+            .trim()
+            .to_string()
+    };
+    format!(
+        "{} {}",
+        read("/proc/sys/kernel/hostname"),
+        read("/etc/machine-id")
+    )
 }
 
 impl LockRec {
@@ -85,12 +92,34 @@ fn now_secs() -> i64 {
 }
 
 impl Lock<'_> {
-    /// Extends the lock when half its time is gone.
+    /// Extends the lock when half its time is gone (a time check otherwise: called
+    /// as often as the writer likes).
     fn renew(&self) -> Result<(), SyncError> {
-        let now = now_secs();
-        if now < self.expires.get() - LOCK_TTL / 2 {
+        if now_secs() < self.expires.get() - LOCK_TTL / 2 {
             return Ok(());
         }
+        self.check()?;
+        self.extend()
+    }
+
+    /// Fails unless the lock object is still this writer's and unexpired: what a
+    /// writer checks before each step that publishes or deletes (the root, a
+    /// manifest or pack gone), so that one whose lock was taken over stops.
+    fn check(&self) -> Result<(), SyncError> {
+        let ours = self.b.get(LOCK)?.is_some_and(|v| {
+            serde_json::from_slice::<LockRec>(&v).is_ok_and(|r| r.owner == self.owner)
+        });
+        if !ours || now_secs() >= self.expires.get() {
+            return Err(err(format!(
+                "{}: this writer lost the bucket's lock (it expired, and another took it over): nothing more is written",
+                self.b.url
+            )));
+        }
+        Ok(())
+    }
+
+    fn extend(&self) -> Result<(), SyncError> {
+        let now = now_secs();
         let rec = LockRec {
             owner: self.owner.clone(),
             expires: now + LOCK_TTL,
@@ -339,7 +368,7 @@ impl Bucket {
                         return Err(err(format!(
                             "{} is locked by {} until {} (another sync, delete or gc writes to it); try again later, or delete {LOCK} there if that process is gone",
                             self.url,
-                            r.owner,
+                            crate::text::printable(&r.owner.replace('\n', " ")),
                             crate::policy::utc(r.expires)
                         )));
                     }
@@ -514,7 +543,7 @@ impl Bucket {
 
     /// Merges every deleted snapshot that is not the newest into the next, writes
     /// the root, then deletes the manifests replaced.
-    fn settle_deleted(&self, root: &mut Root) -> Result<(), SyncError> {
+    fn settle_deleted(&self, root: &mut Root, lock: &Lock<'_>) -> Result<(), SyncError> {
         let mut gone = Vec::new();
         while let Some(i) = root
             .snapshots
@@ -522,11 +551,13 @@ impl Bucket {
             .position(|s| s.deleted)
             .filter(|&i| i + 1 < root.snapshots.len())
         {
+            lock.renew()?;
             gone.extend(self.merge_out(root, i)?);
         }
         if gone.is_empty() {
             return Ok(());
         }
+        lock.check()?;
         self.put_root(root)?;
         for key in gone {
             self.delete(&key)?;
@@ -720,7 +751,12 @@ fn receive_into<R: Read, W: Write>(
             }
             (origin, block_size)
         }
-        f => return Err(err(format!("expected hello, got {f:?}"))),
+        f => {
+            return Err(err(format!(
+                "expected hello, got {}",
+                super::wire::type_name(f.encode().0)
+            )));
+        }
     };
     // An unkeyed session: no proof either way.
     w.send(&Frame::Welcome {
@@ -731,7 +767,12 @@ fn receive_into<R: Read, W: Write>(
     w.flush()?;
     match expect(r)? {
         Frame::Proof { .. } => {}
-        f => return Err(err(format!("expected proof, got {f:?}"))),
+        f => {
+            return Err(err(format!(
+                "expected proof, got {}",
+                super::wire::type_name(f.encode().0)
+            )));
+        }
     }
     let lock = b.lock("sync")?;
     let mut root = match b.root()? {
@@ -784,8 +825,23 @@ fn receive_into<R: Read, W: Write>(
             Frame::Done => break,
             Frame::Plan { .. } => continue,
             Frame::Begin { snapshot, base } => (snapshot, base),
-            f => return Err(err(format!("expected begin or done, got {f:?}"))),
+            f => {
+                return Err(err(format!(
+                    "expected begin or done, got {}",
+                    super::wire::type_name(f.encode().0)
+                )));
+            }
         };
+        // Deleted snapshots after the base the source starts from (it lacks them:
+        // they were deleted there too) are dropped here; their manifests go at gc.
+        if let Some(b_at) = base
+            .as_ref()
+            .and_then(|n| root.snapshots.iter().position(|s| &s.name == n))
+            && b_at + 1 < root.snapshots.len()
+            && root.snapshots[b_at + 1..].iter().all(|s| s.deleted)
+        {
+            root.snapshots.truncate(b_at + 1);
+        }
         let newest = root.snapshots.last().map(|s| s.name.clone());
         if base != newest {
             return Err(err(format!(
@@ -807,7 +863,9 @@ fn receive_into<R: Read, W: Write>(
         let mut wanted: std::collections::HashSet<[u8; 32]> = Default::default();
         let mut records = 0u64;
         loop {
-            match expect(r)? {
+            let frame = expect(r)?;
+            lock.renew()?;
+            match frame {
                 Frame::Records {
                     batch,
                     records: recs,
@@ -825,7 +883,9 @@ fn receive_into<R: Read, W: Write>(
                         })
                         .collect();
                     wanted.extend(missing.iter().copied());
-                    for h in unasked.drain(..) {
+                    // A bounded share per acknowledgement (a frame has a size limit).
+                    let n = unasked.len().min(100_000);
+                    for h in unasked.drain(..n) {
                         if !wanted.contains(&h) {
                             repair_asked.insert(h);
                             missing.push(h);
@@ -863,7 +923,8 @@ fn receive_into<R: Read, W: Write>(
                 Frame::Barrier => break,
                 f => {
                     return Err(err(format!(
-                        "expected records, extents or barrier, got {f:?}"
+                        "expected records, extents or barrier, got {}",
+                        super::wire::type_name(f.encode().0)
                     )));
                 }
             }
@@ -900,9 +961,10 @@ fn receive_into<R: Read, W: Write>(
             records,
             deleted: false,
         });
+        lock.check()?;
         b.put_root(&root)?;
         // Snapshots deleted while they were the newest go now that one is newer.
-        b.settle_deleted(&mut root)?;
+        b.settle_deleted(&mut root, &lock)?;
         sum.records += records;
         sum.snapshots.push(snapshot.name.clone());
         w.send(&Frame::Committed {
@@ -964,7 +1026,12 @@ fn send_from<R: Read, W: Write>(
     w.flush()?;
     match expect(r)? {
         Frame::Welcome { version, .. } if version == VERSION => {}
-        f => return Err(err(format!("expected welcome, got {f:?}"))),
+        f => {
+            return Err(err(format!(
+                "expected welcome, got {}",
+                super::wire::type_name(f.encode().0)
+            )));
+        }
     }
     w.send(&Frame::Proof { proof: [0; 32] })?;
     w.flush()?;
@@ -972,7 +1039,8 @@ fn send_from<R: Read, W: Write>(
         Frame::Holding { snapshots, .. } => snapshots,
         f => {
             return Err(err(format!(
-                "expected the destination's snapshots, got {f:?}"
+                "expected the destination's snapshots, got {}",
+                super::wire::type_name(f.encode().0)
             )));
         }
     };
@@ -1023,7 +1091,11 @@ fn send_from<R: Read, W: Write>(
                 .iter()
                 .rposition(|s| held.contains(&s.snap_ref()))
                 .map_or(0, |i| i + 1);
-            for s in &root.snapshots[start..] {
+            // A deleted newest snapshot (kept only as the next sync's base) is
+            // not restored.
+            let end = root.snapshots.len()
+                - usize::from(root.snapshots.last().is_some_and(|s| s.deleted));
+            for s in root.snapshots.get(start..end).unwrap_or_default() {
                 todo.push((s, s.base.clone(), None));
             }
         }
@@ -1062,7 +1134,12 @@ fn send_from<R: Read, W: Write>(
             w.flush()?;
             let missing = match expect(r)? {
                 Frame::Ack { batch: a, missing } if a == batch => missing,
-                f => return Err(err(format!("expected ack of batch {batch}, got {f:?}"))),
+                f => {
+                    return Err(err(format!(
+                        "expected ack of batch {batch}, got {}",
+                        super::wire::type_name(f.encode().0)
+                    )));
+                }
             };
             for hash in missing {
                 let Some(p) = index.get(&hash) else {
@@ -1091,7 +1168,13 @@ fn send_from<R: Read, W: Write>(
         w.flush()?;
         match expect(r)? {
             Frame::Committed { name } if name == s.name => {}
-            f => return Err(err(format!("expected the commit of {}, got {f:?}", s.name))),
+            f => {
+                return Err(err(format!(
+                    "expected the commit of {}, got {}",
+                    s.name,
+                    super::wire::type_name(f.encode().0)
+                )));
+            }
         }
         sum.snapshots.push(s.name.clone());
     }
@@ -1106,7 +1189,7 @@ fn send_from<R: Read, W: Write>(
 /// is freed by [`gc`].
 pub fn delete(url: &str, name: &str) -> Result<String, SyncError> {
     let b = Bucket::open(url)?;
-    let _lock = b.lock("snapshot delete")?;
+    let lock = b.lock("snapshot delete")?;
     let mut root = b
         .root()?
         .ok_or_else(|| err(format!("{url} holds no snapfs volume")))?;
@@ -1119,12 +1202,13 @@ pub fn delete(url: &str, name: &str) -> Result<String, SyncError> {
     };
     root.snapshots[i].deleted = true;
     if i + 1 == root.snapshots.len() {
+        lock.check()?;
         b.put_root(&root)?;
         return Ok(format!(
             "{name} is hidden; it is the base of the next sync, and goes when a newer snapshot lands"
         ));
     }
-    b.settle_deleted(&mut root)?;
+    b.settle_deleted(&mut root, &lock)?;
     Ok(format!(
         "deleted {name}; `snapfs gc {url}` frees the data only it held"
     ))
@@ -1164,7 +1248,7 @@ fn referenced(b: &Bucket, root: &Root) -> Result<std::collections::HashSet<[u8; 
 /// so gc never runs beside one).
 pub fn gc(url: &str, dry_run: bool) -> Result<GcReport, SyncError> {
     let b = Bucket::open(url)?;
-    let _lock = b.lock("gc")?;
+    let lock = b.lock("gc")?;
     let root = b
         .root()?
         .ok_or_else(|| err(format!("{url} holds no snapfs volume")))?;
@@ -1176,15 +1260,39 @@ pub fn gc(url: &str, dry_run: bool) -> Result<GcReport, SyncError> {
         if !named.contains(key.as_str()) {
             rep.manifests += 1;
             if !dry_run {
+                lock.renew()?;
+                lock.check()?;
                 b.delete(&key)?;
             }
         }
     }
-    for key in b.list("packs")? {
+    let keys = b.list("packs")?;
+    let listed: std::collections::HashSet<&str> = keys.iter().map(String::as_str).collect();
+    for key in &keys {
+        lock.renew()?;
+        // A pack whose index never landed (a writer stopped between the two): no
+        // snapshot can name what is in it.
+        if let Some(id) = key.strip_suffix(".pack")
+            && !listed.contains(format!("{id}.idx").as_str())
+        {
+            rep.packs += 1;
+            if !dry_run {
+                lock.check()?;
+                b.delete(key)?;
+            }
+            continue;
+        }
         let Some(id) = key.strip_suffix(".idx") else {
             continue;
         };
-        let Some(idx) = b.get(&key)? else { continue };
+        // A lost pack's index stays for the next sync to repair from.
+        if !listed.contains(format!("{id}.pack").as_str()) {
+            continue;
+        }
+        let Some(idx) = b.get(key)? else { continue };
+        if idx.len() % 44 != 0 {
+            return Err(err(format!("{url}: {key} is damaged")));
+        }
         let (mut live, mut dead) = (0u64, 0u64);
         for e in idx.chunks_exact(44) {
             let hash: [u8; 32] = e[..32].try_into().expect("32");
@@ -1199,9 +1307,10 @@ pub fn gc(url: &str, dry_run: bool) -> Result<GcReport, SyncError> {
             rep.packs += 1;
             rep.bytes += dead;
             if !dry_run {
-                // The pack first: an index without its pack is found by fsck.
+                // The index first: a pack left without one is collected next time.
+                lock.check()?;
+                b.delete(key)?;
                 b.delete(&format!("{id}.pack"))?;
-                b.delete(&key)?;
             }
         } else if dead >= live {
             rep.repacked.0 += 1;
@@ -1223,7 +1332,7 @@ pub fn gc(url: &str, dry_run: bool) -> Result<GcReport, SyncError> {
                     let off = u64::from_le_bytes(e[32..40].try_into().expect("8")) as usize;
                     let len = u32::from_le_bytes(e[40..44].try_into().expect("4")) as usize;
                     let bytes = data
-                        .get(off..off + len)
+                        .get(off..off.saturating_add(len))
                         .filter(|d| blake3::hash(d).as_bytes() == &hash)
                         .ok_or_else(|| {
                             err(format!(
@@ -1234,8 +1343,9 @@ pub fn gc(url: &str, dry_run: bool) -> Result<GcReport, SyncError> {
                     pack.add(hash, bytes);
                 }
                 pack.flush(&b, &mut HashMap::new())?;
+                lock.check()?;
+                b.delete(key)?;
                 b.delete(&old)?;
-                b.delete(&key)?;
             }
         } else if dead > 0 {
             rep.partial.0 += 1;
@@ -1291,9 +1401,10 @@ pub fn fsck(url: &str, read_data: bool) -> Result<Vec<String>, SyncError> {
         for p in packs {
             let data = b.get(p)?.unwrap_or_default();
             for (h, place) in index.iter().filter(|(_, pl)| pl.pack == *p) {
-                let end = place.offset + place.len as u64;
-                let ok = (end as usize) <= data.len()
-                    && *blake3::hash(&data[place.offset as usize..end as usize]).as_bytes() == *h;
+                let ok = (place.offset as usize)
+                    .checked_add(place.len as usize)
+                    .and_then(|end| data.get(place.offset as usize..end))
+                    .is_some_and(|d| blake3::hash(d).as_bytes() == h);
                 if !ok {
                     problems.push(format!(
                         "extent {} in {p} does not match its hash",
