@@ -163,27 +163,40 @@ impl Garage {
     }
 }
 
+impl Garage {
+    /// A handle on `url` in this server, as snapfs opens one.
+    fn bucket(&self, url: &str) -> snapfs::sync::s3::Bucket {
+        let env = |k: &str| match k {
+            "AWS_ENDPOINT_URL" => Some(self.endpoint.clone()),
+            "AWS_REGION" => Some("garage".to_string()),
+            "AWS_ACCESS_KEY_ID" => Some(self.key_id.clone()),
+            "AWS_SECRET_ACCESS_KEY" => Some(self.secret.clone()),
+            _ => None,
+        };
+        snapfs::sync::s3::Bucket::open_with(url, env).unwrap()
+    }
+
+    /// `snapfs restore URL ...` into a new store in `dir` (which must succeed),
+    /// mounted.
+    fn restore_ok(&self, url: &str, dir: &Path, name: &str, extra: &[&str]) -> Mount {
+        let store = dir.join(name);
+        let mut args = vec!["restore", url, store.to_str().unwrap()];
+        args.extend_from_slice(extra);
+        let out = self.snapfs(&args);
+        assert!(
+            out.status.success(),
+            "restore: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Mount::at(store, dir.join(format!("{name}-mnt")), &[])
+    }
+}
+
 impl Drop for Garage {
     fn drop(&mut self) {
         let _ = self.server.kill();
         let _ = self.server.wait();
     }
-}
-
-/// Each snapshot of a mount, by name, as `tree_digest` sees it.
-fn snapshot_trees(m: &Mount) -> Vec<(String, std::collections::BTreeMap<String, String>)> {
-    let mut names: Vec<String> = std::fs::read_dir(m.path(".snapshots"))
-        .unwrap()
-        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-        .collect();
-    names.sort();
-    names
-        .into_iter()
-        .map(|n| {
-            let t = tree_digest(&m.path(&format!(".snapshots/{n}")));
-            (n, t)
-        })
-        .collect()
 }
 
 #[test]
@@ -237,27 +250,14 @@ fn snapshots_go_to_a_bucket_incrementally_and_come_back_identical() {
 
     // The source is gone: the bucket alone rebuilds it.
     let dir = test_dir();
-    let n = dir.path().join("n");
-    let out = g.snapfs(&["restore", url, n.to_str().unwrap()]);
-    assert!(
-        out.status.success(),
-        "restore: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let m = Mount::at(n.clone(), dir.path().join("nmnt"), &[]);
+    let m = g.restore_ok(url, dir.path(), "n", &[]);
     assert_eq!(snapshot_trees(&m), want);
     assert_eq!(tree_digest(&m.mnt), live);
+    let n = m.store.clone();
     drop(m);
     // One snapshot alone, whole: the older, then the newer (every manifest up to it).
     for (i, name) in ["s1", "s2"].iter().enumerate() {
-        let one = dir.path().join(format!("only-{name}"));
-        let out = g.snapfs(&["restore", url, one.to_str().unwrap(), "--only", name]);
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        let om = Mount::at(one, dir.path().join(format!("only-{name}-mnt")), &[]);
+        let om = g.restore_ok(url, dir.path(), &format!("only-{name}"), &["--only", name]);
         assert_eq!(snapshot_trees(&om), [want[i].clone()]);
         assert_eq!(tree_digest(&om.mnt), want[i].1);
     }
@@ -363,14 +363,7 @@ fn a_sync_to_a_bucket_cut_short_is_resumed_without_resending_its_packs() {
     eprintln!("after the cut: {sent} of {} bytes sent", 96 << 20);
     assert!(sent <= (96 << 20) - (32 << 20), "{rest}");
     let dir = test_dir();
-    let n = dir.path().join("n");
-    let out = g.snapfs(&["restore", url, n.to_str().unwrap()]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let r = Mount::at(n, dir.path().join("nmnt"), &[]);
+    let r = g.restore_ok(url, dir.path(), "n", &[]);
     assert_eq!(tree_digest(&r.mnt), tree_digest(&m.path(".snapshots/big")));
 }
 
@@ -386,18 +379,7 @@ fn snapshots_deleted_from_a_bucket_go_and_gc_frees_what_only_they_held() {
         if all {
             args.push("--all");
         }
-        let out = g.snapfs(&args);
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-        v.as_array()
-            .unwrap()
-            .iter()
-            .map(|s| s["name"].as_str().unwrap().to_string())
-            .collect()
+        names_listed(&g.snapfs(&args))
     };
     populate(&a.mnt, 71);
     std::fs::write(a.path("only-in-s1"), pattern(1, 8 << 20)).unwrap();
@@ -480,14 +462,7 @@ fn snapshots_deleted_from_a_bucket_go_and_gc_frees_what_only_they_held() {
     let s4 = tree_digest(&a.path(".snapshots/s4"));
     a.unmount();
     let dir = test_dir();
-    let n = dir.path().join("n");
-    let out = g.snapfs(&["restore", url, n.to_str().unwrap()]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let m = Mount::at(n, dir.path().join("nmnt"), &[]);
+    let m = g.restore_ok(url, dir.path(), "n", &[]);
     assert_eq!(tree_digest(&m.path(".snapshots/s2")), s2);
     assert_eq!(tree_digest(&m.path(".snapshots/s4")), s4);
     assert_eq!(tree_digest(&m.mnt), s4);
@@ -503,14 +478,7 @@ fn a_pack_deleted_behind_snapfs_is_reported_and_sent_again_by_the_next_sync() {
     snapfs_ok(&["snapshot", "create", &mnt, "s1"]);
     g.sync_ok(&m.mnt, url);
     // The one pack goes, behind snapfs's back.
-    let env = |k: &str| match k {
-        "AWS_ENDPOINT_URL" => Some(g.endpoint.clone()),
-        "AWS_REGION" => Some("garage".to_string()),
-        "AWS_ACCESS_KEY_ID" => Some(g.key_id.clone()),
-        "AWS_SECRET_ACCESS_KEY" => Some(g.secret.clone()),
-        _ => None,
-    };
-    let b = snapfs::sync::s3::Bucket::open_with(url, env).unwrap();
+    let b = g.bucket(url);
     let packs: Vec<String> = b
         .list("packs")
         .unwrap()
@@ -539,14 +507,7 @@ fn a_pack_deleted_behind_snapfs_is_reported_and_sent_again_by_the_next_sync() {
         String::from_utf8_lossy(&out.stdout)
     );
     let dir = test_dir();
-    let n = dir.path().join("n");
-    let out = g.snapfs(&["restore", url, n.to_str().unwrap()]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let r = Mount::at(n, dir.path().join("nmnt"), &[]);
+    let r = g.restore_ok(url, dir.path(), "n", &[]);
     assert_eq!(tree_digest(&r.mnt), tree_digest(&m.path(".snapshots/s2")));
 }
 
@@ -629,14 +590,7 @@ fn a_bucket_keeps_dedup_and_an_incremental_uploads_what_changed() {
     }
     snapfs_ok(&["snapshot", "create", &mnt, "s1"]);
     g.sync_ok(&m.mnt, url);
-    let env = |k: &str| match k {
-        "AWS_ENDPOINT_URL" => Some(g.endpoint.clone()),
-        "AWS_REGION" => Some("garage".to_string()),
-        "AWS_ACCESS_KEY_ID" => Some(g.key_id.clone()),
-        "AWS_SECRET_ACCESS_KEY" => Some(g.secret.clone()),
-        _ => None,
-    };
-    let b = snapfs::sync::s3::Bucket::open_with(url, env).unwrap();
+    let b = g.bucket(url);
     let full = b.bytes().unwrap();
     eprintln!("{} MiB stored four times: {full} bytes in the bucket", mib);
     assert!(full <= (mib << 20) * 105 / 100, "{full}");
@@ -662,14 +616,7 @@ fn one_writer_at_a_time_holds_the_bucket_and_a_dead_ones_lock_expires() {
     std::fs::write(m.path("f"), pattern(1, 100_000)).unwrap();
     snapfs_ok(&["snapshot", "create", m.mnt.to_str().unwrap(), "s1"]);
     g.sync_ok(&m.mnt, url);
-    let env = |k: &str| match k {
-        "AWS_ENDPOINT_URL" => Some(g.endpoint.clone()),
-        "AWS_REGION" => Some("garage".to_string()),
-        "AWS_ACCESS_KEY_ID" => Some(g.key_id.clone()),
-        "AWS_SECRET_ACCESS_KEY" => Some(g.secret.clone()),
-        _ => None,
-    };
-    let b = snapfs::sync::s3::Bucket::open_with(url, env).unwrap();
+    let b = g.bucket(url);
     // Released after the sync.
     assert!(
         !b.list("")

@@ -43,22 +43,6 @@ fn sync_tcp_ok(src: &str, addr: &str, key: &Path) -> serde_json::Value {
     serde_json::from_slice(&out.stdout).unwrap()
 }
 
-/// Each snapshot of `a` and `b`, by name, as `tree_digest` sees it.
-fn snapshot_trees(m: &Mount) -> Vec<(String, std::collections::BTreeMap<String, String>)> {
-    let mut names: Vec<String> = std::fs::read_dir(m.path(".snapshots"))
-        .unwrap()
-        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-        .collect();
-    names.sort();
-    names
-        .into_iter()
-        .map(|n| {
-            let t = tree_digest(&m.path(&format!(".snapshots/{n}")));
-            (n, t)
-        })
-        .collect()
-}
-
 #[test]
 fn a_full_sync_then_incrementals_make_identical_snapshots() {
     let mut src = Mount::new();
@@ -734,18 +718,12 @@ fn segment_bytes(store: &Path) -> u64 {
 
 /// The snapshots of an unmounted store, by name.
 fn snapshot_names(store: &Path) -> Vec<String> {
-    let out = snapfs(&["snapshot", "list", store.to_str().unwrap(), "--json"]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    v.as_array()
-        .unwrap()
-        .iter()
-        .map(|s| s["name"].as_str().unwrap().to_string())
-        .collect()
+    names_listed(&snapfs(&[
+        "snapshot",
+        "list",
+        store.to_str().unwrap(),
+        "--json",
+    ]))
 }
 
 #[test]

@@ -21,7 +21,7 @@ use object_store::path::Path as ObjPath;
 use object_store::{ObjectStore, ObjectStoreExt};
 use serde::{Deserialize, Serialize};
 
-use super::session::{Summary, SyncError, first_namings};
+use super::session::{Summary, SyncError, expect, first_namings};
 use super::wire::{Frame, FrameReader, FrameWriter, Record, SnapRef, VERSION};
 use crate::store::schema::{BlockRec, KIND_BLOCK};
 
@@ -682,14 +682,6 @@ impl Pack {
     }
 }
 
-fn expect<R: Read>(r: &mut FrameReader<R>) -> Result<Frame, SyncError> {
-    match r.read_frame()? {
-        Some(Frame::Error { message }) => Err(SyncError::Remote(message)),
-        Some(f) => Ok(f),
-        None => Err(SyncError::Closed),
-    }
-}
-
 /// The extents a batch's records name.
 fn named(records: &[Record]) -> Result<Vec<[u8; 32]>, SyncError> {
     let mut out = Vec::new();
@@ -717,14 +709,7 @@ pub fn receive<R: Read, W: Write>(
         let b = Bucket::open(url)?;
         receive_into(&b, &mut r, &mut w)
     })();
-    if let Err(e) = &res
-        && !matches!(e, SyncError::Remote(_) | SyncError::Closed)
-    {
-        let _ = w.send(&Frame::Error {
-            message: e.to_string(),
-        });
-        let _ = w.flush();
-    }
+    super::session::tell_peer(&mut w, &res);
     res
 }
 
@@ -989,14 +974,7 @@ pub fn send<R: Read, W: Write>(
         let b = Bucket::open(url)?;
         send_from(&b, only, &mut r, &mut w)
     })();
-    if let Err(e) = &res
-        && !matches!(e, SyncError::Remote(_) | SyncError::Closed)
-    {
-        let _ = w.send(&Frame::Error {
-            message: e.to_string(),
-        });
-        let _ = w.flush();
-    }
+    super::session::tell_peer(&mut w, &res);
     res
 }
 
@@ -1164,18 +1142,7 @@ fn send_from<R: Read, W: Write>(
                 w.send(&Frame::Extent { hash, data })?;
             }
         }
-        w.send(&Frame::Barrier)?;
-        w.flush()?;
-        match expect(r)? {
-            Frame::Committed { name } if name == s.name => {}
-            f => {
-                return Err(err(format!(
-                    "expected the commit of {}, got {}",
-                    s.name,
-                    super::wire::type_name(f.encode().0)
-                )));
-            }
-        }
+        super::session::barrier(r, w, &s.name)?;
         sum.snapshots.push(s.name.clone());
     }
     w.send(&Frame::Done)?;

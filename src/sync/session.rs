@@ -146,7 +146,7 @@ impl Summary {
 }
 
 /// Reads the next frame; the end of the stream or an `Error` frame is an error here.
-fn expect<R: Read>(r: &mut FrameReader<R>) -> Result<Frame, SyncError> {
+pub(crate) fn expect<R: Read>(r: &mut FrameReader<R>) -> Result<Frame, SyncError> {
     match r.read_frame()? {
         Some(Frame::Error { message }) => Err(SyncError::Remote(message)),
         Some(f) => Ok(f),
@@ -246,8 +246,26 @@ fn kept_base(
     Ok((!base.is_empty()).then_some((base, rec)))
 }
 
+/// Ends the sending of snapshot `name`: the barrier, then the destination's word
+/// that it committed it.
+pub(crate) fn barrier<R: Read, W: Write>(
+    r: &mut FrameReader<R>,
+    w: &mut FrameWriter<W>,
+    name: &str,
+) -> Result<(), SyncError> {
+    w.send(&Frame::Barrier)?;
+    w.flush()?;
+    match expect(r)? {
+        Frame::Committed { name: n } if n == name => Ok(()),
+        f => Err(protocol(format!(
+            "expected the commit of {name}, got {}",
+            super::wire::type_name(f.encode().0)
+        ))),
+    }
+}
+
 /// Tells the other side why this side stopped, if it still listens.
-fn tell_peer<W: Write>(w: &mut FrameWriter<W>, res: &Result<Summary, SyncError>) {
+pub(crate) fn tell_peer<W: Write>(w: &mut FrameWriter<W>, res: &Result<Summary, SyncError>) {
     if let Err(e) = res
         && !matches!(
             e,
@@ -553,16 +571,7 @@ fn send_inner<R: Read, W: Write>(
                 w.send(&Frame::Extent { hash, data })?;
             }
         }
-        w.send(&Frame::Barrier)?;
-        w.flush()?;
-        match expect(r)? {
-            Frame::Committed { name: n } if n == *name => {}
-            f => {
-                return Err(protocol(format!(
-                    "expected the commit of {name}, got {f:?}"
-                )));
-            }
-        }
+        barrier(r, w, name)?;
         tracing::info!(snapshot = %name, "snapshot sent");
         sum.snapshots.push(name.clone());
         base = Some(i);

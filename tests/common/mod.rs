@@ -464,3 +464,34 @@ pub fn churn(root: &Path, seed: u64) {
     std::fs::write(p(&format!("new-{seed}")), pattern(seed, 12345)).unwrap();
     let _ = std::fs::remove_file(p("bin/link"));
 }
+
+/// Each snapshot of a mount, by name, as `tree_digest` sees it.
+pub fn snapshot_trees(m: &Mount) -> Vec<(String, std::collections::BTreeMap<String, String>)> {
+    let mut names: Vec<String> = std::fs::read_dir(m.path(".snapshots"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    names
+        .into_iter()
+        .map(|n| {
+            let t = tree_digest(&m.path(&format!(".snapshots/{n}")));
+            (n, t)
+        })
+        .collect()
+}
+
+/// The snapshot names a `snapshot list --json` that must have succeeded printed.
+pub fn names_listed(out: &Output) -> Vec<String> {
+    assert!(
+        out.status.success(),
+        "snapshot list: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["name"].as_str().unwrap().to_string())
+        .collect()
+}

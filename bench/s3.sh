@@ -1,0 +1,162 @@
+#!/usr/bin/env bash
+# bench/s3.sh: backups into S3-compatible object storage side by side, in one run,
+# against one Garage server on loopback: `snapfs sync` of a mounted volume to
+# s3://bench/snapfs, and `restic backup` (Debian's restic) of the same tree to
+# s3://bench/restic.
+# The volume: SIZE_MIB of data, a quarter of it duplicates of other files. Measured:
+# a full backup, an incremental after changing 1% of the volume in place, and a
+# restore of the newest: wall time, bytes added to the bucket, and S3 requests (from
+# Garage's metrics).
+#
+# usage: bench/s3.sh [OUT.md]   (default: print the table)
+#   SIZE_MIB=1024  SNAPFS=target/release/snapfs  GARAGE=~/.cache/snapfs/garage-2.3.0/bin/garage
+# Needs root (the snapfs mount), and about 5 x SIZE_MIB of disk.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+SNAPFS=$(readlink -m "${SNAPFS:-${CARGO_TARGET_DIR:-target}/release/snapfs}")
+SIZE_MIB=${SIZE_MIB:-1024}
+GARAGE=${GARAGE:-$HOME/.cache/snapfs/garage-2.3.0/bin/garage}
+[ -x "$SNAPFS" ] || cargo build --release --quiet
+if [ ! -x "$GARAGE" ]; then
+    cargo install garage --version 2.3.0 --locked --root "$(dirname "$(dirname "$GARAGE")")"
+fi
+need=()
+command -v restic >/dev/null || need+=(restic)
+command -v openssl >/dev/null || need+=(openssl)
+command -v curl >/dev/null || need+=(curl)
+if [ ${#need[@]} -gt 0 ]; then
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "${need[@]}" >/dev/null
+fi
+
+work=$(mktemp -d /var/tmp/snapfs-s3bench.XXXXXX)
+pids=()
+cleanup() {
+    for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
+    wait 2>/dev/null || true
+    for m in "$work/snap-mnt" "$work/restored-mnt"; do
+        mountpoint -q "$m" && umount "$m"
+    done
+    rm -rf "$work"
+}
+trap cleanup EXIT
+log() { printf '[s3-bench %s] %s\n' "$(date +%H:%M:%S)" "$*" >&2; }
+now_ns() { date +%s%N; }
+secs_since() { awk -v a="$1" -v b="$(now_ns)" 'BEGIN {printf "%.2f", (b - a) / 1e9}'; }
+mib() { awk -v b="$1" 'BEGIN {printf "%.1f", b / 1048576}'; }
+drop() { sync; echo 3 > /proc/sys/vm/drop_caches; }
+port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+
+# ---------------------------------------------------------------- Garage
+rpc=$(port) s3=$(port) admin=$(port)
+cat > "$work/garage.toml" <<EOF
+metadata_dir = "$work/garage/meta"
+data_dir = "$work/garage/data"
+db_engine = "sqlite"
+replication_factor = 1
+rpc_bind_addr = "127.0.0.1:$rpc"
+rpc_public_addr = "127.0.0.1:$rpc"
+rpc_secret = "$(openssl rand -hex 32)"
+[s3_api]
+s3_region = "garage"
+api_bind_addr = "127.0.0.1:$s3"
+root_domain = ".s3.garage.localhost"
+[admin]
+api_bind_addr = "127.0.0.1:$admin"
+metrics_token = "bench"
+admin_token = "bench"
+EOF
+g() { "$GARAGE" -c "$work/garage.toml" "$@"; }
+g server > "$work/garage.log" 2>&1 &
+pids+=($!)
+for _ in $(seq 100); do g node id -q > "$work/node" 2>/dev/null && break; sleep 0.2; done
+node=$(cut -d@ -f1 "$work/node")
+g layout assign -z dc1 -c 100G "$node" >/dev/null
+g layout apply --version 1 >/dev/null
+g key create bench > "$work/key.txt"
+g bucket create bench >/dev/null
+g bucket allow --read --write --owner bench --key bench >/dev/null
+export AWS_ENDPOINT_URL=http://127.0.0.1:$s3 AWS_REGION=garage
+AWS_ACCESS_KEY_ID=$(awk '/Key ID:/ {print $3}' "$work/key.txt")
+AWS_SECRET_ACCESS_KEY=$(awk '/Secret key:/ {print $3}' "$work/key.txt")
+export AWS_ACCESS_KEY_ID AWS_SECRET_ACCESS_KEY
+export AWS_DEFAULT_REGION=garage RESTIC_PASSWORD=bench
+# S3 requests Garage has served so far, all kinds.
+requests() {
+    curl -s -H "Authorization: Bearer bench" "http://127.0.0.1:$admin/metrics" |
+        awk '/^api_s3_request_counter/ {n += $NF} END {printf "%d", n}'
+}
+# Bytes of the objects in the bucket (as Garage counts them; its data directory may
+# hold less: it dedups and compresses blocks itself).
+bucket_bytes() {
+    curl -s -H "Authorization: Bearer bench" "http://127.0.0.1:$admin/v2/GetBucketInfo?globalAlias=bench" |
+        python3 -c 'import json, sys; print(json.load(sys.stdin)["bytes"])'
+}
+
+# ---------------------------------------------------------------- the data
+data=$work/data
+stream() { openssl enc -aes-128-ctr -pass "pass:$1" -nosalt -pbkdf2 -in /dev/zero 2>/dev/null || true; }
+mkdir -p "$data/u" "$data/dup"
+files=$((SIZE_MIB * 3 / 4 / 16))
+dups=$((SIZE_MIB / 4 / 16))
+log "writing $files unique files and $dups duplicates of 16 MiB"
+for ((i = 0; i < files; i++)); do stream "seed$i" | head -c $((16 << 20)) > "$data/u/f$i"; done
+for ((i = 0; i < dups; i++)); do cp "$data/u/f$i" "$data/dup/f$i"; done
+changes=$((SIZE_MIB / 100))
+stream change | head -c $((changes << 20)) > "$work/patch"
+change() {
+    for ((i = 0; i < changes; i++)); do
+        dd if="$work/patch" of="$1/u/f$((i * 3 % files))" bs=1M skip="$i" seek=7 count=1 \
+            conv=notrunc status=none
+    done
+}
+
+# Each run: wall seconds, bytes added to Garage's data directory, requests.
+declare -A T B R
+run() { # KEY CMD...
+    local key=$1 t0 b0 r0
+    shift
+    drop
+    b0=$(bucket_bytes)
+    r0=$(requests)
+    t0=$(now_ns)
+    "$@" > "$work/$key.out"
+    T[$key]=$(secs_since "$t0")
+    B[$key]=$(($(bucket_bytes) - b0))
+    R[$key]=$(($(requests) - r0))
+}
+
+# ---------------------------------------------------------------- snapfs
+log "snapfs"
+mkdir -p "$work/snap-mnt"
+"$SNAPFS" mount "$work/snap-src" "$work/snap-mnt"
+cp -a "$data/." "$work/snap-mnt/"
+"$SNAPFS" snapshot create "$work/snap-mnt" s1 >/dev/null
+run snap_full "$SNAPFS" sync "$work/snap-mnt" s3://bench/snapfs --json
+change "$work/snap-mnt"
+"$SNAPFS" snapshot create "$work/snap-mnt" s2 >/dev/null
+run snap_inc "$SNAPFS" sync "$work/snap-mnt" s3://bench/snapfs --json
+umount "$work/snap-mnt"
+run snap_restore "$SNAPFS" restore s3://bench/snapfs "$work/restored"
+
+# ---------------------------------------------------------------- restic
+log "restic"
+restic -q -r "s3:http://127.0.0.1:$s3/bench/restic" init
+run restic_full restic -q -r "s3:http://127.0.0.1:$s3/bench/restic" backup "$data"
+change "$data"
+run restic_inc restic -q -r "s3:http://127.0.0.1:$s3/bench/restic" backup "$data"
+run restic_restore restic -q -r "s3:http://127.0.0.1:$s3/bench/restic" restore latest --target "$work/restic-restored"
+
+# ---------------------------------------------------------------- the table
+table() {
+    echo "| ${SIZE_MIB} MiB, a quarter duplicates | snapfs sync | restic backup |"
+    echo "|---|---|---|"
+    echo "| full: wall s | ${T[snap_full]} | ${T[restic_full]} |"
+    echo "| full: MiB added to the bucket | $(mib "${B[snap_full]}") | $(mib "${B[restic_full]}") |"
+    echo "| full: S3 requests | ${R[snap_full]} | ${R[restic_full]} |"
+    echo "| incremental (1% changed): wall s | ${T[snap_inc]} | ${T[restic_inc]} |"
+    echo "| incremental: MiB added | $(mib "${B[snap_inc]}") | $(mib "${B[restic_inc]}") |"
+    echo "| incremental: S3 requests | ${R[snap_inc]} | ${R[restic_inc]} |"
+    echo "| restore of the newest: wall s | ${T[snap_restore]} | ${T[restic_restore]} |"
+    echo "| restore: S3 requests | ${R[snap_restore]} | ${R[restic_restore]} |"
+}
+if [ $# -gt 0 ]; then table > "$1"; else table; fi
