@@ -28,6 +28,12 @@ use crate::store::schema::{BlockRec, KIND_BLOCK};
 /// A pack is uploaded once it holds this many bytes of extents.
 const PACK_BYTES: usize = 32 << 20;
 
+/// A restore reads the extents asked for in spans of a pack: one GET for extents
+/// less than this far apart...
+const SPAN_GAP: u64 = 1 << 20;
+/// ...of at most this many bytes.
+const SPAN_MAX: u64 = 16 << 20;
+
 /// The root object's name under the prefix.
 const ROOT: &str = "snapfs-root.json";
 
@@ -1119,6 +1125,9 @@ fn send_from<R: Read, W: Write>(
                     )));
                 }
             };
+            // The extents asked for, read by spans of their packs: extents stored
+            // together (most of a batch's) come in one ranged GET.
+            let mut places: Vec<(&Place, [u8; 32])> = Vec::with_capacity(missing.len());
             for hash in missing {
                 let Some(p) = index.get(&hash) else {
                     return Err(err(format!(
@@ -1128,18 +1137,43 @@ fn send_from<R: Read, W: Write>(
                         s.name
                     )));
                 };
-                let data = b.get_range(&p.pack, p.offset..p.offset + p.len as u64)?;
-                if *blake3::hash(&data).as_bytes() != hash {
-                    return Err(err(format!(
-                        "{}: extent {} in {} does not match its hash",
-                        b.url,
-                        crate::store::hex(&hash),
-                        p.pack
-                    )));
+                places.push((p, hash));
+            }
+            places.sort_by(|a, b| (&a.0.pack, a.0.offset).cmp(&(&b.0.pack, b.0.offset)));
+            let mut at = 0;
+            while at < places.len() {
+                let (first, _) = places[at];
+                let start = first.offset;
+                let mut end = start.saturating_add(first.len as u64);
+                let mut upto = at + 1;
+                while let Some((p, _)) = places.get(upto)
+                    && p.pack == first.pack
+                    && p.offset < end.saturating_add(SPAN_GAP)
+                    && p.offset.saturating_add(p.len as u64) - start <= SPAN_MAX
+                {
+                    end = end.max(p.offset.saturating_add(p.len as u64));
+                    upto += 1;
                 }
-                sum.extents += 1;
-                sum.payload_bytes += data.len() as u64;
-                w.send(&Frame::Extent { hash, data })?;
+                let span = b.get_range(&first.pack, start..end)?;
+                for (p, hash) in &places[at..upto] {
+                    let from = (p.offset - start) as usize;
+                    let data = span
+                        .get(from..from.saturating_add(p.len as usize))
+                        .filter(|d| blake3::hash(d).as_bytes() == hash)
+                        .ok_or_else(|| {
+                            err(format!(
+                                "{}: extent {} in {} does not match its hash",
+                                b.url,
+                                crate::store::hex(hash),
+                                p.pack
+                            ))
+                        })?
+                        .to_vec();
+                    sum.extents += 1;
+                    sum.payload_bytes += data.len() as u64;
+                    w.send(&Frame::Extent { hash: *hash, data })?;
+                }
+                at = upto;
             }
         }
         super::session::barrier(r, w, &s.name)?;
