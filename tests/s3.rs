@@ -536,23 +536,21 @@ fn scheduled_replication_to_a_bucket_keeps_it_within_a_snapshot() {
     }
     // The bucket catches up with the source's newest snapshot.
     let newest = || {
-        let out = snapfs_ok(&["snapshot", "list", mnt.to_str().unwrap(), "--json"]);
-        let v: serde_json::Value = serde_json::from_str(&out).unwrap();
-        v.as_array().unwrap().last().unwrap()["name"]
-            .as_str()
-            .unwrap()
-            .to_string()
+        names_listed(&snapfs(&[
+            "snapshot",
+            "list",
+            mnt.to_str().unwrap(),
+            "--json",
+        ]))
+        .pop()
+        .unwrap()
     };
     let t0 = std::time::Instant::now();
     let (here, there) = loop {
         let out = g.snapfs(&["snapshot", "list", url, "--json"]);
+        // (No root before the first snapshot lands.)
         let there: Vec<String> = if out.status.success() {
-            let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-            v.as_array()
-                .unwrap()
-                .iter()
-                .map(|s| s["name"].as_str().unwrap().to_string())
-                .collect()
+            names_listed(&out)
         } else {
             Vec::new()
         };

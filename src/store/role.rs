@@ -85,30 +85,34 @@ fn volume_row(name: &str, b: &[u8]) -> Result<[u8; 16], StoreError> {
 pub fn origin_of<T: redb::ReadableTable<&'static str, &'static [u8]>>(
     t: &T,
 ) -> Result<Option<[u8; 16]>, StoreError> {
-    for name in [meta::ORIGIN, meta::REPLICA_OF] {
-        if let Some(v) = read_meta(t, name)? {
-            return Ok(Some(volume_row(name, &v)?));
-        }
-    }
-    Ok(None)
+    Ok(match volume_meta(t, meta::ORIGIN)? {
+        Some(v) => Some(v),
+        None => volume_meta(t, meta::REPLICA_OF)?,
+    })
+}
+
+/// The 16-byte `meta` row `name` in `t`, if there is one.
+fn volume_meta<T: redb::ReadableTable<&'static str, &'static [u8]>>(
+    t: &T,
+    name: &str,
+) -> Result<Option<[u8; 16]>, StoreError> {
+    read_meta(t, name)?
+        .map(|v| volume_row(name, &v))
+        .transpose()
 }
 
 /// The `writer` row in `t` (absent: the volume id is the writer).
 pub fn writer_of<T: redb::ReadableTable<&'static str, &'static [u8]>>(
     t: &T,
 ) -> Result<Option<[u8; 16]>, StoreError> {
-    read_meta(t, meta::WRITER)?
-        .map(|v| volume_row(meta::WRITER, &v))
-        .transpose()
+    volume_meta(t, meta::WRITER)
 }
 
 /// The `last_source` row in `t`: the writer a replica last began to take from.
 pub fn last_source_of<T: redb::ReadableTable<&'static str, &'static [u8]>>(
     t: &T,
 ) -> Result<Option<[u8; 16]>, StoreError> {
-    read_meta(t, meta::LAST_SOURCE)?
-        .map(|v| volume_row(meta::LAST_SOURCE, &v))
-        .transpose()
+    volume_meta(t, meta::LAST_SOURCE)
 }
 
 /// The promotion recorded in `t`, if any.

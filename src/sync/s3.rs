@@ -596,20 +596,16 @@ impl Bucket {
                 continue;
             };
             let pack = format!("{id}.pack");
-            let Some(b) = self.get(key)? else { continue };
-            if b.len() % 44 != 0 {
-                return Err(err(format!("{}: {key} is damaged", self.url)));
-            }
+            let Some(entries) = self.read_idx(key)? else {
+                continue;
+            };
             let here = present.contains(pack.as_str());
             let mut gone = Vec::new();
-            for e in b.chunks_exact(44) {
-                let hash: [u8; 32] = e[..32].try_into().expect("32");
+            for (hash, offset, len) in entries {
                 if !here {
                     gone.push(hash);
                     continue;
                 }
-                let offset = u64::from_le_bytes(e[32..40].try_into().expect("8"));
-                let len = u32::from_le_bytes(e[40..44].try_into().expect("4"));
                 out.insert(
                     hash,
                     Place {
@@ -627,6 +623,32 @@ impl Bucket {
             hashes.retain(|h| !out.contains_key(h));
         }
         Ok((out, lost))
+    }
+}
+
+/// One entry of a pack's index: an extent's hash, offset and length in the pack.
+type IdxEntry = ([u8; 32], u64, u32);
+
+impl Bucket {
+    /// The entries of pack index `key` (`None`: it is gone).
+    fn read_idx(&self, key: &str) -> Result<Option<Vec<IdxEntry>>, SyncError> {
+        let Some(b) = self.get(key)? else {
+            return Ok(None);
+        };
+        if b.len() % 44 != 0 {
+            return Err(err(format!("{}: {key} is damaged", self.url)));
+        }
+        Ok(Some(
+            b.chunks_exact(44)
+                .map(|e| {
+                    (
+                        e[..32].try_into().expect("32"),
+                        u64::from_le_bytes(e[32..40].try_into().expect("8")),
+                        u32::from_le_bytes(e[40..44].try_into().expect("4")),
+                    )
+                })
+                .collect(),
+        ))
     }
 }
 
@@ -1290,18 +1312,15 @@ pub fn gc(url: &str, dry_run: bool) -> Result<GcReport, SyncError> {
         if !listed.contains(format!("{id}.pack").as_str()) {
             continue;
         }
-        let Some(idx) = b.get(key)? else { continue };
-        if idx.len() % 44 != 0 {
-            return Err(err(format!("{url}: {key} is damaged")));
-        }
+        let Some(idx) = b.read_idx(key)? else {
+            continue;
+        };
         let (mut live, mut dead) = (0u64, 0u64);
-        for e in idx.chunks_exact(44) {
-            let hash: [u8; 32] = e[..32].try_into().expect("32");
-            let len = u32::from_le_bytes(e[40..44].try_into().expect("4")) as u64;
+        for &(hash, _, len) in &idx {
             if used.contains(&hash) {
-                live += len;
+                live += len as u64;
             } else {
-                dead += len;
+                dead += len as u64;
             }
         }
         if live == 0 {
@@ -1325,13 +1344,11 @@ pub fn gc(url: &str, dry_run: bool) -> Result<GcReport, SyncError> {
                     .get(&old)?
                     .ok_or_else(|| err(format!("{url}: {old} is missing")))?;
                 let mut pack = Pack::default();
-                for e in idx.chunks_exact(44) {
-                    let hash: [u8; 32] = e[..32].try_into().expect("32");
+                for &(hash, off, len) in &idx {
                     if !used.contains(&hash) {
                         continue;
                     }
-                    let off = u64::from_le_bytes(e[32..40].try_into().expect("8")) as usize;
-                    let len = u32::from_le_bytes(e[40..44].try_into().expect("4")) as usize;
+                    let (off, len) = (off as usize, len as usize);
                     let bytes = data
                         .get(off..off.saturating_add(len))
                         .filter(|d| blake3::hash(d).as_bytes() == &hash)
