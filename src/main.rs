@@ -710,11 +710,11 @@ fn restore(
     }
     let t = std::time::Instant::now();
     let (sum, res) = snapfs::sync::pull(source, newstore, opts);
-    res.map_err(|e| anyhow::anyhow!("{verb} {source} -> {}: {e}", newstore.display()))?;
+    res.map_err(|e| anyhow::anyhow!("{cmd} {source} -> {}: {e}", newstore.display()))?;
     let mut st = open_unmounted(newstore)?;
     let p = st
         .promote(live, same_id, verb != "cloned", now_secs())
-        .map_err(|e| anyhow::anyhow!("{verb} {source} -> {}: {e}", newstore.display()))?;
+        .map_err(|e| anyhow::anyhow!("{cmd} {source} -> {}: {e}", newstore.display()))?;
     let all = st.snapshot_list(false)?.len();
     println!(
         "{verb} {} into {} (volume {}): {all} snapshots ({} received now, {} payload bytes, {:.2} s); the live tree is snapshot {}",
