@@ -685,3 +685,47 @@ fn one_writer_at_a_time_holds_the_bucket_and_a_dead_ones_lock_expires() {
             .any(|k| k == snapfs::sync::s3::LOCK)
     );
 }
+
+#[test]
+fn a_damaged_byte_in_a_pack_is_found_and_never_restored() {
+    let g = Garage::start();
+    let url = "s3://snapfs/damaged";
+    let m = Mount::new();
+    std::fs::write(m.path("a"), pattern(1, 2 << 20)).unwrap();
+    snapfs_ok(&["snapshot", "create", m.mnt.to_str().unwrap(), "s1"]);
+    g.sync_ok(&m.mnt, url);
+    let b = g.bucket(url);
+    let pack = b
+        .list("packs")
+        .unwrap()
+        .into_iter()
+        .find(|k| k.ends_with(".pack"))
+        .unwrap();
+    let mut data = b.get_object(&pack).unwrap().unwrap();
+    data[1 << 20] ^= 0x40;
+    b.put_object(&pack, data).unwrap();
+    // A listing check cannot see it; rereading the data does, and names it.
+    let out = g.snapfs(&["fsck", url]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    let out = g.snapfs(&["fsck", url, "--read-data"]);
+    assert_eq!(out.status.code(), Some(1));
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("does not match its hash") && text.contains(&pack),
+        "{text}"
+    );
+    // A restore stops at the bad extent, with one line, and leaves no snapshot.
+    let dir = test_dir();
+    let n = dir.path().join("n");
+    let out = g.snapfs(&["restore", url, n.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("does not match its hash"), "{err}");
+    assert_eq!(err.trim_end().lines().count(), 1, "{err}");
+    let out = snapfs(&["snapshot", "list", n.to_str().unwrap(), "--json"]);
+    assert_eq!(names_listed(&out), Vec::<String>::new());
+}

@@ -426,6 +426,11 @@ impl Bucket {
         self.put(key, data)
     }
 
+    /// Reads object `key` under the prefix (`None`: there is none).
+    pub fn get_object(&self, key: &str) -> Result<Option<Vec<u8>>, SyncError> {
+        self.get(key)
+    }
+
     /// Bytes of every object under the prefix.
     pub fn bytes(&self) -> Result<u64, SyncError> {
         let p = (!self.prefix.is_empty()).then(|| ObjPath::from(self.prefix.as_str()));
