@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # scripts/test-all.sh: the full snapfs check, as CI runs it (.ci/run execs
 # this). Installs what the checks need (Debian packages when run as root,
-# pjdfstest and fsx via cargo install), then runs the stages
+# pjdfstest and fsx via cargo install, and Garage, the S3-compatible server
+# tests/s3.rs starts, built once into ~/.cache/snapfs), then runs the stages
 #
 #   fmt             cargo fmt --all -- --check
 #   clippy          cargo clippy --all-targets -- -D warnings
