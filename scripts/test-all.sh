@@ -124,12 +124,17 @@ record() {
     times+=("$3")
 }
 
+# Each stage's output also goes to a file, so that a failed stage's last lines
+# can be shown again just above the summary (CI logs are often read from the end).
+stage_logs=$(mktemp -d "${TMPDIR:-/tmp}/snapfs-test-all.XXXXXX")
+trap 'rm -rf "$stage_logs"' EXIT
+
 run_stage() {
     local name=$1 rc=0 start
     shift
     section "stage $name: $*"
     start=$(date +%s)
-    "$@" || rc=$?
+    "$@" 2>&1 | tee "$stage_logs/$name.log" || rc=${PIPESTATUS[0]}
     local secs=$(($(date +%s) - start))
     if [ "$rc" -eq 0 ]; then
         record "$name" PASS "$secs"
@@ -197,6 +202,16 @@ if wants pjdfstest-user; then needs_build pjdfstest-user env PEER_MOUNT_OPTS=nou
 if wants fsx; then needs_build fsx bash tests/peer/fsx.sh; fi
 if wants fsx-snapshots; then needs_build fsx-snapshots env FSX_SEEDS=4 FSX_SNAPSHOT_EVERY=1 bash tests/peer/fsx.sh; fi
 if wants xfstests; then needs_build xfstests bash tests/peer/xfstests.sh -g quick; fi
+
+for i in "${!names[@]}"; do
+    [ "${results[$i]}" != PASS ] || continue
+    log="$stage_logs/${names[$i]}.log"
+    [ -s "$log" ] || continue
+    section "stage ${names[$i]} failed; the lines of its output that name a failure, then its last 40 lines"
+    grep -E 'UNEXPECTED|FAILED|[Ff]ailed|panicked|error(\[|:)|^failures:|^test .* FAILED|warning: ' "$log" | head -n 60 || true
+    echo "-----"
+    tail -n 40 "$log"
+done
 
 passed=0
 failed=0
