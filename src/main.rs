@@ -17,6 +17,12 @@ use snapfs::fs::Fs;
 struct Cli {
     #[command(subcommand)]
     cmd: Cmd,
+    /// The key of an encrypted bucket (s3://...): a file of at least 32 bytes only
+    /// its owner can read. Given at a bucket's first sync, it encrypts everything
+    /// snapfs stores there; every later command on that bucket needs it. Also
+    /// SNAPFS_ENCRYPT_KEY_FILE.
+    #[arg(long, global = true, value_name = "FILE")]
+    encrypt_key_file: Option<PathBuf>,
 }
 
 #[derive(Subcommand)]
@@ -277,6 +283,9 @@ enum SnapCmd {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    if let Some(k) = &cli.encrypt_key_file {
+        snapfs::sync::s3::use_key_file(k);
+    }
     match run(cli) {
         Ok(code) => code,
         Err(e) => {

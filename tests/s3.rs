@@ -729,3 +729,165 @@ fn a_damaged_byte_in_a_pack_is_found_and_never_restored() {
     let out = snapfs(&["snapshot", "list", n.to_str().unwrap(), "--json"]);
     assert_eq!(names_listed(&out), Vec::<String>::new());
 }
+
+/// Every object under a prefix, by name.
+fn objects(b: &snapfs::sync::s3::Bucket) -> Vec<(String, Vec<u8>)> {
+    let mut out = Vec::new();
+    for dir in ["", "manifests", "packs"] {
+        for k in b.list(dir).unwrap() {
+            if out.iter().any(|(n, _)| n == &k) {
+                continue;
+            }
+            let v = b.get_object(&k).unwrap().unwrap();
+            out.push((k, v));
+        }
+    }
+    out
+}
+
+fn contains(hay: &[u8], needle: &[u8]) -> bool {
+    hay.windows(needle.len()).any(|w| w == needle)
+}
+
+#[test]
+fn an_encrypted_bucket_holds_no_name_content_or_hash_and_needs_its_key() {
+    let g = Garage::start();
+    let url = "s3://snapfs/sealed";
+    let dir = test_dir();
+    let key = dir.path().join("key");
+    std::fs::write(&key, pattern(99, 32)).unwrap();
+    std::fs::set_permissions(&key, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
+    let k = key.to_str().unwrap();
+    let m = Mount::new();
+    let mnt = m.mnt.to_str().unwrap();
+    let name = "confidential-name-7f3a";
+    let marker = b"PLAINTEXT-MARKER-0123456789-".repeat(40_000);
+    let tiny = b"a tiny secret, smaller than a block";
+    std::fs::write(m.path(name), &marker).unwrap();
+    std::fs::write(m.path("tiny"), tiny).unwrap();
+    std::fs::write(m.path("other"), pattern(5, 3 << 20)).unwrap();
+    snapfs_ok(&["snapshot", "create", mnt, "s1"]);
+    let out = g.snapfs(&["sync", mnt, url, "--encrypt-key-file", k]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    std::fs::write(m.path("tiny"), b"changed").unwrap();
+    std::fs::write(m.path("later"), pattern(6, 1 << 20)).unwrap();
+    snapfs_ok(&["snapshot", "create", mnt, "s2"]);
+    let out = g.snapfs(&["--encrypt-key-file", k, "sync", mnt, url]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    // Neither the name, nor the content, nor an extent's hash is in any object.
+    let b = g.bucket(url);
+    let objs = objects(&b);
+    assert!(objs.iter().any(|(n, _)| n.ends_with(".pack")), "{objs:?}");
+    let tiny_hash = *blake3::hash(tiny).as_bytes();
+    let other_block = *blake3::hash(&pattern(5, 3 << 20)[..4096]).as_bytes();
+    for (n, v) in &objs {
+        assert!(!contains(v, name.as_bytes()), "the name is in {n}");
+        assert!(!contains(v, &marker[..28]), "the content is in {n}");
+        assert!(!contains(v, &pattern(5, 3 << 20)[..64]), "content in {n}");
+        assert!(!contains(v, &tiny[..]), "the tiny file is in {n}");
+        assert!(!contains(v, &tiny_hash), "an extent's hash is in {n}");
+        assert!(!contains(v, &other_block), "an extent's hash is in {n}");
+        assert!(!contains(v, b"s1\""), "a snapshot's name is in {n}");
+        if n.ends_with(".pack") {
+            assert_eq!(v.len() % (256 << 10), 0, "{n} is not padded");
+        }
+    }
+
+    // With its key, everything works; without, or with another, each says so.
+    let list = g.snapfs(&["snapshot", "list", url, "--json", "--encrypt-key-file", k]);
+    assert_eq!(names_listed(&list), vec!["s1", "s2"]);
+    let out = g.snapfs(&["snapshot", "list", url]);
+    assert_eq!(out.status.code(), Some(2));
+    let e = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        e.contains("is encrypted") && e.contains("--encrypt-key-file"),
+        "{e}"
+    );
+    let other = dir.path().join("other-key");
+    std::fs::write(&other, pattern(98, 32)).unwrap();
+    std::fs::set_permissions(&other, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
+    let out = g.snapfs(&[
+        "snapshot",
+        "list",
+        url,
+        "--encrypt-key-file",
+        other.to_str().unwrap(),
+    ]);
+    assert_eq!(out.status.code(), Some(2));
+    let e = String::from_utf8_lossy(&out.stderr);
+    assert!(e.contains("does not open with this key"), "{e}");
+    std::fs::set_permissions(&other, std::os::unix::fs::PermissionsExt::from_mode(0o644)).unwrap();
+    let out = g.snapfs(&[
+        "snapshot",
+        "list",
+        url,
+        "--encrypt-key-file",
+        other.to_str().unwrap(),
+    ]);
+    assert_eq!(out.status.code(), Some(2));
+    let e = String::from_utf8_lossy(&out.stderr);
+    assert!(e.contains("can be read by other users"), "{e}");
+    // A key given to a bucket synced without one is refused, not mixed in.
+    let plain = "s3://snapfs/plain";
+    g.sync_ok(&m.mnt, plain);
+    let out = g.snapfs(&["sync", mnt, plain, "--encrypt-key-file", k]);
+    assert_eq!(out.status.code(), Some(2));
+    let e = String::from_utf8_lossy(&out.stderr);
+    assert!(e.contains("is not encrypted"), "{e}");
+    // (The scan above finds them where they are: in a bucket without a key.)
+    let open = objects(&g.bucket(plain));
+    assert!(open.iter().any(|(_, v)| contains(v, name.as_bytes())));
+    assert!(open.iter().any(|(_, v)| contains(v, &marker[..28])));
+    assert!(open.iter().any(|(_, v)| contains(v, &tiny_hash)));
+
+    let out = g.snapfs(&["fsck", url, "--read-data", "--encrypt-key-file", k]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    let r = g.restore_ok(url, dir.path(), "r", &["--encrypt-key-file", k]);
+    assert_eq!(tree_digest(&r.mnt), tree_digest(&m.path(".snapshots/s2")));
+    assert_eq!(
+        tree_digest(&r.path(".snapshots/s1")),
+        tree_digest(&m.path(".snapshots/s1"))
+    );
+    drop(r);
+    // Delete and gc work under the key too.
+    let out = g.snapfs(&["snapshot", "delete", url, "s1", "--encrypt-key-file", k]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = g.snapfs(&["gc", url, "--encrypt-key-file", k]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    // A flipped byte in a sealed extent does not open: named, never restored.
+    let pack = b
+        .list("packs")
+        .unwrap()
+        .into_iter()
+        .find(|k| k.ends_with(".pack"))
+        .unwrap();
+    let mut data = b.get_object(&pack).unwrap().unwrap();
+    data[100] ^= 0x01;
+    b.put_object(&pack, data).unwrap();
+    let out = g.snapfs(&["fsck", url, "--read-data", "--encrypt-key-file", k]);
+    assert_eq!(out.status.code(), Some(1));
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains(&pack), "{text}");
+}

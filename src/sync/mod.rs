@@ -10,6 +10,7 @@
 
 pub mod relay;
 pub mod s3;
+pub mod seal;
 pub mod session;
 pub mod ssh;
 pub mod tcp;

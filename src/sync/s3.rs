@@ -21,6 +21,7 @@ use object_store::path::Path as ObjPath;
 use object_store::{ObjectStore, ObjectStoreExt};
 use serde::{Deserialize, Serialize};
 
+use super::seal::{self, Seal};
 use super::session::{Summary, SyncError, expect, first_namings};
 use super::wire::{Frame, FrameReader, FrameWriter, Record, SnapRef, VERSION};
 use crate::store::schema::{BlockRec, KIND_BLOCK};
@@ -157,6 +158,17 @@ pub struct Bucket {
     prefix: String,
     rt: tokio::runtime::Runtime,
     url: String,
+    /// The key of an encrypted bucket (`--encrypt-key-file`).
+    seal: Option<Seal>,
+}
+
+/// The key file given on the command line (`--encrypt-key-file`), which every
+/// bucket opened by this process then uses; else `SNAPFS_ENCRYPT_KEY_FILE`.
+static KEY_FILE: std::sync::OnceLock<std::path::PathBuf> = std::sync::OnceLock::new();
+
+/// Makes every bucket this process opens use the key in `path` (`--encrypt-key-file`).
+pub fn use_key_file(path: &Path) {
+    let _ = KEY_FILE.set(path.to_path_buf());
 }
 
 /// The root object: the volume and its snapshots, oldest first.
@@ -223,7 +235,14 @@ impl Bucket {
     /// the environment (`AWS_ENDPOINT_URL`, `AWS_REGION`, `AWS_ACCESS_KEY_ID`,
     /// `AWS_SECRET_ACCESS_KEY`, ...).
     pub fn open(url: &str) -> Result<Bucket, SyncError> {
-        Self::open_with(url, |k| std::env::var(k).ok())
+        Self::open_with(url, |k| {
+            if k == "SNAPFS_ENCRYPT_KEY_FILE"
+                && let Some(p) = KEY_FILE.get()
+            {
+                return Some(p.to_string_lossy().into_owned());
+            }
+            std::env::var(k).ok()
+        })
     }
 
     /// [`Bucket::open`] with the settings `env` gives (by the environment variables'
@@ -268,6 +287,10 @@ impl Bucket {
         let store = b
             .build()
             .map_err(|e| err(format!("{url}: {}", one_line(&e))))?;
+        let seal = match env("SNAPFS_ENCRYPT_KEY_FILE").filter(|p| !p.is_empty()) {
+            Some(p) => Some(Seal::from_file(Path::new(&p)).map_err(err)?),
+            None => None,
+        };
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
@@ -277,7 +300,51 @@ impl Bucket {
             prefix: prefix.trim_matches('/').to_string(),
             rt,
             url: url.to_string(),
+            seal,
         })
+    }
+
+    /// Metadata object `key` (the root, a manifest, an index), opened if the bucket
+    /// is encrypted; `None` when there is none.
+    fn get_meta(&self, key: &str) -> Result<Option<Vec<u8>>, SyncError> {
+        let Some(data) = self.get(key)? else {
+            return Ok(None);
+        };
+        match (&self.seal, seal::is_sealed(&data)) {
+            (None, false) => Ok(Some(data)),
+            (None, true) => Err(err(format!(
+                "{}: {key} is encrypted: give the bucket's key with --encrypt-key-file (or SNAPFS_ENCRYPT_KEY_FILE)",
+                self.url
+            ))),
+            (Some(_), false) => Err(err(format!(
+                "{}: {key} is not encrypted, but a key was given: this bucket was synced without --encrypt-key-file",
+                self.url
+            ))),
+            (Some(s), true) => s.open_object(key, &data).map(Some).ok_or_else(|| {
+                err(format!(
+                    "{}: {key} does not open with this key (another key, or the object is damaged)",
+                    self.url
+                ))
+            }),
+        }
+    }
+
+    /// Writes metadata object `key`, sealed if the bucket is encrypted.
+    fn put_meta(&self, key: &str, data: Vec<u8>) -> Result<(), SyncError> {
+        match &self.seal {
+            Some(s) => self.put(key, s.seal_object(key, &data)),
+            None => self.put(key, data),
+        }
+    }
+
+    /// Extent `hash`, from the bytes `raw` that index entry `place` names: opened if
+    /// the bucket is encrypted, and checked against its hash (`None`: damaged).
+    fn extent(&self, place: &Place, hash: &[u8; 32], raw: &[u8]) -> Option<Vec<u8>> {
+        let data = match &self.seal {
+            Some(s) => s.open_extent(&place.pack, raw)?,
+            None => raw.to_vec(),
+        };
+        (blake3::hash(&data).as_bytes() == hash).then_some(data)
     }
 
     fn path(&self, key: &str) -> ObjPath {
@@ -443,7 +510,7 @@ impl Bucket {
 
     /// The root object, if the prefix holds a volume.
     pub fn root(&self) -> Result<Option<Root>, SyncError> {
-        match self.get(ROOT)? {
+        match self.get_meta(ROOT)? {
             None => Ok(None),
             Some(b) => {
                 let root: Root = serde_json::from_slice(&b)
@@ -460,7 +527,7 @@ impl Bucket {
     }
 
     fn put_root(&self, root: &Root) -> Result<(), SyncError> {
-        self.put(ROOT, serde_json::to_vec_pretty(root).expect("encodes"))
+        self.put_meta(ROOT, serde_json::to_vec_pretty(root).expect("encodes"))
     }
 
     /// Deletes object `key` (gone already is fine).
@@ -474,7 +541,7 @@ impl Bucket {
     /// The batches of records of manifest `key`.
     fn manifest(&self, key: &str) -> Result<Vec<Vec<Record>>, SyncError> {
         let bytes = self
-            .get(key)?
+            .get_meta(key)?
             .ok_or_else(|| err(format!("{}: manifest {key} is missing", self.url)))?;
         let mut m = FrameReader::new(bytes.as_slice(), None);
         let mut out = Vec::new();
@@ -507,7 +574,7 @@ impl Bucket {
         }
         w.flush()?;
         let key = format!("manifests/{}", random_id());
-        self.put(&key, w.into_inner())?;
+        self.put_meta(&key, w.into_inner())?;
         Ok(key)
     }
 
@@ -637,7 +704,7 @@ type IdxEntry = ([u8; 32], u64, u32);
 impl Bucket {
     /// The entries of pack index `key` (`None`: it is gone).
     fn read_idx(&self, key: &str) -> Result<Option<Vec<IdxEntry>>, SyncError> {
-        let Some(b) = self.get(key)? else {
+        let Some(b) = self.get_meta(key)? else {
             return Ok(None);
         };
         if b.len() % 44 != 0 {
@@ -676,20 +743,35 @@ fn one_line(e: &dyn std::fmt::Display) -> String {
 /// Extents waiting to be uploaded as one pack.
 #[derive(Default)]
 struct Pack {
+    /// Its name's random part, chosen with its first extent (an encrypted extent is
+    /// sealed to the pack's name).
+    id: String,
     data: Vec<u8>,
     index: Vec<u8>,
     hashes: Vec<([u8; 32], u64, u32)>,
 }
 
 impl Pack {
-    fn add(&mut self, hash: [u8; 32], data: &[u8]) {
+    fn add(&mut self, b: &Bucket, hash: [u8; 32], data: &[u8]) {
+        if self.id.is_empty() {
+            self.id = random_id();
+        }
         let offset = self.data.len() as u64;
-        self.data.extend_from_slice(data);
+        let len = match &b.seal {
+            Some(s) => {
+                let sealed = s.seal_extent(&format!("packs/{}.pack", self.id), data);
+                self.data.extend_from_slice(&sealed);
+                sealed.len()
+            }
+            None => {
+                self.data.extend_from_slice(data);
+                data.len()
+            }
+        };
         self.index.extend_from_slice(&hash);
         self.index.extend_from_slice(&offset.to_le_bytes());
-        self.index
-            .extend_from_slice(&(data.len() as u32).to_le_bytes());
-        self.hashes.push((hash, offset, data.len() as u32));
+        self.index.extend_from_slice(&(len as u32).to_le_bytes());
+        self.hashes.push((hash, offset, len as u32));
     }
 
     /// Uploads the pack, then its index, and records where its extents are.
@@ -697,10 +779,20 @@ impl Pack {
         if self.hashes.is_empty() {
             return Ok(());
         }
-        let id = random_id();
+        let id = std::mem::take(&mut self.id);
         let pack = format!("packs/{id}.pack");
+        if b.seal.is_some() {
+            // Random bytes to the grain: the pack's size says little of its extents'.
+            let to = self.data.len().div_ceil(seal::PACK_GRAIN) * seal::PACK_GRAIN;
+            let mut pad = vec![0u8; to - self.data.len()];
+            for chunk in pad.chunks_mut(4096) {
+                let r = seal::random::<4096>();
+                chunk.copy_from_slice(&r[..chunk.len()]);
+            }
+            self.data.extend_from_slice(&pad);
+        }
         b.put(&pack, std::mem::take(&mut self.data))?;
-        b.put(&format!("packs/{id}.idx"), std::mem::take(&mut self.index))?;
+        b.put_meta(&format!("packs/{id}.idx"), std::mem::take(&mut self.index))?;
         for (hash, offset, len) in self.hashes.drain(..) {
             index.insert(
                 hash,
@@ -932,7 +1024,7 @@ fn receive_into<R: Read, W: Write>(
                     }
                     sum.extents += 1;
                     sum.payload_bytes += data.len() as u64;
-                    pack.add(hash, &data);
+                    pack.add(b, hash, &data);
                     if pack.data.len() >= PACK_BYTES {
                         lock.renew()?;
                         pack.flush(b, &mut index)?;
@@ -969,7 +1061,7 @@ fn receive_into<R: Read, W: Write>(
         });
         manifest.flush()?;
         let key = format!("manifests/{}", random_id());
-        b.put(&key, manifest.into_inner())?;
+        b.put_meta(&key, manifest.into_inner())?;
         root.snapshots.push(RootSnapshot {
             name: snapshot.name.clone(),
             created_sec: snapshot.created_sec,
@@ -1186,7 +1278,7 @@ fn send_from<R: Read, W: Write>(
                     let from = (p.offset - start) as usize;
                     let data = span
                         .get(from..from.saturating_add(p.len as usize))
-                        .filter(|d| blake3::hash(d).as_bytes() == hash)
+                        .and_then(|raw| b.extent(p, hash, raw))
                         .ok_or_else(|| {
                             err(format!(
                                 "{}: extent {} in {} does not match its hash",
@@ -1194,8 +1286,7 @@ fn send_from<R: Read, W: Write>(
                                 crate::store::hex(hash),
                                 p.pack
                             ))
-                        })?
-                        .to_vec();
+                        })?;
                     sum.extents += 1;
                     sum.payload_bytes += data.len() as u64;
                     w.send(&Frame::Extent { hash: *hash, data })?;
@@ -1353,17 +1444,22 @@ pub fn gc(url: &str, dry_run: bool) -> Result<GcReport, SyncError> {
                     if !used.contains(&hash) {
                         continue;
                     }
+                    let place = Place {
+                        pack: old.clone(),
+                        offset: off,
+                        len,
+                    };
                     let (off, len) = (off as usize, len as usize);
                     let bytes = data
                         .get(off..off.saturating_add(len))
-                        .filter(|d| blake3::hash(d).as_bytes() == &hash)
+                        .and_then(|raw| b.extent(&place, &hash, raw))
                         .ok_or_else(|| {
                             err(format!(
                                 "{url}: extent {} in {old} is damaged: not repacked (fsck --read-data says more)",
                                 crate::store::hex(&hash)
                             ))
                         })?;
-                    pack.add(hash, bytes);
+                    pack.add(&b, hash, &bytes);
                 }
                 pack.flush(&b, &mut HashMap::new())?;
                 lock.check()?;
@@ -1427,7 +1523,7 @@ pub fn fsck(url: &str, read_data: bool) -> Result<Vec<String>, SyncError> {
                 let ok = (place.offset as usize)
                     .checked_add(place.len as usize)
                     .and_then(|end| data.get(place.offset as usize..end))
-                    .is_some_and(|d| blake3::hash(d).as_bytes() == h);
+                    .is_some_and(|d| b.extent(place, h, d).is_some());
                 if !ok {
                     problems.push(format!(
                         "extent {} in {p} does not match its hash",
