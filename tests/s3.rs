@@ -891,3 +891,103 @@ fn an_encrypted_bucket_holds_no_name_content_or_hash_and_needs_its_key() {
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(text.contains(&pack), "{text}");
 }
+
+#[test]
+fn an_aws_profile_in_the_shared_files_is_used_and_the_environment_wins() {
+    let g = Garage::start();
+    let url = "s3://snapfs/profile";
+    let home = test_dir();
+    let aws = home.path().join(".aws");
+    std::fs::create_dir(&aws).unwrap();
+    std::fs::write(
+        aws.join("config"),
+        format!(
+            "[default]\nregion = nowhere\n\n[profile backup]\nregion = garage\nendpoint_url = {}\n",
+            g.endpoint
+        ),
+    )
+    .unwrap();
+    std::fs::write(
+        aws.join("credentials"),
+        format!(
+            "[default]\naws_access_key_id = GKdefault\naws_secret_access_key = nothing\n\n\
+             # the one the bucket takes\n[backup]\naws_access_key_id = {}\naws_secret_access_key = {}\n",
+            g.key_id, g.secret
+        ),
+    )
+    .unwrap();
+    let m = Mount::new();
+    std::fs::write(m.path("f"), pattern(3, 1 << 20)).unwrap();
+    snapfs_ok(&["snapshot", "create", m.mnt.to_str().unwrap(), "s1"]);
+    let run = |args: &[&str], env: &[(&str, &str)]| {
+        let mut c = Command::new(SNAPFS);
+        c.args(args).env("HOME", home.path());
+        for v in [
+            "AWS_ENDPOINT_URL",
+            "AWS_ENDPOINT",
+            "AWS_REGION",
+            "AWS_DEFAULT_REGION",
+            "AWS_ACCESS_KEY_ID",
+            "AWS_SECRET_ACCESS_KEY",
+            "AWS_SESSION_TOKEN",
+            "AWS_PROFILE",
+            "AWS_CONFIG_FILE",
+            "AWS_SHARED_CREDENTIALS_FILE",
+        ] {
+            c.env_remove(v);
+        }
+        c.envs(env.iter().copied());
+        c.output().unwrap()
+    };
+    let out = run(
+        &["sync", m.mnt.to_str().unwrap(), url],
+        &[("AWS_PROFILE", "backup")],
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = run(
+        &["snapshot", "list", url, "--json"],
+        &[("AWS_PROFILE", "backup")],
+    );
+    assert_eq!(names_listed(&out), vec!["s1"]);
+    // The environment's keys win over the profile's.
+    let out = run(
+        &["snapshot", "list", url],
+        &[
+            ("AWS_PROFILE", "backup"),
+            ("AWS_SECRET_ACCESS_KEY", "wrong"),
+        ],
+    );
+    assert_eq!(out.status.code(), Some(2));
+    let e = String::from_utf8_lossy(&out.stderr);
+    assert!(e.contains("access denied"), "{e}");
+    // The default profile is read when none is named (and its keys are not these).
+    let out = run(
+        &["snapshot", "list", url],
+        &[("AWS_ENDPOINT_URL", &g.endpoint), ("AWS_REGION", "garage")],
+    );
+    assert_eq!(out.status.code(), Some(2));
+    let e = String::from_utf8_lossy(&out.stderr);
+    assert!(e.contains("access denied"), "{e}");
+    // A profile neither file has is named.
+    let out = run(&["snapshot", "list", url], &[("AWS_PROFILE", "nosuch")]);
+    assert_eq!(out.status.code(), Some(2));
+    let e = String::from_utf8_lossy(&out.stderr);
+    assert!(e.contains("profile nosuch"), "{e}");
+    // Files elsewhere, named by the variables.
+    std::fs::rename(&aws, home.path().join("elsewhere")).unwrap();
+    let cfg = home.path().join("elsewhere/config");
+    let creds = home.path().join("elsewhere/credentials");
+    let out = run(
+        &["snapshot", "list", url, "--json"],
+        &[
+            ("AWS_PROFILE", "backup"),
+            ("AWS_CONFIG_FILE", cfg.to_str().unwrap()),
+            ("AWS_SHARED_CREDENTIALS_FILE", creds.to_str().unwrap()),
+        ],
+    );
+    assert_eq!(names_listed(&out), vec!["s1"]);
+}

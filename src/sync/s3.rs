@@ -256,6 +256,17 @@ impl Bucket {
             return Err(err(format!("{url}: no bucket named")));
         }
         let mut b = object_store::aws::AmazonS3Builder::new().with_bucket_name(bucket);
+        // The shared files first; the environment's variables win over them.
+        for (key, v) in profile_settings(&env).map_err(|e| err(format!("{url}: {e}")))? {
+            b = match key {
+                "endpoint_url" => b.with_allow_http(v.starts_with("http://")).with_endpoint(v),
+                "region" => b.with_region(v),
+                "aws_access_key_id" => b.with_access_key_id(v),
+                "aws_secret_access_key" => b.with_secret_access_key(v),
+                "aws_session_token" => b.with_token(v),
+                _ => b,
+            };
+        }
         for (var, key) in [
             (
                 "AWS_ACCESS_KEY_ID",
@@ -730,6 +741,86 @@ struct Place {
     pack: String,
     offset: u64,
     len: u32,
+}
+
+/// The settings of the AWS profile in force (`AWS_PROFILE`, else `default`) from the
+/// shared files (`AWS_CONFIG_FILE` or `~/.aws/config`, then
+/// `AWS_SHARED_CREDENTIALS_FILE` or `~/.aws/credentials`, which wins), as (key,
+/// value): `region`, `endpoint_url`, `aws_access_key_id`, `aws_secret_access_key`,
+/// `aws_session_token`. A profile named by `AWS_PROFILE` that neither file has is an
+/// error; missing files are not.
+fn profile_settings(
+    env: &impl Fn(&str) -> Option<String>,
+) -> Result<Vec<(&'static str, String)>, String> {
+    const KEYS: [&str; 5] = [
+        "region",
+        "endpoint_url",
+        "aws_access_key_id",
+        "aws_secret_access_key",
+        "aws_session_token",
+    ];
+    let named = env("AWS_PROFILE").filter(|p| !p.is_empty());
+    let profile = named.clone().unwrap_or_else(|| "default".to_string());
+    let home = env("HOME").unwrap_or_default();
+    let file = |var: &str, name: &str| {
+        env(var)
+            .filter(|p| !p.is_empty())
+            .unwrap_or_else(|| format!("{home}/.aws/{name}"))
+    };
+    let mut out: Vec<(&'static str, String)> = Vec::new();
+    let mut found = false;
+    for (path, section) in [
+        (
+            file("AWS_CONFIG_FILE", "config"),
+            if profile == "default" {
+                "default".to_string()
+            } else {
+                format!("profile {profile}")
+            },
+        ),
+        (
+            file("AWS_SHARED_CREDENTIALS_FILE", "credentials"),
+            profile.clone(),
+        ),
+    ] {
+        let text = match std::fs::read_to_string(&path) {
+            Ok(t) => t,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+            Err(e) => return Err(format!("{path}: {}", e.kind())),
+        };
+        let mut inside = false;
+        for line in text.lines() {
+            let line = line.trim();
+            if line.is_empty() || line.starts_with('#') || line.starts_with(';') {
+                continue;
+            }
+            if let Some(h) = line.strip_prefix('[').and_then(|l| l.strip_suffix(']')) {
+                let h = h.split_whitespace().collect::<Vec<_>>().join(" ");
+                inside = h == section || (profile == "default" && h == "profile default");
+                found |= inside;
+                continue;
+            }
+            if !inside {
+                continue;
+            }
+            if let Some((k, v)) = line.split_once('=')
+                && let Some(key) = KEYS.iter().find(|x| **x == k.trim())
+            {
+                out.retain(|(o, _)| o != key);
+                out.push((key, v.trim().to_string()));
+            }
+        }
+    }
+    if let Some(p) = named
+        && !found
+    {
+        return Err(format!(
+            "AWS_PROFILE names profile {p}, which neither {} nor {} has",
+            file("AWS_CONFIG_FILE", "config"),
+            file("AWS_SHARED_CREDENTIALS_FILE", "credentials")
+        ));
+    }
+    Ok(out)
 }
 
 /// An object store error on one line.
