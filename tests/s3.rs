@@ -629,6 +629,7 @@ fn one_writer_at_a_time_holds_the_bucket_and_a_dead_ones_lock_expires() {
             expires,
             host: host.into(),
             pid,
+            what: "sync".into(),
         };
         b.put_object(snapfs::sync::s3::LOCK, serde_json::to_vec(&rec).unwrap())
             .unwrap();
@@ -990,4 +991,163 @@ fn an_aws_profile_in_the_shared_files_is_used_and_the_environment_wins() {
         ],
     );
     assert_eq!(names_listed(&out), vec!["s1"]);
+}
+
+#[test]
+fn readers_keep_gc_away_and_gc_keeps_readers_away() {
+    let g = Garage::start();
+    let url = "s3://snapfs/readers";
+    let b = g.bucket(url);
+    let m = Mount::new();
+    let mnt = m.mnt.to_str().unwrap();
+    for i in 0..12u64 {
+        std::fs::write(m.path(&format!("f{i}")), pattern(200 + i, 16 << 20)).unwrap();
+    }
+    snapfs_ok(&["snapshot", "create", mnt, "s1"]);
+    g.sync_ok(&m.mnt, url);
+    std::fs::remove_file(m.path("f0")).unwrap();
+    std::fs::write(m.path("g"), pattern(300, 1 << 20)).unwrap();
+    snapfs_ok(&["snapshot", "create", mnt, "s2"]);
+    g.sync_ok(&m.mnt, url);
+    std::fs::write(m.path("h"), pattern(301, 1 << 20)).unwrap();
+    snapfs_ok(&["snapshot", "create", mnt, "s3"]);
+    g.sync_ok(&m.mnt, url);
+    let manifests = || b.list("manifests").unwrap().len();
+    assert_eq!(manifests(), 3);
+
+    // A restore under way marks the bucket: gc is refused meanwhile, naming it.
+    let dir = test_dir();
+    let n = dir.path().join("n");
+    let mut restore = Command::new(SNAPFS)
+        .args(["restore", url, n.to_str().unwrap()])
+        .env("AWS_ENDPOINT_URL", &g.endpoint)
+        .env("AWS_REGION", "garage")
+        .env("AWS_ACCESS_KEY_ID", &g.key_id)
+        .env("AWS_SECRET_ACCESS_KEY", &g.secret)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let t0 = std::time::Instant::now();
+    while b.list("locks").unwrap().is_empty() {
+        assert!(
+            restore.try_wait().unwrap().is_none(),
+            "restore ended unmarked"
+        );
+        assert!(t0.elapsed().as_secs() < 30);
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    let out = g.snapfs(&["gc", url]);
+    let e = String::from_utf8_lossy(&out.stderr);
+    // (Unless the restore was done first: then gc ran, which is what it may do.)
+    let refused = out.status.code() == Some(2);
+    if refused {
+        assert!(
+            e.contains("is being read by") && e.contains("(restore)"),
+            "{e}"
+        );
+    }
+    // A delete meanwhile leaves the manifests it replaced to gc.
+    let out = g.snapfs(&["snapshot", "delete", url, "s2"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let status = restore.wait().unwrap();
+    assert!(status.success(), "restore beside gc and delete failed");
+    eprintln!("gc refused while the restore ran: {refused}");
+    assert!(
+        b.list("locks").unwrap().is_empty(),
+        "the restore's mark stays"
+    );
+    let r = Mount::at(n, dir.path().join("n-mnt"), &[]);
+    assert_eq!(tree_digest(&r.mnt), tree_digest(&m.path(".snapshots/s3")));
+    drop(r);
+
+    // A reader's mark (synthetic, live) keeps gc away; its manifests stay.
+    let now = snapfs::store::schema::Ts::now().sec;
+    let mark = |key: &str, expires: i64, pid: u32, host: &str| {
+        let rec = snapfs::sync::s3::LockRec {
+            owner: format!("{host} pid {pid} (restore) 1234"),
+            expires,
+            host: host.into(),
+            pid,
+            what: "restore".into(),
+        };
+        b.put_object(key, serde_json::to_vec(&rec).unwrap())
+            .unwrap();
+    };
+    mark("locks/live.json", now + 600, 42, "reader-host");
+    let out = g.snapfs(&["gc", url]);
+    assert_eq!(out.status.code(), Some(2));
+    let e = String::from_utf8_lossy(&out.stderr);
+    assert!(e.contains("being read by reader-host pid 42"), "{e}");
+    // Expired, or a gone process of this machine: cleared by gc, which then runs.
+    mark("locks/live.json", now - 1, 42, "reader-host");
+    let mut gone = Command::new("true").spawn().unwrap();
+    let dead = gone.id();
+    gone.wait().unwrap();
+    let read = |p: &str| {
+        std::fs::read_to_string(p)
+            .unwrap_or_default()
+            .trim()
+            .to_string()
+    };
+    let host = format!(
+        "{} {}",
+        read("/proc/sys/kernel/hostname"),
+        read("/etc/machine-id")
+    );
+    mark("locks/dead.json", now + 600, dead, &host);
+    let out = g.snapfs(&["gc", url]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(b.list("locks").unwrap().is_empty());
+    assert_eq!(manifests(), 2, "gc leaves a replaced manifest");
+
+    // gc's lock keeps readers away (a restore, fsck), naming it; a listing goes on.
+    let rec = snapfs::sync::s3::LockRec {
+        owner: "gc-host pid 7 (gc) abcd".into(),
+        expires: now + 600,
+        host: "gc-host".into(),
+        pid: 7,
+        what: "gc".into(),
+    };
+    b.put_object(snapfs::sync::s3::LOCK, serde_json::to_vec(&rec).unwrap())
+        .unwrap();
+    for args in [
+        vec!["restore", url, dir.path().join("o").to_str().unwrap()],
+        vec!["fsck", url],
+    ] {
+        let args: Vec<&str> = args.iter().map(|s| &**s).collect();
+        let out = g.snapfs(&args);
+        assert_eq!(out.status.code(), Some(2), "{args:?}");
+        let e = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            e.contains("is being collected by gc-host pid 7"),
+            "{args:?}: {e}"
+        );
+    }
+    assert!(
+        b.list("locks").unwrap().is_empty(),
+        "a refused reader's mark stays"
+    );
+    assert!(g.snapfs(&["snapshot", "list", url]).status.success());
+    // A sync's lock does not keep readers away.
+    let rec = snapfs::sync::s3::LockRec {
+        what: "sync".into(),
+        ..rec
+    };
+    b.put_object(snapfs::sync::s3::LOCK, serde_json::to_vec(&rec).unwrap())
+        .unwrap();
+    let out = g.snapfs(&["fsck", url]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
 }

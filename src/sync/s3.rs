@@ -58,6 +58,10 @@ pub struct LockRec {
     /// The holder's process id on that host.
     #[serde(default)]
     pub pid: u32,
+    /// What it does: `sync`, `snapshot delete`, `gc` (the writer's lock), or
+    /// `restore`, `fsck`, `diff` (a reader's).
+    #[serde(default)]
+    pub what: String,
 }
 
 /// This machine: its host name and machine id (cloned machines may share a name).
@@ -91,6 +95,7 @@ impl LockRec {
 pub struct Lock<'a> {
     b: &'a Bucket,
     owner: String,
+    what: String,
     expires: std::cell::Cell<i64>,
 }
 
@@ -132,6 +137,7 @@ impl Lock<'_> {
             expires: now + LOCK_TTL,
             host: host_name(),
             pid: std::process::id(),
+            what: self.what.clone(),
         };
         self.b
             .put(LOCK, serde_json::to_vec(&rec).expect("encodes"))?;
@@ -148,6 +154,40 @@ impl Drop for Lock<'_> {
             && let Err(e) = self.b.delete(LOCK)
         {
             tracing::warn!(error = %e, "s3: the bucket's lock stays until it expires");
+        }
+    }
+}
+
+/// A reader's mark on a bucket prefix (`locks/ID.json`), which keeps `gc` away while
+/// it reads; removed when dropped.
+pub struct ReadLock<'a> {
+    b: &'a Bucket,
+    /// Its object, if it could be written (not with read-only credentials).
+    key: Option<String>,
+    rec: std::cell::RefCell<LockRec>,
+}
+
+impl ReadLock<'_> {
+    /// Extends the mark once half its time is gone (a time check otherwise).
+    fn renew(&self) -> Result<(), SyncError> {
+        let Some(key) = &self.key else {
+            return Ok(());
+        };
+        let mut rec = self.rec.borrow_mut();
+        if now_secs() < rec.expires - LOCK_TTL / 2 {
+            return Ok(());
+        }
+        rec.expires = now_secs() + LOCK_TTL;
+        self.b.put(key, serde_json::to_vec(&*rec).expect("encodes"))
+    }
+}
+
+impl Drop for ReadLock<'_> {
+    fn drop(&mut self) {
+        if let Some(key) = &self.key
+            && let Err(e) = self.b.delete(key)
+        {
+            tracing::warn!(error = %e, "s3: a reader's mark stays until it expires");
         }
     }
 }
@@ -464,6 +504,7 @@ impl Bucket {
                 expires: now_secs() + LOCK_TTL,
                 host: host.clone(),
                 pid: std::process::id(),
+                what: what.to_string(),
             };
             let body = serde_json::to_vec(&rec).expect("encodes");
             // Written only if absent where the store can say so; either way read
@@ -488,14 +529,94 @@ impl Bucket {
             }
             std::thread::sleep(std::time::Duration::from_millis(300));
             if mine(self)? {
-                return Ok(Lock {
+                let lock = Lock {
                     b: self,
                     owner,
+                    what: what.to_string(),
                     expires: std::cell::Cell::new(rec.expires),
-                });
+                };
+                // gc deletes what a reader may be about to read: not while one reads.
+                if what == "gc" {
+                    self.no_readers()?;
+                }
+                return Ok(lock);
             }
         }
         Err(err(format!("{}: could not take its lock", self.url)))
+    }
+
+    /// Marks the bucket as read by this process for `what` (a restore, fsck, diff),
+    /// so that `gc`, which deletes, waits; refused while a gc runs. With credentials
+    /// that cannot write, reads go on unmarked (a gc meanwhile may fail them, never
+    /// falsify them: every extent is checked).
+    pub fn read_lock(&self, what: &str) -> Result<ReadLock<'_>, SyncError> {
+        let host = host_name();
+        let rec = LockRec {
+            owner: format!(
+                "{host} pid {} ({what}) {}",
+                std::process::id(),
+                &random_id()[..8]
+            ),
+            expires: now_secs() + LOCK_TTL,
+            host,
+            pid: std::process::id(),
+            what: what.to_string(),
+        };
+        let key = format!("locks/{}.json", random_id());
+        let key = match self.put(&key, serde_json::to_vec(&rec).expect("encodes")) {
+            Ok(()) => Some(key),
+            Err(e) if e.to_string().contains("access denied") => {
+                tracing::warn!("s3: read-only credentials: reading without a reader's mark");
+                None
+            }
+            Err(e) => return Err(e),
+        };
+        let lock = ReadLock {
+            b: self,
+            key,
+            rec: std::cell::RefCell::new(rec),
+        };
+        if let Some(v) = self.get(LOCK)?
+            && let Ok(r) = serde_json::from_slice::<LockRec>(&v)
+            && r.what == "gc"
+            && !r.stale()
+        {
+            return Err(err(format!(
+                "{} is being collected by {} until {} (snapfs gc); try again once it is done",
+                self.url,
+                crate::text::printable(&r.owner.replace('\n', " ")),
+                crate::policy::utc(r.expires)
+            )));
+        }
+        Ok(lock)
+    }
+
+    /// Fails, naming one, while a reader's mark is live; removes marks whose reader
+    /// is gone.
+    fn no_readers(&self) -> Result<(), SyncError> {
+        match self.live_reader()? {
+            Some(r) => Err(err(format!(
+                "{} is being read by {} until {} (a restore, fsck or diff); gc runs once it is done",
+                self.url,
+                crate::text::printable(&r.owner.replace('\n', " ")),
+                crate::policy::utc(r.expires)
+            ))),
+            None => Ok(()),
+        }
+    }
+
+    /// A live reader's mark, if there is one; removes marks whose reader is gone.
+    fn live_reader(&self) -> Result<Option<LockRec>, SyncError> {
+        for key in self.list("locks")? {
+            let Some(v) = self.get(&key)? else {
+                continue;
+            };
+            match serde_json::from_slice::<LockRec>(&v) {
+                Ok(r) if !r.stale() => return Ok(Some(r)),
+                _ => self.delete(&key)?,
+            }
+        }
+        Ok(None)
     }
 
     /// Writes object `key` under the prefix (for tools and tests: snapfs's own
@@ -648,8 +769,13 @@ impl Bucket {
         }
         lock.check()?;
         self.put_root(root)?;
-        for key in gone {
-            self.delete(&key)?;
+        // A reader that marked the bucket before this root may still read the
+        // manifests replaced: they are then left to gc. (One marking after this
+        // check reads the new root.)
+        if self.live_reader()?.is_none() {
+            for key in gone {
+                self.delete(&key)?;
+            }
         }
         Ok(())
     }
@@ -1200,6 +1326,7 @@ fn send_from<R: Read, W: Write>(
     r: &mut FrameReader<R>,
     w: &mut FrameWriter<W>,
 ) -> Result<Summary, SyncError> {
+    let reading = b.read_lock("restore")?;
     let root = b
         .root()?
         .ok_or_else(|| err(format!("{} holds no snapfs volume", b.url)))?;
@@ -1322,6 +1449,7 @@ fn send_from<R: Read, W: Write>(
             base,
         })?;
         for (batch, records) in batches.into_iter().enumerate() {
+            reading.renew()?;
             let batch = batch as u64;
             sum.records += records.len() as u64;
             w.send(&Frame::Records { batch, records })?;
@@ -1364,6 +1492,7 @@ fn send_from<R: Read, W: Write>(
                     end = end.max(p.offset.saturating_add(p.len as u64));
                     upto += 1;
                 }
+                reading.renew()?;
                 let span = b.get_range(&first.pack, start..end)?;
                 for (p, hash) in &places[at..upto] {
                     let from = (p.offset - start) as usize;
@@ -1571,6 +1700,7 @@ pub fn gc(url: &str, dry_run: bool) -> Result<GcReport, SyncError> {
 /// each naming what it affects.
 pub fn fsck(url: &str, read_data: bool) -> Result<Vec<String>, SyncError> {
     let b = Bucket::open(url)?;
+    let reading = b.read_lock("fsck")?;
     let root = b
         .root()?
         .ok_or_else(|| err(format!("{url} holds no snapfs volume")))?;
@@ -1609,6 +1739,7 @@ pub fn fsck(url: &str, read_data: bool) -> Result<Vec<String>, SyncError> {
         let packs: std::collections::HashSet<&str> =
             index.values().map(|p| p.pack.as_str()).collect();
         for p in packs {
+            reading.renew()?;
             let data = b.get(p)?.unwrap_or_default();
             for (h, place) in index.iter().filter(|(_, pl)| pl.pack == *p) {
                 let ok = (place.offset as usize)
