@@ -393,42 +393,7 @@ pub fn run(fs: &Fs, req: &Request, progress: bool) -> Outcome {
             drop(core);
             let res = view.and_then(|d| d.run(blocks)).map_err(|e| (e, missing));
             match res {
-                Ok(changes) if json => {
-                    let rows: Vec<serde_json::Value> = changes
-                        .iter()
-                        .map(|c| {
-                            let mut r = serde_json::json!({
-                                "change": c.kind.to_string(),
-                                "path": c.path,
-                            });
-                            if let Some(n) = &c.new_path {
-                                r["new_path"] = n.as_str().into();
-                            }
-                            if blocks && c.kind == 'M' {
-                                r["ranges"] = serde_json::json!(c.ranges);
-                            }
-                            r
-                        })
-                        .collect();
-                    ok(serde_json::Value::Array(rows).to_string())
-                }
-                Ok(changes) => {
-                    let mut t = String::new();
-                    for c in changes {
-                        match &c.new_path {
-                            Some(n) => t.push_str(&format!(
-                                "R\t{}\t->\t{}\n",
-                                printable(&c.path),
-                                printable(n)
-                            )),
-                            None => t.push_str(&format!("{}\t{}\n", c.kind, printable(&c.path))),
-                        }
-                        for (s, e) in &c.ranges {
-                            t.push_str(&format!("\t\t{s}-{e}\n"));
-                        }
-                    }
-                    ok(t)
-                }
+                Ok(changes) => ok(render_changes(&changes, json, blocks)),
                 Err((e, _)) if e.errno() == libc::EINVAL => fail(format!(
                     "{} is not older than {}",
                     printable(&clip(old)),
@@ -441,4 +406,44 @@ pub fn run(fs: &Fs, req: &Request, progress: bool) -> Outcome {
             }
         }
     }
+}
+
+/// A diff as `snapfs diff` prints it: a line per change (`+`, `-`, `M` and the path;
+/// `R`, the path, `->` and the new one), with the changed byte ranges under a modified
+/// file when `blocks`; or, with `json`, an array of objects.
+pub fn render_changes(changes: &[crate::fs::Change], json: bool, blocks: bool) -> String {
+    if json {
+        let rows: Vec<serde_json::Value> = changes
+            .iter()
+            .map(|c| {
+                let mut r = serde_json::json!({
+                    "change": c.kind.to_string(),
+                    "path": c.path,
+                });
+                if let Some(n) = &c.new_path {
+                    r["new_path"] = n.as_str().into();
+                }
+                if blocks && c.kind == 'M' {
+                    r["ranges"] = serde_json::json!(c.ranges);
+                }
+                r
+            })
+            .collect();
+        return serde_json::Value::Array(rows).to_string();
+    }
+    let mut t = String::new();
+    for c in changes {
+        match &c.new_path {
+            Some(n) => t.push_str(&format!(
+                "R\t{}\t->\t{}\n",
+                printable(&c.path),
+                printable(n)
+            )),
+            None => t.push_str(&format!("{}\t{}\n", c.kind, printable(&c.path))),
+        }
+        for (s, e) in &c.ranges {
+            t.push_str(&format!("\t\t{s}-{e}\n"));
+        }
+    }
+    t
 }

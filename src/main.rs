@@ -48,7 +48,7 @@ enum Cmd {
     },
     /// What changed between snapshot OLD and NEW (a snapshot or `live`).
     Diff {
-        /// A store, or the mountpoint of a mounted one.
+        /// A store, the mountpoint of a mounted one, or a bucket (s3://BUCKET/PREFIX).
         target: PathBuf,
         /// The older snapshot.
         old: String,
@@ -445,6 +445,23 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 println!("listening on {addr}");
                 let _ = std::io::Write::flush(&mut std::io::stdout());
             })?;
+            return Ok(ExitCode::SUCCESS);
+        }
+        Cmd::Diff {
+            target,
+            old,
+            new,
+            blocks,
+            json,
+        } if is_bucket(&target) => {
+            let changes = snapfs::sync::s3::diff(&target.to_string_lossy(), &old, &new, blocks)
+                .map_err(|e| anyhow::anyhow!("{e}"))?;
+            let text = snapfs::commands::render_changes(&changes, json, blocks);
+            if json {
+                println!("{text}");
+            } else {
+                print!("{text}");
+            }
             return Ok(ExitCode::SUCCESS);
         }
         Cmd::Diff {

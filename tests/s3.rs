@@ -1151,3 +1151,92 @@ fn readers_keep_gc_away_and_gc_keeps_readers_away() {
         String::from_utf8_lossy(&out.stdout)
     );
 }
+
+#[test]
+fn diff_of_a_bucket_says_what_diff_of_the_store_says() {
+    let g = Garage::start();
+    let url = "s3://snapfs/diff";
+    let m = Mount::new();
+    let mnt = m.mnt.to_str().unwrap();
+    populate(&m.mnt, 81);
+    std::fs::create_dir_all(m.path("d/e")).unwrap();
+    std::fs::write(m.path("d/e/keep"), b"same").unwrap();
+    std::fs::write(m.path("d/grow"), pattern(1, 10_000)).unwrap();
+    std::fs::write(m.path("gone"), b"bye").unwrap();
+    std::fs::write(m.path("moved"), b"moving").unwrap();
+    std::fs::write(m.path("modes"), b"x").unwrap();
+    snapfs_ok(&["snapshot", "create", mnt, "s1"]);
+    g.sync_ok(&m.mnt, url);
+    churn(&m.mnt, 82);
+    std::fs::remove_file(m.path("gone")).unwrap();
+    std::fs::rename(m.path("moved"), m.path("d/e/moved-here")).unwrap();
+    std::fs::write(m.path("new file"), b"hello").unwrap();
+    std::os::unix::fs::symlink("d/e", m.path("link")).unwrap();
+    snapfs_ok(&["snapshot", "create", mnt, "s2"]);
+    g.sync_ok(&m.mnt, url);
+    let mut f = std::fs::OpenOptions::new()
+        .append(true)
+        .open(m.path("d/grow"))
+        .unwrap();
+    std::io::Write::write_all(&mut f, &pattern(2, 70_000)).unwrap();
+    drop(f);
+    std::fs::hard_link(m.path("d/e/keep"), m.path("keep-too")).unwrap();
+    std::fs::set_permissions(
+        m.path("modes"),
+        std::os::unix::fs::PermissionsExt::from_mode(0o600),
+    )
+    .unwrap();
+    snapfs_ok(&["snapshot", "create", mnt, "s3"]);
+    g.sync_ok(&m.mnt, url);
+    let both = |old: &str, new: &str, extra: &[&str]| {
+        let mut args = vec!["diff", mnt, old, new];
+        args.extend_from_slice(extra);
+        let local = snapfs_ok(&args);
+        args[1] = url;
+        let out = g.snapfs(&args);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        (local, String::from_utf8_lossy(&out.stdout).into_owned())
+    };
+    for (old, new) in [("s1", "s2"), ("s2", "s3"), ("s1", "s3")] {
+        for extra in [&[][..], &["--blocks"], &["--json", "--blocks"]] {
+            let (local, bucket) = both(old, new, extra);
+            assert_eq!(bucket, local, "diff {old} {new} {extra:?}");
+            assert!(
+                local.matches("\"/").count() + local.matches("\t/").count() >= 3,
+                "{local}"
+            );
+        }
+    }
+    let (_, text) = both("s1", "s3", &[]);
+    for line in [
+        "-\t/gone",
+        "R\t/moved\t->\t/d/e/moved-here",
+        "+\t/new file",
+        "M\t/d/grow",
+        "M\t/modes",
+        "+\t/keep-too",
+    ] {
+        assert!(text.lines().any(|l| l == line), "no {line:?} in\n{text}");
+    }
+    // Once s2 is deleted (merged into s3), s1 to s3 reads the same.
+    let (_, before) = both("s1", "s3", &["--json", "--blocks"]);
+    let out = g.snapfs(&["snapshot", "delete", url, "s2"]);
+    assert!(out.status.success());
+    let out = g.snapfs(&["diff", url, "s1", "s3", "--json", "--blocks"]);
+    assert_eq!(String::from_utf8_lossy(&out.stdout), before);
+    // Bad names and order: one line, exit 2.
+    for (old, new, says) in [
+        ("s1", "nope", "has no snapshot named nope"),
+        ("s3", "s1", "is not older than"),
+        ("s2", "s3", "has no snapshot named s2"),
+    ] {
+        let out = g.snapfs(&["diff", url, old, new]);
+        assert_eq!(out.status.code(), Some(2));
+        let e = String::from_utf8_lossy(&out.stderr);
+        assert!(e.contains(says) && e.trim_end().lines().count() == 1, "{e}");
+    }
+}

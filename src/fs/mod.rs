@@ -21,6 +21,7 @@ use crate::store::schema::*;
 use crate::store::{RecKey, Store, StoreConfig, StoreError, Writer, scan_visible};
 
 pub use data::{Digest, SeekWhence, digest_blocks, finish_read};
+pub(crate) use snap::inode_changes;
 pub use snap::{Change, Inval, SnapshotInfo, check_snapshot_name};
 
 pub use crate::store::schema::{EPOCH_SHIFT, MAX_LIVE_INO};

@@ -518,93 +518,126 @@ impl DiffView {
         for (ino, rows) in by_ino {
             let (a, b) = (inode_at(a_e, ino)?, inode_at(b_e, ino)?);
             let (pa, pb) = (paths_at(a_e, ino)?, paths_at(b_e, ino)?);
-            let show = |p: &str| {
-                if p.is_empty() {
-                    "/".to_string()
+            // Back pointers are names, reported as renames, not as
+            // modifications; the inode record is compared apart.
+            let data = rows
+                .iter()
+                .filter(|c| c.kind != KIND_INODE && c.kind != KIND_PARENT);
+            let changed_rows = data.clone().next().is_some();
+            let block_idx: Vec<u64> = data
+                .filter(|c| c.kind == KIND_BLOCK)
+                .map(|c| c.sub)
+                .collect();
+            inode_changes(
+                a.as_ref(),
+                b.as_ref(),
+                &pa,
+                &pb,
+                changed_rows,
+                &block_idx,
+                blocks,
+                bs,
+                &mut out,
+            );
+        }
+        out.sort_by(|x, y| x.path.cmp(&y.path).then(x.kind.cmp(&y.kind)));
+        Ok(out)
+    }
+}
+
+/// How one inode changed between two versions, onto `out`: `a` and `b` its record at
+/// each (`None`: not there), `pa` and `pb` its paths (the root's is empty),
+/// `changed_rows` whether any other record of it (an entry, a block, an xattr)
+/// changed, `block_idx` the blocks that did; with `blocks`, modified files carry
+/// their changed byte ranges (`bs` the block size).
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn inode_changes(
+    a: Option<&InodeRec>,
+    b: Option<&InodeRec>,
+    pa: &[String],
+    pb: &[String],
+    changed_rows: bool,
+    block_idx: &[u64],
+    blocks: bool,
+    bs: u64,
+    out: &mut Vec<Change>,
+) {
+    let show = |p: &str| {
+        if p.is_empty() {
+            "/".to_string()
+        } else {
+            p.to_string()
+        }
+    };
+    match (&a, &b) {
+        (None, None) => {}
+        (None, Some(_)) => out.extend(pb.iter().map(|p| Change {
+            kind: '+',
+            path: show(p),
+            new_path: None,
+            ranges: vec![],
+        })),
+        (Some(_), None) => out.extend(pa.iter().map(|p| Change {
+            kind: '-',
+            path: show(p),
+            new_path: None,
+            ranges: vec![],
+        })),
+        (Some(ra), Some(rb)) => {
+            if pa != pb {
+                if pa.len() == 1 && pb.len() == 1 {
+                    out.push(Change {
+                        kind: 'R',
+                        path: show(&pa[0]),
+                        new_path: Some(show(&pb[0])),
+                        ranges: vec![],
+                    });
                 } else {
-                    p.to_string()
-                }
-            };
-            match (&a, &b) {
-                (None, None) => {}
-                (None, Some(_)) => out.extend(pb.iter().map(|p| Change {
-                    kind: '+',
-                    path: show(p),
-                    new_path: None,
-                    ranges: vec![],
-                })),
-                (Some(_), None) => out.extend(pa.iter().map(|p| Change {
-                    kind: '-',
-                    path: show(p),
-                    new_path: None,
-                    ranges: vec![],
-                })),
-                (Some(ra), Some(rb)) => {
-                    if pa != pb {
-                        if pa.len() == 1 && pb.len() == 1 {
-                            out.push(Change {
-                                kind: 'R',
-                                path: show(&pa[0]),
-                                new_path: Some(show(&pb[0])),
-                                ranges: vec![],
-                            });
-                        } else {
-                            for p in pa.iter().filter(|p| !pb.contains(p)) {
-                                out.push(Change {
-                                    kind: '-',
-                                    path: show(p),
-                                    new_path: None,
-                                    ranges: vec![],
-                                });
-                            }
-                            for p in pb.iter().filter(|p| !pa.contains(p)) {
-                                out.push(Change {
-                                    kind: '+',
-                                    path: show(p),
-                                    new_path: None,
-                                    ranges: vec![],
-                                });
-                            }
-                        }
-                    }
-                    // Back pointers are names, reported as renames, not as
-                    // modifications; the inode record is compared below.
-                    let data = rows
-                        .iter()
-                        .filter(|c| c.kind != KIND_INODE && c.kind != KIND_PARENT);
-                    let changed_rows = data.clone().next().is_some();
-                    let block_idx = data.filter(|c| c.kind == KIND_BLOCK).map(|c| c.sub);
-                    let mut na = ra.clone();
-                    na.ctime = rb.ctime;
-                    na.atime = rb.atime;
-                    if (na != *rb || changed_rows)
-                        && let Some(p) = pb.first()
-                    {
-                        let mut ranges = Vec::new();
-                        if blocks && rb.kind == FileKind::File {
-                            for idx in block_idx {
-                                let s = idx * bs;
-                                if s < rb.size.max(ra.size) {
-                                    ranges.push((s, (s + bs).min(rb.size.max(ra.size))));
-                                }
-                            }
-                            if ra.size != rb.size {
-                                ranges.push((ra.size.min(rb.size), ra.size.max(rb.size)));
-                            }
-                            ranges = merge(ranges);
-                        }
+                    for p in pa.iter().filter(|p| !pb.contains(p)) {
                         out.push(Change {
-                            kind: 'M',
+                            kind: '-',
                             path: show(p),
                             new_path: None,
-                            ranges,
+                            ranges: vec![],
+                        });
+                    }
+                    for p in pb.iter().filter(|p| !pa.contains(p)) {
+                        out.push(Change {
+                            kind: '+',
+                            path: show(p),
+                            new_path: None,
+                            ranges: vec![],
                         });
                     }
                 }
             }
+            let mut na = (*ra).clone();
+            na.ctime = rb.ctime;
+            na.atime = rb.atime;
+            if (na != **rb || changed_rows)
+                && let Some(p) = pb.first()
+            {
+                let mut ranges = Vec::new();
+                if blocks && rb.kind == FileKind::File {
+                    for &idx in block_idx {
+                        let s = idx * bs;
+                        if s < rb.size.max(ra.size) {
+                            ranges.push((s, (s + bs).min(rb.size.max(ra.size))));
+                        }
+                    }
+                    if ra.size != rb.size {
+                        ranges.push((ra.size.min(rb.size), ra.size.max(rb.size)));
+                    }
+                    ranges = merge(ranges);
+                }
+                out.push(Change {
+                    kind: 'M',
+                    path: show(p),
+                    new_path: None,
+                    ranges,
+                });
+            }
         }
-        out.sort_by(|x, y| x.path.cmp(&y.path).then(x.kind.cmp(&y.kind)));
-        Ok(out)
     }
 }
 

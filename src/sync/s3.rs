@@ -1757,3 +1757,140 @@ pub fn fsck(url: &str, read_data: bool) -> Result<Vec<String>, SyncError> {
     }
     Ok(problems)
 }
+
+/// A record's place: inode, kind, sub, name.
+type RecordKey = (u64, u8, u64, Vec<u8>);
+
+/// `snapfs diff s3://... OLD NEW`: what changed from snapshot `old` to `new` of the
+/// bucket, as `snapfs diff` says it of a store, from the manifests alone (no extent
+/// is read).
+pub fn diff(
+    url: &str,
+    old: &str,
+    new: &str,
+    blocks: bool,
+) -> Result<Vec<crate::fs::Change>, SyncError> {
+    use crate::store::schema::{InodeRec, KIND_INODE, KIND_PARENT, ROOT_INO};
+    use std::collections::BTreeMap;
+    let b = Bucket::open(url)?;
+    let _reading = b.read_lock("diff")?;
+    let root = b
+        .root()?
+        .ok_or_else(|| err(format!("{url} holds no snapfs volume")))?;
+    let find = |n: &str| {
+        root.snapshots
+            .iter()
+            .position(|s| s.name == n && !s.deleted)
+            .ok_or_else(|| err(format!("{url} has no snapshot named {n}")))
+    };
+    let (i, j) = (find(old)?, find(new)?);
+    if i >= j {
+        return Err(err(format!("{old} is not older than {new}")));
+    }
+    let overlay = |map: &mut BTreeMap<RecordKey, Option<Vec<u8>>>,
+                   s: &RootSnapshot,
+                   touched: &mut Option<std::collections::BTreeSet<RecordKey>>|
+     -> Result<(), SyncError> {
+        // A whole snapshot's manifest is all there is: nothing before it counts.
+        if s.base.is_none() {
+            if let Some(t) = touched.as_mut() {
+                t.extend(map.keys().cloned());
+            }
+            map.values_mut().for_each(|v| *v = None);
+        }
+        for batch in b.manifest(&s.manifest)? {
+            for r in batch {
+                let k = (r.ino, r.kind, r.sub, r.name);
+                if let Some(t) = touched.as_mut() {
+                    t.insert(k.clone());
+                }
+                map.insert(k, r.payload);
+            }
+        }
+        Ok(())
+    };
+    let mut at_old = BTreeMap::new();
+    for s in &root.snapshots[..=i] {
+        overlay(&mut at_old, s, &mut None)?;
+    }
+    let mut at_new = at_old.clone();
+    let mut touched = Some(std::collections::BTreeSet::new());
+    for s in &root.snapshots[i + 1..=j] {
+        overlay(&mut at_new, s, &mut touched)?;
+    }
+    let mut by_ino: BTreeMap<u64, Vec<(u8, u64)>> = BTreeMap::new();
+    for k in touched.unwrap_or_default() {
+        let (a, n) = (
+            at_old.get(&k).cloned().flatten(),
+            at_new.get(&k).cloned().flatten(),
+        );
+        if a != n {
+            by_ino.entry(k.0).or_default().push((k.1, k.2));
+        }
+    }
+    let damaged = |e: crate::store::StoreError| err(format!("{url}: a damaged record: {e}"));
+    let inode = |m: &BTreeMap<RecordKey, Option<Vec<u8>>>, ino: u64| {
+        m.get(&(ino, KIND_INODE, 0, Vec::new()))
+            .and_then(Option::as_ref)
+            .map(|p| InodeRec::decode(p))
+            .transpose()
+            .map_err(damaged)
+    };
+    // Paths from the back pointers; the root's is empty (its children print as `/name`).
+    fn paths(m: &BTreeMap<RecordKey, Option<Vec<u8>>>, ino: u64) -> Result<Vec<String>, String> {
+        fn up(
+            m: &BTreeMap<RecordKey, Option<Vec<u8>>>,
+            ino: u64,
+            depth: u32,
+            suffix: &str,
+            out: &mut Vec<String>,
+        ) -> Result<(), String> {
+            if ino == ROOT_INO {
+                out.push(suffix.to_string());
+                return Ok(());
+            }
+            if depth > 4096 {
+                return Err(format!("the path of inode {ino} does not reach the root"));
+            }
+            let range = (ino, KIND_PARENT, 0, Vec::new())..(ino, KIND_PARENT + 1, 0, Vec::new());
+            for ((_, _, dir, name), v) in m.range(range) {
+                if v.is_some() {
+                    let name = String::from_utf8_lossy(name);
+                    up(m, *dir, depth + 1, &format!("/{name}{suffix}"), out)?;
+                }
+            }
+            Ok(())
+        }
+        let mut out = Vec::new();
+        up(m, ino, 0, "", &mut out)?;
+        out.sort();
+        Ok(out)
+    }
+    let mut out = Vec::new();
+    for (ino, rows) in by_ino {
+        let (a, n) = (inode(&at_old, ino)?, inode(&at_new, ino)?);
+        let pa = paths(&at_old, ino).map_err(|e| err(format!("{url}: {old}: {e}")))?;
+        let pb = paths(&at_new, ino).map_err(|e| err(format!("{url}: {new}: {e}")))?;
+        let data = rows
+            .iter()
+            .filter(|(kind, _)| *kind != KIND_INODE && *kind != KIND_PARENT);
+        let changed_rows = data.clone().next().is_some();
+        let block_idx: Vec<u64> = data
+            .filter(|(kind, _)| *kind == KIND_BLOCK)
+            .map(|(_, sub)| *sub)
+            .collect();
+        crate::fs::inode_changes(
+            a.as_ref(),
+            n.as_ref(),
+            &pa,
+            &pb,
+            changed_rows,
+            &block_idx,
+            blocks,
+            root.block_size as u64,
+            &mut out,
+        );
+    }
+    out.sort_by(|x, y| x.path.cmp(&y.path).then(x.kind.cmp(&y.kind)));
+    Ok(out)
+}
