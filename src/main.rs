@@ -270,7 +270,8 @@ enum SnapCmd {
     },
     /// Delete scheduled (`auto-…`) snapshots the retention policy does not keep.
     Prune {
-        /// A store, or the mountpoint of a mounted one.
+        /// A store, the mountpoint of a mounted one, or a bucket (s3://BUCKET/PREFIX,
+        /// with --keep).
         target: PathBuf,
         /// Only print what would be deleted.
         #[arg(long)]
@@ -499,6 +500,28 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 hold,
             } => (target, Request::SnapshotHold { snapshot, hold }),
             SnapCmd::Release { target, hold } => (target, Request::SnapshotRelease { hold }),
+            SnapCmd::Prune {
+                target,
+                dry_run,
+                keep,
+            } if is_bucket(&target) => {
+                let url = target.to_string_lossy();
+                let keep = keep.ok_or_else(|| {
+                    anyhow::anyhow!("{url}: a bucket has no policy of its own: give --keep")
+                })?;
+                let keep = snapfs::policy::Keep::parse(&keep)
+                    .map_err(|e| anyhow::anyhow!("--keep {keep}: {e}"))?;
+                let pruned = snapfs::sync::s3::prune(&url, &keep, dry_run)
+                    .map_err(|e| anyhow::anyhow!("{e}"))?;
+                let verb = if dry_run { "would prune" } else { "pruned" };
+                for name in &pruned {
+                    println!("{verb} {name}");
+                }
+                if !dry_run && !pruned.is_empty() {
+                    println!("`snapfs gc {url}` frees the data only they held");
+                }
+                return Ok(ExitCode::SUCCESS);
+            }
             SnapCmd::Prune {
                 target,
                 dry_run,

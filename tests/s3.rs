@@ -1240,3 +1240,66 @@ fn diff_of_a_bucket_says_what_diff_of_the_store_says() {
         assert!(e.contains(says) && e.trim_end().lines().count() == 1, "{e}");
     }
 }
+
+#[test]
+fn prune_of_a_bucket_deletes_what_the_policy_does_not_keep() {
+    let g = Garage::start();
+    let url = "s3://snapfs/prune";
+    let m = Mount::new();
+    let mnt = m.mnt.to_str().unwrap();
+    for i in 1..=4u64 {
+        std::fs::write(m.path(&format!("f{i}")), pattern(400 + i, 2 << 20)).unwrap();
+        snapfs_ok(&[
+            "snapshot",
+            "create",
+            mnt,
+            &format!("auto-20261204-00000{i}"),
+        ]);
+    }
+    snapfs_ok(&["snapshot", "create", mnt, "manual"]);
+    g.sync_ok(&m.mnt, url);
+    let list = || names_listed(&g.snapfs(&["snapshot", "list", url, "--json"]));
+    let out = g.snapfs(&["snapshot", "prune", url, "--keep", "last:2", "--dry-run"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("would prune auto-20261204-000001")
+            && text.contains("would prune auto-20261204-000002")
+            && !text.contains("000003"),
+        "{text}"
+    );
+    assert_eq!(list().len(), 5);
+    let out = g.snapfs(&["snapshot", "prune", url, "--keep", "last:2"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        list(),
+        vec!["auto-20261204-000003", "auto-20261204-000004", "manual"]
+    );
+    // Nothing to prune now; a bucket needs --keep, and a bad one is named.
+    let out = g.snapfs(&["snapshot", "prune", url, "--keep", "last:2"]);
+    assert!(String::from_utf8_lossy(&out.stdout).trim().is_empty());
+    let out = g.snapfs(&["snapshot", "prune", url]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("give --keep"));
+    let out = g.snapfs(&["snapshot", "prune", url, "--keep", "often:3"]);
+    assert_eq!(out.status.code(), Some(2));
+    // What is left restores as it was.
+    let dir = test_dir();
+    let r = g.restore_ok(url, dir.path(), "r", &[]);
+    assert_eq!(
+        tree_digest(&r.path(".snapshots/auto-20261204-000003")),
+        tree_digest(&m.path(".snapshots/auto-20261204-000003"))
+    );
+    assert_eq!(
+        tree_digest(&r.mnt),
+        tree_digest(&m.path(".snapshots/manual"))
+    );
+}

@@ -1894,3 +1894,42 @@ pub fn diff(
     out.sort_by(|x, y| x.path.cmp(&y.path).then(x.kind.cmp(&y.kind)));
     Ok(out)
 }
+
+/// `snapfs snapshot prune s3://... --keep POLICY`: deletes the scheduled (`auto-…`)
+/// snapshots the policy does not keep, as [`delete`] does each, under one lock (the
+/// newest, if pruned, is hidden until a newer one lands). The names pruned, oldest
+/// first.
+pub fn prune(
+    url: &str,
+    keep: &crate::policy::Keep,
+    dry_run: bool,
+) -> Result<Vec<String>, SyncError> {
+    let b = Bucket::open(url)?;
+    let lock = b.lock("snapshot prune")?;
+    let mut root = b
+        .root()?
+        .ok_or_else(|| err(format!("{url} holds no snapfs volume")))?;
+    let shown: Vec<(String, i64)> = root
+        .snapshots
+        .iter()
+        .filter(|s| !s.deleted)
+        .map(|s| (s.name.clone(), s.created_sec))
+        .collect();
+    let gone = crate::policy::plan_prune(&shown, keep);
+    let mut pruned = Vec::new();
+    for s in root.snapshots.iter_mut() {
+        if gone.contains(&s.name) {
+            s.deleted = true;
+            pruned.push(s.name.clone());
+        }
+    }
+    if dry_run || pruned.is_empty() {
+        return Ok(pruned);
+    }
+    if root.snapshots.last().is_some_and(|s| s.deleted) {
+        lock.check()?;
+        b.put_root(&root)?;
+    }
+    b.settle_deleted(&mut root, &lock)?;
+    Ok(pruned)
+}
