@@ -1303,3 +1303,296 @@ fn prune_of_a_bucket_deletes_what_the_policy_does_not_keep() {
         tree_digest(&m.path(".snapshots/manual"))
     );
 }
+
+/// A TCP relay to the server that, once the bytes through it (both ways) pass each
+/// of its cut points, shuts every connection and refuses new ones for `outage`:
+/// the network failing under a client in mid-request.
+struct Cutter {
+    addr: String,
+    passed: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    cuts_done: std::sync::Arc<std::sync::atomic::AtomicU64>,
+}
+
+impl Cutter {
+    fn start(to: &str, cuts: Vec<u64>, outage: std::time::Duration) -> Cutter {
+        use std::sync::atomic::{AtomicU64, Ordering};
+        use std::sync::{Arc, Mutex};
+        let to = to.trim_start_matches("http://").to_string();
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = format!("http://{}", l.local_addr().unwrap());
+        let passed = Arc::new(AtomicU64::new(0));
+        let cuts_done = Arc::new(AtomicU64::new(0));
+        let live: Arc<Mutex<Vec<std::net::TcpStream>>> = Arc::default();
+        let down_until: Arc<Mutex<Option<std::time::Instant>>> = Arc::default();
+        let cuts = Arc::new(Mutex::new(cuts));
+        let (p, d) = (passed.clone(), cuts_done.clone());
+        std::thread::spawn(move || {
+            for c in l.incoming() {
+                let Ok(c) = c else { continue };
+                if down_until
+                    .lock()
+                    .unwrap()
+                    .is_some_and(|t| std::time::Instant::now() < t)
+                {
+                    drop(c);
+                    continue;
+                }
+                let Ok(s) = std::net::TcpStream::connect(&to) else {
+                    continue;
+                };
+                live.lock().unwrap().push(c.try_clone().unwrap());
+                live.lock().unwrap().push(s.try_clone().unwrap());
+                for (mut from, mut into) in
+                    [(c.try_clone().unwrap(), s.try_clone().unwrap()), (s, c)]
+                {
+                    let (p, d, live, down, cuts) = (
+                        p.clone(),
+                        d.clone(),
+                        live.clone(),
+                        down_until.clone(),
+                        cuts.clone(),
+                    );
+                    std::thread::spawn(move || {
+                        let mut buf = vec![0u8; 64 << 10];
+                        loop {
+                            let n = match std::io::Read::read(&mut from, &mut buf) {
+                                Ok(0) | Err(_) => break,
+                                Ok(n) => n,
+                            };
+                            let total = p.fetch_add(n as u64, Ordering::SeqCst) + n as u64;
+                            let cut = {
+                                let mut c = cuts.lock().unwrap();
+                                let due = c.first().is_some_and(|&at| total >= at);
+                                if due {
+                                    c.remove(0);
+                                }
+                                due
+                            };
+                            if cut {
+                                *down.lock().unwrap() = Some(std::time::Instant::now() + outage);
+                                for s in live.lock().unwrap().drain(..) {
+                                    let _ = s.shutdown(std::net::Shutdown::Both);
+                                }
+                                d.fetch_add(1, Ordering::SeqCst);
+                                break;
+                            }
+                            if std::io::Write::write_all(&mut into, &buf[..n]).is_err() {
+                                break;
+                            }
+                        }
+                        let _ = from.shutdown(std::net::Shutdown::Both);
+                        let _ = into.shutdown(std::net::Shutdown::Both);
+                    });
+                }
+            }
+        });
+        Cutter {
+            addr,
+            passed,
+            cuts_done,
+        }
+    }
+}
+
+/// A seed for this run's random points, printed so that a failure can be replayed
+/// (`SNAPFS_TEST_SEED`).
+fn seed() -> u64 {
+    let s = std::env::var("SNAPFS_TEST_SEED")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| {
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap()
+                .as_nanos() as u64
+        });
+    eprintln!("SNAPFS_TEST_SEED={s}");
+    s
+}
+
+/// A small PRNG (splitmix64).
+fn next(s: &mut u64) -> u64 {
+    *s = s.wrapping_add(0x9e3779b97f4a7c15);
+    let mut z = *s;
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58476d1ce4e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d049bb133111eb);
+    z ^ (z >> 31)
+}
+
+#[test]
+fn the_network_cut_at_random_points_of_a_sync_and_a_restore_loses_nothing() {
+    let g = Garage::start();
+    let url = "s3://snapfs/cuts";
+    let mut rng = seed();
+    let m = Mount::new();
+    let mnt = m.mnt.to_str().unwrap();
+    populate(&m.mnt, 91);
+    for i in 0..5u64 {
+        std::fs::write(m.path(&format!("big{i}")), pattern(500 + i, 12 << 20)).unwrap();
+    }
+    snapfs_ok(&["snapshot", "create", mnt, "s1"]);
+    churn(&m.mnt, 92);
+    std::fs::write(m.path("big9"), pattern(509, 9 << 20)).unwrap();
+    snapfs_ok(&["snapshot", "create", mnt, "s2"]);
+    // About 70 MB go up: three cuts at random points of it, each a 1.5 s outage,
+    // which the client's retries ride out.
+    let mut cuts: Vec<u64> = (0..3).map(|_| 1 + next(&mut rng) % (60 << 20)).collect();
+    cuts.sort_unstable();
+    eprintln!("cuts at {cuts:?} bytes");
+    let cutter = Cutter::start(&g.endpoint, cuts, std::time::Duration::from_millis(1500));
+    let via = |args: &[&str]| {
+        Command::new(SNAPFS)
+            .args(args)
+            .env("AWS_ENDPOINT_URL", &cutter.addr)
+            .env("AWS_REGION", "garage")
+            .env("AWS_ACCESS_KEY_ID", &g.key_id)
+            .env("AWS_SECRET_ACCESS_KEY", &g.secret)
+            .output()
+            .unwrap()
+    };
+    let t0 = std::time::Instant::now();
+    let out = via(&["sync", mnt, url]);
+    eprintln!("{:?}: synced", t0.elapsed());
+    let done = cutter.cuts_done.load(std::sync::atomic::Ordering::SeqCst);
+    eprintln!(
+        "{done} cuts in {} bytes: {}",
+        cutter.passed.load(std::sync::atomic::Ordering::SeqCst),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(done >= 1, "no cut happened");
+    // The client's retries carry it through the outages.
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = g.snapfs(&["fsck", url, "--read-data"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    // A restore through cuts too.
+    let mut cuts: Vec<u64> = (0..2).map(|_| 1 + next(&mut rng) % (60 << 20)).collect();
+    cuts.sort_unstable();
+    eprintln!("restore: cuts at {cuts:?} bytes");
+    let cutter = Cutter::start(&g.endpoint, cuts, std::time::Duration::from_millis(1500));
+    let dir = test_dir();
+    let n = dir.path().join("n");
+    let out = Command::new(SNAPFS)
+        .args(["restore", url, n.to_str().unwrap()])
+        .env("AWS_ENDPOINT_URL", &cutter.addr)
+        .env("AWS_REGION", "garage")
+        .env("AWS_ACCESS_KEY_ID", &g.key_id)
+        .env("AWS_SECRET_ACCESS_KEY", &g.secret)
+        .output()
+        .unwrap();
+    eprintln!(
+        "{:?}: restore: {} cuts: {}",
+        t0.elapsed(),
+        cutter.cuts_done.load(std::sync::atomic::Ordering::SeqCst),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // A longer outage (the network gone for good) stops a sync with one line; the
+    // next run completes it.
+    std::fs::write(m.path("after"), pattern(510, 4 << 20)).unwrap();
+    snapfs_ok(&["snapshot", "create", mnt, "s3"]);
+    let cutter = Cutter::start(
+        &g.endpoint,
+        vec![1 << 20],
+        std::time::Duration::from_secs(3600),
+    );
+    let out = Command::new(SNAPFS)
+        .args(["sync", mnt, url])
+        .env("SNAPFS_S3_RETRY_TIMEOUT", "10")
+        .env("AWS_ENDPOINT_URL", &cutter.addr)
+        .env("AWS_REGION", "garage")
+        .env("AWS_ACCESS_KEY_ID", &g.key_id)
+        .env("AWS_SECRET_ACCESS_KEY", &g.secret)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    // One line says why (before it, progress lines, printed while it waited).
+    let e = String::from_utf8_lossy(&out.stderr);
+    let errors: Vec<&str> = e
+        .lines()
+        .filter(|l| !l.starts_with("snapfs sync: s3: "))
+        .collect();
+    assert_eq!(errors.len(), 1, "{e}");
+    assert!(errors[0].contains("writing packs/"), "{e}");
+    eprintln!("{:?}: the network gone: {}", t0.elapsed(), errors[0]);
+    let sum = g.sync_ok(&m.mnt, url);
+    assert_eq!(sum["snapshots"], serde_json::json!(["s3"]), "{sum}");
+    let r = Mount::at(n, dir.path().join("n-mnt"), &[]);
+    assert_eq!(tree_digest(&r.mnt), tree_digest(&m.path(".snapshots/s2")));
+    assert_eq!(
+        tree_digest(&r.path(".snapshots/s1")),
+        tree_digest(&m.path(".snapshots/s1"))
+    );
+}
+
+#[test]
+fn a_sync_killed_at_random_points_resumes_and_loses_nothing() {
+    let g = Garage::start();
+    let url = "s3://snapfs/kills";
+    let mut rng = seed();
+    let m = Mount::new();
+    let mnt = m.mnt.to_str().unwrap();
+    for i in 0..6u64 {
+        std::fs::write(m.path(&format!("f{i}")), pattern(600 + i, 16 << 20)).unwrap();
+    }
+    snapfs_ok(&["snapshot", "create", mnt, "s1"]);
+    std::fs::write(m.path("g"), pattern(700, 8 << 20)).unwrap();
+    snapfs_ok(&["snapshot", "create", mnt, "s2"]);
+    // How long a whole sync takes here, to kill within it (to another prefix).
+    let t0 = std::time::Instant::now();
+    g.sync_ok(&m.mnt, "s3://snapfs/timing");
+    let whole = t0.elapsed().as_millis() as u64;
+    for round in 0..4 {
+        let at = next(&mut rng) % whole.max(1);
+        let mut child = Command::new(SNAPFS)
+            .args(["sync", mnt, url])
+            .env("AWS_ENDPOINT_URL", &g.endpoint)
+            .env("AWS_REGION", "garage")
+            .env("AWS_ACCESS_KEY_ID", &g.key_id)
+            .env("AWS_SECRET_ACCESS_KEY", &g.secret)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(at));
+        let _ = child.kill();
+        let status = child.wait().unwrap();
+        eprintln!("round {round}: killed at {at} of {whole} ms ({status})");
+        // Whatever the bucket holds is whole: fsck is clean, a listing works or
+        // says there is nothing yet. (A killed writer's lock names a gone process
+        // of this machine: the next writer takes it over at once.)
+        let out = g.snapfs(&["fsck", url, "--read-data"]);
+        let text = String::from_utf8_lossy(&out.stdout);
+        let e = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            out.status.success() || e.contains("holds no snapfs volume"),
+            "round {round}: {text}{e}"
+        );
+    }
+    let sum = g.sync_ok(&m.mnt, url);
+    eprintln!("the last run: {sum}");
+    let out = g.snapfs(&["fsck", url, "--read-data"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    let dir = test_dir();
+    let r = g.restore_ok(url, dir.path(), "r", &[]);
+    assert_eq!(tree_digest(&r.mnt), tree_digest(&m.path(".snapshots/s2")));
+    assert_eq!(
+        tree_digest(&r.path(".snapshots/s1")),
+        tree_digest(&m.path(".snapshots/s1"))
+    );
+}

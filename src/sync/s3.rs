@@ -295,7 +295,29 @@ impl Bucket {
         if bucket.is_empty() {
             return Err(err(format!("{url}: no bucket named")));
         }
-        let mut b = object_store::aws::AmazonS3Builder::new().with_bucket_name(bucket);
+        // Retries with backoff (5xx, throttling, timeouts, a cut connection): at least
+        // 6 s of them, so that a short outage is ridden out, within 4 minutes (or
+        // SNAPFS_S3_RETRY_TIMEOUT seconds).
+        let retry_secs = match env("SNAPFS_S3_RETRY_TIMEOUT") {
+            None => 240,
+            Some(v) => v.trim().parse::<u64>().map_err(|_| {
+                err(format!(
+                    "SNAPFS_S3_RETRY_TIMEOUT={v}: not a number of seconds"
+                ))
+            })?,
+        };
+        let retry = object_store::RetryConfig {
+            backoff: object_store::BackoffConfig {
+                init_backoff: std::time::Duration::from_millis(500),
+                max_backoff: std::time::Duration::from_secs(30),
+                base: 3.0,
+            },
+            max_retries: 12,
+            retry_timeout: std::time::Duration::from_secs(retry_secs),
+        };
+        let mut b = object_store::aws::AmazonS3Builder::new()
+            .with_bucket_name(bucket)
+            .with_retry(retry);
         // The shared files first; the environment's variables win over them.
         for (key, v) in profile_settings(&env).map_err(|e| err(format!("{url}: {e}")))? {
             b = match key {
