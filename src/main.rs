@@ -23,6 +23,10 @@ struct Cli {
     /// SNAPFS_ENCRYPT_KEY_FILE.
     #[arg(long, global = true, value_name = "FILE")]
     encrypt_key_file: Option<PathBuf>,
+    /// Requests to a bucket (s3://...) at once: pack uploads, ranged reads of a
+    /// restore, parts of a large object (default 8; also SNAPFS_S3_JOBS).
+    #[arg(long, global = true, value_name = "N", value_parser = clap::value_parser!(u16).range(1..=256))]
+    jobs: Option<u16>,
 }
 
 #[derive(Subcommand)]
@@ -286,6 +290,9 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     if let Some(k) = &cli.encrypt_key_file {
         snapfs::sync::s3::use_key_file(k);
+    }
+    if let Some(n) = cli.jobs {
+        snapfs::sync::s3::use_jobs(n as usize);
     }
     match run(cli) {
         Ok(code) => code,

@@ -17,6 +17,7 @@ struct Garage {
     bin: PathBuf,
     config: PathBuf,
     endpoint: String,
+    admin: String,
     key_id: String,
     secret: String,
 }
@@ -76,6 +77,7 @@ impl Garage {
             bin,
             config,
             endpoint: format!("http://127.0.0.1:{s3}"),
+            admin: format!("127.0.0.1:{admin}"),
             key_id: String::new(),
             secret: String::new(),
         };
@@ -305,23 +307,6 @@ fn wrong_credentials_and_a_missing_bucket_say_so_in_one_line() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("holds no snapfs volume"));
 }
 
-/// Bytes under a directory, recursively.
-fn dir_bytes(p: &Path) -> u64 {
-    let Ok(rd) = std::fs::read_dir(p) else {
-        return 0;
-    };
-    rd.map(|e| {
-        let e = e.unwrap();
-        let m = e.metadata().unwrap();
-        if m.is_dir() {
-            dir_bytes(&e.path())
-        } else {
-            m.len()
-        }
-    })
-    .sum()
-}
-
 #[test]
 fn a_sync_to_a_bucket_cut_short_is_resumed_without_resending_its_packs() {
     let g = Garage::start();
@@ -331,8 +316,7 @@ fn a_sync_to_a_bucket_cut_short_is_resumed_without_resending_its_packs() {
         std::fs::write(m.path(&format!("f{i}")), pattern(100 + i, 16 << 20)).unwrap();
     }
     snapfs_ok(&["snapshot", "create", m.mnt.to_str().unwrap(), "big"]);
-    // Cut once the server holds at least one pack.
-    let data = g._dir.path().join("data");
+    // Cut once the bucket holds at least one pack and its index.
     let mut child = Command::new(SNAPFS)
         .args(["sync", m.mnt.to_str().unwrap(), url])
         .env("AWS_ENDPOINT_URL", &g.endpoint)
@@ -344,7 +328,9 @@ fn a_sync_to_a_bucket_cut_short_is_resumed_without_resending_its_packs() {
         .spawn()
         .unwrap();
     let t0 = std::time::Instant::now();
-    while dir_bytes(&data) < 40 << 20 {
+    let b = g.bucket(url);
+    let indexed = || b.list("packs").unwrap().iter().any(|k| k.ends_with(".idx"));
+    while !indexed() {
         assert!(
             child.try_wait().unwrap().is_none(),
             "the sync ended before the cut"
@@ -1595,4 +1581,29 @@ fn a_sync_killed_at_random_points_resumes_and_loses_nothing() {
         tree_digest(&r.path(".snapshots/s1")),
         tree_digest(&m.path(".snapshots/s1"))
     );
+}
+
+#[test]
+fn a_large_object_goes_up_in_parts_and_comes_back_whole() {
+    let g = Garage::start();
+    let b = g.bucket("s3://snapfs/large");
+    // Over the 64 MiB from which objects go in parts of 16 MiB (the last shorter).
+    let data = pattern(77, (100 << 20) + 12_345);
+    b.put_object("manifests/large", data.clone()).unwrap();
+    let back = b.get_object("manifests/large").unwrap().unwrap();
+    assert_eq!(back.len(), data.len());
+    assert!(back == data, "the object read back differs");
+    // Garage counts the parts it was sent: 7.
+    let mut c = std::net::TcpStream::connect(&g.admin).unwrap();
+    std::io::Write::write_all(&mut c, b"GET /metrics HTTP/1.0\r\n\r\n").unwrap();
+    let mut text = String::new();
+    std::io::Read::read_to_string(&mut c, &mut text).unwrap();
+    let parts: f64 = text
+        .lines()
+        .filter(|l| {
+            l.starts_with("api_s3_request_counter") && l.contains("api_endpoint=\"UploadPart\"")
+        })
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum();
+    assert_eq!(parts, 7.0, "{text}");
 }

@@ -200,6 +200,31 @@ pub struct Bucket {
     url: String,
     /// The key of an encrypted bucket (`--encrypt-key-file`).
     seal: Option<Seal>,
+    /// Requests at once (`--jobs`).
+    jobs: usize,
+    /// Pack uploads under way, oldest first: at most `jobs`.
+    uploads: std::cell::RefCell<std::collections::VecDeque<Upload>>,
+}
+
+/// A pack (and then its index) being uploaded.
+type Upload = tokio::task::JoinHandle<Result<(), SyncError>>;
+
+/// Objects this large or larger are uploaded in parts, `jobs` at a time.
+const MULTIPART_FROM: usize = 64 << 20;
+
+/// The size of those parts.
+const PART_BYTES: usize = 16 << 20;
+
+/// Requests at once by default.
+pub const DEFAULT_JOBS: usize = 8;
+
+/// `--jobs` as given on the command line; else `SNAPFS_S3_JOBS`, else
+/// [`DEFAULT_JOBS`].
+static JOBS: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+
+/// Makes every bucket this process opens make up to `n` requests at once.
+pub fn use_jobs(n: usize) {
+    let _ = JOBS.set(n.max(1));
 }
 
 /// The key file given on the command line (`--encrypt-key-file`), which every
@@ -280,6 +305,11 @@ impl Bucket {
                 && let Some(p) = KEY_FILE.get()
             {
                 return Some(p.to_string_lossy().into_owned());
+            }
+            if k == "SNAPFS_S3_JOBS"
+                && let Some(n) = JOBS.get()
+            {
+                return Some(n.to_string());
             }
             std::env::var(k).ok()
         })
@@ -364,7 +394,18 @@ impl Bucket {
             Some(p) => Some(Seal::from_file(Path::new(&p)).map_err(err)?),
             None => None,
         };
-        let rt = tokio::runtime::Builder::new_current_thread()
+        let jobs = match env("SNAPFS_S3_JOBS") {
+            None => DEFAULT_JOBS,
+            Some(v) => v
+                .trim()
+                .parse::<usize>()
+                .ok()
+                .filter(|n| (1..=256).contains(n))
+                .ok_or_else(|| err(format!("--jobs {v}: not a number from 1 to 256")))?,
+        };
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .thread_name("snapfs-s3")
             .enable_all()
             .build()
             .map_err(|e| err(format!("cannot start the S3 client: {e}")))?;
@@ -374,7 +415,64 @@ impl Bucket {
             rt,
             url: url.to_string(),
             seal,
+            jobs,
+            uploads: Default::default(),
         })
+    }
+
+    /// Starts uploading `objects` (a pack, then its index) in the background, once
+    /// fewer than `jobs` uploads are under way ([`Bucket::settle_uploads`] waits for
+    /// them all).
+    fn put_later(&self, objects: Vec<(String, Vec<u8>)>) -> Result<(), SyncError> {
+        loop {
+            let oldest = {
+                let mut q = self.uploads.borrow_mut();
+                if q.len() < self.jobs {
+                    break;
+                }
+                q.pop_front()
+            };
+            if let Some(h) = oldest {
+                self.join(h)?;
+            }
+        }
+        let (store, url) = (self.store.clone(), self.url.clone());
+        let objects: Vec<(String, ObjPath, Vec<u8>)> = objects
+            .into_iter()
+            .map(|(k, v)| (k.clone(), self.path(&k), v))
+            .collect();
+        let h = self.rt.spawn(async move {
+            for (key, path, data) in objects {
+                put_to(&*store, &path, data, 2)
+                    .await
+                    .map_err(|e| failure(&url, "writing", &key, e))?;
+            }
+            Ok(())
+        });
+        self.uploads.borrow_mut().push_back(h);
+        Ok(())
+    }
+
+    fn join(&self, h: Upload) -> Result<(), SyncError> {
+        self.rt
+            .block_on(h)
+            .map_err(|e| err(format!("{}: an upload stopped: {e}", self.url)))?
+    }
+
+    /// Waits for every upload under way; the first error, if any (the rest are
+    /// waited for all the same).
+    fn settle_uploads(&self) -> Result<(), SyncError> {
+        let mut first = Ok(());
+        loop {
+            let Some(h) = self.uploads.borrow_mut().pop_front() else {
+                break;
+            };
+            let r = self.join(h);
+            if first.is_ok() {
+                first = r;
+            }
+        }
+        first
     }
 
     /// Metadata object `key` (the root, a manifest, an index), opened if the bucket
@@ -404,9 +502,14 @@ impl Bucket {
 
     /// Writes metadata object `key`, sealed if the bucket is encrypted.
     fn put_meta(&self, key: &str, data: Vec<u8>) -> Result<(), SyncError> {
+        self.put(key, self.meta_bytes(key, data))
+    }
+
+    /// Metadata object `key` as stored: sealed if the bucket is encrypted.
+    fn meta_bytes(&self, key: &str, data: Vec<u8>) -> Vec<u8> {
         match &self.seal {
-            Some(s) => self.put(key, s.seal_object(key, &data)),
-            None => self.put(key, data),
+            Some(s) => s.seal_object(key, &data),
+            None => data,
         }
     }
 
@@ -429,6 +532,34 @@ impl Bucket {
     }
 
     fn fail(&self, what: &str, key: &str, e: object_store::Error) -> SyncError {
+        failure(&self.url, what, key, e)
+    }
+}
+
+/// Writes `data` to `path`: in one request, or for large objects in parts, `jobs`
+/// of them at a time.
+async fn put_to(
+    store: &dyn ObjectStore,
+    path: &ObjPath,
+    data: Vec<u8>,
+    jobs: usize,
+) -> Result<(), object_store::Error> {
+    if data.len() < MULTIPART_FROM {
+        return store.put(path, data.into()).await.map(|_| ());
+    }
+    let upload = store.put_multipart(path).await?;
+    let mut w = object_store::WriteMultipart::new_with_chunk_size(upload, PART_BYTES);
+    for part in data.chunks(PART_BYTES) {
+        w.wait_for_capacity(jobs).await?;
+        w.write(part);
+    }
+    w.finish().await.map(|_| ())
+}
+
+/// An object store error as one line naming the bucket, the operation and the
+/// object.
+fn failure(url: &str, what: &str, key: &str, e: object_store::Error) -> SyncError {
+    {
         let text = one_line(&e);
         let cause = match &e {
             object_store::Error::PermissionDenied { .. }
@@ -439,9 +570,11 @@ impl Bucket {
             // The server's own words, without the XML it may wrap them in.
             _ => text.split(" <?xml").next().unwrap_or(&text).chars().take(300).collect(),
         };
-        err(format!("{}: {what} {key}: {cause}", self.url))
+        err(format!("{url}: {what} {key}: {cause}"))
     }
+}
 
+impl Bucket {
     /// The object `key`, or `None` when there is none.
     fn get(&self, key: &str) -> Result<Option<Vec<u8>>, SyncError> {
         let res = self.rt.block_on(async {
@@ -455,19 +588,26 @@ impl Bucket {
             .map_err(|e| self.fail("reading", key, e))
     }
 
-    /// Bytes `range` of object `key`.
-    fn get_range(&self, key: &str, range: std::ops::Range<u64>) -> Result<Vec<u8>, SyncError> {
-        self.rt
-            .block_on(self.store.get_range(&self.path(key), range))
-            .map(|b| b.to_vec())
-            .map_err(|e| self.fail("reading", key, e))
+    /// Bytes `range` of object `key`, to await (on the bucket's runtime).
+    fn get_range_async(
+        &self,
+        key: &str,
+        range: std::ops::Range<u64>,
+    ) -> impl std::future::Future<Output = Result<bytes::Bytes, SyncError>> + use<> {
+        let (store, path) = (self.store.clone(), self.path(key));
+        let (url, key) = (self.url.clone(), key.to_string());
+        async move {
+            store
+                .get_range(&path, range)
+                .await
+                .map_err(|e| failure(&url, "reading", &key, e))
+        }
     }
 
     /// Writes object `key`.
     fn put(&self, key: &str, data: Vec<u8>) -> Result<(), SyncError> {
         self.rt
-            .block_on(self.store.put(&self.path(key), data.into()))
-            .map(|_| ())
+            .block_on(put_to(&*self.store, &self.path(key), data, self.jobs))
             .map_err(|e| self.fail("writing", key, e))
     }
 
@@ -1030,8 +1170,15 @@ impl Pack {
             }
             self.data.extend_from_slice(&pad);
         }
-        b.put(&pack, std::mem::take(&mut self.data))?;
-        b.put_meta(&format!("packs/{id}.idx"), std::mem::take(&mut self.index))?;
+        // Uploaded in the background (a few at a time): the pack, then its index.
+        // A manifest naming its extents is written only once it is done
+        // (`Bucket::settle_uploads`).
+        let idx = format!("packs/{id}.idx");
+        let index_bytes = b.meta_bytes(&idx, std::mem::take(&mut self.index));
+        b.put_later(vec![
+            (pack.clone(), std::mem::take(&mut self.data)),
+            (idx, index_bytes),
+        ])?;
         for (hash, offset, len) in self.hashes.drain(..) {
             index.insert(
                 hash,
@@ -1287,6 +1434,7 @@ fn receive_into<R: Read, W: Write>(
         // The barrier: the packs, then the manifest, then the root that names it.
         lock.renew()?;
         pack.flush(b, &mut index)?;
+        b.settle_uploads()?;
         // The index of a lost pack goes once every extent it listed is elsewhere.
         lost.retain(|(pack, hashes)| {
             if hashes.iter().all(|h| index.contains_key(h)) {
@@ -1500,6 +1648,8 @@ fn send_from<R: Read, W: Write>(
                 places.push((p, hash));
             }
             places.sort_by(|a, b| (&a.0.pack, a.0.offset).cmp(&(&b.0.pack, b.0.offset)));
+            // The spans: [from, to) of `places`, and the bytes of their pack.
+            let mut spans: Vec<(usize, usize, std::ops::Range<u64>)> = Vec::new();
             let mut at = 0;
             while at < places.len() {
                 let (first, _) = places[at];
@@ -1514,26 +1664,35 @@ fn send_from<R: Read, W: Write>(
                     end = end.max(p.offset.saturating_add(p.len as u64));
                     upto += 1;
                 }
-                reading.renew()?;
-                let span = b.get_range(&first.pack, start..end)?;
-                for (p, hash) in &places[at..upto] {
-                    let from = (p.offset - start) as usize;
-                    let data = span
-                        .get(from..from.saturating_add(p.len as usize))
-                        .and_then(|raw| b.extent(p, hash, raw))
-                        .ok_or_else(|| {
-                            err(format!(
-                                "{}: extent {} in {} does not match its hash",
-                                b.url,
-                                crate::store::hex(hash),
-                                p.pack
-                            ))
-                        })?;
-                    sum.extents += 1;
-                    sum.payload_bytes += data.len() as u64;
-                    w.send(&Frame::Extent { hash: *hash, data })?;
-                }
+                spans.push((at, upto, start..end));
                 at = upto;
+            }
+            // Read `jobs` spans at a time, sent on in order.
+            for window in spans.chunks(b.jobs) {
+                reading.renew()?;
+                let reads = window.iter().map(|(from, _, range)| {
+                    b.get_range_async(&places[*from].0.pack, range.clone())
+                });
+                let bufs = b.rt.block_on(futures_util::future::try_join_all(reads))?;
+                for ((from, upto, range), span) in window.iter().zip(bufs) {
+                    for (p, hash) in &places[*from..*upto] {
+                        let at = (p.offset - range.start) as usize;
+                        let data = span
+                            .get(at..at.saturating_add(p.len as usize))
+                            .and_then(|raw| b.extent(p, hash, raw))
+                            .ok_or_else(|| {
+                                err(format!(
+                                    "{}: extent {} in {} does not match its hash",
+                                    b.url,
+                                    crate::store::hex(hash),
+                                    p.pack
+                                ))
+                            })?;
+                        sum.extents += 1;
+                        sum.payload_bytes += data.len() as u64;
+                        w.send(&Frame::Extent { hash: *hash, data })?;
+                    }
+                }
             }
         }
         super::session::barrier(r, w, &s.name)?;
@@ -1704,6 +1863,7 @@ pub fn gc(url: &str, dry_run: bool) -> Result<GcReport, SyncError> {
                     pack.add(&b, hash, &bytes);
                 }
                 pack.flush(&b, &mut HashMap::new())?;
+                b.settle_uploads()?;
                 lock.check()?;
                 b.delete(key)?;
                 b.delete(&old)?;
