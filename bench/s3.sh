@@ -136,7 +136,8 @@ change "$work/snap-mnt"
 "$SNAPFS" snapshot create "$work/snap-mnt" s2 >/dev/null
 run snap_inc "$SNAPFS" sync "$work/snap-mnt" s3://bench/snapfs --json
 umount "$work/snap-mnt"
-run snap_restore "$SNAPFS" restore s3://bench/snapfs "$work/restored"
+run snap_restore "$SNAPFS" restore s3://bench/snapfs "$work/restored" --only s2
+run snap_restore_all "$SNAPFS" restore s3://bench/snapfs "$work/restored-all"
 
 # ---------------------------------------------------------------- restic
 log "restic"
@@ -158,5 +159,6 @@ table() {
     echo "| incremental: S3 requests | ${R[snap_inc]} | ${R[restic_inc]} |"
     echo "| restore of the newest: wall s | ${T[snap_restore]} | ${T[restic_restore]} |"
     echo "| restore: S3 requests | ${R[snap_restore]} | ${R[restic_restore]} |"
+    echo "| restore of every snapshot (snapfs: both, as a volume with its history): wall s | ${T[snap_restore_all]} | - |"
 }
 if [ $# -gt 0 ]; then table > "$1"; else table; fi
