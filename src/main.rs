@@ -31,9 +31,10 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Cmd {
-    /// Mount STORE on MOUNTPOINT (creates STORE when missing or empty).
+    /// Mount STORE on MOUNTPOINT (creates STORE when missing or empty); or a bucket's
+    /// snapshots, read-only (s3://BUCKET/PREFIX; -o cache_size=256M).
     Mount {
-        /// The store directory.
+        /// The store directory, or a bucket.
         store: PathBuf,
         /// Where to mount it.
         mountpoint: PathBuf,
@@ -309,6 +310,20 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         daemon::init_logging(None);
     }
     let (target, req) = match cli.cmd {
+        Cmd::Mount {
+            store,
+            mountpoint,
+            options,
+            foreground,
+        } if is_bucket(&store) => {
+            snapfs::sync::s3::mount::mount(
+                &store.to_string_lossy(),
+                &mountpoint,
+                &options,
+                foreground,
+            )?;
+            return Ok(ExitCode::SUCCESS);
+        }
         Cmd::Mount {
             store,
             mountpoint,

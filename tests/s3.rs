@@ -849,6 +849,22 @@ fn an_encrypted_bucket_holds_no_name_content_or_hash_and_needs_its_key() {
         tree_digest(&m.path(".snapshots/s1"))
     );
     drop(r);
+    // So does a mount of it.
+    let view = dir.path().join("view");
+    let out = mount_bucket(&g, url, &view, &["--encrypt-key-file", k]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        tree_digest(&view.join(".snapshots/s1")),
+        tree_digest(&m.path(".snapshots/s1"))
+    );
+    unmount(&view);
+    let out = mount_bucket(&g, url, &view, &[]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("is encrypted"));
     // Delete and gc work under the key too.
     let out = g.snapfs(&["snapshot", "delete", url, "s1", "--encrypt-key-file", k]);
     assert!(
@@ -1606,4 +1622,187 @@ fn a_large_object_goes_up_in_parts_and_comes_back_whole() {
         .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
         .sum();
     assert_eq!(parts, 7.0, "{text}");
+}
+
+/// `snapfs mount s3://... MNT` with this server's settings (and `extra` args).
+fn mount_bucket(g: &Garage, url: &str, mnt: &Path, extra: &[&str]) -> Output {
+    std::fs::create_dir_all(mnt).unwrap();
+    let mut args = vec!["mount", url, mnt.to_str().unwrap()];
+    args.extend_from_slice(extra);
+    g.snapfs(&args)
+}
+
+fn unmount(mnt: &Path) {
+    let out = Command::new("umount").arg(mnt).output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[test]
+fn a_mounted_bucket_shows_every_snapshot_as_it_was_read_only() {
+    let g = Garage::start();
+    let url = "s3://snapfs/mounted";
+    let m = Mount::new();
+    let mnt = m.mnt.to_str().unwrap();
+    populate(&m.mnt, 111);
+    std::fs::write(m.path("big"), pattern(1, 5 << 20)).unwrap();
+    snapfs_ok(&["snapshot", "create", mnt, "s1"]);
+    g.sync_ok(&m.mnt, url);
+    churn(&m.mnt, 112);
+    // Small writes into stored blocks (fragments over a base), and a hole.
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .open(m.path("big"))
+        .unwrap();
+    std::os::unix::fs::FileExt::write_all_at(&f, b"patched!", 5000).unwrap();
+    std::os::unix::fs::FileExt::write_all_at(&f, &pattern(3, 9000), 3 << 20).unwrap();
+    f.set_len(9 << 20).unwrap();
+    drop(f);
+    snapfs_ok(&["snapshot", "create", mnt, "s2"]);
+    g.sync_ok(&m.mnt, url);
+    let dir = test_dir();
+    let view = dir.path().join("view");
+    let out = mount_bucket(&g, url, &view, &["-o", "cache_size=2M"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let names: Vec<String> = std::fs::read_dir(view.join(".snapshots"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    assert_eq!(names, vec!["s1", "s2"]);
+    for s in ["s1", "s2"] {
+        assert_eq!(
+            tree_digest(&view.join(".snapshots").join(s)),
+            tree_digest(&m.path(&format!(".snapshots/{s}"))),
+            "{s}"
+        );
+    }
+    // Read twice (the second from the cache, or again from the bucket: it holds 2 MiB).
+    let big = std::fs::read(view.join(".snapshots/s2/big")).unwrap();
+    assert_eq!(big, std::fs::read(m.path(".snapshots/s2/big")).unwrap());
+    assert_eq!(&big[5000..5008], b"patched!");
+    assert_eq!(std::fs::read(view.join(".snapshots/s2/big")).unwrap(), big);
+    // Nothing is written through it.
+    let e = std::fs::write(view.join(".snapshots/s2/new"), b"x").unwrap_err();
+    assert_eq!(e.raw_os_error(), Some(libc::EROFS), "{e}");
+    let e = std::fs::OpenOptions::new()
+        .write(true)
+        .open(view.join(".snapshots/s2/big"))
+        .unwrap_err();
+    assert_eq!(e.raw_os_error(), Some(libc::EROFS), "{e}");
+    unmount(&view);
+
+    // A damaged extent reads as an error, never as other bytes.
+    let b = g.bucket(url);
+    for pack in b.list("packs").unwrap() {
+        if !pack.ends_with(".pack") {
+            continue;
+        }
+        let mut data = b.get_object(&pack).unwrap().unwrap();
+        for i in (0..data.len()).step_by(4096) {
+            data[i] ^= 0x5a;
+        }
+        b.put_object(&pack, data).unwrap();
+    }
+    let out = mount_bucket(&g, url, &view, &[]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let mut bad = 0;
+    for e in std::fs::read_dir(view.join(".snapshots/s1")).unwrap() {
+        let p = e.unwrap().path();
+        if !p.is_file() || p.is_symlink() {
+            continue;
+        }
+        match std::fs::read(&p) {
+            Ok(d) => {
+                let rel = p.file_name().unwrap().to_str().unwrap();
+                assert_eq!(
+                    d,
+                    std::fs::read(m.path(&format!(".snapshots/s1/{rel}"))).unwrap()
+                );
+            }
+            Err(e) => {
+                assert_eq!(e.raw_os_error(), Some(libc::EIO), "{e}");
+                bad += 1;
+            }
+        }
+    }
+    assert!(bad > 0, "no file read the damaged pack");
+    unmount(&view);
+
+    // Bad input: an unknown option, a bucket with no volume; one line, exit 2.
+    let out = mount_bucket(&g, url, &view, &["-o", "rw"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("takes only cache_size"));
+    let out = mount_bucket(&g, "s3://snapfs/none", &view, &[]);
+    assert_eq!(out.status.code(), Some(2));
+    let e = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        e.contains("holds no snapfs volume") && e.trim_end().lines().count() == 1,
+        "{e}"
+    );
+    assert!(!is_mountpoint(&view));
+}
+
+fn is_mountpoint(p: &Path) -> bool {
+    Command::new("mountpoint")
+        .arg("-q")
+        .arg(p)
+        .status()
+        .unwrap()
+        .success()
+}
+
+#[test]
+fn a_mounted_bucket_reads_extents_gc_moved_meanwhile() {
+    let g = Garage::start();
+    let url = "s3://snapfs/moved";
+    let m = Mount::new();
+    let mnt = m.mnt.to_str().unwrap();
+    std::fs::write(m.path("gone-later"), pattern(1, 6 << 20)).unwrap();
+    std::fs::write(m.path("stays"), pattern(2, 2 << 20)).unwrap();
+    snapfs_ok(&["snapshot", "create", mnt, "s1"]);
+    g.sync_ok(&m.mnt, url);
+    std::fs::remove_file(m.path("gone-later")).unwrap();
+    snapfs_ok(&["snapshot", "create", mnt, "s2"]);
+    g.sync_ok(&m.mnt, url);
+    let dir = test_dir();
+    let view = dir.path().join("view");
+    let out = mount_bucket(&g, url, &view, &[]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // s1 goes; gc rewrites the pack both files were in (three quarters garbage).
+    assert!(
+        g.snapfs(&["snapshot", "delete", url, "s1"])
+            .status
+            .success()
+    );
+    let out = g.snapfs(&["gc", url]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("repacked 1 packs"),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    assert_eq!(
+        std::fs::read(view.join(".snapshots/s2/stays")).unwrap(),
+        pattern(2, 2 << 20)
+    );
+    unmount(&view);
 }

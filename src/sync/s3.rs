@@ -11,6 +11,8 @@
 //! manifest names them, and a manifest before the root names it, so a bucket is
 //! never seen with a snapshot whose data is not all there.
 
+pub mod mount;
+
 use std::collections::HashMap;
 use std::io::{Read, Write};
 use std::path::Path;
