@@ -101,7 +101,7 @@ fn generation(key: &[u8; 32], ino: u64) -> Generation {
     Generation(u32::from_le_bytes([b[0], b[1], b[2], b[3]]) as u64)
 }
 
-fn kind(k: FileKind) -> FileType {
+pub(crate) fn kind(k: FileKind) -> FileType {
     match k {
         FileKind::File => FileType::RegularFile,
         FileKind::Dir => FileType::Directory,

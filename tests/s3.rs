@@ -143,6 +143,17 @@ impl Garage {
         self.snapfs_with(args, &self.key_id, &self.secret)
     }
 
+    /// `snapfs` with this server's credentials, reaching it at `endpoint` (its own,
+    /// or a relay's).
+    fn command(&self, endpoint: &str) -> Command {
+        let mut c = Command::new(SNAPFS);
+        c.env("AWS_ENDPOINT_URL", endpoint)
+            .env("AWS_REGION", "garage")
+            .env("AWS_ACCESS_KEY_ID", &self.key_id)
+            .env("AWS_SECRET_ACCESS_KEY", &self.secret);
+        c
+    }
+
     fn snapfs_with(&self, args: &[&str], key_id: &str, secret: &str) -> Output {
         Command::new(SNAPFS)
             .args(args)
@@ -317,12 +328,9 @@ fn a_sync_to_a_bucket_cut_short_is_resumed_without_resending_its_packs() {
     }
     snapfs_ok(&["snapshot", "create", m.mnt.to_str().unwrap(), "big"]);
     // Cut once the bucket holds at least one pack and its index.
-    let mut child = Command::new(SNAPFS)
+    let mut child = g
+        .command(&g.endpoint)
         .args(["sync", m.mnt.to_str().unwrap(), url])
-        .env("AWS_ENDPOINT_URL", &g.endpoint)
-        .env("AWS_REGION", "garage")
-        .env("AWS_ACCESS_KEY_ID", &g.key_id)
-        .env("AWS_SECRET_ACCESS_KEY", &g.secret)
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
@@ -647,17 +655,7 @@ fn one_writer_at_a_time_holds_the_bucket_and_a_dead_ones_lock_expires() {
     let mut gone = Command::new("true").spawn().unwrap();
     let dead = gone.id();
     gone.wait().unwrap();
-    let read = |p: &str| {
-        std::fs::read_to_string(p)
-            .unwrap_or_default()
-            .trim()
-            .to_string()
-    };
-    let host = format!(
-        "{} {}",
-        read("/proc/sys/kernel/hostname"),
-        read("/etc/machine-id")
-    );
+    let host = this_host();
     lock("a killed sync", now + 600, &host, dead);
     let out = g.snapfs(&["gc", url]);
     assert!(
@@ -753,7 +751,7 @@ fn an_encrypted_bucket_holds_no_name_content_or_hash_and_needs_its_key() {
     std::fs::write(m.path(name), &marker).unwrap();
     std::fs::write(m.path("tiny"), tiny).unwrap();
     std::fs::write(m.path("other"), pattern(5, 3 << 20)).unwrap();
-    snapfs_ok(&["snapshot", "create", mnt, "s1"]);
+    snapfs_ok(&["snapshot", "create", mnt, "secret-snap-one"]);
     let out = g.snapfs(&["sync", mnt, url, "--encrypt-key-file", k]);
     assert!(
         out.status.success(),
@@ -762,7 +760,7 @@ fn an_encrypted_bucket_holds_no_name_content_or_hash_and_needs_its_key() {
     );
     std::fs::write(m.path("tiny"), b"changed").unwrap();
     std::fs::write(m.path("later"), pattern(6, 1 << 20)).unwrap();
-    snapfs_ok(&["snapshot", "create", mnt, "s2"]);
+    snapfs_ok(&["snapshot", "create", mnt, "secret-snap-two"]);
     let out = g.snapfs(&["--encrypt-key-file", k, "sync", mnt, url]);
     assert!(
         out.status.success(),
@@ -783,7 +781,7 @@ fn an_encrypted_bucket_holds_no_name_content_or_hash_and_needs_its_key() {
         assert!(!contains(v, &tiny[..]), "the tiny file is in {n}");
         assert!(!contains(v, &tiny_hash), "an extent's hash is in {n}");
         assert!(!contains(v, &other_block), "an extent's hash is in {n}");
-        assert!(!contains(v, b"s1\""), "a snapshot's name is in {n}");
+        assert!(!contains(v, b"secret-snap-"), "a snapshot's name is in {n}");
         if n.ends_with(".pack") {
             assert_eq!(v.len() % (256 << 10), 0, "{n} is not padded");
         }
@@ -791,7 +789,10 @@ fn an_encrypted_bucket_holds_no_name_content_or_hash_and_needs_its_key() {
 
     // With its key, everything works; without, or with another, each says so.
     let list = g.snapfs(&["snapshot", "list", url, "--json", "--encrypt-key-file", k]);
-    assert_eq!(names_listed(&list), vec!["s1", "s2"]);
+    assert_eq!(
+        names_listed(&list),
+        vec!["secret-snap-one", "secret-snap-two"]
+    );
     let out = g.snapfs(&["snapshot", "list", url]);
     assert_eq!(out.status.code(), Some(2));
     let e = String::from_utf8_lossy(&out.stderr);
@@ -843,10 +844,13 @@ fn an_encrypted_bucket_holds_no_name_content_or_hash_and_needs_its_key() {
         String::from_utf8_lossy(&out.stdout)
     );
     let r = g.restore_ok(url, dir.path(), "r", &["--encrypt-key-file", k]);
-    assert_eq!(tree_digest(&r.mnt), tree_digest(&m.path(".snapshots/s2")));
     assert_eq!(
-        tree_digest(&r.path(".snapshots/s1")),
-        tree_digest(&m.path(".snapshots/s1"))
+        tree_digest(&r.mnt),
+        tree_digest(&m.path(".snapshots/secret-snap-two"))
+    );
+    assert_eq!(
+        tree_digest(&r.path(".snapshots/secret-snap-one")),
+        tree_digest(&m.path(".snapshots/secret-snap-one"))
     );
     drop(r);
     // So does a mount of it.
@@ -858,15 +862,22 @@ fn an_encrypted_bucket_holds_no_name_content_or_hash_and_needs_its_key() {
         String::from_utf8_lossy(&out.stderr)
     );
     assert_eq!(
-        tree_digest(&view.join(".snapshots/s1")),
-        tree_digest(&m.path(".snapshots/s1"))
+        tree_digest(&view.join(".snapshots/secret-snap-one")),
+        tree_digest(&m.path(".snapshots/secret-snap-one"))
     );
     unmount(&view);
     let out = mount_bucket(&g, url, &view, &[]);
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("is encrypted"));
     // Delete and gc work under the key too.
-    let out = g.snapfs(&["snapshot", "delete", url, "s1", "--encrypt-key-file", k]);
+    let out = g.snapfs(&[
+        "snapshot",
+        "delete",
+        url,
+        "secret-snap-one",
+        "--encrypt-key-file",
+        k,
+    ]);
     assert!(
         out.status.success(),
         "{}",
@@ -905,7 +916,9 @@ fn an_aws_profile_in_the_shared_files_is_used_and_the_environment_wins() {
     std::fs::write(
         aws.join("config"),
         format!(
-            "[default]\nregion = nowhere\n\n[profile backup]\nregion = garage\nendpoint_url = {}\n",
+            "[default]\nregion = nowhere\n\n[profile backup]\nregion = garage\nendpoint_url = {}\n\
+             sts =\n  endpoint_url = http://127.0.0.1:1\n\n\
+             [profile assumed]\nrole_arn = arn:aws:iam::1:role/x\nsource_profile = backup\n",
             g.endpoint
         ),
     )
@@ -914,7 +927,10 @@ fn an_aws_profile_in_the_shared_files_is_used_and_the_environment_wins() {
         aws.join("credentials"),
         format!(
             "[default]\naws_access_key_id = GKdefault\naws_secret_access_key = nothing\n\n\
-             # the one the bucket takes\n[backup]\naws_access_key_id = {}\naws_secret_access_key = {}\n",
+             # the one the bucket takes (key names as the AWS CLI takes them, any case)\n\
+             [backup]\nAWS_Access_Key_ID = {}\naws_secret_access_key = {}\n\n\
+             [profile backup]\naws_access_key_id = not-this-one\n\n\
+             [tokened]\naws_access_key_id = GKother\naws_secret_access_key = other\naws_session_token = bogus\n",
             g.key_id, g.secret
         ),
     )
@@ -975,6 +991,26 @@ fn an_aws_profile_in_the_shared_files_is_used_and_the_environment_wins() {
     assert_eq!(out.status.code(), Some(2));
     let e = String::from_utf8_lossy(&out.stderr);
     assert!(e.contains("access denied"), "{e}");
+    // Keys are a set: the environment's (with no token), not mixed with a profile's.
+    let out = run(
+        &["snapshot", "list", url, "--json"],
+        &[
+            ("AWS_PROFILE", "tokened"),
+            ("AWS_ENDPOINT_URL", &g.endpoint),
+            ("AWS_REGION", "garage"),
+            ("AWS_ACCESS_KEY_ID", &g.key_id),
+            ("AWS_SECRET_ACCESS_KEY", &g.secret),
+        ],
+    );
+    assert_eq!(names_listed(&out), vec!["s1"]);
+    // A profile that gets its keys another way (a role, SSO, a process) is named.
+    let out = run(&["snapshot", "list", url], &[("AWS_PROFILE", "assumed")]);
+    assert_eq!(out.status.code(), Some(2));
+    let e = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        e.contains("role_arn") && e.trim_end().lines().count() == 1,
+        "{e}"
+    );
     // A profile neither file has is named.
     let out = run(&["snapshot", "list", url], &[("AWS_PROFILE", "nosuch")]);
     assert_eq!(out.status.code(), Some(2));
@@ -1020,12 +1056,9 @@ fn readers_keep_gc_away_and_gc_keeps_readers_away() {
     // A restore under way marks the bucket: gc is refused meanwhile, naming it.
     let dir = test_dir();
     let n = dir.path().join("n");
-    let mut restore = Command::new(SNAPFS)
+    let mut restore = g
+        .command(&g.endpoint)
         .args(["restore", url, n.to_str().unwrap()])
-        .env("AWS_ENDPOINT_URL", &g.endpoint)
-        .env("AWS_REGION", "garage")
-        .env("AWS_ACCESS_KEY_ID", &g.key_id)
-        .env("AWS_SECRET_ACCESS_KEY", &g.secret)
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .spawn()
@@ -1090,17 +1123,7 @@ fn readers_keep_gc_away_and_gc_keeps_readers_away() {
     let mut gone = Command::new("true").spawn().unwrap();
     let dead = gone.id();
     gone.wait().unwrap();
-    let read = |p: &str| {
-        std::fs::read_to_string(p)
-            .unwrap_or_default()
-            .trim()
-            .to_string()
-    };
-    let host = format!(
-        "{} {}",
-        read("/proc/sys/kernel/hostname"),
-        read("/etc/machine-id")
-    );
+    let host = this_host();
     mark("locks/dead.json", now + 600, dead, &host);
     let out = g.snapfs(&["gc", url]);
     assert!(
@@ -1442,16 +1465,7 @@ fn the_network_cut_at_random_points_of_a_sync_and_a_restore_loses_nothing() {
     cuts.sort_unstable();
     eprintln!("cuts at {cuts:?} bytes");
     let cutter = Cutter::start(&g.endpoint, cuts, std::time::Duration::from_millis(1500));
-    let via = |args: &[&str]| {
-        Command::new(SNAPFS)
-            .args(args)
-            .env("AWS_ENDPOINT_URL", &cutter.addr)
-            .env("AWS_REGION", "garage")
-            .env("AWS_ACCESS_KEY_ID", &g.key_id)
-            .env("AWS_SECRET_ACCESS_KEY", &g.secret)
-            .output()
-            .unwrap()
-    };
+    let via = |args: &[&str]| g.command(&cutter.addr).args(args).output().unwrap();
     let t0 = std::time::Instant::now();
     let out = via(&["sync", mnt, url]);
     eprintln!("{:?}: synced", t0.elapsed());
@@ -1481,12 +1495,9 @@ fn the_network_cut_at_random_points_of_a_sync_and_a_restore_loses_nothing() {
     let cutter = Cutter::start(&g.endpoint, cuts, std::time::Duration::from_millis(1500));
     let dir = test_dir();
     let n = dir.path().join("n");
-    let out = Command::new(SNAPFS)
+    let out = g
+        .command(&cutter.addr)
         .args(["restore", url, n.to_str().unwrap()])
-        .env("AWS_ENDPOINT_URL", &cutter.addr)
-        .env("AWS_REGION", "garage")
-        .env("AWS_ACCESS_KEY_ID", &g.key_id)
-        .env("AWS_SECRET_ACCESS_KEY", &g.secret)
         .output()
         .unwrap();
     eprintln!(
@@ -1557,12 +1568,9 @@ fn a_sync_killed_at_random_points_resumes_and_loses_nothing() {
     let whole = t0.elapsed().as_millis() as u64;
     for round in 0..4 {
         let at = next(&mut rng) % whole.max(1);
-        let mut child = Command::new(SNAPFS)
+        let mut child = g
+            .command(&g.endpoint)
             .args(["sync", mnt, url])
-            .env("AWS_ENDPOINT_URL", &g.endpoint)
-            .env("AWS_REGION", "garage")
-            .env("AWS_ACCESS_KEY_ID", &g.key_id)
-            .env("AWS_SECRET_ACCESS_KEY", &g.secret)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
@@ -1805,4 +1813,24 @@ fn a_mounted_bucket_reads_extents_gc_moved_meanwhile() {
         pattern(2, 2 << 20)
     );
     unmount(&view);
+}
+
+/// This machine and pid namespace as a lock names them (host name, machine id, boot
+/// id, pid namespace).
+fn this_host() -> String {
+    let read = |p: &str| {
+        std::fs::read_to_string(p)
+            .unwrap_or_default()
+            .trim()
+            .to_string()
+    };
+    let ns = std::fs::read_link("/proc/self/ns/pid")
+        .map(|p| p.display().to_string())
+        .unwrap_or_default();
+    format!(
+        "{} {} {} {ns}",
+        read("/proc/sys/kernel/hostname"),
+        read("/etc/machine-id"),
+        read("/proc/sys/kernel/random/boot_id"),
+    )
 }

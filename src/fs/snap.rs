@@ -620,9 +620,9 @@ pub(crate) fn inode_changes(
                 let mut ranges = Vec::new();
                 if blocks && rb.kind == FileKind::File {
                     for &idx in block_idx {
-                        let s = idx * bs;
+                        let s = idx.saturating_mul(bs);
                         if s < rb.size.max(ra.size) {
-                            ranges.push((s, (s + bs).min(rb.size.max(ra.size))));
+                            ranges.push((s, s.saturating_add(bs).min(rb.size.max(ra.size))));
                         }
                     }
                     if ra.size != rb.size {

@@ -43,9 +43,18 @@ const ROOT: &str = "snapfs-root.json";
 /// The lock object's name under the prefix: who writes the bucket, until when.
 pub const LOCK: &str = "snapfs-lock.json";
 
-/// How long a writer's lock lasts unless renewed (it is, at every pack and
-/// snapshot); one whose writer died is taken over after it.
+/// How long a lock or a reader's mark lasts unless renewed (a task of its holder
+/// renews it every [`RENEW_EVERY`] while the holder lives); one whose holder died is
+/// taken over after it.
 const LOCK_TTL: i64 = 10 * 60;
+
+/// How often a holder renews its lock or mark.
+const RENEW_EVERY: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// The longest a request may be retried for (`SNAPFS_S3_RETRY_TIMEOUT`): well under
+/// the lock's lifetime, so that a writer that checked its lock before a request
+/// still holds it when the request lands.
+const RETRY_MAX: u64 = 150;
 
 /// The lock object.
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -66,7 +75,9 @@ pub struct LockRec {
     pub what: String,
 }
 
-/// This machine: its host name and machine id (cloned machines may share a name).
+/// This machine and process namespace: its host name, machine id, boot id and pid
+/// namespace (containers may share a host name and a machine id; a pid means a
+/// process only within its namespace and boot).
 fn host_name() -> String {
     let read = |p: &str| {
         std::fs::read_to_string(p)
@@ -74,10 +85,14 @@ fn host_name() -> String {
             .trim()
             .to_string()
     };
+    let ns = std::fs::read_link("/proc/self/ns/pid")
+        .map(|p| p.display().to_string())
+        .unwrap_or_default();
     format!(
-        "{} {}",
+        "{} {} {} {ns}",
         read("/proc/sys/kernel/hostname"),
-        read("/etc/machine-id")
+        read("/etc/machine-id"),
+        read("/proc/sys/kernel/random/boot_id"),
     )
 }
 
@@ -93,63 +108,104 @@ impl LockRec {
     }
 }
 
-/// A writer's hold on a bucket prefix, released when dropped.
+/// A writer's hold on a bucket prefix, renewed by a task while it lives, released
+/// when dropped.
 pub struct Lock<'a> {
     b: &'a Bucket,
     owner: String,
     what: String,
-    expires: std::cell::Cell<i64>,
+    /// Until when the lock object last written says it holds.
+    expires: Arc<std::sync::atomic::AtomicI64>,
+    renewer: tokio::task::JoinHandle<()>,
 }
 
 fn now_secs() -> i64 {
     crate::store::schema::Ts::now().sec
 }
 
-impl Lock<'_> {
-    /// Extends the lock when half its time is gone (a time check otherwise: called
-    /// as often as the writer likes).
-    fn renew(&self) -> Result<(), SyncError> {
-        if now_secs() < self.expires.get() - LOCK_TTL / 2 {
-            return Ok(());
+/// The task that renews lock object `key` (the writer's lock, or a reader's mark)
+/// every [`RENEW_EVERY`]: while it is still `owner`'s (a writer's lock taken over is
+/// never written again). `expires` is kept up to date.
+fn spawn_renewer(
+    b: &Bucket,
+    key: &str,
+    mut rec: LockRec,
+    expires: Arc<std::sync::atomic::AtomicI64>,
+) -> tokio::task::JoinHandle<()> {
+    let (store, path) = (b.store.clone(), b.path(key));
+    b.rt.spawn(async move {
+        loop {
+            tokio::time::sleep(RENEW_EVERY).await;
+            let ours = match store.get(&path).await {
+                Ok(r) => r.bytes().await.ok().is_some_and(|v| {
+                    serde_json::from_slice::<LockRec>(&v).is_ok_and(|r| r.owner == rec.owner)
+                }),
+                Err(_) => false,
+            };
+            if !ours {
+                tracing::warn!(key = %path, "s3: a lock is no longer ours; not renewed");
+                return;
+            }
+            rec.expires = now_secs() + LOCK_TTL;
+            let body = serde_json::to_vec(&rec).expect("encodes");
+            match store.put(&path, body.into()).await {
+                Ok(_) => expires.store(rec.expires, std::sync::atomic::Ordering::SeqCst),
+                Err(e) => tracing::warn!(error = %e, "s3: renewing a lock failed; trying again"),
+            }
         }
-        self.check()?;
-        self.extend()
-    }
+    })
+}
 
-    /// Fails unless the lock object is still this writer's and unexpired: what a
-    /// writer checks before each step that publishes or deletes (the root, a
-    /// manifest or pack gone), so that one whose lock was taken over stops.
-    fn check(&self) -> Result<(), SyncError> {
-        let ours = self.b.get(LOCK)?.is_some_and(|v| {
-            serde_json::from_slice::<LockRec>(&v).is_ok_and(|r| r.owner == self.owner)
-        });
-        if !ours || now_secs() >= self.expires.get() {
-            return Err(err(format!(
-                "{}: this writer lost the bucket's lock (it expired, and another took it over): nothing more is written",
-                self.b.url
-            )));
+impl Lock<'_> {
+    /// A time check (a task renews the lock); kept for the writer's steps that may
+    /// take long, so that one whose lock lapsed stops early.
+    fn renew(&self) -> Result<(), SyncError> {
+        if now_secs() >= self.expires.load(std::sync::atomic::Ordering::SeqCst) {
+            return Err(self.lost());
         }
         Ok(())
     }
 
-    fn extend(&self) -> Result<(), SyncError> {
-        let now = now_secs();
-        let rec = LockRec {
-            owner: self.owner.clone(),
-            expires: now + LOCK_TTL,
-            host: host_name(),
-            pid: std::process::id(),
-            what: self.what.clone(),
-        };
-        self.b
-            .put(LOCK, serde_json::to_vec(&rec).expect("encodes"))?;
-        self.expires.set(rec.expires);
+    fn lost(&self) -> SyncError {
+        err(format!(
+            "{}: this writer lost the bucket's lock (it expired, and another took it over): nothing more is written",
+            self.b.url
+        ))
+    }
+
+    /// Fails unless the lock object is still this writer's, and makes sure it holds
+    /// for longer than a request may take: what a writer checks before each step
+    /// that publishes or deletes (the root, a manifest or pack gone), so that one
+    /// whose lock was taken over stops, and one that goes on is not taken over
+    /// before its step lands.
+    fn check(&self) -> Result<(), SyncError> {
+        let ours = self.b.get(LOCK)?.is_some_and(|v| {
+            serde_json::from_slice::<LockRec>(&v).is_ok_and(|r| r.owner == self.owner)
+        });
+        let expires = self.expires.load(std::sync::atomic::Ordering::SeqCst);
+        if !ours || now_secs() >= expires {
+            return Err(self.lost());
+        }
+        if expires - now_secs() < 2 * self.b.retry_secs as i64 + 60 {
+            let rec = LockRec {
+                owner: self.owner.clone(),
+                expires: now_secs() + LOCK_TTL,
+                host: host_name(),
+                pid: std::process::id(),
+                what: self.what.clone(),
+            };
+            self.b
+                .put(LOCK, serde_json::to_vec(&rec).expect("encodes"))?;
+            self.expires
+                .store(rec.expires, std::sync::atomic::Ordering::SeqCst);
+        }
         Ok(())
     }
 }
 
 impl Drop for Lock<'_> {
     fn drop(&mut self) {
+        self.renewer.abort();
         // Only a lock still ours goes (an expired one may have been taken over).
         if let Ok(Some(b)) = self.b.get(LOCK)
             && serde_json::from_slice::<LockRec>(&b).is_ok_and(|r| r.owner == self.owner)
@@ -166,26 +222,32 @@ pub struct ReadLock<'a> {
     b: &'a Bucket,
     /// Its object, if it could be written (not with read-only credentials).
     key: Option<String>,
-    rec: std::cell::RefCell<LockRec>,
+    /// Until when the mark last written holds.
+    expires: Arc<std::sync::atomic::AtomicI64>,
+    renewer: Option<tokio::task::JoinHandle<()>>,
 }
 
 impl ReadLock<'_> {
-    /// Extends the mark once half its time is gone (a time check otherwise).
+    /// Fails if the mark lapsed (its renewals failed for its whole lifetime): a gc
+    /// may since have deleted what this reader reads.
     fn renew(&self) -> Result<(), SyncError> {
-        let Some(key) = &self.key else {
-            return Ok(());
-        };
-        let mut rec = self.rec.borrow_mut();
-        if now_secs() < rec.expires - LOCK_TTL / 2 {
-            return Ok(());
+        if self.key.is_some()
+            && now_secs() >= self.expires.load(std::sync::atomic::Ordering::SeqCst)
+        {
+            return Err(err(format!(
+                "{}: this reader's mark lapsed (it could not be renewed): stopping",
+                self.b.url
+            )));
         }
-        rec.expires = now_secs() + LOCK_TTL;
-        self.b.put(key, serde_json::to_vec(&*rec).expect("encodes"))
+        Ok(())
     }
 }
 
 impl Drop for ReadLock<'_> {
     fn drop(&mut self) {
+        if let Some(r) = &self.renewer {
+            r.abort();
+        }
         if let Some(key) = &self.key
             && let Err(e) = self.b.delete(key)
         {
@@ -204,6 +266,8 @@ pub struct Bucket {
     seal: Option<Seal>,
     /// Requests at once (`--jobs`).
     jobs: usize,
+    /// How long a request is retried for.
+    retry_secs: u64,
     /// Pack uploads under way, oldest first: at most `jobs`.
     uploads: std::cell::RefCell<std::collections::VecDeque<Upload>>,
 }
@@ -331,12 +395,17 @@ impl Bucket {
         // 6 s of them, so that a short outage is ridden out, within 4 minutes (or
         // SNAPFS_S3_RETRY_TIMEOUT seconds).
         let retry_secs = match env("SNAPFS_S3_RETRY_TIMEOUT") {
-            None => 240,
-            Some(v) => v.trim().parse::<u64>().map_err(|_| {
-                err(format!(
-                    "SNAPFS_S3_RETRY_TIMEOUT={v}: not a number of seconds"
-                ))
-            })?,
+            None => 120,
+            Some(v) => v
+                .trim()
+                .parse::<u64>()
+                .ok()
+                .filter(|n| (1..=RETRY_MAX).contains(n))
+                .ok_or_else(|| {
+                    err(format!(
+                        "SNAPFS_S3_RETRY_TIMEOUT={v}: not a number of seconds from 1 to {RETRY_MAX}"
+                    ))
+                })?,
         };
         let retry = object_store::RetryConfig {
             backoff: object_store::BackoffConfig {
@@ -350,8 +419,13 @@ impl Bucket {
         let mut b = object_store::aws::AmazonS3Builder::new()
             .with_bucket_name(bucket)
             .with_retry(retry);
-        // The shared files first; the environment's variables win over them.
+        // The shared files first; the environment's variables win over them. Keys
+        // come as a set: the environment's, or else the profile's.
+        let env_keys = env("AWS_ACCESS_KEY_ID").is_some();
         for (key, v) in profile_settings(&env).map_err(|e| err(format!("{url}: {e}")))? {
+            if env_keys && key.starts_with("aws_") {
+                continue;
+            }
             b = match key {
                 "endpoint_url" => b.with_allow_http(v.starts_with("http://")).with_endpoint(v),
                 "region" => b.with_region(v),
@@ -384,7 +458,10 @@ impl Bucket {
                 b = b.with_config(key, v);
             }
         }
-        if let Some(ep) = env("AWS_ENDPOINT_URL").or_else(|| env("AWS_ENDPOINT")) {
+        if let Some(ep) = env("AWS_ENDPOINT_URL_S3")
+            .or_else(|| env("AWS_ENDPOINT_URL"))
+            .or_else(|| env("AWS_ENDPOINT"))
+        {
             b = b
                 .with_allow_http(ep.starts_with("http://"))
                 .with_endpoint(ep);
@@ -392,7 +469,12 @@ impl Bucket {
         let store = b
             .build()
             .map_err(|e| err(format!("{url}: {}", one_line(&e))))?;
-        let seal = match env("SNAPFS_ENCRYPT_KEY_FILE").filter(|p| !p.is_empty()) {
+        let seal = match env("SNAPFS_ENCRYPT_KEY_FILE") {
+            Some(p) if p.is_empty() => {
+                return Err(err(
+                    "SNAPFS_ENCRYPT_KEY_FILE is set but empty: name the key file, or unset it",
+                ));
+            }
             Some(p) => Some(Seal::from_file(Path::new(&p)).map_err(err)?),
             None => None,
         };
@@ -418,6 +500,7 @@ impl Bucket {
             url: url.to_string(),
             seal,
             jobs,
+            retry_secs,
             uploads: Default::default(),
         })
     }
@@ -426,10 +509,12 @@ impl Bucket {
     /// fewer than `jobs` uploads are under way ([`Bucket::settle_uploads`] waits for
     /// them all).
     fn put_later(&self, objects: Vec<(String, Vec<u8>)>) -> Result<(), SyncError> {
+        // At most `jobs` uploads, and about 256 MiB of packs, under way.
+        let most = self.jobs.clamp(1, (256 << 20) / PACK_BYTES);
         loop {
             let oldest = {
                 let mut q = self.uploads.borrow_mut();
-                if q.len() < self.jobs {
+                if q.len() < most {
                     break;
                 }
                 q.pop_front()
@@ -552,7 +637,11 @@ async fn put_to(
     let upload = store.put_multipart(path).await?;
     let mut w = object_store::WriteMultipart::new_with_chunk_size(upload, PART_BYTES);
     for part in data.chunks(PART_BYTES) {
-        w.wait_for_capacity(jobs).await?;
+        if let Err(e) = w.wait_for_capacity(jobs).await {
+            // The parts sent are not left behind (billed, and invisible).
+            let _ = w.abort().await;
+            return Err(e);
+        }
         w.write(part);
     }
     w.finish().await.map(|_| ())
@@ -649,20 +738,6 @@ impl Bucket {
             }))
         };
         for _ in 0..3 {
-            // Held: by a live writer (refused), or one whose time is up (taken over).
-            if let Some(v) = self.get(LOCK)? {
-                match serde_json::from_slice::<LockRec>(&v) {
-                    Ok(r) if !r.stale() => {
-                        return Err(err(format!(
-                            "{} is locked by {} until {} (another sync, delete or gc writes to it); try again later, or delete {LOCK} there if that process is gone",
-                            self.url,
-                            crate::text::printable(&r.owner.replace('\n', " ")),
-                            crate::policy::utc(r.expires)
-                        )));
-                    }
-                    _ => self.delete(LOCK)?,
-                }
-            }
             let rec = LockRec {
                 owner: owner.clone(),
                 expires: now_secs() + LOCK_TTL,
@@ -671,10 +746,42 @@ impl Bucket {
                 what: what.to_string(),
             };
             let body = serde_json::to_vec(&rec).expect("encodes");
-            // Written only if absent where the store can say so; either way read
-            // back after a moment, so that of two writers racing one wins.
+            // Written only if absent (or, taking over a dead writer's, only if still
+            // that one) where the store can say so; either way read back after a
+            // moment, so that of two writers racing one wins.
+            let mut mode = object_store::PutMode::Create;
+            let found = self.rt.block_on(async {
+                match self.store.get(&self.path(LOCK)).await {
+                    Ok(r) => {
+                        let v = object_store::UpdateVersion {
+                            e_tag: r.meta.e_tag.clone(),
+                            version: r.meta.version.clone(),
+                        };
+                        r.bytes().await.map(|b| Some((b, v)))
+                    }
+                    Err(object_store::Error::NotFound { .. }) => Ok(None),
+                    Err(e) => Err(e),
+                }
+            });
+            if let Some((v, version)) = found.map_err(|e| self.fail("reading", LOCK, e))? {
+                match serde_json::from_slice::<LockRec>(&v) {
+                    // Ours: a write whose answer was lost, and retried.
+                    Ok(r) if r.owner == owner => mode = object_store::PutMode::Overwrite,
+                    // Held by a live writer: refused.
+                    Ok(r) if !r.stale() => {
+                        return Err(err(format!(
+                            "{} is locked by {} until {} (another sync, delete or gc writes to it); try again later, or delete {LOCK} there if that process is gone",
+                            self.url,
+                            crate::text::printable(&r.owner.replace('\n', " ")),
+                            crate::policy::utc(r.expires)
+                        )));
+                    }
+                    // Its writer is gone: taken over.
+                    _ => mode = object_store::PutMode::Update(version),
+                }
+            }
             let opts = object_store::PutOptions {
-                mode: object_store::PutMode::Create,
+                mode: mode.clone(),
                 ..Default::default()
             };
             let res = self.rt.block_on(self.store.put_opts(
@@ -688,16 +795,23 @@ impl Bucket {
                     object_store::Error::AlreadyExists { .. }
                     | object_store::Error::Precondition { .. },
                 ) => continue,
-                Err(object_store::Error::NotImplemented { .. }) => self.put(LOCK, body)?,
+                Err(object_store::Error::NotImplemented { .. }) => {
+                    if matches!(mode, object_store::PutMode::Update(_)) {
+                        self.delete(LOCK)?;
+                    }
+                    self.put(LOCK, body)?
+                }
                 Err(e) => return Err(self.fail("locking", LOCK, e)),
             }
             std::thread::sleep(std::time::Duration::from_millis(300));
             if mine(self)? {
+                let expires = Arc::new(std::sync::atomic::AtomicI64::new(rec.expires));
                 let lock = Lock {
                     b: self,
                     owner,
                     what: what.to_string(),
-                    expires: std::cell::Cell::new(rec.expires),
+                    renewer: spawn_renewer(self, LOCK, rec.clone(), expires.clone()),
+                    expires,
                 };
                 // gc deletes what a reader may be about to read: not while one reads.
                 if what == "gc" {
@@ -735,10 +849,15 @@ impl Bucket {
             }
             Err(e) => return Err(e),
         };
+        let expires = Arc::new(std::sync::atomic::AtomicI64::new(rec.expires));
+        let renewer = key
+            .as_ref()
+            .map(|k| spawn_renewer(self, k, rec.clone(), expires.clone()));
         let lock = ReadLock {
             b: self,
             key,
-            rec: std::cell::RefCell::new(rec),
+            expires,
+            renewer,
         };
         if let Some(v) = self.get(LOCK)?
             && let Ok(r) = serde_json::from_slice::<LockRec>(&v)
@@ -811,6 +930,12 @@ impl Bucket {
             Some(b) => {
                 let root: Root = serde_json::from_slice(&b)
                     .map_err(|e| err(format!("{}: {ROOT} is damaged: {e}", self.url)))?;
+                if root.block_size == 0 || root.block_size > 1 << 20 {
+                    return Err(err(format!(
+                        "{}: {ROOT} is damaged: block size {}",
+                        self.url, root.block_size
+                    )));
+                }
                 if root.format != 1 {
                     return Err(err(format!(
                         "{}: layout version {} (this snapfs reads 1)",
@@ -1059,7 +1184,8 @@ fn profile_settings(
     };
     let mut out: Vec<(&'static str, String)> = Vec::new();
     let mut found = false;
-    for (path, section) in [
+    let mut unsupported: Option<String> = None;
+    for (path, section, config) in [
         (
             file("AWS_CONFIG_FILE", "config"),
             if profile == "default" {
@@ -1067,10 +1193,12 @@ fn profile_settings(
             } else {
                 format!("profile {profile}")
             },
+            true,
         ),
         (
             file("AWS_SHARED_CREDENTIALS_FILE", "credentials"),
             profile.clone(),
+            false,
         ),
     ] {
         let text = match std::fs::read_to_string(&path) {
@@ -1079,27 +1207,42 @@ fn profile_settings(
             Err(e) => return Err(format!("{path}: {}", e.kind())),
         };
         let mut inside = false;
-        for line in text.lines() {
-            let line = line.trim();
+        for raw in text.lines() {
+            let line = raw.trim();
             if line.is_empty() || line.starts_with('#') || line.starts_with(';') {
                 continue;
             }
             if let Some(h) = line.strip_prefix('[').and_then(|l| l.strip_suffix(']')) {
                 let h = h.split_whitespace().collect::<Vec<_>>().join(" ");
-                inside = h == section || (profile == "default" && h == "profile default");
+                inside = h == section || (config && profile == "default" && h == "profile default");
                 found |= inside;
                 continue;
             }
-            if !inside {
+            // Indented lines belong to a nested block (`s3 =`, `sts =`): not ours.
+            if !inside || raw.starts_with([' ', '\t']) {
                 continue;
             }
-            if let Some((k, v)) = line.split_once('=')
-                && let Some(key) = KEYS.iter().find(|x| **x == k.trim())
-            {
+            let Some((k, v)) = line.split_once('=') else {
+                continue;
+            };
+            let k = k.trim().to_ascii_lowercase();
+            if let Some(key) = KEYS.iter().find(|x| **x == k) {
                 out.retain(|(o, _)| o != key);
                 out.push((key, v.trim().to_string()));
+            } else if ["role_arn", "credential_process", "web_identity_token_file"]
+                .contains(&k.as_str())
+                || k.starts_with("sso_")
+            {
+                unsupported = Some(k);
             }
         }
+    }
+    if let Some(k) = unsupported
+        && !out.iter().any(|(o, _)| *o == "aws_access_key_id")
+    {
+        return Err(format!(
+            "profile {profile} gets its keys by {k}, which snapfs does not do: give it aws_access_key_id and aws_secret_access_key, or set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY"
+        ));
     }
     if let Some(p) = named
         && !found
@@ -1669,8 +1812,8 @@ fn send_from<R: Read, W: Write>(
                 spans.push((at, upto, start..end));
                 at = upto;
             }
-            // Read `jobs` spans at a time, sent on in order.
-            for window in spans.chunks(b.jobs) {
+            // Read `jobs` spans at a time (and at most 128 MiB), sent on in order.
+            for window in spans.chunks(b.jobs.min((128 << 20) / SPAN_MAX as usize).max(1)) {
                 reading.renew()?;
                 let reads = window.iter().map(|(from, _, range)| {
                     b.get_range_async(&places[*from].0.pack, range.clone())
@@ -1924,7 +2067,12 @@ pub fn fsck(url: &str, read_data: bool) -> Result<Vec<String>, SyncError> {
             index.values().map(|p| p.pack.as_str()).collect();
         for p in packs {
             reading.renew()?;
-            let data = b.get(p)?.unwrap_or_default();
+            let Some(data) = b.get(p)? else {
+                problems.push(format!(
+                    "{p} is gone since its index was read (a gc meanwhile?): run fsck again"
+                ));
+                continue;
+            };
             for (h, place) in index.iter().filter(|(_, pl)| pl.pack == *p) {
                 let ok = (place.offset as usize)
                     .checked_add(place.len as usize)
@@ -2035,6 +2183,10 @@ pub fn diff(
             }
             if depth > 4096 {
                 return Err(format!("the path of inode {ino} does not reach the root"));
+            }
+            // Hard links multiply paths; a crafted graph of them must not explode.
+            if out.len() > 65_536 {
+                return Err(format!("inode {ino} has more than 65536 paths"));
             }
             let range = (ino, KIND_PARENT, 0, Vec::new())..(ino, KIND_PARENT + 1, 0, Vec::new());
             for ((_, _, dir, name), v) in m.range(range) {

@@ -65,10 +65,14 @@ impl Seal {
     /// The key of key file `path`: at least 32 bytes (say `head -c 32 /dev/urandom`),
     /// readable by its owner alone. The key is derived from all its bytes.
     pub fn from_file(path: &Path) -> Result<Seal, String> {
+        use std::io::Read;
         use std::os::unix::fs::MetadataExt;
         let shown = path.display();
-        let meta =
-            std::fs::metadata(path).map_err(|e| format!("key file {shown}: {}", e.kind()))?;
+        // Checked on the file opened, then read from it: no other file in between.
+        let f = std::fs::File::open(path).map_err(|e| format!("key file {shown}: {}", e.kind()))?;
+        let meta = f
+            .metadata()
+            .map_err(|e| format!("key file {shown}: {}", e.kind()))?;
         if !meta.is_file() {
             return Err(format!("key file {shown}: not a regular file"));
         }
@@ -78,7 +82,10 @@ impl Seal {
                 meta.mode() & 0o7777
             ));
         }
-        let bytes = std::fs::read(path).map_err(|e| format!("key file {shown}: {}", e.kind()))?;
+        let mut bytes = Vec::new();
+        f.take(1 << 20)
+            .read_to_end(&mut bytes)
+            .map_err(|e| format!("key file {shown}: {}", e.kind()))?;
         if bytes.len() < 32 {
             return Err(format!(
                 "key file {shown} holds {} bytes; a key needs at least 32 (head -c 32 /dev/urandom > FILE)",

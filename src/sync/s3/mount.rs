@@ -79,8 +79,9 @@ pub struct BucketFs {
     /// The root object: as read at mount, and again when a manifest it names is gone
     /// (a delete merged it into another).
     root: Mutex<Root>,
-    /// The snapshots shown (those of the root at mount).
-    shown: Vec<String>,
+    /// The snapshots shown (those of the root at mount), by name and creation time:
+    /// a name used again later is another snapshot.
+    shown: Vec<(String, i64, u32)>,
     block_size: u32,
     /// Where each extent is: read at mount, and again when an extent is not where
     /// it was (a gc moved it to another pack).
@@ -94,7 +95,8 @@ pub struct BucketFs {
 }
 
 fn node(k: usize, ino: u64) -> Option<u64> {
-    (ino < 1 << INO_BITS).then(|| ((k as u64 + 1) << INO_BITS) | ino)
+    (ino < 1 << INO_BITS && (k as u64) < (1 << (64 - INO_BITS)) - 1)
+        .then(|| ((k as u64 + 1) << INO_BITS) | ino)
 }
 
 /// The snapshot (position among those shown) and inode of node id `n`.
@@ -103,17 +105,7 @@ fn split(n: u64) -> Option<(usize, u64)> {
     (k >= 1).then(|| ((k - 1) as usize, n & ((1 << INO_BITS) - 1)))
 }
 
-fn file_type(k: FileKind) -> FileType {
-    match k {
-        FileKind::File => FileType::RegularFile,
-        FileKind::Dir => FileType::Directory,
-        FileKind::Symlink => FileType::Symlink,
-        FileKind::Fifo => FileType::NamedPipe,
-        FileKind::Socket => FileType::Socket,
-        FileKind::CharDev => FileType::CharDevice,
-        FileKind::BlockDev => FileType::BlockDevice,
-    }
-}
+use crate::fuse::kind as file_type;
 
 impl BucketFs {
     /// Opens the bucket at `url` and reads its root and pack indexes.
@@ -127,7 +119,7 @@ impl BucketFs {
             .snapshots
             .iter()
             .filter(|s| !s.deleted)
-            .map(|s| s.name.clone())
+            .map(|s| (s.name.clone(), s.created_sec, s.created_nsec))
             .collect();
         let block_size = root.block_size;
         // SAFETY: getuid and getgid cannot fail.
@@ -157,13 +149,13 @@ impl BucketFs {
             trees.push_back(t.clone());
             return Ok(t.1);
         }
-        let name = self.shown.get(k).ok_or(Errno::ENOENT)?;
+        let (name, sec, nsec) = self.shown.get(k).ok_or(Errno::ENOENT)?;
         let b = self.b.lock().expect("bucket");
         let build = |root: &Root| -> Result<Tree, SyncError> {
             let at = root
                 .snapshots
                 .iter()
-                .position(|s| &s.name == name)
+                .position(|s| &s.name == name && s.created_sec == *sec && s.created_nsec == *nsec)
                 .ok_or_else(|| err(format!("snapshot {name} is gone from the bucket")))?;
             let mut tree = Tree::new();
             for s in &root.snapshots[..=at] {
@@ -267,7 +259,7 @@ impl BucketFs {
                 let k = self
                     .shown
                     .iter()
-                    .position(|n| n.as_bytes() == name)
+                    .position(|(n, _, _)| n.as_bytes() == name)
                     .ok_or(Errno::ENOENT)?;
                 self.attr(node(k, ROOT_INO).expect("small"))
             }
@@ -292,7 +284,7 @@ impl BucketFs {
         match n {
             TOP => out.push((SNAPDIR, FileType::Directory, b".snapshots".to_vec())),
             SNAPDIR => {
-                for (k, name) in self.shown.iter().enumerate() {
+                for (k, (name, _, _)) in self.shown.iter().enumerate() {
                     out.push((
                         node(k, ROOT_INO).expect("small"),
                         FileType::Directory,
@@ -338,8 +330,11 @@ impl BucketFs {
             })
         };
         let read = |place: &Place| {
-            let range = place.offset..place.offset + place.len as u64;
-            b.rt.block_on(b.get_range_async(&place.pack, range))
+            let end = place
+                .offset
+                .checked_add(place.len as u64)
+                .ok_or_else(|| err(format!("{}: a damaged index entry", place.pack)))?;
+            b.rt.block_on(b.get_range_async(&place.pack, place.offset..end))
         };
         let mut at = place(false)?;
         let raw = match read(&at) {
@@ -560,9 +555,11 @@ impl Filesystem for BucketFs {
     }
 }
 
-/// `-o cache_size=N[K|M|G]` (the only option a bucket mount takes, besides `ro`).
-pub fn parse_options(opts: &[String]) -> Result<u64, String> {
+/// `-o cache_size=N[K|M|G],log=FILE` (the options a bucket mount takes, besides
+/// `ro`): the bytes of extents cached, and where a mount in the background logs.
+pub fn parse_options(opts: &[String]) -> Result<(u64, Option<std::path::PathBuf>), String> {
     let mut cache = DEFAULT_CACHE;
+    let mut log = None;
     for o in opts.iter().flat_map(|o| o.split(',')) {
         match o.split_once('=') {
             Some(("cache_size", v)) => {
@@ -578,22 +575,27 @@ pub fn parse_options(opts: &[String]) -> Result<u64, String> {
                     .and_then(|n| n.checked_mul(mult))
                     .ok_or_else(|| format!("cache_size={v}: not a size (say 256M)"))?;
             }
+            Some(("log", v)) if !v.is_empty() => log = Some(std::path::PathBuf::from(v)),
             None if o == "ro" || o.is_empty() => {}
             _ => {
                 return Err(format!(
-                    "-o {o}: a bucket mount takes only cache_size= (and ro)"
+                    "-o {o}: a bucket mount takes only cache_size= and log= (and ro)"
                 ));
             }
         }
     }
-    Ok(cache)
+    Ok((cache, log))
 }
 
 /// Mounts the bucket at `url` on `mp` and serves it: in the foreground, or (the
 /// default) in a child process once the mount is up.
 pub fn mount(url: &str, mp: &Path, opts: &[String], foreground: bool) -> anyhow::Result<()> {
     use anyhow::Context;
-    let cache = parse_options(opts).map_err(|e| anyhow::anyhow!(e))?;
+    let (cache, log) = parse_options(opts).map_err(|e| anyhow::anyhow!(e))?;
+    let log = log.map(|l| std::path::absolute(&l).unwrap_or(l));
+    if foreground {
+        crate::daemon::init_logging(None);
+    }
     // Checked here, so that a wrong key or credentials fail the command; the
     // bucket's client (its threads) is made again in the process that serves.
     drop(BucketFs::open(url, cache).map_err(|e| anyhow::anyhow!("{e}"))?);
@@ -637,6 +639,7 @@ pub fn mount(url: &str, mp: &Path, opts: &[String], foreground: bool) -> anyhow:
             libc::close(fds[0]);
             libc::setsid();
         }
+        crate::daemon::init_logging(log.as_deref());
         Some(fds[1])
     };
     let fs = BucketFs::open(url, cache).map_err(|e| anyhow::anyhow!("{e}"))?;
