@@ -246,6 +246,14 @@ fn snapshots_go_to_a_bucket_incrementally_and_come_back_identical() {
     assert_eq!(list[0]["name"], "s1", "{list}");
     assert_eq!(list[1]["name"], "s2", "{list}");
     assert_eq!(list[1]["base"], "s1", "{list}");
+    // Manifests are stored compressed (zstd).
+    let b = g.bucket(url);
+    let manifests = b.list("manifests").unwrap();
+    assert_eq!(manifests.len(), 2);
+    for k in manifests {
+        let v = b.get_object(&k).unwrap().unwrap();
+        assert!(v.starts_with(b"snapfsZ1"), "{k}");
+    }
     // Nothing new: nothing sent.
     let again = g.sync_ok(&a.mnt, url);
     assert_eq!(again["snapshots"], serde_json::json!([]), "{again}");

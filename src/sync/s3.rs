@@ -37,6 +37,12 @@ const SPAN_GAP: u64 = 1 << 20;
 /// ...of at most this many bytes.
 const SPAN_MAX: u64 = 16 << 20;
 
+/// What a compressed manifest starts with (then a zstd frame of its records).
+const ZSTD_MAGIC: &[u8; 8] = b"snapfsZ1";
+
+/// The most bytes a manifest may expand to (a bound on a hostile one).
+const MANIFEST_MAX: u64 = 16 << 30;
+
 /// The root object's name under the prefix.
 const ROOT: &str = "snapfs-root.json";
 
@@ -961,9 +967,20 @@ impl Bucket {
 
     /// The batches of records of manifest `key`.
     fn manifest(&self, key: &str) -> Result<Vec<Vec<Record>>, SyncError> {
-        let bytes = self
+        let stored = self
             .get_meta(key)?
             .ok_or_else(|| err(format!("{}: manifest {key} is missing", self.url)))?;
+        let bytes = match stored.strip_prefix(ZSTD_MAGIC.as_slice()) {
+            Some(z) => {
+                use std::io::Read;
+                let mut out = Vec::new();
+                zstd::stream::read::Decoder::new(z)
+                    .and_then(|d| d.take(MANIFEST_MAX).read_to_end(&mut out))
+                    .map_err(|e| err(format!("{}: manifest {key} is damaged: {e}", self.url)))?;
+                out
+            }
+            None => stored,
+        };
         let mut m = FrameReader::new(bytes.as_slice(), None);
         let mut out = Vec::new();
         while let Some(f) = m
@@ -995,8 +1012,19 @@ impl Bucket {
         }
         w.flush()?;
         let key = format!("manifests/{}", random_id());
-        self.put_meta(&key, w.into_inner())?;
+        self.put_manifest_at(&key, w.into_inner())?;
         Ok(key)
+    }
+
+    /// Writes manifest `key` of `frames`, compressed (zstd), then sealed if the
+    /// bucket is encrypted.
+    fn put_manifest_at(&self, key: &str, frames: Vec<u8>) -> Result<(), SyncError> {
+        let z = zstd::bulk::compress(&frames, 3)
+            .map_err(|e| err(format!("compressing a manifest: {e}")))?;
+        let mut data = Vec::with_capacity(ZSTD_MAGIC.len() + z.len());
+        data.extend_from_slice(ZSTD_MAGIC);
+        data.extend_from_slice(&z);
+        self.put_meta(key, data)
     }
 
     /// Merges snapshot `i` (not the newest) into the one after it, whose manifest
@@ -1593,7 +1621,7 @@ fn receive_into<R: Read, W: Write>(
         });
         manifest.flush()?;
         let key = format!("manifests/{}", random_id());
-        b.put_meta(&key, manifest.into_inner())?;
+        b.put_manifest_at(&key, manifest.into_inner())?;
         root.snapshots.push(RootSnapshot {
             name: snapshot.name.clone(),
             created_sec: snapshot.created_sec,
