@@ -497,6 +497,11 @@ fn a_pack_deleted_behind_snapfs_is_reported_and_sent_again_by_the_next_sync() {
         text.contains(&packs[0]) && text.contains("snapshot s1"),
         "{text}"
     );
+    assert!(
+        text.lines()
+            .any(|l| l.starts_with("hurt: s1: /a bytes 0..") && l.ends_with("in no pack")),
+        "{text}"
+    );
     // The next sync with something to send re-sends what the bucket lost.
     std::fs::write(m.path("b"), b"a little more").unwrap();
     snapfs_ok(&["snapshot", "create", &mnt, "s2"]);
@@ -709,6 +714,13 @@ fn a_damaged_byte_in_a_pack_is_found_and_never_restored() {
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(
         text.contains("does not match its hash") && text.contains(&pack),
+        "{text}"
+    );
+    // ...with the file and bytes it reaches.
+    assert!(
+        text.lines().any(|l| l.starts_with("hurt: s1: /a bytes ")
+            && l.ends_with("is damaged")
+            && l.contains(&pack)),
         "{text}"
     );
     // A restore stops at the bad extent, with one line, and leaves no snapshot.

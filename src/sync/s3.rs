@@ -2061,6 +2061,8 @@ pub fn fsck(url: &str, read_data: bool) -> Result<Vec<String>, SyncError> {
         .ok_or_else(|| err(format!("{url} holds no snapfs volume")))?;
     let (index, lost) = b.index_and_lost()?;
     let mut problems = Vec::new();
+    // Extents that cannot be read, and why: named with every path they reach.
+    let mut bad: HashMap<[u8; 32], String> = HashMap::new();
     for (pack, hashes) in lost.iter().filter(|(_, h)| !h.is_empty()) {
         problems.push(format!(
             "{pack} is missing: {} extents its index lists are in no other pack",
@@ -2080,6 +2082,8 @@ pub fn fsck(url: &str, read_data: bool) -> Result<Vec<String>, SyncError> {
             for h in named(batch)? {
                 if !index.contains_key(&h) {
                     missing += 1;
+                    bad.entry(h)
+                        .or_insert_with(|| "the extent is in no pack".to_string());
                 }
             }
         }
@@ -2111,11 +2115,74 @@ pub fn fsck(url: &str, read_data: bool) -> Result<Vec<String>, SyncError> {
                         "extent {} in {p} does not match its hash",
                         crate::store::hex(h)
                     ));
+                    bad.insert(
+                        *h,
+                        format!("extent {} in {p} is damaged", crate::store::hex(h)),
+                    );
                 }
             }
         }
     }
+    if !bad.is_empty() {
+        problems.extend(hurt(&b, &root, &bad)?);
+    }
     Ok(problems)
+}
+
+/// Most lines [`hurt`] prints.
+const HURT_LINES: usize = 1000;
+
+/// Every file of every snapshot that extents `bad` reach, a line each:
+/// `hurt: SNAPSHOT: PATH bytes A..B: CAUSE` (at most [`HURT_LINES`]).
+fn hurt(
+    b: &Bucket,
+    root: &Root,
+    bad: &HashMap<[u8; 32], String>,
+) -> Result<Vec<String>, SyncError> {
+    let bs = root.block_size as u64;
+    let mut map: std::collections::BTreeMap<RecordKey, Option<Vec<u8>>> = Default::default();
+    let mut out = Vec::new();
+    let mut more = 0usize;
+    for s in &root.snapshots {
+        if s.base.is_none() {
+            map.clear();
+        }
+        for batch in b.manifest(&s.manifest)? {
+            for r in batch {
+                map.insert((r.ino, r.kind, r.sub, r.name), r.payload);
+            }
+        }
+        if s.deleted {
+            continue;
+        }
+        for ((ino, kind, idx, _), payload) in &map {
+            let (KIND_BLOCK, Some(p)) = (*kind, payload) else {
+                continue;
+            };
+            let Ok(block) = BlockRec::decode(p) else {
+                continue;
+            };
+            let Some(cause) = block.extents().find_map(|h| bad.get(h)) else {
+                continue;
+            };
+            let at = idx.saturating_mul(bs);
+            for path in paths(&map, *ino).unwrap_or_else(|e| vec![format!("(inode {ino}: {e})")]) {
+                if out.len() >= HURT_LINES {
+                    more += 1;
+                    continue;
+                }
+                out.push(format!(
+                    "hurt: {}: {path} bytes {at}..{}: {cause}",
+                    s.name,
+                    at.saturating_add(bs)
+                ));
+            }
+        }
+    }
+    if more > 0 {
+        out.push(format!("hurt: and {more} more"));
+    }
+    Ok(out)
 }
 
 /// A record's place: inode, kind, sub, name.
@@ -2130,7 +2197,7 @@ pub fn diff(
     new: &str,
     blocks: bool,
 ) -> Result<Vec<crate::fs::Change>, SyncError> {
-    use crate::store::schema::{InodeRec, KIND_INODE, KIND_PARENT, ROOT_INO};
+    use crate::store::schema::{InodeRec, KIND_INODE, KIND_PARENT};
     use std::collections::BTreeMap;
     let b = Bucket::open(url)?;
     let _reading = b.read_lock("diff")?;
@@ -2196,40 +2263,6 @@ pub fn diff(
             .transpose()
             .map_err(damaged)
     };
-    // Paths from the back pointers; the root's is empty (its children print as `/name`).
-    fn paths(m: &BTreeMap<RecordKey, Option<Vec<u8>>>, ino: u64) -> Result<Vec<String>, String> {
-        fn up(
-            m: &BTreeMap<RecordKey, Option<Vec<u8>>>,
-            ino: u64,
-            depth: u32,
-            suffix: &str,
-            out: &mut Vec<String>,
-        ) -> Result<(), String> {
-            if ino == ROOT_INO {
-                out.push(suffix.to_string());
-                return Ok(());
-            }
-            if depth > 4096 {
-                return Err(format!("the path of inode {ino} does not reach the root"));
-            }
-            // Hard links multiply paths; a crafted graph of them must not explode.
-            if out.len() > 65_536 {
-                return Err(format!("inode {ino} has more than 65536 paths"));
-            }
-            let range = (ino, KIND_PARENT, 0, Vec::new())..(ino, KIND_PARENT + 1, 0, Vec::new());
-            for ((_, _, dir, name), v) in m.range(range) {
-                if v.is_some() {
-                    let name = String::from_utf8_lossy(name);
-                    up(m, *dir, depth + 1, &format!("/{name}{suffix}"), out)?;
-                }
-            }
-            Ok(())
-        }
-        let mut out = Vec::new();
-        up(m, ino, 0, "", &mut out)?;
-        out.sort();
-        Ok(out)
-    }
     let mut out = Vec::new();
     for (ino, rows) in by_ino {
         let (a, n) = (inode(&at_old, ino)?, inode(&at_new, ino)?);
@@ -2296,4 +2329,44 @@ pub fn prune(
     }
     b.settle_deleted(&mut root, &lock)?;
     Ok(pruned)
+}
+
+/// The paths of inode `ino` in records `m`, from the back pointers; the root's is
+/// empty (its children print as `/name`).
+fn paths(
+    m: &std::collections::BTreeMap<RecordKey, Option<Vec<u8>>>,
+    ino: u64,
+) -> Result<Vec<String>, String> {
+    use crate::store::schema::{KIND_PARENT, ROOT_INO};
+    fn up(
+        m: &std::collections::BTreeMap<RecordKey, Option<Vec<u8>>>,
+        ino: u64,
+        depth: u32,
+        suffix: &str,
+        out: &mut Vec<String>,
+    ) -> Result<(), String> {
+        if ino == ROOT_INO {
+            out.push(suffix.to_string());
+            return Ok(());
+        }
+        if depth > 4096 {
+            return Err(format!("the path of inode {ino} does not reach the root"));
+        }
+        // Hard links multiply paths; a crafted graph of them must not explode.
+        if out.len() > 65_536 {
+            return Err(format!("inode {ino} has more than 65536 paths"));
+        }
+        let range = (ino, KIND_PARENT, 0, Vec::new())..(ino, KIND_PARENT + 1, 0, Vec::new());
+        for ((_, _, dir, name), v) in m.range(range) {
+            if v.is_some() {
+                let name = String::from_utf8_lossy(name);
+                up(m, *dir, depth + 1, &format!("/{name}{suffix}"), out)?;
+            }
+        }
+        Ok(())
+    }
+    let mut out = Vec::new();
+    up(m, ino, 0, "", &mut out)?;
+    out.sort();
+    Ok(out)
 }
