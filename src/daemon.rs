@@ -1322,8 +1322,17 @@ fn unmount_ours(p: &Path, dev: Option<&str>) {
 /// `syncfs(2)` on the filesystem mounted at `mp`: the kernel writes back its dirty
 /// pages (to us, as write requests) and waits for them.
 fn syncfs(mp: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::OpenOptionsExt;
     use std::os::unix::io::AsRawFd;
-    let dir = std::fs::File::open(mp)?;
+    // O_NOATIME: the daemon's own flush is no access to the root directory (which
+    // would move its access time after a snapshot had been taken).
+    let open = |flags| {
+        std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_DIRECTORY | flags)
+            .open(mp)
+    };
+    let dir = open(libc::O_NOATIME).or_else(|_| open(0))?;
     // SAFETY: syncfs on an open descriptor.
     if unsafe { libc::syncfs(dir.as_raw_fd()) } != 0 {
         return Err(std::io::Error::last_os_error());

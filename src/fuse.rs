@@ -671,14 +671,17 @@ impl Filesystem for SnapFuse {
         )
     }
 
-    fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
+    fn opendir(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
         let _s = tracing::trace_span!("opendir", ino = ino.0).entered();
         // The kernel may keep listings: it drops them itself when it changes a directory,
         // and rollback invalidates the directories it rewrites.
         let res = {
             let mut core = self.fs.lock();
+            // O_NOATIME (the owner's, or root's: the kernel checks) asks for none, for a
+            // directory as for a file.
+            let touch = flags.0 & libc::O_NOATIME == 0;
             core.opendir(ino.0)
-                .and_then(|fh| Ok((fh, core.accessed(ino.0)?)))
+                .and_then(|fh| Ok((fh, touch && core.accessed(ino.0)?)))
         };
         let res = self.atime_moved(ino.0, res);
         reply!(reply, "opendir", res, |fh| reply.opened(

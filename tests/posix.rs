@@ -1580,6 +1580,20 @@ fn access_times_follow_relatime_strictatime_noatime_and_nodiratime() {
     fs::read_dir(&d).unwrap().for_each(drop);
     let d1 = atime(&d);
     assert!(d1 > d0, "listing a changed directory moves its atime");
+    // O_NOATIME on a directory too (the daemon opens the root so for syncfs).
+    fs::write(d.join("another"), b"x").unwrap();
+    let d1 = atime(&d);
+    pause();
+    drop(
+        fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_NOATIME | libc::O_DIRECTORY)
+            .open(&d)
+            .unwrap(),
+    );
+    assert_eq!(atime(&d), d1, "O_NOATIME on a directory");
+    fs::read_dir(&d).unwrap().for_each(drop);
+    assert!(atime(&d) > d1, "a plain listing after it does move it");
     // The time is the store's, not just the kernel's.
     m.remount();
     assert_eq!(atime(&f), t1);
