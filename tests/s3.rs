@@ -1854,3 +1854,43 @@ fn this_host() -> String {
         read("/proc/sys/kernel/random/boot_id"),
     )
 }
+
+#[test]
+fn a_root_put_back_from_an_older_copy_is_refused() {
+    let g = Garage::start();
+    let url = "s3://snapfs/rollback";
+    let m = Mount::new();
+    let mnt = m.mnt.to_str().unwrap();
+    std::fs::write(m.path("f"), pattern(1, 1 << 20)).unwrap();
+    snapfs_ok(&["snapshot", "create", mnt, "s1"]);
+    g.sync_ok(&m.mnt, url);
+    let b = g.bucket(url);
+    let old = b.get_object("snapfs-root.json").unwrap().unwrap();
+    std::fs::write(m.path("g"), pattern(2, 1 << 20)).unwrap();
+    snapfs_ok(&["snapshot", "create", mnt, "s2"]);
+    g.sync_ok(&m.mnt, url);
+    let list = || g.snapfs(&["snapshot", "list", url, "--json"]);
+    assert_eq!(names_listed(&list()), vec!["s1", "s2"]);
+    // Someone who can write the bucket puts the older root back: s2 would vanish.
+    b.put_object("snapfs-root.json", old).unwrap();
+    for args in [
+        vec!["snapshot", "list", url],
+        vec!["sync", mnt, url],
+        vec!["gc", url],
+    ] {
+        let out = g.snapfs(&args);
+        assert_eq!(out.status.code(), Some(2), "{args:?}");
+        let e = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            e.contains("its root went back from generation") && e.trim_end().lines().count() == 1,
+            "{args:?}: {e}"
+        );
+    }
+    // Meant so (a bucket restored from an old copy): the file it names goes, and the
+    // bucket is taken as it is.
+    let out = g.snapfs(&["snapshot", "list", url]);
+    let e = String::from_utf8_lossy(&out.stderr);
+    let file = e.trim_end().rsplit("delete ").next().unwrap().to_string();
+    std::fs::remove_file(&file).unwrap();
+    assert_eq!(names_listed(&list()), vec!["s1"]);
+}

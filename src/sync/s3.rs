@@ -321,6 +321,10 @@ pub struct Root {
     pub block_size: u32,
     /// Its snapshots, oldest first.
     pub snapshots: Vec<RootSnapshot>,
+    /// Counts the root's writes: a root read with a lower one than this machine saw
+    /// before was put back (rolled back), and is refused.
+    #[serde(default)]
+    pub generation: u64,
 }
 
 /// A snapshot in the root object.
@@ -948,13 +952,71 @@ impl Bucket {
                         self.url, root.format
                     )));
                 }
+                self.saw_generation(&root)?;
                 Ok(Some(root))
             }
         }
     }
 
-    fn put_root(&self, root: &Root) -> Result<(), SyncError> {
-        self.put_meta(ROOT, serde_json::to_vec_pretty(root).expect("encodes"))
+    /// Writes the root, one generation on.
+    fn put_root(&self, root: &mut Root) -> Result<(), SyncError> {
+        root.generation += 1;
+        self.put_meta(ROOT, serde_json::to_vec_pretty(root).expect("encodes"))?;
+        self.saw_generation(root)
+    }
+
+    /// Where this machine keeps the highest generation of the root of this URL's
+    /// volume it has seen: `~/.cache/snapfs/buckets/ID.json`.
+    fn generation_file(&self, root: &Root) -> Option<std::path::PathBuf> {
+        let home = std::env::var_os("HOME").filter(|h| !h.is_empty())?;
+        let id = blake3::hash(format!("{}\n{}", self.url, root.volume).as_bytes());
+        Some(
+            Path::new(&home)
+                .join(".cache/snapfs/buckets")
+                .join(format!("{}.json", &id.to_hex()[..32])),
+        )
+    }
+
+    /// Refuses a root older than one this machine saw (put back by someone who can
+    /// write the bucket: the snapshots after it would vanish, and a gc would delete
+    /// their data); remembers a newer one.
+    fn saw_generation(&self, root: &Root) -> Result<(), SyncError> {
+        let Some(file) = self.generation_file(root) else {
+            return Ok(());
+        };
+        let seen = std::fs::read_to_string(&file)
+            .ok()
+            .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
+            .and_then(|v| v["generation"].as_u64())
+            .unwrap_or(0);
+        if root.generation < seen {
+            return Err(err(format!(
+                "{}: its root went back from generation {seen} to {} (put back from an older copy, or rolled back by someone who can write the bucket): refused; if that is what you meant, delete {}",
+                self.url,
+                root.generation,
+                file.display()
+            )));
+        }
+        if root.generation > seen {
+            let body = serde_json::json!({
+                "url": self.url,
+                "volume": root.volume,
+                "generation": root.generation,
+            });
+            let res = file
+                .parent()
+                .map_or(Ok(()), std::fs::create_dir_all)
+                .and_then(|()| {
+                    let tmp = file.with_extension(format!("tmp{}", std::process::id()));
+                    std::fs::write(&tmp, body.to_string())?;
+                    std::fs::rename(&tmp, &file)
+                });
+            if let Err(e) = res {
+                tracing::warn!(error = %e, file = %file.display(),
+                    "s3: cannot remember the root's generation");
+            }
+        }
+        Ok(())
     }
 
     /// Deletes object `key` (gone already is fine).
@@ -1466,6 +1528,7 @@ fn receive_into<R: Read, W: Write>(
             origin: crate::store::hex(&origin),
             block_size,
             snapshots: Vec::new(),
+            generation: 0,
         },
     };
     let bucket_volume = crate::store::unhex::<16>(&root.volume)
@@ -1632,7 +1695,7 @@ fn receive_into<R: Read, W: Write>(
             deleted: false,
         });
         lock.check()?;
-        b.put_root(&root)?;
+        b.put_root(&mut root)?;
         // Snapshots deleted while they were the newest go now that one is newer.
         b.settle_deleted(&mut root, &lock)?;
         sum.records += records;
@@ -1896,7 +1959,7 @@ pub fn delete(url: &str, name: &str) -> Result<String, SyncError> {
     root.snapshots[i].deleted = true;
     if i + 1 == root.snapshots.len() {
         lock.check()?;
-        b.put_root(&root)?;
+        b.put_root(&mut root)?;
         return Ok(format!(
             "{name} is hidden; it is the base of the next sync, and goes when a newer snapshot lands"
         ));
@@ -2325,7 +2388,7 @@ pub fn prune(
     }
     if root.snapshots.last().is_some_and(|s| s.deleted) {
         lock.check()?;
-        b.put_root(&root)?;
+        b.put_root(&mut root)?;
     }
     b.settle_deleted(&mut root, &lock)?;
     Ok(pruned)
