@@ -1082,7 +1082,7 @@ impl Filesystem for SnapFuse {
     }
 }
 
-fn xattr_reply(reply: ReplyXattr, v: &[u8], size: u32) {
+pub(crate) fn xattr_reply(reply: ReplyXattr, v: &[u8], size: u32) {
     if size == 0 {
         reply.size(v.len() as u32)
     } else if v.len() > size as usize {

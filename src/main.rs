@@ -476,32 +476,26 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             new,
             blocks,
             json,
-        } if is_bucket(&target) => {
-            let changes = snapfs::sync::s3::diff(&target.to_string_lossy(), &old, &new, blocks)
-                .map_err(|e| anyhow::anyhow!("{e}"))?;
-            let text = snapfs::commands::render_changes(&changes, json, blocks);
-            if json {
-                println!("{text}");
-            } else {
-                print!("{text}");
+        } => {
+            if is_bucket(&target) {
+                let changes = snapfs::sync::s3::diff(&target.to_string_lossy(), &old, &new, blocks)
+                    .map_err(|e| anyhow::anyhow!("{e}"))?;
+                let text = snapfs::commands::render_changes(&changes, json, blocks);
+                if json {
+                    println!("{text}");
+                } else {
+                    print!("{text}");
+                }
+                return Ok(ExitCode::SUCCESS);
             }
-            return Ok(ExitCode::SUCCESS);
-        }
-        Cmd::Diff {
-            target,
-            old,
-            new,
-            blocks,
-            json,
-        } => (
-            target,
-            Request::Diff {
+            let req = Request::Diff {
                 old,
                 new,
                 blocks,
                 json,
-            },
-        ),
+            };
+            (target, req)
+        }
         Cmd::Snapshot { cmd } => match cmd {
             SnapCmd::Create { target, name } => (target, Request::SnapshotCreate { name }),
             SnapCmd::Delete { target, name } if is_bucket(&target) => {

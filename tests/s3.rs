@@ -237,11 +237,7 @@ fn snapshots_go_to_a_bucket_incrementally_and_come_back_identical() {
     eprintln!("full: {full}\nincremental: {inc}");
     assert!((1 << 20..(1 << 20) + 600_000).contains(&inc_bytes), "{inc}");
     let out = g.snapfs(&["snapshot", "list", url, "--json"]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert_ok(&out);
     let list: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(list[0]["name"], "s1", "{list}");
     assert_eq!(list[1]["name"], "s2", "{list}");
@@ -401,11 +397,7 @@ fn snapshots_deleted_from_a_bucket_go_and_gc_frees_what_only_they_held() {
             args.push("--dry-run");
         }
         let out = g.snapfs(&args);
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        assert_ok(&out);
         String::from_utf8_lossy(&out.stdout).into_owned()
     };
     // Nothing to collect while every snapshot is there.
@@ -417,11 +409,7 @@ fn snapshots_deleted_from_a_bucket_go_and_gc_frees_what_only_they_held() {
     // s1 goes: its changes are merged into s2's manifest, and the pack only it
     // needed is collected.
     let out = g.snapfs(&["snapshot", "delete", url, "s1"]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert_ok(&out);
     assert_eq!(list(false), ["s2", "s3"]);
     let report = gc(false);
     // The pack s1 was sent in held some of s2's data too: it is rewritten with
@@ -532,11 +520,7 @@ fn scheduled_replication_to_a_bucket_keeps_it_within_a_snapshot() {
         "-o",
         &format!("snapshot_every=1s,keep=last:3,replicate={url}"),
     ]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert_ok(&out);
     for i in 0..5u64 {
         std::fs::write(mnt.join(format!("f{i}")), pattern(i, 200_000)).unwrap();
         std::thread::sleep(std::time::Duration::from_millis(700));
@@ -668,14 +652,10 @@ fn one_writer_at_a_time_holds_the_bucket_and_a_dead_ones_lock_expires() {
     let mut gone = Command::new("true").spawn().unwrap();
     let dead = gone.id();
     gone.wait().unwrap();
-    let host = this_host();
+    let host = snapfs::sync::s3::host_name();
     lock("a killed sync", now + 600, &host, dead);
     let out = g.snapfs(&["gc", url]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert_ok(&out);
     assert!(
         !b.list("")
             .unwrap()
@@ -773,20 +753,12 @@ fn an_encrypted_bucket_holds_no_name_content_or_hash_and_needs_its_key() {
     std::fs::write(m.path("other"), pattern(5, 3 << 20)).unwrap();
     snapfs_ok(&["snapshot", "create", mnt, "secret-snap-one"]);
     let out = g.snapfs(&["sync", mnt, url, "--encrypt-key-file", k]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert_ok(&out);
     std::fs::write(m.path("tiny"), b"changed").unwrap();
     std::fs::write(m.path("later"), pattern(6, 1 << 20)).unwrap();
     snapfs_ok(&["snapshot", "create", mnt, "secret-snap-two"]);
     let out = g.snapfs(&["--encrypt-key-file", k, "sync", mnt, url]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert_ok(&out);
 
     // Neither the name, nor the content, nor an extent's hash is in any object.
     let b = g.bucket(url);
@@ -876,11 +848,7 @@ fn an_encrypted_bucket_holds_no_name_content_or_hash_and_needs_its_key() {
     // So does a mount of it.
     let view = dir.path().join("view");
     let out = mount_bucket(&g, url, &view, &["--encrypt-key-file", k]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert_ok(&out);
     assert_eq!(
         tree_digest(&view.join(".snapshots/secret-snap-one")),
         tree_digest(&m.path(".snapshots/secret-snap-one"))
@@ -898,17 +866,9 @@ fn an_encrypted_bucket_holds_no_name_content_or_hash_and_needs_its_key() {
         "--encrypt-key-file",
         k,
     ]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert_ok(&out);
     let out = g.snapfs(&["gc", url, "--encrypt-key-file", k]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert_ok(&out);
 
     // A flipped byte in a sealed extent does not open: named, never restored.
     let pack = b
@@ -982,11 +942,7 @@ fn an_aws_profile_in_the_shared_files_is_used_and_the_environment_wins() {
         &["sync", m.mnt.to_str().unwrap(), url],
         &[("AWS_PROFILE", "backup")],
     );
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert_ok(&out);
     let out = run(
         &["snapshot", "list", url, "--json"],
         &[("AWS_PROFILE", "backup")],
@@ -1104,11 +1060,7 @@ fn readers_keep_gc_away_and_gc_keeps_readers_away() {
     }
     // A delete meanwhile leaves the manifests it replaced to gc.
     let out = g.snapfs(&["snapshot", "delete", url, "s2"]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert_ok(&out);
     let status = restore.wait().unwrap();
     assert!(status.success(), "restore beside gc and delete failed");
     eprintln!("gc refused while the restore ran: {refused}");
@@ -1143,14 +1095,10 @@ fn readers_keep_gc_away_and_gc_keeps_readers_away() {
     let mut gone = Command::new("true").spawn().unwrap();
     let dead = gone.id();
     gone.wait().unwrap();
-    let host = this_host();
+    let host = snapfs::sync::s3::host_name();
     mark("locks/dead.json", now + 600, dead, &host);
     let out = g.snapfs(&["gc", url]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert_ok(&out);
     assert!(b.list("locks").unwrap().is_empty());
     assert_eq!(manifests(), 2, "gc leaves a replaced manifest");
 
@@ -1239,11 +1187,7 @@ fn diff_of_a_bucket_says_what_diff_of_the_store_says() {
         let local = snapfs_ok(&args);
         args[1] = url;
         let out = g.snapfs(&args);
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        assert_ok(&out);
         (local, String::from_utf8_lossy(&out.stdout).into_owned())
     };
     for (old, new) in [("s1", "s2"), ("s2", "s3"), ("s1", "s3")] {
@@ -1305,11 +1249,7 @@ fn prune_of_a_bucket_deletes_what_the_policy_does_not_keep() {
     g.sync_ok(&m.mnt, url);
     let list = || names_listed(&g.snapfs(&["snapshot", "list", url, "--json"]));
     let out = g.snapfs(&["snapshot", "prune", url, "--keep", "last:2", "--dry-run"]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert_ok(&out);
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(
         text.contains("would prune auto-20261204-000001")
@@ -1319,11 +1259,7 @@ fn prune_of_a_bucket_deletes_what_the_policy_does_not_keep() {
     );
     assert_eq!(list().len(), 5);
     let out = g.snapfs(&["snapshot", "prune", url, "--keep", "last:2"]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert_ok(&out);
     assert_eq!(
         list(),
         vec!["auto-20261204-000003", "auto-20261204-000004", "manual"]
@@ -1497,11 +1433,7 @@ fn the_network_cut_at_random_points_of_a_sync_and_a_restore_loses_nothing() {
     );
     assert!(done >= 1, "no cut happened");
     // The client's retries carry it through the outages.
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert_ok(&out);
     let out = g.snapfs(&["fsck", url, "--read-data"]);
     assert!(
         out.status.success(),
@@ -1526,11 +1458,7 @@ fn the_network_cut_at_random_points_of_a_sync_and_a_restore_loses_nothing() {
         cutter.cuts_done.load(std::sync::atomic::Ordering::SeqCst),
         String::from_utf8_lossy(&out.stderr)
     );
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert_ok(&out);
     // A longer outage (the network gone for good) stops a sync with one line; the
     // next run completes it.
     std::fs::write(m.path("after"), pattern(510, 4 << 20)).unwrap();
@@ -1662,11 +1590,7 @@ fn mount_bucket(g: &Garage, url: &str, mnt: &Path, extra: &[&str]) -> Output {
 
 fn unmount(mnt: &Path) {
     let out = Command::new("umount").arg(mnt).output().unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert_ok(&out);
 }
 
 #[test]
@@ -1694,11 +1618,7 @@ fn a_mounted_bucket_shows_every_snapshot_as_it_was_read_only() {
     let dir = test_dir();
     let view = dir.path().join("view");
     let out = mount_bucket(&g, url, &view, &["-o", "cache_size=2M"]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert_ok(&out);
     let names: Vec<String> = std::fs::read_dir(view.join(".snapshots"))
         .unwrap()
         .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
@@ -1739,11 +1659,7 @@ fn a_mounted_bucket_shows_every_snapshot_as_it_was_read_only() {
         b.put_object(&pack, data).unwrap();
     }
     let out = mount_bucket(&g, url, &view, &[]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert_ok(&out);
     let mut bad = 0;
     for e in std::fs::read_dir(view.join(".snapshots/s1")).unwrap() {
         let p = e.unwrap().path();
@@ -1806,11 +1722,7 @@ fn a_mounted_bucket_reads_extents_gc_moved_meanwhile() {
     let dir = test_dir();
     let view = dir.path().join("view");
     let out = mount_bucket(&g, url, &view, &[]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert_ok(&out);
     // s1 goes; gc rewrites the pack both files were in (three quarters garbage).
     assert!(
         g.snapfs(&["snapshot", "delete", url, "s1"])
@@ -1818,11 +1730,7 @@ fn a_mounted_bucket_reads_extents_gc_moved_meanwhile() {
             .success()
     );
     let out = g.snapfs(&["gc", url]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert_ok(&out);
     assert!(
         String::from_utf8_lossy(&out.stdout).contains("repacked 1 packs"),
         "{}",
@@ -1833,26 +1741,6 @@ fn a_mounted_bucket_reads_extents_gc_moved_meanwhile() {
         pattern(2, 2 << 20)
     );
     unmount(&view);
-}
-
-/// This machine and pid namespace as a lock names them (host name, machine id, boot
-/// id, pid namespace).
-fn this_host() -> String {
-    let read = |p: &str| {
-        std::fs::read_to_string(p)
-            .unwrap_or_default()
-            .trim()
-            .to_string()
-    };
-    let ns = std::fs::read_link("/proc/self/ns/pid")
-        .map(|p| p.display().to_string())
-        .unwrap_or_default();
-    format!(
-        "{} {} {} {ns}",
-        read("/proc/sys/kernel/hostname"),
-        read("/etc/machine-id"),
-        read("/proc/sys/kernel/random/boot_id"),
-    )
 }
 
 #[test]
@@ -1893,4 +1781,13 @@ fn a_root_put_back_from_an_older_copy_is_refused() {
     let file = e.trim_end().rsplit("delete ").next().unwrap().to_string();
     std::fs::remove_file(&file).unwrap();
     assert_eq!(names_listed(&list()), vec!["s1"]);
+}
+
+/// Fails with the command's own error unless it succeeded.
+fn assert_ok(out: &Output) {
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }

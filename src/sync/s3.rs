@@ -84,7 +84,7 @@ pub struct LockRec {
 /// This machine and process namespace: its host name, machine id, boot id and pid
 /// namespace (containers may share a host name and a machine id; a pid means a
 /// process only within its namespace and boot).
-fn host_name() -> String {
+pub fn host_name() -> String {
     let read = |p: &str| {
         std::fs::read_to_string(p)
             .unwrap_or_default()

@@ -103,76 +103,29 @@ impl Seal {
         }
     }
 
-    /// Seals a whole object named `name`.
-    pub fn seal_object(&self, name: &str, data: &[u8]) -> Vec<u8> {
-        let len = 8 + data.len();
-        let padded = len.div_ceil(OBJECT_GRAIN) * OBJECT_GRAIN;
-        let mut plain = Vec::with_capacity(padded);
-        plain.extend_from_slice(&(data.len() as u64).to_le_bytes());
-        plain.extend_from_slice(data);
-        plain.resize(padded, 0);
+    /// A random nonce, then `msg` sealed with associated data `aad` (and its tag).
+    fn seal(&self, aad: &str, msg: &[u8], prefix: &[u8]) -> Vec<u8> {
         let nonce = random::<24>();
         let sealed = self
             .aead
             .encrypt(
                 XNonce::from_slice(&nonce),
                 Payload {
-                    msg: &plain,
-                    aad: name.as_bytes(),
+                    msg,
+                    aad: aad.as_bytes(),
                 },
             )
             .expect("sealing cannot fail");
-        let mut out = Vec::with_capacity(MAGIC.len() + 24 + sealed.len());
-        out.extend_from_slice(MAGIC);
+        let mut out = Vec::with_capacity(prefix.len() + 24 + sealed.len());
+        out.extend_from_slice(prefix);
         out.extend_from_slice(&nonce);
         out.extend_from_slice(&sealed);
         out
     }
 
-    /// Opens a whole object named `name`; `None` if it does not open (another key,
-    /// damaged, or moved from another name).
-    pub fn open_object(&self, name: &str, data: &[u8]) -> Option<Vec<u8>> {
-        let rest = data.strip_prefix(MAGIC.as_slice())?;
-        if rest.len() < 24 + 16 {
-            return None;
-        }
-        let (nonce, sealed) = rest.split_at(24);
-        let plain = self
-            .aead
-            .decrypt(
-                XNonce::from_slice(nonce),
-                Payload {
-                    msg: sealed,
-                    aad: name.as_bytes(),
-                },
-            )
-            .ok()?;
-        let len = u64::from_le_bytes(plain.get(..8)?.try_into().ok()?);
-        let end = usize::try_from(len).ok()?.checked_add(8)?;
-        plain.get(8..end).map(<[u8]>::to_vec)
-    }
-
-    /// Seals an extent stored in pack `pack`.
-    pub fn seal_extent(&self, pack: &str, data: &[u8]) -> Vec<u8> {
-        let nonce = random::<24>();
-        let sealed = self
-            .aead
-            .encrypt(
-                XNonce::from_slice(&nonce),
-                Payload {
-                    msg: data,
-                    aad: pack.as_bytes(),
-                },
-            )
-            .expect("sealing cannot fail");
-        let mut out = Vec::with_capacity(24 + sealed.len());
-        out.extend_from_slice(&nonce);
-        out.extend_from_slice(&sealed);
-        out
-    }
-
-    /// Opens an extent of pack `pack`; `None` if it does not open.
-    pub fn open_extent(&self, pack: &str, data: &[u8]) -> Option<Vec<u8>> {
+    /// What [`Seal::seal`] made of `data` (without its prefix), opened; `None` if it
+    /// does not open.
+    fn open(&self, aad: &str, data: &[u8]) -> Option<Vec<u8>> {
         if data.len() < EXTENT_OVERHEAD {
             return None;
         }
@@ -182,10 +135,40 @@ impl Seal {
                 XNonce::from_slice(nonce),
                 Payload {
                     msg: sealed,
-                    aad: pack.as_bytes(),
+                    aad: aad.as_bytes(),
                 },
             )
             .ok()
+    }
+
+    /// Seals a whole object named `name`.
+    pub fn seal_object(&self, name: &str, data: &[u8]) -> Vec<u8> {
+        let len = 8 + data.len();
+        let padded = len.div_ceil(OBJECT_GRAIN) * OBJECT_GRAIN;
+        let mut plain = Vec::with_capacity(padded);
+        plain.extend_from_slice(&(data.len() as u64).to_le_bytes());
+        plain.extend_from_slice(data);
+        plain.resize(padded, 0);
+        self.seal(name, &plain, MAGIC)
+    }
+
+    /// Opens a whole object named `name`; `None` if it does not open (another key,
+    /// damaged, or moved from another name).
+    pub fn open_object(&self, name: &str, data: &[u8]) -> Option<Vec<u8>> {
+        let plain = self.open(name, data.strip_prefix(MAGIC.as_slice())?)?;
+        let len = u64::from_le_bytes(plain.get(..8)?.try_into().ok()?);
+        let end = usize::try_from(len).ok()?.checked_add(8)?;
+        plain.get(8..end).map(<[u8]>::to_vec)
+    }
+
+    /// Seals an extent stored in pack `pack`.
+    pub fn seal_extent(&self, pack: &str, data: &[u8]) -> Vec<u8> {
+        self.seal(pack, data, &[])
+    }
+
+    /// Opens an extent of pack `pack`; `None` if it does not open.
+    pub fn open_extent(&self, pack: &str, data: &[u8]) -> Option<Vec<u8>> {
+        self.open(pack, data)
     }
 }
 

@@ -105,7 +105,7 @@ fn split(n: u64) -> Option<(usize, u64)> {
     (k >= 1).then(|| ((k - 1) as usize, n & ((1 << INO_BITS) - 1)))
 }
 
-use crate::fuse::kind as file_type;
+use crate::fuse::{kind as file_type, xattr_reply};
 
 impl BucketFs {
     /// Opens the bucket at `url` and reads its root and pack indexes.
@@ -432,16 +432,6 @@ impl BucketFs {
     }
 }
 
-fn xattr_reply(reply: ReplyXattr, v: &[u8], size: u32) {
-    if size == 0 {
-        reply.size(v.len() as u32)
-    } else if v.len() > size as usize {
-        reply.error(Errno::ERANGE)
-    } else {
-        reply.data(v)
-    }
-}
-
 impl Filesystem for BucketFs {
     fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> std::io::Result<()> {
         // The kernel enforces the ACLs stored with the files.
@@ -598,7 +588,12 @@ pub fn mount(url: &str, mp: &Path, opts: &[String], foreground: bool) -> anyhow:
     }
     // Checked here, so that a wrong key or credentials fail the command; the
     // bucket's client (its threads) is made again in the process that serves.
-    drop(BucketFs::open(url, cache).map_err(|e| anyhow::anyhow!("{e}"))?);
+    {
+        let b = Bucket::open(url).map_err(|e| anyhow::anyhow!("{e}"))?;
+        if b.root().map_err(|e| anyhow::anyhow!("{e}"))?.is_none() {
+            anyhow::bail!("{url} holds no snapfs volume");
+        }
+    }
     let mut config = fuser::Config::default();
     config.mount_options = vec![
         fuser::MountOption::RO,
