@@ -92,7 +92,26 @@ impl Garage {
             assert!(t0.elapsed().as_secs() < 30, "garage did not start");
             std::thread::sleep(std::time::Duration::from_millis(200));
         };
-        g.ok(&["layout", "assign", "-z", "dc1", "-c", "1G", &id]);
+        // `node id` reads the node's key from disk; the layout needs the server up,
+        // which may take a moment longer.
+        loop {
+            let out = g.cli(&["layout", "assign", "-z", "dc1", "-c", "1G", &id]);
+            if out.status.success() {
+                break;
+            }
+            if let Some(st) = g.server.try_wait().unwrap() {
+                panic!(
+                    "garage exited ({st}): {}",
+                    std::fs::read_to_string(g._dir.path().join("garage.log")).unwrap_or_default()
+                );
+            }
+            assert!(
+                t0.elapsed().as_secs() < 30,
+                "garage layout assign: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            std::thread::sleep(std::time::Duration::from_millis(200));
+        }
         g.ok(&["layout", "apply", "--version", "1"]);
         let out = g.ok(&["key", "create", "snapfs-test"]);
         for line in out.lines() {
