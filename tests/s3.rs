@@ -22,14 +22,6 @@ struct Garage {
     secret: String,
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 fn garage_bin() -> PathBuf {
     if let Ok(p) = std::env::var("SNAPFS_GARAGE") {
         return PathBuf::from(p);
@@ -45,7 +37,20 @@ fn garage_bin() -> PathBuf {
 }
 
 impl Garage {
+    /// A server up, with a key and a bucket. A server that exits while starting (a
+    /// port taken by some other process meanwhile) is started again on new ports.
     fn start() -> Garage {
+        for _ in 0..2 {
+            match Garage::try_start() {
+                Ok(g) => return g,
+                Err(log) => eprintln!("garage exited while starting; again on new ports:\n{log}"),
+            }
+        }
+        Garage::try_start().unwrap_or_else(|log| panic!("garage exited while starting: {log}"))
+    }
+
+    /// Err(its log) when the server exited before it was up.
+    fn try_start() -> Result<Garage, String> {
         let dir = test_dir();
         let bin = garage_bin();
         let (rpc, s3, admin) = (free_port(), free_port(), free_port());
@@ -89,6 +94,9 @@ impl Garage {
                 let s = String::from_utf8_lossy(&out.stdout).trim().to_string();
                 break s.split('@').next().unwrap().to_string();
             }
+            if let Some(log) = g.exited() {
+                return Err(log);
+            }
             assert!(t0.elapsed().as_secs() < 30, "garage did not start");
             std::thread::sleep(std::time::Duration::from_millis(200));
         };
@@ -99,11 +107,8 @@ impl Garage {
             if out.status.success() {
                 break;
             }
-            if let Some(st) = g.server.try_wait().unwrap() {
-                panic!(
-                    "garage exited ({st}): {}",
-                    std::fs::read_to_string(g._dir.path().join("garage.log")).unwrap_or_default()
-                );
+            if let Some(log) = g.exited() {
+                return Err(log);
             }
             assert!(
                 t0.elapsed().as_secs() < 30,
@@ -134,7 +139,14 @@ impl Garage {
             "--key",
             "snapfs-test",
         ]);
-        g
+        Ok(g)
+    }
+
+    /// The server's exit status and log, once it has exited.
+    fn exited(&mut self) -> Option<String> {
+        let st = self.server.try_wait().unwrap()?;
+        let log = std::fs::read_to_string(self._dir.path().join("garage.log")).unwrap_or_default();
+        Some(format!("{st}: {log}"))
     }
 
     fn cli(&self, args: &[&str]) -> Output {

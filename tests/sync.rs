@@ -358,12 +358,6 @@ fn setfacl(p: &Path, spec: &str) {
     assert!(st.success(), "setfacl -m {spec} {}", p.display());
 }
 
-/// A port free on loopback a moment ago.
-fn free_port() -> u16 {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    l.local_addr().unwrap().port()
-}
-
 #[test]
 fn a_mounted_source_replicates_over_every_transport_into_mounted_replicas() {
     let src = Mount::new();

@@ -495,3 +495,23 @@ pub fn names_listed(out: &Output) -> Vec<String> {
         .map(|s| s["name"].as_str().unwrap().to_string())
         .collect()
 }
+
+/// A loopback port for a server a test starts by number. Taken below the kernel's
+/// ephemeral range (32768 and up by default), so no client connection on the machine
+/// is given it as its source port between our check and the server's bind; each port
+/// is handed out once per test process, and must bind now.
+#[allow(dead_code)]
+pub fn free_port() -> u16 {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    // Start somewhere that depends on the process, so test binaries run side by side
+    // (by hand) do not walk the same ports.
+    let base = 20_000 + (std::process::id() % 500) * 20;
+    loop {
+        let n = NEXT.fetch_add(1, Ordering::Relaxed);
+        let port = (base + n) % 12_000 + 20_000;
+        if std::net::TcpListener::bind(("127.0.0.1", port as u16)).is_ok() {
+            return port as u16;
+        }
+    }
+}
