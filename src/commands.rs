@@ -139,6 +139,20 @@ pub fn run(fs: &Fs, req: &Request, progress: bool) -> Outcome {
         Request::Send { .. } => fail("send is served by a mounted store's daemon".into()),
         Request::Receive => fail("receive is served by a mounted store's daemon".into()),
         Request::MountDevice => fail("the store is not mounted".into()),
+        &Request::SetSize { bytes } => {
+            core.set_size_limit(bytes);
+            let st = core.statfs();
+            drop(core);
+            match st {
+                Ok(st) => ok(format!(
+                    "size {}: {} bytes in all, {} free\n",
+                    bytes.map_or("unlimited".to_string(), |b| b.to_string()),
+                    st.f_blocks * st.f_frsize,
+                    st.f_bavail * st.f_frsize
+                )),
+                Err(e) => fail(format!("{e}")),
+            }
+        }
         Request::Status => {
             // Buffered data is counted if it can be stored; a full disk must not stop
             // status from showing the rest.

@@ -95,6 +95,11 @@ pub enum Request {
     /// The device number (`major:minor`) of the daemon's FUSE mount, so that a second
     /// mount of the store can be a bind mount of it.
     MountDevice,
+    /// Set the volume's size (`size=`; `None`: none) on the mounted store.
+    SetSize {
+        /// Bytes.
+        bytes: Option<u64>,
+    },
 }
 
 impl Request {
@@ -135,6 +140,7 @@ impl Request {
             Request::Send { .. } => "send",
             Request::Receive => "receive",
             Request::MountDevice => "mount-device",
+            Request::SetSize { .. } => "resize",
         }
     }
 }

@@ -101,6 +101,9 @@ pub struct MountOptions {
     pub replicate: Vec<String>,
     /// The shared key for `tcp://` destinations of `replicate` (`replicate_key_file=F`).
     pub replicate_key_file: Option<PathBuf>,
+    /// The volume's size (`size=BYTES`, K/M/G/T suffixes): `statfs` shows it, and
+    /// writes that would take the stored data (snapshots' too) past it get ENOSPC.
+    pub size: Option<u64>,
 }
 
 impl MountOptions {
@@ -213,6 +216,7 @@ impl MountOptions {
                 ("replicate_key_file", Some(v)) if !v.is_empty() => {
                     o.replicate_key_file = Some(PathBuf::from(v))
                 }
+                ("size", Some(v)) => o.size = Some(parse_size(v).map_err(anyhow::Error::msg)?),
                 // Always on; accepted for fstab lines that spell them out.
                 ("default_permissions" | "allow_other" | "defaults", None) => {}
                 _ => bail!("unknown mount option {:?}", clip(opt)),
@@ -234,6 +238,27 @@ impl MountOptions {
         }
         Ok(o)
     }
+}
+
+/// A size: bytes, or a number with K, M, G or T (powers of 1024), at least 1 MiB.
+pub fn parse_size(v: &str) -> Result<u64, String> {
+    let bad = || format!("size {v:?}: want bytes, or a number with K, M, G or T, at least 1M");
+    let (num, shift) = match v.as_bytes().last().map(|b| b.to_ascii_uppercase()) {
+        Some(b'K') => (&v[..v.len() - 1], 10),
+        Some(b'M') => (&v[..v.len() - 1], 20),
+        Some(b'G') => (&v[..v.len() - 1], 30),
+        Some(b'T') => (&v[..v.len() - 1], 40),
+        _ => (v, 0),
+    };
+    let n: u64 = num.parse().map_err(|_| bad())?;
+    let bytes = n
+        .checked_shl(shift)
+        .filter(|b| b >> shift == n)
+        .ok_or_else(bad)?;
+    if bytes < 1 << 20 {
+        return Err(bad());
+    }
+    Ok(bytes)
 }
 
 /// The value `v` of mount option `key`, a number in `range` (`what` names it).
@@ -265,7 +290,7 @@ pub fn is_mounted(path: &Path) -> bool {
 
 /// Every mount as (device number `major:minor`, mount point), from
 /// /proc/self/mountinfo, in its order (a later mount on a path hides an earlier one).
-fn mounts() -> Vec<(String, PathBuf)> {
+pub(crate) fn mounts() -> Vec<(String, PathBuf)> {
     mounts_with_root()
         .into_iter()
         .map(|(dev, _, mp)| (dev, mp))
@@ -318,7 +343,7 @@ fn fstype_at(mp: &Path) -> Option<String> {
 }
 
 /// The device number of the filesystem mounted at `mp` (the last mount there).
-fn device_at(mp: &Path) -> Option<String> {
+pub(crate) fn device_at(mp: &Path) -> Option<String> {
     mounts().into_iter().rfind(|(_, p)| p == mp).map(|(d, _)| d)
 }
 
@@ -590,6 +615,7 @@ pub fn mount(
         };
         core.nodiratime = options.nodiratime;
         core.keep = options.keep.clone();
+        core.set_size_limit(options.size);
     }
     check_destinations(&store, &mp, &options)?;
     let key = options

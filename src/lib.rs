@@ -14,6 +14,8 @@
 pub mod check;
 pub mod commands;
 pub mod control;
+#[cfg(snapfs_csi)]
+pub mod csi;
 pub mod daemon;
 pub mod fs;
 pub mod fuse;

@@ -165,6 +165,33 @@ enum Cmd {
         #[command(flatten)]
         link: Link,
     },
+    /// Set a volume's size (kept in STORE/snapfs.toml as `size`; a mounted volume
+    /// takes it at once): statfs shows it, and writes past it get ENOSPC.
+    Resize {
+        /// A store, or the mountpoint of a mounted one.
+        target: PathBuf,
+        /// Bytes, or a number with K, M, G or T; `none` for no size of its own.
+        size: String,
+    },
+    /// Serve the Container Storage Interface (CSI v1.9) for Kubernetes: volumes are
+    /// stores under ROOT.
+    Csi {
+        /// Where to listen: unix:///PATH (or tcp://HOST:PORT).
+        #[arg(long)]
+        endpoint: String,
+        /// This node's name, as Kubernetes knows it.
+        #[arg(long)]
+        node_id: String,
+        /// The directory the volumes live in.
+        #[arg(long, default_value = "/var/lib/snapfs-csi")]
+        root: PathBuf,
+        /// Serve the controller service (volumes and snapshots).
+        #[arg(long)]
+        controller: bool,
+        /// Serve the node service (mounts).
+        #[arg(long)]
+        node: bool,
+    },
     /// A new writable volume (with a new identity) from one snapshot of a store.
     Clone {
         /// The store, or the mount point of a mounted one.
@@ -457,6 +484,16 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 &opts,
                 "cloned",
             );
+        }
+        Cmd::Resize { target, size } => return resize(&target, &size),
+        Cmd::Csi {
+            endpoint,
+            node_id,
+            root,
+            controller,
+            node,
+        } => {
+            return csi(&endpoint, &node_id, &root, controller, node);
         }
         Cmd::Serve {
             store,
@@ -883,6 +920,63 @@ fn receive(store: &Path) -> anyhow::Result<ExitCode> {
 }
 
 /// Runs a command through the daemon serving the store, or on the store opened here.
+/// `snapfs resize`: the size goes into the store's snapfs.toml, and to its daemon.
+fn resize(target: &Path, size: &str) -> anyhow::Result<ExitCode> {
+    let bytes = match size {
+        "none" => None,
+        s => Some(daemon::parse_size(s).map_err(anyhow::Error::msg)?),
+    };
+    let store = daemon::resolve_store(target)?;
+    anyhow::ensure!(
+        snapfs::store::Store::exists(&store),
+        "{}: not a snapfs store",
+        store.display()
+    );
+    snapfs::policy::set_config(
+        &store.join("snapfs.toml"),
+        "size",
+        bytes.map(|b| b.to_string()).as_deref(),
+    )
+    .map_err(anyhow::Error::msg)?;
+    match daemon::ask_daemon(&store, &Request::SetSize { bytes }) {
+        Some(out) if out.error => anyhow::bail!("{}", out.text.trim_end()),
+        Some(out) => print!("{}", out.text),
+        None => println!(
+            "size {size} set; it applies when {} is next mounted",
+            store.display()
+        ),
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `snapfs csi`: serves until SIGTERM or SIGINT.
+#[cfg(snapfs_csi)]
+fn csi(
+    endpoint: &str,
+    node_id: &str,
+    root: &Path,
+    controller: bool,
+    node: bool,
+) -> anyhow::Result<ExitCode> {
+    daemon::init_logging(None);
+    snapfs::csi::serve(&snapfs::csi::Config {
+        endpoint: endpoint.to_string(),
+        node_id: node_id.to_string(),
+        root: root.to_path_buf(),
+        controller: controller || !node,
+        node: node || !controller,
+        snapfs: std::env::current_exe().context("cannot find the snapfs program itself")?,
+    })?;
+    Ok(ExitCode::SUCCESS)
+}
+
+#[cfg(not(snapfs_csi))]
+fn csi(_: &str, _: &str, _: &Path, _: bool, _: bool) -> anyhow::Result<ExitCode> {
+    anyhow::bail!(
+        "this snapfs was built without its CSI driver: the CSI definition (csi.proto) was not found at build time (SNAPFS_CSI_PROTO)"
+    )
+}
+
 fn with_store(path: &Path, req: &Request) -> anyhow::Result<ExitCode> {
     let store = daemon::resolve_store(path)?;
     let out = match daemon::ask_daemon(&store, req) {

@@ -208,6 +208,44 @@ pub fn read_config(path: &std::path::Path) -> Result<Vec<(String, String)>, Stri
     Ok(out)
 }
 
+/// Sets `key` to `value` in `STORE/snapfs.toml` (`None`: removes it), keeping every
+/// other line; the file is replaced whole and durably (written aside, synced, renamed).
+pub fn set_config(path: &std::path::Path, key: &str, value: Option<&str>) -> Result<(), String> {
+    use std::io::Write;
+    let text = match std::fs::read_to_string(path) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => String::new(),
+        Err(e) => return Err(format!("{}: {e}", path.display())),
+    };
+    let is_key = |l: &str| {
+        l.split('#')
+            .next()
+            .unwrap_or("")
+            .split_once('=')
+            .is_some_and(|(k, _)| k.trim() == key)
+    };
+    let mut out: String = text
+        .lines()
+        .filter(|l| !is_key(l))
+        .map(|l| format!("{l}\n"))
+        .collect();
+    if let Some(v) = value {
+        out.push_str(&format!("{key} = \"{v}\"\n"));
+    }
+    let tmp = path.with_extension("toml.new");
+    let write = || -> std::io::Result<()> {
+        let mut f = std::fs::File::create(&tmp)?;
+        f.write_all(out.as_bytes())?;
+        f.sync_all()?;
+        std::fs::rename(&tmp, path)?;
+        if let Some(dir) = path.parent() {
+            std::fs::File::open(dir)?.sync_all()?;
+        }
+        Ok(())
+    };
+    write().map_err(|e| format!("{}: {e}", path.display()))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

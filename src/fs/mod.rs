@@ -1770,7 +1770,23 @@ impl Inner {
         if unsafe { libc::statvfs(path.as_ptr(), &mut st) } != 0 {
             return Err(std::io::Error::last_os_error().into());
         }
+        // A volume with a size (`size=`) shows that size, and what of it is left (or
+        // what the disk has left, when that is less).
+        if let Some(limit) = self.store.segs.limit() {
+            let unit = st.f_frsize.max(1);
+            let used = self.store.segs.used_bytes()?;
+            let left = (limit.saturating_sub(used) / unit).min(st.f_bavail);
+            st.f_blocks = limit / unit;
+            st.f_bfree = left;
+            st.f_bavail = left;
+        }
         Ok(st)
+    }
+
+    /// Sets the volume's size (`size=`; `None`: as much as the disk holds). Writes
+    /// that would take its extents past it get ENOSPC; what is stored stays.
+    pub fn set_size_limit(&mut self, limit: Option<u64>) {
+        self.store.segs.set_limit(limit);
     }
 
     /// Makes everything durable: buffered data, then a durable commit.

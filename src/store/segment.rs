@@ -53,6 +53,12 @@ pub struct Segments {
     append_faults: std::sync::atomic::AtomicU32,
     /// A file was removed since the directory was last synced.
     removed: bool,
+    /// The volume's size (`size=`): extents may not take more of the disk than this.
+    limit: Option<u64>,
+    /// Bytes the segment files take on disk, while known (else `u64::MAX`): counted
+    /// once when the limit needs it, then kept by appends; a punch or a removal makes
+    /// it count again.
+    used: std::sync::atomic::AtomicU64,
 }
 
 /// What every data sync of the segments shares. Linux reports a failed write-back
@@ -245,6 +251,8 @@ impl Segments {
             sync_state: Default::default(),
             append_faults: Default::default(),
             removed: false,
+            limit: None,
+            used: std::sync::atomic::AtomicU64::new(u64::MAX),
         }
     }
 
@@ -314,6 +322,7 @@ impl Segments {
                 i += 1;
             }
             self.file(id)?.write_parts_at(&parts, at)?;
+            self.count_used(end - at);
             self.active_len = end;
             if self.unsynced.last() != Some(&id) {
                 self.unsynced.push(id);
@@ -420,17 +429,67 @@ impl Segments {
             Err(StoreError::Corrupt(_)) => return Ok(()),
             Err(e) => return Err(e),
         };
-        Ok(f.punch(a, b - a)?)
+        f.punch(a, b - a)?;
+        self.recount_used();
+        Ok(())
     }
 
     /// Whether `bytes` more of extents leave the disk its reserve: the space kept for
     /// metadata commits, so that a full disk refuses new data (ENOSPC) instead of
     /// failing a commit of operations already answered. The reserve is 5% of the
     /// filesystem, at least 8 MiB and at most 256 MiB.
+    /// With a size limit, also whether the segments stay within it.
     pub fn room_for(&self, bytes: u64) -> io::Result<bool> {
         let (avail, total) = self.disk.space(&self.dir)?;
         let reserve = (total / 20).clamp(8 << 20, 256 << 20);
-        Ok(avail >= bytes.saturating_add(reserve))
+        if avail < bytes.saturating_add(reserve) {
+            return Ok(false);
+        }
+        Ok(match self.limit {
+            Some(limit) => self.used_bytes()?.saturating_add(bytes) <= limit,
+            None => true,
+        })
+    }
+
+    /// Sets the volume's size (`None`: as much as the disk holds).
+    pub fn set_limit(&mut self, limit: Option<u64>) {
+        self.limit = limit;
+    }
+
+    /// The volume's size, if it has one.
+    pub fn limit(&self) -> Option<u64> {
+        self.limit
+    }
+
+    /// Bytes the segment files take on disk (counted when not known).
+    pub fn used_bytes(&self) -> io::Result<u64> {
+        use std::sync::atomic::Ordering;
+        let known = self.used.load(Ordering::Relaxed);
+        if known != u64::MAX {
+            return Ok(known);
+        }
+        let n = self.disk_bytes().map_err(|e| match e {
+            StoreError::Io(e) => e,
+            e => io::Error::other(e.to_string()),
+        })?;
+        self.used.store(n, Ordering::Relaxed);
+        Ok(n)
+    }
+
+    /// `bytes` more were written (a known count grows; an unknown one stays so).
+    fn count_used(&self, bytes: u64) {
+        use std::sync::atomic::Ordering;
+        let _ = self
+            .used
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| {
+                (n != u64::MAX).then(|| n.saturating_add(bytes).min(u64::MAX - 1))
+            });
+    }
+
+    /// Space was given back: count again when next asked.
+    fn recount_used(&self) {
+        self.used
+            .store(u64::MAX, std::sync::atomic::Ordering::Relaxed);
     }
 
     /// The segment appends go to.
@@ -450,6 +509,7 @@ impl Segments {
         }
         self.files.remove(&id);
         self.unsynced.retain(|s| *s != id);
+        self.recount_used();
         match self.disk.remove(&segment_path(&self.dir, id)) {
             Ok(()) => {}
             Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),

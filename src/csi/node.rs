@@ -1,0 +1,281 @@
+//! The CSI node service: mounting volumes where pods see them.
+//!
+//! A published volume's store is mounted once, by its daemon, at the volume's own
+//! `mnt` directory (`nosuid,nodev`); each target path is a bind mount of that mount
+//! with its own flags (read-only when asked), which is what `snapfs mount` of a
+//! mounted store makes. The daemon's mount goes when the last target does.
+
+use std::sync::Arc;
+
+use tonic::{Request, Response, Status};
+
+use super::controller::statvfs;
+use super::*;
+
+/// Mount flags a target takes (per mount point; the rest are the volume's).
+const TARGET_FLAGS: &[&str] = &[
+    "ro", "rw", "nosuid", "suid", "nodev", "dev", "noexec", "exec",
+];
+
+/// Unmounts `p` (not following a symlink there).
+fn umount(p: &Path) -> std::io::Result<()> {
+    use std::os::unix::ffi::OsStrExt;
+    let c = std::ffi::CString::new(p.as_os_str().as_bytes())
+        .map_err(|_| std::io::Error::from_raw_os_error(libc::EINVAL))?;
+    // SAFETY: a NUL-terminated path.
+    if unsafe { libc::umount2(c.as_ptr(), libc::UMOUNT_NOFOLLOW) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+impl Driver {
+    /// The device number of the volume's own mount, if it is mounted.
+    fn volume_device(&self, id: &str) -> Option<String> {
+        let mnt = self.volume_dir(id).join("mnt");
+        crate::daemon::is_mounted(&mnt)
+            .then(|| crate::daemon::device_at(&mnt))
+            .flatten()
+    }
+
+    /// Whether `target` is a mount of volume `id`.
+    fn shows(&self, id: &str, target: &Path) -> bool {
+        crate::daemon::is_mounted(target)
+            && self.volume_device(id).is_some()
+            && crate::daemon::device_at(target) == self.volume_device(id)
+    }
+
+    /// Publishes volume `id` at `target`. Blocking.
+    fn publish(&self, id: &str, target: &Path, flags: &[String]) -> Result<(), Status> {
+        let dir = self.volume_dir(id);
+        let (store, mnt) = (dir.join("store"), dir.join("mnt"));
+        if !crate::daemon::is_mounted(&mnt) {
+            std::fs::create_dir_all(&mnt).map_err(|e| internal(e.to_string()))?;
+            self.snapfs(&[
+                "mount",
+                path_str(&store)?,
+                path_str(&mnt)?,
+                "-o",
+                "nosuid,nodev",
+            ])?;
+        }
+        if crate::daemon::is_mounted(target) {
+            if self.shows(id, target) {
+                return Ok(());
+            }
+            return Err(Status::already_exists(format!(
+                "{}: something else is mounted there",
+                target.display()
+            )));
+        }
+        std::fs::create_dir_all(target)
+            .map_err(|e| internal(format!("{}: {e}", target.display())))?;
+        let opts = flags.join(",");
+        let mut args = vec!["mount", path_str(&store)?, path_str(target)?];
+        if !opts.is_empty() {
+            args.extend(["-o", opts.as_str()]);
+        }
+        self.snapfs(&args)?;
+        Ok(())
+    }
+
+    /// Unpublishes `target`; the volume's own mount goes with its last target.
+    /// Blocking.
+    fn unpublish(&self, id: &str, target: &Path) -> Result<(), Status> {
+        if crate::daemon::is_mounted(target) {
+            if !self.shows(id, target) {
+                return Err(Status::failed_precondition(format!(
+                    "{}: not a mount of volume {id}",
+                    target.display()
+                )));
+            }
+            umount(target).map_err(|e| internal(format!("{}: {e}", target.display())))?;
+        }
+        match std::fs::remove_dir(target) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(internal(format!("{}: {e}", target.display()))),
+        }
+        if let Some(dev) = self.volume_device(id) {
+            let others = crate::daemon::mounts()
+                .iter()
+                .filter(|(d, _)| *d == dev)
+                .count();
+            if others <= 1 {
+                let mnt = self.volume_dir(id).join("mnt");
+                umount(&mnt).map_err(|e| internal(format!("{}: {e}", mnt.display())))?;
+            }
+        }
+        Ok(())
+    }
+}
+
+#[tonic::async_trait]
+impl node_server::Node for Arc<Driver> {
+    async fn node_stage_volume(
+        &self,
+        _: Request<NodeStageVolumeRequest>,
+    ) -> Res<NodeStageVolumeResponse> {
+        Err(Status::unimplemented("not offered (STAGE_UNSTAGE_VOLUME)"))
+    }
+
+    async fn node_unstage_volume(
+        &self,
+        _: Request<NodeUnstageVolumeRequest>,
+    ) -> Res<NodeUnstageVolumeResponse> {
+        Err(Status::unimplemented("not offered (STAGE_UNSTAGE_VOLUME)"))
+    }
+
+    async fn node_publish_volume(
+        &self,
+        req: Request<NodePublishVolumeRequest>,
+    ) -> Res<NodePublishVolumeResponse> {
+        let r = req.into_inner();
+        if r.volume_id.is_empty() {
+            return Err(invalid("volume_id: none given"));
+        }
+        if r.target_path.is_empty() {
+            return Err(invalid("target_path: none given"));
+        }
+        let Some(cap) = r.volume_capability else {
+            return Err(invalid("volume_capability: none given"));
+        };
+        check_capabilities(std::slice::from_ref(&cap)).map_err(invalid)?;
+        let mut flags = Vec::new();
+        if let Some(volume_capability::AccessType::Mount(m)) = &cap.access_type {
+            for f in m.mount_flags.iter().flat_map(|f| f.split(',')) {
+                if !TARGET_FLAGS.contains(&f) {
+                    return Err(invalid(format!(
+                        "mount flag {f:?}: a snapfs volume's target takes ro, nosuid, nodev and noexec (and their opposites)"
+                    )));
+                }
+                flags.push(f.to_string());
+            }
+        }
+        if r.readonly {
+            flags.push("ro".to_string());
+        }
+        if self.volume(&r.volume_id)?.is_none() {
+            return Err(not_found(format!("volume {}: no such volume", r.volume_id)));
+        }
+        let d = self.clone();
+        let _g = self.lock.lock().await;
+        blocking(move || d.publish(&r.volume_id, Path::new(&r.target_path), &flags)).await?;
+        Ok(Response::new(NodePublishVolumeResponse {}))
+    }
+
+    async fn node_unpublish_volume(
+        &self,
+        req: Request<NodeUnpublishVolumeRequest>,
+    ) -> Res<NodeUnpublishVolumeResponse> {
+        let r = req.into_inner();
+        if r.volume_id.is_empty() {
+            return Err(invalid("volume_id: none given"));
+        }
+        if r.target_path.is_empty() {
+            return Err(invalid("target_path: none given"));
+        }
+        let d = self.clone();
+        let _g = self.lock.lock().await;
+        blocking(move || d.unpublish(&r.volume_id, Path::new(&r.target_path))).await?;
+        Ok(Response::new(NodeUnpublishVolumeResponse {}))
+    }
+
+    async fn node_get_volume_stats(
+        &self,
+        req: Request<NodeGetVolumeStatsRequest>,
+    ) -> Res<NodeGetVolumeStatsResponse> {
+        use volume_usage::Unit;
+        let r = req.into_inner();
+        if r.volume_id.is_empty() {
+            return Err(invalid("volume_id: none given"));
+        }
+        if r.volume_path.is_empty() {
+            return Err(invalid("volume_path: none given"));
+        }
+        if self.volume(&r.volume_id)?.is_none() {
+            return Err(not_found(format!("volume {}: no such volume", r.volume_id)));
+        }
+        let path = Path::new(&r.volume_path);
+        if !self.shows(&r.volume_id, path) {
+            return Err(not_found(format!(
+                "{}: volume {} is not published there",
+                r.volume_path, r.volume_id
+            )));
+        }
+        let st = statvfs(path).map_err(|e| internal(format!("{}: {e}", path.display())))?;
+        let unit = st.f_frsize;
+        let n = |x: u64| x.min(i64::MAX as u64) as i64;
+        let usage = |available: u64, total: u64, unit_kind: Unit| VolumeUsage {
+            available: n(available),
+            total: n(total),
+            used: n(total.saturating_sub(available)),
+            unit: unit_kind as i32,
+        };
+        Ok(Response::new(NodeGetVolumeStatsResponse {
+            usage: vec![
+                VolumeUsage {
+                    used: n(st.f_blocks.saturating_sub(st.f_bfree).saturating_mul(unit)),
+                    ..usage(
+                        st.f_bavail.saturating_mul(unit),
+                        st.f_blocks.saturating_mul(unit),
+                        Unit::Bytes,
+                    )
+                },
+                usage(st.f_favail, st.f_files, Unit::Inodes),
+            ],
+            volume_condition: None,
+        }))
+    }
+
+    async fn node_expand_volume(
+        &self,
+        req: Request<NodeExpandVolumeRequest>,
+    ) -> Res<NodeExpandVolumeResponse> {
+        let r = req.into_inner();
+        if r.volume_id.is_empty() {
+            return Err(invalid("volume_id: none given"));
+        }
+        if r.volume_path.is_empty() {
+            return Err(invalid("volume_path: none given"));
+        }
+        let d = self.clone();
+        let _g = self.lock.lock().await;
+        let capacity = blocking(move || {
+            let v = d
+                .volume(&r.volume_id)?
+                .ok_or_else(|| not_found(format!("volume {}: no such volume", r.volume_id)))?;
+            match &r.capacity_range {
+                Some(range) => d.expand(&r.volume_id, range),
+                None => Ok(v.capacity),
+            }
+        })
+        .await?;
+        Ok(Response::new(NodeExpandVolumeResponse {
+            capacity_bytes: capacity as i64,
+        }))
+    }
+
+    async fn node_get_capabilities(
+        &self,
+        _: Request<NodeGetCapabilitiesRequest>,
+    ) -> Res<NodeGetCapabilitiesResponse> {
+        use node_service_capability::{Rpc, Type, rpc::Type as R};
+        Ok(Response::new(NodeGetCapabilitiesResponse {
+            capabilities: [R::GetVolumeStats, R::ExpandVolume]
+                .into_iter()
+                .map(|c| NodeServiceCapability {
+                    r#type: Some(Type::Rpc(Rpc { r#type: c as i32 })),
+                })
+                .collect(),
+        }))
+    }
+
+    async fn node_get_info(&self, _: Request<NodeGetInfoRequest>) -> Res<NodeGetInfoResponse> {
+        Ok(Response::new(NodeGetInfoResponse {
+            node_id: self.cfg.node_id.clone(),
+            max_volumes_per_node: 0,
+            accessible_topology: Some(self.topology()),
+        }))
+    }
+}
