@@ -19,6 +19,11 @@
 #   xfstests        tests/peer/xfstests.sh -g quick: xfstests built from
 #                   ../shared/third_party/, run with xfstests-config/; any failure
 #                   not in xfstests-config/exclude fails the stage
+#   csi-sanity      tests/peer/csi-sanity.sh: Kubernetes' CSI conformance suite,
+#                   built offline from ../shared/third_party/ with Debian's Go,
+#                   against `snapfs csi`
+#   k8s-manifests   tests/peer/k8s-manifests.sh: deploy/kubernetes/ checked against
+#                   the Kubernetes schemas, offline (kubernetes-validate from PyPI)
 #
 # It keeps going after a failed stage (stages that need the release build are
 # marked failed if the build fails), prints each stage's time and a summary,
@@ -35,7 +40,7 @@ cd "$repo"
 export PATH="${CARGO_HOME:-$HOME/.cargo}/bin:$PATH"
 export SNAPFS=${SNAPFS:-$(readlink -m "${CARGO_TARGET_DIR:-target}/release/snapfs")}
 
-all_stages=(fmt clippy build test pjdfstest-root pjdfstest-user fsx fsx-snapshots xfstests)
+all_stages=(fmt clippy build test pjdfstest-root pjdfstest-user fsx fsx-snapshots xfstests csi-sanity k8s-manifests)
 read -r -a stages <<<"${STAGES:-${all_stages[*]}}"
 
 apt_packages=(
@@ -46,6 +51,8 @@ apt_packages=(
     openssh-server openssh-client                 # sync over ssh to an sshd the test starts
     python3 libcap2-bin                           # copy_file_range and setcap in the set-id test
     xfsprogs                                      # an XFS image with reflink for the clone test
+    golang-go                                     # csi-sanity, built from source
+    python3-venv                                  # the manifests' validator
 )
 
 section() { printf '\n===== %s =====\n' "$*"; }
@@ -188,7 +195,7 @@ done
 
 if wants fmt; then run_stage fmt cargo fmt --all -- --check || true; fi
 if wants clippy; then run_stage clippy cargo clippy --all-targets -- -D warnings || true; fi
-if wants build || wants test || wants pjdfstest-root || wants pjdfstest-user || wants fsx || wants fsx-snapshots || wants xfstests; then
+if wants build || wants test || wants pjdfstest-root || wants pjdfstest-user || wants fsx || wants fsx-snapshots || wants xfstests || wants csi-sanity; then
     if wants build; then
         run_stage build cargo build --release || build_ok=0
     else
@@ -202,6 +209,8 @@ if wants pjdfstest-user; then needs_build pjdfstest-user env PEER_MOUNT_OPTS=nou
 if wants fsx; then needs_build fsx bash tests/peer/fsx.sh; fi
 if wants fsx-snapshots; then needs_build fsx-snapshots env FSX_SEEDS=4 FSX_SNAPSHOT_EVERY=1 bash tests/peer/fsx.sh; fi
 if wants xfstests; then needs_build xfstests bash tests/peer/xfstests.sh -g quick; fi
+if wants csi-sanity; then needs_build csi-sanity bash tests/peer/csi-sanity.sh; fi
+if wants k8s-manifests; then run_stage k8s-manifests bash tests/peer/k8s-manifests.sh || true; fi
 
 for i in "${!names[@]}"; do
     [ "${results[$i]}" != PASS ] || continue

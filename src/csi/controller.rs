@@ -111,8 +111,8 @@ impl controller_server::Controller for Arc<Driver> {
             ));
         }
         let d = self.clone();
-        let _g = self.lock.lock().await;
-        let resp = blocking(move || {
+        let g = self.lock.clone().lock_owned().await;
+        let resp = locked(g, move || {
             let id = id_of("v", &r.name);
             if let Some(v) = d.volume(&id)? {
                 if !capacity_fits(r.capacity_range.as_ref(), v.capacity) {
@@ -182,8 +182,8 @@ impl controller_server::Controller for Arc<Driver> {
             return Err(invalid("volume_id: none given"));
         }
         let d = self.clone();
-        let _g = self.lock.lock().await;
-        blocking(move || {
+        let g = self.lock.clone().lock_owned().await;
+        locked(g, move || {
             if !valid_id("v", &id) {
                 return Ok(());
             }
@@ -194,6 +194,11 @@ impl controller_server::Controller for Arc<Driver> {
             if d.published(&id) {
                 return Err(Status::failed_precondition(format!(
                     "volume {id} is published: unpublish it first"
+                )));
+            }
+            if !daemon_gone(&dir.join("store")) {
+                return Err(Status::unavailable(format!(
+                    "volume {id}: its daemon is still closing the store; try again"
                 )));
             }
             let rel = format!("volumes/{id}/store");
@@ -348,8 +353,8 @@ impl controller_server::Controller for Arc<Driver> {
             }
         }
         let d = self.clone();
-        let _g = self.lock.lock().await;
-        let snap = blocking(move || {
+        let g = self.lock.clone().lock_owned().await;
+        let snap = locked(g, move || {
             let sid = id_of("s", &r.name);
             if let Some(s) = d.snapshot(&sid)? {
                 if s.volume != r.source_volume_id {
@@ -408,8 +413,8 @@ impl controller_server::Controller for Arc<Driver> {
             return Err(invalid("snapshot_id: none given"));
         }
         let d = self.clone();
-        let _g = self.lock.lock().await;
-        blocking(move || {
+        let g = self.lock.clone().lock_owned().await;
+        locked(g, move || {
             let Some(s) = d.snapshot(&sid)? else {
                 return Ok(());
             };
@@ -474,11 +479,19 @@ impl controller_server::Controller for Arc<Driver> {
             return Err(invalid("capacity_range: none given"));
         };
         let d = self.clone();
-        let _g = self.lock.lock().await;
-        let capacity = blocking(move || d.expand(&r.volume_id, &range)).await?;
+        let g = self.lock.clone().lock_owned().await;
+        let (capacity, on_node) = locked(g, move || {
+            // Volumes live on their nodes, and one resizer serves the cluster: a
+            // volume of another node's driver grows when that node expands it.
+            if valid_id("v", &r.volume_id) && d.volume(&r.volume_id)?.is_none() {
+                return Ok((capacity_for(Some(&range), 0)?, true));
+            }
+            d.expand(&r.volume_id, &range).map(|c| (c, false))
+        })
+        .await?;
         Ok(Response::new(ControllerExpandVolumeResponse {
             capacity_bytes: capacity as i64,
-            node_expansion_required: false,
+            node_expansion_required: on_node,
         }))
     }
 

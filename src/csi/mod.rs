@@ -93,7 +93,7 @@ struct SnapshotRec {
 /// changes something holds, so that calls on the same name never interleave.
 struct Driver {
     cfg: Config,
-    lock: tokio::sync::Mutex<()>,
+    lock: Arc<tokio::sync::Mutex<()>>,
 }
 
 type Res<T> = Result<Response<T>, Status>;
@@ -209,8 +209,11 @@ fn capacity_for(range: Option<&CapacityRange>, at_least: u64) -> Result<u64, Sta
             "capacity_range: required {req} bytes is more than the limit {lim}"
         )));
     }
+    // Nothing asked: the size of what it is made from, or else the default.
     let want = if req != 0 {
         req
+    } else if at_least > 0 {
+        at_least
     } else if lim != 0 {
         lim.min(DEFAULT_CAPACITY)
     } else {
@@ -367,6 +370,21 @@ impl Driver {
     }
 }
 
+/// Waits (up to 30 s) until no daemon serves `store`: its control socket answers no
+/// more and its pid file is gone (a daemon whose last mount went is closing the
+/// store, and the store may not move or go before it has).
+fn daemon_gone(store: &Path) -> bool {
+    for _ in 0..300 {
+        if crate::daemon::connect_control(store).is_none()
+            && !store.join(crate::daemon::PIDFILE).exists()
+        {
+            return true;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    false
+}
+
 /// The names in `dir` (none when it does not exist).
 fn list_dir(dir: &Path) -> Result<Vec<String>, Status> {
     let rd = match std::fs::read_dir(dir) {
@@ -408,6 +426,20 @@ async fn blocking<T: Send + 'static>(
     tokio::task::spawn_blocking(f)
         .await
         .map_err(|e| internal(format!("a task failed: {e}")))?
+}
+
+/// Runs blocking work that changes something, holding the driver's lock `g` until
+/// it is done: a call the client gave up on (a sidecar's timeout) still runs to its
+/// end, and its retry waits for it rather than running beside it.
+async fn locked<T: Send + 'static>(
+    g: tokio::sync::OwnedMutexGuard<()>,
+    f: impl FnOnce() -> Result<T, Status> + Send + 'static,
+) -> Result<T, Status> {
+    blocking(move || {
+        let _g = g;
+        f()
+    })
+    .await
 }
 
 /// A page of `items` from `token` (an index; empty: the start), at most `max` (0:
@@ -509,7 +541,7 @@ pub fn serve(cfg: &Config) -> anyhow::Result<()> {
         .build()?;
     let driver = Arc::new(Driver {
         cfg: cfg.clone(),
-        lock: tokio::sync::Mutex::new(()),
+        lock: Arc::new(tokio::sync::Mutex::new(())),
     });
     rt.block_on(async move {
         let shutdown = async {
@@ -543,22 +575,25 @@ pub fn serve(cfg: &Config) -> anyhow::Result<()> {
             let listener = tokio::net::UnixListener::bind(path)
                 .with_context(|| format!("cannot listen on {}", path.display()))?;
             tracing::info!(endpoint = %cfg.endpoint, node = %cfg.node_id, "serving CSI");
-            router
-                .serve_with_incoming_shutdown(
-                    futures_util::stream::unfold(listener, |l| async move {
-                        let conn = l.accept().await.map(|(s, _)| s);
-                        Some((conn, l))
-                    }),
-                    shutdown,
-                )
-                .await?;
+            // Stopped at once, not gracefully: a sidecar keeps its connection open for
+            // good, and would hold a graceful stop forever.
+            tokio::select! {
+                r = router.serve_with_incoming(futures_util::stream::unfold(listener, |l| async move {
+                    let conn = l.accept().await.map(|(s, _)| s);
+                    Some((conn, l))
+                })) => r?,
+                () = shutdown => {}
+            }
             let _ = std::fs::remove_file(path);
         } else if let Some(addr) = cfg.endpoint.strip_prefix("tcp://") {
             let addr: std::net::SocketAddr = addr
                 .parse()
                 .with_context(|| format!("endpoint {}: want tcp://IP:PORT", cfg.endpoint))?;
             tracing::info!(endpoint = %cfg.endpoint, node = %cfg.node_id, "serving CSI");
-            router.serve_with_shutdown(addr, shutdown).await?;
+            tokio::select! {
+                r = router.serve(addr) => r?,
+                () = shutdown => {}
+            }
         } else {
             anyhow::bail!(
                 "endpoint {}: want unix:///PATH or tcp://IP:PORT",

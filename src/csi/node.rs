@@ -104,6 +104,9 @@ impl Driver {
             if others <= 1 {
                 let mnt = self.volume_dir(id).join("mnt");
                 umount(&mnt).map_err(|e| internal(format!("{}: {e}", mnt.display())))?;
+                if !daemon_gone(&self.volume_dir(id).join("store")) {
+                    tracing::warn!(volume = %id, "its daemon is slow to close the store");
+                }
             }
         }
         Ok(())
@@ -159,8 +162,11 @@ impl node_server::Node for Arc<Driver> {
             return Err(not_found(format!("volume {}: no such volume", r.volume_id)));
         }
         let d = self.clone();
-        let _g = self.lock.lock().await;
-        blocking(move || d.publish(&r.volume_id, Path::new(&r.target_path), &flags)).await?;
+        let g = self.lock.clone().lock_owned().await;
+        locked(g, move || {
+            d.publish(&r.volume_id, Path::new(&r.target_path), &flags)
+        })
+        .await?;
         Ok(Response::new(NodePublishVolumeResponse {}))
     }
 
@@ -176,8 +182,11 @@ impl node_server::Node for Arc<Driver> {
             return Err(invalid("target_path: none given"));
         }
         let d = self.clone();
-        let _g = self.lock.lock().await;
-        blocking(move || d.unpublish(&r.volume_id, Path::new(&r.target_path))).await?;
+        let g = self.lock.clone().lock_owned().await;
+        locked(g, move || {
+            d.unpublish(&r.volume_id, Path::new(&r.target_path))
+        })
+        .await?;
         Ok(Response::new(NodeUnpublishVolumeResponse {}))
     }
 
@@ -240,8 +249,8 @@ impl node_server::Node for Arc<Driver> {
             return Err(invalid("volume_path: none given"));
         }
         let d = self.clone();
-        let _g = self.lock.lock().await;
-        let capacity = blocking(move || {
+        let g = self.lock.clone().lock_owned().await;
+        let capacity = locked(g, move || {
             let v = d
                 .volume(&r.volume_id)?
                 .ok_or_else(|| not_found(format!("volume {}: no such volume", r.volume_id)))?;
