@@ -236,16 +236,7 @@ mod driver {
         }
     }
 
-    /// statfs of `p`: (total bytes, available bytes).
-    pub fn space(p: &Path) -> (u64, u64) {
-        use std::os::unix::ffi::OsStrExt;
-        let c = std::ffi::CString::new(p.as_os_str().as_bytes()).unwrap();
-        // SAFETY: all-zero is a valid statvfs; the kernel fills it.
-        let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
-        // SAFETY: NUL-terminated path, valid out pointer.
-        assert_eq!(unsafe { libc::statvfs(c.as_ptr(), &mut st) }, 0);
-        (st.f_blocks * st.f_frsize, st.f_bavail * st.f_frsize)
-    }
+    pub use super::nix_statvfs as space;
 
     /// Every path under `dir`, recursively.
     pub fn entries(dir: &Path) -> Vec<PathBuf> {
@@ -573,4 +564,69 @@ fn a_volume_replicates_to_another_cluster_and_is_restored_there() {
             .count(),
         0
     );
+}
+
+/// `size=` and `snapfs resize` on a volume mounted by hand, as the driver uses them.
+#[test]
+fn a_size_shows_in_statfs_stops_writes_and_grows_while_mounted() {
+    let space = nix_statvfs;
+    let mut m = Mount::with_options(&["size=16M"]);
+    assert_eq!(space(&m.mnt).0, 16 << 20);
+    // Unique data until the size stops it.
+    let mut stored = 0u64;
+    let err = loop {
+        let p = m.path(&format!("f{stored}"));
+        match std::fs::write(&p, pattern(500 + stored, 1 << 20))
+            .and_then(|()| std::fs::File::open(&p)?.sync_all())
+        {
+            Ok(()) => stored += 1,
+            Err(e) => break e,
+        }
+        assert!(stored < 64, "64 MiB went into a 16 MiB volume");
+    };
+    assert_eq!(err.raw_os_error(), Some(libc::ENOSPC), "{err}");
+    assert!((8..=16).contains(&stored), "{stored} MiB before ENOSPC");
+    for i in 0..stored {
+        assert!(std::fs::read(m.path(&format!("f{i}"))).unwrap() == pattern(500 + i, 1 << 20));
+    }
+    // Grown while mounted: room at once, and kept for the next mount.
+    let out = snapfs_ok(&["resize", m.mnt.to_str().unwrap(), "64M"]);
+    assert!(out.contains("67108864 bytes in all"), "{out}");
+    assert_eq!(space(&m.mnt).0, 64 << 20);
+    std::fs::write(m.path("more"), pattern(999, 4 << 20)).unwrap();
+    m.unmount();
+    let toml = std::fs::read_to_string(m.store.join("snapfs.toml")).unwrap();
+    assert!(toml.contains("size = \"67108864\""), "{toml}");
+    m.mount(&[]);
+    assert_eq!(space(&m.mnt).0, 64 << 20);
+    // Bad sizes: one line, non-zero.
+    for bad in ["abc", "1k", "5.5", "99999999999T"] {
+        let out = snapfs(&["resize", m.mnt.to_str().unwrap(), bad]);
+        assert!(!out.status.success(), "{bad}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(err.trim().lines().count(), 1, "{bad}: {err}");
+        assert!(err.contains("size"), "{err}");
+    }
+    let out = Command::new(SNAPFS)
+        .args(["mount", "-o", "size=12x"])
+        .arg(test_dir().path().join("s"))
+        .arg(test_dir().path())
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("size \"12x\""));
+    // No size of its own: the disk's again.
+    snapfs_ok(&["resize", m.mnt.to_str().unwrap(), "none"]);
+    assert!(space(&m.mnt).0 > 64 << 20);
+}
+
+/// statfs of `p`: (total bytes, available bytes).
+pub fn nix_statvfs(p: &Path) -> (u64, u64) {
+    use std::os::unix::ffi::OsStrExt;
+    let c = std::ffi::CString::new(p.as_os_str().as_bytes()).unwrap();
+    // SAFETY: all-zero is a valid statvfs; the kernel fills it.
+    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+    // SAFETY: NUL-terminated path, valid out pointer.
+    assert_eq!(unsafe { libc::statvfs(c.as_ptr(), &mut st) }, 0);
+    (st.f_blocks * st.f_frsize, st.f_bavail * st.f_frsize)
 }
