@@ -474,7 +474,7 @@ fn second_mount(store: &Path, mp: &Path, opts: &[String], dev: &str) -> anyhow::
 }
 
 /// A mountinfo path with its octal escapes (`\040` for a space) decoded.
-fn unescape_mount(s: &str) -> String {
+pub(crate) fn unescape_mount(s: &str) -> String {
     let b = s.as_bytes();
     let mut out = Vec::with_capacity(b.len());
     let mut i = 0;

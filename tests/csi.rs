@@ -13,12 +13,6 @@ use common::*;
 /// only says it is missing, and everything below would be skipped.
 #[test]
 fn the_driver_is_built_in() {
-    let out = snapfs(&["csi", "--help"]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
     let out = Command::new(SNAPFS)
         .args(["csi", "--endpoint", "bogus://x", "--node-id", "n", "--root"])
         .arg(test_dir().path())
@@ -398,6 +392,17 @@ fn a_volume_is_published_written_snapshotted_cloned_expanded_filled_and_deleted(
     }
     std::fs::remove_file(&fill).unwrap();
     assert_eq!(tree_digest(&target), before, "the rest is as it was");
+    // The space of the removed file comes back (given back by the daemon's next
+    // durable tick).
+    let t0 = std::time::Instant::now();
+    while space(&target).1 < (stored / 2) {
+        assert!(
+            t0.elapsed().as_secs() < 30,
+            "{} bytes free 30 s after removing {stored}",
+            space(&target).1
+        );
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
     // Space comes back: a write fits again.
     std::fs::write(target.join("after"), chunk(9999)).unwrap();
     std::fs::File::open(target.join("after"))
@@ -594,11 +599,16 @@ fn a_size_shows_in_statfs_stops_writes_and_grows_while_mounted() {
     assert!(out.contains("67108864 bytes in all"), "{out}");
     assert_eq!(space(&m.mnt).0, 64 << 20);
     std::fs::write(m.path("more"), pattern(999, 4 << 20)).unwrap();
+    std::fs::File::open(m.path("more"))
+        .unwrap()
+        .sync_all()
+        .unwrap();
     m.unmount();
     let toml = std::fs::read_to_string(m.store.join("snapfs.toml")).unwrap();
     assert!(toml.contains("size = \"67108864\""), "{toml}");
     m.mount(&[]);
     assert_eq!(space(&m.mnt).0, 64 << 20);
+    assert!(std::fs::read(m.path("more")).unwrap() == pattern(999, 4 << 20));
     // Bad sizes: one line, non-zero.
     for bad in ["abc", "1k", "5.5", "99999999999T"] {
         let out = snapfs(&["resize", m.mnt.to_str().unwrap(), bad]);
@@ -629,4 +639,149 @@ pub fn nix_statvfs(p: &Path) -> (u64, u64) {
     // SAFETY: NUL-terminated path, valid out pointer.
     assert_eq!(unsafe { libc::statvfs(c.as_ptr(), &mut st) }, 0);
     (st.f_blocks * st.f_frsize, st.f_bavail * st.f_frsize)
+}
+
+#[cfg(snapfs_csi)]
+#[test]
+fn retries_strangers_and_a_dead_daemon_are_answered_as_kubernetes_expects() {
+    use snapfs::csi::proto::*;
+    use tonic::Code;
+    const MIB: i64 = 1 << 20;
+    let dir = test_dir();
+    let root = dir.path().join("root");
+    let mut d = Driver::start(&root, "node-a");
+    // A retried CreateVolume answers the same volume; one asking for another size or
+    // other parameters is ALREADY_EXISTS.
+    let v = d.create_volume("pvc-r", 32 * MIB, &[], None).unwrap();
+    let again = d.create_volume("pvc-r", 32 * MIB, &[], None).unwrap();
+    assert_eq!(again.volume_id, v.volume_id);
+    let err = d.create_volume("pvc-r", 64 * MIB, &[], None).unwrap_err();
+    assert_eq!(err.code(), Code::AlreadyExists, "{err}");
+    let err = d
+        .create_volume("pvc-r", 32 * MIB, &[("keep", "last:3")], None)
+        .unwrap_err();
+    assert_eq!(err.code(), Code::AlreadyExists, "{err}");
+    // Parameter values that could pass as options or cut a line are refused.
+    for bad in ["-o", "a#b", "x,y", "a\nb"] {
+        let err = d
+            .create_volume("pvc-bad", 32 * MIB, &[("replicate", bad)], None)
+            .unwrap_err();
+        assert_eq!(err.code(), Code::InvalidArgument, "{bad:?}: {err}");
+    }
+    // Strangers: ids this driver never made, relative paths.
+    let target = dir.path().join("pods/r/volume");
+    let unpublish = |d: &mut Driver, vid: &str, t: &str| {
+        let req = NodeUnpublishVolumeRequest {
+            volume_id: vid.into(),
+            target_path: t.into(),
+        };
+        d.rt.block_on(d.node.node_unpublish_volume(req)).map(|_| ())
+    };
+    let err = unpublish(&mut d, "/", "/mnt").unwrap_err();
+    assert_eq!(err.code(), Code::NotFound, "{err}");
+    let err = unpublish(&mut d, &v.volume_id, "relative/path").unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument, "{err}");
+    // Unpublishing what was never published is OK (Kubernetes' cleanup does it).
+    unpublish(&mut d, &v.volume_id, target.to_str().unwrap()).unwrap();
+    // Publishing twice at one target is one mount.
+    d.publish(&v.volume_id, &target, false);
+    d.publish(&v.volume_id, &target, false);
+    let on_target = |p: &Path| {
+        std::fs::read_to_string("/proc/self/mountinfo")
+            .unwrap()
+            .lines()
+            .filter(|l| l.split(' ').nth(4) == p.to_str())
+            .count()
+    };
+    assert_eq!(on_target(&target), 1);
+    let kept_text = b"written before the daemon died";
+    std::fs::write(target.join("kept"), kept_text).unwrap();
+    std::fs::File::open(target.join("kept"))
+        .unwrap()
+        .sync_all()
+        .unwrap();
+    // The volume's daemon dies (as when its container restarts): its mounts are
+    // left answering ENOTCONN. Unpublish still works, and a new publish serves the
+    // volume again with what was synced.
+    let store = root.join(format!("volumes/{}/store", v.volume_id));
+    let kill_daemon = || {
+        let pid: i32 = std::fs::read_to_string(store.join("snapfs.pid"))
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap();
+        // SAFETY: killing the daemon this test's driver started.
+        assert_eq!(unsafe { libc::kill(pid, libc::SIGKILL) }, 0);
+        wait_exit(pid);
+    };
+    kill_daemon();
+    let err = std::fs::read_dir(&target).unwrap_err();
+    assert_eq!(err.raw_os_error(), Some(libc::ENOTCONN), "{err}");
+    d.unpublish(&v.volume_id, &target);
+    assert!(!target.exists());
+    d.publish(&v.volume_id, &target, false);
+    assert_eq!(std::fs::read(target.join("kept")).unwrap(), kept_text);
+    // Killed again, then published at a second target with the first still there.
+    kill_daemon();
+    let t2 = dir.path().join("pods/r2/volume");
+    d.publish(&v.volume_id, &t2, false);
+    assert_eq!(std::fs::read(t2.join("kept")).unwrap(), kept_text);
+    d.unpublish(&v.volume_id, &target);
+    d.unpublish(&v.volume_id, &t2);
+    // Expansion: on the node, and for a volume another node holds.
+    let req = NodeExpandVolumeRequest {
+        volume_id: v.volume_id.clone(),
+        volume_path: target.to_str().unwrap().into(),
+        capacity_range: Some(CapacityRange {
+            required_bytes: 48 * MIB,
+            limit_bytes: 0,
+        }),
+        ..Default::default()
+    };
+    let got = d.rt.block_on(d.node.node_expand_volume(req)).unwrap();
+    assert_eq!(got.into_inner().capacity_bytes, 48 * MIB);
+    let toml = std::fs::read_to_string(store.join("snapfs.toml")).unwrap();
+    assert!(toml.contains(&format!("size = \"{}\"", 48 * MIB)), "{toml}");
+    let req = ControllerExpandVolumeRequest {
+        volume_id: "v-0123456789abcdef0123".into(),
+        capacity_range: Some(CapacityRange {
+            required_bytes: 48 * MIB,
+            limit_bytes: 0,
+        }),
+        ..Default::default()
+    };
+    let got = d.rt.block_on(d.ctl.controller_expand_volume(req)).unwrap();
+    assert!(got.into_inner().node_expansion_required);
+    // A deletion cut short once the store was moved aside for a snapshot: the retry
+    // completes it, and the snapshot still makes volumes.
+    let snap = d.snapshot("snap-r", &v.volume_id, &[]);
+    let rec =
+        std::fs::read_to_string(root.join(format!("volumes/{}/volume.json", v.volume_id))).unwrap();
+    let rec: serde_json::Value = serde_json::from_str(&rec).unwrap();
+    let kept = root.join(format!("retained/{}-{}", v.volume_id, rec["created"]));
+    std::fs::rename(&store, &kept).unwrap();
+    d.delete_volume(&v.volume_id);
+    assert!(kept.exists());
+    let late = d
+        .create_volume(
+            "pvc-late",
+            32 * MIB,
+            &[],
+            Some(volume_content_source::Type::Snapshot(
+                volume_content_source::SnapshotSource {
+                    snapshot_id: snap.snapshot_id.clone(),
+                },
+            )),
+        )
+        .unwrap();
+    d.publish(&late.volume_id, &target, false);
+    assert_eq!(std::fs::read(target.join("kept")).unwrap(), kept_text);
+    d.unpublish(&late.volume_id, &target);
+    d.delete_volume(&late.volume_id);
+    d.delete_snapshot(&snap.snapshot_id);
+    assert!(
+        !kept.exists(),
+        "the retained store goes with its last snapshot"
+    );
+    assert_eq!(std::fs::read_dir(root.join("volumes")).unwrap().count(), 0);
 }

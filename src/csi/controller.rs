@@ -26,10 +26,10 @@ impl Driver {
                 let snap = self
                     .snapshot(&s["snapshot:".len()..])?
                     .ok_or_else(|| not_found(format!("snapshot {s}: no such snapshot")))?;
-                let from = self.cfg.root.join(&snap.store);
-                self.snapfs(&["clone", path_str(&from)?, &snap.id, dest])?;
+                let from = self.snapshot_store(&snap)?;
+                self.snapfs(&["clone", "--", path_str(&from)?, &snap.id, dest])?;
                 // The clone's own copy of the snapshot is not a CSI snapshot of it.
-                self.snapfs(&["snapshot", "delete", dest, &snap.id])?;
+                self.snapfs(&["snapshot", "delete", "--", dest, &snap.id])?;
             }
             Some(s) if s.starts_with("volume:") => {
                 let vid = &s["volume:".len()..];
@@ -37,20 +37,23 @@ impl Driver {
                 let from = path_str(&from)?;
                 let tmp = format!("csi-clone-{id}");
                 // A clone cut short may have left its snapshot behind.
-                let _ = self.snapfs(&["snapshot", "delete", from, &tmp]);
-                self.snapfs(&["snapshot", "create", from, &tmp])?;
+                if self.has_snapshot(from, &tmp)? {
+                    self.snapfs(&["snapshot", "delete", "--", from, &tmp])?;
+                }
+                self.snapfs(&["snapshot", "create", "--", from, &tmp])?;
                 let res = self
-                    .snapfs(&["clone", from, &tmp, dest])
-                    .and_then(|_| self.snapfs(&["snapshot", "delete", dest, &tmp]));
-                let _ = self.snapfs(&["snapshot", "delete", from, &tmp]);
+                    .snapfs(&["clone", "--", from, &tmp, dest])
+                    .and_then(|_| self.snapfs(&["snapshot", "delete", "--", dest, &tmp]));
+                let _ = self.snapfs(&["snapshot", "delete", "--", from, &tmp]);
                 res?;
             }
             _ => {
                 if let Some(url) = params.get("restoreFrom") {
-                    let mut args = vec!["restore", url.as_str(), dest];
+                    let mut args = vec!["restore"];
                     if let Some(s) = params.get("restoreSnapshot") {
                         args.extend(["--snapshot", s.as_str()]);
                     }
+                    args.extend(["--", url.as_str(), dest]);
                     self.snapfs(&args)?;
                 } else {
                     crate::fs::Fs::open(store, Some(&crate::store::StoreConfig::default()))
@@ -76,6 +79,16 @@ impl Driver {
             set(k, Some(v))?;
         }
         Ok(())
+    }
+
+    /// Whether the store at `store` holds a snapshot named `name`. Blocking.
+    fn has_snapshot(&self, store: &str, name: &str) -> Result<bool, Status> {
+        let out = self.snapfs(&["snapshot", "list", "--json", "--", store])?;
+        let rows: Vec<serde_json::Value> = serde_json::from_str(&out)
+            .map_err(|e| internal(format!("snapshot list of {store}: {e}")))?;
+        Ok(rows
+            .iter()
+            .any(|r| r.get("name").and_then(|n| n.as_str()) == Some(name)))
     }
 
     /// Whether the volume is mounted by this node now.
@@ -183,7 +196,10 @@ impl controller_server::Controller for Arc<Driver> {
         }
         let d = self.clone();
         let g = self.lock.clone().lock_owned().await;
+        // No publish may start meanwhile.
+        let ng = self.node_lock.clone().lock_owned().await;
         locked(g, move || {
+            let _ng = ng;
             if !valid_id("v", &id) {
                 return Ok(());
             }
@@ -196,41 +212,35 @@ impl controller_server::Controller for Arc<Driver> {
                     "volume {id} is published: unpublish it first"
                 )));
             }
-            if !daemon_gone(&dir.join("store")) {
+            let store = dir.join("store");
+            if !daemon_gone(&store) {
                 return Err(Status::unavailable(format!(
                     "volume {id}: its daemon is still closing the store; try again"
                 )));
             }
-            let rel = format!("volumes/{id}/store");
-            let snaps: Vec<SnapshotRec> = d
-                .all_snapshots()?
-                .into_iter()
-                .filter(|s| s.store == rel)
-                .collect();
-            // The volume's record goes first: from then on it is deleted, whatever is
-            // cut short after.
             let json = dir.join("volume.json");
-            match std::fs::remove_file(&json) {
-                Ok(()) => sync_dir(&dir).map_err(|e| internal(e.to_string()))?,
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-                Err(e) => return Err(internal(format!("{}: {e}", json.display()))),
-            }
-            if snaps.is_empty() {
-                std::fs::remove_dir_all(&dir)
-                    .map_err(|e| internal(format!("{}: {e}", dir.display())))?;
-            } else {
-                // Its snapshots outlive it: the store is kept aside for them.
-                let kept = format!("retained/{id}-{}", now().0);
-                std::fs::rename(dir.join("store"), d.cfg.root.join(&kept))
-                    .map_err(|e| internal(format!("{}: {e}", dir.display())))?;
-                for mut s in snaps {
-                    s.store = kept.clone();
-                    write_json(&d.snapshots().join(format!("{}.json", s.id)), &s)
+            if let Some(v) = d.volume(&id)? {
+                let snaps = d
+                    .all_snapshots()?
+                    .into_iter()
+                    .any(|s| s.volume == id && s.volume_created == v.created);
+                // Its snapshots outlive it: the store is moved aside for them first
+                // (one rename), so that whatever is cut short after, they find it.
+                if snaps && store.exists() {
+                    let kept = d.retained(&id, v.created);
+                    std::fs::rename(&store, &kept)
+                        .map_err(|e| internal(format!("{}: {e}", kept.display())))?;
+                    sync_dir(&d.cfg.root.join("retained"))
+                        .and_then(|()| sync_dir(&dir))
                         .map_err(|e| internal(e.to_string()))?;
                 }
-                std::fs::remove_dir_all(&dir)
-                    .map_err(|e| internal(format!("{}: {e}", dir.display())))?;
+                // Then the record: from here on the volume is deleted.
+                std::fs::remove_file(&json)
+                    .and_then(|()| sync_dir(&dir))
+                    .map_err(|e| internal(format!("{}: {e}", json.display())))?;
             }
+            std::fs::remove_dir_all(&dir)
+                .map_err(|e| internal(format!("{}: {e}", dir.display())))?;
             tracing::info!(volume = %id, "volume deleted");
             Ok(())
         })
@@ -370,25 +380,29 @@ impl controller_server::Controller for Arc<Driver> {
             })?;
             let store = d.volume_dir(&v.id).join("store");
             let store_s = path_str(&store)?;
-            match d.snapfs(&["snapshot", "create", store_s, &sid]) {
-                Ok(_) => {}
-                // Taken by a call cut short before its record was written.
-                Err(e) if e.message().contains("exists") => {}
-                Err(e) => return Err(e),
+            // Taken already by a call cut short before its record was written.
+            if !d.has_snapshot(store_s, &sid)? {
+                d.snapfs(&["snapshot", "create", "--", store_s, &sid])?;
             }
             if let Some(dest) = r.parameters.get("replicate") {
-                let mut args = vec!["sync", store_s, dest.as_str(), "--snapshot", &sid];
+                let mut args = vec!["sync", "--snapshot", &sid];
                 if let Some(k) = r.parameters.get("replicateKeyFile") {
                     args.extend(["--key-file", k.as_str()]);
                 }
-                d.snapfs(&args)?;
+                args.extend(["--", store_s, dest.as_str()]);
+                if let Err(e) = d.snapfs(&args) {
+                    // Not a snapshot of Kubernetes' until it is replicated: none left
+                    // behind, holding space nobody can free.
+                    let _ = d.snapfs(&["snapshot", "delete", "--", store_s, &sid]);
+                    return Err(e);
+                }
             }
             let (secs, nanos) = now();
             let rec = SnapshotRec {
                 name: r.name.clone(),
                 id: sid.clone(),
                 volume: v.id.clone(),
-                store: format!("volumes/{}/store", v.id),
+                volume_created: v.created,
                 size: v.capacity,
                 created_secs: secs,
                 created_nanos: nanos,
@@ -418,25 +432,17 @@ impl controller_server::Controller for Arc<Driver> {
             let Some(s) = d.snapshot(&sid)? else {
                 return Ok(());
             };
-            let store = d.cfg.root.join(&s.store);
-            if store.exists() {
-                match d.snapfs(&["snapshot", "delete", path_str(&store)?, &sid]) {
-                    Ok(_) => {}
-                    Err(e) if e.message().contains("no snapshot") => {}
-                    Err(e) => return Err(e),
-                }
+            let store = d.snapshot_store(&s)?;
+            let store_s = path_str(&store)?;
+            if store.exists() && d.has_snapshot(store_s, &sid)? {
+                d.snapfs(&["snapshot", "delete", "--", store_s, &sid])?;
             }
             let json = d.snapshots().join(format!("{sid}.json"));
             std::fs::remove_file(&json)
                 .map_err(|e| internal(format!("{}: {e}", json.display())))?;
             sync_dir(&d.snapshots()).map_err(|e| internal(e.to_string()))?;
             // A deleted volume's store goes with its last snapshot.
-            if s.store.starts_with("retained/")
-                && !d.all_snapshots()?.iter().any(|o| o.store == s.store)
-            {
-                std::fs::remove_dir_all(&store)
-                    .map_err(|e| internal(format!("{}: {e}", store.display())))?;
-            }
+            d.sweep_retained()?;
             tracing::info!(snapshot = %sid, "snapshot deleted");
             Ok(())
         })
@@ -522,7 +528,7 @@ impl Driver {
             return Ok(v.capacity);
         }
         let store = self.volume_dir(id).join("store");
-        self.snapfs(&["resize", path_str(&store)?, &want.to_string()])?;
+        self.snapfs(&["resize", "--", path_str(&store)?, &want.to_string()])?;
         v.capacity = want;
         write_json(&self.volume_dir(id).join("volume.json"), &v)
             .map_err(|e| internal(e.to_string()))?;

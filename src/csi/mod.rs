@@ -81,19 +81,23 @@ struct SnapshotRec {
     id: String,
     /// The volume it is of.
     volume: String,
-    /// The store holding it, relative to the root.
-    store: String,
+    /// When that volume was made (with its id, which store holds the snapshot: the
+    /// volume's while it lives, then `retained/VID-CREATED`).
+    volume_created: i64,
     /// Bytes: the volume's capacity when it was taken.
     size: u64,
     created_secs: i64,
     created_nanos: i32,
 }
 
-/// The driver's state: its configuration, and one lock that every call which
-/// changes something holds, so that calls on the same name never interleave.
+/// The driver's state: its configuration and two locks. Every controller call that
+/// changes something holds `lock`, so that calls on the same name never interleave;
+/// node calls hold `node_lock`, so that a long restore or sync under `lock` does not
+/// keep pods from starting. A call that needs both (DeleteVolume) takes `lock` first.
 struct Driver {
     cfg: Config,
     lock: Arc<tokio::sync::Mutex<()>>,
+    node_lock: Arc<tokio::sync::Mutex<()>>,
 }
 
 type Res<T> = Result<Response<T>, Status>;
@@ -184,7 +188,7 @@ fn volume_options(params: &BTreeMap<String, String>) -> Result<Vec<(String, Stri
                 "unknown parameter {k:?}: snapfs takes snapshotEvery, keep, replicate, replicateKeyFile, restoreFrom and restoreSnapshot"
             )));
         };
-        if v.contains(['\n', '"', ',']) {
+        if v.contains(['\n', '"', ',', '#']) || v.starts_with('-') {
             return Err(invalid(format!(
                 "parameter {k}: {v:?} holds a character it may not"
             )));
@@ -294,6 +298,45 @@ impl Driver {
         self.cfg.root.join("snapshots")
     }
 
+    /// Where the store of volume `vid` made at `created` is kept once the volume is
+    /// deleted and snapshots of it are left.
+    fn retained(&self, vid: &str, created: i64) -> PathBuf {
+        self.cfg
+            .root
+            .join("retained")
+            .join(format!("{vid}-{created}"))
+    }
+
+    /// The store holding snapshot `s`: its volume's while that lives (and has not
+    /// moved its store aside yet), else the retained one.
+    fn snapshot_store(&self, s: &SnapshotRec) -> Result<PathBuf, Status> {
+        let own = self.volume_dir(&s.volume).join("store");
+        if let Some(v) = self.volume(&s.volume)?
+            && v.created == s.volume_created
+            && own.exists()
+        {
+            return Ok(own);
+        }
+        Ok(self.retained(&s.volume, s.volume_created))
+    }
+
+    /// Deletes retained stores no snapshot names (left by a deletion cut short).
+    fn sweep_retained(&self) -> Result<(), Status> {
+        let snaps = self.all_snapshots()?;
+        for name in list_dir(&self.cfg.root.join("retained"))? {
+            let held = snaps
+                .iter()
+                .any(|s| format!("{}-{}", s.volume, s.volume_created) == name);
+            if !held {
+                let p = self.cfg.root.join("retained").join(&name);
+                tracing::info!(store = %p.display(), "deleting a retained store no snapshot names");
+                std::fs::remove_dir_all(&p)
+                    .map_err(|e| internal(format!("{}: {e}", p.display())))?;
+            }
+        }
+        Ok(())
+    }
+
     fn topology(&self) -> Topology {
         Topology {
             segments: HashMap::from([(TOPOLOGY_KEY.to_string(), self.cfg.node_id.clone())]),
@@ -370,14 +413,29 @@ impl Driver {
     }
 }
 
-/// Waits (up to 30 s) until no daemon serves `store`: its control socket answers no
-/// more and its pid file is gone (a daemon whose last mount went is closing the
-/// store, and the store may not move or go before it has).
+/// Whether a daemon serves `store`: its control socket answers, or the process its
+/// pid file names lives (a daemon whose last mount went closes the store after its
+/// socket; one that was killed left its pid file behind, naming no process).
+fn daemon_alive(store: &Path) -> bool {
+    if crate::daemon::connect_control(store).is_some() {
+        return true;
+    }
+    let Ok(text) = std::fs::read_to_string(store.join(crate::daemon::PIDFILE)) else {
+        return false;
+    };
+    let Ok(pid) = text.trim().parse::<i32>() else {
+        return false;
+    };
+    // The process is there and is snapfs (not another that took the number).
+    std::fs::read(format!("/proc/{pid}/cmdline"))
+        .is_ok_and(|c| c.split(|b| *b == 0).nth(1) == Some(b"mount".as_slice()))
+}
+
+/// Waits (up to 30 s) until no daemon serves `store`: the store may not move or go
+/// before the daemon that held it has closed it.
 fn daemon_gone(store: &Path) -> bool {
     for _ in 0..300 {
-        if crate::daemon::connect_control(store).is_none()
-            && !store.join(crate::daemon::PIDFILE).exists()
-        {
+        if !daemon_alive(store) {
             return true;
         }
         std::thread::sleep(std::time::Duration::from_millis(100));
@@ -539,10 +597,19 @@ pub fn serve(cfg: &Config) -> anyhow::Result<()> {
         .worker_threads(2)
         .enable_all()
         .build()?;
+    // Mounts name their store by its path: one spelling of it, the canonical one.
+    let mut cfg = cfg.clone();
+    cfg.root =
+        std::fs::canonicalize(&cfg.root).with_context(|| format!("{}", cfg.root.display()))?;
+    let cfg = &cfg;
     let driver = Arc::new(Driver {
         cfg: cfg.clone(),
         lock: Arc::new(tokio::sync::Mutex::new(())),
+        node_lock: Arc::new(tokio::sync::Mutex::new(())),
     });
+    driver
+        .sweep_retained()
+        .map_err(|e| anyhow::anyhow!("{}", e.message()))?;
     rt.block_on(async move {
         let shutdown = async {
             let mut term =

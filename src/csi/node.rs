@@ -12,51 +12,93 @@ use tonic::{Request, Response, Status};
 use super::controller::statvfs;
 use super::*;
 
-/// Mount flags a target takes (per mount point; the rest are the volume's).
-const TARGET_FLAGS: &[&str] = &[
-    "ro", "rw", "nosuid", "suid", "nodev", "dev", "noexec", "exec",
-];
+/// Mount flags a target takes (per mount point; the rest are the volume's). A
+/// volume is always `nosuid,nodev`: those are not undone.
+const TARGET_FLAGS: &[&str] = &["ro", "rw", "nosuid", "nodev", "noexec", "exec"];
 
-/// Unmounts `p` (not following a symlink there).
-fn umount(p: &Path) -> std::io::Result<()> {
+/// Unmounts `p` (not following a symlink there); with `detach`, lazily (a mount
+/// whose daemon is gone).
+fn umount(p: &Path, detach: bool) -> std::io::Result<()> {
     use std::os::unix::ffi::OsStrExt;
     let c = std::ffi::CString::new(p.as_os_str().as_bytes())
         .map_err(|_| std::io::Error::from_raw_os_error(libc::EINVAL))?;
+    let flags = libc::UMOUNT_NOFOLLOW | if detach { libc::MNT_DETACH } else { 0 };
     // SAFETY: a NUL-terminated path.
-    if unsafe { libc::umount2(c.as_ptr(), libc::UMOUNT_NOFOLLOW) } != 0 {
+    if unsafe { libc::umount2(c.as_ptr(), flags) } != 0 {
         return Err(std::io::Error::last_os_error());
     }
     Ok(())
 }
 
+/// The mount on top at `p`, as (filesystem type, source), from /proc/self/mountinfo.
+fn mount_at(p: &Path) -> Option<(String, String)> {
+    use crate::daemon::unescape_mount;
+    let info = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
+    info.lines()
+        .filter_map(|l| {
+            let f: Vec<&str> = l.split(' ').collect();
+            let sep = f.iter().position(|x| *x == "-")?;
+            if Path::new(&unescape_mount(f.get(4)?)) != p {
+                return None;
+            }
+            Some((f.get(sep + 1)?.to_string(), unescape_mount(f.get(sep + 2)?)))
+        })
+        .next_back()
+}
+
+/// The mount points of every FUSE mount whose source is `store` (a daemon's mount and
+/// its bind mounts, live or left by a daemon that died).
+fn mounts_of_store(store: &Path) -> Vec<PathBuf> {
+    use crate::daemon::unescape_mount;
+    let Ok(info) = std::fs::read_to_string("/proc/self/mountinfo") else {
+        return Vec::new();
+    };
+    info.lines()
+        .filter_map(|l| {
+            let f: Vec<&str> = l.split(' ').collect();
+            let sep = f.iter().position(|x| *x == "-")?;
+            let fuse = f.get(sep + 1)?.starts_with("fuse");
+            (fuse && Path::new(&unescape_mount(f.get(sep + 2)?)) == store)
+                .then(|| PathBuf::from(unescape_mount(f.get(4).copied().unwrap_or(""))))
+        })
+        .collect()
+}
+
 impl Driver {
-    /// The device number of the volume's own mount, if it is mounted.
-    fn volume_device(&self, id: &str) -> Option<String> {
-        let mnt = self.volume_dir(id).join("mnt");
-        crate::daemon::is_mounted(&mnt)
-            .then(|| crate::daemon::device_at(&mnt))
-            .flatten()
-    }
-
-    /// Whether `target` is a mount of volume `id`.
+    /// Whether `target` is a mount of volume `id`'s store (by its source: also one
+    /// left by a daemon that died).
     fn shows(&self, id: &str, target: &Path) -> bool {
-        crate::daemon::is_mounted(target)
-            && self.volume_device(id).is_some()
-            && crate::daemon::device_at(target) == self.volume_device(id)
+        let store = self.volume_dir(id).join("store");
+        mount_at(target)
+            .is_some_and(|(fstype, src)| fstype.starts_with("fuse") && Path::new(&src) == store)
     }
 
-    /// Publishes volume `id` at `target`. Blocking.
+    /// Publishes volume `id` at `target`. Blocking; under the node lock.
     fn publish(&self, id: &str, target: &Path, flags: &[String]) -> Result<(), Status> {
         let dir = self.volume_dir(id);
         let (store, mnt) = (dir.join("store"), dir.join("mnt"));
+        // Checked again under the lock: a volume deleted meanwhile is not mounted
+        // (which would make an empty store in its place).
+        if self.volume(id)?.is_none() || !crate::store::Store::exists(&store) {
+            return Err(not_found(format!("volume {id}: no such volume")));
+        }
+        // A daemon that died (killed, or its container restarted) leaves its mounts
+        // behind, answering ENOTCONN: they go, and the volume is mounted again.
+        if !daemon_alive(&store) {
+            for m in mounts_of_store(&store).iter().rev() {
+                tracing::warn!(volume = %id, mount = %m.display(), "unmounting what a dead daemon left");
+                let _ = umount(m, true);
+            }
+        }
         if !crate::daemon::is_mounted(&mnt) {
             std::fs::create_dir_all(&mnt).map_err(|e| internal(e.to_string()))?;
             self.snapfs(&[
                 "mount",
-                path_str(&store)?,
-                path_str(&mnt)?,
                 "-o",
                 "nosuid,nodev",
+                "--",
+                path_str(&store)?,
+                path_str(&mnt)?,
             ])?;
         }
         if crate::daemon::is_mounted(target) {
@@ -70,18 +112,27 @@ impl Driver {
         }
         std::fs::create_dir_all(target)
             .map_err(|e| internal(format!("{}: {e}", target.display())))?;
-        let opts = flags.join(",");
-        let mut args = vec!["mount", path_str(&store)?, path_str(target)?];
-        if !opts.is_empty() {
-            args.extend(["-o", opts.as_str()]);
-        }
-        self.snapfs(&args)?;
+        let opts = if flags.is_empty() {
+            "rw".to_string()
+        } else {
+            flags.join(",")
+        };
+        self.snapfs(&[
+            "mount",
+            "-o",
+            &opts,
+            "--",
+            path_str(&store)?,
+            path_str(target)?,
+        ])?;
         Ok(())
     }
 
     /// Unpublishes `target`; the volume's own mount goes with its last target.
-    /// Blocking.
+    /// Blocking; under the node lock.
     fn unpublish(&self, id: &str, target: &Path) -> Result<(), Status> {
+        let store = self.volume_dir(id).join("store");
+        let alive = daemon_alive(&store);
         if crate::daemon::is_mounted(target) {
             if !self.shows(id, target) {
                 return Err(Status::failed_precondition(format!(
@@ -89,24 +140,19 @@ impl Driver {
                     target.display()
                 )));
             }
-            umount(target).map_err(|e| internal(format!("{}: {e}", target.display())))?;
+            umount(target, !alive).map_err(|e| internal(format!("{}: {e}", target.display())))?;
         }
         match std::fs::remove_dir(target) {
             Ok(()) => {}
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
             Err(e) => return Err(internal(format!("{}: {e}", target.display()))),
         }
-        if let Some(dev) = self.volume_device(id) {
-            let others = crate::daemon::mounts()
-                .iter()
-                .filter(|(d, _)| *d == dev)
-                .count();
-            if others <= 1 {
-                let mnt = self.volume_dir(id).join("mnt");
-                umount(&mnt).map_err(|e| internal(format!("{}: {e}", mnt.display())))?;
-                if !daemon_gone(&self.volume_dir(id).join("store")) {
-                    tracing::warn!(volume = %id, "its daemon is slow to close the store");
-                }
+        let mnt = self.volume_dir(id).join("mnt");
+        let left = mounts_of_store(&store);
+        if crate::daemon::is_mounted(&mnt) && left.iter().all(|m| *m == mnt) {
+            umount(&mnt, !alive).map_err(|e| internal(format!("{}: {e}", mnt.display())))?;
+            if !daemon_gone(&store) {
+                tracing::warn!(volume = %id, "its daemon is slow to close the store");
             }
         }
         Ok(())
@@ -158,11 +204,17 @@ impl node_server::Node for Arc<Driver> {
         if r.readonly {
             flags.push("ro".to_string());
         }
+        if !Path::new(&r.target_path).is_absolute() {
+            return Err(invalid(format!(
+                "target_path {:?}: not absolute",
+                r.target_path
+            )));
+        }
         if self.volume(&r.volume_id)?.is_none() {
             return Err(not_found(format!("volume {}: no such volume", r.volume_id)));
         }
         let d = self.clone();
-        let g = self.lock.clone().lock_owned().await;
+        let g = self.node_lock.clone().lock_owned().await;
         locked(g, move || {
             d.publish(&r.volume_id, Path::new(&r.target_path), &flags)
         })
@@ -181,8 +233,18 @@ impl node_server::Node for Arc<Driver> {
         if r.target_path.is_empty() {
             return Err(invalid("target_path: none given"));
         }
+        if !Path::new(&r.target_path).is_absolute() {
+            return Err(invalid(format!(
+                "target_path {:?}: not absolute",
+                r.target_path
+            )));
+        }
+        // Not one of ours: nothing of it is mounted by this driver.
+        if !valid_id("v", &r.volume_id) {
+            return Err(not_found(format!("volume {}: no such volume", r.volume_id)));
+        }
         let d = self.clone();
-        let g = self.lock.clone().lock_owned().await;
+        let g = self.node_lock.clone().lock_owned().await;
         locked(g, move || {
             d.unpublish(&r.volume_id, Path::new(&r.target_path))
         })
@@ -205,14 +267,23 @@ impl node_server::Node for Arc<Driver> {
         if self.volume(&r.volume_id)?.is_none() {
             return Err(not_found(format!("volume {}: no such volume", r.volume_id)));
         }
-        let path = Path::new(&r.volume_path);
-        if !self.shows(&r.volume_id, path) {
+        let path = PathBuf::from(&r.volume_path);
+        if !self.shows(&r.volume_id, &path) {
             return Err(not_found(format!(
                 "{}: volume {} is not published there",
                 r.volume_path, r.volume_id
             )));
         }
-        let st = statvfs(path).map_err(|e| internal(format!("{}: {e}", path.display())))?;
+        // statfs reaches the volume's daemon: a busy one must not hold the driver's
+        // workers.
+        let stat = tokio::task::spawn_blocking(move || statvfs(&path));
+        let st = tokio::time::timeout(std::time::Duration::from_secs(10), stat)
+            .await
+            .map_err(|_| {
+                Status::unavailable(format!("{}: statfs did not answer in 10 s", r.volume_path))
+            })?
+            .map_err(|e| internal(e.to_string()))?
+            .map_err(|e| internal(format!("{}: {e}", r.volume_path)))?;
         let unit = st.f_frsize;
         let n = |x: u64| x.min(i64::MAX as u64) as i64;
         let usage = |available: u64, total: u64, unit_kind: Unit| VolumeUsage {

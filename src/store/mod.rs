@@ -918,7 +918,12 @@ impl Store {
     pub fn punch_freed(&mut self, now: bool) -> u64 {
         // A hole costs the filesystem work (and the disk a discard, on some): worth it
         // only while space is short. Otherwise compaction gives the space back in bulk.
-        if !now && self.segs.room_for(PUNCH_WHEN_FREE_BELOW).unwrap_or(true) {
+        // A volume with a size counts what its files take: space freed under it is
+        // the volume's to use again, so it is always given back.
+        if !now
+            && self.segs.limit().is_none()
+            && self.segs.room_for(PUNCH_WHEN_FREE_BELOW).unwrap_or(true)
+        {
             self.punch_queue.clear();
             return 0;
         }
@@ -1066,7 +1071,9 @@ impl Store {
             if self.compact_skip.contains(&id) {
                 continue;
             }
-            if live > 0 && !self.segs.room_for(live).unwrap_or(false) {
+            // Compaction gives space back in the end: only the disk's own room counts
+            // here, not the volume's size.
+            if live > 0 && !self.segs.room_on_disk(live).unwrap_or(false) {
                 tracing::debug!(segment = id, live, "no room to compact this segment now");
                 continue;
             }

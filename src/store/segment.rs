@@ -440,15 +440,21 @@ impl Segments {
     /// filesystem, at least 8 MiB and at most 256 MiB.
     /// With a size limit, also whether the segments stay within it.
     pub fn room_for(&self, bytes: u64) -> io::Result<bool> {
-        let (avail, total) = self.disk.space(&self.dir)?;
-        let reserve = (total / 20).clamp(8 << 20, 256 << 20);
-        if avail < bytes.saturating_add(reserve) {
+        if !self.room_on_disk(bytes)? {
             return Ok(false);
         }
         Ok(match self.limit {
             Some(limit) => self.used_bytes()?.saturating_add(bytes) <= limit,
             None => true,
         })
+    }
+
+    /// Whether `bytes` more of extents leave the disk its reserve (the volume's size
+    /// aside).
+    pub fn room_on_disk(&self, bytes: u64) -> io::Result<bool> {
+        let (avail, total) = self.disk.space(&self.dir)?;
+        let reserve = (total / 20).clamp(8 << 20, 256 << 20);
+        Ok(avail >= bytes.saturating_add(reserve))
     }
 
     /// Sets the volume's size (`None`: as much as the disk holds).
