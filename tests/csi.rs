@@ -457,7 +457,6 @@ fn a_volume_is_published_written_snapshotted_cloned_expanded_filled_and_deleted(
 #[cfg(snapfs_csi)]
 #[test]
 fn a_volume_replicates_to_another_cluster_and_is_restored_there() {
-    use std::io::BufRead;
     const MIB: i64 = 1 << 20;
     let dir = test_dir();
     // The second cluster's node: a `snapfs serve` receiving into its store.
@@ -465,28 +464,8 @@ fn a_volume_replicates_to_another_cluster_and_is_restored_there() {
     std::fs::write(&key, "a secret the two clusters share").unwrap();
     std::fs::set_permissions(&key, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
     let replica = dir.path().join("replica");
-    let mut serve = Command::new(SNAPFS)
-        .args([
-            "serve",
-            replica.to_str().unwrap(),
-            "--listen",
-            "127.0.0.1:0",
-        ])
-        .arg("--key-file")
-        .arg(&key)
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut line = String::new();
-    std::io::BufReader::new(serve.stdout.take().unwrap())
-        .read_line(&mut line)
-        .unwrap();
-    let addr = line
-        .trim()
-        .strip_prefix("listening on ")
-        .unwrap()
-        .to_string();
-    let dest = format!("tcp://{addr}");
+    let serve = Server::start(&replica, &key);
+    let dest = format!("tcp://{}", serve.addr);
 
     let mut a = Driver::start(&dir.path().join("root-a"), "node-a");
     // The first cluster: a StorageClass that snapshots every second and replicates
@@ -534,8 +513,7 @@ fn a_volume_replicates_to_another_cluster_and_is_restored_there() {
     a.unpublish(&vol.volume_id, &target);
     // The first cluster goes away.
     drop(a);
-    let _ = serve.kill();
-    let _ = serve.wait();
+    drop(serve);
 
     // The second cluster restores it as a volume of its own.
     let mut b = Driver::start(&dir.path().join("root-b"), "node-b");

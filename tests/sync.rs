@@ -138,42 +138,6 @@ fn a_destination_that_is_not_a_replica_is_refused_and_left_alone() {
     assert!(err.contains("no snapshot named \"nope\""), "{err}");
 }
 
-/// A `snapfs serve` child, killed when dropped.
-struct Server {
-    child: std::process::Child,
-    addr: String,
-}
-
-impl Server {
-    fn start(store: &Path, key: &Path) -> Server {
-        use std::io::BufRead;
-        let mut child = std::process::Command::new(SNAPFS)
-            .args(["serve", store.to_str().unwrap(), "--listen", "127.0.0.1:0"])
-            .arg("--key-file")
-            .arg(key)
-            .stdout(std::process::Stdio::piped())
-            .spawn()
-            .unwrap();
-        let mut line = String::new();
-        std::io::BufReader::new(child.stdout.take().unwrap())
-            .read_line(&mut line)
-            .unwrap();
-        let addr = line
-            .trim()
-            .strip_prefix("listening on ")
-            .unwrap_or_else(|| panic!("{line:?}"))
-            .to_string();
-        Server { child, addr }
-    }
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
 fn key_file(dir: &Path, name: &str, secret: &str) -> std::path::PathBuf {
     use std::os::unix::fs::PermissionsExt;
     let p = dir.join(name);

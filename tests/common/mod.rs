@@ -515,3 +515,41 @@ pub fn free_port() -> u16 {
         }
     }
 }
+
+/// A `snapfs serve` child, killed when dropped.
+#[allow(dead_code)]
+pub struct Server {
+    pub child: std::process::Child,
+    pub addr: String,
+}
+
+impl Server {
+    #[allow(dead_code)]
+    pub fn start(store: &Path, key: &Path) -> Server {
+        use std::io::BufRead;
+        let mut child = std::process::Command::new(SNAPFS)
+            .args(["serve", store.to_str().unwrap(), "--listen", "127.0.0.1:0"])
+            .arg("--key-file")
+            .arg(key)
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut line = String::new();
+        std::io::BufReader::new(child.stdout.take().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        let addr = line
+            .trim()
+            .strip_prefix("listening on ")
+            .unwrap_or_else(|| panic!("{line:?}"))
+            .to_string();
+        Server { child, addr }
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}

@@ -48,6 +48,17 @@ PEER_CHILD=""
 
 peer_log() { printf '[%s] %s\n' "$PEER_NAME" "$*"; }
 peer_warn() { printf '[%s] warning: %s\n' "$PEER_NAME" "$*" >&2; }
+# Prints the script's header comment (its usage) and exits, when asked with -h or
+# --help as its first argument.
+peer_help_if_asked() {
+    case ${1:-} in
+    -h | --help)
+        sed -n '2,/^set -euo/{/^set -euo/d;s/^# \{0,1\}//;p}' "$0"
+        exit 0
+        ;;
+    esac
+}
+
 peer_die() {
     printf '[%s] error: %s\n' "$PEER_NAME" "$*" >&2
     exit 2

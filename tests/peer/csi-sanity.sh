@@ -56,12 +56,7 @@ set -euo pipefail
 . "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 PEER_NAME=csi-sanity
 
-case ${1:-} in
--h | --help)
-    sed -n '2,/^set -euo/{/^set -euo/d;s/^# \{0,1\}//;p}' "$0"
-    exit 0
-    ;;
-esac
+peer_help_if_asked "$@"
 extra_args=("$@")
 
 peer_require_root "csi-sanity.sh"

@@ -31,12 +31,7 @@ set -euo pipefail
 . "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 PEER_NAME=k8s-manifests
 
-case ${1:-} in
--h | --help)
-    sed -n '2,/^set -euo/{/^set -euo/d;s/^# \{0,1\}//;p}' "$0"
-    exit 0
-    ;;
-esac
+peer_help_if_asked "$@"
 [ $# -le 1 ] || peer_die "unexpected argument '$2'"
 
 dir=${1:-$PEER_REPO_ROOT/deploy/kubernetes}
