@@ -288,58 +288,69 @@ pub fn is_mounted(path: &Path) -> bool {
     mounts().iter().any(|(_, mp)| mp == path)
 }
 
-/// Every mount as (device number `major:minor`, mount point), from
-/// /proc/self/mountinfo, in its order (a later mount on a path hides an earlier one).
-pub(crate) fn mounts() -> Vec<(String, PathBuf)> {
-    mounts_with_root()
-        .into_iter()
-        .map(|(dev, _, mp)| (dev, mp))
-        .collect()
+/// One mount, as /proc/self/mountinfo describes it.
+pub(crate) struct MountEntry {
+    /// The device number, `major:minor`.
+    pub dev: String,
+    /// The directory of the filesystem the mount shows (`/`: all of it).
+    pub root: String,
+    /// The mount point.
+    pub mp: PathBuf,
+    /// The filesystem type (`fuse`, `fuse.snapfs`, ...).
+    pub fstype: String,
+    /// The mount's source (for a snapfs mount: its store, unless `source=` named it).
+    pub source: String,
 }
 
-/// Every mount as (device number, the directory of the filesystem it shows, mount
-/// point), from /proc/self/mountinfo, in its order.
-fn mounts_with_root() -> Vec<(String, String, PathBuf)> {
+/// Every mount, from /proc/self/mountinfo, in its order (a later mount on a path
+/// hides an earlier one).
+pub(crate) fn mount_table() -> Vec<MountEntry> {
     let Ok(info) = std::fs::read_to_string("/proc/self/mountinfo") else {
         return Vec::new();
     };
-    // Fields: id, parent, major:minor, root, mount point, ...
+    // Fields: id, parent, major:minor, root, mount point, options, optional fields,
+    // "-", filesystem type, source, super options.
     info.lines()
         .filter_map(|l| {
-            let mut f = l.split(' ').skip(2);
-            let dev = f.next()?;
-            let root = f.next()?;
-            let mp = f.next()?;
-            Some((
-                dev.to_string(),
-                unescape_mount(root),
-                PathBuf::from(unescape_mount(mp)),
-            ))
+            let f: Vec<&str> = l.split(' ').collect();
+            let after = f.iter().position(|x| *x == "-").map(|i| &f[i + 1..]);
+            let field = |i: usize| {
+                after
+                    .and_then(|a| a.get(i))
+                    .map_or(String::new(), |x| unescape_mount(x))
+            };
+            Some(MountEntry {
+                dev: f.get(2)?.to_string(),
+                root: unescape_mount(f.get(3)?),
+                mp: PathBuf::from(unescape_mount(f.get(4)?)),
+                fstype: field(0),
+                source: field(1),
+            })
         })
         .collect()
+}
+
+/// Every mount as (device number `major:minor`, mount point), in mount order.
+pub(crate) fn mounts() -> Vec<(String, PathBuf)> {
+    mount_table().into_iter().map(|m| (m.dev, m.mp)).collect()
 }
 
 /// The mount points that show the whole filesystem of device `dev` (`major:minor`):
 /// a daemon's own mount and bind mounts of it, in mount order.
 fn mounts_of(dev: &str) -> Vec<PathBuf> {
-    mounts_with_root()
+    mount_table()
         .into_iter()
-        .filter(|(d, root, _)| d == dev && root == "/")
-        .map(|(_, _, mp)| mp)
+        .filter(|m| m.dev == dev && m.root == "/")
+        .map(|m| m.mp)
         .collect()
 }
 
 /// The type of the filesystem mounted at `mp` (the last mount there).
 fn fstype_at(mp: &Path) -> Option<String> {
-    let info = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
-    info.lines()
-        .filter_map(|l| {
-            let f: Vec<&str> = l.split(' ').collect();
-            let sep = f.iter().position(|x| *x == "-")?;
-            (Path::new(&unescape_mount(f.get(4)?)) == mp)
-                .then(|| f.get(sep + 1).map(|t| t.to_string()))?
-        })
-        .next_back()
+    mount_table()
+        .into_iter()
+        .rfind(|m| m.mp == mp)
+        .map(|m| m.fstype)
 }
 
 /// The device number of the filesystem mounted at `mp` (the last mount there).

@@ -211,7 +211,6 @@ pub fn read_config(path: &std::path::Path) -> Result<Vec<(String, String)>, Stri
 /// Sets `key` to `value` in `STORE/snapfs.toml` (`None`: removes it), keeping every
 /// other line; the file is replaced whole and durably (written aside, synced, renamed).
 pub fn set_config(path: &std::path::Path, key: &str, value: Option<&str>) -> Result<(), String> {
-    use std::io::Write;
     let text = match std::fs::read_to_string(path) {
         Ok(t) => t,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => String::new(),
@@ -232,18 +231,23 @@ pub fn set_config(path: &std::path::Path, key: &str, value: Option<&str>) -> Res
     if let Some(v) = value {
         out.push_str(&format!("{key} = \"{v}\"\n"));
     }
-    let tmp = path.with_extension("toml.new");
-    let write = || -> std::io::Result<()> {
-        let mut f = std::fs::File::create(&tmp)?;
-        f.write_all(out.as_bytes())?;
-        f.sync_all()?;
-        std::fs::rename(&tmp, path)?;
-        if let Some(dir) = path.parent() {
-            std::fs::File::open(dir)?.sync_all()?;
-        }
-        Ok(())
-    };
-    write().map_err(|e| format!("{}: {e}", path.display()))
+    replace_file(path, out.as_bytes()).map_err(|e| format!("{}: {e}", path.display()))
+}
+
+/// Replaces the file at `path` with `data`, durably and whole: written aside,
+/// synced, renamed over it, its directory synced. A crash leaves the old file or the
+/// new one, never a part.
+pub fn replace_file(path: &std::path::Path, data: &[u8]) -> std::io::Result<()> {
+    use std::io::Write;
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(".new");
+    let tmp = std::path::PathBuf::from(tmp);
+    let mut f = std::fs::File::create(&tmp)?;
+    f.write_all(data)?;
+    f.sync_all()?;
+    std::fs::rename(&tmp, path)?;
+    let dir = path.parent().filter(|d| !d.as_os_str().is_empty());
+    std::fs::File::open(dir.unwrap_or(std::path::Path::new(".")))?.sync_all()
 }
 
 #[cfg(test)]

@@ -101,9 +101,7 @@ impl Driver {
 impl controller_server::Controller for Arc<Driver> {
     async fn create_volume(&self, req: Request<CreateVolumeRequest>) -> Res<CreateVolumeResponse> {
         let r = req.into_inner();
-        if r.name.is_empty() {
-            return Err(invalid("name: none given"));
-        }
+        required("name", &r.name)?;
         check_capabilities(&r.volume_capabilities).map_err(invalid)?;
         let params: BTreeMap<String, String> = r.parameters.clone().into_iter().collect();
         let options = volume_options(&params)?;
@@ -191,9 +189,7 @@ impl controller_server::Controller for Arc<Driver> {
 
     async fn delete_volume(&self, req: Request<DeleteVolumeRequest>) -> Res<DeleteVolumeResponse> {
         let id = req.into_inner().volume_id;
-        if id.is_empty() {
-            return Err(invalid("volume_id: none given"));
-        }
+        required("volume_id", &id)?;
         let d = self.clone();
         let g = self.lock.clone().lock_owned().await;
         // No publish may start meanwhile.
@@ -267,9 +263,7 @@ impl controller_server::Controller for Arc<Driver> {
         req: Request<ValidateVolumeCapabilitiesRequest>,
     ) -> Res<ValidateVolumeCapabilitiesResponse> {
         let r = req.into_inner();
-        if r.volume_id.is_empty() {
-            return Err(invalid("volume_id: none given"));
-        }
+        required("volume_id", &r.volume_id)?;
         if r.volume_capabilities.is_empty() {
             return Err(invalid("volume_capabilities: none given"));
         }
@@ -349,12 +343,8 @@ impl controller_server::Controller for Arc<Driver> {
         req: Request<CreateSnapshotRequest>,
     ) -> Res<CreateSnapshotResponse> {
         let r = req.into_inner();
-        if r.name.is_empty() {
-            return Err(invalid("name: none given"));
-        }
-        if r.source_volume_id.is_empty() {
-            return Err(invalid("source_volume_id: none given"));
-        }
+        required("name", &r.name)?;
+        required("source_volume_id", &r.source_volume_id)?;
         for k in r.parameters.keys() {
             if !sidecar_parameter(k) && !SNAPSHOT_PARAMETERS.contains(&k.as_str()) {
                 return Err(invalid(format!(
@@ -423,9 +413,7 @@ impl controller_server::Controller for Arc<Driver> {
         req: Request<DeleteSnapshotRequest>,
     ) -> Res<DeleteSnapshotResponse> {
         let sid = req.into_inner().snapshot_id;
-        if sid.is_empty() {
-            return Err(invalid("snapshot_id: none given"));
-        }
+        required("snapshot_id", &sid)?;
         let d = self.clone();
         let g = self.lock.clone().lock_owned().await;
         locked(g, move || {
@@ -478,9 +466,7 @@ impl controller_server::Controller for Arc<Driver> {
         req: Request<ControllerExpandVolumeRequest>,
     ) -> Res<ControllerExpandVolumeResponse> {
         let r = req.into_inner();
-        if r.volume_id.is_empty() {
-            return Err(invalid("volume_id: none given"));
-        }
+        required("volume_id", &r.volume_id)?;
         let Some(range) = r.capacity_range else {
             return Err(invalid("capacity_range: none given"));
         };

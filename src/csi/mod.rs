@@ -106,6 +106,14 @@ fn invalid(msg: impl Into<String>) -> Status {
     Status::invalid_argument(msg)
 }
 
+/// INVALID_ARGUMENT when a field the call needs is empty.
+fn required(field: &str, value: &str) -> Result<(), Status> {
+    if value.is_empty() {
+        return Err(invalid(format!("{field}: none given")));
+    }
+    Ok(())
+}
+
 fn not_found(msg: impl Into<String>) -> Status {
     Status::not_found(msg)
 }
@@ -128,15 +136,10 @@ fn valid_id(prefix: &str, id: &str) -> bool {
         .is_some_and(|h| h.len() == 20 && h.bytes().all(|b| b.is_ascii_hexdigit()))
 }
 
-/// Writes `value` as JSON at `path`, durably: aside, synced, renamed, directory synced.
+/// Writes `value` as JSON at `path`, durably (written aside, synced, renamed).
 fn write_json<T: Serialize>(path: &Path, value: &T) -> std::io::Result<()> {
-    use std::io::Write;
-    let tmp = path.with_extension("json.new");
-    let mut f = std::fs::File::create(&tmp)?;
-    f.write_all(&serde_json::to_vec_pretty(value).map_err(std::io::Error::other)?)?;
-    f.sync_all()?;
-    std::fs::rename(&tmp, path)?;
-    sync_dir(path.parent().unwrap_or(Path::new(".")))
+    let data = serde_json::to_vec_pretty(value).map_err(std::io::Error::other)?;
+    crate::policy::replace_file(path, &data)
 }
 
 fn sync_dir(dir: &Path) -> std::io::Result<()> {

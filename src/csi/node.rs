@@ -30,37 +30,21 @@ fn umount(p: &Path, detach: bool) -> std::io::Result<()> {
     Ok(())
 }
 
-/// The mount on top at `p`, as (filesystem type, source), from /proc/self/mountinfo.
+/// The mount on top at `p`, as (filesystem type, source).
 fn mount_at(p: &Path) -> Option<(String, String)> {
-    use crate::daemon::unescape_mount;
-    let info = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
-    info.lines()
-        .filter_map(|l| {
-            let f: Vec<&str> = l.split(' ').collect();
-            let sep = f.iter().position(|x| *x == "-")?;
-            if Path::new(&unescape_mount(f.get(4)?)) != p {
-                return None;
-            }
-            Some((f.get(sep + 1)?.to_string(), unescape_mount(f.get(sep + 2)?)))
-        })
-        .next_back()
+    crate::daemon::mount_table()
+        .into_iter()
+        .rfind(|m| m.mp == p)
+        .map(|m| (m.fstype, m.source))
 }
 
 /// The mount points of every FUSE mount whose source is `store` (a daemon's mount and
 /// its bind mounts, live or left by a daemon that died).
 fn mounts_of_store(store: &Path) -> Vec<PathBuf> {
-    use crate::daemon::unescape_mount;
-    let Ok(info) = std::fs::read_to_string("/proc/self/mountinfo") else {
-        return Vec::new();
-    };
-    info.lines()
-        .filter_map(|l| {
-            let f: Vec<&str> = l.split(' ').collect();
-            let sep = f.iter().position(|x| *x == "-")?;
-            let fuse = f.get(sep + 1)?.starts_with("fuse");
-            (fuse && Path::new(&unescape_mount(f.get(sep + 2)?)) == store)
-                .then(|| PathBuf::from(unescape_mount(f.get(4).copied().unwrap_or(""))))
-        })
+    crate::daemon::mount_table()
+        .into_iter()
+        .filter(|m| m.fstype.starts_with("fuse") && Path::new(&m.source) == store)
+        .map(|m| m.mp)
         .collect()
 }
 
@@ -180,12 +164,8 @@ impl node_server::Node for Arc<Driver> {
         req: Request<NodePublishVolumeRequest>,
     ) -> Res<NodePublishVolumeResponse> {
         let r = req.into_inner();
-        if r.volume_id.is_empty() {
-            return Err(invalid("volume_id: none given"));
-        }
-        if r.target_path.is_empty() {
-            return Err(invalid("target_path: none given"));
-        }
+        required("volume_id", &r.volume_id)?;
+        required("target_path", &r.target_path)?;
         let Some(cap) = r.volume_capability else {
             return Err(invalid("volume_capability: none given"));
         };
@@ -227,12 +207,8 @@ impl node_server::Node for Arc<Driver> {
         req: Request<NodeUnpublishVolumeRequest>,
     ) -> Res<NodeUnpublishVolumeResponse> {
         let r = req.into_inner();
-        if r.volume_id.is_empty() {
-            return Err(invalid("volume_id: none given"));
-        }
-        if r.target_path.is_empty() {
-            return Err(invalid("target_path: none given"));
-        }
+        required("volume_id", &r.volume_id)?;
+        required("target_path", &r.target_path)?;
         if !Path::new(&r.target_path).is_absolute() {
             return Err(invalid(format!(
                 "target_path {:?}: not absolute",
@@ -258,12 +234,8 @@ impl node_server::Node for Arc<Driver> {
     ) -> Res<NodeGetVolumeStatsResponse> {
         use volume_usage::Unit;
         let r = req.into_inner();
-        if r.volume_id.is_empty() {
-            return Err(invalid("volume_id: none given"));
-        }
-        if r.volume_path.is_empty() {
-            return Err(invalid("volume_path: none given"));
-        }
+        required("volume_id", &r.volume_id)?;
+        required("volume_path", &r.volume_path)?;
         if self.volume(&r.volume_id)?.is_none() {
             return Err(not_found(format!("volume {}: no such volume", r.volume_id)));
         }
@@ -313,12 +285,8 @@ impl node_server::Node for Arc<Driver> {
         req: Request<NodeExpandVolumeRequest>,
     ) -> Res<NodeExpandVolumeResponse> {
         let r = req.into_inner();
-        if r.volume_id.is_empty() {
-            return Err(invalid("volume_id: none given"));
-        }
-        if r.volume_path.is_empty() {
-            return Err(invalid("volume_path: none given"));
-        }
+        required("volume_id", &r.volume_id)?;
+        required("volume_path", &r.volume_path)?;
         let d = self.clone();
         let g = self.lock.clone().lock_owned().await;
         let capacity = locked(g, move || {
