@@ -27,7 +27,16 @@ struct Cli {
     /// restore, parts of a large object (default 8; also SNAPFS_S3_JOBS).
     #[arg(long, global = true, value_name = "N", value_parser = clap::value_parser!(u16).range(1..=256))]
     jobs: Option<u16>,
+    /// How extents a sync stores in a bucket (s3://...) are compressed: a zstd level
+    /// from 1 to 19, or off (default 3; also SNAPFS_S3_COMPRESS). An extent that
+    /// does not shrink is stored as it is.
+    #[arg(long, global = true, value_name = "LEVEL|off", value_parser = |v: &str| snapfs::sync::s3::parse_compression(v).map(Compress))]
+    compress: Option<Compress>,
 }
+
+/// A `--compress` value: a zstd level, or `None` for off.
+#[derive(Clone, Copy)]
+struct Compress(Option<i32>);
 
 #[derive(Subcommand)]
 enum Cmd {
@@ -321,6 +330,9 @@ fn main() -> ExitCode {
     }
     if let Some(n) = cli.jobs {
         snapfs::sync::s3::use_jobs(n as usize);
+    }
+    if let Some(Compress(c)) = cli.compress {
+        snapfs::sync::s3::use_compression(c);
     }
     match run(cli) {
         Ok(code) => code,

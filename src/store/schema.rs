@@ -638,7 +638,7 @@ const FRAG_BYTES: usize = 38;
 
 /// The largest block size a store may have (opening a store checks its block size
 /// against the same bound): no block record may name more.
-const MAX_BLOCK_SIZE: u32 = 1 << 20;
+pub const MAX_BLOCK_SIZE: u32 = 1 << 20;
 
 /// Pages in the largest block: where every fragment must end.
 const MAX_BLOCK_PAGES: u16 = (MAX_BLOCK_SIZE as usize / PAGE) as u16;

@@ -37,6 +37,17 @@ const SPAN_GAP: u64 = 1 << 20;
 /// ...of at most this many bytes.
 const SPAN_MAX: u64 = 16 << 20;
 
+/// The bucket layout this snapfs writes (2: extents in packs may be compressed);
+/// it reads 1 and 2.
+const LAYOUT: u32 = 2;
+
+/// In a pack index entry's length, the bit that says the extent is stored
+/// compressed (a zstd frame of it); the other bits are its stored length.
+const IDX_ZSTD: u32 = 1 << 31;
+
+/// The zstd level packs' extents are compressed at by default (`--compress`).
+pub const DEFAULT_COMPRESS: i32 = 3;
+
 /// What a compressed manifest starts with (then a zstd frame of its records).
 const ZSTD_MAGIC: &[u8; 8] = b"snapfsZ1";
 
@@ -272,6 +283,8 @@ pub struct Bucket {
     seal: Option<Seal>,
     /// Requests at once (`--jobs`).
     jobs: usize,
+    /// The zstd level new extents are stored at (`--compress`; `None`: as they are).
+    compress: Option<i32>,
     /// How long a request is retried for.
     retry_secs: u64,
     /// Pack uploads under way, oldest first: at most `jobs`.
@@ -308,10 +321,33 @@ pub fn use_key_file(path: &Path) {
     let _ = KEY_FILE.set(path.to_path_buf());
 }
 
+/// `--compress` as given on the command line (else `SNAPFS_S3_COMPRESS`, else
+/// [`DEFAULT_COMPRESS`]).
+static COMPRESS: std::sync::OnceLock<Option<i32>> = std::sync::OnceLock::new();
+
+/// Makes every bucket this process writes store extents compressed at zstd `level`
+/// (`None`: as they are).
+pub fn use_compression(level: Option<i32>) {
+    let _ = COMPRESS.set(level);
+}
+
+/// A `--compress` value: `off`, or a zstd level from 1 to 19.
+pub fn parse_compression(v: &str) -> Result<Option<i32>, String> {
+    match v.trim() {
+        "off" | "none" | "0" => Ok(None),
+        t => t
+            .parse::<i32>()
+            .ok()
+            .filter(|n| (1..=19).contains(n))
+            .map(Some)
+            .ok_or_else(|| format!("--compress {v}: give off, or a level from 1 to 19")),
+    }
+}
+
 /// The root object: the volume and its snapshots, oldest first.
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
 pub struct Root {
-    /// Layout version (1).
+    /// Layout version (1, or 2 once compressed extents may be in its packs).
     pub format: u32,
     /// The volume whose snapshots these are (hex).
     pub volume: String,
@@ -386,6 +422,11 @@ impl Bucket {
                 && let Some(n) = JOBS.get()
             {
                 return Some(n.to_string());
+            }
+            if k == "SNAPFS_S3_COMPRESS"
+                && let Some(c) = COMPRESS.get()
+            {
+                return Some(c.map_or("off".to_string(), |l| l.to_string()));
             }
             std::env::var(k).ok()
         })
@@ -497,6 +538,10 @@ impl Bucket {
                 .filter(|n| (1..=256).contains(n))
                 .ok_or_else(|| err(format!("--jobs {v}: not a number from 1 to 256")))?,
         };
+        let compress = match env("SNAPFS_S3_COMPRESS") {
+            None => Some(DEFAULT_COMPRESS),
+            Some(v) => parse_compression(&v).map_err(err)?,
+        };
         let rt = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
             .thread_name("snapfs-s3")
@@ -510,6 +555,7 @@ impl Bucket {
             url: url.to_string(),
             seal,
             jobs,
+            compress,
             retry_secs,
             uploads: Default::default(),
         })
@@ -613,9 +659,15 @@ impl Bucket {
     /// Extent `hash`, from the bytes `raw` that index entry `place` names: opened if
     /// the bucket is encrypted, and checked against its hash (`None`: damaged).
     fn extent(&self, place: &Place, hash: &[u8; 32], raw: &[u8]) -> Option<Vec<u8>> {
-        let data = match &self.seal {
+        let stored = match &self.seal {
             Some(s) => s.open_extent(&place.pack, raw)?,
             None => raw.to_vec(),
+        };
+        let data = if place.zstd {
+            // Bounded: a hostile frame expands no further than the largest block.
+            zstd::bulk::decompress(&stored, crate::store::schema::MAX_BLOCK_SIZE as usize).ok()?
+        } else {
+            stored
         };
         (blake3::hash(&data).as_bytes() == hash).then_some(data)
     }
@@ -946,9 +998,9 @@ impl Bucket {
                         self.url, root.block_size
                     )));
                 }
-                if root.format != 1 {
+                if !(1..=LAYOUT).contains(&root.format) {
                     return Err(err(format!(
-                        "{}: layout version {} (this snapfs reads 1)",
+                        "{}: layout version {} (this snapfs reads 1 to {LAYOUT}: a newer snapfs wrote it)",
                         self.url, root.format
                     )));
                 }
@@ -961,6 +1013,9 @@ impl Bucket {
     /// Writes the root, one generation on.
     fn put_root(&self, root: &mut Root) -> Result<(), SyncError> {
         root.generation += 1;
+        // A bucket this snapfs writes may get compressed extents, which a snapfs
+        // that reads only layout 1 would take for damage: it is told apart.
+        root.format = LAYOUT;
         self.put_meta(ROOT, serde_json::to_vec_pretty(root).expect("encodes"))?;
         self.saw_generation(root)
     }
@@ -1189,7 +1244,7 @@ impl Bucket {
             };
             let here = present.contains(pack.as_str());
             let mut gone = Vec::new();
-            for (hash, offset, len) in entries {
+            for (hash, offset, len, zstd) in entries {
                 if !here {
                     gone.push(hash);
                     continue;
@@ -1200,6 +1255,7 @@ impl Bucket {
                         pack: pack.clone(),
                         offset,
                         len,
+                        zstd,
                     },
                 );
             }
@@ -1214,8 +1270,9 @@ impl Bucket {
     }
 }
 
-/// One entry of a pack's index: an extent's hash, offset and length in the pack.
-type IdxEntry = ([u8; 32], u64, u32);
+/// One entry of a pack's index: an extent's hash, its offset and stored length in
+/// the pack, and whether it is stored compressed.
+type IdxEntry = ([u8; 32], u64, u32, bool);
 
 impl Bucket {
     /// The entries of pack index `key` (`None`: it is gone).
@@ -1229,10 +1286,12 @@ impl Bucket {
         Ok(Some(
             b.chunks_exact(44)
                 .map(|e| {
+                    let len = u32::from_le_bytes(e[40..44].try_into().expect("4"));
                     (
                         e[..32].try_into().expect("32"),
                         u64::from_le_bytes(e[32..40].try_into().expect("8")),
-                        u32::from_le_bytes(e[40..44].try_into().expect("4")),
+                        len & !IDX_ZSTD,
+                        len & IDX_ZSTD != 0,
                     )
                 })
                 .collect(),
@@ -1245,7 +1304,10 @@ impl Bucket {
 struct Place {
     pack: String,
     offset: u64,
+    /// Its stored length.
     len: u32,
+    /// Stored as a zstd frame of its bytes.
+    zstd: bool,
 }
 
 /// The settings of the AWS profile in force (`AWS_PROFILE`, else `default`) from the
@@ -1362,30 +1424,51 @@ struct Pack {
     id: String,
     data: Vec<u8>,
     index: Vec<u8>,
-    hashes: Vec<([u8; 32], u64, u32)>,
+    hashes: Vec<IdxEntry>,
+    /// The compressor, kept from extent to extent.
+    zstd: Option<zstd::bulk::Compressor<'static>>,
 }
 
 impl Pack {
+    /// Adds extent `hash` of bytes `data`: compressed when the bucket compresses
+    /// and that saves at least 1/32 of it, then sealed when it is encrypted.
     fn add(&mut self, b: &Bucket, hash: [u8; 32], data: &[u8]) {
         if self.id.is_empty() {
             self.id = random_id();
         }
+        let mut squeezed = None;
+        if let Some(level) = b.compress
+            && data.len() >= 64
+        {
+            if self.zstd.is_none() {
+                self.zstd = zstd::bulk::Compressor::new(level).ok();
+            }
+            let worth = data.len() - data.len() / 32;
+            squeezed = self
+                .zstd
+                .as_mut()
+                .and_then(|z| z.compress(data).ok())
+                .filter(|c| c.len() < worth);
+        }
+        let stored = squeezed.as_deref().unwrap_or(data);
         let offset = self.data.len() as u64;
         let len = match &b.seal {
             Some(s) => {
-                let sealed = s.seal_extent(&format!("packs/{}.pack", self.id), data);
+                let sealed = s.seal_extent(&format!("packs/{}.pack", self.id), stored);
                 self.data.extend_from_slice(&sealed);
                 sealed.len()
             }
             None => {
-                self.data.extend_from_slice(data);
-                data.len()
+                self.data.extend_from_slice(stored);
+                stored.len()
             }
-        };
+        } as u32;
+        let zstd = squeezed.is_some();
         self.index.extend_from_slice(&hash);
         self.index.extend_from_slice(&offset.to_le_bytes());
-        self.index.extend_from_slice(&(len as u32).to_le_bytes());
-        self.hashes.push((hash, offset, len as u32));
+        self.index
+            .extend_from_slice(&(len | if zstd { IDX_ZSTD } else { 0 }).to_le_bytes());
+        self.hashes.push((hash, offset, len, zstd));
     }
 
     /// Uploads the pack, then its index, and records where its extents are.
@@ -1414,13 +1497,14 @@ impl Pack {
             (pack.clone(), std::mem::take(&mut self.data)),
             (idx, index_bytes),
         ])?;
-        for (hash, offset, len) in self.hashes.drain(..) {
+        for (hash, offset, len, zstd) in self.hashes.drain(..) {
             index.insert(
                 hash,
                 Place {
                     pack: pack.clone(),
                     offset,
                     len,
+                    zstd,
                 },
             );
         }
@@ -1523,7 +1607,7 @@ fn receive_into<R: Read, W: Write>(
             root
         }
         None => Root {
-            format: 1,
+            format: LAYOUT,
             volume: random_id(),
             origin: crate::store::hex(&origin),
             block_size,
@@ -2049,7 +2133,7 @@ pub fn gc(url: &str, dry_run: bool) -> Result<GcReport, SyncError> {
             continue;
         };
         let (mut live, mut dead) = (0u64, 0u64);
-        for &(hash, _, len) in &idx {
+        for &(hash, _, len, _) in &idx {
             if used.contains(&hash) {
                 live += len as u64;
             } else {
@@ -2077,7 +2161,7 @@ pub fn gc(url: &str, dry_run: bool) -> Result<GcReport, SyncError> {
                     .get(&old)?
                     .ok_or_else(|| err(format!("{url}: {old} is missing")))?;
                 let mut pack = Pack::default();
-                for &(hash, off, len) in &idx {
+                for &(hash, off, len, zstd) in &idx {
                     if !used.contains(&hash) {
                         continue;
                     }
@@ -2085,6 +2169,7 @@ pub fn gc(url: &str, dry_run: bool) -> Result<GcReport, SyncError> {
                         pack: old.clone(),
                         offset: off,
                         len,
+                        zstd,
                     };
                     let (off, len) = (off as usize, len as usize);
                     let bytes = data
