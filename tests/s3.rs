@@ -1909,6 +1909,32 @@ fn compressible_data_is_stored_compressed_and_read_back_exactly() {
     assert_eq!(root["format"], 2, "{root}");
     let out = g.snapfs(&["fsck", url, "--read-data"]);
     assert_ok(&out);
+    // A layout 1 bucket (what an older snapfs wrote: nothing compressed) is read,
+    // and becomes 2 once written; a layout from a newer snapfs is refused.
+    let set_format = |n: u64| {
+        let mut r: serde_json::Value =
+            serde_json::from_slice(&plain.get_object("snapfs-root.json").unwrap().unwrap())
+                .unwrap();
+        r["format"] = n.into();
+        plain
+            .put_object("snapfs-root.json", serde_json::to_vec(&r).unwrap())
+            .unwrap();
+    };
+    set_format(1);
+    assert_eq!(
+        names_listed(&g.snapfs(&["snapshot", "list", plain_url, "--json"])),
+        ["s1"]
+    );
+    assert_ok(&g.snapfs(&["fsck", plain_url, "--read-data"]));
+    set_format(3);
+    let out = g.snapfs(&["snapshot", "list", plain_url]);
+    assert_eq!(out.status.code(), Some(2));
+    let e = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        e.contains("layout version 3") && e.trim_end().lines().count() == 1,
+        "{e}"
+    );
+    set_format(1);
 
     // gc repacks compressed extents: the text rewritten and the random file gone
     // leave the pack they were in mostly garbage once s1 is deleted.
@@ -1917,6 +1943,10 @@ fn compressible_data_is_stored_compressed_and_read_back_exactly() {
     populate(&m.mnt, 73);
     snapfs_ok(&["snapshot", "create", &mnt, "s2"]);
     g.sync_ok(&m.mnt, url);
+    g.sync_ok(&m.mnt, plain_url);
+    let r: serde_json::Value =
+        serde_json::from_slice(&plain.get_object("snapfs-root.json").unwrap().unwrap()).unwrap();
+    assert_eq!(r["format"], 2, "{r}");
     let before_gc = b.bytes().unwrap();
     assert_ok(&g.snapfs(&["snapshot", "delete", url, "s1"]));
     let out = g.snapfs(&["gc", url]);
