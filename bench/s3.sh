@@ -3,13 +3,14 @@
 # against one Garage server on loopback: `snapfs sync` of a mounted volume to
 # s3://bench/snapfs, and `restic backup` (Debian's restic) of the same tree to
 # s3://bench/restic.
-# The volume: SIZE_MIB of data, a quarter of it duplicates of other files. Measured:
+# Two volumes of SIZE_MIB (random data; the machine's /usr files), a quarter of each
+# duplicates of other files. Measured:
 # a full backup, an incremental after changing 1% of the volume in place, and a
 # restore of the newest: wall time, bytes added to the bucket, and S3 requests (from
 # Garage's metrics).
 #
 # usage: bench/s3.sh [OUT.md]   (default: print the table)
-#   SIZE_MIB=1024  SNAPFS=target/release/snapfs  GARAGE=~/.cache/snapfs/garage-2.3.0/bin/garage
+#   SIZE_MIB=1024  TREES="random usr"  SNAPFS=target/release/snapfs  GARAGE=~/.cache/snapfs/garage-2.3.0/bin/garage
 # Needs root (the snapfs mount), and about 5 x SIZE_MIB of disk.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -92,25 +93,67 @@ bucket_bytes() {
         python3 -c 'import json, sys; print(json.load(sys.stdin)["bytes"])'
 }
 
-# ---------------------------------------------------------------- the data
-data=$work/data
+# ---------------------------------------------------------------- the trees
+# Two trees of SIZE_MIB, each a quarter duplicates of other files:
+#   random: files of random bytes (nothing compresses);
+#   usr:    the machine's own /usr files in path order (binaries, libraries, text),
+#           as real volumes hold.
+# The incremental follows a change of 1% of the volume in place, in 1 MiB pieces.
 stream() { openssl enc -aes-128-ctr -pass "pass:$1" -nosalt -pbkdf2 -in /dev/zero 2>/dev/null || true; }
-mkdir -p "$data/u" "$data/dup"
-files=$((SIZE_MIB * 3 / 4 / 16))
-dups=$((SIZE_MIB / 4 / 16))
-log "writing $files unique files and $dups duplicates of 16 MiB"
-for ((i = 0; i < files; i++)); do stream "seed$i" | head -c $((16 << 20)) > "$data/u/f$i"; done
-for ((i = 0; i < dups; i++)); do cp "$data/u/f$i" "$data/dup/f$i"; done
 changes=$((SIZE_MIB / 100))
 stream change | head -c $((changes << 20)) > "$work/patch"
-change() {
-    for ((i = 0; i < changes; i++)); do
-        dd if="$work/patch" of="$1/u/f$((i * 3 % files))" bs=1M skip="$i" seek=7 count=1 \
-            conv=notrunc status=none
-    done
+make_tree() { # KIND DIR: writes the tree, and DIR.big: the files the change hits
+    local kind=$1 dir=$2 files dups
+    mkdir -p "$dir/u" "$dir/dup"
+    case $kind in
+    random)
+        files=$((SIZE_MIB * 3 / 4 / 16))
+        dups=$((SIZE_MIB / 4 / 16))
+        for ((i = 0; i < files; i++)); do stream "seed$i" | head -c $((16 << 20)) > "$dir/u/f$i"; done
+        for ((i = 0; i < dups; i++)); do cp "$dir/u/f$i" "$dir/dup/f$i"; done
+        for ((i = 0; i < changes; i++)); do echo "u/f$((i * 3 % files))"; done > "$dir.big"
+        ;;
+    usr)
+        python3 - "$dir" "$SIZE_MIB" "$changes" <<'PY'
+import os, shutil, sys
+out, size, changes = sys.argv[1], int(sys.argv[2]) << 20, int(sys.argv[3])
+taken, total = [], 0
+for root, dirs, names in os.walk("/usr"):
+    dirs.sort()
+    for n in sorted(names):
+        src = os.path.join(root, n)
+        if not os.path.isfile(src) or os.path.islink(src) or total >= size * 3 // 4:
+            continue
+        rel = os.path.relpath(src, "/usr")
+        os.makedirs(os.path.join(out, "u", os.path.dirname(rel)), exist_ok=True)
+        shutil.copyfile(src, os.path.join(out, "u", rel))
+        taken.append((rel, os.path.getsize(src)))
+        total += taken[-1][1]
+dup = 0
+for rel, n in taken:
+    if dup >= size // 4:
+        break
+    os.makedirs(os.path.join(out, "dup", os.path.dirname(rel)), exist_ok=True)
+    shutil.copyfile(os.path.join(out, "u", rel), os.path.join(out, "dup", rel))
+    dup += n
+# The change: 1 MiB in place in each of the largest files (2 MiB and more).
+big = sorted((r for r in taken if r[1] >= 2 << 20), key=lambda r: -r[1])
+with open(out + ".big", "w") as f:
+    for i in range(changes):
+        f.write("u/" + big[i % len(big)][0] + "\n")
+PY
+        ;;
+    esac
+}
+change() { # DIR LIST
+    local i=0 f
+    while read -r f; do
+        dd if="$work/patch" of="$1/$f" bs=1M skip="$i" seek=1 count=1 conv=notrunc status=none
+        i=$((i + 1))
+    done < "$2"
 }
 
-# Each run: wall seconds, bytes added to Garage's data directory, requests.
+# Each run: wall seconds, bytes added to the bucket, requests.
 declare -A T B R
 run() { # KEY CMD...
     local key=$1 t0 b0 r0
@@ -125,40 +168,51 @@ run() { # KEY CMD...
     R[$key]=$(($(requests) - r0))
 }
 
-# ---------------------------------------------------------------- snapfs
-log "snapfs"
-mkdir -p "$work/snap-mnt"
-"$SNAPFS" mount "$work/snap-src" "$work/snap-mnt"
-cp -a "$data/." "$work/snap-mnt/"
-"$SNAPFS" snapshot create "$work/snap-mnt" s1 >/dev/null
-run snap_full "$SNAPFS" sync "$work/snap-mnt" s3://bench/snapfs --json
-change "$work/snap-mnt"
-"$SNAPFS" snapshot create "$work/snap-mnt" s2 >/dev/null
-run snap_inc "$SNAPFS" sync "$work/snap-mnt" s3://bench/snapfs --json
-umount "$work/snap-mnt"
-run snap_restore "$SNAPFS" restore s3://bench/snapfs "$work/restored" --only s2
-run snap_restore_all "$SNAPFS" restore s3://bench/snapfs "$work/restored-all"
+bench_tree() { # KIND
+    local k=$1 data=$work/data-$1 mnt=$work/snap-mnt
+    log "$k tree: writing $SIZE_MIB MiB"
+    make_tree "$k" "$data"
+    log "$k tree: snapfs"
+    mkdir -p "$mnt"
+    "$SNAPFS" mount "$work/snap-src-$k" "$mnt"
+    cp -a "$data/." "$mnt/"
+    "$SNAPFS" snapshot create "$mnt" s1 >/dev/null
+    run "$k.snap_full" "$SNAPFS" sync "$mnt" "s3://bench/snapfs-$k" --json
+    change "$mnt" "$data.big"
+    "$SNAPFS" snapshot create "$mnt" s2 >/dev/null
+    run "$k.snap_inc" "$SNAPFS" sync "$mnt" "s3://bench/snapfs-$k" --json
+    umount "$mnt"
+    run "$k.snap_restore" "$SNAPFS" restore "s3://bench/snapfs-$k" "$work/restored-$k" --only s2
+    run "$k.snap_restore_all" "$SNAPFS" restore "s3://bench/snapfs-$k" "$work/restored-all-$k"
+    log "$k tree: restic"
+    local repo="s3:http://127.0.0.1:$s3/bench/restic-$k"
+    restic -q -r "$repo" init
+    run "$k.restic_full" restic -q -r "$repo" backup "$data"
+    change "$data" "$data.big"
+    run "$k.restic_inc" restic -q -r "$repo" backup "$data"
+    run "$k.restic_restore" restic -q -r "$repo" restore latest --target "$work/restic-restored-$k"
+    rm -rf "$data" "$work/restored-$k" "$work/restored-all-$k" "$work/restic-restored-$k" "$work/snap-src-$k"
+}
 
-# ---------------------------------------------------------------- restic
-log "restic"
-restic -q -r "s3:http://127.0.0.1:$s3/bench/restic" init
-run restic_full restic -q -r "s3:http://127.0.0.1:$s3/bench/restic" backup "$data"
-change "$data"
-run restic_inc restic -q -r "s3:http://127.0.0.1:$s3/bench/restic" backup "$data"
-run restic_restore restic -q -r "s3:http://127.0.0.1:$s3/bench/restic" restore latest --target "$work/restic-restored"
+TREES=${TREES:-random usr}
+for k in $TREES; do bench_tree "$k"; done
 
 # ---------------------------------------------------------------- the table
 table() {
-    echo "| ${SIZE_MIB} MiB, a quarter duplicates | snapfs sync | restic backup |"
-    echo "|---|---|---|"
-    echo "| full: wall s | ${T[snap_full]} | ${T[restic_full]} |"
-    echo "| full: MiB added to the bucket | $(mib "${B[snap_full]}") | $(mib "${B[restic_full]}") |"
-    echo "| full: S3 requests | ${R[snap_full]} | ${R[restic_full]} |"
-    echo "| incremental (1% changed): wall s | ${T[snap_inc]} | ${T[restic_inc]} |"
-    echo "| incremental: MiB added | $(mib "${B[snap_inc]}") | $(mib "${B[restic_inc]}") |"
-    echo "| incremental: S3 requests | ${R[snap_inc]} | ${R[restic_inc]} |"
-    echo "| restore of the newest: wall s | ${T[snap_restore]} | ${T[restic_restore]} |"
-    echo "| restore: S3 requests | ${R[snap_restore]} | ${R[restic_restore]} |"
-    echo "| restore of every snapshot (snapfs: both, as a volume with its history): wall s | ${T[snap_restore_all]} | - |"
+    local k
+    for k in $TREES; do
+        echo "| ${SIZE_MIB} MiB, $k tree, a quarter duplicates | snapfs sync | restic backup |"
+        echo "|---|---|---|"
+        echo "| full: wall s | ${T[$k.snap_full]} | ${T[$k.restic_full]} |"
+        echo "| full: MiB added to the bucket | $(mib "${B[$k.snap_full]}") | $(mib "${B[$k.restic_full]}") |"
+        echo "| full: S3 requests | ${R[$k.snap_full]} | ${R[$k.restic_full]} |"
+        echo "| incremental (1% changed): wall s | ${T[$k.snap_inc]} | ${T[$k.restic_inc]} |"
+        echo "| incremental: MiB added | $(mib "${B[$k.snap_inc]}") | $(mib "${B[$k.restic_inc]}") |"
+        echo "| incremental: S3 requests | ${R[$k.snap_inc]} | ${R[$k.restic_inc]} |"
+        echo "| restore of the newest: wall s | ${T[$k.snap_restore]} | ${T[$k.restic_restore]} |"
+        echo "| restore: S3 requests | ${R[$k.snap_restore]} | ${R[$k.restic_restore]} |"
+        echo "| restore of every snapshot (snapfs: both, as a volume with its history): wall s | ${T[$k.snap_restore_all]} | - |"
+        echo
+    done
 }
 if [ $# -gt 0 ]; then table > "$1"; else table; fi

@@ -28,7 +28,7 @@ struct Cli {
     #[arg(long, global = true, value_name = "N", value_parser = clap::value_parser!(u16).range(1..=256))]
     jobs: Option<u16>,
     /// How extents a sync stores in a bucket (s3://...) are compressed: a zstd level
-    /// from 1 to 19, or off (default 3; also SNAPFS_S3_COMPRESS). An extent that
+    /// from 1 to 19, or off (default 6; also SNAPFS_S3_COMPRESS). An extent that
     /// does not shrink is stored as it is.
     #[arg(long, global = true, value_name = "LEVEL|off", value_parser = |v: &str| snapfs::sync::s3::parse_compression(v).map(Compress))]
     compress: Option<Compress>,

@@ -46,7 +46,7 @@ const LAYOUT: u32 = 2;
 const IDX_ZSTD: u32 = 1 << 31;
 
 /// The zstd level packs' extents are compressed at by default (`--compress`).
-pub const DEFAULT_COMPRESS: i32 = 3;
+pub const DEFAULT_COMPRESS: i32 = 6;
 
 /// What a compressed manifest starts with (then a zstd frame of its records).
 const ZSTD_MAGIC: &[u8; 8] = b"snapfsZ1";
@@ -1425,32 +1425,142 @@ struct Pack {
     data: Vec<u8>,
     index: Vec<u8>,
     hashes: Vec<IdxEntry>,
-    /// The compressor, kept from extent to extent.
-    zstd: Option<zstd::bulk::Compressor<'static>>,
+    /// Every extent given to it: placed, or still being compressed.
+    members: std::collections::HashSet<[u8; 32]>,
+    /// The threads compressing its extents, started with the first.
+    squeezer: Option<Squeezer>,
+}
+
+/// An extent compressed (or not: it did not shrink enough) by a [`Squeezer`].
+type Squeezed = ([u8; 32], Vec<u8>, Option<Vec<u8>>);
+
+/// Threads compressing extents, so that a sync is not held to one core's pace.
+struct Squeezer {
+    jobs: Option<std::sync::mpsc::SyncSender<([u8; 32], Vec<u8>)>>,
+    done: std::sync::mpsc::Receiver<Squeezed>,
+    /// Extents sent to the threads and not yet back.
+    out: usize,
+    threads: Vec<std::thread::JoinHandle<()>>,
+}
+
+impl Squeezer {
+    fn start(level: i32) -> Squeezer {
+        let n = std::thread::available_parallelism().map_or(2, |n| n.get().clamp(1, 4));
+        let (jobs, rx) = std::sync::mpsc::sync_channel::<([u8; 32], Vec<u8>)>(4 * n);
+        let rx = Arc::new(std::sync::Mutex::new(rx));
+        let (tx, done) = std::sync::mpsc::channel();
+        let threads = (0..n)
+            .map(|_| {
+                let (rx, tx) = (rx.clone(), tx.clone());
+                std::thread::spawn(move || {
+                    let mut z = zstd::bulk::Compressor::new(level).ok();
+                    loop {
+                        let job = match rx.lock() {
+                            Ok(r) => r.recv(),
+                            Err(_) => return,
+                        };
+                        let Ok((hash, data)) = job else {
+                            return;
+                        };
+                        // Worth it when it saves at least 1/32 of the extent.
+                        let worth = data.len() - data.len() / 32;
+                        let c = z
+                            .as_mut()
+                            .and_then(|z| z.compress(&data).ok())
+                            .filter(|c| c.len() < worth);
+                        if tx.send((hash, data, c)).is_err() {
+                            return;
+                        }
+                    }
+                })
+            })
+            .collect();
+        Squeezer {
+            jobs: Some(jobs),
+            done,
+            out: 0,
+            threads,
+        }
+    }
+}
+
+impl Drop for Squeezer {
+    fn drop(&mut self) {
+        // The threads finish what they took, find the queue closed, and end.
+        self.jobs = None;
+        for t in self.threads.drain(..) {
+            let _ = t.join();
+        }
+    }
 }
 
 impl Pack {
+    /// Whether extent `hash` was given to this pack.
+    fn holds(&self, hash: &[u8; 32]) -> bool {
+        self.members.contains(hash)
+    }
+
     /// Adds extent `hash` of bytes `data`: compressed when the bucket compresses
-    /// and that saves at least 1/32 of it, then sealed when it is encrypted.
-    fn add(&mut self, b: &Bucket, hash: [u8; 32], data: &[u8]) {
+    /// and that saves at least 1/32 of it (on other threads: it is placed later),
+    /// then sealed when the bucket is encrypted.
+    fn add(&mut self, b: &Bucket, hash: [u8; 32], data: Vec<u8>) {
         if self.id.is_empty() {
             self.id = random_id();
         }
-        let mut squeezed = None;
-        if let Some(level) = b.compress
-            && data.len() >= 64
-        {
-            if self.zstd.is_none() {
-                self.zstd = zstd::bulk::Compressor::new(level).ok();
-            }
-            let worth = data.len() - data.len() / 32;
-            squeezed = self
-                .zstd
-                .as_mut()
-                .and_then(|z| z.compress(data).ok())
-                .filter(|c| c.len() < worth);
+        if !self.members.insert(hash) {
+            return;
         }
-        let stored = squeezed.as_deref().unwrap_or(data);
+        let level = b.compress.filter(|_| data.len() >= 64);
+        let job = match (level, &mut self.squeezer) {
+            (None, _) => Some((hash, data)),
+            (Some(level), z) => {
+                let z = z.get_or_insert_with(|| Squeezer::start(level));
+                match &z.jobs {
+                    Some(j) => match j.send((hash, data)) {
+                        Ok(()) => {
+                            z.out += 1;
+                            None
+                        }
+                        // No thread left to take it: stored as it is.
+                        Err(std::sync::mpsc::SendError(job)) => Some(job),
+                    },
+                    None => Some((hash, data)),
+                }
+            }
+        };
+        if let Some((hash, data)) = job {
+            self.place(b, hash, &data, None);
+        }
+        self.collect(b, false);
+    }
+
+    /// Places the extents the threads have compressed; with `all`, waits for every one.
+    fn collect(&mut self, b: &Bucket, all: bool) {
+        let Some(z) = &mut self.squeezer else {
+            return;
+        };
+        let mut back = Vec::new();
+        while z.out > 0 {
+            let r = if all {
+                z.done.recv().ok()
+            } else {
+                z.done.try_recv().ok()
+            };
+            let Some(r) = r else {
+                break;
+            };
+            z.out -= 1;
+            back.push(r);
+        }
+        for (hash, data, c) in back {
+            self.place(b, hash, &data, c.as_deref());
+        }
+    }
+
+    /// Appends extent `hash` (bytes `data`, or `squeezed`: a zstd frame of them),
+    /// sealed when the bucket is encrypted, and its index entry.
+    fn place(&mut self, b: &Bucket, hash: [u8; 32], data: &[u8], squeezed: Option<&[u8]>) {
+        let stored = squeezed.unwrap_or(data);
         let offset = self.data.len() as u64;
         let len = match &b.seal {
             Some(s) => {
@@ -1473,6 +1583,8 @@ impl Pack {
 
     /// Uploads the pack, then its index, and records where its extents are.
     fn flush(&mut self, b: &Bucket, index: &mut HashMap<[u8; 32], Place>) -> Result<(), SyncError> {
+        self.collect(b, true);
+        self.members.clear();
         if self.hashes.is_empty() {
             return Ok(());
         }
@@ -1694,9 +1806,7 @@ fn receive_into<R: Read, W: Write>(
                     }
                     let mut missing: Vec<[u8; 32]> = named(&recs)?
                         .into_iter()
-                        .filter(|h| {
-                            !index.contains_key(h) && !pack.hashes.iter().any(|p| p.0 == *h)
-                        })
+                        .filter(|h| !index.contains_key(h) && !pack.holds(h))
                         .collect();
                     wanted.extend(missing.iter().copied());
                     // A bounded share per acknowledgement (a frame has a size limit).
@@ -1730,7 +1840,7 @@ fn receive_into<R: Read, W: Write>(
                     }
                     sum.extents += 1;
                     sum.payload_bytes += data.len() as u64;
-                    pack.add(b, hash, &data);
+                    pack.add(b, hash, data);
                     if pack.data.len() >= PACK_BYTES {
                         lock.renew()?;
                         pack.flush(b, &mut index)?;
@@ -2181,7 +2291,7 @@ pub fn gc(url: &str, dry_run: bool) -> Result<GcReport, SyncError> {
                                 crate::store::hex(&hash)
                             ))
                         })?;
-                    pack.add(&b, hash, &bytes);
+                    pack.add(&b, hash, bytes);
                 }
                 pack.flush(&b, &mut HashMap::new())?;
                 b.settle_uploads()?;
