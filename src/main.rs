@@ -28,8 +28,8 @@ struct Cli {
     #[arg(long, global = true, value_name = "N", value_parser = clap::value_parser!(u16).range(1..=256))]
     jobs: Option<u16>,
     /// How extents a sync stores in a bucket (s3://...) are compressed: a zstd level
-    /// from 1 to 19, or off (default 6; also SNAPFS_S3_COMPRESS). An extent that
-    /// does not shrink is stored as it is.
+    /// from 1 to 19, or off (or 0) (default 6; also SNAPFS_S3_COMPRESS). An extent
+    /// that does not shrink by 1/32 is stored as it is; gc repacks at this level.
     #[arg(long, global = true, value_name = "LEVEL|off", value_parser = |v: &str| snapfs::sync::s3::parse_compression(v).map(Compress))]
     compress: Option<Compress>,
 }

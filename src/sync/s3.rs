@@ -663,12 +663,7 @@ impl Bucket {
             Some(s) => s.open_extent(&place.pack, raw)?,
             None => raw.to_vec(),
         };
-        let data = if place.zstd {
-            // Bounded: a hostile frame expands no further than the largest block.
-            zstd::bulk::decompress(&stored, crate::store::schema::MAX_BLOCK_SIZE as usize).ok()?
-        } else {
-            stored
-        };
+        let data = if place.zstd { expand(&stored)? } else { stored };
         (blake3::hash(&data).as_bytes() == hash).then_some(data)
     }
 
@@ -1299,6 +1294,12 @@ impl Bucket {
     }
 }
 
+/// The bytes a compressed extent's zstd frame holds (`None`: it does not expand, or
+/// to more than the largest block, as a hostile bucket's might).
+fn expand(frame: &[u8]) -> Option<Vec<u8>> {
+    zstd::bulk::decompress(frame, crate::store::schema::MAX_BLOCK_SIZE as usize).ok()
+}
+
 /// Where an extent is in the bucket.
 #[derive(Clone, Debug)]
 struct Place {
@@ -1444,15 +1445,18 @@ struct Squeezer {
 }
 
 impl Squeezer {
-    fn start(level: i32) -> Squeezer {
+    /// Threads compressing at `level` (`None`: none could be started).
+    fn start(level: i32) -> Option<Squeezer> {
         let n = std::thread::available_parallelism().map_or(2, |n| n.get().clamp(1, 4));
         let (jobs, rx) = std::sync::mpsc::sync_channel::<([u8; 32], Vec<u8>)>(4 * n);
         let rx = Arc::new(std::sync::Mutex::new(rx));
         let (tx, done) = std::sync::mpsc::channel();
-        let threads = (0..n)
-            .map(|_| {
-                let (rx, tx) = (rx.clone(), tx.clone());
-                std::thread::spawn(move || {
+        let mut threads = Vec::new();
+        for _ in 0..n {
+            let (rx, tx) = (rx.clone(), tx.clone());
+            let t = std::thread::Builder::new()
+                .name("snapfs-zstd".into())
+                .spawn(move || {
                     let mut z = zstd::bulk::Compressor::new(level).ok();
                     loop {
                         let job = match rx.lock() {
@@ -1462,25 +1466,32 @@ impl Squeezer {
                         let Ok((hash, data)) = job else {
                             return;
                         };
-                        // Worth it when it saves at least 1/32 of the extent.
+                        // Worth it when it saves at least 1/32 of the extent. Every
+                        // extent taken comes back, compressed or not.
                         let worth = data.len() - data.len() / 32;
-                        let c = z
-                            .as_mut()
-                            .and_then(|z| z.compress(&data).ok())
-                            .filter(|c| c.len() < worth);
+                        let c = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                            z.as_mut().and_then(|z| z.compress(&data).ok())
+                        }))
+                        .unwrap_or_else(|_| {
+                            z = None;
+                            None
+                        })
+                        .filter(|c| c.len() < worth);
                         if tx.send((hash, data, c)).is_err() {
                             return;
                         }
                     }
-                })
-            })
-            .collect();
-        Squeezer {
+                });
+            if let Ok(t) = t {
+                threads.push(t);
+            }
+        }
+        (!threads.is_empty()).then_some(Squeezer {
             jobs: Some(jobs),
             done,
             out: 0,
             threads,
-        }
+        })
     }
 }
 
@@ -1503,18 +1514,20 @@ impl Pack {
     /// Adds extent `hash` of bytes `data`: compressed when the bucket compresses
     /// and that saves at least 1/32 of it (on other threads: it is placed later),
     /// then sealed when the bucket is encrypted.
-    fn add(&mut self, b: &Bucket, hash: [u8; 32], data: Vec<u8>) {
+    fn add(&mut self, b: &Bucket, hash: [u8; 32], data: Vec<u8>) -> Result<(), SyncError> {
         if self.id.is_empty() {
             self.id = random_id();
         }
         if !self.members.insert(hash) {
-            return;
+            return Ok(());
         }
         let level = b.compress.filter(|_| data.len() >= 64);
+        if let (Some(level), None) = (level, &self.squeezer) {
+            self.squeezer = Squeezer::start(level);
+        }
         let job = match (level, &mut self.squeezer) {
-            (None, _) => Some((hash, data)),
-            (Some(level), z) => {
-                let z = z.get_or_insert_with(|| Squeezer::start(level));
+            (None, _) | (_, None) => Some((hash, data)),
+            (Some(_), Some(z)) => {
                 match &z.jobs {
                     Some(j) => match j.send((hash, data)) {
                         Ok(()) => {
@@ -1529,61 +1542,88 @@ impl Pack {
             }
         };
         if let Some((hash, data)) = job {
-            self.place(b, hash, &data, None);
+            self.place(b, hash, &data, None)?;
         }
-        self.collect(b, false);
+        self.collect(b, false)
     }
 
-    /// Places the extents the threads have compressed; with `all`, waits for every one.
-    fn collect(&mut self, b: &Bucket, all: bool) {
+    /// Places the extents the threads have compressed; with `all`, waits for every
+    /// one (an extent given to the pack is never left out of it).
+    fn collect(&mut self, b: &Bucket, all: bool) -> Result<(), SyncError> {
         let Some(z) = &mut self.squeezer else {
-            return;
+            return Ok(());
         };
         let mut back = Vec::new();
+        let mut gone = false;
         while z.out > 0 {
             let r = if all {
-                z.done.recv().ok()
+                z.done.recv().map_err(|_| ())
             } else {
-                z.done.try_recv().ok()
+                match z.done.try_recv() {
+                    Ok(r) => Ok(r),
+                    Err(std::sync::mpsc::TryRecvError::Empty) => break,
+                    Err(std::sync::mpsc::TryRecvError::Disconnected) => Err(()),
+                }
             };
-            let Some(r) = r else {
+            let Ok(r) = r else {
+                gone = true;
                 break;
             };
             z.out -= 1;
             back.push(r);
         }
         for (hash, data, c) in back {
-            self.place(b, hash, &data, c.as_deref());
+            self.place(b, hash, &data, c.as_deref())?;
         }
+        if gone {
+            return Err(err(
+                "the threads compressing extents stopped: nothing was stored",
+            ));
+        }
+        Ok(())
     }
 
     /// Appends extent `hash` (bytes `data`, or `squeezed`: a zstd frame of them),
     /// sealed when the bucket is encrypted, and its index entry.
-    fn place(&mut self, b: &Bucket, hash: [u8; 32], data: &[u8], squeezed: Option<&[u8]>) {
+    fn place(
+        &mut self,
+        b: &Bucket,
+        hash: [u8; 32],
+        data: &[u8],
+        squeezed: Option<&[u8]>,
+    ) -> Result<(), SyncError> {
         let stored = squeezed.unwrap_or(data);
+        let sealed = b
+            .seal
+            .as_ref()
+            .map(|s| s.seal_extent(&format!("packs/{}.pack", self.id), stored));
+        let stored = sealed.as_deref().unwrap_or(stored);
+        // The length word's top bit is the flag: no extent comes near it (they are
+        // at most a block, 1 MiB), and none is let past it.
+        let len = u32::try_from(stored.len())
+            .ok()
+            .filter(|&l| l < IDX_ZSTD)
+            .ok_or_else(|| {
+                err(format!(
+                    "extent {} is too large to store ({} bytes)",
+                    crate::store::hex(&hash),
+                    stored.len()
+                ))
+            })?;
         let offset = self.data.len() as u64;
-        let len = match &b.seal {
-            Some(s) => {
-                let sealed = s.seal_extent(&format!("packs/{}.pack", self.id), stored);
-                self.data.extend_from_slice(&sealed);
-                sealed.len()
-            }
-            None => {
-                self.data.extend_from_slice(stored);
-                stored.len()
-            }
-        } as u32;
+        self.data.extend_from_slice(stored);
         let zstd = squeezed.is_some();
         self.index.extend_from_slice(&hash);
         self.index.extend_from_slice(&offset.to_le_bytes());
         self.index
             .extend_from_slice(&(len | if zstd { IDX_ZSTD } else { 0 }).to_le_bytes());
         self.hashes.push((hash, offset, len, zstd));
+        Ok(())
     }
 
     /// Uploads the pack, then its index, and records where its extents are.
     fn flush(&mut self, b: &Bucket, index: &mut HashMap<[u8; 32], Place>) -> Result<(), SyncError> {
-        self.collect(b, true);
+        self.collect(b, true)?;
         self.members.clear();
         if self.hashes.is_empty() {
             return Ok(());
@@ -1703,7 +1743,7 @@ fn receive_into<R: Read, W: Write>(
     }
     let lock = b.lock("sync")?;
     let mut root = match b.root()? {
-        Some(root) => {
+        Some(mut root) => {
             if root.origin != crate::store::hex(&origin) {
                 return Err(err(format!(
                     "{} holds snapshots of another volume ({})",
@@ -1716,6 +1756,7 @@ fn receive_into<R: Read, W: Write>(
                     b.url, root.block_size
                 )));
             }
+            raise_layout(b, &mut root, &lock)?;
             root
         }
         None => Root {
@@ -1840,7 +1881,7 @@ fn receive_into<R: Read, W: Write>(
                     }
                     sum.extents += 1;
                     sum.payload_bytes += data.len() as u64;
-                    pack.add(b, hash, data);
+                    pack.add(b, hash, data)?;
                     if pack.data.len() >= PACK_BYTES {
                         lock.renew()?;
                         pack.flush(b, &mut index)?;
@@ -2193,15 +2234,29 @@ fn referenced(b: &Bucket, root: &Root) -> Result<std::collections::HashSet<[u8; 
     Ok(out)
 }
 
+/// Marks a bucket of an older layout as this snapfs's before a pack that may hold
+/// compressed extents goes up, so that a snapfs that reads only the older layout
+/// refuses the bucket from then on instead of misreading its indexes.
+fn raise_layout(b: &Bucket, root: &mut Root, lock: &Lock<'_>) -> Result<(), SyncError> {
+    if root.format < LAYOUT {
+        lock.check()?;
+        b.put_root(root)?;
+    }
+    Ok(())
+}
+
 /// `snapfs gc s3://...`: deletes the packs and manifests no snapshot needs, under
 /// the bucket's lock (a sync's packs before its barrier are needed by nothing yet,
 /// so gc never runs beside one).
 pub fn gc(url: &str, dry_run: bool) -> Result<GcReport, SyncError> {
     let b = Bucket::open(url)?;
     let lock = b.lock("gc")?;
-    let root = b
+    let mut root = b
         .root()?
         .ok_or_else(|| err(format!("{url} holds no snapfs volume")))?;
+    if !dry_run {
+        raise_layout(&b, &mut root, &lock)?;
+    }
     let used = referenced(&b, &root)?;
     let mut rep = GcReport::default();
     let named: std::collections::HashSet<&str> =
@@ -2291,7 +2346,7 @@ pub fn gc(url: &str, dry_run: bool) -> Result<GcReport, SyncError> {
                                 crate::store::hex(&hash)
                             ))
                         })?;
-                    pack.add(&b, hash, bytes);
+                    pack.add(&b, hash, bytes)?;
                 }
                 pack.flush(&b, &mut HashMap::new())?;
                 b.settle_uploads()?;
@@ -2627,4 +2682,85 @@ fn paths(
     up(m, ino, 0, "", &mut out)?;
     out.sort();
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::schema::MAX_BLOCK_SIZE;
+
+    #[test]
+    fn a_frame_expands_to_a_block_at_most() {
+        let block = vec![7u8; MAX_BLOCK_SIZE as usize];
+        let frame = zstd::bulk::compress(&block, 6).unwrap();
+        assert_eq!(expand(&frame).as_deref(), Some(&block[..]));
+        // One byte more than the largest block, and a frame of 64 MiB (small
+        // itself): neither is expanded.
+        let over = zstd::bulk::compress(&vec![7u8; MAX_BLOCK_SIZE as usize + 1], 6).unwrap();
+        assert_eq!(expand(&over), None);
+        let bomb = zstd::bulk::compress(&vec![0u8; 64 << 20], 6).unwrap();
+        assert!(bomb.len() < 64 << 10);
+        assert_eq!(expand(&bomb), None);
+        // Not a frame at all, or cut short.
+        assert_eq!(expand(b"not zstd"), None);
+        assert_eq!(expand(&frame[..frame.len() - 1]), None);
+    }
+
+    #[test]
+    fn compression_levels_parse_or_say_what_is_wrong() {
+        assert_eq!(parse_compression("off"), Ok(None));
+        assert_eq!(parse_compression("0"), Ok(None));
+        assert_eq!(parse_compression(" 6 "), Ok(Some(6)));
+        assert_eq!(parse_compression("19"), Ok(Some(19)));
+        for bad in ["20", "-1", "fast", "", "6x"] {
+            let e = parse_compression(bad).unwrap_err();
+            assert!(e.starts_with(&format!("--compress {bad}:")), "{e}");
+        }
+    }
+
+    #[test]
+    fn a_pack_places_every_extent_it_is_given_compressed_or_not() {
+        let env = |k: &str| match k {
+            "AWS_ENDPOINT_URL" => Some("http://127.0.0.1:9".to_string()),
+            "AWS_REGION" => Some("x".to_string()),
+            "AWS_ACCESS_KEY_ID" => Some("x".to_string()),
+            "AWS_SECRET_ACCESS_KEY" => Some("x".to_string()),
+            _ => None,
+        };
+        let b = Bucket::open_with("s3://b/p", env).unwrap();
+        let mut pack = Pack::default();
+        let mut want = HashMap::new();
+        for i in 0..300u32 {
+            // Text-like extents (they compress), random-like ones (they do not),
+            // and a small one.
+            let data: Vec<u8> = match i % 3 {
+                0 => format!("line {i} ").repeat(8000).into_bytes(),
+                1 => {
+                    let mut r = vec![0u8; 65536];
+                    let mut h = blake3::Hasher::new();
+                    h.update(&i.to_le_bytes()).finalize_xof().fill(&mut r);
+                    r
+                }
+                _ => vec![i as u8; 40],
+            };
+            let hash = *blake3::hash(&data).as_bytes();
+            pack.add(&b, hash, data.clone()).unwrap();
+            want.insert(hash, data);
+        }
+        pack.collect(&b, true).unwrap();
+        assert_eq!(pack.hashes.len(), want.len());
+        let mut zstd = 0;
+        for &(hash, offset, len, z) in &pack.hashes {
+            let place = Place {
+                pack: "packs/x.pack".into(),
+                offset,
+                len,
+                zstd: z,
+            };
+            let raw = &pack.data[offset as usize..(offset + len as u64) as usize];
+            assert_eq!(b.extent(&place, &hash, raw).as_ref(), want.get(&hash));
+            zstd += usize::from(z);
+        }
+        assert_eq!(zstd, 100, "the text-like extents, and only they");
+    }
 }
