@@ -136,8 +136,12 @@ for rel, n in taken:
     os.makedirs(os.path.join(out, "dup", os.path.dirname(rel)), exist_ok=True)
     shutil.copyfile(os.path.join(out, "u", rel), os.path.join(out, "dup", rel))
     dup += n
-# The change: 1 MiB in place in each of the largest files (2 MiB and more).
-big = sorted((r for r in taken if r[1] >= 2 << 20), key=lambda r: -r[1])
+# The change: 1 MiB in place in each of the largest files (2 MiB and more, as a
+# machine's /usr has; else the largest there are, which the change extends).
+big = sorted(taken, key=lambda r: -r[1])
+big = [r for r in big if r[1] >= 2 << 20] or big[:max(changes, 1)]
+if not big:
+    sys.exit("/usr has no files to build the tree from")
 with open(out + ".big", "w") as f:
     for i in range(changes):
         f.write("u/" + big[i % len(big)][0] + "\n")
