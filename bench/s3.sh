@@ -7,7 +7,7 @@
 # duplicates of other files. Measured:
 # a full backup, an incremental after changing 1% of the volume in place, and a
 # restore of the newest: wall time, bytes added to the bucket, and S3 requests (from
-# Garage's metrics).
+# Garage's metrics); and after each full backup, the bucket's bytes by kind of object.
 #
 # usage: bench/s3.sh [OUT.md]   (default: print the table)
 #   SIZE_MIB=1024  TREES="random usr"  SNAPFS=target/release/snapfs  GARAGE=~/.cache/snapfs/garage-2.3.0/bin/garage
@@ -91,6 +91,31 @@ requests() {
 bucket_bytes() {
     curl -s -H "Authorization: Bearer bench" "http://127.0.0.1:$admin/v2/GetBucketInfo?globalAlias=bench" |
         python3 -c 'import json, sys; print(json.load(sys.stdin)["bytes"])'
+}
+
+# The bucket's objects under PREFIX/ by kind, as "KIND BYTES" lines: what a
+# backup's bytes went to (snapfs: packs, their indexes, manifests, the root;
+# restic: data packs with their headers, indexes, snapshots, keys and config).
+breakdown() { # PREFIX
+    curl -s --aws-sigv4 "aws:amz:garage:s3" --user "$AWS_ACCESS_KEY_ID:$AWS_SECRET_ACCESS_KEY" \
+        -H "x-amz-content-sha256: e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855" \
+        "http://127.0.0.1:$s3/bench?list-type=2&max-keys=1000&prefix=$1%2F" |
+        python3 -c '
+import re, sys, collections
+xml = sys.stdin.read()
+if "<IsTruncated>true" in xml:
+    sys.exit("more than 1000 objects: not counted")
+kinds = collections.Counter()
+for key, size in re.findall(r"<Key>([^<]*)</Key>.*?<Size>(\d+)</Size>", xml, re.S):
+    rest = key.split("/", 1)[1]
+    if rest.startswith("packs/"):
+        kind = "packs/*" + rest[rest.rindex("."):]
+    else:
+        kind = rest.split("/")[0] + ("/" if "/" in rest else "")
+    kinds[kind] += int(size)
+for kind, n in sorted(kinds.items()):
+    print(kind, n)
+'
 }
 
 # ---------------------------------------------------------------- the trees
@@ -182,6 +207,7 @@ bench_tree() { # KIND
     cp -a "$data/." "$mnt/"
     "$SNAPFS" snapshot create "$mnt" s1 >/dev/null
     run "$k.snap_full" "$SNAPFS" sync "$mnt" "s3://bench/snapfs-$k" --json
+    breakdown "snapfs-$k" > "$work/$k.snap_parts"
     change "$mnt" "$data.big"
     "$SNAPFS" snapshot create "$mnt" s2 >/dev/null
     run "$k.snap_inc" "$SNAPFS" sync "$mnt" "s3://bench/snapfs-$k" --json
@@ -192,6 +218,7 @@ bench_tree() { # KIND
     local repo="s3:http://127.0.0.1:$s3/bench/restic-$k"
     restic -q -r "$repo" init
     run "$k.restic_full" restic -q -r "$repo" backup "$data"
+    breakdown "restic-$k" > "$work/$k.restic_parts"
     change "$data" "$data.big"
     run "$k.restic_inc" restic -q -r "$repo" backup "$data"
     run "$k.restic_restore" restic -q -r "$repo" restore latest --target "$work/restic-restored-$k"
@@ -216,6 +243,11 @@ table() {
         echo "| restore of the newest: wall s | ${T[$k.snap_restore]} | ${T[$k.restic_restore]} |"
         echo "| restore: S3 requests | ${R[$k.snap_restore]} | ${R[$k.restic_restore]} |"
         echo "| restore of every snapshot (snapfs: both, as a volume with its history): wall s | ${T[$k.snap_restore_all]} | - |"
+        echo
+        echo "| $k tree, after the full backup: objects by kind | bytes |"
+        echo "|---|---|"
+        awk '{printf "| snapfs %s | %d |\n", $1, $2}' "$work/$k.snap_parts"
+        awk '{printf "| restic %s | %d |\n", $1, $2}' "$work/$k.restic_parts"
         echo
     done
 }
