@@ -500,12 +500,7 @@ fn a_pack_deleted_behind_snapfs_is_reported_and_sent_again_by_the_next_sync() {
     g.sync_ok(&m.mnt, url);
     // The one pack goes, behind snapfs's back.
     let b = g.bucket(url);
-    let packs: Vec<String> = b
-        .list("packs")
-        .unwrap()
-        .into_iter()
-        .filter(|k| k.ends_with(".pack"))
-        .collect();
+    let packs = keys_ending(&b, ".pack");
     assert_eq!(packs.len(), 1, "{packs:?}");
     b.delete(&packs[0]).unwrap();
     // fsck names it and the snapshot that needs it.
@@ -704,12 +699,7 @@ fn a_damaged_byte_in_a_pack_is_found_and_never_restored() {
     snapfs_ok(&["snapshot", "create", m.mnt.to_str().unwrap(), "s1"]);
     g.sync_ok(&m.mnt, url);
     let b = g.bucket(url);
-    let pack = b
-        .list("packs")
-        .unwrap()
-        .into_iter()
-        .find(|k| k.ends_with(".pack"))
-        .unwrap();
+    let pack = keys_ending(&b, ".pack").remove(0);
     let mut data = b.get_object(&pack).unwrap().unwrap();
     data[1 << 20] ^= 0x40;
     b.put_object(&pack, data).unwrap();
@@ -744,6 +734,18 @@ fn a_damaged_byte_in_a_pack_is_found_and_never_restored() {
     assert_eq!(err.trim_end().lines().count(), 1, "{err}");
     let out = snapfs(&["snapshot", "list", n.to_str().unwrap(), "--json"]);
     assert_eq!(names_listed(&out), Vec::<String>::new());
+}
+
+/// The keys under `packs/` that end with `suffix` (".pack", ".idx").
+fn keys_ending(b: &snapfs::sync::s3::Bucket, suffix: &str) -> Vec<String> {
+    let mut keys = b.list("packs").unwrap();
+    keys.retain(|k| k.ends_with(suffix));
+    keys
+}
+
+/// The root object, as JSON.
+fn root_json(b: &snapfs::sync::s3::Bucket) -> serde_json::Value {
+    serde_json::from_slice(&b.get_object("snapfs-root.json").unwrap().unwrap()).unwrap()
 }
 
 /// Every object under a prefix, by name.
@@ -903,12 +905,7 @@ fn an_encrypted_bucket_holds_no_name_content_or_hash_and_needs_its_key() {
     assert_ok(&out);
 
     // A flipped byte in a sealed extent does not open: named, never restored.
-    let pack = b
-        .list("packs")
-        .unwrap()
-        .into_iter()
-        .find(|k| k.ends_with(".pack"))
-        .unwrap();
+    let pack = keys_ending(&b, ".pack").remove(0);
     let mut data = b.get_object(&pack).unwrap().unwrap();
     data[100] ^= 0x01;
     b.put_object(&pack, data).unwrap();
@@ -1904,27 +1901,22 @@ fn compressible_data_is_stored_compressed_and_read_back_exactly() {
     );
     // Stored compressed (the flag in the index) and marked as layout 2 for readers.
     let mut flagged = 0;
-    for k in b.list("packs").unwrap() {
-        if k.ends_with(".idx") {
-            let v = b.get_object(&k).unwrap().unwrap();
-            flagged += idx_entries(&v).iter().filter(|e| e.2 >> 31 == 1).count();
-        }
+    for k in keys_ending(&b, ".idx") {
+        let v = b.get_object(&k).unwrap().unwrap();
+        flagged += idx_entries(&v).iter().filter(|e| e.2 >> 31 == 1).count();
     }
     assert!(
         flagged >= log.len() / (64 << 10),
         "{flagged} extents flagged"
     );
-    let root: serde_json::Value =
-        serde_json::from_slice(&b.get_object("snapfs-root.json").unwrap().unwrap()).unwrap();
+    let root = root_json(&b);
     assert_eq!(root["format"], 2, "{root}");
     let out = g.snapfs(&["fsck", url, "--read-data"]);
     assert_ok(&out);
     // A layout 1 bucket (what an older snapfs wrote: nothing compressed) is read,
     // and becomes 2 once written; a layout from a newer snapfs is refused.
     let set_format = |n: u64| {
-        let mut r: serde_json::Value =
-            serde_json::from_slice(&plain.get_object("snapfs-root.json").unwrap().unwrap())
-                .unwrap();
+        let mut r = root_json(&plain);
         r["format"] = n.into();
         plain
             .put_object("snapfs-root.json", serde_json::to_vec(&r).unwrap())
@@ -1954,13 +1946,7 @@ fn compressible_data_is_stored_compressed_and_read_back_exactly() {
     snapfs_ok(&["snapshot", "create", &mnt, "s2"]);
     g.sync_ok(&m.mnt, url);
     g.sync_ok(&m.mnt, plain_url);
-    let format = || -> serde_json::Value {
-        serde_json::from_slice::<serde_json::Value>(
-            &plain.get_object("snapfs-root.json").unwrap().unwrap(),
-        )
-        .unwrap()["format"]
-            .clone()
-    };
+    let format = || root_json(&plain)["format"].clone();
     assert_eq!(format(), 2);
     // gc, which may repack into compressed extents, marks the bucket so too.
     set_format(1);
@@ -1998,11 +1984,8 @@ fn compressible_data_is_stored_compressed_and_read_back_exactly() {
 
     // A compressed extent that expands past any block (a hostile bucket) is damage,
     // named as such; nothing is restored from it.
-    let idx_key = b
-        .list("packs")
-        .unwrap()
+    let idx_key = keys_ending(&b, ".idx")
         .into_iter()
-        .filter(|k| k.ends_with(".idx"))
         .find(|k| {
             let v = b.get_object(k).unwrap().unwrap();
             idx_entries(&v).iter().any(|e| e.2 >> 31 == 1)

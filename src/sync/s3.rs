@@ -1269,6 +1269,19 @@ impl Bucket {
 /// the pack, and whether it is stored compressed.
 type IdxEntry = ([u8; 32], u64, u32, bool);
 
+/// A pack index as stored: per entry, hash, offset, and the length word (the stored
+/// length, with [`IDX_ZSTD`] set for a compressed extent); [`Bucket::read_idx`]
+/// reads it back.
+fn encode_idx(entries: &[IdxEntry]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(entries.len() * 44);
+    for &(hash, offset, len, zstd) in entries {
+        out.extend_from_slice(&hash);
+        out.extend_from_slice(&offset.to_le_bytes());
+        out.extend_from_slice(&(len | if zstd { IDX_ZSTD } else { 0 }).to_le_bytes());
+    }
+    out
+}
+
 impl Bucket {
     /// The entries of pack index `key` (`None`: it is gone).
     fn read_idx(&self, key: &str) -> Result<Option<Vec<IdxEntry>>, SyncError> {
@@ -1424,7 +1437,7 @@ struct Pack {
     /// sealed to the pack's name).
     id: String,
     data: Vec<u8>,
-    index: Vec<u8>,
+    /// Its index's entries, in the order of its bytes.
     hashes: Vec<IdxEntry>,
     /// Every extent given to it: placed, or still being compressed.
     members: std::collections::HashSet<[u8; 32]>,
@@ -1612,12 +1625,7 @@ impl Pack {
             })?;
         let offset = self.data.len() as u64;
         self.data.extend_from_slice(stored);
-        let zstd = squeezed.is_some();
-        self.index.extend_from_slice(&hash);
-        self.index.extend_from_slice(&offset.to_le_bytes());
-        self.index
-            .extend_from_slice(&(len | if zstd { IDX_ZSTD } else { 0 }).to_le_bytes());
-        self.hashes.push((hash, offset, len, zstd));
+        self.hashes.push((hash, offset, len, squeezed.is_some()));
         Ok(())
     }
 
@@ -1644,7 +1652,7 @@ impl Pack {
         // A manifest naming its extents is written only once it is done
         // (`Bucket::settle_uploads`).
         let idx = format!("packs/{id}.idx");
-        let index_bytes = b.meta_bytes(&idx, std::mem::take(&mut self.index));
+        let index_bytes = b.meta_bytes(&idx, encode_idx(&self.hashes));
         b.put_later(vec![
             (pack.clone(), std::mem::take(&mut self.data)),
             (idx, index_bytes),
