@@ -710,13 +710,7 @@ fn a_damaged_byte_in_a_pack_is_found_and_never_restored() {
         "{}",
         String::from_utf8_lossy(&out.stdout)
     );
-    let out = g.snapfs(&["fsck", url, "--read-data"]);
-    assert_eq!(out.status.code(), Some(1));
-    let text = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        text.contains("does not match its hash") && text.contains(&pack),
-        "{text}"
-    );
+    let text = fsck_finds_a_bad_extent_in(&g, url, &pack);
     // ...with the file and bytes it reaches.
     assert!(
         text.lines().any(|l| l.starts_with("hurt: s1: /a bytes ")
@@ -734,6 +728,19 @@ fn a_damaged_byte_in_a_pack_is_found_and_never_restored() {
     assert_eq!(err.trim_end().lines().count(), 1, "{err}");
     let out = snapfs(&["snapshot", "list", n.to_str().unwrap(), "--json"]);
     assert_eq!(names_listed(&out), Vec::<String>::new());
+}
+
+/// `fsck --read-data` of `url` fails (exit 1) naming an extent of `pack` whose
+/// bytes do not match its hash; its report.
+fn fsck_finds_a_bad_extent_in(g: &Garage, url: &str, pack: &str) -> String {
+    let out = g.snapfs(&["fsck", url, "--read-data"]);
+    assert_eq!(out.status.code(), Some(1));
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        text.contains("does not match its hash") && text.contains(pack),
+        "{text}"
+    );
+    text
 }
 
 /// The keys under `packs/` that end with `suffix` (".pack", ".idx").
@@ -2006,13 +2013,7 @@ fn compressible_data_is_stored_compressed_and_read_back_exactly() {
     idx[n * 44 + 40..n * 44 + 44].copy_from_slice(&(bomb.len() as u32 | 1 << 31).to_le_bytes());
     b.put_object(&pack_key, pack).unwrap();
     b.put_object(&idx_key, idx).unwrap();
-    let out = g.snapfs(&["fsck", url, "--read-data"]);
-    assert_eq!(out.status.code(), Some(1));
-    let text = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        text.contains("does not match its hash") && text.contains(&pack_key),
-        "{text}"
-    );
+    fsck_finds_a_bad_extent_in(&g, url, &pack_key);
     let out = g.snapfs(&["restore", url, dir.path().join("m").to_str().unwrap()]);
     assert_eq!(out.status.code(), Some(2));
     let e = String::from_utf8_lossy(&out.stderr);
