@@ -383,17 +383,51 @@ fn a_sync_to_a_bucket_cut_short_is_resumed_without_resending_its_packs() {
     }
     child.kill().unwrap();
     child.wait().unwrap();
-    // No snapshot is there yet; the next run sends what no pack holds.
-    let out = g.snapfs(&["snapshot", "list", url]);
-    assert!(!out.status.success(), "a snapshot without its barrier");
+    // No snapshot is there yet, but the root is, before any pack: it says the
+    // layout the packs are in.
+    let root = root_json(&b);
+    assert_eq!(root["format"], 2, "{root}");
+    assert_eq!(root["snapshots"], serde_json::json!([]), "{root}");
+    let early = b.get_object("snapfs-root.json").unwrap().unwrap();
+    let out = g.snapfs(&["snapshot", "list", "--json", url]);
+    assert_ok(&out);
+    assert_eq!(
+        serde_json::from_slice::<serde_json::Value>(&out.stdout).unwrap(),
+        serde_json::json!([]),
+        "a snapshot without its barrier"
+    );
+    let dir = test_dir();
+    let out = g.snapfs(&["restore", url, dir.path().join("early").to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(2), "{out:?}");
+    let msg = String::from_utf8_lossy(&out.stderr);
+    assert!(msg.contains("holds no snapshot to restore"), "{msg}");
+    assert_eq!(msg.trim().lines().count(), 1, "{msg}");
+    assert!(
+        !dir.path().join("early").exists(),
+        "a store made of nothing"
+    );
+    // The next run sends what no pack holds.
     let rest = g.sync_ok(&m.mnt, url);
     assert_eq!(rest["snapshots"], serde_json::json!(["big"]), "{rest}");
     let sent = rest["payload_bytes"].as_u64().unwrap();
     eprintln!("after the cut: {sent} of {} bytes sent", 96 << 20);
     assert!(sent <= (96 << 20) - (32 << 20), "{rest}");
-    let dir = test_dir();
     let r = g.restore_ok(url, dir.path(), "n", &[]);
     assert_eq!(tree_digest(&r.mnt), tree_digest(&m.path(".snapshots/big")));
+    // A root that names no snapshot holds nothing of its volume's: another volume
+    // synced there takes it (one that names a snapshot is refused, as before).
+    let other_url = "s3://snapfs/cut-other";
+    let other = g.bucket(other_url);
+    other.put_object("snapfs-root.json", early).unwrap();
+    let m2 = Mount::new();
+    std::fs::write(m2.path("g"), pattern(7, 1 << 20)).unwrap();
+    snapfs_ok(&["snapshot", "create", m2.mnt.to_str().unwrap(), "s"]);
+    let took = g.sync_ok(&m2.mnt, other_url);
+    assert_eq!(took["snapshots"], serde_json::json!(["s"]), "{took}");
+    let out = g.snapfs(&["sync", m.mnt.to_str().unwrap(), other_url]);
+    assert_eq!(out.status.code(), Some(2), "{out:?}");
+    let e = String::from_utf8_lossy(&out.stderr);
+    assert!(e.contains("holds snapshots of another volume"), "{e}");
 }
 
 #[test]

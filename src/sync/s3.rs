@@ -1751,6 +1751,15 @@ fn receive_into<R: Read, W: Write>(
     }
     let lock = b.lock("sync")?;
     let mut root = match b.root()? {
+        // A root that names no snapshot yet (a first sync cut short) holds nothing
+        // to keep: the volume that syncs now takes it.
+        Some(mut root) if root.snapshots.is_empty() => {
+            root.origin = crate::store::hex(&origin);
+            root.block_size = block_size;
+            lock.check()?;
+            b.put_root(&mut root)?;
+            root
+        }
         Some(mut root) => {
             if root.origin != crate::store::hex(&origin) {
                 return Err(err(format!(
@@ -1767,14 +1776,23 @@ fn receive_into<R: Read, W: Write>(
             raise_layout(b, &mut root, &lock)?;
             root
         }
-        None => Root {
-            format: LAYOUT,
-            volume: random_id(),
-            origin: crate::store::hex(&origin),
-            block_size,
-            snapshots: Vec::new(),
-            generation: 0,
-        },
+        None => {
+            // The root goes up before the first pack: a pack may hold compressed
+            // extents, and a bucket whose first sync is cut must still say which
+            // layout its packs are (a snapfs that reads only layout 1 then refuses
+            // it instead of starting it as layout 1 over them).
+            let mut root = Root {
+                format: LAYOUT,
+                volume: random_id(),
+                origin: crate::store::hex(&origin),
+                block_size,
+                snapshots: Vec::new(),
+                generation: 0,
+            };
+            lock.check()?;
+            b.put_root(&mut root)?;
+            root
+        }
     };
     let bucket_volume = crate::store::unhex::<16>(&root.volume)
         .ok_or_else(|| err(format!("{}: {ROOT} names no volume", b.url)))?;
@@ -1979,6 +1997,9 @@ fn send_from<R: Read, W: Write>(
     let root = b
         .root()?
         .ok_or_else(|| err(format!("{} holds no snapfs volume", b.url)))?;
+    if root.snapshots.iter().all(|s| s.deleted) {
+        return Err(err(format!("{} holds no snapshot to restore", b.url)));
+    }
     let volume = crate::store::unhex::<16>(&root.volume)
         .ok_or_else(|| err(format!("{}: {ROOT} names no volume", b.url)))?;
     let origin = crate::store::unhex::<16>(&root.origin)
