@@ -378,6 +378,10 @@ pub struct RootSnapshot {
     pub manifest: String,
     /// Records in the manifest.
     pub records: u64,
+    /// The manifest's blake3 hash (hex) as stored before sealing, checked whenever
+    /// it is read (absent in manifests an older snapfs wrote).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hash: Option<String>,
     /// Deleted while it was the newest (the base of the next incremental): hidden,
     /// and merged into the next snapshot once one lands.
     #[serde(default)]
@@ -1077,66 +1081,48 @@ impl Bucket {
         }
     }
 
-    /// The batches of records of manifest `key`.
-    fn manifest(&self, key: &str) -> Result<Vec<Vec<Record>>, SyncError> {
+    /// The batches of records of manifest `key`, one at a time: what is held is the
+    /// object as stored (compressed) and one batch, not the whole of its records.
+    fn manifest_batches(&self, s: &RootSnapshot) -> Result<ManifestBatches, SyncError> {
+        ManifestBatches::over(self.manifest_object(s)?, &self.url, &s.manifest)
+    }
+
+    /// Manifest `key` as stored (opened if the bucket is encrypted), to read with
+    /// [`ManifestBatches::over`] as many times as needed.
+    fn manifest_object(&self, s: &RootSnapshot) -> Result<std::sync::Arc<[u8]>, SyncError> {
+        let key = &s.manifest;
         let stored = self
             .get_meta(key)?
             .ok_or_else(|| err(format!("{}: manifest {key} is missing", self.url)))?;
-        let bytes = match stored.strip_prefix(ZSTD_MAGIC.as_slice()) {
-            Some(z) => {
-                use std::io::Read;
-                let mut out = Vec::new();
-                zstd::stream::read::Decoder::new(z)
-                    .and_then(|d| d.take(MANIFEST_MAX).read_to_end(&mut out))
-                    .map_err(|e| err(format!("{}: manifest {key} is damaged: {e}", self.url)))?;
-                out
-            }
-            None => stored,
-        };
-        let mut m = FrameReader::new(bytes.as_slice(), None);
-        let mut out = Vec::new();
-        while let Some(f) = m
-            .read_frame()
-            .map_err(|e| err(format!("{}: manifest {key} is damaged: {e}", self.url)))?
+        if let Some(want) = &s.hash
+            && blake3::hash(&stored).to_hex().as_str() != want.as_str()
         {
-            match f {
-                Frame::Records { records, .. } => out.push(records),
-                f => {
-                    return Err(err(format!(
-                        "{}: manifest {key} is damaged: {}",
-                        self.url,
-                        super::wire::type_name(f.encode().0)
-                    )));
-                }
-            }
+            return Err(err(format!(
+                "{}: manifest {key} is damaged: its hash is not the one the root names",
+                self.url
+            )));
         }
-        Ok(out)
+        Ok(stored.into())
     }
 
-    /// Uploads `records` as a new manifest; its key.
-    fn put_manifest(&self, records: Vec<Record>) -> Result<String, SyncError> {
-        let mut w = FrameWriter::new(Vec::new(), None);
-        for (batch, chunk) in super::session::batches(records).into_iter().enumerate() {
-            w.send(&Frame::Records {
-                batch: batch as u64,
-                records: chunk,
-            })?;
+    /// Uploads `records` as a new manifest; its key and hash.
+    fn put_manifest(&self, records: Vec<Record>) -> Result<(String, String), SyncError> {
+        let mut w = ManifestWriter::new()?;
+        for chunk in super::session::batches(records) {
+            w.push(chunk)?;
         }
-        w.flush()?;
         let key = format!("manifests/{}", random_id());
-        self.put_manifest_at(&key, w.into_inner())?;
-        Ok(key)
+        let hash = self.put_manifest_at(&key, w)?;
+        Ok((key, hash))
     }
 
-    /// Writes manifest `key` of `frames`, compressed (zstd), then sealed if the
-    /// bucket is encrypted.
-    fn put_manifest_at(&self, key: &str, frames: Vec<u8>) -> Result<(), SyncError> {
-        let z = zstd::bulk::compress(&frames, 3)
-            .map_err(|e| err(format!("compressing a manifest: {e}")))?;
-        let mut data = Vec::with_capacity(ZSTD_MAGIC.len() + z.len());
-        data.extend_from_slice(ZSTD_MAGIC);
-        data.extend_from_slice(&z);
-        self.put_meta(key, data)
+    /// Writes manifest `key` of the batches given `w`, sealed if the bucket is
+    /// encrypted; its hash, for the root.
+    fn put_manifest_at(&self, key: &str, w: ManifestWriter) -> Result<String, SyncError> {
+        let data = w.finish()?;
+        let hash = blake3::hash(&data).to_hex().to_string();
+        self.put_meta(key, data)?;
+        Ok(hash)
     }
 
     /// Merges snapshot `i` (not the newest) into the one after it, whose manifest
@@ -1146,13 +1132,11 @@ impl Bucket {
         type Key = (u64, u8, u64, Vec<u8>);
         let mut map: std::collections::BTreeMap<Key, Option<Vec<u8>>> = Default::default();
         let (a, next) = (&root.snapshots[i], &root.snapshots[i + 1]);
-        for batch in self
-            .manifest(&a.manifest)?
-            .into_iter()
-            .chain(self.manifest(&next.manifest)?)
-        {
-            for r in batch {
-                map.insert((r.ino, r.kind, r.sub, r.name), r.payload);
+        for s in [a, next] {
+            for batch in self.manifest_batches(s)? {
+                for r in batch? {
+                    map.insert((r.ino, r.kind, r.sub, r.name), r.payload);
+                }
             }
         }
         let whole = a.base.is_none();
@@ -1169,11 +1153,12 @@ impl Bucket {
             })
             .collect();
         let count = records.len() as u64;
-        let key = self.put_manifest(records)?;
+        let (key, hash) = self.put_manifest(records)?;
         let gone = vec![a.manifest.clone(), next.manifest.clone()];
         let base = a.base.clone();
         let n = &mut root.snapshots[i + 1];
         n.manifest = key;
+        n.hash = Some(hash);
         n.base = base;
         n.records = count;
         root.snapshots.remove(i);
@@ -1233,11 +1218,11 @@ impl Bucket {
             let Some(id) = key.strip_suffix(".idx") else {
                 continue;
             };
-            let pack = format!("{id}.pack");
+            let pack: std::sync::Arc<str> = format!("{id}.pack").into();
             let Some(entries) = self.read_idx(key)? else {
                 continue;
             };
-            let here = present.contains(pack.as_str());
+            let here = present.contains(&*pack);
             let mut gone = Vec::new();
             for (hash, offset, len, zstd) in entries {
                 if !here {
@@ -1255,7 +1240,7 @@ impl Bucket {
                 );
             }
             if !here {
-                lost.push((pack, gone));
+                lost.push((pack.to_string(), gone));
             }
         }
         for (_, hashes) in &mut lost {
@@ -1280,6 +1265,97 @@ fn encode_idx(entries: &[IdxEntry]) -> Vec<u8> {
         out.extend_from_slice(&(len | if zstd { IDX_ZSTD } else { 0 }).to_le_bytes());
     }
     out
+}
+
+/// A manifest being written: its batches of records as frames, compressed (zstd)
+/// as they come, so what is held is the compressed manifest, not its records.
+struct ManifestWriter {
+    frames: FrameWriter<zstd::stream::write::Encoder<'static, Vec<u8>>>,
+    batches: u64,
+}
+
+impl ManifestWriter {
+    fn new() -> Result<Self, SyncError> {
+        let z = zstd::stream::write::Encoder::new(ZSTD_MAGIC.to_vec(), 3)
+            .map_err(|e| err(format!("compressing a manifest: {e}")))?;
+        Ok(ManifestWriter {
+            frames: FrameWriter::new(z, None),
+            batches: 0,
+        })
+    }
+
+    fn push(&mut self, records: Vec<Record>) -> Result<(), SyncError> {
+        self.frames.send(&Frame::Records {
+            batch: self.batches,
+            records,
+        })?;
+        self.batches += 1;
+        Ok(())
+    }
+
+    /// The manifest as stored (before sealing): the magic, then one zstd frame.
+    fn finish(self) -> Result<Vec<u8>, SyncError> {
+        self.frames
+            .into_inner()
+            .finish()
+            .map_err(|e| err(format!("compressing a manifest: {e}")))
+    }
+}
+
+/// The batches of records of a manifest, read one at a time
+/// ([`Bucket::manifest_batches`]).
+pub(crate) struct ManifestBatches {
+    frames: FrameReader<Box<dyn Read + Send>>,
+    /// The URL and key, for errors.
+    what: String,
+    done: bool,
+}
+
+impl ManifestBatches {
+    /// The batches of manifest `key` of bucket `url` from `stored`, as
+    /// [`Bucket::manifest_object`] gives it.
+    fn over(stored: std::sync::Arc<[u8]>, url: &str, key: &str) -> Result<Self, SyncError> {
+        let what = format!("{url}: manifest {key}");
+        let zstd = stored.starts_with(ZSTD_MAGIC);
+        let mut c = std::io::Cursor::new(stored);
+        let bytes: Box<dyn Read + Send> = if zstd {
+            c.set_position(ZSTD_MAGIC.len() as u64);
+            Box::new(
+                zstd::stream::read::Decoder::new(c)
+                    .map_err(|e| err(format!("{what} is damaged: {e}")))?
+                    .take(MANIFEST_MAX),
+            )
+        } else {
+            Box::new(c)
+        };
+        Ok(ManifestBatches {
+            frames: FrameReader::new(bytes, None),
+            what,
+            done: false,
+        })
+    }
+}
+
+impl Iterator for ManifestBatches {
+    type Item = Result<Vec<Record>, SyncError>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        if self.done {
+            return None;
+        }
+        let res = match self.frames.read_frame() {
+            Ok(None) => None,
+            Ok(Some(Frame::Records { records, .. })) => Some(Ok(records)),
+            Ok(Some(f)) => Some(Err(err(format!(
+                "{} is damaged: {}",
+                self.what,
+                super::wire::type_name(f.encode().0)
+            )))),
+            Err(e) => Some(Err(err(format!("{} is damaged: {e}", self.what)))),
+        };
+        self.done = !matches!(res, Some(Ok(_)));
+        res
+    }
 }
 
 impl Bucket {
@@ -1316,7 +1392,8 @@ fn expand(frame: &[u8]) -> Option<Vec<u8>> {
 /// Where an extent is in the bucket.
 #[derive(Clone, Debug)]
 struct Place {
-    pack: String,
+    /// Its pack's key, shared by every extent of the pack.
+    pack: std::sync::Arc<str>,
     offset: u64,
     /// Its stored length.
     len: u32,
@@ -1657,11 +1734,12 @@ impl Pack {
             (pack.clone(), std::mem::take(&mut self.data)),
             (idx, index_bytes),
         ])?;
+        let shared: std::sync::Arc<str> = pack.as_str().into();
         for (hash, offset, len, zstd) in self.hashes.drain(..) {
             index.insert(
                 hash,
                 Place {
-                    pack: pack.clone(),
+                    pack: shared.clone(),
                     offset,
                     len,
                     zstd,
@@ -1853,7 +1931,7 @@ fn receive_into<R: Read, W: Write>(
                 b.url, snapshot.name
             )));
         }
-        let mut manifest = FrameWriter::new(Vec::new(), None);
+        let mut manifest = ManifestWriter::new()?;
         let mut pack = Pack::default();
         let mut wanted: std::collections::HashSet<[u8; 32]> = Default::default();
         let mut records = 0u64;
@@ -1885,10 +1963,7 @@ fn receive_into<R: Read, W: Write>(
                         }
                     }
                     records += recs.len() as u64;
-                    manifest.send(&Frame::Records {
-                        batch,
-                        records: recs,
-                    })?;
+                    manifest.push(recs)?;
                     w.send(&Frame::Ack { batch, missing })?;
                     w.flush()?;
                 }
@@ -1943,9 +2018,8 @@ fn receive_into<R: Read, W: Write>(
             }
             true
         });
-        manifest.flush()?;
         let key = format!("manifests/{}", random_id());
-        b.put_manifest_at(&key, manifest.into_inner())?;
+        let hash = b.put_manifest_at(&key, manifest)?;
         root.snapshots.push(RootSnapshot {
             name: snapshot.name.clone(),
             created_sec: snapshot.created_sec,
@@ -1953,6 +2027,7 @@ fn receive_into<R: Read, W: Write>(
             base,
             manifest: key,
             records,
+            hash: Some(hash),
             deleted: false,
         });
         lock.check()?;
@@ -2040,9 +2115,10 @@ fn send_from<R: Read, W: Write>(
     // What goes: each snapshot after the newest one the destination holds, as
     // stored (changes from the one before); or `only`, whole (every manifest up to
     // it, the later record winning), unless the destination has it.
-    // (A stored manifest is read when its turn comes.)
-    type Batches = Vec<Vec<Record>>;
-    let mut todo: Vec<(&RootSnapshot, Option<String>, Option<Batches>)> = Vec::new();
+    // (A stored manifest is read when its turn comes; `only`'s whole one is kept
+    // as a manifest is, compressed, and read like one.)
+    type Stored = std::sync::Arc<[u8]>;
+    let mut todo: Vec<(&RootSnapshot, Option<String>, Option<Stored>)> = Vec::new();
     match only {
         Some(name) => {
             let k = root
@@ -2055,8 +2131,8 @@ fn send_from<R: Read, W: Write>(
                 type Key = (u64, u8, u64, Vec<u8>);
                 let mut map: std::collections::BTreeMap<Key, Option<Vec<u8>>> = Default::default();
                 for earlier in &root.snapshots[..=k] {
-                    for batch in b.manifest(&earlier.manifest)? {
-                        for r in batch {
+                    for batch in b.manifest_batches(earlier)? {
+                        for r in batch? {
                             map.insert((r.ino, r.kind, r.sub, r.name), r.payload);
                         }
                     }
@@ -2073,7 +2149,11 @@ fn send_from<R: Read, W: Write>(
                         })
                     })
                     .collect();
-                todo.push((s, None, Some(super::session::batches(whole))));
+                let mut m = ManifestWriter::new()?;
+                for chunk in super::session::batches(whole) {
+                    m.push(chunk)?;
+                }
+                todo.push((s, None, Some(m.finish()?.into())));
             }
         }
         None => {
@@ -2091,17 +2171,20 @@ fn send_from<R: Read, W: Write>(
             }
         }
     }
-    for (s, base, batches) in todo {
-        let batches = match batches {
-            Some(b) => b,
-            None => b.manifest(&s.manifest)?,
+    for (s, base, stored) in todo {
+        let stored = match stored {
+            Some(m) => m,
+            None => b.manifest_object(s)?,
         };
+        // Read twice, one batch at a time: once for the plan, once to send.
+        let batches = || ManifestBatches::over(stored.clone(), &b.url, &s.manifest);
         let (mut n, mut bytes_named) = (0u64, 0u64);
         let mut count = 0u64;
-        for recs in &batches {
+        for recs in batches()? {
+            let recs = recs?;
             count += recs.len() as u64;
             let mut seen = std::collections::HashSet::new();
-            for rec in recs {
+            for rec in &recs {
                 first_namings(rec, &mut seen, |_, len| {
                     n += 1;
                     bytes_named += len;
@@ -2118,7 +2201,8 @@ fn send_from<R: Read, W: Write>(
             snapshot: s.snap_ref(),
             base,
         })?;
-        for (batch, records) in batches.into_iter().enumerate() {
+        for (batch, records) in batches()?.enumerate() {
+            let records = records?;
             reading.renew()?;
             let batch = batch as u64;
             sum.records += records.len() as u64;
@@ -2256,8 +2340,8 @@ pub struct GcReport {
 fn referenced(b: &Bucket, root: &Root) -> Result<std::collections::HashSet<[u8; 32]>, SyncError> {
     let mut out = std::collections::HashSet::new();
     for s in &root.snapshots {
-        for batch in b.manifest(&s.manifest)? {
-            out.extend(named(&batch)?);
+        for batch in b.manifest_batches(s)? {
+            out.extend(named(&batch?)?);
         }
     }
     Ok(out)
@@ -2355,12 +2439,13 @@ pub fn gc(url: &str, dry_run: bool) -> Result<GcReport, SyncError> {
                     .get(&old)?
                     .ok_or_else(|| err(format!("{url}: {old} is missing")))?;
                 let mut pack = Pack::default();
+                let from: std::sync::Arc<str> = old.as_str().into();
                 for &(hash, off, len, zstd) in &idx {
                     if !used.contains(&hash) {
                         continue;
                     }
                     let place = Place {
-                        pack: old.clone(),
+                        pack: from.clone(),
                         offset: off,
                         len,
                         zstd,
@@ -2412,7 +2497,7 @@ pub fn fsck(url: &str, read_data: bool) -> Result<Vec<String>, SyncError> {
         ));
     }
     for s in &root.snapshots {
-        let batches = match b.manifest(&s.manifest) {
+        let batches = match b.manifest_batches(s) {
             Ok(m) => m,
             Err(e) => {
                 problems.push(format!("snapshot {}: {e}", s.name));
@@ -2420,8 +2505,15 @@ pub fn fsck(url: &str, read_data: bool) -> Result<Vec<String>, SyncError> {
             }
         };
         let mut missing = 0u64;
-        for batch in &batches {
-            for h in named(batch)? {
+        for batch in batches {
+            let batch = match batch {
+                Ok(batch) => batch,
+                Err(e) => {
+                    problems.push(format!("snapshot {}: {e}", s.name));
+                    break;
+                }
+            };
+            for h in named(&batch)? {
                 if !index.contains_key(&h) {
                     missing += 1;
                     bad.entry(h)
@@ -2437,8 +2529,7 @@ pub fn fsck(url: &str, read_data: bool) -> Result<Vec<String>, SyncError> {
         }
     }
     if read_data {
-        let packs: std::collections::HashSet<&str> =
-            index.values().map(|p| p.pack.as_str()).collect();
+        let packs: std::collections::HashSet<&str> = index.values().map(|p| &*p.pack).collect();
         for p in packs {
             reading.renew()?;
             let Some(data) = b.get(p)? else {
@@ -2447,7 +2538,7 @@ pub fn fsck(url: &str, read_data: bool) -> Result<Vec<String>, SyncError> {
                 ));
                 continue;
             };
-            for (h, place) in index.iter().filter(|(_, pl)| pl.pack == *p) {
+            for (h, place) in index.iter().filter(|(_, pl)| &*pl.pack == p) {
                 let ok = (place.offset as usize)
                     .checked_add(place.len as usize)
                     .and_then(|end| data.get(place.offset as usize..end))
@@ -2489,8 +2580,8 @@ fn hurt(
         if s.base.is_none() {
             map.clear();
         }
-        for batch in b.manifest(&s.manifest)? {
-            for r in batch {
+        for batch in b.manifest_batches(s)? {
+            for r in batch? {
                 map.insert((r.ino, r.kind, r.sub, r.name), r.payload);
             }
         }
@@ -2567,8 +2658,8 @@ pub fn diff(
             }
             map.values_mut().for_each(|v| *v = None);
         }
-        for batch in b.manifest(&s.manifest)? {
-            for r in batch {
+        for batch in b.manifest_batches(s)? {
+            for r in batch? {
                 let k = (r.ino, r.kind, r.sub, r.name);
                 if let Some(t) = touched.as_mut() {
                     t.insert(k.clone());

@@ -162,8 +162,8 @@ impl BucketFs {
                 if s.base.is_none() {
                     tree.clear();
                 }
-                for batch in b.manifest(&s.manifest)? {
-                    for r in batch {
+                for batch in b.manifest_batches(s)? {
+                    for r in batch? {
                         let key = (r.ino, r.kind, r.sub, r.name);
                         match r.payload {
                             Some(p) => tree.insert(key, p),
