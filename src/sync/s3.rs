@@ -361,6 +361,28 @@ pub struct Root {
     /// before was put back (rolled back), and is refused.
     #[serde(default)]
     pub generation: u64,
+    /// blake3 (hex) of the root as stored (before sealing) with these 64 digits
+    /// written as zeros: checked at every read (absent in roots written before it,
+    /// and to be dropped from a root edited by hand).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub check: Option<String>,
+}
+
+/// Where the `check` of root text `b` is, if it has the one given.
+fn check_at(b: &[u8], check: &str) -> Option<usize> {
+    let field = format!("\"check\": \"{check}\"");
+    b.windows(field.len())
+        .rposition(|w| w == field.as_bytes())
+        .map(|at| at + field.len() - 1 - check.len())
+}
+
+/// The checksum of root text `b` whose check is at `at` (64 digits).
+fn root_check(b: &[u8], at: usize) -> String {
+    let mut h = blake3::Hasher::new();
+    h.update(&b[..at]);
+    h.update(&[b'0'; 64]);
+    h.update(&b[at + 64..]);
+    h.finalize().to_hex().to_string()
 }
 
 /// A snapshot in the root object.
@@ -1003,6 +1025,14 @@ impl Bucket {
                         self.url, root.format
                     )));
                 }
+                if let Some(c) = &root.check
+                    && (c.len() != 64 || check_at(&b, c).is_none_or(|at| root_check(&b, at) != *c))
+                {
+                    return Err(err(format!(
+                        "{}: {ROOT} is damaged: its checksum does not match (a root edited by hand must drop \"check\")",
+                        self.url
+                    )));
+                }
                 self.saw_generation(&root)?;
                 Ok(Some(root))
             }
@@ -1015,7 +1045,13 @@ impl Bucket {
         // A bucket this snapfs writes may get compressed extents, which a snapfs
         // that reads only layout 1 would take for damage: it is told apart.
         root.format = LAYOUT;
-        self.put_meta(ROOT, serde_json::to_vec_pretty(root).expect("encodes"))?;
+        root.check = Some("0".repeat(64));
+        let mut text = serde_json::to_vec_pretty(root).expect("encodes");
+        let at = check_at(&text, &"0".repeat(64)).expect("the check is written");
+        let check = root_check(&text, at);
+        text[at..at + 64].copy_from_slice(check.as_bytes());
+        root.check = Some(check);
+        self.put_meta(ROOT, text)?;
         self.saw_generation(root)
     }
 
@@ -1866,6 +1902,7 @@ fn receive_into<R: Read, W: Write>(
                 block_size,
                 snapshots: Vec::new(),
                 generation: 0,
+                check: None,
             };
             lock.check()?;
             b.put_root(&mut root)?;
@@ -2386,6 +2423,31 @@ pub fn gc(url: &str, dry_run: bool) -> Result<GcReport, SyncError> {
     }
     let keys = b.list("packs")?;
     let listed: std::collections::HashSet<&str> = keys.iter().map(String::as_str).collect();
+    // Every index, read once: gc decides from them only if they account for every
+    // extent a snapshot names. One that no index lists (not even a lost pack's)
+    // means an index is damaged (a hash in it changed), and the pack it describes
+    // would look like garbage: nothing is deleted then.
+    let mut indexes: Vec<(&str, Vec<IdxEntry>)> = Vec::new();
+    for key in &keys {
+        if key.ends_with(".idx") {
+            lock.renew()?;
+            if let Some(idx) = b.read_idx(key)? {
+                indexes.push((key, idx));
+            }
+        }
+    }
+    let unlisted = {
+        let all: std::collections::HashSet<&[u8; 32]> = indexes
+            .iter()
+            .flat_map(|(_, e)| e.iter().map(|e| &e.0))
+            .collect();
+        used.iter().filter(|h| !all.contains(h)).count()
+    };
+    if unlisted > 0 {
+        return Err(err(format!(
+            "{url}: {unlisted} extents the snapshots name are in no pack index (an index is damaged or gone): gc deletes nothing until fsck finds the bucket whole (a sync from the source sends them again)"
+        )));
+    }
     for key in &keys {
         lock.renew()?;
         // A pack whose index never landed (a writer stopped between the two): no
@@ -2400,16 +2462,14 @@ pub fn gc(url: &str, dry_run: bool) -> Result<GcReport, SyncError> {
             }
             continue;
         }
-        let Some(id) = key.strip_suffix(".idx") else {
-            continue;
-        };
+    }
+    for (key, idx) in indexes {
+        lock.renew()?;
+        let id = key.strip_suffix(".idx").expect("an index key");
         // A lost pack's index stays for the next sync to repair from.
         if !listed.contains(format!("{id}.pack").as_str()) {
             continue;
         }
-        let Some(idx) = b.read_idx(key)? else {
-            continue;
-        };
         let (mut live, mut dead) = (0u64, 0u64);
         for &(hash, _, len, _) in &idx {
             if used.contains(&hash) {
