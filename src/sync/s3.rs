@@ -57,6 +57,10 @@ const MANIFEST_MAX: u64 = 16 << 30;
 /// The root object's name under the prefix.
 const ROOT: &str = "snapfs-root.json";
 
+/// Under the prefix: the extents the snapshots name that `gc` found in no pack
+/// index, for the next sync to ask the source for (32-byte hashes end to end).
+const REPAIR: &str = "snapfs-repair";
+
 /// The lock object's name under the prefix: who writes the bucket, until when.
 pub const LOCK: &str = "snapfs-lock.json";
 
@@ -1013,6 +1017,14 @@ impl Bucket {
             Some(b) => {
                 let root: Root = serde_json::from_slice(&b)
                     .map_err(|e| err(format!("{}: {ROOT} is damaged: {e}", self.url)))?;
+                if let Some(c) = &root.check
+                    && (c.len() != 64 || check_at(&b, c).is_none_or(|at| root_check(&b, at) != *c))
+                {
+                    return Err(err(format!(
+                        "{}: {ROOT} is damaged: its checksum does not match (a root edited by hand must drop \"check\")",
+                        self.url
+                    )));
+                }
                 if root.block_size == 0 || root.block_size > 1 << 20 {
                     return Err(err(format!(
                         "{}: {ROOT} is damaged: block size {}",
@@ -1023,14 +1035,6 @@ impl Bucket {
                     return Err(err(format!(
                         "{}: layout version {} (this snapfs reads 1 to {LAYOUT}: a newer snapfs wrote it)",
                         self.url, root.format
-                    )));
-                }
-                if let Some(c) = &root.check
-                    && (c.len() != 64 || check_at(&b, c).is_none_or(|at| root_check(&b, at) != *c))
-                {
-                    return Err(err(format!(
-                        "{}: {ROOT} is damaged: its checksum does not match (a root edited by hand must drop \"check\")",
-                        self.url
                     )));
                 }
                 self.saw_generation(&root)?;
@@ -1139,6 +1143,26 @@ impl Bucket {
             )));
         }
         Ok(stored.into())
+    }
+
+    /// The extents gc found in no pack index, for a sync to ask for (none: no
+    /// list; a damaged one is passed over: gc writes it again).
+    fn repair_list(&self) -> Result<Vec<[u8; 32]>, SyncError> {
+        let b = match self.get_meta(REPAIR) {
+            Ok(Some(b)) => b,
+            Ok(None) => return Ok(Vec::new()),
+            Err(e) => {
+                tracing::warn!(error = %e, "sync: passed over");
+                return Ok(Vec::new());
+            }
+        };
+        if b.len() % 32 != 0 {
+            tracing::warn!(url = %self.url, "sync: {REPAIR} is damaged: passed over");
+            return Ok(Vec::new());
+        }
+        Ok(b.chunks_exact(32)
+            .map(|h| h.try_into().expect("32 bytes"))
+            .collect())
     }
 
     /// Uploads `records` as a new manifest; its key and hash.
@@ -1312,7 +1336,10 @@ struct ManifestWriter {
 
 impl ManifestWriter {
     fn new() -> Result<Self, SyncError> {
-        let z = zstd::stream::write::Encoder::new(ZSTD_MAGIC.to_vec(), 3)
+        let mut z = zstd::stream::write::Encoder::new(ZSTD_MAGIC.to_vec(), 3)
+            .map_err(|e| err(format!("compressing a manifest: {e}")))?;
+        // The frame checks itself too (for a root that lost the manifest's hash).
+        z.include_checksum(true)
             .map_err(|e| err(format!("compressing a manifest: {e}")))?;
         Ok(ManifestWriter {
             frames: FrameWriter::new(z, None),
@@ -1866,9 +1893,20 @@ fn receive_into<R: Read, W: Write>(
     let lock = b.lock("sync")?;
     let mut root = match b.root()? {
         // A root that names no snapshot yet (a first sync cut short) holds nothing
-        // to keep: the volume that syncs now takes it.
+        // to keep: the volume that syncs now takes it, as a new bucket volume, unless
+        // manifests say a snapshot once landed there (an old root put back).
         Some(mut root) if root.snapshots.is_empty() => {
-            root.origin = crate::store::hex(&origin);
+            let ours = crate::store::hex(&origin);
+            if root.origin != ours {
+                if !b.list("manifests")?.is_empty() {
+                    return Err(err(format!(
+                        "{} names no snapshot, but holds manifests (of volume {}?): refused; delete {ROOT} there to start the prefix over",
+                        b.url, root.origin
+                    )));
+                }
+                root.origin = ours;
+                root.volume = random_id();
+            }
             root.block_size = block_size;
             lock.check()?;
             b.put_root(&mut root)?;
@@ -1920,6 +1958,9 @@ fn receive_into<R: Read, W: Write>(
     // Extents whose pack is gone: asked of the source with the first
     // acknowledgement, to ride on the push (it sends those it has).
     let mut unasked: Vec<[u8; 32]> = lost.iter().flat_map(|(_, h)| h.iter().copied()).collect();
+    // And those gc found in no index (an index damaged or deleted).
+    let mut repair = b.repair_list()?;
+    unasked.extend(repair.iter().filter(|h| !index.contains_key(*h)));
     unasked.sort_unstable();
     unasked.dedup();
     if !unasked.is_empty() {
@@ -2044,7 +2085,9 @@ fn receive_into<R: Read, W: Write>(
         lock.renew()?;
         pack.flush(b, &mut index)?;
         b.settle_uploads()?;
-        // The index of a lost pack goes once every extent it listed is elsewhere.
+        // The index of a lost pack goes once every extent it listed is elsewhere;
+        // so does gc's list of extents to ask for, once every one is in a pack.
+        lock.check()?;
         lost.retain(|(pack, hashes)| {
             if hashes.iter().all(|h| index.contains_key(h)) {
                 let idx = format!("{}.idx", pack.trim_end_matches(".pack"));
@@ -2055,6 +2098,10 @@ fn receive_into<R: Read, W: Write>(
             }
             true
         });
+        if !repair.is_empty() && repair.iter().all(|h| index.contains_key(h)) {
+            b.delete(REPAIR)?;
+            repair.clear();
+        }
         let key = format!("manifests/{}", random_id());
         let hash = b.put_manifest_at(&key, manifest)?;
         root.snapshots.push(RootSnapshot {
@@ -2404,10 +2451,61 @@ pub fn gc(url: &str, dry_run: bool) -> Result<GcReport, SyncError> {
     let mut root = b
         .root()?
         .ok_or_else(|| err(format!("{url} holds no snapfs volume")))?;
+    // Every extent a snapshot names, and whether an index lists it.
+    let mut used: HashMap<[u8; 32], bool> = referenced(&b, &root)?
+        .into_iter()
+        .map(|h| (h, false))
+        .collect();
+    let keys = b.list("packs")?;
+    let listed: std::collections::HashSet<&str> = keys.iter().map(String::as_str).collect();
+    // Every index, read first, with the bytes of its pack still needed and not:
+    // gc decides from them only if they account for every extent a snapshot names.
+    // One no index lists (not even a lost pack's) means an index is damaged (a hash
+    // in it changed) or deleted, and the pack it describes would look like garbage:
+    // then nothing is deleted, and the next sync asks the source for those extents.
+    let mut indexes: Vec<(&str, u64, u64)> = Vec::new();
+    for key in &keys {
+        if key.ends_with(".idx") {
+            lock.renew()?;
+            if let Some(idx) = b.read_idx(key)? {
+                let (mut live, mut dead) = (0u64, 0u64);
+                for (hash, _, len, _) in idx {
+                    match used.get_mut(&hash) {
+                        Some(found) => {
+                            *found = true;
+                            live += len as u64;
+                        }
+                        None => dead += len as u64,
+                    }
+                }
+                indexes.push((key, live, dead));
+            }
+        }
+    }
+    let unlisted: Vec<[u8; 32]> = used
+        .iter()
+        .filter(|(_, found)| !**found)
+        .map(|(h, _)| *h)
+        .collect();
+    if !unlisted.is_empty() {
+        if !dry_run {
+            lock.check()?;
+            b.put_meta(REPAIR, unlisted.concat())?;
+        }
+        return Err(err(format!(
+            "{url}: {} extents the snapshots name are in no pack index (one was damaged or deleted): gc {} nothing{} (fsck names the files they hold)",
+            unlisted.len(),
+            if dry_run { "would delete" } else { "deleted" },
+            if dry_run {
+                ""
+            } else {
+                ", and the next sync that sends a snapshot asks the source for them"
+            }
+        )));
+    }
     if !dry_run {
         raise_layout(&b, &mut root, &lock)?;
     }
-    let used = referenced(&b, &root)?;
     let mut rep = GcReport::default();
     let named: std::collections::HashSet<&str> =
         root.snapshots.iter().map(|s| s.manifest.as_str()).collect();
@@ -2421,33 +2519,6 @@ pub fn gc(url: &str, dry_run: bool) -> Result<GcReport, SyncError> {
             }
         }
     }
-    let keys = b.list("packs")?;
-    let listed: std::collections::HashSet<&str> = keys.iter().map(String::as_str).collect();
-    // Every index, read once: gc decides from them only if they account for every
-    // extent a snapshot names. One that no index lists (not even a lost pack's)
-    // means an index is damaged (a hash in it changed), and the pack it describes
-    // would look like garbage: nothing is deleted then.
-    let mut indexes: Vec<(&str, Vec<IdxEntry>)> = Vec::new();
-    for key in &keys {
-        if key.ends_with(".idx") {
-            lock.renew()?;
-            if let Some(idx) = b.read_idx(key)? {
-                indexes.push((key, idx));
-            }
-        }
-    }
-    let unlisted = {
-        let all: std::collections::HashSet<&[u8; 32]> = indexes
-            .iter()
-            .flat_map(|(_, e)| e.iter().map(|e| &e.0))
-            .collect();
-        used.iter().filter(|h| !all.contains(h)).count()
-    };
-    if unlisted > 0 {
-        return Err(err(format!(
-            "{url}: {unlisted} extents the snapshots name are in no pack index (an index is damaged or gone): gc deletes nothing until fsck finds the bucket whole (a sync from the source sends them again)"
-        )));
-    }
     for key in &keys {
         lock.renew()?;
         // A pack whose index never landed (a writer stopped between the two): no
@@ -2460,23 +2531,14 @@ pub fn gc(url: &str, dry_run: bool) -> Result<GcReport, SyncError> {
                 lock.check()?;
                 b.delete(key)?;
             }
-            continue;
         }
     }
-    for (key, idx) in indexes {
+    for (key, live, dead) in indexes {
         lock.renew()?;
         let id = key.strip_suffix(".idx").expect("an index key");
         // A lost pack's index stays for the next sync to repair from.
         if !listed.contains(format!("{id}.pack").as_str()) {
             continue;
-        }
-        let (mut live, mut dead) = (0u64, 0u64);
-        for &(hash, _, len, _) in &idx {
-            if used.contains(&hash) {
-                live += len as u64;
-            } else {
-                dead += len as u64;
-            }
         }
         if live == 0 {
             rep.packs += 1;
@@ -2498,10 +2560,14 @@ pub fn gc(url: &str, dry_run: bool) -> Result<GcReport, SyncError> {
                 let data = b
                     .get(&old)?
                     .ok_or_else(|| err(format!("{url}: {old} is missing")))?;
+                // Read again (gc holds the lock: it is as it was).
+                let idx = b
+                    .read_idx(key)?
+                    .ok_or_else(|| err(format!("{url}: {key} is missing")))?;
                 let mut pack = Pack::default();
                 let from: std::sync::Arc<str> = old.as_str().into();
                 for &(hash, off, len, zstd) in &idx {
-                    if !used.contains(&hash) {
+                    if !used.contains_key(&hash) {
                         continue;
                     }
                     let place = Place {
