@@ -412,47 +412,75 @@ fn send_inner<R: Read, W: Write>(
         .collect();
     for i in todo {
         let (name, rec) = &snaps[i];
-        // The records that differ between the base and this snapshot.
-        let mut records: Vec<Record> = Vec::new();
-        match base {
-            Some(b) => {
-                for c in changed_rows(&changes, &versions, snaps[b].1.epoch, rec.epoch)? {
-                    records.push(Record {
-                        ino: c.ino,
-                        kind: c.kind,
-                        sub: c.sub,
-                        name: c.name,
-                        payload: c.after,
-                    });
+        // The records that differ between the base and this snapshot, in batches,
+        // made twice from this read transaction (once for the plan, once to send)
+        // and never all held at once: a whole volume's records need not fit in
+        // memory.
+        let from = base.map(|b| snaps[b].1.epoch);
+        let each_batch = |f: &mut dyn FnMut(Vec<Record>) -> Result<(), SyncError>| {
+            let mut batcher = Batcher::default();
+            match from {
+                Some(from) => {
+                    for c in changed_rows(&changes, &versions, from, rec.epoch)? {
+                        if let Some(full) = batcher.push(Record {
+                            ino: c.ino,
+                            kind: c.kind,
+                            sub: c.sub,
+                            name: c.name,
+                            payload: c.after,
+                        }) {
+                            f(full)?;
+                        }
+                    }
+                }
+                None => {
+                    let mut failed: Option<SyncError> = None;
+                    let res = crate::store::for_each_visible(
+                        &versions,
+                        rec.epoch,
+                        |ino, kind, sub, name, p| {
+                            let full = batcher.push(Record {
+                                ino,
+                                kind,
+                                sub,
+                                name: name.to_vec(),
+                                payload: Some(p.to_vec()),
+                            });
+                            if let Some(full) = full
+                                && let Err(e) = f(full)
+                            {
+                                // Stops the walk; the error is the one returned.
+                                failed = Some(e);
+                                return Err(crate::store::StoreError::Corrupt(String::new()));
+                            }
+                            Ok(())
+                        },
+                    );
+                    if let Some(e) = failed {
+                        return Err(e);
+                    }
+                    res?;
                 }
             }
-            None => {
-                crate::store::for_each_visible(&versions, rec.epoch, |ino, kind, sub, name, p| {
-                    records.push(Record {
-                        ino,
-                        kind,
-                        sub,
-                        name: name.to_vec(),
-                        payload: Some(p.to_vec()),
-                    });
-                    Ok(())
-                })?
-            }
-        }
+            f(batcher.finish())
+        };
         // What it takes: the plan comes first (the progress shown), or alone. A dry
         // run counts each extent once and looks up its length; a real one counts
         // each extent once per batch, by what the records name of it, as the relay
         // counts the batches and their acknowledgements.
-        let count = records.len() as u64;
+        let mut count = 0u64;
         let (mut n, mut bytes) = (0u64, 0u64);
-        let mut chunks: Vec<Vec<Record>> = Vec::new();
         if dry_run {
             let mut named: HashSet<[u8; 32]> = HashSet::new();
-            for rec in &records {
-                if let (KIND_BLOCK, Some(p)) = (rec.kind, &rec.payload) {
-                    named.extend(BlockRec::decode(p)?.extents().copied());
+            each_batch(&mut |chunk| {
+                count += chunk.len() as u64;
+                for rec in &chunk {
+                    if let (KIND_BLOCK, Some(p)) = (rec.kind, &rec.payload) {
+                        named.extend(BlockRec::decode(p)?.extents().copied());
+                    }
                 }
-            }
+                Ok(())
+            })?;
             for h in &named {
                 if let Some(row) = extents.get(*h)? {
                     bytes += ExtentRec::decode(h, row.value())?.len as u64;
@@ -460,16 +488,17 @@ fn send_inner<R: Read, W: Write>(
             }
             n = named.len() as u64;
         } else {
-            chunks = batches(records);
-            for chunk in &chunks {
+            each_batch(&mut |chunk| {
+                count += chunk.len() as u64;
                 let mut seen = HashSet::new();
-                for rec in chunk {
+                for rec in &chunk {
                     first_namings(rec, &mut seen, |_, len| {
                         n += 1;
                         bytes += len;
                     })?;
                 }
-            }
+                Ok(())
+            })?;
         }
         w.send(&Frame::Plan {
             snapshot: snap_ref(name, rec),
@@ -487,11 +516,13 @@ fn send_inner<R: Read, W: Write>(
             base: base.map(|b| snaps[b].0.clone()),
         })?;
         sum.records += count;
-        for (batch, chunk) in chunks.into_iter().enumerate() {
+        let mut next_batch = 0u64;
+        each_batch(&mut |chunk| {
             if stopped() {
                 return Err(protocol("the source store is being unmounted"));
             }
-            let batch = batch as u64;
+            let batch = next_batch;
+            next_batch += 1;
             // What the sink may ask for: the extents this batch names, nothing else.
             let mut named: HashSet<[u8; 32]> = HashSet::new();
             for rec in &chunk {
@@ -570,7 +601,8 @@ fn send_inner<R: Read, W: Write>(
                 sum.payload_bytes += data.len() as u64;
                 w.send(&Frame::Extent { hash, data })?;
             }
-        }
+            Ok(())
+        })?;
         barrier(r, w, name)?;
         tracing::info!(snapshot = %name, "snapshot sent");
         sum.snapshots.push(name.clone());
@@ -633,21 +665,43 @@ fn receive_inner<R: Read, W: Write>(
     accept(&mut store, fresh, &hello, r, w)
 }
 
-/// `records` in batches of a bounded count and size.
+/// `records` in batches of a bounded count and size (one, empty, for none).
 pub(crate) fn batches(records: Vec<Record>) -> Vec<Vec<Record>> {
-    let mut chunks: Vec<Vec<Record>> = vec![Vec::new()];
-    let mut bytes = 0;
+    let mut out = Vec::new();
+    let mut batcher = Batcher::default();
     for rec in records {
-        let n = 32 + rec.name.len() + rec.payload.as_ref().map_or(0, Vec::len);
-        let last = chunks.last_mut().expect("one chunk at least");
-        if !last.is_empty() && (last.len() >= BATCH_RECORDS || bytes + n > BATCH_BYTES) {
-            chunks.push(Vec::new());
-            bytes = 0;
-        }
-        bytes += n;
-        chunks.last_mut().expect("one chunk at least").push(rec);
+        out.extend(batcher.push(rec));
     }
-    chunks
+    out.push(batcher.finish());
+    out
+}
+
+/// Records cut into batches of a bounded count and size as they come.
+#[derive(Default)]
+pub(crate) struct Batcher {
+    batch: Vec<Record>,
+    bytes: usize,
+}
+
+impl Batcher {
+    /// Adds `rec`; the batch it closed, if it did.
+    pub(crate) fn push(&mut self, rec: Record) -> Option<Vec<Record>> {
+        let n = 32 + rec.name.len() + rec.payload.as_ref().map_or(0, Vec::len);
+        let full = (!self.batch.is_empty()
+            && (self.batch.len() >= BATCH_RECORDS || self.bytes + n > BATCH_BYTES))
+            .then(|| {
+                self.bytes = 0;
+                std::mem::take(&mut self.batch)
+            });
+        self.bytes += n;
+        self.batch.push(rec);
+        full
+    }
+
+    /// The last batch (empty if no record came).
+    pub(crate) fn finish(self) -> Vec<Record> {
+        self.batch
+    }
 }
 
 /// The extents `rec` (a block record; others name none) names that are not in
