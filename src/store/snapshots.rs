@@ -132,6 +132,26 @@ where
     V: ReadableTable<VKey, &'static [u8]>,
 {
     let mut out = Vec::new();
+    for_each_changed(changes, versions, a, b, |c| {
+        out.push(c);
+        Ok(())
+    })?;
+    Ok(out)
+}
+
+/// [`changed_rows`], one at a time: what is held is the identities written in
+/// `(a, b]`, not their values.
+pub fn for_each_changed<C, V>(
+    changes: &C,
+    versions: &V,
+    a: u64,
+    b: u64,
+    mut f: impl FnMut(RowChange) -> Result<(), StoreError>,
+) -> Result<(), StoreError>
+where
+    C: ReadableTable<ChangeKey, ()>,
+    V: ReadableTable<VKey, &'static [u8]>,
+{
     for (ino, kind, sub, name) in changed_idents(changes, a, b)? {
         let key = RecKey {
             ino,
@@ -142,17 +162,17 @@ where
         let before = visible(versions, key, a)?;
         let after = visible(versions, key, b)?;
         if before != after {
-            out.push(RowChange {
+            f(RowChange {
                 ino,
                 kind,
                 sub,
                 name,
                 before,
                 after,
-            });
+            })?;
         }
     }
-    Ok(out)
+    Ok(())
 }
 
 /// What a rollback changed in one inode, for the caches above the store.

@@ -23,7 +23,7 @@ use super::wire::{
     session_key,
 };
 use crate::store::schema::*;
-use crate::store::snapshots::changed_rows;
+use crate::store::snapshots::for_each_changed;
 use crate::store::{ReadOnlyStore, RecKey, Store, StoreConfig};
 
 /// Records per batch, at most.
@@ -415,53 +415,55 @@ fn send_inner<R: Read, W: Write>(
         // The records that differ between the base and this snapshot, in batches,
         // made twice from this read transaction (once for the plan, once to send)
         // and never all held at once: a whole volume's records need not fit in
-        // memory.
+        // memory (an incremental holds the identities written since the base).
         let from = base.map(|b| snaps[b].1.epoch);
         let each_batch = |f: &mut dyn FnMut(Vec<Record>) -> Result<(), SyncError>| {
             let mut batcher = Batcher::default();
-            match from {
-                Some(from) => {
-                    for c in changed_rows(&changes, &versions, from, rec.epoch)? {
-                        if let Some(full) = batcher.push(Record {
-                            ino: c.ino,
-                            kind: c.kind,
-                            sub: c.sub,
-                            name: c.name,
-                            payload: c.after,
-                        }) {
-                            f(full)?;
-                        }
-                    }
-                }
-                None => {
-                    let mut failed: Option<SyncError> = None;
-                    let res = crate::store::for_each_visible(
-                        &versions,
-                        rec.epoch,
-                        |ino, kind, sub, name, p| {
-                            let full = batcher.push(Record {
-                                ino,
-                                kind,
-                                sub,
-                                name: name.to_vec(),
-                                payload: Some(p.to_vec()),
-                            });
-                            if let Some(full) = full
-                                && let Err(e) = f(full)
-                            {
-                                // Stops the walk; the error is the one returned.
-                                failed = Some(e);
-                                return Err(crate::store::StoreError::Corrupt(String::new()));
-                            }
-                            Ok(())
-                        },
-                    );
-                    if let Some(e) = failed {
-                        return Err(e);
-                    }
-                    res?;
-                }
+            // The walk calls back with each record; a batch it closes goes to `f`,
+            // whose error (or an unmount) stops the walk and is the one returned.
+            let mut failed: Option<SyncError> = None;
+            let mut take = |rec: Record| {
+                let Some(full) = batcher.push(rec) else {
+                    return Ok(());
+                };
+                let res = if stopped() {
+                    Err(protocol("the source store is being unmounted"))
+                } else {
+                    f(full)
+                };
+                res.map_err(|e| {
+                    failed = Some(e);
+                    crate::store::StoreError::Corrupt(String::new())
+                })
+            };
+            let res = match from {
+                Some(from) => for_each_changed(&changes, &versions, from, rec.epoch, |c| {
+                    take(Record {
+                        ino: c.ino,
+                        kind: c.kind,
+                        sub: c.sub,
+                        name: c.name,
+                        payload: c.after,
+                    })
+                }),
+                None => crate::store::for_each_visible(
+                    &versions,
+                    rec.epoch,
+                    |ino, kind, sub, name, p| {
+                        take(Record {
+                            ino,
+                            kind,
+                            sub,
+                            name: name.to_vec(),
+                            payload: Some(p.to_vec()),
+                        })
+                    },
+                ),
+            };
+            if let Some(e) = failed {
+                return Err(e);
             }
+            res?;
             f(batcher.finish())
         };
         // What it takes: the plan comes first (the progress shown), or alone. A dry
@@ -1836,5 +1838,62 @@ mod hostile_tests {
         )
         .unwrap();
         assert_eq!(names, [b"f".to_vec()]);
+    }
+}
+
+#[cfg(test)]
+mod batch_tests {
+    use super::*;
+
+    fn rec(i: u64, payload: usize) -> Record {
+        Record {
+            ino: i,
+            kind: 1,
+            sub: 0,
+            name: Vec::new(),
+            payload: Some(vec![7; payload]),
+        }
+    }
+
+    /// Each batch within the limits (a record over the byte limit alone), none
+    /// empty unless it is the only one, and together the records in their order.
+    fn check(records: Vec<Record>) -> Vec<Vec<Record>> {
+        let out = batches(records.clone());
+        assert!(!out.is_empty());
+        for b in &out {
+            assert!(b.len() <= BATCH_RECORDS);
+            let bytes: usize = b
+                .iter()
+                .map(|r| 32 + r.name.len() + r.payload.as_ref().map_or(0, Vec::len))
+                .sum();
+            assert!(bytes <= BATCH_BYTES || b.len() == 1, "{bytes} bytes");
+            assert!(!b.is_empty() || out.len() == 1);
+        }
+        assert_eq!(out.concat(), records);
+        out
+    }
+
+    #[test]
+    fn batches_are_cut_at_the_limits() {
+        // None: one empty batch, as a snapshot's only batch.
+        assert_eq!(check(Vec::new()), vec![Vec::<Record>::new()]);
+        // By count.
+        let lens = |v: Vec<Vec<Record>>| v.iter().map(Vec::len).collect::<Vec<_>>();
+        assert_eq!(lens(check((0..4096).map(|i| rec(i, 1)).collect())), [4096]);
+        assert_eq!(
+            lens(check((0..4097).map(|i| rec(i, 1)).collect())),
+            [4096, 1]
+        );
+        // By bytes: one over the limit goes alone, between the others.
+        let v = vec![rec(1, 10), rec(2, 2 << 20), rec(3, 10)];
+        assert_eq!(lens(check(v)), [1, 1, 1]);
+        // A run filling a batch to the byte: the next starts a new one.
+        let exact = BATCH_BYTES / 2 - 32;
+        assert_eq!(lens(check((0..3).map(|i| rec(i, exact)).collect())), [2, 1]);
+        // A mixed run.
+        let mixed: Vec<Record> = (0..20_000u64)
+            .map(|i| rec(i, (i as usize * 7919) % 3000))
+            .collect();
+        check(mixed);
     }
 }
