@@ -234,6 +234,21 @@ impl Garage {
         );
         Mount::at(store, dir.join(format!("{name}-mnt")), &[])
     }
+
+    /// A volume of one file, `name` holding `bytes`, whose snapshot `s1` is synced
+    /// to `url`: the volume, and the bucket.
+    fn one_file_synced(
+        &self,
+        url: &str,
+        name: &str,
+        bytes: Vec<u8>,
+    ) -> (Mount, snapfs::sync::s3::Bucket) {
+        let m = Mount::new();
+        std::fs::write(m.path(name), bytes).unwrap();
+        snapfs_ok(&["snapshot", "create", m.mnt.to_str().unwrap(), "s1"]);
+        self.sync_ok(&m.mnt, url);
+        (m, self.bucket(url))
+    }
 }
 
 impl Drop for Garage {
@@ -673,11 +688,7 @@ fn a_bucket_keeps_dedup_and_an_incremental_uploads_what_changed() {
 fn one_writer_at_a_time_holds_the_bucket_and_a_dead_ones_lock_expires() {
     let g = Garage::start();
     let url = "s3://snapfs/locked";
-    let m = Mount::new();
-    std::fs::write(m.path("f"), pattern(1, 100_000)).unwrap();
-    snapfs_ok(&["snapshot", "create", m.mnt.to_str().unwrap(), "s1"]);
-    g.sync_ok(&m.mnt, url);
-    let b = g.bucket(url);
+    let (m, b) = g.one_file_synced(url, "f", pattern(1, 100_000));
     // Released after the sync.
     assert!(
         !b.list("")
@@ -740,11 +751,7 @@ fn one_writer_at_a_time_holds_the_bucket_and_a_dead_ones_lock_expires() {
 fn a_damaged_byte_in_a_pack_is_found_and_never_restored() {
     let g = Garage::start();
     let url = "s3://snapfs/damaged";
-    let m = Mount::new();
-    std::fs::write(m.path("a"), pattern(1, 2 << 20)).unwrap();
-    snapfs_ok(&["snapshot", "create", m.mnt.to_str().unwrap(), "s1"]);
-    g.sync_ok(&m.mnt, url);
-    let b = g.bucket(url);
+    let (_m, b) = g.one_file_synced(url, "a", pattern(1, 2 << 20));
     let pack = keys_ending(&b, ".pack").remove(0);
     let mut data = b.get_object(&pack).unwrap().unwrap();
     data[1 << 20] ^= 0x40;
@@ -1829,12 +1836,8 @@ fn a_mounted_bucket_reads_extents_gc_moved_meanwhile() {
 fn a_root_put_back_from_an_older_copy_is_refused() {
     let g = Garage::start();
     let url = "s3://snapfs/rollback";
-    let m = Mount::new();
+    let (m, b) = g.one_file_synced(url, "f", pattern(1, 1 << 20));
     let mnt = m.mnt.to_str().unwrap();
-    std::fs::write(m.path("f"), pattern(1, 1 << 20)).unwrap();
-    snapfs_ok(&["snapshot", "create", mnt, "s1"]);
-    g.sync_ok(&m.mnt, url);
-    let b = g.bucket(url);
     let old = b.get_object("snapfs-root.json").unwrap().unwrap();
     std::fs::write(m.path("g"), pattern(2, 1 << 20)).unwrap();
     snapfs_ok(&["snapshot", "create", mnt, "s2"]);
@@ -2211,13 +2214,9 @@ fn a_damaged_root_or_manifest_is_named_and_never_restored_or_collected_by() {
 fn gc_deletes_nothing_while_a_pack_index_is_damaged_and_the_next_sync_repairs_it() {
     let g = Garage::start();
     let url = "s3://snapfs/bad-index";
-    let m = Mount::new();
-    let mnt = m.mnt.to_str().unwrap();
     // One extent, in one pack: the pack's index has one entry.
-    std::fs::write(m.path("a"), pattern(5, 64 << 10)).unwrap();
-    snapfs_ok(&["snapshot", "create", mnt, "s1"]);
-    g.sync_ok(&m.mnt, url);
-    let b = g.bucket(url);
+    let (m, b) = g.one_file_synced(url, "a", pattern(5, 64 << 10));
+    let mnt = m.mnt.to_str().unwrap();
     let idx = keys_ending(&b, ".idx");
     assert_eq!(idx.len(), 1, "{idx:?}");
     let good = b.get_object(&idx[0]).unwrap().unwrap();
