@@ -3,14 +3,15 @@
 # against one Garage server on loopback: `snapfs sync` of a mounted volume to
 # s3://bench/snapfs, and `restic backup` (Debian's restic) of the same tree to
 # s3://bench/restic.
-# Two volumes of SIZE_MIB (random data; the machine's /usr files), a quarter of each
-# duplicates of other files. Measured:
+# Three volumes of SIZE_MIB (random data; the machine's /usr files; 4 KiB files), a
+# quarter of each duplicates of other files. Measured:
 # a full backup, an incremental after changing 1% of the volume in place, and a
 # restore of the newest: wall time, bytes added to the bucket, and S3 requests (from
-# Garage's metrics); and after each full backup, the bucket's bytes by kind of object.
+# Garage's metrics), and the restore's peak memory; and after each full backup, the
+# bucket's bytes by kind of object.
 #
 # usage: bench/s3.sh [OUT.md]   (default: print the table)
-#   SIZE_MIB=1024  TREES="random usr"  SNAPFS=target/release/snapfs  GARAGE=~/.cache/snapfs/garage-2.3.0/bin/garage
+#   SIZE_MIB=1024  TREES="random usr small"  SNAPFS=target/release/snapfs  GARAGE=~/.cache/snapfs/garage-2.3.0/bin/garage
 # Needs root (the snapfs mount), and about 5 x SIZE_MIB of disk.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -25,6 +26,7 @@ need=()
 command -v restic >/dev/null || need+=(restic)
 command -v openssl >/dev/null || need+=(openssl)
 command -v curl >/dev/null || need+=(curl)
+[ -x /usr/bin/time ] || need+=(time)
 if [ ${#need[@]} -gt 0 ]; then
     DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "${need[@]}" >/dev/null
 fi
@@ -122,7 +124,9 @@ for kind, n in sorted(kinds.items()):
 # Two trees of SIZE_MIB, each a quarter duplicates of other files:
 #   random: files of random bytes (nothing compresses);
 #   usr:    the machine's own /usr files in path order (binaries, libraries, text),
-#           as real volumes hold.
+#           as real volumes hold;
+#   small:  files of 4 KiB of random bytes in 512 directories (many files: what a
+#           tool holds per file shows), 5 of which the change extends.
 # The incremental follows a change of 1% of the volume in place, in 1 MiB pieces.
 stream() { openssl enc -aes-128-ctr -pass "pass:$1" -nosalt -pbkdf2 -in /dev/zero 2>/dev/null || true; }
 changes=$((SIZE_MIB / 100))
@@ -137,6 +141,26 @@ make_tree() { # KIND DIR: writes the tree, and DIR.big: the files the change hit
         for ((i = 0; i < files; i++)); do stream "seed$i" | head -c $((16 << 20)) > "$dir/u/f$i"; done
         for ((i = 0; i < dups; i++)); do cp "$dir/u/f$i" "$dir/dup/f$i"; done
         for ((i = 0; i < changes; i++)); do echo "u/f$((i * 3 % files))"; done > "$dir.big"
+        ;;
+    small)
+        python3 - "$dir" "$SIZE_MIB" "$changes" <<'PY'
+import os, sys
+out, size, changes = sys.argv[1], int(sys.argv[2]) << 20, int(sys.argv[3])
+files, dups = size * 3 // 4 // 4096, size // 4 // 4096
+for d in range(512):
+    os.makedirs(os.path.join(out, "u", "d%03d" % d))
+    os.makedirs(os.path.join(out, "dup", "d%03d" % d))
+name = lambda i: "d%03d/file-%07d" % (i % 512, i)
+for i in range(files):
+    with open(os.path.join(out, "u", name(i)), "wb") as f:
+        f.write(os.urandom(4096))
+for i in range(dups):
+    with open(os.path.join(out, "u", name(i)), "rb") as f, open(os.path.join(out, "dup", name(i)), "wb") as g:
+        g.write(f.read())
+with open(out + ".big", "w") as f:
+    for i in range(changes):
+        f.write("u/" + name(i * 7 % files) + "\n")
+PY
         ;;
     usr)
         python3 - "$dir" "$SIZE_MIB" "$changes" <<'PY'
@@ -182,8 +206,9 @@ change() { # DIR LIST
     done < "$2"
 }
 
-# Each run: wall seconds, bytes added to the bucket, requests.
-declare -A T B R
+# Each run: wall seconds, bytes added to the bucket, requests, and the command's
+# peak resident memory (KiB).
+declare -A T B R M
 run() { # KEY CMD...
     local key=$1 t0 b0 r0
     shift
@@ -191,8 +216,9 @@ run() { # KEY CMD...
     b0=$(bucket_bytes)
     r0=$(requests)
     t0=$(now_ns)
-    "$@" > "$work/$key.out"
+    /usr/bin/time -f %M -o "$work/$key.rss" "$@" > "$work/$key.out"
     T[$key]=$(secs_since "$t0")
+    M[$key]=$(tail -n 1 "$work/$key.rss")
     B[$key]=$(($(bucket_bytes) - b0))
     R[$key]=$(($(requests) - r0))
 }
@@ -225,7 +251,7 @@ bench_tree() { # KIND
     rm -rf "$data" "$work/restored-$k" "$work/restored-all-$k" "$work/restic-restored-$k" "$work/snap-src-$k"
 }
 
-TREES=${TREES:-random usr}
+TREES=${TREES:-random usr small}
 for k in $TREES; do bench_tree "$k"; done
 
 # ---------------------------------------------------------------- the table
@@ -242,6 +268,7 @@ table() {
         echo "| incremental: S3 requests | ${R[$k.snap_inc]} | ${R[$k.restic_inc]} |"
         echo "| restore of the newest: wall s | ${T[$k.snap_restore]} | ${T[$k.restic_restore]} |"
         echo "| restore: S3 requests | ${R[$k.snap_restore]} | ${R[$k.restic_restore]} |"
+        echo "| restore: peak memory, MiB | $((M[$k.snap_restore] >> 10)) | $((M[$k.restic_restore] >> 10)) |"
         echo "| restore of every snapshot (snapfs: both, as a volume with its history): wall s | ${T[$k.snap_restore_all]} | - |"
         echo
         echo "| $k tree, after the full backup: objects by kind | bytes |"
