@@ -110,8 +110,20 @@ impl Mount {
             return;
         }
         let pid = self.pid();
-        let st = Command::new("umount").arg(&self.mnt).status().unwrap();
-        assert!(st.success(), "umount failed");
+        // The kernel may hold the mount busy a moment after the last close (a
+        // file's writeback still in flight, or a descriptor another test's fork
+        // carries until its exec): tried again for up to 10 s.
+        let mut tries = 0;
+        loop {
+            let out = Command::new("umount").arg(&self.mnt).output().unwrap();
+            if out.status.success() {
+                break;
+            }
+            let e = String::from_utf8_lossy(&out.stderr);
+            tries += 1;
+            assert!(e.contains("busy") && tries < 100, "umount failed: {e}");
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
         self.mounted = false;
         wait_exit(pid);
     }
