@@ -1167,12 +1167,8 @@ impl Bucket {
 
     /// Uploads `records` as a new manifest; its key and hash.
     fn put_manifest(&self, records: Vec<Record>) -> Result<(String, String), SyncError> {
-        let mut w = ManifestWriter::new()?;
-        for chunk in super::session::batches(records) {
-            w.push(chunk)?;
-        }
         let key = format!("manifests/{}", random_id());
-        let hash = self.put_manifest_at(&key, w)?;
+        let hash = self.put_manifest_at(&key, ManifestWriter::of(records)?)?;
         Ok((key, hash))
     }
 
@@ -1345,6 +1341,15 @@ impl ManifestWriter {
             frames: FrameWriter::new(z, None),
             batches: 0,
         })
+    }
+
+    /// A manifest of `records`, cut into batches.
+    fn of(records: Vec<Record>) -> Result<Self, SyncError> {
+        let mut w = ManifestWriter::new()?;
+        for chunk in super::session::batches(records) {
+            w.push(chunk)?;
+        }
+        Ok(w)
     }
 
     fn push(&mut self, records: Vec<Record>) -> Result<(), SyncError> {
@@ -2233,11 +2238,7 @@ fn send_from<R: Read, W: Write>(
                         })
                     })
                     .collect();
-                let mut m = ManifestWriter::new()?;
-                for chunk in super::session::batches(whole) {
-                    m.push(chunk)?;
-                }
-                todo.push((s, None, Some(m.finish()?.into())));
+                todo.push((s, None, Some(ManifestWriter::of(whole)?.finish()?.into())));
             }
         }
         None => {
