@@ -1165,6 +1165,16 @@ impl Bucket {
             .collect())
     }
 
+    /// Lays snapshot `s`'s records over `map` (a later record wins; `None`: absent).
+    fn overlay(&self, s: &RootSnapshot, map: &mut Overlay) -> Result<(), SyncError> {
+        for batch in self.manifest_batches(s)? {
+            for r in batch? {
+                map.insert((r.ino, r.kind, r.sub, r.name), r.payload);
+            }
+        }
+        Ok(())
+    }
+
     /// Uploads `records` as a new manifest; its key and hash.
     fn put_manifest(&self, records: Vec<Record>) -> Result<(String, String), SyncError> {
         let key = format!("manifests/{}", random_id());
@@ -1185,15 +1195,10 @@ impl Bucket {
     /// then holds the changes from `i`'s base: `i` is gone from `root` (not yet
     /// written). The manifests replaced, to delete once the root is written.
     fn merge_out(&self, root: &mut Root, i: usize) -> Result<Vec<String>, SyncError> {
-        type Key = (u64, u8, u64, Vec<u8>);
-        let mut map: std::collections::BTreeMap<Key, Option<Vec<u8>>> = Default::default();
+        let mut map = Overlay::new();
         let (a, next) = (&root.snapshots[i], &root.snapshots[i + 1]);
         for s in [a, next] {
-            for batch in self.manifest_batches(s)? {
-                for r in batch? {
-                    map.insert((r.ino, r.kind, r.sub, r.name), r.payload);
-                }
-            }
+            self.overlay(s, &mut map)?;
         }
         let whole = a.base.is_none();
         let records: Vec<Record> = map
@@ -1322,6 +1327,10 @@ fn encode_idx(entries: &[IdxEntry]) -> Vec<u8> {
     }
     out
 }
+
+/// Records by key (inode, kind, sub, name), as manifests laid over one another leave
+/// them (`None`: absent).
+type Overlay = std::collections::BTreeMap<RecordKey, Option<Vec<u8>>>;
 
 /// A manifest being written: its batches of records as frames, compressed (zstd)
 /// as they come, so what is held is the compressed manifest, not its records.
@@ -2217,14 +2226,9 @@ fn send_from<R: Read, W: Write>(
                 .ok_or_else(|| err(format!("{} has no snapshot named {name}", b.url)))?;
             let s = &root.snapshots[k];
             if !held.contains(&s.snap_ref()) {
-                type Key = (u64, u8, u64, Vec<u8>);
-                let mut map: std::collections::BTreeMap<Key, Option<Vec<u8>>> = Default::default();
+                let mut map = Overlay::new();
                 for earlier in &root.snapshots[..=k] {
-                    for batch in b.manifest_batches(earlier)? {
-                        for r in batch? {
-                            map.insert((r.ino, r.kind, r.sub, r.name), r.payload);
-                        }
-                    }
+                    b.overlay(earlier, &mut map)?;
                 }
                 let whole: Vec<Record> = map
                     .into_iter()
@@ -2700,18 +2704,14 @@ fn hurt(
     bad: &HashMap<[u8; 32], String>,
 ) -> Result<Vec<String>, SyncError> {
     let bs = root.block_size as u64;
-    let mut map: std::collections::BTreeMap<RecordKey, Option<Vec<u8>>> = Default::default();
+    let mut map = Overlay::new();
     let mut out = Vec::new();
     let mut more = 0usize;
     for s in &root.snapshots {
         if s.base.is_none() {
             map.clear();
         }
-        for batch in b.manifest_batches(s)? {
-            for r in batch? {
-                map.insert((r.ino, r.kind, r.sub, r.name), r.payload);
-            }
-        }
+        b.overlay(s, &mut map)?;
         if s.deleted {
             continue;
         }
@@ -2774,7 +2774,7 @@ pub fn diff(
     if i >= j {
         return Err(err(format!("{old} is not older than {new}")));
     }
-    let overlay = |map: &mut BTreeMap<RecordKey, Option<Vec<u8>>>,
+    let overlay = |map: &mut Overlay,
                    s: &RootSnapshot,
                    touched: &mut Option<std::collections::BTreeSet<RecordKey>>|
      -> Result<(), SyncError> {
@@ -2816,7 +2816,7 @@ pub fn diff(
         }
     }
     let damaged = |e: crate::store::StoreError| err(format!("{url}: a damaged record: {e}"));
-    let inode = |m: &BTreeMap<RecordKey, Option<Vec<u8>>>, ino: u64| {
+    let inode = |m: &Overlay, ino: u64| {
         m.get(&(ino, KIND_INODE, 0, Vec::new()))
             .and_then(Option::as_ref)
             .map(|p| InodeRec::decode(p))
@@ -2893,13 +2893,10 @@ pub fn prune(
 
 /// The paths of inode `ino` in records `m`, from the back pointers; the root's is
 /// empty (its children print as `/name`).
-fn paths(
-    m: &std::collections::BTreeMap<RecordKey, Option<Vec<u8>>>,
-    ino: u64,
-) -> Result<Vec<String>, String> {
+fn paths(m: &Overlay, ino: u64) -> Result<Vec<String>, String> {
     use crate::store::schema::{KIND_PARENT, ROOT_INO};
     fn up(
-        m: &std::collections::BTreeMap<RecordKey, Option<Vec<u8>>>,
+        m: &Overlay,
         ino: u64,
         depth: u32,
         suffix: &str,
