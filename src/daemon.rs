@@ -554,15 +554,23 @@ pub fn mount(
             p.display()
         )
     };
+    // What the kernel answers on a mount whose daemon is gone: ENOTCONN, or while it
+    // tears down an io_uring connection, ECONNABORTED or ECANCELED.
+    let gone = |e: &std::io::Error| {
+        matches!(
+            e.raw_os_error(),
+            Some(libc::ENOTCONN | libc::ECONNABORTED | libc::ECANCELED)
+        )
+    };
     let mp = match std::fs::canonicalize(mountpoint) {
         Ok(p) => p,
-        Err(e) if e.raw_os_error() == Some(libc::ENOTCONN) => return Err(dead(mountpoint)),
+        Err(e) if gone(&e) => return Err(dead(mountpoint)),
         Err(e) => bail!("mountpoint {}: {e}", mountpoint.display()),
     };
     match std::fs::metadata(&mp) {
         Ok(m) if m.is_dir() => {}
         Ok(_) => bail!("mountpoint {} is not a directory", mp.display()),
-        Err(e) if e.raw_os_error() == Some(libc::ENOTCONN) => return Err(dead(&mp)),
+        Err(e) if gone(&e) => return Err(dead(&mp)),
         Err(e) => bail!("mountpoint {}: {e}", mp.display()),
     }
     if is_mounted(&mp) {
