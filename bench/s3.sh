@@ -3,15 +3,16 @@
 # against one Garage server on loopback: `snapfs sync` of a mounted volume to
 # s3://bench/snapfs, and `restic backup` (Debian's restic) of the same tree to
 # s3://bench/restic.
-# Three volumes of SIZE_MIB (random data; the machine's /usr files; 4 KiB files), a
-# quarter of each duplicates of other files. Measured:
+# Volumes of SIZE_MIB (random data; the machine's /usr files; 4 KiB files), a
+# quarter of each duplicates of other files; `random@1M` is the random tree again in a
+# snapfs volume made with `-o block_size=1M` (restic is run again beside it). Measured:
 # a full backup, an incremental after changing 1% of the volume in place, and a
 # restore of the newest: wall time, bytes added to the bucket, and S3 requests (from
 # Garage's metrics), and the restore's peak memory; and after each full backup, the
 # bucket's bytes by kind of object.
 #
 # usage: bench/s3.sh [OUT.md]   (default: print the table)
-#   SIZE_MIB=1024  TREES="random usr small"  SNAPFS=target/release/snapfs  GARAGE=~/.cache/snapfs/garage-2.3.0/bin/garage
+#   SIZE_MIB=1024  TREES="random random@1M usr small"  SNAPFS=target/release/snapfs  GARAGE=~/.cache/snapfs/garage-2.3.0/bin/garage
 # Needs root (the snapfs mount), and about 5 x SIZE_MIB of disk.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -223,13 +224,14 @@ run() { # KEY CMD...
     R[$key]=$(($(requests) - r0))
 }
 
-bench_tree() { # KIND
-    local k=$1 data=$work/data-$1 mnt=$work/snap-mnt
+bench_tree() { # KIND[@BLOCK_SIZE]: the tree, and the block size of the snapfs volume
+    local k=${1//@/-bs} kind=${1%@*} bs="" data=$work/data-${1//@/-bs} mnt=$work/snap-mnt
+    [[ $1 != *@* ]] || bs=${1#*@}
     log "$k tree: writing $SIZE_MIB MiB"
-    make_tree "$k" "$data"
-    log "$k tree: snapfs"
+    make_tree "$kind" "$data"
+    log "$k tree: snapfs${bs:+ (block_size=$bs)}"
     mkdir -p "$mnt"
-    "$SNAPFS" mount "$work/snap-src-$k" "$mnt"
+    "$SNAPFS" mount "$work/snap-src-$k" "$mnt" ${bs:+-o "block_size=$bs"}
     cp -a "$data/." "$mnt/"
     "$SNAPFS" snapshot create "$mnt" s1 >/dev/null
     run "$k.snap_full" "$SNAPFS" sync "$mnt" "s3://bench/snapfs-$k" --json
@@ -251,14 +253,16 @@ bench_tree() { # KIND
     rm -rf "$data" "$work/restored-$k" "$work/restored-all-$k" "$work/restic-restored-$k" "$work/snap-src-$k"
 }
 
-TREES=${TREES:-random usr small}
+TREES=${TREES:-random random@1M usr small}
 for k in $TREES; do bench_tree "$k"; done
 
 # ---------------------------------------------------------------- the table
 table() {
-    local k
-    for k in $TREES; do
-        echo "| ${SIZE_MIB} MiB, $k tree, a quarter duplicates | snapfs sync | restic backup |"
+    local t k bs
+    for t in $TREES; do
+        k=${t//@/-bs} bs=""
+        [[ $t != *@* ]] || bs=", snapfs volume of block_size=${t#*@}"
+        echo "| ${SIZE_MIB} MiB, ${t%@*} tree, a quarter duplicates$bs | snapfs sync | restic backup |"
         echo "|---|---|---|"
         echo "| full: wall s | ${T[$k.snap_full]} | ${T[$k.restic_full]} |"
         echo "| full: MiB added to the bucket | $(mib "${B[$k.snap_full]}") | $(mib "${B[$k.restic_full]}") |"

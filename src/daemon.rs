@@ -104,6 +104,10 @@ pub struct MountOptions {
     /// The volume's size (`size=BYTES`, K/M/G/T suffixes): `statfs` shows it, and
     /// writes that would take the stored data (snapshots' too) past it get ENOSPC.
     pub size: Option<u64>,
+    /// The block size a store made by this mount gets (`block_size=`, a power of two
+    /// from 4K to 1M; default 64K). Fixed once the store exists: a different value for
+    /// an existing store is refused.
+    pub block_size: Option<u32>,
 }
 
 impl MountOptions {
@@ -217,6 +221,9 @@ impl MountOptions {
                     o.replicate_key_file = Some(PathBuf::from(v))
                 }
                 ("size", Some(v)) => o.size = Some(parse_size(v).map_err(anyhow::Error::msg)?),
+                ("block_size", Some(v)) => {
+                    o.block_size = Some(parse_block_size(v).map_err(anyhow::Error::msg)?)
+                }
                 // Always on; accepted for fstab lines that spell them out.
                 ("default_permissions" | "allow_other" | "defaults", None) => {}
                 _ => bail!("unknown mount option {:?}", clip(opt)),
@@ -259,6 +266,36 @@ pub fn parse_size(v: &str) -> Result<u64, String> {
         return Err(bad());
     }
     Ok(bytes)
+}
+
+/// A block size: a power of two from 4K to 1M, in bytes or with a K or M suffix.
+pub fn parse_block_size(v: &str) -> Result<u32, String> {
+    let bad = || format!("block_size {v:?}: want a power of two from 4K to 1M (4K, 8K, ... 1M)");
+    let (num, shift) = match v.as_bytes().last().map(|b| b.to_ascii_uppercase()) {
+        Some(b'K') => (&v[..v.len() - 1], 10),
+        Some(b'M') => (&v[..v.len() - 1], 20),
+        _ => (v, 0),
+    };
+    let n: u32 = num.parse().map_err(|_| bad())?;
+    let bytes = n
+        .checked_shl(shift)
+        .filter(|b| b >> shift == n)
+        .ok_or_else(bad)?;
+    if !bytes.is_power_of_two() || !(4096..=1 << 20).contains(&bytes) {
+        return Err(bad());
+    }
+    Ok(bytes)
+}
+
+/// Block sizes as people write them: 64K, 1M, or bytes.
+pub fn show_block_size(b: u64) -> String {
+    if b >= 1 << 20 && b.is_multiple_of(1 << 20) {
+        format!("{}M", b >> 20)
+    } else if b >= 1024 && b.is_multiple_of(1024) {
+        format!("{}K", b >> 10)
+    } else {
+        b.to_string()
+    }
 }
 
 /// The value `v` of mount option `key`, a number in `range` (`what` names it).
@@ -614,8 +651,14 @@ pub fn mount(
     if foreground {
         init_logging(None);
     }
+    let create = StoreConfig {
+        block_size: cli_options
+            .block_size
+            .unwrap_or(StoreConfig::default().block_size),
+    };
     let fs = Arc::new(
-        open_waiting(&store).with_context(|| format!("cannot open store {}", store.display()))?,
+        open_waiting(&store, &create)
+            .with_context(|| format!("cannot open store {}", store.display()))?,
     );
     // STORE/snapfs.toml gives defaults; -o options, parsed after them, win.
     let file_opts =
@@ -624,6 +667,16 @@ pub fn mount(
     MountOptions::parse(&args).context("snapfs.toml")?;
     args.extend(opts.iter().cloned());
     let mut options = MountOptions::parse(&args)?;
+    if let Some(want) = options.block_size
+        && u64::from(want) != fs.block_size()
+    {
+        bail!(
+            "store {} has block size {}: block_size={} is only for a store being made",
+            store.display(),
+            show_block_size(fs.block_size()),
+            show_block_size(want.into())
+        );
+    }
     {
         let mut core = fs.lock();
         core.hide_snapdir = options.hide_snapdir;
@@ -1215,10 +1268,10 @@ fn check_private(store: &Path, shared: bool) -> anyhow::Result<()> {
 
 /// Opens (or creates) the store; while it is locked by a daemon that is still exiting
 /// after an unmount (its pid file present), waits up to five seconds for it.
-fn open_waiting(store: &Path) -> Result<Fs, crate::fs::FsError> {
+fn open_waiting(store: &Path, create: &StoreConfig) -> Result<Fs, crate::fs::FsError> {
     let deadline = std::time::Instant::now() + Duration::from_secs(5);
     loop {
-        match Fs::open(store, Some(&StoreConfig::default())) {
+        match Fs::open(store, Some(create)) {
             Err(crate::fs::FsError::Store(crate::store::StoreError::Locked))
                 if store.join(PIDFILE).exists() && std::time::Instant::now() < deadline =>
             {

@@ -48,7 +48,8 @@ enum Cmd {
         /// Where to mount it.
         mountpoint: PathBuf,
         /// Mount options, comma-separated: source=NAME, threads=N, snapdir=visible,
-        /// snapshot_every=15m, keep=hourly:24+daily:7, ro, noatime, ...
+        /// snapshot_every=15m, keep=hourly:24+daily:7, ro, noatime, block_size=64K (of
+        /// a store being made), ...
         #[arg(short = 'o')]
         options: Vec<String>,
         /// Stay in the foreground instead of returning once the mount is live.

@@ -60,6 +60,31 @@ fn mount_refuses_bad_mountpoints_and_stores() {
         &["mount", &s("new"), &s("mnt2"), "-o", "bogus"],
         "unknown mount option",
     );
+    // A block size that is no power of two from 4K to 1M, and one for a store that
+    // exists already (or a second mount): refused, nothing made.
+    for bad in ["3K", "2M", "0", "x", "", "4294967296", "1G"] {
+        fails_with(
+            &[
+                "mount",
+                &s("new"),
+                &s("mnt2"),
+                "-o",
+                &format!("block_size={bad}"),
+            ],
+            "want a power of two from 4K to 1M",
+        );
+    }
+    fails_with(
+        &[
+            "mount",
+            m.store.to_str().unwrap(),
+            &s("mnt2"),
+            "-o",
+            "block_size=64K",
+        ],
+        "is the volume's, set by its first mount",
+    );
+    assert!(!d.join("new").exists(), "a refused mount made a store");
     fails_with(&["fsck", &s("notastore")], "neither a snapfs store");
 }
 

@@ -1911,3 +1911,121 @@ fn a_process_in_a_removed_directory_can_still_leave_it() {
         m.path("top").to_str().unwrap()
     );
 }
+
+/// Punches a hole of `len` bytes at `off` in `f`, keeping its size.
+fn punch(f: &File, off: u64, len: u64) {
+    // SAFETY: plain fallocate(2) on an open descriptor.
+    let r = unsafe {
+        libc::fallocate(
+            f.as_raw_fd(),
+            libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+            off as i64,
+            len as i64,
+        )
+    };
+    assert_eq!(r, 0, "{}", std::io::Error::last_os_error());
+}
+
+/// A store made with another block size (`-o block_size=`, 4K to 1M) keeps every
+/// byte as one of 64K does: writes across, inside and far past blocks, a short tail,
+/// a punched hole and copy_file_range, read back through the page cache, after the
+/// caches are dropped and after a remount, with a snapshot keeping what it froze.
+/// The size is the store's once it is made: a remount without the option keeps it,
+/// and another size is refused in one line.
+#[test]
+fn a_store_of_any_block_size_reads_back_what_was_written() {
+    for (opt, bs, other) in [("4K", 4096u64, "64K"), ("1M", 1 << 20, "4K")] {
+        let mut m = Mount::with_options(&[&format!("block_size={opt}")]);
+        let shown = m.status_with("block size:");
+        assert!(
+            shown.contains(&format!("block size:       {bs}\n")),
+            "{shown}"
+        );
+        let f = create_rw(&m.path("f"));
+        let mut model = Vec::new();
+        let writes = [
+            (0, 3 * bs / 2),
+            (bs - 7, 100),
+            (5 * bs + 13, 2 * bs + 1),
+            (bs / 2, 11),
+            (9 * bs, bs),
+        ];
+        for (seed, (off, len)) in writes.into_iter().enumerate() {
+            write_modelled(&f, &mut model, off, &pattern(seed as u64 + 1, len as usize));
+        }
+        // A short tail: the last block is a short extent.
+        let len = 7 * bs + 123;
+        f.set_len(len).unwrap();
+        model.resize(len as usize, 0);
+        f.sync_all().unwrap();
+        assert_eq!(fs::metadata(m.path("f")).unwrap().blksize(), bs);
+        assert_eq!(fs::read(m.path("f")).unwrap(), model, "block size {opt}");
+        fs::create_dir(m.path(".snapshots/one")).unwrap();
+        let frozen = model.clone();
+
+        // After the snapshot: a hole punched across a block boundary, a write inside
+        // one block, and a copy from one unaligned offset to another.
+        punch(&f, bs / 2, bs);
+        model[(bs / 2) as usize..(3 * bs / 2) as usize].fill(0);
+        write_modelled(&f, &mut model, 2 * bs + 5, &pattern(99, 17));
+        let g = create_rw(&m.path("g"));
+        let mut copy = vec![0u8; 3];
+        copy.extend_from_slice(&model[(bs - 3) as usize..(4 * bs + 2) as usize]);
+        let (mut from, mut to) = ((bs - 3) as i64, 3i64);
+        let mut left = (3 * bs + 5) as usize;
+        while left > 0 {
+            // SAFETY: copy_file_range(2) between two open descriptors with offsets
+            // this frame owns.
+            let n = unsafe {
+                libc::copy_file_range(f.as_raw_fd(), &mut from, g.as_raw_fd(), &mut to, left, 0)
+            };
+            assert!(n > 0, "{}", std::io::Error::last_os_error());
+            left -= n as usize;
+        }
+        f.sync_all().unwrap();
+        g.sync_all().unwrap();
+        drop((f, g));
+        assert_eq!(fs::read(m.path("f")).unwrap(), model, "block size {opt}");
+        assert_eq!(fs::read(m.path("g")).unwrap(), copy, "block size {opt}");
+        drop_caches();
+        assert_eq!(fs::read(m.path(".snapshots/one/f")).unwrap(), frozen);
+
+        m.unmount();
+        m.mount(&[]);
+        let shown = m.status_with("block size:");
+        assert!(
+            shown.contains(&format!("block size:       {bs}\n")),
+            "{shown}"
+        );
+        assert_eq!(fs::read(m.path("f")).unwrap(), model, "block size {opt}");
+        assert_eq!(fs::read(m.path("g")).unwrap(), copy, "block size {opt}");
+        assert_eq!(fs::read(m.path(".snapshots/one/f")).unwrap(), frozen);
+        m.unmount();
+        let out = snapfs(&[
+            "mount",
+            "-o",
+            &format!("block_size={other}"),
+            m.store.to_str().unwrap(),
+            m.mnt.to_str().unwrap(),
+        ]);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{err}");
+        assert_eq!(err.lines().count(), 1, "{err}");
+        assert!(
+            err.contains(&format!("has block size {opt}: block_size={other}")),
+            "{err}"
+        );
+        assert!(!mounted_at(&m.mnt), "a refused mount left {opt} mounted");
+        // The store's own size may be spelled out (as an fstab line would).
+        m.mount(&[&format!("block_size={bs}")]);
+        m.assert_fsck_clean();
+    }
+}
+
+/// Whether anything is mounted at `p`.
+fn mounted_at(p: &Path) -> bool {
+    fs::read_to_string("/proc/self/mountinfo")
+        .unwrap()
+        .lines()
+        .any(|l| l.split(' ').nth(4) == p.to_str())
+}

@@ -2450,3 +2450,67 @@ fn a_writer_that_lost_its_record_goes_on_and_a_demoted_store_waits_for_its_succe
     rm.unmount();
     a.assert_fsck_clean();
 }
+
+/// A volume of 1 MiB blocks replicates as such: the replica is made with the
+/// source's block size, its snapshots are identical, an extent travels per block (a
+/// 64K volume would send 16 times as many), an incremental after a 1 MiB change
+/// sends one block, and a restore keeps the size. A replica made beforehand with
+/// another block size is refused in one line and left as it was.
+#[test]
+fn a_volume_of_large_blocks_replicates_and_restores_with_its_block_size() {
+    let mut src = Mount::with_options(&["block_size=1M"]);
+    std::fs::write(src.path("big"), pattern(7, 8 << 20)).unwrap();
+    populate(&src.mnt, 3);
+    snapfs_ok(&["snapshot", "create", src.mnt.to_str().unwrap(), "one"]);
+    src.unmount();
+    let replica = src.dir.path().join("replica");
+    let first = sync_ok(&src.store, &replica);
+    assert_eq!(status_line(&replica, "block size:"), "1048576");
+    let extents = first["extents_sent"].as_u64().unwrap();
+    // 8 blocks of `big`, and populate's files (each under a block: one extent each).
+    assert!((8..200).contains(&extents), "{first}");
+
+    src.mount(&[]);
+    {
+        use std::os::unix::fs::FileExt;
+        let f = std::fs::OpenOptions::new()
+            .write(true)
+            .open(src.path("big"))
+            .unwrap();
+        f.write_all_at(&pattern(8, 1 << 20), 3 << 20).unwrap();
+        f.sync_all().unwrap();
+    }
+    snapfs_ok(&["snapshot", "create", src.mnt.to_str().unwrap(), "two"]);
+    src.unmount();
+    let inc = sync_ok(&src.store, &replica);
+    assert_eq!(inc["extents_sent"], 1, "{inc}");
+    assert_eq!(inc["payload_bytes"], 1 << 20, "{inc}");
+
+    let restored = src.dir.path().join("restored");
+    snapfs_ok(&[
+        "restore",
+        replica.to_str().unwrap(),
+        restored.to_str().unwrap(),
+    ]);
+    assert_eq!(status_line(&restored, "block size:"), "1048576");
+    src.mount(&[]);
+    let want = snapshot_trees(&src);
+    assert_eq!(want.len(), 2);
+    let mut r = Mount::at(restored, src.dir.path().join("restored-mnt"), &[]);
+    assert_eq!(snapshot_trees(&r), want);
+    r.unmount();
+
+    // A replica mounted (and so made) beforehand with 64K blocks: refused, and empty.
+    let mut other = Mount::with_options(&["replica", "block_size=64K"]);
+    other.unmount();
+    let out = sync(&src.mnt, &other.store, &[]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{err}");
+    assert_eq!(err.trim_end().lines().count(), 1, "{err}");
+    assert!(
+        err.contains("the destination's block size is 65536, the source's 1048576"),
+        "{err}"
+    );
+    assert_eq!(status_line(&other.store, "snapshots:"), "0");
+    src.unmount();
+}
