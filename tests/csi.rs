@@ -669,6 +669,25 @@ fn retries_strangers_and_a_dead_daemon_are_answered_as_kubernetes_expects() {
             .unwrap_err();
         assert_eq!(err.code(), Code::InvalidArgument, "{bad:?}: {err}");
     }
+    // blockSize: a volume made empty has it; a size snapfs cannot make is refused.
+    for bad in ["3K", "2M", "big"] {
+        let err = d
+            .create_volume("pvc-bad", 32 * MIB, &[("blockSize", bad)], None)
+            .unwrap_err();
+        assert_eq!(err.code(), Code::InvalidArgument, "{bad:?}: {err}");
+        assert!(err.message().contains("blockSize"), "{err}");
+    }
+    let big = d
+        .create_volume("pvc-1m", 32 * MIB, &[("blockSize", "1M")], None)
+        .unwrap();
+    let status = snapfs_ok(&[
+        "status",
+        root.join(format!("volumes/{}/store", big.volume_id))
+            .to_str()
+            .unwrap(),
+    ]);
+    assert!(status.contains("block size:       1048576\n"), "{status}");
+    d.delete_volume(&big.volume_id);
     // Strangers: ids this driver never made, relative paths.
     let target = dir.path().join("pods/r/volume");
     let unpublish = |d: &mut Driver, vid: &str, t: &str| {

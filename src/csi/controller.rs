@@ -56,7 +56,14 @@ impl Driver {
                     args.extend(["--", url.as_str(), dest]);
                     self.snapfs(&args)?;
                 } else {
-                    crate::fs::Fs::open(store, Some(&crate::store::StoreConfig::default()))
+                    // Checked by volume_options already.
+                    let block_size = params
+                        .get("blockSize")
+                        .map(|v| crate::daemon::parse_block_size(v).map_err(invalid))
+                        .transpose()?;
+                    let mut cfg = crate::store::StoreConfig::default();
+                    cfg.block_size = block_size.unwrap_or(cfg.block_size);
+                    crate::fs::Fs::open(store, Some(&cfg))
                         .map_err(|e| internal(format!("cannot make store: {e}")))?;
                 }
             }

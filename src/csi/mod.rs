@@ -172,7 +172,7 @@ const VOLUME_PARAMETERS: &[(&str, &str)] = &[
 ];
 
 /// Parameters that choose how a volume is made rather than what it keeps.
-const MAKE_PARAMETERS: &[&str] = &["restoreFrom", "restoreSnapshot"];
+const MAKE_PARAMETERS: &[&str] = &["restoreFrom", "restoreSnapshot", "blockSize"];
 
 /// Parameters Kubernetes' sidecars add (`csi.storage.k8s.io/...`) are theirs.
 fn sidecar_parameter(k: &str) -> bool {
@@ -183,12 +183,16 @@ fn sidecar_parameter(k: &str) -> bool {
 fn volume_options(params: &BTreeMap<String, String>) -> Result<Vec<(String, String)>, Status> {
     let mut out = Vec::new();
     for (k, v) in params {
+        if k == "blockSize" {
+            crate::daemon::parse_block_size(v)
+                .map_err(|e| invalid(format!("parameter blockSize: {e}")))?;
+        }
         if sidecar_parameter(k) || MAKE_PARAMETERS.contains(&k.as_str()) {
             continue;
         }
         let Some((_, key)) = VOLUME_PARAMETERS.iter().find(|(p, _)| p == k) else {
             return Err(invalid(format!(
-                "unknown parameter {k:?}: snapfs takes snapshotEvery, keep, replicate, replicateKeyFile, restoreFrom and restoreSnapshot"
+                "unknown parameter {k:?}: snapfs takes snapshotEvery, keep, replicate, replicateKeyFile, restoreFrom, restoreSnapshot and blockSize"
             )));
         };
         if v.contains(['\n', '"', ',', '#']) || v.starts_with('-') {
