@@ -16,6 +16,8 @@
 #   pjdfstest-user  tests/peer/pjdfstest.sh user, over /dev/fuse (-o nouring)
 #   fsx             tests/peer/fsx.sh
 #   fsx-snapshots   tests/peer/fsx.sh, one more seed, a snapshot every second
+#   fsx-block-sizes tests/peer/fsx.sh on stores made with -o block_size=4K and
+#                   1M (the smallest and largest), a seed and 30000 operations each
 #   xfstests        tests/peer/xfstests.sh -g quick: xfstests built from
 #                   ../shared/third_party/, run with xfstests-config/; any failure
 #                   not in xfstests-config/exclude fails the stage
@@ -40,7 +42,7 @@ cd "$repo"
 export PATH="${CARGO_HOME:-$HOME/.cargo}/bin:$PATH"
 export SNAPFS=${SNAPFS:-$(readlink -m "${CARGO_TARGET_DIR:-target}/release/snapfs")}
 
-all_stages=(fmt clippy build test pjdfstest-root pjdfstest-user fsx fsx-snapshots xfstests csi-sanity k8s-manifests)
+all_stages=(fmt clippy build test pjdfstest-root pjdfstest-user fsx fsx-snapshots fsx-block-sizes xfstests csi-sanity k8s-manifests)
 read -r -a stages <<<"${STAGES:-${all_stages[*]}}"
 
 apt_packages=(
@@ -195,7 +197,7 @@ done
 
 if wants fmt; then run_stage fmt cargo fmt --all -- --check || true; fi
 if wants clippy; then run_stage clippy cargo clippy --all-targets -- -D warnings || true; fi
-if wants build || wants test || wants pjdfstest-root || wants pjdfstest-user || wants fsx || wants fsx-snapshots || wants xfstests || wants csi-sanity; then
+if wants build || wants test || wants pjdfstest-root || wants pjdfstest-user || wants fsx || wants fsx-snapshots || wants fsx-block-sizes || wants xfstests || wants csi-sanity; then
     if wants build; then
         run_stage build cargo build --release || build_ok=0
     else
@@ -208,6 +210,9 @@ if wants pjdfstest-root; then needs_build pjdfstest-root bash tests/peer/pjdfste
 if wants pjdfstest-user; then needs_build pjdfstest-user env PEER_MOUNT_OPTS=nouring bash tests/peer/pjdfstest.sh user; fi
 if wants fsx; then needs_build fsx bash tests/peer/fsx.sh; fi
 if wants fsx-snapshots; then needs_build fsx-snapshots env FSX_SEEDS=4 FSX_SNAPSHOT_EVERY=1 bash tests/peer/fsx.sh; fi
+if wants fsx-block-sizes; then
+    needs_build fsx-block-sizes sh -c 'for bs in 4K 1M; do FSX_SEEDS=5 FSX_OPS=30000 PEER_MOUNT_OPTS=block_size=$bs bash tests/peer/fsx.sh || exit 1; done'
+fi
 if wants xfstests; then needs_build xfstests bash tests/peer/xfstests.sh -g quick; fi
 if wants csi-sanity; then needs_build csi-sanity bash tests/peer/csi-sanity.sh; fi
 if wants k8s-manifests; then run_stage k8s-manifests bash tests/peer/k8s-manifests.sh || true; fi
