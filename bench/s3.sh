@@ -74,7 +74,13 @@ g server > "$work/garage.log" 2>&1 &
 pids+=($!)
 for _ in $(seq 100); do g node id -q > "$work/node" 2>/dev/null && break; sleep 0.2; done
 node=$(cut -d@ -f1 "$work/node")
-g layout assign -z dc1 -c 100G "$node" >/dev/null
+# `node id` reads the node's key from disk; the layout needs the server up, which
+# may take a moment longer.
+for i in $(seq 100); do
+    g layout assign -z dc1 -c 100G "$node" >/dev/null 2>&1 && break
+    [ "$i" -lt 100 ] || { cat "$work/garage.log" >&2; exit 1; }
+    sleep 0.2
+done
 g layout apply --version 1 >/dev/null
 g key create bench > "$work/key.txt"
 g bucket create bench >/dev/null

@@ -281,7 +281,7 @@ pub fn parse_block_size(v: &str) -> Result<u32, String> {
         .checked_shl(shift)
         .filter(|b| b >> shift == n)
         .ok_or_else(bad)?;
-    if !bytes.is_power_of_two() || !(4096..=1 << 20).contains(&bytes) {
+    if !crate::store::valid_block_size(bytes) {
         return Err(bad());
     }
     Ok(bytes)
@@ -669,9 +669,10 @@ pub fn mount(
     let mut options = MountOptions::parse(&args)?;
     if let Some(want) = options.block_size
         && u64::from(want) != fs.block_size()
+        && !fs.retake_block_size(want)?
     {
         bail!(
-            "store {} has block size {}: block_size={} is only for a store being made",
+            "store {} has block size {} and holds files or snapshots: block_size={} is only for a store being made",
             store.display(),
             show_block_size(fs.block_size()),
             show_block_size(want.into())
@@ -1013,8 +1014,7 @@ fn replica_mode(fs: &Fs, store: &Path, options: &MountOptions) -> anyhow::Result
     if !options.replica {
         return Ok(false);
     }
-    let empty = st.snapshot_list(true)?.is_empty()
-        && crate::sync::session::live_is_empty(st).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let empty = st.snapshot_list(true)?.is_empty() && st.live_is_empty()?;
     if !empty {
         bail!(
             "store {} holds files or snapshots of its own: only a new store or a replica mounts as a replica (-o replica, listen=)",
@@ -1062,7 +1062,12 @@ impl crate::sync::session::SinkStore for DaemonSink<'_> {
                 "the destination is being unmounted".into(),
             ));
         }
-        f(self.fs.lock().store())
+        let mut core = self.fs.lock();
+        let res = f(core.store());
+        // The first session into a store made empty may have given it its source's
+        // block size.
+        self.fs.note_block_size(&core);
+        res
     }
 
     fn admit(&mut self) -> Result<(), crate::sync::session::SyncError> {

@@ -677,6 +677,16 @@ fn retries_strangers_and_a_dead_daemon_are_answered_as_kubernetes_expects() {
         assert_eq!(err.code(), Code::InvalidArgument, "{bad:?}: {err}");
         assert!(err.message().contains("blockSize"), "{err}");
     }
+    let err = d
+        .create_volume(
+            "pvc-bad",
+            32 * MIB,
+            &[("blockSize", "1M"), ("restoreFrom", "/nowhere")],
+            None,
+        )
+        .unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument, "{err}");
+    assert!(err.message().contains("has its source's"), "{err}");
     let big = d
         .create_volume("pvc-1m", 32 * MIB, &[("blockSize", "1M")], None)
         .unwrap();

@@ -1930,8 +1930,8 @@ fn punch(f: &File, off: u64, len: u64) {
 /// byte as one of 64K does: writes across, inside and far past blocks, a short tail,
 /// a punched hole and copy_file_range, read back through the page cache, after the
 /// caches are dropped and after a remount, with a snapshot keeping what it froze.
-/// The size is the store's once it is made: a remount without the option keeps it,
-/// and another size is refused in one line.
+/// The size is the store's once it holds anything: a remount without the option
+/// keeps it, and another size is refused in one line.
 #[test]
 fn a_store_of_any_block_size_reads_back_what_was_written() {
     for (opt, bs, other) in [("4K", 4096u64, "64K"), ("1M", 1 << 20, "4K")] {
@@ -2012,7 +2012,9 @@ fn a_store_of_any_block_size_reads_back_what_was_written() {
         assert_eq!(out.status.code(), Some(2), "{err}");
         assert_eq!(err.lines().count(), 1, "{err}");
         assert!(
-            err.contains(&format!("has block size {opt}: block_size={other}")),
+            err.contains(&format!(
+                "has block size {opt} and holds files or snapshots: block_size={other}"
+            )),
             "{err}"
         );
         assert!(!mounted_at(&m.mnt), "a refused mount left {opt} mounted");
@@ -2020,6 +2022,25 @@ fn a_store_of_any_block_size_reads_back_what_was_written() {
         m.mount(&[&format!("block_size={bs}")]);
         m.assert_fsck_clean();
     }
+    // A store that holds nothing yet (made by a mount without the option) takes the
+    // size asked at its next mount; once it holds a file, no other.
+    let mut m = Mount::new();
+    m.unmount();
+    m.mount(&["block_size=16K"]);
+    let shown = m.status_with("block size:");
+    assert!(shown.contains("block size:       16384\n"), "{shown}");
+    fs::write(m.path("f"), pattern(5, 100_000)).unwrap();
+    m.unmount();
+    let out = snapfs(&[
+        "mount",
+        "-o",
+        "block_size=64K",
+        m.store.to_str().unwrap(),
+        m.mnt.to_str().unwrap(),
+    ]);
+    assert_eq!(out.status.code(), Some(2));
+    m.mount(&[]);
+    assert_eq!(fs::read(m.path("f")).unwrap(), pattern(5, 100_000));
 }
 
 /// Whether anything is mounted at `p`.

@@ -186,6 +186,11 @@ fn volume_options(params: &BTreeMap<String, String>) -> Result<Vec<(String, Stri
         if k == "blockSize" {
             crate::daemon::parse_block_size(v)
                 .map_err(|e| invalid(format!("parameter blockSize: {e}")))?;
+            if params.contains_key("restoreFrom") {
+                return Err(invalid(
+                    "parameter blockSize is for a volume made empty: one made with restoreFrom has its source's",
+                ));
+            }
         }
         if sidecar_parameter(k) || MAKE_PARAMETERS.contains(&k.as_str()) {
             continue;

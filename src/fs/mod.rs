@@ -292,7 +292,9 @@ pub type KernelFlush = Box<dyn Fn(&[Vec<u8>]) + Send + Sync>;
 /// The filesystem core.
 pub struct Fs {
     inner: Mutex<Inner>,
-    block_size: u64,
+    /// The store's block size, read without the lock (a store that holds nothing yet
+    /// may take another, see [`Fs::retake_block_size`]).
+    block_size: std::sync::atomic::AtomicU64,
     invalidator: Mutex<Option<Invalidator>>,
     kernel_flush: Mutex<Option<KernelFlush>>,
 }
@@ -352,7 +354,7 @@ impl Fs {
             tracing::error!(error = %e, "could not finish deleting a snapshot");
         }
         Ok(Fs {
-            block_size: inner.store.block_size as u64,
+            block_size: (inner.store.block_size as u64).into(),
             inner: Mutex::new(inner),
             invalidator: Mutex::new(None),
             kernel_flush: Mutex::new(None),
@@ -432,7 +434,30 @@ impl Fs {
 
     /// The store's block size (fixed when it was created).
     pub fn block_size(&self) -> u64 {
-        self.block_size
+        self.block_size.load(std::sync::atomic::Ordering::Acquire)
+    }
+
+    /// Gives the store block size `bs` if it holds nothing yet (see
+    /// [`Store::holds_nothing`]): a store made by a mount that failed, or with the
+    /// default size by `-o replica`. `false`, and nothing changed, if it holds anything.
+    pub fn retake_block_size(&self, bs: u32) -> Result<bool, FsError> {
+        let mut core = self.lock();
+        if !core.dirty.is_empty() || !core.store.holds_nothing()? {
+            return Ok(false);
+        }
+        core.store.write(true, |w| Ok(w.set_block_size(bs)?))?;
+        core.store.block_size = bs;
+        self.note_block_size(&core);
+        Ok(true)
+    }
+
+    /// Takes the store's block size again (after a sync made the store a replica,
+    /// which may have changed it), under the lock `core` holds.
+    pub fn note_block_size(&self, core: &Inner) {
+        self.block_size.store(
+            core.store.block_size as u64,
+            std::sync::atomic::Ordering::Release,
+        );
     }
 }
 

@@ -95,6 +95,11 @@ redb_from!(
     redb::CompactionError
 );
 
+/// Whether `bs` is a block size a store may have: a power of two from 4 KiB to 1 MiB.
+pub fn valid_block_size(bs: u32) -> bool {
+    bs.is_power_of_two() && (4096..=1 << 20).contains(&bs)
+}
+
 /// Settings fixed when a store is created.
 #[derive(Clone, Debug)]
 pub struct StoreConfig {
@@ -148,6 +153,8 @@ pub struct Store {
     snap_alloc_cache: std::collections::HashMap<(u64, u64), u64>,
     /// Leaf chaining values of extents verified whole (see [`verify`]).
     outboards: std::collections::HashMap<[u8; 32], Box<[blake3::hazmat::ChainingValue]>>,
+    /// The leaf values `outboards` holds, all told.
+    outboard_leaves: usize,
     /// Segments compaction gave up on (damaged extents, a failed move) until remount.
     compact_skip: std::collections::HashSet<u64>,
     /// The segment id `meta::NEXT_SEGMENT` holds (or will at the group's commit).
@@ -425,6 +432,12 @@ impl Store {
         };
         if fresh {
             let cfg = create.cloned().unwrap_or_default();
+            if !valid_block_size(cfg.block_size) {
+                return Err(StoreError::Corrupt(format!(
+                    "block size {} (a power of two from 4096 to 1048576)",
+                    cfg.block_size
+                )));
+            }
             let txn = db.begin_write()?;
             {
                 let mut meta = txn.open_table(META)?;
@@ -471,7 +484,7 @@ impl Store {
                 .open_table(META)
                 .map_err(|e| StoreError::Corrupt(format!("metadata has no meta table ({e})")))?;
             let block_size = read_meta_as(&meta, meta::BLOCK_SIZE, le_u32)?;
-            if !block_size.is_power_of_two() || !(4096..=1 << 20).contains(&block_size) {
+            if !valid_block_size(block_size) {
                 return Err(StoreError::Corrupt(format!("block size {block_size}")));
             }
             let volume_id: [u8; 16] = read_meta_as(&meta, meta::VOLUME_ID, |b| {
@@ -514,6 +527,7 @@ impl Store {
             alloc_cache: std::collections::HashMap::new(),
             snap_alloc_cache: std::collections::HashMap::new(),
             outboards: std::collections::HashMap::new(),
+            outboard_leaves: 0,
             next_segment,
             compact_skip: Default::default(),
             freed_group: Vec::new(),
@@ -1255,6 +1269,32 @@ impl Store {
         (self.readers.clone(), self.cancel.clone())
     }
 
+    /// Whether the live tree is the root directory alone.
+    pub fn live_is_empty(&self) -> Result<bool, StoreError> {
+        let txn = self.read_txn()?;
+        let mut other = false;
+        for_each_visible(txn.versions(), self.live_epoch, |ino, kind, _, _, _| {
+            if ino != ROOT_INO || kind != KIND_INODE {
+                other = true;
+            }
+            Ok(())
+        })?;
+        Ok(!other)
+    }
+
+    /// Whether the store holds nothing that its block size shapes or that came from
+    /// elsewhere: its live tree is an empty root, it has no snapshot (deleted or held
+    /// ones included), and it is no replica, demoted or promoted store. Such a store
+    /// may still take another block size.
+    pub fn holds_nothing(&self) -> Result<bool, StoreError> {
+        Ok(self.replica_of()?.is_none()
+            && self.demoted_at()?.is_none()
+            && self.promotion()?.is_none()
+            && self.snapshot_epochs.is_empty()
+            && self.snapshot_list(true)?.is_empty()
+            && self.live_is_empty()?)
+    }
+
     /// The volume this store is a replica of (`snapfs sync`), if it is one.
     pub fn replica_of(&self) -> Result<Option<[u8; 16]>, StoreError> {
         let txn = self.read_txn()?;
@@ -1410,10 +1450,14 @@ impl Store {
                 note_damaged(&self.damaged, hash, rec);
                 return Err(mismatch(hash, rec));
             }
-            if self.outboards.len() >= OUTBOARD_MAX {
+            if self.outboard_leaves + cvs.len() > OUTBOARD_LEAVES_MAX {
                 self.outboards.clear();
+                self.outboard_leaves = 0;
             }
-            self.outboards.insert(*hash, cvs.into_boxed_slice());
+            self.outboard_leaves += cvs.len();
+            if let Some(old) = self.outboards.insert(*hash, cvs.into_boxed_slice()) {
+                self.outboard_leaves -= old.len();
+            }
         } else {
             if let Err(e) = check_whole(hash, rec, data) {
                 note_damaged(&self.damaged, hash, rec);
@@ -1785,8 +1829,9 @@ const ROLL_DEAD_ACTIVE: u64 = 64 << 20;
 /// segment, offset and length.
 pub type Staged = std::collections::HashMap<[u8; 32], (u64, u64, u32)>;
 
-/// Extents whose leaf values are kept (128 bytes each for 64 KiB blocks).
-const OUTBOARD_MAX: usize = 1 << 17;
+/// Leaf values kept, whatever the block size: 32 bytes each, four per 64 KiB block
+/// (131,072 such blocks, 16 MiB), 64 per 1 MiB block.
+const OUTBOARD_LEAVES_MAX: usize = 1 << 19;
 
 /// Inode records the cache holds before it starts over.
 const INODE_CACHE_MAX: usize = 1 << 20;
@@ -3045,6 +3090,17 @@ impl Writer<'_> {
             let row = seal_meta(meta::NEXT_INO, &(key.ino + 1).to_le_bytes());
             self.t.meta.insert(meta::NEXT_INO, row.as_slice())?;
         }
+        Ok(())
+    }
+
+    /// Sets the block size (of a store that holds nothing: see
+    /// [`Store::holds_nothing`]; the caller sets `Store::block_size` once committed).
+    pub fn set_block_size(&mut self, bs: u32) -> Result<(), StoreError> {
+        if !valid_block_size(bs) {
+            return Err(StoreError::Corrupt(format!("block size {bs}")));
+        }
+        let row = seal_meta(meta::BLOCK_SIZE, &bs.to_le_bytes());
+        self.t.meta.insert(meta::BLOCK_SIZE, row.as_slice())?;
         Ok(())
     }
 

@@ -811,7 +811,7 @@ fn handshake<R: Read, W: Write>(
     if let Some(p) = proven {
         p.store(true, std::sync::atomic::Ordering::SeqCst);
     }
-    if !block_size.is_power_of_two() || !(4096..=1 << 20).contains(&block_size) {
+    if !crate::store::valid_block_size(block_size) {
         return Err(protocol(format!(
             "the source announces a block size of {block_size}"
         )));
@@ -837,14 +837,20 @@ fn accept<S: SinkStore, R: Read, W: Write>(
 ) -> Result<Summary, SyncError> {
     let (volume, block_size, dry_run) = (hello.volume, hello.block_size, hello.dry_run);
     st.with(|store| {
-        if store.block_size != block_size {
+        let promoted = store.promotion()?;
+        let replica_of = store.replica_of()?;
+        // A store that is not a replica yet (made empty by `mount -o replica` or
+        // `listen=`, with the default size) takes the source's block size with its
+        // first session, in the branch below that makes it a replica; any other is
+        // refused.
+        if store.block_size != block_size
+            && (replica_of.is_some() || store.demoted_at()?.is_some())
+        {
             return Err(protocol(format!(
-                "the destination's block size is {}, the source's {block_size}",
+                "the destination's block size is {}, the source's {block_size}: a replica has its source's",
                 store.block_size
             )));
         }
-        let promoted = store.promotion()?;
-        let replica_of = store.replica_of()?;
         let origin = store.origin()?;
         if store.demoted_at()?.is_some() {
             // Settled at the first snapshot (which must have a base), and only from
@@ -879,7 +885,7 @@ fn accept<S: SinkStore, R: Read, W: Write>(
                     crate::text::printable(&p.snapshot)
                 )));
             }
-            None if !fresh && !live_is_empty(store)? => {
+            None if !fresh && !store.live_is_empty()? => {
                 return Err(protocol(
                     "the destination holds files of its own: it is not an empty store or a replica",
                 ));
@@ -894,17 +900,34 @@ fn accept<S: SinkStore, R: Read, W: Write>(
                     ));
                 }
                 if !dry_run {
+                    let adopt = store.block_size != block_size;
                     store.write(true, |w| {
                         w.set_replica_of(&volume)?;
                         let row = crate::store::schema::seal_meta(meta::ORIGIN, &hello.origin);
                         w.t.meta.insert(meta::ORIGIN, row.as_slice())?;
+                        if adopt {
+                            w.set_block_size(block_size)?;
+                        }
                         Ok(())
                     })?;
+                    store.block_size = block_size;
                 }
             }
         }
         Ok(())
     })?;
+    if !dry_run {
+        // Every way past the checks above has the source's block size (or took it).
+        st.with(|s| {
+            if s.block_size != block_size {
+                return Err(protocol(format!(
+                    "the destination's block size is {}, the source's {block_size}",
+                    s.block_size
+                )));
+            }
+            Ok(())
+        })?;
+    }
     if dry_run {
         let held = st.with(|s| Ok::<_, SyncError>((s.volume_id, held_snapshots(s)?)))?;
         w.send(&Frame::Holding {
@@ -1416,19 +1439,6 @@ fn check_record(rec: &Record) -> Result<(), String> {
         _ => {}
     }
     Ok(())
-}
-
-/// Whether the live tree holds nothing but the root directory.
-pub fn live_is_empty(store: &Store) -> Result<bool, SyncError> {
-    let txn = store.read_txn()?;
-    let mut other = false;
-    crate::store::for_each_visible(txn.versions(), store.live_epoch, |ino, kind, _, _, _| {
-        if ino != ROOT_INO || kind != KIND_INODE {
-            other = true;
-        }
-        Ok(())
-    })?;
-    Ok(!other)
 }
 
 /// Deletes every live record (a whole send into a replica an earlier session left
