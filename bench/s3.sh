@@ -128,7 +128,7 @@ for kind, n in sorted(kinds.items()):
 }
 
 # ---------------------------------------------------------------- the trees
-# Two trees of SIZE_MIB, each a quarter duplicates of other files:
+# Trees of SIZE_MIB, each a quarter duplicates of other files:
 #   random: files of random bytes (nothing compresses);
 #   usr:    the machine's own /usr files in path order (binaries, libraries, text),
 #           as real volumes hold;
@@ -281,7 +281,7 @@ table() {
         echo "| restore: peak memory, MiB | $((M[$k.snap_restore] >> 10)) | $((M[$k.restic_restore] >> 10)) |"
         echo "| restore of every snapshot (snapfs: both, as a volume with its history): wall s | ${T[$k.snap_restore_all]} | - |"
         echo
-        echo "| $k tree, after the full backup: objects by kind | bytes |"
+        echo "| ${t%@*} tree$bs, after the full backup: objects by kind | bytes |"
         echo "|---|---|"
         awk '{printf "| snapfs %s | %d |\n", $1, $2}' "$work/$k.snap_parts"
         awk '{printf "| restic %s | %d |\n", $1, $2}' "$work/$k.restic_parts"
