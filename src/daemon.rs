@@ -247,44 +247,43 @@ impl MountOptions {
     }
 }
 
-/// A size: bytes, or a number with K, M, G or T (powers of 1024), at least 1 MiB.
-pub fn parse_size(v: &str) -> Result<u64, String> {
-    let bad = || format!("size {v:?}: want bytes, or a number with K, M, G or T, at least 1M");
-    let (num, shift) = match v.as_bytes().last().map(|b| b.to_ascii_uppercase()) {
-        Some(b'K') => (&v[..v.len() - 1], 10),
-        Some(b'M') => (&v[..v.len() - 1], 20),
-        Some(b'G') => (&v[..v.len() - 1], 30),
-        Some(b'T') => (&v[..v.len() - 1], 40),
+/// `v` in bytes: a number, or a number with one of `units` (of K, M, G, T: powers
+/// of 1024) after it; `None` for anything else or what overflows.
+fn suffixed_bytes(v: &str, units: &[u8]) -> Option<u64> {
+    let unit = v.as_bytes().last().map(|b| b.to_ascii_uppercase());
+    let (num, shift) = match unit {
+        Some(u) if units.contains(&u) => {
+            let shift = match u {
+                b'K' => 10,
+                b'M' => 20,
+                b'G' => 30,
+                _ => 40,
+            };
+            (&v[..v.len() - 1], shift)
+        }
         _ => (v, 0),
     };
-    let n: u64 = num.parse().map_err(|_| bad())?;
-    let bytes = n
-        .checked_shl(shift)
-        .filter(|b| b >> shift == n)
-        .ok_or_else(bad)?;
-    if bytes < 1 << 20 {
-        return Err(bad());
-    }
-    Ok(bytes)
+    let n: u64 = num.parse().ok()?;
+    n.checked_shl(shift).filter(|b| b >> shift == n)
+}
+
+/// A size: bytes, or a number with K, M, G or T (powers of 1024), at least 1 MiB.
+pub fn parse_size(v: &str) -> Result<u64, String> {
+    suffixed_bytes(v, b"KMGT")
+        .filter(|&b| b >= 1 << 20)
+        .ok_or_else(|| {
+            format!("size {v:?}: want bytes, or a number with K, M, G or T, at least 1M")
+        })
 }
 
 /// A block size: a power of two from 4K to 1M, in bytes or with a K or M suffix.
 pub fn parse_block_size(v: &str) -> Result<u32, String> {
-    let bad = || format!("block_size {v:?}: want a power of two from 4K to 1M (4K, 8K, ... 1M)");
-    let (num, shift) = match v.as_bytes().last().map(|b| b.to_ascii_uppercase()) {
-        Some(b'K') => (&v[..v.len() - 1], 10),
-        Some(b'M') => (&v[..v.len() - 1], 20),
-        _ => (v, 0),
-    };
-    let n: u32 = num.parse().map_err(|_| bad())?;
-    let bytes = n
-        .checked_shl(shift)
-        .filter(|b| b >> shift == n)
-        .ok_or_else(bad)?;
-    if !crate::store::valid_block_size(bytes) {
-        return Err(bad());
-    }
-    Ok(bytes)
+    suffixed_bytes(v, b"KM")
+        .and_then(|b| u32::try_from(b).ok())
+        .filter(|&b| crate::store::valid_block_size(b))
+        .ok_or_else(|| {
+            format!("block_size {v:?}: want a power of two from 4K to 1M (4K, 8K, ... 1M)")
+        })
 }
 
 /// Block sizes as people write them: 64K, 1M, or bytes.
@@ -2132,4 +2131,60 @@ pub fn resolve_store(path: &Path) -> anyhow::Result<PathBuf> {
         "{} is neither a snapfs store nor a mounted snapfs volume",
         path.display()
     )
+}
+
+#[cfg(test)]
+mod size_tests {
+    use super::*;
+
+    #[test]
+    fn sizes_and_block_sizes_parse_as_written_and_nothing_else() {
+        for (v, want) in [
+            ("1M", 1 << 20),
+            ("1048576", 1 << 20),
+            ("3g", 3 << 30),
+            ("2T", 2 << 40),
+            ("1536K", 1536 << 10),
+        ] {
+            assert_eq!(parse_size(v), Ok(want), "{v}");
+        }
+        for v in [
+            "",
+            "M",
+            "1",
+            "1023K",
+            "1X",
+            "-1M",
+            "1.5G",
+            "99999999999T",
+            "1M ",
+        ] {
+            assert!(parse_size(v).is_err(), "{v}");
+        }
+        for (v, want) in [
+            ("4K", 4096),
+            ("4096", 4096),
+            ("64k", 65536),
+            ("1M", 1 << 20),
+        ] {
+            assert_eq!(parse_block_size(v), Ok(want), "{v}");
+        }
+        for v in [
+            "",
+            "K",
+            "3K",
+            "2K",
+            "2M",
+            "1G",
+            "0",
+            "4294967296",
+            "8193",
+            "64KB",
+        ] {
+            assert!(parse_block_size(v).is_err(), "{v}");
+        }
+        assert_eq!(show_block_size(4096), "4K");
+        assert_eq!(show_block_size(1 << 20), "1M");
+        assert_eq!(show_block_size(1000), "1000");
+    }
 }
