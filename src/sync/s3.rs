@@ -654,8 +654,13 @@ impl Bucket {
         let Some(data) = self.get(key)? else {
             return Ok(None);
         };
+        self.open_meta(key, data).map(Some)
+    }
+
+    /// Metadata object `key` as read (`data`), opened if the bucket is encrypted.
+    fn open_meta(&self, key: &str, data: Vec<u8>) -> Result<Vec<u8>, SyncError> {
         match (&self.seal, seal::is_sealed(&data)) {
-            (None, false) => Ok(Some(data)),
+            (None, false) => Ok(data),
             (None, true) => Err(err(format!(
                 "{}: {key} is encrypted: give the bucket's key with --encrypt-key-file (or SNAPFS_ENCRYPT_KEY_FILE)",
                 self.url
@@ -664,7 +669,7 @@ impl Bucket {
                 "{}: {key} is not encrypted, but a key was given: this bucket was synced without --encrypt-key-file",
                 self.url
             ))),
-            (Some(s), true) => s.open_object(key, &data).map(Some).ok_or_else(|| {
+            (Some(s), true) => s.open_object(key, &data).ok_or_else(|| {
                 err(format!(
                     "{}: {key} does not open with this key (another key, or the object is damaged)",
                     self.url
@@ -764,6 +769,33 @@ impl Bucket {
         });
         res.map(|o| o.map(|b| b.to_vec()))
             .map_err(|e| self.fail("reading", key, e))
+    }
+
+    /// The objects `keys` (each `None` when there is none), `jobs` requests at once,
+    /// in the order asked. Small objects read one after another each wait a round
+    /// trip, and some servers' replies (Garage's, for one) a delayed ACK besides: 40
+    /// ms an index.
+    fn get_many(&self, keys: &[&str]) -> Result<Vec<Option<Vec<u8>>>, SyncError> {
+        use futures_util::StreamExt;
+        let gets = keys.iter().map(|key| {
+            let (store, path) = (self.store.clone(), self.path(key));
+            async move {
+                match store.get(&path).await {
+                    Ok(r) => r.bytes().await.map(|b| Some(b.to_vec())),
+                    Err(object_store::Error::NotFound { .. }) => Ok(None),
+                    Err(e) => Err(e),
+                }
+            }
+        });
+        let got: Vec<_> = self.rt.block_on(
+            futures_util::stream::iter(gets)
+                .buffered(self.jobs.max(1))
+                .collect(),
+        );
+        got.into_iter()
+            .zip(keys)
+            .map(|(r, key)| r.map_err(|e| self.fail("reading", key, e)))
+            .collect()
     }
 
     /// Bytes `range` of object `key`, to await (on the bucket's runtime).
@@ -1275,12 +1307,15 @@ impl Bucket {
             .collect();
         let mut out = HashMap::new();
         let mut lost: Vec<(String, Vec<[u8; 32]>)> = Vec::new();
-        for key in &keys {
-            let Some(id) = key.strip_suffix(".idx") else {
-                continue;
-            };
+        let idx_keys: Vec<&str> = keys
+            .iter()
+            .map(String::as_str)
+            .filter(|k| k.ends_with(".idx"))
+            .collect();
+        for (key, entries) in idx_keys.iter().zip(self.read_idxs(&idx_keys)?) {
+            let id = key.strip_suffix(".idx").expect("an index key");
             let pack: std::sync::Arc<str> = format!("{id}.pack").into();
-            let Some(entries) = self.read_idx(key)? else {
+            let Some(entries) = entries else {
                 continue;
             };
             let here = present.contains(&*pack);
@@ -1441,22 +1476,38 @@ impl Bucket {
         let Some(b) = self.get_meta(key)? else {
             return Ok(None);
         };
+        self.decode_idx(key, b).map(Some)
+    }
+
+    /// The pack indexes `keys` (each `None` when there is none), read `jobs` at a
+    /// time, in the order asked.
+    fn read_idxs(&self, keys: &[&str]) -> Result<Vec<Option<Vec<IdxEntry>>>, SyncError> {
+        self.get_many(keys)?
+            .into_iter()
+            .zip(keys)
+            .map(|(data, key)| {
+                data.map(|d| self.open_meta(key, d).and_then(|b| self.decode_idx(key, b)))
+                    .transpose()
+            })
+            .collect()
+    }
+
+    /// Pack index `key` as stored (opened), decoded.
+    fn decode_idx(&self, key: &str, b: Vec<u8>) -> Result<Vec<IdxEntry>, SyncError> {
         if b.len() % 44 != 0 {
             return Err(err(format!("{}: {key} is damaged", self.url)));
         }
-        Ok(Some(
-            b.chunks_exact(44)
-                .map(|e| {
-                    let len = u32::from_le_bytes(e[40..44].try_into().expect("4"));
-                    (
-                        e[..32].try_into().expect("32"),
-                        u64::from_le_bytes(e[32..40].try_into().expect("8")),
-                        len & !IDX_ZSTD,
-                        len & IDX_ZSTD != 0,
-                    )
-                })
-                .collect(),
-        ))
+        Ok(b.chunks_exact(44)
+            .map(|e| {
+                let len = u32::from_le_bytes(e[40..44].try_into().expect("4"));
+                (
+                    e[..32].try_into().expect("32"),
+                    u64::from_le_bytes(e[32..40].try_into().expect("8")),
+                    len & !IDX_ZSTD,
+                    len & IDX_ZSTD != 0,
+                )
+            })
+            .collect())
     }
 }
 
@@ -2469,22 +2520,29 @@ pub fn gc(url: &str, dry_run: bool) -> Result<GcReport, SyncError> {
     // in it changed) or deleted, and the pack it describes would look like garbage:
     // then nothing is deleted, and the next sync asks the source for those extents.
     let mut indexes: Vec<(&str, u64, u64)> = Vec::new();
-    for key in &keys {
-        if key.ends_with(".idx") {
-            lock.renew()?;
-            if let Some(idx) = b.read_idx(key)? {
-                let (mut live, mut dead) = (0u64, 0u64);
-                for (hash, _, len, _) in idx {
-                    match used.get_mut(&hash) {
-                        Some(found) => {
-                            *found = true;
-                            live += len as u64;
-                        }
-                        None => dead += len as u64,
+    let idx_keys: Vec<&str> = keys
+        .iter()
+        .map(String::as_str)
+        .filter(|k| k.ends_with(".idx"))
+        .collect();
+    // A few hundred at a time (each read `jobs` at once), the lock renewed between.
+    for chunk in idx_keys.chunks(256) {
+        lock.renew()?;
+        for (key, idx) in chunk.iter().zip(b.read_idxs(chunk)?) {
+            let Some(idx) = idx else {
+                continue;
+            };
+            let (mut live, mut dead) = (0u64, 0u64);
+            for (hash, _, len, _) in idx {
+                match used.get_mut(&hash) {
+                    Some(found) => {
+                        *found = true;
+                        live += len as u64;
                     }
+                    None => dead += len as u64,
                 }
-                indexes.push((key, live, dead));
             }
+            indexes.push((key, live, dead));
         }
     }
     let unlisted: Vec<[u8; 32]> = used
