@@ -1494,7 +1494,7 @@ impl Bucket {
 
     /// Pack index `key` as stored (opened), decoded.
     fn decode_idx(&self, key: &str, b: Vec<u8>) -> Result<Vec<IdxEntry>, SyncError> {
-        if b.len() % 44 != 0 {
+        if !b.len().is_multiple_of(44) {
             return Err(err(format!("{}: {key} is damaged", self.url)));
         }
         Ok(b.chunks_exact(44)
