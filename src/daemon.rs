@@ -105,8 +105,8 @@ pub struct MountOptions {
     /// writes that would take the stored data (snapshots' too) past it get ENOSPC.
     pub size: Option<u64>,
     /// The block size a store made by this mount gets (`block_size=`, a power of two
-    /// from 4K to 1M; default 64K). Fixed once the store exists: a different value for
-    /// an existing store is refused.
+    /// from 4K to 1M; default 64K). A store that holds nothing yet takes it too; one
+    /// that holds anything keeps its own, and another value is refused.
     pub block_size: Option<u32>,
 }
 
@@ -671,7 +671,7 @@ pub fn mount(
         && !fs.retake_block_size(want)?
     {
         bail!(
-            "store {} has block size {} and holds files or snapshots: block_size={} is only for a store being made",
+            "store {} has block size {}, fixed once it holds anything: block_size={} is only for a store being made",
             store.display(),
             show_block_size(fs.block_size()),
             show_block_size(want.into())

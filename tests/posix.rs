@@ -2013,7 +2013,7 @@ fn a_store_of_any_block_size_reads_back_what_was_written() {
         assert_eq!(err.lines().count(), 1, "{err}");
         assert!(
             err.contains(&format!(
-                "has block size {opt} and holds files or snapshots: block_size={other}"
+                "has block size {opt}, fixed once it holds anything: block_size={other}"
             )),
             "{err}"
         );

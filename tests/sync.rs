@@ -2484,8 +2484,10 @@ fn a_volume_of_large_blocks_replicates_and_restores_with_its_block_size() {
     snapfs_ok(&["snapshot", "create", src.mnt.to_str().unwrap(), "two"]);
     src.unmount();
     let inc = sync_ok(&src.store, &replica);
-    // One block, or (if a background flush caught it half written) its pieces and
-    // then the block: never the file's other 7 MiB.
+    // One block; or, if a background flush caught the block half written, its
+    // pieces (fragments over the old block, which the replica holds): at most the
+    // megabyte written, in up to 8 pieces and a whole block, never the file's
+    // other 7 MiB.
     let (extents, payload) = (
         inc["extents_sent"].as_u64().unwrap(),
         inc["payload_bytes"].as_u64().unwrap(),
@@ -2517,6 +2519,12 @@ fn a_volume_of_large_blocks_replicates_and_restores_with_its_block_size() {
     let mut by_path = Mount::at(dir.join("by-path"), dir.join("by-path-mnt"), &["replica"]);
     let mut by_tcp = Mount::at(dir.join("by-tcp"), dir.join("by-tcp-mnt"), &[&listen]);
     assert_eq!(status_line(&by_tcp.mnt, "block size:"), "65536");
+    // A replica of the replica, made before it holds anything (as its own
+    // replicate= would at mount): a session with nothing to send makes it, at 64K.
+    let chained = dir.join("chained");
+    let none = sync_ok(&by_path.mnt, &chained);
+    assert_eq!(none["snapshots_sent"], 0, "{none}");
+    assert_eq!(status_line(&chained, "block size:"), "65536");
     sync_ok(&src.store, &by_path.mnt);
     sync_tcp_ok(
         src.mnt.to_str().unwrap(),
@@ -2529,8 +2537,14 @@ fn a_volume_of_large_blocks_replicates_and_restores_with_its_block_size() {
         assert_eq!(snapshot_trees(m), want);
         assert_eq!(&tree_digest(&m.mnt), newest);
     }
+    // The replica of the replica holds no data yet: it takes the size too.
+    sync_ok(&by_path.mnt, &chained);
+    assert_eq!(status_line(&chained, "block size:"), "1048576");
     by_path.unmount();
     by_tcp.unmount();
+    let mut c = Mount::at(chained, dir.join("chained-mnt"), &[]);
+    assert_eq!(snapshot_trees(&c), want);
+    c.unmount();
     let f = snapfs(&["fsck", dir.join("by-tcp").to_str().unwrap(), "--read-data"]);
     assert!(f.status.success(), "{}", String::from_utf8_lossy(&f.stdout));
 
@@ -2547,7 +2561,7 @@ fn a_volume_of_large_blocks_replicates_and_restores_with_its_block_size() {
     assert!(!out.status.success(), "{err}");
     assert_eq!(err.trim_end().lines().count(), 1, "{err}");
     assert!(
-        err.contains("the destination's block size is 65536, the source's 1048576"),
+        err.contains("the destination's block size is 65536, the source's 1048576: a store that holds data keeps its block size"),
         "{err}"
     );
     assert_eq!(status_line(&other, "snapshots:"), "1 (s)");

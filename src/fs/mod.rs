@@ -432,7 +432,7 @@ impl Fs {
         self.inner.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// The store's block size (fixed when it was created).
+    /// The store's block size (fixed once it holds anything).
     pub fn block_size(&self) -> u64 {
         self.block_size.load(std::sync::atomic::Ordering::Acquire)
     }

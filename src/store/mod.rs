@@ -1282,17 +1282,23 @@ impl Store {
         Ok(!other)
     }
 
-    /// Whether the store holds nothing that its block size shapes or that came from
-    /// elsewhere: its live tree is an empty root, it has no snapshot (deleted or held
-    /// ones included), and it is no replica, demoted or promoted store. Such a store
-    /// may still take another block size.
-    pub fn holds_nothing(&self) -> Result<bool, StoreError> {
-        Ok(self.replica_of()?.is_none()
-            && self.demoted_at()?.is_none()
+    /// Whether the store holds no data its block size shapes: its live tree is an
+    /// empty root, it has no snapshot (deleted or held ones included), and it is no
+    /// demoted or promoted store. (Extents it may hold, staged by a session cut
+    /// short, are bytes named by their hash, whatever the size.) A replica that
+    /// holds no data takes its source's block size at its next session.
+    pub fn holds_no_data(&self) -> Result<bool, StoreError> {
+        Ok(self.demoted_at()?.is_none()
             && self.promotion()?.is_none()
             && self.snapshot_epochs.is_empty()
             && self.snapshot_list(true)?.is_empty()
             && self.live_is_empty()?)
+    }
+
+    /// [`Store::holds_no_data`], and it is no replica either: a mount may give it
+    /// another block size.
+    pub fn holds_nothing(&self) -> Result<bool, StoreError> {
+        Ok(self.replica_of()?.is_none() && self.holds_no_data()?)
     }
 
     /// The volume this store is a replica of (`snapfs sync`), if it is one.

@@ -775,27 +775,26 @@ impl Bucket {
     /// in the order asked. Small objects read one after another each wait a round
     /// trip, and some servers' replies (Garage's, for one) a delayed ACK besides: 40
     /// ms an index.
+    /// The first failure ends it (the requests still under way are dropped).
     fn get_many(&self, keys: &[&str]) -> Result<Vec<Option<Vec<u8>>>, SyncError> {
         use futures_util::StreamExt;
         let gets = keys.iter().map(|key| {
             let (store, path) = (self.store.clone(), self.path(key));
+            let (url, key) = (self.url.clone(), key.to_string());
             async move {
-                match store.get(&path).await {
+                let got = match store.get(&path).await {
                     Ok(r) => r.bytes().await.map(|b| Some(b.to_vec())),
                     Err(object_store::Error::NotFound { .. }) => Ok(None),
                     Err(e) => Err(e),
-                }
+                };
+                got.map_err(|e| failure(&url, "reading", &key, e))
             }
         });
-        let got: Vec<_> = self.rt.block_on(
+        self.rt.block_on(
             futures_util::stream::iter(gets)
                 .buffered(self.jobs.max(1))
-                .collect(),
-        );
-        got.into_iter()
-            .zip(keys)
-            .map(|(r, key)| r.map_err(|e| self.fail("reading", key, e)))
-            .collect()
+                .try_collect(),
+        )
     }
 
     /// Bytes `range` of object `key`, to await (on the bucket's runtime).
@@ -1312,37 +1311,53 @@ impl Bucket {
             .map(String::as_str)
             .filter(|k| k.ends_with(".idx"))
             .collect();
-        for (key, entries) in idx_keys.iter().zip(self.read_idxs(&idx_keys)?) {
-            let id = key.strip_suffix(".idx").expect("an index key");
-            let pack: std::sync::Arc<str> = format!("{id}.pack").into();
-            let Some(entries) = entries else {
-                continue;
-            };
-            let here = present.contains(&*pack);
-            let mut gone = Vec::new();
-            for (hash, offset, len, zstd) in entries {
-                if !here {
-                    gone.push(hash);
-                    continue;
-                }
-                out.insert(
-                    hash,
-                    Place {
-                        pack: pack.clone(),
-                        offset,
-                        len,
-                        zstd,
-                    },
-                );
-            }
-            if !here {
-                lost.push((pack.to_string(), gone));
+        // A few hundred at a time (each read `jobs` at once): what is held undecoded
+        // stays small.
+        for chunk in idx_keys.chunks(256) {
+            for (key, entries) in chunk.iter().zip(self.read_idxs(chunk)?) {
+                Self::take_index(key, entries, &present, &mut out, &mut lost);
             }
         }
         for (_, hashes) in &mut lost {
             hashes.retain(|h| !out.contains_key(h));
         }
         Ok((out, lost))
+    }
+
+    /// Lays pack index `key` (its `entries`, if it is there) over `out`, or over
+    /// `lost` when its pack is not among the `present` ones.
+    fn take_index(
+        key: &str,
+        entries: Option<Vec<IdxEntry>>,
+        present: &std::collections::HashSet<&str>,
+        out: &mut HashMap<[u8; 32], Place>,
+        lost: &mut Vec<(String, Vec<[u8; 32]>)>,
+    ) {
+        let id = key.strip_suffix(".idx").expect("an index key");
+        let pack: std::sync::Arc<str> = format!("{id}.pack").into();
+        let Some(entries) = entries else {
+            return;
+        };
+        let here = present.contains(&*pack);
+        let mut gone = Vec::new();
+        for (hash, offset, len, zstd) in entries {
+            if !here {
+                gone.push(hash);
+                continue;
+            }
+            out.insert(
+                hash,
+                Place {
+                    pack: pack.clone(),
+                    offset,
+                    len,
+                    zstd,
+                },
+            );
+        }
+        if !here {
+            lost.push((pack.to_string(), gone));
+        }
     }
 }
 

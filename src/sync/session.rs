@@ -839,15 +839,13 @@ fn accept<S: SinkStore, R: Read, W: Write>(
     st.with(|store| {
         let promoted = store.promotion()?;
         let replica_of = store.replica_of()?;
-        // A store that is not a replica yet (made empty by `mount -o replica` or
-        // `listen=`, with the default size) takes the source's block size with its
-        // first session, in the branch below that makes it a replica; any other is
-        // refused.
-        if store.block_size != block_size
-            && (replica_of.is_some() || store.demoted_at()?.is_some())
-        {
+        // A store that holds no data yet (made empty by `mount -o replica` or
+        // `listen=` with the default size, or made a replica by a session that had
+        // nothing to send) takes the source's block size, below; any other keeps its
+        // own, and a source of another is refused.
+        if store.block_size != block_size && !store.holds_no_data()? {
             return Err(protocol(format!(
-                "the destination's block size is {}, the source's {block_size}: a replica has its source's",
+                "the destination's block size is {}, the source's {block_size}: a store that holds data keeps its block size",
                 store.block_size
             )));
         }
@@ -900,19 +898,19 @@ fn accept<S: SinkStore, R: Read, W: Write>(
                     ));
                 }
                 if !dry_run {
-                    let adopt = store.block_size != block_size;
                     store.write(true, |w| {
                         w.set_replica_of(&volume)?;
                         let row = crate::store::schema::seal_meta(meta::ORIGIN, &hello.origin);
                         w.t.meta.insert(meta::ORIGIN, row.as_slice())?;
-                        if adopt {
-                            w.set_block_size(block_size)?;
-                        }
                         Ok(())
                     })?;
-                    store.block_size = block_size;
                 }
             }
+        }
+        if !dry_run && store.block_size != block_size {
+            // It holds no data (checked above): nothing stored is laid out by size.
+            store.write(true, |w| Ok(w.set_block_size(block_size)?))?;
+            store.block_size = block_size;
         }
         Ok(())
     })?;
