@@ -666,9 +666,11 @@ pub fn mount(
     MountOptions::parse(&args).context("snapfs.toml")?;
     args.extend(opts.iter().cloned());
     let mut options = MountOptions::parse(&args)?;
+    // A store that holds nothing yet takes the size asked (not through a read-only
+    // mount, which writes nothing).
     if let Some(want) = options.block_size
         && u64::from(want) != fs.block_size()
-        && !fs.retake_block_size(want)?
+        && (options.read_only || !fs.retake_block_size(want)?)
     {
         bail!(
             "store {} has block size {}, fixed once it holds anything: block_size={} is only for a store being made",

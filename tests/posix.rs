@@ -2026,6 +2026,15 @@ fn a_store_of_any_block_size_reads_back_what_was_written() {
     // size asked at its next mount; once it holds a file, no other.
     let mut m = Mount::new();
     m.unmount();
+    // Not through a read-only mount, which writes nothing.
+    let out = snapfs(&[
+        "mount",
+        "-o",
+        "ro,block_size=16K",
+        m.store.to_str().unwrap(),
+        m.mnt.to_str().unwrap(),
+    ]);
+    assert_eq!(out.status.code(), Some(2));
     m.mount(&["block_size=16K"]);
     let shown = m.status_with("block size:");
     assert!(shown.contains("block size:       16384\n"), "{shown}");

@@ -1306,18 +1306,14 @@ impl Bucket {
             .collect();
         let mut out = HashMap::new();
         let mut lost: Vec<(String, Vec<[u8; 32]>)> = Vec::new();
-        let idx_keys: Vec<&str> = keys
-            .iter()
-            .map(String::as_str)
-            .filter(|k| k.ends_with(".idx"))
-            .collect();
-        // A few hundred at a time (each read `jobs` at once): what is held undecoded
-        // stays small.
-        for chunk in idx_keys.chunks(256) {
-            for (key, entries) in chunk.iter().zip(self.read_idxs(chunk)?) {
+        self.each_index(
+            &keys,
+            || Ok(()),
+            |key, entries| {
                 Self::take_index(key, entries, &present, &mut out, &mut lost);
-            }
-        }
+                Ok(())
+            },
+        )?;
         for (_, hashes) in &mut lost {
             hashes.retain(|h| !out.contains_key(h));
         }
@@ -1492,6 +1488,30 @@ impl Bucket {
             return Ok(None);
         };
         self.decode_idx(key, b).map(Some)
+    }
+
+    /// Calls `each` with every pack index among `keys` (a listing of `packs/`), in
+    /// order, `None` for one gone meanwhile. They are read a few hundred at a time
+    /// (`jobs` at once), so that what is held undecoded stays small, and `between`
+    /// runs before each few hundred.
+    fn each_index<'k>(
+        &self,
+        keys: &'k [String],
+        mut between: impl FnMut() -> Result<(), SyncError>,
+        mut each: impl FnMut(&'k str, Option<Vec<IdxEntry>>) -> Result<(), SyncError>,
+    ) -> Result<(), SyncError> {
+        let idx_keys: Vec<&str> = keys
+            .iter()
+            .map(String::as_str)
+            .filter(|k| k.ends_with(".idx"))
+            .collect();
+        for chunk in idx_keys.chunks(256) {
+            between()?;
+            for (key, entries) in chunk.iter().zip(self.read_idxs(chunk)?) {
+                each(key, entries)?;
+            }
+        }
+        Ok(())
     }
 
     /// The pack indexes `keys` (each `None` when there is none), read `jobs` at a
@@ -2535,17 +2555,12 @@ pub fn gc(url: &str, dry_run: bool) -> Result<GcReport, SyncError> {
     // in it changed) or deleted, and the pack it describes would look like garbage:
     // then nothing is deleted, and the next sync asks the source for those extents.
     let mut indexes: Vec<(&str, u64, u64)> = Vec::new();
-    let idx_keys: Vec<&str> = keys
-        .iter()
-        .map(String::as_str)
-        .filter(|k| k.ends_with(".idx"))
-        .collect();
-    // A few hundred at a time (each read `jobs` at once), the lock renewed between.
-    for chunk in idx_keys.chunks(256) {
-        lock.renew()?;
-        for (key, idx) in chunk.iter().zip(b.read_idxs(chunk)?) {
+    b.each_index(
+        &keys,
+        || lock.renew(),
+        |key, idx| {
             let Some(idx) = idx else {
-                continue;
+                return Ok(());
             };
             let (mut live, mut dead) = (0u64, 0u64);
             for (hash, _, len, _) in idx {
@@ -2558,8 +2573,9 @@ pub fn gc(url: &str, dry_run: bool) -> Result<GcReport, SyncError> {
                 }
             }
             indexes.push((key, live, dead));
-        }
-    }
+            Ok(())
+        },
+    )?;
     let unlisted: Vec<[u8; 32]> = used
         .iter()
         .filter(|(_, found)| !**found)
