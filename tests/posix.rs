@@ -2001,13 +2001,7 @@ fn a_store_of_any_block_size_reads_back_what_was_written() {
         assert_eq!(fs::read(m.path("g")).unwrap(), copy, "block size {opt}");
         assert_eq!(fs::read(m.path(".snapshots/one/f")).unwrap(), frozen);
         m.unmount();
-        let out = snapfs(&[
-            "mount",
-            "-o",
-            &format!("block_size={other}"),
-            m.store.to_str().unwrap(),
-            m.mnt.to_str().unwrap(),
-        ]);
+        let out = mount_with(&m, &format!("block_size={other}"));
         let err = String::from_utf8_lossy(&out.stderr);
         assert_eq!(out.status.code(), Some(2), "{err}");
         assert_eq!(err.lines().count(), 1, "{err}");
@@ -2027,29 +2021,28 @@ fn a_store_of_any_block_size_reads_back_what_was_written() {
     let mut m = Mount::new();
     m.unmount();
     // Not through a read-only mount, which writes nothing.
-    let out = snapfs(&[
-        "mount",
-        "-o",
-        "ro,block_size=16K",
-        m.store.to_str().unwrap(),
-        m.mnt.to_str().unwrap(),
-    ]);
+    let out = mount_with(&m, "ro,block_size=16K");
     assert_eq!(out.status.code(), Some(2));
     m.mount(&["block_size=16K"]);
     let shown = m.status_with("block size:");
     assert!(shown.contains("block size:       16384\n"), "{shown}");
     fs::write(m.path("f"), pattern(5, 100_000)).unwrap();
     m.unmount();
-    let out = snapfs(&[
-        "mount",
-        "-o",
-        "block_size=64K",
-        m.store.to_str().unwrap(),
-        m.mnt.to_str().unwrap(),
-    ]);
+    let out = mount_with(&m, "block_size=64K");
     assert_eq!(out.status.code(), Some(2));
     m.mount(&[]);
     assert_eq!(fs::read(m.path("f")).unwrap(), pattern(5, 100_000));
+}
+
+/// `snapfs mount -o OPTS` of `m`'s store at its mountpoint, as it ended.
+fn mount_with(m: &Mount, opts: &str) -> std::process::Output {
+    snapfs(&[
+        "mount",
+        "-o",
+        opts,
+        m.store.to_str().unwrap(),
+        m.mnt.to_str().unwrap(),
+    ])
 }
 
 /// Whether anything is mounted at `p`.
