@@ -445,8 +445,7 @@ impl Fs {
         if !core.dirty.is_empty() || !core.store.holds_nothing()? {
             return Ok(false);
         }
-        core.store.write(true, |w| Ok(w.set_block_size(bs)?))?;
-        core.store.block_size = bs;
+        core.store.take_block_size(bs)?;
         self.note_block_size(&core);
         Ok(true)
     }

@@ -1301,6 +1301,14 @@ impl Store {
         Ok(self.replica_of()?.is_none() && self.holds_no_data()?)
     }
 
+    /// Gives the store block size `bs`, durably (only for a store that holds no
+    /// data: see [`Store::holds_no_data`]; the caller has checked).
+    pub fn take_block_size(&mut self, bs: u32) -> Result<(), OpError> {
+        self.write(true, |w| Ok(w.set_block_size(bs)?))?;
+        self.block_size = bs;
+        Ok(())
+    }
+
     /// The volume this store is a replica of (`snapfs sync`), if it is one.
     pub fn replica_of(&self) -> Result<Option<[u8; 16]>, StoreError> {
         let txn = self.read_txn()?;
@@ -3099,9 +3107,8 @@ impl Writer<'_> {
         Ok(())
     }
 
-    /// Sets the block size (of a store that holds nothing: see
-    /// [`Store::holds_nothing`]; the caller sets `Store::block_size` once committed).
-    pub fn set_block_size(&mut self, bs: u32) -> Result<(), StoreError> {
+    /// Sets the block size row (see [`Store::take_block_size`]).
+    fn set_block_size(&mut self, bs: u32) -> Result<(), StoreError> {
         if !valid_block_size(bs) {
             return Err(StoreError::Corrupt(format!("block size {bs}")));
         }

@@ -760,15 +760,7 @@ fn failure(url: &str, what: &str, key: &str, e: object_store::Error) -> SyncErro
 impl Bucket {
     /// The object `key`, or `None` when there is none.
     fn get(&self, key: &str) -> Result<Option<Vec<u8>>, SyncError> {
-        let res = self.rt.block_on(async {
-            match self.store.get(&self.path(key)).await {
-                Ok(r) => r.bytes().await.map(Some),
-                Err(object_store::Error::NotFound { .. }) => Ok(None),
-                Err(e) => Err(e),
-            }
-        });
-        res.map(|o| o.map(|b| b.to_vec()))
-            .map_err(|e| self.fail("reading", key, e))
+        Ok(self.get_many(&[key])?.pop().flatten())
     }
 
     /// The objects `keys` (each `None` when there is none), `jobs` requests at once,

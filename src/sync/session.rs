@@ -909,8 +909,7 @@ fn accept<S: SinkStore, R: Read, W: Write>(
         }
         if !dry_run && store.block_size != block_size {
             // It holds no data (checked above): nothing stored is laid out by size.
-            store.write(true, |w| Ok(w.set_block_size(block_size)?))?;
-            store.block_size = block_size;
+            store.take_block_size(block_size)?;
         }
         Ok(())
     })?;
