@@ -396,6 +396,13 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     String::new()
                 }
             );
+            if r.lost > 0 {
+                eprintln!(
+                    "snapfs: gc {target}: {} packs whose extents snapshots need are gone (lost, or deleted behind snapfs): the next sync asks the source for those no other pack holds; `snapfs fsck {target}` names the files they reach",
+                    r.lost
+                );
+                return Ok(ExitCode::from(1));
+            }
             return Ok(ExitCode::SUCCESS);
         }
         Cmd::Fsck {

@@ -51,7 +51,8 @@ pub const DEFAULT_COMPRESS: i32 = 6;
 /// What a compressed manifest starts with (then a zstd frame of its records).
 const ZSTD_MAGIC: &[u8; 8] = b"snapfsZ1";
 
-/// The most bytes a manifest may expand to (a bound on a hostile one).
+/// The most bytes a manifest may expand to: a bound on a hostile one, and so on
+/// what a sync writes (a snapshot whose records pass it is refused).
 const MANIFEST_MAX: u64 = 16 << 30;
 
 /// The root object's name under the prefix.
@@ -125,8 +126,21 @@ impl LockRec {
             || (self.pid != 0
                 && !self.host.is_empty()
                 && self.host == host_name()
-                && !Path::new(&format!("/proc/{}", self.pid)).exists())
+                && process_gone(self.pid))
     }
+}
+
+/// Whether no process `pid` runs in this process's pid namespace. Asked of the
+/// kernel (signal 0), not of /proc, which hides other users' processes when it is
+/// mounted with `hidepid` (or a service runs with `ProtectProc=invisible`): a live
+/// writer of another user would look gone.
+fn process_gone(pid: u32) -> bool {
+    let Ok(pid) = libc::pid_t::try_from(pid) else {
+        return true;
+    };
+    // SAFETY: kill with signal 0 sends nothing; it only checks that `pid` exists.
+    let r = unsafe { libc::kill(pid, 0) };
+    r != 0 && std::io::Error::last_os_error().raw_os_error() == Some(libc::ESRCH)
 }
 
 /// A writer's hold on a bucket prefix, renewed by a task while it lives, released
@@ -137,7 +151,22 @@ pub struct Lock<'a> {
     what: String,
     /// Until when the lock object last written says it holds.
     expires: Arc<std::sync::atomic::AtomicI64>,
-    renewer: tokio::task::JoinHandle<()>,
+    renewer: Option<Renewer>,
+}
+
+/// The task renewing a lock ([`spawn_renewer`]), and how to stop it.
+struct Renewer {
+    stop: Arc<tokio::sync::Notify>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Renewer {
+    /// Stops the task, waiting for a renewal under way to land first: one landing
+    /// after the lock is deleted would put it back.
+    fn stop(self, b: &Bucket) {
+        self.stop.notify_one();
+        let _ = b.rt.block_on(self.task);
+    }
 }
 
 fn now_secs() -> i64 {
@@ -145,23 +174,37 @@ fn now_secs() -> i64 {
 }
 
 /// The task that renews lock object `key` (the writer's lock, or a reader's mark)
-/// every [`RENEW_EVERY`]: while it is still `owner`'s (a writer's lock taken over is
-/// never written again). `expires` is kept up to date.
+/// every [`RENEW_EVERY`]: while it is still `owner`'s (a writer's lock taken over, or
+/// deleted, is never written again). A read or write that fails is tried again at the
+/// next turn (the lock holds for [`LOCK_TTL`]). `expires` is kept up to date.
 fn spawn_renewer(
     b: &Bucket,
     key: &str,
     mut rec: LockRec,
     expires: Arc<std::sync::atomic::AtomicI64>,
-) -> tokio::task::JoinHandle<()> {
+) -> Renewer {
     let (store, path) = (b.store.clone(), b.path(key));
-    b.rt.spawn(async move {
+    let stop = Arc::new(tokio::sync::Notify::new());
+    let stopped = stop.clone();
+    let task = b.rt.spawn(async move {
         loop {
-            tokio::time::sleep(RENEW_EVERY).await;
-            let ours = match store.get(&path).await {
-                Ok(r) => r.bytes().await.ok().is_some_and(|v| {
+            tokio::select! {
+                _ = tokio::time::sleep(RENEW_EVERY) => {}
+                _ = stopped.notified() => return,
+            }
+            let read = match store.get(&path).await {
+                Ok(r) => r.bytes().await.map(Some),
+                Err(object_store::Error::NotFound { .. }) => Ok(None),
+                Err(e) => Err(e),
+            };
+            let ours = match read {
+                Ok(v) => v.is_some_and(|v| {
                     serde_json::from_slice::<LockRec>(&v).is_ok_and(|r| r.owner == rec.owner)
                 }),
-                Err(_) => false,
+                Err(e) => {
+                    tracing::warn!(error = %e, key = %path, "s3: reading a lock to renew it failed; trying again");
+                    continue;
+                }
             };
             if !ours {
                 tracing::warn!(key = %path, "s3: a lock is no longer ours; not renewed");
@@ -174,7 +217,8 @@ fn spawn_renewer(
                 Err(e) => tracing::warn!(error = %e, "s3: renewing a lock failed; trying again"),
             }
         }
-    })
+    });
+    Renewer { stop, task }
 }
 
 impl Lock<'_> {
@@ -226,7 +270,15 @@ impl Lock<'_> {
 
 impl Drop for Lock<'_> {
     fn drop(&mut self) {
-        self.renewer.abort();
+        // Uploads of a writer that failed land (or fail) before its lock goes: a gc
+        // that took the lock at once could find a pack without its index, delete
+        // it, and then see the index land.
+        if let Err(e) = self.b.settle_uploads() {
+            tracing::debug!(error = %e, "s3: an upload of a writer that stopped failed");
+        }
+        if let Some(r) = self.renewer.take() {
+            r.stop(self.b);
+        }
         // Only a lock still ours goes (an expired one may have been taken over).
         if let Ok(Some(b)) = self.b.get(LOCK)
             && serde_json::from_slice::<LockRec>(&b).is_ok_and(|r| r.owner == self.owner)
@@ -245,7 +297,7 @@ pub struct ReadLock<'a> {
     key: Option<String>,
     /// Until when the mark last written holds.
     expires: Arc<std::sync::atomic::AtomicI64>,
-    renewer: Option<tokio::task::JoinHandle<()>>,
+    renewer: Option<Renewer>,
 }
 
 impl ReadLock<'_> {
@@ -266,8 +318,8 @@ impl ReadLock<'_> {
 
 impl Drop for ReadLock<'_> {
     fn drop(&mut self) {
-        if let Some(r) = &self.renewer {
-            r.abort();
+        if let Some(r) = self.renewer.take() {
+            r.stop(self.b);
         }
         if let Some(key) = &self.key
             && let Err(e) = self.b.delete(key)
@@ -770,23 +822,30 @@ impl Bucket {
     /// The first failure ends it (the requests still under way are dropped).
     fn get_many(&self, keys: &[&str]) -> Result<Vec<Option<Vec<u8>>>, SyncError> {
         use futures_util::StreamExt;
-        let gets = keys.iter().map(|key| {
-            let (store, path) = (self.store.clone(), self.path(key));
-            let (url, key) = (self.url.clone(), key.to_string());
-            async move {
-                let got = match store.get(&path).await {
-                    Ok(r) => r.bytes().await.map(|b| Some(b.to_vec())),
-                    Err(object_store::Error::NotFound { .. }) => Ok(None),
-                    Err(e) => Err(e),
-                };
-                got.map_err(|e| failure(&url, "reading", &key, e))
-            }
-        });
+        let gets = keys.iter().map(|key| self.get_async(key));
         self.rt.block_on(
             futures_util::stream::iter(gets)
                 .buffered(self.jobs.max(1))
                 .try_collect(),
         )
+    }
+
+    /// The object `key` (`None` when there is none), to await (on the bucket's
+    /// runtime).
+    fn get_async(
+        &self,
+        key: &str,
+    ) -> impl std::future::Future<Output = Result<Option<Vec<u8>>, SyncError>> + Send + use<> {
+        let (store, path) = (self.store.clone(), self.path(key));
+        let (url, key) = (self.url.clone(), key.to_string());
+        async move {
+            let got = match store.get(&path).await {
+                Ok(r) => r.bytes().await.map(|b| Some(b.to_vec())),
+                Err(object_store::Error::NotFound { .. }) => Ok(None),
+                Err(e) => Err(e),
+            };
+            got.map_err(|e| failure(&url, "reading", &key, e))
+        }
     }
 
     /// Bytes `range` of object `key`, to await (on the bucket's runtime).
@@ -920,7 +979,7 @@ impl Bucket {
                     b: self,
                     owner,
                     what: what.to_string(),
-                    renewer: spawn_renewer(self, LOCK, rec.clone(), expires.clone()),
+                    renewer: Some(spawn_renewer(self, LOCK, rec.clone(), expires.clone())),
                     expires,
                 };
                 // gc deletes what a reader may be about to read: not while one reads.
@@ -1144,18 +1203,46 @@ impl Bucket {
         }
     }
 
-    /// The batches of records of manifest `key`, one at a time: what is held is the
-    /// object as stored (compressed) and one batch, not the whole of its records.
-    fn manifest_batches(&self, s: &RootSnapshot) -> Result<ManifestBatches, SyncError> {
-        ManifestBatches::over(self.manifest_object(s)?, &self.url, &s.manifest)
+    /// The batches of records of manifest `s`, one at a time, from `stored` as
+    /// [`Bucket::manifests`] gives it: what is held is the object as stored
+    /// (compressed) and one batch, not the whole of its records.
+    fn batches(
+        &self,
+        s: &RootSnapshot,
+        stored: std::sync::Arc<[u8]>,
+    ) -> Result<ManifestBatches, SyncError> {
+        ManifestBatches::over(stored, &self.url, &s.manifest, Some(s.records))
     }
 
-    /// Manifest `key` as stored (opened if the bucket is encrypted), to read with
-    /// [`ManifestBatches::over`] as many times as needed.
-    fn manifest_object(&self, s: &RootSnapshot) -> Result<std::sync::Arc<[u8]>, SyncError> {
+    /// The manifests of `snaps`, as stored (opened if the bucket is encrypted, to
+    /// read with [`ManifestBatches::over`] as many times as needed), in order, each
+    /// with its snapshot: read ahead of
+    /// their use, up to `jobs` at once, so that a long history does not wait a round
+    /// trip for each in turn. What is read ahead is bounded (in records, as the root
+    /// counts them): at most [`MANIFESTS_AHEAD`] besides the one to use next.
+    fn manifests<'s>(
+        &self,
+        snaps: impl IntoIterator<Item = &'s RootSnapshot>,
+    ) -> Manifests<'_, 's> {
+        Manifests {
+            b: self,
+            snaps: snaps.into_iter().collect::<Vec<_>>().into_iter(),
+            ahead: std::collections::VecDeque::new(),
+            ahead_records: 0,
+        }
+    }
+
+    /// Manifest `s` as read (`data`; `None`: there was none), opened if the bucket is
+    /// encrypted and checked against the hash the root names.
+    fn checked_manifest(
+        &self,
+        s: &RootSnapshot,
+        data: Option<Vec<u8>>,
+    ) -> Result<std::sync::Arc<[u8]>, SyncError> {
         let key = &s.manifest;
-        let stored = self
-            .get_meta(key)?
+        let stored = data
+            .map(|d| self.open_meta(key, d))
+            .transpose()?
             .ok_or_else(|| err(format!("{}: manifest {key} is missing", self.url)))?;
         if let Some(want) = &s.hash
             && blake3::hash(&stored).to_hex().as_str() != want.as_str()
@@ -1188,9 +1275,15 @@ impl Bucket {
             .collect())
     }
 
-    /// Lays snapshot `s`'s records over `map` (a later record wins; `None`: absent).
-    fn overlay(&self, s: &RootSnapshot, map: &mut Overlay) -> Result<(), SyncError> {
-        for batch in self.manifest_batches(s)? {
+    /// Lays snapshot `s`'s records (from its manifest as stored, `stored`) over `map`
+    /// (a later record wins; `None`: absent).
+    fn overlay(
+        &self,
+        s: &RootSnapshot,
+        stored: std::sync::Arc<[u8]>,
+        map: &mut Overlay,
+    ) -> Result<(), SyncError> {
+        for batch in self.batches(s, stored)? {
             for r in batch? {
                 map.insert((r.ino, r.kind, r.sub, r.name), r.payload);
             }
@@ -1220,22 +1313,10 @@ impl Bucket {
     fn merge_out(&self, root: &mut Root, i: usize) -> Result<Vec<String>, SyncError> {
         let mut map = Overlay::new();
         let (a, next) = (&root.snapshots[i], &root.snapshots[i + 1]);
-        for s in [a, next] {
-            self.overlay(s, &mut map)?;
+        for (s, stored) in self.manifests([a, next]) {
+            self.overlay(s, stored?, &mut map)?;
         }
-        let whole = a.base.is_none();
-        let records: Vec<Record> = map
-            .into_iter()
-            // A whole snapshot's records are all present ones.
-            .filter(|(_, p)| !whole || p.is_some())
-            .map(|((ino, kind, sub, name), payload)| Record {
-                ino,
-                kind,
-                sub,
-                name,
-                payload,
-            })
-            .collect();
+        let records = merged(map, a.base.is_none());
         let count = records.len() as u64;
         let (key, hash) = self.put_manifest(records)?;
         let gone = vec![a.manifest.clone(), next.manifest.clone()];
@@ -1250,30 +1331,36 @@ impl Bucket {
     }
 
     /// Merges every deleted snapshot that is not the newest into the next, writes
-    /// the root, then deletes the manifests replaced.
+    /// the root, then deletes the manifests replaced. On an error `root` is as it
+    /// was, unless the root was written: what fails after that (deleting the
+    /// manifests replaced, which gc deletes otherwise) is only warned of.
     fn settle_deleted(&self, root: &mut Root, lock: &Lock<'_>) -> Result<(), SyncError> {
+        let mut next = root.clone();
         let mut gone = Vec::new();
-        while let Some(i) = root
+        while let Some(i) = next
             .snapshots
             .iter()
             .position(|s| s.deleted)
-            .filter(|&i| i + 1 < root.snapshots.len())
+            .filter(|&i| i + 1 < next.snapshots.len())
         {
             lock.renew()?;
-            gone.extend(self.merge_out(root, i)?);
+            gone.extend(self.merge_out(&mut next, i)?);
         }
         if gone.is_empty() {
             return Ok(());
         }
         lock.check()?;
-        self.put_root(root)?;
+        self.put_root(&mut next)?;
+        *root = next;
         // A reader that marked the bucket before this root may still read the
         // manifests replaced: they are then left to gc. (One marking after this
         // check reads the new root.)
-        if self.live_reader()?.is_none() {
-            for key in gone {
-                self.delete(&key)?;
-            }
+        let deleted = self.live_reader().and_then(|reader| match reader {
+            Some(_) => Ok(()),
+            None => gone.iter().try_for_each(|key| self.delete(key)),
+        });
+        if let Err(e) = deleted {
+            tracing::warn!(error = %e, "s3: manifests merged away stay until `snapfs gc`");
         }
         Ok(())
     }
@@ -1370,11 +1457,56 @@ fn encode_idx(entries: &[IdxEntry]) -> Vec<u8> {
 /// them (`None`: absent).
 type Overlay = std::collections::BTreeMap<RecordKey, Option<Vec<u8>>>;
 
+/// The records of manifests laid over one another (`map`), as one manifest: of
+/// changes, or when `whole` (the first of them had no base) of every record, so
+/// only present ones.
+fn merged(map: Overlay, whole: bool) -> Vec<Record> {
+    map.into_iter()
+        .filter(|(_, p)| !whole || p.is_some())
+        .map(|((ino, kind, sub, name), payload)| Record {
+            ino,
+            kind,
+            sub,
+            name,
+            payload,
+        })
+        .collect()
+}
+
 /// A manifest being written: its batches of records as frames, compressed (zstd)
 /// as they come, so what is held is the compressed manifest, not its records.
 struct ManifestWriter {
     frames: FrameWriter<zstd::stream::write::Encoder<'static, Vec<u8>>>,
     batches: u64,
+}
+
+/// A reader that fails, rather than ends, where what it reads passes `left` bytes
+/// (a manifest expanding past [`MANIFEST_MAX`]: its end, cut there, might fall
+/// between two batches and read as whole).
+struct Capped<R> {
+    inner: R,
+    left: u64,
+}
+
+impl<R: Read> Read for Capped<R> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        if self.left == 0 {
+            let mut one = [0u8; 1];
+            return match self.inner.read(&mut one)? {
+                0 => Ok(0),
+                _ => Err(std::io::Error::other(format!(
+                    "it expands past {} GiB",
+                    MANIFEST_MAX >> 30
+                ))),
+            };
+        }
+        let want = buf
+            .len()
+            .min(usize::try_from(self.left).unwrap_or(usize::MAX));
+        let n = self.inner.read(&mut buf[..want])?;
+        self.left -= n as u64;
+        Ok(n)
+    }
 }
 
 impl ManifestWriter {
@@ -1405,6 +1537,12 @@ impl ManifestWriter {
             records,
         })?;
         self.batches += 1;
+        if self.frames.wire_bytes > MANIFEST_MAX {
+            return Err(err(format!(
+                "a snapshot's records pass {} GiB, more than a bucket's manifest holds",
+                MANIFEST_MAX >> 30
+            )));
+        }
         Ok(())
     }
 
@@ -1417,29 +1555,95 @@ impl ManifestWriter {
     }
 }
 
+/// Records of manifests [`Bucket::manifests`] may hold read ahead of their use.
+const MANIFESTS_AHEAD: u64 = 1 << 20;
+
+/// The manifests of some snapshots, read ahead ([`Bucket::manifests`]).
+struct Manifests<'b, 's> {
+    b: &'b Bucket,
+    /// Those not yet asked for.
+    snaps: std::vec::IntoIter<&'s RootSnapshot>,
+    /// Those asked for, in order, and their reads.
+    ahead: std::collections::VecDeque<(&'s RootSnapshot, ObjectRead)>,
+    /// The records of those in `ahead`.
+    ahead_records: u64,
+}
+
+/// A read of an object under way.
+type ObjectRead = tokio::task::JoinHandle<Result<Option<Vec<u8>>, SyncError>>;
+
+impl<'s> Iterator for Manifests<'_, 's> {
+    type Item = (&'s RootSnapshot, Result<std::sync::Arc<[u8]>, SyncError>);
+
+    fn next(&mut self) -> Option<Self::Item> {
+        // The next one's read, and more while the bound allows.
+        while self.ahead.len() < self.b.jobs.max(1) {
+            let Some(&s) = self.snaps.as_slice().first() else {
+                break;
+            };
+            if !self.ahead.is_empty()
+                && self.ahead_records.saturating_add(s.records) > MANIFESTS_AHEAD
+            {
+                break;
+            }
+            self.snaps.next();
+            self.ahead_records = self.ahead_records.saturating_add(s.records);
+            let read = self.b.rt.spawn(self.b.get_async(&s.manifest));
+            self.ahead.push_back((s, read));
+        }
+        let (s, read) = self.ahead.pop_front()?;
+        self.ahead_records = self.ahead_records.saturating_sub(s.records);
+        let data = match self.b.rt.block_on(read) {
+            Ok(got) => got,
+            Err(e) => Err(err(format!("{}: reading {}: {e}", self.b.url, s.manifest))),
+        };
+        Some((s, data.and_then(|d| self.b.checked_manifest(s, d))))
+    }
+}
+
+impl Drop for Manifests<'_, '_> {
+    fn drop(&mut self) {
+        // Reads no one will use: stopped.
+        for (_, read) in &self.ahead {
+            read.abort();
+        }
+    }
+}
+
 /// The batches of records of a manifest, read one at a time
-/// ([`Bucket::manifest_batches`]).
+/// ([`Bucket::batches`]).
 pub(crate) struct ManifestBatches {
     frames: FrameReader<Box<dyn Read + Send>>,
     /// The URL and key, for errors.
     what: String,
     done: bool,
+    /// The records it holds, as its root says (`None`: not known).
+    records: Option<u64>,
+    /// The records read so far.
+    seen: u64,
 }
 
 impl ManifestBatches {
     /// The batches of manifest `key` of bucket `url` from `stored`, as
-    /// [`Bucket::manifest_object`] gives it.
-    fn over(stored: std::sync::Arc<[u8]>, url: &str, key: &str) -> Result<Self, SyncError> {
+    /// [`Bucket::manifests`] gives it.
+    /// `records`: how many it holds (as the root says; `None`: not known), checked
+    /// as it is read, so that one cut short or run on is named, not taken as whole.
+    fn over(
+        stored: std::sync::Arc<[u8]>,
+        url: &str,
+        key: &str,
+        records: Option<u64>,
+    ) -> Result<Self, SyncError> {
         let what = format!("{url}: manifest {key}");
         let zstd = stored.starts_with(ZSTD_MAGIC);
         let mut c = std::io::Cursor::new(stored);
         let bytes: Box<dyn Read + Send> = if zstd {
             c.set_position(ZSTD_MAGIC.len() as u64);
-            Box::new(
-                zstd::stream::read::Decoder::new(c)
-                    .map_err(|e| err(format!("{what} is damaged: {e}")))?
-                    .take(MANIFEST_MAX),
-            )
+            Box::new(Capped {
+                inner: zstd::stream::read::Decoder::new(c)
+                    .map_err(|e| err(format!("{what} is damaged: {e}")))?,
+                left: MANIFEST_MAX,
+            })
         } else {
             Box::new(c)
         };
@@ -1447,6 +1651,8 @@ impl ManifestBatches {
             frames: FrameReader::new(bytes, None),
             what,
             done: false,
+            records,
+            seen: 0,
         })
     }
 }
@@ -1459,8 +1665,23 @@ impl Iterator for ManifestBatches {
             return None;
         }
         let res = match self.frames.read_frame() {
-            Ok(None) => None,
-            Ok(Some(Frame::Records { records, .. })) => Some(Ok(records)),
+            Ok(None) => match self.records {
+                Some(n) if n != self.seen => Some(Err(err(format!(
+                    "{} is damaged: it holds {} records, and its root says {n}",
+                    self.what, self.seen
+                )))),
+                _ => None,
+            },
+            Ok(Some(Frame::Records { records, .. })) => {
+                self.seen = self.seen.saturating_add(records.len() as u64);
+                match self.records {
+                    Some(n) if self.seen > n => Some(Err(err(format!(
+                        "{} is damaged: it holds more records than the {n} its root says",
+                        self.what
+                    )))),
+                    _ => Some(Ok(records)),
+                }
+            }
             Ok(Some(f)) => Some(Err(err(format!(
                 "{} is damaged: {}",
                 self.what,
@@ -2191,8 +2412,11 @@ fn receive_into<R: Read, W: Write>(
             true
         });
         if !repair.is_empty() && repair.iter().all(|h| index.contains_key(h)) {
-            b.delete(REPAIR)?;
-            repair.clear();
+            // (Left, it is read again by the next sync, which finds nothing to ask.)
+            match b.delete(REPAIR) {
+                Ok(()) => repair.clear(),
+                Err(e) => tracing::warn!(error = %e, "sync: {REPAIR} stays"),
+            }
         }
         let key = format!("manifests/{}", random_id());
         let hash = b.put_manifest_at(&key, manifest)?;
@@ -2209,7 +2433,10 @@ fn receive_into<R: Read, W: Write>(
         lock.check()?;
         b.put_root(&mut root)?;
         // Snapshots deleted while they were the newest go now that one is newer.
-        b.settle_deleted(&mut root, &lock)?;
+        // (The snapshot has landed: a failure here is for the next sync to settle.)
+        if let Err(e) = b.settle_deleted(&mut root, &lock) {
+            tracing::warn!(error = %e, "sync: snapshots deleted before this one are merged by the next sync");
+        }
         sum.records += records;
         sum.snapshots.push(snapshot.name.clone());
         w.send(&Frame::Committed {
@@ -2291,11 +2518,11 @@ fn send_from<R: Read, W: Write>(
     // What goes: each snapshot after the newest one the destination holds, as
     // stored (changes from the one before); or `only`, whole (every manifest up to
     // it, the later record winning), unless the destination has it.
-    // (A stored manifest is read when its turn comes; `only`'s whole one is kept
+    // (Stored manifests are read ahead of their turn; `only`'s whole one is kept
     // as a manifest is, compressed, and read like one.)
     type Stored = std::sync::Arc<[u8]>;
-    let mut todo: Vec<(&RootSnapshot, Option<String>, Option<Stored>)> = Vec::new();
-    match only {
+    type Todo<'r> = Box<dyn Iterator<Item = (&'r RootSnapshot, Result<Stored, SyncError>)> + 'r>;
+    let todo: Todo<'_> = match only {
         Some(name) => {
             let k = root
                 .snapshots
@@ -2305,22 +2532,13 @@ fn send_from<R: Read, W: Write>(
             let s = &root.snapshots[k];
             if !held.contains(&s.snap_ref()) {
                 let mut map = Overlay::new();
-                for earlier in &root.snapshots[..=k] {
-                    b.overlay(earlier, &mut map)?;
+                for (earlier, stored) in b.manifests(&root.snapshots[..=k]) {
+                    b.overlay(earlier, stored?, &mut map)?;
                 }
-                let whole: Vec<Record> = map
-                    .into_iter()
-                    .filter_map(|((ino, kind, sub, name), payload)| {
-                        payload.map(|p| Record {
-                            ino,
-                            kind,
-                            sub,
-                            name,
-                            payload: Some(p),
-                        })
-                    })
-                    .collect();
-                todo.push((s, None, Some(ManifestWriter::of(whole)?.finish()?.into())));
+                let whole: Stored = ManifestWriter::of(merged(map, true))?.finish()?.into();
+                Box::new(std::iter::once((s, Ok(whole))))
+            } else {
+                Box::new(std::iter::empty())
             }
         }
         None => {
@@ -2333,18 +2551,36 @@ fn send_from<R: Read, W: Write>(
             // not restored.
             let end = root.snapshots.len()
                 - usize::from(root.snapshots.last().is_some_and(|s| s.deleted));
-            for s in root.snapshots.get(start..end).unwrap_or_default() {
-                todo.push((s, s.base.clone(), None));
-            }
+            Box::new(b.manifests(root.snapshots.get(start..end).unwrap_or_default()))
         }
-    }
-    for (s, base, stored) in todo {
-        let stored = match stored {
-            Some(m) => m,
-            None => b.manifest_object(s)?,
+    };
+    // Snapshots deleted but not yet merged into the next (a sync landed a newer one
+    // and stopped before it merged them) are not restored: their records go with
+    // the next one's, as the merge would have left them. Those so far, and the
+    // base of the first.
+    let mut deleted: Option<(Overlay, Option<String>)> = None;
+    for (s, stored) in todo {
+        let stored = stored?;
+        if only.is_none() && s.deleted {
+            let (map, _) = deleted.get_or_insert_with(|| (Overlay::new(), s.base.clone()));
+            b.overlay(s, stored, map)?;
+            continue;
+        }
+        // `only`'s goes whole; the others as stored, from their bases. (`only`'s
+        // whole manifest and a merged one, made here, hold what they were made of;
+        // a stored one holds what the root says.)
+        let (stored, base, records) = match deleted.take() {
+            Some((mut map, base)) => {
+                b.overlay(s, stored, &mut map)?;
+                let whole = base.is_none();
+                let merged: Stored = ManifestWriter::of(merged(map, whole))?.finish()?.into();
+                (merged, base, None)
+            }
+            None if only.is_some() => (stored, None, None),
+            None => (stored, s.base.clone(), Some(s.records)),
         };
         // Read twice, one batch at a time: once for the plan, once to send.
-        let batches = || ManifestBatches::over(stored.clone(), &b.url, &s.manifest);
+        let batches = || ManifestBatches::over(stored.clone(), &b.url, &s.manifest, records);
         let (mut n, mut bytes_named) = (0u64, 0u64);
         let mut count = 0u64;
         for recs in batches()? {
@@ -2500,14 +2736,17 @@ pub struct GcReport {
     /// Packs kept that hold some extents no snapshot needs (under half of theirs),
     /// and those extents' bytes.
     pub partial: (u64, u64),
+    /// Packs gone whose index is there and lists extents a snapshot needs (lost,
+    /// or deleted behind snapfs's back): the next sync asks the source for them.
+    pub lost: u64,
 }
 
 /// The extents the bucket's snapshots name: every manifest's (restoring the
 /// newest applies them all in turn).
 fn referenced(b: &Bucket, root: &Root) -> Result<std::collections::HashSet<[u8; 32]>, SyncError> {
     let mut out = std::collections::HashSet::new();
-    for s in &root.snapshots {
-        for batch in b.manifest_batches(s)? {
+    for (s, stored) in b.manifests(&root.snapshots) {
+        for batch in b.batches(s, stored?)? {
             out.extend(named(&batch?)?);
         }
     }
@@ -2624,6 +2863,9 @@ pub fn gc(url: &str, dry_run: bool) -> Result<GcReport, SyncError> {
         let id = key.strip_suffix(".idx").expect("an index key");
         // A lost pack's index stays for the next sync to repair from.
         if !listed.contains(format!("{id}.pack").as_str()) {
+            if live > 0 {
+                rep.lost += 1;
+            }
             continue;
         }
         if live == 0 {
@@ -2708,8 +2950,8 @@ pub fn fsck(url: &str, read_data: bool) -> Result<Vec<String>, SyncError> {
             hashes.len()
         ));
     }
-    for s in &root.snapshots {
-        let batches = match b.manifest_batches(s) {
+    for (s, stored) in b.manifests(&root.snapshots) {
+        let batches = match stored.and_then(|m| b.batches(s, m)) {
             Ok(m) => m,
             Err(e) => {
                 problems.push(format!("snapshot {}: {e}", s.name));
@@ -2725,7 +2967,14 @@ pub fn fsck(url: &str, read_data: bool) -> Result<Vec<String>, SyncError> {
                     break;
                 }
             };
-            for h in named(&batch)? {
+            let hashes = match named(&batch) {
+                Ok(h) => h,
+                Err(e) => {
+                    problems.push(format!("snapshot {}: manifest {}: {e}", s.name, s.manifest));
+                    break;
+                }
+            };
+            for h in hashes {
                 if !index.contains_key(&h) {
                     missing += 1;
                     bad.entry(h)
@@ -2741,37 +2990,65 @@ pub fn fsck(url: &str, read_data: bool) -> Result<Vec<String>, SyncError> {
         }
     }
     if read_data {
-        let packs: std::collections::HashSet<&str> = index.values().map(|p| &*p.pack).collect();
-        for p in packs {
+        // Each pack's extents, packs in order; the packs are read a few at a time.
+        let mut packs: std::collections::BTreeMap<&str, Vec<(&[u8; 32], &Place)>> =
+            Default::default();
+        for (h, place) in &index {
+            packs.entry(&*place.pack).or_default().push((h, place));
+        }
+        let packs: Vec<_> = packs.into_iter().collect();
+        let at_once = b.jobs.clamp(1, (128 << 20) / PACK_BYTES);
+        for window in packs.chunks(at_once) {
             reading.renew()?;
-            let Some(data) = b.get(p)? else {
-                problems.push(format!(
-                    "{p} is gone since its index was read (a gc meanwhile?): run fsck again"
-                ));
-                continue;
-            };
-            for (h, place) in index.iter().filter(|(_, pl)| &*pl.pack == p) {
-                let ok = (place.offset as usize)
-                    .checked_add(place.len as usize)
-                    .and_then(|end| data.get(place.offset as usize..end))
-                    .is_some_and(|d| b.extent(place, h, d).is_some());
-                if !ok {
-                    problems.push(format!(
-                        "extent {} in {p} does not match its hash",
-                        crate::store::hex(h)
-                    ));
-                    bad.insert(
-                        *h,
-                        format!("extent {} in {p} is damaged", crate::store::hex(h)),
-                    );
-                }
+            let keys: Vec<&str> = window.iter().map(|(p, _)| *p).collect();
+            for ((p, extents), data) in window.iter().zip(b.get_many(&keys)?) {
+                check_pack(&b, p, extents, data, &mut problems, &mut bad);
             }
         }
     }
     if !bad.is_empty() {
-        problems.extend(hurt(&b, &root, &bad)?);
+        // (What was found stands if naming the files it reaches fails.)
+        match hurt(&b, &root, &bad) {
+            Ok(lines) => problems.extend(lines),
+            Err(e) => problems.push(format!("naming the files the damage reaches stopped: {e}")),
+        }
     }
     Ok(problems)
+}
+
+/// Checks that pack `p` as read (`data`; `None`: it is gone) holds `extents`
+/// (hashes and index entries) undamaged, noting what is not in `problems`, and
+/// each extent damaged in `bad` with why.
+fn check_pack(
+    b: &Bucket,
+    p: &str,
+    extents: &[(&[u8; 32], &Place)],
+    data: Option<Vec<u8>>,
+    problems: &mut Vec<String>,
+    bad: &mut HashMap<[u8; 32], String>,
+) {
+    let Some(data) = data else {
+        problems.push(format!(
+            "{p} is gone since its index was read (a gc meanwhile?): run fsck again"
+        ));
+        return;
+    };
+    for &(h, place) in extents {
+        let ok = (place.offset as usize)
+            .checked_add(place.len as usize)
+            .and_then(|end| data.get(place.offset as usize..end))
+            .is_some_and(|d| b.extent(place, h, d).is_some());
+        if !ok {
+            problems.push(format!(
+                "extent {} in {p} does not match its hash",
+                crate::store::hex(h)
+            ));
+            bad.insert(
+                *h,
+                format!("extent {} in {p} is damaged", crate::store::hex(h)),
+            );
+        }
+    }
 }
 
 /// Most lines [`hurt`] prints.
@@ -2786,32 +3063,42 @@ fn hurt(
 ) -> Result<Vec<String>, SyncError> {
     let bs = root.block_size as u64;
     let mut map = Overlay::new();
+    // The block records, as the overlay stands, that name a bad extent, and why:
+    // kept as records are laid over, so a snapshot costs what it changed and what
+    // is hurt, not a walk of every record.
+    let mut hit: std::collections::BTreeMap<RecordKey, &String> = Default::default();
     let mut out = Vec::new();
     let mut more = 0usize;
-    for s in &root.snapshots {
+    for (s, stored) in b.manifests(&root.snapshots) {
         if s.base.is_none() {
             map.clear();
+            hit.clear();
         }
-        b.overlay(s, &mut map)?;
+        for batch in b.batches(s, stored?)? {
+            for r in batch? {
+                let key = (r.ino, r.kind, r.sub, r.name);
+                let cause = (r.kind == KIND_BLOCK)
+                    .then_some(r.payload.as_deref())
+                    .flatten()
+                    .and_then(|p| BlockRec::decode(p).ok())
+                    .and_then(|block| block.extents().find_map(|h| bad.get(h)));
+                match cause {
+                    Some(c) => hit.insert(key.clone(), c),
+                    None => hit.remove(&key),
+                };
+                map.insert(key, r.payload);
+            }
+        }
         if s.deleted {
             continue;
         }
-        for ((ino, kind, idx, _), payload) in &map {
-            let (KIND_BLOCK, Some(p)) = (*kind, payload) else {
+        for ((ino, _, idx, _), cause) in &hit {
+            if out.len() >= HURT_LINES {
+                more += 1;
                 continue;
-            };
-            let Ok(block) = BlockRec::decode(p) else {
-                continue;
-            };
-            let Some(cause) = block.extents().find_map(|h| bad.get(h)) else {
-                continue;
-            };
+            }
             let at = idx.saturating_mul(bs);
             for path in paths(&map, *ino).unwrap_or_else(|e| vec![format!("(inode {ino}: {e})")]) {
-                if out.len() >= HURT_LINES {
-                    more += 1;
-                    continue;
-                }
                 out.push(format!(
                     "hurt: {}: {path} bytes {at}..{}: {cause}",
                     s.name,
@@ -2821,7 +3108,7 @@ fn hurt(
         }
     }
     if more > 0 {
-        out.push(format!("hurt: and {more} more"));
+        out.push(format!("hurt: and {more} more damaged blocks"));
     }
     Ok(out)
 }
@@ -2856,7 +3143,7 @@ pub fn diff(
         return Err(err(format!("{old} is not older than {new}")));
     }
     let overlay = |map: &mut Overlay,
-                   s: &RootSnapshot,
+                   (s, stored): (&RootSnapshot, Result<std::sync::Arc<[u8]>, SyncError>),
                    touched: &mut Option<std::collections::BTreeSet<RecordKey>>|
      -> Result<(), SyncError> {
         // A whole snapshot's manifest is all there is: nothing before it counts.
@@ -2866,7 +3153,7 @@ pub fn diff(
             }
             map.values_mut().for_each(|v| *v = None);
         }
-        for batch in b.manifest_batches(s)? {
+        for batch in b.batches(s, stored?)? {
             for r in batch? {
                 let k = (r.ino, r.kind, r.sub, r.name);
                 if let Some(t) = touched.as_mut() {
@@ -2877,14 +3164,15 @@ pub fn diff(
         }
         Ok(())
     };
+    let mut manifests = b.manifests(&root.snapshots[..=j]);
     let mut at_old = BTreeMap::new();
-    for s in &root.snapshots[..=i] {
-        overlay(&mut at_old, s, &mut None)?;
+    for m in manifests.by_ref().take(i + 1) {
+        overlay(&mut at_old, m, &mut None)?;
     }
     let mut at_new = at_old.clone();
     let mut touched = Some(std::collections::BTreeSet::new());
-    for s in &root.snapshots[i + 1..=j] {
-        overlay(&mut at_new, s, &mut touched)?;
+    for m in manifests {
+        overlay(&mut at_new, m, &mut touched)?;
     }
     let mut by_ino: BTreeMap<u64, Vec<(u8, u64)>> = BTreeMap::new();
     for k in touched.unwrap_or_default() {
@@ -2976,35 +3264,73 @@ pub fn prune(
 /// empty (its children print as `/name`).
 fn paths(m: &Overlay, ino: u64) -> Result<Vec<String>, String> {
     use crate::store::schema::{KIND_PARENT, ROOT_INO};
+    /// The walk so far. A damaged or crafted graph of parents (cycles, or a lattice
+    /// of hard links that never reaches the root) must not be walked again from
+    /// every branch into it: inodes found not to reach the root are not walked
+    /// again, an inode is not walked again inside its own walk (a cycle), and the
+    /// steps are bounded.
+    struct Walk {
+        dead: std::collections::HashSet<u64>,
+        on_path: std::collections::HashSet<u64>,
+        steps: u32,
+    }
+    /// Walks up from `ino`; whether a parent was passed over for being on the path
+    /// walked (then what was not found from here may be found by another way in).
     fn up(
         m: &Overlay,
         ino: u64,
-        depth: u32,
         suffix: &str,
         out: &mut Vec<String>,
-    ) -> Result<(), String> {
+        walk: &mut Walk,
+    ) -> Result<bool, String> {
         if ino == ROOT_INO {
             out.push(suffix.to_string());
-            return Ok(());
+            return Ok(false);
         }
-        if depth > 4096 {
+        if walk.dead.contains(&ino) {
+            return Ok(false);
+        }
+        if walk.on_path.contains(&ino) {
+            return Ok(true);
+        }
+        if walk.on_path.len() > 4096 {
             return Err(format!("the path of inode {ino} does not reach the root"));
+        }
+        // (Each level holds its own copy of the path so far.)
+        if suffix.len() > 64 << 10 {
+            return Err(format!("a path of inode {ino} is longer than 64 KiB"));
         }
         // Hard links multiply paths; a crafted graph of them must not explode.
         if out.len() > 65_536 {
             return Err(format!("inode {ino} has more than 65536 paths"));
         }
+        walk.steps = walk
+            .steps
+            .checked_sub(1)
+            .ok_or_else(|| format!("the paths of inode {ino} take too long to walk"))?;
+        let found = out.len();
+        let mut cut = false;
+        walk.on_path.insert(ino);
         let range = (ino, KIND_PARENT, 0, Vec::new())..(ino, KIND_PARENT + 1, 0, Vec::new());
         for ((_, _, dir, name), v) in m.range(range) {
             if v.is_some() {
                 let name = String::from_utf8_lossy(name);
-                up(m, *dir, depth + 1, &format!("/{name}{suffix}"), out)?;
+                cut |= up(m, *dir, &format!("/{name}{suffix}"), out, walk)?;
             }
         }
-        Ok(())
+        walk.on_path.remove(&ino);
+        if out.len() == found && !cut {
+            walk.dead.insert(ino);
+        }
+        Ok(cut)
     }
     let mut out = Vec::new();
-    up(m, ino, 0, "", &mut out)?;
+    let mut walk = Walk {
+        dead: Default::default(),
+        on_path: Default::default(),
+        steps: 1 << 20,
+    };
+    up(m, ino, "", &mut out, &mut walk)?;
     out.sort();
     Ok(out)
 }
@@ -3013,6 +3339,104 @@ fn paths(m: &Overlay, ino: u64) -> Result<Vec<String>, String> {
 mod tests {
     use super::*;
     use crate::store::schema::MAX_BLOCK_SIZE;
+
+    #[test]
+    fn paths_are_found_through_cycles_and_lattices_of_parents_quickly() {
+        use crate::store::schema::{KIND_PARENT, ROOT_INO};
+        let mut m = Overlay::new();
+        let parent = |m: &mut Overlay, ino: u64, dir: u64, name: &str| {
+            m.insert(
+                (ino, KIND_PARENT, dir, name.as_bytes().to_vec()),
+                Some(vec![]),
+            );
+        };
+        // A cycle: 10 is in the root and in 11, and 11 is in 10.
+        parent(&mut m, 10, ROOT_INO, "a");
+        parent(&mut m, 10, 11, "x");
+        parent(&mut m, 11, 10, "b");
+        assert_eq!(paths(&m, 11).unwrap(), ["/a/b"]);
+        // 200 levels of two inodes each in both of the next level's, the last in
+        // nothing: 2^200 ways up, none to the root. Then 20, in the lattice and in
+        // 11: its one path is through 11.
+        for level in 0..200u64 {
+            let (a, b) = (100 + 2 * level, 101 + 2 * level);
+            if level < 199 {
+                for ino in [a, b] {
+                    parent(&mut m, ino, a + 2, "l");
+                    parent(&mut m, ino, b + 2, "r");
+                }
+            }
+        }
+        let t = std::time::Instant::now();
+        assert_eq!(paths(&m, 100).unwrap(), Vec::<String>::new());
+        parent(&mut m, 20, 100, "up");
+        parent(&mut m, 20, 11, "c");
+        assert_eq!(paths(&m, 20).unwrap(), ["/a/b/c"]);
+        assert!(
+            t.elapsed() < std::time::Duration::from_secs(5),
+            "{:?}",
+            t.elapsed()
+        );
+    }
+
+    #[test]
+    fn a_live_process_is_not_taken_for_gone_where_proc_hides_it() {
+        assert!(!process_gone(std::process::id()));
+        let mut child = std::process::Command::new("true").spawn().unwrap();
+        let pid = child.id();
+        child.wait().unwrap();
+        assert!(process_gone(pid));
+        // A user other than root, where /proc is mounted with hidepid=2: pid 1 (root's)
+        // is hidden there, and still not gone. (Set up as root, in a child process
+        // with a mount namespace of its own.)
+        if unsafe { libc::geteuid() } != 0 {
+            return;
+        }
+        // SAFETY: the child makes system calls and exits; it returns to nothing.
+        let pid = unsafe { libc::fork() };
+        assert!(pid >= 0);
+        if pid == 0 {
+            let code = unsafe {
+                let c = |s: &str| std::ffi::CString::new(s).unwrap();
+                let (proc_, none) = (c("/proc"), c("none"));
+                if libc::unshare(libc::CLONE_NEWNS) != 0
+                    || libc::mount(
+                        none.as_ptr(),
+                        c("/").as_ptr(),
+                        std::ptr::null(),
+                        libc::MS_REC | libc::MS_PRIVATE,
+                        std::ptr::null(),
+                    ) != 0
+                    || libc::mount(
+                        c("proc").as_ptr(),
+                        proc_.as_ptr(),
+                        c("proc").as_ptr(),
+                        0,
+                        c("hidepid=2").as_ptr().cast(),
+                    ) != 0
+                    || libc::setgid(65534) != 0
+                    || libc::setuid(65534) != 0
+                {
+                    10
+                } else if Path::new("/proc/1").exists() {
+                    11
+                } else if process_gone(1) {
+                    12
+                } else {
+                    0
+                }
+            };
+            unsafe { libc::_exit(code) };
+        }
+        let mut status = 0;
+        assert_eq!(unsafe { libc::waitpid(pid, &mut status, 0) }, pid);
+        assert!(libc::WIFEXITED(status), "{status}");
+        assert_eq!(
+            libc::WEXITSTATUS(status),
+            0,
+            "10: set-up failed, 11: pid 1 not hidden, 12: taken for gone"
+        );
+    }
 
     #[test]
     fn a_frame_expands_to_a_block_at_most() {

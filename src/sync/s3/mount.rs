@@ -158,11 +158,11 @@ impl BucketFs {
                 .position(|s| &s.name == name && s.created_sec == *sec && s.created_nsec == *nsec)
                 .ok_or_else(|| err(format!("snapshot {name} is gone from the bucket")))?;
             let mut tree = Tree::new();
-            for s in &root.snapshots[..=at] {
+            for (s, stored) in b.manifests(&root.snapshots[..=at]) {
                 if s.base.is_none() {
                     tree.clear();
                 }
-                for batch in b.manifest_batches(s)? {
+                for batch in b.batches(s, stored?)? {
                     for r in batch? {
                         let key = (r.ino, r.kind, r.sub, r.name);
                         match r.payload {
