@@ -737,15 +737,14 @@ fn one_writer_at_a_time_holds_the_bucket_and_a_dead_ones_lock_expires() {
     }
     let out = g.snapfs(&["snapshot", "list", url]);
     assert!(out.status.success());
-    // Its time up (its writer died), the lock is taken over.
-    lock("backup-host pid 42 (sync)", now - 1, "backup-host", 42);
-    let sum = g.sync_ok(&m.mnt, url);
-    assert_eq!(sum["snapshots"], serde_json::json!(["s2"]), "{sum}");
-    // So is one of a process of this machine that is gone, at once.
+    // One of a process of this machine that is gone is taken over at once.
     let mut gone = Command::new("true").spawn().unwrap();
     let dead = gone.id();
     gone.wait().unwrap();
     let host = snapfs::sync::s3::host_name();
+    lock("a killed sync", now + 600, &host, dead);
+    let sum = g.sync_ok(&m.mnt, url);
+    assert_eq!(sum["snapshots"], serde_json::json!(["s2"]), "{sum}");
     lock("a killed sync", now + 600, &host, dead);
     let out = g.snapfs(&["gc", url]);
     assert_ok(&out);
@@ -755,6 +754,66 @@ fn one_writer_at_a_time_holds_the_bucket_and_a_dead_ones_lock_expires() {
             .iter()
             .any(|k| k == snapfs::sync::s3::LOCK)
     );
+}
+
+#[test]
+fn a_lock_whose_time_is_up_is_taken_over_once_its_holder_stops_renewing_it() {
+    let g = Garage::start();
+    let url = "s3://snapfs/skewed";
+    let (m, b) = g.one_file_synced(url, "f", pattern(1, 100_000));
+    // A writer on another host, whose clock is 20 minutes behind this one's, has
+    // just written its lock: by this machine's clock its time ran out 10 minutes
+    // ago. It is held all the same (a gc taking it over would delete the packs that
+    // writer is uploading).
+    let rec = snapfs::sync::s3::LockRec {
+        owner: "behind-host pid 42 (sync)".into(),
+        expires: snapfs::store::schema::Ts::now().sec - 600,
+        host: "behind-host".into(),
+        pid: 42,
+        what: "sync".into(),
+    };
+    b.put_object(snapfs::sync::s3::LOCK, serde_json::to_vec(&rec).unwrap())
+        .unwrap();
+    std::fs::write(m.path("g"), b"more").unwrap();
+    snapfs_ok(&["snapshot", "create", m.mnt.to_str().unwrap(), "s2"]);
+    for args in [vec!["sync", m.mnt.to_str().unwrap(), url], vec!["gc", url]] {
+        let out = g.snapfs(&args);
+        assert_eq!(out.status.code(), Some(2), "{args:?}");
+        let e = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            e.contains("locked by behind-host pid 42") && e.contains("still renews it"),
+            "{args:?}: {e}"
+        );
+    }
+    // Readers see a gc's lock the same way.
+    let gc = snapfs::sync::s3::LockRec {
+        what: "gc".into(),
+        ..rec.clone()
+    };
+    b.put_object(snapfs::sync::s3::LOCK, serde_json::to_vec(&gc).unwrap())
+        .unwrap();
+    let dir = test_dir();
+    let n = dir.path().join("n");
+    let out = g.snapfs(&["restore", url, n.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(2), "{out:?}");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("being collected by behind-host"));
+    // A reader's mark the same: it keeps gc away.
+    b.put_object(snapfs::sync::s3::LOCK, serde_json::to_vec(&rec).unwrap())
+        .unwrap();
+    let mark = snapfs::sync::s3::LockRec {
+        what: "restore".into(),
+        ..rec.clone()
+    };
+    b.put_object("locks/behind.json", serde_json::to_vec(&mark).unwrap())
+        .unwrap();
+    // Once they have not been renewed for three minutes (by the server's clock),
+    // their holders are taken for gone.
+    std::thread::sleep(std::time::Duration::from_secs(3 * 60 + 2));
+    let sum = g.sync_ok(&m.mnt, url);
+    assert_eq!(sum["snapshots"], serde_json::json!(["s2"]), "{sum}");
+    assert_eq!(b.list("locks").unwrap(), ["locks/behind.json"]);
+    assert_ok(&g.snapfs(&["gc", url]));
+    assert!(b.list("locks").unwrap().is_empty());
 }
 
 #[test]
@@ -1189,8 +1248,10 @@ fn readers_keep_gc_away_and_gc_keeps_readers_away() {
     assert_eq!(out.status.code(), Some(2));
     let e = String::from_utf8_lossy(&out.stderr);
     assert!(e.contains("being read by reader-host pid 42"), "{e}");
-    // Expired, or a gone process of this machine: cleared by gc, which then runs.
-    mark("locks/live.json", now - 1, 42, "reader-host");
+    // Expired (and not renewed for three minutes: see
+    // a_lock_whose_time_is_up_is_taken_over_once_its_holder_stops_renewing_it), or
+    // a gone process of this machine: cleared by gc, which then runs.
+    b.delete("locks/live.json").unwrap();
     let mut gone = Command::new("true").spawn().unwrap();
     let dead = gone.id();
     gone.wait().unwrap();
@@ -1856,8 +1917,12 @@ fn a_root_put_back_from_an_older_copy_is_refused() {
     assert_eq!(names_listed(&list()), vec!["s1", "s2"]);
     // Someone who can write the bucket puts the older root back: s2 would vanish.
     b.put_object("snapfs-root.json", old).unwrap();
+    // (Named with a trailing slash, it is the same bucket prefix; a service
+    // started without HOME remembers it where its user's home is.)
+    let slashed = format!("{url}/");
     for args in [
         vec!["snapshot", "list", url],
+        vec!["snapshot", "list", &slashed],
         vec!["sync", mnt, url],
         vec!["gc", url],
     ] {
@@ -1869,6 +1934,14 @@ fn a_root_put_back_from_an_older_copy_is_refused() {
             "{args:?}: {e}"
         );
     }
+    let out = g
+        .command(&g.endpoint)
+        .args(["snapshot", "list", url])
+        .env_remove("HOME")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2), "{out:?}");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("its root went back"));
     // Meant so (a bucket restored from an old copy): the file it names goes, and the
     // bucket is taken as it is.
     let out = g.snapfs(&["snapshot", "list", url]);

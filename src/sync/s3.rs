@@ -73,6 +73,14 @@ const LOCK_TTL: i64 = 10 * 60;
 /// How often a holder renews its lock or mark.
 const RENEW_EVERY: std::time::Duration = std::time::Duration::from_secs(60);
 
+/// A lock or mark whose time is up by its holder's clock is still held if it was
+/// written less than this long ago, by the server's clock: its holder, whose clock
+/// is behind this machine's, still renews it.
+const LOCK_QUIET: i64 = 3 * 60;
+
+/// An empty object written to read the server's clock (its time of writing).
+const CLOCK: &str = "snapfs-clock";
+
 /// The longest a request may be retried for (`SNAPFS_S3_RETRY_TIMEOUT`): well under
 /// the lock's lifetime, so that a writer that checked its lock before a request
 /// still holds it when the request lands.
@@ -119,15 +127,40 @@ pub fn host_name() -> String {
 }
 
 impl LockRec {
-    /// Whether the holder is gone: its time is up, or it was a process of this
-    /// machine that is no longer running.
-    fn stale(&self) -> bool {
-        self.expires <= now_secs()
-            || (self.pid != 0
-                && !self.host.is_empty()
-                && self.host == host_name()
-                && process_gone(self.pid))
+    /// Whether the holder was a process of this machine that is no longer running.
+    fn gone_here(&self) -> bool {
+        self.pid != 0 && !self.host.is_empty() && self.host == host_name() && process_gone(self.pid)
     }
+}
+
+/// This user's home directory: `HOME`, else the user database's (a service started
+/// without `HOME`, as systemd starts them).
+fn home_dir() -> Option<std::path::PathBuf> {
+    if let Some(h) = std::env::var_os("HOME").filter(|h| !h.is_empty()) {
+        return Some(h.into());
+    }
+    let mut buf = vec![0 as libc::c_char; 16 << 10];
+    let mut pw: libc::passwd = unsafe { std::mem::zeroed() };
+    let mut found: *mut libc::passwd = std::ptr::null_mut();
+    // SAFETY: getpwuid_r writes the entry into `pw` and its strings into `buf`,
+    // which outlive the read of `pw_dir` below.
+    let r = unsafe {
+        libc::getpwuid_r(
+            libc::getuid(),
+            &mut pw,
+            buf.as_mut_ptr(),
+            buf.len(),
+            &mut found,
+        )
+    };
+    if r != 0 || found.is_null() || pw.pw_dir.is_null() {
+        return None;
+    }
+    // SAFETY: a NUL-terminated string in `buf`.
+    let dir = unsafe { std::ffi::CStr::from_ptr(pw.pw_dir) };
+    use std::os::unix::ffi::OsStrExt;
+    let dir = std::path::PathBuf::from(std::ffi::OsStr::from_bytes(dir.to_bytes()));
+    (!dir.as_os_str().is_empty()).then_some(dir)
 }
 
 /// Whether no process `pid` runs in this process's pid namespace. Asked of the
@@ -345,6 +378,11 @@ pub struct Bucket {
     retry_secs: u64,
     /// Pack uploads under way, oldest first: at most `jobs`.
     uploads: std::cell::RefCell<std::collections::VecDeque<Upload>>,
+    /// The server's clock less this machine's, in seconds, once read.
+    skew: std::cell::OnceCell<i64>,
+    /// `s3://BUCKET/PREFIX` as the URL names it, however it is written (a
+    /// trailing slash or not): what this machine remembers of it goes by that.
+    place: String,
 }
 
 /// A pack (and then its index) being uploaded.
@@ -640,6 +678,8 @@ impl Bucket {
             compress,
             retry_secs,
             uploads: Default::default(),
+            skew: Default::default(),
+            place: format!("s3://{bucket}/{}", prefix.trim_matches('/')),
         })
     }
 
@@ -926,23 +966,26 @@ impl Bucket {
                             e_tag: r.meta.e_tag.clone(),
                             version: r.meta.version.clone(),
                         };
-                        r.bytes().await.map(|b| Some((b, v)))
+                        let modified = r.meta.last_modified.timestamp();
+                        r.bytes().await.map(|b| Some((b, v, modified)))
                     }
                     Err(object_store::Error::NotFound { .. }) => Ok(None),
                     Err(e) => Err(e),
                 }
             });
-            if let Some((v, version)) = found.map_err(|e| self.fail("reading", LOCK, e))? {
+            if let Some((v, version, modified)) =
+                found.map_err(|e| self.fail("reading", LOCK, e))?
+            {
                 match serde_json::from_slice::<LockRec>(&v) {
                     // Ours: a write whose answer was lost, and retried.
                     Ok(r) if r.owner == owner => mode = object_store::PutMode::Overwrite,
                     // Held by a live writer: refused.
-                    Ok(r) if !r.stale() => {
+                    Ok(r) if !self.holder_gone(&r, Some(modified))? => {
                         return Err(err(format!(
-                            "{} is locked by {} until {} (another sync, delete or gc writes to it); try again later, or delete {LOCK} there if that process is gone",
+                            "{} is locked by {} {} (another sync, delete or gc writes to it); try again later, or delete {LOCK} there if that process is gone",
                             self.url,
                             crate::text::printable(&r.owner.replace('\n', " ")),
-                            crate::policy::utc(r.expires)
+                            self.held_until(&r)
                         )));
                     }
                     // Its writer is gone: taken over.
@@ -1031,13 +1074,13 @@ impl Bucket {
         if let Some(v) = self.get(LOCK)?
             && let Ok(r) = serde_json::from_slice::<LockRec>(&v)
             && r.what == "gc"
-            && !r.stale()
+            && !self.holder_gone(&r, self.modified(LOCK)?)?
         {
             return Err(err(format!(
-                "{} is being collected by {} until {} (snapfs gc); try again once it is done",
+                "{} is being collected by {} {} (snapfs gc); try again once it is done",
                 self.url,
                 crate::text::printable(&r.owner.replace('\n', " ")),
-                crate::policy::utc(r.expires)
+                self.held_until(&r)
             )));
         }
         Ok(lock)
@@ -1048,10 +1091,10 @@ impl Bucket {
     fn no_readers(&self) -> Result<(), SyncError> {
         match self.live_reader()? {
             Some(r) => Err(err(format!(
-                "{} is being read by {} until {} (a restore, fsck or diff); gc runs once it is done",
+                "{} is being read by {} {} (a restore, fsck or diff); gc runs once it is done",
                 self.url,
                 crate::text::printable(&r.owner.replace('\n', " ")),
-                crate::policy::utc(r.expires)
+                self.held_until(&r)
             ))),
             None => Ok(()),
         }
@@ -1064,11 +1107,73 @@ impl Bucket {
                 continue;
             };
             match serde_json::from_slice::<LockRec>(&v) {
-                Ok(r) if !r.stale() => return Ok(Some(r)),
+                Ok(r) if !self.holder_gone(&r, self.modified(&key)?)? => return Ok(Some(r)),
                 _ => self.delete(&key)?,
             }
         }
         Ok(None)
+    }
+
+    /// Whether the holder of a lock or mark (`rec`, written at `modified` by the
+    /// server's clock; `None`: gone meanwhile) is gone: it was a process of this
+    /// machine that is no longer running; or its time is up, by its holder's word
+    /// and this machine's clock, and it has not been renewed for [`LOCK_QUIET`] by
+    /// the server's clock. (So a holder whose clock is behind this machine's keeps
+    /// what it holds while it lives: a clock ahead would take it over otherwise.)
+    fn holder_gone(&self, rec: &LockRec, modified: Option<i64>) -> Result<bool, SyncError> {
+        if rec.gone_here() {
+            return Ok(true);
+        }
+        if rec.expires > now_secs() {
+            return Ok(false);
+        }
+        let Some(modified) = modified else {
+            return Ok(true);
+        };
+        Ok(self.server_now()?.saturating_sub(modified) >= LOCK_QUIET)
+    }
+
+    /// Until when a live lock or mark holds, as its holder wrote it, for messages.
+    fn held_until(&self, rec: &LockRec) -> String {
+        if rec.expires > now_secs() {
+            format!("until {}", crate::policy::utc(rec.expires))
+        } else {
+            format!(
+                "(its time ran out at {} by this machine's clock, but its holder still renews it: their clocks differ)",
+                crate::policy::utc(rec.expires)
+            )
+        }
+    }
+
+    /// When object `key` was last written, by the server's clock (`None`: there is
+    /// none).
+    fn modified(&self, key: &str) -> Result<Option<i64>, SyncError> {
+        match self.rt.block_on(self.store.head(&self.path(key))) {
+            Ok(m) => Ok(Some(m.last_modified.timestamp())),
+            Err(object_store::Error::NotFound { .. }) => Ok(None),
+            Err(e) => Err(self.fail("reading", key, e)),
+        }
+    }
+
+    /// The server's clock now (in seconds): read once, by writing [`CLOCK`] (with
+    /// credentials that cannot write, this machine's clock is taken).
+    fn server_now(&self) -> Result<i64, SyncError> {
+        if let Some(skew) = self.skew.get() {
+            return Ok(now_secs().saturating_add(*skew));
+        }
+        let before = now_secs();
+        let skew = match self.put(CLOCK, Vec::new()) {
+            Ok(()) => {
+                let at = self.modified(CLOCK)?.ok_or_else(|| {
+                    err(format!("{}: {CLOCK} is gone as soon as written", self.url))
+                })?;
+                at.saturating_sub(before)
+            }
+            Err(e) if e.to_string().contains("access denied") => 0,
+            Err(e) => return Err(e),
+        };
+        let _ = self.skew.set(skew);
+        Ok(now_secs().saturating_add(skew))
     }
 
     /// Writes object `key` under the prefix (for tools and tests: snapfs's own
@@ -1144,11 +1249,10 @@ impl Bucket {
     /// Where this machine keeps the highest generation of the root of this URL's
     /// volume it has seen: `~/.cache/snapfs/buckets/ID.json`.
     fn generation_file(&self, root: &Root) -> Option<std::path::PathBuf> {
-        let home = std::env::var_os("HOME").filter(|h| !h.is_empty())?;
-        let id = blake3::hash(format!("{}\n{}", self.url, root.volume).as_bytes());
+        let home = home_dir()?;
+        let id = blake3::hash(format!("{}\n{}", self.place, root.volume).as_bytes());
         Some(
-            Path::new(&home)
-                .join(".cache/snapfs/buckets")
+            home.join(".cache/snapfs/buckets")
                 .join(format!("{}.json", &id.to_hex()[..32])),
         )
     }
@@ -1158,6 +1262,12 @@ impl Bucket {
     /// their data); remembers a newer one.
     fn saw_generation(&self, root: &Root) -> Result<(), SyncError> {
         let Some(file) = self.generation_file(root) else {
+            static ONCE: std::sync::Once = std::sync::Once::new();
+            ONCE.call_once(|| {
+                tracing::warn!(
+                    "s3: this user has no home directory: a root put back from an older copy is not noticed"
+                );
+            });
             return Ok(());
         };
         let seen = std::fs::read_to_string(&file)
@@ -1276,13 +1386,17 @@ impl Bucket {
     }
 
     /// Lays snapshot `s`'s records (from its manifest as stored, `stored`) over `map`
-    /// (a later record wins; `None`: absent).
+    /// (a later record wins; `None`: absent). A whole snapshot's (no base) replace
+    /// what `map` held.
     fn overlay(
         &self,
         s: &RootSnapshot,
         stored: std::sync::Arc<[u8]>,
         map: &mut Overlay,
     ) -> Result<(), SyncError> {
+        if s.base.is_none() {
+            map.clear();
+        }
         for batch in self.batches(s, stored)? {
             for r in batch? {
                 map.insert((r.ino, r.kind, r.sub, r.name), r.payload);
@@ -1316,11 +1430,12 @@ impl Bucket {
         for (s, stored) in self.manifests([a, next]) {
             self.overlay(s, stored?, &mut map)?;
         }
-        let records = merged(map, a.base.is_none());
+        // (Whole if either is: a whole `next` replaced all before it.)
+        let base = next.base.as_ref().and(a.base.clone());
+        let records = merged(map, base.is_none());
         let count = records.len() as u64;
         let (key, hash) = self.put_manifest(records)?;
         let gone = vec![a.manifest.clone(), next.manifest.clone()];
-        let base = a.base.clone();
         let n = &mut root.snapshots[i + 1];
         n.manifest = key;
         n.hash = Some(hash);
@@ -2572,6 +2687,7 @@ fn send_from<R: Read, W: Write>(
         let (stored, base, records) = match deleted.take() {
             Some((mut map, base)) => {
                 b.overlay(s, stored, &mut map)?;
+                let base = s.base.as_ref().and(base);
                 let whole = base.is_none();
                 let merged: Stored = ManifestWriter::of(merged(map, whole))?.finish()?.into();
                 (merged, base, None)
