@@ -11,8 +11,14 @@
 # Garage's metrics), and the restore's peak memory; and after each full backup, the
 # bucket's bytes by kind of object.
 #
+# With HISTORY=N (N > 0), also: a volume of N snapshots (3 new files of 100 KB each)
+# in one bucket, reached through bench/lagproxy.py with a round trip of RTT_MS: fsck,
+# fsck --read-data, gc --dry-run, diff of the first and the last, and restores, each
+# with --jobs 1 (every manifest and pack read in turn) and the default --jobs 8.
+#
 # usage: bench/s3.sh [OUT.md]   (default: print the table)
-#   SIZE_MIB=1024  TREES="random random@1M usr small"  SNAPFS=target/release/snapfs  GARAGE=~/.cache/snapfs/garage-2.3.0/bin/garage
+#   SIZE_MIB=1024  TREES="random random@1M usr small"  HISTORY=0  RTT_MS=20
+#   SNAPFS=target/release/snapfs  GARAGE=~/.cache/snapfs/garage-2.3.0/bin/garage
 # Needs root (the snapfs mount), and about 5 x SIZE_MIB of disk.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -262,6 +268,35 @@ bench_tree() { # KIND[@BLOCK_SIZE]: the tree, and the block size of the snapfs v
 TREES=${TREES:-random random@1M usr small}
 for k in $TREES; do bench_tree "$k"; done
 
+# ---------------------------------------------------------------- a long history
+HISTORY=${HISTORY:-0} RTT_MS=${RTT_MS:-20}
+bench_history() {
+    local mnt=$work/snap-mnt i f url=s3://bench/history lag jobs
+    log "history: $HISTORY snapshots"
+    mkdir -p "$mnt"
+    "$SNAPFS" mount "$work/history-src" "$mnt"
+    for ((i = 1; i <= HISTORY; i++)); do
+        for f in 1 2 3; do stream "h$i-$f" | head -c 100000 > "$mnt/f$i-$f"; done
+        "$SNAPFS" snapshot create "$mnt" "s$i" >/dev/null
+    done
+    "$SNAPFS" sync "$mnt" "$url" --json > /dev/null
+    umount "$mnt"
+    lag=$(port)
+    python3 bench/lagproxy.py "$lag" "$s3" "$((RTT_MS / 2))" &
+    pids+=($!)
+    sleep 0.5
+    for jobs in 1 8; do
+        log "history: --jobs $jobs, through a round trip of $RTT_MS ms"
+        AWS_ENDPOINT_URL=http://127.0.0.1:$lag run "h$jobs.fsck" "$SNAPFS" --jobs $jobs fsck "$url"
+        AWS_ENDPOINT_URL=http://127.0.0.1:$lag run "h$jobs.fsck_data" "$SNAPFS" --jobs $jobs fsck --read-data "$url"
+        AWS_ENDPOINT_URL=http://127.0.0.1:$lag run "h$jobs.gc" "$SNAPFS" --jobs $jobs gc --dry-run "$url"
+        AWS_ENDPOINT_URL=http://127.0.0.1:$lag run "h$jobs.diff" "$SNAPFS" --jobs $jobs diff "$url" s1 "s$HISTORY"
+        AWS_ENDPOINT_URL=http://127.0.0.1:$lag run "h$jobs.restore" "$SNAPFS" --jobs $jobs restore "$url" "$work/h-restored-$jobs"
+        AWS_ENDPOINT_URL=http://127.0.0.1:$lag run "h$jobs.restore_one" "$SNAPFS" --jobs $jobs restore "$url" "$work/h-one-$jobs" --only "s$HISTORY"
+    done
+}
+[ "$HISTORY" -gt 0 ] && bench_history
+
 # ---------------------------------------------------------------- the table
 table() {
     local t k bs
@@ -287,5 +322,14 @@ table() {
         awk '{printf "| restic %s | %d |\n", $1, $2}' "$work/$k.restic_parts"
         echo
     done
+    [ "$HISTORY" -gt 0 ] || return 0
+    echo "| $HISTORY snapshots in a bucket, a round trip of $RTT_MS ms: wall s | --jobs 1 | --jobs 8 |"
+    echo "|---|---|---|"
+    local what
+    for what in "fsck:fsck" "fsck --read-data:fsck_data" "gc --dry-run:gc" "diff s1 s$HISTORY:diff" \
+        "restore (every snapshot):restore" "restore --only s$HISTORY:restore_one"; do
+        echo "| ${what%%:*} | ${T[h1.${what#*:}]} | ${T[h8.${what#*:}]} |"
+    done
+    echo
 }
 if [ $# -gt 0 ]; then table > "$1"; else table; fi
