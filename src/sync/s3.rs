@@ -383,6 +383,21 @@ pub struct Bucket {
     /// `s3://BUCKET/PREFIX` as the URL names it, however it is written (a
     /// trailing slash or not): what this machine remembers of it goes by that.
     place: String,
+    /// The root object as this handle last read or wrote it: what its next write
+    /// of the root is conditional on.
+    root_seen: std::cell::RefCell<RootSeen>,
+}
+
+/// The root object as a handle last saw it ([`Bucket::put_root`]).
+#[derive(Clone, Debug, Default)]
+enum RootSeen {
+    /// Not read yet.
+    #[default]
+    Unread,
+    /// There was none.
+    Absent,
+    /// This version of it.
+    Version(object_store::UpdateVersion),
 }
 
 /// A pack (and then its index) being uploaded.
@@ -680,7 +695,31 @@ impl Bucket {
             uploads: Default::default(),
             skew: Default::default(),
             place: format!("s3://{bucket}/{}", prefix.trim_matches('/')),
+            root_seen: Default::default(),
         })
+    }
+
+    /// A handle on `store` itself, for tests of what a store's own behaviour decides.
+    #[cfg(test)]
+    fn over(store: Arc<dyn ObjectStore>, url: &str) -> Bucket {
+        Bucket {
+            store,
+            prefix: "p".into(),
+            rt: tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(1)
+                .enable_all()
+                .build()
+                .unwrap(),
+            url: url.into(),
+            seal: None,
+            jobs: 2,
+            compress: None,
+            retry_secs: 6,
+            uploads: Default::default(),
+            skew: Default::default(),
+            place: url.into(),
+            root_seen: Default::default(),
+        }
     }
 
     /// Starts uploading `objects` (a pack, then its index) in the background, once
@@ -831,6 +870,16 @@ async fn put_to(
     w.finish().await.map(|_| ())
 }
 
+/// Whether a conditional write failed for the condition itself: the client cannot
+/// send it, or the server answered that it does not implement it (rather than
+/// ignoring it, as some do).
+fn cannot_condition(e: &object_store::Error) -> bool {
+    matches!(e, object_store::Error::NotImplemented { .. }) || {
+        let text = e.to_string();
+        text.contains("NotImplemented") || text.contains("Not Implemented")
+    }
+}
+
 /// An object store error as one line naming the bucket, the operation and the
 /// object.
 fn failure(url: &str, what: &str, key: &str, e: object_store::Error) -> SyncError {
@@ -959,23 +1008,7 @@ impl Bucket {
             // that one) where the store can say so; either way read back after a
             // moment, so that of two writers racing one wins.
             let mut mode = object_store::PutMode::Create;
-            let found = self.rt.block_on(async {
-                match self.store.get(&self.path(LOCK)).await {
-                    Ok(r) => {
-                        let v = object_store::UpdateVersion {
-                            e_tag: r.meta.e_tag.clone(),
-                            version: r.meta.version.clone(),
-                        };
-                        let modified = r.meta.last_modified.timestamp();
-                        r.bytes().await.map(|b| Some((b, v, modified)))
-                    }
-                    Err(object_store::Error::NotFound { .. }) => Ok(None),
-                    Err(e) => Err(e),
-                }
-            });
-            if let Some((v, version, modified)) =
-                found.map_err(|e| self.fail("reading", LOCK, e))?
-            {
+            if let Some((v, version, modified)) = self.get_versioned(LOCK)? {
                 match serde_json::from_slice::<LockRec>(&v) {
                     // Ours: a write whose answer was lost, and retried.
                     Ok(r) if r.owner == owner => mode = object_store::PutMode::Overwrite,
@@ -1007,7 +1040,7 @@ impl Bucket {
                     object_store::Error::AlreadyExists { .. }
                     | object_store::Error::Precondition { .. },
                 ) => continue,
-                Err(object_store::Error::NotImplemented { .. }) => {
+                Err(e) if cannot_condition(&e) => {
                     if matches!(mode, object_store::PutMode::Update(_)) {
                         self.delete(LOCK)?;
                     }
@@ -1199,7 +1232,12 @@ impl Bucket {
 
     /// The root object, if the prefix holds a volume.
     pub fn root(&self) -> Result<Option<Root>, SyncError> {
-        match self.get_meta(ROOT)? {
+        let read = self.root_object()?;
+        *self.root_seen.borrow_mut() = match &read {
+            None => RootSeen::Absent,
+            Some((_, v)) => RootSeen::Version(v.clone()),
+        };
+        match read.map(|(b, _)| b) {
             None => Ok(None),
             Some(b) => {
                 let root: Root = serde_json::from_slice(&b)
@@ -1230,7 +1268,43 @@ impl Bucket {
         }
     }
 
-    /// Writes the root, one generation on.
+    /// The root object (opened) and its version, if there is one.
+    fn root_object(&self) -> Result<Option<(Vec<u8>, object_store::UpdateVersion)>, SyncError> {
+        match self.get_versioned(ROOT)? {
+            None => Ok(None),
+            Some((b, v, _)) => Ok(Some((self.open_meta(ROOT, b)?, v))),
+        }
+    }
+
+    /// Object `key` as stored, its version (for a write conditional on it), and
+    /// when it was last written by the server's clock; `None` when there is none.
+    #[allow(clippy::type_complexity)]
+    fn get_versioned(
+        &self,
+        key: &str,
+    ) -> Result<Option<(Vec<u8>, object_store::UpdateVersion, i64)>, SyncError> {
+        let got = self.rt.block_on(async {
+            match self.store.get(&self.path(key)).await {
+                Ok(r) => {
+                    let v = object_store::UpdateVersion {
+                        e_tag: r.meta.e_tag.clone(),
+                        version: r.meta.version.clone(),
+                    };
+                    let modified = r.meta.last_modified.timestamp();
+                    r.bytes().await.map(|b| Some((b.to_vec(), v, modified)))
+                }
+                Err(object_store::Error::NotFound { .. }) => Ok(None),
+                Err(e) => Err(e),
+            }
+        });
+        got.map_err(|e| self.fail("reading", key, e))
+    }
+
+    /// Writes the root, one generation on: only over the root as this handle last
+    /// read or wrote it, where the store can make a write conditional (so a writer
+    /// whose lock was taken over while it was not looking, which a clock or a
+    /// pause can hide from it, cannot put back a root another writer has replaced:
+    /// that one's gc could then be deleting what it names).
     fn put_root(&self, root: &mut Root) -> Result<(), SyncError> {
         root.generation += 1;
         // A bucket this snapfs writes may get compressed extents, which a snapfs
@@ -1242,8 +1316,59 @@ impl Bucket {
         let check = root_check(&text, at);
         text[at..at + 64].copy_from_slice(check.as_bytes());
         root.check = Some(check);
-        self.put_meta(ROOT, text)?;
+        self.put_root_text(&text)?;
         self.saw_generation(root)
+    }
+
+    fn put_root_text(&self, text: &[u8]) -> Result<(), SyncError> {
+        use object_store::PutMode;
+        let data = self.meta_bytes(ROOT, text.to_vec());
+        let mode = match &*self.root_seen.borrow() {
+            RootSeen::Absent => PutMode::Create,
+            RootSeen::Version(v) if v.e_tag.is_some() => PutMode::Update(v.clone()),
+            _ => PutMode::Overwrite,
+        };
+        let path = self.path(ROOT);
+        let put = |mode: PutMode| {
+            let opts = object_store::PutOptions {
+                mode,
+                ..Default::default()
+            };
+            self.rt
+                .block_on(self.store.put_opts(&path, data.clone().into(), opts))
+        };
+        let res = match put(mode) {
+            // A store that cannot make the write conditional: written as it is.
+            Err(e) if cannot_condition(&e) => put(PutMode::Overwrite),
+            r => r,
+        };
+        match res {
+            Ok(r) => {
+                *self.root_seen.borrow_mut() = RootSeen::Version(object_store::UpdateVersion {
+                    e_tag: r.e_tag,
+                    version: r.version,
+                });
+                Ok(())
+            }
+            Err(
+                object_store::Error::Precondition { .. }
+                | object_store::Error::AlreadyExists { .. },
+            ) => {
+                // This write landed and its answer was lost (the retry then finds
+                // the root changed, by itself): taken as written.
+                if let Some((now, v)) = self.root_object()?
+                    && now == text
+                {
+                    *self.root_seen.borrow_mut() = RootSeen::Version(v);
+                    return Ok(());
+                }
+                Err(err(format!(
+                    "{}: {ROOT} changed since this writer read it (another writer took its lock over meanwhile): nothing more is written",
+                    self.url
+                )))
+            }
+            Err(e) => Err(self.fail("writing", ROOT, e)),
+        }
     }
 
     /// Where this machine keeps the highest generation of the root of this URL's
@@ -2889,6 +3014,14 @@ pub fn gc(url: &str, dry_run: bool) -> Result<GcReport, SyncError> {
     let mut root = b
         .root()?
         .ok_or_else(|| err(format!("{url} holds no snapfs volume")))?;
+    if !dry_run {
+        // The root written once more before anything is decided: a writer whose
+        // lock this gc took over without that writer knowing can then no longer
+        // publish a snapshot this gc does not see (its write of the root is
+        // refused), and one it published since the read above fails this write.
+        lock.check()?;
+        b.put_root(&mut root)?;
+    }
     // Every extent a snapshot names, and whether an index lists it.
     let mut used: HashMap<[u8; 32], bool> = referenced(&b, &root)?
         .into_iter()
@@ -3455,6 +3588,62 @@ fn paths(m: &Overlay, ino: u64) -> Result<Vec<String>, String> {
 mod tests {
     use super::*;
     use crate::store::schema::MAX_BLOCK_SIZE;
+
+    #[test]
+    fn a_root_another_writer_replaced_is_not_written_over() {
+        // A store that makes writes conditional, as AWS S3, MinIO, R2 and Ceph do
+        // (Garage, which the other tests run against, does not).
+        let store: Arc<dyn ObjectStore> = Arc::new(object_store::memory::InMemory::new());
+        let url = format!("s3://unit-test-{}/p", random_id());
+        let (a, b) = (Bucket::over(store.clone(), &url), Bucket::over(store, &url));
+        let root = Root {
+            format: LAYOUT,
+            block_size: 65536,
+            volume: "11".repeat(16),
+            origin: "11".repeat(16),
+            ..Default::default()
+        };
+        // Two first writers (of two volumes): the second's is refused.
+        assert!(a.root().unwrap().is_none());
+        assert!(b.root().unwrap().is_none());
+        a.put_root(&mut root.clone()).unwrap();
+        let other = Root {
+            volume: "22".repeat(16),
+            ..root.clone()
+        };
+        let e = b.put_root(&mut other.clone()).unwrap_err().to_string();
+        assert!(e.contains("changed since this writer read it"), "{e}");
+        // A writes on over its own write; then B, having read it, writes (as a gc
+        // that took A's lock over does first): A's next write is refused, and the
+        // root stays B's.
+        let mut ra = a.root().unwrap().unwrap();
+        a.put_root(&mut ra).unwrap();
+        let mut rb = b.root().unwrap().unwrap();
+        rb.snapshots.push(RootSnapshot {
+            name: "b".into(),
+            created_sec: 1,
+            created_nsec: 0,
+            base: None,
+            manifest: "manifests/b".into(),
+            records: 0,
+            hash: None,
+            deleted: false,
+        });
+        b.put_root(&mut rb).unwrap();
+        let e = a.put_root(&mut ra).unwrap_err().to_string();
+        assert!(e.contains("changed since this writer read it"), "{e}");
+        assert_eq!(a.root().unwrap().unwrap().snapshots.len(), 1);
+        // A write that landed though its answer was lost (its retry finds the root
+        // changed, by itself): the root holds what was written, and it stands.
+        let mut ra = a.root().unwrap().unwrap();
+        let mut same = b.root().unwrap().unwrap();
+        b.put_root(&mut same).unwrap();
+        a.put_root(&mut ra).unwrap();
+        assert_eq!(ra.generation, same.generation);
+        if let Some(f) = a.generation_file(&ra) {
+            let _ = std::fs::remove_file(f);
+        }
+    }
 
     #[test]
     fn paths_are_found_through_cycles_and_lattices_of_parents_quickly() {
