@@ -386,6 +386,8 @@ pub struct Bucket {
     /// The root object as this handle last read or wrote it: what its next write
     /// of the root is conditional on.
     root_seen: std::cell::RefCell<RootSeen>,
+    /// The store answered that it does not implement conditional writes.
+    unconditional: std::cell::Cell<bool>,
 }
 
 /// The root object as a handle last saw it ([`Bucket::put_root`]).
@@ -696,6 +698,7 @@ impl Bucket {
             skew: Default::default(),
             place: format!("s3://{bucket}/{}", prefix.trim_matches('/')),
             root_seen: Default::default(),
+            unconditional: Default::default(),
         })
     }
 
@@ -719,6 +722,7 @@ impl Bucket {
             skew: Default::default(),
             place: url.into(),
             root_seen: Default::default(),
+            unconditional: Default::default(),
         }
     }
 
@@ -1194,13 +1198,15 @@ impl Bucket {
         if let Some(skew) = self.skew.get() {
             return Ok(now_secs().saturating_add(*skew));
         }
-        let before = now_secs();
         let skew = match self.put(CLOCK, Vec::new()) {
             Ok(()) => {
+                // Against this clock once written: the server's then reads early, if
+                // anything, and a holder is taken for gone late, not early.
+                let after = now_secs();
                 let at = self.modified(CLOCK)?.ok_or_else(|| {
                     err(format!("{}: {CLOCK} is gone as soon as written", self.url))
                 })?;
-                at.saturating_sub(before)
+                at.saturating_sub(after)
             }
             Err(e) if e.to_string().contains("access denied") => 0,
             Err(e) => return Err(e),
@@ -1324,6 +1330,7 @@ impl Bucket {
         use object_store::PutMode;
         let data = self.meta_bytes(ROOT, text.to_vec());
         let mode = match &*self.root_seen.borrow() {
+            _ if self.unconditional.get() => PutMode::Overwrite,
             RootSeen::Absent => PutMode::Create,
             RootSeen::Version(v) if v.e_tag.is_some() => PutMode::Update(v.clone()),
             _ => PutMode::Overwrite,
@@ -1337,10 +1344,30 @@ impl Bucket {
             self.rt
                 .block_on(self.store.put_opts(&path, data.clone().into(), opts))
         };
-        let res = match put(mode) {
-            // A store that cannot make the write conditional: written as it is.
-            Err(e) if cannot_condition(&e) => put(PutMode::Overwrite),
-            r => r,
+        // The client does not retry a conditional write after a timeout or a cut
+        // connection (it is not idempotent): tried again here, 4 times over 15 s (a
+        // write that landed is then found, below).
+        let mut tries = 0;
+        let mut wait = std::time::Duration::from_secs(1);
+        let res = loop {
+            match put(mode.clone()) {
+                // A store that cannot make the write conditional: written as it is,
+                // and from then on.
+                Err(e) if cannot_condition(&e) => {
+                    self.unconditional.set(true);
+                    break put(PutMode::Overwrite);
+                }
+                Err(
+                    e @ (object_store::Error::Generic { .. }
+                    | object_store::Error::JoinError { .. }),
+                ) if tries < 4 => {
+                    tracing::warn!(error = %one_line(&e), "s3: writing the root failed; trying again");
+                    std::thread::sleep(wait);
+                    tries += 1;
+                    wait *= 2;
+                }
+                r => break r,
+            }
         };
         match res {
             Ok(r) => {
@@ -1374,8 +1401,13 @@ impl Bucket {
     /// Where this machine keeps the highest generation of the root of this URL's
     /// volume it has seen: `~/.cache/snapfs/buckets/ID.json`.
     fn generation_file(&self, root: &Root) -> Option<std::path::PathBuf> {
+        self.generation_file_of(&self.place, root)
+    }
+
+    /// The file [`Bucket::generation_file`] names for `url`.
+    fn generation_file_of(&self, url: &str, root: &Root) -> Option<std::path::PathBuf> {
         let home = home_dir()?;
-        let id = blake3::hash(format!("{}\n{}", self.place, root.volume).as_bytes());
+        let id = blake3::hash(format!("{url}\n{}", root.volume).as_bytes());
         Some(
             home.join(".cache/snapfs/buckets")
                 .join(format!("{}.json", &id.to_hex()[..32])),
@@ -1395,17 +1427,32 @@ impl Bucket {
             });
             return Ok(());
         };
-        let seen = std::fs::read_to_string(&file)
-            .ok()
-            .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
-            .and_then(|v| v["generation"].as_u64())
-            .unwrap_or(0);
+        let read = |f: &Path| {
+            std::fs::read_to_string(f)
+                .ok()
+                .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
+                .and_then(|v| v["generation"].as_u64())
+                .unwrap_or(0)
+        };
+        // (Before 2026-12-05 the file went by the URL as written: read too.)
+        let files: Vec<std::path::PathBuf> = std::iter::once(file.clone())
+            .chain(
+                self.generation_file_of(&self.url, root)
+                    .filter(|f| *f != file),
+            )
+            .collect();
+        let seen = files.iter().map(|f| read(f)).max().unwrap_or(0);
         if root.generation < seen {
+            let names: Vec<String> = files
+                .iter()
+                .filter(|f| read(f) > root.generation)
+                .map(|f| f.display().to_string())
+                .collect();
             return Err(err(format!(
                 "{}: its root went back from generation {seen} to {} (put back from an older copy, or rolled back by someone who can write the bucket): refused; if that is what you meant, delete {}",
                 self.url,
                 root.generation,
-                file.display()
+                names.join(" and ")
             )));
         }
         if root.generation > seen {
@@ -2977,8 +3024,9 @@ pub struct GcReport {
     /// Packs kept that hold some extents no snapshot needs (under half of theirs),
     /// and those extents' bytes.
     pub partial: (u64, u64),
-    /// Packs gone whose index is there and lists extents a snapshot needs (lost,
-    /// or deleted behind snapfs's back): the next sync asks the source for them.
+    /// Packs gone whose index is there and lists extents a snapshot needs that no
+    /// pack there holds (lost, or deleted behind snapfs's back): the next sync asks
+    /// the source for them.
     pub lost: u64,
 }
 
@@ -3022,13 +3070,14 @@ pub fn gc(url: &str, dry_run: bool) -> Result<GcReport, SyncError> {
         lock.check()?;
         b.put_root(&mut root)?;
     }
-    // Every extent a snapshot names, and whether an index lists it.
-    let mut used: HashMap<[u8; 32], bool> = referenced(&b, &root)?
-        .into_iter()
-        .map(|h| (h, false))
-        .collect();
+    // Every extent a snapshot names, and where an index lists it: nowhere (0), in
+    // lost packs only (1: their index is there, the pack not), in a pack (2).
+    let mut used: HashMap<[u8; 32], u8> =
+        referenced(&b, &root)?.into_iter().map(|h| (h, 0)).collect();
     let keys = b.list("packs")?;
     let listed: std::collections::HashSet<&str> = keys.iter().map(String::as_str).collect();
+    // The lost packs' indexes, with the extents they list that a snapshot needs.
+    let mut lost: Vec<Vec<[u8; 32]>> = Vec::new();
     // Every index, read first, with the bytes of its pack still needed and not:
     // gc decides from them only if they account for every extent a snapshot names.
     // One no index lists (not even a lost pack's) means an index is damaged (a hash
@@ -3042,15 +3091,22 @@ pub fn gc(url: &str, dry_run: bool) -> Result<GcReport, SyncError> {
             let Some(idx) = idx else {
                 return Ok(());
             };
+            let id = key.strip_suffix(".idx").expect("an index key");
+            let here = listed.contains(format!("{id}.pack").as_str());
             let (mut live, mut dead) = (0u64, 0u64);
+            let mut needed = Vec::new();
             for (hash, _, len, _) in idx {
                 match used.get_mut(&hash) {
                     Some(found) => {
-                        *found = true;
+                        *found = (*found).max(if here { 2 } else { 1 });
                         live += len as u64;
+                        needed.push(hash);
                     }
                     None => dead += len as u64,
                 }
+            }
+            if !here {
+                lost.push(needed);
             }
             indexes.push((key, live, dead));
             Ok(())
@@ -3058,7 +3114,7 @@ pub fn gc(url: &str, dry_run: bool) -> Result<GcReport, SyncError> {
     )?;
     let unlisted: Vec<[u8; 32]> = used
         .iter()
-        .filter(|(_, found)| !**found)
+        .filter(|(_, found)| **found == 0)
         .map(|(h, _)| *h)
         .collect();
     if !unlisted.is_empty() {
@@ -3080,7 +3136,14 @@ pub fn gc(url: &str, dry_run: bool) -> Result<GcReport, SyncError> {
     if !dry_run {
         raise_layout(&b, &mut root, &lock)?;
     }
-    let mut rep = GcReport::default();
+    let mut rep = GcReport {
+        // Those holding an extent a snapshot needs that no pack there holds.
+        lost: lost
+            .iter()
+            .filter(|needed| needed.iter().any(|h| used.get(h) == Some(&1)))
+            .count() as u64,
+        ..Default::default()
+    };
     let named: std::collections::HashSet<&str> =
         root.snapshots.iter().map(|s| s.manifest.as_str()).collect();
     for key in b.list("manifests")? {
@@ -3112,9 +3175,6 @@ pub fn gc(url: &str, dry_run: bool) -> Result<GcReport, SyncError> {
         let id = key.strip_suffix(".idx").expect("an index key");
         // A lost pack's index stays for the next sync to repair from.
         if !listed.contains(format!("{id}.pack").as_str()) {
-            if live > 0 {
-                rep.lost += 1;
-            }
             continue;
         }
         if live == 0 {
@@ -3348,6 +3408,10 @@ fn hurt(
             }
             let at = idx.saturating_mul(bs);
             for path in paths(&map, *ino).unwrap_or_else(|e| vec![format!("(inode {ino}: {e})")]) {
+                if out.len() >= HURT_LINES {
+                    more += 1;
+                    break;
+                }
                 out.push(format!(
                     "hurt: {}: {path} bytes {at}..{}: {cause}",
                     s.name,
@@ -3522,6 +3586,8 @@ fn paths(m: &Overlay, ino: u64) -> Result<Vec<String>, String> {
         dead: std::collections::HashSet<u64>,
         on_path: std::collections::HashSet<u64>,
         steps: u32,
+        /// Bytes of paths found.
+        bytes: usize,
     }
     /// Walks up from `ino`; whether a parent was passed over for being on the path
     /// walked (then what was not found from here may be found by another way in).
@@ -3533,6 +3599,10 @@ fn paths(m: &Overlay, ino: u64) -> Result<Vec<String>, String> {
         walk: &mut Walk,
     ) -> Result<bool, String> {
         if ino == ROOT_INO {
+            walk.bytes += suffix.len();
+            if walk.bytes > 16 << 20 {
+                return Err("its paths pass 16 MiB".to_string());
+            }
             out.push(suffix.to_string());
             return Ok(false);
         }
@@ -3578,6 +3648,7 @@ fn paths(m: &Overlay, ino: u64) -> Result<Vec<String>, String> {
         dead: Default::default(),
         on_path: Default::default(),
         steps: 1 << 20,
+        bytes: 0,
     };
     up(m, ino, "", &mut out, &mut walk)?;
     out.sort();
@@ -3693,8 +3764,15 @@ mod tests {
         assert!(process_gone(pid));
         // A user other than root, where /proc is mounted with hidepid=2: pid 1 (root's)
         // is hidden there, and still not gone. (Set up as root, in a child process
-        // with a mount namespace of its own.)
-        if unsafe { libc::geteuid() } != 0 {
+        // with a mount namespace of its own: a mount of /proc there has options of
+        // its own since Linux 5.8; before, it would change the machine's /proc.)
+        let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap();
+        let mut v = release
+            .split(['.', '-'])
+            .map(|n| n.parse::<u32>().unwrap_or(0));
+        let (major, minor) = (v.next().unwrap_or(0), v.next().unwrap_or(0));
+        if unsafe { libc::geteuid() } != 0 || (major, minor) < (5, 8) {
+            eprintln!("hidepid case skipped: needs root and Linux 5.8 or later");
             return;
         }
         // SAFETY: the child makes system calls and exits; it returns to nothing.
@@ -3704,14 +3782,15 @@ mod tests {
             let code = unsafe {
                 let c = |s: &str| std::ffi::CString::new(s).unwrap();
                 let (proc_, none) = (c("/proc"), c("none"));
-                if libc::unshare(libc::CLONE_NEWNS) != 0
-                    || libc::mount(
-                        none.as_ptr(),
-                        c("/").as_ptr(),
-                        std::ptr::null(),
-                        libc::MS_REC | libc::MS_PRIVATE,
-                        std::ptr::null(),
-                    ) != 0
+                if libc::unshare(libc::CLONE_NEWNS) != 0 {
+                    9
+                } else if libc::mount(
+                    none.as_ptr(),
+                    c("/").as_ptr(),
+                    std::ptr::null(),
+                    libc::MS_REC | libc::MS_PRIVATE,
+                    std::ptr::null(),
+                ) != 0
                     || libc::mount(
                         c("proc").as_ptr(),
                         proc_.as_ptr(),
@@ -3736,11 +3815,14 @@ mod tests {
         let mut status = 0;
         assert_eq!(unsafe { libc::waitpid(pid, &mut status, 0) }, pid);
         assert!(libc::WIFEXITED(status), "{status}");
-        assert_eq!(
-            libc::WEXITSTATUS(status),
-            0,
-            "10: set-up failed, 11: pid 1 not hidden, 12: taken for gone"
-        );
+        match libc::WEXITSTATUS(status) {
+            // No namespaces here (a container without CAP_SYS_ADMIN).
+            9 => eprintln!("hidepid case skipped: cannot make a mount namespace"),
+            code => assert_eq!(
+                code, 0,
+                "10: set-up failed, 11: pid 1 not hidden, 12: taken for gone"
+            ),
+        }
     }
 
     #[test]
