@@ -127,6 +127,23 @@ pub fn host_name() -> String {
 }
 
 impl LockRec {
+    /// Whether lock object bytes `v` name `owner` as the holder.
+    fn held_by(v: &[u8], owner: &str) -> bool {
+        serde_json::from_slice::<LockRec>(v).is_ok_and(|r| r.owner == owner)
+    }
+
+    /// Until when a live lock or mark holds, as its holder wrote it, for messages.
+    fn held_until(&self) -> String {
+        if self.expires > now_secs() {
+            format!("until {}", crate::policy::utc(self.expires))
+        } else {
+            format!(
+                "(its time ran out at {} by this machine's clock, but its holder still renews it: their clocks differ)",
+                crate::policy::utc(self.expires)
+            )
+        }
+    }
+
     /// Whether the holder was a process of this machine that is no longer running.
     fn gone_here(&self) -> bool {
         self.pid != 0 && !self.host.is_empty() && self.host == host_name() && process_gone(self.pid)
@@ -231,9 +248,7 @@ fn spawn_renewer(
                 Err(e) => Err(e),
             };
             let ours = match read {
-                Ok(v) => v.is_some_and(|v| {
-                    serde_json::from_slice::<LockRec>(&v).is_ok_and(|r| r.owner == rec.owner)
-                }),
+                Ok(v) => v.is_some_and(|v| LockRec::held_by(&v, &rec.owner)),
                 Err(e) => {
                     tracing::warn!(error = %e, key = %path, "s3: reading a lock to renew it failed; trying again");
                     continue;
@@ -277,9 +292,7 @@ impl Lock<'_> {
     /// whose lock was taken over stops, and one that goes on is not taken over
     /// before its step lands.
     fn check(&self) -> Result<(), SyncError> {
-        let ours = self.b.get(LOCK)?.is_some_and(|v| {
-            serde_json::from_slice::<LockRec>(&v).is_ok_and(|r| r.owner == self.owner)
-        });
+        let ours = self.b.lock_held_by(&self.owner)?;
         let expires = self.expires.load(std::sync::atomic::Ordering::SeqCst);
         if !ours || now_secs() >= expires {
             return Err(self.lost());
@@ -313,8 +326,7 @@ impl Drop for Lock<'_> {
             r.stop(self.b);
         }
         // Only a lock still ours goes (an expired one may have been taken over).
-        if let Ok(Some(b)) = self.b.get(LOCK)
-            && serde_json::from_slice::<LockRec>(&b).is_ok_and(|r| r.owner == self.owner)
+        if let Ok(true) = self.b.lock_held_by(&self.owner)
             && let Err(e) = self.b.delete(LOCK)
         {
             tracing::warn!(error = %e, "s3: the bucket's lock stays until it expires");
@@ -994,11 +1006,6 @@ impl Bucket {
             std::process::id(),
             &random_id()[..8]
         );
-        let mine = |b: &Bucket| -> Result<bool, SyncError> {
-            Ok(b.get(LOCK)?.is_some_and(|v| {
-                serde_json::from_slice::<LockRec>(&v).is_ok_and(|r| r.owner == owner)
-            }))
-        };
         for _ in 0..3 {
             let rec = LockRec {
                 owner: owner.clone(),
@@ -1017,12 +1024,12 @@ impl Bucket {
                     // Ours: a write whose answer was lost, and retried.
                     Ok(r) if r.owner == owner => mode = object_store::PutMode::Overwrite,
                     // Held by a live writer: refused.
-                    Ok(r) if !self.holder_gone(&r, Some(modified))? => {
+                    Ok(r) if !self.holder_gone(&r, modified)? => {
                         return Err(err(format!(
                             "{} is locked by {} {} (another sync, delete or gc writes to it); try again later, or delete {LOCK} there if that process is gone",
                             self.url,
                             crate::text::printable(&r.owner.replace('\n', " ")),
-                            self.held_until(&r)
+                            r.held_until()
                         )));
                     }
                     // Its writer is gone: taken over.
@@ -1053,7 +1060,7 @@ impl Bucket {
                 Err(e) => return Err(self.fail("locking", LOCK, e)),
             }
             std::thread::sleep(std::time::Duration::from_millis(300));
-            if mine(self)? {
+            if self.lock_held_by(&owner)? {
                 let expires = Arc::new(std::sync::atomic::AtomicI64::new(rec.expires));
                 let lock = Lock {
                     b: self,
@@ -1108,16 +1115,16 @@ impl Bucket {
             expires,
             renewer,
         };
-        if let Some(v) = self.get(LOCK)?
+        if let Some((v, _, modified)) = self.get_versioned(LOCK)?
             && let Ok(r) = serde_json::from_slice::<LockRec>(&v)
             && r.what == "gc"
-            && !self.holder_gone(&r, self.modified(LOCK)?)?
+            && !self.holder_gone(&r, modified)?
         {
             return Err(err(format!(
                 "{} is being collected by {} {} (snapfs gc); try again once it is done",
                 self.url,
                 crate::text::printable(&r.owner.replace('\n', " ")),
-                self.held_until(&r)
+                r.held_until()
             )));
         }
         Ok(lock)
@@ -1131,7 +1138,7 @@ impl Bucket {
                 "{} is being read by {} {} (a restore, fsck or diff); gc runs once it is done",
                 self.url,
                 crate::text::printable(&r.owner.replace('\n', " ")),
-                self.held_until(&r)
+                r.held_until()
             ))),
             None => Ok(()),
         }
@@ -1140,11 +1147,11 @@ impl Bucket {
     /// A live reader's mark, if there is one; removes marks whose reader is gone.
     fn live_reader(&self) -> Result<Option<LockRec>, SyncError> {
         for key in self.list("locks")? {
-            let Some(v) = self.get(&key)? else {
+            let Some((v, _, modified)) = self.get_versioned(&key)? else {
                 continue;
             };
             match serde_json::from_slice::<LockRec>(&v) {
-                Ok(r) if !self.holder_gone(&r, self.modified(&key)?)? => return Ok(Some(r)),
+                Ok(r) if !self.holder_gone(&r, modified)? => return Ok(Some(r)),
                 _ => self.delete(&key)?,
             }
         }
@@ -1152,44 +1159,24 @@ impl Bucket {
     }
 
     /// Whether the holder of a lock or mark (`rec`, written at `modified` by the
-    /// server's clock; `None`: gone meanwhile) is gone: it was a process of this
+    /// server's clock) is gone: it was a process of this
     /// machine that is no longer running; or its time is up, by its holder's word
     /// and this machine's clock, and it has not been renewed for [`LOCK_QUIET`] by
     /// the server's clock. (So a holder whose clock is behind this machine's keeps
     /// what it holds while it lives: a clock ahead would take it over otherwise.)
-    fn holder_gone(&self, rec: &LockRec, modified: Option<i64>) -> Result<bool, SyncError> {
+    fn holder_gone(&self, rec: &LockRec, modified: i64) -> Result<bool, SyncError> {
         if rec.gone_here() {
             return Ok(true);
         }
         if rec.expires > now_secs() {
             return Ok(false);
         }
-        let Some(modified) = modified else {
-            return Ok(true);
-        };
         Ok(self.server_now()?.saturating_sub(modified) >= LOCK_QUIET)
     }
 
-    /// Until when a live lock or mark holds, as its holder wrote it, for messages.
-    fn held_until(&self, rec: &LockRec) -> String {
-        if rec.expires > now_secs() {
-            format!("until {}", crate::policy::utc(rec.expires))
-        } else {
-            format!(
-                "(its time ran out at {} by this machine's clock, but its holder still renews it: their clocks differ)",
-                crate::policy::utc(rec.expires)
-            )
-        }
-    }
-
-    /// When object `key` was last written, by the server's clock (`None`: there is
-    /// none).
-    fn modified(&self, key: &str) -> Result<Option<i64>, SyncError> {
-        match self.rt.block_on(self.store.head(&self.path(key))) {
-            Ok(m) => Ok(Some(m.last_modified.timestamp())),
-            Err(object_store::Error::NotFound { .. }) => Ok(None),
-            Err(e) => Err(self.fail("reading", key, e)),
-        }
+    /// Whether the bucket's lock object names `owner` as its holder.
+    fn lock_held_by(&self, owner: &str) -> Result<bool, SyncError> {
+        Ok(self.get(LOCK)?.is_some_and(|v| LockRec::held_by(&v, owner)))
     }
 
     /// The server's clock now (in seconds): read once, by writing [`CLOCK`] (with
@@ -1203,7 +1190,7 @@ impl Bucket {
                 // Against this clock once written: the server's then reads early, if
                 // anything, and a holder is taken for gone late, not early.
                 let after = now_secs();
-                let at = self.modified(CLOCK)?.ok_or_else(|| {
+                let (_, _, at) = self.get_versioned(CLOCK)?.ok_or_else(|| {
                     err(format!("{}: {CLOCK} is gone as soon as written", self.url))
                 })?;
                 at.saturating_sub(after)
@@ -1502,15 +1489,11 @@ impl Bucket {
     /// their use, up to `jobs` at once, so that a long history does not wait a round
     /// trip for each in turn. What is read ahead is bounded (in records, as the root
     /// counts them): at most [`MANIFESTS_AHEAD`] besides the one to use next.
-    fn manifests<'s>(
-        &self,
-        snaps: impl IntoIterator<Item = &'s RootSnapshot>,
-    ) -> Manifests<'_, 's> {
+    fn manifests<'s>(&self, snaps: &'s [RootSnapshot]) -> Manifests<'_, 's> {
         Manifests {
             b: self,
-            snaps: snaps.into_iter().collect::<Vec<_>>().into_iter(),
+            snaps: snaps.iter(),
             ahead: std::collections::VecDeque::new(),
-            ahead_records: 0,
         }
     }
 
@@ -1597,17 +1580,15 @@ impl Bucket {
     /// then holds the changes from `i`'s base: `i` is gone from `root` (not yet
     /// written). The manifests replaced, to delete once the root is written.
     fn merge_out(&self, root: &mut Root, i: usize) -> Result<Vec<String>, SyncError> {
-        let mut map = Overlay::new();
-        let (a, next) = (&root.snapshots[i], &root.snapshots[i + 1]);
-        for (s, stored) in self.manifests([a, next]) {
-            self.overlay(s, stored?, &mut map)?;
+        let pair = &root.snapshots[i..=i + 1];
+        let mut m = Merge::new(&pair[0]);
+        for (s, stored) in self.manifests(pair) {
+            m.lay(self, s, stored?)?;
         }
-        // (Whole if either is: a whole `next` replaced all before it.)
-        let base = next.base.as_ref().and(a.base.clone());
-        let records = merged(map, base.is_none());
+        let gone = vec![pair[0].manifest.clone(), pair[1].manifest.clone()];
+        let (records, base) = m.finish();
         let count = records.len() as u64;
         let (key, hash) = self.put_manifest(records)?;
-        let gone = vec![a.manifest.clone(), next.manifest.clone()];
         let n = &mut root.snapshots[i + 1];
         n.manifest = key;
         n.hash = Some(hash);
@@ -1760,6 +1741,45 @@ fn merged(map: Overlay, whole: bool) -> Vec<Record> {
         .collect()
 }
 
+/// The manifests of snapshots in a row laid over one another, as one manifest from
+/// the first one's base: what deleting all but the last of them leaves
+/// ([`Bucket::merge_out`], and a restore passing over snapshots deleted but not yet
+/// merged away).
+struct Merge {
+    map: Overlay,
+    /// The first one's base; none once one of them has none (a whole snapshot
+    /// replaces all before it).
+    base: Option<String>,
+}
+
+impl Merge {
+    fn new(first: &RootSnapshot) -> Merge {
+        Merge {
+            map: Overlay::new(),
+            base: first.base.clone(),
+        }
+    }
+
+    /// Lays snapshot `s`'s manifest (as stored, `stored`) over the others.
+    fn lay(
+        &mut self,
+        b: &Bucket,
+        s: &RootSnapshot,
+        stored: std::sync::Arc<[u8]>,
+    ) -> Result<(), SyncError> {
+        if s.base.is_none() {
+            self.base = None;
+        }
+        b.overlay(s, stored, &mut self.map)
+    }
+
+    /// The merged manifest's records, and its base.
+    fn finish(self) -> (Vec<Record>, Option<String>) {
+        let whole = self.base.is_none();
+        (merged(self.map, whole), self.base)
+    }
+}
+
 /// A manifest being written: its batches of records as frames, compressed (zstd)
 /// as they come, so what is held is the compressed manifest, not its records.
 struct ManifestWriter {
@@ -1849,11 +1869,9 @@ const MANIFESTS_AHEAD: u64 = 1 << 20;
 struct Manifests<'b, 's> {
     b: &'b Bucket,
     /// Those not yet asked for.
-    snaps: std::vec::IntoIter<&'s RootSnapshot>,
+    snaps: std::slice::Iter<'s, RootSnapshot>,
     /// Those asked for, in order, and their reads.
     ahead: std::collections::VecDeque<(&'s RootSnapshot, ObjectRead)>,
-    /// The records of those in `ahead`.
-    ahead_records: u64,
 }
 
 /// A read of an object under way.
@@ -1865,21 +1883,18 @@ impl<'s> Iterator for Manifests<'_, 's> {
     fn next(&mut self) -> Option<Self::Item> {
         // The next one's read, and more while the bound allows.
         while self.ahead.len() < self.b.jobs.max(1) {
-            let Some(&s) = self.snaps.as_slice().first() else {
+            let Some(s) = self.snaps.as_slice().first() else {
                 break;
             };
-            if !self.ahead.is_empty()
-                && self.ahead_records.saturating_add(s.records) > MANIFESTS_AHEAD
-            {
+            let held = (self.ahead.iter()).fold(0u64, |n, (a, _)| n.saturating_add(a.records));
+            if !self.ahead.is_empty() && held.saturating_add(s.records) > MANIFESTS_AHEAD {
                 break;
             }
             self.snaps.next();
-            self.ahead_records = self.ahead_records.saturating_add(s.records);
             let read = self.b.rt.spawn(self.b.get_async(&s.manifest));
             self.ahead.push_back((s, read));
         }
         let (s, read) = self.ahead.pop_front()?;
-        self.ahead_records = self.ahead_records.saturating_sub(s.records);
         let data = match self.b.rt.block_on(read) {
             Ok(got) => got,
             Err(e) => Err(err(format!("{}: reading {}: {e}", self.b.url, s.manifest))),
@@ -2843,25 +2858,24 @@ fn send_from<R: Read, W: Write>(
     };
     // Snapshots deleted but not yet merged into the next (a sync landed a newer one
     // and stopped before it merged them) are not restored: their records go with
-    // the next one's, as the merge would have left them. Those so far, and the
-    // base of the first.
-    let mut deleted: Option<(Overlay, Option<String>)> = None;
+    // the next one's, as the merge would have left them.
+    let mut deleted: Option<Merge> = None;
     for (s, stored) in todo {
         let stored = stored?;
         if only.is_none() && s.deleted {
-            let (map, _) = deleted.get_or_insert_with(|| (Overlay::new(), s.base.clone()));
-            b.overlay(s, stored, map)?;
+            deleted
+                .get_or_insert_with(|| Merge::new(s))
+                .lay(b, s, stored)?;
             continue;
         }
         // `only`'s goes whole; the others as stored, from their bases. (`only`'s
         // whole manifest and a merged one, made here, hold what they were made of;
         // a stored one holds what the root says.)
         let (stored, base, records) = match deleted.take() {
-            Some((mut map, base)) => {
-                b.overlay(s, stored, &mut map)?;
-                let base = s.base.as_ref().and(base);
-                let whole = base.is_none();
-                let merged: Stored = ManifestWriter::of(merged(map, whole))?.finish()?.into();
+            Some(mut m) => {
+                m.lay(b, s, stored)?;
+                let (records, base) = m.finish();
+                let merged: Stored = ManifestWriter::of(records)?.finish()?.into();
                 (merged, base, None)
             }
             None if only.is_some() => (stored, None, None),
@@ -3067,6 +3081,7 @@ pub fn gc(url: &str, dry_run: bool) -> Result<GcReport, SyncError> {
         // lock this gc took over without that writer knowing can then no longer
         // publish a snapshot this gc does not see (its write of the root is
         // refused), and one it published since the read above fails this write.
+        // (It raises the layout too, before a repack may write compressed extents.)
         lock.check()?;
         b.put_root(&mut root)?;
     }
@@ -3132,9 +3147,6 @@ pub fn gc(url: &str, dry_run: bool) -> Result<GcReport, SyncError> {
                 ", and the next sync that sends a snapshot asks the source for them"
             }
         )));
-    }
-    if !dry_run {
-        raise_layout(&b, &mut root, &lock)?;
     }
     let mut rep = GcReport {
         // Those holding an extent a snapshot needs that no pack there holds.
