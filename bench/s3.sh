@@ -14,7 +14,8 @@
 # With HISTORY=N (N > 0), also: a volume of N snapshots (3 new files of 100 KB each)
 # in one bucket, reached through bench/lagproxy.py with a round trip of RTT_MS: fsck,
 # fsck --read-data, gc --dry-run, diff of the first and the last, and restores, each
-# with --jobs 1 (every manifest and pack read in turn) and the default --jobs 8.
+# with --jobs 1 (every manifest and pack read in turn) and the default --jobs 8; and
+# a sync of one more snapshot with the pack indexes kept on this machine or not.
 #
 # usage: bench/s3.sh [OUT.md]   (default: print the table)
 #   SIZE_MIB=1024  TREES="random random@1M usr small"  HISTORY=0  RTT_MS=20
@@ -294,6 +295,20 @@ bench_history() {
         AWS_ENDPOINT_URL=http://127.0.0.1:$lag run "h$jobs.restore" "$SNAPFS" --jobs $jobs restore "$url" "$work/h-restored-$jobs"
         AWS_ENDPOINT_URL=http://127.0.0.1:$lag run "h$jobs.restore_one" "$SNAPFS" --jobs $jobs restore "$url" "$work/h-one-$jobs" --only "s$HISTORY"
     done
+    # A sync of one more snapshot (--jobs 8), reading every pack index from the
+    # bucket (SNAPFS_S3_INDEX_CACHE=off) or only those this machine does not keep
+    # (after one sync through the proxy has kept them), twice each, alternating.
+    "$SNAPFS" mount "$work/history-src" "$mnt"
+    AWS_ENDPOINT_URL=http://127.0.0.1:$lag "$SNAPFS" sync "$mnt" "$url" > /dev/null
+    for i in 1 2; do
+        for mode in off on; do
+            stream "hs-$mode-$i" | head -c 100000 > "$mnt/g-$mode-$i"
+            "$SNAPFS" snapshot create "$mnt" "t-$mode-$i" > /dev/null
+            AWS_ENDPOINT_URL=http://127.0.0.1:$lag SNAPFS_S3_INDEX_CACHE=$mode \
+                run "hsync.$mode$i" "$SNAPFS" sync "$mnt" "$url"
+        done
+    done
+    umount "$mnt"
 }
 [ "$HISTORY" -gt 0 ] && bench_history
 
@@ -330,6 +345,11 @@ table() {
         "restore (every snapshot):restore" "restore --only s$HISTORY:restore_one"; do
         echo "| ${what%%:*} | ${T[h1.${what#*:}]} | ${T[h8.${what#*:}]} |"
     done
+    echo
+    echo "| sync of one more snapshot to those $HISTORY, --jobs 8 | every pack index read from the bucket | indexes kept on this machine |"
+    echo "|---|---|---|"
+    echo "| wall s (two runs) | ${T[hsync.off1]}, ${T[hsync.off2]} | ${T[hsync.on1]}, ${T[hsync.on2]} |"
+    echo "| S3 requests | ${R[hsync.off1]}, ${R[hsync.off2]} | ${R[hsync.on1]}, ${R[hsync.on2]} |"
     echo
 }
 if [ $# -gt 0 ]; then table > "$1"; else table; fi

@@ -660,7 +660,7 @@ fn sync(
         println!(
             "sent {} snapshots ({}): {} records, {} extents, {} payload bytes, {} bytes on the wire, {secs:.2} s",
             sum.snapshots.len(),
-            sum.snapshots.join(", "),
+            name_list(&sum.snapshots),
             sum.records,
             sum.extents,
             sum.payload_bytes,
@@ -668,6 +668,25 @@ fn sync(
         );
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// Snapshot names for a line of output, made printable: all of them when they are
+/// few, else the first and last few around how many were left out.
+fn name_list(names: &[String]) -> String {
+    let shown: Vec<String> = if names.len() <= 8 {
+        names
+            .iter()
+            .map(|n| snapfs::text::printable(n).into_owned())
+            .collect()
+    } else {
+        let (head, tail) = (&names[..3], &names[names.len() - 2..]);
+        head.iter()
+            .map(|n| snapfs::text::printable(n).into_owned())
+            .chain(std::iter::once(format!("... {} more ...", names.len() - 5)))
+            .chain(tail.iter().map(|n| snapfs::text::printable(n).into_owned()))
+            .collect()
+    };
+    shown.join(", ")
 }
 
 /// `snapfs fsck s3://...`: exit 0 clean, 1 damaged (each problem on a line).

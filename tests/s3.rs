@@ -179,6 +179,7 @@ impl Garage {
     fn command(&self, endpoint: &str) -> Command {
         let mut c = Command::new(SNAPFS);
         c.env("AWS_ENDPOINT_URL", endpoint)
+            .env("HOME", self.home())
             .env("AWS_REGION", "garage")
             .env("AWS_ACCESS_KEY_ID", &self.key_id)
             .env("AWS_SECRET_ACCESS_KEY", &self.secret);
@@ -189,6 +190,7 @@ impl Garage {
         Command::new(SNAPFS)
             .args(args)
             .env("AWS_ENDPOINT_URL", &self.endpoint)
+            .env("HOME", self.home())
             .env("AWS_REGION", "garage")
             .env("AWS_ACCESS_KEY_ID", key_id)
             .env("AWS_SECRET_ACCESS_KEY", secret)
@@ -215,9 +217,19 @@ impl Garage {
             "AWS_REGION" => Some("garage".to_string()),
             "AWS_ACCESS_KEY_ID" => Some(self.key_id.clone()),
             "AWS_SECRET_ACCESS_KEY" => Some(self.secret.clone()),
+            "HOME" => Some(self.home().display().to_string()),
             _ => None,
         };
         snapfs::sync::s3::Bucket::open_with(url, env).unwrap()
+    }
+
+    /// The home of the snapfs commands run against this server: what they keep of
+    /// its buckets (pack indexes, roots' generations) is kept there, not in the
+    /// home of whoever runs the tests.
+    fn home(&self) -> PathBuf {
+        let home = self._dir.path().join("home");
+        std::fs::create_dir_all(&home).unwrap();
+        home
     }
 
     /// `snapfs restore URL ...` into a new store in `dir` (which must succeed),
@@ -1642,6 +1654,7 @@ fn the_network_cut_at_random_points_of_a_sync_and_a_restore_loses_nothing() {
     );
     let out = Command::new(SNAPFS)
         .args(["sync", mnt, url])
+        .env("HOME", g.home())
         .env("SNAPFS_S3_RETRY_TIMEOUT", "10")
         .env("AWS_ENDPOINT_URL", &cutter.addr)
         .env("AWS_REGION", "garage")
@@ -1738,18 +1751,160 @@ fn a_large_object_goes_up_in_parts_and_comes_back_whole() {
     assert_eq!(back.len(), data.len());
     assert!(back == data, "the object read back differs");
     // Garage counts the parts it was sent: 7.
-    let mut c = std::net::TcpStream::connect(&g.admin).unwrap();
-    std::io::Write::write_all(&mut c, b"GET /metrics HTTP/1.0\r\n\r\n").unwrap();
-    let mut text = String::new();
-    std::io::Read::read_to_string(&mut c, &mut text).unwrap();
-    let parts: f64 = text
-        .lines()
-        .filter(|l| {
-            l.starts_with("api_s3_request_counter") && l.contains("api_endpoint=\"UploadPart\"")
+    assert_eq!(g.requests("UploadPart"), 7.0);
+}
+
+impl Garage {
+    /// How many requests of `kind` (`GetObject`, `UploadPart`, ...) the server has
+    /// answered, by its own counters.
+    fn requests(&self, kind: &str) -> f64 {
+        let mut c = std::net::TcpStream::connect(&self.admin).unwrap();
+        std::io::Write::write_all(&mut c, b"GET /metrics HTTP/1.0\r\n\r\n").unwrap();
+        let mut text = String::new();
+        std::io::Read::read_to_string(&mut c, &mut text).unwrap();
+        text.lines()
+            .filter(|l| {
+                l.starts_with("api_s3_request_counter")
+                    && l.contains(&format!("api_endpoint=\"{kind}\""))
+            })
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum()
+    }
+}
+
+#[test]
+fn pack_indexes_kept_on_this_machine_never_say_the_bucket_holds_what_it_does_not() {
+    let g = Garage::start();
+    let url = "s3://snapfs/kept-indexes";
+    let m = Mount::new();
+    let mnt = m.mnt.to_str().unwrap();
+    // Six snapshots, six packs: s1's holds extents a and b.
+    let (a, b_bytes) = (pattern(11, 64 << 10), pattern(12, 64 << 10));
+    std::fs::write(m.path("a"), &a).unwrap();
+    std::fs::write(m.path("b"), &b_bytes).unwrap();
+    snapfs_ok(&["snapshot", "create", mnt, "s1"]);
+    for i in 2..=6u64 {
+        std::fs::write(m.path(&format!("f{i}")), pattern(20 + i, 64 << 10)).unwrap();
+        snapfs_ok(&["snapshot", "create", mnt, &format!("s{i}")]);
+    }
+    g.sync_ok(&m.mnt, url);
+    let b = g.bucket(url);
+    let idx = keys_ending(&b, ".idx");
+    assert_eq!(idx.len(), 6, "{idx:?}");
+    // The next sync reads the six indexes and keeps them; the one after reads none.
+    let kept_files = || -> Vec<PathBuf> {
+        let top = g.home().join(".cache/snapfs/buckets");
+        let mut v: Vec<PathBuf> = std::fs::read_dir(&top)
+            .unwrap()
+            .flatten()
+            .filter(|e| e.file_name().to_string_lossy().ends_with(".idx"))
+            .flat_map(|d| std::fs::read_dir(d.path()).unwrap().flatten())
+            .map(|e| e.path())
+            .collect();
+        v.sort();
+        v
+    };
+    let step = |name: &str, cache: &str| -> (f64, serde_json::Value) {
+        std::fs::write(m.path(name), pattern(name.len() as u64 * 7, 1000)).unwrap();
+        snapfs_ok(&["snapshot", "create", mnt, name]);
+        let gets = g.requests("GetObject");
+        let out = g
+            .command(&g.endpoint)
+            .args(["sync", mnt, url, "--json"])
+            .env("SNAPFS_S3_INDEX_CACHE", cache)
+            .output()
+            .unwrap();
+        assert_ok(&out);
+        (
+            g.requests("GetObject") - gets,
+            serde_json::from_slice(&out.stdout).unwrap(),
+        )
+    };
+    let (cold, _) = step("t1", "on");
+    assert_eq!(kept_files().len(), 6, "{:?}", kept_files());
+    let (warm, _) = step("t22", "on");
+    let (off, _) = step("t333", "off");
+    // t1's sync read the 6 indexes, t22's t1's only, t333's all 8.
+    assert!(
+        warm + 5.0 <= cold && warm + 7.0 <= off,
+        "GETs of a sync: {cold} reading every index, {warm} with them kept, {off} with keeping off"
+    );
+    // s1's index in the bucket is replaced by one that no longer lists b's extent
+    // (damaged, or written so by someone who can write the bucket): the copy kept
+    // here is not believed, and a new file holding b's bytes sends them again.
+    let s1_idx = idx
+        .iter()
+        .find(|k| {
+            let v = b.get_object(k).unwrap().unwrap();
+            idx_entries(&v).len() == 2
         })
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum();
-    assert_eq!(parts, 7.0, "{text}");
+        .unwrap()
+        .clone();
+    let full = b.get_object(&s1_idx).unwrap().unwrap();
+    let b_hash = *blake3::hash(&b_bytes).as_bytes();
+    let without: Vec<u8> = full
+        .chunks_exact(44)
+        .filter(|e| e[..32] != b_hash)
+        .flatten()
+        .copied()
+        .collect();
+    assert_eq!(without.len(), 44);
+    b.put_object(&s1_idx, without).unwrap();
+    // And what is kept here is damaged, or mixed up: one kept index flipped in a
+    // byte, another holding a third's bytes.
+    let files = kept_files();
+    let mut flipped = std::fs::read(&files[0]).unwrap();
+    let at = flipped.len() - 10;
+    flipped[at] ^= 0x40;
+    std::fs::write(&files[0], flipped).unwrap();
+    std::fs::copy(&files[2], &files[1]).unwrap();
+    std::fs::write(m.path("copy-of-b"), &b_bytes).unwrap();
+    let (_, sum) = step("t4444", "on");
+    assert!(
+        sum["payload_bytes"].as_u64().unwrap() >= 64 << 10,
+        "b's extent was not sent again: {sum}"
+    );
+    assert_ok(&g.snapfs(&["fsck", url]));
+    let dir = test_dir();
+    let r = g.restore_ok(url, dir.path(), "r", &[]);
+    assert_eq!(
+        tree_digest(&r.mnt),
+        tree_digest(&m.path(".snapshots/t4444"))
+    );
+    assert_eq!(std::fs::read(r.path("copy-of-b")).unwrap(), b_bytes);
+    // A pack gc collects (one a cut sync left: nothing names its extent) is kept
+    // here until the first sync after gc, which drops it.
+    let stray = "0123456789abcdef0123456789abcdef";
+    let junk = pattern(99, 4096);
+    let mut entry = blake3::hash(&junk).as_bytes().to_vec();
+    entry.extend_from_slice(&0u64.to_le_bytes());
+    entry.extend_from_slice(&4096u32.to_le_bytes());
+    b.put_object(&format!("packs/{stray}.pack"), junk).unwrap();
+    b.put_object(&format!("packs/{stray}.idx"), entry).unwrap();
+    let kept_names = || -> Vec<String> {
+        kept_files()
+            .iter()
+            .map(|f| f.file_name().unwrap().to_string_lossy().into_owned())
+            .collect()
+    };
+    let _ = step("t55555", "on");
+    assert!(kept_names().contains(&format!("{stray}.idx")));
+    assert_ok(&g.snapfs(&["gc", url]));
+    assert!(!keys_ending(&b, ".idx").contains(&format!("packs/{stray}.idx")));
+    let _ = step("t666666", "on");
+    assert!(
+        !kept_names().contains(&format!("{stray}.idx")),
+        "{:?}",
+        kept_names()
+    );
+    // Every index the bucket lists is kept, but the one that sync wrote.
+    let listed = keys_ending(&b, ".idx");
+    assert!(
+        kept_names()
+            .iter()
+            .all(|k| listed.contains(&format!("packs/{k}")))
+    );
+    assert_eq!(kept_names().len() + 1, listed.len());
 }
 
 /// `snapfs mount s3://... MNT` with this server's settings (and `extra` args).

@@ -11,6 +11,7 @@
 //! manifest names them, and a manifest before the root names it, so a bucket is
 //! never seen with a snapshot whose data is not all there.
 
+mod idxcache;
 pub mod mount;
 
 use std::collections::HashMap;
@@ -400,6 +401,11 @@ pub struct Bucket {
     root_seen: std::cell::RefCell<RootSeen>,
     /// The store answered that it does not implement conditional writes.
     unconditional: std::cell::Cell<bool>,
+    /// The pack indexes this machine keeps of this prefix (`None`: not kept).
+    kept: Option<idxcache::IdxCache>,
+    /// This user's home (`HOME`, else the user database's), where what this machine
+    /// keeps of buckets is.
+    home: Option<std::path::PathBuf>,
 }
 
 /// The root object as a handle last saw it ([`Bucket::put_root`]).
@@ -622,9 +628,18 @@ impl Bucket {
         // The shared files first; the environment's variables win over them. Keys
         // come as a set: the environment's, or else the profile's.
         let env_keys = env("AWS_ACCESS_KEY_ID").is_some();
+        // Where the bucket is (the endpoint, else AWS's region): what this machine
+        // keeps of it goes by that and the URL.
+        let mut endpoint = String::new();
+        let mut region = String::new();
         for (key, v) in profile_settings(&env).map_err(|e| err(format!("{url}: {e}")))? {
             if env_keys && key.starts_with("aws_") {
                 continue;
+            }
+            match key {
+                "endpoint_url" => endpoint = v.clone(),
+                "region" => region = v.clone(),
+                _ => {}
             }
             b = match key {
                 "endpoint_url" => b.with_allow_http(v.starts_with("http://")).with_endpoint(v),
@@ -655,6 +670,9 @@ impl Bucket {
             ("AWS_REGION", object_store::aws::AmazonS3ConfigKey::Region),
         ] {
             if let Some(v) = env(var) {
+                if var.ends_with("REGION") {
+                    region = v.clone();
+                }
                 b = b.with_config(key, v);
             }
         }
@@ -662,6 +680,7 @@ impl Bucket {
             .or_else(|| env("AWS_ENDPOINT_URL"))
             .or_else(|| env("AWS_ENDPOINT"))
         {
+            endpoint = ep.clone();
             b = b
                 .with_allow_http(ep.starts_with("http://"))
                 .with_endpoint(ep);
@@ -697,6 +716,22 @@ impl Bucket {
             .enable_all()
             .build()
             .map_err(|e| err(format!("cannot start the S3 client: {e}")))?;
+        let place = format!("s3://{bucket}/{}", prefix.trim_matches('/'));
+        let home = env("HOME")
+            .filter(|h| !h.is_empty())
+            .map(std::path::PathBuf::from)
+            .or_else(home_dir);
+        let kept = match env("SNAPFS_S3_INDEX_CACHE").as_deref().map(str::trim) {
+            Some("off" | "0" | "no") => None,
+            _ => home.as_deref().and_then(|home| {
+                let at = if endpoint.is_empty() {
+                    format!("aws {region}")
+                } else {
+                    endpoint
+                };
+                idxcache::IdxCache::open(home, &at, &place)
+            }),
+        };
         Ok(Bucket {
             store: Arc::new(store),
             prefix: prefix.trim_matches('/').to_string(),
@@ -708,7 +743,9 @@ impl Bucket {
             retry_secs,
             uploads: Default::default(),
             skew: Default::default(),
-            place: format!("s3://{bucket}/{}", prefix.trim_matches('/')),
+            kept,
+            home,
+            place,
             root_seen: Default::default(),
             unconditional: Default::default(),
         })
@@ -735,6 +772,8 @@ impl Bucket {
             place: url.into(),
             root_seen: Default::default(),
             unconditional: Default::default(),
+            kept: None,
+            home: home_dir(),
         }
     }
 
@@ -978,6 +1017,12 @@ impl Bucket {
 
     /// The keys under `dir` (relative to the prefix).
     pub fn list(&self, dir: &str) -> Result<Vec<String>, SyncError> {
+        Ok(self.list_tagged(dir)?.into_iter().map(|(k, _)| k).collect())
+    }
+
+    /// The keys under `dir` (relative to the prefix), each with its size and entity
+    /// tag as the listing gives them (what changes when an object is replaced).
+    fn list_tagged(&self, dir: &str) -> Result<Vec<(String, String)>, SyncError> {
         let p = self.path(dir);
         let metas: Vec<object_store::ObjectMeta> = self
             .rt
@@ -992,7 +1037,11 @@ impl Bucket {
             .into_iter()
             .map(|m| {
                 let k = m.location.to_string();
-                k.strip_prefix(&strip).unwrap_or(&k).to_string()
+                let tag = match &m.e_tag {
+                    Some(e) => format!("{} {e}", m.size),
+                    None => format!("{} {}", m.size, m.last_modified.timestamp_micros()),
+                };
+                (k.strip_prefix(&strip).unwrap_or(&k).to_string(), tag)
             })
             .collect())
     }
@@ -1393,7 +1442,7 @@ impl Bucket {
 
     /// The file [`Bucket::generation_file`] names for `url`.
     fn generation_file_of(&self, url: &str, root: &Root) -> Option<std::path::PathBuf> {
-        let home = home_dir()?;
+        let home = self.home.as_ref()?;
         let id = blake3::hash(format!("{url}\n{}", root.volume).as_bytes());
         Some(
             home.join(".cache/snapfs/buckets")
@@ -1633,34 +1682,47 @@ impl Bucket {
         Ok(())
     }
 
-    /// Every extent the packs hold: where each is.
+    /// Every extent the packs hold: where each is (from the indexes this machine
+    /// keeps, reading those it does not).
     fn index(&self) -> Result<HashMap<[u8; 32], Place>, SyncError> {
-        Ok(self.index_and_lost()?.0)
+        Ok(self.index_and_lost(true)?.0)
     }
 
     /// Every extent the packs hold, and the packs whose index is there but whose
     /// data is not (deleted behind snapfs's back, or lost), with the extents they
-    /// held that no other pack does.
+    /// held that no other pack does. With `kept`, the indexes this machine keeps
+    /// are used while the bucket lists them unchanged (fsck reads them all).
     #[allow(clippy::type_complexity)]
     fn index_and_lost(
         &self,
+        kept: bool,
     ) -> Result<(HashMap<[u8; 32], Place>, Vec<(String, Vec<[u8; 32]>)>), SyncError> {
-        let keys = self.list("packs")?;
-        let present: std::collections::HashSet<&str> = keys
+        let listed = self.list_tagged("packs")?;
+        let tags: HashMap<&str, &str> = listed
             .iter()
-            .filter(|k| k.ends_with(".pack"))
-            .map(String::as_str)
+            .map(|(k, t)| (k.as_str(), t.as_str()))
             .collect();
+        let present: std::collections::HashSet<&str> = tags
+            .keys()
+            .copied()
+            .filter(|k| k.ends_with(".pack"))
+            .collect();
+        let keys: Vec<String> = listed.iter().map(|(k, _)| k.clone()).collect();
+        let kept = self.kept.as_ref().filter(|_| kept);
         let mut out = HashMap::new();
         let mut lost: Vec<(String, Vec<[u8; 32]>)> = Vec::new();
         self.each_index(
             &keys,
+            kept.map(|c| (c, &tags)),
             || Ok(()),
             |key, entries| {
                 Self::take_index(key, entries, &present, &mut out, &mut lost);
                 Ok(())
             },
         )?;
+        if let Some(c) = kept {
+            c.retain(&tags.keys().filter_map(|k| idx_id(k)).collect());
+        }
         for (_, hashes) in &mut lost {
             hashes.retain(|h| !out.contains_key(h));
         }
@@ -1707,6 +1769,14 @@ impl Bucket {
 /// One entry of a pack's index: an extent's hash, its offset and stored length in
 /// the pack, and whether it is stored compressed.
 type IdxEntry = ([u8; 32], u64, u32, bool);
+
+/// The pack id of index key `packs/ID.idx`, if it is one snapfs writes (letters
+/// and digits): what names a kept index on this machine, so never a path.
+fn idx_id(key: &str) -> Option<&str> {
+    let id = key.strip_prefix("packs/")?.strip_suffix(".idx")?;
+    (!id.is_empty() && id.len() <= 64 && id.bytes().all(|c| c.is_ascii_alphanumeric()))
+        .then_some(id)
+}
 
 /// A pack index as stored: per entry, hash, offset, and the length word (the stored
 /// length, with [`IDX_ZSTD`] set for a compressed extent); [`Bucket::read_idx`]
@@ -2008,10 +2078,13 @@ impl Bucket {
     /// Calls `each` with every pack index among `keys` (a listing of `packs/`), in
     /// order, `None` for one gone meanwhile. They are read a few hundred at a time
     /// (`jobs` at once), so that what is held undecoded stays small, and `between`
-    /// runs before each few hundred.
+    /// runs before each few hundred. With `kept` (the indexes this machine keeps,
+    /// and the listing's tags), those kept under the tag listed are not read again,
+    /// and those read are kept.
     fn each_index<'k>(
         &self,
         keys: &'k [String],
+        kept: Option<(&idxcache::IdxCache, &HashMap<&str, &str>)>,
         mut between: impl FnMut() -> Result<(), SyncError>,
         mut each: impl FnMut(&'k str, Option<Vec<IdxEntry>>) -> Result<(), SyncError>,
     ) -> Result<(), SyncError> {
@@ -2022,7 +2095,7 @@ impl Bucket {
             .collect();
         for chunk in idx_keys.chunks(256) {
             between()?;
-            for (key, entries) in chunk.iter().zip(self.read_idxs(chunk)?) {
+            for (key, entries) in chunk.iter().zip(self.read_idxs(chunk, kept)?) {
                 each(key, entries)?;
             }
         }
@@ -2030,14 +2103,52 @@ impl Bucket {
     }
 
     /// The pack indexes `keys` (each `None` when there is none), read `jobs` at a
-    /// time, in the order asked.
-    fn read_idxs(&self, keys: &[&str]) -> Result<Vec<Option<Vec<IdxEntry>>>, SyncError> {
-        self.get_many(keys)?
-            .into_iter()
-            .zip(keys)
-            .map(|(data, key)| {
-                data.map(|d| self.open_meta(key, d).and_then(|b| self.decode_idx(key, b)))
-                    .transpose()
+    /// time, in the order asked; with `kept`, as [`Bucket::each_index`] says.
+    fn read_idxs(
+        &self,
+        keys: &[&str],
+        kept: Option<(&idxcache::IdxCache, &HashMap<&str, &str>)>,
+    ) -> Result<Vec<Option<Vec<IdxEntry>>>, SyncError> {
+        // What this machine keeps under the tag the bucket lists now.
+        let tag = |key: &str| kept.and_then(|(_, tags)| tags.get(key).copied());
+        let mut got: Vec<Option<Vec<u8>>> = keys
+            .iter()
+            .map(|key| {
+                let (c, _) = kept?;
+                c.get(idx_id(key)?, tag(key)?)
+            })
+            .collect();
+        let from_kept: Vec<bool> = got.iter().map(Option::is_some).collect();
+        let ask: Vec<&str> = keys
+            .iter()
+            .zip(&from_kept)
+            .filter(|(_, k)| !**k)
+            .map(|(key, _)| *key)
+            .collect();
+        let mut read = self.get_many(&ask)?.into_iter();
+        for (slot, k) in got.iter_mut().zip(&from_kept) {
+            if !k {
+                *slot = read.next().flatten();
+            }
+        }
+        keys.iter()
+            .zip(got)
+            .zip(from_kept)
+            .map(|((key, data), from_kept)| {
+                let Some(data) = data else {
+                    return Ok(None);
+                };
+                // Kept only once it opened and decoded: what is kept is good.
+                let keep = (!from_kept).then(|| data.clone());
+                let entries = self
+                    .open_meta(key, data)
+                    .and_then(|b| self.decode_idx(key, b))?;
+                if let (Some(object), Some((c, _)), Some(tag), Some(id)) =
+                    (keep, kept, tag(key), idx_id(key))
+                {
+                    c.put(id, tag, &object);
+                }
+                Ok(Some(entries))
             })
             .collect()
     }
@@ -2569,7 +2680,7 @@ fn receive_into<R: Read, W: Write>(
         snapshots: root.snapshots.iter().map(RootSnapshot::snap_ref).collect(),
     })?;
     w.flush()?;
-    let (mut index, mut lost) = b.index_and_lost()?;
+    let (mut index, mut lost) = b.index_and_lost(true)?;
     // Extents whose pack is gone: asked of the source with the first
     // acknowledgement, to ride on the push (it sends those it has).
     let mut unasked: Vec<[u8; 32]> = lost.iter().flat_map(|(_, h)| h.iter().copied()).collect();
@@ -3101,6 +3212,7 @@ pub fn gc(url: &str, dry_run: bool) -> Result<GcReport, SyncError> {
     let mut indexes: Vec<(&str, u64, u64)> = Vec::new();
     b.each_index(
         &keys,
+        None,
         || lock.renew(),
         |key, idx| {
             let Some(idx) = idx else {
@@ -3261,7 +3373,7 @@ pub fn fsck(url: &str, read_data: bool) -> Result<Vec<String>, SyncError> {
     let root = b
         .root()?
         .ok_or_else(|| err(format!("{url} holds no snapfs volume")))?;
-    let (index, lost) = b.index_and_lost()?;
+    let (index, lost) = b.index_and_lost(false)?;
     let mut problems = Vec::new();
     // Extents that cannot be read, and why: named with every path they reach.
     let mut bad: HashMap<[u8; 32], String> = HashMap::new();
@@ -3671,6 +3783,25 @@ fn paths(m: &Overlay, ino: u64) -> Result<Vec<String>, String> {
 mod tests {
     use super::*;
     use crate::store::schema::MAX_BLOCK_SIZE;
+
+    #[test]
+    fn only_pack_ids_snapfs_writes_name_a_kept_index() {
+        assert_eq!(
+            idx_id("packs/0123456789abcdef0123456789abcdef.idx"),
+            Some("0123456789abcdef0123456789abcdef")
+        );
+        for hostile in [
+            "packs/../../etc/x.idx",
+            "packs/a/b.idx",
+            "packs/.idx",
+            "packs/.hidden.idx",
+            "packs/a b.idx",
+            "packs/x.pack",
+            "manifests/x.idx",
+        ] {
+            assert_eq!(idx_id(hostile), None, "{hostile}");
+        }
+    }
 
     #[test]
     fn a_root_another_writer_replaced_is_not_written_over() {
