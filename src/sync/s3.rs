@@ -401,8 +401,11 @@ pub struct Bucket {
     root_seen: std::cell::RefCell<RootSeen>,
     /// The store answered that it does not implement conditional writes.
     unconditional: std::cell::Cell<bool>,
-    /// The pack indexes this machine keeps of this prefix (`None`: not kept).
-    kept: Option<idxcache::IdxCache>,
+    /// Where this machine keeps the pack indexes of this prefix: this user's home
+    /// and the endpoint's name (`None`: they are not kept).
+    keep_at: Option<(std::path::PathBuf, String)>,
+    /// Those kept, once first used (`None` in it: they cannot be kept).
+    kept: std::cell::OnceCell<Option<idxcache::IdxCache>>,
     /// This user's home (`HOME`, else the user database's), where what this machine
     /// keeps of buckets is.
     home: Option<std::path::PathBuf>,
@@ -721,15 +724,16 @@ impl Bucket {
             .filter(|h| !h.is_empty())
             .map(std::path::PathBuf::from)
             .or_else(home_dir);
-        let kept = match env("SNAPFS_S3_INDEX_CACHE").as_deref().map(str::trim) {
-            Some("off" | "0" | "no") => None,
-            _ => home.as_deref().and_then(|home| {
+        let keep = env("SNAPFS_S3_INDEX_CACHE").map(|v| v.trim().to_ascii_lowercase());
+        let keep_at = match keep.as_deref() {
+            Some("off" | "0" | "no" | "false") => None,
+            _ => home.clone().map(|home| {
                 let at = if endpoint.is_empty() {
                     format!("aws {region}")
                 } else {
                     endpoint
                 };
-                idxcache::IdxCache::open(home, &at, &place)
+                (home, at)
             }),
         };
         Ok(Bucket {
@@ -743,7 +747,8 @@ impl Bucket {
             retry_secs,
             uploads: Default::default(),
             skew: Default::default(),
-            kept,
+            keep_at,
+            kept: Default::default(),
             home,
             place,
             root_seen: Default::default(),
@@ -772,7 +777,8 @@ impl Bucket {
             place: url.into(),
             root_seen: Default::default(),
             unconditional: Default::default(),
-            kept: None,
+            keep_at: None,
+            kept: Default::default(),
             home: home_dir(),
         }
     }
@@ -974,6 +980,32 @@ impl Bucket {
         )
     }
 
+    /// [`Bucket::get_many`], each object with its tag ([`object_tag`]) as read.
+    #[allow(clippy::type_complexity)]
+    fn get_many_tagged(&self, keys: &[&str]) -> Result<Vec<Option<(Vec<u8>, String)>>, SyncError> {
+        use futures_util::StreamExt;
+        let gets = keys.iter().map(|key| {
+            let (store, path) = (self.store.clone(), self.path(key));
+            let (url, key) = (self.url.clone(), key.to_string());
+            async move {
+                let got = match store.get(&path).await {
+                    Ok(r) => {
+                        let tag = object_tag(&r.meta);
+                        r.bytes().await.map(|b| Some((b.to_vec(), tag)))
+                    }
+                    Err(object_store::Error::NotFound { .. }) => Ok(None),
+                    Err(e) => Err(e),
+                };
+                got.map_err(|e| failure(&url, "reading", &key, e))
+            }
+        });
+        self.rt.block_on(
+            futures_util::stream::iter(gets)
+                .buffered(self.jobs.max(1))
+                .try_collect(),
+        )
+    }
+
     /// The object `key` (`None` when there is none), to await (on the bucket's
     /// runtime).
     fn get_async(
@@ -1037,11 +1069,10 @@ impl Bucket {
             .into_iter()
             .map(|m| {
                 let k = m.location.to_string();
-                let tag = match &m.e_tag {
-                    Some(e) => format!("{} {e}", m.size),
-                    None => format!("{} {}", m.size, m.last_modified.timestamp_micros()),
-                };
-                (k.strip_prefix(&strip).unwrap_or(&k).to_string(), tag)
+                (
+                    k.strip_prefix(&strip).unwrap_or(&k).to_string(),
+                    object_tag(&m),
+                )
             })
             .collect())
     }
@@ -1682,6 +1713,16 @@ impl Bucket {
         Ok(())
     }
 
+    /// The pack indexes this machine keeps of this prefix, if it keeps them.
+    fn kept(&self) -> Option<&idxcache::IdxCache> {
+        self.kept
+            .get_or_init(|| {
+                let (home, at) = self.keep_at.as_ref()?;
+                idxcache::IdxCache::open(home, at, &self.place)
+            })
+            .as_ref()
+    }
+
     /// Every extent the packs hold: where each is (from the indexes this machine
     /// keeps, reading those it does not).
     fn index(&self) -> Result<HashMap<[u8; 32], Place>, SyncError> {
@@ -1708,7 +1749,7 @@ impl Bucket {
             .filter(|k| k.ends_with(".pack"))
             .collect();
         let keys: Vec<String> = listed.iter().map(|(k, _)| k.clone()).collect();
-        let kept = self.kept.as_ref().filter(|_| kept);
+        let kept = if kept { self.kept() } else { None };
         let mut out = HashMap::new();
         let mut lost: Vec<(String, Vec<[u8; 32]>)> = Vec::new();
         self.each_index(
@@ -1770,12 +1811,26 @@ impl Bucket {
 /// the pack, and whether it is stored compressed.
 type IdxEntry = ([u8; 32], u64, u32, bool);
 
+/// What changes when an object is replaced: its size and entity tag (or, from a
+/// store that gives no entity tag, its time of writing).
+fn object_tag(m: &object_store::ObjectMeta) -> String {
+    match &m.e_tag {
+        Some(e) => format!("{} {e}", m.size),
+        None => format!("{} {}", m.size, m.last_modified.timestamp_micros()),
+    }
+}
+
 /// The pack id of index key `packs/ID.idx`, if it is one snapfs writes (letters
 /// and digits): what names a kept index on this machine, so never a path.
 fn idx_id(key: &str) -> Option<&str> {
     let id = key.strip_prefix("packs/")?.strip_suffix(".idx")?;
-    (!id.is_empty() && id.len() <= 64 && id.bytes().all(|c| c.is_ascii_alphanumeric()))
-        .then_some(id)
+    is_pack_id(id).then_some(id)
+}
+
+/// Whether `id` has the form of the pack ids snapfs writes: 1 to 64 letters and
+/// digits.
+fn is_pack_id(id: &str) -> bool {
+    !id.is_empty() && id.len() <= 64 && id.bytes().all(|c| c.is_ascii_alphanumeric())
 }
 
 /// A pack index as stored: per entry, hash, offset, and the length word (the stored
@@ -2109,48 +2164,70 @@ impl Bucket {
         keys: &[&str],
         kept: Option<(&idxcache::IdxCache, &HashMap<&str, &str>)>,
     ) -> Result<Vec<Option<Vec<IdxEntry>>>, SyncError> {
-        // What this machine keeps under the tag the bucket lists now.
-        let tag = |key: &str| kept.and_then(|(_, tags)| tags.get(key).copied());
-        let mut got: Vec<Option<Vec<u8>>> = keys
+        let Some((cache, tags)) = kept else {
+            return self
+                .get_many(keys)?
+                .into_iter()
+                .zip(keys)
+                .map(|(data, key)| {
+                    data.map(|d| self.open_meta(key, d).and_then(|b| self.decode_idx(key, b)))
+                        .transpose()
+                })
+                .collect();
+        };
+        // The bucket's tag of each, as listed, and its pack id.
+        fn listed<'a>(tags: &HashMap<&str, &'a str>, key: &'a str) -> Option<(&'a str, &'a str)> {
+            Some((idx_id(key)?, *tags.get(key)?))
+        }
+        // Those kept under the tag listed, opened and decoded; a kept copy that does
+        // not open or decode is dropped, and read again.
+        let mut out: Vec<Option<Option<Vec<IdxEntry>>>> = keys
             .iter()
             .map(|key| {
-                let (c, _) = kept?;
-                c.get(idx_id(key)?, tag(key)?)
+                let (id, tag) = listed(tags, key)?;
+                let data = cache.get(id, tag)?;
+                match self
+                    .open_meta(key, data)
+                    .and_then(|b| self.decode_idx(key, b))
+                {
+                    Ok(entries) => Some(Some(entries)),
+                    Err(_) => {
+                        cache.drop_kept(id);
+                        None
+                    }
+                }
             })
             .collect();
-        let from_kept: Vec<bool> = got.iter().map(Option::is_some).collect();
         let ask: Vec<&str> = keys
             .iter()
-            .zip(&from_kept)
-            .filter(|(_, k)| !**k)
+            .zip(&out)
+            .filter(|(_, o)| o.is_none())
             .map(|(key, _)| *key)
             .collect();
-        let mut read = self.get_many(&ask)?.into_iter();
-        for (slot, k) in got.iter_mut().zip(&from_kept) {
-            if !k {
-                *slot = read.next().flatten();
+        let mut read = self.get_many_tagged(&ask)?.into_iter().zip(&ask);
+        for slot in out.iter_mut().filter(|o| o.is_none()) {
+            let (got, key) = read.next().expect("one read for each not kept");
+            let Some((data, got_tag)) = got else {
+                *slot = Some(None);
+                continue;
+            };
+            // Kept only as read under the tag listed (not one replaced between the
+            // listing and the read), and once it opened and decoded.
+            let keep = listed(tags, key)
+                .filter(|(_, tag)| *tag == got_tag)
+                .map(|(id, tag)| (id, tag, data.clone()));
+            let entries = self
+                .open_meta(key, data)
+                .and_then(|b| self.decode_idx(key, b))?;
+            if let Some((id, tag, object)) = keep {
+                cache.put(id, tag, &object);
             }
+            *slot = Some(Some(entries));
         }
-        keys.iter()
-            .zip(got)
-            .zip(from_kept)
-            .map(|((key, data), from_kept)| {
-                let Some(data) = data else {
-                    return Ok(None);
-                };
-                // Kept only once it opened and decoded: what is kept is good.
-                let keep = (!from_kept).then(|| data.clone());
-                let entries = self
-                    .open_meta(key, data)
-                    .and_then(|b| self.decode_idx(key, b))?;
-                if let (Some(object), Some((c, _)), Some(tag), Some(id)) =
-                    (keep, kept, tag(key), idx_id(key))
-                {
-                    c.put(id, tag, &object);
-                }
-                Ok(Some(entries))
-            })
-            .collect()
+        Ok(out
+            .into_iter()
+            .map(|o| o.expect("every index read or kept"))
+            .collect())
     }
 
     /// Pack index `key` as stored (opened), decoded.
