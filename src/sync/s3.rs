@@ -152,10 +152,16 @@ impl LockRec {
 }
 
 /// This user's home directory: `HOME`, else the user database's (a service started
-/// without `HOME`, as systemd starts them).
-fn home_dir() -> Option<std::path::PathBuf> {
-    if let Some(h) = std::env::var_os("HOME").filter(|h| !h.is_empty()) {
-        return Some(h.into());
+/// without `HOME`, as systemd starts them); either only if it is this user's (or
+/// root's) and writable by no one else ([`private_dir`]). A `HOME` that is not (root
+/// running with another user's, as `sudo -E` leaves it) gives way to the user
+/// database's: what snapfs keeps there must be beyond other users' reach.
+fn home_from(home: Option<std::path::PathBuf>) -> Option<std::path::PathBuf> {
+    if let Some(h) = home.filter(|h| !h.as_os_str().is_empty()) {
+        if private_dir(&h) {
+            return Some(h);
+        }
+        tracing::debug!(home = %h.display(), "s3: HOME is not this user's alone: using the user database's");
     }
     let mut buf = vec![0 as libc::c_char; 16 << 10];
     let mut pw: libc::passwd = unsafe { std::mem::zeroed() };
@@ -164,7 +170,7 @@ fn home_dir() -> Option<std::path::PathBuf> {
     // which outlive the read of `pw_dir` below.
     let r = unsafe {
         libc::getpwuid_r(
-            libc::getuid(),
+            libc::geteuid(),
             &mut pw,
             buf.as_mut_ptr(),
             buf.len(),
@@ -178,7 +184,45 @@ fn home_dir() -> Option<std::path::PathBuf> {
     let dir = unsafe { std::ffi::CStr::from_ptr(pw.pw_dir) };
     use std::os::unix::ffi::OsStrExt;
     let dir = std::path::PathBuf::from(std::ffi::OsStr::from_bytes(dir.to_bytes()));
-    (!dir.as_os_str().is_empty()).then_some(dir)
+    (!dir.as_os_str().is_empty() && private_dir(&dir)).then_some(dir)
+}
+
+/// Whether `p` is a directory (not a link to one) of this user's or root's that no
+/// one else may write: one another user cannot change, or replace what is in it.
+fn private_dir(p: &Path) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    // SAFETY: geteuid has no preconditions.
+    let euid = unsafe { libc::geteuid() };
+    std::fs::symlink_metadata(p)
+        .is_ok_and(|m| m.is_dir() && (m.uid() == euid || m.uid() == 0) && m.mode() & 0o022 == 0)
+}
+
+/// `HOME/.cache/snapfs/buckets`, where this machine keeps what it knows of buckets,
+/// made (mode 0700) where missing; `None` unless it and every directory from
+/// `home` down to it is [`private_dir`].
+fn keep_dir(home: &Path) -> Option<std::path::PathBuf> {
+    use std::os::unix::fs::DirBuilderExt;
+    let dir = home.join(".cache/snapfs/buckets");
+    if let Err(e) = std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(&dir)
+    {
+        tracing::debug!(error = %e, dir = %dir.display(), "s3: cannot make it");
+        return None;
+    }
+    let chain = [
+        home.to_path_buf(),
+        home.join(".cache"),
+        home.join(".cache/snapfs"),
+        dir.clone(),
+    ];
+    if chain.iter().all(|d| private_dir(d)) {
+        Some(dir)
+    } else {
+        tracing::warn!(dir = %dir.display(), "s3: not this user's alone (a directory on its way is another user's, writable by others, or a link): nothing is kept there");
+        None
+    }
 }
 
 /// Whether no process `pid` runs in this process's pid namespace. Asked of the
@@ -720,10 +764,7 @@ impl Bucket {
             .build()
             .map_err(|e| err(format!("cannot start the S3 client: {e}")))?;
         let place = format!("s3://{bucket}/{}", prefix.trim_matches('/'));
-        let home = env("HOME")
-            .filter(|h| !h.is_empty())
-            .map(std::path::PathBuf::from)
-            .or_else(home_dir);
+        let home = home_from(env("HOME").map(Into::into));
         let keep = env("SNAPFS_S3_INDEX_CACHE").map(|v| v.trim().to_ascii_lowercase());
         let keep_at = match keep.as_deref() {
             Some("off" | "0" | "no" | "false") => None,
@@ -779,7 +820,7 @@ impl Bucket {
             unconditional: Default::default(),
             keep_at: None,
             kept: Default::default(),
-            home: home_dir(),
+            home: home_from(std::env::var_os("HOME").map(Into::into)),
         }
     }
 
@@ -1473,12 +1514,9 @@ impl Bucket {
 
     /// The file [`Bucket::generation_file`] names for `url`.
     fn generation_file_of(&self, url: &str, root: &Root) -> Option<std::path::PathBuf> {
-        let home = self.home.as_ref()?;
+        let dir = keep_dir(self.home.as_ref()?)?;
         let id = blake3::hash(format!("{url}\n{}", root.volume).as_bytes());
-        Some(
-            home.join(".cache/snapfs/buckets")
-                .join(format!("{}.json", &id.to_hex()[..32])),
-        )
+        Some(dir.join(format!("{}.json", &id.to_hex()[..32])))
     }
 
     /// Refuses a root older than one this machine saw (put back by someone who can
@@ -1489,7 +1527,7 @@ impl Bucket {
             static ONCE: std::sync::Once = std::sync::Once::new();
             ONCE.call_once(|| {
                 tracing::warn!(
-                    "s3: this user has no home directory: a root put back from an older copy is not noticed"
+                    "s3: this user has no home directory of its own alone: a root put back from an older copy is not noticed"
                 );
             });
             return Ok(());
@@ -1718,7 +1756,7 @@ impl Bucket {
         self.kept
             .get_or_init(|| {
                 let (home, at) = self.keep_at.as_ref()?;
-                idxcache::IdxCache::open(home, at, &self.place)
+                idxcache::IdxCache::open(&keep_dir(home)?, at, &self.place)
             })
             .as_ref()
     }
@@ -3860,6 +3898,40 @@ fn paths(m: &Overlay, ino: u64) -> Result<Vec<String>, String> {
 mod tests {
     use super::*;
     use crate::store::schema::MAX_BLOCK_SIZE;
+
+    #[test]
+    fn what_a_machine_keeps_of_buckets_is_kept_where_no_other_user_reaches() {
+        use std::os::unix::fs::PermissionsExt;
+        let top = std::env::temp_dir().join(format!("snapfs-home-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&top);
+        let home = top.join("alice");
+        std::fs::create_dir_all(&home).unwrap();
+        std::fs::set_permissions(&home, std::fs::Permissions::from_mode(0o755)).unwrap();
+        assert_eq!(home_from(Some(home.clone())), Some(home.clone()));
+        let dir = keep_dir(&home).expect("made");
+        assert!(dir.ends_with(".cache/snapfs/buckets"));
+        // A step on the way another may write, or a link: nothing kept there.
+        let cache = home.join(".cache");
+        std::fs::set_permissions(&cache, std::fs::Permissions::from_mode(0o777)).unwrap();
+        assert_eq!(keep_dir(&home), None);
+        std::fs::set_permissions(&cache, std::fs::Permissions::from_mode(0o700)).unwrap();
+        assert!(keep_dir(&home).is_some());
+        let elsewhere = top.join("elsewhere");
+        std::fs::create_dir_all(elsewhere.join("buckets")).unwrap();
+        std::fs::remove_dir_all(home.join(".cache/snapfs")).unwrap();
+        std::os::unix::fs::symlink(&elsewhere, home.join(".cache/snapfs")).unwrap();
+        assert_eq!(keep_dir(&home), None);
+        // A HOME of another user's (root with a user's HOME, as `sudo -E` leaves
+        // it), or one others may write, gives way to the user database's home.
+        let theirs = top.join("bob");
+        std::fs::create_dir_all(&theirs).unwrap();
+        std::os::unix::fs::chown(&theirs, Some(65534), Some(65534)).unwrap();
+        assert_ne!(home_from(Some(theirs.clone())), Some(theirs.clone()));
+        std::os::unix::fs::chown(&theirs, Some(0), Some(0)).unwrap();
+        std::fs::set_permissions(&theirs, std::fs::Permissions::from_mode(0o777)).unwrap();
+        assert_ne!(home_from(Some(theirs.clone())), Some(theirs));
+        std::fs::remove_dir_all(&top).unwrap();
+    }
 
     #[test]
     fn only_pack_ids_snapfs_writes_name_a_kept_index() {

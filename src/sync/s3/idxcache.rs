@@ -61,14 +61,13 @@ fn last_error() -> std::io::Error {
 }
 
 impl IdxCache {
-    /// The kept indexes of `place` (`s3://BUCKET/PREFIX`) at `endpoint`, under `home`;
-    /// `None` (with a warning) when the directory cannot be made or is not this
-    /// user's alone.
-    pub(super) fn open(home: &Path, endpoint: &str, place: &str) -> Option<IdxCache> {
+    /// The kept indexes of `place` (`s3://BUCKET/PREFIX`) at `endpoint`, in `parent`
+    /// (`~/.cache/snapfs/buckets`); `None` (with a warning) when the directory
+    /// cannot be made or is not this user's alone.
+    pub(super) fn open(parent: &Path, endpoint: &str, place: &str) -> Option<IdxCache> {
         let id = blake3::hash(format!("{endpoint}\n{place}").as_bytes());
-        let parent = home.join(".cache/snapfs/buckets");
         let path = parent.join(format!("{}.idx", &id.to_hex()[..32]));
-        match Self::open_dir(&parent, &path) {
+        match Self::open_dir(&path) {
             Ok(c) => Some(c),
             Err(why) => {
                 tracing::warn!(dir = %path.display(), "s3: not keeping pack indexes on this machine: {why}");
@@ -77,9 +76,8 @@ impl IdxCache {
         }
     }
 
-    fn open_dir(parent: &Path, path: &Path) -> Result<IdxCache, String> {
+    fn open_dir(path: &Path) -> Result<IdxCache, String> {
         use std::os::unix::ffi::OsStrExt;
-        std::fs::create_dir_all(parent).map_err(|e| e.to_string())?;
         let c = CString::new(path.as_os_str().as_bytes()).map_err(|e| e.to_string())?;
         // SAFETY: a NUL-terminated path; mkdir only makes a directory.
         let made = unsafe { libc::mkdir(c.as_ptr(), 0o700) } == 0;
@@ -298,7 +296,12 @@ mod tests {
         let home =
             std::env::temp_dir().join(format!("snapfs-idxcache-{name}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&home);
+        std::fs::create_dir_all(home.join(".cache/snapfs/buckets")).unwrap();
         home
+    }
+
+    fn open(home: &Path, endpoint: &str) -> Option<IdxCache> {
+        IdxCache::open(&home.join(".cache/snapfs/buckets"), endpoint, "s3://b/p")
     }
 
     fn dir_of(home: &Path) -> std::path::PathBuf {
@@ -314,7 +317,7 @@ mod tests {
     #[test]
     fn a_kept_index_is_used_only_whole_and_under_the_same_tag() {
         let home = home("tag");
-        let c = IdxCache::open(&home, "http://e", "s3://b/p").expect("opens");
+        let c = open(&home, "http://e").expect("opens");
         let dir = dir_of(&home);
         assert_eq!(c.get("a", "1 x"), None);
         c.put("a", "1 x", b"index bytes");
@@ -336,7 +339,7 @@ mod tests {
         std::fs::copy(&f, dir.join("b.idx")).unwrap();
         assert_eq!(c.get("b", "1 x"), None);
         // Another endpoint or prefix keeps its own.
-        let other = IdxCache::open(&home, "http://f", "s3://b/p").unwrap();
+        let other = open(&home, "http://f").unwrap();
         assert_eq!(other.get("a", "1 x"), None);
         // Collected packs' indexes go, and files left half written; nothing else.
         c.put("b", "2 z", b"other");
@@ -359,12 +362,12 @@ mod tests {
     fn a_directory_others_could_write_or_redirect_is_not_used() {
         use std::os::unix::fs::PermissionsExt;
         let home = home("dir");
-        let c = IdxCache::open(&home, "http://e", "s3://b/p").expect("opens");
+        let c = open(&home, "http://e").expect("opens");
         let dir = dir_of(&home);
         c.put("a", "t", b"kept");
         // Writable by others: not used.
         std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o777)).unwrap();
-        assert!(IdxCache::open(&home, "http://e", "s3://b/p").is_none());
+        assert!(open(&home, "http://e").is_none());
         std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700)).unwrap();
         // A link in its place, to a directory of this user's holding files: not
         // followed, and nothing there is touched.
@@ -374,19 +377,19 @@ mod tests {
         let moved = home.join("moved");
         std::fs::rename(&dir, &moved).unwrap();
         std::os::unix::fs::symlink(&elsewhere, &dir).unwrap();
-        assert!(IdxCache::open(&home, "http://e", "s3://b/p").is_none());
+        assert!(open(&home, "http://e").is_none());
         // A directory of this user's that snapfs did not make: not used either.
         std::fs::remove_file(&dir).unwrap();
         std::fs::create_dir(&dir).unwrap();
         std::fs::write(dir.join("0123abcd.idx"), b"precious").unwrap();
         std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700)).unwrap();
-        assert!(IdxCache::open(&home, "http://e", "s3://b/p").is_none());
+        assert!(open(&home, "http://e").is_none());
         assert!(dir.join("0123abcd.idx").exists());
         // One opened, then moved and replaced by a link: the open one is still the
         // one used (what is kept is read, and retain deletes there alone).
         std::fs::remove_dir_all(&dir).unwrap();
         std::fs::rename(&moved, &dir).unwrap();
-        let c = IdxCache::open(&home, "http://e", "s3://b/p").expect("opens");
+        let c = open(&home, "http://e").expect("opens");
         std::fs::rename(&dir, &moved).unwrap();
         std::os::unix::fs::symlink(&elsewhere, &dir).unwrap();
         assert_eq!(c.get("a", "t").as_deref(), Some(&b"kept"[..]));
