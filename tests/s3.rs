@@ -229,6 +229,9 @@ impl Garage {
     fn home(&self) -> PathBuf {
         let home = self._dir.path().join("home");
         std::fs::create_dir_all(&home).unwrap();
+        // Beyond other users' reach whatever the umask, as snapfs wants it.
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&home, std::fs::Permissions::from_mode(0o700)).unwrap();
         home
     }
 

@@ -12,6 +12,7 @@
 //! never seen with a snapshot whose data is not all there.
 
 mod idxcache;
+mod keep;
 pub mod mount;
 
 use std::collections::HashMap;
@@ -151,18 +152,20 @@ impl LockRec {
     }
 }
 
-/// This user's home directory: `HOME`, else the user database's (a service started
-/// without `HOME`, as systemd starts them); either only if it is this user's (or
-/// root's) and writable by no one else ([`private_dir`]). A `HOME` that is not (root
-/// running with another user's, as `sudo -E` leaves it) gives way to the user
-/// database's: what snapfs keeps there must be beyond other users' reach.
-fn home_from(home: Option<std::path::PathBuf>) -> Option<std::path::PathBuf> {
-    if let Some(h) = home.filter(|h| !h.as_os_str().is_empty()) {
-        if private_dir(&h) {
-            return Some(h);
-        }
-        tracing::debug!(home = %h.display(), "s3: HOME is not this user's alone: using the user database's");
+/// Warns of `what` once in this process (a command may open a bucket many times).
+fn warn_once(what: &str) {
+    static SAID: std::sync::Mutex<Vec<String>> = std::sync::Mutex::new(Vec::new());
+    let mut said = SAID.lock().unwrap_or_else(|p| p.into_inner());
+    if !said.iter().any(|s| s == what) {
+        tracing::warn!("{what}");
+        said.push(what.to_string());
     }
+}
+
+/// This user's home in the user database (of the effective user): where what this
+/// machine keeps of buckets goes when `HOME` is unset, or not beyond other users'
+/// reach ([`keep::Dir::buckets`]).
+fn passwd_home() -> Option<std::path::PathBuf> {
     let mut buf = vec![0 as libc::c_char; 16 << 10];
     let mut pw: libc::passwd = unsafe { std::mem::zeroed() };
     let mut found: *mut libc::passwd = std::ptr::null_mut();
@@ -184,45 +187,7 @@ fn home_from(home: Option<std::path::PathBuf>) -> Option<std::path::PathBuf> {
     let dir = unsafe { std::ffi::CStr::from_ptr(pw.pw_dir) };
     use std::os::unix::ffi::OsStrExt;
     let dir = std::path::PathBuf::from(std::ffi::OsStr::from_bytes(dir.to_bytes()));
-    (!dir.as_os_str().is_empty() && private_dir(&dir)).then_some(dir)
-}
-
-/// Whether `p` is a directory (not a link to one) of this user's or root's that no
-/// one else may write: one another user cannot change, or replace what is in it.
-fn private_dir(p: &Path) -> bool {
-    use std::os::unix::fs::MetadataExt;
-    // SAFETY: geteuid has no preconditions.
-    let euid = unsafe { libc::geteuid() };
-    std::fs::symlink_metadata(p)
-        .is_ok_and(|m| m.is_dir() && (m.uid() == euid || m.uid() == 0) && m.mode() & 0o022 == 0)
-}
-
-/// `HOME/.cache/snapfs/buckets`, where this machine keeps what it knows of buckets,
-/// made (mode 0700) where missing; `None` unless it and every directory from
-/// `home` down to it is [`private_dir`].
-fn keep_dir(home: &Path) -> Option<std::path::PathBuf> {
-    use std::os::unix::fs::DirBuilderExt;
-    let dir = home.join(".cache/snapfs/buckets");
-    if let Err(e) = std::fs::DirBuilder::new()
-        .recursive(true)
-        .mode(0o700)
-        .create(&dir)
-    {
-        tracing::debug!(error = %e, dir = %dir.display(), "s3: cannot make it");
-        return None;
-    }
-    let chain = [
-        home.to_path_buf(),
-        home.join(".cache"),
-        home.join(".cache/snapfs"),
-        dir.clone(),
-    ];
-    if chain.iter().all(|d| private_dir(d)) {
-        Some(dir)
-    } else {
-        tracing::warn!(dir = %dir.display(), "s3: not this user's alone (a directory on its way is another user's, writable by others, or a link): nothing is kept there");
-        None
-    }
+    (!dir.as_os_str().is_empty()).then_some(dir)
 }
 
 /// Whether no process `pid` runs in this process's pid namespace. Asked of the
@@ -445,14 +410,16 @@ pub struct Bucket {
     root_seen: std::cell::RefCell<RootSeen>,
     /// The store answered that it does not implement conditional writes.
     unconditional: std::cell::Cell<bool>,
-    /// Where this machine keeps the pack indexes of this prefix: this user's home
-    /// and the endpoint's name (`None`: they are not kept).
-    keep_at: Option<(std::path::PathBuf, String)>,
+    /// The endpoint's name, by which this machine keeps the pack indexes of this
+    /// prefix (`None`: they are not kept).
+    keep_at: Option<String>,
     /// Those kept, once first used (`None` in it: they cannot be kept).
     kept: std::cell::OnceCell<Option<idxcache::IdxCache>>,
-    /// This user's home (`HOME`, else the user database's), where what this machine
-    /// keeps of buckets is.
+    /// `HOME` as the environment gave it.
     home: Option<std::path::PathBuf>,
+    /// Where this machine keeps what it knows of buckets, once first used (`None`
+    /// in it: nowhere beyond other users' reach).
+    keep: std::cell::OnceCell<Option<keep::Dir>>,
 }
 
 /// The root object as a handle last saw it ([`Bucket::put_root`]).
@@ -764,18 +731,14 @@ impl Bucket {
             .build()
             .map_err(|e| err(format!("cannot start the S3 client: {e}")))?;
         let place = format!("s3://{bucket}/{}", prefix.trim_matches('/'));
-        let home = home_from(env("HOME").map(Into::into));
+        let home = env("HOME")
+            .filter(|h| !h.is_empty())
+            .map(std::path::PathBuf::from);
         let keep = env("SNAPFS_S3_INDEX_CACHE").map(|v| v.trim().to_ascii_lowercase());
         let keep_at = match keep.as_deref() {
             Some("off" | "0" | "no" | "false") => None,
-            _ => home.clone().map(|home| {
-                let at = if endpoint.is_empty() {
-                    format!("aws {region}")
-                } else {
-                    endpoint
-                };
-                (home, at)
-            }),
+            _ if endpoint.is_empty() => Some(format!("aws {region}")),
+            _ => Some(endpoint),
         };
         Ok(Bucket {
             store: Arc::new(store),
@@ -791,6 +754,7 @@ impl Bucket {
             keep_at,
             kept: Default::default(),
             home,
+            keep: Default::default(),
             place,
             root_seen: Default::default(),
             unconditional: Default::default(),
@@ -820,7 +784,8 @@ impl Bucket {
             unconditional: Default::default(),
             keep_at: None,
             kept: Default::default(),
-            home: home_from(std::env::var_os("HOME").map(Into::into)),
+            home: None,
+            keep: std::cell::OnceCell::from(None),
         }
     }
 
@@ -1506,52 +1471,64 @@ impl Bucket {
         }
     }
 
-    /// Where this machine keeps the highest generation of the root of this URL's
-    /// volume it has seen: `~/.cache/snapfs/buckets/ID.json`.
-    fn generation_file(&self, root: &Root) -> Option<std::path::PathBuf> {
-        self.generation_file_of(&self.place, root)
+    /// Where this machine keeps what it knows of buckets: `HOME/.cache/snapfs/buckets`,
+    /// else (`HOME` unset, or not beyond other users' reach: root run with another
+    /// user's `HOME`, as `sudo -E` leaves it) the same in the user database's home.
+    fn keep_dir(&self) -> Option<&keep::Dir> {
+        self.keep
+            .get_or_init(|| {
+                if let Some(h) = &self.home {
+                    match keep::Dir::buckets(h) {
+                        Ok(d) => return Some(d),
+                        Err(why) => warn_once(&format!(
+                            "s3: HOME is not beyond other users' reach ({why}): what this machine keeps of buckets goes in the user database's home"
+                        )),
+                    }
+                }
+                match passwd_home().ok_or_else(|| "this user has no home directory".to_string()).and_then(|h| keep::Dir::buckets(&h)) {
+                    Ok(d) => Some(d),
+                    Err(why) => {
+                        warn_once(&format!(
+                            "s3: nothing is kept of buckets on this machine ({why}): a root put back from an older copy is not noticed, and every pack index is read each time"
+                        ));
+                        None
+                    }
+                }
+            })
+            .as_ref()
     }
 
-    /// The file [`Bucket::generation_file`] names for `url`.
-    fn generation_file_of(&self, url: &str, root: &Root) -> Option<std::path::PathBuf> {
-        let dir = keep_dir(self.home.as_ref()?)?;
+    /// The name of the file in [`Bucket::keep_dir`] that holds the highest
+    /// generation of the root of `url`'s volume this machine has seen.
+    fn generation_name(url: &str, root: &Root) -> String {
         let id = blake3::hash(format!("{url}\n{}", root.volume).as_bytes());
-        Some(dir.join(format!("{}.json", &id.to_hex()[..32])))
+        format!("{}.json", &id.to_hex()[..32])
     }
 
     /// Refuses a root older than one this machine saw (put back by someone who can
     /// write the bucket: the snapshots after it would vanish, and a gc would delete
     /// their data); remembers a newer one.
     fn saw_generation(&self, root: &Root) -> Result<(), SyncError> {
-        let Some(file) = self.generation_file(root) else {
-            static ONCE: std::sync::Once = std::sync::Once::new();
-            ONCE.call_once(|| {
-                tracing::warn!(
-                    "s3: this user has no home directory of its own alone: a root put back from an older copy is not noticed"
-                );
-            });
+        let Some(dir) = self.keep_dir() else {
             return Ok(());
         };
-        let read = |f: &Path| {
-            std::fs::read_to_string(f)
-                .ok()
-                .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
+        let file = Self::generation_name(&self.place, root);
+        let read = |f: &str| {
+            dir.read(f, 64 << 10)
+                .and_then(|t| serde_json::from_slice::<serde_json::Value>(&t).ok())
                 .and_then(|v| v["generation"].as_u64())
                 .unwrap_or(0)
         };
         // (Before 2026-12-05 the file went by the URL as written: read too.)
-        let files: Vec<std::path::PathBuf> = std::iter::once(file.clone())
-            .chain(
-                self.generation_file_of(&self.url, root)
-                    .filter(|f| *f != file),
-            )
+        let files: Vec<String> = std::iter::once(file.clone())
+            .chain(Some(Self::generation_name(&self.url, root)).filter(|f| *f != file))
             .collect();
         let seen = files.iter().map(|f| read(f)).max().unwrap_or(0);
         if root.generation < seen {
             let names: Vec<String> = files
                 .iter()
                 .filter(|f| read(f) > root.generation)
-                .map(|f| f.display().to_string())
+                .map(|f| dir.path.join(f).display().to_string())
                 .collect();
             return Err(err(format!(
                 "{}: its root went back from generation {seen} to {} (put back from an older copy, or rolled back by someone who can write the bucket): refused; if that is what you meant, delete {}",
@@ -1566,16 +1543,8 @@ impl Bucket {
                 "volume": root.volume,
                 "generation": root.generation,
             });
-            let res = file
-                .parent()
-                .map_or(Ok(()), std::fs::create_dir_all)
-                .and_then(|()| {
-                    let tmp = file.with_extension(format!("tmp{}", std::process::id()));
-                    std::fs::write(&tmp, body.to_string())?;
-                    std::fs::rename(&tmp, &file)
-                });
-            if let Err(e) = res {
-                tracing::warn!(error = %e, file = %file.display(),
+            if let Err(e) = dir.write(&file, &[body.to_string().as_bytes()]) {
+                tracing::warn!(error = %e, file = %dir.path.join(&file).display(),
                     "s3: cannot remember the root's generation");
             }
         }
@@ -1755,8 +1724,8 @@ impl Bucket {
     fn kept(&self) -> Option<&idxcache::IdxCache> {
         self.kept
             .get_or_init(|| {
-                let (home, at) = self.keep_at.as_ref()?;
-                idxcache::IdxCache::open(&keep_dir(home)?, at, &self.place)
+                let at = self.keep_at.as_ref()?;
+                idxcache::IdxCache::open(self.keep_dir()?, at, &self.place)
             })
             .as_ref()
     }
@@ -3900,37 +3869,45 @@ mod tests {
     use crate::store::schema::MAX_BLOCK_SIZE;
 
     #[test]
-    fn what_a_machine_keeps_of_buckets_is_kept_where_no_other_user_reaches() {
-        use std::os::unix::fs::PermissionsExt;
-        let top = std::env::temp_dir().join(format!("snapfs-home-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&top);
-        let home = top.join("alice");
+    fn an_index_replaced_between_the_listing_and_its_read_is_not_kept() {
+        let store: Arc<dyn ObjectStore> = Arc::new(object_store::memory::InMemory::new());
+        let mut b = Bucket::over(store, "s3://mem/p");
+        let home = std::env::temp_dir().join(format!("snapfs-relist-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&home);
         std::fs::create_dir_all(&home).unwrap();
-        std::fs::set_permissions(&home, std::fs::Permissions::from_mode(0o755)).unwrap();
-        assert_eq!(home_from(Some(home.clone())), Some(home.clone()));
-        let dir = keep_dir(&home).expect("made");
-        assert!(dir.ends_with(".cache/snapfs/buckets"));
-        // A step on the way another may write, or a link: nothing kept there.
-        let cache = home.join(".cache");
-        std::fs::set_permissions(&cache, std::fs::Permissions::from_mode(0o777)).unwrap();
-        assert_eq!(keep_dir(&home), None);
-        std::fs::set_permissions(&cache, std::fs::Permissions::from_mode(0o700)).unwrap();
-        assert!(keep_dir(&home).is_some());
-        let elsewhere = top.join("elsewhere");
-        std::fs::create_dir_all(elsewhere.join("buckets")).unwrap();
-        std::fs::remove_dir_all(home.join(".cache/snapfs")).unwrap();
-        std::os::unix::fs::symlink(&elsewhere, home.join(".cache/snapfs")).unwrap();
-        assert_eq!(keep_dir(&home), None);
-        // A HOME of another user's (root with a user's HOME, as `sudo -E` leaves
-        // it), or one others may write, gives way to the user database's home.
-        let theirs = top.join("bob");
-        std::fs::create_dir_all(&theirs).unwrap();
-        std::os::unix::fs::chown(&theirs, Some(65534), Some(65534)).unwrap();
-        assert_ne!(home_from(Some(theirs.clone())), Some(theirs.clone()));
-        std::os::unix::fs::chown(&theirs, Some(0), Some(0)).unwrap();
-        std::fs::set_permissions(&theirs, std::fs::Permissions::from_mode(0o777)).unwrap();
-        assert_ne!(home_from(Some(theirs.clone())), Some(theirs));
-        std::fs::remove_dir_all(&top).unwrap();
+        b.keep = std::cell::OnceCell::from(Some(keep::Dir::buckets(&home).unwrap()));
+        b.keep_at = Some("mem".into());
+        let id = "0123456789abcdef0123456789abcdef";
+        let key = format!("packs/{id}.idx");
+        let entry = |h: u8| encode_idx(&[([h; 32], 0, 10, false)]);
+        b.put_object(&key, entry(1)).unwrap();
+        let tags_now = || {
+            b.list_tagged("packs")
+                .unwrap()
+                .into_iter()
+                .collect::<HashMap<String, String>>()
+        };
+        let listed = tags_now();
+        // Replaced after the listing, before the read: what is read is the new one,
+        // and it is not kept under the tag the listing gave the old one.
+        b.put_object(&key, entry(2)).unwrap();
+        let tags: HashMap<&str, &str> = listed
+            .iter()
+            .map(|(k, v)| (k.as_str(), v.as_str()))
+            .collect();
+        let cache = b.kept().expect("kept");
+        let got = b.read_idxs(&[key.as_str()], Some((cache, &tags))).unwrap();
+        assert_eq!(got[0].as_ref().unwrap()[0].0, [2; 32]);
+        assert_eq!(cache.get(id, &listed[&key]), None);
+        // Read under the listing that gives its own tag, it is kept.
+        let listed = tags_now();
+        let tags: HashMap<&str, &str> = listed
+            .iter()
+            .map(|(k, v)| (k.as_str(), v.as_str()))
+            .collect();
+        b.read_idxs(&[key.as_str()], Some((cache, &tags))).unwrap();
+        assert!(cache.get(id, &listed[&key]).is_some());
+        std::fs::remove_dir_all(&home).unwrap();
     }
 
     #[test]
@@ -4003,9 +3980,6 @@ mod tests {
         b.put_root(&mut same).unwrap();
         a.put_root(&mut ra).unwrap();
         assert_eq!(ra.generation, same.generation);
-        if let Some(f) = a.generation_file(&ra) {
-            let _ = std::fs::remove_file(f);
-        }
     }
 
     #[test]

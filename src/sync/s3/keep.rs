@@ -1,0 +1,391 @@
+//! Where a machine keeps what it knows of buckets (`~/.cache/snapfs/buckets`: the
+//! rollback guard's generations, and the pack indexes it has read), beyond other
+//! users' reach.
+//!
+//! Other users are adversaries, and root may run with another user's `HOME` (as
+//! `sudo -E` leaves it). So the directory is reached by descriptor from `/`, one
+//! component at a time and never through a link (`openat` with `O_NOFOLLOW`), and
+//! each directory on the way must be one another user cannot change: owned by this
+//! user or root, and writable by no one else, unless it is root's and sticky (as
+//! `/tmp` is: no one may move another's entry in it), or writable by a group that is
+//! this user's own private group (as umask 002 under user private groups leaves
+//! them). For root, no directory on the way may be on a FUSE filesystem (whose
+//! daemon, any user's, says who owns what). What is under it is then read and
+//! written through the open directory alone, so moving or replacing a directory on
+//! the way afterwards redirects nothing.
+
+use std::ffi::CString;
+use std::io::{Read, Write};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::unix::ffi::OsStrExt;
+use std::path::{Component, Path, PathBuf};
+
+const FUSE_SUPER_MAGIC: i64 = 0x6573_5546;
+
+/// An open directory no other user can change.
+pub(super) struct Dir {
+    fd: OwnedFd,
+    /// Its path when it was opened, for messages.
+    pub(super) path: PathBuf,
+}
+
+fn last_error() -> std::io::Error {
+    std::io::Error::last_os_error()
+}
+
+fn cstr(s: &[u8]) -> std::io::Result<CString> {
+    CString::new(s).map_err(|_| std::io::Error::from_raw_os_error(libc::EINVAL))
+}
+
+/// Whether group `gid` is `user`'s private group: named as the user, with no other
+/// member (user private groups, where umask 002 leaves directories group-writable).
+fn private_group(gid: libc::gid_t, euid: libc::uid_t) -> bool {
+    let mut buf = vec![0 as libc::c_char; 16 << 10];
+    // SAFETY: getpwuid_r and getgrgid_r write their entries into the structs and
+    // their strings into `buf`, which outlive every read below.
+    unsafe {
+        let mut pw: libc::passwd = std::mem::zeroed();
+        let mut found: *mut libc::passwd = std::ptr::null_mut();
+        if libc::getpwuid_r(euid, &mut pw, buf.as_mut_ptr(), buf.len(), &mut found) != 0
+            || found.is_null()
+            || pw.pw_gid != gid
+        {
+            return false;
+        }
+        let user = std::ffi::CStr::from_ptr(pw.pw_name).to_bytes().to_vec();
+        let mut gr: libc::group = std::mem::zeroed();
+        let mut gfound: *mut libc::group = std::ptr::null_mut();
+        if libc::getgrgid_r(gid, &mut gr, buf.as_mut_ptr(), buf.len(), &mut gfound) != 0
+            || gfound.is_null()
+            || std::ffi::CStr::from_ptr(gr.gr_name).to_bytes() != user.as_slice()
+        {
+            return false;
+        }
+        let mut m = gr.gr_mem;
+        while !m.is_null() && !(*m).is_null() {
+            if std::ffi::CStr::from_ptr(*m).to_bytes() != user.as_slice() {
+                return false;
+            }
+            m = m.add(1);
+        }
+        true
+    }
+}
+
+/// Why open directory `fd` (at `path`) is one another user could change, if it is.
+fn unsafe_dir(fd: &OwnedFd, path: &Path) -> Option<String> {
+    // SAFETY: fstat and fstatfs fill their structs for an open descriptor; geteuid
+    // cannot fail.
+    let (st, fs, euid) = unsafe {
+        let mut st: libc::stat = std::mem::zeroed();
+        let mut fs: libc::statfs = std::mem::zeroed();
+        if libc::fstat(fd.as_raw_fd(), &mut st) != 0 || libc::fstatfs(fd.as_raw_fd(), &mut fs) != 0
+        {
+            return Some(format!("{}: {}", path.display(), last_error()));
+        }
+        (st, fs, libc::geteuid())
+    };
+    let mode = st.st_mode & 0o7777;
+    let owner_ok = st.st_uid == euid || st.st_uid == 0;
+    let write_ok = mode & 0o022 == 0
+        || (mode & libc::S_ISVTX != 0 && st.st_uid == 0)
+        || (mode & 0o002 == 0 && st.st_uid == euid && private_group(st.st_gid, euid));
+    if !owner_ok || !write_ok {
+        return Some(format!(
+            "{} (owner uid {}, mode {mode:o}) is another user's or writable by others (chmod go-w it, or give it to this user)",
+            path.display(),
+            st.st_uid
+        ));
+    }
+    #[allow(clippy::unnecessary_cast)]
+    if euid == 0 && fs.f_type as i64 == FUSE_SUPER_MAGIC {
+        return Some(format!(
+            "{} is on a FUSE filesystem, whose daemon (any user's) says who owns what",
+            path.display()
+        ));
+    }
+    None
+}
+
+fn open_at(dir: &OwnedFd, name: &[u8], flags: libc::c_int) -> std::io::Result<OwnedFd> {
+    let n = cstr(name)?;
+    // SAFETY: a NUL-terminated name relative to an open directory; the descriptor
+    // returned is owned below.
+    let fd = unsafe {
+        libc::openat(
+            dir.as_raw_fd(),
+            n.as_ptr(),
+            flags | libc::O_NOFOLLOW | libc::O_CLOEXEC,
+        )
+    };
+    if fd < 0 {
+        return Err(last_error());
+    }
+    // SAFETY: just opened, owned by nothing else.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+impl Dir {
+    /// `home/.cache/snapfs/buckets`, made (mode 0700) where missing, if `home` and
+    /// every directory on the way to it and below it is beyond other users' reach;
+    /// else why not.
+    pub(super) fn buckets(home: &Path) -> Result<Dir, String> {
+        let real = std::fs::canonicalize(home).map_err(|e| format!("{}: {e}", home.display()))?;
+        // SAFETY: a NUL-terminated path; the descriptor is owned below.
+        let fd = unsafe {
+            libc::open(
+                c"/".as_ptr(),
+                libc::O_PATH | libc::O_DIRECTORY | libc::O_CLOEXEC,
+            )
+        };
+        if fd < 0 {
+            return Err(format!("/: {}", last_error()));
+        }
+        // SAFETY: just opened, owned by nothing else.
+        let mut fd = unsafe { OwnedFd::from_raw_fd(fd) };
+        let mut path = PathBuf::from("/");
+        if let Some(why) = unsafe_dir(&fd, &path) {
+            return Err(why);
+        }
+        for c in real.components() {
+            match c {
+                Component::RootDir => continue,
+                Component::Normal(name) => {
+                    path.push(name);
+                    fd = open_at(&fd, name.as_bytes(), libc::O_PATH | libc::O_DIRECTORY)
+                        .map_err(|e| format!("{}: {e}", path.display()))?;
+                    if let Some(why) = unsafe_dir(&fd, &path) {
+                        return Err(why);
+                    }
+                }
+                _ => return Err(format!("{}: not a plain path", real.display())),
+            }
+        }
+        let mut dir = Dir { fd, path };
+        for name in [".cache", "snapfs", "buckets"] {
+            dir = dir.sub(name, name != ".cache")?;
+        }
+        Ok(dir)
+    }
+
+    /// Directory `name` in this one, made (mode 0700) if missing, and beyond other
+    /// users' reach. One of `ours` (snapfs's own) left open to others by the umask it
+    /// was made under is closed to them.
+    pub(super) fn sub(&self, name: &str, ours: bool) -> Result<Dir, String> {
+        let path = self.path.join(name);
+        let n = cstr(name.as_bytes()).map_err(|e| e.to_string())?;
+        // SAFETY: a NUL-terminated name relative to an open directory.
+        if unsafe { libc::mkdirat(self.fd.as_raw_fd(), n.as_ptr(), 0o700) } != 0
+            && last_error().raw_os_error() != Some(libc::EEXIST)
+        {
+            return Err(format!("cannot make {}: {}", path.display(), last_error()));
+        }
+        let fd = open_at(
+            &self.fd,
+            name.as_bytes(),
+            libc::O_RDONLY | libc::O_DIRECTORY,
+        )
+        .map_err(|e| format!("{}: {e}", path.display()))?;
+        if ours {
+            // SAFETY: fstat fills `st` for an open descriptor; fchmod changes the
+            // mode of this directory alone.
+            unsafe {
+                let mut st: libc::stat = std::mem::zeroed();
+                if libc::fstat(fd.as_raw_fd(), &mut st) == 0
+                    && st.st_uid == libc::geteuid()
+                    && st.st_mode & 0o077 != 0
+                {
+                    libc::fchmod(fd.as_raw_fd(), 0o700);
+                }
+            }
+        }
+        if let Some(why) = unsafe_dir(&fd, &path) {
+            return Err(why);
+        }
+        Ok(Dir { fd, path })
+    }
+
+    /// The bytes of regular file `name` here, if it is one of at most `max` bytes.
+    pub(super) fn read(&self, name: &str, max: u64) -> Option<Vec<u8>> {
+        let fd = open_at(&self.fd, name.as_bytes(), libc::O_RDONLY | libc::O_NONBLOCK).ok()?;
+        let mut f = std::fs::File::from(fd);
+        let m = f.metadata().ok()?;
+        if !m.is_file() || m.len() > max {
+            return None;
+        }
+        let mut v = Vec::with_capacity(m.len() as usize);
+        Read::by_ref(&mut f)
+            .take(max + 1)
+            .read_to_end(&mut v)
+            .ok()?;
+        (v.len() as u64 <= max).then_some(v)
+    }
+
+    /// Writes file `name` here whole: a new file (mode 0600) renamed over it.
+    pub(super) fn write(&self, name: &str, parts: &[&[u8]]) -> std::io::Result<()> {
+        let mut r = [0u8; 8];
+        // SAFETY: getrandom writes at most `r.len()` bytes into `r`.
+        unsafe { libc::getrandom(r.as_mut_ptr().cast(), r.len(), 0) };
+        let tmp = format!(
+            ".{name}.{}.{:016x}.tmp",
+            std::process::id(),
+            u64::from_le_bytes(r)
+        );
+        let (t, n) = (cstr(tmp.as_bytes())?, cstr(name.as_bytes())?);
+        // SAFETY: a NUL-terminated name relative to an open directory; a new file.
+        let fd = unsafe {
+            libc::openat(
+                self.fd.as_raw_fd(),
+                t.as_ptr(),
+                libc::O_WRONLY | libc::O_CREAT | libc::O_EXCL | libc::O_NOFOLLOW | libc::O_CLOEXEC,
+                0o600,
+            )
+        };
+        if fd < 0 {
+            return Err(last_error());
+        }
+        // SAFETY: just opened, owned by nothing else.
+        let mut f = std::fs::File::from(unsafe { OwnedFd::from_raw_fd(fd) });
+        let written = parts.iter().try_for_each(|p| f.write_all(p));
+        drop(f);
+        let res = written.and_then(|()| {
+            // SAFETY: names relative to the open directory.
+            let r = unsafe {
+                libc::renameat(
+                    self.fd.as_raw_fd(),
+                    t.as_ptr(),
+                    self.fd.as_raw_fd(),
+                    n.as_ptr(),
+                )
+            };
+            if r == 0 { Ok(()) } else { Err(last_error()) }
+        });
+        if res.is_err() {
+            self.unlink(&tmp);
+        }
+        res
+    }
+
+    /// Removes file `name` here, if it is there.
+    pub(super) fn unlink(&self, name: &str) {
+        if let Ok(n) = cstr(name.as_bytes()) {
+            // SAFETY: a NUL-terminated name relative to an open directory.
+            unsafe { libc::unlinkat(self.fd.as_raw_fd(), n.as_ptr(), 0) };
+        }
+    }
+
+    /// The names here (read through a copy of the open descriptor).
+    pub(super) fn names(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        // SAFETY: dup gives a descriptor fdopendir then owns (closedir closes it);
+        // each entry's name is a NUL-terminated string valid until the next readdir.
+        unsafe {
+            let fd = libc::dup(self.fd.as_raw_fd());
+            if fd < 0 {
+                return out;
+            }
+            let d = libc::fdopendir(fd);
+            if d.is_null() {
+                libc::close(fd);
+                return out;
+            }
+            libc::rewinddir(d);
+            loop {
+                let e = libc::readdir(d);
+                if e.is_null() {
+                    break;
+                }
+                let name = std::ffi::CStr::from_ptr((*e).d_name.as_ptr()).to_bytes();
+                if name != b"."
+                    && name != b".."
+                    && let Ok(s) = std::str::from_utf8(name)
+                {
+                    out.push(s.to_string());
+                }
+            }
+            libc::closedir(d);
+        }
+        out
+    }
+
+    /// Bytes free for this user on its filesystem.
+    pub(super) fn free(&self) -> Option<u64> {
+        // SAFETY: fstatvfs fills `vfs` for an open descriptor.
+        unsafe {
+            let mut vfs: libc::statvfs = std::mem::zeroed();
+            (libc::fstatvfs(self.fd.as_raw_fd(), &mut vfs) == 0)
+                .then(|| vfs.f_bavail.saturating_mul(vfs.f_frsize))
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::PermissionsExt;
+
+    fn mode(p: &Path, m: u32) {
+        std::fs::set_permissions(p, std::fs::Permissions::from_mode(m)).unwrap();
+    }
+
+    #[test]
+    fn what_a_machine_keeps_of_buckets_is_kept_where_no_other_user_reaches() {
+        let top = std::env::temp_dir().join(format!("snapfs-keep-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&top);
+        let home = top.join("alice");
+        std::fs::create_dir_all(&home).unwrap();
+        mode(&top, 0o755);
+        mode(&home, 0o755);
+        let d = Dir::buckets(&home).expect("made");
+        assert!(d.path.ends_with(".cache/snapfs/buckets"));
+        d.write("f", &[b"kept"]).unwrap();
+        assert_eq!(d.read("f", 100).as_deref(), Some(&b"kept"[..]));
+        assert_eq!(d.read("f", 3), None);
+        assert!(d.names().contains(&"f".to_string()));
+        // snapfs's own directories made open to others (a umask of 0) are closed.
+        mode(&home.join(".cache/snapfs"), 0o777);
+        mode(&d.path, 0o775);
+        assert!(Dir::buckets(&home).is_ok());
+        let m = std::fs::metadata(&d.path).unwrap().permissions().mode();
+        assert_eq!(m & 0o777, 0o700);
+        // A directory on the way that others may write, or that is another user's:
+        // nothing is kept there.
+        let cache = home.join(".cache");
+        mode(&cache, 0o777);
+        let e = Dir::buckets(&home).err().expect("refused");
+        assert!(e.contains(".cache") && e.contains("mode 777"), "{e}");
+        mode(&cache, 0o700);
+        mode(&top, 0o777);
+        assert!(Dir::buckets(&home).is_err());
+        // Unless it is root's and sticky, as /tmp is.
+        mode(&top, 0o1777);
+        assert!(Dir::buckets(&home).is_ok());
+        mode(&top, 0o755);
+        std::os::unix::fs::chown(&top, Some(65534), None).unwrap();
+        assert!(Dir::buckets(&home).is_err());
+        std::os::unix::fs::chown(&top, Some(0), None).unwrap();
+        // A link on the way below HOME is not followed.
+        let elsewhere = top.join("elsewhere");
+        std::fs::create_dir_all(elsewhere.join("buckets")).unwrap();
+        std::fs::remove_dir_all(home.join(".cache/snapfs")).unwrap();
+        std::os::unix::fs::symlink(&elsewhere, home.join(".cache/snapfs")).unwrap();
+        assert!(Dir::buckets(&home).is_err());
+        std::fs::remove_file(home.join(".cache/snapfs")).unwrap();
+        // A HOME that is a link is the directory it names (checked on its own way).
+        let link = top.join("home-link");
+        std::os::unix::fs::symlink(&home, &link).unwrap();
+        assert!(Dir::buckets(&link).is_ok());
+        // Once open, a directory on the way moved and replaced by a link redirects
+        // nothing: what is written goes where it was opened.
+        let d = Dir::buckets(&home).unwrap();
+        std::fs::rename(&home, top.join("moved")).unwrap();
+        std::os::unix::fs::symlink(&elsewhere, &home).unwrap();
+        d.write("g", &[b"here"]).unwrap();
+        assert!(top.join("moved/.cache/snapfs/buckets/g").exists());
+        assert!(!elsewhere.join(".cache").exists());
+        // A name that is a link, or not a regular file, is not read.
+        std::os::unix::fs::symlink("/dev/zero", top.join("moved/.cache/snapfs/buckets/z")).unwrap();
+        assert_eq!(d.read("z", 1 << 20), None);
+        std::fs::remove_dir_all(&top).unwrap();
+    }
+}
