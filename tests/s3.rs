@@ -2136,6 +2136,18 @@ fn a_root_put_back_from_an_older_copy_is_refused() {
     assert_eq!(names_listed(&list()), vec!["s1"]);
     // (The service's, if its home is another.)
     let _ = std::fs::remove_file(homeless_file);
+    // A file of the guard's that cannot be read is not taken for none (a rolled
+    // back root would pass): the command stops, naming it.
+    std::fs::write(&file, b"{\"generation\": ").unwrap();
+    let out = g.snapfs(&["snapshot", "list", url]);
+    assert_eq!(out.status.code(), Some(2), "{out:?}");
+    let e = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        e.contains(&file) && e.contains("delete it to accept the bucket as it is"),
+        "{e}"
+    );
+    std::fs::remove_file(&file).unwrap();
+    assert_eq!(names_listed(&list()), vec!["s1"]);
 }
 
 /// Fails with the command's own error unless it succeeded.

@@ -1477,15 +1477,17 @@ impl Bucket {
     fn keep_dir(&self) -> Option<&keep::Dir> {
         self.keep
             .get_or_init(|| {
+                let passwd = passwd_home();
                 if let Some(h) = &self.home {
                     match keep::Dir::buckets(h) {
                         Ok(d) => return Some(d),
-                        Err(why) => warn_once(&format!(
+                        Err(why) if passwd.as_ref() != Some(h) => warn_once(&format!(
                             "s3: HOME is not beyond other users' reach ({why}): what this machine keeps of buckets goes in the user database's home"
                         )),
+                        Err(_) => {}
                     }
                 }
-                match passwd_home().ok_or_else(|| "this user has no home directory".to_string()).and_then(|h| keep::Dir::buckets(&h)) {
+                match passwd.ok_or_else(|| "this user has no home directory".to_string()).and_then(|h| keep::Dir::buckets(&h)) {
                     Ok(d) => Some(d),
                     Err(why) => {
                         warn_once(&format!(
@@ -1513,22 +1515,38 @@ impl Bucket {
             return Ok(());
         };
         let file = Self::generation_name(&self.place, root);
-        let read = |f: &str| {
-            dir.read(f, 64 << 10)
-                .and_then(|t| serde_json::from_slice::<serde_json::Value>(&t).ok())
+        // What a file says (0: there is none). One that cannot be read or is damaged
+        // stops the command: taking it for 0 would let a rolled-back root through.
+        let read = |f: &str| -> Result<u64, SyncError> {
+            let damaged = |why: String| {
+                err(format!(
+                    "{}: {why}: delete it to accept the bucket as it is",
+                    dir.path.join(f).display()
+                ))
+            };
+            let Some(t) = dir.read(f, 64 << 10).map_err(|e| damaged(e.to_string()))? else {
+                return Ok(0);
+            };
+            serde_json::from_slice::<serde_json::Value>(&t)
+                .ok()
                 .and_then(|v| v["generation"].as_u64())
-                .unwrap_or(0)
+                .ok_or_else(|| damaged("damaged (no generation in it)".into()))
         };
         // (Before 2026-12-05 the file went by the URL as written: read too.)
         let files: Vec<String> = std::iter::once(file.clone())
             .chain(Some(Self::generation_name(&self.url, root)).filter(|f| *f != file))
             .collect();
-        let seen = files.iter().map(|f| read(f)).max().unwrap_or(0);
+        let said = files
+            .iter()
+            .map(|f| read(f))
+            .collect::<Result<Vec<u64>, SyncError>>()?;
+        let seen = said.iter().copied().max().unwrap_or(0);
         if root.generation < seen {
             let names: Vec<String> = files
                 .iter()
-                .filter(|f| read(f) > root.generation)
-                .map(|f| dir.path.join(f).display().to_string())
+                .zip(&said)
+                .filter(|(_, g)| **g > root.generation)
+                .map(|(f, _)| dir.path.join(f).display().to_string())
                 .collect();
             return Err(err(format!(
                 "{}: its root went back from generation {seen} to {} (put back from an older copy, or rolled back by someone who can write the bucket): refused; if that is what you meant, delete {}",
@@ -1543,7 +1561,7 @@ impl Bucket {
                 "volume": root.volume,
                 "generation": root.generation,
             });
-            if let Err(e) = dir.write(&file, &[body.to_string().as_bytes()]) {
+            if let Err(e) = dir.write(&file, &[body.to_string().as_bytes()], true) {
                 tracing::warn!(error = %e, file = %dir.path.join(&file).display(),
                     "s3: cannot remember the root's generation");
             }
@@ -3875,6 +3893,8 @@ mod tests {
         let home = std::env::temp_dir().join(format!("snapfs-relist-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&home);
         std::fs::create_dir_all(&home).unwrap();
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&home, std::fs::Permissions::from_mode(0o700)).unwrap();
         b.keep = std::cell::OnceCell::from(Some(keep::Dir::buckets(&home).unwrap()));
         b.keep_at = Some("mem".into());
         let id = "0123456789abcdef0123456789abcdef";

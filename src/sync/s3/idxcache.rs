@@ -62,8 +62,13 @@ impl IdxCache {
                 return None;
             }
         };
-        if dir.read(TAG_NAME, TAG.len() as u64).as_deref() != Some(TAG)
-            && let Err(e) = dir.write(TAG_NAME, &[TAG])
+        if dir
+            .read(TAG_NAME, TAG.len() as u64)
+            .ok()
+            .flatten()
+            .as_deref()
+            != Some(TAG)
+            && let Err(e) = dir.write(TAG_NAME, &[TAG], false)
         {
             tracing::debug!(error = %e, "s3: cannot write {TAG_NAME}");
         }
@@ -78,7 +83,10 @@ impl IdxCache {
 
     /// Index `id` as kept, if it was kept with `tag` and is whole.
     pub(super) fn get(&self, id: &str, tag: &str) -> Option<Vec<u8>> {
-        let kept = self.dir.read(&format!("{id}.idx"), MAX_KEPT + 4096)?;
+        let kept = self
+            .dir
+            .read(&format!("{id}.idx"), MAX_KEPT + 4096)
+            .ok()??;
         let rest = kept.strip_prefix(MAGIC.as_slice())?;
         let (sum, body) = rest.split_at_checked(32)?;
         if blake3::hash(body).as_bytes() != sum {
@@ -105,6 +113,7 @@ impl IdxCache {
         if let Err(e) = self.dir.write(
             &format!("{id}.idx"),
             &[MAGIC, sum.as_bytes(), &len, tag.as_bytes(), object],
+            false,
         ) {
             tracing::debug!(error = %e, "s3: cannot keep a pack index");
         }
@@ -146,6 +155,8 @@ mod tests {
             std::env::temp_dir().join(format!("snapfs-idxcache-{name}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&home);
         std::fs::create_dir_all(&home).unwrap();
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&home, std::fs::Permissions::from_mode(0o700)).unwrap();
         home
     }
 

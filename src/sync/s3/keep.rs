@@ -6,13 +6,13 @@
 //! `sudo -E` leaves it). So the directory is reached by descriptor from `/`, one
 //! component at a time and never through a link (`openat` with `O_NOFOLLOW`), and
 //! each directory on the way must be one another user cannot change: owned by this
-//! user or root, and writable by no one else, unless it is root's and sticky (as
-//! `/tmp` is: no one may move another's entry in it), or writable by a group that is
-//! this user's own private group (as umask 002 under user private groups leaves
-//! them). For root, no directory on the way may be on a FUSE filesystem (whose
-//! daemon, any user's, says who owns what). What is under it is then read and
-//! written through the open directory alone, so moving or replacing a directory on
-//! the way afterwards redirects nothing.
+//! user or root, and writable by no one else (an ACL granting another user write
+//! shows as group write), unless it is root's and sticky (as `/tmp` is: no one may
+//! move another's entry in it). For root, no directory on the way may be on a FUSE
+//! filesystem (whose daemon, any user's, says who owns what). What is under it is
+//! then read and written through the open directory alone, so moving or replacing a
+//! directory on the way afterwards redirects nothing; only files of this user's or
+//! root's are read.
 
 use std::ffi::CString;
 use std::io::{Read, Write};
@@ -37,41 +37,6 @@ fn cstr(s: &[u8]) -> std::io::Result<CString> {
     CString::new(s).map_err(|_| std::io::Error::from_raw_os_error(libc::EINVAL))
 }
 
-/// Whether group `gid` is `user`'s private group: named as the user, with no other
-/// member (user private groups, where umask 002 leaves directories group-writable).
-fn private_group(gid: libc::gid_t, euid: libc::uid_t) -> bool {
-    let mut buf = vec![0 as libc::c_char; 16 << 10];
-    // SAFETY: getpwuid_r and getgrgid_r write their entries into the structs and
-    // their strings into `buf`, which outlive every read below.
-    unsafe {
-        let mut pw: libc::passwd = std::mem::zeroed();
-        let mut found: *mut libc::passwd = std::ptr::null_mut();
-        if libc::getpwuid_r(euid, &mut pw, buf.as_mut_ptr(), buf.len(), &mut found) != 0
-            || found.is_null()
-            || pw.pw_gid != gid
-        {
-            return false;
-        }
-        let user = std::ffi::CStr::from_ptr(pw.pw_name).to_bytes().to_vec();
-        let mut gr: libc::group = std::mem::zeroed();
-        let mut gfound: *mut libc::group = std::ptr::null_mut();
-        if libc::getgrgid_r(gid, &mut gr, buf.as_mut_ptr(), buf.len(), &mut gfound) != 0
-            || gfound.is_null()
-            || std::ffi::CStr::from_ptr(gr.gr_name).to_bytes() != user.as_slice()
-        {
-            return false;
-        }
-        let mut m = gr.gr_mem;
-        while !m.is_null() && !(*m).is_null() {
-            if std::ffi::CStr::from_ptr(*m).to_bytes() != user.as_slice() {
-                return false;
-            }
-            m = m.add(1);
-        }
-        true
-    }
-}
-
 /// Why open directory `fd` (at `path`) is one another user could change, if it is.
 fn unsafe_dir(fd: &OwnedFd, path: &Path) -> Option<String> {
     // SAFETY: fstat and fstatfs fill their structs for an open descriptor; geteuid
@@ -87,12 +52,10 @@ fn unsafe_dir(fd: &OwnedFd, path: &Path) -> Option<String> {
     };
     let mode = st.st_mode & 0o7777;
     let owner_ok = st.st_uid == euid || st.st_uid == 0;
-    let write_ok = mode & 0o022 == 0
-        || (mode & libc::S_ISVTX != 0 && st.st_uid == 0)
-        || (mode & 0o002 == 0 && st.st_uid == euid && private_group(st.st_gid, euid));
+    let write_ok = mode & 0o022 == 0 || (mode & libc::S_ISVTX != 0 && st.st_uid == 0);
     if !owner_ok || !write_ok {
         return Some(format!(
-            "{} (owner uid {}, mode {mode:o}) is another user's or writable by others (chmod go-w it, or give it to this user)",
+            "{} (owner uid {}, mode {mode:o}) is another user's or writable by others: it must be this user's or root's, and `chmod go-w` (an ACL granting write shows as group write)",
             path.display(),
             st.st_uid
         ));
@@ -107,15 +70,23 @@ fn unsafe_dir(fd: &OwnedFd, path: &Path) -> Option<String> {
     None
 }
 
+/// `name` as one plain name within a directory (no `/`, not `.` or `..`).
+fn one_name(name: &[u8]) -> std::io::Result<CString> {
+    if name.is_empty() || name.contains(&b'/') || name == b"." || name == b".." {
+        return Err(std::io::Error::from_raw_os_error(libc::EINVAL));
+    }
+    cstr(name)
+}
+
 fn open_at(dir: &OwnedFd, name: &[u8], flags: libc::c_int) -> std::io::Result<OwnedFd> {
-    let n = cstr(name)?;
+    let n = one_name(name)?;
     // SAFETY: a NUL-terminated name relative to an open directory; the descriptor
     // returned is owned below.
     let fd = unsafe {
         libc::openat(
             dir.as_raw_fd(),
             n.as_ptr(),
-            flags | libc::O_NOFOLLOW | libc::O_CLOEXEC,
+            flags | libc::O_NOFOLLOW | libc::O_CLOEXEC | libc::O_NOCTTY,
         )
     };
     if fd < 0 {
@@ -130,6 +101,9 @@ impl Dir {
     /// every directory on the way to it and below it is beyond other users' reach;
     /// else why not.
     pub(super) fn buckets(home: &Path) -> Result<Dir, String> {
+        if !home.is_absolute() {
+            return Err(format!("{}: not an absolute path", home.display()));
+        }
         let real = std::fs::canonicalize(home).map_err(|e| format!("{}: {e}", home.display()))?;
         // SAFETY: a NUL-terminated path; the descriptor is owned below.
         let fd = unsafe {
@@ -173,7 +147,7 @@ impl Dir {
     /// was made under is closed to them.
     pub(super) fn sub(&self, name: &str, ours: bool) -> Result<Dir, String> {
         let path = self.path.join(name);
-        let n = cstr(name.as_bytes()).map_err(|e| e.to_string())?;
+        let n = one_name(name.as_bytes()).map_err(|e| format!("{}: {e}", path.display()))?;
         // SAFETY: a NUL-terminated name relative to an open directory.
         if unsafe { libc::mkdirat(self.fd.as_raw_fd(), n.as_ptr(), 0o700) } != 0
             && last_error().raw_os_error() != Some(libc::EEXIST)
@@ -205,24 +179,37 @@ impl Dir {
         Ok(Dir { fd, path })
     }
 
-    /// The bytes of regular file `name` here, if it is one of at most `max` bytes.
-    pub(super) fn read(&self, name: &str, max: u64) -> Option<Vec<u8>> {
-        let fd = open_at(&self.fd, name.as_bytes(), libc::O_RDONLY | libc::O_NONBLOCK).ok()?;
+    /// The bytes of file `name` here: `Ok(None)` when there is none; an error when
+    /// it is not a regular file of this user's or root's of at most `max` bytes, or
+    /// cannot be read.
+    pub(super) fn read(&self, name: &str, max: u64) -> std::io::Result<Option<Vec<u8>>> {
+        let fd = match open_at(&self.fd, name.as_bytes(), libc::O_RDONLY | libc::O_NONBLOCK) {
+            Ok(fd) => fd,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(e),
+        };
         let mut f = std::fs::File::from(fd);
-        let m = f.metadata().ok()?;
-        if !m.is_file() || m.len() > max {
-            return None;
+        let m = f.metadata()?;
+        use std::os::unix::fs::MetadataExt;
+        // SAFETY: geteuid cannot fail.
+        let euid = unsafe { libc::geteuid() };
+        if !m.is_file() || (m.uid() != euid && m.uid() != 0) || m.len() > max {
+            return Err(std::io::Error::other(format!(
+                "not a regular file of this user's of at most {max} bytes"
+            )));
         }
         let mut v = Vec::with_capacity(m.len() as usize);
-        Read::by_ref(&mut f)
-            .take(max + 1)
-            .read_to_end(&mut v)
-            .ok()?;
-        (v.len() as u64 <= max).then_some(v)
+        Read::by_ref(&mut f).take(max + 1).read_to_end(&mut v)?;
+        if v.len() as u64 > max {
+            return Err(std::io::Error::other("it grew as it was read"));
+        }
+        Ok(Some(v))
     }
 
-    /// Writes file `name` here whole: a new file (mode 0600) renamed over it.
-    pub(super) fn write(&self, name: &str, parts: &[&[u8]]) -> std::io::Result<()> {
+    /// Writes file `name` here whole: a new file (mode 0600) renamed over it; with
+    /// `durable`, on disk (the file, then the directory) when this returns, so a
+    /// crash leaves the old or the new, whole.
+    pub(super) fn write(&self, name: &str, parts: &[&[u8]], durable: bool) -> std::io::Result<()> {
         let mut r = [0u8; 8];
         // SAFETY: getrandom writes at most `r.len()` bytes into `r`.
         unsafe { libc::getrandom(r.as_mut_ptr().cast(), r.len(), 0) };
@@ -231,13 +218,18 @@ impl Dir {
             std::process::id(),
             u64::from_le_bytes(r)
         );
-        let (t, n) = (cstr(tmp.as_bytes())?, cstr(name.as_bytes())?);
+        let (t, n) = (one_name(tmp.as_bytes())?, one_name(name.as_bytes())?);
         // SAFETY: a NUL-terminated name relative to an open directory; a new file.
         let fd = unsafe {
             libc::openat(
                 self.fd.as_raw_fd(),
                 t.as_ptr(),
-                libc::O_WRONLY | libc::O_CREAT | libc::O_EXCL | libc::O_NOFOLLOW | libc::O_CLOEXEC,
+                libc::O_WRONLY
+                    | libc::O_CREAT
+                    | libc::O_EXCL
+                    | libc::O_NOFOLLOW
+                    | libc::O_CLOEXEC
+                    | libc::O_NOCTTY,
                 0o600,
             )
         };
@@ -246,7 +238,10 @@ impl Dir {
         }
         // SAFETY: just opened, owned by nothing else.
         let mut f = std::fs::File::from(unsafe { OwnedFd::from_raw_fd(fd) });
-        let written = parts.iter().try_for_each(|p| f.write_all(p));
+        let written = parts
+            .iter()
+            .try_for_each(|p| f.write_all(p))
+            .and_then(|()| if durable { f.sync_all() } else { Ok(()) });
         drop(f);
         let res = written.and_then(|()| {
             // SAFETY: names relative to the open directory.
@@ -258,7 +253,14 @@ impl Dir {
                     n.as_ptr(),
                 )
             };
-            if r == 0 { Ok(()) } else { Err(last_error()) }
+            if r != 0 {
+                return Err(last_error());
+            }
+            // SAFETY: fsync of the open directory.
+            if durable && unsafe { libc::fsync(self.fd.as_raw_fd()) } != 0 {
+                return Err(last_error());
+            }
+            Ok(())
         });
         if res.is_err() {
             self.unlink(&tmp);
@@ -268,7 +270,7 @@ impl Dir {
 
     /// Removes file `name` here, if it is there.
     pub(super) fn unlink(&self, name: &str) {
-        if let Ok(n) = cstr(name.as_bytes()) {
+        if let Ok(n) = one_name(name.as_bytes()) {
             // SAFETY: a NUL-terminated name relative to an open directory.
             unsafe { libc::unlinkat(self.fd.as_raw_fd(), n.as_ptr(), 0) };
         }
@@ -277,10 +279,15 @@ impl Dir {
     /// The names here (read through a copy of the open descriptor).
     pub(super) fn names(&self) -> Vec<String> {
         let mut out = Vec::new();
-        // SAFETY: dup gives a descriptor fdopendir then owns (closedir closes it);
+        // SAFETY: openat gives a descriptor fdopendir then owns (closedir closes it);
         // each entry's name is a NUL-terminated string valid until the next readdir.
         unsafe {
-            let fd = libc::dup(self.fd.as_raw_fd());
+            // A descriptor of its own (not a dup, which would share the offset).
+            let fd = libc::openat(
+                self.fd.as_raw_fd(),
+                c".".as_ptr(),
+                libc::O_RDONLY | libc::O_DIRECTORY | libc::O_CLOEXEC,
+            );
             if fd < 0 {
                 return out;
             }
@@ -289,7 +296,6 @@ impl Dir {
                 libc::close(fd);
                 return out;
             }
-            libc::rewinddir(d);
             loop {
                 let e = libc::readdir(d);
                 if e.is_null() {
@@ -338,32 +344,47 @@ mod tests {
         mode(&home, 0o755);
         let d = Dir::buckets(&home).expect("made");
         assert!(d.path.ends_with(".cache/snapfs/buckets"));
-        d.write("f", &[b"kept"]).unwrap();
-        assert_eq!(d.read("f", 100).as_deref(), Some(&b"kept"[..]));
-        assert_eq!(d.read("f", 3), None);
+        d.write("f", &[b"kept"], true).unwrap();
+        assert_eq!(d.read("f", 100).unwrap().as_deref(), Some(&b"kept"[..]));
+        assert_eq!(d.read("none", 100).unwrap(), None);
+        assert!(d.read("f", 3).is_err());
         assert!(d.names().contains(&"f".to_string()));
+        for bad in ["", ".", "..", "a/b", "../f"] {
+            assert!(d.write(bad, &[b"x"], false).is_err(), "{bad:?}");
+            assert!(d.read(bad, 100).is_err(), "{bad:?}");
+        }
+        // A file of another user's is not believed.
+        std::os::unix::fs::chown(d.path.join("f"), Some(65534), None).unwrap();
+        assert!(d.read("f", 100).is_err());
+        std::os::unix::fs::chown(d.path.join("f"), Some(0), None).unwrap();
         // snapfs's own directories made open to others (a umask of 0) are closed.
         mode(&home.join(".cache/snapfs"), 0o777);
         mode(&d.path, 0o775);
         assert!(Dir::buckets(&home).is_ok());
         let m = std::fs::metadata(&d.path).unwrap().permissions().mode();
         assert_eq!(m & 0o777, 0o700);
-        // A directory on the way that others may write, or that is another user's:
-        // nothing is kept there.
+        // A directory on the way that others may write (a group too), or that is
+        // another user's: nothing is kept there.
         let cache = home.join(".cache");
         mode(&cache, 0o777);
         let e = Dir::buckets(&home).err().expect("refused");
         assert!(e.contains(".cache") && e.contains("mode 777"), "{e}");
+        mode(&cache, 0o775);
+        assert!(Dir::buckets(&home).is_err());
         mode(&cache, 0o700);
         mode(&top, 0o777);
         assert!(Dir::buckets(&home).is_err());
-        // Unless it is root's and sticky, as /tmp is.
+        // Unless it is root's and sticky, as /tmp is; another's sticky one is not.
         mode(&top, 0o1777);
         assert!(Dir::buckets(&home).is_ok());
-        mode(&top, 0o755);
         std::os::unix::fs::chown(&top, Some(65534), None).unwrap();
         assert!(Dir::buckets(&home).is_err());
+        mode(&top, 0o755);
+        assert!(Dir::buckets(&home).is_err());
         std::os::unix::fs::chown(&top, Some(0), None).unwrap();
+        assert!(Dir::buckets(&home).is_ok());
+        // A relative HOME is not taken.
+        assert!(Dir::buckets(Path::new("alice")).is_err());
         // A link on the way below HOME is not followed.
         let elsewhere = top.join("elsewhere");
         std::fs::create_dir_all(elsewhere.join("buckets")).unwrap();
@@ -376,16 +397,27 @@ mod tests {
         std::os::unix::fs::symlink(&home, &link).unwrap();
         assert!(Dir::buckets(&link).is_ok());
         // Once open, a directory on the way moved and replaced by a link redirects
-        // nothing: what is written goes where it was opened.
+        // nothing: what is written, listed and deleted is where it was opened.
         let d = Dir::buckets(&home).unwrap();
+        d.write("old", &[b"x"], false).unwrap();
         std::fs::rename(&home, top.join("moved")).unwrap();
         std::os::unix::fs::symlink(&elsewhere, &home).unwrap();
-        d.write("g", &[b"here"]).unwrap();
-        assert!(top.join("moved/.cache/snapfs/buckets/g").exists());
+        std::fs::write(elsewhere.join("old"), b"not snapfs's").unwrap();
+        d.write("g", &[b"here"], false).unwrap();
+        let kept = top.join("moved/.cache/snapfs/buckets");
+        assert!(kept.join("g").exists());
+        assert!(d.names().contains(&"g".to_string()));
+        d.unlink("old");
+        assert!(!kept.join("old").exists());
+        assert!(elsewhere.join("old").exists());
         assert!(!elsewhere.join(".cache").exists());
-        // A name that is a link, or not a regular file, is not read.
-        std::os::unix::fs::symlink("/dev/zero", top.join("moved/.cache/snapfs/buckets/z")).unwrap();
-        assert_eq!(d.read("z", 1 << 20), None);
+        // A name that is a link, a FIFO or a device is not read (nor waited on).
+        std::os::unix::fs::symlink("/dev/zero", kept.join("z")).unwrap();
+        assert!(d.read("z", 1 << 20).is_err());
+        let fifo = std::ffi::CString::new(kept.join("p").as_os_str().as_bytes()).unwrap();
+        // SAFETY: a NUL-terminated path.
+        assert_eq!(unsafe { libc::mkfifo(fifo.as_ptr(), 0o600) }, 0);
+        assert!(d.read("p", 1 << 20).is_err());
         std::fs::remove_dir_all(&top).unwrap();
     }
 }
