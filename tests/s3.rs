@@ -2143,7 +2143,9 @@ fn a_root_put_back_from_an_older_copy_is_refused() {
     assert_eq!(out.status.code(), Some(2), "{out:?}");
     let e = String::from_utf8_lossy(&out.stderr);
     assert!(
-        e.contains(&file) && e.contains("delete it to accept the bucket as it is"),
+        e.contains(&file)
+            && e.contains("delete it to accept the bucket as it is")
+            && e.trim_end().lines().count() == 1,
         "{e}"
     );
     std::fs::remove_file(&file).unwrap();

@@ -1520,13 +1520,18 @@ impl Bucket {
         let read = |f: &str| -> Result<u64, SyncError> {
             let damaged = |why: String| {
                 err(format!(
-                    "{}: {why}: delete it to accept the bucket as it is",
+                    "{}: {why}: delete it to accept the bucket as it is (or, if root wrote it, give it to this user with chown to keep what it says)",
                     dir.path.join(f).display()
                 ))
             };
             let Some(t) = dir.read(f, 64 << 10).map_err(|e| damaged(e.to_string()))? else {
                 return Ok(0);
             };
+            // Empty: a write torn by a crash before these files were synced.
+            if t.is_empty() {
+                tracing::warn!(file = %dir.path.join(f).display(), "s3: a generation file is empty (a write cut short): taken for none");
+                return Ok(0);
+            }
             serde_json::from_slice::<serde_json::Value>(&t)
                 .ok()
                 .and_then(|v| v["generation"].as_u64())
@@ -1555,7 +1560,7 @@ impl Bucket {
                 names.join(" and ")
             )));
         }
-        if root.generation > seen {
+        if root.generation > said[0] {
             let body = serde_json::json!({
                 "url": self.url,
                 "volume": root.volume,
@@ -1564,7 +1569,12 @@ impl Bucket {
             if let Err(e) = dir.write(&file, &[body.to_string().as_bytes()], true) {
                 tracing::warn!(error = %e, file = %dir.path.join(&file).display(),
                     "s3: cannot remember the root's generation");
+                return Ok(());
             }
+        }
+        // The file by the URL as written goes once the one by place holds as much.
+        if let Some(legacy) = files.get(1) {
+            dir.unlink(legacy);
         }
         Ok(())
     }

@@ -193,9 +193,19 @@ impl Dir {
         use std::os::unix::fs::MetadataExt;
         // SAFETY: geteuid cannot fail.
         let euid = unsafe { libc::geteuid() };
-        if !m.is_file() || (m.uid() != euid && m.uid() != 0) || m.len() > max {
+        if !m.is_file() {
+            return Err(std::io::Error::other("not a regular file"));
+        }
+        if m.uid() != euid && m.uid() != 0 {
             return Err(std::io::Error::other(format!(
-                "not a regular file of this user's of at most {max} bytes"
+                "owned by uid {}, neither this user nor root",
+                m.uid()
+            )));
+        }
+        if m.len() > max {
+            return Err(std::io::Error::other(format!(
+                "{} bytes, more than the {max} it may hold",
+                m.len()
             )));
         }
         let mut v = Vec::with_capacity(m.len() as usize);
@@ -276,7 +286,7 @@ impl Dir {
         }
     }
 
-    /// The names here (read through a copy of the open descriptor).
+    /// The names here (read through the open directory, opened anew).
     pub(super) fn names(&self) -> Vec<String> {
         let mut out = Vec::new();
         // SAFETY: openat gives a descriptor fdopendir then owns (closedir closes it);
@@ -383,8 +393,8 @@ mod tests {
         assert!(Dir::buckets(&home).is_err());
         std::os::unix::fs::chown(&top, Some(0), None).unwrap();
         assert!(Dir::buckets(&home).is_ok());
-        // A relative HOME is not taken.
-        assert!(Dir::buckets(Path::new("alice")).is_err());
+        // A relative HOME is not taken ("." would resolve).
+        assert!(Dir::buckets(Path::new(".")).is_err());
         // A link on the way below HOME is not followed.
         let elsewhere = top.join("elsewhere");
         std::fs::create_dir_all(elsewhere.join("buckets")).unwrap();
