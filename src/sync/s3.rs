@@ -977,34 +977,18 @@ impl Bucket {
     /// ms an index.
     /// The first failure ends it (the requests still under way are dropped).
     fn get_many(&self, keys: &[&str]) -> Result<Vec<Option<Vec<u8>>>, SyncError> {
-        use futures_util::StreamExt;
-        let gets = keys.iter().map(|key| self.get_async(key));
-        self.rt.block_on(
-            futures_util::stream::iter(gets)
-                .buffered(self.jobs.max(1))
-                .try_collect(),
-        )
+        Ok(self
+            .get_many_tagged(keys)?
+            .into_iter()
+            .map(|got| got.map(|(data, _)| data))
+            .collect())
     }
 
     /// [`Bucket::get_many`], each object with its tag ([`object_tag`]) as read.
     #[allow(clippy::type_complexity)]
     fn get_many_tagged(&self, keys: &[&str]) -> Result<Vec<Option<(Vec<u8>, String)>>, SyncError> {
         use futures_util::StreamExt;
-        let gets = keys.iter().map(|key| {
-            let (store, path) = (self.store.clone(), self.path(key));
-            let (url, key) = (self.url.clone(), key.to_string());
-            async move {
-                let got = match store.get(&path).await {
-                    Ok(r) => {
-                        let tag = object_tag(&r.meta);
-                        r.bytes().await.map(|b| Some((b.to_vec(), tag)))
-                    }
-                    Err(object_store::Error::NotFound { .. }) => Ok(None),
-                    Err(e) => Err(e),
-                };
-                got.map_err(|e| failure(&url, "reading", &key, e))
-            }
-        });
+        let gets = keys.iter().map(|key| self.get_async_tagged(key));
         self.rt.block_on(
             futures_util::stream::iter(gets)
                 .buffered(self.jobs.max(1))
@@ -1018,11 +1002,25 @@ impl Bucket {
         &self,
         key: &str,
     ) -> impl std::future::Future<Output = Result<Option<Vec<u8>>, SyncError>> + Send + use<> {
+        let got = self.get_async_tagged(key);
+        async move { Ok(got.await?.map(|(data, _)| data)) }
+    }
+
+    /// [`Bucket::get_async`], with the object's tag ([`object_tag`]) as read.
+    #[allow(clippy::type_complexity)]
+    fn get_async_tagged(
+        &self,
+        key: &str,
+    ) -> impl std::future::Future<Output = Result<Option<(Vec<u8>, String)>, SyncError>> + Send + use<>
+    {
         let (store, path) = (self.store.clone(), self.path(key));
         let (url, key) = (self.url.clone(), key.to_string());
         async move {
             let got = match store.get(&path).await {
-                Ok(r) => r.bytes().await.map(|b| Some(b.to_vec())),
+                Ok(r) => {
+                    let tag = object_tag(&r.meta);
+                    r.bytes().await.map(|b| Some((b.to_vec(), tag)))
+                }
                 Err(object_store::Error::NotFound { .. }) => Ok(None),
                 Err(e) => Err(e),
             };
@@ -1783,12 +1781,11 @@ impl Bucket {
             .copied()
             .filter(|k| k.ends_with(".pack"))
             .collect();
-        let keys: Vec<String> = listed.iter().map(|(k, _)| k.clone()).collect();
         let kept = if kept { self.kept() } else { None };
         let mut out = HashMap::new();
         let mut lost: Vec<(String, Vec<[u8; 32]>)> = Vec::new();
         self.each_index(
-            &keys,
+            listed.iter().map(|(k, _)| k.as_str()),
             kept.map(|c| (c, &tags)),
             || Ok(()),
             |key, entries| {
@@ -2173,16 +2170,12 @@ impl Bucket {
     /// and those read are kept.
     fn each_index<'k>(
         &self,
-        keys: &'k [String],
+        keys: impl IntoIterator<Item = &'k str>,
         kept: Option<(&idxcache::IdxCache, &HashMap<&str, &str>)>,
         mut between: impl FnMut() -> Result<(), SyncError>,
         mut each: impl FnMut(&'k str, Option<Vec<IdxEntry>>) -> Result<(), SyncError>,
     ) -> Result<(), SyncError> {
-        let idx_keys: Vec<&str> = keys
-            .iter()
-            .map(String::as_str)
-            .filter(|k| k.ends_with(".idx"))
-            .collect();
+        let idx_keys: Vec<&str> = keys.into_iter().filter(|k| k.ends_with(".idx")).collect();
         for chunk in idx_keys.chunks(256) {
             between()?;
             for (key, entries) in chunk.iter().zip(self.read_idxs(chunk, kept)?) {
@@ -2199,32 +2192,26 @@ impl Bucket {
         keys: &[&str],
         kept: Option<(&idxcache::IdxCache, &HashMap<&str, &str>)>,
     ) -> Result<Vec<Option<Vec<IdxEntry>>>, SyncError> {
-        let Some((cache, tags)) = kept else {
-            return self
-                .get_many(keys)?
-                .into_iter()
-                .zip(keys)
-                .map(|(data, key)| {
-                    data.map(|d| self.open_meta(key, d).and_then(|b| self.decode_idx(key, b)))
-                        .transpose()
-                })
-                .collect();
+        let open = |key: &str, data: Vec<u8>| {
+            self.open_meta(key, data)
+                .and_then(|b| self.decode_idx(key, b))
         };
-        // The bucket's tag of each, as listed, and its pack id.
-        fn listed<'a>(tags: &HashMap<&str, &'a str>, key: &'a str) -> Option<(&'a str, &'a str)> {
-            Some((idx_id(key)?, *tags.get(key)?))
+        // Where indexes are kept: the cache, and the pack id and the bucket's tag of
+        // `key` as listed.
+        fn listed<'a>(
+            kept: Option<(&'a idxcache::IdxCache, &HashMap<&str, &'a str>)>,
+            key: &'a str,
+        ) -> Option<(&'a idxcache::IdxCache, &'a str, &'a str)> {
+            let (cache, tags) = kept?;
+            Some((cache, idx_id(key)?, *tags.get(key)?))
         }
         // Those kept under the tag listed, opened and decoded; a kept copy that does
         // not open or decode is dropped, and read again.
         let mut out: Vec<Option<Option<Vec<IdxEntry>>>> = keys
             .iter()
             .map(|key| {
-                let (id, tag) = listed(tags, key)?;
-                let data = cache.get(id, tag)?;
-                match self
-                    .open_meta(key, data)
-                    .and_then(|b| self.decode_idx(key, b))
-                {
+                let (cache, id, tag) = listed(kept, key)?;
+                match open(key, cache.get(id, tag)?) {
                     Ok(entries) => Some(Some(entries)),
                     Err(_) => {
                         cache.drop_kept(id);
@@ -2246,17 +2233,17 @@ impl Bucket {
                 *slot = Some(None);
                 continue;
             };
-            // Kept only as read under the tag listed (not one replaced between the
-            // listing and the read), and once it opened and decoded.
-            let keep = listed(tags, key)
-                .filter(|(_, tag)| *tag == got_tag)
-                .map(|(id, tag)| (id, tag, data.clone()));
-            let entries = self
-                .open_meta(key, data)
-                .and_then(|b| self.decode_idx(key, b))?;
-            if let Some((id, tag, object)) = keep {
-                cache.put(id, tag, &object);
+            // Kept as read under the tag listed (not one replaced between the listing
+            // and the read); dropped again if it does not open and decode.
+            let keep = listed(kept, key).filter(|(_, _, tag)| *tag == got_tag);
+            if let Some((cache, id, tag)) = keep {
+                cache.put(id, tag, &data);
             }
+            let entries = open(key, data).inspect_err(|_| {
+                if let Some((cache, id, _)) = keep {
+                    cache.drop_kept(id);
+                }
+            })?;
             *slot = Some(Some(entries));
         }
         Ok(out
@@ -3323,7 +3310,7 @@ pub fn gc(url: &str, dry_run: bool) -> Result<GcReport, SyncError> {
     // then nothing is deleted, and the next sync asks the source for those extents.
     let mut indexes: Vec<(&str, u64, u64)> = Vec::new();
     b.each_index(
-        &keys,
+        keys.iter().map(String::as_str),
         None,
         || lock.renew(),
         |key, idx| {

@@ -33,10 +33,6 @@ fn last_error() -> std::io::Error {
     std::io::Error::last_os_error()
 }
 
-fn cstr(s: &[u8]) -> std::io::Result<CString> {
-    CString::new(s).map_err(|_| std::io::Error::from_raw_os_error(libc::EINVAL))
-}
-
 /// Why open directory `fd` (at `path`) is one another user could change, if it is.
 fn unsafe_dir(fd: &OwnedFd, path: &Path) -> Option<String> {
     // SAFETY: fstat and fstatfs fill their structs for an open descriptor; geteuid
@@ -75,7 +71,7 @@ fn one_name(name: &[u8]) -> std::io::Result<CString> {
     if name.is_empty() || name.contains(&b'/') || name == b"." || name == b".." {
         return Err(std::io::Error::from_raw_os_error(libc::EINVAL));
     }
-    cstr(name)
+    CString::new(name).map_err(|_| std::io::Error::from_raw_os_error(libc::EINVAL))
 }
 
 fn open_at(dir: &OwnedFd, name: &[u8], flags: libc::c_int) -> std::io::Result<OwnedFd> {
